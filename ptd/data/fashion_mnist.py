@@ -1,0 +1,134 @@
+"""Fashion-MNIST and MNIST from the four idx files (plain or .gz).
+
+Default Fashion-MNIST root is where Debian's ``dataset-fashion-mnist`` package installs them.
+With ``download=True`` missing files are fetched by torchvision into the cache folder.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torchvision
+
+from ptd.data.base import DATASETS, DataError, RawDataset, Split, default_cache_dir
+from ptd.data.idx import find_idx, read_idx_pair
+
+FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+]
+MNIST_CLASSES = [str(i) for i in range(10)]
+_STEMS = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+
+
+def _candidate_dirs(root: Path, tv_name: str) -> list[Path]:
+    # The folder itself, or a torchvision root (``<root>/FashionMNIST/raw``).
+    return [root, root / tv_name / "raw"]
+
+
+def _find_all(root: Path, tv_name: str) -> dict[str, Path] | None:
+    for d in _candidate_dirs(root, tv_name):
+        found = {k: find_idx(d, s) for k, s in _STEMS.items()}
+        if all(found.values()):
+            return found  # type: ignore[return-value]
+    return None
+
+
+def _first_missing(root: Path) -> Path:
+    for s in _STEMS.values():
+        if find_idx(root, s) is None:
+            return root / f"{s}(.gz)"
+    return root
+
+
+def _load_idx_dataset(
+    *,
+    pretty: str,
+    tv_name: str,
+    root: str | None,
+    default_root: str | None,
+    download: bool,
+    cache_dir: str | None,
+    classes: list[str],
+    install_hint: str,
+) -> RawDataset:
+    folder = Path(root).expanduser() if root else (Path(default_root) if default_root else None)
+    files = _find_all(folder, tv_name) if folder is not None else None
+    cache = default_cache_dir(cache_dir)
+    if files is None and download:
+        files = _find_all(cache, tv_name)
+        if files is None:
+            try:
+                # Look the class up at call time so tests can monkeypatch its download.
+                getattr(torchvision.datasets, tv_name)(root=str(cache), train=True, download=True)
+            except Exception as e:  # offline, proxy, checksum ... all mean the same to the user
+                msg = " ".join(str(e).split())[:200]
+                raise DataError(
+                    f"{pretty} download failed into {cache / tv_name / 'raw'} ({type(e).__name__}: {msg}); "
+                    f"{install_hint}set data.root to a folder holding the four idx files"
+                ) from None
+            files = _find_all(cache, tv_name)
+            if files is None:
+                raise DataError(
+                    f"{pretty} download finished but idx files not found under {cache / tv_name / 'raw'}; "
+                    f"{install_hint}set data.root to a folder holding the four idx files"
+                )
+    if files is None:
+        if folder is None:
+            raise DataError(
+                f"{pretty} has no default folder (data.root is unset); set data.root to a folder holding the four "
+                f"idx files, or set data.download=true to fetch them into {cache}"
+            )
+        raise DataError(
+            f"{pretty} file not found: {_first_missing(folder)}; {install_hint}set data.root to a folder holding the "
+            f"four idx files, or set data.download=true to fetch them into {cache}"
+        )
+    xtr, ytr = read_idx_pair(files["train_images"], files["train_labels"], len(classes))
+    xte, yte = read_idx_pair(files["test_images"], files["test_labels"], len(classes))
+    if xtr.shape[1:] != xte.shape[1:]:
+        raise DataError(
+            f"{pretty}: train images {tuple(xtr.shape[2:])} and test images {tuple(xte.shape[2:])} differ in size "
+            f"({files['train_images']}, {files['test_images']}); re-download or re-install the dataset files"
+        )
+    return RawDataset(
+        train=Split(xtr, ytr),
+        test=Split(xte, yte),
+        classes=list(classes),
+        in_channels=1,
+        image_size=(int(xtr.shape[2]), int(xtr.shape[3])),
+    )
+
+
+@DATASETS.register("fashion_mnist")
+def load_fashion_mnist(root: str | None, *, download: bool = False, cache_dir: str | None = None) -> RawDataset:
+    """Fashion-MNIST: 60k train / 10k test 28x28 grayscale, 10 classes."""
+    return _load_idx_dataset(
+        pretty="Fashion-MNIST",
+        tv_name="FashionMNIST",
+        root=root,
+        default_root=FASHION_MNIST_ROOT,
+        download=download,
+        cache_dir=cache_dir,
+        classes=FASHION_MNIST_CLASSES,
+        install_hint="install Debian's package with `apt-get install dataset-fashion-mnist`, or ",
+    )
+
+
+@DATASETS.register("mnist")
+def load_mnist(root: str | None, *, download: bool = False, cache_dir: str | None = None) -> RawDataset:
+    """MNIST digits in the same idx format; no default folder."""
+    return _load_idx_dataset(
+        pretty="MNIST",
+        tv_name="MNIST",
+        root=root,
+        default_root=None,
+        download=download,
+        cache_dir=cache_dir,
+        classes=MNIST_CLASSES,
+        install_hint="",
+    )

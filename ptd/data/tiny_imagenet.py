@@ -1,0 +1,118 @@
+"""Tiny-ImageNet (200 classes, 64x64 RGB) from the standard ``tiny-imagenet-200`` folder.
+
+All images are decoded into one uint8 tensor (100k x 3 x 64 x 64 = 1.2 GB) so training reads
+from memory. The official test labels are not public, so the official ``val`` set is used as our
+test split and validation is carved from train by ``load_dataset``.
+"""
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ptd.data.base import DATASETS, DataError, RawDataset, Split
+
+FOLDER = "tiny-imagenet-200"
+SIZE = 64  # pixels, both sides
+_EXTS = {".jpeg", ".jpg", ".png"}
+_FIX = "re-extract tiny-imagenet-200.zip, or set data.root to the folder holding tiny-imagenet-200/"
+
+
+def _decode(path: str) -> torch.Tensor:
+    try:
+        # PIL rather than torchvision.io, whose decoders are deprecated since torchvision 0.29.
+        # convert("RGB") also turns the few grayscale JPEGs in Tiny-ImageNet into 3 channels.
+        with Image.open(path) as im:
+            arr = np.asarray(im.convert("RGB"))
+    except Exception as e:
+        raise DataError(f"cannot decode image {path}: {type(e).__name__}: {e}; {_FIX}") from None
+    img = torch.from_numpy(arr.copy()).permute(2, 0, 1)  # HWC -> CHW
+    if tuple(img.shape) != (3, SIZE, SIZE):
+        raise DataError(f"image {path} is {tuple(img.shape[1:])} pixels, expected {SIZE}x{SIZE}; {_FIX}")
+    return img
+
+
+def decode_all(paths: list[str], workers: int | None = None) -> torch.Tensor:
+    """Decode images into uint8 [N, 3, 64, 64]; threads, since PIL's JPEG decoder releases the GIL."""
+    out = torch.empty((len(paths), 3, SIZE, SIZE), dtype=torch.uint8)
+    if not paths:
+        return out
+    workers = workers or min(16, os.cpu_count() or 1)
+
+    def work(i: int) -> None:
+        out[i] = _decode(paths[i])
+
+    with ThreadPoolExecutor(max_workers=workers) as ex:
+        for _ in ex.map(work, range(len(paths))):
+            pass
+    return out
+
+
+def _resolve(root: Path) -> Path | None:
+    for cand in (root / FOLDER, root):
+        if (cand / "wnids.txt").is_file():
+            return cand
+    return None
+
+
+def _images_in(folder: Path) -> list[str]:
+    return sorted(str(p) for p in folder.iterdir() if p.suffix.lower() in _EXTS and p.is_file())
+
+
+@DATASETS.register("tiny_imagenet")
+def load_tiny_imagenet(root: str | None, *, download: bool = False, cache_dir: str | None = None) -> RawDataset:
+    """Tiny-ImageNet: 100k train / 10k val (used as test), 64x64 RGB, 200 classes (wnids)."""
+    del download, cache_dir  # no automatic download: the archive has no stable checksummed mirror
+    if not root:
+        raise DataError(f"tiny_imagenet has no default folder (data.root is unset); set data.root to the folder holding {FOLDER}/")
+    base = Path(root).expanduser()
+    folder = _resolve(base)
+    if folder is None:
+        raise DataError(f"Tiny-ImageNet file not found: {base / FOLDER / 'wnids.txt'}; {_FIX}")
+    wnids = [w.strip() for w in (folder / "wnids.txt").read_text().splitlines() if w.strip()]
+    if not wnids:
+        raise DataError(f"Tiny-ImageNet class list is empty: {folder / 'wnids.txt'}; {_FIX}")
+    index = {w: i for i, w in enumerate(wnids)}
+
+    train_paths: list[str] = []
+    train_labels: list[int] = []
+    for w in wnids:
+        cdir = folder / "train" / w / "images"
+        if not cdir.is_dir():
+            raise DataError(f"Tiny-ImageNet class folder not found: {cdir}; {_FIX}")
+        files = _images_in(cdir)
+        if not files:
+            raise DataError(f"Tiny-ImageNet class folder is empty: {cdir}; {_FIX}")
+        train_paths += files
+        train_labels += [index[w]] * len(files)
+
+    ann = folder / "val" / "val_annotations.txt"
+    if not ann.is_file():
+        raise DataError(f"Tiny-ImageNet file not found: {ann}; {_FIX}")
+    test_paths: list[str] = []
+    test_labels: list[int] = []
+    for n, line in enumerate(ann.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.split("\t")
+        if len(parts) < 2 or parts[1] not in index:
+            raise DataError(f"malformed line {n} in {ann}: {line[:80]!r} (need file<TAB>wnid from wnids.txt); {_FIX}")
+        p = folder / "val" / "images" / parts[0]
+        if not p.is_file():
+            raise DataError(f"Tiny-ImageNet file not found: {p} (listed in {ann}); {_FIX}")
+        test_paths.append(str(p))
+        test_labels.append(index[parts[1]])
+    if not test_paths:
+        raise DataError(f"Tiny-ImageNet val annotations are empty: {ann}; {_FIX}")
+
+    return RawDataset(
+        train=Split(decode_all(train_paths), torch.tensor(train_labels, dtype=torch.int64)),
+        test=Split(decode_all(test_paths), torch.tensor(test_labels, dtype=torch.int64)),
+        classes=wnids,
+        in_channels=3,
+        image_size=(SIZE, SIZE),
+    )
