@@ -1,0 +1,5 @@
+import sys
+
+from ptd.cli import main
+
+sys.exit(main())

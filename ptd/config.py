@@ -1,0 +1,317 @@
+"""Run configuration: frozen, validated dataclasses.
+
+Precedence: dataclass defaults, then a YAML file, then CLI overrides (``--set section.key=value``).
+Unknown keys and wrong types are rejected with a one-line ``ConfigError`` naming the key, where it
+came from, and the valid choices.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message is one line and says how to fix it."""
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """SGD with Nesterov momentum and a multi-step LR schedule (the paper's optimizer everywhere)."""
+
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    milestones: tuple[int, ...] = ()  # epochs at which lr is multiplied by gamma
+    gamma: float = 0.1
+
+    def validate(self, where: str) -> None:
+        _check(self.epochs >= 1, f"{where}.epochs", self.epochs, "must be >= 1")
+        _check(self.batch_size >= 1, f"{where}.batch_size", self.batch_size, "must be >= 1")
+        _check(self.lr > 0, f"{where}.lr", self.lr, "must be > 0")
+        _check(0 <= self.momentum < 1, f"{where}.momentum", self.momentum, "must be in [0, 1)")
+        _check(self.weight_decay >= 0, f"{where}.weight_decay", self.weight_decay, "must be >= 0")
+        _check(0 < self.gamma <= 1, f"{where}.gamma", self.gamma, "must be in (0, 1]")
+        _check(list(self.milestones) == sorted(self.milestones) and all(m > 0 for m in self.milestones),
+               f"{where}.milestones", list(self.milestones), "must be increasing positive epochs")
+        _check(not (self.nesterov and self.momentum == 0), f"{where}.nesterov", self.nesterov,
+               "Nesterov needs momentum > 0")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    name: str = "fashion_mnist"
+    root: str | None = None  # None: the dataset's default folder
+    val_fraction: float = 0.1  # carved from the training set, seeded by run.seed
+    train_subset: int | None = None  # keep only this many training images (demos, tests)
+    test_subset: int | None = None
+    download: bool = False  # fall back to torchvision's downloader into cache_dir
+    cache_dir: str | None = None
+    augment: bool = True
+    crop_padding: int = 4  # pixels of zero padding for the random crop
+    hflip: bool = True
+    workers: int = 2  # DataLoader workers, folder datasets only
+    image_size: int | None = None  # folder datasets only
+
+    def validate(self, where: str) -> None:
+        _check(0 <= self.val_fraction < 1, f"{where}.val_fraction", self.val_fraction, "must be in [0, 1)")
+        for k in ("train_subset", "test_subset"):
+            v = getattr(self, k)
+            _check(v is None or v >= 1, f"{where}.{k}", v, "must be >= 1 or null")
+        _check(self.crop_padding >= 0, f"{where}.crop_padding", self.crop_padding, "must be >= 0")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str = "vgg11"
+    width: float = 1.0  # channel multiplier
+    kwargs: dict = field(default_factory=dict)  # family options, e.g. {plan: [...]} or {stem: imagenet}
+
+    def validate(self, where: str) -> None:
+        from ptd.models import MODELS
+
+        _check(self.width > 0, f"{where}.width", self.width, "must be > 0")
+        if not self.arch.startswith("tv:") and self.arch not in MODELS:
+            raise ConfigError(f"{where}.arch: unknown model {self.arch!r}; valid: {', '.join(MODELS.names())}, or tv:<torchvision name>")
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    checkpoint: str | None = None  # the user's trained teacher; skips training
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(epochs=200, lr=0.1, milestones=(60, 120, 160), gamma=0.2, weight_decay=5e-4))
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    strategy: str = "imp"  # iterative magnitude pruning with learning-rate rewinding
+    target_sparsity: float = 0.59  # fraction of conv+linear weights removed
+    rate: float = 0.2  # fraction of the surviving weights removed per round
+    exclude_first: bool = False  # the paper prunes the first conv too
+    exclude_last: bool = False  # ... and the classifier
+    retrain: OptimConfig = field(default_factory=lambda: OptimConfig(epochs=130, lr=0.1, milestones=(39, 84), gamma=0.1, weight_decay=2e-4))
+    options: dict = field(default_factory=dict)  # strategy-specific options
+
+    def validate(self, where: str) -> None:
+        from ptd.pruning import STRATEGIES
+
+        _check(0 <= self.target_sparsity < 1, f"{where}.target_sparsity", self.target_sparsity, "must be in [0, 1)")
+        _check(0 < self.rate < 1, f"{where}.rate", self.rate, "must be in (0, 1)")
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"{where}.strategy: unknown pruning strategy {self.strategy!r}; valid: {', '.join(STRATEGIES.names())}")
+
+
+@dataclass(frozen=True)
+class StudentConfig:
+    source: str = "derive"  # "derive" (widths from the pruned teacher) or "named" (use model below)
+    model: ModelConfig | None = None
+    inherit: bool = False  # start from the surviving teacher channels instead of fresh weights
+
+    def validate(self, where: str) -> None:
+        _check(self.source in ("derive", "named"), f"{where}.source", self.source, "must be 'derive' or 'named'")
+        if self.source == "named" and self.model is None:
+            raise ConfigError(f"{where}.model: required when {where}.source is 'named' (e.g. model: {{arch: vgg11}})")
+
+
+ARMS = ("scratch", "unpruned_teacher", "pruned_teacher")
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    loss: str = "kd"
+    alpha: float = 0.95  # weight of the soft (KL) term
+    temperature: float = 10.0
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(epochs=200, lr=0.1, milestones=(60, 120, 160), gamma=0.2, weight_decay=5e-4))
+    seeds: tuple[int, ...] = (0, 1)
+    arms: tuple[str, ...] = ARMS
+
+    def validate(self, where: str) -> None:
+        from ptd.distill import LOSSES
+
+        if self.loss not in LOSSES:
+            raise ConfigError(f"{where}.loss: unknown distillation loss {self.loss!r}; valid: {', '.join(LOSSES.names())}")
+        _check(0 <= self.alpha <= 1, f"{where}.alpha", self.alpha, "must be in [0, 1]")
+        _check(self.temperature > 0, f"{where}.temperature", self.temperature, "must be > 0")
+        _check(len(self.seeds) >= 1 and len(set(self.seeds)) == len(self.seeds), f"{where}.seeds", list(self.seeds), "must be a non-empty list of distinct ints")
+        for a in self.arms:
+            _check(a in ARMS, f"{where}.arms", a, f"each arm must be one of {', '.join(ARMS)}")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str = "run"
+    seed: int = 0  # teacher init, data split and teacher data order
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: bool = True  # bfloat16 autocast on CUDA; ignored on CPU
+    channels_last: bool = True  # NHWC: about 2x faster convs on CPU and tensor cores on GPU
+    quiet: bool = False  # no progress bars (CI)
+    eval_batch_size: int = 512
+    threads: int | None = None  # torch CPU threads; None: torch's default
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+
+    def validate(self) -> "RunConfig":
+        _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), "device", self.device, "must be auto, cpu, cuda or cuda:N")
+        _check(self.eval_batch_size >= 1, "eval_batch_size", self.eval_batch_size, "must be >= 1")
+        self.data.validate("data")
+        self.teacher.model.validate("teacher.model")
+        self.teacher.optim.validate("teacher.optim")
+        self.prune.validate("prune")
+        self.prune.retrain.validate("prune.retrain")
+        self.student.validate("student")
+        if self.student.model is not None:
+            self.student.model.validate("student.model")
+        self.distill.validate("distill")
+        self.distill.optim.validate("distill.optim")
+        return self
+
+
+def _check(ok: bool, key: str, value: Any, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {value!r} {why}")
+
+
+# ---------------------------------------------------------------- dict <-> dataclass
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(a, value, key, source)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[0]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} ({source}): expected a mapping of {tp.__name__} keys, got {value!r}")
+        return from_dict(tp, value, key, source)
+    if origin is tuple:
+        (elem, _) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} ({source}): expected a list, got {value!r}; write e.g. [1, 2]")
+        return tuple(_coerce(elem, v, f"{key}[{i}]", source) for i, v in enumerate(value))
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} ({source}): expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} ({source}): expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} ({source}): expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} ({source}): expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} ({source}): expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported config type {_type_name(tp)}")
+
+
+def from_dict(cls: type, data: dict, prefix: str = "", source: str = "config") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for k, v in data.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in names:
+            raise ConfigError(f"{key} ({source}): unknown key; valid keys{' under ' + prefix if prefix else ''}: {', '.join(names)}")
+        kwargs[k] = _coerce(hints[k], v, key, source)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> Any:
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, tuple):
+        return [to_dict(v) for v in cfg]
+    if isinstance(cfg, dict):
+        return {k: to_dict(v) for k, v in cfg.items()}
+    return cfg
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k not in ("kwargs", "options"):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected KEY=VALUE, e.g. --set distill.alpha=0.9")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
+    """Defaults, then the YAML file at ``path``, then ``overrides`` ("a.b=value")."""
+    data: dict = {}
+    source = "defaults"
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}; pass the path of a YAML file (see configs/)")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"{p}{where}: not valid YAML ({getattr(e, 'problem', e)}); fix the syntax") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of config sections")
+        data = loaded
+        source = str(p)
+        data.setdefault("name", p.stem)
+    cfg = from_dict(RunConfig, data, "", source)
+    over: dict = {}
+    for text in overrides:
+        keys, value = parse_override(text)
+        d = over
+        for k in keys[:-1]:
+            d = d.setdefault(k, {})
+        d[keys[-1]] = value
+    if over:
+        cfg = from_dict(RunConfig, _merge(to_dict(cfg), over), "", "command line")
+    return cfg.validate()
+
+
+def dump_yaml(cfg: RunConfig) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

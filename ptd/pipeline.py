@@ -1,0 +1,457 @@
+"""The prune-then-distill pipeline, as resumable stages over one run directory.
+
+    runs/<name>/
+      config.yaml  env.json
+      teacher/                model.safetensors  metrics.jsonl  result.json  done
+      prune/level_<k>/        model.safetensors  masks.safetensors  sparsity.json  metrics.jsonl  done
+      prune/                  result.json  done
+      student/                architecture.json  architecture.txt  stats.json  done
+      distill/<arm>_seed<s>/  model.safetensors  metrics.jsonl  result.json  done
+      results.json  report.md
+
+Each stage is a plain function of (context, earlier artifacts) that writes its own directory and a
+``done`` marker last. Re-running skips stages that are done and resumes the unfinished one from its
+last finished epoch.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from ptd.config import ARMS, ConfigError, ModelConfig, OptimConfig, RunConfig, dump_yaml, to_dict
+from ptd.models import build_from_spec, build_model, spec_to_text
+from ptd.pruning import STRATEGIES, Level, PruneContext
+from ptd.pruning.masks import MaskHook, Masks, apply_masks, count, full_masks, load_masks, prunable_weights, save_masks, sparsity
+from ptd.train import checkpoint as ckpt
+from ptd.train.distributed import Dist, barrier, init_distributed, resolve_device
+from ptd.train.loop import Runtime, cleanup_resume_files, cross_entropy_loss, evaluate, fit
+
+STAGES = ("teacher", "prune", "student", "distill", "report")
+# Keys that change how a run is shown or scheduled, not what it computes: may differ on resume.
+_VOLATILE_KEYS = {"quiet", "threads", "device", "eval_batch_size"}
+
+
+class RunDirError(ValueError):
+    """The run directory holds a different run; one-line message with the fix."""
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed % 2**32)
+    except ImportError:  # numpy is a dependency, but seeding must not be the thing that fails
+        pass
+
+
+def is_done(d: Path) -> bool:
+    return (d / "done").is_file()
+
+
+def mark_done(d: Path) -> None:
+    ckpt.write_text(d / "done", datetime.now(timezone.utc).isoformat() + "\n")
+
+
+def read_json(p: Path) -> Any:
+    return json.loads(p.read_text())
+
+
+@dataclass
+class Context:
+    """Everything the stages share: config, run dir, runtime, data."""
+
+    cfg: RunConfig
+    run_dir: Path
+    rt: Runtime
+    splits: Any
+    log: Callable[[str], None]
+    _loaders: dict = field(default_factory=dict)
+
+    @property
+    def main(self) -> bool:
+        return self.rt.dist.is_main
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        h, w = self.splits.image_size
+        return (self.splits.in_channels, h, w)
+
+    def train_loader(self, batch_size: int, seed: int):
+        from ptd.data import make_loader
+
+        d = self.cfg.data
+        return make_loader(self.splits.train, batch_size=batch_size, train=True, mean=self.splits.mean, std=self.splits.std,
+                           device=self.rt.device, seed=seed, augment=d.augment, crop_padding=d.crop_padding, hflip=d.hflip,
+                           channels_last=self.rt.channels_last, rank=self.rt.dist.rank, world_size=self.rt.dist.world_size,
+                           workers=d.workers, image_size=d.image_size)
+
+    def eval_loader(self, which: str):
+        """Validation/test loaders are shared and unsharded: every rank scores the whole split."""
+        if which not in self._loaders:
+            from ptd.data import make_loader
+
+            split = getattr(self.splits, which)
+            d = self.cfg.data
+            self._loaders[which] = make_loader(split, batch_size=self.cfg.eval_batch_size, train=False, mean=self.splits.mean,
+                                               std=self.splits.std, device=self.rt.device, seed=0, augment=False,
+                                               channels_last=self.rt.channels_last, workers=d.workers, image_size=d.image_size)
+        return self._loaders[which]
+
+    def fit(self, model: nn.Module, optim: OptimConfig, out_dir: Path, seed: int, desc: str, compute_loss=cross_entropy_loss, hooks: Sequence[Any] = ()) -> dict:
+        val = self.eval_loader("val")
+        result = fit(model, self.train_loader(optim.batch_size, seed), val if len(val) else None, optim, self.rt,
+                     out_dir=out_dir, compute_loss=compute_loss, hooks=hooks, test_loader=self.eval_loader("test"), desc=desc)
+        result["val_acc"] = result.pop("best_val_acc")
+        return result
+
+    def scores(self, model: nn.Module) -> dict[str, float]:
+        val = self.eval_loader("val")
+        return {"val_acc": evaluate(model, val, self.rt)["acc"] if len(val) else None,
+                "test_acc": evaluate(model, self.eval_loader("test"), self.rt)["acc"]}
+
+    def new_model(self, m: ModelConfig) -> nn.Module:
+        return build_model(m.arch, num_classes=self.splits.num_classes, in_channels=self.splits.in_channels, width=m.width, **m.kwargs)
+
+    def write_json(self, path: Path, obj: Any) -> None:
+        if self.main:
+            ckpt.write_json(path, obj)
+
+    def done(self, d: Path) -> None:
+        if self.main:
+            mark_done(d)
+        barrier()
+
+
+# ---------------------------------------------------------------- run directory
+
+
+def environment(cfg: RunConfig, rt: Runtime) -> dict[str, Any]:
+    import torchvision
+
+    import ptd
+
+    env = {
+        "started": datetime.now(timezone.utc).isoformat(),
+        "command": " ".join(sys.argv),
+        "ptd": getattr(ptd, "__version__", "?"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": str(rt.device),
+        "world_size": rt.dist.world_size,
+        "cuda": torch.version.cuda,
+        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else [],
+        "seeds": {"run": cfg.seed, "students": list(cfg.distill.seeds)},
+    }
+    for mod in ("safetensors", "torch_pruning", "numpy"):
+        try:
+            env[mod] = __import__(mod).__version__
+        except Exception:
+            env[mod] = None
+    return env
+
+
+def _diff(a: Any, b: Any, prefix: str = "") -> str | None:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            if not prefix and k in _VOLATILE_KEYS:
+                continue
+            d = _diff(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else k)
+            if d:
+                return d
+        return None
+    return None if a == b else f"{prefix}: {a!r} there, {b!r} now"
+
+
+def open_run_dir(cfg: RunConfig, run_dir: Path, rt: Runtime) -> None:
+    """Create the run directory, or check that an existing one holds this same run (resume)."""
+    import yaml
+
+    cfg_path = run_dir / "config.yaml"
+    if cfg_path.is_file():
+        old = yaml.safe_load(cfg_path.read_text())
+        d = _diff(old, to_dict(cfg))
+        if d:
+            raise RunDirError(f"{run_dir} holds a run with a different config ({d}); pass --out to a new directory, or delete {run_dir} to start over")
+    elif run_dir.exists() and any(run_dir.iterdir()):
+        raise RunDirError(f"{run_dir} exists and is not a ptd run directory (no config.yaml); pass --out to a new or empty directory")
+    if rt.dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not cfg_path.is_file():
+            ckpt.write_text(cfg_path, dump_yaml(cfg))
+        env_path = run_dir / "env.json"
+        env = environment(cfg, rt)
+        if env_path.is_file():  # keep the first session's record, add this one's
+            old_env = read_json(env_path)
+            env = {**old_env, "resumed": old_env.get("resumed", []) + [env]}
+        ckpt.write_json(env_path, env)
+    barrier()
+
+
+def make_context(cfg: RunConfig, run_dir: Path, log: Callable[[str], None] = print) -> Context:
+    from ptd.data import load_dataset
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    d = init_distributed(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    rt = Runtime(device=resolve_device(cfg.device, d), amp=cfg.amp, channels_last=cfg.channels_last, quiet=cfg.quiet, dist=d)
+    dc = cfg.data
+    splits = load_dataset(dc.name, dc.root, val_fraction=dc.val_fraction, seed=cfg.seed, download=dc.download,
+                          cache_dir=dc.cache_dir, train_subset=dc.train_subset, test_subset=dc.test_subset)
+    open_run_dir(cfg, run_dir, rt)
+    return Context(cfg, run_dir, rt, splits, log if d.is_main else (lambda s: None))
+
+
+# ---------------------------------------------------------------- stages
+
+
+class _SaveAtEpoch:
+    """Teacher-stage hook: keep the weights after epoch ``epoch`` (for IMP weight rewinding)."""
+
+    def __init__(self, model: nn.Module, epoch: int, path: Path, main: bool):
+        self.model, self.epoch, self.path, self.main = model, epoch, path, main
+
+    def end_epoch(self, epoch: int, metrics: dict) -> None:
+        if epoch + 1 == self.epoch and self.main:
+            ckpt.save_model(self.path, self.model)
+
+
+def stage_teacher(ctx: Context) -> tuple[nn.Module, dict]:
+    cfg, d = ctx.cfg, ctx.run_dir / "teacher"
+    model = ctx.new_model(cfg.teacher.model)
+    if is_done(d):
+        ckpt.load_into(model, d / "model.safetensors", "teacher")
+        return ctx.rt.prepare(model), read_json(d / "result.json")
+    seed_everything(cfg.seed)
+    model = ctx.new_model(cfg.teacher.model)
+    if cfg.teacher.checkpoint:
+        ctx.log(f"[teacher] loading {cfg.teacher.checkpoint}")
+        ckpt.load_into(model, cfg.teacher.checkpoint, "teacher")
+        model = ctx.rt.prepare(model)
+        result = {**ctx.scores(model), "source": str(cfg.teacher.checkpoint), "epochs": 0, "steps": 0, "wall_s": 0.0}
+        if ctx.main:
+            d.mkdir(parents=True, exist_ok=True)
+            ckpt.save_model(d / "model.safetensors", model)
+    else:
+        model = ctx.rt.prepare(model)
+        ctx.log(f"[teacher] training {cfg.teacher.model.arch} for {cfg.teacher.optim.epochs} epochs")
+        hooks = []
+        rewind_epoch = cfg.prune.options.get("rewind_epoch")
+        if rewind_epoch:
+            hooks.append(_SaveAtEpoch(model, int(rewind_epoch), d / f"epoch_{int(rewind_epoch)}.safetensors", ctx.main))
+        if ctx.main:
+            d.mkdir(parents=True, exist_ok=True)
+        result = ctx.fit(model, cfg.teacher.optim, d, cfg.seed, "teacher", hooks=hooks)
+        cleanup_resume_files(d)
+    result["params"] = sum(p.numel() for p in model.parameters())
+    ctx.write_json(d / "result.json", result)
+    ctx.done(d)
+    ctx.log(f"[teacher] test acc {result['test_acc']:.4f}")
+    return model, result
+
+
+def stage_prune(ctx: Context, teacher: nn.Module, teacher_result: dict) -> tuple[nn.Module, Masks, dict]:
+    cfg, d = ctx.cfg, ctx.run_dir / "prune"
+    model = build_from_spec(teacher.ptd_spec)
+    model.load_state_dict(teacher.state_dict())
+    model = ctx.rt.prepare(model)
+    masks = {n: m.to(ctx.rt.device) for n, m in full_masks(prunable_weights(model, cfg.prune.exclude_first, cfg.prune.exclude_last)).items()}
+    if not masks:
+        raise ConfigError("prune: the teacher has no prunable Conv/Linear weights (check prune.exclude_first / prune.exclude_last)")
+
+    def level_dir(k: int) -> Path:
+        return d / f"level_{k}"
+
+    def train(m: nn.Module, mk: Masks, name: str, optim: OptimConfig, hooks: Sequence[Any]) -> dict:
+        out = d / name
+        if ctx.main:
+            out.mkdir(parents=True, exist_ok=True)
+        r = ctx.fit(m, optim, out, cfg.seed, f"prune {name}", hooks=[MaskHook(mk), *hooks])
+        # fit reloads the best checkpoint; apply the masks once more for exactness under GMP,
+        # whose masks may have shrunk after that checkpoint was written.
+        apply_masks(m, mk)
+        cleanup_resume_files(out)
+        return r
+
+    def save_level(level: Level) -> None:
+        ld = level_dir(level.index)
+        alive, total = count(level.masks)
+        info = {"level": level.index, "sparsity": level.sparsity, "alive": alive, "total": total, **level.metrics,
+                "layers": _layer_rows(level.masks)}
+        if ctx.main:
+            ld.mkdir(parents=True, exist_ok=True)
+            ckpt.save_model(ld / "model.safetensors", model)
+            save_masks(ld / "masks.safetensors", level.masks)
+            ckpt.write_json(ld / "sparsity.json", info)
+        ctx.done(ld)
+
+    def load_level(k: int) -> Level:
+        ld = level_dir(k)
+        ckpt.load_into(model, ld / "model.safetensors", "pruned teacher")
+        mk = {n: t.to(ctx.rt.device) for n, t in load_masks(ld / "masks.safetensors").items()}
+        info = read_json(ld / "sparsity.json")
+        metrics = {k2: v for k2, v in info.items() if k2 not in ("level", "sparsity", "alive", "total", "layers")}
+        return Level(k, mk, metrics)
+
+    if is_done(d):
+        result = read_json(d / "result.json")
+        final = result["final_level"]
+        if final == 0:
+            return model, masks, result
+        level = load_level(final)
+        return model, level.masks, result
+
+    def batches(n: int) -> list:
+        out = []
+        loader = ctx.train_loader(cfg.prune.retrain.batch_size, cfg.seed)
+        for i, b in enumerate(loader):
+            if i >= n:
+                break
+            out.append(b)
+        return out
+
+    example = torch.zeros((1, *ctx.input_shape), device=ctx.rt.device)
+    pctx = PruneContext(model=model, masks=masks, cfg=cfg.prune, train=train, evaluate=ctx.scores, batches=batches,
+                        level_done=lambda k: is_done(level_dir(k)), load_level=load_level, save_level=save_level,
+                        example_input=example, teacher_dir=ctx.run_dir / "teacher", log=ctx.log)
+    if cfg.prune.target_sparsity > 0:
+        ctx.log(f"[prune] {cfg.prune.strategy} to sparsity {cfg.prune.target_sparsity}")
+        levels = STRATEGIES.get(cfg.prune.strategy)(pctx)
+    else:
+        levels = []
+    rows = [{"level": 0, "sparsity": 0.0, "val_acc": teacher_result.get("val_acc"), "test_acc": teacher_result["test_acc"],
+             "params_nonzero": sum(int((p != 0).sum()) for p in teacher.parameters()), "epochs": 0, "steps": 0, "wall_s": 0.0}]
+    for lv in levels:
+        rows.append({"level": lv.index, "sparsity": lv.sparsity, **{k: lv.metrics.get(k) for k in ("val_acc", "test_acc", "epochs", "steps", "wall_s")}})
+    final = levels[-1] if levels else None
+    if final is not None:
+        # The model holds the last level already; make sure of it (strategies may have moved on).
+        ckpt.load_into(model, level_dir(final.index) / "model.safetensors", "pruned teacher")
+        masks = final.masks
+    rows[-1]["params_nonzero"] = sum(int((p != 0).sum()) for p in model.parameters())
+    result = {"strategy": cfg.prune.strategy, "target_sparsity": cfg.prune.target_sparsity, "final_level": final.index if final else 0,
+              "sparsity": sparsity(masks) if final else 0.0, "levels": rows,
+              "epochs": sum(r["epochs"] or 0 for r in rows), "steps": sum(r["steps"] or 0 for r in rows),
+              "wall_s": round(sum(r["wall_s"] or 0 for r in rows), 3)}
+    ctx.write_json(d / "result.json", result)
+    ctx.done(d)
+    ctx.log(f"[prune] sparsity {result['sparsity']:.4f}, test acc {rows[-1]['test_acc']:.4f} (dense {rows[0]['test_acc']:.4f})")
+    return model, masks, result
+
+
+def _layer_rows(masks: Masks) -> list[dict]:
+    from ptd.pruning.masks import layer_report
+
+    return layer_report(masks)
+
+
+def stage_student(ctx: Context, teacher: nn.Module, pruned: nn.Module, masks: Masks) -> dict:
+    cfg, d = ctx.cfg, ctx.run_dir / "student"
+    if is_done(d):
+        return read_json(d / "stats.json")
+    plan_info: dict[str, Any] = {}
+    if cfg.student.source == "derive":
+        from ptd.students import derive_student
+
+        student, plan = derive_student(pruned, masks, inherit=cfg.student.inherit)
+        plan_info = {"layers": plan.layers, "overrides": plan.overrides}
+    else:
+        student = ctx.new_model(cfg.student.model)
+    spec = student.ptd_spec
+    from ptd.measure import summarize
+
+    shape = ctx.input_shape
+    stats = {
+        "spec": spec,
+        "teacher": summarize(teacher, shape),
+        "pruned_teacher": summarize(pruned, shape),
+        "student": summarize(student, shape),
+        **plan_info,
+    }
+    if ctx.main:
+        d.mkdir(parents=True, exist_ok=True)
+        ckpt.write_text(d / "architecture.json", spec_to_text(spec))
+        ckpt.write_text(d / "architecture.txt", f"# rebuild: ptd.models.build_from_spec(json.load(open('architecture.json')))\n{student}\n")
+        if cfg.student.inherit:
+            ckpt.save_model(d / "init.safetensors", student)
+        ckpt.write_json(d / "stats.json", stats)
+    ctx.done(d)
+    ctx.log(f"[student] {spec['arch']}: {stats['student']['params']:,} params vs teacher {stats['teacher']['params']:,}")
+    return stats
+
+
+def stage_distill(ctx: Context, arm: str, seed: int, student_stats: dict, teachers: dict[str, nn.Module]) -> dict:
+    cfg, d = ctx.cfg, ctx.run_dir / "distill" / f"{arm}_seed{seed}"
+    if is_done(d):
+        return read_json(d / "result.json")
+    seed_everything(seed)  # the same seed gives every arm the same student init and data order
+    student = build_from_spec(student_stats["spec"])
+    if cfg.student.inherit:
+        ckpt.load_into(student, ctx.run_dir / "student" / "init.safetensors", "student")
+    student = ctx.rt.prepare(student)
+    if arm == "scratch":
+        loss = cross_entropy_loss
+    else:
+        from ptd.distill import build_loss, distillation_step
+
+        loss = distillation_step(teachers[arm], build_loss(cfg.distill.loss, cfg.distill.alpha, cfg.distill.temperature))
+    if ctx.main:
+        d.mkdir(parents=True, exist_ok=True)
+    ctx.log(f"[distill] {arm} seed {seed}: {cfg.distill.optim.epochs} epochs")
+    r = ctx.fit(student, cfg.distill.optim, d, seed, f"{arm} s{seed}", compute_loss=loss)
+    cleanup_resume_files(d)
+    result = {"arm": arm, "seed": seed, "test_acc": r["test_acc"], "val_acc": r["val_acc"], "best_epoch": r["best_epoch"],
+              "params": student_stats["student"]["params"], "flops": student_stats["student"]["flops"],
+              "epochs": r["epochs"], "steps": r["steps"], "wall_s": r["wall_s"]}
+    ctx.write_json(d / "result.json", result)
+    ctx.done(d)
+    ctx.log(f"[distill] {arm} seed {seed}: test acc {r['test_acc']:.4f}")
+    return result
+
+
+def run_pipeline(cfg: RunConfig, run_dir: str | Path, until: str = "report", arms: Sequence[str] | None = None,
+                 log: Callable[[str], None] | None = None) -> dict:
+    """Run every stage up to and including ``until``; returns what the last stage produced."""
+    if until not in STAGES:
+        raise ValueError(f"unknown stage {until!r}; valid: {', '.join(STAGES)}")
+    log = log or (lambda s: tqdm.write(s))
+    t0 = time.perf_counter()
+    ctx = make_context(cfg, Path(run_dir), log)
+    teacher, t_res = stage_teacher(ctx)
+    if until == "teacher":
+        return t_res
+    pruned, masks, p_res = stage_prune(ctx, teacher, t_res)
+    if until == "prune":
+        return p_res
+    s_stats = stage_student(ctx, teacher, pruned, masks)
+    if until == "student":
+        return s_stats
+    teachers = {"unpruned_teacher": teacher, "pruned_teacher": pruned}
+    students = [stage_distill(ctx, arm, seed, s_stats, teachers) for arm in (arms or cfg.distill.arms) for seed in cfg.distill.seeds]
+    if until == "distill":
+        return {"students": students}
+    from ptd.report import build_results, write_report
+
+    results = build_results(cfg, t_res, p_res, s_stats, students)
+    if ctx.main:
+        write_report(ctx.run_dir, results)
+    log(f"done in {time.perf_counter() - t0:.0f} s: {ctx.run_dir}")
+    return results

@@ -1,0 +1,145 @@
+"""Masks for unstructured pruning.
+
+A mask set is ``dict[parameter name -> bool tensor]`` over the prunable weights (by default every
+Conv and Linear weight; biases and BatchNorm are never pruned). True = weight alive.
+
+Masks are enforced after each optimizer step (and gradients masked before it), not multiplied in
+on every forward pass: the forward stays a plain dense conv, and a pruned weight is exactly 0.0
+whatever momentum or weight decay would have done to it.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+import torch
+import torch.nn as nn
+
+Masks = dict[str, torch.Tensor]
+
+PRUNABLE_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare model under DDP / torch.compile wrappers, so parameter names stay stable."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, nn.Module):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def prunable_weights(model: nn.Module, exclude_first: bool = False, exclude_last: bool = False) -> dict[str, nn.Parameter]:
+    """Every Conv/Linear weight in module order, keyed by parameter name.
+
+    ``exclude_first`` drops the first such layer (the stem), ``exclude_last`` the last one (the
+    classifier); the paper prunes both.
+    """
+    model = unwrap(model)
+    out = {f"{name}.weight" if name else "weight": m.weight for name, m in model.named_modules() if isinstance(m, PRUNABLE_TYPES)}
+    names = list(out)
+    if exclude_first and names:
+        out.pop(names[0])
+    if exclude_last and len(names) > 1:
+        out.pop(names[-1])
+    return out
+
+
+def full_masks(params: dict[str, nn.Parameter]) -> Masks:
+    return {n: torch.ones_like(p, dtype=torch.bool) for n, p in params.items()}
+
+
+def masks_from_zeros(params: dict[str, nn.Parameter]) -> Masks:
+    """Masks of the nonzero weights: how a user's pre-pruned checkpoint is read."""
+    return {n: p.detach() != 0 for n, p in params.items()}
+
+
+def check_masks(model: nn.Module, masks: Masks) -> None:
+    params = dict(unwrap(model).named_parameters())
+    for n, m in masks.items():
+        if n not in params:
+            raise ValueError(f"mask for {n!r} has no parameter of that name in the model")
+        if tuple(m.shape) != tuple(params[n].shape):
+            raise ValueError(f"mask {n!r} has shape {tuple(m.shape)} but the weight has {tuple(params[n].shape)}")
+
+
+@torch.no_grad()
+def apply_masks(model: nn.Module, masks: Masks) -> None:
+    params = dict(unwrap(model).named_parameters())
+    for n, m in masks.items():
+        p = params[n]
+        p.mul_(m.to(device=p.device, dtype=p.dtype))
+
+
+@torch.no_grad()
+def mask_grads(model: nn.Module, masks: Masks) -> None:
+    params = dict(unwrap(model).named_parameters())
+    for n, m in masks.items():
+        g = params[n].grad
+        if g is not None:
+            g.mul_(m.to(device=g.device, dtype=g.dtype))
+
+
+def count(masks: Masks) -> tuple[int, int]:
+    """(alive, total) over all masked weights."""
+    alive = sum(int(m.sum()) for m in masks.values())
+    total = sum(m.numel() for m in masks.values())
+    return alive, total
+
+
+def sparsity(masks: Masks) -> float:
+    """Pruned fraction of the masked weights, in [0, 1]."""
+    alive, total = count(masks)
+    return 1.0 - alive / total if total else 0.0
+
+
+def layer_report(masks: Masks) -> list[dict]:
+    """Per-layer rows: name, shape, total, alive, sparsity."""
+    rows = []
+    for n, m in masks.items():
+        alive = int(m.sum())
+        rows.append({"layer": n, "shape": list(m.shape), "total": m.numel(), "alive": alive, "sparsity": 1.0 - alive / m.numel()})
+    return rows
+
+
+def save_masks(path: str | Path, masks: Masks) -> None:
+    from ptd.train.checkpoint import save_tensors
+
+    save_tensors(path, {n: m.to(torch.uint8).cpu().contiguous() for n, m in masks.items()})
+
+
+def load_masks(path: str | Path) -> Masks:
+    from ptd.train.checkpoint import load_tensors
+
+    return {n: t.bool() for n, t in load_tensors(path).items()}
+
+
+class MaskHook:
+    """Training hook keeping pruned weights at exactly zero.
+
+    before_step: zero their gradients (so momentum buffers stay clean);
+    after_step: zero the weights again (weight decay and momentum may have moved them).
+    """
+
+    def __init__(self, masks: Masks):
+        self.masks = masks
+
+    def before_step(self, model: nn.Module) -> None:
+        mask_grads(model, self.masks)
+
+    def after_step(self, model: nn.Module) -> None:
+        apply_masks(model, self.masks)
+
+    def on_start(self, model: nn.Module) -> None:
+        apply_masks(model, self.masks)
+
+
+def same_or_subset(old: Masks, new: Masks) -> bool:
+    """True when every weight alive in ``new`` was alive in ``old`` (masks only shrink)."""
+    return all(bool((new[n] & ~old[n]).sum() == 0) for n in new)
+
+
+def names(masks: Masks) -> Iterable[str]:
+    return masks.keys()

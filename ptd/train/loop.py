@@ -1,0 +1,222 @@
+"""The one training loop. Pruning, distillation and DDP extend it through hooks and a loss
+function; none of them fork it.
+
+- ``compute_loss(model, x, y) -> (loss, logits)``: plain cross-entropy by default; distillation
+  passes a closure that also runs the teacher.
+- hooks: objects with any of ``on_start(model)``, ``before_step(model)`` (after backward, before
+  the optimizer step), ``after_step(model)``, ``end_epoch(epoch, metrics)``, and optionally
+  ``state_dict()/load_state_dict()`` so a resumed run restores them.
+- Every epoch appends a JSON line to metrics.jsonl and writes a resumable checkpoint; the best
+  validation checkpoint is kept as model.safetensors and loaded back at the end.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ptd.config import OptimConfig
+from ptd.train import checkpoint as ckpt
+from ptd.train.distributed import Dist, all_sum
+from ptd.train.optim import make_optimizer, make_scheduler
+
+ComputeLoss = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where and how to run: resolved once by the caller."""
+
+    device: torch.device = torch.device("cpu")
+    amp: bool = False  # bfloat16 autocast (CUDA only)
+    channels_last: bool = True
+    quiet: bool = False
+    dist: Dist = field(default_factory=Dist)
+
+    def autocast(self):
+        enabled = self.amp and self.device.type == "cuda"
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        model = model.to(self.device)
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        return model
+
+
+def cross_entropy_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = model(x)
+    return F.cross_entropy(logits, y), logits
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Iterable, rt: Runtime) -> dict[str, float]:
+    """Top-1 accuracy (fraction) and mean cross-entropy over the whole loader."""
+    was_training = model.training
+    model.eval()
+    correct = torch.zeros((), dtype=torch.float64, device=rt.device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=rt.device)
+    n = 0
+    for x, y in loader:
+        with rt.autocast():
+            logits = model(x)
+        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").double()
+        correct += (logits.argmax(1) == y).sum().double()
+        n += y.numel()
+    model.train(was_training)
+    c, s, n = all_sum([correct.item(), loss_sum.item(), float(n)], rt.device)
+    if n == 0:
+        return {"acc": float("nan"), "loss": float("nan"), "n": 0}
+    return {"acc": c / n, "loss": s / n, "n": int(n)}
+
+
+def _call(hooks: Sequence[Any], name: str, *args: Any) -> None:
+    for h in hooks:
+        fn = getattr(h, name, None)
+        if fn is not None:
+            fn(*args)
+
+
+def fit(
+    model: nn.Module,
+    train_loader: Any,
+    val_loader: Any | None,
+    optim: OptimConfig,
+    rt: Runtime,
+    out_dir: str | Path | None = None,
+    compute_loss: ComputeLoss = cross_entropy_loss,
+    hooks: Sequence[Any] = (),
+    test_loader: Any | None = None,
+    desc: str = "train",
+) -> dict[str, Any]:
+    """Train ``model`` in place for ``optim.epochs`` epochs; return a summary.
+
+    The model ends holding the best-validation weights (the last epoch's when there is no
+    validation set). With ``out_dir``, resumes from its last finished epoch if one is there.
+    The summary has best_val_acc, best_epoch, test_acc (at the best-validation weights, when
+    ``test_loader`` is given), epochs, steps, wall_s (summed over resumed sessions).
+    """
+    out = Path(out_dir) if out_dir is not None else None
+    main = rt.dist.is_main
+    net: nn.Module = model
+    if rt.dist.enabled:
+        dev_ids = [rt.device.index] if rt.device.type == "cuda" else None
+        net = nn.parallel.DistributedDataParallel(model, device_ids=dev_ids)
+    opt = make_optimizer(model, optim)
+    sched = make_scheduler(opt, optim)
+    start, best_acc, best_epoch, steps, wall = 0, -math.inf, -1, 0, 0.0
+
+    if out is not None and (out / "last_state.pt").is_file() and (out / "last.safetensors").is_file():
+        state = ckpt.load_state(out / "last_state.pt")
+        ckpt.load_into(model, out / "last.safetensors")
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        start, best_acc, best_epoch = state["epoch"] + 1, state["best_acc"], state["best_epoch"]
+        steps, wall = state["steps"], state["wall_s"]
+        torch.set_rng_state(state["rng_cpu"])
+        if torch.cuda.is_available() and "rng_cuda" in state:
+            torch.cuda.set_rng_state_all(state["rng_cuda"])
+        for i, h in enumerate(hooks):
+            if hasattr(h, "load_state_dict") and f"hook{i}" in state:
+                h.load_state_dict(state[f"hook{i}"])
+        _truncate_metrics(out / "metrics.jsonl", start)
+
+    _call(hooks, "on_start", model)
+    n_batches = len(train_loader)
+    bar = tqdm(total=optim.epochs * n_batches, initial=start * n_batches, desc=desc, unit="step",
+               disable=rt.quiet or not main, dynamic_ncols=True, leave=False)
+    net.train()
+    for epoch in range(start, optim.epochs):
+        t0 = time.perf_counter()
+        if hasattr(train_loader, "set_epoch"):
+            train_loader.set_epoch(epoch)
+        loss_sum = torch.zeros((), device=rt.device)
+        correct = torch.zeros((), device=rt.device)
+        seen = 0
+        for i, (x, y) in enumerate(train_loader):
+            with rt.autocast():
+                loss, logits = compute_loss(net, x, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            _call(hooks, "before_step", model)
+            opt.step()
+            _call(hooks, "after_step", model)
+            steps += 1
+            # Accumulate on the device: no host sync per step.
+            loss_sum += loss.detach().float() * y.numel()
+            correct += (logits.detach().argmax(1) == y).sum()
+            seen += y.numel()
+            bar.update(1)
+            if i % 50 == 0:
+                bar.set_postfix(epoch=f"{epoch + 1}/{optim.epochs}", loss=f"{loss.item():.3f}")
+        sched.step()
+        train_stats = all_sum([loss_sum.item(), correct.item(), float(seen)], rt.device)
+        val = evaluate(model, val_loader, rt) if val_loader is not None and len(val_loader) else None
+        wall += time.perf_counter() - t0
+        val_acc = val["acc"] if val is not None else None
+        # Ties go to the later epoch; without validation the last epoch counts as best.
+        improved = val_acc is None or val_acc >= best_acc
+        if improved:
+            best_acc, best_epoch = (val_acc if val_acc is not None else -math.inf), epoch
+        row = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], "train_loss": train_stats[0] / max(train_stats[2], 1),
+               "train_acc": train_stats[1] / max(train_stats[2], 1), "val_loss": val["loss"] if val else None,
+               "val_acc": val_acc, "steps": steps, "wall_s": round(wall, 3), "best": improved}
+        if val_acc is not None:
+            bar.set_postfix(epoch=f"{epoch + 1}/{optim.epochs}", val_acc=f"{val_acc:.4f}")
+        if out is not None and main:
+            if improved:
+                ckpt.save_model(out / "model.safetensors", model)
+            ckpt.save_model(out / "last.safetensors", model)
+            state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "epoch": epoch,
+                     "best_acc": best_acc, "best_epoch": best_epoch, "steps": steps, "wall_s": wall,
+                     "rng_cpu": torch.get_rng_state()}
+            if torch.cuda.is_available():
+                state["rng_cuda"] = torch.cuda.get_rng_state_all()
+            for j, h in enumerate(hooks):
+                if hasattr(h, "state_dict"):
+                    state[f"hook{j}"] = h.state_dict()
+            ckpt.save_state(out / "last_state.pt", state)
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+        elif improved:
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        _call(hooks, "end_epoch", epoch, row)
+    bar.close()
+
+    # Back to the best-validation weights.
+    if out is not None:
+        from ptd.train.distributed import barrier
+
+        barrier()
+        ckpt.load_into(model, out / "model.safetensors")
+    elif "best_state" in locals():
+        model.load_state_dict(best_state)
+    result = {"best_val_acc": best_acc if best_acc > -math.inf else None, "best_epoch": best_epoch + 1,
+              "epochs": optim.epochs, "steps": steps, "wall_s": round(wall, 3)}
+    if test_loader is not None:
+        result["test_acc"] = evaluate(model, test_loader, rt)["acc"]
+    return result
+
+
+def cleanup_resume_files(out_dir: str | Path) -> None:
+    """Drop the per-epoch resume checkpoint once a stage is done (it can be as big as the model)."""
+    for name in ("last.safetensors", "last_state.pt"):
+        p = Path(out_dir) / name
+        if p.exists():
+            p.unlink()
+
+
+def _truncate_metrics(path: Path, start_epoch: int) -> None:
+    """Drop lines of epochs that will be re-run, so a resumed run logs each epoch once."""
+    if not path.is_file():
+        return
+    keep = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["epoch"] <= start_epoch]
+    ckpt.write_text(path, "".join(l + "\n" for l in keep))

@@ -1,0 +1,23 @@
+"""The paper's optimizer everywhere: SGD, Nesterov momentum, multi-step LR (stepped per epoch)."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ptd.config import OptimConfig
+
+
+def make_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
+
+
+def make_scheduler(opt: torch.optim.Optimizer, cfg: OptimConfig) -> torch.optim.lr_scheduler.LRScheduler:
+    return torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(cfg.milestones), gamma=cfg.gamma)
+
+
+def scale_schedule(cfg: OptimConfig, epochs: int) -> OptimConfig:
+    """The same schedule squeezed into ``epochs`` (milestones scaled proportionally)."""
+    from dataclasses import replace
+
+    ms = sorted({max(1, round(m * epochs / cfg.epochs)) for m in cfg.milestones if round(m * epochs / cfg.epochs) < epochs})
+    return replace(cfg, epochs=epochs, milestones=tuple(ms))
