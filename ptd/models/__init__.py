@@ -43,5 +43,31 @@ def spec_to_text(spec: dict) -> str:
 
 
 def build_from_spec(spec: dict) -> nn.Module:
+    """Rebuild a model from its ``ptd_spec``.
+
+    A student made by channel surgery (a ``tv:`` model, say) has the base model's spec plus
+    ``channel_widths`` ({layer name: out channels}) and ``trace_size``: the base is built and the
+    same surgery replayed (keeping the first channels of each layer: only shapes matter, the
+    weights are loaded afterwards). A student of a user's own nn.Module has ``arch`` None: build
+    that architecture yourself and call ``ptd.students.apply_widths(model, spec["channel_widths"],
+    spec["trace_size"])``.
+    """
+    full = dict(spec)
     spec = dict(spec)
-    return build_model(spec.pop("arch"), **spec)
+    channel_widths = spec.pop("channel_widths", None)
+    trace_size = spec.pop("trace_size", 32)
+    arch = spec.pop("arch", None)
+    if arch is None:
+        cls = spec.get("module_class", "a user's own nn.Module")
+        raise ValueError(
+            f"this spec has no arch: it describes a student of {cls}, which ptd cannot build; construct that "
+            "architecture and call ptd.students.apply_widths(model, spec['channel_widths'], spec['trace_size'])"
+        )
+    spec.pop("module_class", None)
+    model = build_model(arch, **spec)
+    if channel_widths:
+        from ptd.students.surgery import apply_widths
+
+        apply_widths(model, channel_widths, int(trace_size))
+        model.ptd_spec = full
+    return model

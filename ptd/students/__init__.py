@@ -1,0 +1,21 @@
+"""Students from pruned teachers: the width rule, coupled groups, rebuild or channel surgery.
+
+``derive_student(teacher, masks, inherit=False) -> (student, StudentPlan)`` is the entry point;
+see :mod:`ptd.students.derive` for what it does and :mod:`ptd.students.width_rule` for the rule.
+"""
+from ptd.students.derive import derive_student
+from ptd.students.graph import DerivationError
+from ptd.students.plan import LayerRow, StudentPlan
+from ptd.students.surgery import apply_widths
+from ptd.students.width_rule import conv_width, group_width, vgg_widths
+
+__all__ = [
+    "DerivationError",
+    "LayerRow",
+    "StudentPlan",
+    "apply_widths",
+    "conv_width",
+    "derive_student",
+    "group_width",
+    "vgg_widths",
+]

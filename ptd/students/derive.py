@@ -1,0 +1,121 @@
+"""derive_student: a dense student with physically fewer channels, from a pruned teacher."""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ptd.pruning.masks import Masks, check_masks, unwrap
+from ptd.students.graph import DerivationError, extract
+from ptd.students.plan import StudentPlan
+from ptd.students.rebuild import spec_builder
+from ptd.students.solve import RULE, solve
+from ptd.students.surgery import apply_widths, check_widths, copy_overlap, l1_keep
+
+
+def _reinit(model: nn.Module) -> None:
+    for m in model.modules():
+        if hasattr(m, "reset_parameters") and callable(m.reset_parameters):
+            m.reset_parameters()
+
+
+def derive_student(
+    teacher: nn.Module,
+    masks: Masks,
+    *,
+    inherit: bool = False,
+    input_size: int | None = None,
+) -> tuple[nn.Module, StudentPlan]:
+    """The student of a pruned teacher and the plan that sized it.
+
+    Each Conv/Linear layer's width comes from its surviving weights by the rule
+    (:mod:`ptd.students.width_rule`); layers whose channels are coupled share one width per group
+    (:mod:`ptd.students.solve`); the model's output layer keeps its class count.
+
+    * ptd's own families (VGG, ResNet, WRN, CIFAR ResNet, MobileNetV2) are **rebuilt** at the new
+      widths: ``plan.spec`` is the family's plain-JSON spec.
+    * Anything else (``tv:*`` models, a user's own ``nn.Module``) goes through **channel surgery**
+      with Torch-Pruning (:mod:`ptd.students.surgery`); there a width is capped at the teacher's.
+      ``plan.spec`` is the teacher's spec plus ``channel_widths`` (and ``trace_size``), which
+      :func:`ptd.models.build_from_spec` replays. A user's module has no spec to build its
+      architecture from, so ``spec["arch"]`` is None: rebuild it by constructing the teacher's
+      architecture yourself and calling ``ptd.students.apply_widths(model, spec["channel_widths"],
+      spec["trace_size"])`` before loading the student's weights.
+
+    Weights start fresh (as in the paper) unless ``inherit``: then each group keeps the channels
+    with the largest L1 norm of the pruned teacher's weights, with their weights.
+    ``input_size``: side of the square image used to trace the model (default: 32, else 64, else
+    224 -- the first on which the forward pass runs).
+    """
+    if not isinstance(teacher, nn.Module):
+        raise DerivationError(f"cannot derive a student from {type(teacher).__name__}: it is not an nn.Module")
+    teacher = unwrap(teacher)
+    check_masks(teacher, masks)
+    graph, _ = extract(teacher, masks, input_size)
+    rebuild = spec_builder(teacher)
+    sol = solve(graph, clamp=rebuild is None)
+
+    members = graph.members
+    widths = {n: sol.widths[m.group] for n, m in members.items()}
+    changed = {n: w for n, w in widths.items() if w != members[n].teacher_out}
+    group_members = [g.members for g in graph.groups]
+    try:
+        param = next(teacher.parameters())
+        device, dtype = param.device, param.dtype
+    except StopIteration:  # pragma: no cover - a model with convs has parameters
+        device, dtype = torch.device("cpu"), torch.float32
+
+    from ptd.models import build_from_spec
+
+    if rebuild is not None:
+        method = "rebuild"
+        spec: dict[str, Any] = rebuild(teacher, widths)
+        student = build_from_spec(spec)
+        check_widths(student, widths)
+        student.to(device=device, dtype=dtype)
+        if inherit:
+            capped = [min(sol.widths[g.index], g.teacher_width) for g in graph.groups]
+            keep = l1_keep(teacher, group_members, capped, masks)
+            donor = copy.deepcopy(teacher)
+            apply_widths(donor, {n: min(w, members[n].teacher_out) for n, w in changed.items()}, graph.input_size, keep)
+            copy_overlap(donor, student)
+    else:
+        method = "surgery"
+        base = getattr(teacher, "ptd_spec", None)
+        if isinstance(base, dict) and base.get("arch"):
+            cw = dict(base.get("channel_widths") or {})
+            cw.update(changed)
+            spec = {**base, "channel_widths": cw, "trace_size": graph.input_size}
+        else:
+            cw = dict(changed)
+            spec = {
+                "arch": None,
+                "module_class": f"{type(teacher).__module__}.{type(teacher).__qualname__}",
+                "channel_widths": cw,
+                "trace_size": graph.input_size,
+            }
+        if inherit or spec["arch"] is None:
+            student = copy.deepcopy(teacher)
+            keep = l1_keep(teacher, group_members, [sol.widths[g.index] for g in graph.groups], masks) if inherit else None
+            apply_widths(student, changed, graph.input_size, keep)
+            if not inherit:
+                _reinit(student)
+        else:
+            student = build_from_spec(spec)
+            student.to(device=device, dtype=dtype)
+        check_widths(student, widths)
+        student.ptd_spec = spec
+
+    student.train(teacher.training)
+    plan = StudentPlan(
+        spec=spec,
+        layers=sol.rows,
+        overrides=sol.overrides,
+        groups=sol.groups,
+        method=method,
+        inherit=inherit,
+        rule=RULE,
+    )
+    return student, plan

@@ -1,0 +1,231 @@
+"""Which layers' widths are coupled, read off the model by Torch-Pruning's DependencyGraph.
+
+Every Conv/Linear layer *produces* the channels of exactly one coupled group: the set of
+layers whose output channels must stay equal in number (and index by index) because a residual
+add joins them, a depthwise conv filters them one by one, an elementwise product gates them
+(squeeze-excite), and so on. A layer *consumes* the channels of the groups feeding its input --
+of several where a concatenation feeds it. Torch-Pruning traces the model once and hands back,
+for channel 0 of a layer's output, every dependent operation (``get_pruning_group``); the
+producers and consumers in that answer are the group.
+
+This module only reads the model; :mod:`ptd.students.surgery` changes it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+
+from ptd.pruning.masks import Masks
+
+CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+LAYER_TYPES = CONV_TYPES + (nn.Linear,)
+
+# Tried in turn when the caller gives no input size: CIFAR-sized first, then larger for
+# models that need more spatial room (an ImageNet stem on a tiny input, Inception).
+DEFAULT_INPUT_SIZES = (32, 64, 224)
+
+
+class DerivationError(ValueError):
+    """A student cannot be derived from this teacher; the one-line message says why."""
+
+
+@dataclass
+class Member:
+    """A Conv/Linear layer as the width solver sees it."""
+
+    name: str
+    kind: str  # "conv", "depthwise" or "linear"
+    kernel_area: int
+    teacher_in: int
+    teacher_out: int
+    nnz: int
+    weights: int
+    group: int = -1
+    # (group index, input channels of this layer per channel of that group): where the layer's
+    # input channels come from; channels from no group (the image) stay as they are.
+    inputs: list[tuple[int, int]] = field(default_factory=list)
+
+
+@dataclass
+class Group:
+    index: int
+    members: list[str]
+    teacher_width: int
+    fixed: str | None = None  # why the width may not change (e.g. it is the model's output)
+
+    @property
+    def label(self) -> str:
+        return f"g{self.index}"
+
+
+@dataclass
+class ChannelGraph:
+    members: dict[str, Member]  # module order
+    groups: list[Group]
+    input_size: int
+    in_channels: int
+    output_layer: str
+
+
+def _describe(model: nn.Module) -> str:
+    return f"{type(model).__module__}.{type(model).__qualname__}"
+
+
+def layer_out(m: nn.Module) -> int:
+    return m.out_channels if isinstance(m, CONV_TYPES) else m.out_features
+
+
+def layer_in(m: nn.Module) -> int:
+    return m.in_channels if isinstance(m, CONV_TYPES) else m.in_features
+
+
+def is_depthwise(m: nn.Module) -> bool:
+    return isinstance(m, CONV_TYPES) and m.groups > 1 and m.groups == m.in_channels == m.out_channels
+
+
+def first_conv(model: nn.Module) -> nn.Module:
+    for m in model.modules():
+        if isinstance(m, CONV_TYPES):
+            return m
+    raise DerivationError(f"cannot derive a student from {_describe(model)}: it has no Conv2d layers")
+
+
+def example_input(model: nn.Module, size: int) -> torch.Tensor:
+    conv = first_conv(model)
+    p = next(model.parameters())
+    return torch.randn(1, conv.in_channels, size, size, device=p.device, dtype=p.dtype)
+
+
+def _run(model: nn.Module, x: torch.Tensor) -> list[str]:
+    """Forward once (eval, no grad); the names of the Conv/Linear layers in the order they ran."""
+    order: list[str] = []
+    hooks = [
+        m.register_forward_hook(lambda mod, inp, out, n=n: order.append(n))
+        for n, m in model.named_modules()
+        if isinstance(m, LAYER_TYPES)
+    ]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return order
+
+
+def find_input_size(model: nn.Module, input_size: int | None) -> tuple[int, list[str]]:
+    sizes: Sequence[int] = DEFAULT_INPUT_SIZES if input_size is None else (int(input_size),)
+    errors = []
+    for s in sizes:
+        try:
+            return s, _run(model, example_input(model, s))
+        except DerivationError:
+            raise
+        except Exception as e:  # noqa: BLE001 -- any failure: try the next size, then report
+            errors.append(f"{s}x{s}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    raise DerivationError(
+        f"cannot derive a student from {_describe(model)}: its forward pass fails on a single image ({'; '.join(errors)}); pass input_size="
+    )
+
+
+def build_dependency_graph(model: nn.Module, x: torch.Tensor):
+    import torch_pruning as tp
+
+    try:
+        return tp.DependencyGraph().build_dependency(model, example_inputs=x, verbose=False)
+    except Exception as e:  # noqa: BLE001
+        raise DerivationError(
+            f"cannot derive a student from {_describe(model)}: Torch-Pruning cannot trace its channel dependencies ({type(e).__name__}: {e})"
+        ) from None
+
+
+def out_channel_fn(dg, module: nn.Module):
+    pruner = dg.get_pruner_of_module(module)
+    if pruner is None:
+        raise DerivationError(f"Torch-Pruning has no pruner for {type(module).__name__}")
+    return pruner.prune_out_channels
+
+
+def extract(model: nn.Module, masks: Masks, input_size: int | None = None) -> tuple[ChannelGraph, object]:
+    """The coupled-group graph of ``model`` (and the DependencyGraph it was read from).
+
+    ``nnz`` of a layer is its mask's count, or its nonzero weights where ``masks`` has no entry
+    (a layer the pruning left out counts as it is).
+    """
+    named = dict(model.named_modules())
+    layers = {n: m for n, m in named.items() if isinstance(m, LAYER_TYPES)}
+    if not any(isinstance(m, CONV_TYPES) for m in layers.values()):
+        raise DerivationError(f"cannot derive a student from {_describe(model)}: it has no Conv2d layers")
+    for n, m in layers.items():
+        if isinstance(m, CONV_TYPES) and m.groups > 1 and not is_depthwise(m):
+            raise DerivationError(
+                f"cannot derive a student from {_describe(model)}: {n} is a grouped conv (groups={m.groups}), which only depthwise convs may be"
+            )
+    was_training = model.training
+    model.eval()
+    try:
+        size, order = find_input_size(model, input_size)
+        if not order:
+            raise DerivationError(f"cannot derive a student from {_describe(model)}: none of its Conv/Linear layers runs in forward()")
+        dg = build_dependency_graph(model, example_input(model, size))
+    finally:
+        model.train(was_training)
+
+    members: dict[str, Member] = {}
+    for n, m in layers.items():
+        if n not in order:
+            continue  # defined but unused (e.g. an auxiliary head): not part of the student's graph
+        wname = f"{n}.weight" if n else "weight"
+        if wname in masks:
+            nnz = int(masks[wname].sum())
+        else:
+            nnz = int((m.weight.detach() != 0).sum())
+        if isinstance(m, CONV_TYPES):
+            area = 1
+            for k in m.kernel_size:
+                area *= int(k)
+            kind = "depthwise" if is_depthwise(m) else "conv"
+        else:
+            area, kind = 1, "linear"
+        members[n] = Member(n, kind, area, layer_in(m), layer_out(m), nnz, m.weight.numel())
+
+    module_name = {id(m): n for n, m in layers.items()}
+    groups: list[Group] = []
+    for n in members:
+        if members[n].group >= 0:
+            continue
+        m = layers[n]
+        g = dg.get_pruning_group(m, out_channel_fn(dg, m), [0])
+        gi = len(groups)
+        producers: list[str] = []
+        consumers: list[tuple[str, int]] = []
+        for dep, idxs in g:
+            tgt = dep.target.module
+            tn = module_name.get(id(tgt))
+            if tn is None or tn not in members:
+                continue
+            if dg.is_out_channel_pruning_fn(dep.handler):
+                if tn not in producers:
+                    producers.append(tn)
+            elif dg.is_in_channel_pruning_fn(dep.handler):
+                consumers.append((tn, len(idxs)))
+        for p in producers:
+            if members[p].group >= 0 and members[p].group != gi:
+                raise DerivationError(f"cannot derive a student from {_describe(model)}: layer {p} sits in two coupled groups")
+            members[p].group = gi
+        for c, mult in consumers:
+            if members[c].kind != "depthwise":
+                members[c].inputs.append((gi, mult))
+        widths = {members[p].teacher_out for p in producers}
+        if len(widths) != 1:
+            raise DerivationError(f"cannot derive a student from {_describe(model)}: coupled layers {producers} disagree on their width")
+        ordered = [p for p in members if p in producers]
+        groups.append(Group(gi, ordered, widths.pop()))
+
+    output_layer = order[-1]
+    groups[members[output_layer].group].fixed = "model output: keeps its width"
+    graph = ChannelGraph(members, groups, size, first_conv(model).in_channels, output_layer)
+    return graph, dg
