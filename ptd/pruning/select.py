@@ -30,22 +30,40 @@ def survivors_after_round(alive: int, rate: float) -> int:
     return int(round(alive * (1.0 - rate)))
 
 
+def keep_for_target(masks: Masks, target: float) -> int:
+    """Weights to keep so that exactly ``target`` of all masked weights are pruned: round(total * (1 - target)).
+
+    Never more than are alive now (a pre-pruned start may already be sparser than the target).
+    """
+    if not 0.0 <= target < 1.0:
+        raise ValueError(f"target sparsity {target} is outside [0, 1)")
+    alive = sum(int(m.sum()) for m in masks.values())
+    total = sum(m.numel() for m in masks.values())
+    return min(alive, int(round(total * (1.0 - target))))
+
+
 def global_topk(scores: dict[str, torch.Tensor], current: Masks, keep: int) -> Masks:
     """Keep the ``keep`` highest-scoring weights among those alive in ``current``, over all layers.
 
-    Exact: exactly ``keep`` weights survive (ties broken by position, deterministically).
-    Dead weights never come back.
+    Exact: exactly ``keep`` weights survive (ties broken by position, deterministically: the
+    earlier layer in ``current``'s order, then the lower flat index, wins). Only alive weights
+    are ranked, so dead weights never come back whatever their score; NaN scores rank last.
+    float64 scores are ranked in float64 (SynFlow's scores span many decades).
     """
     names = list(current)
-    flat = torch.cat([torch.where(current[n], scores[n].float(), torch.tensor(-math.inf)).flatten().cpu() for n in names])
     alive = int(sum(int(current[n].sum()) for n in names))
     if not 0 <= keep <= alive:
         raise ValueError(f"cannot keep {keep} weights: {alive} are alive")
-    new_flat = torch.zeros_like(flat, dtype=torch.bool)
+    dtype = torch.float64 if any(scores[n].dtype == torch.float64 for n in names) else torch.float32
+    flat_alive = torch.cat([current[n].detach().flatten().cpu() for n in names]) if names else torch.zeros(0, dtype=torch.bool)
+    new_flat = torch.zeros_like(flat_alive)
     if keep:
+        flat = torch.cat([scores[n].detach().to(dtype).flatten().cpu() for n in names])
+        idx = flat_alive.nonzero().squeeze(1)
+        s = torch.nan_to_num(flat[idx], nan=-math.inf)
         # Stable sort: equal scores keep their order, so the result is reproducible.
-        order = torch.sort(flat, descending=True, stable=True).indices[:keep]
-        new_flat[order] = True
+        order = torch.sort(s, descending=True, stable=True).indices[:keep]
+        new_flat[idx[order]] = True
     out: Masks = {}
     i = 0
     for n in names:

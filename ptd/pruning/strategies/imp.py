@@ -5,37 +5,47 @@ layer, then retrains. The number of rounds is the n whose 1 - (1 - rate)^n is cl
 sparsity. Retraining variants (``prune.options.rewind``):
 - "lr" (default, learning-rate rewinding): keep the weights, restart the full LR schedule;
 - "weight": reset surviving weights to the teacher's weights at epoch ``rewind_epoch`` (saved by the
-  teacher stage), then retrain with the full schedule;
+  teacher stage, see ``ptd.pruning.rewind``), then retrain with the full schedule;
 - "finetune": keep the weights, retrain at a small constant LR (``finetune_lr``, default 1e-3).
+
+Registered as "imp" (all options) and the aliases "imp_weight_rewind" / "imp_finetune" (rewind
+fixed; the option then is not accepted).
 """
 from __future__ import annotations
 
 from dataclasses import replace
 
-from ptd.pruning.base import STRATEGIES, Level, PruneContext
-from ptd.pruning.masks import apply_masks, count
+from ptd.config import ConfigError
+from ptd.pruning.base import STRATEGIES, Level, PruneContext, level_metrics
+from ptd.pruning.masks import apply_masks, count, unwrap
 from ptd.pruning.scores import magnitude
 from ptd.pruning.select import global_topk, rounds_for_target, survivors_after_round
 
 OPTIONS = ("rewind", "rewind_epoch", "finetune_lr")
+REWINDS = ("lr", "weight", "finetune")
 
 
-def imp(ctx: PruneContext, *, rewind: str | None = None) -> list[Level]:
-    ctx.check_options("imp", OPTIONS)
-    rewind = rewind or ctx.option("rewind", "lr")
-    if rewind not in ("lr", "weight", "finetune"):
-        from ptd.config import ConfigError
-
-        raise ConfigError(f"prune.options.rewind: {rewind!r} is not one of lr, weight, finetune")
+def imp(ctx: PruneContext, *, rewind: str | None = None, name: str = "imp") -> list[Level]:
+    if rewind is None:
+        ctx.check_options(name, OPTIONS)
+        rewind = ctx.option("rewind", "lr")
+    else:
+        ctx.check_options(name, {"weight": ("rewind_epoch",), "finetune": ("finetune_lr",), "lr": ()}[rewind])
+    if rewind not in REWINDS:
+        raise ConfigError(f"prune.options.rewind: {rewind!r} is not one of {', '.join(REWINDS)}")
+    ctx.require_prunable()
     cfg = ctx.cfg
     retrain = cfg.retrain
     if rewind == "finetune":
-        retrain = replace(retrain, lr=float(ctx.option("finetune_lr", 1e-3)), milestones=())
+        lr = ctx.option("finetune_lr", 1e-3)
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or lr <= 0:
+            raise ConfigError(f"prune.options.finetune_lr: {lr!r} must be a number > 0")
+        retrain = replace(retrain, lr=float(lr), milestones=())
     early = None
     if rewind == "weight":
-        from ptd.pruning.rewind import rewind_state
+        from ptd.pruning.rewind import rewind_epoch
 
-        early = rewind_state(ctx)
+        rewind_epoch(ctx)  # fail fast on a missing option, before any level runs
 
     model, masks = ctx.model, ctx.masks
     levels: list[Level] = []
@@ -47,15 +57,32 @@ def imp(ctx: PruneContext, *, rewind: str | None = None) -> list[Level]:
             continue
         alive, _ = count(masks)
         masks = global_topk(magnitude(model, masks), masks, survivors_after_round(alive, cfg.rate))
-        if early is not None:
-            model.load_state_dict(early)
+        if rewind == "weight":
+            if early is None:  # read lazily: a fully resumed run needs no rewind file
+                from ptd.pruning.rewind import rewind_state
+
+                early = rewind_state(ctx)
+            unwrap(model).load_state_dict(early)
         apply_masks(model, masks)
-        metrics = ctx.train(model, masks, f"level_{k}", retrain, ())
-        level = Level(k, masks, metrics)
+        trained = ctx.train(model, masks, f"level_{k}", retrain, ())
+        apply_masks(model, masks)
+        level = Level(k, masks, level_metrics(name, masks, trained, round=k, rewind=rewind))
         ctx.save_level(level)
         levels.append(level)
-        ctx.log(f"prune level {k}: sparsity {level.sparsity:.4f}, val acc {metrics.get('val_acc', float('nan')):.4f}")
+        ctx.log(f"prune level {k}: sparsity {level.sparsity:.4f}, val acc {trained.get('val_acc', float('nan'))}")
     return levels
 
 
+def imp_weight_rewind(ctx: PruneContext) -> list[Level]:
+    """IMP with weight rewinding to the teacher's epoch-``rewind_epoch`` weights."""
+    return imp(ctx, rewind="weight", name="imp_weight_rewind")
+
+
+def imp_finetune(ctx: PruneContext) -> list[Level]:
+    """IMP with fine-tuning at a small constant LR (``finetune_lr``) after each round."""
+    return imp(ctx, rewind="finetune", name="imp_finetune")
+
+
 STRATEGIES.add("imp", imp)
+STRATEGIES.add("imp_weight_rewind", imp_weight_rewind)
+STRATEGIES.add("imp_finetune", imp_finetune)

@@ -1,0 +1,161 @@
+"""Gradual magnitude pruning (Zhu & Gupta 2017) inside one training run.
+
+Starting from the dense teacher, the run trains with ``prune.retrain`` while a hook raises the
+sparsity along the cubic schedule
+
+    s_t = s_f + (s_i - s_f) * (1 - (t - t0) / (n * dt))^3,   t0 <= t <= t0 + n * dt,
+
+pruning (global |w| among the alive weights) every ``dt`` optimizer steps; s_i is the sparsity at
+the start (0 for a dense teacher), s_f the target, t0 = start_epoch * steps_per_epoch and
+t0 + n * dt = end_epoch * steps_per_epoch (when dt does not divide the span, the last event is at
+the span's end and the formula uses the span as n * dt). After end_epoch the masks stay fixed and
+the rest of the run recovers accuracy. The last event prunes to exactly round(total * (1 - s_f)).
+
+Options:
+- ``start_epoch`` (int, default 0): first epoch of the ramp;
+- ``end_epoch`` (int, default ceil(0.6 * prune.retrain.epochs)): epoch at whose start the
+  target is reached (<= prune.retrain.epochs);
+- ``frequency_steps`` (int, default 100): dt, optimizer steps between pruning events.
+
+Steps per epoch come from ``ctx.extra["steps_per_epoch"]`` (the pipeline's len(train loader)); when
+absent, the hook measures the first epoch and catches up at its end (no event fires inside it).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ptd.config import ConfigError
+from ptd.pruning.base import STRATEGIES, Level, PruneContext, level_metrics
+from ptd.pruning.masks import Masks, apply_masks, count, unwrap
+from ptd.pruning.scores import magnitude
+from ptd.pruning.select import global_topk, keep_for_target
+
+OPTIONS = ("start_epoch", "end_epoch", "frequency_steps")
+
+
+def cubic_sparsity(t: float, s_i: float, s_f: float, t0: float, t_end: float) -> float:
+    """Zhu & Gupta's s_t, clamped to s_i before t0 and s_f after t_end (t_end = t0 + n * dt)."""
+    if t <= t0:
+        return s_i
+    if t >= t_end:
+        return s_f
+    return s_f + (s_i - s_f) * (1.0 - (t - t0) / (t_end - t0)) ** 3
+
+
+class GMPHook:
+    """Training hook that prunes ``masks`` IN PLACE along the cubic schedule.
+
+    ``masks`` must be the very dict given to ``ctx.train`` (MaskHook enforces the same object).
+    Its state (step count, steps per epoch, masks) goes into the run's resume checkpoint.
+    """
+
+    def __init__(self, masks: Masks, target: float, start_epoch: int, end_epoch: int, frequency_steps: int,
+                 steps_per_epoch: int | None = None, log=print):
+        self.masks = masks
+        self.target = target
+        self.start_epoch, self.end_epoch, self.dt = start_epoch, end_epoch, frequency_steps
+        self.spe = steps_per_epoch
+        alive, self.total = count(masks)
+        self.s_i = 1.0 - alive / self.total if self.total else 0.0
+        self.step = 0
+        self.log = log
+        self._model: nn.Module | None = None
+
+    # -------------------------------------------------------------- schedule
+    def window(self) -> tuple[int, int]:
+        assert self.spe is not None
+        return self.start_epoch * self.spe, self.end_epoch * self.spe
+
+    def sparsity_at(self, t: int) -> float:
+        t0, t1 = self.window()
+        return cubic_sparsity(t, self.s_i, self.target, t0, t1)
+
+    def keep_at(self, t: int) -> int:
+        t0, t1 = self.window()
+        if t >= t1:
+            return keep_for_target(self.masks, self.target)  # exact at the end
+        return min(count(self.masks)[0], int(round(self.total * (1.0 - self.sparsity_at(t)))))
+
+    def is_event(self, t: int) -> bool:
+        t0, t1 = self.window()
+        return t0 <= t <= t1 and ((t - t0) % self.dt == 0 or t == t1)
+
+    @torch.no_grad()
+    def prune_to(self, model: nn.Module, keep: int) -> None:
+        if keep >= count(self.masks)[0]:
+            return
+        new = global_topk(magnitude(model, self.masks), self.masks, keep)
+        for n in self.masks:  # in place: MaskHook holds this dict
+            self.masks[n] = new[n]
+        apply_masks(model, self.masks)
+
+    # -------------------------------------------------------------- hook protocol
+    def on_start(self, model: nn.Module) -> None:
+        self._model = model  # end_epoch gets no model; kept for the catch-up prune
+        apply_masks(model, self.masks)
+
+    def after_step(self, model: nn.Module) -> None:
+        self.step += 1
+        if self.spe is not None and self.is_event(self.step):
+            self.prune_to(model, self.keep_at(self.step))
+
+    def end_epoch(self, epoch: int, row: dict[str, Any]) -> None:
+        if self.spe is None and self.step > 0:
+            self.spe = self.step // (epoch + 1)
+            t0, t1 = self.window()
+            self.log(f"gmp: {self.spe} steps per epoch measured; pruning window steps {t0}..{t1}")
+            if self.step >= t0 and self._model is not None:  # catch up on events the first epoch could not fire
+                self.prune_to(self._model, self.keep_at(min(self.step, t1)))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "spe": self.spe or 0, "masks": {n: m.to(torch.uint8).cpu() for n, m in self.masks.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+        self.spe = int(state["spe"]) or self.spe
+        for n, m in state["masks"].items():
+            self.masks[n] = m.bool().to(self.masks[n].device)
+
+
+def gmp(ctx: PruneContext) -> list[Level]:
+    ctx.check_options("gmp", OPTIONS)
+    ctx.require_prunable()
+    cfg = ctx.cfg
+    epochs = cfg.retrain.epochs
+    start = ctx.int_option("start_epoch", 0, minimum=0)
+    end = ctx.int_option("end_epoch", max(start + 1, math.ceil(0.6 * epochs)), minimum=1)
+    dt = ctx.int_option("frequency_steps", 100, minimum=1)
+    if not start < end <= epochs:
+        raise ConfigError(f"prune.options.end_epoch: {end} must be > start_epoch ({start}) and <= prune.retrain.epochs ({epochs})")
+    if cfg.target_sparsity == 0:
+        return []
+    if ctx.level_done(1):
+        return [ctx.load_level(1)]
+    spe = ctx.extra.get("steps_per_epoch")
+    masks: Masks = {n: m.clone() for n, m in ctx.masks.items()}
+    hook = GMPHook(masks, cfg.target_sparsity, start, end, dt, spe, ctx.log)
+    trained = ctx.train(ctx.model, masks, "level_1", cfg.retrain, (hook,))
+    extra: dict[str, Any] = {"gmp_start_epoch": start, "gmp_end_epoch": end, "gmp_frequency_steps": dt}
+    params = dict(unwrap(ctx.model).named_parameters())
+    # fit hands back the best-validation weights; an epoch before the ramp ended holds weights
+    # the final masks prune away untrained. Flag it (see docs/pruning.md).
+    revived = sum(int(((params[n].detach() != 0) & ~masks[n].to(params[n].device)).sum()) for n in masks)
+    if revived:
+        extra["best_epoch_before_final_mask"] = True
+        ctx.log(f"gmp: the best-validation epoch predates the final masks ({revived} weights cut without retraining); set end_epoch earlier")
+    keep = keep_for_target(ctx.masks, cfg.target_sparsity)
+    if count(masks)[0] != keep:  # only if the ramp never reached its end (should not happen)
+        ctx.log("gmp: schedule ended short of the target; pruning the rest at once")
+        hook.prune_to(ctx.model, keep)
+    apply_masks(ctx.model, masks)
+    level = Level(1, masks, level_metrics("gmp", masks, trained, **extra))
+    ctx.save_level(level)
+    ctx.log(f"prune gmp: sparsity {level.sparsity:.4f}, val acc {trained.get('val_acc', float('nan'))}")
+    return [level]
+
+
+STRATEGIES.add("gmp", gmp)

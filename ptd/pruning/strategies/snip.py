@@ -1,0 +1,31 @@
+"""SNIP (Lee et al. 2019): prune by connection sensitivity |g ⊙ w| in one shot, then retrain once.
+
+g is the mean loss gradient over ``batches`` training batches (``ctx.batches``), taken on the
+trained teacher in eval mode. Global ranking: exactly round(total * (1 - target)) weights survive.
+One level, retrained with ``prune.retrain``.
+
+Options: ``batches`` (int >= 1, default 10): how many training batches the gradient averages.
+Resume note: ``ctx.batches(n)`` must give the same batches on a re-run for an interrupted
+retraining to resume with the same masks.
+"""
+from __future__ import annotations
+
+from ptd.pruning.base import STRATEGIES, Level, PruneContext, prune_once
+from ptd.pruning.scores import snip as snip_scores
+from ptd.pruning.select import global_topk, keep_for_target
+
+OPTIONS = ("batches",)
+
+
+def snip(ctx: PruneContext) -> list[Level]:
+    ctx.check_options("snip", OPTIONS)
+    n = ctx.int_option("batches", 10, minimum=1)
+
+    def select():
+        scores = snip_scores(ctx.model, ctx.masks, ctx.batches(n))
+        return global_topk(scores, ctx.masks, keep_for_target(ctx.masks, ctx.cfg.target_sparsity))
+
+    return prune_once(ctx, "snip", select)
+
+
+STRATEGIES.add("snip", snip)
