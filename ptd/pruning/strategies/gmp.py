@@ -57,7 +57,7 @@ class GMPHook:
                  steps_per_epoch: int | None = None, log=print):
         self.masks = masks
         self.target = target
-        self.start_epoch, self.end_epoch, self.dt = start_epoch, end_epoch, frequency_steps
+        self.first_epoch, self.last_epoch, self.dt = start_epoch, end_epoch, frequency_steps
         self.spe = steps_per_epoch
         alive, self.total = count(masks)
         self.s_i = 1.0 - alive / self.total if self.total else 0.0
@@ -68,7 +68,7 @@ class GMPHook:
     # -------------------------------------------------------------- schedule
     def window(self) -> tuple[int, int]:
         assert self.spe is not None
-        return self.start_epoch * self.spe, self.end_epoch * self.spe
+        return self.first_epoch * self.spe, self.last_epoch * self.spe
 
     def sparsity_at(self, t: int) -> float:
         t0, t1 = self.window()
@@ -140,18 +140,22 @@ def gmp(ctx: PruneContext) -> list[Level]:
     hook = GMPHook(masks, cfg.target_sparsity, start, end, dt, spe, ctx.log)
     trained = ctx.train(ctx.model, masks, "level_1", cfg.retrain, (hook,))
     extra: dict[str, Any] = {"gmp_start_epoch": start, "gmp_end_epoch": end, "gmp_frequency_steps": dt}
+    # fit hands back the best-validation weights. If that epoch came before the ramp ended, those
+    # weights are denser than the final masks, which then cut them without retraining, and the
+    # accuracies fit measured are not the pruned model's: flag it and measure again.
     params = dict(unwrap(ctx.model).named_parameters())
-    # fit hands back the best-validation weights; an epoch before the ramp ended holds weights
-    # the final masks prune away untrained. Flag it (see docs/pruning.md).
     revived = sum(int(((params[n].detach() != 0) & ~masks[n].to(params[n].device)).sum()) for n in masks)
-    if revived:
-        extra["best_epoch_before_final_mask"] = True
-        ctx.log(f"gmp: the best-validation epoch predates the final masks ({revived} weights cut without retraining); set end_epoch earlier")
+    best = trained.get("best_epoch")
     keep = keep_for_target(ctx.masks, cfg.target_sparsity)
     if count(masks)[0] != keep:  # only if the ramp never reached its end (should not happen)
         ctx.log("gmp: schedule ended short of the target; pruning the rest at once")
         hook.prune_to(ctx.model, keep)
     apply_masks(ctx.model, masks)
+    if revived or (best is not None and best < end):
+        extra["best_epoch_before_final_mask"] = True
+        ctx.log(f"gmp: the best-validation epoch ({best}) precedes end_epoch ({end}); accuracies re-measured on the final masks. Set end_epoch earlier")
+        ev = ctx.evaluate(ctx.model)
+        trained = {**trained, **{k: ev[k] for k in ("val_acc", "test_acc") if k in ev}}
     level = Level(1, masks, level_metrics("gmp", masks, trained, **extra))
     ctx.save_level(level)
     ctx.log(f"prune gmp: sparsity {level.sparsity:.4f}, val acc {trained.get('val_acc', float('nan'))}")
