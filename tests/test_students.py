@@ -20,6 +20,15 @@ PUBLISHED = {  # PAPER.md: published VGG19 student plans and their parameter cou
 }
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: one thread is faster, and immune to OpenMP stalls when the CPU is shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def n_params(m: nn.Module) -> int:
     return sum(p.numel() for p in m.parameters())
 

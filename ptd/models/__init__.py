@@ -17,6 +17,7 @@ MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
 
 # Families register themselves on import.
 from ptd.models import vgg  # noqa: E402,F401
+from ptd.models import mobilenetv2, resnet, resnet_cifar, wrn  # noqa: E402,F401
 
 
 def _lookup(arch: str) -> Callable[..., nn.Module]:

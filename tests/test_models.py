@@ -1,0 +1,138 @@
+"""Model families: every registered name builds, runs forward/backward, and rebuilds from its spec."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+
+from ptd.models import MODELS, build_from_spec, build_model, spec_to_text
+from ptd.registry import UnknownNameError
+
+TV_NAMES = ["tv:resnet18", "tv:mobilenet_v2", "tv:efficientnet_b0"]
+
+
+def small_kwargs(arch: str) -> dict:
+    """Cheap settings per family so the whole file runs in well under a minute on 2 CPU cores."""
+    if arch == "vgg":
+        return {"plan": [8, "M", 16, 16], "width": 1.0}
+    if arch.startswith("tv:"):
+        return {"width": 0.25} if arch == "tv:mobilenet_v2" else {}
+    if arch in ("resnet101", "resnet152", "wrn28_10"):
+        return {"width": 0.0625}
+    if arch.startswith(("wrn", "resnet20", "resnet32", "resnet56", "resnet110")):
+        return {"width": 0.5}
+    return {"width": 0.125}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: one thread is faster, and immune to OpenMP stalls when the CPU is shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def n_params(m: nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+CASES = [(a, 3) for a in MODELS.names() + TV_NAMES] + [(a, 1) for a in ("vgg11", "resnet20", "resnet18", "wrn16_1", "mobilenetv2", "tv:resnet18")]
+
+
+@pytest.mark.parametrize("arch,in_channels", CASES)
+def test_forward_backward_and_spec_roundtrip(arch, in_channels):
+    torch.manual_seed(0)
+    model = build_model(arch, num_classes=7, in_channels=in_channels, **small_kwargs(arch))
+    x = torch.randn(2, in_channels, 32, 32)
+    y = model(x)
+    assert y.shape == (2, 7)
+    y.square().mean().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    spec = json.loads(spec_to_text(model.ptd_spec))
+    again = build_from_spec(spec)
+    assert [(n, p.shape) for n, p in again.named_parameters()] == [(n, p.shape) for n, p in model.named_parameters()]
+    again.load_state_dict(model.state_dict())
+    model.eval(), again.eval()
+    assert torch.equal(model(x), again(x))
+
+
+@pytest.mark.parametrize(
+    "arch,classes,count",
+    [
+        ("resnet20", 10, 272_474),  # He et al.: 0.27M
+        ("resnet56", 10, 855_770),  # 0.85M
+        ("resnet110", 10, 1_730_714),  # 1.7M
+        ("wrn16_4", 10, 2_748_890),  # Zagoruyko & Komodakis: 2.7M
+        ("wrn28_10", 10, 36_479_194),  # 36.5M
+        ("wrn40_2", 10, 2_243_546),  # 2.2M
+        ("mobilenetv2", 10, 2_236_682),  # = torchvision's mobilenet_v2 at 10 classes
+        ("resnet18", 200, 11_271_432),  # torchvision resnet18 with a 3x3 stem, 200 classes
+    ],
+)
+def test_reference_parameter_counts(arch, classes, count):
+    assert n_params(build_model(arch, classes)) == count
+
+
+def test_resnet18_imagenet_stem_matches_torchvision():
+    import torchvision
+
+    ours = build_model("resnet18", 1000, stem="imagenet")
+    assert n_params(ours) == n_params(torchvision.models.resnet18(weights=None))
+    assert ours(torch.randn(1, 3, 64, 64)).shape == (1, 1000)
+    assert n_params(build_model("resnet50", 1000, stem="imagenet")) == n_params(torchvision.models.resnet50(weights=None))
+
+
+@pytest.mark.parametrize(
+    "name,stages,fraction",
+    [("st36", [58, 113, 216, 398], 0.645), ("st59", [54, 102, 184, 305], 0.416), ("st79", [49, 85, 140, 198], 0.210)],
+)
+def test_paper_resnet18_student_plans(name, stages, fraction):
+    """PAPER.md's ResNet18 plans (one width per stage, the stem kept at 64) give the published size fractions."""
+    teacher = build_model("resnet18", 200)
+    student = build_model("resnet18", 200, stage_widths=stages, block_widths=[[w, w] for w in stages], stem_width=64)
+    assert round(n_params(student) / n_params(teacher), 3) == fraction
+    assert student.layer1[0].shortcut is not None  # 64 -> 58: the stem's width differs, so a projection
+
+
+def test_explicit_widths_and_projection_choice():
+    m = build_model("resnet20", 10, stage_widths=[12, 20, 40], block_widths=[[5, 6, 7], [8, 9, 10], [11, 12, 13]], stem_width=12)
+    assert m.conv1.out_channels == 12 and m.layer1[2].conv1.out_channels == 7 and m.layer3[0].conv2.out_channels == 40
+    assert m.layer1[0].shortcut is None and m.layer2[0].shortcut is not None
+    forced = build_model("resnet20", 10, stage_widths=[12, 20, 40], stem_width=12, projections=[True, True, True])
+    assert forced.layer1[0].shortcut is not None
+    w = build_model("wrn16_2", 10, stage_widths=[16, 40, 70], stem_width=16, projections=[True, True, True])
+    assert w.block1[0].shortcut is not None
+    assert w(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+    b = build_model("resnet50", 10, width=0.25, block_widths=[[[3, 4]] * 3, [[5, 6]] * 4, [[7, 8]] * 6, [[9, 10]] * 3])
+    assert [b.layer4[2].conv1.out_channels, b.layer4[2].conv2.out_channels] == [2, 2]  # 9 * 0.25, 10 * 0.25
+    assert b.conv1.out_channels == 16 and b.layer1[0].conv3.out_channels == 64  # bottleneck: stem 64, stage 256 (x0.25)
+
+
+def test_mobilenetv2_width_multiplier_and_explicit_widths():
+    m = build_model("mobilenetv2", 10, width=0.5)
+    assert m.features[0][0].out_channels == 16 and m.features[-1][0].out_channels == 1280
+    stage = [8, 16, 24, 40, 56, 96, 200]
+    blocks = [[8], [30, 40], [50, 60, 70], [80] * 4, [90] * 3, [100] * 3, [110]]
+    s = build_model("mobilenetv2", 10, stem_width=8, stage_widths=stage, block_widths=blocks, last_width=300)
+    assert s.features[3].dw[0].out_channels == 40 and s.features[3].dw[0].groups == 40
+    assert [b.residual for b in s.features[1:18]] == [False, False, True, False, True, True, False, True, True, True, False, True, True, False, True, True, False]
+    assert s(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+    with pytest.raises(ValueError, match="expansion-1"):
+        build_model("mobilenetv2", 10, stem_width=8, stage_widths=stage, block_widths=[[9]] + blocks[1:], last_width=300)
+
+
+def test_torchvision_builder_errors():
+    with pytest.raises(ValueError, match="no width multiplier"):
+        build_model("tv:resnet18", 10, width=0.5)
+    with pytest.raises(UnknownNameError, match="tv:resnet18"):
+        build_model("tv:resnet17", 10)
+    m = build_model("tv:mobilenet_v2", 10, 1, width=0.5)
+    assert m.features[0][0].in_channels == 1
+
+
+def test_unknown_family_argument_is_refused():
+    with pytest.raises(TypeError, match="unknown argument"):
+        build_model("resnet18", 10, stage_width=[1, 2, 3, 4])
