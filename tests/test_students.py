@@ -179,3 +179,230 @@ def test_rebuild_from_spec_text(vgg19_teacher):
     x = torch.randn(2, 3, 32, 32)
     student.eval(), again.eval()
     assert torch.equal(student(x), again(x))
+
+
+# ---------------------------------------------------------------- every family
+
+
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+from ptd.models import MODELS, spec_to_text  # noqa: E402
+from ptd.students import apply_widths  # noqa: E402
+
+FAMILY_CASES = MODELS.names() + ["tv:resnet18", "tv:mobilenet_v2", "tv:efficientnet_b0"]
+
+
+def family_kwargs(arch: str) -> dict:
+    if arch == "vgg":
+        return {"plan": [16, "M", 32, 32]}
+    if arch.startswith("tv:"):
+        return {"width": 0.5} if arch == "tv:mobilenet_v2" else {}
+    if arch in ("resnet101", "resnet152", "wrn28_10"):
+        return {"width": 0.125}
+    if arch.startswith(("wrn", "resnet20", "resnet32", "resnet56", "resnet110")):
+        return {"width": 1.0}
+    return {"width": 0.25}
+
+
+def magnitude_prune(model: nn.Module, sparsity: float) -> dict:
+    params = prunable_weights(model)
+    total = sum(p.numel() for p in params.values())
+    masks = global_topk({n: p.detach().abs() for n, p in params.items()}, full_masks(params), round(total * (1 - sparsity)))
+    apply_masks(model, masks)
+    return masks
+
+
+@pytest.mark.parametrize("arch", FAMILY_CASES)
+def test_every_family_prune_derive_distill_save_reload(arch, tmp_path):
+    torch.manual_seed(0)
+    teacher = build_model(arch, 10, 3, **family_kwargs(arch))
+    masks = magnitude_prune(teacher, 0.5)
+    student, plan = derive_student(teacher, masks)
+    assert n_params(student) < n_params(teacher)
+    assert plan.method == ("surgery" if arch.startswith("tv:") else "rebuild")
+    widths = dict((n, m.out_channels if isinstance(m, nn.Conv2d) else m.out_features)
+                  for n, m in student.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
+    assert {r.name: r.width for r in plan.layers} == {n: w for n, w in widths.items() if n in plan.widths()}
+    # one distillation step: KL(pruned teacher || student), backward, SGD step
+    x = torch.randn(4, 3, 32, 32)
+    teacher.eval()
+    with torch.no_grad():
+        t_logits = teacher(x)
+    student.train()
+    opt = torch.optim.SGD(student.parameters(), lr=0.01, momentum=0.9)
+    T = 4.0
+    loss = nn.functional.kl_div(
+        nn.functional.log_softmax(student(x) / T, 1), nn.functional.softmax(t_logits / T, 1), reduction="batchmean"
+    ) * T * T
+    assert torch.isfinite(loss)
+    loss.backward()
+    before = [p.detach().clone() for p in student.parameters()]
+    opt.step()
+    assert any(not torch.equal(a, p) for a, p in zip(before, student.parameters()))
+    # save weights + plain-text spec; rebuild without the teacher; same outputs
+    save_file({k: v.contiguous() for k, v in student.state_dict().items()}, str(tmp_path / "student.safetensors"))
+    (tmp_path / "architecture.json").write_text(spec_to_text(plan.spec))
+    again = build_from_spec(json.loads((tmp_path / "architecture.json").read_text()))
+    again.load_state_dict(load_file(str(tmp_path / "student.safetensors")))
+    student.eval(), again.eval()
+    assert torch.equal(student(x), again(x))
+
+
+# ---------------------------------------------------------------- coupled groups
+
+
+def test_resnet_groups_share_one_width_per_residual_stream():
+    torch.manual_seed(0)
+    teacher = build_model("resnet18", 10, width=0.5)
+    masks = magnitude_prune(teacher, 0.6)
+    student, plan = derive_student(teacher, masks)
+    w = plan.widths()
+    for s in range(1, 5):
+        stream = {w[f"layer{s}.{i}.conv2"] for i in range(2)}
+        assert len(stream) == 1
+    # stage 1 is joined to the stem by identity adds: one group, no new projection in the student
+    assert w["conv1"] == w["layer1.0.conv2"] and student.layer1[0].shortcut is None
+    assert w["layer2.0.shortcut.0"] == w["layer2.0.conv2"]
+    # inner convs are free: their width is their own estimate
+    rows = {r.name: r for r in plan.layers}
+    for s in range(1, 5):
+        r = rows[f"layer{s}.0.conv1"]
+        assert r.width == r.estimate and r.group != rows[f"layer{s}.0.conv2"].group
+    # every override is a member of a multi-member group whose width differs from its own estimate
+    assert plan.overrides
+    for o in plan.overrides:
+        g = next(g for g in plan.groups if g["group"] == o["group"])
+        assert len(g["members"]) > 1 and o["layer"] in g["members"] and o["estimate"] != o["width"] == g["width"]
+    # the group width is weight-matching: the dense group holds what the pruned group kept
+    for g in plan.groups:
+        if not g["fixed"]:
+            per_channel = g["student_weights"] / g["width"]
+            assert abs(g["student_weights"] - g["nnz"]) <= per_channel / 2 + 1e-9
+
+
+def test_mobilenetv2_depthwise_conv_shares_its_producers_width():
+    torch.manual_seed(0)
+    teacher = build_model("mobilenetv2", 10, width=0.5)
+    masks = magnitude_prune(teacher, 0.5)
+    student, plan = derive_student(teacher, masks)
+    w = plan.widths()
+    for i in range(2, 18):
+        assert w[f"features.{i}.expand.0"] == w[f"features.{i}.dw.0"]
+        dw = student.features[i].dw[0]
+        assert dw.groups == dw.in_channels == dw.out_channels
+    assert w["features.0.0"] == w["features.1.dw.0"]  # expansion-1 block filters the stem's channels
+    assert len({w[f"features.{i}.project"] for i in (4, 5, 6)}) == 1  # a stage's adds
+
+
+def test_wrn_preactivation_stream():
+    torch.manual_seed(0)
+    teacher = build_model("wrn16_2", 10)
+    masks = magnitude_prune(teacher, 0.5)
+    student, plan = derive_student(teacher, masks)
+    w = plan.widths()
+    assert w["block1.0.shortcut"] == w["block1.0.conv2"] == w["block1.1.conv2"]
+    assert student.block1[0].shortcut is not None and student.bn.num_features == w["block3.0.conv2"]
+
+
+def test_surgery_hits_every_target_width_exactly():
+    """Torch-Pruning given ratios would apply the first member's ratio to a whole group; index lists hit each width."""
+    torch.manual_seed(0)
+    model = build_model("tv:resnet18", 10)
+    targets = {"conv1": 37, "layer1.0.conv2": 37, "layer1.1.conv2": 37, "layer1.0.conv1": 13, "layer2.0.conv1": 101,
+               "layer3.1.conv1": 1, "layer4.0.conv2": 299, "layer4.0.downsample.0": 299, "layer4.1.conv2": 299}
+    apply_widths(model, targets, 32)
+    named = dict(model.named_modules())
+    assert {n: named[n].out_channels for n in targets} == targets
+    assert model.fc.in_features == 299 and model.layer1[0].bn1.num_features == 13
+    assert model.eval()(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+    with pytest.raises(DerivationError, match="coupled layers must be given one width"):
+        apply_widths(build_model("tv:resnet18", 10), {"layer1.0.conv2": 30, "layer1.1.conv2": 20}, 32)
+
+
+def test_inherit_resnet_copies_surviving_channels_in_both_dimensions():
+    torch.manual_seed(0)
+    teacher = build_model("resnet20", 10)
+    masks = magnitude_prune(teacher, 0.5)
+    student, plan = derive_student(teacher, masks, inherit=True)
+    t_conv, s_conv = teacher.layer2[1].conv1, student.layer2[1].conv1
+    l1_out = t_conv.weight.detach().abs().flatten(1).sum(1)
+    keep_out = sorted(torch.sort(-l1_out, stable=True).indices[: s_conv.out_channels].tolist())
+    # the input channels are the stage-2 stream's kept channels: the same set for all its members
+    stream = ["layer2.0.conv2", "layer2.1.conv2", "layer2.2.conv2", "layer2.0.shortcut.0"]
+    named = dict(teacher.named_modules())
+    l1_in = sum(named[n].weight.detach().abs().flatten(1).sum(1) for n in stream)
+    keep_in = sorted(torch.sort(-l1_in, stable=True).indices[: s_conv.in_channels].tolist())
+    assert torch.equal(s_conv.weight, t_conv.weight[keep_out][:, keep_in])
+
+
+class TinyNet(nn.Module):
+    """A user's own model: a residual pair and a concatenation."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 16, 3, padding=1)
+        self.b = nn.Conv2d(16, 16, 3, padding=1)
+        self.c = nn.Conv2d(16, 8, 1)
+        self.d = nn.Conv2d(24, 12, 3, padding=1)
+        self.head = nn.Linear(12, 5)
+
+    def forward(self, x):
+        a = torch.relu(self.a(x))
+        b = torch.relu(self.b(a)) + a
+        d = torch.relu(self.d(torch.cat([b, self.c(b)], 1)))
+        return self.head(d.mean((2, 3)))
+
+
+def test_users_own_module_goes_through_surgery():
+    torch.manual_seed(0)
+    teacher = TinyNet()
+    masks = magnitude_prune(teacher, 0.6)
+    student, plan = derive_student(teacher, masks)
+    assert plan.method == "surgery" and plan.spec["arch"] is None
+    w = plan.widths()
+    assert w["a"] == w["b"] and w["head"] == 5
+    assert student.d.in_channels == w["b"] + w["c"]  # the concatenation's consumer
+    with pytest.raises(ValueError, match="apply_widths"):
+        build_from_spec(plan.spec)
+    again = apply_widths(TinyNet(), plan.spec["channel_widths"], plan.spec["trace_size"])
+    again.load_state_dict(student.state_dict())
+    x = torch.randn(2, 3, 16, 16)
+    assert torch.equal(again(x), student(x))
+
+
+def test_grouped_conv_is_refused_with_a_reason():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3, groups=2), nn.Flatten(), nn.LazyLinear(4))
+    model(torch.randn(1, 3, 8, 8))
+    with pytest.raises(DerivationError, match="grouped conv"):
+        derive_student(model, full_masks(prunable_weights(model)))
+
+
+def test_masks_that_do_not_fit_are_refused():
+    teacher = build_model("resnet20", 10)
+    with pytest.raises(ValueError, match="no parameter"):
+        derive_student(teacher, {"nope.weight": torch.ones(3, dtype=torch.bool)})
+
+
+def test_rule_may_widen_a_layer_when_rebuilding_and_inherit_fills_the_overlap():
+    torch.manual_seed(0)
+    teacher = build_model("vgg", 10, 3, plan=[8, 16])
+    masks = full_masks(prunable_weights(teacher))
+    masks["features.0.weight"][4:] = False  # first layer keeps half: 4 channels
+    apply_masks(teacher, masks)
+    student, plan = derive_student(teacher, masks, inherit=True)
+    # the second layer kept all 9*8*16 weights but now sees 4 inputs: 32 channels hold them
+    assert plan.spec["plan"] == [4, 32]
+    assert torch.equal(student.features[3].weight[:16], teacher.features[3].weight[:, :4])
+
+
+# ---------------------------------------------------------------- the ResNet-18 target
+
+
+@pytest.mark.parametrize("sparsity", [0.59, 0.79])
+def test_resnet18_student_params_within_10_percent_of_surviving_weights(sparsity):
+    torch.manual_seed(0)
+    teacher = build_model("resnet18", 200, width=0.25)
+    masks = magnitude_prune(teacher, sparsity)
+    student, plan = derive_student(teacher, masks)
+    alive = sum(int(m.sum()) for m in masks.values())
+    assert abs(n_params(student) / alive - 1) < 0.10
