@@ -51,19 +51,28 @@ def global_topk(scores: dict[str, torch.Tensor], current: Masks, keep: int) -> M
     float64 scores are ranked in float64 (SynFlow's scores span many decades).
     """
     names = list(current)
-    alive = int(sum(int(current[n].sum()) for n in names))
+    alive = int(sum(int(torch.count_nonzero(current[n])) for n in names))
     if not 0 <= keep <= alive:
         raise ValueError(f"cannot keep {keep} weights: {alive} are alive")
     dtype = torch.float64 if any(scores[n].dtype == torch.float64 for n in names) else torch.float32
-    flat_alive = torch.cat([current[n].detach().flatten().cpu() for n in names]) if names else torch.zeros(0, dtype=torch.bool)
+    dev = current[names[0]].device if names else torch.device("cpu")
+    flat_alive = torch.cat([current[n].detach().flatten().to(dev) for n in names]) if names else torch.zeros(0, dtype=torch.bool)
     new_flat = torch.zeros_like(flat_alive)
-    if keep:
-        flat = torch.cat([scores[n].detach().to(dtype).flatten().cpu() for n in names])
+    if keep == alive:
+        new_flat = flat_alive.clone()
+    elif keep:
+        flat = torch.cat([scores[n].detach().to(device=dev, dtype=dtype).flatten() for n in names])
         idx = flat_alive.nonzero().squeeze(1)
         s = torch.nan_to_num(flat[idx], nan=-math.inf)
-        # Stable sort: equal scores keep their order, so the result is reproducible.
-        order = torch.sort(s, descending=True, stable=True).indices[:keep]
-        new_flat[idx[order]] = True
+        # The same survivors as a stable descending sort, in O(n): everything above the keep-th
+        # largest score, then the earliest positions among the scores equal to it.
+        thr = torch.kthvalue(s.cpu() if dev.type == "mps" else s, alive - keep + 1).values.to(dev)
+        above = s > thr
+        need = keep - int(torch.count_nonzero(above))
+        ties = (s == thr).nonzero().squeeze(1)[:need]
+        chosen = above.clone()
+        chosen[ties] = True
+        new_flat[idx[chosen]] = True
     out: Masks = {}
     i = 0
     for n in names:
