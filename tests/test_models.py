@@ -136,3 +136,28 @@ def test_torchvision_builder_errors():
 def test_unknown_family_argument_is_refused():
     with pytest.raises(TypeError, match="unknown argument"):
         build_model("resnet18", 10, stage_width=[1, 2, 3, 4])
+
+
+# ---------------------------------------------------------------- ptd.measure
+
+
+def test_measure_counts_flops_and_latency():
+    from ptd.measure import compare_latency, count_nonzero, count_params, flops, latency, layer_widths, summarize
+
+    m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5))
+    with torch.no_grad():
+        m[0].weight[:4] = 0
+    assert count_params(m) == 3 * 8 * 9 + 8 * 5 + 5
+    assert count_nonzero(m) == count_params(m) - 4 * 27 - int((m[4].weight == 0).sum()) - int((m[4].bias == 0).sum())
+    # FlopCounterMode: 2 x MACs for conv and linear only
+    assert flops(m, (1, 3, 16, 16)) == 2 * (8 * 27 * 16 * 16) + 2 * 8 * 5
+    assert flops(m, (3, 16, 16)) == flops(m, (1, 3, 16, 16))
+    assert flops(m, (2, 3, 16, 16)) == 2 * flops(m, (3, 16, 16))
+    lat = latency(m, (3, 16, 16), batch_size=2, repeats=5, warmup=1)
+    assert lat["p10_ms"] <= lat["median_ms"] <= lat["p90_ms"] and lat["batch_size"] == 2
+    both = compare_latency({"a": m, "b": m}, (3, 16, 16), 1, repeats=3, warmup=0)
+    assert set(both) == {"a", "b"} and both["a"]["repeats"] == 3
+    assert layer_widths(m) == [("0", 8), ("4", 5)]
+    s = summarize(m, (3, 16, 16), masks={"0.weight": m[0].weight != 0}, measure_latency=True, batch_sizes=(1,), repeats=2)
+    assert s["params"] == count_params(m) and s["alive_weights"] == 4 * 27 and s["latency"]["1"]["repeats"] == 2
+    assert m.training  # left as it was

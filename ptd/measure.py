@@ -1,0 +1,192 @@
+"""What a model costs: parameters, nonzero parameters, FLOPs, measured latency, layer widths.
+
+FLOPs are counted by ``torch.utils.flop_counter.FlopCounterMode`` on one forward pass and
+reported as that counter counts them: a multiply-accumulate is 2 FLOPs, and only the ops it knows
+(convolutions, linear layers, matmuls, attention) count -- BatchNorm, activations, pooling and
+residual adds do not. They are dense FLOPs: an unstructured-pruned teacher runs the same dense
+kernels, so its FLOPs equal the unpruned teacher's. Latency is wall-clock time of eval-mode
+``no_grad`` forward passes: the median (and 10th / 90th percentiles) of ``repeats`` timed runs
+after ``warmup`` untimed ones, on the threads torch is set to use.
+"""
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from typing import Any, Sequence
+
+import torch
+import torch.nn as nn
+
+from ptd.pruning.masks import Masks
+
+LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_nonzero(model: nn.Module) -> int:
+    """Nonzero entries over all parameters (weights, biases, BatchNorm)."""
+    return sum(int(torch.count_nonzero(p.detach())) for p in model.parameters())
+
+
+def _sample_shape(input_shape: Sequence[int]) -> tuple[int, ...]:
+    """(C, H, W) of one sample, from (C, H, W) or (N, C, H, W)."""
+    shape = tuple(int(s) for s in input_shape)
+    if len(shape) == 4:
+        return shape[1:]
+    if len(shape) == 3:
+        return shape
+    raise ValueError(f"input_shape must be (C, H, W) or (N, C, H, W), got {input_shape}")
+
+
+def _param_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    p = next(model.parameters(), None)
+    return (p.device, p.dtype) if p is not None else (torch.device("cpu"), torch.float32)
+
+
+def flops(model: nn.Module, input_shape: Sequence[int]) -> int:
+    """FLOPs (2 x multiply-accumulates) of one forward pass on an input of ``input_shape``.
+
+    ``input_shape``: (N, C, H, W), or (C, H, W) for a single image.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    shape = tuple(int(s) for s in input_shape)
+    if len(shape) == 3:
+        shape = (1,) + shape
+    device, dtype = _param_device_dtype(model)
+    x = torch.zeros(shape, device=device, dtype=dtype)
+    was_training = model.training
+    model.eval()
+    try:
+        counter = FlopCounterMode(display=False)
+        with torch.no_grad(), counter:
+            model(x)
+    finally:
+        model.train(was_training)
+    return int(counter.get_total_flops())
+
+
+def latency(
+    model: nn.Module,
+    input_shape: Sequence[int],
+    batch_size: int,
+    repeats: int = 20,
+    warmup: int = 3,
+    device: str | torch.device = "cpu",
+) -> dict[str, Any]:
+    """Milliseconds per forward pass of a ``batch_size`` batch: median, 10th and 90th percentile.
+
+    The model is timed on ``device`` (moved there on a copy if it lives elsewhere), in eval mode
+    under ``no_grad``; inputs are random normal.
+    """
+    return compare_latency({"model": model}, input_shape, batch_size, repeats, warmup, device)["model"]
+
+
+def compare_latency(
+    models: dict[str, nn.Module],
+    input_shape: Sequence[int],
+    batch_size: int,
+    repeats: int = 20,
+    warmup: int = 3,
+    device: str | torch.device = "cpu",
+) -> dict[str, dict[str, Any]]:
+    """:func:`latency` for several models, their timed runs interleaved (A B C, B C A, ...).
+
+    On a shared or throttling CPU, load that comes and goes then hits every model alike, so
+    their ratios are fairer than from back-to-back measurements.
+    """
+    if repeats < 1 or warmup < 0 or batch_size < 1:
+        raise ValueError("latency needs repeats >= 1, warmup >= 0, batch_size >= 1")
+    device = torch.device(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    prepared: dict[str, tuple[nn.Module, torch.Tensor, bool]] = {}
+    for name, model in models.items():
+        cur, dtype = _param_device_dtype(model)
+        m = model if cur == device else copy.deepcopy(model).to(device)
+        x = torch.randn((batch_size,) + _sample_shape(input_shape), device=device, dtype=dtype)
+        prepared[name] = (m, x, m.training)
+    times: dict[str, list[float]] = {name: [] for name in models}
+    names = list(models)
+    try:
+        with torch.no_grad():
+            for m, x, _ in prepared.values():
+                m.eval()
+                for _ in range(warmup):
+                    m(x)
+            sync()
+            for r in range(repeats):
+                for name in names[r % len(names):] + names[: r % len(names)]:
+                    m, x, _ = prepared[name]
+                    t0 = time.perf_counter()
+                    m(x)
+                    sync()
+                    times[name].append((time.perf_counter() - t0) * 1000.0)
+    finally:
+        for m, _, was_training in prepared.values():
+            m.train(was_training)
+    return {name: _stats(times[name], batch_size, repeats, warmup, device) for name in names}
+
+
+def _stats(times: list[float], batch_size: int, repeats: int, warmup: int, device: torch.device) -> dict[str, Any]:
+    times = sorted(times)
+    if len(times) == 1:
+        p10 = p90 = times[0]
+    else:
+        q = statistics.quantiles(times, n=10, method="inclusive")
+        p10, p90 = q[0], q[-1]
+    return {
+        "median_ms": statistics.median(times),
+        "p10_ms": p10,
+        "p90_ms": p90,
+        "batch_size": batch_size,
+        "repeats": repeats,
+        "warmup": warmup,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def layer_widths(model: nn.Module) -> list[tuple[str, int]]:
+    """(name, output channels) of every Conv/Linear layer, in module order."""
+    return [
+        (n, m.out_features if isinstance(m, nn.Linear) else m.out_channels)
+        for n, m in model.named_modules()
+        if isinstance(m, LAYER_TYPES)
+    ]
+
+
+def summarize(
+    model: nn.Module,
+    input_shape: Sequence[int],
+    masks: Masks | None = None,
+    *,
+    measure_latency: bool = False,
+    batch_sizes: Sequence[int] = (1, 64),
+    repeats: int = 20,
+    warmup: int = 3,
+    device: str | torch.device = "cpu",
+) -> dict[str, Any]:
+    """Parameters (total, nonzero), FLOPs of one image, layer widths; latency per batch size if asked.
+
+    With ``masks``: also the masked weights' count and how many of them are alive.
+    """
+    shape = _sample_shape(input_shape)
+    out: dict[str, Any] = {
+        "params": count_params(model),
+        "nonzero": count_nonzero(model),
+        "flops": flops(model, (1,) + shape),
+        "input_shape": list(shape),
+        "layer_widths": [[n, w] for n, w in layer_widths(model)],
+    }
+    if masks is not None:
+        out["masked_weights"] = sum(m.numel() for m in masks.values())
+        out["alive_weights"] = sum(int(m.sum()) for m in masks.values())
+    if measure_latency:
+        out["latency"] = {
+            str(b): latency(model, shape, b, repeats=repeats, warmup=warmup, device=device) for b in batch_sizes
+        }
+    return out
