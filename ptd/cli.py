@@ -72,9 +72,9 @@ def cmd_stage(args: argparse.Namespace) -> int:
     if until == "report":
         print((out / "report.md").read_text())
     elif until == "student":
-        from ptd.measure import format_table
+        from ptd.report import student_table
 
-        print(format_table(res))
+        print(student_table(res))
     elif until == "prune":
         from ptd.pruning.report import layer_table
         from ptd.pruning.masks import load_masks

@@ -310,7 +310,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
         d[keys[-1]] = value
     if over:
         cfg = from_dict(RunConfig, _merge(to_dict(cfg), over), "", "command line")
-    return cfg.validate()
+    try:
+        return cfg.validate()
+    except ConfigError as e:
+        where = source + (" + command line" if over else "")
+        raise ConfigError(f"{e} (from {where})") from None
 
 
 def dump_yaml(cfg: RunConfig) -> str:

@@ -331,7 +331,8 @@ def stage_prune(ctx: Context, teacher: nn.Module, teacher_result: dict) -> tuple
     example = torch.zeros((1, *ctx.input_shape), device=ctx.rt.device)
     pctx = PruneContext(model=model, masks=masks, cfg=cfg.prune, train=train, evaluate=ctx.scores, batches=batches,
                         level_done=lambda k: is_done(level_dir(k)), load_level=load_level, save_level=save_level,
-                        example_input=example, teacher_dir=ctx.run_dir / "teacher", log=ctx.log)
+                        example_input=example, teacher_dir=ctx.run_dir / "teacher", log=ctx.log,
+                        extra={"steps_per_epoch": len(ctx.train_loader(cfg.prune.retrain.batch_size, cfg.seed))})
     if cfg.prune.target_sparsity > 0:
         ctx.log(f"[prune] {cfg.prune.strategy} to sparsity {cfg.prune.target_sparsity}")
         levels = STRATEGIES.get(cfg.prune.strategy)(pctx)
@@ -372,24 +373,28 @@ def stage_student(ctx: Context, teacher: nn.Module, pruned: nn.Module, masks: Ma
         from ptd.students import derive_student
 
         student, plan = derive_student(pruned, masks, inherit=cfg.student.inherit)
-        plan_info = {"layers": plan.layers, "overrides": plan.overrides}
+        plan_info = {"plan": plan.to_dict()}
+        plan_text = plan.table()
     else:
         student = ctx.new_model(cfg.student.model)
+        plan_text = ""
     spec = student.ptd_spec
     from ptd.measure import summarize
 
     shape = ctx.input_shape
+    ctx.log("[student] measuring parameters, FLOPs and CPU latency (batch 1 and 64)")
+    # The pruned teacher runs the same dense kernels as the teacher, so its latency is the teacher's.
     stats = {
         "spec": spec,
-        "teacher": summarize(teacher, shape),
-        "pruned_teacher": summarize(pruned, shape),
-        "student": summarize(student, shape),
+        "teacher": summarize(teacher, shape, measure_latency=ctx.main),
+        "pruned_teacher": summarize(pruned, shape, masks),
+        "student": summarize(student, shape, measure_latency=ctx.main),
         **plan_info,
     }
     if ctx.main:
         d.mkdir(parents=True, exist_ok=True)
         ckpt.write_text(d / "architecture.json", spec_to_text(spec))
-        ckpt.write_text(d / "architecture.txt", f"# rebuild: ptd.models.build_from_spec(json.load(open('architecture.json')))\n{student}\n")
+        ckpt.write_text(d / "architecture.txt", f"# rebuild: ptd.models.build_from_spec(json.load(open('architecture.json')))\n{plan_text}\n{student}\n")
         if cfg.student.inherit:
             ckpt.save_model(d / "init.safetensors", student)
         ckpt.write_json(d / "stats.json", stats)

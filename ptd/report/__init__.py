@@ -65,11 +65,11 @@ def build_results(cfg: RunConfig, teacher: dict, prune: dict, student: dict, stu
         "name": cfg.name,
         "dataset": cfg.data.name,
         "teacher": {"arch": cfg.teacher.model.arch, "test_acc": teacher["test_acc"], "val_acc": teacher.get("val_acc"),
-                    "params": te["params"], "flops": te["flops"], "latency_ms": te.get("latency_ms")},
+                    "params": te["params"], "flops": te["flops"], "latency": te.get("latency")},
         "pruned_teacher": {"strategy": prune["strategy"], "level": prune["final_level"], "sparsity": prune["sparsity"],
                            "test_acc": final["test_acc"], "val_acc": final.get("val_acc"), "params_nonzero": final["params_nonzero"],
                            "levels": prune["levels"]},
-        "student": {"spec": student["spec"], "params": st["params"], "flops": st["flops"], "latency_ms": st.get("latency_ms"),
+        "student": {"spec": student["spec"], "params": st["params"], "flops": st["flops"], "latency": st.get("latency"),
                     "params_ratio": st["params"] / te["params"], "flops_ratio": st["flops"] / te["flops"]},
         "students": students,
         "summary": summary,
@@ -87,8 +87,7 @@ def _pct(x: float | None) -> str:
 
 
 def _lat(s: dict, b: str) -> str:
-    lat = s.get("latency_ms") or {}
-    v = lat.get(b)
+    v = ((s.get("latency") or {}).get(b) or {}).get("median_ms")
     return "n/a" if v is None else f"{v:.2f}"
 
 
@@ -103,8 +102,8 @@ def render_markdown(r: dict[str, Any]) -> str:
         lines += [f"| {lv['level']} | {lv['sparsity']:.4f} | {_pct(lv.get('val_acc'))} | {_pct(lv['test_acc'])} | {lv.get('epochs') or 0} |" for lv in p["levels"]]
         lines.append("")
     lines += ["## Student", "", "| model | params | FLOPs | latency b1 (ms) | latency b64 (ms) |", "|---|---:|---:|---:|---:|",
-              f"| teacher | {t['params']:,} | {t['flops']:,} | {_lat(t, 'b1')} | {_lat(t, 'b64')} |",
-              f"| student ({s['spec']['arch']}) | {s['params']:,} ({s['params_ratio']:.3f}x) | {s['flops']:,} ({s['flops_ratio']:.3f}x) | {_lat(s, 'b1')} | {_lat(s, 'b64')} |", ""]
+              f"| teacher | {t['params']:,} | {t['flops']:,} | {_lat(t, '1')} | {_lat(t, '64')} |",
+              f"| student ({s['spec']['arch']}) | {s['params']:,} ({s['params_ratio']:.3f}x) | {s['flops']:,} ({s['flops_ratio']:.3f}x) | {_lat(s, '1')} | {_lat(s, '64')} |", ""]
     lines += ["## Students: test accuracy over seeds", "", "| arm | mean % | std % | seeds | per seed % |", "|---|---:|---:|---:|---|"]
     for arm, sm in r["summary"].items():
         per = ", ".join(_pct(x["test_acc"]) for x in sorted(r["students"], key=lambda x: x["seed"]) if x["arm"] == arm)
@@ -127,3 +126,23 @@ def write_report(run_dir: str | Path, results: dict[str, Any]) -> str:
     md = render_markdown(results)
     ckpt.write_text(run_dir / "report.md", md)
     return md
+
+
+def student_table(stats: dict[str, Any]) -> str:
+    """What `ptd student` prints: per-layer widths, then params, FLOPs and latency of each model."""
+    lines = []
+    plan = stats.get("plan")
+    if plan:
+        lines.append(f"{'layer':<32} {'teacher':>8} {'estimate':>8} {'student':>8}  group / note")
+        for r in plan["layers"]:
+            est = "" if r["estimate"] is None else r["estimate"]
+            lines.append(f"{r['name']:<32} {r['teacher_width']:>8} {est:>8} {r['width']:>8}  {r['group']} {r['note']}".rstrip())
+        for o in plan.get("overrides", []):
+            lines.append(f"override: {o}")
+        lines.append("")
+    lines.append(f"{'model':<16} {'params':>12} {'nonzero':>12} {'FLOPs':>14} {'lat b1 ms':>10} {'lat b64 ms':>11}")
+    for key in ("teacher", "pruned_teacher", "student"):
+        s = stats[key]
+        src = s if key != "pruned_teacher" else {**s, "latency": stats["teacher"].get("latency")}
+        lines.append(f"{key:<16} {s['params']:>12,} {s['nonzero']:>12,} {s['flops']:>14,} {_lat(src, '1'):>10} {_lat(src, '64'):>11}")
+    return "\n".join(lines)

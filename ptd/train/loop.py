@@ -4,7 +4,8 @@ function; none of them fork it.
 - ``compute_loss(model, x, y) -> (loss, logits)``: plain cross-entropy by default; distillation
   passes a closure that also runs the teacher.
 - hooks: objects with any of ``on_start(model)``, ``before_step(model)`` (after backward, before
-  the optimizer step), ``after_step(model)``, ``end_epoch(epoch, metrics)``, and optionally
+  the optimizer step), ``after_step(model)``, ``end_epoch(epoch, metrics)``, ``allow_best(epoch)
+  -> bool`` (False: this epoch may not become the best checkpoint), and optionally
   ``state_dict()/load_state_dict()`` so a resumed run restores them.
 - Every epoch appends a JSON line to metrics.jsonl and writes a resumable checkpoint; the best
   validation checkpoint is kept as model.safetensors and loaded back at the end.
@@ -72,7 +73,9 @@ def evaluate(model: nn.Module, loader: Iterable, rt: Runtime) -> dict[str, float
         correct += (logits.argmax(1) == y).sum().double()
         n += y.numel()
     model.train(was_training)
-    c, s, n = all_sum([correct.item(), loss_sum.item(), float(n)], rt.device)
+    c, s, n = correct.item(), loss_sum.item(), float(n)
+    if getattr(loader, "world_size", 1) > 1:  # a sharded loader: add up the ranks' counts
+        c, s, n = all_sum([c, s, n], rt.device)
     if n == 0:
         return {"acc": float("nan"), "loss": float("nan"), "n": 0}
     return {"acc": c / n, "loss": s / n, "n": int(n)}
@@ -136,6 +139,7 @@ def fit(
     net.train()
     for epoch in range(start, optim.epochs):
         t0 = time.perf_counter()
+        lr = opt.param_groups[0]["lr"]  # the rate this epoch trains at (logged before the scheduler moves it)
         if hasattr(train_loader, "set_epoch"):
             train_loader.set_epoch(epoch)
         loss_sum = torch.zeros((), device=rt.device)
@@ -164,9 +168,11 @@ def fit(
         val_acc = val["acc"] if val is not None else None
         # Ties go to the later epoch; without validation the last epoch counts as best.
         improved = val_acc is None or val_acc >= best_acc
+        # A hook may veto early checkpoints (GMP: weights from before its final mask are not a level).
+        improved = improved and all(h.allow_best(epoch) for h in hooks if hasattr(h, "allow_best"))
         if improved:
             best_acc, best_epoch = (val_acc if val_acc is not None else -math.inf), epoch
-        row = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], "train_loss": train_stats[0] / max(train_stats[2], 1),
+        row = {"epoch": epoch + 1, "lr": lr, "train_loss": train_stats[0] / max(train_stats[2], 1),
                "train_acc": train_stats[1] / max(train_stats[2], 1), "val_loss": val["loss"] if val else None,
                "val_acc": val_acc, "steps": steps, "wall_s": round(wall, 3), "best": improved}
         if val_acc is not None:

@@ -111,6 +111,10 @@ class GMPHook:
             if self.step >= t0 and self._model is not None:  # catch up on events the first epoch could not fire
                 self.prune_to(self._model, self.keep_at(min(self.step, t1)))
 
+    def allow_best(self, epoch: int) -> bool:
+        """Only checkpoints taken once the ramp has ended (final masks) may be the level's weights."""
+        return epoch + 1 >= self.last_epoch
+
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, "spe": self.spe or 0, "masks": {n: m.to(torch.uint8).cpu() for n, m in self.masks.items()}}
 

@@ -1,0 +1,86 @@
+import dataclasses
+
+import pytest
+
+from ptd.config import ConfigError, RunConfig, dump_yaml, load_config, to_dict
+
+
+def write(tmp_path, text):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_defaults_are_the_papers():
+    cfg = load_config()
+    assert cfg.distill.alpha == 0.95 and cfg.distill.temperature == 10.0
+    assert cfg.prune.rate == 0.2 and cfg.prune.strategy == "imp"
+    assert cfg.teacher.optim.nesterov and cfg.teacher.optim.momentum == 0.9
+    assert cfg.teacher.optim.milestones == (60, 120, 160) and cfg.teacher.optim.gamma == 0.2
+
+
+def test_yaml_then_cli_precedence(tmp_path):
+    p = write(tmp_path, "distill: {alpha: 0.5, temperature: 4}\nprune: {target_sparsity: 0.79}\n")
+    cfg = load_config(p, ["distill.alpha=0.7", "teacher.model.arch=vgg19"])
+    assert cfg.distill.alpha == 0.7  # CLI beats YAML
+    assert cfg.distill.temperature == 4.0  # YAML beats defaults
+    assert cfg.prune.target_sparsity == 0.79
+    assert cfg.teacher.model.arch == "vgg19"
+    assert cfg.name == "c"  # the file's stem names the run
+
+
+def test_frozen():
+    cfg = load_config()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.seed = 3
+
+
+def test_roundtrip_through_yaml(tmp_path):
+    cfg = load_config(None, ["distill.seeds=[3, 4, 5]", "student.source=named", "student.model={arch: vgg11, width: 0.5}"])
+    p = write(tmp_path, dump_yaml(cfg))
+    assert load_config(p) == cfg
+
+
+@pytest.mark.parametrize("text, words", [
+    ("distill: {alpah: 0.9}", ["distill.alpah", "unknown key", "alpha", "temperature"]),
+    ("bogus: 1", ["bogus", "unknown key", "distill"]),
+    ("distill: {alpha: high}", ["distill.alpha", "expected a number"]),
+    ("teacher: {optim: {epochs: 2.5}}", ["teacher.optim.epochs", "integer"]),
+    ("channels_last: 1", ["channels_last", "true or false"]),
+    ("prune: {target_sparsity: 1.0}", ["prune.target_sparsity", "[0, 1)"]),
+    ("prune: {target_sparsity: -0.1}", ["prune.target_sparsity"]),
+    ("prune: {strategy: magic}", ["prune.strategy", "magic", "imp"]),
+    ("distill: {loss: fancy}", ["distill.loss", "kd"]),
+    ("teacher: {model: {arch: vgg99}}", ["teacher.model.arch", "vgg19"]),
+    ("distill: {arms: [scratch, teacherless]}", ["distill.arms", "pruned_teacher"]),
+    ("student: {source: named}", ["student.model", "required"]),
+    ("teacher: {optim: {milestones: [5, 2]}}", ["milestones", "increasing"]),
+    ("data: {val_fraction: 1.5}", ["data.val_fraction"]),
+    ("distill: [1, 2]", ["distill", "mapping"]),
+    ("distill: {alpha: 0.9", ["not valid YAML", "line"]),
+])
+def test_bad_configs_name_key_and_fix(tmp_path, text, words):
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, text))
+    msg = str(e.value)
+    assert "\n" not in msg
+    for w in words:
+        assert w in msg, (w, msg)
+    assert "c.yaml" in msg  # where the bad value came from
+
+
+def test_cli_override_errors():
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        load_config(None, ["distill.alpha"])
+    with pytest.raises(ConfigError, match="command line"):
+        load_config(None, ["distill.alpah=0.3"])
+
+
+def test_missing_file():
+    with pytest.raises(ConfigError, match="not found"):
+        load_config("/nonexistent/x.yaml")
+
+
+def test_to_dict_is_plain():
+    d = to_dict(RunConfig())
+    assert isinstance(d["distill"]["seeds"], list) and d["prune"]["rate"] == 0.2

@@ -1,0 +1,38 @@
+"""DDP under torchrun (gloo on CPU): two processes train one teacher, rank 0 writes the run dir."""
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from conftest import tiny_config
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes(tmp_path, tiny_fashion):
+    cfg = tiny_config(tiny_fashion, device="cpu", threads=1,
+                      teacher={"model": {"arch": "vgg", "kwargs": {"plan": [16, "M", 32, "M", 32]}},
+                               "optim": {"epochs": 2, "batch_size": 32, "lr": 0.05}},
+                      prune={"target_sparsity": 0.2, "retrain": {"epochs": 1, "batch_size": 32, "lr": 0.02}})
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "-m", "ptd", "prune", str(p), "--out", str(out), "--quiet"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    teacher = json.loads((out / "teacher" / "result.json").read_text())
+    n_train = 480  # 600 images, 20% held out for validation
+    per_rank_batches = (n_train // 2) // 32  # each rank sees a disjoint half
+    assert teacher["steps"] == 2 * per_rank_batches
+    assert 0.0 <= teacher["test_acc"] <= 1.0
+    level = json.loads((out / "prune" / "level_1" / "sparsity.json").read_text())
+    assert level["sparsity"] == pytest.approx(0.2, abs=1e-3)
+    # The pruned teacher saved by rank 0 has its pruned weights at exactly zero.
+    from ptd.pruning.masks import load_masks
+    from ptd.train.checkpoint import load_tensors
+
+    w = load_tensors(out / "prune" / "level_1" / "model.safetensors")
+    for name, m in load_masks(out / "prune" / "level_1" / "masks.safetensors").items():
+        assert (w[name][~m] == 0).all()

@@ -1,0 +1,134 @@
+import json
+import pickle
+
+import pytest
+import torch
+
+from ptd.config import OptimConfig
+from ptd.data import Split, make_loader
+from ptd.models import build_model
+from ptd.train import checkpoint as ckpt
+from ptd.train.loop import Runtime, evaluate, fit
+from ptd.train.optim import scale_schedule
+
+RT = Runtime(quiet=True, channels_last=False)
+
+
+def data(n=256, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 4, (n,), generator=g)
+    x = torch.randint(0, 40, (n, 1, 8, 8), generator=g, dtype=torch.uint8)
+    for i, c in enumerate(y):
+        x[i, 0, 2 * c : 2 * c + 2, :] = 220  # class = which band is bright
+    return Split(x, y)
+
+
+def loaders(seed=0):
+    tr, va = data(256, 0), data(64, 1)
+    kw = dict(mean=(0.3,), std=(0.3,), augment=False)
+    return make_loader(tr, batch_size=32, train=True, seed=seed, **kw), make_loader(va, batch_size=64, train=False, **kw)
+
+
+def model():
+    torch.manual_seed(0)
+    return build_model("vgg", 4, 1, plan=[8, "M", 16, "M", 16, "M"])
+
+
+OPT = OptimConfig(epochs=4, batch_size=32, lr=0.05, milestones=(2,), weight_decay=5e-4)
+
+
+def test_fit_learns_and_logs(tmp_path):
+    m = model()
+    tr, va = loaders()
+    r = fit(m, tr, va, OPT, RT, out_dir=tmp_path, test_loader=va)
+    rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in rows] == [1, 2, 3, 4]
+    assert rows[0]["lr"] == pytest.approx(0.05) and rows[-1]["lr"] == pytest.approx(0.005)  # x0.1 at epoch 2
+    assert r["steps"] == 4 * len(tr) and r["epochs"] == 4
+    assert r["test_acc"] > 0.9  # 4 classes: chance is 0.25
+    best = max(rows, key=lambda row: (row["val_acc"], row["epoch"]))
+    assert r["best_epoch"] == best["epoch"] and r["best_val_acc"] == best["val_acc"]
+    # the model ends at the best-validation weights
+    assert evaluate(m, va, RT)["acc"] == pytest.approx(best["val_acc"])
+
+
+class Kill(Exception):
+    pass
+
+
+class KillAfter:
+    def __init__(self, epoch):
+        self.epoch = epoch
+
+    def end_epoch(self, epoch, metrics):
+        if epoch + 1 == self.epoch:
+            raise Kill()
+
+
+class CountEpochs:
+    def __init__(self):
+        self.seen = []
+
+    def end_epoch(self, epoch, metrics):
+        self.seen.append(epoch + 1)
+
+
+def test_resume_continues_and_matches_uninterrupted(tmp_path):
+    tr, va = loaders()
+    ref = model()
+    r_ref = fit(ref, tr, va, OPT, RT, out_dir=tmp_path / "ref")
+
+    m = model()
+    with pytest.raises(Kill):
+        fit(m, *loaders(), OPT, RT, out_dir=tmp_path / "run", hooks=[KillAfter(2)])
+    m2 = model()  # a fresh process would start from fresh weights
+    counter = CountEpochs()
+    r = fit(m2, *loaders(), OPT, RT, out_dir=tmp_path / "run", hooks=[counter])
+    assert counter.seen == [3, 4]  # epochs 1-2 were not redone
+    rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in rows] == [1, 2, 3, 4]
+    assert r["steps"] == r_ref["steps"]
+    for a, b in zip(m2.state_dict().values(), ref.state_dict().values()):
+        assert torch.allclose(a.float(), b.float(), atol=1e-5)
+
+
+def test_scale_schedule():
+    s = scale_schedule(OptimConfig(epochs=200, milestones=(60, 120, 160)), 10)
+    assert s.epochs == 10 and s.milestones == (3, 6, 8)
+
+
+def test_checkpoint_roundtrip_carries_architecture(tmp_path):
+    m = build_model("vgg", 10, 3, plan=[8, "M", 16])
+    ckpt.save_model(tmp_path / "m.safetensors", m)
+    m2 = ckpt.load_model(tmp_path / "m.safetensors")
+    x = torch.randn(2, 3, 16, 16)
+    m.eval(), m2.eval()
+    assert torch.equal(m(x), m2(x))
+    assert not list(tmp_path.glob(".*tmp"))  # atomic write left nothing behind
+
+
+def test_checkpoint_for_other_arch_is_one_clear_line(tmp_path):
+    ckpt.save_model(tmp_path / "m.safetensors", build_model("vgg", 10, 3, plan=[8, "M", 16]))
+    with pytest.raises(ckpt.CheckpointError) as e:
+        ckpt.load_into(build_model("vgg11", 10, 3), tmp_path / "m.safetensors", "teacher")
+    msg = str(e.value)
+    assert "\n" not in msg and "vgg11" in msg and "teacher" in msg and "shape" in msg
+
+
+def test_torch_checkpoint_loaded_weights_only(tmp_path):
+    m = build_model("vgg", 10, 3, plan=[8])
+    torch.save({"state_dict": {f"module.{k}": v for k, v in m.state_dict().items()}}, tmp_path / "ok.pt")
+    m2 = build_model("vgg", 10, 3, plan=[8])
+    ckpt.load_into(m2, tmp_path / "ok.pt")
+    assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), m2.state_dict().values()))
+
+    class Evil:
+        def __reduce__(self):
+            return (exec, ("raise SystemExit('code ran from a checkpoint')",))
+
+    with open(tmp_path / "evil.pt", "wb") as f:
+        pickle.dump({"x": Evil()}, f)
+    with pytest.raises(ckpt.CheckpointError, match="weights-only"):
+        ckpt.read_state_dict(tmp_path / "evil.pt")
+    with pytest.raises(ckpt.CheckpointError, match="not found"):
+        ckpt.read_state_dict(tmp_path / "missing.pt")
