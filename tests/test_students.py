@@ -370,6 +370,16 @@ def test_users_own_module_goes_through_surgery():
     assert torch.equal(again(x), student(x))
 
 
+@pytest.mark.parametrize("arch", ["resnet20", "tv:resnet18"])
+def test_frozen_teacher_under_no_grad(arch):
+    """Distillation code freezes its teacher and may call derive under no_grad; tracing must still work."""
+    teacher = build_model(arch, 10).requires_grad_(False)
+    with torch.no_grad():
+        student, _ = derive_student(teacher, magnitude_prune(teacher, 0.5), inherit=True)
+    assert not any(p.requires_grad for p in teacher.parameters())
+    assert all(p.requires_grad for p in student.parameters())
+
+
 def test_grouped_conv_is_refused_with_a_reason():
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3, groups=2), nn.Flatten(), nn.LazyLinear(4))
     model(torch.randn(1, 3, 8, 8))
@@ -406,3 +416,23 @@ def test_resnet18_student_params_within_10_percent_of_surviving_weights(sparsity
     student, plan = derive_student(teacher, masks)
     alive = sum(int(m.sum()) for m in masks.values())
     assert abs(n_params(student) / alive - 1) < 0.10
+
+
+def test_compare_report_for_teacher_pruned_teacher_and_student():
+    from ptd.students import compare, format_report
+
+    torch.manual_seed(0)
+    teacher = build_model("resnet20", 10, width=0.5)
+    pruned = build_model("resnet20", 10, width=0.5)
+    pruned.load_state_dict(teacher.state_dict())
+    masks = magnitude_prune(pruned, 0.5)
+    student, plan = derive_student(pruned, masks)
+    rep = compare(teacher, pruned, masks, student, plan, (3, 32, 32), batch_sizes=(1, 4), repeats=2, warmup=0)
+    assert set(rep["models"]) == {"teacher", "pruned_teacher", "student"}
+    assert rep["models"]["pruned_teacher"]["flops"] == rep["models"]["teacher"]["flops"] > rep["models"]["student"]["flops"]
+    assert rep["models"]["pruned_teacher"]["alive_weights"] == sum(int(m.sum()) for m in masks.values())
+    assert set(rep["latency"]) == {"1", "4"} and "speedup_b4" in rep["ratios"]
+    assert len(rep["layers"]) == len(plan.layers)
+    json.dumps(rep)
+    text = format_report(rep)
+    assert "pruned_teacher" in text and "layer1.0.conv1" in text

@@ -6,6 +6,7 @@ see :mod:`ptd.students.derive` for what it does and :mod:`ptd.students.width_rul
 from ptd.students.derive import derive_student
 from ptd.students.graph import DerivationError
 from ptd.students.plan import LayerRow, StudentPlan
+from ptd.students.report import compare, format_report
 from ptd.students.surgery import apply_widths
 from ptd.students.width_rule import conv_width, group_width, vgg_widths
 
@@ -14,6 +15,8 @@ __all__ = [
     "LayerRow",
     "StudentPlan",
     "apply_widths",
+    "compare",
+    "format_report",
     "conv_width",
     "derive_student",
     "group_width",

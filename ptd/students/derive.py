@@ -109,6 +109,7 @@ def derive_student(
         student.ptd_spec = spec
 
     student.train(teacher.training)
+    student.requires_grad_(True)  # a student is there to be trained, even if its teacher was frozen
     plan = StudentPlan(
         spec=spec,
         layers=sol.rows,

@@ -134,12 +134,21 @@ def find_input_size(model: nn.Module, input_size: int | None) -> tuple[int, list
 def build_dependency_graph(model: nn.Module, x: torch.Tensor):
     import torch_pruning as tp
 
+    # Torch-Pruning follows autograd's graph: it needs grad mode on (callers may be under
+    # no_grad) and outputs that have a grad_fn even when the model's parameters are frozen.
+    frozen = [p for p in model.parameters() if not p.requires_grad]
     try:
-        return tp.DependencyGraph().build_dependency(model, example_inputs=x, verbose=False)
+        for p in frozen:
+            p.requires_grad_(True)
+        with torch.enable_grad():
+            return tp.DependencyGraph().build_dependency(model, example_inputs=x, verbose=False)
     except Exception as e:  # noqa: BLE001
         raise DerivationError(
             f"cannot derive a student from {_describe(model)}: Torch-Pruning cannot trace its channel dependencies ({type(e).__name__}: {e})"
         ) from None
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
 
 
 def out_channel_fn(dg, module: nn.Module):

@@ -1,0 +1,92 @@
+"""What ``ptd student`` prints and saves: teacher, pruned teacher and student side by side.
+
+``compare(...)`` measures all three (parameters total and nonzero, FLOPs, per-layer widths and,
+if asked, latency at each batch size with the three models' runs interleaved);
+``format_report(...)`` renders it as text. Both are plain functions so the CLI stays thin.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch.nn as nn
+
+from ptd.measure import compare_latency, count_nonzero, count_params, flops
+from ptd.pruning.masks import Masks
+from ptd.students.plan import StudentPlan
+
+
+def compare(
+    teacher: nn.Module,
+    pruned: nn.Module,
+    masks: Masks,
+    student: nn.Module,
+    plan: StudentPlan,
+    input_shape: Sequence[int],
+    *,
+    measure_latency: bool = True,
+    batch_sizes: Sequence[int] = (1, 64),
+    repeats: int = 20,
+    warmup: int = 3,
+    device: str = "cpu",
+) -> dict[str, Any]:
+    """``teacher``: the unpruned model (or None to skip it); ``pruned``: the same with masked weights zero."""
+    shape = tuple(int(s) for s in input_shape)[-3:]
+    models = {"teacher": teacher, "pruned_teacher": pruned, "student": student}
+    models = {k: v for k, v in models.items() if v is not None}
+    out: dict[str, Any] = {"input_shape": list(shape), "models": {}}
+    for name, m in models.items():
+        out["models"][name] = {"params": count_params(m), "nonzero": count_nonzero(m), "flops": flops(m, (1,) + shape)}
+    out["models"]["pruned_teacher"]["alive_weights"] = sum(int(v.sum()) for v in masks.values())
+    out["models"]["pruned_teacher"]["masked_weights"] = sum(v.numel() for v in masks.values())
+    out["layers"] = [
+        {"layer": r.name, "teacher": r.teacher_width, "pruned_nnz": r.nnz, "pruned_density": r.nnz / r.weights if r.weights else 0.0,
+         "estimate": r.estimate, "student": r.width, "student_weights": r.student_weights, "group": r.group, "note": r.note}
+        for r in plan.layers
+    ]
+    out["overrides"] = plan.overrides
+    out["spec"] = plan.spec
+    s, p = out["models"]["student"], out["models"]["pruned_teacher"]
+    out["ratios"] = {
+        "student_params_over_surviving_weights": s["params"] / max(1, p["alive_weights"]),
+        "student_params_over_pruned_nonzero": s["params"] / max(1, p["nonzero"]),
+        "flops_ratio": p["flops"] / max(1, s["flops"]),
+    }
+    if measure_latency:
+        out["latency"] = {str(b): compare_latency(models, shape, b, repeats=repeats, warmup=warmup, device=device) for b in batch_sizes}
+        for b in batch_sizes:
+            lt = out["latency"][str(b)]
+            ref = lt.get("teacher", lt["pruned_teacher"])
+            out["ratios"][f"speedup_b{b}"] = ref["median_ms"] / lt["student"]["median_ms"]
+    return out
+
+
+def format_report(rep: dict[str, Any]) -> str:
+    lines = [f"input {'x'.join(map(str, rep['input_shape']))}", ""]
+    names = list(rep["models"])
+    lat = rep.get("latency", {})
+    head = ["model", "params", "nonzero", "GFLOPs"] + [f"ms b{b} (median)" for b in lat]
+    rows = [head]
+    for n in names:
+        m = rep["models"][n]
+        rows.append([n, f"{m['params']:,}", f"{m['nonzero']:,}", f"{m['flops'] / 1e9:.3f}"] + [f"{lat[b][n]['median_ms']:.1f}" for b in lat])
+    lines += _table(rows)
+    r = rep["ratios"]
+    lines += ["", "student params / pruned teacher's surviving weights: %.3f" % r["student_params_over_surviving_weights"],
+              "FLOPs ratio (teacher / student): %.2f" % r["flops_ratio"]]
+    lines += [f"speedup at batch {b}: {r[f'speedup_b{b}']:.2f}" for b in lat]
+    lines += ["", "per layer:"]
+    rows = [["layer", "teacher", "kept", "estimate", "student", "group", "note"]]
+    for x in rep["layers"]:
+        rows.append([x["layer"], str(x["teacher"]), f"{x['pruned_density']:.0%}", "-" if x["estimate"] is None else str(x["estimate"]),
+                     str(x["student"]), x["group"], x["note"]])
+    lines += _table(rows)
+    if rep["overrides"]:
+        lines += ["", f"{len(rep['overrides'])} layer(s) took their coupled group's width instead of their own estimate"]
+    return "\n".join(lines) + "\n"
+
+
+def _table(rows: list[list[str]]) -> list[str]:
+    w = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    out = ["  ".join(c.ljust(k) for c, k in zip(r, w)).rstrip() for r in rows]
+    out.insert(1, "  ".join("-" * k for k in w))
+    return out
