@@ -146,6 +146,30 @@ class DistillConfig:
 
 
 @dataclass(frozen=True)
+class SweepConfig:
+    """`ptd sweep`: teachers at several sparsities (and strategies), all distilled into one student."""
+
+    sparsities: tuple[float, ...] = (0.36, 0.59, 0.79)
+    strategies: tuple[str, ...] = ("imp",)
+    # The student every teacher is distilled into: derived from the teacher pruned to this
+    # sparsity by the first strategy (null: the highest sweep sparsity), unless student.source
+    # is 'named'.
+    student_from: float | None = None
+
+    def validate(self, where: str) -> None:
+        from ptd.pruning import STRATEGIES
+
+        _check(len(self.sparsities) >= 1, f"{where}.sparsities", list(self.sparsities), "must list at least one sparsity")
+        for s in self.sparsities:
+            _check(0 < s < 1, f"{where}.sparsities", s, "each must be in (0, 1)")
+        _check(len(self.strategies) >= 1, f"{where}.strategies", list(self.strategies), "must list at least one strategy")
+        for st in self.strategies:
+            if st not in STRATEGIES:
+                raise ConfigError(f"{where}.strategies: unknown pruning strategy {st!r}; valid: {', '.join(STRATEGIES.names())}")
+        _check(self.student_from is None or 0 < self.student_from < 1, f"{where}.student_from", self.student_from, "must be in (0, 1) or null")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     name: str = "run"
     seed: int = 0  # teacher init, data split and teacher data order
@@ -160,6 +184,7 @@ class RunConfig:
     prune: PruneConfig = field(default_factory=PruneConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
     def validate(self) -> "RunConfig":
         _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), "device", self.device, "must be auto, cpu, cuda or cuda:N")
@@ -174,6 +199,7 @@ class RunConfig:
             self.student.model.validate("student.model")
         self.distill.validate("distill")
         self.distill.optim.validate("distill.optim")
+        self.sweep.validate("sweep")
         return self
 
 

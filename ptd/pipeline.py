@@ -21,7 +21,7 @@ import platform
 import random
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from ptd.config import ARMS, ConfigError, ModelConfig, OptimConfig, RunConfig, dump_yaml, to_dict
+from ptd.config import ConfigError, ModelConfig, OptimConfig, PruneConfig, RunConfig, dump_yaml, to_dict
 from ptd.models import build_from_spec, build_model, spec_to_text
 from ptd.pruning import STRATEGIES, Level, PruneContext
 from ptd.pruning.masks import MaskHook, Masks, apply_masks, count, full_masks, load_masks, prunable_weights, save_masks, sparsity
@@ -268,8 +268,11 @@ def stage_teacher(ctx: Context) -> tuple[nn.Module, dict]:
     return model, result
 
 
-def stage_prune(ctx: Context, teacher: nn.Module, teacher_result: dict) -> tuple[nn.Module, Masks, dict]:
-    cfg, d = ctx.cfg, ctx.run_dir / "prune"
+def stage_prune(ctx: Context, teacher: nn.Module, teacher_result: dict, prune_cfg: PruneConfig | None = None,
+                d: Path | None = None) -> tuple[nn.Module, Masks, dict]:
+    """Prune a copy of ``teacher`` by ``prune_cfg`` (default: the run's) into ``d`` (default: prune/)."""
+    cfg = replace(ctx.cfg, prune=prune_cfg) if prune_cfg is not None else ctx.cfg
+    d = d or ctx.run_dir / "prune"
     model = build_from_spec(teacher.ptd_spec)
     model.load_state_dict(teacher.state_dict())
     model = ctx.rt.prepare(model)
@@ -403,8 +406,10 @@ def stage_student(ctx: Context, teacher: nn.Module, pruned: nn.Module, masks: Ma
     return stats
 
 
-def stage_distill(ctx: Context, arm: str, seed: int, student_stats: dict, teachers: dict[str, nn.Module]) -> dict:
-    cfg, d = ctx.cfg, ctx.run_dir / "distill" / f"{arm}_seed{seed}"
+def stage_distill(ctx: Context, arm: str, seed: int, student_stats: dict, teacher: nn.Module | None, d: Path | None = None) -> dict:
+    """Train the student for one arm and seed: alone (``teacher`` None) or distilled from ``teacher``."""
+    cfg = ctx.cfg
+    d = d or ctx.run_dir / "distill" / f"{arm}_seed{seed}"
     if is_done(d):
         return read_json(d / "result.json")
     seed_everything(seed)  # the same seed gives every arm the same student init and data order
@@ -412,12 +417,12 @@ def stage_distill(ctx: Context, arm: str, seed: int, student_stats: dict, teache
     if cfg.student.inherit:
         ckpt.load_into(student, ctx.run_dir / "student" / "init.safetensors", "student")
     student = ctx.rt.prepare(student)
-    if arm == "scratch":
+    if teacher is None:
         loss = cross_entropy_loss
     else:
         from ptd.distill import build_loss, distillation_step
 
-        loss = distillation_step(teachers[arm], build_loss(cfg.distill.loss, cfg.distill.alpha, cfg.distill.temperature))
+        loss = distillation_step(teacher, build_loss(cfg.distill.loss, cfg.distill.alpha, cfg.distill.temperature))
     if ctx.main:
         d.mkdir(parents=True, exist_ok=True)
     ctx.log(f"[distill] {arm} seed {seed}: {cfg.distill.optim.epochs} epochs")
@@ -449,8 +454,8 @@ def run_pipeline(cfg: RunConfig, run_dir: str | Path, until: str = "report", arm
     s_stats = stage_student(ctx, teacher, pruned, masks)
     if until == "student":
         return s_stats
-    teachers = {"unpruned_teacher": teacher, "pruned_teacher": pruned}
-    students = [stage_distill(ctx, arm, seed, s_stats, teachers) for arm in (arms or cfg.distill.arms) for seed in cfg.distill.seeds]
+    teachers = {"scratch": None, "unpruned_teacher": teacher, "pruned_teacher": pruned}
+    students = [stage_distill(ctx, arm, seed, s_stats, teachers[arm]) for arm in (arms or cfg.distill.arms) for seed in cfg.distill.seeds]
     if until == "distill":
         return {"students": students}
     from ptd.report import build_results, write_report

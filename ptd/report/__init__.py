@@ -61,6 +61,11 @@ def build_results(cfg: RunConfig, teacher: dict, prune: dict, student: dict, stu
         "pruning": {k: prune.get(k, 0) for k in ("epochs", "steps", "wall_s")},
         "students": {arm: {k: sum(s[k] for s in students if s["arm"] == arm) for k in ("epochs", "steps", "wall_s")} for arm in summary},
     }
+    # Total compute behind one student of each arm (per seed): its own training plus the teachers it needs.
+    behind = {"scratch": [], "unpruned_teacher": ["teacher"], "pruned_teacher": ["teacher", "pruning"]}
+    compute["total_per_student"] = {
+        arm: {k: sum(compute[st][k] for st in behind[arm]) + compute["students"][arm][k] / max(summary[arm]["n"], 1)
+              for k in ("epochs", "steps", "wall_s")} for arm in summary}
     return {
         "name": cfg.name,
         "dataset": cfg.data.name,
@@ -116,7 +121,10 @@ def render_markdown(r: dict[str, Any]) -> str:
               f"| teacher | {c['teacher']['epochs']} | {c['teacher']['steps']} | {c['teacher']['wall_s']:.0f} |",
               f"| pruning (all levels) | {c['pruning']['epochs']} | {c['pruning']['steps']} | {c['pruning']['wall_s']:.0f} |"]
     for arm, v in c["students"].items():
-        lines.append(f"| students: {ARM_LABELS[arm]} | {v['epochs']} | {v['steps']} | {v['wall_s']:.0f} |")
+        lines.append(f"| students: {ARM_LABELS[arm]} (all seeds) | {v['epochs']} | {v['steps']} | {v['wall_s']:.0f} |")
+    lines += ["", "Total compute behind one student (its teachers included):", "", "| arm | epochs | optimizer steps | wall s |", "|---|---:|---:|---:|"]
+    for arm, v in c["total_per_student"].items():
+        lines.append(f"| {ARM_LABELS[arm]} | {v['epochs']:.0f} | {v['steps']:.0f} | {v['wall_s']:.0f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -1,0 +1,170 @@
+"""End to end: the whole pipeline on a tiny dataset written in idx format, resume after a kill,
+and the command line's answers to bad input."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import tiny_config
+from ptd.cli import main
+from ptd.config import load_config
+from ptd.pipeline import run_pipeline
+
+PTD = [sys.executable, "-m", "ptd"]
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run([*PTD, *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+@pytest.mark.slow
+def test_whole_pipeline_end_to_end(tmp_path, tiny_yaml, capsys):
+    out = tmp_path / "run"
+    assert main(["run", str(tiny_yaml), "--out", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "KD from pruned teacher" in printed  # the CLI prints the report
+
+    for f in ["config.yaml", "env.json", "teacher/model.safetensors", "teacher/metrics.jsonl", "teacher/done",
+              "prune/level_1/masks.safetensors", "prune/level_2/model.safetensors", "prune/level_2/sparsity.json", "prune/done",
+              "student/architecture.json", "student/stats.json", "distill/pruned_teacher_seed1/model.safetensors",
+              "results.json", "report.md"]:
+        assert (out / f).is_file(), f
+    r = json.loads((out / "results.json").read_text())
+    assert 0.5 < r["teacher"]["test_acc"] <= 1.0  # 10 classes: chance is 0.1
+    pt = r["pruned_teacher"]
+    assert pt["sparsity"] == pytest.approx(0.36, abs=0.002)  # 2 rounds of 20%
+    assert 0.0 <= pt["test_acc"] <= 1.0 and pt["params_nonzero"] < r["teacher"]["params"]
+    studs = r["students"]
+    assert sorted((s["arm"], s["seed"]) for s in studs) == sorted(
+        (a, s) for a in ("scratch", "unpruned_teacher", "pruned_teacher") for s in (0, 1))
+    for s in studs:
+        assert 0.0 <= s["test_acc"] <= 1.0
+        assert s["params"] < r["teacher"]["params"] and s["flops"] < r["teacher"]["flops"]
+    assert set(r["summary"]) == {"scratch", "unpruned_teacher", "pruned_teacher"}
+    assert r["summary"]["pruned_teacher"]["n"] == 2
+    assert "pruned_minus_unpruned" in r["comparison"]
+    env = json.loads((out / "env.json").read_text())
+    assert env["torch"] == torch.__version__ and env["seeds"]["students"] == [0, 1]
+    md = (out / "report.md").read_text()
+    assert "| KD from pruned teacher |" in md and "too few seeds" in md
+
+    # A second run of the same command does nothing again and gives the same results.
+    mtime = (out / "teacher" / "model.safetensors").stat().st_mtime_ns
+    assert main(["run", str(tiny_yaml), "--out", str(out), "--quiet"]) == 0
+    assert (out / "teacher" / "model.safetensors").stat().st_mtime_ns == mtime
+    assert json.loads((out / "results.json").read_text())["students"] == studs
+
+
+@pytest.mark.slow
+def test_kill_and_resume(tmp_path, tiny_fashion):
+    cfg = tiny_config(tiny_fashion, distill={"seeds": [0], "arms": ["pruned_teacher"], "optim": {"epochs": 12, "batch_size": 64, "lr": 0.05}})
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "run"
+    proc = subprocess.Popen([*PTD, "run", str(p), "--out", str(out), "--quiet"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    metrics = out / "distill" / "pruned_teacher_seed0" / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):
+        time.sleep(0.2)
+    assert metrics.is_file(), proc.stderr.read().decode() if proc.poll() is not None else "no distill epoch in time"
+    os.kill(proc.pid, signal.SIGKILL)  # no chance to clean up: the hardest kind of stop
+    proc.wait()
+    done_before = len(metrics.read_text().splitlines())
+    assert not (out / "results.json").exists()
+    teacher_mtime = (out / "teacher" / "model.safetensors").stat().st_mtime_ns
+    prune_mtime = (out / "prune" / "level_2" / "model.safetensors").stat().st_mtime_ns
+
+    r = run_cli("run", p, "--out", out, "--quiet")  # the same command again
+    assert r.returncode == 0, r.stderr
+    epochs = [json.loads(l)["epoch"] for l in metrics.read_text().splitlines()]
+    assert epochs == list(range(1, 13))  # every epoch once: resumed, not restarted
+    assert done_before >= 2
+    assert (out / "teacher" / "model.safetensors").stat().st_mtime_ns == teacher_mtime  # not retrained
+    assert (out / "prune" / "level_2" / "model.safetensors").stat().st_mtime_ns == prune_mtime
+    env = json.loads((out / "env.json").read_text())
+    assert len(env["resumed"]) == 1
+
+
+def test_user_teacher_checkpoint(tmp_path, tiny_fashion):
+    cfg = tiny_config(tiny_fashion)
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    c = load_config(p, ["quiet=true"])
+    t = run_pipeline(c, tmp_path / "a", until="teacher")
+    from ptd.train.checkpoint import read_state_dict
+
+    torch.save(read_state_dict(tmp_path / "a" / "teacher" / "model.safetensors"), tmp_path / "mine.pt")
+    r = run_cli("train", p, "--out", tmp_path / "b", "--teacher", tmp_path / "mine.pt", "--quiet")
+    assert r.returncode == 0, r.stderr
+    got = json.loads((tmp_path / "b" / "teacher" / "result.json").read_text())
+    assert got["epochs"] == 0 and got["test_acc"] == pytest.approx(t["test_acc"])
+
+
+def one_line_error(r):
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("ptd: error:"), r.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("over, words", [
+    (["--set", "distill.alpah=0.5"], ["distill.alpah", "alpha"]),
+    (["--set", "distill.alpha=big"], ["distill.alpha", "number"]),
+    (["--set", "prune.target_sparsity=1.0"], ["prune.target_sparsity", "[0, 1)"]),
+    (["--set", "prune.strategy=nope"], ["nope", "imp"]),
+    (["--set", "data.root=/nonexistent/fm"], ["/nonexistent/fm", "apt-get install dataset-fashion-mnist"]),
+])
+def test_bad_input_is_one_line(tmp_path, tiny_yaml, over, words):
+    out = tmp_path / "run"
+    line = one_line_error(run_cli("train", tiny_yaml, "--out", out, *over))
+    for w in words:
+        assert w in line, (w, line)
+    assert not (out / "teacher").exists()
+
+
+def test_checkpoint_of_other_arch(tmp_path, tiny_yaml):
+    from ptd.models import build_model
+    from ptd.train.checkpoint import save_model
+
+    save_model(tmp_path / "other.safetensors", build_model("vgg11", 10, 1, width=0.25))
+    line = one_line_error(run_cli("train", tiny_yaml, "--out", tmp_path / "run", "--teacher", tmp_path / "other.safetensors"))
+    assert "other.safetensors" in line and "vgg11" in line and "arch" in line
+
+
+def test_existing_run_dir_is_not_overwritten(tmp_path, tiny_yaml):
+    out = tmp_path / "run"
+    assert main(["train", str(tiny_yaml), "--out", str(out), "--quiet"]) == 0
+    before = {f: f.read_bytes() for f in out.rglob("*") if f.is_file()}
+    line = one_line_error(run_cli("train", tiny_yaml, "--out", out, "--set", "teacher.optim.lr=0.2"))
+    assert "teacher.optim.lr" in line and "--out" in line
+    after = {f: f.read_bytes() for f in out.rglob("*") if f.is_file()}
+    assert before == after
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "thesis.tex").write_text("precious")
+    line = one_line_error(run_cli("train", tiny_yaml, "--out", tmp_path / "junk"))
+    assert "not a ptd run directory" in line
+    assert (tmp_path / "junk" / "thesis.tex").read_text() == "precious"
+
+
+def test_every_subcommand_has_help():
+    for cmd in ("run", "train", "prune", "student", "distill", "eval"):
+        r = run_cli(cmd, "--help")
+        assert r.returncode == 0 and "usage: ptd" in r.stdout
+
+
+def test_eval_command(tmp_path, tiny_yaml):
+    out = tmp_path / "run"
+    assert main(["train", str(tiny_yaml), "--out", str(out), "--quiet"]) == 0
+    cfg = yaml.safe_load(tiny_yaml.read_text())
+    r = run_cli("eval", out / "teacher" / "model.safetensors", tiny_yaml)
+    assert r.returncode == 0, r.stderr
+    acc = json.loads((out / "teacher" / "result.json").read_text())["test_acc"]
+    assert f"test acc {acc:.4f}" in r.stdout
