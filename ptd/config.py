@@ -174,7 +174,7 @@ class RunConfig:
     name: str = "run"
     seed: int = 0  # teacher init, data split and teacher data order
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    amp: bool = True  # bfloat16 autocast on CUDA; ignored on CPU
+    amp: bool = True  # bfloat16 autocast on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX)
     channels_last: bool = True  # NHWC: about 2x faster convs on CPU and tensor cores on GPU
     quiet: bool = False  # no progress bars (CI)
     eval_batch_size: int = 512

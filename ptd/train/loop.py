@@ -32,19 +32,37 @@ from ptd.train.optim import make_optimizer, make_scheduler
 ComputeLoss = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
+def cpu_has_native_bf16() -> bool:
+    """True on CPUs with bfloat16 arithmetic in hardware (AVX512-BF16 or AMX-BF16).
+
+    Elsewhere oneDNN emulates bf16 and autocast would make training slower, not faster.
+    """
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 @dataclass(frozen=True)
 class Runtime:
     """Where and how to run: resolved once by the caller."""
 
     device: torch.device = torch.device("cpu")
-    amp: bool = False  # bfloat16 autocast (CUDA only)
+    # bfloat16 autocast: on CUDA, and on CPUs with native bf16. Weights, optimizer state and the
+    # loss stay float32; only matmul/conv inputs are rounded to bf16.
+    amp: bool = False
     channels_last: bool = True
     quiet: bool = False
     dist: Dist = field(default_factory=Dist)
 
+    @property
+    def uses_amp(self) -> bool:
+        return self.amp and (self.device.type == "cuda" or (self.device.type == "cpu" and cpu_has_native_bf16()))
+
     def autocast(self):
-        enabled = self.amp and self.device.type == "cuda"
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.uses_amp)
 
     def prepare(self, model: nn.Module) -> nn.Module:
         model = model.to(self.device)
