@@ -1,0 +1,103 @@
+"""The sweep's two figures, drawn with matplotlib's Agg canvas (no display, no pyplot state).
+
+Both take the dict that ``ptd.report.sweep.build_sweep_results`` returns (what sweep.json holds).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+BASELINE_STYLE = {"unpruned_teacher": ("tab:gray", "--"), "scratch": ("black", ":")}
+
+
+def _figure():
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7.5, 4.8), dpi=110)
+    FigureCanvasAgg(fig)
+    return fig, fig.add_subplot(1, 1, 1)
+
+
+def _ms(d: dict) -> tuple[float, float]:
+    a = d["student_acc"]
+    return 100 * (a["mean"] or 0.0), 100 * (a["std"] or 0.0)
+
+
+def _by_strategy(r: dict[str, Any]) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for row in r["rows"]:
+        out.setdefault(row["strategy"], []).append(row)
+    return {k: sorted(v, key=lambda x: x["sparsity"]) for k, v in out.items()}
+
+
+def _title(r: dict[str, Any]) -> str:
+    s = r["student"]
+    return (f"{r['name']}: every teacher distilled into one {s['arch']} student ({s['params']:,} params); "
+            f"mean ± std over {len(r['seeds'])} seed(s)")
+
+
+def plot_acc_vs_sparsity(r: dict[str, Any], path: str | Path) -> Path:
+    """Student test accuracy against the teacher's measured sparsity, one line per strategy, with
+    the unpruned-teacher KD student and the scratch student as horizontal mean ± std bands."""
+    fig, ax = _figure()
+    for i, (strategy, rows) in enumerate(_by_strategy(r).items()):
+        xs = [100 * x["sparsity"] for x in rows]
+        ms = [_ms(x) for x in rows]
+        ax.errorbar(xs, [m for m, _ in ms], yerr=[s for _, s in ms], marker=MARKERS[i % len(MARKERS)], capsize=4,
+                    linewidth=1.5, label=f"KD from {strategy}-pruned teacher")
+    for arm, b in r["baselines"].items():
+        color, ls = BASELINE_STYLE.get(arm, ("tab:brown", "-."))
+        m, s = _ms(b)
+        ax.axhline(m, color=color, linestyle=ls, linewidth=1.2, label=f"{b['label']}: {m:.2f} ± {s:.2f}")
+        if s > 0:
+            ax.axhspan(m - s, m + s, color=color, alpha=0.12, linewidth=0)
+    ax.set_xlabel("teacher sparsity (% of conv + linear weights pruned)")
+    ax.set_ylabel("student test accuracy (%)")
+    ax.set_title(_title(r), fontsize=8.5)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7.5, loc="best")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    return path
+
+
+def plot_acc_vs_compute(r: dict[str, Any], path: str | Path, unit: str = "epochs") -> Path:
+    """Student test accuracy against the total compute behind one student (teacher training,
+    pruning and its own distillation), ``unit`` "epochs" or "steps"; log x axis."""
+    if unit not in ("epochs", "steps"):
+        raise ValueError(f"unit {unit!r}: use 'epochs' or 'steps'")
+    fig, ax = _figure()
+    for i, (strategy, rows) in enumerate(_by_strategy(r).items()):
+        xs = [x["compute"]["total_per_student"][unit] for x in rows]
+        ms = [_ms(x) for x in rows]
+        ax.errorbar(xs, [m for m, _ in ms], yerr=[s for _, s in ms], marker=MARKERS[i % len(MARKERS)], capsize=4,
+                    linewidth=1.0, alpha=0.9, label=f"KD from {strategy}-pruned teacher")
+        seen: dict[float, int] = {}
+        for x, (m, _), row in zip(xs, ms, rows):
+            k = seen[x] = seen.get(x, -1) + 1  # one-run strategies put every sparsity at the same x: stagger labels
+            ax.annotate(f"{100 * row['sparsity']:.0f}%", (x, m), textcoords="offset points", xytext=(5 + 22 * k, 4), fontsize=7)
+    for arm, b in r["baselines"].items():
+        color, _ = BASELINE_STYLE.get(arm, ("tab:brown", "-."))
+        m, s = _ms(b)
+        x = b["compute"]["total_per_student"][unit]
+        ax.errorbar([x], [m], yerr=[s], marker="*" if arm == "unpruned_teacher" else "x", markersize=10, color=color,
+                    capsize=4, linestyle="none", label=b["label"])
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}" if v >= 1 else f"{v:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    what = "epochs" if unit == "epochs" else "optimizer steps"
+    ax.set_xlabel(f"total {what} behind one student: teacher + pruning + distillation (log scale)")
+    ax.set_ylabel("student test accuracy (%)")
+    ax.set_title(_title(r), fontsize=8.5)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7.5, loc="best")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    return path

@@ -1,0 +1,218 @@
+"""sweep.json, sweep.md and the two sweep plots: student accuracy against teacher sparsity and
+against the total compute behind each student."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ptd.config import RunConfig
+from ptd.report import ARM_LABELS, mean_std, paired
+from ptd.train import checkpoint as ckpt
+
+PLOTS = ("student_acc_vs_sparsity.png", "student_acc_vs_compute.png")
+COST_KEYS = ("epochs", "steps", "wall_s")
+
+
+def _cost(r: dict) -> dict[str, float]:
+    return {k: float(r.get(k) or 0) for k in COST_KEYS}
+
+
+def _add(*costs: dict[str, float]) -> dict[str, float]:
+    return {k: round(sum(c[k] for c in costs), 3) for k in COST_KEYS}
+
+
+def _own(students: list[dict]) -> dict[str, float]:
+    """One student's own training: the mean over its seeds (the seeds share one schedule)."""
+    n = max(len(students), 1)
+    return {k: round(sum(float(s.get(k) or 0) for s in students) / n, 3) for k in COST_KEYS}
+
+
+def _seed_rows(students: list[dict]) -> list[dict]:
+    return [{"seed": s["seed"], "test_acc": s["test_acc"], "val_acc": s.get("val_acc"), "best_epoch": s.get("best_epoch")}
+            for s in sorted(students, key=lambda s: s["seed"])]
+
+
+def _vs(students: list[dict], base: list[dict] | None) -> dict | None:
+    """Per-seed paired difference of these students against a baseline arm (same seeds)."""
+    if not base:
+        return None
+    both = [{**s, "arm": "pruned_teacher"} for s in students] + [{**s, "arm": "unpruned_teacher"} for s in base]
+    r = paired(both, "pruned_teacher", "unpruned_teacher")
+    if r is not None:
+        r["per_seed"] = {str(k): v for k, v in r["per_seed"].items()}
+    return r
+
+
+def build_sweep_results(cfg: RunConfig, t_res: dict, s_stats: dict, src: Any, baselines: dict[str, list[dict]],
+                        rows: list[tuple[Any, list[dict]]], session_wall_s: float = 0.0) -> dict[str, Any]:
+    """Everything the sweep measured, as one JSON-able dict (see docs/sweep.md for the fields)."""
+    from ptd.sweep import level_sparsity
+
+    tc = _cost(t_res)
+    te, st = s_stats["teacher"], s_stats["student"]
+    out_rows = []
+    for p, students in rows:
+        pc = {k: round(v, 3) for k, v in p.cost().items()}
+        own = _own(students)
+        lr = p.level_row
+        out_rows.append({
+            "strategy": p.strategy, "target_sparsity": p.target, "sparsity": level_sparsity(p), "level": p.level,
+            "prune_dir": str(p.prune_dir.relative_to(p.prune_dir.parents[1])),
+            "teacher_test_acc": lr.get("test_acc"), "teacher_val_acc": lr.get("val_acc"),
+            "students": _seed_rows(students), "student_acc": mean_std([s["test_acc"] for s in students]),
+            "vs_unpruned_teacher": _vs(students, baselines.get("unpruned_teacher")),
+            "vs_scratch": _vs(students, baselines.get("scratch")),
+            "compute": {"teacher": tc, "pruning": pc, "teacher_total": _add(tc, pc), "student": own, "total_per_student": _add(tc, pc, own)},
+        })
+    base_out = {}
+    for arm, students in baselines.items():
+        behind = tc if arm == "unpruned_teacher" else _cost({})
+        own = _own(students)
+        base_out[arm] = {"label": ARM_LABELS[arm], "teacher_test_acc": t_res["test_acc"] if arm == "unpruned_teacher" else None,
+                         "students": _seed_rows(students), "student_acc": mean_std([s["test_acc"] for s in students]),
+                         "vs_scratch": _vs(students, baselines.get("scratch")) if arm != "scratch" else None,
+                         "compute": {"teacher_total": behind, "student": own, "total_per_student": _add(behind, own)}}
+    # The whole sweep's training, each run counted once (IMP levels share one run).
+    prune_runs = {str(p.prune_dir): _cost(p.prune_result) for p, _ in rows}
+    distill_runs = {(s["arm"], s["seed"]): _cost(s) for _, ss in rows for s in ss}
+    distill_runs.update({(s["arm"], s["seed"]): _cost(s) for ss in baselines.values() for s in ss})
+    total = _add(tc, *prune_runs.values(), *distill_runs.values())
+    derived = cfg.student.source == "derive"
+    return {
+        "name": cfg.name,
+        "dataset": cfg.data.name,
+        "train_subset": cfg.data.train_subset,
+        "seeds": list(cfg.distill.seeds),
+        "strategies": list(cfg.sweep.strategies),
+        "sparsities": sorted(set(cfg.sweep.sparsities)),
+        "schedules": {"teacher_epochs": cfg.teacher.optim.epochs, "retrain_epochs_per_level": cfg.prune.retrain.epochs,
+                      "distill_epochs": cfg.distill.optim.epochs, "imp_rate": cfg.prune.rate,
+                      "alpha": cfg.distill.alpha, "temperature": cfg.distill.temperature},
+        "teacher": {"arch": cfg.teacher.model.arch, "width": cfg.teacher.model.width, "test_acc": t_res["test_acc"],
+                    "val_acc": t_res.get("val_acc"), "params": te["params"], "flops": te["flops"], "compute": tc},
+        "student": {"arch": s_stats["spec"]["arch"], "source": cfg.student.source, "params": st["params"], "flops": st["flops"],
+                    "params_ratio": st["params"] / te["params"], "flops_ratio": st["flops"] / te["flops"],
+                    "derived_from": {"strategy": src.strategy, "sparsity": src.target} if derived else None},
+        "baselines": base_out,
+        "rows": out_rows,
+        "compute": {"sweep_total": total, "session_wall_s": round(session_wall_s, 1)},
+    }
+
+
+# ---------------------------------------------------------------- markdown
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.2f}"
+
+
+def _acc(ms: dict) -> str:
+    if ms.get("mean") is None:
+        return "n/a"
+    return f"{100 * ms['mean']:.2f} ± {100 * ms['std']:.2f}"
+
+
+def _per_seed(students: list[dict]) -> str:
+    return ", ".join(_pct(s["test_acc"]) for s in students)
+
+
+def _diff(v: dict | None) -> str:
+    if not v:
+        return ""
+    return f"{100 * v['mean']:+.2f} ({v['wins']}/{v['n']})"
+
+
+def _num(x: float) -> str:
+    return f"{x:,.0f}"
+
+
+def render_sweep_markdown(r: dict[str, Any], plots: bool = True) -> str:
+    t, s, sch = r["teacher"], r["student"], r["schedules"]
+    n_seeds = len(r["seeds"])
+    src = s["derived_from"]
+    lines = [f"# ptd sweep: {r['name']}", "",
+             f"Dataset {r['dataset']}" + (f" (train_subset {r['train_subset']})" if r.get("train_subset") else "") +
+             f". Teacher {t['arch']} (width {t['width']:g}, {t['params']:,} params), trained {sch['teacher_epochs']} epochs. "
+             f"Student {s['arch']}, {s['params']:,} params ({s['params_ratio']:.3f}x the teacher), "
+             + (f"derived from the {src['strategy']} teacher at sparsity {src['sparsity']:g}" if src else "named in the config")
+             + "; every teacher is distilled into this same student. "
+             f"Retraining {sch['retrain_epochs_per_level']} epochs per pruning level (IMP rate {sch['imp_rate']:g}), "
+             f"distillation {sch['distill_epochs']} epochs (alpha {sch['alpha']:g}, T {sch['temperature']:g}). "
+             f"Accuracies are test top-1 % at the best-validation epoch; ± is the std over {n_seeds} student seed(s) "
+             f"({', '.join(map(str, r['seeds']))}).", ""]
+
+    lines += ["## Teachers", "",
+              "| teacher | target | sparsity | level | teacher test acc % | teacher + pruning epochs | steps | wall s |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|",
+              f"| unpruned | 0 | 0 | 0 | {_pct(t['test_acc'])} | {_num(t['compute']['epochs'])} | {_num(t['compute']['steps'])} | {_num(t['compute']['wall_s'])} |"]
+    for row in r["rows"]:
+        c = row["compute"]["teacher_total"]
+        lines.append(f"| {row['strategy']} | {row['target_sparsity']:g} | {row['sparsity']:.4f} | {row['level']} | {_pct(row['teacher_test_acc'])} "
+                     f"| {_num(c['epochs'])} | {_num(c['steps'])} | {_num(c['wall_s'])} |")
+    lines += ["", "IMP levels are counted cumulatively: the teacher at level n paid for rounds 1..n.", ""]
+
+    lines += ["## Students", "",
+              "Δ: mean per-seed difference to the KD-from-unpruned-teacher student, in points (seeds where the pruned teacher's student won / seeds). "
+              "Total: compute behind one student (teacher + pruning + its own distillation).", "",
+              "| teacher | sparsity | student test acc % (mean ± std) | per seed % | Δ vs unpruned KD | total epochs | total steps | total wall s |",
+              "|---|---:|---:|---|---:|---:|---:|---:|"]
+    for arm, b in r["baselines"].items():
+        c = b["compute"]["total_per_student"]
+        lines.append(f"| {b['label']} | {'0' if arm == 'unpruned_teacher' else '-'} | {_acc(b['student_acc'])} | {_per_seed(b['students'])} | "
+                     f"| {_num(c['epochs'])} | {_num(c['steps'])} | {_num(c['wall_s'])} |")
+    for row in r["rows"]:
+        c = row["compute"]["total_per_student"]
+        lines.append(f"| {row['strategy']} s{row['target_sparsity']:g} | {row['sparsity']:.4f} | {_acc(row['student_acc'])} | {_per_seed(row['students'])} "
+                     f"| {_diff(row['vs_unpruned_teacher'])} | {_num(c['epochs'])} | {_num(c['steps'])} | {_num(c['wall_s'])} |")
+    lines.append("")
+
+    strategies = r["strategies"]
+    if len(strategies) > 1:
+        lines += ["## Same sparsity, different pruning", "",
+                  "Student test acc % (mean ± std) and, in brackets, total epochs behind one student.", "",
+                  "| target sparsity | " + " | ".join(strategies) + " |", "|---:|" + "---:|" * len(strategies)]
+        for sp in r["sparsities"]:
+            cells = []
+            for stg in strategies:
+                row = next((x for x in r["rows"] if x["strategy"] == stg and abs(x["target_sparsity"] - sp) < 1e-9), None)
+                cells.append("" if row is None else f"{_acc(row['student_acc'])} [{_num(row['compute']['total_per_student']['epochs'])}]")
+            lines.append(f"| {sp:g} | " + " | ".join(cells) + " |")
+        lines.append("")
+
+    lines += ["## Reading", ""]
+    un = r["baselines"].get("unpruned_teacher")
+    sc = r["baselines"].get("scratch")
+    if un and sc:
+        lines.append(f"- KD from the unpruned teacher vs the student alone: {_diff(un['vs_scratch']) or 'n/a'} points (wins/seeds).")
+    if un and r["rows"]:
+        better = [x for x in r["rows"] if x["vs_unpruned_teacher"] and x["vs_unpruned_teacher"]["wins"] == x["vs_unpruned_teacher"]["n"] and x["vs_unpruned_teacher"]["mean"] > 0]
+        lines.append(f"- Pruned teachers whose student beat the unpruned teacher's on every seed: {len(better)} of {len(r['rows'])}"
+                     + (" (" + ", ".join(f"{x['strategy']} s{x['target_sparsity']:g}" for x in better) + ")" if better else "") + ".")
+        best = max(r["rows"], key=lambda x: x["student_acc"]["mean"] or 0)
+        lines.append(f"- Best mean student: {best['strategy']} s{best['target_sparsity']:g}, {_acc(best['student_acc'])} %, "
+                     f"against {_acc(un['student_acc'])} % from the unpruned teacher.")
+    if n_seeds < 3:
+        lines.append(f"- Only {n_seeds} seed(s): differences of a few tenths of a point are within seed noise; no claim is made from them.")
+    else:
+        lines.append("- Verdicts (a difference counts only if every seed agrees in sign and the mean exceeds 2 standard errors):")
+        for x in r["rows"]:
+            if x["vs_unpruned_teacher"]:
+                lines.append(f"  - {x['strategy']} s{x['target_sparsity']:g}: {x['vs_unpruned_teacher']['verdict']}")
+    tot = r["compute"]["sweep_total"]
+    lines += [f"- Whole sweep: {_num(tot['epochs'])} training epochs, {_num(tot['steps'])} optimizer steps, "
+              f"{_num(tot['wall_s'])} s of training wall time (evaluation excluded); this session ran {r['compute']['session_wall_s']:.0f} s.", ""]
+    if plots:
+        lines += ["## Plots", "", f"![student accuracy vs teacher sparsity]({PLOTS[0]})", "", f"![student accuracy vs total compute]({PLOTS[1]})", ""]
+    return "\n".join(lines)
+
+
+def write_sweep_report(run_dir: str | Path, results: dict[str, Any]) -> str:
+    from ptd.report.plots import plot_acc_vs_compute, plot_acc_vs_sparsity
+
+    run_dir = Path(run_dir)
+    ckpt.write_json(run_dir / "sweep.json", results)
+    plot_acc_vs_sparsity(results, run_dir / PLOTS[0])
+    plot_acc_vs_compute(results, run_dir / PLOTS[1])
+    md = render_sweep_markdown(results)
+    ckpt.write_text(run_dir / "sweep.md", md)
+    return md

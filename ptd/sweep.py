@@ -1,0 +1,189 @@
+"""`ptd sweep`: many pruned teachers (strategies x sparsities), one student, one comparison.
+
+    runs/<name>/
+      config.yaml  env.json
+      teacher/                                  the one dense teacher every strategy starts from
+      prune/<imp-family strategy>/level_<k>/    one IMP run to the highest sparsity; its levels
+                                                are the lower sparsities (no extra training)
+      prune/<strategy>_s<sparsity>/level_1/     every other strategy: one run per sparsity
+      student/                                  ONE student architecture for every teacher
+      distill/scratch_seed<s>/                  the student alone
+      distill/unpruned_teacher_seed<s>/         KD from the dense teacher
+      distill/<strategy>_s<sparsity>_seed<s>/   KD from each pruned teacher
+      sweep.json  sweep.md  student_acc_vs_sparsity.png  student_acc_vs_compute.png
+
+Every directory is a pipeline stage with its own ``done`` marker, so an interrupted sweep resumes
+where it stopped and a finished one re-runs nothing.
+
+Options for several strategies: ``prune.options`` either applies to every strategy, or is keyed
+by strategy name (``options: {gmp: {end_epoch: 3}, imp: {rewind: lr}}``) to give each its own.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from ptd.config import ConfigError, PruneConfig, RunConfig
+from ptd.models import build_from_spec
+from ptd.pipeline import Context, make_context, read_json, stage_distill, stage_prune, stage_student, stage_teacher
+from ptd.pruning import STRATEGIES
+from ptd.pruning.masks import Masks, load_masks
+from ptd.pruning.select import rounds_for_target
+from ptd.train import checkpoint as ckpt
+
+# Strategies whose levels are nested (level k is the run's k-th round): one run to the highest
+# sparsity yields every lower sweep sparsity as one of its levels.
+IMP_FAMILY = ("imp", "imp_weight_rewind", "imp_finetune")
+COST_KEYS = ("epochs", "steps", "wall_s")
+
+
+@dataclass
+class PrunedTeacher:
+    """One pruned teacher of the sweep: which run made it, which level of that run it is."""
+
+    strategy: str
+    target: float  # the sweep sparsity asked for
+    prune_dir: Path  # the strategy's prune run
+    level: int  # the level of that run that is this teacher
+    prune_result: dict  # the run's prune/.../result.json
+
+    @property
+    def key(self) -> str:
+        return f"{self.strategy}_s{self.target:g}"
+
+    @property
+    def level_row(self) -> dict:
+        return next(r for r in self.prune_result["levels"] if r["level"] == self.level)
+
+    def cost(self) -> dict[str, float]:
+        """The pruning compute behind this teacher: every level up to and including its own."""
+        rows = [r for r in self.prune_result["levels"] if 1 <= r["level"] <= self.level]
+        return {k: sum(float(r.get(k) or 0) for r in rows) for k in COST_KEYS}
+
+    def load(self, ctx: Context, teacher: nn.Module) -> tuple[nn.Module, Masks]:
+        ld = self.prune_dir / f"level_{self.level}"
+        model = build_from_spec(teacher.ptd_spec)
+        ckpt.load_into(model, ld / "model.safetensors", f"pruned teacher {self.key}")
+        masks = {n: m.to(ctx.rt.device) for n, m in load_masks(ld / "masks.safetensors").items()}
+        return ctx.rt.prepare(model).eval(), masks
+
+
+def strategy_options(cfg: RunConfig, strategy: str) -> dict:
+    """``prune.options`` for one strategy: the section under its name when options are keyed by
+    strategy, else the whole dict."""
+    opts = cfg.prune.options
+    keyed = [k for k in opts if k in STRATEGIES]
+    if not keyed:
+        return dict(opts)
+    plain = [k for k in opts if k not in STRATEGIES]
+    if plain:
+        raise ConfigError(f"prune.options: mixes per-strategy sections ({', '.join(keyed)}) with plain options ({', '.join(plain)}); "
+                          f"in a sweep put every option under its strategy, e.g. options: {{{keyed[0]}: {{...}}}}")
+    section = opts.get(strategy) or {}
+    if not isinstance(section, dict):
+        raise ConfigError(f"prune.options.{strategy}: expected a mapping of that strategy's options, got {section!r}")
+    return dict(section)
+
+
+def check_sweep(cfg: RunConfig) -> tuple[list[float], float]:
+    """The sweep sparsities (sorted, distinct) and the one the student is derived from."""
+    sps = sorted(set(cfg.sweep.sparsities))
+    frm = cfg.sweep.student_from if cfg.sweep.student_from is not None else sps[-1]
+    if not any(abs(frm - s) < 1e-9 for s in sps):
+        raise ConfigError(f"sweep.student_from: {frm!r} is not one of sweep.sparsities {sps}; pick one of them, or null for the highest")
+    if len(set(cfg.sweep.strategies)) != len(cfg.sweep.strategies):
+        raise ConfigError(f"sweep.strategies: {list(cfg.sweep.strategies)} lists a strategy twice; list each once")
+    for st in cfg.sweep.strategies:
+        strategy_options(cfg, st)
+    return sps, frm
+
+
+def prune_cfg(cfg: RunConfig, strategy: str, target: float) -> PruneConfig:
+    return replace(cfg.prune, strategy=strategy, target_sparsity=target, options=strategy_options(cfg, strategy))
+
+
+def prune_all(ctx: Context, teacher: nn.Module, t_res: dict, sparsities: list[float]) -> list[PrunedTeacher]:
+    """Run (or load) every pruning run of the sweep; one PrunedTeacher per (strategy, sparsity)."""
+    cfg, out = ctx.cfg, []
+    for strategy in cfg.sweep.strategies:
+        if strategy in IMP_FAMILY:
+            d = ctx.run_dir / "prune" / strategy
+            top = max(sparsities)
+            ctx.log(f"[sweep] {strategy}: one run to {top:g} gives the levels of every sweep sparsity")
+            _, _, res = stage_prune(ctx, teacher, t_res, prune_cfg(cfg, strategy, top), d)
+            for s in sparsities:
+                out.append(PrunedTeacher(strategy, s, d, rounds_for_target(s, cfg.prune.rate), res))
+        else:
+            for s in sparsities:
+                d = ctx.run_dir / "prune" / f"{strategy}_s{s:g}"
+                _, _, res = stage_prune(ctx, teacher, t_res, prune_cfg(cfg, strategy, s), d)
+                out.append(PrunedTeacher(strategy, s, d, res["final_level"], res))
+    return out
+
+
+def run_sweep(cfg: RunConfig, run_dir: str | Path, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Teacher, every pruned teacher, one student, every distillation, then sweep.json/.md/plots."""
+    from ptd.report.sweep import build_sweep_results, write_sweep_report
+
+    log = log or (lambda s: tqdm.write(s))
+    t0 = time.perf_counter()
+    sparsities, student_from = check_sweep(cfg)
+    ctx = make_context(cfg, Path(run_dir), log)
+
+    # The teacher stage keeps early weights for weight rewinding when a strategy asks for them.
+    rewind = [strategy_options(cfg, st).get("rewind_epoch") for st in cfg.sweep.strategies]
+    rewind = [r for r in rewind if r]
+    if rewind:
+        ctx.cfg = replace(cfg, prune=replace(cfg.prune, options={"rewind_epoch": rewind[0]}))
+    teacher, t_res = stage_teacher(ctx)
+    ctx.cfg = cfg
+    teacher.eval()
+
+    pruned = prune_all(ctx, teacher, t_res, sparsities)
+
+    src = next(p for p in pruned if p.strategy == cfg.sweep.strategies[0] and abs(p.target - student_from) < 1e-9)
+    src_model, src_masks = src.load(ctx, teacher)
+    s_stats = stage_student(ctx, teacher, src_model, src_masks)
+    del src_model, src_masks
+
+    seeds = list(cfg.distill.seeds)
+    distill = ctx.run_dir / "distill"
+    baselines: dict[str, list[dict]] = {}
+    if "scratch" in cfg.distill.arms:
+        baselines["scratch"] = [stage_distill(ctx, "scratch", s, s_stats, None, distill / f"scratch_seed{s}") for s in seeds]
+    if "unpruned_teacher" in cfg.distill.arms:
+        baselines["unpruned_teacher"] = [stage_distill(ctx, "unpruned_teacher", s, s_stats, teacher, distill / f"unpruned_teacher_seed{s}") for s in seeds]
+
+    # Two sweep sparsities may land on the same IMP level: that teacher is distilled once.
+    by_teacher: dict[tuple[str, Path, int], list[dict]] = {}
+    rows = []
+    for p in pruned:
+        ident = (p.strategy, p.prune_dir, p.level)
+        if ident not in by_teacher:
+            model = None
+            if not all((distill / f"{p.key}_seed{s}" / "done").is_file() for s in seeds):
+                model, _ = p.load(ctx, teacher)
+            by_teacher[ident] = [stage_distill(ctx, p.key, s, s_stats, model, distill / f"{p.key}_seed{s}") for s in seeds]
+            del model
+        else:
+            log(f"[sweep] {p.key} is the same IMP level ({p.level}) as an earlier sparsity; its students are reused")
+        rows.append((p, by_teacher[ident]))
+
+    results = build_sweep_results(cfg, t_res, s_stats, src, baselines, rows, session_wall_s=time.perf_counter() - t0)
+    if ctx.main:
+        write_sweep_report(ctx.run_dir, results)
+    log(f"sweep done in {time.perf_counter() - t0:.0f} s: {ctx.run_dir}")
+    return results
+
+
+def level_sparsity(p: PrunedTeacher) -> float:
+    """The level's measured sparsity (sparsity.json is the source of truth; the result row mirrors it)."""
+    f = p.prune_dir / f"level_{p.level}" / "sparsity.json"
+    if f.is_file():
+        return float(read_json(f)["sparsity"])
+    return float(p.level_row["sparsity"])
