@@ -114,6 +114,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from ptd.report.sweep import render_sweep_markdown
+    from ptd.sweep import run_sweep
+
+    cfg, out = _load(args)
+    print(render_sweep_markdown(run_sweep(cfg, out), plots=False))
+    print(f"written: {out / 'sweep.json'}, {out / 'sweep.md'}, {out / 'student_acc_vs_sparsity.png'}, {out / 'student_acc_vs_compute.png'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ptd", description="Prune, then distill: a pruned teacher, a smaller student, and an honest comparison.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -137,6 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ev.add_argument("--device")
     ev.set_defaults(func=cmd_eval)
+    sw_help = "teachers pruned to several sparsities (and by several strategies), each distilled into one student; sweep.json, sweep.md, plots"
+    sw = sub.add_parser("sweep", help=sw_help, description=sw_help)
+    _common(sw)
+    sw.set_defaults(func=cmd_sweep)
     return p
 
 
