@@ -140,6 +140,7 @@ def _stats(times: list[float], batch_size: int, repeats: int, warmup: int, devic
         p10, p90 = q[0], q[-1]
     return {
         "median_ms": statistics.median(times),
+        "min_ms": times[0],
         "p10_ms": p10,
         "p90_ms": p90,
         "batch_size": batch_size,
