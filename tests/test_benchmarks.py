@@ -17,25 +17,36 @@ def _load(name: str):
 
 def test_train_speed_smoke(tmp_path: Path):
     ts = _load("train_speed")
-    res = ts.main(["--quick", "--synthetic", "--steps", "2", "--block", "1", "--out", str(tmp_path)], log=lambda *_: None)
+    args = ["--quick", "--synthetic", "--steps", "2", "--block", "1", "--out", str(tmp_path)]
+    if not ts.cpu_has_native_bf16():  # still exercise the bf16 code path (emulated) on CPUs without it
+        args.append("--force-bf16")
+    res = ts.main(args, log=lambda *_: None)
 
-    assert set(res["timing"]) == {"teacher_ptd", "teacher_published", "distill_ptd", "distill_published"}
+    assert set(res["timing"]) == {f"{s}_{p}" for s in ("teacher", "distill") for p in ("ptd", "ptd_fp32", "published")}
     for name, t in res["timing"].items():
         assert t["img_per_s_median"] > 0, name
         assert t["steps"] == 2
-    assert res["speedup"]["teacher"] > 0 and res["speedup"]["distill"] > 0
+    for key in ("speedup", "speedup_fp32", "bf16_gain"):
+        assert res[key]["teacher"] > 0 and res[key]["distill"] > 0, key
     assert res["data_only"]["ptd"] > 0 and res["data_only"]["published"] > 0
 
-    # Pruned weights exactly zero in both pipelines, with the same zero pattern, after timing and after training.
+    # The "ptd" variants ran ptd's default runtime with bf16 autocast; "ptd_fp32" did not.
+    amp = res["amp"]
+    assert amp["ptd_uses_amp"] and not amp["ptd_fp32_uses_amp"]
+    assert amp["ptd_logits_dtype"] == "torch.bfloat16" and amp["ptd_fp32_logits_dtype"] == "torch.float32"
+
+    # Pruned weights exactly zero in every pipeline, with the same zero pattern, after timing and after training.
     m = res["masks"]
     assert m["ptd_pruned_exactly_zero"] and m["published_pruned_exactly_zero"] and m["identical_zero_pattern"]
     assert m["after_timing"]["published_stored_weights_zero"]
     assert abs(m["after_timing"]["sparsity"] - ts.SPARSITY) < 1e-3
     (run,) = res["accuracy"]["runs"]
-    assert run["masks"]["identical_zero_pattern"]
-    assert 0.0 <= run["ptd"]["test_acc"] <= 1.0 and 0.0 <= run["published"]["test_acc"] <= 1.0
+    assert run["masks"]["identical_zero_pattern"] and run["masks_fp32"]["identical_zero_pattern"]
+    assert run["ptd"]["uses_amp"] and not run["ptd_fp32"]["uses_amp"]
+    for pipe in ("ptd", "ptd_fp32", "published"):
+        assert 0.0 <= run[pipe]["test_acc"] <= 1.0, pipe
 
     saved = json.loads((tmp_path / "train_speed.json").read_text())
     assert saved["timing"].keys() == res["timing"].keys()
     md = (tmp_path / "train_speed.md").read_text()
-    assert "speedup" in md and "--quick" in md
+    assert "published" in md and "bf16" in md and "--quick" in md
