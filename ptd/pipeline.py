@@ -372,33 +372,29 @@ def stage_student(ctx: Context, teacher: nn.Module, pruned: nn.Module, masks: Ma
     cfg, d = ctx.cfg, ctx.run_dir / "student"
     if is_done(d):
         return read_json(d / "stats.json")
-    plan_info: dict[str, Any] = {}
+    plan = None
     if cfg.student.source == "derive":
         from ptd.students import derive_student
 
         student, plan = derive_student(pruned, masks, inherit=cfg.student.inherit)
-        plan_info = {"plan": plan.to_dict()}
-        plan_text = plan.table()
     else:
         student = ctx.new_model(cfg.student.model)
-        plan_text = ""
     spec = student.ptd_spec
-    from ptd.measure import summarize
+    from ptd.students.report import compare, format_report
 
-    shape = ctx.input_shape
-    ctx.log("[student] measuring parameters, FLOPs and CPU latency (batch 1 and 64)")
-    # The pruned teacher runs the same dense kernels as the teacher, so its latency is the teacher's.
-    stats = {
-        "spec": spec,
-        "teacher": summarize(teacher, shape, measure_latency=ctx.main),
-        "pruned_teacher": summarize(pruned, shape, masks),
-        "student": summarize(student, shape, measure_latency=ctx.main),
-        **plan_info,
-    }
+    ctx.log("[student] measuring parameters, FLOPs and CPU latency (batch 1 and 64, interleaved)")
+    # Latency on the CPU, models timed in turn so machine noise hits all three alike. The pruned
+    # teacher runs the same dense kernels as the teacher.
+    rep = compare(teacher, pruned, masks, student, plan, ctx.input_shape, measure_latency=ctx.main)
+    lat = rep.get("latency", {})
+    stats = {"spec": spec, **{k: {**v, "latency": {b: lat[b][k] for b in lat}} for k, v in rep["models"].items()},
+             "ratios": rep["ratios"], "plan": plan.to_dict() if plan is not None else None}
+    text = format_report(rep)
     if ctx.main:
         d.mkdir(parents=True, exist_ok=True)
         ckpt.write_text(d / "architecture.json", spec_to_text(spec))
-        ckpt.write_text(d / "architecture.txt", f"# rebuild: ptd.models.build_from_spec(json.load(open('architecture.json')))\n{plan_text}\n{student}\n")
+        ckpt.write_text(d / "architecture.txt", f"# rebuild: ptd.models.build_from_spec(json.load(open('architecture.json')))\n{student}\n")
+        ckpt.write_text(d / "report.txt", text)
         if cfg.student.inherit:
             ckpt.save_model(d / "init.safetensors", student)
         ckpt.write_json(d / "stats.json", stats)

@@ -134,23 +134,3 @@ def write_report(run_dir: str | Path, results: dict[str, Any]) -> str:
     md = render_markdown(results)
     ckpt.write_text(run_dir / "report.md", md)
     return md
-
-
-def student_table(stats: dict[str, Any]) -> str:
-    """What `ptd student` prints: per-layer widths, then params, FLOPs and latency of each model."""
-    lines = []
-    plan = stats.get("plan")
-    if plan:
-        lines.append(f"{'layer':<32} {'teacher':>8} {'estimate':>8} {'student':>8}  group / note")
-        for r in plan["layers"]:
-            est = "" if r["estimate"] is None else r["estimate"]
-            lines.append(f"{r['name']:<32} {r['teacher_width']:>8} {est:>8} {r['width']:>8}  {r['group']} {r['note']}".rstrip())
-        for o in plan.get("overrides", []):
-            lines.append(f"override: {o}")
-        lines.append("")
-    lines.append(f"{'model':<16} {'params':>12} {'nonzero':>12} {'FLOPs':>14} {'lat b1 ms':>10} {'lat b64 ms':>11}")
-    for key in ("teacher", "pruned_teacher", "student"):
-        s = stats[key]
-        src = s if key != "pruned_teacher" else {**s, "latency": stats["teacher"].get("latency")}
-        lines.append(f"{key:<16} {s['params']:>12,} {s['nonzero']:>12,} {s['flops']:>14,} {_lat(src, '1'):>10} {_lat(src, '64'):>11}")
-    return "\n".join(lines)

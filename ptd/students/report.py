@@ -20,7 +20,7 @@ def compare(
     pruned: nn.Module,
     masks: Masks,
     student: nn.Module,
-    plan: StudentPlan,
+    plan: StudentPlan | None,
     input_shape: Sequence[int],
     *,
     measure_latency: bool = True,
@@ -41,10 +41,10 @@ def compare(
     out["layers"] = [
         {"layer": r.name, "teacher": r.teacher_width, "pruned_nnz": r.nnz, "pruned_density": r.nnz / r.weights if r.weights else 0.0,
          "estimate": r.estimate, "student": r.width, "student_weights": r.student_weights, "group": r.group, "note": r.note}
-        for r in plan.layers
+        for r in (plan.layers if plan is not None else [])
     ]
-    out["overrides"] = plan.overrides
-    out["spec"] = plan.spec
+    out["overrides"] = plan.overrides if plan is not None else []
+    out["spec"] = plan.spec if plan is not None else getattr(student, "ptd_spec", None)
     s, p = out["models"]["student"], out["models"]["pruned_teacher"]
     out["ratios"] = {
         "student_params_over_surviving_weights": s["params"] / max(1, p["alive_weights"]),
@@ -74,6 +74,8 @@ def format_report(rep: dict[str, Any]) -> str:
     lines += ["", "student params / pruned teacher's surviving weights: %.3f" % r["student_params_over_surviving_weights"],
               "FLOPs ratio (teacher / student): %.2f" % r["flops_ratio"]]
     lines += [f"speedup at batch {b}: {r[f'speedup_b{b}']:.2f}" for b in lat]
+    if not rep["layers"]:
+        return "\n".join(lines) + "\n"
     lines += ["", "per layer:"]
     rows = [["layer", "teacher", "kept", "estimate", "student", "group", "note"]]
     for x in rep["layers"]:
