@@ -72,9 +72,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
     if until == "report":
         print((out / "report.md").read_text())
     elif until == "student":
-        from ptd.report import student_table
-
-        print(student_table(res))
+        print((out / "student" / "report.txt").read_text())
     elif until == "prune":
         from ptd.pruning.report import layer_table
         from ptd.pruning.masks import load_masks
