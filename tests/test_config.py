@@ -84,3 +84,24 @@ def test_missing_file():
 def test_to_dict_is_plain():
     d = to_dict(RunConfig())
     assert isinstance(d["distill"]["seeds"], list) and d["prune"]["rate"] == 0.2
+
+
+CONFIGS = sorted((__import__("pathlib").Path(__file__).parent.parent / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_shipped_configs_are_valid(path):
+    cfg = load_config(path)
+    assert cfg.name == path.stem
+    from ptd.models import build_model
+
+    m = cfg.teacher.model
+    build_model(m.arch, num_classes=10, in_channels=3, width=m.width, **m.kwargs)  # the arch really builds
+
+
+def test_paper_recipes_match_paper_md():
+    c = load_config(CONFIGS[0].parent / "cifar100_vgg19.yaml")
+    assert (c.teacher.model.arch, c.prune.target_sparsity, c.distill.alpha, c.distill.temperature) == ("vgg19", 0.79, 0.95, 10.0)
+    assert c.prune.retrain.epochs == 130 and c.prune.retrain.milestones == (39, 84)
+    t = load_config(CONFIGS[0].parent / "tiny_imagenet_resnet18.yaml")
+    assert t.teacher.model.arch == "resnet18" and t.prune.target_sparsity == 0.59 and t.prune.retrain.batch_size == 512
