@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+import torch.nn as nn
 import yaml
 
 
@@ -76,3 +78,16 @@ def tiny_yaml(tmp_path: Path, tiny_fashion: Path) -> Path:
     p = tmp_path / "tiny.yaml"
     p.write_text(yaml.safe_dump(tiny_config(tiny_fashion)))
     return p
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: one thread is faster, and immune to OpenMP stalls when the CPU is shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def n_params(m: nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())

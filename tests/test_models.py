@@ -7,6 +7,8 @@ import pytest
 import torch
 import torch.nn as nn
 
+from conftest import n_params
+
 from ptd.models import MODELS, build_from_spec, build_model, spec_to_text
 from ptd.registry import UnknownNameError
 
@@ -26,17 +28,7 @@ def small_kwargs(arch: str) -> dict:
     return {"width": 0.125}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread is faster, and immune to OpenMP stalls when the CPU is shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def n_params(m: nn.Module) -> int:
-    return sum(p.numel() for p in m.parameters())
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 CASES = [(a, 3) for a in MODELS.names() + TV_NAMES] + [(a, 1) for a in ("vgg11", "resnet20", "resnet18", "wrn16_1", "mobilenetv2", "tv:resnet18")]

@@ -7,6 +7,8 @@ import pytest
 import torch
 import torch.nn as nn
 
+from conftest import n_params
+
 from ptd.models import build_from_spec, build_model
 from ptd.pruning.masks import apply_masks, full_masks, prunable_weights
 from ptd.pruning.select import global_topk
@@ -20,17 +22,7 @@ PUBLISHED = {  # PAPER.md: published VGG19 student plans and their parameter cou
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread is faster, and immune to OpenMP stalls when the CPU is shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def n_params(m: nn.Module) -> int:
-    return sum(p.numel() for p in m.parameters())
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def convs(plan):
