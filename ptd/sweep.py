@@ -20,6 +20,7 @@ by strategy name (``options: {gmp: {end_epoch: 3}, imp: {rewind: lr}}``) to give
 """
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -30,7 +31,7 @@ from tqdm.auto import tqdm
 
 from ptd.config import ConfigError, PruneConfig, RunConfig
 from ptd.models import build_from_spec
-from ptd.pipeline import Context, make_context, read_json, stage_distill, stage_prune, stage_student, stage_teacher
+from ptd.pipeline import Context, RunDirError, is_done, make_context, read_json, stage_distill, stage_prune, stage_student, stage_teacher
 from ptd.pruning import STRATEGIES
 from ptd.pruning.masks import Masks, load_masks
 from ptd.pruning.select import rounds_for_target
@@ -126,6 +127,24 @@ def prune_all(ctx: Context, teacher: nn.Module, t_res: dict, sparsities: list[fl
     return out
 
 
+def check_student_dir(ctx: Context, src: PrunedTeacher, src_model: nn.Module, src_masks: Masks) -> None:
+    """A finished student/ must be the one this sweep would make: `ptd run` into the same directory
+    derives its student from prune.target_sparsity, which need not be the sweep's."""
+    d = ctx.run_dir / "student"
+    if not is_done(d):
+        return
+    cfg = ctx.cfg
+    if cfg.student.source == "derive":
+        from ptd.students import derive_student
+
+        want = derive_student(src_model, src_masks, inherit=cfg.student.inherit)[0].ptd_spec
+    else:
+        want = ctx.new_model(cfg.student.model).ptd_spec
+    if json.dumps(want, sort_keys=True) != json.dumps(read_json(d / "stats.json")["spec"], sort_keys=True):
+        raise RunDirError(f"{d} holds a student that is not the sweep's (derived from {src.key}); it was probably made by 'ptd run' "
+                          f"into the same directory; pass --out to a new directory for the sweep")
+
+
 def run_sweep(cfg: RunConfig, run_dir: str | Path, log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Teacher, every pruned teacher, one student, every distillation, then sweep.json/.md/plots."""
     from ptd.report.sweep import build_sweep_results, write_sweep_report
@@ -148,6 +167,7 @@ def run_sweep(cfg: RunConfig, run_dir: str | Path, log: Callable[[str], None] | 
 
     src = next(p for p in pruned if p.strategy == cfg.sweep.strategies[0] and abs(p.target - student_from) < 1e-9)
     src_model, src_masks = src.load(ctx, teacher)
+    check_student_dir(ctx, src, src_model, src_masks)
     s_stats = stage_student(ctx, teacher, src_model, src_masks)
     del src_model, src_masks
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+DODGE_DEX = 0.025  # sideways shift between strategies at one compute, in decades (about 6%)
 BASELINE_STYLE = {"unpruned_teacher": ("tab:gray", "--"), "scratch": ("black", ":")}
 
 
@@ -70,15 +71,31 @@ def plot_acc_vs_compute(r: dict[str, Any], path: str | Path, unit: str = "epochs
     if unit not in ("epochs", "steps"):
         raise ValueError(f"unit {unit!r}: use 'epochs' or 'steps'")
     fig, ax = _figure()
-    for i, (strategy, rows) in enumerate(_by_strategy(r).items()):
-        xs = [x["compute"]["total_per_student"][unit] for x in rows]
+    groups = _by_strategy(r)
+    # One-retraining strategies put all their sparsities at one compute, often the same for several
+    # strategies: shift each strategy sideways a little (log space) where it shares an x with others.
+    at_x: dict[float, list[str]] = {}
+    for strategy, rows in groups.items():
+        for x in {row["compute"]["total_per_student"][unit] for row in rows}:
+            at_x.setdefault(x, []).append(strategy)
+    dodged = False
+    for i, (strategy, rows) in enumerate(groups.items()):
+        xs, left = [], []
+        for row in rows:
+            x = row["compute"]["total_per_student"][unit]
+            sharing = at_x[x]
+            pos = sharing.index(strategy) - (len(sharing) - 1) / 2
+            if len(sharing) > 1:
+                dodged = True
+                x *= 10 ** (DODGE_DEX * pos)
+            xs.append(x)
+            left.append(pos < 0)  # the left-shifted strategy labels its points on the left
         ms = [_ms(x) for x in rows]
         ax.errorbar(xs, [m for m, _ in ms], yerr=[s for _, s in ms], marker=MARKERS[i % len(MARKERS)], capsize=4,
                     linewidth=1.0, alpha=0.9, label=f"KD from {strategy}-pruned teacher")
-        seen: dict[float, int] = {}
-        for x, (m, _), row in zip(xs, ms, rows):
-            k = seen[x] = seen.get(x, -1) + 1  # one-run strategies put every sparsity at the same x: stagger labels
-            ax.annotate(f"{100 * row['sparsity']:.0f}%", (x, m), textcoords="offset points", xytext=(5 + 22 * k, 4), fontsize=7)
+        for x, (m, _), row, lf in zip(xs, ms, rows, left):
+            ax.annotate(f"{100 * row['sparsity']:.0f}%", (x, m), textcoords="offset points", xytext=(-5 if lf else 5, -3),
+                        ha="right" if lf else "left", fontsize=6.5)
     for arm, b in r["baselines"].items():
         color, _ = BASELINE_STYLE.get(arm, ("tab:brown", "-."))
         m, s = _ms(b)
@@ -88,11 +105,14 @@ def plot_acc_vs_compute(r: dict[str, Any], path: str | Path, unit: str = "epochs
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     ax.set_xscale("log")
-    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 3.0, 5.0)))
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}" if v >= 1 else f"{v:g}"))
     ax.xaxis.set_minor_formatter(NullFormatter())
     what = "epochs" if unit == "epochs" else "optimizer steps"
     ax.set_xlabel(f"total {what} behind one student: teacher + pruning + distillation (log scale)")
+    if dodged:
+        fig.text(0.99, 0.005, "strategies at equal compute are shifted sideways slightly for legibility; labels: teacher sparsity",
+                 ha="right", va="bottom", fontsize=6, color="0.35")
     ax.set_ylabel("student test accuracy (%)")
     ax.set_title(_title(r), fontsize=8.5)
     ax.grid(True, which="both", alpha=0.3)

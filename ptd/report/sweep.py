@@ -191,6 +191,11 @@ def render_sweep_markdown(r: dict[str, Any], plots: bool = True) -> str:
         best = max(r["rows"], key=lambda x: x["student_acc"]["mean"] or 0)
         lines.append(f"- Best mean student: {best['strategy']} s{best['target_sparsity']:g}, {_acc(best['student_acc'])} %, "
                      f"against {_acc(un['student_acc'])} % from the unpruned teacher.")
+    stronger = [x for x in r["rows"] if x["teacher_test_acc"] is not None and x["teacher_test_acc"] > t["test_acc"]]
+    if stronger:
+        lines.append(f"- {len(stronger)} of {len(r['rows'])} pruned teachers are themselves more accurate than the unpruned teacher "
+                     f"({_pct(t['test_acc'])} %): their retraining is also extra training. A student gain from such a teacher "
+                     "cannot be credited to sparsity alone; a longer-trained dense teacher is the control that would separate the two.")
     if n_seeds < 3:
         lines.append(f"- Only {n_seeds} seed(s): differences of a few tenths of a point are within seed noise; no claim is made from them.")
     else:
@@ -200,7 +205,7 @@ def render_sweep_markdown(r: dict[str, Any], plots: bool = True) -> str:
                 lines.append(f"  - {x['strategy']} s{x['target_sparsity']:g}: {x['vs_unpruned_teacher']['verdict']}")
     tot = r["compute"]["sweep_total"]
     lines += [f"- Whole sweep: {_num(tot['epochs'])} training epochs, {_num(tot['steps'])} optimizer steps, "
-              f"{_num(tot['wall_s'])} s of training wall time (evaluation excluded); this session ran {r['compute']['session_wall_s']:.0f} s.", ""]
+              f"{_num(tot['wall_s'])} s of training wall time (evaluation excluded); this invocation took {r['compute']['session_wall_s']:.0f} s (finished stages are skipped).", ""]
     if plots:
         lines += ["## Plots", "", f"![student accuracy vs teacher sparsity]({PLOTS[0]})", "", f"![student accuracy vs total compute]({PLOTS[1]})", ""]
     return "\n".join(lines)
