@@ -1,0 +1,172 @@
+"""`ptd sweep`: a tiny sweep end to end (rows, IMP levels, plots, cost, resume), and its bad input."""
+import json
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import tiny_config
+from ptd.cli import main
+from ptd.config import ConfigError, load_config
+from ptd.sweep import PrunedTeacher, check_sweep, strategy_options
+
+PTD = [sys.executable, "-m", "ptd"]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def run_cli(*args):
+    return subprocess.run([*PTD, *map(str, args)], capture_output=True, text=True, timeout=300)
+
+
+def one_line_error(r) -> str:
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("ptd: error:"), r.stderr
+    return lines[0]
+
+
+def sweep_yaml(tmp_path: Path, data_root: Path, **sweep) -> Path:
+    one = {"epochs": 1, "batch_size": 64, "lr": 0.05}
+    cfg = tiny_config(data_root, threads=1,
+                      teacher={"model": {"arch": "vgg", "kwargs": {"plan": [16, "M", 32, "M", 32]}}, "optim": one},
+                      prune={"retrain": {**one, "lr": 0.02}},
+                      distill={"seeds": [0, 1], "optim": one},
+                      sweep={"sparsities": [0.36, 0.59], "strategies": ["imp", "oneshot"], **sweep})
+    p = tmp_path / "sweep.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    return p
+
+
+def check_png(path: Path) -> None:
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC, path
+    width, height = struct.unpack(">II", data[16:24])  # IHDR, the first chunk
+    assert width >= 300 and height >= 200 and len(data) > 10_000, (path, width, height, len(data))
+
+
+@pytest.mark.slow
+def test_sweep_end_to_end_and_resume(tmp_path, tiny_fashion, capsys):
+    cfg_path = sweep_yaml(tmp_path, tiny_fashion)
+    out = tmp_path / "run"
+    assert main(["sweep", str(cfg_path), "--out", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "## Students" in printed and "| imp s0.59 |" in printed and "Same sparsity, different pruning" in printed
+
+    r = json.loads((out / "sweep.json").read_text())
+    rows = {(x["strategy"], x["target_sparsity"]): x for x in r["rows"]}
+    assert set(rows) == {(s, sp) for s in ("imp", "oneshot") for sp in (0.36, 0.59)}
+    # IMP: one run to the highest sparsity; the sweep sparsities are its levels 2 and 4 (1 - 0.8^n).
+    for sp, n in ((0.36, 2), (0.59, 4)):
+        row = rows[("imp", sp)]
+        assert row["level"] == n and row["prune_dir"] == "prune/imp"
+        assert row["sparsity"] == pytest.approx(1 - 0.8 ** n, abs=1e-3)
+        assert (out / "prune" / "imp" / f"level_{n}" / "model.safetensors").is_file()
+    assert not (out / "prune" / "imp" / "level_5").exists()
+    for sp in (0.36, 0.59):
+        assert rows[("oneshot", sp)]["sparsity"] == pytest.approx(sp, abs=1e-3)
+        assert (out / "prune" / f"oneshot_s{sp:g}" / "done").is_file()
+
+    # Every teacher, plus scratch and the unpruned teacher, over both seeds; all one student.
+    for x in r["rows"]:
+        assert [s["seed"] for s in x["students"]] == [0, 1]
+        assert all(0.0 <= s["test_acc"] <= 1.0 for s in x["students"])
+        assert x["student_acc"]["n"] == 2 and x["vs_unpruned_teacher"]["n"] == 2
+        assert 0.0 <= x["teacher_test_acc"] <= 1.0
+    assert set(r["baselines"]) == {"scratch", "unpruned_teacher"}
+    assert all(len(b["students"]) == 2 for b in r["baselines"].values())
+    from ptd.train.checkpoint import read_metadata
+
+    models = sorted((out / "distill").glob("*/model.safetensors"))
+    assert len(models) == 2 * (4 + 2)
+    assert len({read_metadata(m)["ptd_spec"] for m in models}) == 1  # the same student architecture everywhere
+    assert r["student"]["derived_from"] == {"strategy": "imp", "sparsity": 0.59}
+
+    # Cost: teacher + pruning (IMP levels cumulative) + the student's own training.
+    t_ep = r["teacher"]["compute"]["epochs"]
+    assert t_ep == 1
+    imp_rows = sorted((x for x in r["rows"] if x["strategy"] == "imp"), key=lambda x: x["level"])
+    for a, b in zip(imp_rows, imp_rows[1:]):
+        for k in ("epochs", "steps", "wall_s"):
+            assert b["compute"]["teacher_total"][k] > a["compute"]["teacher_total"][k], k
+            assert b["compute"]["total_per_student"][k] > a["compute"]["total_per_student"][k], k
+    for x in r["rows"]:
+        c = x["compute"]
+        assert c["pruning"]["epochs"] == (x["level"] if x["strategy"] == "imp" else 1)
+        assert c["teacher_total"]["epochs"] == t_ep + c["pruning"]["epochs"]
+        assert c["total_per_student"]["epochs"] == c["teacher_total"]["epochs"] + 1
+    assert r["baselines"]["scratch"]["compute"]["total_per_student"]["epochs"] == 1
+    assert r["baselines"]["unpruned_teacher"]["compute"]["total_per_student"]["epochs"] == t_ep + 1
+    assert r["compute"]["sweep_total"]["epochs"] == t_ep + 4 + 2 + 2 * 6  # IMP's 4 levels once, 2 one-shot runs, 12 students
+
+    for name in ("student_acc_vs_sparsity.png", "student_acc_vs_compute.png"):
+        check_png(out / name)
+        assert f"]({name})" in (out / "sweep.md").read_text()
+
+    # Re-running the same command trains nothing and gives the same numbers.
+    watched = [out / "distill" / "imp_s0.59_seed1" / "model.safetensors", out / "teacher" / "model.safetensors",
+               out / "prune" / "imp" / "level_4" / "model.safetensors", out / "student" / "stats.json"]
+    before = [p.stat().st_mtime_ns for p in watched]
+    assert main(["sweep", str(cfg_path), "--out", str(out), "--quiet"]) == 0
+    assert [p.stat().st_mtime_ns for p in watched] == before
+    r2 = json.loads((out / "sweep.json").read_text())
+    assert [x["students"] for x in r2["rows"]] == [x["students"] for x in r["rows"]]
+
+    # A student/ that is not the sweep's (as `ptd run` into the same directory would leave) is refused.
+    stats_path = out / "student" / "stats.json"
+    stats = json.loads(stats_path.read_text())
+    stats["spec"]["plan"][0] += 1
+    stats_path.write_text(json.dumps(stats))
+    line = one_line_error(run_cli("sweep", cfg_path, "--out", out, "--quiet"))
+    assert "not the sweep's" in line and "--out" in line
+
+
+def test_unknown_strategy_is_one_line(tmp_path, tiny_fashion):
+    cfg_path = sweep_yaml(tmp_path, tiny_fashion)
+    out = tmp_path / "run"
+    line = one_line_error(run_cli("sweep", cfg_path, "--out", out, "--set", "sweep.strategies=[imp,nope]"))
+    assert "sweep.strategies" in line and "'nope'" in line
+    for valid in ("imp", "gmp", "oneshot", "snip", "synflow", "random"):
+        assert valid in line
+    assert not out.exists()
+
+
+def test_student_from_must_be_a_sweep_sparsity(tmp_path, tiny_fashion):
+    cfg_path = sweep_yaml(tmp_path, tiny_fashion, student_from=0.5)
+    line = one_line_error(run_cli("sweep", cfg_path, "--out", tmp_path / "run"))
+    assert "sweep.student_from" in line and "0.36" in line and "0.59" in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_options_per_strategy(tmp_path, tiny_fashion):
+    base = load_config(sweep_yaml(tmp_path, tiny_fashion, strategies=["imp", "gmp"]))
+    from dataclasses import replace
+
+    keyed = replace(base, prune=replace(base.prune, options={"gmp": {"end_epoch": 1}}))
+    assert strategy_options(keyed, "gmp") == {"end_epoch": 1} and strategy_options(keyed, "imp") == {}
+    plain = replace(base, prune=replace(base.prune, options={"end_epoch": 1}))
+    assert strategy_options(plain, "imp") == {"end_epoch": 1}  # applies to every strategy (imp would refuse it)
+    mixed = replace(base, prune=replace(base.prune, options={"gmp": {"end_epoch": 1}, "rewind": "lr"}))
+    with pytest.raises(ConfigError, match="mixes per-strategy"):
+        check_sweep(mixed)
+    dup = replace(base, sweep=replace(base.sweep, strategies=("imp", "imp")))
+    with pytest.raises(ConfigError, match="twice"):
+        check_sweep(dup)
+
+
+def test_imp_level_cost_is_cumulative():
+    levels = [{"level": 0, "epochs": 0, "steps": 0, "wall_s": 0.0}] + [
+        {"level": k, "epochs": 2, "steps": 20, "wall_s": 1.5, "sparsity": 1 - 0.8 ** k} for k in range(1, 8)]
+    res = {"levels": levels, "final_level": 7}
+    costs = [PrunedTeacher("imp", 1 - 0.8 ** n, Path("prune/imp"), n, res).cost() for n in (2, 4, 7)]
+    assert [c["epochs"] for c in costs] == [4, 8, 14]
+    assert [c["steps"] for c in costs] == [40, 80, 140]
+    assert costs[-1]["wall_s"] == pytest.approx(10.5)
+
+
+def test_sweep_has_help():
+    r = run_cli("sweep", "--help")
+    assert r.returncode == 0 and "usage: ptd sweep" in r.stdout and "--out" in r.stdout and "--set" in r.stdout
