@@ -385,6 +385,8 @@ def stage_student(ctx: Context, teacher: nn.Module, pruned: nn.Module, masks: Ma
     ctx.log("[student] measuring parameters, FLOPs and CPU latency (batch 1 and 64, interleaved)")
     # Latency on the CPU, models timed in turn so machine noise hits all three alike. The pruned
     # teacher runs the same dense kernels as the teacher.
+    # Same memory format and device for all three, or the comparison measures layouts, not models.
+    student = ctx.rt.prepare(student)
     rep = compare(teacher, pruned, masks, student, plan, ctx.input_shape, measure_latency=ctx.main)
     lat = rep.get("latency", {})
     stats = {"spec": spec, **{k: {**v, "latency": {b: lat[b][k] for b in lat}} for k, v in rep["models"].items()},
