@@ -131,12 +131,15 @@ def build_parser() -> argparse.ArgumentParser:
         "prune": "prune the teacher (stages 1-2), printing the per-layer sparsity",
         "student": "derive the student from the pruned teacher (stages 1-3), printing widths, params, FLOPs, latency",
         "distill": "train the students: alone, from the unpruned and from the pruned teacher (stages 1-4)",
+        # (the retrained_teacher control arm, when listed in distill.arms, runs here too)
     }
     for name, h in helps.items():
         sp = sub.add_parser(name, help=h, description=h)
         _common(sp)
         if name == "distill":
-            sp.add_argument("--arm", choices=["scratch", "unpruned_teacher", "pruned_teacher"], help="only this arm")
+            from ptd.config import ARMS
+
+            sp.add_argument("--arm", choices=ARMS, help="only this arm")
         sp.set_defaults(func=cmd_stage)
     ev = sub.add_parser("eval", help="test accuracy of a saved model (.safetensors written by ptd)",
                         description="test accuracy of a saved model (.safetensors written by ptd)")

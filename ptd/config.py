@@ -121,7 +121,11 @@ class StudentConfig:
             raise ConfigError(f"{where}.model: required when {where}.source is 'named' (e.g. model: {{arch: vgg11}})")
 
 
-ARMS = ("scratch", "unpruned_teacher", "pruned_teacher")
+ARMS = ("scratch", "unpruned_teacher", "pruned_teacher", "retrained_teacher")
+# retrained_teacher, the control: the unpruned teacher trained on for as many epochs as pruning
+# retrained the pruned one, same schedule, no pruning. Without it a pruned teacher that teaches
+# better may just be a longer-trained teacher.
+DEFAULT_ARMS = ARMS[:3]
 
 
 @dataclass(frozen=True)
@@ -131,7 +135,7 @@ class DistillConfig:
     temperature: float = 10.0
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(epochs=200, lr=0.1, milestones=(60, 120, 160), gamma=0.2, weight_decay=5e-4))
     seeds: tuple[int, ...] = (0, 1)
-    arms: tuple[str, ...] = ARMS
+    arms: tuple[str, ...] = DEFAULT_ARMS
 
     def validate(self, where: str) -> None:
         from ptd.distill import LOSSES

@@ -6,6 +6,7 @@
       prune/level_<k>/        model.safetensors  masks.safetensors  sparsity.json  metrics.jsonl  done
       prune/                  result.json  done
       student/                architecture.json  architecture.txt  stats.json  done
+      control/round_<k>/      (only with the retrained_teacher arm) the unpruned teacher retrained as long
       distill/<arm>_seed<s>/  model.safetensors  metrics.jsonl  result.json  done
       results.json  report.md
 
@@ -436,6 +437,45 @@ def stage_distill(ctx: Context, arm: str, seed: int, student_stats: dict, teache
     return result
 
 
+def stage_control(ctx: Context, teacher: nn.Module, prune_result: dict) -> tuple[nn.Module, dict]:
+    """The control teacher: the unpruned teacher retrained round by round exactly as the pruned one
+    was (same number of rounds, same schedule restarted each round), but never pruned."""
+    cfg, d = ctx.cfg, ctx.run_dir / "control"
+    model = build_from_spec(teacher.ptd_spec)
+    model.load_state_dict(teacher.state_dict())
+    model = ctx.rt.prepare(model)
+    if is_done(d):
+        ckpt.load_into(model, d / "model.safetensors", "control teacher")
+        return model, read_json(d / "result.json")
+    rounds = [lv for lv in prune_result["levels"] if lv["level"] > 0]
+    total = {"epochs": 0, "steps": 0, "wall_s": 0.0}
+    r: dict = {}
+    for k, lv in enumerate(rounds, start=1):
+        rd = d / f"round_{k}"
+        optim = replace(cfg.prune.retrain, epochs=int(lv["epochs"] or cfg.prune.retrain.epochs))
+        if is_done(rd):
+            ckpt.load_into(model, rd / "model.safetensors", "control teacher")
+            r = read_json(rd / "result.json")
+        else:
+            if ctx.main:
+                rd.mkdir(parents=True, exist_ok=True)
+            ctx.log(f"[control] retraining the unpruned teacher, round {k}/{len(rounds)}")
+            r = ctx.fit(model, optim, rd, cfg.seed, f"control {k}")
+            cleanup_resume_files(rd)
+            ctx.write_json(rd / "result.json", r)
+            ctx.done(rd)
+        for key in total:
+            total[key] += r[key]
+    result = {"rounds": len(rounds), "val_acc": r.get("val_acc"), "test_acc": r["test_acc"] if r else ctx.scores(model)["test_acc"], **total}
+    if ctx.main:
+        d.mkdir(parents=True, exist_ok=True)
+        ckpt.save_model(d / "model.safetensors", model)
+    ctx.write_json(d / "result.json", result)
+    ctx.done(d)
+    ctx.log(f"[control] retrained unpruned teacher: test acc {result['test_acc']:.4f}")
+    return model, result
+
+
 def run_pipeline(cfg: RunConfig, run_dir: str | Path, until: str = "report", arms: Sequence[str] | None = None,
                  log: Callable[[str], None] | None = None) -> dict:
     """Run every stage up to and including ``until``; returns what the last stage produced."""
@@ -453,13 +493,17 @@ def run_pipeline(cfg: RunConfig, run_dir: str | Path, until: str = "report", arm
     s_stats = stage_student(ctx, teacher, pruned, masks)
     if until == "student":
         return s_stats
+    arms = list(arms or cfg.distill.arms)
     teachers = {"scratch": None, "unpruned_teacher": teacher, "pruned_teacher": pruned}
-    students = [stage_distill(ctx, arm, seed, s_stats, teachers[arm]) for arm in (arms or cfg.distill.arms) for seed in cfg.distill.seeds]
+    c_res = None
+    if "retrained_teacher" in arms:
+        teachers["retrained_teacher"], c_res = stage_control(ctx, teacher, p_res)
+    students = [stage_distill(ctx, arm, seed, s_stats, teachers[arm]) for arm in arms for seed in cfg.distill.seeds]
     if until == "distill":
         return {"students": students}
     from ptd.report import build_results, write_report
 
-    results = build_results(cfg, t_res, p_res, s_stats, students)
+    results = build_results(cfg, t_res, p_res, s_stats, students, control=c_res)
     if ctx.main:
         write_report(ctx.run_dir, results)
     log(f"done in {time.perf_counter() - t0:.0f} s: {ctx.run_dir}")

@@ -25,7 +25,11 @@ def run_cli(*args, cwd=None):
 
 
 @pytest.mark.slow
-def test_whole_pipeline_end_to_end(tmp_path, tiny_yaml, capsys):
+def test_whole_pipeline_end_to_end(tmp_path, tiny_fashion, capsys):
+    tiny_yaml = tmp_path / "tiny.yaml"
+    cfg = tiny_config(tiny_fashion)
+    cfg["distill"]["arms"] = ["scratch", "unpruned_teacher", "pruned_teacher", "retrained_teacher"]
+    tiny_yaml.write_text(yaml.safe_dump(cfg))
     out = tmp_path / "run"
     assert main(["run", str(tiny_yaml), "--out", str(out), "--quiet"]) == 0
     printed = capsys.readouterr().out
@@ -43,11 +47,15 @@ def test_whole_pipeline_end_to_end(tmp_path, tiny_yaml, capsys):
     assert 0.0 <= pt["test_acc"] <= 1.0 and pt["params_nonzero"] < r["teacher"]["params"]
     studs = r["students"]
     assert sorted((s["arm"], s["seed"]) for s in studs) == sorted(
-        (a, s) for a in ("scratch", "unpruned_teacher", "pruned_teacher") for s in (0, 1))
+        (a, s) for a in ("scratch", "unpruned_teacher", "pruned_teacher", "retrained_teacher") for s in (0, 1))
+    # the control teacher trained exactly as many epochs as pruning retrained, in as many rounds
+    assert r["retrained_teacher"]["epochs"] == r["compute"]["pruning"]["epochs"] == 2
+    assert (out / "control" / "round_2" / "done").is_file()
+    assert "pruned_minus_retrained" in r["comparison"]
     for s in studs:
         assert 0.0 <= s["test_acc"] <= 1.0
         assert s["params"] < r["teacher"]["params"] and s["flops"] < r["teacher"]["flops"]
-    assert set(r["summary"]) == {"scratch", "unpruned_teacher", "pruned_teacher"}
+    assert set(r["summary"]) == {"scratch", "unpruned_teacher", "pruned_teacher", "retrained_teacher"}
     assert r["summary"]["pruned_teacher"]["n"] == 2
     assert "pruned_minus_unpruned" in r["comparison"]
     env = json.loads((out / "env.json").read_text())

@@ -13,6 +13,7 @@ ARM_LABELS = {
     "scratch": "student alone (no teacher)",
     "unpruned_teacher": "KD from unpruned teacher",
     "pruned_teacher": "KD from pruned teacher",
+    "retrained_teacher": "KD from unpruned teacher retrained as long (control)",
 }
 
 
@@ -51,7 +52,8 @@ def verdict(diffs: Sequence[float], a: str, b: str) -> str:
     return f"no clear difference between {ARM_LABELS[a]} and {ARM_LABELS[b]}: {pts} (± {100 * se:.2f} s.e.) over {n} seeds"
 
 
-def build_results(cfg: RunConfig, teacher: dict, prune: dict, student: dict, students: list[dict]) -> dict[str, Any]:
+def build_results(cfg: RunConfig, teacher: dict, prune: dict, student: dict, students: list[dict],
+                  control: dict | None = None) -> dict[str, Any]:
     final = prune["levels"][-1]
     summary = {arm: {**mean_std([s["test_acc"] for s in students if s["arm"] == arm]), "seeds": sorted(s["seed"] for s in students if s["arm"] == arm)}
                for arm in ARMS if any(s["arm"] == arm for s in students)}
@@ -59,10 +61,12 @@ def build_results(cfg: RunConfig, teacher: dict, prune: dict, student: dict, stu
     compute = {
         "teacher": {k: teacher.get(k, 0) for k in ("epochs", "steps", "wall_s")},
         "pruning": {k: prune.get(k, 0) for k in ("epochs", "steps", "wall_s")},
+        "control": {k: (control or {}).get(k, 0) for k in ("epochs", "steps", "wall_s")},
         "students": {arm: {k: sum(s[k] for s in students if s["arm"] == arm) for k in ("epochs", "steps", "wall_s")} for arm in summary},
     }
     # Total compute behind one student of each arm (per seed): its own training plus the teachers it needs.
-    behind = {"scratch": [], "unpruned_teacher": ["teacher"], "pruned_teacher": ["teacher", "pruning"]}
+    behind = {"scratch": [], "unpruned_teacher": ["teacher"], "pruned_teacher": ["teacher", "pruning"],
+              "retrained_teacher": ["teacher", "control"]}
     compute["total_per_student"] = {
         arm: {k: sum(compute[st][k] for st in behind[arm]) + compute["students"][arm][k] / max(summary[arm]["n"], 1)
               for k in ("epochs", "steps", "wall_s")} for arm in summary}
@@ -76,10 +80,12 @@ def build_results(cfg: RunConfig, teacher: dict, prune: dict, student: dict, stu
                            "levels": prune["levels"]},
         "student": {"spec": student["spec"], "params": st["params"], "flops": st["flops"], "latency": st.get("latency"),
                     "params_ratio": st["params"] / te["params"], "flops_ratio": st["flops"] / te["flops"]},
+        "retrained_teacher": {"test_acc": control["test_acc"], "val_acc": control.get("val_acc"), "epochs": control["epochs"]} if control else None,
         "students": students,
         "summary": summary,
         "comparison": {k: v for k, v in {
             "pruned_minus_unpruned": paired(students, "pruned_teacher", "unpruned_teacher"),
+            "pruned_minus_retrained": paired(students, "pruned_teacher", "retrained_teacher"),
             "pruned_minus_scratch": paired(students, "pruned_teacher", "scratch"),
             "unpruned_minus_scratch": paired(students, "unpruned_teacher", "scratch"),
         }.items() if v is not None},
@@ -101,7 +107,10 @@ def render_markdown(r: dict[str, Any]) -> str:
     lines = [f"# ptd report: {r['name']}", "", f"Dataset: {r['dataset']}. Accuracies are test top-1 (%) at the best-validation checkpoint.", ""]
     lines += ["## Teachers", "", "| model | test acc % | sparsity | params (nonzero) | FLOPs |", "|---|---:|---:|---:|---:|",
               f"| teacher ({t['arch']}) | {_pct(t['test_acc'])} | 0 | {t['params']:,} | {t['flops']:,} |",
-              f"| pruned teacher ({p['strategy']}, level {p['level']}) | {_pct(p['test_acc'])} | {p['sparsity']:.4f} | {p['params_nonzero']:,} | |", ""]
+              f"| pruned teacher ({p['strategy']}, level {p['level']}) | {_pct(p['test_acc'])} | {p['sparsity']:.4f} | {p['params_nonzero']:,} | |"]
+    if r.get("retrained_teacher"):
+        lines.append(f"| unpruned teacher retrained {r['retrained_teacher']['epochs']} more epochs (control) | {_pct(r['retrained_teacher']['test_acc'])} | 0 | {t['params']:,} | |")
+    lines.append("")
     if len(p["levels"]) > 2:
         lines += ["Pruning levels:", "", "| level | sparsity | val acc % | test acc % | epochs |", "|---:|---:|---:|---:|---:|"]
         lines += [f"| {lv['level']} | {lv['sparsity']:.4f} | {_pct(lv.get('val_acc'))} | {_pct(lv['test_acc'])} | {lv.get('epochs') or 0} |" for lv in p["levels"]]
@@ -114,12 +123,17 @@ def render_markdown(r: dict[str, Any]) -> str:
         per = ", ".join(_pct(x["test_acc"]) for x in sorted(r["students"], key=lambda x: x["seed"]) if x["arm"] == arm)
         lines.append(f"| {ARM_LABELS[arm]} | {_pct(sm['mean'])} | {_pct(sm['std'])} | {sm['n']} | {per} |")
     lines += ["", "## Does the pruned teacher teach better?", ""]
+    if p["test_acc"] is not None and p["test_acc"] > t["test_acc"] and not r.get("retrained_teacher"):
+        lines += [f"Note: the pruned teacher is itself more accurate than the unpruned one ({_pct(p['test_acc'])} vs {_pct(t['test_acc'])}); "
+                  "its retraining is extra training. Add the `retrained_teacher` arm (distill.arms) to separate pruning from training longer.", ""]
     for key, c in r["comparison"].items():
         lines.append(f"- {c['verdict']} (per seed: {', '.join(f'{100 * v:+.2f}' for v in c['per_seed'].values())})")
     c = r["compute"]
     lines += ["", "## Compute", "", "| stage | epochs | optimizer steps | wall s |", "|---|---:|---:|---:|",
               f"| teacher | {c['teacher']['epochs']} | {c['teacher']['steps']} | {c['teacher']['wall_s']:.0f} |",
               f"| pruning (all levels) | {c['pruning']['epochs']} | {c['pruning']['steps']} | {c['pruning']['wall_s']:.0f} |"]
+    if c["control"]["epochs"]:
+        lines.append(f"| control: unpruned teacher retrained | {c['control']['epochs']} | {c['control']['steps']} | {c['control']['wall_s']:.0f} |")
     for arm, v in c["students"].items():
         lines.append(f"| students: {ARM_LABELS[arm]} (all seeds) | {v['epochs']} | {v['steps']} | {v['wall_s']:.0f} |")
     lines += ["", "Total compute behind one student (its teachers included):", "", "| arm | epochs | optimizer steps | wall s |", "|---|---:|---:|---:|"]
