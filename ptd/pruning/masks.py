@@ -121,18 +121,42 @@ class MaskHook:
 
     before_step: zero their gradients (so momentum buffers stay clean);
     after_step: zero the weights again (weight decay and momentum may have moved them).
+
+    Masks are cast to the weights' dtype once and applied with one fused multiply per call; the
+    cache is rebuilt when a mask tensor in the dict is replaced (GMP swaps them in place).
     """
 
     def __init__(self, masks: Masks):
         self.masks = masks
+        self._key: tuple[int, ...] | None = None
+        self._params: list[torch.Tensor] = []
+        self._factors: list[torch.Tensor] = []
 
+    def _cache(self, model: nn.Module) -> None:
+        key = tuple(id(m) for m in self.masks.values())
+        if key == self._key:
+            return
+        params = dict(unwrap(model).named_parameters())
+        self._params = [params[n] for n in self.masks]
+        self._factors = [m.to(device=p.device, dtype=p.dtype) for m, p in zip(self.masks.values(), self._params)]
+        self._key = key
+
+    @torch.no_grad()
     def before_step(self, model: nn.Module) -> None:
-        mask_grads(model, self.masks)
+        self._cache(model)
+        grads = [p.grad for p in self._params if p.grad is not None]
+        if len(grads) == len(self._params):
+            torch._foreach_mul_(grads, self._factors)
+        else:
+            mask_grads(model, self.masks)
 
+    @torch.no_grad()
     def after_step(self, model: nn.Module) -> None:
-        apply_masks(model, self.masks)
+        self._cache(model)
+        torch._foreach_mul_(self._params, self._factors)
 
     def on_start(self, model: nn.Module) -> None:
+        self._key = None  # the model may have been moved or rebuilt since
         apply_masks(model, self.masks)
 
 
