@@ -176,3 +176,46 @@ def test_eval_command(tmp_path, tiny_yaml):
     assert r.returncode == 0, r.stderr
     acc = json.loads((out / "teacher" / "result.json").read_text())["test_acc"]
     assert f"test acc {acc:.4f}" in r.stdout
+
+
+def test_named_student(tmp_path, tiny_yaml):
+    cfg = load_config(tiny_yaml, ["student.source=named", "student.model={arch: vgg, kwargs: {plan: [8, M, 16, M]}}"])
+    stats = run_pipeline(cfg, tmp_path / "run", until="student")
+    assert stats["spec"]["plan"] == [8, "M", 16, "M"]
+    assert json.loads((tmp_path / "run" / "student" / "architecture.json").read_text())["plan"] == [8, "M", 16, "M"]
+
+
+class UserNet(torch.nn.Module):
+    """A model ptd has never seen: a residual add and a classifier, registered by the user."""
+
+    def __init__(self, num_classes=10, in_channels=1, width=1.0):
+        super().__init__()
+        c = int(16 * width)
+        self.stem = torch.nn.Conv2d(in_channels, c, 3, padding=1)
+        self.body = torch.nn.Sequential(torch.nn.ReLU(), torch.nn.Conv2d(c, c, 3, padding=1), torch.nn.BatchNorm2d(c), torch.nn.ReLU(),
+                                        torch.nn.Conv2d(c, c, 3, padding=1))
+        self.head = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(c, num_classes))
+
+    def forward(self, x):
+        h = self.stem(x)
+        return self.head(torch.relu(h + self.body(h)))
+
+
+def test_users_own_module_through_the_registry(tmp_path, tiny_fashion):
+    """A user's nn.Module, registered by name, goes through the whole pipeline: pruned, a student
+    derived by channel surgery, distilled, and the saved student rebuilt from its description."""
+    from ptd.models import MODELS
+    from ptd.train.checkpoint import load_model
+
+    if "user_net" not in MODELS:
+        MODELS.register("user_net")(UserNet)
+    cfg = tiny_config(tiny_fashion, distill={"seeds": [0], "arms": ["pruned_teacher"], "optim": {"epochs": 1, "batch_size": 64, "lr": 0.05}})
+    cfg["teacher"]["model"] = {"arch": "user_net"}
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    r = run_pipeline(load_config(p), tmp_path / "run")
+    assert r["student"]["params"] < r["teacher"]["params"]
+    student = load_model(tmp_path / "run" / "distill" / "pruned_teacher_seed0" / "model.safetensors")
+    assert isinstance(student, UserNet)
+    # the residual add couples stem and body output: one width for both
+    assert student.stem.out_channels == student.body[4].out_channels < 16
