@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from ptd.measure import cpu_name
 from ptd.measure import compare_latency, count_nonzero, count_params, flops
 from ptd.models import build_model
 from ptd.pruning.masks import apply_masks, full_masks, prunable_weights
@@ -39,16 +40,6 @@ def magnitude_prune(model, sparsity):
     masks = global_topk({n: p.detach().abs() for n, p in params.items()}, full_masks(params), keep)
     apply_masks(model, masks)
     return masks
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main(argv=None) -> int:

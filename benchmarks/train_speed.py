@@ -42,6 +42,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ptd.measure import cpu_name
 from ptd.config import OptimConfig
 from ptd.data import Split, Splits, TensorLoader, load_dataset
 from ptd.distill import distillation_step
@@ -382,16 +383,6 @@ def accuracy_run(splits: Splits, teacher: nn.Module, masks, optim: OptimConfig, 
 
 
 # ----------------------------------------------------------------------------- report
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def _fmt_acc(run: dict[str, Any], key: str) -> str:
     return f"{run[key]['test_acc']:.4f}" if key in run else "-"
 
@@ -689,7 +680,7 @@ def main(argv: list[str] | None = None, *, log: Callable[[str], None] = print) -
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__,
         "python": platform.python_version(),
-        "cpu": cpu_model(),
+        "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "caveat": "shared, noisy machine (other jobs running on the same cores): compare only the ratios from this "

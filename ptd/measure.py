@@ -191,3 +191,17 @@ def summarize(
             str(b): latency(model, shape, b, repeats=repeats, warmup=warmup, device=device) for b in batch_sizes
         }
     return out
+
+
+def cpu_name() -> str:
+    """The CPU's model name (from /proc/cpuinfo on Linux), for run records and benchmarks."""
+    import platform
+    from pathlib import Path
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"

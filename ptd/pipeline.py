@@ -144,6 +144,7 @@ def environment(cfg: RunConfig, rt: Runtime) -> dict[str, Any]:
     import torchvision
 
     import ptd
+    from ptd.measure import cpu_name
 
     env = {
         "started": datetime.now(timezone.utc).isoformat(),
@@ -153,7 +154,7 @@ def environment(cfg: RunConfig, rt: Runtime) -> dict[str, Any]:
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,
         "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
+        "processor": cpu_name(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "device": str(rt.device),
