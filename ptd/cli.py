@@ -9,9 +9,6 @@ import argparse
 import sys
 from pathlib import Path
 
-USAGE_ERRORS: tuple[type[BaseException], ...] = ()
-
-
 def _errors() -> tuple[type[BaseException], ...]:
     from ptd.config import ConfigError
     from ptd.pipeline import RunDirError

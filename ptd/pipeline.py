@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from ptd.config import ConfigError, ModelConfig, OptimConfig, PruneConfig, RunConfig, dump_yaml, to_dict
 from ptd.models import build_from_spec, build_model, spec_to_text
 from ptd.pruning import STRATEGIES, Level, PruneContext
-from ptd.pruning.masks import MaskHook, Masks, apply_masks, count, full_masks, load_masks, prunable_weights, save_masks, sparsity
+from ptd.pruning.masks import MaskHook, Masks, apply_masks, count, full_masks, layer_report, load_masks, prunable_weights, save_masks, sparsity
 from ptd.train import checkpoint as ckpt
 from ptd.train.distributed import Dist, barrier, init_distributed, resolve_device
 from ptd.train.loop import Runtime, cleanup_resume_files, cross_entropy_loss, evaluate, fit
@@ -301,7 +301,7 @@ def stage_prune(ctx: Context, teacher: nn.Module, teacher_result: dict, prune_cf
         ld = level_dir(level.index)
         alive, total = count(level.masks)
         info = {"level": level.index, "sparsity": level.sparsity, "alive": alive, "total": total, **level.metrics,
-                "layers": _layer_rows(level.masks)}
+                "layers": layer_report(level.masks)}
         if ctx.main:
             ld.mkdir(parents=True, exist_ok=True)
             ckpt.save_model(ld / "model.safetensors", model)
@@ -362,12 +362,6 @@ def stage_prune(ctx: Context, teacher: nn.Module, teacher_result: dict, prune_cf
     ctx.done(d)
     ctx.log(f"[prune] sparsity {result['sparsity']:.4f}, test acc {rows[-1]['test_acc']:.4f} (dense {rows[0]['test_acc']:.4f})")
     return model, masks, result
-
-
-def _layer_rows(masks: Masks) -> list[dict]:
-    from ptd.pruning.masks import layer_report
-
-    return layer_report(masks)
 
 
 def stage_student(ctx: Context, teacher: nn.Module, pruned: nn.Module, masks: Masks) -> dict:

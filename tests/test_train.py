@@ -9,7 +9,6 @@ from ptd.data import Split, make_loader
 from ptd.models import build_model
 from ptd.train import checkpoint as ckpt
 from ptd.train.loop import Runtime, evaluate, fit
-from ptd.train.optim import scale_schedule
 
 RT = Runtime(quiet=True, channels_last=False)
 
@@ -90,11 +89,6 @@ def test_resume_continues_and_matches_uninterrupted(tmp_path):
     assert r["steps"] == r_ref["steps"]
     for a, b in zip(m2.state_dict().values(), ref.state_dict().values()):
         assert torch.allclose(a.float(), b.float(), atol=1e-5)
-
-
-def test_scale_schedule():
-    s = scale_schedule(OptimConfig(epochs=200, milestones=(60, 120, 160)), 10)
-    assert s.epochs == 10 and s.milestones == (3, 6, 8)
 
 
 def test_checkpoint_roundtrip_carries_architecture(tmp_path):

@@ -10,8 +10,6 @@ whatever momentum or weight decay would have done to it.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable
-
 import torch
 import torch.nn as nn
 
@@ -49,11 +47,6 @@ def prunable_weights(model: nn.Module, exclude_first: bool = False, exclude_last
 
 def full_masks(params: dict[str, nn.Parameter]) -> Masks:
     return {n: torch.ones_like(p, dtype=torch.bool) for n, p in params.items()}
-
-
-def masks_from_zeros(params: dict[str, nn.Parameter]) -> Masks:
-    """Masks of the nonzero weights: how a user's pre-pruned checkpoint is read."""
-    return {n: p.detach() != 0 for n, p in params.items()}
 
 
 def check_masks(model: nn.Module, masks: Masks) -> None:
@@ -163,7 +156,3 @@ class MaskHook:
 def same_or_subset(old: Masks, new: Masks) -> bool:
     """True when every weight alive in ``new`` was alive in ``old`` (masks only shrink)."""
     return all(bool((new[n] & ~old[n]).sum() == 0) for n in new)
-
-
-def names(masks: Masks) -> Iterable[str]:
-    return masks.keys()

@@ -16,10 +16,3 @@ def make_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
 def make_scheduler(opt: torch.optim.Optimizer, cfg: OptimConfig) -> torch.optim.lr_scheduler.LRScheduler:
     return torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(cfg.milestones), gamma=cfg.gamma)
 
-
-def scale_schedule(cfg: OptimConfig, epochs: int) -> OptimConfig:
-    """The same schedule squeezed into ``epochs`` (milestones scaled proportionally)."""
-    from dataclasses import replace
-
-    ms = sorted({max(1, round(m * epochs / cfg.epochs)) for m in cfg.milestones if round(m * epochs / cfg.epochs) < epochs})
-    return replace(cfg, epochs=epochs, milestones=tuple(ms))
