@@ -23,7 +23,9 @@ if [ ! -f "$FM/train-images-idx3-ubyte.gz" ] && [ ! -f "$FM/train-images-idx3-ub
   [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1 && SUDO="sudo"
   if command -v apt-get >/dev/null 2>&1 && { [ "$(id -u)" -eq 0 ] || [ -n "$SUDO" ]; }; then
     echo "setup: installing Debian's dataset-fashion-mnist into $FM"
-    $SUDO apt-get update -qq && $SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null
+    if ! { $SUDO apt-get update -qq && $SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null; }; then
+      echo "setup: apt-get could not install dataset-fashion-mnist; run ptd with --set data.root=/folder/with/the/idx/files" >&2
+    fi
   else
     echo "setup: Fashion-MNIST is not in $FM and apt-get is not available." >&2
     echo "       Put the four idx files (train-images-idx3-ubyte[.gz], train-labels-idx1-ubyte[.gz]," >&2
