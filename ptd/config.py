@@ -114,9 +114,11 @@ class StudentConfig:
     source: str = "derive"  # "derive" (widths from the pruned teacher) or "named" (use model below)
     model: ModelConfig | None = None
     inherit: bool = False  # start from the surviving teacher channels instead of fresh weights
+    round_to: int = 1  # round derived widths up to a multiple of this (8 or 16 suit CPU/GPU kernels)
 
     def validate(self, where: str) -> None:
         _check(self.source in ("derive", "named"), f"{where}.source", self.source, "must be 'derive' or 'named'")
+        _check(self.round_to >= 1, f"{where}.round_to", self.round_to, "must be >= 1")
         if self.source == "named" and self.model is None:
             raise ConfigError(f"{where}.model: required when {where}.source is 'named' (e.g. model: {{arch: vgg11}})")
 

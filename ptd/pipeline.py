@@ -372,7 +372,7 @@ def stage_student(ctx: Context, teacher: nn.Module, pruned: nn.Module, masks: Ma
     if cfg.student.source == "derive":
         from ptd.students import derive_student
 
-        student, plan = derive_student(pruned, masks, inherit=cfg.student.inherit)
+        student, plan = derive_student(pruned, masks, inherit=cfg.student.inherit, round_to=cfg.student.round_to)
     else:
         student = ctx.new_model(cfg.student.model)
     spec = student.ptd_spec

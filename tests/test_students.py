@@ -428,3 +428,25 @@ def test_compare_report_for_teacher_pruned_teacher_and_student():
     json.dumps(rep)
     text = format_report(rep)
     assert "pruned_teacher" in text and "layer1.0.conv1" in text
+
+
+@pytest.mark.parametrize("arch, kw", [("vgg11", {"width": 0.25}), ("resnet20", {"width": 0.5}), ("tv:resnet18", {})])
+def test_round_to_gives_aligned_widths(arch, kw):
+    from ptd.pruning.select import global_topk
+
+    torch.manual_seed(0)
+    teacher = build_model(arch, 10, 3, **kw)
+    params = prunable_weights(teacher)
+    total = sum(p.numel() for p in params.values())
+    masks = global_topk({n: p.detach().abs() for n, p in params.items()}, full_masks(params), round(total * 0.41))
+    plain, p1 = derive_student(teacher, masks)
+    aligned, p8 = derive_student(teacher, masks, round_to=8)
+    rows = [r for r in p8.layers if "model output" not in r.note]
+    assert rows and all(r.width % 8 == 0 for r in rows)
+    assert any(r.width != q.width for r, q in zip(p8.layers, p1.layers))  # it really changed something
+    assert n_params(aligned) >= n_params(plain)
+    x = torch.randn(2, 3, 32, 32)
+    assert aligned(x).shape == (2, 10)
+    from ptd.measure import layer_widths
+
+    assert layer_widths(build_from_spec(json.loads(json.dumps(p8.spec)))) == layer_widths(aligned)

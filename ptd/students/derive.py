@@ -27,6 +27,7 @@ def derive_student(
     *,
     inherit: bool = False,
     input_size: int | None = None,
+    round_to: int = 1,
 ) -> tuple[nn.Module, StudentPlan]:
     """The student of a pruned teacher and the plan that sized it.
 
@@ -46,6 +47,7 @@ def derive_student(
 
     Weights start fresh (as in the paper) unless ``inherit``: then each group keeps the channels
     with the largest L1 norm of the pruned teacher's weights, with their weights.
+    ``round_to``: round each free width up to a multiple of this (1: the paper's rule exactly).
     ``input_size``: side of the square image used to trace the model (default: 32, else 64, else
     224 -- the first on which the forward pass runs).
     """
@@ -55,7 +57,7 @@ def derive_student(
     check_masks(teacher, masks)
     graph, _ = extract(teacher, masks, input_size)
     rebuild = spec_builder(teacher)
-    sol = solve(graph, clamp=rebuild is None)
+    sol = solve(graph, clamp=rebuild is None, round_to=round_to)
 
     members = graph.members
     widths = {n: sol.widths[m.group] for n, m in members.items()}

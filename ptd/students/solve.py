@@ -53,8 +53,19 @@ class Solution:
     sweeps: int
 
 
-def solve(graph: ChannelGraph, clamp: bool = False) -> Solution:
-    """Group widths by the rule; ``clamp`` caps them at the teacher's (channel surgery cannot add channels)."""
+def round_up(w: int, multiple: int) -> int:
+    return -(-w // multiple) * multiple
+
+
+def solve(graph: ChannelGraph, clamp: bool = False, round_to: int = 1) -> Solution:
+    """Group widths by the rule; ``clamp`` caps them at the teacher's (channel surgery cannot add channels).
+
+    ``round_to`` > 1 rounds every free group's width up to a multiple of it (inside the fixed
+    point, so the layers downstream see the rounded fan-in): CPU and GPU kernels run channel
+    counts in blocks of 8 or 16, and an odd width pays for the whole block anyway.
+    """
+    if round_to < 1:
+        raise ValueError(f"round_to must be >= 1, got {round_to}")
     groups, members = graph.groups, graph.members
     widths = [g.teacher_width for g in groups]
     seen = {tuple(widths)}
@@ -65,7 +76,7 @@ def solve(graph: ChannelGraph, clamp: bool = False) -> Solution:
             if g.fixed:
                 continue
             ms = [members[n] for n in g.members]
-            w = group_width([m.nnz for m in ms], [fan_in(m, widths, groups) for m in ms])
+            w = round_up(group_width([m.nnz for m in ms], [fan_in(m, widths, groups) for m in ms]), round_to)
             if clamp and w > g.teacher_width:
                 w = g.teacher_width
                 clamped.add(g.index)
@@ -93,7 +104,9 @@ def solve(graph: ChannelGraph, clamp: bool = False) -> Solution:
                 note = f"clamped to the teacher's width {g.teacher_width} (channel surgery cannot add channels)"
             elif len(g.members) > 1:
                 note = f"coupled group of {len(g.members)}"
-            if est != w and len(g.members) > 1:
+            if round_to > 1:
+                note = (note + "; " if note else "") + f"rounded up to a multiple of {round_to}"
+            if round_up(est, round_to) != w and len(g.members) > 1:
                 overrides.append(
                     {
                         "layer": m.name,
@@ -104,7 +117,7 @@ def solve(graph: ChannelGraph, clamp: bool = False) -> Solution:
                         "reason": "coupled layers share one width: the group's weight-matched width",
                     }
                 )
-            elif est != w:
+            elif round_up(est, round_to) != w:
                 overrides.append({"layer": m.name, "estimate": est, "width": w, "group": g.label, "members": 1, "reason": note})
         student_w = fan_in(m, widths, groups) * w
         rows.append(LayerRow(m.name, m.teacher_out, est_out, w, g.label, note, m.nnz, m.weights, student_w))
