@@ -92,13 +92,19 @@ class Context:
         return (self.splits.in_channels, h, w)
 
     def train_loader(self, batch_size: int, seed: int):
-        from ptd.data import make_loader
+        """One loader per (batch size, seed), shared by stages: the split goes to the device once.
+        Sharing is safe because ``fit`` calls ``set_epoch`` before every epoch."""
+        key = ("train", batch_size, seed)
+        if key not in self._loaders:
+            from ptd.data import make_loader
 
-        d = self.cfg.data
-        return make_loader(self.splits.train, batch_size=batch_size, train=True, mean=self.splits.mean, std=self.splits.std,
-                           device=self.rt.device, seed=seed, augment=d.augment, crop_padding=d.crop_padding, hflip=d.hflip,
-                           channels_last=self.rt.channels_last, rank=self.rt.dist.rank, world_size=self.rt.dist.world_size,
-                           workers=d.workers, image_size=d.image_size)
+            d = self.cfg.data
+            self._loaders[key] = make_loader(
+                self.splits.train, batch_size=batch_size, train=True, mean=self.splits.mean, std=self.splits.std,
+                device=self.rt.device, seed=seed, augment=d.augment, crop_padding=d.crop_padding, hflip=d.hflip,
+                channels_last=self.rt.channels_last, rank=self.rt.dist.rank, world_size=self.rt.dist.world_size,
+                workers=d.workers, image_size=d.image_size)
+        return self._loaders[key]
 
     def eval_loader(self, which: str):
         """Validation/test loaders are shared and unsharded: every rank scores the whole split."""
@@ -325,10 +331,12 @@ def stage_prune(ctx: Context, teacher: nn.Module, teacher_result: dict, prune_cf
         level = load_level(final)
         return model, level.masks, result
 
+    retrain_loader = ctx.train_loader(cfg.prune.retrain.batch_size, cfg.seed)
+
     def batches(n: int) -> list:
         out = []
-        loader = ctx.train_loader(cfg.prune.retrain.batch_size, cfg.seed)
-        for i, b in enumerate(loader):
+        retrain_loader.set_epoch(0)  # the same batches on a re-run (SNIP's scores must not change on resume)
+        for i, b in enumerate(retrain_loader):
             if i >= n:
                 break
             out.append(b)
@@ -338,7 +346,7 @@ def stage_prune(ctx: Context, teacher: nn.Module, teacher_result: dict, prune_cf
     pctx = PruneContext(model=model, masks=masks, cfg=cfg.prune, train=train, evaluate=ctx.scores, batches=batches,
                         level_done=lambda k: is_done(level_dir(k)), load_level=load_level, save_level=save_level,
                         example_input=example, teacher_dir=ctx.run_dir / "teacher", log=ctx.log,
-                        extra={"steps_per_epoch": len(ctx.train_loader(cfg.prune.retrain.batch_size, cfg.seed))})
+                        extra={"steps_per_epoch": len(retrain_loader)})
     if cfg.prune.target_sparsity > 0:
         ctx.log(f"[prune] {cfg.prune.strategy} to sparsity {cfg.prune.target_sparsity}")
         levels = STRATEGIES.get(cfg.prune.strategy)(pctx)
