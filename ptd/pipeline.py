@@ -202,6 +202,9 @@ def open_run_dir(cfg: RunConfig, run_dir: Path, rt: Runtime) -> None:
             raise RunDirError(f"{run_dir} holds a run with a different config ({d}); pass --out to a new directory, or delete {run_dir} to start over")
     elif run_dir.exists() and any(run_dir.iterdir()):
         raise RunDirError(f"{run_dir} exists and is not a ptd run directory (no config.yaml); pass --out to a new or empty directory")
+    # Every rank has checked before any rank writes: otherwise a slow rank could find the
+    # directory rank 0 just made, without its config.yaml yet, and refuse it.
+    barrier()
     if rt.dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         if not cfg_path.is_file():

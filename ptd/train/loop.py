@@ -232,10 +232,9 @@ def fit(
 
 def cleanup_resume_files(out_dir: str | Path) -> None:
     """Drop the per-epoch resume checkpoint once a stage is done (it can be as big as the model)."""
+    # missing_ok: under DDP every rank calls this, and another rank may have deleted them already.
     for name in ("last.safetensors", "last_state.pt"):
-        p = Path(out_dir) / name
-        if p.exists():
-            p.unlink()
+        (Path(out_dir) / name).unlink(missing_ok=True)
 
 
 def _truncate_metrics(path: Path, start_epoch: int) -> None:
