@@ -256,3 +256,27 @@ def test_every_loss_runs_on_the_published_pairs(teacher_arch, student_arch):
         assert torch.isfinite(value), name
         value.backward()
         student.zero_grad()
+
+
+@pytest.mark.parametrize("config", ["resnet32x4_resnet8x4", "vgg13_vgg8", "wrn40_2_wrn16_2"])
+def test_benchmark_config_comment_switches_to_valid_loss_options(config):
+    """The `options:` a config's comment tells users to set builds every loss, on layers both models have."""
+    import yaml
+
+    import ptd.distill  # noqa: F401
+    from ptd.config import load_config
+    from ptd.distill.base import LOSSES, PENULTIMATE
+
+    path = __import__("pathlib").Path(__file__).parent.parent / "configs" / f"cifar100_{config}.yaml"
+    cfg = load_config(path)
+    line = next(ln for ln in path.read_text().splitlines() if ln.startswith("#   options:"))
+    options = yaml.safe_load(line[len("#   options:"):])
+    losses = yaml.safe_load(next(ln for ln in path.read_text().splitlines() if ln.startswith("#   loss:"))[len("#   loss:"):])
+    t_names = set(dict(build_model(cfg.teacher.model.arch, 100).named_modules())) | {PENULTIMATE}
+    s_names = set(dict(build_model(cfg.student.model.arch, 100).named_modules())) | {PENULTIMATE}
+    assert set(options) <= set(LOSSES.names()) and set(losses) <= set(LOSSES.names()) | {"kd"}
+    for name in (set(losses) | set(options)) - {"kd"}:
+        cls = LOSSES.get(name)
+        opts = cls.Options(**{k: tuple(v) if isinstance(v, list) else v for k, v in options.get(name, {}).items()})
+        t_layers, s_layers = cls.feature_layers(opts)
+        assert set(t_layers) <= t_names and set(s_layers) <= s_names, name
