@@ -197,7 +197,7 @@ def ref_rkd(loss, b: DistillBatch) -> dict[str, float]:
 def ref_crd(loss, b: DistillBatch) -> dict[str, float]:
     """Call before the step (it reads the banks as they were); the negatives are the loss's draw."""
     o = loss.options
-    idx = loss.negatives(b.index).numpy()  # random sampling, not the formula: the same draw as the step's
+    idx = loss.negatives(b.index, b.y).numpy()  # random sampling, not the formula: the same draw as the step's
 
     def embed(lin, f):
         v = f.reshape(len(f), -1) @ np_(lin.weight).T + np_(lin.bias)
@@ -279,6 +279,27 @@ def test_crd_memory_bank_moves_towards_the_batch_embeddings():
     frozen = loss.memory_s.clone()
     loss(make_batch(loss, seed=1))
     assert torch.equal(loss.memory_s, frozen)  # evaluation never writes the banks
+
+
+@pytest.mark.parametrize("mode", ["exact", "uniform"])
+def test_crd_negatives_exact_mode_skips_the_anchors_class_once_labels_are_seen(mode):
+    cls = LOSSES.get("crd")
+    n, classes = 400, 40
+    loss = cls(cls.Options(nce_k=50, negatives=mode), LossSetup(classes, n, {PENULTIMATE: (4,)}, {PENULTIMATE: (3,)}))
+    labels = torch.arange(n) % classes
+    for start in range(0, n, 100):  # one epoch: the loss learns every sample's class
+        i = torch.arange(start, start + 100)
+        loss(DistillBatch(labels[i], i, 0, torch.randn(100, classes), torch.randn(100, classes),
+                          {PENULTIMATE: torch.randn(100, 3)}, {PENULTIMATE: torch.randn(100, 4)}))
+    assert torch.equal(loss.labels, labels)
+    index = torch.arange(0, 64)
+    idx = loss.negatives(index, labels[index])
+    assert idx.shape == (64, 51) and torch.equal(idx[:, 0], index)
+    same = (labels[idx[:, 1:]] == labels[index][:, None]).sum().item()
+    if mode == "exact":
+        assert same == 0
+    else:  # uniform: about 1/40 of 3200 draws share the anchor's class
+        assert 40 <= same <= 130
 
 
 def test_at_pools_the_larger_map_to_the_smaller():

@@ -5,7 +5,7 @@ Trainable linear embeddings g_s, g_t map the penultimate features to unit vector
 ``feat_dim`` (v_s = g_s(f_s) / ||.||, v_t likewise; the teacher's features are detached, g_t
 trains). Two memory banks of N = LossSetup.num_samples rows hold a running embedding of every
 training sample (M_s for the student, M_t for the teacher). For sample i, its positive is its
-own row (``batch.index``) and K = ``nce_k`` negatives are drawn uniformly from all N rows:
+own row (``batch.index``) and K = ``nce_k`` negatives are drawn from the N rows:
 
     h(v, m) = exp(<v, m> / T) / Z                         (Z fixed at the first step: mean * N)
     P_pos = h(v, m_i),  P_neg = h(v, m_k),  c = K / N     (noise-contrastive estimation)
@@ -16,10 +16,14 @@ After each training step the banks move towards the batch: m_i <- normalize(mome
 (1 - momentum) * v_i). Defaults: K = 16384, T = 0.07, momentum 0.5, feat_dim 128, weight 0.8,
 CE weight 1 (the paper's CIFAR-100 setting and RepDistiller's ``crd`` defaults: -b 0.8).
 
-Differences from the reference: negatives are drawn uniformly over all samples (the reference
-draws them from other classes: its 'exact' mode), from a generator seeded by ``seed`` and the
-step count, so a resumed run draws the same negatives. Banks and Z are buffers: they checkpoint
-and resume with the loss (2 x N x feat_dim float32: 51 MB at N = 50000).
+Negatives: ``exact`` (default, the reference's default mode) draws them from samples of other
+classes. The loss learns each sample's class from the batches it sees (``index``, ``y``), so in
+the first epoch a not-yet-seen sample counts as another class; a same-class draw is redrawn up to
+``REDRAWS`` times (with C classes about C^-5 of the draws stay same-class). ``uniform``: from all
+N samples (the reference's own sampler when given no indices). Draws come from a generator
+seeded by ``seed`` and the step count, so a resumed run draws the same negatives. Banks, labels
+and Z are buffers: they checkpoint and resume with the loss (2 x N x feat_dim float32: 51 MB at
+N = 50000).
 """
 from __future__ import annotations
 
@@ -34,6 +38,8 @@ from ptd.distill._common import check, cross_entropy, float32, layer_shape
 from ptd.distill.base import PENULTIMATE, DistillBatch, DistillLoss, LossSetup, register_loss
 
 EPS = 1e-7  # added to the NCE denominators, as the reference code does
+REDRAWS = 4  # rounds of redrawing same-class negatives ("exact" mode); fixed, so no host sync
+NEGATIVES = ("exact", "uniform")
 
 
 def nce(p: torch.Tensor, n_data: int) -> torch.Tensor:
@@ -65,6 +71,7 @@ class CRDLoss(DistillLoss):
         nce_k: int = 16384  # negatives per sample
         temperature: float = 0.07
         momentum: float = 0.5  # memory-bank update
+        negatives: str = "exact"  # exact: other classes only; uniform: any sample
         seed: int = 0  # negative sampling and bank initialization
         teacher_layer: str = PENULTIMATE
         student_layer: str = ""  # empty: the same name as teacher_layer
@@ -76,6 +83,7 @@ class CRDLoss(DistillLoss):
             check(self.nce_k >= 1, "crd", "nce_k", self.nce_k, "must be >= 1")
             check(self.temperature > 0, "crd", "temperature", self.temperature, "must be > 0")
             check(0 <= self.momentum < 1, "crd", "momentum", self.momentum, "must be in [0, 1)")
+            check(self.negatives in NEGATIVES, "crd", "negatives", self.negatives, f"must be one of {', '.join(NEGATIVES)}")
 
     @classmethod
     def feature_layers(cls, options: Options) -> tuple[list[str], list[str]]:
@@ -97,14 +105,19 @@ class CRDLoss(DistillLoss):
         self.register_buffer("memory_t", torch.rand(n, d, generator=g).mul_(2 * stdv).add_(-stdv))
         self.register_buffer("z", torch.full((2,), -1.0))  # normalizers for (student, teacher) scores; -1: unset
         self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("labels", torch.full((n,), -1, dtype=torch.int64))  # -1: not seen yet
 
-    def negatives(self, index: torch.Tensor) -> torch.Tensor:
-        """[B, 1 + K] bank rows: the sample itself, then K uniform draws."""
+    def negatives(self, index: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """[B, 1 + K] bank rows: the sample itself, then K negatives."""
         g = torch.Generator(device=index.device)
         g.manual_seed(self.options.seed * 1_000_003 + int(self.steps))
-        idx = torch.randint(0, self.setup.num_samples, (len(index), self.options.nce_k + 1), generator=g, device=index.device)
-        idx[:, 0] = index
-        return idx
+        n, shape = self.setup.num_samples, (len(index), self.options.nce_k)
+        neg = torch.randint(0, n, shape, generator=g, device=index.device)
+        if self.options.negatives == "exact":
+            for _ in range(REDRAWS):
+                same = self.labels[neg] == y[:, None]
+                neg = torch.where(same, torch.randint(0, n, shape, generator=g, device=index.device), neg)
+        return torch.cat([index[:, None], neg], 1)
 
     def forward(self, batch: DistillBatch) -> dict[str, torch.Tensor]:
         o = self.options
@@ -113,7 +126,7 @@ class CRDLoss(DistillLoss):
         n = self.setup.num_samples
         with float32(vs.device):
             vs, vt = vs.float(), vt.float()
-            idx = self.negatives(batch.index)
+            idx = self.negatives(batch.index, batch.y)
             # Scores against every bank row, then the sampled ones: [N, B] is 64x smaller than the
             # reference's gathered [B, 1 + K, D] rows (537 MB at B = 64, K = 16384, D = 128).
             # The banks are cloned (25.6 MB each at N = 50000): backward needs them as they were
@@ -129,5 +142,6 @@ class CRDLoss(DistillLoss):
                     i = batch.index
                     self.memory_s.index_copy_(0, i, F.normalize(self.memory_s[i] * o.momentum + vs.detach() * (1 - o.momentum), dim=1))
                     self.memory_t.index_copy_(0, i, F.normalize(self.memory_t[i] * o.momentum + vt.detach() * (1 - o.momentum), dim=1))
+                    self.labels.index_copy_(0, i, batch.y)
                     self.steps += 1
             return {"ce": cross_entropy(batch.s_logits, batch.y, o.ce_weight), "crd": o.weight * loss}
