@@ -153,3 +153,130 @@ def test_measure_counts_flops_and_latency():
     s = summarize(m, (3, 16, 16), masks={"0.weight": m[0].weight != 0}, measure_latency=True, batch_sizes=(1,), repeats=2)
     assert s["params"] == count_params(m) and s["alive_weights"] == 4 * 27 and s["latency"]["1"]["repeats"] == 2
     assert m.training  # left as it was
+
+
+# ---------------------------------------------------------------- the CIFAR-100 distillation benchmark (CRD / RepDistiller)
+
+# Exact counts of ptd's builds at 100 classes (conv, BN, Linear, biases), and the published figure
+# (M params, two decimals: the benchmark's model tables). ptd's names: RepDistiller's wrn_40_2 is wrn40_2.
+BENCHMARK = {
+    "resnet8x4": (1_233_540, 1.23), "resnet32x4": (7_433_860, 7.43), "vgg8": (3_965_028, 3.96), "vgg13": (9_462_180, 9.46),
+    "wrn40_2": (2_255_156, 2.25), "wrn16_2": (703_284, 0.70), "wrn40_1": (569_780, 0.57), "resnet56": (861_620, 0.86),
+    "resnet20": (278_324, 0.28), "resnet110": (1_736_564, 1.73), "resnet32": (472_756, 0.47),
+}
+
+
+@pytest.mark.parametrize("arch", sorted(BENCHMARK))
+def test_benchmark_parameter_counts_match_the_published_ones(arch):
+    exact, published = BENCHMARK[arch]
+    n = n_params(build_model(arch, 100))
+    assert n == exact
+    assert abs(n / 1e6 - published) < 0.01  # published figures are rounded or truncated to 0.01M
+
+
+def test_benchmark_shapes_follow_repdistiller():
+    r = build_model("resnet8x4", 100)
+    assert r.conv1.out_channels == 32 and r.layer1[0].shortcut is not None and r.fc.in_features == 256
+    assert [len(s) for s in build_model("resnet32x4", 100).stages()] == [5, 5, 5]
+    # vgg8/vgg13: three pools on 32x32, so the last conv block runs at 4x4 (RepDistiller skips its 4th pool)
+    for arch, last in (("vgg8", 17), ("vgg13", 32)):
+        m = build_model(arch, 100)
+        seen = {}
+        m.features[last].register_forward_hook(lambda mod, a, out: seen.__setitem__("out", out.shape))
+        m(torch.randn(1, 3, 32, 32))
+        assert seen["out"] == (1, 512, 4, 4), arch
+
+
+# Layer names the shipped configs point the feature losses at (docs/distillation.md lists them).
+BENCHMARK_LAYERS = {
+    "resnet": {"hint": "layer2", "stages": ("layer1", "layer2", "layer3")},
+    "wrn": {"hint": "block2", "stages": ("block1", "block2", "block3")},
+    # vgg: the ReLU closing each conv block after the first (RepDistiller's f1..f4); hint = f2
+    "vgg8": {"hint": "features.10", "stages": ("features.6", "features.10", "features.14", "features.17")},
+    "vgg13": {"hint": "features.19", "stages": ("features.12", "features.19", "features.26", "features.32")},
+}
+
+
+def benchmark_layers(arch: str) -> dict:
+    return BENCHMARK_LAYERS[arch] if arch.startswith("vgg") else BENCHMARK_LAYERS["wrn" if arch.startswith("wrn") else "resnet"]
+
+
+@pytest.mark.parametrize("arch", sorted(BENCHMARK))
+def test_benchmark_families_derive_students_that_keep_the_layer_names(arch):
+    from ptd.pruning.masks import apply_masks, full_masks, prunable_weights
+    from ptd.pruning.select import global_topk
+    from ptd.students import derive_student
+
+    torch.manual_seed(0)
+    teacher = build_model(arch, 100, width=0.25)
+    params = prunable_weights(teacher)
+    keep = round(sum(p.numel() for p in params.values()) * 0.5)
+    masks = global_topk({n: p.detach().abs() for n, p in params.items()}, full_masks(params), keep)
+    apply_masks(teacher, masks)
+    student, plan = derive_student(teacher, masks)
+    assert plan.method == "rebuild" and n_params(student) < n_params(teacher)
+    names = dict(student.named_modules())
+    layers = benchmark_layers(arch)
+    assert {layers["hint"], *layers["stages"]} <= set(names) <= set(dict(teacher.named_modules()))
+    assert student(torch.randn(2, 3, 32, 32)).shape == (2, 100)
+
+
+# The three published pairs of the shipped GPU configs, each loss with the configs' layers.
+PAIRS = [("resnet32x4", "resnet8x4"), ("vgg13", "vgg8"), ("wrn40_2", "wrn16_2")]
+
+
+@pytest.mark.parametrize("teacher_arch,student_arch", PAIRS)
+def test_every_loss_runs_on_the_published_pairs(teacher_arch, student_arch):
+    import ptd.distill  # noqa: F401
+    from ptd.distill.base import LOSSES, DistillBatch, LossSetup
+    from test_losses import capture
+
+    torch.manual_seed(0)
+    teacher, student = build_model(teacher_arch, 100).eval(), build_model(student_arch, 100)
+    lt, ls = benchmark_layers(teacher_arch), benchmark_layers(student_arch)
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 100, (4,))
+    per_loss = {
+        "fitnet": {"teacher_layer": lt["hint"], "student_layer": ls["hint"]},
+        "at": {"teacher_layers": lt["stages"], "student_layers": ls["stages"]},
+        "sp": {"teacher_layers": lt["stages"][-1:], "student_layers": ls["stages"][-1:]},
+        "crd": {"nce_k": 64},
+    }
+    for name in LOSSES.names():
+        cls = LOSSES.get(name)
+        fields = {f.name for f in __import__("dataclasses").fields(cls.Options)}
+        opts = cls.Options(**{k: v for k, v in per_loss.get(name, {}).items() if k in fields})
+        t_layers, s_layers = cls.feature_layers(opts)
+        with torch.no_grad():
+            t_logits, t_feats = capture(teacher, t_layers, x)
+        s_logits, s_feats = capture(student, s_layers, x)
+        setup = LossSetup(100, 1000, {k: tuple(v.shape[1:]) for k, v in t_feats.items()},
+                          {k: tuple(v.shape[1:]) for k, v in s_feats.items()}, epochs=240)
+        terms = cls(opts, setup)(DistillBatch(y, torch.arange(4), 0, s_logits, t_logits, s_feats, t_feats))
+        value = sum(terms.values())
+        assert torch.isfinite(value), name
+        value.backward()
+        student.zero_grad()
+
+
+@pytest.mark.parametrize("config", ["resnet32x4_resnet8x4", "vgg13_vgg8", "wrn40_2_wrn16_2"])
+def test_benchmark_config_comment_switches_to_valid_loss_options(config):
+    """The `options:` a config's comment tells users to set builds every loss, on layers both models have."""
+    import yaml
+
+    import ptd.distill  # noqa: F401
+    from ptd.config import load_config
+    from ptd.distill.base import LOSSES, PENULTIMATE
+
+    path = __import__("pathlib").Path(__file__).parent.parent / "configs" / f"cifar100_{config}.yaml"
+    cfg = load_config(path)
+    line = next(ln for ln in path.read_text().splitlines() if ln.startswith("#   options:"))
+    options = yaml.safe_load(line[len("#   options:"):])
+    losses = yaml.safe_load(next(ln for ln in path.read_text().splitlines() if ln.startswith("#   loss:"))[len("#   loss:"):])
+    t_names = set(dict(build_model(cfg.teacher.model.arch, 100).named_modules())) | {PENULTIMATE}
+    s_names = set(dict(build_model(cfg.student.model.arch, 100).named_modules())) | {PENULTIMATE}
+    assert set(options) <= set(LOSSES.names()) and set(losses) <= set(LOSSES.names()) | {"kd"}
+    for name in (set(losses) | set(options)) - {"kd"}:
+        cls = LOSSES.get(name)
+        opts = cls.Options(**{k: tuple(v) if isinstance(v, list) else v for k, v in options.get(name, {}).items()})
+        t_layers, s_layers = cls.feature_layers(opts)
+        assert set(t_layers) <= t_names and set(s_layers) <= s_names, name

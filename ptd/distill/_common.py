@@ -1,0 +1,47 @@
+"""Small helpers the distillation losses share: option checks, the CE term, float32 math.
+
+Losses compute their formulas in float32 with autocast off: relation losses (SP's Gram matrix,
+RKD's distances, CRD's exp(<u, v> / 0.07)) lose most of their digits in bfloat16 and are then
+multiplied by weights up to 30000. FitNet's regressor (a conv as large as the student's
+layers) still runs under the caller's autocast; CRD's small embeddings run in float32.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+
+
+def check(ok: bool, loss: str, field: str, value: Any, rule: str) -> None:
+    """One-line error naming the option, its value and what it must be."""
+    if not ok:
+        raise ValueError(f"distill.options.{loss}.{field} = {value!r}: {rule}")
+
+
+@contextlib.contextmanager
+def float32(device: torch.device) -> Iterator[None]:
+    with torch.autocast(device_type=device.type, enabled=False):
+        yield
+
+
+def cross_entropy(logits: torch.Tensor, y: torch.Tensor, weight: float) -> torch.Tensor:
+    return weight * F.cross_entropy(logits.float(), y)
+
+
+def flat(x: torch.Tensor) -> torch.Tensor:
+    """[B, ...] -> [B, D] in float32."""
+    return x.float().reshape(x.shape[0], -1)
+
+
+def shape_error(loss: str, layer_t: str, shape_t: tuple, layer_s: str, shape_s: tuple, why: str) -> ValueError:
+    return ValueError(
+        f"{loss}: teacher layer {layer_t!r} {tuple(shape_t)} and student layer {layer_s!r} {tuple(shape_s)}: {why}"
+    )
+
+
+def layer_shape(loss: str, side: str, shapes: dict[str, tuple[int, ...]], name: str) -> tuple[int, ...]:
+    if name not in shapes:
+        raise ValueError(f"{loss}: no probed shape for {side} layer {name!r} (probed: {', '.join(sorted(shapes)) or 'none'})")
+    return tuple(shapes[name])
