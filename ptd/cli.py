@@ -119,6 +119,24 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    """Re-render a finished run's (or sweep's) reports from its files; trains nothing."""
+    from ptd.report import ReportError, rerender, rerender_sweep
+
+    run_dir = Path(args.run_dir)
+    try:
+        if (run_dir / "sweep.json").is_file() and not (run_dir / "results.json").is_file():
+            rerender_sweep(run_dir)
+            print(f"written: {run_dir / 'sweep.md'}, {run_dir / 'report.html'}")
+        else:
+            print(rerender(run_dir))
+            print(f"written: {run_dir / 'results.json'}, {run_dir / 'report.md'}, {run_dir / 'report.html'}")
+    except ReportError as e:
+        print(f"ptd: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ptd", description="Prune, then distill: a pruned teacher, a smaller student, and an honest comparison.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -149,6 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
     sw = sub.add_parser("sweep", help=sw_help, description=sw_help)
     _common(sw)
     sw.set_defaults(func=cmd_sweep)
+    rp_help = "re-render report.md and report.html (sweep.md and report.html for a sweep) from a finished run directory"
+    rp = sub.add_parser("report", help=rp_help, description=rp_help)
+    rp.add_argument("run_dir", help="the run (or sweep) directory: what --out named")
+    rp.set_defaults(func=cmd_report)
     return p
 
 

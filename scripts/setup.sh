@@ -15,7 +15,7 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 # pip install is a no-op (a few seconds) when the pinned versions are already there.
-.venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[test]"
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[test,tensorboard]"
 
 FM=/usr/share/datasets/fashion-mnist
 if [ ! -f "$FM/train-images-idx3-ubyte.gz" ] && [ ! -f "$FM/train-images-idx3-ubyte" ]; then

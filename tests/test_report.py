@@ -1,10 +1,18 @@
+import json
+from pathlib import Path
+
 import pytest
 
-from ptd.report import mean_std, paired, verdict
+from ptd.report import arm_summary, mean_std, paired, render_markdown, summarize, verdict
+from ptd.report.stats import paired_estimate
 
 
-def rows(arm, accs):
-    return [{"arm": arm, "seed": i, "test_acc": a} for i, a in enumerate(accs)]
+def rows(arm, accs, teacher=None):
+    out = [{"arm": arm, "seed": i, "test_acc": a} for i, a in enumerate(accs)]
+    if teacher is not None:
+        for r in out:
+            r["teacher"] = teacher
+    return out
 
 
 def test_mean_std():
@@ -13,22 +21,60 @@ def test_mean_std():
     assert mean_std([0.5])["std"] == 0.0
 
 
-def test_paired_differences_by_seed():
+def test_arm_summary_interval():
+    # mean 0.92, sd 0.02, n 3: half-width 4.30265 * 0.02 / sqrt(3) = 0.049683
+    s = arm_summary(rows("scratch", [0.90, 0.92, 0.94]))
+    assert s["ci_low"] == pytest.approx(0.92 - 0.049683, abs=1e-6) and s["ci_high"] == pytest.approx(0.92 + 0.049683, abs=1e-6)
+    assert s["seeds"] == [0, 1, 2]
+    assert arm_summary(rows("scratch", [0.9]))["ci_low"] is None
+
+
+def test_paired_differences_by_seed_carry_interval_n_and_method():
     s = rows("pruned_teacher", [0.91, 0.92, 0.93]) + rows("unpruned_teacher", [0.90, 0.90, 0.90])
     c = paired(s, "pruned_teacher", "unpruned_teacher")
     assert c["per_seed"] == {0: pytest.approx(0.01), 1: pytest.approx(0.02), 2: pytest.approx(0.03)}
-    assert c["mean"] == pytest.approx(0.02) and c["wins"] == 3
-    assert "is better than" in c["verdict"]
+    assert c["mean"] == pytest.approx(0.02) and c["wins"] == 3 and c["n"] == 3
+    assert c["method"] == "paired t, one teacher"
+    # Every seed agrees and the mean is 3.5 standard errors out, yet the 95% interval includes 0.
+    assert c["ci_low"] == pytest.approx(-0.0048413, abs=1e-6) and not c["called"]
+    assert c["verdict"].startswith("no clear difference between KD from pruned teacher and KD from unpruned teacher: +2.00 points, 95% CI [-0.48, +4.48]")
+    json.dumps(c)  # results.json must be able to hold it
 
 
-def test_verdict_is_cautious():
-    assert "too few seeds" in verdict([0.05, 0.04], "pruned_teacher", "unpruned_teacher")
-    # mixed signs: no call, however large the mean
-    assert "no clear difference" in verdict([0.05, 0.04, -0.01], "pruned_teacher", "unpruned_teacher")
-    # same sign but within two standard errors
-    assert "no clear difference" in verdict([0.001, 0.03, 0.0005], "pruned_teacher", "unpruned_teacher")
-    assert "is worse than" in verdict([-0.01, -0.012, -0.011], "pruned_teacher", "scratch")
+def test_verdict_calls_only_when_the_interval_excludes_zero():
+    assert "too few to call" in verdict(paired_estimate([0.05]), "pruned_teacher", "unpruned_teacher")
+    assert "no clear difference" in verdict(paired_estimate([0.05, 0.04, -0.01]), "pruned_teacher", "unpruned_teacher")
+    w = verdict(paired_estimate([-0.010, -0.012, -0.011, -0.0105, -0.0115]), "pruned_teacher", "scratch")
+    assert w.startswith("KD from pruned teacher is worse than student alone (no teacher): -1.10 points, 95% CI [-1.20, -1.00] (paired t, n=5)")
+
+
+def test_paired_with_teacher_replicates_uses_teacher_means():
+    # Teacher 0: differences 1, 2, 3 points; teacher 1: 3, 4, 5. Teacher means 2 and 4: mean 3,
+    # sd 1.41421, se 1, t(0.975, 1) = 12.7062 -> [-9.71, +15.71] points; n = 2 teachers.
+    s = (rows("pruned_teacher", [0.91, 0.92, 0.93], 0) + rows("unpruned_teacher", [0.90] * 3, 0)
+         + rows("pruned_teacher", [0.93, 0.94, 0.95], 1) + rows("unpruned_teacher", [0.90] * 3, 1))
+    c = paired(s, "pruned_teacher", "unpruned_teacher")
+    assert c["n"] == 2 and c["teachers"] == 2 and c["students"] == 6 and c["method"] == "teacher means, t"
+    assert c["mean"] == pytest.approx(0.03) and c["ci_low"] == pytest.approx(0.03 - 0.127062, abs=1e-5)
+    assert list(c["per_seed"]) == ["t0/s0", "t0/s1", "t0/s2", "t1/s0", "t1/s1", "t1/s2"]
 
 
 def test_paired_needs_common_seeds():
     assert paired(rows("pruned_teacher", [0.9]), "pruned_teacher", "scratch") is None
+
+
+def test_report_prints_interval_n_and_method():
+    # The demo run's results, with five seeds of pruned vs unpruned: differences 1.0, 1.2, 0.8,
+    # 1.1, 0.9 points -> mean 1.00, sd 0.158, se 0.0707, t(0.975, 4) = 2.776: [0.80, 1.20].
+    r = json.loads((Path(__file__).parent / "data" / "demo_run" / "results.json").read_text())
+    d = [0.010, 0.012, 0.008, 0.011, 0.009]
+    students = [{"arm": "pruned_teacher", "seed": i, "test_acc": 0.90 + x} for i, x in enumerate(d)]
+    students += [{"arm": "unpruned_teacher", "seed": i, "test_acc": 0.90} for i in range(5)]
+    r.update(students=students, **summarize(students))
+    md = render_markdown(r)
+    assert "| comparison (a - b) | mean, points | 95% CI, points | n | method | called | sign-flip p |" in md
+    assert "| pruned minus unpruned | +1.00 | [+0.80, +1.20] | 5 | paired t, one teacher | yes | 0.062 |" in md
+    assert ("- KD from pruned teacher is better than KD from unpruned teacher: +1.00 points, 95% CI [+0.80, +1.20] "
+            "(paired t, one teacher, n=5) (per seed: +1.00, +1.20, +0.80, +1.10, +0.90)") in md
+    assert "| KD from pruned teacher | 91.00 | [90.80, 91.20] | 0.16 | 5 | 91.00, 91.20, 90.80, 91.10, 90.90 |" in md
+    assert "2 SE" not in md and "two standard errors" not in md

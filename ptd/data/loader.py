@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from ptd.data.base import DataError, FolderSplit, Split
+from ptd.seeding import stream_seed
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -97,8 +98,14 @@ def _check_common(batch_size: int, rank: int, world_size: int) -> None:
 
 
 def _mix_seed(seed: int, epoch: int, rank: int) -> int:
-    # Distinct, reproducible augmentation streams per (seed, epoch, rank); primes keep them apart.
-    return (int(seed) * 1_000_003 + int(epoch) * 10_007 + int(rank) * 101 + 1) % (2**63)
+    # Independent augmentation streams per (seed, epoch, rank), through a seed sequence (ptd.seeding).
+    return stream_seed(seed, "augment", epoch=epoch, rank=rank)
+
+
+def _order_seed(seed: int, epoch: int) -> int:
+    # The shuffle of (seed, epoch): the same on every rank, independent across seeds and epochs
+    # (seed + epoch would make seed s at epoch e replay seed s+1 at epoch e-1).
+    return stream_seed(seed, "data_order", epoch=epoch)
 
 
 # ----------------------------------------------------------------------------- in-memory
@@ -177,7 +184,7 @@ class TensorLoader:
         total = self._per_rank * self.world_size
         if self.train:
             # Same generator seed on every rank, so all ranks agree on the order before sharding.
-            g = torch.Generator().manual_seed(int(self.seed) + self.epoch)
+            g = torch.Generator().manual_seed(_order_seed(self.seed, self.epoch))
             order = torch.randperm(n, generator=g)[:total]
         else:
             order = torch.arange(n)
@@ -268,7 +275,7 @@ class FolderLoader:
         self.channels_last = channels_last
         size = int(image_size if image_size is not None else split.image_size)
         self.dataset = _ImageFiles(split.samples, folder_transform(size, train=train and augment, hflip=hflip))
-        # DistributedSampler also serves world_size=1: its shuffle is seeded by seed+epoch.
+        # DistributedSampler also serves world_size=1; set_epoch gives it the (seed, epoch) order seed.
         self.sampler = DistributedSampler(
             self.dataset, num_replicas=world_size, rank=rank, shuffle=train, seed=seed, drop_last=train
         )
@@ -294,7 +301,9 @@ class FolderLoader:
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
-        self.sampler.set_epoch(self.epoch)
+        # The sampler shuffles by its seed + its epoch: hand it the order seed and epoch 0.
+        self.sampler.seed = _order_seed(self.seed, self.epoch)
+        self.sampler.set_epoch(0)
         self._gen.manual_seed(_mix_seed(self.seed, self.epoch, self.rank))
 
     def __len__(self) -> int:

@@ -1,12 +1,13 @@
-"""results.json and report.md: the comparison the paper is about, with its spread over seeds."""
+"""results.json and report.md: the comparison the paper is about, as estimates with 95% intervals
+(ptd.report.stats); report.html is drawn by ptd.report.html from the same files."""
 from __future__ import annotations
 
-import math
 import statistics
 from pathlib import Path
 from typing import Any, Sequence
 
 from ptd.config import ARMS, RunConfig
+from ptd.report.stats import format_estimate, hierarchical_estimate, t_interval
 from ptd.train import checkpoint as ckpt
 
 ARM_LABELS = {
@@ -17,46 +18,83 @@ ARM_LABELS = {
 }
 
 
+FEW_SEEDS = 5  # below this, a 95% t interval is wide (t = 2.78 at 5 seeds, 4.30 at 3)
+COMPARISONS = {  # key in results.json -> (arm a, arm b), estimated as a - b
+    "pruned_minus_unpruned": ("pruned_teacher", "unpruned_teacher"),
+    "pruned_minus_retrained": ("pruned_teacher", "retrained_teacher"),
+    "pruned_minus_scratch": ("pruned_teacher", "scratch"),
+    "unpruned_minus_scratch": ("unpruned_teacher", "scratch"),
+}
+
+
 def mean_std(xs: Sequence[float]) -> dict[str, Any]:
     xs = [x for x in xs if x is not None]
     return {"mean": statistics.fmean(xs) if xs else None, "std": statistics.stdev(xs) if len(xs) > 1 else 0.0, "n": len(xs)}
 
 
-def paired(students: list[dict], a: str, b: str) -> dict[str, Any] | None:
-    """Per-seed differences a - b (same seed = same student init and data order in both arms)."""
-    acc = {(s["arm"], s["seed"]): s["test_acc"] for s in students}
-    seeds = sorted({s["seed"] for s in students if (a, s["seed"]) in acc and (b, s["seed"]) in acc})
-    if not seeds:
-        return None
-    diffs = [acc[(a, s)] - acc[(b, s)] for s in seeds]
-    out = mean_std(diffs)
-    out["per_seed"] = dict(zip(seeds, diffs))
-    out["wins"] = sum(d > 0 for d in diffs)
-    out["verdict"] = verdict(diffs, a, b)
+def arm_summary(rows: list[dict]) -> dict[str, Any]:
+    """Mean, std and the 95% t interval of one arm's mean test accuracy over its students."""
+    accs = [r["test_acc"] for r in rows]
+    out = {**mean_std(accs), "seeds": sorted(r["seed"] for r in rows), "ci_low": None, "ci_high": None}
+    if len(accs) > 1:
+        _, lo, hi = t_interval(accs)
+        out.update(ci_low=float(lo), ci_high=float(hi))
     return out
 
 
-def verdict(diffs: Sequence[float], a: str, b: str) -> str:
-    """A deliberately cautious reading: a difference counts only if every seed agrees in sign and
-    the mean is over two standard errors from zero with at least 3 seeds."""
-    n = len(diffs)
-    m = statistics.fmean(diffs)
-    pts = f"{100 * m:+.2f} points"
-    if n < 3:
-        return f"{ARM_LABELS[a]} vs {ARM_LABELS[b]}: {pts} over {n} seed(s); too few seeds to call (use 3 or more)"
-    se = statistics.stdev(diffs) / math.sqrt(n)
-    same_sign = all(d > 0 for d in diffs) or all(d < 0 for d in diffs)
-    if same_sign and abs(m) > 2 * se:
-        word = "better" if m > 0 else "worse"
-        return f"{ARM_LABELS[a]} is {word} than {ARM_LABELS[b]}: {pts} (± {100 * se:.2f} s.e.), consistent over {n} seeds"
-    return f"no clear difference between {ARM_LABELS[a]} and {ARM_LABELS[b]}: {pts} (± {100 * se:.2f} s.e.) over {n} seeds"
+def paired(students: list[dict], a: str, b: str) -> dict[str, Any] | None:
+    """Per-seed differences a - b as an estimate with a 95% interval (see ptd.report.stats).
+
+    Students pair on (teacher replicate, seed): the same seed gives a student the same init and
+    data order in both arms. A row's teacher replicate is its ``teacher`` key (absent: replicate 0).
+    With one replicate the interval is the paired t over seeds; with several, it is taken over the
+    replicates' mean differences, so the spread over teachers counts.
+    """
+    acc = {(s.get("teacher", 0), s["seed"], s["arm"]): s["test_acc"] for s in students}
+    keys = sorted({(t, sd) for (t, sd, arm) in acc if arm == a and (t, sd, b) in acc}, key=lambda k: (str(k[0]), k[1]))
+    if not keys:
+        return None
+    diffs = [acc[(t, sd, a)] - acc[(t, sd, b)] for t, sd in keys]
+    by_teacher: dict[Any, list[float]] = {}
+    for (t, _), d in zip(keys, diffs):
+        by_teacher.setdefault(t, []).append(d)
+    out = hierarchical_estimate(by_teacher)
+    out["std"] = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+    # Keyed by seed with one teacher (as before); by "t<teacher>/s<seed>" with several.
+    out["per_seed"] = ({sd: d for (_, sd), d in zip(keys, diffs)} if len(by_teacher) == 1
+                       else {f"t{t}/s{sd}": d for (t, sd), d in zip(keys, diffs)})
+    out["wins"] = sum(d > 0 for d in diffs)
+    out["verdict"] = verdict(out, a, b)
+    return out
+
+
+def verdict(est: dict[str, Any], a: str, b: str) -> str:
+    """One sentence: a difference is called only when its 95% interval excludes zero."""
+    la, lb = ARM_LABELS[a], ARM_LABELS[b]
+    text = format_estimate(est)
+    if est.get("ci_low") is None:
+        return f"{la} vs {lb}: {text}; one seed gives no interval, too few to call (use 5 or more seeds)"
+    if est["called"]:
+        word = "better" if est["mean"] > 0 else "worse"
+        return f"{la} is {word} than {lb}: {text}"
+    few = f" (too few seeds for a tight interval: {FEW_SEEDS} or more give one)" if est["n"] < FEW_SEEDS else ""
+    return f"no clear difference between {la} and {lb}: {text}; the interval includes zero{few}"
+
+
+def summarize(students: list[dict]) -> dict[str, Any]:
+    """The per-arm summaries and the paired comparisons of ``students`` (result rows with arm,
+    seed, test_acc and optionally teacher): what results.json holds under "summary" and
+    "comparison". ``ptd report`` recomputes them from results.json's students."""
+    summary = {arm: arm_summary([s for s in students if s["arm"] == arm]) for arm in ARMS if any(s["arm"] == arm for s in students)}
+    comparison = {k: v for k, (a, b) in COMPARISONS.items() if (v := paired(students, a, b)) is not None}
+    return {"summary": summary, "comparison": comparison}
 
 
 def build_results(cfg: RunConfig, teacher: dict, prune: dict, student: dict, students: list[dict],
                   control: dict | None = None) -> dict[str, Any]:
     final = prune["levels"][-1]
-    summary = {arm: {**mean_std([s["test_acc"] for s in students if s["arm"] == arm]), "seeds": sorted(s["seed"] for s in students if s["arm"] == arm)}
-               for arm in ARMS if any(s["arm"] == arm for s in students)}
+    stats = summarize(students)
+    summary = stats["summary"]
     st, te = student["student"], student["teacher"]
     compute = {
         "teacher": {k: teacher.get(k, 0) for k in ("epochs", "steps", "wall_s")},
@@ -83,18 +121,29 @@ def build_results(cfg: RunConfig, teacher: dict, prune: dict, student: dict, stu
         "retrained_teacher": {"test_acc": control["test_acc"], "val_acc": control.get("val_acc"), "epochs": control["epochs"]} if control else None,
         "students": students,
         "summary": summary,
-        "comparison": {k: v for k, v in {
-            "pruned_minus_unpruned": paired(students, "pruned_teacher", "unpruned_teacher"),
-            "pruned_minus_retrained": paired(students, "pruned_teacher", "retrained_teacher"),
-            "pruned_minus_scratch": paired(students, "pruned_teacher", "scratch"),
-            "unpruned_minus_scratch": paired(students, "unpruned_teacher", "scratch"),
-        }.items() if v is not None},
+        "comparison": stats["comparison"],
         "compute": compute,
     }
 
 
 def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.2f}"
+
+
+def _ci(e: dict) -> str:
+    return "n/a" if e.get("ci_low") is None else f"[{100 * e['ci_low']:+.2f}, {100 * e['ci_high']:+.2f}]"
+
+
+def _p(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+COMPARISON_NOTE = [
+    "Each comparison is the mean of the per-seed differences (a - b, same student seed in both arms) with its "
+    "95% confidence interval; a difference is called only when the interval excludes zero. Paired t: the t interval "
+    "over seeds. Teacher means, t: the differences averaged within each teacher replicate, the interval over "
+    "teachers, so the variance between teachers counts. Sign-flip p: the exact permutation p-value, a check that "
+    "assumes no normal distribution (it cannot go below 2/2^n, 0.0625 at 5 seeds).", ""]
 
 
 def _lat(s: dict, b: str) -> str:
@@ -118,14 +167,21 @@ def render_markdown(r: dict[str, Any]) -> str:
     lines += ["## Student", "", "| model | params | FLOPs | latency b1 (ms) | latency b64 (ms) |", "|---|---:|---:|---:|---:|",
               f"| teacher | {t['params']:,} | {t['flops']:,} | {_lat(t, '1')} | {_lat(t, '64')} |",
               f"| student ({s['spec']['arch']}) | {s['params']:,} ({s['params_ratio']:.3f}x) | {s['flops']:,} ({s['flops_ratio']:.3f}x) | {_lat(s, '1')} | {_lat(s, '64')} |", ""]
-    lines += ["## Students: test accuracy over seeds", "", "| arm | mean % | std % | seeds | per seed % |", "|---|---:|---:|---:|---|"]
+    lines += ["## Students: test accuracy over seeds", "", "| arm | mean % | 95% CI of the mean % | std % | seeds | per seed % |", "|---|---:|---:|---:|---:|---|"]
     for arm, sm in r["summary"].items():
         per = ", ".join(_pct(x["test_acc"]) for x in sorted(r["students"], key=lambda x: x["seed"]) if x["arm"] == arm)
-        lines.append(f"| {ARM_LABELS[arm]} | {_pct(sm['mean'])} | {_pct(sm['std'])} | {sm['n']} | {per} |")
+        ci = "n/a" if sm.get("ci_low") is None else f"[{_pct(sm['ci_low'])}, {_pct(sm['ci_high'])}]"
+        lines.append(f"| {ARM_LABELS[arm]} | {_pct(sm['mean'])} | {ci} | {_pct(sm['std'])} | {sm['n']} | {per} |")
     lines += ["", "## Does the pruned teacher teach better?", ""]
     if p["test_acc"] is not None and p["test_acc"] > t["test_acc"] and not r.get("retrained_teacher"):
         lines += [f"Note: the pruned teacher is itself more accurate than the unpruned one ({_pct(p['test_acc'])} vs {_pct(t['test_acc'])}); "
                   "its retraining is extra training. Add the `retrained_teacher` arm (distill.arms) to separate pruning from training longer.", ""]
+    lines += COMPARISON_NOTE
+    lines += ["| comparison (a - b) | mean, points | 95% CI, points | n | method | called | sign-flip p |", "|---|---:|---:|---:|---|---|---:|"]
+    for key, c in r["comparison"].items():
+        lines.append(f"| {key.replace('_', ' ')} | {100 * c['mean']:+.2f} | {_ci(c)} | {c['n']} | {c['method']} | "
+                     f"{'yes' if c['called'] else 'no'} | {_p(c.get('sign_flip_p'))} |")
+    lines.append("")
     for key, c in r["comparison"].items():
         lines.append(f"- {c['verdict']} (per seed: {', '.join(f'{100 * v:+.2f}' for v in c['per_seed'].values())})")
     c = r["compute"]
@@ -143,8 +199,58 @@ def render_markdown(r: dict[str, Any]) -> str:
 
 
 def write_report(run_dir: str | Path, results: dict[str, Any]) -> str:
+    """results.json, report.md and report.html (figures embedded) into ``run_dir``; returns the markdown."""
+    from ptd.report.html import write_run_html
+
     run_dir = Path(run_dir)
     ckpt.write_json(run_dir / "results.json", results)
     md = render_markdown(results)
     ckpt.write_text(run_dir / "report.md", md)
+    write_run_html(run_dir, results)
     return md
+
+
+def rerender(run_dir: str | Path) -> str:
+    """``ptd report RUN_DIR``: recompute the summaries and comparisons from results.json's students
+    (so a run finished before a change to the statistics gets today's), then rewrite results.json,
+    report.md and report.html. Returns the markdown."""
+    import json
+
+    run_dir = Path(run_dir)
+    path = run_dir / "results.json"
+    if not path.is_file():
+        raise ReportError(f"{path} not found: {run_dir} is not a finished ptd run; run `ptd run CONFIG --out {run_dir}` to finish it")
+    try:
+        results = json.loads(path.read_text())
+        results.update(summarize(results["students"]))
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ReportError(f"{path} is not a ptd results file ({type(e).__name__}: {e}); re-run `ptd run CONFIG --out {run_dir}` to rewrite it") from None
+    return write_report(run_dir, results)
+
+
+def rerender_sweep(sweep_dir: str | Path) -> None:
+    """``ptd report SWEEP_DIR``: rewrite sweep.md, its plots and report.html from sweep.json."""
+    import json
+
+    from ptd.report.html import write_sweep_html
+    from ptd.report.sweep import _vs, write_sweep_report
+
+    sweep_dir = Path(sweep_dir)
+    path = sweep_dir / "sweep.json"
+    try:
+        results = json.loads(path.read_text())
+        # Today's statistics for every paired comparison, from the per-seed rows sweep.json keeps.
+        base = {arm: b["students"] for arm, b in results["baselines"].items()}
+        for row in results["rows"]:
+            row["vs_unpruned_teacher"] = _vs(row["students"], base.get("unpruned_teacher"))
+            row["vs_scratch"] = _vs(row["students"], base.get("scratch"))
+        for arm, b in results["baselines"].items():
+            b["vs_scratch"] = _vs(b["students"], base.get("scratch")) if arm != "scratch" else None
+        write_sweep_report(sweep_dir, results)
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ReportError(f"{path} cannot be reported on ({type(e).__name__}: {e}); re-run `ptd sweep CONFIG --out {sweep_dir}` to rewrite it") from None
+    write_sweep_html(sweep_dir, results)
+
+
+class ReportError(ValueError):
+    """A run directory ptd cannot report on; the one-line message names the fix."""

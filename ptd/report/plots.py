@@ -5,7 +5,7 @@ Both take the dict that ``ptd.report.sweep.build_sweep_results`` returns (what s
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 DODGE_DEX = 0.025  # sideways shift between strategies at one compute, in decades (about 6%)
@@ -19,6 +19,16 @@ def _figure():
     fig = Figure(figsize=(7.5, 4.8), dpi=110)
     FigureCanvasAgg(fig)
     return fig, fig.add_subplot(1, 1, 1)
+
+
+def _save(fig, path: str | Path | BinaryIO) -> Path | BinaryIO:
+    """To a file path (format from its suffix) or a binary file object (PNG, for report.html)."""
+    if hasattr(path, "write"):
+        fig.savefig(path, format="png")
+        return path
+    path = Path(path)
+    fig.savefig(path)
+    return path
 
 
 def _ms(d: dict) -> tuple[float, float]:
@@ -39,7 +49,7 @@ def _title(r: dict[str, Any]) -> str:
             f"mean ± std over {len(r['seeds'])} seed(s)")
 
 
-def plot_acc_vs_sparsity(r: dict[str, Any], path: str | Path) -> Path:
+def plot_acc_vs_sparsity(r: dict[str, Any], path: str | Path | BinaryIO) -> Path | BinaryIO:
     """Student test accuracy against the teacher's measured sparsity, one line per strategy, with
     the unpruned-teacher KD student and the scratch student as horizontal mean ± std bands."""
     fig, ax = _figure()
@@ -60,12 +70,10 @@ def plot_acc_vs_sparsity(r: dict[str, Any], path: str | Path) -> Path:
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7.5, loc="best")
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path)
-    return path
+    return _save(fig, path)
 
 
-def plot_acc_vs_compute(r: dict[str, Any], path: str | Path, unit: str = "epochs") -> Path:
+def plot_acc_vs_compute(r: dict[str, Any], path: str | Path | BinaryIO, unit: str = "epochs") -> Path | BinaryIO:
     """Student test accuracy against the total compute behind one student (teacher training,
     pruning and its own distillation), ``unit`` "epochs" or "steps"; log x axis."""
     if unit not in ("epochs", "steps"):
@@ -118,6 +126,4 @@ def plot_acc_vs_compute(r: dict[str, Any], path: str | Path, unit: str = "epochs
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7.5, loc="best")
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path)
-    return path
+    return _save(fig, path)

@@ -1,0 +1,532 @@
+"""report.html: one self-contained page per run (and per sweep), drawn from the run directory's files.
+
+Every figure is a PNG embedded as a base64 data URI, and the style sheet is inline, so the file
+can be mailed or archived alone. What it reads (all optional except results.json / sweep.json):
+
+    results.json                         arms, students, comparisons, compute (ptd.report)
+    <stage>/**/metrics.jsonl             one JSON row per epoch: training curves of every stage
+    prune/level_<k>/sparsity.json        per-layer sparsity of the final pruned teacher
+    student/stats.json                   teacher vs student widths per layer, latencies
+
+A missing file leaves its section out with a one-line note, never an error: an old or partial run
+still renders.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import re
+from pathlib import Path
+from typing import Any, Callable
+
+from ptd.report import ARM_LABELS, summarize
+from ptd.report.stats import format_estimate
+
+ARM_COLORS = {"scratch": "#444444", "unpruned_teacher": "#1f77b4", "pruned_teacher": "#d62728", "retrained_teacher": "#2ca02c"}
+SEED_STYLES = ("-", "--", ":", "-.")
+# Loop bookkeeping columns of metrics.jsonl that are not curves worth a panel.
+_NOT_CURVES = {"epoch", "best", "steps", "wall_s", "lr", "train_loss", "val_loss", "train_acc", "val_acc"}
+
+CSS = """
+body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0 auto;max-width:1100px;padding:1.2em;color:#222;line-height:1.4}
+h1{font-size:1.5em;margin-bottom:.2em} h2{font-size:1.2em;border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
+.sub{color:#666;margin-top:0} .note{color:#666;font-size:.9em}
+table{border-collapse:collapse;margin:.6em 0;font-size:.92em} th,td{border:1px solid #ddd;padding:.25em .6em;text-align:right}
+th{background:#f4f4f4} td.l,th.l{text-align:left}
+.answer{border-left:5px solid #888;background:#f7f7f7;padding:.6em 1em;margin:1em 0}
+.answer.yes{border-color:#2a7} .answer.no{border-color:#c80}
+.answer p{margin:.3em 0} img{max-width:100%;height:auto;display:block;margin:.4em 0}
+"""
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _figure(w: float = 10.0, h: float = 3.4, cols: int = 1):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(w, h), dpi=100)
+    FigureCanvasAgg(fig)
+    return fig, [fig.add_subplot(1, cols, i + 1) for i in range(cols)]
+
+
+def png_data_uri(fig) -> str:
+    """The figure as a base64 PNG data URI (no file on disk)."""
+    buf = io.BytesIO()
+    if fig.get_layout_engine() is None:
+        fig.tight_layout()
+    fig.savefig(buf, format="png")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _img(uri: str, alt: str) -> str:
+    return f'<img src="{uri}" alt="{html.escape(alt)}">'
+
+
+def _esc(x: Any) -> str:
+    return html.escape(str(x))
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.2f}"
+
+
+def _table(head: list[str], rows: list[list[Any]], left: int = 1) -> str:
+    """An HTML table; the first ``left`` columns are text (left-aligned), the rest numbers."""
+    def cell(tag: str, i: int, v: Any) -> str:
+        return f'<{tag}{" class=l" if i < left else ""}>{_esc(v)}</{tag}>'
+    out = ["<table><tr>" + "".join(cell("th", i, h) for i, h in enumerate(head)) + "</tr>"]
+    out += ["<tr>" + "".join(cell("td", i, v) for i, v in enumerate(r)) + "</tr>" for r in rows]
+    return "".join(out) + "</table>"
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a torn last line of a killed run: the rows before it still count
+    return rows
+
+
+def _natural(p: Path) -> list:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(p))]
+
+
+def _section(title: str, body: str) -> str:
+    return f"<h2>{_esc(title)}</h2>\n{body}\n"
+
+
+def _safe(build: Callable[[], str], what: str) -> str:
+    """A section whose inputs are missing or malformed becomes a note, not a failed report."""
+    try:
+        return build()
+    except (OSError, KeyError, ValueError, TypeError, IndexError) as e:
+        return f'<p class="note">{_esc(what)}: not available ({type(e).__name__}: {_esc(e)}).</p>'
+
+
+# ---------------------------------------------------------------- figures
+
+
+def _rows_figure(n_rows: int):
+    """A row plot (one row per arm or comparison) with a narrow text column at its right."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 1.6 + 0.55 * n_rows), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    gs = fig.add_gridspec(1, 2, width_ratios=[3.2, 1.0])
+    ax, num = fig.add_subplot(gs[0, 0]), fig.add_subplot(gs[0, 1])
+    for a in (ax, num):
+        a.set_ylim(n_rows - 0.5, -0.5)
+    num.set_axis_off()
+    return fig, ax, num
+
+
+def _limit_to_data(ax, num, points: list[float], intervals: list[tuple], lo: float | None = None, hi: float | None = None,
+                   signed: bool = False) -> None:
+    """x limits around the data points (padded), not around intervals that can be 100s of points
+    wide at 2 seeds (those run off the edge, caps hidden); each row's mean and interval are
+    written in the text column ``num``."""
+    if points:
+        a, b = min(points), max(points)
+        pad = max(0.15 * (b - a), 1.0)
+        a, b = a - pad, b + pad
+        ax.set_xlim(a if lo is None else max(a, lo), b if hi is None else min(b, hi))
+    sign = "+" if signed else ""
+    num.text(0.04, -0.5, "mean  [95% CI]", ha="left", va="bottom", fontsize=8, color="0.35")
+    for i, (low, high, m) in enumerate(intervals):
+        txt = f"{100 * m:{sign}.2f}" + ("" if low is None else f"  [{100 * low:{sign}.2f}, {100 * high:{sign}.2f}]")
+        num.text(0.04, i, txt, ha="left", va="center", fontsize=8.5)
+
+
+def plot_arms(r: dict[str, Any]) -> str:
+    """Student test accuracy per arm: every seed's point, the mean and its 95% interval."""
+    arms = list(r["summary"])
+    fig, ax, num = _rows_figure(len(arms))
+    for i, arm in enumerate(arms):
+        sm = r["summary"][arm]
+        accs = sorted((s["seed"], s["test_acc"]) for s in r["students"] if s["arm"] == arm)
+        n = len(accs)
+        # Points spread vertically a little so equal accuracies stay visible (fixed, not random).
+        ys = [i + 0.18 * ((k - (n - 1) / 2) / max(n - 1, 1)) for k in range(n)]
+        color = ARM_COLORS.get(arm, "tab:purple")
+        ax.scatter([100 * a for _, a in accs], ys, s=22, color=color, alpha=0.7, zorder=3)
+        if sm.get("ci_low") is not None:
+            ax.errorbar([100 * sm["mean"]], [i], xerr=[[100 * (sm["mean"] - sm["ci_low"])], [100 * (sm["ci_high"] - sm["mean"])]],
+                        fmt="D", color="black", capsize=5, markersize=6, zorder=4)
+        else:
+            ax.plot([100 * sm["mean"]], [i], "D", color="black", zorder=4)
+    for key, label, style in (("teacher", "teacher", "--"), ("pruned_teacher", "pruned teacher", ":"), ("retrained_teacher", "control teacher", "-.")):
+        t = r.get(key)
+        if t and t.get("test_acc") is not None:
+            ax.axvline(100 * t["test_acc"], color="0.5", linestyle=style, linewidth=1, label=f"{label}: {_pct(t['test_acc'])}")
+    pts = [100 * s["test_acc"] for s in r["students"] if s["arm"] in r["summary"]]
+    pts += [100 * t["test_acc"] for k in ("teacher", "pruned_teacher", "retrained_teacher") if (t := r.get(k)) and t.get("test_acc") is not None]
+    _limit_to_data(ax, num, pts, [(r["summary"][a].get("ci_low"), r["summary"][a].get("ci_high"), r["summary"][a]["mean"]) for a in arms],
+                   lo=0, hi=100)
+    ax.set_yticks(range(len(arms)), [ARM_LABELS.get(a, a).replace(" retrained as long", "\nretrained as long") for a in arms], fontsize=8.5)
+    ax.set_xlabel("student test accuracy (%); dots: seeds; diamond and bar: mean and 95% CI")
+    ax.grid(True, axis="x", alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        ax.legend(handles, labels, fontsize=7.5, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=len(handles), frameon=False,
+                  title="the teachers' own test accuracy", title_fontsize=7.5)
+    return png_data_uri(fig)
+
+
+def plot_comparisons(r: dict[str, Any]) -> str:
+    """Each paired comparison: the per-seed differences, the mean and its 95% interval, zero marked."""
+    items = list(r["comparison"].items())
+    fig, ax, num = _rows_figure(len(items))
+    for i, (key, c) in enumerate(items):
+        diffs = list(c["per_seed"].values())
+        n = len(diffs)
+        ys = [i + 0.18 * ((k - (n - 1) / 2) / max(n - 1, 1)) for k in range(n)]
+        ax.scatter([100 * d for d in diffs], ys, s=18, color="0.55", zorder=3)
+        color = ("#2a7" if c["mean"] > 0 else "#c33") if c.get("called") else "black"
+        if c.get("ci_low") is not None:
+            ax.errorbar([100 * c["mean"]], [i], xerr=[[100 * (c["mean"] - c["ci_low"])], [100 * (c["ci_high"] - c["mean"])]],
+                        fmt="o", color=color, capsize=5, markersize=6, zorder=4)
+        else:
+            ax.plot([100 * c["mean"]], [i], "o", color=color, zorder=4)
+    ax.axvline(0, color="black", linewidth=0.8)
+    _limit_to_data(ax, num, [0.0] + [100 * d for _, c in items for d in c["per_seed"].values()],
+                   [(c.get("ci_low"), c.get("ci_high"), c["mean"]) for _, c in items], signed=True)
+    ax.set_yticks(range(len(items)), [k.replace("_", " ") for k, _ in items], fontsize=8.5)
+    ax.set_xlabel("difference in student test accuracy (points, a - b); grey: seeds; bar: 95% CI (colored when it excludes 0)")
+    ax.grid(True, axis="x", alpha=0.3)
+    return png_data_uri(fig)
+
+
+def stage_curves(run_dir: Path) -> dict[str, list[tuple[str, list[dict]]]]:
+    """metrics.jsonl files of the run, grouped by their top directory (teacher, prune, control,
+    distill, ...), each as (path relative to the run, rows) in natural order."""
+    out: dict[str, list[tuple[str, list[dict]]]] = {}
+    for p in sorted(run_dir.rglob("metrics.jsonl"), key=_natural):
+        rel = p.parent.relative_to(run_dir)
+        rows = read_jsonl(p)
+        if rows and rel.parts:
+            out.setdefault(rel.parts[0], []).append((str(rel), rows))
+    return out
+
+
+def _extra_keys(runs: list[tuple[str, list[dict]]]) -> list[str]:
+    keys: list[str] = []
+    for _, rows in runs:
+        for row in rows:
+            for k, v in row.items():
+                if k not in _NOT_CURVES and k not in keys and isinstance(v, (int, float)) and not isinstance(v, bool):
+                    keys.append(k)
+    return keys[:4]  # loss terms and the like; more would make the panels unreadable
+
+
+def plot_curves(runs: list[tuple[str, list[dict]]], style: Callable[[str], dict], xlabel: str = "epoch") -> str:
+    """Loss, validation accuracy and learning rate per epoch (plus up to 4 logged extras, e.g. loss
+    terms or sparsity), one line per run, styled by ``style(run name)``."""
+    extras = _extra_keys(runs)
+    cols = 3 + len(extras)
+    fig, axes = _figure(min(4.0 * cols, 16), 3.3, cols)
+    labelled: set[str] = set()
+    for name, rows in runs:
+        st = style(name)
+        lab = st.pop("label", name)
+        show = lab not in labelled
+        labelled.add(lab)
+        xs = [int(r["epoch"]) for r in rows]
+        kw = dict(marker="." if len(rows) < 30 else None, linewidth=1.2, **st)
+        axes[0].plot(xs, [r.get("train_loss") for r in rows], label=lab if show else None, **kw)
+        if any(r.get("val_loss") is not None for r in rows):
+            axes[0].plot(xs, [r.get("val_loss") for r in rows], alpha=0.5, **{**kw, "linestyle": ":"})
+        if any(r.get("val_acc") is not None for r in rows):
+            axes[1].plot(xs, [100 * r["val_acc"] if r.get("val_acc") is not None else None for r in rows], **kw)
+        axes[2].plot(xs, [r.get("lr") for r in rows], **kw)
+        for ax, k in zip(axes[3:], extras):
+            if any(k in r for r in rows):
+                ax.plot(xs, [r.get(k) for r in rows], **kw)
+    titles = ["loss (solid: train, dotted: val)", "validation accuracy (%)", "learning rate"] + extras
+    for ax, t in zip(axes, titles):
+        ax.set_title(t, fontsize=9)
+        ax.set_xlabel(xlabel, fontsize=8)
+        ax.grid(True, alpha=0.3)
+        ax.tick_params(labelsize=7.5)
+    axes[0].legend(fontsize=7, loc="best")
+    return png_data_uri(fig)
+
+
+def _teacher_style(name: str) -> dict:
+    top = name.split("/")[0]
+    return {"teacher": {"color": "#1f77b4", "label": "teacher"}, "prune": {"color": "#d62728", "label": "pruning (levels in turn)"},
+            "control": {"color": "#2ca02c", "label": "control (rounds in turn)"}}.get(top, {"color": "0.4", "label": top})
+
+
+def _student_style(name: str) -> dict:
+    m = re.match(r"(?:.*/)?(?P<arm>[a-z_]+?)_seed(?P<seed>\d+)$", name)
+    if not m:
+        return {"color": "0.4", "label": name}
+    arm, seed = m["arm"], int(m["seed"])
+    return {"color": ARM_COLORS.get(arm, "tab:purple"), "linestyle": SEED_STYLES[seed % len(SEED_STYLES)],
+            "label": ARM_LABELS.get(arm, arm)}
+
+
+def plot_layer_sparsity(layers: list[dict]) -> str:
+    names = [l["layer"].removesuffix(".weight") for l in layers]
+    fig, (ax,) = _figure(10, 0.8 + 0.26 * len(names))
+    ax.barh(range(len(names)), [100 * l["sparsity"] for l in layers], color="#d62728", alpha=0.8)
+    for i, l in enumerate(layers):
+        ax.text(100 * l["sparsity"] + 0.5, i, f"{100 * l['sparsity']:.1f}% of {l['total']:,}", va="center", fontsize=7)
+    ax.set_yticks(range(len(names)), names, fontsize=7.5)
+    ax.set_ylim(len(names) - 0.5, -0.5)
+    ax.set_xlim(0, 110)
+    ax.set_xlabel("weights pruned in the layer (%)")
+    ax.grid(True, axis="x", alpha=0.3)
+    return png_data_uri(fig)
+
+
+def plot_widths(layers: list[dict]) -> str:
+    names = [l["name"] for l in layers]
+    fig, (ax,) = _figure(10, 0.8 + 0.3 * len(names))
+    ys = range(len(names))
+    ax.barh([y - 0.2 for y in ys], [l["teacher_width"] for l in layers], height=0.4, color="#1f77b4", label="teacher")
+    ax.barh([y + 0.2 for y in ys], [l["width"] for l in layers], height=0.4, color="#ff7f0e", label="student")
+    ax.set_yticks(list(ys), names, fontsize=7.5)
+    ax.set_ylim(len(names) - 0.5, -0.5)
+    ax.set_xlabel("output channels / features of the layer")
+    ax.legend(fontsize=8)
+    ax.grid(True, axis="x", alpha=0.3)
+    return png_data_uri(fig)
+
+
+def plot_compute(r: dict[str, Any], stats: dict | None) -> str:
+    """Epochs behind one student per arm, split by where they were spent; CPU latency per model."""
+    c = r["compute"]
+    arms = list(c["total_per_student"])
+    behind = {"scratch": [], "unpruned_teacher": ["teacher"], "pruned_teacher": ["teacher", "pruning"],
+              "retrained_teacher": ["teacher", "control"]}
+    models = [("teacher", "teacher"), ("pruned_teacher", "pruned teacher\n(dense kernels)"), ("student", "student")]
+    lat: dict[str, dict[str, float]] = {}
+    for key, label in models:
+        src = (stats or {}).get(key) or r.get(key) or {}
+        for b, v in (src.get("latency") or {}).items():
+            if v and v.get("median_ms") is not None:
+                lat.setdefault(b, {})[label] = v["median_ms"]
+    fig, axes = _figure(12, 0.9 + 0.5 * max(len(arms), 3), 1 + len(lat))
+    ax = axes[0]
+    parts = [("teacher", "#1f77b4"), ("pruning", "#d62728"), ("control", "#2ca02c")]
+    left = [0.0] * len(arms)
+    for part, color in parts:
+        vals = [float(c[part]["epochs"]) if part in behind.get(a, []) else 0.0 for a in arms]
+        if any(vals):
+            ax.barh(range(len(arms)), vals, left=left, color=color, label=part)
+            left = [x + v for x, v in zip(left, vals)]
+    own = [float(c["students"][a]["epochs"]) / max(r["summary"][a]["n"], 1) for a in arms]
+    ax.barh(range(len(arms)), own, left=left, color="#999999", label="the student's own")
+    ax.set_yticks(range(len(arms)), [ARM_LABELS.get(a, a).replace(" retrained as long", "\nretrained as long") for a in arms], fontsize=7.5)
+    ax.set_ylim(len(arms) - 0.5, -0.5)
+    ax.set_xlabel("training epochs behind one student")
+    ax.legend(fontsize=7)
+    ax.grid(True, axis="x", alpha=0.3)
+    for ax2, (b, d) in zip(axes[1:], sorted(lat.items(), key=lambda kv: int(kv[0]))):
+        labels = [lab for _, lab in models if lab in d]
+        ax2.barh(range(len(labels)), [d[l] for l in labels], color=["#1f77b4", "#d62728", "#ff7f0e"][: len(labels)])
+        for i, l in enumerate(labels):
+            ax2.text(d[l], i, f" {d[l]:.2f}", va="center", fontsize=7.5)
+        ax2.set_yticks(range(len(labels)), labels, fontsize=7.5)
+        ax2.set_ylim(len(labels) - 0.5, -0.5)
+        ax2.set_xlim(0, 1.25 * max(d.values()))
+        ax2.set_xlabel(f"CPU latency, batch {b}: median ms")
+        ax2.grid(True, axis="x", alpha=0.3)
+    return png_data_uri(fig)
+
+
+# ---------------------------------------------------------------- pages
+
+
+def _answer(r: dict[str, Any]) -> str:
+    comp = r.get("comparison", {})
+    main = comp.get("pruned_minus_unpruned")
+    cls = "yes" if main and main.get("called") else "no"
+    lines = [f"<p><b>{_esc(c['verdict'])}</b></p>" if k == "pruned_minus_unpruned" else f"<p>{_esc(c['verdict'])}</p>" for k, c in comp.items()]
+    if not lines:
+        lines = ["<p>No paired comparison: the run has fewer than two arms with a common seed.</p>"]
+    return f'<div class="answer {cls}">' + "".join(lines) + "</div>"
+
+
+def _page(title: str, sub: str, body: str) -> str:
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">'
+            f"<title>{_esc(title)}</title><style>{CSS}</style></head><body>\n<h1>{_esc(title)}</h1>\n"
+            f'<p class="sub">{_esc(sub)}</p>\n{body}</body></html>\n')
+
+
+def render_run_html(run_dir: str | Path, results: dict[str, Any] | None = None) -> str:
+    """The page for one run; ``results`` defaults to the run's results.json."""
+    run_dir = Path(run_dir)
+    r = results if results is not None else json.loads((run_dir / "results.json").read_text())
+    if any("method" not in c for c in r.get("comparison", {}).values()) or any("ci_low" not in a for a in r.get("summary", {}).values()):
+        r = {**r, **summarize(r["students"])}  # a results.json from before the interval statistics
+    t, p = r["teacher"], r["pruned_teacher"]
+    n_seeds = max((sm["n"] for sm in r["summary"].values()), default=0)
+    body = [_answer(r)]
+
+    def arms() -> str:
+        rows = [[ARM_LABELS.get(a, a), _pct(sm["mean"]), "n/a" if sm.get("ci_low") is None else f"{_pct(sm['ci_low'])} .. {_pct(sm['ci_high'])}",
+                 sm["n"], ", ".join(_pct(s["test_acc"]) for s in sorted(r["students"], key=lambda s: s["seed"]) if s["arm"] == a)]
+                for a, sm in r["summary"].items()]
+        return (_img(plot_arms(r), "student test accuracy per arm, every seed and the 95% interval")
+                + _table(["arm", "mean %", "95% CI of the mean %", "seeds", "per seed %"], rows))
+    body.append(_section("Student accuracy per arm", _safe(arms, "student accuracy per arm")))
+
+    def comps() -> str:
+        if not r.get("comparison"):
+            return '<p class="note">No comparisons.</p>'
+        rows = [[k.replace("_", " "), f"{100 * c['mean']:+.2f}",
+                 "n/a" if c.get("ci_low") is None else f"{100 * c['ci_low']:+.2f} .. {100 * c['ci_high']:+.2f}",
+                 c["n"], c["method"], "yes" if c.get("called") else "no",
+                 "n/a" if c.get("sign_flip_p") is None else f"{c['sign_flip_p']:.3f}"] for k, c in r["comparison"].items()]
+        note = ('<p class="note">Mean of the per-seed differences (same student seed in both arms) with its 95% confidence interval; '
+                "a difference is called only when the interval excludes zero. With teacher replicates the interval is taken over "
+                "the teachers' mean differences, so the variance between teachers counts. Sign-flip p: exact permutation p-value, "
+                "a check that assumes no normal distribution.</p>")
+        return (_img(plot_comparisons(r), "paired differences with 95% intervals") + note
+                + _table(["comparison (a - b)", "mean, points", "95% CI, points", "n", "method", "called", "sign-flip p"], rows, left=1))
+    body.append(_section("Paired comparisons", _safe(comps, "comparisons")))
+
+    def teachers() -> str:
+        rows = [[f"teacher ({t['arch']})", _pct(t["test_acc"]), "0", f"{t['params']:,}"],
+                [f"pruned teacher ({p['strategy']}, level {p['level']})", _pct(p["test_acc"]), f"{p['sparsity']:.4f}", f"{p['params_nonzero']:,}"]]
+        if r.get("retrained_teacher"):
+            rows.append([f"control: unpruned teacher retrained {r['retrained_teacher']['epochs']} epochs", _pct(r["retrained_teacher"]["test_acc"]), "0", f"{t['params']:,}"])
+        return _table(["teacher", "test acc %", "sparsity", "params (nonzero)"], rows)
+    body.append(_section("Teachers", _safe(teachers, "teachers")))
+
+    curves = stage_curves(run_dir)
+
+    def teacher_curves() -> str:
+        teacher = curves.get("teacher", [])
+        others = [x for k in curves if k not in ("teacher", "distill") for x in curves[k]]
+        if not teacher and not others:
+            return '<p class="note">No metrics.jsonl for the teacher stages (teacher loaded from a checkpoint?).</p>'
+        return (_img(plot_curves(teacher + chain_after(teacher, others), _teacher_style, "epoch (pruning levels and control rounds in turn, after the teacher)"),
+                     "teacher, pruning and control training curves")
+                + '<p class="note">Pruning retrains level after level and the control retrains the unpruned teacher round after round, '
+                "both starting where the teacher's training ended.</p>")
+    body.append(_section("Training curves: teacher, pruning, control", _safe(teacher_curves, "teacher training curves")))
+
+    def student_curves() -> str:
+        runs = curves.get("distill", [])
+        if not runs:
+            return '<p class="note">No student metrics.jsonl.</p>'
+        return (_img(plot_curves(runs, _student_style), "student training curves")
+                + '<p class="note">Color: arm; line style: seed.</p>')
+    body.append(_section("Training curves: students", _safe(student_curves, "student training curves")))
+
+    def sparsity() -> str:
+        info = json.loads((run_dir / "prune" / f"level_{p['level']}" / "sparsity.json").read_text())
+        layers = info["layers"]
+        return (_img(plot_layer_sparsity(layers), "per-layer sparsity of the pruned teacher")
+                + f'<p class="note">Level {info["level"]}: {info["alive"]:,} of {info["total"]:,} prunable weights kept '
+                f'(sparsity {info["sparsity"]:.4f}).</p>')
+    body.append(_section("Per-layer sparsity of the pruned teacher", _safe(sparsity, "per-layer sparsity") if p.get("level") else
+                         '<p class="note">The teacher was not pruned (target sparsity 0).</p>'))
+
+    stats = None
+    if (run_dir / "student" / "stats.json").is_file():
+        stats = json.loads((run_dir / "student" / "stats.json").read_text())
+
+    def widths() -> str:
+        plan = (stats or {}).get("plan")
+        if not plan:
+            return '<p class="note">The student was named in the config, not derived: no per-layer plan.</p>'
+        s = r["student"]
+        return (_img(plot_widths(plan["layers"]), "teacher vs student widths per layer")
+                + f'<p class="note">Student {_esc(s["spec"]["arch"])}: {s["params"]:,} params ({s["params_ratio"]:.3f}x the teacher), '
+                f'{s["flops"]:,} FLOPs ({s["flops_ratio"]:.3f}x). Rule: {_esc(plan.get("rule", ""))}</p>')
+    body.append(_section("Teacher vs student widths per layer", _safe(widths, "widths")))
+
+    def compute() -> str:
+        c = r["compute"]
+        rows = [[ARM_LABELS.get(a, a), f"{v['epochs']:.0f}", f"{v['steps']:.0f}", f"{v['wall_s']:.0f}"] for a, v in c["total_per_student"].items()]
+        return (_img(plot_compute(r, stats), "compute per arm and latency per model")
+                + _table(["arm: total behind one student", "epochs", "optimizer steps", "wall s"], rows))
+    body.append(_section("Compute and latency", _safe(compute, "compute")))
+
+    sub = (f"Dataset {r['dataset']}; {len(r['summary'])} arm(s), up to {n_seeds} student seed(s). Accuracies are test top-1 at the "
+           f"best-validation epoch. Rendered from {run_dir.name}/ by ptd report.")
+    return _page(f"ptd report: {r['name']}", sub, "\n".join(body))
+
+
+def chain_after(first: list[tuple[str, list[dict]]], runs: list[tuple[str, list[dict]]]) -> list[tuple[str, list[dict]]]:
+    """Renumber the epochs of ``runs`` so that within each top directory (prune/, control/) they
+    follow each other, all starting after the last epoch of ``first`` (the teacher)."""
+    start = max((int(row["epoch"]) for _, rows in first for row in rows), default=0)
+    at: dict[str, int] = {}
+    out = []
+    for name, rows in runs:
+        top = name.split("/")[0]
+        base = at.get(top, start)
+        out.append((name, [{**row, "epoch": base + int(row["epoch"])} for row in rows]))
+        at[top] = base + max(int(row["epoch"]) for row in rows)
+    return out
+
+
+def write_run_html(run_dir: str | Path, results: dict[str, Any] | None = None) -> Path:
+    run_dir = Path(run_dir)
+    from ptd.train import checkpoint as ckpt
+
+    path = run_dir / "report.html"
+    ckpt.write_text(path, render_run_html(run_dir, results))
+    return path
+
+
+# ---------------------------------------------------------------- sweep
+
+
+def render_sweep_html(sweep_dir: str | Path, results: dict[str, Any] | None = None) -> str:
+    """The page for a sweep: its two plots (drawn afresh, embedded), the students table with each
+    pruned teacher's paired comparison against the unpruned teacher's student."""
+    from ptd.report.plots import plot_acc_vs_compute, plot_acc_vs_sparsity
+
+    sweep_dir = Path(sweep_dir)
+    r = results if results is not None else json.loads((sweep_dir / "sweep.json").read_text())
+    body = []
+
+    def plots() -> str:
+        parts = []
+        for fn, alt in ((plot_acc_vs_sparsity, "student accuracy vs teacher sparsity"), (plot_acc_vs_compute, "student accuracy vs total compute")):
+            buf = io.BytesIO()
+            fn(r, buf)
+            parts.append(_img("data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii"), alt))
+        return "".join(parts)
+    body.append(_section("Plots", _safe(plots, "sweep plots")))
+
+    def table() -> str:
+        rows = []
+        for arm, b in r["baselines"].items():
+            a = b["student_acc"]
+            rows.append([b["label"], "0" if arm == "unpruned_teacher" else "-", _pct(a["mean"]), _pct(a["std"]),
+                         ", ".join(_pct(s["test_acc"]) for s in b["students"]), "", ""])
+        for x in r["rows"]:
+            a, v = x["student_acc"], x.get("vs_unpruned_teacher")
+            rows.append([f"{x['strategy']} s{x['target_sparsity']:g}", f"{x['sparsity']:.4f}", _pct(a["mean"]), _pct(a["std"]),
+                         ", ".join(_pct(s["test_acc"]) for s in x["students"]),
+                         format_estimate(v) if v and "ci_low" in v else "", ("yes" if v.get("called") else "no") if v else ""])
+        return _table(["teacher", "sparsity", "student mean %", "std %", "per seed %", "vs unpruned teacher's student", "called"], rows, left=1)
+    body.append(_section("Students", _safe(table, "students table")))
+    t, s = r["teacher"], r["student"]
+    sub = (f"Dataset {r['dataset']}; teacher {t['arch']} ({t['params']:,} params, test {_pct(t['test_acc'])} %); "
+           f"student {s['arch']} ({s['params']:,} params); {len(r['seeds'])} seed(s). Rendered from {sweep_dir.name}/ by ptd report.")
+    return _page(f"ptd sweep: {r['name']}", sub, "\n".join(body))
+
+
+def write_sweep_html(sweep_dir: str | Path, results: dict[str, Any] | None = None) -> Path:
+    from ptd.train import checkpoint as ckpt
+
+    path = Path(sweep_dir) / "report.html"
+    ckpt.write_text(path, render_sweep_html(sweep_dir, results))
+    return path

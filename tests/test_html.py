@@ -1,0 +1,171 @@
+"""report.html from a run directory's files, `ptd report`, and a check in a real headless browser.
+
+The fixture tests/data/demo_run holds the text files (no weights) of a real run of
+configs/fashion_mnist_demo.yaml, shortened:
+  ptd run configs/fashion_mnist_demo.yaml --out RUN --set data.train_subset=2000 --set threads=1
+    --set teacher.optim.epochs=2 --set distill.optim.epochs=1 --set prune.retrain.epochs=1
+    --set distill.arms=[scratch,unpruned_teacher,pruned_teacher,retrained_teacher]
+Its results.json predates the interval statistics, which `ptd report` must bring up to date.
+"""
+import base64
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from ptd.cli import main
+from ptd.report import rerender
+from ptd.report.html import chain_after, render_run_html, stage_curves
+from ptd.report.stats import format_estimate
+
+DEMO = Path(__file__).parent / "data" / "demo_run"
+IMG = re.compile(r'<img src="([^"]*)" alt="([^"]*)">')
+SECTIONS = 7  # arms, comparisons, teacher curves, student curves, layer sparsity, widths, compute
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    d = tmp_path / "run"
+    shutil.copytree(DEMO, d)
+    return d
+
+
+def images(page: str) -> list[tuple[str, str]]:
+    return IMG.findall(page)
+
+
+def test_stage_curves_find_every_stage(run_dir):
+    c = stage_curves(run_dir)
+    assert sorted(c) == ["control", "distill", "prune", "teacher"]
+    assert [n for n, _ in c["prune"]] == ["prune/level_1", "prune/level_2", "prune/level_3", "prune/level_4"]
+    assert len(c["distill"]) == 8 and len(c["control"]) == 4
+    # The teacher trained 2 epochs; pruning levels (1 epoch each) then follow as epochs 3, 4, 5, 6,
+    # and so do the control rounds, in their own sequence.
+    chained = chain_after(c["teacher"], c["prune"] + c["control"])
+    assert [[r["epoch"] for r in rows] for _, rows in chained] == [[3], [4], [5], [6]] * 2
+
+
+def test_run_html_is_self_contained_and_complete(run_dir):
+    md = rerender(run_dir)
+    page = (run_dir / "report.html").read_text()
+    imgs = images(page)
+    assert len(imgs) == SECTIONS
+    for src, alt in imgs:
+        assert src.startswith("data:image/png;base64,") and alt
+        assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
+    # Nothing fetched from outside the file: no links, scripts or style sheets by URL.
+    assert not re.search(r'(src|href)="(?!data:)', page) and "<script" not in page and "<link" not in page
+    r = json.loads((run_dir / "results.json").read_text())
+    c = r["comparison"]["pruned_minus_unpruned"]
+    # Recomputed from the students: 30.02 and 10.56 points; mean 20.29, sd 19.46 / sqrt(2) = 13.76,
+    # se 13.76 / sqrt(2) = 9.73, t(0.975, 1) = 12.706 -> 20.29 - 123.63 = -103.34.
+    assert c["n"] == 2 and c["method"] == "paired t, one teacher" and not c["called"]
+    assert 100 * c["ci_low"] == pytest.approx(20.29 - 12.706 * 9.73, abs=0.05)
+    for text in ("KD from pruned teacher", "95% CI", "paired t, one teacher", "Per-layer sparsity of the pruned teacher",
+                 "Teacher vs student widths per layer", "Compute and latency", "Training curves: students"):
+        assert text in page
+    assert f"{100 * c['ci_low']:+.2f} .. {100 * c['ci_high']:+.2f}" in page  # the comparison table
+    assert "95% CI [-103.3" in md and "| 95% CI of the mean % |" in md
+
+
+def test_missing_files_become_notes(run_dir):
+    (run_dir / "prune" / "level_4" / "sparsity.json").unlink()
+    (run_dir / "student" / "stats.json").unlink()
+    shutil.rmtree(run_dir / "distill")
+    page = render_run_html(run_dir)
+    assert len(images(page)) == SECTIONS - 3  # no sparsity, no widths, no student curves
+    assert "per-layer sparsity: not available (FileNotFoundError" in page
+    assert "No student metrics.jsonl." in page
+    assert "no per-layer plan" in page
+
+
+def test_cli_report_rerenders_and_errors_in_one_line(run_dir, tmp_path, capsys):
+    assert main(["report", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "| comparison (a - b) |" in out and str(run_dir / "report.html") in out
+    assert (run_dir / "report.html").is_file() and (run_dir / "report.md").is_file()
+    missing = tmp_path / "nothing"
+    assert main(["report", str(missing)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"ptd: error: {missing / 'results.json'} not found: {missing} is not a finished ptd run; "
+                   f"run `ptd run CONFIG --out {missing}` to finish it")
+    (run_dir / "results.json").write_text("{}")
+    assert main(["report", str(run_dir)]) == 2
+    assert "is not a ptd results file (KeyError" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- a real browser
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+# Injected first into <head>: records every error event (a failed image load fires one too) and
+# console.error call, and on load lists the images that did not decode; writes it all into the DOM
+# that --dump-dom prints.
+PROBE = """<script>
+window.__errs=[];window.addEventListener('error',function(e){window.__errs.push('error: '+(e.message||(e.target&&(e.target.alt||e.target.src))||'?').slice(0,120))},true);
+var ce=console.error;console.error=function(){window.__errs.push('console.error: '+Array.from(arguments).join(' '));ce.apply(console,arguments)};
+window.addEventListener('load',function(){var bad=[];for(const i of document.images){if(!i.complete||i.naturalWidth===0)bad.push(i.alt||i.src.slice(0,60))}
+var d=document.createElement('pre');d.id='ptd-check';d.textContent=JSON.stringify({images:document.images.length,broken:bad,errors:window.__errs,
+width:Math.max(...Array.from(document.images).map(i=>i.naturalWidth))});document.body.appendChild(d)});
+</script>"""
+
+
+def browser_check(page_path: Path, work: Path) -> dict:
+    """Load ``page_path`` in headless chromium; return {images, broken, errors, console}."""
+    probe = work / "probed.html"
+    probe.write_text(page_path.read_text().replace("<head>", "<head>" + PROBE, 1))
+    r = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=10000",
+                        "--enable-logging=stderr", "--v=0", f"--user-data-dir={work / 'profile'}", "--dump-dom", probe.as_uri()],
+                       capture_output=True, text=True, timeout=120)
+    m = re.search(r'<pre id="ptd-check">(.*?)</pre>', r.stdout, re.S)
+    assert m, f"chromium did not finish loading the page (rc {r.returncode}): {r.stderr[-500:]}"
+    out = json.loads(m.group(1).replace("&quot;", '"').replace("&amp;", "&").replace("&lt;", "<").replace("&gt;", ">"))
+    # Console messages chromium logs itself (e.g. CSP or parse errors), beyond what the probe saw.
+    out["console"] = [l for l in r.stderr.splitlines() if ":CONSOLE" in l]
+    return out
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (apt-get install chromium)")
+def test_report_html_in_a_real_browser(run_dir, tmp_path):
+    rerender(run_dir)
+    res = browser_check(run_dir / "report.html", tmp_path)
+    assert res["images"] == SECTIONS and res["broken"] == [] and res["errors"] == [] and res["console"] == []
+    assert res["width"] >= 900  # figures decoded at full size (10 inches at 100 dpi)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (apt-get install chromium)")
+def test_browser_check_catches_broken_images_and_errors(tmp_path):
+    bad = tmp_path / "bad.html"
+    bad.write_text('<!DOCTYPE html><html><head><meta charset="utf-8"></head><body>'
+                   '<img src="data:image/png;base64,AAAA" alt="corrupt"><img src="missing.png" alt="missing">'
+                   '<script>console.error("boom")</script></body></html>')
+    res = browser_check(bad, tmp_path)
+    assert res["broken"] == ["corrupt", "missing"]
+    assert "console.error: boom" in res["errors"] and "error: corrupt" in res["errors"]
+
+
+# ---------------------------------------------------------------- sweep
+# tests/data/demo_sweep/sweep.json: a real `ptd sweep configs/fashion_mnist_sweep.yaml` shortened
+# (train_subset 1000, 1 epoch per stage, sparsities 0.36/0.59, imp and oneshot, seeds 0-2).
+DEMO_SWEEP = Path(__file__).parent / "data" / "demo_sweep"
+
+
+def test_sweep_html_and_cli_report(tmp_path, capsys):
+    d = tmp_path / "sweep"
+    shutil.copytree(DEMO_SWEEP, d)
+    assert main(["report", str(d)]) == 0
+    assert str(d / "report.html") in capsys.readouterr().out
+    page = (d / "report.html").read_text()
+    imgs = images(page)
+    assert [alt for _, alt in imgs] == ["student accuracy vs teacher sparsity", "student accuracy vs total compute"]
+    assert all(base64.b64decode(src.split(",", 1)[1])[:4] == b"\x89PNG" for src, _ in imgs)
+    r = json.loads((d / "sweep.json").read_text())  # sweep.json rewritten with today's statistics
+    v = r["rows"][0]["vs_unpruned_teacher"]
+    assert v["n"] == 3 and v["method"] == "paired t, one teacher" and "ci_low" in v
+    assert format_estimate(v) in page
+    assert (d / "sweep.md").is_file() and (d / "student_acc_vs_sparsity.png").is_file()
+    if CHROMIUM:
+        res = browser_check(d / "report.html", tmp_path)
+        assert res["images"] == 2 and res["broken"] == [] and res["errors"] == [] and res["console"] == []
