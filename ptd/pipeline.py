@@ -37,7 +37,7 @@ from ptd.pruning import STRATEGIES, Level, PruneContext
 from ptd.pruning.masks import MaskHook, Masks, apply_masks, count, full_masks, layer_report, load_masks, prunable_weights, save_masks, sparsity
 from ptd.train import checkpoint as ckpt
 from ptd.train.distributed import Dist, barrier, init_distributed, resolve_device
-from ptd.train.loop import Runtime, cleanup_resume_files, cross_entropy_loss, evaluate, fit
+from ptd.train.loop import Runtime, cleanup_resume_files, evaluate, fit
 
 STAGES = ("teacher", "prune", "student", "distill", "report")
 # Keys that change how a run is shown or scheduled, not what it computes: may differ on resume.
@@ -103,7 +103,7 @@ class Context:
                 self.splits.train, batch_size=batch_size, train=True, mean=self.splits.mean, std=self.splits.std,
                 device=self.rt.device, seed=seed, augment=d.augment, crop_padding=d.crop_padding, hflip=d.hflip,
                 channels_last=self.rt.channels_last, rank=self.rt.dist.rank, world_size=self.rt.dist.world_size,
-                workers=d.workers, image_size=d.image_size)
+                workers=d.workers, image_size=d.image_size, with_index=True)
         return self._loaders[key]
 
     def eval_loader(self, which: str):
@@ -118,10 +118,11 @@ class Context:
                                                channels_last=self.rt.channels_last, workers=d.workers, image_size=d.image_size)
         return self._loaders[which]
 
-    def fit(self, model: nn.Module, optim: OptimConfig, out_dir: Path, seed: int, desc: str, compute_loss=cross_entropy_loss, hooks: Sequence[Any] = ()) -> dict:
+    def fit(self, model: nn.Module, optim: OptimConfig, out_dir: Path, seed: int, desc: str, unit: nn.Module | None = None,
+            hooks: Sequence[Any] = ()) -> dict:
         val = self.eval_loader("val")
         result = fit(model, self.train_loader(optim.batch_size, seed), val if len(val) else None, optim, self.rt,
-                     out_dir=out_dir, compute_loss=compute_loss, hooks=hooks, test_loader=self.eval_loader("test"), desc=desc)
+                     out_dir=out_dir, unit=unit, hooks=hooks, test_loader=self.eval_loader("test"), desc=desc)
         result["val_acc"] = result.pop("best_val_acc")
         return result
 
@@ -423,16 +424,14 @@ def stage_distill(ctx: Context, arm: str, seed: int, student_stats: dict, teache
     if cfg.student.inherit:
         ckpt.load_into(student, ctx.run_dir / "student" / "init.safetensors", "student")
     student = ctx.rt.prepare(student)
-    if teacher is None:
-        loss = cross_entropy_loss
-    else:
-        from ptd.distill import build_loss, distillation_step
-
-        loss = distillation_step(teacher, build_loss(cfg.distill.loss, cfg.distill.alpha, cfg.distill.temperature))
+    unit = make_distiller(ctx, student, teacher, cfg.distill.optim, seed)
     if ctx.main:
         d.mkdir(parents=True, exist_ok=True)
     ctx.log(f"[distill] {arm} seed {seed}: {cfg.distill.optim.epochs} epochs")
-    r = ctx.fit(student, cfg.distill.optim, d, seed, f"{arm} s{seed}", compute_loss=loss)
+    try:
+        r = ctx.fit(student, cfg.distill.optim, d, seed, f"{arm} s{seed}", unit=unit)
+    finally:
+        unit.remove_hooks()  # the teacher is shared by later arms
     cleanup_resume_files(d)
     result = {"arm": arm, "seed": seed, "test_acc": r["test_acc"], "val_acc": r["val_acc"], "best_epoch": r["best_epoch"],
               "params": student_stats["student"]["params"], "flops": student_stats["student"]["flops"],
@@ -441,6 +440,22 @@ def stage_distill(ctx: Context, arm: str, seed: int, student_stats: dict, teache
     ctx.done(d)
     ctx.log(f"[distill] {arm} seed {seed}: test acc {r['test_acc']:.4f}")
     return result
+
+
+def make_distiller(ctx: Context, student: nn.Module, teacher: nn.Module | None, optim: OptimConfig, seed: int) -> nn.Module:
+    """The training unit for one distillation: the configured loss(es) from ``teacher``, or plain
+    cross-entropy (the ``ce`` loss) when there is no teacher (the scratch arm)."""
+    from ptd.distill import build_distiller
+
+    dc = ctx.cfg.distill
+    names = ("ce",) if teacher is None else dc.losses
+    loader = ctx.train_loader(optim.batch_size, seed)
+    return build_distiller(
+        student, teacher, names, options={k: v for k, v in dc.options.items() if k in names},
+        defaults={"alpha": dc.alpha, "temperature": dc.temperature}, num_classes=ctx.splits.num_classes,
+        num_samples=len(ctx.splits.train),
+        epochs=optim.epochs, example_input=lambda: next(iter(loader))[0][:2], layer_map=dc.layer_map,
+    ).to(ctx.rt.device)
 
 
 def stage_control(ctx: Context, teacher: nn.Module, prune_result: dict) -> tuple[nn.Module, dict]:
@@ -482,6 +497,42 @@ def stage_control(ctx: Context, teacher: nn.Module, prune_result: dict) -> tuple
     return model, result
 
 
+def check_plugins(cfg: RunConfig, sweep: bool = False) -> None:
+    """Every plugin name and plugin option in ``cfg``, checked against the registries before any
+    work starts or the run directory is written (the config module itself imports no plugin).
+    Raises a one-line ConfigError naming the key and the valid choices."""
+    from ptd.distill import LOSSES, loss_options
+    from ptd.models import MODELS
+    from ptd.pruning import STRATEGIES
+
+    def arch(where: str, m: ModelConfig | None) -> None:
+        if m is not None and not m.arch.startswith("tv:") and m.arch not in MODELS:
+            raise ConfigError(f"{where}.arch: unknown model {m.arch!r}; valid: {', '.join(MODELS.names())}, or tv:<torchvision name>")
+
+    def strategy(where: str, name: str) -> None:
+        if name not in STRATEGIES:
+            raise ConfigError(f"{where}: unknown pruning strategy {name!r}; valid: {', '.join(STRATEGIES.names())}")
+
+    arch("teacher.model", cfg.teacher.model)
+    arch("student.model", cfg.student.model)
+    strategy("prune.strategy", cfg.prune.strategy)
+    for st in cfg.sweep.strategies:
+        strategy("sweep.strategies", st)
+    dc = cfg.distill
+    for name in dc.losses:
+        if name not in LOSSES:
+            raise ConfigError(f"distill.loss: unknown distillation loss {name!r}; valid: {', '.join(LOSSES.names())}")
+    for name in dc.options:
+        if name not in dc.losses:
+            raise ConfigError(f"distill.options.{name}: options for a loss that is not in distill.loss ({', '.join(dc.losses)}); "
+                              f"remove them or add {name} to distill.loss")
+    for name in dc.losses:
+        loss_options(name, dc.options.get(name), {"alpha": dc.alpha, "temperature": dc.temperature})
+    if len(dc.losses) > 1:
+        raise ConfigError(f"distill.loss: {list(dc.losses)} combines {len(dc.losses)} losses, which the pipeline does not run "
+                          f"yet; give one name (e.g. loss: {dc.losses[0]})")
+
+
 def run_pipeline(cfg: RunConfig, run_dir: str | Path, until: str = "report", arms: Sequence[str] | None = None,
                  log: Callable[[str], None] | None = None) -> dict:
     """Run every stage up to and including ``until``; returns what the last stage produced."""
@@ -489,6 +540,7 @@ def run_pipeline(cfg: RunConfig, run_dir: str | Path, until: str = "report", arm
         raise ValueError(f"unknown stage {until!r}; valid: {', '.join(STAGES)}")
     log = log or (lambda s: tqdm.write(s))
     t0 = time.perf_counter()
+    check_plugins(cfg)
     ctx = make_context(cfg, Path(run_dir), log)
     teacher, t_res = stage_teacher(ctx)
     if until == "teacher":

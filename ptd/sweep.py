@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from ptd.config import ConfigError, PruneConfig, RunConfig
 from ptd.models import build_from_spec
-from ptd.pipeline import Context, RunDirError, is_done, make_context, read_json, stage_distill, stage_prune, stage_student, stage_teacher
+from ptd.pipeline import Context, RunDirError, check_plugins, is_done, make_context, read_json, stage_distill, stage_prune, stage_student, stage_teacher
 from ptd.pruning import STRATEGIES
 from ptd.pruning.masks import Masks, load_masks
 from ptd.pruning.select import rounds_for_target
@@ -151,6 +151,7 @@ def run_sweep(cfg: RunConfig, run_dir: str | Path, log: Callable[[str], None] | 
 
     log = log or (lambda s: tqdm.write(s))
     t0 = time.perf_counter()
+    check_plugins(cfg)
     sparsities, student_from = check_sweep(cfg)
     ctx = make_context(cfg, Path(run_dir), log)
 
