@@ -32,12 +32,13 @@ def _seed_rows(students: list[dict]) -> list[dict]:
             for s in sorted(students, key=lambda s: s["seed"])]
 
 
-def _vs(students: list[dict], base: list[dict] | None) -> dict | None:
-    """Per-seed paired difference of these students against a baseline arm (same seeds)."""
+def _vs(students: list[dict], arm: str, base: list[dict] | None, base_arm: str) -> dict | None:
+    """Per-seed paired difference of these students (arm ``arm``) against the baseline arm
+    ``base_arm`` (same seeds); the verdict names both arms by their labels."""
     if not base:
         return None
-    both = [{**s, "arm": "pruned_teacher"} for s in students] + [{**s, "arm": "unpruned_teacher"} for s in base]
-    r = paired(both, "pruned_teacher", "unpruned_teacher")
+    both = [{**s, "arm": arm} for s in students] + [{**s, "arm": base_arm} for s in base]
+    r = paired(both, arm, base_arm)
     if r is not None:
         r["per_seed"] = {str(k): v for k, v in r["per_seed"].items()}
     return r
@@ -60,8 +61,8 @@ def build_sweep_results(cfg: RunConfig, t_res: dict, s_stats: dict, src: Any, ba
             "prune_dir": str(p.prune_dir.relative_to(p.prune_dir.parents[1])),
             "teacher_test_acc": lr.get("test_acc"), "teacher_val_acc": lr.get("val_acc"),
             "students": _seed_rows(students), "student_acc": mean_std([s["test_acc"] for s in students]),
-            "vs_unpruned_teacher": _vs(students, baselines.get("unpruned_teacher")),
-            "vs_scratch": _vs(students, baselines.get("scratch")),
+            "vs_unpruned_teacher": _vs(students, "pruned_teacher", baselines.get("unpruned_teacher"), "unpruned_teacher"),
+            "vs_scratch": _vs(students, "pruned_teacher", baselines.get("scratch"), "scratch"),
             "compute": {"teacher": tc, "pruning": pc, "teacher_total": _add(tc, pc), "student": own, "total_per_student": _add(tc, pc, own)},
         })
     base_out = {}
@@ -70,7 +71,7 @@ def build_sweep_results(cfg: RunConfig, t_res: dict, s_stats: dict, src: Any, ba
         own = _own(students)
         base_out[arm] = {"label": ARM_LABELS[arm], "teacher_test_acc": t_res["test_acc"] if arm == "unpruned_teacher" else None,
                          "students": _seed_rows(students), "student_acc": mean_std([s["test_acc"] for s in students]),
-                         "vs_scratch": _vs(students, baselines.get("scratch")) if arm != "scratch" else None,
+                         "vs_scratch": _vs(students, arm, baselines.get("scratch"), "scratch") if arm != "scratch" else None,
                          "compute": {"teacher_total": behind, "student": own, "total_per_student": _add(behind, own)}}
     # The whole sweep's training, each run counted once (IMP levels share one run).
     prune_runs = {str(p.prune_dir): _cost(p.prune_result) for p, _ in rows}
