@@ -247,7 +247,26 @@ class _SaveAtEpoch:
             ckpt.save_model(self.path, self.model)
 
 
-def stage_teacher(ctx: Context) -> tuple[nn.Module, dict]:
+def snapshot_epoch(cfg: RunConfig, strategies: Sequence[str] | None = None) -> int | None:
+    """The teacher epoch whose weights a pruning strategy of this run needs (weight rewinding), as
+    the strategies declare it. ``strategies``: a sweep's, each with its section of prune.options;
+    default: the run's one strategy with all of prune.options."""
+    from ptd.pruning import SPECS, options_for, strategy_options
+
+    if strategies is None:
+        wanted = [(cfg.prune.strategy, dict(cfg.prune.options))]
+    else:
+        wanted = [(st, options_for(cfg.prune.options, st)) for st in strategies]
+    for st, opts in wanted:
+        e = SPECS.get(st).snapshot_epoch(strategy_options(st, opts))
+        if e:
+            return e
+    return None
+
+
+def stage_teacher(ctx: Context, snapshot: int | None | str = "auto") -> tuple[nn.Module, dict]:
+    """Train (or load) the teacher; ``snapshot``: also keep its weights after that epoch (None:
+    none; "auto": what the run's pruning strategy declares it needs)."""
     cfg, d = ctx.cfg, ctx.run_dir / "teacher"
     model = ctx.new_model(cfg.teacher.model)
     if is_done(d):
@@ -267,7 +286,7 @@ def stage_teacher(ctx: Context) -> tuple[nn.Module, dict]:
         model = ctx.rt.prepare(model)
         ctx.log(f"[teacher] training {cfg.teacher.model.arch} for {cfg.teacher.optim.epochs} epochs")
         hooks = []
-        rewind_epoch = cfg.prune.options.get("rewind_epoch")
+        rewind_epoch = snapshot_epoch(cfg) if snapshot == "auto" else snapshot
         if rewind_epoch:
             hooks.append(_SaveAtEpoch(model, int(rewind_epoch), d / f"epoch_{int(rewind_epoch)}.safetensors", ctx.main))
         if ctx.main:
@@ -513,11 +532,18 @@ def check_plugins(cfg: RunConfig, sweep: bool = False) -> None:
         if name not in STRATEGIES:
             raise ConfigError(f"{where}: unknown pruning strategy {name!r}; valid: {', '.join(STRATEGIES.names())}")
 
+    from ptd.pruning import options_for, strategy_options
+
     arch("teacher.model", cfg.teacher.model)
     arch("student.model", cfg.student.model)
     strategy("prune.strategy", cfg.prune.strategy)
     for st in cfg.sweep.strategies:
         strategy("sweep.strategies", st)
+    if sweep:  # each strategy with its own section of prune.options
+        for st in cfg.sweep.strategies:
+            strategy_options(st, options_for(cfg.prune.options, st))
+    else:
+        strategy_options(cfg.prune.strategy, dict(cfg.prune.options))
     dc = cfg.distill
     for name in dc.losses:
         if name not in LOSSES:

@@ -31,15 +31,12 @@ from tqdm.auto import tqdm
 
 from ptd.config import ConfigError, PruneConfig, RunConfig
 from ptd.models import build_from_spec
-from ptd.pipeline import Context, RunDirError, check_plugins, is_done, make_context, read_json, stage_distill, stage_prune, stage_student, stage_teacher
-from ptd.pruning import STRATEGIES
+from ptd.pipeline import Context, RunDirError, check_plugins, is_done, snapshot_epoch, make_context, read_json, stage_distill, stage_prune, stage_student, stage_teacher
+from ptd.pruning import SPECS, options_for
 from ptd.pruning.masks import Masks, load_masks
 from ptd.pruning.select import rounds_for_target
 from ptd.train import checkpoint as ckpt
 
-# Strategies whose levels are nested (level k is the run's k-th round): one run to the highest
-# sparsity yields every lower sweep sparsity as one of its levels.
-IMP_FAMILY = ("imp", "imp_weight_rewind", "imp_finetune")
 COST_KEYS = ("epochs", "steps", "wall_s")
 
 
@@ -61,6 +58,13 @@ class PrunedTeacher:
     def level_row(self) -> dict:
         return next(r for r in self.prune_result["levels"] if r["level"] == self.level)
 
+    def measured_sparsity(self) -> float:
+        """The level's measured sparsity (sparsity.json is the source of truth; the result row mirrors it)."""
+        f = self.prune_dir / f"level_{self.level}" / "sparsity.json"
+        if f.is_file():
+            return float(read_json(f)["sparsity"])
+        return float(self.level_row["sparsity"])
+
     def cost(self) -> dict[str, float]:
         """The pruning compute behind this teacher: every level up to and including its own."""
         rows = [r for r in self.prune_result["levels"] if 1 <= r["level"] <= self.level]
@@ -75,20 +79,8 @@ class PrunedTeacher:
 
 
 def strategy_options(cfg: RunConfig, strategy: str) -> dict:
-    """``prune.options`` for one strategy: the section under its name when options are keyed by
-    strategy, else the whole dict."""
-    opts = cfg.prune.options
-    keyed = [k for k in opts if k in STRATEGIES]
-    if not keyed:
-        return dict(opts)
-    plain = [k for k in opts if k not in STRATEGIES]
-    if plain:
-        raise ConfigError(f"prune.options: mixes per-strategy sections ({', '.join(keyed)}) with plain options ({', '.join(plain)}); "
-                          f"in a sweep put every option under its strategy, e.g. options: {{{keyed[0]}: {{...}}}}")
-    section = opts.get(strategy) or {}
-    if not isinstance(section, dict):
-        raise ConfigError(f"prune.options.{strategy}: expected a mapping of that strategy's options, got {section!r}")
-    return dict(section)
+    """``prune.options`` for one strategy (see ptd.pruning.options_for)."""
+    return options_for(cfg.prune.options, strategy)
 
 
 def check_sweep(cfg: RunConfig) -> tuple[list[float], float]:
@@ -112,7 +104,7 @@ def prune_all(ctx: Context, teacher: nn.Module, t_res: dict, sparsities: list[fl
     """Run (or load) every pruning run of the sweep; one PrunedTeacher per (strategy, sparsity)."""
     cfg, out = ctx.cfg, []
     for strategy in cfg.sweep.strategies:
-        if strategy in IMP_FAMILY:
+        if SPECS.get(strategy).nested_levels:  # declared by the strategy when it registered
             d = ctx.run_dir / "prune" / strategy
             top = max(sparsities)
             ctx.log(f"[sweep] {strategy}: one run to {top:g} gives the levels of every sweep sparsity")
@@ -151,17 +143,12 @@ def run_sweep(cfg: RunConfig, run_dir: str | Path, log: Callable[[str], None] | 
 
     log = log or (lambda s: tqdm.write(s))
     t0 = time.perf_counter()
-    check_plugins(cfg)
+    check_plugins(cfg, sweep=True)
     sparsities, student_from = check_sweep(cfg)
     ctx = make_context(cfg, Path(run_dir), log)
 
-    # The teacher stage keeps early weights for weight rewinding when a strategy asks for them.
-    rewind = [strategy_options(cfg, st).get("rewind_epoch") for st in cfg.sweep.strategies]
-    rewind = [r for r in rewind if r]
-    if rewind:
-        ctx.cfg = replace(cfg, prune=replace(cfg.prune, options={"rewind_epoch": rewind[0]}))
-    teacher, t_res = stage_teacher(ctx)
-    ctx.cfg = cfg
+    # The teacher stage keeps early weights for weight rewinding when a strategy declares it needs them.
+    teacher, t_res = stage_teacher(ctx, snapshot=snapshot_epoch(cfg, cfg.sweep.strategies))
     teacher.eval()
 
     pruned = prune_all(ctx, teacher, t_res, sparsities)
@@ -201,10 +188,3 @@ def run_sweep(cfg: RunConfig, run_dir: str | Path, log: Callable[[str], None] | 
     log(f"sweep done in {time.perf_counter() - t0:.0f} s: {ctx.run_dir}")
     return results
 
-
-def level_sparsity(p: PrunedTeacher) -> float:
-    """The level's measured sparsity (sparsity.json is the source of truth; the result row mirrors it)."""
-    f = p.prune_dir / f"level_{p.level}" / "sparsity.json"
-    if f.is_file():
-        return float(read_json(f)["sparsity"])
-    return float(p.level_row["sparsity"])

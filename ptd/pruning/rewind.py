@@ -23,7 +23,7 @@ def rewind_path(teacher_dir: str | Path, epoch: int) -> Path:
 
 
 def rewind_epoch(ctx: "PruneContext") -> int:
-    e = ctx.int_option("rewind_epoch", None, minimum=0)
+    e = getattr(ctx.options, "rewind_epoch", None)
     if e is None:
         raise ConfigError("prune.options.rewind_epoch: required for weight rewinding; set it (e.g. 1) before the teacher is trained so its weights at that epoch are saved, or use rewind: lr")
     return e

@@ -47,8 +47,6 @@ def _vs(students: list[dict], arm: str, base: list[dict] | None, base_arm: str) 
 def build_sweep_results(cfg: RunConfig, t_res: dict, s_stats: dict, src: Any, baselines: dict[str, list[dict]],
                         rows: list[tuple[Any, list[dict]]], session_wall_s: float = 0.0) -> dict[str, Any]:
     """Everything the sweep measured, as one JSON-able dict (see docs/sweep.md for the fields)."""
-    from ptd.sweep import level_sparsity
-
     tc = _cost(t_res)
     te, st = s_stats["teacher"], s_stats["student"]
     out_rows = []
@@ -57,7 +55,7 @@ def build_sweep_results(cfg: RunConfig, t_res: dict, s_stats: dict, src: Any, ba
         own = _own(students)
         lr = p.level_row
         out_rows.append({
-            "strategy": p.strategy, "target_sparsity": p.target, "sparsity": level_sparsity(p), "level": p.level,
+            "strategy": p.strategy, "target_sparsity": p.target, "sparsity": p.measured_sparsity(), "level": p.level,
             "prune_dir": str(p.prune_dir.relative_to(p.prune_dir.parents[1])),
             "teacher_test_acc": lr.get("test_acc"), "teacher_val_acc": lr.get("val_acc"),
             "students": _seed_rows(students), "student_acc": mean_std([s["test_acc"] for s in students]),
