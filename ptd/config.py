@@ -118,10 +118,24 @@ class StudentConfig:
             raise ConfigError(f"{where}.model: required when {where}.source is 'named' (e.g. model: {{arch: vgg11}})")
 
 
-ARMS = ("scratch", "unpruned_teacher", "pruned_teacher", "retrained_teacher")
-# retrained_teacher, the control: the unpruned teacher trained on for as many epochs as pruning
-# retrained the pruned one, same schedule, no pruning. Without it a pruned teacher that teaches
-# better may just be a longer-trained teacher.
+@dataclass(frozen=True)
+class Arm:
+    label: str  # how reports name it
+    teacher: str | None  # who teaches the student: None (plain cross-entropy), unpruned, pruned, retrained
+
+
+# The one table of arms: adding an arm is one entry here (plus, for a new kind of teacher, the
+# stage that makes it in ptd.pipeline.run_pipeline).
+ARM_TABLE = {
+    "scratch": Arm("student alone (no teacher)", None),
+    "unpruned_teacher": Arm("KD from unpruned teacher", "unpruned"),
+    "pruned_teacher": Arm("KD from pruned teacher", "pruned"),
+    # The control: the unpruned teacher trained on for as many epochs as pruning retrained the
+    # pruned one, same schedule, no pruning. Without it a pruned teacher that teaches better may
+    # just be a longer-trained teacher.
+    "retrained_teacher": Arm("KD from unpruned teacher retrained as long (control)", "retrained"),
+}
+ARMS = tuple(ARM_TABLE)
 DEFAULT_ARMS = ARMS[:3]
 
 

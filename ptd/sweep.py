@@ -29,6 +29,7 @@ from typing import Any, Callable
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from ptd import paths as P
 from ptd.config import ConfigError, PruneConfig, RunConfig
 from ptd.models import build_from_spec
 from ptd.pipeline import Context, RunDirError, check_plugins, is_done, snapshot_epoch, make_context, read_json, stage_distill, stage_prune, stage_student, stage_teacher
@@ -60,7 +61,7 @@ class PrunedTeacher:
 
     def measured_sparsity(self) -> float:
         """The level's measured sparsity (sparsity.json is the source of truth; the result row mirrors it)."""
-        f = self.prune_dir / f"level_{self.level}" / "sparsity.json"
+        f = P.level_dir(self.prune_dir, self.level) / P.SPARSITY
         if f.is_file():
             return float(read_json(f)["sparsity"])
         return float(self.level_row["sparsity"])
@@ -71,10 +72,10 @@ class PrunedTeacher:
         return {k: sum(float(r.get(k) or 0) for r in rows) for k in COST_KEYS}
 
     def load(self, ctx: Context, teacher: nn.Module) -> tuple[nn.Module, Masks]:
-        ld = self.prune_dir / f"level_{self.level}"
+        ld = P.level_dir(self.prune_dir, self.level)
         model = build_from_spec(teacher.ptd_spec)
-        ckpt.load_into(model, ld / "model.safetensors", f"pruned teacher {self.key}")
-        masks = {n: m.to(ctx.rt.device) for n, m in load_masks(ld / "masks.safetensors").items()}
+        ckpt.load_into(model, ld / P.MODEL, f"pruned teacher {self.key}")
+        masks = {n: m.to(ctx.rt.device) for n, m in load_masks(ld / P.MASKS).items()}
         return ctx.rt.prepare(model).eval(), masks
 
 
@@ -105,7 +106,7 @@ def prune_all(ctx: Context, teacher: nn.Module, t_res: dict, sparsities: list[fl
     cfg, out = ctx.cfg, []
     for strategy in cfg.sweep.strategies:
         if SPECS.get(strategy).nested_levels:  # declared by the strategy when it registered
-            d = ctx.run_dir / "prune" / strategy
+            d = ctx.run_dir / P.PRUNE / strategy
             top = max(sparsities)
             ctx.log(f"[sweep] {strategy}: one run to {top:g} gives the levels of every sweep sparsity")
             _, _, res = stage_prune(ctx, teacher, t_res, prune_cfg(cfg, strategy, top), d)
@@ -113,7 +114,7 @@ def prune_all(ctx: Context, teacher: nn.Module, t_res: dict, sparsities: list[fl
                 out.append(PrunedTeacher(strategy, s, d, rounds_for_target(s, cfg.prune.rate), res))
         else:
             for s in sparsities:
-                d = ctx.run_dir / "prune" / f"{strategy}_s{s:g}"
+                d = ctx.run_dir / P.PRUNE / f"{strategy}_s{s:g}"
                 _, _, res = stage_prune(ctx, teacher, t_res, prune_cfg(cfg, strategy, s), d)
                 out.append(PrunedTeacher(strategy, s, d, res["final_level"], res))
     return out
@@ -122,7 +123,7 @@ def prune_all(ctx: Context, teacher: nn.Module, t_res: dict, sparsities: list[fl
 def check_student_dir(ctx: Context, src: PrunedTeacher, src_model: nn.Module, src_masks: Masks) -> None:
     """A finished student/ must be the one this sweep would make: `ptd run` into the same directory
     derives its student from prune.target_sparsity, which need not be the sweep's."""
-    d = ctx.run_dir / "student"
+    d = ctx.run_dir / P.STUDENT
     if not is_done(d):
         return
     cfg = ctx.cfg
@@ -132,7 +133,7 @@ def check_student_dir(ctx: Context, src: PrunedTeacher, src_model: nn.Module, sr
         want = derive_student(src_model, src_masks, inherit=cfg.student.inherit, round_to=cfg.student.round_to)[0].ptd_spec
     else:
         want = ctx.new_model(cfg.student.model).ptd_spec
-    if json.dumps(want, sort_keys=True) != json.dumps(read_json(d / "stats.json")["spec"], sort_keys=True):
+    if json.dumps(want, sort_keys=True) != json.dumps(read_json(d / P.STATS)["spec"], sort_keys=True):
         raise RunDirError(f"{d} holds a student that is not the sweep's (derived from {src.key}); it was probably made by 'ptd run' "
                           f"into the same directory; pass --out to a new directory for the sweep")
 
@@ -160,12 +161,11 @@ def run_sweep(cfg: RunConfig, run_dir: str | Path, log: Callable[[str], None] | 
     del src_model, src_masks
 
     seeds = list(cfg.distill.seeds)
-    distill = ctx.run_dir / "distill"
     baselines: dict[str, list[dict]] = {}
     if "scratch" in cfg.distill.arms:
-        baselines["scratch"] = [stage_distill(ctx, "scratch", s, s_stats, None, distill / f"scratch_seed{s}") for s in seeds]
+        baselines["scratch"] = [stage_distill(ctx, "scratch", s, s_stats, None) for s in seeds]
     if "unpruned_teacher" in cfg.distill.arms:
-        baselines["unpruned_teacher"] = [stage_distill(ctx, "unpruned_teacher", s, s_stats, teacher, distill / f"unpruned_teacher_seed{s}") for s in seeds]
+        baselines["unpruned_teacher"] = [stage_distill(ctx, "unpruned_teacher", s, s_stats, teacher) for s in seeds]
 
     # Two sweep sparsities may land on the same IMP level: that teacher is distilled once.
     by_teacher: dict[tuple[str, Path, int], list[dict]] = {}
@@ -174,9 +174,9 @@ def run_sweep(cfg: RunConfig, run_dir: str | Path, log: Callable[[str], None] | 
         ident = (p.strategy, p.prune_dir, p.level)
         if ident not in by_teacher:
             model = None
-            if not all((distill / f"{p.key}_seed{s}" / "done").is_file() for s in seeds):
+            if not all(is_done(P.distill_dir(ctx.run_dir, p.key, s)) for s in seeds):
                 model, _ = p.load(ctx, teacher)
-            by_teacher[ident] = [stage_distill(ctx, p.key, s, s_stats, model, distill / f"{p.key}_seed{s}") for s in seeds]
+            by_teacher[ident] = [stage_distill(ctx, p.key, s, s_stats, model) for s in seeds]
             del model
         else:
             log(f"[sweep] {p.key} is the same IMP level ({p.level}) as an earlier sparsity; its students are reused")

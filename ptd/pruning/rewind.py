@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ptd.config import ConfigError
+from ptd.paths import snapshot_file
 from ptd.pruning.masks import unwrap
 
 if TYPE_CHECKING:
@@ -19,7 +20,7 @@ if TYPE_CHECKING:
 
 
 def rewind_path(teacher_dir: str | Path, epoch: int) -> Path:
-    return Path(teacher_dir) / f"epoch_{epoch}.safetensors"
+    return snapshot_file(Path(teacher_dir), epoch)
 
 
 def rewind_epoch(ctx: "PruneContext") -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ptd import paths as P
 from ptd.config import RunConfig
 from ptd.report import ARM_LABELS, mean_std, paired
 from ptd.train import checkpoint as ckpt
@@ -214,9 +215,9 @@ def write_sweep_report(run_dir: str | Path, results: dict[str, Any]) -> str:
     from ptd.report.plots import plot_acc_vs_compute, plot_acc_vs_sparsity
 
     run_dir = Path(run_dir)
-    ckpt.write_json(run_dir / "sweep.json", results)
+    ckpt.write_json(run_dir / P.SWEEP_JSON, results)
     plot_acc_vs_sparsity(results, run_dir / PLOTS[0])
     plot_acc_vs_compute(results, run_dir / PLOTS[1])
     md = render_sweep_markdown(results)
-    ckpt.write_text(run_dir / "sweep.md", md)
+    ckpt.write_text(run_dir / P.SWEEP_MD, md)
     return md

@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ptd import paths as P
 from ptd.config import OptimConfig
 from ptd.train import checkpoint as ckpt
 from ptd.train.distributed import Dist, all_sum
@@ -179,9 +180,9 @@ def fit(
     sched = make_scheduler(opt, optim)
     start, best_acc, best_epoch, steps, wall = 0, -math.inf, -1, 0, 0.0
 
-    if out is not None and (out / "last_state.pt").is_file() and (out / "last.safetensors").is_file():
-        state = ckpt.load_state(out / "last_state.pt")
-        ckpt.load_into(model, out / "last.safetensors")
+    if out is not None and (out / P.LAST_STATE).is_file() and (out / P.LAST_MODEL).is_file():
+        state = ckpt.load_state(out / P.LAST_STATE)
+        ckpt.load_into(model, out / P.LAST_MODEL)
         if state.get("unit"):
             unit.load_state_dict({**unit.state_dict(), **state["unit"]})
         opt.load_state_dict(state["optimizer"])
@@ -194,7 +195,7 @@ def fit(
         for i, h in enumerate(hooks):
             if hasattr(h, "load_state_dict") and f"hook{i}" in state:
                 h.load_state_dict(state[f"hook{i}"])
-        _truncate_metrics(out / "metrics.jsonl", start)
+        _truncate_metrics(out / P.METRICS, start)
 
     _call(hooks, "on_start", model)
     n_batches = len(train_loader)
@@ -242,8 +243,8 @@ def fit(
             bar.set_postfix(epoch=f"{epoch + 1}/{optim.epochs}", val_acc=f"{val_acc:.4f}")
         if out is not None and main:
             if improved:
-                ckpt.save_model(out / "model.safetensors", model)
-            ckpt.save_model(out / "last.safetensors", model)
+                ckpt.save_model(out / P.MODEL, model)
+            ckpt.save_model(out / P.LAST_MODEL, model)
             state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "epoch": epoch,
                      "unit": _extra_state(unit, model),
                      "best_acc": best_acc, "best_epoch": best_epoch, "steps": steps, "wall_s": wall,
@@ -253,8 +254,8 @@ def fit(
             for j, h in enumerate(hooks):
                 if hasattr(h, "state_dict"):
                     state[f"hook{j}"] = h.state_dict()
-            ckpt.save_state(out / "last_state.pt", state)
-            with open(out / "metrics.jsonl", "a") as f:
+            ckpt.save_state(out / P.LAST_STATE, state)
+            with open(out / P.METRICS, "a") as f:
                 f.write(json.dumps(row) + "\n")
         elif improved:
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -266,7 +267,7 @@ def fit(
         from ptd.train.distributed import barrier
 
         barrier()
-        ckpt.load_into(model, out / "model.safetensors")
+        ckpt.load_into(model, out / P.MODEL)
     elif "best_state" in locals():
         model.load_state_dict(best_state)
     result = {"best_val_acc": best_acc if best_acc > -math.inf else None, "best_epoch": best_epoch + 1,
@@ -279,7 +280,7 @@ def fit(
 def cleanup_resume_files(out_dir: str | Path) -> None:
     """Drop the per-epoch resume checkpoint once a stage is done (it can be as big as the model)."""
     # missing_ok: under DDP every rank calls this, and another rank may have deleted them already.
-    for name in ("last.safetensors", "last_state.pt"):
+    for name in (P.LAST_MODEL, P.LAST_STATE):
         (Path(out_dir) / name).unlink(missing_ok=True)
 
 
