@@ -45,12 +45,11 @@ import torch.nn.functional as F
 from ptd.measure import cpu_name
 from ptd.config import OptimConfig
 from ptd.data import Split, Splits, TensorLoader, load_dataset
-from ptd.distill import distillation_step
-from ptd.distill.kd import KDLoss
+from ptd.distill import build_distiller
 from ptd.models import build_model
 from ptd.pruning.masks import MaskHook, apply_masks, full_masks, prunable_weights
 from ptd.pruning.select import global_topk, keep_for_target
-from ptd.train.loop import Runtime, _call, cpu_has_native_bf16, cross_entropy_loss, fit
+from ptd.train.loop import Runtime, Supervised, cpu_has_native_bf16, fit, train_step
 from ptd.train.optim import make_optimizer
 
 SPARSITY = 0.59
@@ -228,27 +227,24 @@ def synthetic_splits(n_train: int = 512, n_test: int = 256, seed: int = 0) -> Sp
 
 # ----------------------------------------------------------------------------- steps
 def ptd_stepper(model: nn.Module, batches: Iterator, optim: OptimConfig, rt: Runtime,
-                compute_loss=cross_entropy_loss, hooks=(), seen: dict | None = None) -> Callable[[], int]:
-    """One iteration of ptd.train.loop.fit's inner loop (same calls, same order).
+                unit: nn.Module | None = None, hooks=(), seen: dict | None = None) -> Callable[[], int]:
+    """One iteration of ptd.train.loop.fit's inner loop: the library's own ``train_step`` on the
+    same kind of unit ``fit`` trains (``Supervised(model)`` by default, a ``Distiller`` for KD).
 
     ``seen`` (optional) records the dtype of the logits the step produced (bf16 under autocast).
     """
-    opt = make_optimizer(model, optim)
-    _call(hooks, "on_start", model)
-    model.train()
+    unit = unit if unit is not None else Supervised(model)
+    opt = make_optimizer(unit, optim)
+    for h in hooks:
+        if hasattr(h, "on_start"):
+            h.on_start(model)
+    unit.train()
     loss_sum = torch.zeros((), device=rt.device)
     correct = torch.zeros((), device=rt.device)
 
     def step() -> int:
         nonlocal loss_sum, correct
-        x, y = next(batches)
-        with rt.autocast():
-            loss, logits = compute_loss(model, x, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        _call(hooks, "before_step", model)
-        opt.step()
-        _call(hooks, "after_step", model)
+        loss, logits, _terms, y = train_step(unit, opt, rt, next(batches), 0, hooks, model)
         loss_sum += loss.detach().float() * y.numel()
         correct += (logits.detach().argmax(1) == y).sum()
         if seen is not None:
@@ -512,7 +508,7 @@ def render_md(r: dict[str, Any]) -> str:
         f"step-for-step twin. For scale: the sampling error of one test accuracy on {a['n_test']} images is about "
         f"{se:.4f} (difference of two: {se * 2 ** 0.5:.4f}), before any seed-to-seed training variance. This is a "
         "short schedule checked on teacher retraining only (KD accuracy under bf16 is not measured here; ptd's "
-        "KDLoss computes its softmaxes in fp32); it can show a regression larger than the noise, not parity after "
+        "the kd loss computes its softmaxes in fp32); it can show a regression larger than the noise, not parity after "
         "a full training run.",
         "",
         "Epoch wall time in the accuracy runs (fit(), sequential, NOT interleaved, so noisier): "
@@ -585,7 +581,6 @@ def main(argv: list[str] | None = None, *, log: Callable[[str], None] = print) -
         return forever(published_loader(splits.train, splits.mean, splits.std, bs, True))
 
     torch.manual_seed(0)
-    kd_loss = KDLoss(ALPHA, TEMPERATURE)
     kd_teacher_ptd = rt.prepare(copy.deepcopy(teacher))  # frozen, shared by both ptd KD variants
     kd_teacher_pub = to_published(teacher, masks)
     t_a_pub = to_published(teacher, masks)
@@ -602,8 +597,10 @@ def main(argv: list[str] | None = None, *, log: Callable[[str], None] = print) -
         ptd_models[pipe] = r_.prepare(copy.deepcopy(teacher))
         steppers[f"teacher_{pipe}"] = ptd_stepper(ptd_models[pipe], ptd_batches(0), optim, r_,
                                                   hooks=[MaskHook(masks)], seen=seen[pipe])
-        steppers[f"distill_{pipe}"] = ptd_stepper(r_.prepare(copy.deepcopy(student)), ptd_batches(1), optim, r_,
-                                                  compute_loss=distillation_step(kd_teacher_ptd, kd_loss))
+        s_ = r_.prepare(copy.deepcopy(student))
+        kd_unit = build_distiller(s_, kd_teacher_ptd, "kd", defaults={"alpha": ALPHA, "temperature": TEMPERATURE},
+                                  num_classes=splits.num_classes, num_samples=len(splits.train))
+        steppers[f"distill_{pipe}"] = ptd_stepper(s_, ptd_batches(1), optim, r_, unit=kd_unit)
     steppers = {k: steppers[k] for k in VARIANTS}
     log("timing (img/s per block):")
     timing = time_interleaved(steppers, warmup, steps, block, log)

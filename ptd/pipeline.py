@@ -31,13 +31,14 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from ptd.config import ConfigError, ModelConfig, OptimConfig, PruneConfig, RunConfig, dump_yaml, to_dict
+from ptd import paths as P
+from ptd.config import ARM_TABLE, ConfigError, ModelConfig, OptimConfig, PruneConfig, RunConfig, dump_yaml, to_dict
 from ptd.models import build_from_spec, build_model, spec_to_text
 from ptd.pruning import STRATEGIES, Level, PruneContext
 from ptd.pruning.masks import MaskHook, Masks, apply_masks, count, full_masks, layer_report, load_masks, prunable_weights, save_masks, sparsity
 from ptd.train import checkpoint as ckpt
 from ptd.train.distributed import Dist, barrier, init_distributed, resolve_device
-from ptd.train.loop import Runtime, cleanup_resume_files, cross_entropy_loss, evaluate, fit
+from ptd.train.loop import Runtime, cleanup_resume_files, evaluate, fit
 
 STAGES = ("teacher", "prune", "student", "distill", "report")
 # Keys that change how a run is shown or scheduled, not what it computes: may differ on resume.
@@ -60,11 +61,11 @@ def seed_everything(seed: int) -> None:
 
 
 def is_done(d: Path) -> bool:
-    return (d / "done").is_file()
+    return (d / P.DONE).is_file()
 
 
 def mark_done(d: Path) -> None:
-    ckpt.write_text(d / "done", datetime.now(timezone.utc).isoformat() + "\n")
+    ckpt.write_text(d / P.DONE, datetime.now(timezone.utc).isoformat() + "\n")
 
 
 def read_json(p: Path) -> Any:
@@ -103,7 +104,7 @@ class Context:
                 self.splits.train, batch_size=batch_size, train=True, mean=self.splits.mean, std=self.splits.std,
                 device=self.rt.device, seed=seed, augment=d.augment, crop_padding=d.crop_padding, hflip=d.hflip,
                 channels_last=self.rt.channels_last, rank=self.rt.dist.rank, world_size=self.rt.dist.world_size,
-                workers=d.workers, image_size=d.image_size)
+                workers=d.workers, image_size=d.image_size, with_index=True)
         return self._loaders[key]
 
     def eval_loader(self, which: str):
@@ -118,10 +119,11 @@ class Context:
                                                channels_last=self.rt.channels_last, workers=d.workers, image_size=d.image_size)
         return self._loaders[which]
 
-    def fit(self, model: nn.Module, optim: OptimConfig, out_dir: Path, seed: int, desc: str, compute_loss=cross_entropy_loss, hooks: Sequence[Any] = ()) -> dict:
+    def fit(self, model: nn.Module, optim: OptimConfig, out_dir: Path, seed: int, desc: str, unit: nn.Module | None = None,
+            hooks: Sequence[Any] = ()) -> dict:
         val = self.eval_loader("val")
         result = fit(model, self.train_loader(optim.batch_size, seed), val if len(val) else None, optim, self.rt,
-                     out_dir=out_dir, compute_loss=compute_loss, hooks=hooks, test_loader=self.eval_loader("test"), desc=desc)
+                     out_dir=out_dir, unit=unit, hooks=hooks, test_loader=self.eval_loader("test"), desc=desc)
         result["val_acc"] = result.pop("best_val_acc")
         return result
 
@@ -194,7 +196,7 @@ def open_run_dir(cfg: RunConfig, run_dir: Path, rt: Runtime) -> None:
     """Create the run directory, or check that an existing one holds this same run (resume)."""
     import yaml
 
-    cfg_path = run_dir / "config.yaml"
+    cfg_path = run_dir / P.CONFIG
     if cfg_path.is_file():
         old = yaml.safe_load(cfg_path.read_text())
         d = _diff(old, to_dict(cfg))
@@ -209,7 +211,7 @@ def open_run_dir(cfg: RunConfig, run_dir: Path, rt: Runtime) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
         if not cfg_path.is_file():
             ckpt.write_text(cfg_path, dump_yaml(cfg))
-        env_path = run_dir / "env.json"
+        env_path = run_dir / P.ENV
         env = environment(cfg, rt)
         if env_path.is_file():  # keep the first session's record, add this one's
             old_env = read_json(env_path)
@@ -246,36 +248,79 @@ class _SaveAtEpoch:
             ckpt.save_model(self.path, self.model)
 
 
-def stage_teacher(ctx: Context) -> tuple[nn.Module, dict]:
-    cfg, d = ctx.cfg, ctx.run_dir / "teacher"
-    model = ctx.new_model(cfg.teacher.model)
-    if is_done(d):
-        ckpt.load_into(model, d / "model.safetensors", "teacher")
-        return ctx.rt.prepare(model), read_json(d / "result.json")
-    seed_everything(cfg.seed)
-    model = ctx.new_model(cfg.teacher.model)
-    if cfg.teacher.checkpoint:
-        ctx.log(f"[teacher] loading {cfg.teacher.checkpoint}")
-        ckpt.load_into(model, cfg.teacher.checkpoint, "teacher")
-        model = ctx.rt.prepare(model)
-        result = {**ctx.scores(model), "source": str(cfg.teacher.checkpoint), "epochs": 0, "steps": 0, "wall_s": 0.0}
-        if ctx.main:
-            d.mkdir(parents=True, exist_ok=True)
-            ckpt.save_model(d / "model.safetensors", model)
+def snapshot_epoch(cfg: RunConfig, strategies: Sequence[str] | None = None) -> int | None:
+    """The teacher epoch whose weights a pruning strategy of this run needs (weight rewinding), as
+    the strategies declare it. ``strategies``: a sweep's, each with its section of prune.options;
+    default: the run's one strategy with all of prune.options."""
+    from ptd.pruning import SPECS, options_for, strategy_options
+
+    if strategies is None:
+        wanted = [(cfg.prune.strategy, dict(cfg.prune.options))]
     else:
-        model = ctx.rt.prepare(model)
-        ctx.log(f"[teacher] training {cfg.teacher.model.arch} for {cfg.teacher.optim.epochs} epochs")
-        hooks = []
-        rewind_epoch = cfg.prune.options.get("rewind_epoch")
-        if rewind_epoch:
-            hooks.append(_SaveAtEpoch(model, int(rewind_epoch), d / f"epoch_{int(rewind_epoch)}.safetensors", ctx.main))
-        if ctx.main:
-            d.mkdir(parents=True, exist_ok=True)
-        result = ctx.fit(model, cfg.teacher.optim, d, cfg.seed, "teacher", hooks=hooks)
-        cleanup_resume_files(d)
-    result["params"] = sum(p.numel() for p in model.parameters())
-    ctx.write_json(d / "result.json", result)
+        wanted = [(st, options_for(cfg.prune.options, st)) for st in strategies]
+    for st, opts in wanted:
+        e = SPECS.get(st).snapshot_epoch(strategy_options(st, opts))
+        if e:
+            return e
+    return None
+
+
+def run_stage(ctx: Context, d: Path, compute: Callable[[], dict], *, result_file: str = P.RESULT,
+              cleanup: bool = True) -> tuple[dict, bool]:
+    """The sequence every stage follows, once: skip if done (its result read back), else make the
+    directory, ``compute()`` (a ``fit`` inside resumes from the directory's last committed epoch),
+    write the result, mark done, and only then drop the resume files. Returns (result, computed now)."""
+    if is_done(d):
+        return read_json(d / result_file), False
+    if ctx.main:
+        d.mkdir(parents=True, exist_ok=True)
+    result = compute()
+    ctx.write_json(d / result_file, result)
     ctx.done(d)
+    if cleanup:
+        cleanup_resume_files(d)
+    return result, True
+
+
+def clone_model(ctx: Context, model: nn.Module) -> nn.Module:
+    """A copy of ``model`` (same architecture and weights) on the run's device, to train apart."""
+    copy = build_from_spec(model.ptd_spec)
+    copy.load_state_dict(model.state_dict())
+    return ctx.rt.prepare(copy)
+
+
+def stage_teacher(ctx: Context, snapshot: int | None | str = "auto") -> tuple[nn.Module, dict]:
+    """Train (or load) the teacher; ``snapshot``: also keep its weights after that epoch (None:
+    none; "auto": what the run's pruning strategy declares it needs)."""
+    cfg, d = ctx.cfg, ctx.run_dir / P.TEACHER
+    model = ctx.new_model(cfg.teacher.model)
+
+    def compute() -> dict:
+        nonlocal model
+        seed_everything(cfg.seed)
+        model = ctx.new_model(cfg.teacher.model)
+        if cfg.teacher.checkpoint:
+            ctx.log(f"[teacher] loading {cfg.teacher.checkpoint}")
+            ckpt.load_into(model, cfg.teacher.checkpoint, "teacher")
+            model = ctx.rt.prepare(model)
+            result = {**ctx.scores(model), "source": str(cfg.teacher.checkpoint), "epochs": 0, "steps": 0, "wall_s": 0.0}
+            if ctx.main:
+                ckpt.save_model(d / P.MODEL, model)
+        else:
+            model = ctx.rt.prepare(model)
+            ctx.log(f"[teacher] training {cfg.teacher.model.arch} for {cfg.teacher.optim.epochs} epochs")
+            hooks = []
+            rewind_epoch = snapshot_epoch(cfg) if snapshot == "auto" else snapshot
+            if rewind_epoch:
+                hooks.append(_SaveAtEpoch(model, int(rewind_epoch), P.snapshot_file(d, int(rewind_epoch)), ctx.main))
+            result = ctx.fit(model, cfg.teacher.optim, d, cfg.seed, "teacher", hooks=hooks)
+        result["params"] = sum(p.numel() for p in model.parameters())
+        return result
+
+    result, fresh = run_stage(ctx, d, compute)
+    if not fresh:
+        ckpt.load_into(model, d / P.MODEL, "teacher")
+        return ctx.rt.prepare(model), result
     ctx.log(f"[teacher] test acc {result['test_acc']:.4f}")
     return model, result
 
@@ -284,16 +329,14 @@ def stage_prune(ctx: Context, teacher: nn.Module, teacher_result: dict, prune_cf
                 d: Path | None = None) -> tuple[nn.Module, Masks, dict]:
     """Prune a copy of ``teacher`` by ``prune_cfg`` (default: the run's) into ``d`` (default: prune/)."""
     cfg = replace(ctx.cfg, prune=prune_cfg) if prune_cfg is not None else ctx.cfg
-    d = d or ctx.run_dir / "prune"
-    model = build_from_spec(teacher.ptd_spec)
-    model.load_state_dict(teacher.state_dict())
-    model = ctx.rt.prepare(model)
+    d = d or ctx.run_dir / P.PRUNE
+    model = clone_model(ctx, teacher)
     masks = {n: m.to(ctx.rt.device) for n, m in full_masks(prunable_weights(model, cfg.prune.exclude_first, cfg.prune.exclude_last)).items()}
     if not masks:
         raise ConfigError("prune: the teacher has no prunable Conv/Linear weights (check prune.exclude_first / prune.exclude_last)")
 
     def level_dir(k: int) -> Path:
-        return d / f"level_{k}"
+        return P.level_dir(d, k)
 
     def train(m: nn.Module, mk: Masks, name: str, optim: OptimConfig, hooks: Sequence[Any]) -> dict:
         out = d / name
@@ -313,173 +356,223 @@ def stage_prune(ctx: Context, teacher: nn.Module, teacher_result: dict, prune_cf
                 "layers": layer_report(level.masks)}
         if ctx.main:
             ld.mkdir(parents=True, exist_ok=True)
-            ckpt.save_model(ld / "model.safetensors", model)
-            save_masks(ld / "masks.safetensors", level.masks)
-            ckpt.write_json(ld / "sparsity.json", info)
+            ckpt.save_model(ld / P.MODEL, model)
+            save_masks(ld / P.MASKS, level.masks)
+            ckpt.write_json(ld / P.SPARSITY, info)
         ctx.done(ld)
 
     def load_level(k: int) -> Level:
         ld = level_dir(k)
-        ckpt.load_into(model, ld / "model.safetensors", "pruned teacher")
-        mk = {n: t.to(ctx.rt.device) for n, t in load_masks(ld / "masks.safetensors").items()}
-        info = read_json(ld / "sparsity.json")
+        ckpt.load_into(model, ld / P.MODEL, "pruned teacher")
+        mk = {n: t.to(ctx.rt.device) for n, t in load_masks(ld / P.MASKS).items()}
+        info = read_json(ld / P.SPARSITY)
         metrics = {k2: v for k2, v in info.items() if k2 not in ("level", "sparsity", "alive", "total", "layers")}
         return Level(k, mk, metrics)
 
-    if is_done(d):
-        result = read_json(d / "result.json")
-        final = result["final_level"]
-        if final == 0:
+    def compute() -> dict:
+        nonlocal masks
+        retrain_loader = ctx.train_loader(cfg.prune.retrain.batch_size, cfg.seed)
+
+        def batches(n: int) -> list:
+            out = []
+            retrain_loader.set_epoch(0)  # the same batches on a re-run (SNIP's scores must not change on resume)
+            for i, b in enumerate(retrain_loader):
+                if i >= n:
+                    break
+                out.append(b)
+            return out
+
+        example = torch.zeros((1, *ctx.input_shape), device=ctx.rt.device)
+        pctx = PruneContext(model=model, masks=masks, cfg=cfg.prune, train=train, evaluate=ctx.scores, batches=batches,
+                            level_done=lambda k: is_done(level_dir(k)), load_level=load_level, save_level=save_level,
+                            example_input=example, teacher_dir=ctx.run_dir / P.TEACHER, log=ctx.log,
+                            extra={"steps_per_epoch": len(retrain_loader)})
+        if cfg.prune.target_sparsity > 0:
+            ctx.log(f"[prune] {cfg.prune.strategy} to sparsity {cfg.prune.target_sparsity}")
+            levels = STRATEGIES.get(cfg.prune.strategy)(pctx)
+        else:
+            levels = []
+        rows = [{"level": 0, "sparsity": 0.0, "val_acc": teacher_result.get("val_acc"), "test_acc": teacher_result["test_acc"],
+                 "params_nonzero": sum(int((p != 0).sum()) for p in teacher.parameters()), "epochs": 0, "steps": 0, "wall_s": 0.0}]
+        for lv in levels:
+            rows.append({"level": lv.index, "sparsity": lv.sparsity, **{k: lv.metrics.get(k) for k in ("val_acc", "test_acc", "epochs", "steps", "wall_s")}})
+        final = levels[-1] if levels else None
+        if final is not None:
+            # The model holds the last level already; make sure of it (strategies may have moved on).
+            ckpt.load_into(model, level_dir(final.index) / P.MODEL, "pruned teacher")
+            masks = final.masks
+        rows[-1]["params_nonzero"] = sum(int((p != 0).sum()) for p in model.parameters())
+        return {"strategy": cfg.prune.strategy, "target_sparsity": cfg.prune.target_sparsity, "final_level": final.index if final else 0,
+                "sparsity": sparsity(masks) if final else 0.0, "levels": rows,
+                "epochs": sum(r["epochs"] or 0 for r in rows), "steps": sum(r["steps"] or 0 for r in rows),
+                "wall_s": round(sum(r["wall_s"] or 0 for r in rows), 3)}
+
+    result, fresh = run_stage(ctx, d, compute, cleanup=False)
+    if not fresh:
+        if result["final_level"] == 0:
             return model, masks, result
-        level = load_level(final)
-        return model, level.masks, result
-
-    retrain_loader = ctx.train_loader(cfg.prune.retrain.batch_size, cfg.seed)
-
-    def batches(n: int) -> list:
-        out = []
-        retrain_loader.set_epoch(0)  # the same batches on a re-run (SNIP's scores must not change on resume)
-        for i, b in enumerate(retrain_loader):
-            if i >= n:
-                break
-            out.append(b)
-        return out
-
-    example = torch.zeros((1, *ctx.input_shape), device=ctx.rt.device)
-    pctx = PruneContext(model=model, masks=masks, cfg=cfg.prune, train=train, evaluate=ctx.scores, batches=batches,
-                        level_done=lambda k: is_done(level_dir(k)), load_level=load_level, save_level=save_level,
-                        example_input=example, teacher_dir=ctx.run_dir / "teacher", log=ctx.log,
-                        extra={"steps_per_epoch": len(retrain_loader)})
-    if cfg.prune.target_sparsity > 0:
-        ctx.log(f"[prune] {cfg.prune.strategy} to sparsity {cfg.prune.target_sparsity}")
-        levels = STRATEGIES.get(cfg.prune.strategy)(pctx)
-    else:
-        levels = []
-    rows = [{"level": 0, "sparsity": 0.0, "val_acc": teacher_result.get("val_acc"), "test_acc": teacher_result["test_acc"],
-             "params_nonzero": sum(int((p != 0).sum()) for p in teacher.parameters()), "epochs": 0, "steps": 0, "wall_s": 0.0}]
-    for lv in levels:
-        rows.append({"level": lv.index, "sparsity": lv.sparsity, **{k: lv.metrics.get(k) for k in ("val_acc", "test_acc", "epochs", "steps", "wall_s")}})
-    final = levels[-1] if levels else None
-    if final is not None:
-        # The model holds the last level already; make sure of it (strategies may have moved on).
-        ckpt.load_into(model, level_dir(final.index) / "model.safetensors", "pruned teacher")
-        masks = final.masks
-    rows[-1]["params_nonzero"] = sum(int((p != 0).sum()) for p in model.parameters())
-    result = {"strategy": cfg.prune.strategy, "target_sparsity": cfg.prune.target_sparsity, "final_level": final.index if final else 0,
-              "sparsity": sparsity(masks) if final else 0.0, "levels": rows,
-              "epochs": sum(r["epochs"] or 0 for r in rows), "steps": sum(r["steps"] or 0 for r in rows),
-              "wall_s": round(sum(r["wall_s"] or 0 for r in rows), 3)}
-    ctx.write_json(d / "result.json", result)
-    ctx.done(d)
+        return model, load_level(result["final_level"]).masks, result
+    rows = result["levels"]
     ctx.log(f"[prune] sparsity {result['sparsity']:.4f}, test acc {rows[-1]['test_acc']:.4f} (dense {rows[0]['test_acc']:.4f})")
     return model, masks, result
 
 
 def stage_student(ctx: Context, teacher: nn.Module, pruned: nn.Module, masks: Masks) -> dict:
-    cfg, d = ctx.cfg, ctx.run_dir / "student"
-    if is_done(d):
-        return read_json(d / "stats.json")
-    plan = None
-    if cfg.student.source == "derive":
-        from ptd.students import derive_student
+    cfg, d = ctx.cfg, ctx.run_dir / P.STUDENT
 
-        student, plan = derive_student(pruned, masks, inherit=cfg.student.inherit, round_to=cfg.student.round_to)
-    else:
-        student = ctx.new_model(cfg.student.model)
-    spec = student.ptd_spec
-    from ptd.students.report import compare, format_report
+    def compute() -> dict:
+        plan = None
+        if cfg.student.source == "derive":
+            from ptd.students import derive_student
 
-    ctx.log("[student] measuring parameters, FLOPs and CPU latency (batch 1 and 64, interleaved)")
-    # Latency on the CPU, models timed in turn so machine noise hits all three alike. The pruned
-    # teacher runs the same dense kernels as the teacher.
-    # Same memory format and device for all three, or the comparison measures layouts, not models.
-    student = ctx.rt.prepare(student)
-    rep = compare(teacher, pruned, masks, student, plan, ctx.input_shape, measure_latency=ctx.main)
-    lat = rep.get("latency", {})
-    stats = {"spec": spec, **{k: {**v, "latency": {b: lat[b][k] for b in lat}} for k, v in rep["models"].items()},
-             "ratios": rep["ratios"], "plan": plan.to_dict() if plan is not None else None}
-    text = format_report(rep)
-    if ctx.main:
-        d.mkdir(parents=True, exist_ok=True)
-        ckpt.write_text(d / "architecture.json", spec_to_text(spec))
-        ckpt.write_text(d / "architecture.txt", f"# rebuild: ptd.models.build_from_spec(json.load(open('architecture.json')))\n{student}\n")
-        ckpt.write_text(d / "report.txt", text)
-        if cfg.student.inherit:
-            ckpt.save_model(d / "init.safetensors", student)
-        ckpt.write_json(d / "stats.json", stats)
-    ctx.done(d)
-    ctx.log(f"[student] {spec['arch']}: {stats['student']['params']:,} params vs teacher {stats['teacher']['params']:,}")
+            student, plan = derive_student(pruned, masks, inherit=cfg.student.inherit, round_to=cfg.student.round_to)
+        else:
+            student = ctx.new_model(cfg.student.model)
+        spec = student.ptd_spec
+        from ptd.students.report import compare, format_report
+
+        ctx.log("[student] measuring parameters, FLOPs and CPU latency (batch 1 and 64, interleaved)")
+        # Latency on the CPU, models timed in turn so machine noise hits all three alike. The pruned
+        # teacher runs the same dense kernels as the teacher.
+        # Same memory format and device for all three, or the comparison measures layouts, not models.
+        student = ctx.rt.prepare(student)
+        rep = compare(teacher, pruned, masks, student, plan, ctx.input_shape, measure_latency=ctx.main)
+        lat = rep.get("latency", {})
+        stats = {"spec": spec, **{k: {**v, "latency": {b: lat[b][k] for b in lat}} for k, v in rep["models"].items()},
+                 "ratios": rep["ratios"], "plan": plan.to_dict() if plan is not None else None}
+        if ctx.main:
+            ckpt.write_text(d / P.ARCHITECTURE, spec_to_text(spec))
+            ckpt.write_text(d / P.ARCHITECTURE_TXT, f"# rebuild: ptd.models.build_from_spec(json.load(open('{P.ARCHITECTURE}')))\n{student}\n")
+            ckpt.write_text(d / P.STUDENT_REPORT, format_report(rep))
+            if cfg.student.inherit:
+                ckpt.save_model(d / P.STUDENT_INIT, student)
+        return stats
+
+    stats, fresh = run_stage(ctx, d, compute, result_file=P.STATS, cleanup=False)
+    if fresh:
+        ctx.log(f"[student] {stats['spec']['arch']}: {stats['student']['params']:,} params vs teacher {stats['teacher']['params']:,}")
     return stats
 
 
 def stage_distill(ctx: Context, arm: str, seed: int, student_stats: dict, teacher: nn.Module | None, d: Path | None = None) -> dict:
     """Train the student for one arm and seed: alone (``teacher`` None) or distilled from ``teacher``."""
     cfg = ctx.cfg
-    d = d or ctx.run_dir / "distill" / f"{arm}_seed{seed}"
-    if is_done(d):
-        return read_json(d / "result.json")
-    seed_everything(seed)  # the same seed gives every arm the same student init and data order
-    student = build_from_spec(student_stats["spec"])
-    if cfg.student.inherit:
-        ckpt.load_into(student, ctx.run_dir / "student" / "init.safetensors", "student")
-    student = ctx.rt.prepare(student)
-    if teacher is None:
-        loss = cross_entropy_loss
-    else:
-        from ptd.distill import build_loss, distillation_step
+    d = d or P.distill_dir(ctx.run_dir, arm, seed)
 
-        loss = distillation_step(teacher, build_loss(cfg.distill.loss, cfg.distill.alpha, cfg.distill.temperature))
-    if ctx.main:
-        d.mkdir(parents=True, exist_ok=True)
-    ctx.log(f"[distill] {arm} seed {seed}: {cfg.distill.optim.epochs} epochs")
-    r = ctx.fit(student, cfg.distill.optim, d, seed, f"{arm} s{seed}", compute_loss=loss)
-    cleanup_resume_files(d)
-    result = {"arm": arm, "seed": seed, "test_acc": r["test_acc"], "val_acc": r["val_acc"], "best_epoch": r["best_epoch"],
-              "params": student_stats["student"]["params"], "flops": student_stats["student"]["flops"],
-              "epochs": r["epochs"], "steps": r["steps"], "wall_s": r["wall_s"]}
-    ctx.write_json(d / "result.json", result)
-    ctx.done(d)
-    ctx.log(f"[distill] {arm} seed {seed}: test acc {r['test_acc']:.4f}")
+    def compute() -> dict:
+        seed_everything(seed)  # the same seed gives every arm the same student init and data order
+        student = build_from_spec(student_stats["spec"])
+        if cfg.student.inherit:
+            ckpt.load_into(student, ctx.run_dir / P.STUDENT / P.STUDENT_INIT, "student")
+        student = ctx.rt.prepare(student)
+        unit = make_distiller(ctx, student, teacher, cfg.distill.optim, seed)
+        ctx.log(f"[distill] {arm} seed {seed}: {cfg.distill.optim.epochs} epochs")
+        try:
+            r = ctx.fit(student, cfg.distill.optim, d, seed, f"{arm} s{seed}", unit=unit)
+        finally:
+            unit.remove_hooks()  # the teacher is shared by later arms
+        return {"arm": arm, "seed": seed, "test_acc": r["test_acc"], "val_acc": r["val_acc"], "best_epoch": r["best_epoch"],
+                "params": student_stats["student"]["params"], "flops": student_stats["student"]["flops"],
+                "epochs": r["epochs"], "steps": r["steps"], "wall_s": r["wall_s"]}
+
+    result, fresh = run_stage(ctx, d, compute)
+    if fresh:
+        ctx.log(f"[distill] {arm} seed {seed}: test acc {result['test_acc']:.4f}")
     return result
+
+
+def make_distiller(ctx: Context, student: nn.Module, teacher: nn.Module | None, optim: OptimConfig, seed: int) -> nn.Module:
+    """The training unit for one distillation: the configured loss(es) from ``teacher``, or plain
+    cross-entropy (the ``ce`` loss) when there is no teacher (the scratch arm)."""
+    from ptd.distill import build_distiller
+
+    dc = ctx.cfg.distill
+    names = ("ce",) if teacher is None else dc.losses
+    loader = ctx.train_loader(optim.batch_size, seed)
+    return build_distiller(
+        student, teacher, names, options={k: v for k, v in dc.options.items() if k in names},
+        defaults={"alpha": dc.alpha, "temperature": dc.temperature}, num_classes=ctx.splits.num_classes,
+        num_samples=len(ctx.splits.train),
+        epochs=optim.epochs, example_input=lambda: next(iter(loader))[0][:2], layer_map=dc.layer_map,
+    ).to(ctx.rt.device)
 
 
 def stage_control(ctx: Context, teacher: nn.Module, prune_result: dict) -> tuple[nn.Module, dict]:
     """The control teacher: the unpruned teacher retrained round by round exactly as the pruned one
     was (same number of rounds, same schedule restarted each round), but never pruned."""
-    cfg, d = ctx.cfg, ctx.run_dir / "control"
-    model = build_from_spec(teacher.ptd_spec)
-    model.load_state_dict(teacher.state_dict())
-    model = ctx.rt.prepare(model)
-    if is_done(d):
-        ckpt.load_into(model, d / "model.safetensors", "control teacher")
-        return model, read_json(d / "result.json")
-    rounds = [lv for lv in prune_result["levels"] if lv["level"] > 0]
-    total = {"epochs": 0, "steps": 0, "wall_s": 0.0}
-    r: dict = {}
-    for k, lv in enumerate(rounds, start=1):
-        rd = d / f"round_{k}"
-        optim = replace(cfg.prune.retrain, epochs=int(lv["epochs"] or cfg.prune.retrain.epochs))
-        if is_done(rd):
-            ckpt.load_into(model, rd / "model.safetensors", "control teacher")
-            r = read_json(rd / "result.json")
-        else:
-            if ctx.main:
-                rd.mkdir(parents=True, exist_ok=True)
-            ctx.log(f"[control] retraining the unpruned teacher, round {k}/{len(rounds)}")
-            r = ctx.fit(model, optim, rd, cfg.seed, f"control {k}")
-            cleanup_resume_files(rd)
-            ctx.write_json(rd / "result.json", r)
-            ctx.done(rd)
-        for key in total:
-            total[key] += r[key]
-    result = {"rounds": len(rounds), "val_acc": r.get("val_acc"), "test_acc": r["test_acc"] if r else ctx.scores(model)["test_acc"], **total}
-    if ctx.main:
-        d.mkdir(parents=True, exist_ok=True)
-        ckpt.save_model(d / "model.safetensors", model)
-    ctx.write_json(d / "result.json", result)
-    ctx.done(d)
+    cfg, d = ctx.cfg, ctx.run_dir / P.CONTROL
+    model = clone_model(ctx, teacher)
+
+    def compute() -> dict:
+        rounds = [lv for lv in prune_result["levels"] if lv["level"] > 0]
+        total = {"epochs": 0, "steps": 0, "wall_s": 0.0}
+        r: dict = {}
+        for k, lv in enumerate(rounds, start=1):
+            rd = P.round_dir(d, k)
+            optim = replace(cfg.prune.retrain, epochs=int(lv["epochs"] or cfg.prune.retrain.epochs))
+
+            def train_round(k: int = k, rd: Path = rd, optim: OptimConfig = optim) -> dict:
+                ctx.log(f"[control] retraining the unpruned teacher, round {k}/{len(rounds)}")
+                return ctx.fit(model, optim, rd, cfg.seed, f"control {k}")
+
+            r, fresh = run_stage(ctx, rd, train_round)
+            if not fresh:
+                ckpt.load_into(model, rd / P.MODEL, "control teacher")
+            for key in total:
+                total[key] += r[key]
+        if ctx.main:
+            ckpt.save_model(d / P.MODEL, model)
+        return {"rounds": len(rounds), "val_acc": r.get("val_acc"), "test_acc": r["test_acc"] if r else ctx.scores(model)["test_acc"], **total}
+
+    result, fresh = run_stage(ctx, d, compute, cleanup=False)
+    if not fresh:
+        ckpt.load_into(model, d / P.MODEL, "control teacher")
+        return model, result
     ctx.log(f"[control] retrained unpruned teacher: test acc {result['test_acc']:.4f}")
     return model, result
+
+
+def check_plugins(cfg: RunConfig, sweep: bool = False) -> None:
+    """Every plugin name and plugin option in ``cfg``, checked against the registries before any
+    work starts or the run directory is written (the config module itself imports no plugin).
+    Raises a one-line ConfigError naming the key and the valid choices."""
+    from ptd.distill import LOSSES, loss_options
+    from ptd.models import MODELS
+    from ptd.pruning import STRATEGIES
+
+    def arch(where: str, m: ModelConfig | None) -> None:
+        if m is not None and not m.arch.startswith("tv:") and m.arch not in MODELS:
+            raise ConfigError(f"{where}.arch: unknown model {m.arch!r}; valid: {', '.join(MODELS.names())}, or tv:<torchvision name>")
+
+    def strategy(where: str, name: str) -> None:
+        if name not in STRATEGIES:
+            raise ConfigError(f"{where}: unknown pruning strategy {name!r}; valid: {', '.join(STRATEGIES.names())}")
+
+    from ptd.pruning import options_for, strategy_options
+
+    arch("teacher.model", cfg.teacher.model)
+    arch("student.model", cfg.student.model)
+    strategy("prune.strategy", cfg.prune.strategy)
+    for st in cfg.sweep.strategies:
+        strategy("sweep.strategies", st)
+    if sweep:  # each strategy with its own section of prune.options
+        for st in cfg.sweep.strategies:
+            strategy_options(st, options_for(cfg.prune.options, st))
+    else:
+        strategy_options(cfg.prune.strategy, dict(cfg.prune.options))
+    dc = cfg.distill
+    for name in dc.losses:
+        if name not in LOSSES:
+            raise ConfigError(f"distill.loss: unknown distillation loss {name!r}; valid: {', '.join(LOSSES.names())}")
+    for name in dc.options:
+        if name not in dc.losses:
+            raise ConfigError(f"distill.options.{name}: options for a loss that is not in distill.loss ({', '.join(dc.losses)}); "
+                              f"remove them or add {name} to distill.loss")
+    for name in dc.losses:
+        loss_options(name, dc.options.get(name), {"alpha": dc.alpha, "temperature": dc.temperature})
+    if len(dc.losses) > 1:
+        raise ConfigError(f"distill.loss: {list(dc.losses)} combines {len(dc.losses)} losses, which the pipeline does not run "
+                          f"yet; give one name (e.g. loss: {dc.losses[0]})")
 
 
 def run_pipeline(cfg: RunConfig, run_dir: str | Path, until: str = "report", arms: Sequence[str] | None = None,
@@ -489,6 +582,7 @@ def run_pipeline(cfg: RunConfig, run_dir: str | Path, until: str = "report", arm
         raise ValueError(f"unknown stage {until!r}; valid: {', '.join(STAGES)}")
     log = log or (lambda s: tqdm.write(s))
     t0 = time.perf_counter()
+    check_plugins(cfg)
     ctx = make_context(cfg, Path(run_dir), log)
     teacher, t_res = stage_teacher(ctx)
     if until == "teacher":
@@ -500,11 +594,13 @@ def run_pipeline(cfg: RunConfig, run_dir: str | Path, until: str = "report", arm
     if until == "student":
         return s_stats
     arms = list(arms or cfg.distill.arms)
-    teachers = {"scratch": None, "unpruned_teacher": teacher, "pruned_teacher": pruned}
+    # Each arm's teacher is the one of the kind ARM_TABLE names; the control teacher is trained
+    # only when an arm asks for it, before any student.
+    teachers: dict[str | None, nn.Module | None] = {None: None, "unpruned": teacher, "pruned": pruned}
     c_res = None
-    if "retrained_teacher" in arms:
-        teachers["retrained_teacher"], c_res = stage_control(ctx, teacher, p_res)
-    students = [stage_distill(ctx, arm, seed, s_stats, teachers[arm]) for arm in arms for seed in cfg.distill.seeds]
+    if any(ARM_TABLE[a].teacher == "retrained" for a in arms):
+        teachers["retrained"], c_res = stage_control(ctx, teacher, p_res)
+    students = [stage_distill(ctx, arm, seed, s_stats, teachers[ARM_TABLE[arm].teacher]) for arm in arms for seed in cfg.distill.seeds]
     if until == "distill":
         return {"students": students}
     from ptd.report import build_results, write_report

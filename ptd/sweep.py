@@ -29,17 +29,15 @@ from typing import Any, Callable
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from ptd import paths as P
 from ptd.config import ConfigError, PruneConfig, RunConfig
 from ptd.models import build_from_spec
-from ptd.pipeline import Context, RunDirError, is_done, make_context, read_json, stage_distill, stage_prune, stage_student, stage_teacher
-from ptd.pruning import STRATEGIES
+from ptd.pipeline import Context, RunDirError, check_plugins, is_done, snapshot_epoch, make_context, read_json, stage_distill, stage_prune, stage_student, stage_teacher
+from ptd.pruning import SPECS, options_for
 from ptd.pruning.masks import Masks, load_masks
 from ptd.pruning.select import rounds_for_target
 from ptd.train import checkpoint as ckpt
 
-# Strategies whose levels are nested (level k is the run's k-th round): one run to the highest
-# sparsity yields every lower sweep sparsity as one of its levels.
-IMP_FAMILY = ("imp", "imp_weight_rewind", "imp_finetune")
 COST_KEYS = ("epochs", "steps", "wall_s")
 
 
@@ -61,34 +59,29 @@ class PrunedTeacher:
     def level_row(self) -> dict:
         return next(r for r in self.prune_result["levels"] if r["level"] == self.level)
 
+    def measured_sparsity(self) -> float:
+        """The level's measured sparsity (sparsity.json is the source of truth; the result row mirrors it)."""
+        f = P.level_dir(self.prune_dir, self.level) / P.SPARSITY
+        if f.is_file():
+            return float(read_json(f)["sparsity"])
+        return float(self.level_row["sparsity"])
+
     def cost(self) -> dict[str, float]:
         """The pruning compute behind this teacher: every level up to and including its own."""
         rows = [r for r in self.prune_result["levels"] if 1 <= r["level"] <= self.level]
         return {k: sum(float(r.get(k) or 0) for r in rows) for k in COST_KEYS}
 
     def load(self, ctx: Context, teacher: nn.Module) -> tuple[nn.Module, Masks]:
-        ld = self.prune_dir / f"level_{self.level}"
+        ld = P.level_dir(self.prune_dir, self.level)
         model = build_from_spec(teacher.ptd_spec)
-        ckpt.load_into(model, ld / "model.safetensors", f"pruned teacher {self.key}")
-        masks = {n: m.to(ctx.rt.device) for n, m in load_masks(ld / "masks.safetensors").items()}
+        ckpt.load_into(model, ld / P.MODEL, f"pruned teacher {self.key}")
+        masks = {n: m.to(ctx.rt.device) for n, m in load_masks(ld / P.MASKS).items()}
         return ctx.rt.prepare(model).eval(), masks
 
 
 def strategy_options(cfg: RunConfig, strategy: str) -> dict:
-    """``prune.options`` for one strategy: the section under its name when options are keyed by
-    strategy, else the whole dict."""
-    opts = cfg.prune.options
-    keyed = [k for k in opts if k in STRATEGIES]
-    if not keyed:
-        return dict(opts)
-    plain = [k for k in opts if k not in STRATEGIES]
-    if plain:
-        raise ConfigError(f"prune.options: mixes per-strategy sections ({', '.join(keyed)}) with plain options ({', '.join(plain)}); "
-                          f"in a sweep put every option under its strategy, e.g. options: {{{keyed[0]}: {{...}}}}")
-    section = opts.get(strategy) or {}
-    if not isinstance(section, dict):
-        raise ConfigError(f"prune.options.{strategy}: expected a mapping of that strategy's options, got {section!r}")
-    return dict(section)
+    """``prune.options`` for one strategy (see ptd.pruning.options_for)."""
+    return options_for(cfg.prune.options, strategy)
 
 
 def check_sweep(cfg: RunConfig) -> tuple[list[float], float]:
@@ -112,8 +105,8 @@ def prune_all(ctx: Context, teacher: nn.Module, t_res: dict, sparsities: list[fl
     """Run (or load) every pruning run of the sweep; one PrunedTeacher per (strategy, sparsity)."""
     cfg, out = ctx.cfg, []
     for strategy in cfg.sweep.strategies:
-        if strategy in IMP_FAMILY:
-            d = ctx.run_dir / "prune" / strategy
+        if SPECS.get(strategy).nested_levels:  # declared by the strategy when it registered
+            d = ctx.run_dir / P.PRUNE / strategy
             top = max(sparsities)
             ctx.log(f"[sweep] {strategy}: one run to {top:g} gives the levels of every sweep sparsity")
             _, _, res = stage_prune(ctx, teacher, t_res, prune_cfg(cfg, strategy, top), d)
@@ -121,7 +114,7 @@ def prune_all(ctx: Context, teacher: nn.Module, t_res: dict, sparsities: list[fl
                 out.append(PrunedTeacher(strategy, s, d, rounds_for_target(s, cfg.prune.rate), res))
         else:
             for s in sparsities:
-                d = ctx.run_dir / "prune" / f"{strategy}_s{s:g}"
+                d = ctx.run_dir / P.PRUNE / f"{strategy}_s{s:g}"
                 _, _, res = stage_prune(ctx, teacher, t_res, prune_cfg(cfg, strategy, s), d)
                 out.append(PrunedTeacher(strategy, s, d, res["final_level"], res))
     return out
@@ -130,7 +123,7 @@ def prune_all(ctx: Context, teacher: nn.Module, t_res: dict, sparsities: list[fl
 def check_student_dir(ctx: Context, src: PrunedTeacher, src_model: nn.Module, src_masks: Masks) -> None:
     """A finished student/ must be the one this sweep would make: `ptd run` into the same directory
     derives its student from prune.target_sparsity, which need not be the sweep's."""
-    d = ctx.run_dir / "student"
+    d = ctx.run_dir / P.STUDENT
     if not is_done(d):
         return
     cfg = ctx.cfg
@@ -140,7 +133,7 @@ def check_student_dir(ctx: Context, src: PrunedTeacher, src_model: nn.Module, sr
         want = derive_student(src_model, src_masks, inherit=cfg.student.inherit, round_to=cfg.student.round_to)[0].ptd_spec
     else:
         want = ctx.new_model(cfg.student.model).ptd_spec
-    if json.dumps(want, sort_keys=True) != json.dumps(read_json(d / "stats.json")["spec"], sort_keys=True):
+    if json.dumps(want, sort_keys=True) != json.dumps(read_json(d / P.STATS)["spec"], sort_keys=True):
         raise RunDirError(f"{d} holds a student that is not the sweep's (derived from {src.key}); it was probably made by 'ptd run' "
                           f"into the same directory; pass --out to a new directory for the sweep")
 
@@ -151,16 +144,12 @@ def run_sweep(cfg: RunConfig, run_dir: str | Path, log: Callable[[str], None] | 
 
     log = log or (lambda s: tqdm.write(s))
     t0 = time.perf_counter()
+    check_plugins(cfg, sweep=True)
     sparsities, student_from = check_sweep(cfg)
     ctx = make_context(cfg, Path(run_dir), log)
 
-    # The teacher stage keeps early weights for weight rewinding when a strategy asks for them.
-    rewind = [strategy_options(cfg, st).get("rewind_epoch") for st in cfg.sweep.strategies]
-    rewind = [r for r in rewind if r]
-    if rewind:
-        ctx.cfg = replace(cfg, prune=replace(cfg.prune, options={"rewind_epoch": rewind[0]}))
-    teacher, t_res = stage_teacher(ctx)
-    ctx.cfg = cfg
+    # The teacher stage keeps early weights for weight rewinding when a strategy declares it needs them.
+    teacher, t_res = stage_teacher(ctx, snapshot=snapshot_epoch(cfg, cfg.sweep.strategies))
     teacher.eval()
 
     pruned = prune_all(ctx, teacher, t_res, sparsities)
@@ -172,12 +161,11 @@ def run_sweep(cfg: RunConfig, run_dir: str | Path, log: Callable[[str], None] | 
     del src_model, src_masks
 
     seeds = list(cfg.distill.seeds)
-    distill = ctx.run_dir / "distill"
     baselines: dict[str, list[dict]] = {}
     if "scratch" in cfg.distill.arms:
-        baselines["scratch"] = [stage_distill(ctx, "scratch", s, s_stats, None, distill / f"scratch_seed{s}") for s in seeds]
+        baselines["scratch"] = [stage_distill(ctx, "scratch", s, s_stats, None) for s in seeds]
     if "unpruned_teacher" in cfg.distill.arms:
-        baselines["unpruned_teacher"] = [stage_distill(ctx, "unpruned_teacher", s, s_stats, teacher, distill / f"unpruned_teacher_seed{s}") for s in seeds]
+        baselines["unpruned_teacher"] = [stage_distill(ctx, "unpruned_teacher", s, s_stats, teacher) for s in seeds]
 
     # Two sweep sparsities may land on the same IMP level: that teacher is distilled once.
     by_teacher: dict[tuple[str, Path, int], list[dict]] = {}
@@ -186,9 +174,9 @@ def run_sweep(cfg: RunConfig, run_dir: str | Path, log: Callable[[str], None] | 
         ident = (p.strategy, p.prune_dir, p.level)
         if ident not in by_teacher:
             model = None
-            if not all((distill / f"{p.key}_seed{s}" / "done").is_file() for s in seeds):
+            if not all(is_done(P.distill_dir(ctx.run_dir, p.key, s)) for s in seeds):
                 model, _ = p.load(ctx, teacher)
-            by_teacher[ident] = [stage_distill(ctx, p.key, s, s_stats, model, distill / f"{p.key}_seed{s}") for s in seeds]
+            by_teacher[ident] = [stage_distill(ctx, p.key, s, s_stats, model) for s in seeds]
             del model
         else:
             log(f"[sweep] {p.key} is the same IMP level ({p.level}) as an earlier sparsity; its students are reused")
@@ -200,10 +188,3 @@ def run_sweep(cfg: RunConfig, run_dir: str | Path, log: Callable[[str], None] | 
     log(f"sweep done in {time.perf_counter() - t0:.0f} s: {ctx.run_dir}")
     return results
 
-
-def level_sparsity(p: PrunedTeacher) -> float:
-    """The level's measured sparsity (sparsity.json is the source of truth; the result row mirrors it)."""
-    f = p.prune_dir / f"level_{p.level}" / "sparsity.json"
-    if f.is_file():
-        return float(read_json(f)["sparsity"])
-    return float(p.level_row["sparsity"])

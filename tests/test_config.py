@@ -49,9 +49,6 @@ def test_roundtrip_through_yaml(tmp_path):
     ("channels_last: 1", ["channels_last", "true or false"]),
     ("prune: {target_sparsity: 1.0}", ["prune.target_sparsity", "[0, 1)"]),
     ("prune: {target_sparsity: -0.1}", ["prune.target_sparsity"]),
-    ("prune: {strategy: magic}", ["prune.strategy", "magic", "imp"]),
-    ("distill: {loss: fancy}", ["distill.loss", "kd"]),
-    ("teacher: {model: {arch: vgg99}}", ["teacher.model.arch", "vgg19"]),
     ("distill: {arms: [scratch, teacherless]}", ["distill.arms", "pruned_teacher"]),
     ("student: {source: named}", ["student.model", "required"]),
     ("teacher: {optim: {milestones: [5, 2]}}", ["milestones", "increasing"]),
@@ -67,6 +64,49 @@ def test_bad_configs_name_key_and_fix(tmp_path, text, words):
     for w in words:
         assert w in msg, (w, msg)
     assert "c.yaml" in msg  # where the bad value came from
+
+
+@pytest.mark.parametrize("text, words", [
+    ("prune: {strategy: magic}", ["prune.strategy", "magic", "imp"]),
+    ("sweep: {strategies: [imp, magic]}", ["sweep.strategies", "magic", "gmp"]),
+    ("distill: {loss: fancy}", ["distill.loss", "fancy", "kd"]),
+    ("distill: {loss: [kd, fancy]}", ["distill.loss", "fancy", "kd"]),
+    ("distill: {loss: [kd, ce]}", ["distill.loss", "not run yet", "one name"]),
+    ("distill: {options: {kd: {beta: 1}}}", ["distill.options.kd.beta", "unknown key", "alpha, temperature"]),
+    ("distill: {options: {kd: {temperature: 0}}}", ["distill.options.kd", "temperature", "> 0"]),
+    ("distill: {options: {ce: {}}}", ["distill.options.ce", "not in distill.loss"]),
+    ("teacher: {model: {arch: vgg99}}", ["teacher.model.arch", "vgg19"]),
+    ("student: {source: named, model: {arch: vgg99}}", ["student.model.arch", "vgg19"]),
+])
+def test_plugin_names_and_options_checked_before_the_run(tmp_path, text, words):
+    """The config imports no plugin; ``check_plugins`` (run by the pipeline before it writes the
+    run directory) checks names and options against the registries."""
+    from ptd.pipeline import check_plugins
+
+    cfg = load_config(write(tmp_path, text))  # plain data: parses
+    with pytest.raises(ConfigError) as e:
+        check_plugins(cfg)
+    msg = str(e.value)
+    assert "\n" not in msg
+    for w in words:
+        assert w in msg, (w, msg)
+
+
+def test_plugin_errors_fail_before_the_run_dir_is_written(tmp_path):
+    from ptd.pipeline import run_pipeline
+
+    with pytest.raises(ConfigError, match="distill.loss"):
+        run_pipeline(load_config(None, ["distill.loss=fancy"]), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_loss_list_and_kd_options_parse():
+    cfg = load_config(None, ["distill.loss=[kd]", "distill.options={kd: {temperature: 4}}"])
+    assert cfg.distill.loss == ("kd",) and cfg.distill.losses == ("kd",)
+    from ptd.pipeline import check_plugins
+
+    check_plugins(cfg)
+    assert load_config().distill.losses == ("kd",)
 
 
 def test_cli_override_errors():

@@ -4,9 +4,16 @@ import pytest
 import torch
 import torch.nn as nn
 
-from ptd.distill import LOSSES, build_loss, distillation_step
+from ptd.config import ConfigError
+from ptd.distill import LOSSES, DistillBatch, build_distiller, build_loss, loss_options
 from ptd.models import build_model
 from ptd.registry import UnknownNameError
+
+
+def kd_total(alpha, T, s, t, y):
+    terms = build_loss("kd", {"alpha": alpha, "temperature": T})(DistillBatch(y=y, index=None, epoch=0, s_logits=s, t_logits=t))
+    assert list(terms) == ["kd_soft", "ce"]
+    return terms["kd_soft"] + terms["ce"], terms
 
 
 def hand_kd(s, t, y, alpha, T):
@@ -29,13 +36,16 @@ def test_kd_equals_hand_computation(alpha, T):
     s = [[1.0, -2.0, 0.5], [0.3, 0.2, -1.0]]
     t = [[2.0, 0.0, -1.0], [-0.5, 1.5, 0.1]]
     y = [0, 2]
-    got = build_loss("kd", alpha, T)(torch.tensor(s), torch.tensor(t), torch.tensor(y)).item()
-    assert got == pytest.approx(hand_kd(s, t, y, alpha, T), rel=5e-5, abs=1e-6)  # float32 inside the loss
+    total, terms = kd_total(alpha, T, torch.tensor(s), torch.tensor(t), torch.tensor(y))
+    assert total.item() == pytest.approx(hand_kd(s, t, y, alpha, T), rel=5e-5, abs=1e-6)  # float32 inside the loss
+    # each named term is its own part of the formula
+    assert terms["kd_soft"].item() == pytest.approx(hand_kd(s, t, y, 1.0, T) * alpha, rel=5e-5, abs=1e-6)
+    assert terms["ce"].item() == pytest.approx(hand_kd(s, t, y, 0.0, T) * (1 - alpha), rel=5e-5, abs=1e-6)
 
 
 def test_kd_zero_when_student_equals_teacher_and_alpha_one():
     z = torch.randn(4, 10)
-    assert build_loss("kd", 1.0, 10.0)(z, z.clone(), torch.zeros(4, dtype=torch.long)).item() == pytest.approx(0.0, abs=1e-6)
+    assert kd_total(1.0, 10.0, z, z.clone(), torch.zeros(4, dtype=torch.long))[0].item() == pytest.approx(0.0, abs=1e-6)
 
 
 def test_unknown_loss_lists_names():
@@ -43,19 +53,85 @@ def test_unknown_loss_lists_names():
         LOSSES.get("nope")
 
 
-def test_distillation_step_teacher_frozen_and_in_eval():
+def test_distiller_teacher_frozen_outside_the_unit():
     torch.manual_seed(0)
     teacher = build_model("vgg", 10, 1, plan=[8, "M", 8])
     teacher.train()
     student = build_model("vgg", 10, 1, plan=[4, "M", 4])
     bn = teacher.features[1]
-    before = (bn.running_mean.clone(), [p.clone() for p in teacher.parameters()])
-    step = distillation_step(teacher, build_loss("kd", 0.95, 10.0))
+    before = bn.running_mean.clone()
+    unit = build_distiller(student, teacher, "kd", num_classes=10, num_samples=8)
     x, y = torch.randn(8, 1, 12, 12), torch.randint(0, 10, (8,))
-    loss, logits = step(student, x, y)
+    loss, logits, terms = unit(x, y)
     loss.backward()
     assert not teacher.training  # eval mode: BatchNorm uses running statistics
-    assert torch.equal(bn.running_mean, before[0])  # no statistics drift from the student's batches
+    assert torch.equal(bn.running_mean, before)  # no statistics drift from the student's batches
     assert all(p.grad is None for p in teacher.parameters())
     assert all(p.grad is not None for p in student.parameters())
-    assert logits.shape == (8, 10)
+    assert logits.shape == (8, 10) and sorted(terms) == ["ce", "kd_soft"]
+    assert torch.equal(loss, terms["kd_soft"] + terms["ce"])
+    # The teacher is not part of the unit: not optimized, not saved, not moved with it.
+    assert {id(p) for p in unit.parameters()} == {id(p) for p in student.parameters()}
+    assert all(k.startswith("student.") for k in unit.state_dict())
+    unit.train()
+    assert not teacher.training
+
+
+def test_ce_loss_is_plain_cross_entropy_without_teacher():
+    torch.manual_seed(0)
+    student = build_model("vgg", 10, 1, plan=[4, "M", 4])
+    unit = build_distiller(student, None, "ce", num_classes=10, num_samples=8)
+    x, y = torch.randn(8, 1, 12, 12), torch.randint(0, 10, (8,))
+    loss, logits, terms = unit(x, y)
+    assert torch.equal(loss, torch.nn.functional.cross_entropy(student(x), y)) and list(terms) == ["ce"]
+
+
+def test_kd_without_teacher_is_one_line_error():
+    with pytest.raises(ConfigError, match="kd needs a teacher"):
+        build_distiller(build_model("vgg", 10, 1, plan=[4]), None, "kd", num_classes=10, num_samples=8)
+
+
+def test_kd_options_from_distill_section_and_overrides():
+    o = loss_options("kd", None, {"alpha": 0.5, "temperature": 4.0, "seeds": [0]})
+    assert (o.alpha, o.temperature) == (0.5, 4.0)
+    o = loss_options("kd", {"temperature": 2.0}, {"alpha": 0.5, "temperature": 4.0})
+    assert (o.alpha, o.temperature) == (0.5, 2.0)
+    with pytest.raises(ConfigError, match=r"distill\.options\.kd\.beta .*unknown key.*alpha, temperature"):
+        loss_options("kd", {"beta": 1.0})
+    with pytest.raises(ConfigError, match=r"distill\.options\.kd: temperature -1.0 must be > 0"):
+        loss_options("kd", {"temperature": -1.0})
+    with pytest.raises(ConfigError, match="expected a number"):
+        loss_options("kd", {"alpha": "high"})
+
+
+def test_penultimate_and_named_features_reach_the_loss_as_float32():
+    seen = {}
+
+    class Spy(LOSSES.get("ce")):
+        loss_name = "spy"
+        needs_teacher = True
+
+        @classmethod
+        def feature_layers(cls, options):
+            return ["features.0", "@penultimate"], ["features.0", "@penultimate"]
+
+        def forward(self, batch):
+            seen.update(t={k: v for k, v in batch.t_feats.items()}, s={k: v for k, v in batch.s_feats.items()}, setup=self.setup)
+            return super().forward(batch)
+
+    from ptd.distill import Distiller, LossSetup
+
+    torch.manual_seed(0)
+    teacher = build_model("vgg", 10, 1, plan=[8, "M", 8])
+    student = build_model("vgg", 10, 1, plan=[4, "M", 4])
+    unit = Distiller(student, [Spy(Spy.Options(), LossSetup(10, 8))], teacher)
+    x = torch.randn(3, 1, 12, 12)
+    _, logits, _ = unit(x, torch.zeros(3, dtype=torch.long))
+    assert seen["t"]["features.0"].shape == (3, 8, 12, 12) and seen["s"]["features.0"].shape == (3, 4, 12, 12)
+    # the penultimate feature is the classifier's input
+    assert seen["s"]["@penultimate"].shape == (3, 4) and seen["t"]["@penultimate"].shape == (3, 8)
+    assert torch.allclose(student.classifier(seen["s"]["@penultimate"]), logits)
+    assert all(v.dtype == torch.float32 for d in (seen["t"], seen["s"]) for v in d.values())
+    unit.remove_hooks()
+    with pytest.raises(ConfigError, match="student has no module 'nope'"):
+        Distiller(student, [type("Bad", (Spy,), {"feature_layers": classmethod(lambda c, o: ([], ["nope"]))})(Spy.Options(), LossSetup(10, 8))], teacher)

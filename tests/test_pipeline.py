@@ -219,3 +219,33 @@ def test_users_own_module_through_the_registry(tmp_path, tiny_fashion):
     assert isinstance(student, UserNet)
     # the residual add couples stem and body output: one width for both
     assert student.stem.out_channels == student.body[4].out_channels < 16
+
+
+def test_run_stage_skips_done_and_marks_done_before_cleanup(tmp_path):
+    from types import SimpleNamespace
+
+    from ptd import paths as P
+    from ptd.pipeline import is_done, mark_done, run_stage
+    from ptd.train import checkpoint as ckpt
+
+    d = tmp_path / "stage"
+    order = []
+    ctx = SimpleNamespace(main=True, write_json=lambda p, o: (order.append("result"), ckpt.write_json(p, o)),
+                          done=lambda p: (order.append("done"), mark_done(p)))
+
+    def boom():
+        (d / P.LAST_STATE).write_text("resume")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_stage(ctx, d, boom)
+    assert not is_done(d) and (d / P.LAST_STATE).is_file()  # an interrupted stage keeps its resume files
+
+    def compute():
+        assert (d / P.LAST_STATE).is_file()  # the next session finds them
+        order.append("compute")
+        return {"acc": 0.5}
+
+    assert run_stage(ctx, d, compute) == ({"acc": 0.5}, True)
+    assert order == ["compute", "result", "done"] and is_done(d) and not (d / P.LAST_STATE).exists()
+    assert run_stage(ctx, d, lambda: pytest.fail("a done stage must not run again")) == ({"acc": 0.5}, False)

@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ptd.config import ConfigError, OptimConfig, PruneConfig
+from ptd.pruning import strategy_options
 from ptd.models import build_model
 from ptd.pruning import STRATEGIES, Level, MaskHook, PruneContext
 from ptd.pruning.masks import apply_masks, count, full_masks, prunable_weights, same_or_subset, sparsity
@@ -558,3 +559,30 @@ def test_layer_table_and_json():
     assert [r["layer"] for r in js] == list(masks)
     assert sum(r["alive"] for r in js) == 500 and js[1]["shape"] == [16, 8, 3, 3]
     assert math.isclose(sum(r["total"] for r in js), 1384)
+
+
+def test_strategies_declare_what_the_sweep_needs():
+    from ptd.pruning import SPECS
+
+    assert {n for n in SPECS.names() if SPECS.get(n).nested_levels} == {"imp", "imp_weight_rewind", "imp_finetune"}
+    snap = {n: SPECS.get(n).snapshot_epoch(strategy_options(n, {"rewind_epoch": 2} if n.startswith("imp") and n != "imp_finetune" else {}))
+            for n in SPECS.names()}
+    assert snap == {n: (2 if n in ("imp", "imp_weight_rewind") else None) for n in SPECS.names()}
+
+
+def test_strategy_options_are_typed_frozen_and_validated():
+    import dataclasses
+
+    o = strategy_options("gmp", {"end_epoch": 3})
+    assert (o.start_epoch, o.end_epoch, o.frequency_steps) == (0, 3, 100)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        o.end_epoch = 4
+    assert strategy_options("imp", {"finetune_lr": 1}).finetune_lr == 1.0  # ints are numbers
+    with pytest.raises(ConfigError, match=r"^prune\.options\.batches: 0 must be >= 1$"):
+        strategy_options("snip", {"batches": 0})
+    with pytest.raises(ConfigError, match=r"^prune\.options\.rewind: 'sometimes' is not one of lr, weight, finetune$"):
+        strategy_options("imp", {"rewind": "sometimes"})
+    with pytest.raises(ConfigError, match=r"prune\.options\.rewind: unknown option for strategy 'imp_weight_rewind'; valid: rewind_epoch"):
+        strategy_options("imp_weight_rewind", {"rewind": "lr"})
+    with pytest.raises(ConfigError, match=r"prune\.options\.layerwise .*expected true or false"):
+        strategy_options("random", {"layerwise": 1})

@@ -167,6 +167,36 @@ def test_imp_level_cost_is_cumulative():
     assert costs[-1]["wall_s"] == pytest.approx(10.5)
 
 
+def test_every_generated_label_names_its_two_arms():
+    """Each comparison's verdict names the two arms compared (once it said "KD from pruned teacher
+    vs KD from unpruned teacher" for every comparison, the baselines' vs_scratch included)."""
+    from ptd.report import ARM_LABELS
+    from ptd.report.sweep import build_sweep_results
+
+    def students(arm, accs):
+        return [{"arm": arm, "seed": s, "test_acc": a, "val_acc": a, "epochs": 1, "steps": 1, "wall_s": 1.0}
+                for s, a in enumerate(accs)]
+
+    levels = [{"level": 0, "epochs": 0, "steps": 0, "wall_s": 0.0, "test_acc": 0.9},
+              {"level": 1, "epochs": 1, "steps": 1, "wall_s": 1.0, "sparsity": 0.2, "test_acc": 0.89}]
+    src = PrunedTeacher("imp", 0.2, Path("run/prune/imp"), 1, {"levels": levels, "final_level": 1})
+    base = {"scratch": students("scratch", [0.5, 0.6]), "unpruned_teacher": students("unpruned_teacher", [0.7, 0.75])}
+    stats = {"spec": {"arch": "vgg"}, "teacher": {"params": 10, "flops": 100}, "student": {"params": 5, "flops": 50}}
+    r = build_sweep_results(load_config(), {"test_acc": 0.9, "epochs": 1, "steps": 1, "wall_s": 1.0}, stats, src, base,
+                            [(src, students("imp_s0.2", [0.8, 0.76]))])
+    want = {
+        ("rows", "vs_unpruned_teacher"): (ARM_LABELS["pruned_teacher"], ARM_LABELS["unpruned_teacher"], "+5.50 points"),  # (0.10 + 0.01) / 2
+        ("rows", "vs_scratch"): (ARM_LABELS["pruned_teacher"], ARM_LABELS["scratch"], "+23.00 points"),
+        ("unpruned_teacher", "vs_scratch"): (ARM_LABELS["unpruned_teacher"], ARM_LABELS["scratch"], "+17.50 points"),
+    }
+    got = {("rows", k): r["rows"][0][k]["verdict"] for k in ("vs_unpruned_teacher", "vs_scratch")}
+    got[("unpruned_teacher", "vs_scratch")] = r["baselines"]["unpruned_teacher"]["vs_scratch"]["verdict"]
+    assert r["baselines"]["scratch"]["vs_scratch"] is None
+    for key, (a, b, pts) in want.items():
+        assert got[key].startswith(f"{a} vs {b}: {pts} over 2 seed(s)"), (key, got[key])
+    assert {k: b["label"] for k, b in r["baselines"].items()} == {k: ARM_LABELS[k] for k in base}
+
+
 def test_sweep_has_help():
     r = run_cli("sweep", "--help")
     assert r.returncode == 0 and "usage: ptd sweep" in r.stdout and "--out" in r.stdout and "--set" in r.stdout

@@ -18,7 +18,9 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from ptd.data.base import DataError, FolderSplit, Split
 from ptd.seeding import stream_seed
 
-Batch = tuple[torch.Tensor, torch.Tensor]
+# (x, y), or (x, y, index) with ``with_index=True``: index (int64, on the device) is each
+# sample's position in the split, for losses that keep per-sample state (CRD's memory bank).
+Batch = tuple[torch.Tensor, ...]
 
 
 # ----------------------------------------------------------------------------- batch ops
@@ -129,8 +131,10 @@ class TensorLoader:
         rank: int = 0,
         world_size: int = 1,
         image_size: int | Sequence[int] | None = None,
+        with_index: bool = False,
     ):
         _check_common(batch_size, rank, world_size)
+        self.with_index = with_index
         if crop_padding < 0:
             raise DataError(f"crop_padding must be >= 0 pixels, got {crop_padding}; fix the augmentation config")
         self.device = torch.device(device)
@@ -206,7 +210,8 @@ class TensorLoader:
             xb = self.x[bi]
             if gen is not None:
                 xb = random_crop_flip(xb, padding=self.crop_padding, hflip=self.hflip, generator=gen)
-            yield _finish(xb, self._scale, self._shift, self.size, self.channels_last), self.y[bi]
+            xb = _finish(xb, self._scale, self._shift, self.size, self.channels_last)
+            yield (xb, self.y[bi], bi) if self.with_index else (xb, self.y[bi])
 
 
 # ----------------------------------------------------------------------------- on disk
@@ -220,7 +225,7 @@ class _ImageFiles(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
         from PIL import Image
 
         path, label = self.samples[i]
@@ -229,7 +234,7 @@ class _ImageFiles(Dataset):
                 img = im.convert("RGB")
         except Exception as e:
             raise DataError(f"cannot read image {path}: {type(e).__name__}: {e}; remove or replace the file") from None
-        return self.transform(img), label
+        return self.transform(img), label, i
 
 
 def folder_transform(image_size: int, *, train: bool, hflip: bool = True):
@@ -266,8 +271,10 @@ class FolderLoader:
         world_size: int = 1,
         workers: int = 2,
         image_size: int | None = None,
+        with_index: bool = False,
     ):
         _check_common(batch_size, rank, world_size)
+        self.with_index = with_index
         self.device = torch.device(device)
         self.seed = seed
         self.rank = rank
@@ -310,10 +317,11 @@ class FolderLoader:
         return len(self.loader)
 
     def __iter__(self) -> Iterator[Batch]:
-        for xb, yb in self.loader:
+        for xb, yb, ib in self.loader:
             xb = xb.to(self.device, non_blocking=True)
             yb = yb.to(self.device, non_blocking=True)
-            yield _finish(xb, self._scale, self._shift, None, self.channels_last), yb
+            xb = _finish(xb, self._scale, self._shift, None, self.channels_last)
+            yield (xb, yb, ib.to(self.device, non_blocking=True)) if self.with_index else (xb, yb)
 
 
 # ----------------------------------------------------------------------------- factory
@@ -334,6 +342,7 @@ def make_loader(
     world_size: int = 1,
     workers: int = 2,
     image_size: int | Sequence[int] | None = None,
+    with_index: bool = False,
 ) -> TensorLoader | FolderLoader:
     """Build the loader for ``split``: batches (x float32 normalized NCHW, y int64) on ``device``.
 
@@ -341,12 +350,13 @@ def make_loader(
     augments; eval mode keeps order and every sample. With ``world_size > 1`` each rank gets a
     disjoint shard and all ranks get the same number of batches. ``crop_padding`` (pixels) only
     applies to in-memory splits; folder splits use RandomResizedCrop at ``image_size``.
+    ``with_index``: batches are (x, y, index), index being the samples' positions in the split.
     """
     if isinstance(split, Split):
         return TensorLoader(
             split, batch_size=batch_size, train=train, mean=mean, std=std, device=device, seed=seed,
             augment=augment, crop_padding=crop_padding, hflip=hflip, channels_last=channels_last,
-            rank=rank, world_size=world_size, image_size=image_size,
+            rank=rank, world_size=world_size, image_size=image_size, with_index=with_index,
         )
     if isinstance(split, FolderSplit):
         if image_size is not None and not isinstance(image_size, int):
@@ -357,6 +367,6 @@ def make_loader(
         return FolderLoader(
             split, batch_size=batch_size, train=train, mean=mean, std=std, device=device, seed=seed,
             augment=augment, hflip=hflip, channels_last=channels_last, rank=rank,
-            world_size=world_size, workers=workers, image_size=image_size,
+            world_size=world_size, workers=workers, image_size=image_size, with_index=with_index,
         )
     raise DataError(f"make_loader got {type(split).__name__}, expected Split or FolderSplit; pass a split from load_dataset")

@@ -1,45 +1,19 @@
-"""Distillation losses, one file each, registered by name.
+"""Distillation: the ``Distiller`` unit and its losses, one file per loss, registered by name.
 
-A loss is built as ``LOSSES.get(name)(alpha=..., temperature=..., **options)`` and called as
-``loss(student_logits, teacher_logits, targets, features=None) -> scalar tensor``.
+Every module in this package is imported here (pkgutil), so adding a loss is adding one file
+with one ``@register_loss`` class; nothing else lists the losses.
 """
 from __future__ import annotations
 
-from typing import Any
+import importlib
+import pkgutil
 
-import torch
-import torch.nn as nn
+from ptd.distill.base import LOSSES, PENULTIMATE, DistillBatch, DistillLoss, LossSetup, register_loss
 
-from ptd.registry import Registry
+for _m in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_m.name}")
 
-LOSSES: Registry[Any] = Registry("distillation loss")
+from ptd.distill.distiller import Distiller, build_distiller, build_loss, loss_names, loss_options  # noqa: E402
 
-from ptd.distill import kd  # noqa: E402,F401
-
-
-def build_loss(name: str, alpha: float, temperature: float, **options: Any) -> nn.Module:
-    return LOSSES.get(name)(alpha=alpha, temperature=temperature, **options)
-
-
-def distillation_step(teacher: nn.Module, loss_fn: nn.Module):
-    """A ``compute_loss`` for the training loop: teacher in eval mode, no gradients through it."""
-    teacher.eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-
-    def compute(student: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        with torch.no_grad():
-            t_logits = teacher(x)
-        s_logits = student(x)
-        return loss_fn(s_logits, t_logits, y), s_logits
-
-    return compute
-
-# Every loss module of the package registers itself in ptd.distill.base.LOSSES on import.
-# (Minimal stand-in for the Distiller branch's auto-import; that version wins on merge.)
-import importlib as _importlib  # noqa: E402
-import pkgutil as _pkgutil  # noqa: E402
-
-for _m in _pkgutil.iter_modules(__path__):
-    if _m.name not in ("kd",) and not _m.name.startswith("_"):
-        _importlib.import_module(f"{__name__}.{_m.name}")
+__all__ = ["LOSSES", "PENULTIMATE", "DistillBatch", "DistillLoss", "Distiller", "LossSetup", "build_distiller",
+           "build_loss", "loss_names", "loss_options", "register_loss"]

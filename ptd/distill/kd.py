@@ -3,32 +3,37 @@
     alpha * T^2 * KL(softmax(t / T) || softmax(s / T)) + (1 - alpha) * CE(s, y)
 
 with the KL summed over classes and averaged over the batch ("batchmean"). The T^2 factor keeps
-the soft term's gradient scale independent of T (Hinton et al., 2015).
+the soft term's gradient scale independent of T (Hinton et al., 2015). Returned as two named
+terms, ``kd_soft`` (the weighted KL) and ``ce`` (the weighted cross-entropy); their sum is the loss.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
-from ptd.distill import LOSSES
+from ptd.distill.base import DistillBatch, DistillLoss, register_loss
 
 
-@LOSSES.register("kd")
-class KDLoss(nn.Module):
-    def __init__(self, alpha: float = 0.95, temperature: float = 10.0):
-        super().__init__()
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"kd alpha {alpha} is outside [0, 1]")
-        if temperature <= 0:
-            raise ValueError(f"kd temperature {temperature} must be > 0")
-        self.alpha, self.temperature = alpha, temperature
+@register_loss("kd")
+class KD(DistillLoss):
+    @dataclass(frozen=True)
+    class Options:
+        alpha: float = 0.95  # weight of the soft (KL) term; (1 - alpha) weighs the label CE
+        temperature: float = 10.0  # softmax temperature T (dimensionless)
 
-    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor, features=None) -> torch.Tensor:
-        T = self.temperature
+        def __post_init__(self) -> None:
+            if not 0.0 <= self.alpha <= 1.0:
+                raise ValueError(f"alpha {self.alpha} is outside [0, 1]")
+            if self.temperature <= 0:
+                raise ValueError(f"temperature {self.temperature} must be > 0")
+
+    def forward(self, batch: DistillBatch) -> dict[str, torch.Tensor]:
+        a, T = self.options.alpha, self.options.temperature
         # Softmax in float32: under bf16 autocast the KL of near-equal distributions underflows.
-        s = F.log_softmax(student_logits.float() / T, dim=1)
-        t = F.log_softmax(teacher_logits.float() / T, dim=1)
+        s = F.log_softmax(batch.s_logits.float() / T, dim=1)
+        t = F.log_softmax(batch.t_logits.float() / T, dim=1)
         soft = F.kl_div(s, t, reduction="batchmean", log_target=True) * (T * T)
-        hard = F.cross_entropy(student_logits.float(), targets)
-        return self.alpha * soft + (1.0 - self.alpha) * hard
+        hard = F.cross_entropy(batch.s_logits.float(), batch.y)
+        return {"kd_soft": a * soft, "ce": (1.0 - a) * hard}

@@ -35,6 +35,24 @@ def build_model(arch: str, num_classes: int, in_channels: int = 3, width: float 
     return model
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare model under DDP / torch.compile wrappers, so parameter names stay stable."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, nn.Module):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+# Spec keys that a package above this one knows how to replay on a freshly built model, e.g.
+# ``channel_widths`` (registered by ptd.students: channel surgery). Registered rather than
+# imported, so models depend on nothing above them. fn(model, spec) edits the model in place.
+SPEC_STEPS: Registry[Callable[[nn.Module, dict], None]] = Registry("model spec key")
+_SPEC_OWNERS = {"channel_widths": "ptd.students"}
+
+
 def model_names() -> list[str]:
     return MODELS.names()
 
@@ -67,8 +85,9 @@ def build_from_spec(spec: dict) -> nn.Module:
     spec.pop("module_class", None)
     model = build_model(arch, **spec)
     if channel_widths:
-        from ptd.students.surgery import apply_widths
-
-        apply_widths(model, channel_widths, int(trace_size))
+        if "channel_widths" not in SPEC_STEPS:
+            raise ValueError(f"this spec carries channel_widths (a derived student); import {_SPEC_OWNERS['channel_widths']} "
+                             "first, which registers how to replay them")
+        SPEC_STEPS.get("channel_widths")(model, {**full, "trace_size": int(trace_size)})
         model.ptd_spec = full
     return model

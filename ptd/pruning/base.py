@@ -1,11 +1,17 @@
 """What a pruning strategy sees (PruneContext) and produces (Levels).
 
-A strategy is a function ``run(ctx: PruneContext) -> list[Level]`` registered under a name. It
-never touches files itself: it asks the context to train, to evaluate, and to save or restore a
-level, so every strategy is resumable level by level for free.
+A strategy is a function ``run(ctx: PruneContext) -> list[Level]`` registered under a name with
+``register_strategy``, together with its typed, frozen ``Options`` dataclass (built from
+``prune.options`` where the strategy is used, so the config module knows no strategy) and what
+the orchestration needs to know about it: whether its levels nest (one run to the highest
+sparsity yields the lower ones as its levels) and at which teacher epoch it needs a weight
+snapshot. It never touches files itself: it asks the context to train, to evaluate, and to save
+or restore a level, so every strategy is resumable level by level for free.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -13,7 +19,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 import torch.nn as nn
 
-from ptd.config import OptimConfig, PruneConfig
+from ptd.config import ConfigError, OptimConfig, PruneConfig, from_dict
 from ptd.pruning.masks import Masks, apply_masks, count, same_or_subset, sparsity
 from ptd.registry import Registry
 
@@ -22,6 +28,69 @@ STRATEGIES: Registry[Callable[["PruneContext"], list["Level"]]] = Registry("prun
 
 def get_strategy(name: str) -> Callable[["PruneContext"], list["Level"]]:
     return STRATEGIES.get(name)
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    pass
+
+
+@dataclass(frozen=True)
+class StrategySpec:
+    """What a strategy declares when it registers."""
+
+    Options: type = NoOptions  # frozen dataclass; unknown keys and bad values are ConfigErrors
+    nested_levels: bool = False  # level k of one run is its k-th round: lower sparsities for free
+    # options -> the teacher epoch whose weights the teacher stage must keep (None: none)
+    snapshot_epoch: Callable[[Any], int | None] = lambda options: None
+
+
+SPECS: Registry[StrategySpec] = Registry("pruning strategy")
+
+
+def register_strategy(name: str, run: Callable[["PruneContext"], list["Level"]], Options: type = NoOptions, *,
+                      nested_levels: bool = False, snapshot_epoch: Callable[[Any], int | None] | None = None) -> None:
+    if not (dataclasses.is_dataclass(Options) and Options.__dataclass_params__.frozen):
+        raise TypeError(f"pruning strategy {name!r}: Options must be a frozen dataclass")
+    @functools.wraps(run)
+    def checked(ctx: "PruneContext") -> list["Level"]:
+        ctx.options  # validate prune.options before any work, even for a strategy that reads none
+        return run(ctx)
+
+    STRATEGIES.add(name, checked)
+    SPECS.add(name, StrategySpec(Options, nested_levels, snapshot_epoch or (lambda options: None)))
+
+
+def options_for(options: dict[str, Any], strategy: str) -> dict[str, Any]:
+    """``prune.options`` for one strategy: the section under its name when the options are keyed by
+    strategy (a sweep over several), else the whole mapping."""
+    keyed = [k for k in options if k in STRATEGIES]
+    if not keyed:
+        return dict(options)
+    plain = [k for k in options if k not in STRATEGIES]
+    if plain:
+        raise ConfigError(f"prune.options: mixes per-strategy sections ({', '.join(keyed)}) with plain options ({', '.join(plain)}); "
+                          f"in a sweep put every option under its strategy, e.g. options: {{{keyed[0]}: {{...}}}}")
+    section = options.get(strategy) or {}
+    if not isinstance(section, dict):
+        raise ConfigError(f"prune.options.{strategy}: expected a mapping of that strategy's options, got {section!r}")
+    return dict(section)
+
+
+def strategy_options(strategy: str, options: dict[str, Any]) -> Any:
+    """The strategy's typed Options from a plain ``prune.options`` mapping (already the
+    strategy's own section), or a one-line ConfigError naming the key and the valid ones."""
+    Options = SPECS.get(strategy).Options
+    valid = [f.name for f in dataclasses.fields(Options)]
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise ConfigError(f"prune.options.{unknown[0]}: unknown option for strategy {strategy!r}; valid: {', '.join(valid) or '(none)'}")
+    try:
+        return from_dict(Options, options, "prune.options", "config")
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"prune.options.{e}") from None
 
 
 @dataclass
@@ -59,41 +128,13 @@ class PruneContext:
     log: Callable[[str], None] = print
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def option(self, key: str, default: Any) -> Any:
-        return self.cfg.options.get(key, default)
-
-    def check_options(self, strategy: str, allowed: Sequence[str]) -> None:
-        unknown = sorted(set(self.cfg.options) - set(allowed))
-        if unknown:
-            from ptd.config import ConfigError
-
-            raise ConfigError(f"prune.options.{unknown[0]}: unknown option for strategy {strategy!r}; valid: {', '.join(allowed) or '(none)'}")
-
-    def int_option(self, key: str, default: int | None, minimum: int | None = None) -> int | None:
-        """An integer option (bools rejected), at least ``minimum``; one-line ConfigError otherwise."""
-        from ptd.config import ConfigError
-
-        v = self.cfg.options.get(key, default)
-        if v is None:
-            return None
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise ConfigError(f"prune.options.{key}: expected an integer, got {v!r}")
-        if minimum is not None and v < minimum:
-            raise ConfigError(f"prune.options.{key}: {v!r} must be >= {minimum}")
-        return v
-
-    def bool_option(self, key: str, default: bool) -> bool:
-        from ptd.config import ConfigError
-
-        v = self.cfg.options.get(key, default)
-        if not isinstance(v, bool):
-            raise ConfigError(f"prune.options.{key}: expected true or false, got {v!r}")
-        return v
+    @property
+    def options(self) -> Any:
+        """``cfg.options`` as the strategy's typed Options (validated here, where it is used)."""
+        return strategy_options(self.cfg.strategy, self.cfg.options)
 
     def require_prunable(self) -> int:
         """Total number of prunable weights; a one-line ConfigError when there are none."""
-        from ptd.config import ConfigError
-
         _, total = count(self.masks)
         if total == 0:
             raise ConfigError(

@@ -10,23 +10,15 @@ whatever momentum or weight decay would have done to it.
 from __future__ import annotations
 
 from pathlib import Path
+
 import torch
 import torch.nn as nn
+
+from ptd.models import unwrap  # noqa: F401  (re-exported: strategies import it from here)
 
 Masks = dict[str, torch.Tensor]
 
 PRUNABLE_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The bare model under DDP / torch.compile wrappers, so parameter names stay stable."""
-    while True:
-        if hasattr(model, "module") and isinstance(model.module, nn.Module):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            return model
 
 
 def prunable_weights(model: nn.Module, exclude_first: bool = False, exclude_last: bool = False) -> dict[str, nn.Parameter]:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ptd.config import ConfigError
+from ptd.paths import snapshot_file
 from ptd.pruning.masks import unwrap
 
 if TYPE_CHECKING:
@@ -19,11 +20,11 @@ if TYPE_CHECKING:
 
 
 def rewind_path(teacher_dir: str | Path, epoch: int) -> Path:
-    return Path(teacher_dir) / f"epoch_{epoch}.safetensors"
+    return snapshot_file(Path(teacher_dir), epoch)
 
 
 def rewind_epoch(ctx: "PruneContext") -> int:
-    e = ctx.int_option("rewind_epoch", None, minimum=0)
+    e = getattr(ctx.options, "rewind_epoch", None)
     if e is None:
         raise ConfigError("prune.options.rewind_epoch: required for weight rewinding; set it (e.g. 1) before the teacher is trained so its weights at that epoch are saved, or use rewind: lr")
     return e

@@ -53,7 +53,8 @@ def snip(
     grads = [torch.zeros_like(w, dtype=torch.float32) for w in ws]
     try:
         with torch.enable_grad():
-            for x, y in batches:
+            for b in batches:  # (x, y) or (x, y, index)
+                x, y = b[0], b[1]
                 out = loss(net(x), y)
                 for acc, g in zip(grads, torch.autograd.grad(out, ws)):
                     acc += g.float()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ptd import paths as P
 from ptd.config import RunConfig
 from ptd.report import ARM_LABELS, mean_std, paired
 from ptd.train import checkpoint as ckpt
@@ -32,12 +33,13 @@ def _seed_rows(students: list[dict]) -> list[dict]:
             for s in sorted(students, key=lambda s: s["seed"])]
 
 
-def _vs(students: list[dict], base: list[dict] | None) -> dict | None:
-    """Per-seed paired difference of these students against a baseline arm (same seeds)."""
+def _vs(students: list[dict], arm: str, base: list[dict] | None, base_arm: str) -> dict | None:
+    """Per-seed paired difference of these students (arm ``arm``) against the baseline arm
+    ``base_arm`` (same seeds); the verdict names both arms by their labels."""
     if not base:
         return None
-    both = [{**s, "arm": "pruned_teacher"} for s in students] + [{**s, "arm": "unpruned_teacher"} for s in base]
-    r = paired(both, "pruned_teacher", "unpruned_teacher")
+    both = [{**s, "arm": arm} for s in students] + [{**s, "arm": base_arm} for s in base]
+    r = paired(both, arm, base_arm)
     if r is not None:
         r["per_seed"] = {str(k): v for k, v in r["per_seed"].items()}
     return r
@@ -46,8 +48,6 @@ def _vs(students: list[dict], base: list[dict] | None) -> dict | None:
 def build_sweep_results(cfg: RunConfig, t_res: dict, s_stats: dict, src: Any, baselines: dict[str, list[dict]],
                         rows: list[tuple[Any, list[dict]]], session_wall_s: float = 0.0) -> dict[str, Any]:
     """Everything the sweep measured, as one JSON-able dict (see docs/sweep.md for the fields)."""
-    from ptd.sweep import level_sparsity
-
     tc = _cost(t_res)
     te, st = s_stats["teacher"], s_stats["student"]
     out_rows = []
@@ -56,12 +56,12 @@ def build_sweep_results(cfg: RunConfig, t_res: dict, s_stats: dict, src: Any, ba
         own = _own(students)
         lr = p.level_row
         out_rows.append({
-            "strategy": p.strategy, "target_sparsity": p.target, "sparsity": level_sparsity(p), "level": p.level,
+            "strategy": p.strategy, "target_sparsity": p.target, "sparsity": p.measured_sparsity(), "level": p.level,
             "prune_dir": str(p.prune_dir.relative_to(p.prune_dir.parents[1])),
             "teacher_test_acc": lr.get("test_acc"), "teacher_val_acc": lr.get("val_acc"),
             "students": _seed_rows(students), "student_acc": mean_std([s["test_acc"] for s in students]),
-            "vs_unpruned_teacher": _vs(students, baselines.get("unpruned_teacher")),
-            "vs_scratch": _vs(students, baselines.get("scratch")),
+            "vs_unpruned_teacher": _vs(students, "pruned_teacher", baselines.get("unpruned_teacher"), "unpruned_teacher"),
+            "vs_scratch": _vs(students, "pruned_teacher", baselines.get("scratch"), "scratch"),
             "compute": {"teacher": tc, "pruning": pc, "teacher_total": _add(tc, pc), "student": own, "total_per_student": _add(tc, pc, own)},
         })
     base_out = {}
@@ -70,7 +70,7 @@ def build_sweep_results(cfg: RunConfig, t_res: dict, s_stats: dict, src: Any, ba
         own = _own(students)
         base_out[arm] = {"label": ARM_LABELS[arm], "teacher_test_acc": t_res["test_acc"] if arm == "unpruned_teacher" else None,
                          "students": _seed_rows(students), "student_acc": mean_std([s["test_acc"] for s in students]),
-                         "vs_scratch": _vs(students, baselines.get("scratch")) if arm != "scratch" else None,
+                         "vs_scratch": _vs(students, arm, baselines.get("scratch"), "scratch") if arm != "scratch" else None,
                          "compute": {"teacher_total": behind, "student": own, "total_per_student": _add(behind, own)}}
     # The whole sweep's training, each run counted once (IMP levels share one run).
     prune_runs = {str(p.prune_dir): _cost(p.prune_result) for p, _ in rows}
@@ -215,9 +215,9 @@ def write_sweep_report(run_dir: str | Path, results: dict[str, Any]) -> str:
     from ptd.report.plots import plot_acc_vs_compute, plot_acc_vs_sparsity
 
     run_dir = Path(run_dir)
-    ckpt.write_json(run_dir / "sweep.json", results)
+    ckpt.write_json(run_dir / P.SWEEP_JSON, results)
     plot_acc_vs_sparsity(results, run_dir / PLOTS[0])
     plot_acc_vs_compute(results, run_dir / PLOTS[1])
     md = render_sweep_markdown(results)
-    ckpt.write_text(run_dir / "sweep.md", md)
+    ckpt.write_text(run_dir / P.SWEEP_MD, md)
     return md

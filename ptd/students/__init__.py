@@ -10,6 +10,13 @@ from ptd.students.report import compare, format_report
 from ptd.students.surgery import apply_widths
 from ptd.students.width_rule import conv_width, group_width, vgg_widths
 
+# ptd.models replays a derived student's channel surgery through this registration (models may
+# not import students: it is the layer below).
+from ptd.models import SPEC_STEPS as _SPEC_STEPS  # noqa: E402
+
+if "channel_widths" not in _SPEC_STEPS:
+    _SPEC_STEPS.add("channel_widths", lambda model, spec: apply_widths(model, spec["channel_widths"], int(spec["trace_size"])))
+
 __all__ = [
     "DerivationError",
     "LayerRow",

@@ -17,6 +17,8 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ptd.models import unwrap  # models sit below train: no import cycle
+
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used; one-line message with the fix."""
@@ -61,8 +63,6 @@ def write_text(path: str | Path, text: str) -> None:
 
 def save_model(path: str | Path, model: nn.Module, extra: dict[str, Any] | None = None) -> None:
     """State dict (contiguous CPU copies) + the architecture spec as metadata."""
-    from ptd.pruning.masks import unwrap
-
     model = unwrap(model)
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     meta = {"format": "ptd-model-1"}
@@ -112,8 +112,6 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 def load_into(model: nn.Module, path: str | Path, what: str = "model") -> None:
     """Load weights into ``model``, or raise a one-line CheckpointError saying what does not fit."""
-    from ptd.pruning.masks import unwrap
-
     model = unwrap(model)
     sd = read_state_dict(path)
     own = model.state_dict()

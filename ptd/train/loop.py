@@ -1,8 +1,11 @@
-"""The one training loop. Pruning, distillation and DDP extend it through hooks and a loss
-function; none of them fork it.
+"""The one training loop. Pruning, distillation and DDP extend it through hooks and a training
+unit; none of them fork it.
 
-- ``compute_loss(model, x, y) -> (loss, logits)``: plain cross-entropy by default; distillation
-  passes a closure that also runs the teacher.
+- ``unit``: the ``nn.Module`` that is optimized, moved to the device, DDP-wrapped, checkpointed and
+  resumed, called as ``unit(x, y, index, epoch) -> (loss, logits, {term: value})``. It contains
+  ``model`` (whose weights are the stage's product) and may hold more trainable state (a
+  distillation loss's regressor or memory bank). Default: ``Supervised(model)``, cross-entropy.
+  Batches are ``(x, y)`` or ``(x, y, index)``; index is the samples' positions in the split.
 - hooks: objects with any of ``on_start(model)``, ``before_step(model)`` (after backward, before
   the optimizer step), ``after_step(model)``, ``end_epoch(epoch, metrics)``, ``allow_best(epoch)
   -> bool`` (False: this epoch may not become the best checkpoint), and optionally
@@ -24,12 +27,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ptd import paths as P
 from ptd.config import OptimConfig
 from ptd.train import checkpoint as ckpt
 from ptd.train.distributed import Dist, all_sum
 from ptd.train.optim import make_optimizer, make_scheduler
 
-ComputeLoss = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 def cpu_has_native_bf16() -> bool:
@@ -71,9 +74,48 @@ class Runtime:
         return model
 
 
-def cross_entropy_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    logits = model(x)
-    return F.cross_entropy(logits, y), logits
+class Supervised(nn.Module):
+    """The default unit: ``model`` trained on cross-entropy with the labels, no extra terms."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor | None = None,
+                epoch: int = 0) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        logits = self.model(x)
+        return F.cross_entropy(logits, y), logits, {}
+
+
+def _split_batch(batch: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    return batch[0], batch[1], (batch[2] if len(batch) > 2 else None)
+
+
+def _extra_state(unit: nn.Module, model: nn.Module) -> dict[str, torch.Tensor]:
+    """The unit's state beyond ``model`` (loss modules, buffers): resumed from last_state.pt, while
+    the model's own weights go to last.safetensors as before."""
+    if unit is model:
+        return {}
+    prefix = next((f"{n}." for n, m in unit.named_modules() if m is model), None)
+    if prefix is None:
+        raise ValueError("fit: the training unit must contain the model as a submodule")
+    return {k: v.detach().clone() for k, v in unit.state_dict().items() if not k.startswith(prefix)}
+
+
+def train_step(net: nn.Module, opt: torch.optim.Optimizer, rt: Runtime, batch: Sequence[torch.Tensor], epoch: int,
+               hooks: Sequence[Any] = (), model: nn.Module | None = None):
+    """One optimizer step of ``net`` (a unit, maybe DDP-wrapped) on ``batch``; returns
+    (loss, logits, terms, y), all still on the device (no host sync). ``fit`` runs exactly this."""
+    x, y, index = _split_batch(batch)
+    with rt.autocast():
+        loss, logits, terms = net(x, y, index, epoch)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    target = model if model is not None else net
+    _call(hooks, "before_step", target)
+    opt.step()
+    _call(hooks, "after_step", target)
+    return loss, logits, terms, y
 
 
 @torch.no_grad()
@@ -84,7 +126,8 @@ def evaluate(model: nn.Module, loader: Iterable, rt: Runtime) -> dict[str, float
     correct = torch.zeros((), dtype=torch.float64, device=rt.device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=rt.device)
     n = 0
-    for x, y in loader:
+    for batch in loader:
+        x, y = batch[0], batch[1]
         with rt.autocast():
             logits = model(x)
         loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").double()
@@ -113,7 +156,7 @@ def fit(
     optim: OptimConfig,
     rt: Runtime,
     out_dir: str | Path | None = None,
-    compute_loss: ComputeLoss = cross_entropy_loss,
+    unit: nn.Module | None = None,
     hooks: Sequence[Any] = (),
     test_loader: Any | None = None,
     desc: str = "train",
@@ -127,17 +170,21 @@ def fit(
     """
     out = Path(out_dir) if out_dir is not None else None
     main = rt.dist.is_main
-    net: nn.Module = model
-    if rt.dist.enabled:
+    unit = (unit if unit is not None else Supervised(model)).to(rt.device)
+    _extra_state(unit, model)  # fails early if the unit does not contain the model
+    net: nn.Module = unit
+    if rt.dist.enabled:  # the one place DDP wraps: the whole unit, so loss modules sync too
         dev_ids = [rt.device.index] if rt.device.type == "cuda" else None
-        net = nn.parallel.DistributedDataParallel(model, device_ids=dev_ids)
-    opt = make_optimizer(model, optim)
+        net = nn.parallel.DistributedDataParallel(unit, device_ids=dev_ids)
+    opt = make_optimizer(unit, optim)
     sched = make_scheduler(opt, optim)
     start, best_acc, best_epoch, steps, wall = 0, -math.inf, -1, 0, 0.0
 
-    if out is not None and (out / "last_state.pt").is_file() and (out / "last.safetensors").is_file():
-        state = ckpt.load_state(out / "last_state.pt")
-        ckpt.load_into(model, out / "last.safetensors")
+    if out is not None and (out / P.LAST_STATE).is_file() and (out / P.LAST_MODEL).is_file():
+        state = ckpt.load_state(out / P.LAST_STATE)
+        ckpt.load_into(model, out / P.LAST_MODEL)
+        if state.get("unit"):
+            unit.load_state_dict({**unit.state_dict(), **state["unit"]})
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         start, best_acc, best_epoch = state["epoch"] + 1, state["best_acc"], state["best_epoch"]
@@ -148,7 +195,7 @@ def fit(
         for i, h in enumerate(hooks):
             if hasattr(h, "load_state_dict") and f"hook{i}" in state:
                 h.load_state_dict(state[f"hook{i}"])
-        _truncate_metrics(out / "metrics.jsonl", start)
+        _truncate_metrics(out / P.METRICS, start)
 
     _call(hooks, "on_start", model)
     n_batches = len(train_loader)
@@ -163,24 +210,21 @@ def fit(
         loss_sum = torch.zeros((), device=rt.device)
         correct = torch.zeros((), device=rt.device)
         seen = 0
-        for i, (x, y) in enumerate(train_loader):
-            with rt.autocast():
-                loss, logits = compute_loss(net, x, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            _call(hooks, "before_step", model)
-            opt.step()
-            _call(hooks, "after_step", model)
+        term_sums: dict[str, torch.Tensor] = {}
+        for i, batch in enumerate(train_loader):
+            loss, logits, terms, y = train_step(net, opt, rt, batch, epoch, hooks, model)
             steps += 1
             # Accumulate on the device: no host sync per step.
             loss_sum += loss.detach().float() * y.numel()
+            for k, v in terms.items():
+                term_sums[k] = term_sums.get(k, 0) + v.detach().float() * y.numel()
             correct += (logits.detach().argmax(1) == y).sum()
             seen += y.numel()
             bar.update(1)
             if i % 50 == 0:
                 bar.set_postfix(epoch=f"{epoch + 1}/{optim.epochs}", loss=f"{loss.item():.3f}")
         sched.step()
-        train_stats = all_sum([loss_sum.item(), correct.item(), float(seen)], rt.device)
+        train_stats = all_sum([loss_sum.item(), correct.item(), float(seen), *(t.item() for t in term_sums.values())], rt.device)
         val = evaluate(model, val_loader, rt) if val_loader is not None and len(val_loader) else None
         wall += time.perf_counter() - t0
         val_acc = val["acc"] if val is not None else None
@@ -193,13 +237,16 @@ def fit(
         row = {"epoch": epoch + 1, "lr": lr, "train_loss": train_stats[0] / max(train_stats[2], 1),
                "train_acc": train_stats[1] / max(train_stats[2], 1), "val_loss": val["loss"] if val else None,
                "val_acc": val_acc, "steps": steps, "wall_s": round(wall, 3), "best": improved}
+        if term_sums:  # each loss term, averaged over the epoch's samples like train_loss
+            row["terms"] = {k: v / max(train_stats[2], 1) for k, v in zip(term_sums, train_stats[3:])}
         if val_acc is not None:
             bar.set_postfix(epoch=f"{epoch + 1}/{optim.epochs}", val_acc=f"{val_acc:.4f}")
         if out is not None and main:
             if improved:
-                ckpt.save_model(out / "model.safetensors", model)
-            ckpt.save_model(out / "last.safetensors", model)
+                ckpt.save_model(out / P.MODEL, model)
+            ckpt.save_model(out / P.LAST_MODEL, model)
             state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "epoch": epoch,
+                     "unit": _extra_state(unit, model),
                      "best_acc": best_acc, "best_epoch": best_epoch, "steps": steps, "wall_s": wall,
                      "rng_cpu": torch.get_rng_state()}
             if torch.cuda.is_available():
@@ -207,8 +254,8 @@ def fit(
             for j, h in enumerate(hooks):
                 if hasattr(h, "state_dict"):
                     state[f"hook{j}"] = h.state_dict()
-            ckpt.save_state(out / "last_state.pt", state)
-            with open(out / "metrics.jsonl", "a") as f:
+            ckpt.save_state(out / P.LAST_STATE, state)
+            with open(out / P.METRICS, "a") as f:
                 f.write(json.dumps(row) + "\n")
         elif improved:
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -220,7 +267,7 @@ def fit(
         from ptd.train.distributed import barrier
 
         barrier()
-        ckpt.load_into(model, out / "model.safetensors")
+        ckpt.load_into(model, out / P.MODEL)
     elif "best_state" in locals():
         model.load_state_dict(best_state)
     result = {"best_val_acc": best_acc if best_acc > -math.inf else None, "best_epoch": best_epoch + 1,
@@ -233,7 +280,7 @@ def fit(
 def cleanup_resume_files(out_dir: str | Path) -> None:
     """Drop the per-epoch resume checkpoint once a stage is done (it can be as big as the model)."""
     # missing_ok: under DDP every rank calls this, and another rank may have deleted them already.
-    for name in ("last.safetensors", "last_state.pt"):
+    for name in (P.LAST_MODEL, P.LAST_STATE):
         (Path(out_dir) / name).unlink(missing_ok=True)
 
 

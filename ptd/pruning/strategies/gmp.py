@@ -29,12 +29,28 @@ import torch
 import torch.nn as nn
 
 from ptd.config import ConfigError
-from ptd.pruning.base import STRATEGIES, Level, PruneContext, level_metrics
+from dataclasses import dataclass
+
+from ptd.pruning.base import Level, PruneContext, level_metrics, register_strategy
 from ptd.pruning.masks import Masks, apply_masks, count, unwrap
 from ptd.pruning.scores import magnitude
 from ptd.pruning.select import global_topk, keep_for_target
 
-OPTIONS = ("start_epoch", "end_epoch", "frequency_steps")
+
+
+@dataclass(frozen=True)
+class Options:
+    start_epoch: int = 0  # retraining epoch the ramp starts at
+    end_epoch: int | None = None  # epoch the ramp reaches the target; None: max(start + 1, ceil(0.6 * epochs))
+    frequency_steps: int = 100  # optimizer steps between mask updates
+
+    def __post_init__(self) -> None:
+        if self.start_epoch < 0:
+            raise ValueError(f"start_epoch: {self.start_epoch!r} must be >= 0")
+        if self.end_epoch is not None and self.end_epoch < 1:
+            raise ValueError(f"end_epoch: {self.end_epoch!r} must be >= 1")
+        if self.frequency_steps < 1:
+            raise ValueError(f"frequency_steps: {self.frequency_steps!r} must be >= 1")
 
 
 def cubic_sparsity(t: float, s_i: float, s_f: float, t0: float, t_end: float) -> float:
@@ -126,13 +142,13 @@ class GMPHook:
 
 
 def gmp(ctx: PruneContext) -> list[Level]:
-    ctx.check_options("gmp", OPTIONS)
+    o = ctx.options
     ctx.require_prunable()
     cfg = ctx.cfg
     epochs = cfg.retrain.epochs
-    start = ctx.int_option("start_epoch", 0, minimum=0)
-    end = ctx.int_option("end_epoch", max(start + 1, math.ceil(0.6 * epochs)), minimum=1)
-    dt = ctx.int_option("frequency_steps", 100, minimum=1)
+    start = o.start_epoch
+    end = o.end_epoch if o.end_epoch is not None else max(start + 1, math.ceil(0.6 * epochs))
+    dt = o.frequency_steps
     if not start < end <= epochs:
         raise ConfigError(f"prune.options.end_epoch: {end} must be > start_epoch ({start}) and <= prune.retrain.epochs ({epochs})")
     if cfg.target_sparsity == 0:
@@ -166,4 +182,4 @@ def gmp(ctx: PruneContext) -> list[Level]:
     return [level]
 
 
-STRATEGIES.add("gmp", gmp)
+register_strategy("gmp", gmp, Options)

@@ -13,34 +13,63 @@ fixed; the option then is not accepted).
 """
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
-from ptd.config import ConfigError
-from ptd.pruning.base import STRATEGIES, Level, PruneContext, level_metrics
+from ptd.pruning.base import Level, PruneContext, level_metrics, register_strategy
 from ptd.pruning.masks import apply_masks, count, unwrap
 from ptd.pruning.scores import magnitude
 from ptd.pruning.select import global_topk, rounds_for_target, survivors_after_round
 
-OPTIONS = ("rewind", "rewind_epoch", "finetune_lr")
 REWINDS = ("lr", "weight", "finetune")
 
 
+def _check_rewind_epoch(e: int | None) -> None:
+    if e is not None and e < 0:
+        raise ValueError(f"rewind_epoch: {e!r} must be >= 0")
+
+
+def _check_finetune_lr(lr: float) -> None:
+    if lr <= 0:
+        raise ValueError(f"finetune_lr: {lr!r} must be a number > 0")
+
+
+@dataclass(frozen=True)
+class Options:
+    rewind: str = "lr"  # lr | weight | finetune (see the module docstring)
+    rewind_epoch: int | None = None  # teacher epoch whose weights "weight" rewinds to
+    finetune_lr: float = 1e-3  # constant learning rate of "finetune"
+
+    def __post_init__(self) -> None:
+        if self.rewind not in REWINDS:
+            raise ValueError(f"rewind: {self.rewind!r} is not one of {', '.join(REWINDS)}")
+        _check_rewind_epoch(self.rewind_epoch)
+        _check_finetune_lr(self.finetune_lr)
+
+
+@dataclass(frozen=True)
+class WeightRewindOptions:
+    rewind_epoch: int | None = None  # required: the teacher epoch whose weights survivors reset to
+
+    def __post_init__(self) -> None:
+        _check_rewind_epoch(self.rewind_epoch)
+
+
+@dataclass(frozen=True)
+class FinetuneOptions:
+    finetune_lr: float = 1e-3
+
+    def __post_init__(self) -> None:
+        _check_finetune_lr(self.finetune_lr)
+
+
 def imp(ctx: PruneContext, *, rewind: str | None = None, name: str = "imp") -> list[Level]:
-    if rewind is None:
-        ctx.check_options(name, OPTIONS)
-        rewind = ctx.option("rewind", "lr")
-    else:
-        ctx.check_options(name, {"weight": ("rewind_epoch",), "finetune": ("finetune_lr",), "lr": ()}[rewind])
-    if rewind not in REWINDS:
-        raise ConfigError(f"prune.options.rewind: {rewind!r} is not one of {', '.join(REWINDS)}")
+    o = ctx.options
+    rewind = rewind or o.rewind
     ctx.require_prunable()
     cfg = ctx.cfg
     retrain = cfg.retrain
     if rewind == "finetune":
-        lr = ctx.option("finetune_lr", 1e-3)
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or lr <= 0:
-            raise ConfigError(f"prune.options.finetune_lr: {lr!r} must be a number > 0")
-        retrain = replace(retrain, lr=float(lr), milestones=())
+        retrain = replace(retrain, lr=float(o.finetune_lr), milestones=())
     early = None
     if rewind == "weight":
         from ptd.pruning.rewind import rewind_epoch
@@ -83,6 +112,13 @@ def imp_finetune(ctx: PruneContext) -> list[Level]:
     return imp(ctx, rewind="finetune", name="imp_finetune")
 
 
-STRATEGIES.add("imp", imp)
-STRATEGIES.add("imp_weight_rewind", imp_weight_rewind)
-STRATEGIES.add("imp_finetune", imp_finetune)
+def _snapshot(o) -> int | None:
+    # The teacher stage keeps its weights at this epoch for weight rewinding (0: the init, which
+    # the teacher stage does not save).
+    return getattr(o, "rewind_epoch", None) or None
+
+
+# Every IMP variant's levels nest: round k of one run to the highest sparsity is a lower sparsity.
+register_strategy("imp", imp, Options, nested_levels=True, snapshot_epoch=_snapshot)
+register_strategy("imp_weight_rewind", imp_weight_rewind, WeightRewindOptions, nested_levels=True, snapshot_epoch=_snapshot)
+register_strategy("imp_finetune", imp_finetune, FinetuneOptions, nested_levels=True)

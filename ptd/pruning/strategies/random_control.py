@@ -12,19 +12,22 @@ Options:
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from ptd.pruning.base import STRATEGIES, Level, PruneContext, prune_once
+from ptd.pruning.base import Level, PruneContext, prune_once, register_strategy
 from ptd.pruning.scores import random_scores
 from ptd.pruning.select import global_topk, keep_for_target, layerwise_topk
 
-OPTIONS = ("layerwise", "seed")
+@dataclass(frozen=True)
+class Options:
+    layerwise: bool = False  # every layer keeps (1 - target) of its weights, instead of one global draw
+    seed: int = 0  # the draw's seed: the same masks again on resume
 
 
 def random_prune(ctx: PruneContext) -> list[Level]:
-    ctx.check_options("random", OPTIONS)
-    layerwise = ctx.bool_option("layerwise", False)
-    seed = ctx.int_option("seed", 0)
+    layerwise, seed = ctx.options.layerwise, ctx.options.seed
 
     def select():
         scores = random_scores(ctx.masks, torch.Generator().manual_seed(seed))
@@ -35,4 +38,4 @@ def random_prune(ctx: PruneContext) -> list[Level]:
     return prune_once(ctx, "random", select)
 
 
-STRATEGIES.add("random", random_prune)
+register_strategy("random", random_prune, Options)

@@ -10,16 +10,23 @@ retraining to resume with the same masks.
 """
 from __future__ import annotations
 
-from ptd.pruning.base import STRATEGIES, Level, PruneContext, prune_once
+from dataclasses import dataclass
+
+from ptd.pruning.base import Level, PruneContext, prune_once, register_strategy
 from ptd.pruning.scores import snip as snip_scores
 from ptd.pruning.select import global_topk, keep_for_target
 
-OPTIONS = ("batches",)
+@dataclass(frozen=True)
+class Options:
+    batches: int = 10  # training batches the gradient averages over
+
+    def __post_init__(self) -> None:
+        if self.batches < 1:
+            raise ValueError(f"batches: {self.batches!r} must be >= 1")
 
 
 def snip(ctx: PruneContext) -> list[Level]:
-    ctx.check_options("snip", OPTIONS)
-    n = ctx.int_option("batches", 10, minimum=1)
+    n = ctx.options.batches
 
     def select():
         scores = snip_scores(ctx.model, ctx.masks, ctx.batches(n))
@@ -28,4 +35,4 @@ def snip(ctx: PruneContext) -> list[Level]:
     return prune_once(ctx, "snip", select)
 
 
-STRATEGIES.add("snip", snip)
+register_strategy("snip", snip, Options)

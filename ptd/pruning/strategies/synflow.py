@@ -12,12 +12,22 @@ single all-ones input in float64: cheap next to any retraining.
 """
 from __future__ import annotations
 
-from ptd.pruning.base import STRATEGIES, Level, PruneContext, prune_once
+from dataclasses import dataclass
+
+from ptd.pruning.base import Level, PruneContext, prune_once, register_strategy
 from ptd.pruning.masks import Masks, count
 from ptd.pruning.scores import synflow as synflow_scores
 from ptd.pruning.select import global_topk, keep_for_target
 
-OPTIONS = ("iterations",)
+
+
+@dataclass(frozen=True)
+class Options:
+    iterations: int = 100  # pruning iterations on an exponential schedule to the target
+
+    def __post_init__(self) -> None:
+        if self.iterations < 1:
+            raise ValueError(f"iterations: {self.iterations!r} must be >= 1")
 
 
 def keep_schedule(alive: int, keep: int, iterations: int) -> list[int]:
@@ -38,10 +48,9 @@ def synflow_prune(model, masks: Masks, input_shape, keep: int, iterations: int) 
 
 
 def synflow(ctx: PruneContext) -> list[Level]:
-    ctx.check_options("synflow", OPTIONS)
-    iterations = ctx.int_option("iterations", 100, minimum=1)
+    iterations = ctx.options.iterations
     shape = tuple(ctx.example_input.shape[1:])
     return prune_once(ctx, "synflow", lambda: synflow_prune(ctx.model, ctx.masks, shape, keep_for_target(ctx.masks, ctx.cfg.target_sparsity), iterations))
 
 
-STRATEGIES.add("synflow", synflow)
+register_strategy("synflow", synflow, Options)

@@ -1,0 +1,60 @@
+"""Every run-directory file and folder name, in one place (see DESIGN.md, "Run directory").
+
+    runs/<name>/
+      config.yaml  env.json
+      teacher/                model.safetensors  metrics.jsonl  result.json  done
+      prune/level_<k>/        model.safetensors  masks.safetensors  sparsity.json  metrics.jsonl  done
+      prune/                  result.json  done
+      student/                architecture.json  architecture.txt  report.txt  stats.json  done
+      control/round_<k>/      the unpruned teacher retrained as long (retrained_teacher arm)
+      distill/<arm>_seed<s>/  model.safetensors  metrics.jsonl  result.json  done
+      results.json  report.md
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+# files
+CONFIG = "config.yaml"
+ENV = "env.json"
+DONE = "done"  # written last: the stage is complete
+RESULT = "result.json"
+MODEL = "model.safetensors"  # the stage's weights (best validation epoch)
+MASKS = "masks.safetensors"
+SPARSITY = "sparsity.json"
+METRICS = "metrics.jsonl"  # one JSON line per epoch
+STATS = "stats.json"
+ARCHITECTURE = "architecture.json"
+ARCHITECTURE_TXT = "architecture.txt"
+STUDENT_REPORT = "report.txt"
+STUDENT_INIT = "init.safetensors"  # inherited student weights
+LAST_MODEL = "last.safetensors"  # resume checkpoint, deleted once the stage is done
+LAST_STATE = "last_state.pt"
+RESULTS = "results.json"
+REPORT_MD = "report.md"
+SWEEP_JSON = "sweep.json"
+SWEEP_MD = "sweep.md"
+
+# folders
+TEACHER = "teacher"
+PRUNE = "prune"
+STUDENT = "student"
+CONTROL = "control"
+DISTILL = "distill"
+
+
+def level_dir(prune_dir: Path, k: int) -> Path:
+    return Path(prune_dir) / f"level_{k}"
+
+
+def round_dir(control_dir: Path, k: int) -> Path:
+    return Path(control_dir) / f"round_{k}"
+
+
+def distill_dir(run_dir: Path, arm: str, seed: int) -> Path:
+    return Path(run_dir) / DISTILL / f"{arm}_seed{seed}"
+
+
+def snapshot_file(teacher_dir: Path, epoch: int) -> Path:
+    """The teacher's weights after ``epoch`` (kept for IMP weight rewinding)."""
+    return Path(teacher_dir) / f"epoch_{epoch}.safetensors"
