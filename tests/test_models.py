@@ -243,6 +243,8 @@ def test_every_loss_runs_on_the_published_pairs(teacher_arch, student_arch):
     }
     for name in LOSSES.names():
         cls = LOSSES.get(name)
+        if not cls.__module__.startswith("ptd."):  # a loss another test registered for itself
+            continue
         fields = {f.name for f in __import__("dataclasses").fields(cls.Options)}
         opts = cls.Options(**{k: v for k, v in per_loss.get(name, {}).items() if k in fields})
         t_layers, s_layers = cls.feature_layers(opts)

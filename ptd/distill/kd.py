@@ -33,7 +33,8 @@ class KD(DistillLoss):
         a, T = self.options.alpha, self.options.temperature
         # Softmax in float32: under bf16 autocast the KL of near-equal distributions underflows.
         s = F.log_softmax(batch.s_logits.float() / T, dim=1)
-        t = F.log_softmax(batch.t_logits.float() / T, dim=1)
+        # detach: the teacher is a fixed target; no gradient may reach it even if its logits carry one.
+        t = F.log_softmax(batch.t_logits.detach().float() / T, dim=1)
         soft = F.kl_div(s, t, reduction="batchmean", log_target=True) * (T * T)
         hard = F.cross_entropy(batch.s_logits.float(), batch.y)
         return {"kd_soft": a * soft, "ce": (1.0 - a) * hard}
