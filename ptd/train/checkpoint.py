@@ -17,8 +17,10 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ptd.errors import PtdError
 
-class CheckpointError(ValueError):
+
+class CheckpointError(PtdError, ValueError):
     """A checkpoint that cannot be used; one-line message with the fix."""
 
 
