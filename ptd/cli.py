@@ -10,25 +10,22 @@ import sys
 from pathlib import Path
 
 def _errors() -> tuple[type[BaseException], ...]:
+    """What a user can cause: ``PtdError``. The other classes are listed until each derives from
+    ``PtdError`` (then this is just ``(PtdError,)``)."""
     from ptd.config import ConfigError
+    from ptd.errors import PtdError
     from ptd.pipeline import RunDirError
     from ptd.registry import UnknownNameError
-    from ptd.train.checkpoint import CheckpointError
+    from ptd.students import DerivationError
 
-    errs: list[type[BaseException]] = [ConfigError, RunDirError, UnknownNameError, CheckpointError]
-    try:
-        from ptd.data import DataError
+    return (PtdError, ConfigError, RunDirError, UnknownNameError, DerivationError)
 
-        errs.append(DataError)
-    except ImportError:
-        pass
-    try:
-        from ptd.students import DerivationError
 
-        errs.append(DerivationError)
-    except ImportError:
-        pass
-    return tuple(errs)
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes are one line too, like every other user error (argparse prints the usage block)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"ptd: error: {self.prog}: {message}; see {self.prog} --help\n")
 
 
 def _common(p: argparse.ArgumentParser, config_required: bool = True) -> None:
@@ -62,7 +59,10 @@ def _load(args: argparse.Namespace):
 def cmd_stage(args: argparse.Namespace) -> int:
     from ptd.pipeline import run_pipeline
 
+    from ptd.preflight import preflight
+
     cfg, out = _load(args)
+    preflight(cfg, out)  # before anything is written; drop once run_pipeline calls it itself
     until = {"train": "teacher", "prune": "prune", "student": "student", "distill": "distill", "run": "report"}[args.cmd]
     arms = getattr(args, "arm", None)
     res = run_pipeline(cfg, out, until=until, arms=[arms] if arms else None)
@@ -86,19 +86,24 @@ def cmd_stage(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    import torch
-
     from ptd.config import load_config
     from ptd.data import load_dataset, make_loader
     from ptd.measure import count_nonzero, count_params
-    from ptd.train.checkpoint import load_model
+    from ptd.preflight import check_device, check_runs
+    from ptd.train.checkpoint import CheckpointError, load_model
     from ptd.train.loop import Runtime, evaluate
 
     cfg = load_config(args.config, args.overrides)
+    device = check_device(args.device or cfg.device)
     model = load_model(args.checkpoint)
     dc = cfg.data
     splits = load_dataset(dc.name, dc.root, val_fraction=dc.val_fraction, seed=cfg.seed, train_subset=dc.train_subset, test_subset=dc.test_subset)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    spec = getattr(model, "ptd_spec", {})
+    if (spec.get("in_channels"), spec.get("num_classes")) != (splits.in_channels, splits.num_classes):
+        raise CheckpointError(f"{args.checkpoint}: the model takes {spec.get('in_channels')}-channel images and has {spec.get('num_classes')} "
+                              f"classes, but data.name={dc.name} has {splits.in_channels} and {splits.num_classes}; pass the config "
+                              f"the model was trained with")
+    check_runs(model, str(args.checkpoint), splits, dc.image_size)
     rt = Runtime(device=device, amp=cfg.amp, channels_last=cfg.channels_last, quiet=True)
     model = rt.prepare(model)
     loader = make_loader(splits.test, batch_size=cfg.eval_batch_size, train=False, mean=splits.mean, std=splits.std, device=device,
@@ -113,14 +118,17 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from ptd.report.sweep import render_sweep_markdown
     from ptd.sweep import run_sweep
 
+    from ptd.preflight import preflight
+
     cfg, out = _load(args)
+    preflight(cfg, out, sweep=True)
     print(render_sweep_markdown(run_sweep(cfg, out), plots=False))
     print(f"written: {out / 'sweep.json'}, {out / 'sweep.md'}, {out / 'student_acc_vs_sparsity.png'}, {out / 'student_acc_vs_compute.png'}")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ptd", description="Prune, then distill: a pruned teacher, a smaller student, and an honest comparison.")
+    p = _Parser(prog="ptd", description="Prune, then distill: a pruned teacher, a smaller student, and an honest comparison.")
     sub = p.add_subparsers(dest="cmd", required=True)
     helps = {
         "run": "the whole pipeline (teacher, prune, student, distill, report) into one run directory",
@@ -157,8 +165,10 @@ def main(argv: list[str] | None = None) -> int:
     errors = _errors()
     try:
         return args.func(args)
-    except errors as e:
-        print(f"ptd: error: {e}", file=sys.stderr)
+    except errors as e:  # a user's mistake: one line, no traceback. Anything else is a bug and keeps its traceback.
+        from ptd.errors import one_line
+
+        print(f"ptd: error: {one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("ptd: interrupted; run the same command again to resume where it stopped", file=sys.stderr)

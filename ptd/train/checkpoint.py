@@ -40,7 +40,7 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ptd.errors import PtdError
+from ptd.errors import PtdError, one_line
 
 FAULT_ENV = "PTD_FAULT_AT"
 TRACE_ENV = "PTD_TRACE_WRITES"
@@ -171,10 +171,19 @@ def save_model(path: str | Path, model: nn.Module, extra: dict[str, Any] | None 
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:
+    """The safetensors metadata of ``path``; a one-line CheckpointError when it is missing or not safetensors."""
     from safetensors import safe_open
 
-    with safe_open(str(path), "pt") as f:
-        return f.metadata() or {}
+    p = Path(path)
+    if not p.is_file():
+        what = "is a folder" if p.is_dir() else "not found"
+        raise CheckpointError(f"checkpoint {what}: {p}; give the path of a .safetensors file written by ptd (e.g. runs/<name>/teacher/model.safetensors)")
+    try:
+        with safe_open(str(p), "pt") as f:
+            return f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:  # garbage, truncated, unreadable (permissions)
+        raise CheckpointError(f"{p}: not a readable safetensors file ({one_line(e)[:160]}); give a .safetensors file written by ptd "
+                              f"(e.g. runs/<name>/teacher/model.safetensors)") from None
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -245,7 +254,14 @@ def load_model(path: str | Path) -> nn.Module:
     meta = read_metadata(path)
     if "ptd_spec" not in meta:
         raise CheckpointError(f"{path}: carries no ptd architecture metadata; load it into a model you build (ptd.train.checkpoint.load_into)")
-    model = build_from_spec(json.loads(meta["ptd_spec"]))
+    try:
+        spec = json.loads(meta["ptd_spec"])
+        model = build_from_spec(spec)
+    except PtdError:
+        raise
+    except (ValueError, TypeError, KeyError) as e:  # a spec from another ptd version, or edited by hand
+        raise CheckpointError(f"{path}: its ptd architecture metadata does not build a model ({one_line(e)[:160]}); "
+                              f"load the weights into a model you build (ptd.train.checkpoint.load_into)") from None
     load_into(model, path)
     return model
 
