@@ -41,8 +41,22 @@ def _common(p: argparse.ArgumentParser, config_required: bool = True) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars (for CI logs)")
 
 
+def _check_config_file(path: str | None) -> None:
+    """A config that exists but is not text (a binary, a checkpoint passed by mistake) is a user error."""
+    from ptd.config import ConfigError
+
+    if path is None or not Path(path).is_file():
+        return  # load_config names a missing file
+    try:
+        Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot be read as a YAML text file ({type(e).__name__}: {e}); pass a YAML config (see configs/)") from None
+
+
 def _load(args: argparse.Namespace):
     from ptd.config import load_config
+
+    _check_config_file(args.config)
 
     over = list(args.overrides)
     if args.teacher:
@@ -93,6 +107,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from ptd.train.checkpoint import CheckpointError, load_model
     from ptd.train.loop import Runtime, evaluate
 
+    _check_config_file(args.config)
     cfg = load_config(args.config, args.overrides)
     device = check_device(args.device or cfg.device)
     model = load_model(args.checkpoint)
