@@ -116,8 +116,6 @@ def _commit(path: Path, write: Callable[[str], None]) -> None:
     _boundary("after", "write", path)
 
 
-
-
 def remove(path: str | Path) -> None:
     """Delete ``path`` if present (durably), as a counted write boundary."""
     global _writes
