@@ -283,7 +283,7 @@ def test_kill_at_every_write_boundary_resumes_identically(tmp_path: Path):
             break
         k += 1
     print(f"\nfault injection: {covered} write boundaries covered ({total} writes in an uninterrupted run)")
-    assert covered == 2 * (len(only) if only else total)
+    assert covered == 2 * (len([k for k in only if k <= total]) if only else total)
     assert not failures, failures
 
 
