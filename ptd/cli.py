@@ -9,26 +9,13 @@ import argparse
 import sys
 from pathlib import Path
 
-def _errors() -> tuple[type[BaseException], ...]:
-    from ptd.config import ConfigError
-    from ptd.pipeline import RunDirError
-    from ptd.registry import UnknownNameError
-    from ptd.train.checkpoint import CheckpointError
+from ptd.errors import PtdError, one_line
 
-    errs: list[type[BaseException]] = [ConfigError, RunDirError, UnknownNameError, CheckpointError]
-    try:
-        from ptd.data import DataError
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes are one line too, like every other user error (argparse prints the usage block)."""
 
-        errs.append(DataError)
-    except ImportError:
-        pass
-    try:
-        from ptd.students import DerivationError
-
-        errs.append(DerivationError)
-    except ImportError:
-        pass
-    return tuple(errs)
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"ptd: error: {self.prog}: {message}; see {self.prog} --help\n")
 
 
 def _common(p: argparse.ArgumentParser, config_required: bool = True) -> None:
@@ -44,8 +31,22 @@ def _common(p: argparse.ArgumentParser, config_required: bool = True) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars (for CI logs)")
 
 
+def _check_config_file(path: str | None) -> None:
+    """A config that exists but is not text (a binary, a checkpoint passed by mistake) is a user error."""
+    from ptd.config import ConfigError
+
+    if path is None or not Path(path).is_file():
+        return  # load_config names a missing file
+    try:
+        Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot be read as a YAML text file ({type(e).__name__}: {e}); pass a YAML config (see configs/)") from None
+
+
 def _load(args: argparse.Namespace):
     from ptd.config import load_config
+
+    _check_config_file(args.config)
 
     over = list(args.overrides)
     if args.teacher:
@@ -62,7 +63,10 @@ def _load(args: argparse.Namespace):
 def cmd_stage(args: argparse.Namespace) -> int:
     from ptd.pipeline import run_pipeline
 
+    from ptd.preflight import preflight
+
     cfg, out = _load(args)
+    preflight(cfg, out)  # before anything is written; drop once run_pipeline calls it itself
     until = {"train": "teacher", "prune": "prune", "student": "student", "distill": "distill", "run": "report"}[args.cmd]
     arms = getattr(args, "arm", None)
     res = run_pipeline(cfg, out, until=until, arms=[arms] if arms else None)
@@ -86,19 +90,25 @@ def cmd_stage(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    import torch
-
     from ptd.config import load_config
     from ptd.data import load_dataset, make_loader
     from ptd.measure import count_nonzero, count_params
-    from ptd.train.checkpoint import load_model
+    from ptd.preflight import check_device, check_runs
+    from ptd.train.checkpoint import CheckpointError, load_model
     from ptd.train.loop import Runtime, evaluate
 
+    _check_config_file(args.config)
     cfg = load_config(args.config, args.overrides)
+    device = check_device(args.device or cfg.device)
     model = load_model(args.checkpoint)
     dc = cfg.data
     splits = load_dataset(dc.name, dc.root, val_fraction=dc.val_fraction, seed=cfg.seed, train_subset=dc.train_subset, test_subset=dc.test_subset)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    spec = getattr(model, "ptd_spec", {})
+    if (spec.get("in_channels"), spec.get("num_classes")) != (splits.in_channels, splits.num_classes):
+        raise CheckpointError(f"{args.checkpoint}: the model takes {spec.get('in_channels')}-channel images and has {spec.get('num_classes')} "
+                              f"classes, but data.name={dc.name} has {splits.in_channels} and {splits.num_classes}; pass the config "
+                              f"the model was trained with")
+    check_runs(model, str(args.checkpoint), splits, dc.image_size)
     rt = Runtime(device=device, amp=cfg.amp, channels_last=cfg.channels_last, quiet=True)
     model = rt.prepare(model)
     loader = make_loader(splits.test, batch_size=cfg.eval_batch_size, train=False, mean=splits.mean, std=splits.std, device=device,
@@ -113,7 +123,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from ptd.report.sweep import render_sweep_markdown
     from ptd.sweep import run_sweep
 
+    from ptd.preflight import preflight
+
     cfg, out = _load(args)
+    preflight(cfg, out, sweep=True)
     print(render_sweep_markdown(run_sweep(cfg, out), plots=False))
     print(f"written: {out / 'sweep.json'}, {out / 'sweep.md'}, {out / 'student_acc_vs_sparsity.png'}, {out / 'student_acc_vs_compute.png'}")
     return 0
@@ -121,24 +134,20 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """Re-render a finished run's (or sweep's) reports from its files; trains nothing."""
-    from ptd.report import ReportError, rerender, rerender_sweep
+    from ptd.report import rerender, rerender_sweep
 
     run_dir = Path(args.run_dir)
-    try:
-        if (run_dir / "sweep.json").is_file() and not (run_dir / "results.json").is_file():
-            rerender_sweep(run_dir)
-            print(f"written: {run_dir / 'sweep.md'}, {run_dir / 'report.html'}")
-        else:
-            print(rerender(run_dir))
-            print(f"written: {run_dir / 'results.json'}, {run_dir / 'report.md'}, {run_dir / 'report.html'}")
-    except ReportError as e:
-        print(f"ptd: error: {e}", file=sys.stderr)
-        return 2
+    if (run_dir / "sweep.json").is_file() and not (run_dir / "results.json").is_file():
+        rerender_sweep(run_dir)
+        print(f"written: {run_dir / 'sweep.md'}, {run_dir / 'report.html'}")
+    else:
+        print(rerender(run_dir))
+        print(f"written: {run_dir / 'results.json'}, {run_dir / 'report.md'}, {run_dir / 'report.html'}")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ptd", description="Prune, then distill: a pruned teacher, a smaller student, and an honest comparison.")
+    p = _Parser(prog="ptd", description="Prune, then distill: a pruned teacher, a smaller student, and an honest comparison.")
     sub = p.add_subparsers(dest="cmd", required=True)
     helps = {
         "run": "the whole pipeline (teacher, prune, student, distill, report) into one run directory",
@@ -176,11 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    errors = _errors()
     try:
         return args.func(args)
-    except errors as e:
-        print(f"ptd: error: {e}", file=sys.stderr)
+    except PtdError as e:  # a user's mistake: one line, no traceback. Anything else is a bug and keeps its traceback.
+        print(f"ptd: error: {one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("ptd: interrupted; run the same command again to resume where it stopped", file=sys.stderr)

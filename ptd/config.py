@@ -15,8 +15,10 @@ from typing import Any, Union
 
 import yaml
 
+from ptd.errors import PtdError
 
-class ConfigError(ValueError):
+
+class ConfigError(PtdError, ValueError):
     """A bad configuration value; the message is one line and says how to fix it."""
 
 

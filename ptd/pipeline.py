@@ -39,13 +39,14 @@ from ptd.pruning.masks import MaskHook, Masks, apply_masks, count, full_masks, l
 from ptd.train import checkpoint as ckpt
 from ptd.train.distributed import Dist, barrier, init_distributed, resolve_device
 from ptd.train.loop import Runtime, cleanup_resume_files, evaluate, fit
+from ptd.errors import PtdError
 
 STAGES = ("teacher", "prune", "student", "distill", "report")
 # Keys that change how a run is shown or scheduled, not what it computes: may differ on resume.
 _VOLATILE_KEYS = {"quiet", "threads", "device", "eval_batch_size"}
 
 
-class RunDirError(ValueError):
+class RunDirError(PtdError, ValueError):
     """The run directory holds a different run; one-line message with the fix."""
 
 

@@ -304,6 +304,75 @@ def test_cifar_missing_and_malformed(tmp_path: Path):
         load_dataset("cifar10", str(tmp_path))
 
 
+class _RunsShell:
+    """Unpickling this calls os.system: what a hostile "dataset" file would do."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("protocol", [2, 4])
+@pytest.mark.parametrize("where", ["batch", "meta"])
+def test_cifar_pickle_cannot_run_code(tmp_path: Path, protocol: int, where: str):
+    write_cifar(tmp_path, hundred=False)
+    marker = tmp_path / "PWNED"
+    d = tmp_path / "cifar-10-batches-py"
+    target = d / ("data_batch_2" if where == "batch" else "batches.meta")
+    payload = {b"data": np.zeros((12, 3072), np.uint8), b"labels": [0] * 12, b"x": _RunsShell(marker)}
+    target.write_bytes(pickle.dumps(payload, protocol=protocol))
+    # The same bytes through plain pickle really would run the command: the test can fail.
+    pickle.loads(target.read_bytes())
+    assert marker.exists()
+    marker.unlink()
+    with pytest.raises(DataError) as ei:
+        load_dataset("cifar10", str(tmp_path))
+    msg = str(ei.value)
+    assert not marker.exists()
+    assert str(target) in msg and "posix.system" in msg and "re-download" in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
+def test_safe_pickle_reads_every_numpy_protocol(protocol: int):
+    from ptd.data.safe_pickle import safe_load
+
+    x = np.arange(24, dtype=np.uint8).reshape(2, 12)
+    obj = {b"data": x, "labels": [3, 1], "n": np.int64(7), "t": (1.5, "a", None)}
+    got = safe_load(pickle.dumps(obj, protocol=protocol))
+    assert got[b"data"].dtype == np.uint8 and (got[b"data"] == x).all()
+    assert got["labels"] == [3, 1] and got["n"] == 7 and got["t"] == (1.5, "a", None)
+
+
+def test_cifar_batch_of_strings_is_one_line_error(tmp_path: Path):
+    write_cifar(tmp_path, hundred=False)
+    p = tmp_path / "cifar-10-batches-py" / "test_batch"
+    p.write_bytes(pickle.dumps({b"data": [["a", "b"]], b"labels": [0]}))
+    with pytest.raises(DataError, match="test_batch.*not numeric"):
+        load_dataset("cifar10", str(tmp_path))
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_corrupt_gz_idx_names_file_and_fix(tmp_path: Path, damage: str):
+    root = tmp_path / "fm"
+    write_fashion(root, gz=True)
+    p = root / "t10k-labels-idx1-ubyte.gz"
+    raw = bytearray(p.read_bytes())
+    if damage == "flip":  # the deflate stream, after the 10-byte gzip header
+        for i in range(10, len(raw) - 8):
+            raw[i] ^= 0x5A
+    else:
+        raw = raw[: len(raw) // 2]
+    p.write_bytes(bytes(raw))
+    with pytest.raises(DataError) as ei:
+        load_dataset("fashion_mnist", str(root))
+    msg = str(ei.value)
+    assert msg.startswith(f"corrupt gzip file {p} (") and "re-download" in msg
+
+
 # ----------------------------------------------------------------------------- Tiny-ImageNet
 def test_tiny_imagenet(tmp_path: Path):
     write_tiny(tmp_path)

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1] / "ptd"
 LAYERS = [
     {"__main__"},
     {"cli"},
-    {"pipeline", "sweep"},
+    {"pipeline", "sweep", "preflight"},
     {"students", "pruning", "distill", "report", "measure"},
     {"train"},
     {"models", "data"},
@@ -95,7 +95,8 @@ def test_package_graph_is_acyclic():
 
 
 def test_config_imports_no_plugin():
-    assert not [k for k in imports() if k[0] == "config"]
+    # The error base class is the only ptd module config may use: it is a leaf that imports nothing.
+    assert not [k for k in imports() if k[0] == "config" and k[1] != "errors"]
 
 
 def test_the_checker_sees_function_local_and_relative_imports(tmp_path):

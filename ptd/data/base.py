@@ -12,10 +12,11 @@ from typing import Callable, Union
 
 import torch
 
+from ptd.errors import PtdError
 from ptd.registry import Registry, UnknownNameError
 
 
-class DataError(Exception):
+class DataError(PtdError):
     """Bad data input. The message is one line: what is wrong, which path, and how to fix it."""
 
     def __init__(self, message: str):

@@ -6,7 +6,6 @@ small test fixtures, while the shape/label checks here catch the corruption that
 """
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +14,7 @@ import torch
 import torchvision
 
 from ptd.data.base import DATASETS, DataError, RawDataset, Split, default_cache_dir
+from ptd.data.safe_pickle import UnsafePickleError, safe_load
 
 _SPECS = {
     "cifar10": dict(
@@ -35,13 +35,20 @@ def _str(v: Any) -> str:
 
 
 def _unpickle(path: Path) -> dict[str, Any]:
-    """Load one pickled batch; keys normalised to str (py2 pickles give bytes or latin1 str)."""
+    """Load one pickled batch; keys normalised to str (py2 pickles give bytes or latin1 str).
+
+    Through ``safe_load``: a file that names any callable besides numpy's array reconstruction is
+    refused before anything from it runs (plain ``pickle.load`` would run it).
+    """
     if not path.is_file():
         raise DataError(f"CIFAR file not found: {path}; re-extract the dataset archive into data.root")
     try:
         with open(path, "rb") as f:
-            obj = pickle.load(f, encoding="latin1")
-    except Exception as e:
+            obj = safe_load(f, encoding="latin1")
+    except UnsafePickleError as e:
+        raise DataError(f"refused CIFAR file {path}: {e}; a CIFAR batch holds only arrays and lists, so this file is not one "
+                        f"(do not use it): re-download the archive from the official site and re-extract it") from None
+    except Exception as e:  # truncated or garbage files fail in many pickle/EOF/value types; all mean the same here
         raise DataError(f"malformed CIFAR batch {path}: {type(e).__name__}: {e}; re-extract the dataset archive") from None
     if not isinstance(obj, dict):
         raise DataError(f"malformed CIFAR batch {path}: expected a dict, got {type(obj).__name__}; re-extract the dataset archive")
@@ -57,8 +64,12 @@ def _read_batches(folder: Path, names: list[str], label_key: str, num_classes: i
             raise DataError(
                 f"malformed CIFAR batch {path}: missing key 'data' or {label_key!r}; re-extract the dataset archive"
             )
-        data = np.asarray(d["data"], dtype=np.uint8)
-        labels = np.asarray(d[label_key], dtype=np.int64)
+        try:
+            data = np.asarray(d["data"], dtype=np.uint8)
+            labels = np.asarray(d[label_key], dtype=np.int64)
+        except (TypeError, ValueError, OverflowError) as e:  # ragged lists, strings, out-of-range numbers
+            raise DataError(f"malformed CIFAR batch {path}: 'data'/{label_key!r} are not numeric arrays ({e}); "
+                            f"re-extract the dataset archive") from None
         # 3072 = 3 channels x 32 x 32, stored channel-major (R plane, G plane, B plane).
         if data.ndim != 2 or data.shape[1] != 3072 or labels.shape != (data.shape[0],):
             raise DataError(

@@ -6,6 +6,7 @@ the values in C order (big-endian for multi-byte types).
 from __future__ import annotations
 
 import gzip
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +42,11 @@ def _read_bytes(path: Path) -> bytes:
             with gzip.open(path, "rb") as f:
                 return f.read()
         return path.read_bytes()
-    except (OSError, EOFError) as e:
+    except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+        # A truncated or bit-flipped download: zlib's own message names no file and no fix.
+        raise DataError(f"corrupt gzip file {path} ({type(e).__name__}: {e}); delete it and re-download or "
+                        f"re-install the dataset files") from None
+    except OSError as e:
         raise DataError(f"cannot read idx file {path}: {e}; re-download or re-install the dataset files") from None
 
 

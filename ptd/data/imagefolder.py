@@ -20,7 +20,10 @@ def scan_split(folder: Path, classes: list[str] | None = None) -> tuple[list[str
     """Scan ``folder/<class>/`` image files; ``classes`` fixes the class list (else: sorted subfolders)."""
     if not folder.is_dir():
         raise DataError(f"image folder not found: {folder}; {_FIX}")
-    found = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    try:
+        found = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    except OSError as e:  # e.g. a folder without read permission
+        raise DataError(f"cannot list image folder {folder} ({type(e).__name__}: {e}); {_FIX}") from None
     if not found:
         raise DataError(f"no class folders in {folder}; {_FIX}")
     if classes is None:
@@ -35,9 +38,10 @@ def scan_split(folder: Path, classes: list[str] | None = None) -> tuple[list[str
     samples: list[tuple[str, int]] = []
     for i, c in enumerate(classes):
         cdir = folder / c
-        files = sorted(
-            str(p) for p in cdir.rglob("*") if p.suffix.lower() in _EXTS and p.is_file()
-        )
+        try:
+            files = sorted(str(p) for p in cdir.rglob("*") if p.suffix.lower() in _EXTS and p.is_file())
+        except OSError as e:
+            raise DataError(f"cannot list class folder {cdir} ({type(e).__name__}: {e}); {_FIX}") from None
         if not files:
             raise DataError(f"class folder has no images: {cdir}; add images ({', '.join(sorted(_EXTS))}) or remove it")
         samples += [(f, i) for f in files]

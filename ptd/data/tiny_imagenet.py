@@ -52,6 +52,13 @@ def decode_all(paths: list[str], workers: int | None = None) -> torch.Tensor:
     return out
 
 
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text()
+    except (OSError, UnicodeDecodeError) as e:  # unreadable (permissions) or not a text file
+        raise DataError(f"cannot read Tiny-ImageNet file {path} ({type(e).__name__}: {e}); {_FIX}") from None
+
+
 def _resolve(root: Path) -> Path | None:
     for cand in (root / FOLDER, root):
         if (cand / "wnids.txt").is_file():
@@ -60,7 +67,10 @@ def _resolve(root: Path) -> Path | None:
 
 
 def _images_in(folder: Path) -> list[str]:
-    return sorted(str(p) for p in folder.iterdir() if p.suffix.lower() in _EXTS and p.is_file())
+    try:
+        return sorted(str(p) for p in folder.iterdir() if p.suffix.lower() in _EXTS and p.is_file())
+    except OSError as e:  # e.g. a folder without read permission
+        raise DataError(f"cannot list Tiny-ImageNet folder {folder} ({type(e).__name__}: {e}); {_FIX}") from None
 
 
 @DATASETS.register("tiny_imagenet")
@@ -73,7 +83,7 @@ def load_tiny_imagenet(root: str | None, *, download: bool = False, cache_dir: s
     folder = _resolve(base)
     if folder is None:
         raise DataError(f"Tiny-ImageNet file not found: {base / FOLDER / 'wnids.txt'}; {_FIX}")
-    wnids = [w.strip() for w in (folder / "wnids.txt").read_text().splitlines() if w.strip()]
+    wnids = [w.strip() for w in _read_text(folder / "wnids.txt").splitlines() if w.strip()]
     if not wnids:
         raise DataError(f"Tiny-ImageNet class list is empty: {folder / 'wnids.txt'}; {_FIX}")
     index = {w: i for i, w in enumerate(wnids)}
@@ -95,7 +105,7 @@ def load_tiny_imagenet(root: str | None, *, download: bool = False, cache_dir: s
         raise DataError(f"Tiny-ImageNet file not found: {ann}; {_FIX}")
     test_paths: list[str] = []
     test_labels: list[int] = []
-    for n, line in enumerate(ann.read_text().splitlines(), 1):
+    for n, line in enumerate(_read_text(ann).splitlines(), 1):
         if not line.strip():
             continue
         parts = line.split("\t")

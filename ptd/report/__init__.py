@@ -9,6 +9,7 @@ from typing import Any, Sequence
 from ptd.config import ARMS, RunConfig
 from ptd.report.stats import format_estimate, hierarchical_estimate, t_interval
 from ptd.train import checkpoint as ckpt
+from ptd.errors import PtdError
 
 ARM_LABELS = {
     "scratch": "student alone (no teacher)",
@@ -252,5 +253,5 @@ def rerender_sweep(sweep_dir: str | Path) -> None:
     write_sweep_html(sweep_dir, results)
 
 
-class ReportError(ValueError):
+class ReportError(PtdError, ValueError):
     """A run directory ptd cannot report on; the one-line message names the fix."""

@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 
 from ptd.pruning.masks import Masks
+from ptd.errors import PtdError
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 LAYER_TYPES = CONV_TYPES + (nn.Linear,)
@@ -28,7 +29,7 @@ LAYER_TYPES = CONV_TYPES + (nn.Linear,)
 DEFAULT_INPUT_SIZES = (32, 64, 224)
 
 
-class DerivationError(ValueError):
+class DerivationError(PtdError, ValueError):
     """A student cannot be derived from this teacher; the one-line message says why."""
 
 

@@ -1,43 +1,137 @@
-"""Checkpoints: safetensors for weights (no code runs on load), written atomically.
+"""Checkpoints and every file ptd writes: atomic, durable, and instrumented for fault injection.
 
-A model file carries its architecture (``ptd_spec``) as JSON in the safetensors metadata, so it
-can be rebuilt and loaded without anything else. Optimizer/scheduler state for resuming goes
-through torch.save and is read back with ``weights_only=True``.
+Weights go to safetensors (no code runs on load); a model file carries its architecture
+(``ptd_spec``) as JSON in the metadata, so it can be rebuilt and loaded without anything else.
+
+Every file write goes through ``_commit``: write a temporary file in the same folder, fsync it,
+fsync the folder, ``os.replace`` it over the target, fsync the folder again. A kill at any moment
+leaves the old file or the new one, never half of one, and a power cut cannot undo a rename that
+returned. Removals go through ``remove`` the same way.
+
+Crash consistency of training (one commit point per epoch): ``save_resume(out_dir, state)``
+writes everything a resume needs -- unit weights, optimizer, scheduler, RNG states, hook and loss
+states, the metrics rows, best-epoch info -- into ONE file that becomes visible by ONE rename.
+The order a loop must keep, so that a kill between any two writes resumes identically:
+  1. files the epoch produces besides the commit (best ``model.safetensors``, a hook's
+     ``epoch_<e>.safetensors``), each atomic: a kill here re-runs the epoch, which rewrites them;
+  2. ``save_resume`` -- the commit point;
+  3. ``write_metrics`` -- a view of the committed rows, rewritten whole (a kill leaves it one
+     epoch behind; the resume rewrites it from the committed rows).
+At the end of a stage: its result files, then ``done``, then ``remove_resume`` (a kill before
+``done`` resumes at the last epoch and only re-evaluates; never a retrain).
+
+Fault injection, for tests (the writes are counted per process, from 1):
+  PTD_FAULT_AT=<n>:<before|after>   SIGKILL this process right before / after its n-th write
+  PTD_TRACE_WRITES=<path>           append "<n> <write|remove> <file>" per write to <path>
 """
 from __future__ import annotations
 
 import json
 import os
+import random
+import signal
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+import numpy as np
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ptd.errors import PtdError, one_line
 from ptd.models import unwrap  # models sit below train: no import cycle
 
+FAULT_ENV = "PTD_FAULT_AT"
+TRACE_ENV = "PTD_TRACE_WRITES"
+RESUME_FILE = "resume.pt"
+METRICS_FILE = "metrics.jsonl"
+RESUME_FORMAT = "ptd-resume-1"
 
-class CheckpointError(ValueError):
+
+class CheckpointError(PtdError, ValueError):
     """A checkpoint that cannot be used; one-line message with the fix."""
 
 
-def _atomic(path: Path, write) -> None:
+# ---------------------------------------------------------------- the one writer
+
+_writes = 0  # file writes (and removals) by this process so far
+
+
+def write_count() -> int:
+    """How many writes/removals this process has made through ``_commit``/``remove``."""
+    return _writes
+
+
+def _fault_plan() -> tuple[int, str] | None:
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return None
+    n, _, when = spec.partition(":")
+    if not n.strip().isdigit() or when not in ("before", "after"):
+        # A test harness typo must not silently run without faults.
+        raise ValueError(f"{FAULT_ENV}={spec!r}: expected <n>:<before|after>, e.g. 3:after")
+    return int(n), when
+
+
+def _boundary(when: str, kind: str, path: Path) -> None:
+    """Called right before and right after every write: trace it, and die here if asked to."""
+    if when == "after":
+        trace = os.environ.get(TRACE_ENV)
+        if trace:
+            with open(trace, "a") as f:  # the trace itself is not a counted write
+                f.write(f"{_writes} {kind} {path}\n")
+    plan = _fault_plan()
+    if plan is not None and plan == (_writes, when):
+        os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no atexit, no flush: a real crash
+
+
+def _fsync_dir(d: Path) -> None:
+    fd = os.open(d, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _commit(path: Path, write: Callable[[str], None]) -> None:
+    """Write ``path`` atomically and durably through ``write(tmp_path)``; the one write path."""
+    global _writes
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _writes += 1
+    _boundary("before", "write", path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
+        with open(tmp, "rb+") as f:  # the bytes are on disk before the name points at them
+            os.fsync(f.fileno())
+        _fsync_dir(path.parent)
         os.replace(tmp, path)  # atomic on POSIX: a kill leaves the old file or the new, never half
+        _fsync_dir(path.parent)  # the rename itself survives a power cut
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+    _boundary("after", "write", path)
+
+
+def remove(path: str | Path) -> None:
+    """Delete ``path`` if present (durably), as a counted write boundary."""
+    global _writes
+    path = Path(path)
+    if not path.exists():
+        return
+    _writes += 1
+    _boundary("before", "remove", path)
+    path.unlink(missing_ok=True)  # under DDP another rank may have removed it already
+    _fsync_dir(path.parent)
+    _boundary("after", "remove", path)
 
 
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    _atomic(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    _commit(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
@@ -50,7 +144,7 @@ def write_json(path: str | Path, obj: Any) -> None:
             json.dump(obj, f, indent=2, sort_keys=False, default=str)
             f.write("\n")
 
-    _atomic(Path(path), w)
+    _commit(Path(path), w)
 
 
 def write_text(path: str | Path, text: str) -> None:
@@ -58,7 +152,7 @@ def write_text(path: str | Path, text: str) -> None:
         with open(tmp, "w") as f:
             f.write(text)
 
-    _atomic(Path(path), w)
+    _commit(Path(path), w)
 
 
 def save_model(path: str | Path, model: nn.Module, extra: dict[str, Any] | None = None) -> None:
@@ -74,10 +168,19 @@ def save_model(path: str | Path, model: nn.Module, extra: dict[str, Any] | None 
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:
+    """The safetensors metadata of ``path``; a one-line CheckpointError when it is missing or not safetensors."""
     from safetensors import safe_open
 
-    with safe_open(str(path), "pt") as f:
-        return f.metadata() or {}
+    p = Path(path)
+    if not p.is_file():
+        what = "is a folder" if p.is_dir() else "not found"
+        raise CheckpointError(f"checkpoint {what}: {p}; give the path of a .safetensors file written by ptd (e.g. runs/<name>/teacher/model.safetensors)")
+    try:
+        with safe_open(str(p), "pt") as f:
+            return f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:  # garbage, truncated, unreadable (permissions)
+        raise CheckpointError(f"{p}: not a readable safetensors file ({one_line(e)[:160]}); give a .safetensors file written by ptd "
+                              f"(e.g. runs/<name>/teacher/model.safetensors)") from None
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -146,14 +249,134 @@ def load_model(path: str | Path) -> nn.Module:
     meta = read_metadata(path)
     if "ptd_spec" not in meta:
         raise CheckpointError(f"{path}: carries no ptd architecture metadata; load it into a model you build (ptd.train.checkpoint.load_into)")
-    model = build_from_spec(json.loads(meta["ptd_spec"]))
+    try:
+        spec = json.loads(meta["ptd_spec"])
+        model = build_from_spec(spec)
+    except PtdError:
+        raise
+    except (ValueError, TypeError, KeyError) as e:  # a spec from another ptd version, or edited by hand
+        raise CheckpointError(f"{path}: its ptd architecture metadata does not build a model ({one_line(e)[:160]}); "
+                              f"load the weights into a model you build (ptd.train.checkpoint.load_into)") from None
     load_into(model, path)
     return model
 
 
 def save_state(path: str | Path, state: dict[str, Any]) -> None:
-    _atomic(Path(path), lambda tmp: torch.save(state, tmp))
+    _commit(Path(path), lambda tmp: torch.save(state, tmp))
 
 
 def load_state(path: str | Path) -> dict[str, Any]:
     return torch.load(str(path), map_location="cpu", weights_only=True)
+
+
+# ---------------------------------------------------------------- the per-epoch commit point
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG a training epoch may draw from, in a form ``torch.load(weights_only=True)`` reads."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    st: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": {"kind": str(kind), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached": float(cached)},
+    }
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st: dict[str, Any]) -> None:
+    torch.set_rng_state(st["torch"])
+    if "python" in st:
+        py = st["python"]
+        random.setstate((py[0], tuple(py[1]), py[2]))
+    if "numpy" in st:
+        n = st["numpy"]
+        np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def save_resume(out_dir: str | Path, state: dict[str, Any]) -> None:
+    """Commit one epoch: ``state`` becomes visible in ``out_dir/resume.pt`` by ONE atomic rename.
+
+    ``state`` is a dict of tensors, numbers, strings, lists and dicts (what ``weights_only=True``
+    reads back), holding everything a resume needs: by convention ``epoch`` (0-based, the epoch
+    just finished), ``model`` (the unit's state dict: student + loss modules), ``optimizer``,
+    ``scheduler``, ``rng`` (``rng_state()``), ``hooks``, ``losses``, ``metrics`` (every row so
+    far), ``best`` ({epoch, acc}), ``steps``, ``wall_s``. Tensors are copied to the CPU first so
+    the file loads on any device.
+    """
+    if not isinstance(state, dict):
+        raise TypeError("save_resume: state must be a dict")
+    state = {**_to_cpu(state), "format": RESUME_FORMAT}
+    _commit(Path(out_dir) / RESUME_FILE, lambda tmp: torch.save(state, tmp))
+
+
+def load_resume(out_dir: str | Path) -> dict[str, Any] | None:
+    """The last committed epoch's state from ``out_dir/resume.pt``, or None when there is none.
+
+    Read with ``weights_only=True``: no code from the file runs. A file that is not a ptd resume
+    commit (it cannot be torn: commits are atomic) is a one-line CheckpointError with the fix.
+    """
+    p = Path(out_dir) / RESUME_FILE
+    if not p.is_file():
+        return None
+    fix = f"delete {p} to restart this stage from its first epoch"
+    try:
+        state = torch.load(str(p), map_location="cpu", weights_only=True)
+    except Exception as e:  # unpickling fails in many types; all mean "not a resume file"
+        raise CheckpointError(f"{p}: not a readable ptd resume file ({str(e).splitlines()[0][:160] if str(e) else type(e).__name__}); {fix}") from None
+    if not isinstance(state, dict) or state.get("format") != RESUME_FORMAT:
+        raise CheckpointError(f"{p}: not a ptd resume file (format {state.get('format') if isinstance(state, dict) else type(state).__name__!r}); {fix}")
+    return state
+
+
+def remove_resume(out_dir: str | Path) -> None:
+    """Drop the resume commit (and the old two-file one) once the stage's ``done`` is written."""
+    for name in (RESUME_FILE, "last.safetensors", "last_state.pt"):
+        remove(Path(out_dir) / name)
+
+
+def _to_cpu(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_to_cpu(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_to_cpu(v) for v in obj)
+    return obj
+
+
+# ---------------------------------------------------------------- metrics.jsonl, a view of the commit
+
+
+def write_metrics(path: str | Path, rows: list[dict[str, Any]]) -> None:
+    """Rewrite metrics.jsonl whole from the committed rows (atomic: never a torn line)."""
+    _commit(Path(path), lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in rows)))
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of a metrics.jsonl; [] when missing. A torn or partial LAST line (a kill mid-append
+    by an older ptd, or a full disk) is dropped; a bad line before the last is a CheckpointError."""
+    p = Path(path)
+    if not p.is_file():
+        return []
+    lines = p.read_text(errors="replace").splitlines()
+    rows = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict):
+                raise ValueError("not an object")
+        except ValueError as e:
+            if i == len(lines) - 1:
+                break  # torn tail: the epoch it belonged to was never committed
+            raise CheckpointError(f"{p}: line {i + 1} is not a JSON object ({e}); delete the line, or the file to rebuild it on resume") from None
+        rows.append(row)
+    return rows

@@ -1,0 +1,27 @@
+"""The one base class for every error a user can cause (a bad config, path, file or device).
+
+The CLI catches ``PtdError`` in one place, prints ``ptd: error: <message>`` and exits 2. Anything
+that is not a ``PtdError`` is a bug in ptd and keeps its traceback. Messages are one line: what is
+wrong, where (key or path), and the fix.
+
+Subclasses keep the builtin base they always had (``ConfigError(PtdError, ValueError)``,
+``UnknownNameError(PtdError, KeyError)``) so code that catches ``ValueError``/``KeyError`` still
+works. This module imports nothing from ptd: every layer may import it.
+"""
+from __future__ import annotations
+
+
+def one_line(text: object) -> str:
+    """``text`` with line breaks folded into spaces: the CLI prints exactly one line."""
+    return " ".join(str(text).splitlines()).strip()
+
+
+class PtdError(Exception):
+    """Base of everything a user can cause. ``str(e)`` is always a single line."""
+
+    def __str__(self) -> str:
+        return one_line(super().__str__())
+
+
+class PreflightError(PtdError, ValueError):
+    """Something checkable before work starts is wrong (model kwargs, device, output folder...)."""

@@ -1,0 +1,201 @@
+"""Everything checkable before work starts, checked before the run directory is written.
+
+``preflight(cfg, run_dir)`` raises a one-line ``PtdError`` (``ConfigError`` for a config key,
+``PreflightError`` for a path, ``DataError``/``CheckpointError`` for files) for: thread count,
+device, output folder, pruning target vs. one round, ``prune.options.rewind_epoch``, the data
+folder and files, the teacher (and a named student) building with their kwargs and running on this
+data's images, and ``teacher.checkpoint`` being readable and of the teacher's architecture.
+Otherwise such mistakes surface hours later: after the teacher trained, or after ``config.yaml``
+was written (which then refuses the corrected re-run).
+
+Cost: one dataset load (skipped when the caller passes its ``splits``), one model build and one
+forward pass of 2 images per model on the CPU.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ptd.config import ConfigError, ModelConfig, RunConfig
+from ptd.errors import PreflightError, one_line
+from ptd.registry import UnknownNameError
+
+# Strategies that prune in rounds of ``prune.rate``: their targets round to a whole number of
+# rounds, so a target below half a round means no pruning at all.
+ROUND_STRATEGIES = ("imp", "imp_weight_rewind", "imp_finetune")
+# Weight rewinding to the initialization (rewind_epoch 0) needs the teacher stage to save its
+# weights before the first epoch; until it does, 0 is refused here rather than after training.
+REWIND_TO_INIT = False
+
+
+def preflight(cfg: RunConfig, run_dir: str | Path, *, splits: Any = None, sweep: bool = False) -> Any:
+    """Check ``cfg`` for a run into ``run_dir``; returns the dataset splits it checked against.
+
+    ``splits``: the caller's already-loaded ``Splits`` (the dataset is loaded here otherwise).
+    ``sweep``: also check ``sweep.sparsities`` x ``sweep.strategies`` (``ptd sweep``).
+    Cheap checks run first, so a typo is reported before the dataset is read.
+    """
+    check_threads(cfg.threads)
+    check_device(cfg.device)
+    check_out_dir(run_dir)
+    check_data_config(cfg)
+    check_pruning(cfg, sweep=sweep)
+    if splits is None:
+        from ptd.data import load_dataset
+
+        dc = cfg.data
+        splits = load_dataset(dc.name, dc.root, val_fraction=dc.val_fraction, seed=cfg.seed, download=dc.download,
+                              cache_dir=dc.cache_dir, train_subset=dc.train_subset, test_subset=dc.test_subset)
+    teacher = check_model(cfg.teacher.model, "teacher.model", splits, image_size=cfg.data.image_size)
+    if cfg.student.source == "named" and cfg.student.model is not None:
+        check_model(cfg.student.model, "student.model", splits, image_size=cfg.data.image_size)
+    if cfg.teacher.checkpoint:
+        from ptd.train.checkpoint import load_into
+
+        load_into(teacher, cfg.teacher.checkpoint, "teacher")  # one-line CheckpointError: missing, unreadable, other arch
+    return splits
+
+
+# ---------------------------------------------------------------- the checks, one per concern
+
+
+def check_threads(threads: int | None) -> None:
+    if threads is not None and threads < 1:
+        raise ConfigError(f"threads: {threads!r} must be >= 1, or null for torch's default ({torch.get_num_threads()} here)")
+
+
+def check_device(device: str) -> torch.device:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` that exists on this machine."""
+    if device in ("auto", "cpu"):
+        return torch.device("cuda" if device == "auto" and torch.cuda.is_available() else "cpu")
+    idx = None
+    if device != "cuda":
+        head, _, n = device.partition(":")
+        if head != "cuda" or not n.isdigit():
+            raise ConfigError(f"device: {device!r} is not a device; use auto, cpu, cuda or cuda:N (e.g. --device cuda:0)")
+        idx = int(n)
+    if not torch.cuda.is_available():
+        why = "this torch is built without CUDA" if torch.version.cuda is None else "no GPU is visible (check CUDA_VISIBLE_DEVICES and the driver)"
+        raise ConfigError(f"device: {device!r} asked for but CUDA is not available ({why}); use --device cpu or auto")
+    if idx is not None and idx >= torch.cuda.device_count():
+        raise ConfigError(f"device: {device!r} but this machine has {torch.cuda.device_count()} GPU(s) (cuda:0..cuda:{torch.cuda.device_count() - 1}); pick one of those")
+    return torch.device(device)
+
+
+def check_out_dir(run_dir: str | Path) -> None:
+    """The run directory is a folder (or can be made one) that this user can write."""
+    p = Path(run_dir)
+    if p.exists() and not p.is_dir():
+        raise PreflightError(f"run directory {p} is a file; pass --out a folder (new, empty, or an earlier run of this config)")
+    anc = p
+    while not anc.exists():  # the nearest existing ancestor decides whether p can be created
+        if anc.parent == anc:
+            break
+        anc = anc.parent
+    if anc.exists() and not anc.is_dir():
+        raise PreflightError(f"run directory {p} cannot be created: {anc} is a file; pass --out a folder path")
+    if anc.exists() and not os.access(anc, os.W_OK | os.X_OK):
+        what = "is not writable" if anc == p else f"cannot be created: {anc} is not writable"
+        raise PreflightError(f"run directory {p} {what}; pass --out a folder you can write")
+
+
+def check_data_config(cfg: RunConfig) -> None:
+    d = cfg.data
+    if d.workers < 0:
+        raise ConfigError(f"data.workers: {d.workers!r} must be >= 0 (0: load in the main process)")
+    if d.image_size is not None and d.image_size < 1:
+        raise ConfigError(f"data.image_size: {d.image_size!r} must be >= 1 pixel, or null for the dataset's size")
+
+
+def _options(cfg: RunConfig, strategy: str, sweep: bool) -> dict:
+    opts = dict(cfg.prune.options)
+    if sweep and isinstance(opts.get(strategy), dict):  # a sweep may key options by strategy
+        return dict(opts[strategy])
+    return opts
+
+
+def check_rounds(target: float, rate: float, strategy: str, key: str) -> None:
+    """A round-based strategy asked for a target that rounds to zero rounds."""
+    from ptd.pruning.select import rounds_for_target
+
+    if strategy in ROUND_STRATEGIES and target > 0 and rounds_for_target(target, rate) == 0:
+        raise ConfigError(
+            f"{key}: {target:g} is less than one pruning round: {strategy} removes prune.rate={rate:g} of the weights per "
+            f"round, so the smallest reachable sparsity is {rate:g} (targets above {rate / 2:g} round to it); "
+            f"set the target above {rate / 2:g}, or 0 for no pruning, or prune.rate below {2 * target:g}")
+
+
+def check_rewind(cfg: RunConfig, strategy: str, opts: dict) -> None:
+    weight = strategy == "imp_weight_rewind" or (strategy == "imp" and opts.get("rewind") == "weight")
+    e = opts.get("rewind_epoch")
+    if e is None:
+        if weight:
+            raise ConfigError(f"prune.options.rewind_epoch: required for weight rewinding ({strategy}); set it (e.g. 1) so the "
+                              f"teacher stage saves its weights at that epoch, or use rewind: lr")
+        return
+    if isinstance(e, bool) or not isinstance(e, int):
+        raise ConfigError(f"prune.options.rewind_epoch: expected an integer epoch, got {e!r}")
+    epochs = cfg.teacher.optim.epochs
+    if not 0 <= e <= epochs:
+        raise ConfigError(f"prune.options.rewind_epoch: {e} is outside 0..teacher.optim.epochs ({epochs}); pick an epoch the teacher trains through")
+    if e == 0 and not REWIND_TO_INIT:
+        raise ConfigError("prune.options.rewind_epoch: 0 (the initialization) is not saved by the teacher stage; "
+                          "use 1 or later (an early epoch, as in Frankle et al.), or rewind: lr")
+    if weight and cfg.teacher.checkpoint:
+        raise ConfigError(f"prune.options.rewind_epoch: weight rewinding needs the teacher's epoch-{e} weights, but "
+                          f"teacher.checkpoint ({cfg.teacher.checkpoint}) skips training; use rewind: lr, or drop teacher.checkpoint")
+
+
+def check_pruning(cfg: RunConfig, sweep: bool = False) -> None:
+    """``ptd sweep`` prunes by ``sweep.strategies`` x ``sweep.sparsities``; every other command by
+    ``prune.strategy`` to ``prune.target_sparsity``."""
+    p = cfg.prune
+    if not sweep:
+        check_rounds(p.target_sparsity, p.rate, p.strategy, "prune.target_sparsity")
+        check_rewind(cfg, p.strategy, _options(cfg, p.strategy, False))
+        return
+    for st in cfg.sweep.strategies:
+        for s in cfg.sweep.sparsities:
+            check_rounds(s, p.rate, st, f"sweep.sparsities ({st})")
+        check_rewind(cfg, st, _options(cfg, st, True))
+
+
+def check_model(mc: ModelConfig, where: str, splits: Any, image_size: int | None = None) -> nn.Module:
+    """Build ``mc`` for this data and run 2 blank images through it; one-line ConfigError otherwise."""
+    from ptd.models import build_model
+
+    kw = dict(mc.kwargs)
+    try:
+        model = build_model(mc.arch, num_classes=splits.num_classes, in_channels=splits.in_channels, width=mc.width, **kw)
+    except UnknownNameError as e:
+        raise ConfigError(f"{where}.arch: {e}") from None
+    except (TypeError, ValueError, KeyError, AssertionError, IndexError) as e:
+        raise ConfigError(f"{where}: {mc.arch} does not build with kwargs {kw!r} ({one_line(e)[:200]}); "
+                          f"fix or remove the offending key in {where}.kwargs") from None
+    check_runs(model, where, splits, image_size)
+    return model
+
+
+def check_runs(model: nn.Module, where: str, splits: Any, image_size: int | None = None) -> None:
+    """One forward pass of blank images of this data's shape; the logits must be [2, num_classes]."""
+    h, w = (image_size, image_size) if image_size else tuple(splits.image_size)
+    x = torch.zeros(2, splits.in_channels, h, w)
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(x)
+    except (RuntimeError, ValueError, IndexError) as e:  # shape errors from too-small images or wrong channels
+        raise ConfigError(f"{where}: {getattr(model, 'ptd_spec', {}).get('arch', type(model).__name__)} does not run on "
+                          f"{splits.in_channels}x{h}x{w} images of {splits.name} ({one_line(e)[:200]}); pick a model "
+                          f"(or kwargs) for this image size and channel count") from None
+    finally:
+        model.train(was)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, splits.num_classes):
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ConfigError(f"{where}: the model gives {shape} for 2 images, expected (2, {splits.num_classes}) logits "
+                          f"for the {splits.num_classes} classes of {splits.name}")
