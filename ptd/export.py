@@ -14,6 +14,7 @@ problem and the fix; nothing is written over an existing file.
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import json
 import os
@@ -145,7 +146,8 @@ def export_onnx(model: nn.Module, out: str | Path, input_shape: Sequence[int], *
         raise ExportError(f"{out}: already exists; nothing was overwritten -- choose another --out or delete the file")
     if out.parent and not out.parent.is_dir():
         raise ExportError(f"{out.parent}: no such directory for --out; create it or choose another path")
-    model = model.eval().float().cpu()
+    model = copy.deepcopy(model).eval().float().cpu()  # a copy: the caller's model keeps its device, dtype and mode
+    model = model.to(memory_format=torch.contiguous_format)
     x = torch.zeros((2,) + tuple(int(s) for s in input_shape)[-3:])  # batch 2: a batch of 1 could be specialised away
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
     os.close(fd)
@@ -182,7 +184,7 @@ def _session(path: str | Path, threads: int = 1):
 @torch.no_grad()
 def check_onnx(model: nn.Module, path: str | Path, images: torch.Tensor) -> float:
     """Max absolute difference between PyTorch's and onnxruntime's logits on ``images`` (fp32)."""
-    model = model.eval().float().cpu()
+    model = copy.deepcopy(model).eval().float().cpu()
     images = images.float().cpu().contiguous()
     ref = model(images)
     got = _session(path).run(["logits"], {"images": images.numpy()})[0]

@@ -157,3 +157,10 @@ def test_unexportable_model_is_refused_in_one_line_and_leaves_no_file(tmp_path, 
     with pytest.raises(ExportError, match="already exists"):
         export_onnx(build_model("vgg", 10, plan=[4]), out, (3, 8, 8))
     assert out.read_bytes() == b"keep me"
+
+
+def test_export_leaves_the_callers_model_as_it_was(tmp_path):
+    """The student stage calls onnx_latency on the model it goes on to use: device, mode and layout must not change."""
+    m = build_model("vgg", 10, plan=[8]).train().to(memory_format=torch.channels_last)
+    export_onnx(m, tmp_path / "m.onnx", (3, 16, 16))
+    assert m.training and m.features[0].weight.is_contiguous(memory_format=torch.channels_last)
