@@ -32,8 +32,11 @@ def derive_student(
     """The student of a pruned teacher and the plan that sized it.
 
     Each Conv/Linear layer's width comes from its surviving weights by the rule
-    (:mod:`ptd.students.width_rule`); layers whose channels are coupled share one width per group
-    (:mod:`ptd.students.solve`); the model's output layer keeps its class count.
+    (:mod:`ptd.students.width_rule`); layers whose channels are coupled share one width per group,
+    and groups that feed each other in a cycle (a residual stage) are solved together at their
+    teacher's proportions, directly (:mod:`ptd.students.solve`); the model's output layer keeps its
+    class count. In ptd's ResNets and WRNs the stem keeps its width and stage 1 gets a 1x1
+    projection where its width differs, as the paper's published ResNet students.
 
     * ptd's own families (VGG, ResNet, WRN, CIFAR ResNet, MobileNetV2) are **rebuilt** at the new
       widths: ``plan.spec`` is the family's plain-JSON spec.
