@@ -23,6 +23,8 @@ import argparse
 import json
 import os
 import platform
+import resource
+import signal
 import subprocess
 import sys
 import time
@@ -43,6 +45,7 @@ def one(name: str, sparsity: float, round_to: int) -> dict:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     t0 = time.perf_counter()
+    c0 = time.process_time()
     model = build_model(f"tv:{name}", 10)
     params = prunable_weights(model)
     total = sum(p.numel() for p in params.values())
@@ -56,6 +59,7 @@ def one(name: str, sparsity: float, round_to: int) -> dict:
         row.update(status="refused", reason=str(e), derive_s=round(time.perf_counter() - t1, 1))
         return row
     row["derive_s"] = round(time.perf_counter() - t1, 1)
+    row["cpu_s"] = round(time.process_time() - c0, 1)  # build + prune + derive, CPU seconds: what load on a shared machine does not inflate
     alive = sum(int(m.sum()) for m in masks.values())
     s_weights = sum(m.weight.numel() for m in student.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
     traced_nnz = sum(r.nnz for r in plan.layers)
@@ -78,7 +82,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sparsity", type=float, default=0.59)
     ap.add_argument("--round-to", type=int, default=1)
-    ap.add_argument("--budget", type=float, default=90.0, help="seconds per model (build + prune + derive) before it is cut off")
+    ap.add_argument("--cpu-budget", type=float, default=60.0,
+                    help="CPU seconds per model (build + prune + derive) before it is cut off (RLIMIT_CPU: immune to load from other jobs)")
+    ap.add_argument("--budget", type=float, default=600.0, help="wall-clock seconds per model before it is cut off (catches a model that hangs without computing)")
     ap.add_argument("--max-params", type=float, default=150e6)
     ap.add_argument("--only", nargs="*")
     ap.add_argument("--one", help=argparse.SUPPRESS)
@@ -93,34 +99,47 @@ def main(argv=None) -> int:
 
     from ptd.measure import cpu_name
 
-    names = args.only or sorted(torchvision.models.list_models(module=torchvision.models))
+    every = sorted(torchvision.models.list_models(module=torchvision.models))
+    names = args.only or every
     rows = []
+    out_json = Path(args.out).with_suffix(".json")
+    previous = {}
+    if args.only and out_json.is_file():  # re-run some models: keep the others' rows from the last full run
+        previous = {r["model"]: r for r in json.loads(out_json.read_text())["rows"]}
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(HERE.parent) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     for i, name in enumerate(names):
-        with torch.device("meta"):
-            n_params = sum(p.numel() for p in torchvision.models.get_model(name, weights=None, num_classes=10).parameters())
+        try:  # counted on the meta device: no memory, no init
+            with torch.device("meta"):
+                n_params = sum(p.numel() for p in torchvision.models.get_model(name, weights=None, num_classes=10).parameters())
+        except Exception:  # noqa: BLE001 -- some inits touch data (RegNet); the child counts them instead
+            n_params = 0
         if n_params > args.max_params:
             rows.append({"model": name, "params": n_params, "status": "skipped",
-                         "reason": f"{n_params / 1e6:.0f}M parameters: building and sorting them alone exceeds the {args.budget:.0f} s budget on this CPU"})
+                         "reason": f"{n_params / 1e6:.0f}M parameters: building and sorting them alone exceeds the {args.cpu_budget:.0f} s budget on this CPU"})
         else:
             cmd = [sys.executable, __file__, "--one", name, "--sparsity", str(args.sparsity), "--round-to", str(args.round_to)]
             t0 = time.perf_counter()
             try:
-                p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.budget, env=env)
+                p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.budget, env=env,
+                                   preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_CPU, (int(args.cpu_budget), int(args.cpu_budget) + 5)))
                 line = next((ln for ln in p.stdout.splitlines() if ln.startswith("ZOO ")), None)
-                if line is None:
+                if line is None and p.returncode in (-signal.SIGXCPU, -signal.SIGKILL):
+                    rows.append({"model": name, "params": n_params, "status": "timeout",
+                                 "reason": f"not derived within the {args.cpu_budget:.0f} CPU-second budget (build + prune + derive)"})
+                elif line is None:
                     err = (p.stderr.strip().splitlines() or ["no output"])[-1]
                     rows.append({"model": name, "params": n_params, "status": "failed", "reason": err[:200]})
                 else:
                     rows.append(json.loads(line[4:]))
             except subprocess.TimeoutExpired:
                 rows.append({"model": name, "params": n_params, "status": "timeout",
-                             "reason": f"not derived within the {args.budget:.0f} s budget (build + prune + derive)"})
+                             "reason": f"still running after {args.budget:.0f} s wall-clock (build + prune + derive): cut off"})
             rows[-1]["wall_s"] = round(time.perf_counter() - t0, 1)
         r = rows[-1]
         print(f"[{i + 1}/{len(names)}] {name}: {r['status']} "
               + (f"ratio {r['ratio_traced']:.3f}" if r["status"] == "derived" else r.get("reason", "")), flush=True)
-        _write(args, rows, names)
+        merged = {**previous, **{r["model"]: r for r in rows}}
+        _write(args, [merged[n] for n in every if n in merged], every)
     return 0
 
 
@@ -130,27 +149,27 @@ def _write(args, rows, names) -> None:
     from ptd.measure import cpu_name
 
     res = {"command": "python benchmarks/tv_zoo.py " + " ".join(sys.argv[1:]), "sparsity": args.sparsity, "round_to": args.round_to,
-           "budget_s": args.budget, "cpu": cpu_name(), "torch": torch.__version__, "rows": rows}
+           "cpu_budget_s": args.cpu_budget, "wall_budget_s": args.budget, "cpu": cpu_name(), "torch": torch.__version__, "rows": rows}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")
     lines = [
         f"# torchvision classifiers -> ptd students (global magnitude to {args.sparsity}, random init, 10 classes)", "",
         f"Command: `{res['command'].strip()}`  ",
-        f"Machine: {res['cpu']}, 1 thread per model, torch {res['torch']}; budget {args.budget:.0f} s per model (build + prune + derive), "
-        "each in its own process.  ",
+        f"Machine: {res['cpu']}, 1 thread per model, torch {res['torch']}; budget {args.cpu_budget:.0f} CPU seconds per model "
+        f"(build + prune + derive; {args.budget:.0f} s wall-clock at most), each in its own process.  ",
         "Ratio: the student's Conv/Linear weights over the pruned teacher's surviving ones, over the layers of the traced "
         "(eval) forward pass; `all` counts every layer (training-only auxiliary heads are left as they are).", "",
-        "| model | params | status | student / surviving (traced) | (all) | within 10% | clamped layers | derive s | note |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | params | status | student / surviving (traced) | (all) | within 10% | clamped layers | derive s (wall) | CPU s (all) | note |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if r["status"] == "derived":
             ok = "yes" if r["within_10pct"] else "NO"
             lines.append(f"| {r['model']} | {r['params'] / 1e6:.1f}M | derived | {r['ratio_traced']:.3f} | {r['ratio_all']:.3f} | {ok} | "
-                         f"{r['clamped_layers']} | {r['derive_s']} | {'untraced layers: %d' % r['untraced_layers'] if r['untraced_layers'] else ''} |")
+                         f"{r['clamped_layers']} | {r['derive_s']} | {r.get('cpu_s', '-')} | {'untraced layers: %d' % r['untraced_layers'] if r['untraced_layers'] else ''} |")
         else:
-            lines.append(f"| {r['model']} | {r['params'] / 1e6:.1f}M | {r['status']} | - | - | - | - | {r.get('derive_s', '-')} | {r['reason']} |")
+            lines.append(f"| {r['model']} | {r['params'] / 1e6:.1f}M | {r['status']} | - | - | - | - | {r.get('derive_s', '-')} | - | {r['reason']} |")
     n = {s: sum(1 for r in rows if r["status"] == s) for s in ("derived", "refused", "timeout", "skipped", "failed")}
     ok = sum(1 for r in rows if r.get("within_10pct"))
     lines += ["", f"{len(rows)} of {len(names)} models: {n['derived']} derived ({ok} within 10%), {n['refused']} refused, "
