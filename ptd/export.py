@@ -284,13 +284,18 @@ def format_record(rec: dict[str, Any]) -> str:
     c = rec["check"]
     lines = [f"exported {rec['what']} -> {rec['onnx']} (dynamic batch, input N x {' x '.join(map(str, rec['input']))})",
              f"check: max |logit difference| onnxruntime vs PyTorch = {c['max_abs_logit_diff']:.2e} on {c['images']} (tolerance {c['tolerance']:g})"]
-    lat = rec.get("latency")
-    if lat:
-        lines.append(f"latency in onnxruntime ({lat['threads']} thread, median of {lat['repeats']} interleaved runs):")
-        for k, v in lat.items():
-            if k.startswith("batch_"):
-                if "teacher_ms" in v:
-                    lines.append(f"  batch {k[6:]}: teacher {v['teacher_ms']:.2f} ms, student {v['student_ms']:.2f} ms, speedup {v['speedup']:.2f}x")
-                else:
-                    lines.append(f"  batch {k[6:]}: {v['student_ms']:.2f} ms (no teacher in this run to compare)")
+    if rec.get("latency"):
+        lines += format_latency(rec["latency"])
     return "\n".join(lines)
+
+
+def format_latency(lat: dict[str, Any]) -> list[str]:
+    """:func:`onnx_latency`'s record as text lines (for ``ptd export`` and the student stage's report)."""
+    lines = [f"latency in onnxruntime ({lat['threads']} thread, median of {lat['repeats']} interleaved runs):"]
+    for k, v in lat.items():
+        if k.startswith("batch_"):
+            if "teacher_ms" in v:
+                lines.append(f"  batch {k[6:]}: teacher {v['teacher_ms']:.2f} ms, student {v['student_ms']:.2f} ms, speedup {v['speedup']:.2f}x")
+            else:
+                lines.append(f"  batch {k[6:]}: {v['student_ms']:.2f} ms (no teacher in this run to compare)")
+    return lines

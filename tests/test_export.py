@@ -74,6 +74,11 @@ def test_onnx_latency_times_teacher_and_student_interleaved():
     lat = onnx_latency(t, s, (3, 32, 32), batch_sizes=(1, 8), repeats=3, warmup=1)
     assert set(k for k in lat if k.startswith("batch_")) == {"batch_1", "batch_8"}
     assert lat["batch_8"]["speedup"] > 1  # 8 channels against 64/128: far fewer FLOPs, faster in any runtime
+    from ptd.export import format_latency
+
+    text = format_latency(lat)
+    assert len(text) == 3 and text[2] == (f"  batch 8: teacher {lat['batch_8']['teacher_ms']:.2f} ms, student "
+                                          f"{lat['batch_8']['student_ms']:.2f} ms, speedup {lat['batch_8']['speedup']:.2f}x")
     assert "teacher_ms" not in onnx_latency(None, s, (3, 32, 32), batch_sizes=(1,), repeats=1)["batch_1"]
 
 

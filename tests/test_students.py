@@ -496,13 +496,24 @@ def test_round_to_gives_aligned_widths(arch, kw):
     masks = global_topk({n: p.detach().abs() for n, p in params.items()}, full_masks(params), round(total * 0.41))
     plain, p1 = derive_student(teacher, masks)
     aligned, p8 = derive_student(teacher, masks, round_to=8)
+    torch.manual_seed(0)
+    t16 = build_model("vgg", 10, 1, plan=[16, "M", 32, "M", 32])  # a 16-wide layer the rule takes to 12 stays 12, not 16
+    m16 = magnitude_prune(t16, 0.36)
+    assert [r.width for r in derive_student(t16, m16)[1].layers][:3] == [12, 27, 24]
+    assert [r.width for r in derive_student(t16, m16, round_to=8)[1].layers][:3] == [12, 24, 24]
+    torch.manual_seed(0)
     rows = [r for r in p8.layers if "model output" not in r.note]
-    assert rows and all(r.width % 8 == 0 for r in rows)
+    assert rows and any(r.width % 8 == 0 and r.width != q.width for r, q in zip(p8.layers, p1.layers))
     assert any(r.width != q.width for r, q in zip(p8.layers, p1.layers))  # it really changed something
     for r, q in zip(p8.layers, p1.layers):  # the paper's width moved to the nearest multiple of 8 (halves up), never to 0
         if "model output" not in r.note:
             want = max(8, (q.width + 4) // 8 * 8)
-            assert r.width == (min(want, q.teacher_width) if arch.startswith("tv:") else want), (r, q)
+            if q.width < q.teacher_width <= want:
+                want = q.width  # rounding up to the teacher's width would undo the pruning: kept exact
+                assert "that would give back the teacher's width" in r.note or want % 8 == 0
+            elif arch.startswith("tv:"):
+                want = min(want, q.teacher_width)
+            assert r.width == want, (r, q)
     x = torch.randn(2, 3, 32, 32)
     assert aligned(x).shape == (2, 10)
     from ptd.measure import layer_widths

@@ -25,7 +25,8 @@ Components are solved in topological order of the condensed graph, each from the
 the components it reads, so the answer does not depend on the order groups are listed in and
 there is no iteration cap. ``round_to`` > 1 then moves every free group's width to the nearest
 multiple of it (at least one multiple), after the solve: the student is the paper's student with
-aligned widths. (Rounding inside the solve, so that downstream layers re-balance the weights, was
+aligned widths -- except where that multiple would be the teacher's width (or more) for a group
+the rule narrowed, which keeps its exact width. (Rounding inside the solve, so that downstream layers re-balance the weights, was
 tried first: on a plain stack each rounded-down layer makes the next one wider and the widths
 alternate -- VGG11 went 12, 29, 39, 58 -> 8, 40, 24, 96.)
 """
@@ -209,11 +210,17 @@ def solve(graph: ChannelGraph, clamp: bool = False, round_to: int = 1) -> Soluti
     for comp in comps:
         c, _ = _solve_component(comp, widths, graph, clamp)
         clamped |= c
+    exact = list(widths)
     if round_to > 1:
         for g in groups:
             if not g.fixed:
-                w = round_to_multiple(widths[g.index], round_to)
-                widths[g.index] = min(w, g.teacher_width) if clamp else w
+                w0 = widths[g.index]
+                w = round_to_multiple(w0, round_to)
+                if w0 < g.teacher_width <= w:
+                    w = w0  # rounding would undo all the narrowing the pruning earned (a 16-wide layer at 13): keep the exact width
+                elif clamp:
+                    w = min(w, g.teacher_width)
+                widths[g.index] = w
     comp_of = {g: i for i, comp in enumerate(comps) for g in comp}
 
     rows: list[LayerRow] = []
@@ -235,9 +242,11 @@ def solve(graph: ChannelGraph, clamp: bool = False, round_to: int = 1) -> Soluti
                 note = f"cycle of {len(cyc)} groups solved together at the teacher's proportions"
             elif len(g.members) > 1:
                 note = f"coupled group of {len(g.members)}"
-            if round_to > 1:
-                note = (note + "; " if note else "") + f"rounded to a multiple of {round_to}"
-            if round_to_multiple(est, round_to) != w:
+            if round_to > 1 and w != exact[g.index]:
+                note = (note + "; " if note else "") + f"rounded to a multiple of {round_to} (exact rule: {exact[g.index]})"
+            elif round_to > 1 and w % round_to:
+                note = (note + "; " if note else "") + f"not rounded to {round_to}: that would give back the teacher's width"
+            if est != exact[g.index] and round_to_multiple(est, round_to) != w:
                 reason = note
                 if len(cyc) > 1:
                     reason = "layers of one residual cycle share one scale: the cycle's weight-matched width"
