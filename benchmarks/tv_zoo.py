@@ -4,10 +4,11 @@ For each model that ``torchvision.models.list_models(module=torchvision.models)`
 (random init, no download, 10 classes), prune it by global magnitude over every Conv/Linear weight
 to ``--sparsity`` (one shot), derive the student with fresh weights (channel surgery: the ``tv:``
 path), and compare the student's Conv/Linear weights with the surviving ones. Each model runs in
-its own process with a wall-clock budget (``--budget`` s, build + prune + derive), so a slow or
-stuck model is cut off and reported instead of hanging the table. Models over ``--max-params``
-parameters are not built at all: on this 2-core CPU their build and global sort alone take
-longer than the budget (the table says so).
+its own process with a budget of ``--cpu-budget`` CPU seconds (build + prune + derive; RLIMIT_CPU,
+so load from other jobs on a shared machine does not count) and ``--budget`` wall-clock seconds
+(a model that hangs without computing), so a slow or stuck model is cut off and reported instead
+of hanging the table. Models over ``--max-params`` parameters are not built at all: on this
+2-core CPU their build and global sort alone exceed the budget (the table says so).
 
 Two ratios: over all Conv/Linear layers, and over the layers that run in the traced forward pass
 (eval mode). They differ where a model has layers that only run in training (GoogLeNet's and
@@ -64,7 +65,11 @@ def one(name: str, sparsity: float, round_to: int) -> dict:
     s_weights = sum(m.weight.numel() for m in student.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
     traced_nnz = sum(r.nnz for r in plan.layers)
     traced_student = sum(r.student_weights for r in plan.layers)
-    clamped = sum(1 for r in plan.layers if r.note.startswith("clamped"))
+    clamped_rows = [r for r in plan.layers if r.note.startswith("clamped")]
+    clamped = len(clamped_rows)
+    if clamped_rows:  # the widest ask first: why the student falls short of the surviving weights
+        worst = max(clamped_rows, key=lambda r: (r.estimate or 0) / r.teacher_width)
+        row["clamped_example"] = f"{worst.name} asks {worst.estimate} > teacher's {worst.teacher_width}"
     row.update(
         status="derived",
         method=plan.method,
@@ -88,6 +93,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-params", type=float, default=150e6)
     ap.add_argument("--only", nargs="*")
     ap.add_argument("--one", help=argparse.SUPPRESS)
+    ap.add_argument("--render", action="store_true", help="only rewrite the .md from the .json")
     ap.add_argument("--out", default=str(HERE / "results" / "tv_zoo"))
     args = ap.parse_args(argv)
     if args.one:
@@ -97,7 +103,12 @@ def main(argv=None) -> int:
     import torch
     import torchvision
 
-    from ptd.measure import cpu_name
+    every_names = sorted(torchvision.models.list_models(module=torchvision.models))
+    if args.render:
+        res = json.loads(Path(args.out).with_suffix(".json").read_text())
+        args.cpu_budget = res.get("cpu_budget_s", args.cpu_budget)
+        _write(args, res["rows"], every_names, command=res["command"])
+        return 0
 
     every = sorted(torchvision.models.list_models(module=torchvision.models))
     names = args.only or every
@@ -143,12 +154,23 @@ def main(argv=None) -> int:
     return 0
 
 
-def _write(args, rows, names) -> None:
+def _note(r: dict) -> str:
+    notes = []
+    if r["untraced_layers"]:
+        notes.append(f"{r['untraced_layers']} layers run only in training (auxiliary heads): left as they are")
+    if not r["within_10pct"]:
+        ex = r.get("clamped_example") or "a layer"
+        notes.append(f"short of the surviving weights: channel surgery cannot add channels and the rule asks for more ({ex}); "
+                     "the layers feeding it would have to widen instead")
+    return "; ".join(notes)
+
+
+def _write(args, rows, names, command: str | None = None) -> None:
     import torch
 
     from ptd.measure import cpu_name
 
-    res = {"command": "python benchmarks/tv_zoo.py " + " ".join(sys.argv[1:]), "sparsity": args.sparsity, "round_to": args.round_to,
+    res = {"command": command or "python benchmarks/tv_zoo.py " + " ".join(sys.argv[1:]), "sparsity": args.sparsity, "round_to": args.round_to,
            "cpu_budget_s": args.cpu_budget, "wall_budget_s": args.budget, "cpu": cpu_name(), "torch": torch.__version__, "rows": rows}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -167,7 +189,7 @@ def _write(args, rows, names) -> None:
         if r["status"] == "derived":
             ok = "yes" if r["within_10pct"] else "NO"
             lines.append(f"| {r['model']} | {r['params'] / 1e6:.1f}M | derived | {r['ratio_traced']:.3f} | {r['ratio_all']:.3f} | {ok} | "
-                         f"{r['clamped_layers']} | {r['derive_s']} | {r.get('cpu_s', '-')} | {'untraced layers: %d' % r['untraced_layers'] if r['untraced_layers'] else ''} |")
+                         f"{r['clamped_layers']} | {r['derive_s']} | {r.get('cpu_s', '-')} | {_note(r)} |")
         else:
             lines.append(f"| {r['model']} | {r['params'] / 1e6:.1f}M | {r['status']} | - | - | - | - | {r.get('derive_s', '-')} | - | {r['reason']} |")
     n = {s: sum(1 for r in rows if r["status"] == s) for s in ("derived", "refused", "timeout", "skipped", "failed")}
