@@ -196,6 +196,10 @@ def _write(args, rows, names, command: str | None = None) -> None:
     ok = sum(1 for r in rows if r.get("within_10pct"))
     lines += ["", f"{len(rows)} of {len(names)} models: {n['derived']} derived ({ok} within 10%), {n['refused']} refused, "
               f"{n['timeout']} over budget, {n['skipped']} skipped for size, {n['failed']} failed."]
+    done = {r["model"] for r in rows}
+    missing = [m for m in names if m not in done]
+    if missing:
+        lines += ["", f"Not run yet ({len(missing)}): {', '.join(missing)} -- `python benchmarks/tv_zoo.py --only {' '.join(missing)}` adds them."]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
