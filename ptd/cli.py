@@ -146,6 +146,14 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from ptd.export import export, format_record
+
+    rec = export(args.source, args.out, args.format, latency=not args.no_latency)
+    print(format_record(rec))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="ptd", description="Prune, then distill: a pruned teacher, a smaller student, and an honest comparison.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -180,6 +188,14 @@ def build_parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("report", help=rp_help, description=rp_help)
     rp.add_argument("run_dir", help="the run (or sweep) directory: what --out named")
     rp.set_defaults(func=cmd_report)
+    ex_help = ("write a run's student (its best distilled arm) or a saved model as ONNX with a dynamic batch axis, check it "
+               "against PyTorch on test images, and time teacher vs student in onnxruntime at batch 1 and 64")
+    ex = sub.add_parser("export", help=ex_help, description=ex_help)
+    ex.add_argument("source", metavar="RUN_DIR_OR_MODEL", help="a run directory or a model.safetensors written by ptd")
+    ex.add_argument("--format", default="onnx", help="onnx (the only format)")
+    ex.add_argument("--out", help="output file (default: the model file with .onnx); never overwritten")
+    ex.add_argument("--no-latency", action="store_true", help="skip the onnxruntime timing")
+    ex.set_defaults(func=cmd_export)
     return p
 
 

@@ -441,10 +441,16 @@ def stage_student(ctx: Context, teacher: nn.Module, pruned: nn.Module, masks: Ma
         lat = rep.get("latency", {})
         stats = {"spec": spec, **{k: {**v, "latency": {b: lat[b][k] for b in lat}} for k, v in rep["models"].items()},
                  "ratios": rep["ratios"], "plan": plan.to_dict() if plan is not None else None}
+        text = format_report(rep)
         if ctx.main:
+            from ptd.export import format_latency, onnx_latency
+
+            # The deployed speed: both models exported to ONNX (on copies) and timed in onnxruntime.
+            stats["onnx_latency"] = onnx_latency(teacher, student, ctx.input_shape, repeats=5)
+            text += "\n" + "\n".join(format_latency(stats["onnx_latency"])) + "\n"
             ckpt.write_text(d / P.ARCHITECTURE, spec_to_text(spec))
             ckpt.write_text(d / P.ARCHITECTURE_TXT, f"# rebuild: ptd.models.build_from_spec(json.load(open('{P.ARCHITECTURE}')))\n{student}\n")
-            ckpt.write_text(d / P.STUDENT_REPORT, format_report(rep))
+            ckpt.write_text(d / P.STUDENT_REPORT, text)
             if cfg.student.inherit:
                 ckpt.save_model(d / P.STUDENT_INIT, student)
         return stats

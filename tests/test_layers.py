@@ -15,7 +15,7 @@ LAYERS = [
     {"__main__"},
     {"cli"},
     {"pipeline", "sweep", "preflight"},
-    {"students", "pruning", "distill", "report", "measure"},
+    {"students", "pruning", "distill", "report", "measure", "export"},
     {"train"},
     {"models", "data"},
     {"config", "registry", "errors", "io", "paths", "seeding"},  # core leaves

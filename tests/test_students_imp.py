@@ -34,3 +34,11 @@ def test_resnet18_imp_students_hold_the_surviving_weights(tmp_path, tiny_fashion
         student, plan = derive_student(teacher, masks)
         ratio = n_params(student) / alive
         assert abs(ratio - 1) < 0.10, (level, ratio, plan.table())
+        # trained masks: the same answer under a permuted group order, and the stem keeps its width
+        from test_students import graph_of, layer_widths_of, permuted
+        from ptd.students.solve import solve
+
+        graph = graph_of(teacher, masks)
+        want = layer_widths_of(graph, solve(graph))
+        assert want == plan.widths() == layer_widths_of(permuted(graph, 3), solve(permuted(graph, 3)))
+        assert plan.spec["stem_width"] == teacher.conv1.out_channels

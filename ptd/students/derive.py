@@ -8,9 +8,9 @@ import torch
 import torch.nn as nn
 
 from ptd.pruning.masks import Masks, check_masks, unwrap
-from ptd.students.graph import DerivationError, extract
+from ptd.students.graph import DerivationError, extract, pin_layer
 from ptd.students.plan import StudentPlan
-from ptd.students.rebuild import spec_builder
+from ptd.students.rebuild import spec_builder, stem_pin
 from ptd.students.solve import RULE, solve
 from ptd.students.surgery import apply_widths, check_widths, copy_overlap, l1_keep
 
@@ -32,8 +32,11 @@ def derive_student(
     """The student of a pruned teacher and the plan that sized it.
 
     Each Conv/Linear layer's width comes from its surviving weights by the rule
-    (:mod:`ptd.students.width_rule`); layers whose channels are coupled share one width per group
-    (:mod:`ptd.students.solve`); the model's output layer keeps its class count.
+    (:mod:`ptd.students.width_rule`); layers whose channels are coupled share one width per group,
+    and groups that feed each other in a cycle (a residual stage) are solved together at their
+    teacher's proportions, directly (:mod:`ptd.students.solve`); the model's output layer keeps its
+    class count. In ptd's ResNets and WRNs the stem keeps its width and stage 1 gets a 1x1
+    projection where its width differs, as the paper's published ResNet students.
 
     * ptd's own families (VGG, ResNet, WRN, CIFAR ResNet, MobileNetV2) are **rebuilt** at the new
       widths: ``plan.spec`` is the family's plain-JSON spec.
@@ -47,7 +50,7 @@ def derive_student(
 
     Weights start fresh (as in the paper) unless ``inherit``: then each group keeps the channels
     with the largest L1 norm of the pruned teacher's weights, with their weights.
-    ``round_to``: round each free width up to a multiple of this (1: the paper's rule exactly).
+    ``round_to``: make each free width the weight-nearest multiple of this (1: the paper's rule exactly).
     ``input_size``: side of the square image used to trace the model (default: 32, else 64, else
     224 -- the first on which the forward pass runs).
     """
@@ -57,6 +60,9 @@ def derive_student(
     check_masks(teacher, masks)
     graph, _ = extract(teacher, masks, input_size)
     rebuild = spec_builder(teacher)
+    pin = stem_pin(teacher)
+    if rebuild is not None and pin is not None:
+        pin_layer(graph, pin[0], "stem keeps its width (the paper's ResNet students; stage 1 gets a 1x1 projection)", pin[1])
     sol = solve(graph, clamp=rebuild is None, round_to=round_to)
 
     members = graph.members

@@ -204,7 +204,11 @@ def extract(model: nn.Module, masks: Masks, input_size: int | None = None) -> tu
 
     module_name = {id(m): n for n, m in layers.items()}
     groups: list[Group] = []
-    for n in members:
+    # Torch-Pruning walks the whole graph for each group: seconds on a big model (a Swin-T has
+    # ~150 layers); a bar appears after 3 s so a slow derivation is never silent.
+    from tqdm.auto import tqdm
+
+    for n in tqdm(members, desc=f"coupled groups of {type(model).__name__}", unit="layer", delay=3, leave=False):
         if members[n].group >= 0:
             continue
         m = layers[n]
@@ -239,3 +243,26 @@ def extract(model: nn.Module, masks: Masks, input_size: int | None = None) -> tu
     groups[members[output_layer].group].fixed = "model output: keeps its width"
     graph = ChannelGraph(members, groups, size, first_conv(model).in_channels, output_layer)
     return graph, dg
+
+
+def pin_layer(graph: ChannelGraph, layer: str, reason: str, readers: Sequence[str]) -> None:
+    """Give ``layer`` its own group at its teacher's width, cut from the group it shares.
+
+    For a family whose rebuild adds a 1x1 projection wherever widths differ (the paper's ResNet
+    students keep the stem at its width and give stage 1 a projection): ``readers`` are the
+    layers that read ``layer``'s output directly (not through a residual add); they read the
+    pinned group from now on, every other consumer keeps reading the group ``layer`` left.
+    """
+    m = graph.members[layer]
+    old = graph.groups[m.group]
+    if len(old.members) == 1:
+        old.fixed = reason
+        return
+    new = Group(len(graph.groups), [layer], m.teacher_out, fixed=reason)
+    graph.groups.append(new)
+    old.members.remove(layer)
+    m.group = new.index
+    for r in readers:
+        if r in graph.members:
+            rm = graph.members[r]
+            rm.inputs = [(new.index if g == old.index else g, mult) for g, mult in rm.inputs]

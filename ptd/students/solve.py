@@ -1,13 +1,34 @@
-"""Settle every coupled group's student width by the rule (see :mod:`ptd.students.width_rule`).
+"""Settle every coupled group's student width by the rule (see :mod:`ptd.students.width_rule`), by a direct solve.
 
-A layer's fan-in per output channel depends on the *student* width of the groups feeding it, and
-in a residual net the group of a stage feeds its own members (the stream -> a block's first conv
--> the block's second conv -> back into the stream), so the widths are the fixed point of the
-rule rather than one pass down the net. They are found by sweeping the groups in module order,
-each recomputed from the current widths of its inputs, until a sweep changes nothing. On a plain
-stack (VGG) the first sweep is exactly the layer-by-layer rule and the second confirms it.
-Rounding can make two states alternate; the sweep stops at the first repeated state, so the
-answer is deterministic either way.
+A layer's fan-in per output channel depends on the *student* width of the groups feeding it. Let
+group g depend on group h when a member of g reads h's channels. In a plain stack (VGG) these
+dependencies form a chain, and each group is solved once, in order, from the final widths of its
+inputs: exactly the paper's layer-by-layer rule. In a residual net a stage's stream feeds its own
+blocks, whose inner convs feed the stream again: those groups form a cycle (a strongly connected
+component of the dependency graph), and their widths are only tied through products -- iterating
+the rule there drifts to a different answer for every sweep count. So a cycle is solved as one
+unknown:
+
+* every free group g of the component gets ``w_g = round(a * t_g)`` (``t_g``: its teacher width)
+  for one scale ``a``, so the component keeps its teacher's proportions (a basic-block stage: one
+  width for the stream and the inner convs, as the paper's ResNet students; a bottleneck stage:
+  inner convs a quarter of the stream, as the teacher);
+* ``a`` is where the dense component holds as many weights as the pruned component kept:
+  ``F(a) = sum_m fan_in_m(w) * w_{g(m)}`` is non-decreasing in ``a`` (each width is, and each
+  fan-in is a non-decreasing function of the widths), so bisection over the integer width ``W``
+  of the component's widest group (``a = W / t_max``) finds the smallest ``W`` with
+  ``F >= sum nnz``; of it and ``W - 1`` the one nearer in weights wins (a tie goes up: half-up,
+  as the layer rule). For a one-group component with no self-loop, ``F`` is linear in the width
+  and this is exactly ``round(sum nnz / sum fan_in)``.
+
+Components are solved in topological order of the condensed graph, each from the final widths of
+the components it reads, so the answer does not depend on the order groups are listed in and
+there is no iteration cap. ``round_to`` > 1 then moves every free group's width to the nearest
+multiple of it (at least one multiple), after the solve: the student is the paper's student with
+aligned widths -- except where that multiple would be the teacher's width (or more) for a group
+the rule narrowed, which keeps its exact width. (Rounding inside the solve, so that downstream layers re-balance the weights, was
+tried first: on a plain stack each rounded-down layer makes the next one wider and the widths
+alternate -- VGG11 went 12, 29, 39, 58 -> 8, 40, 24, 96.)
 """
 from __future__ import annotations
 
@@ -15,13 +36,12 @@ from dataclasses import dataclass
 
 from ptd.students.graph import ChannelGraph, Group, Member
 from ptd.students.plan import LayerRow
-from ptd.students.width_rule import conv_width, group_width
-
-MAX_SWEEPS = 100
+from ptd.students.width_rule import conv_width, round_half_up
+from fractions import Fraction
 
 RULE = (
-    "layer: c = max(1, round(nnz / (k * c_in_student))); coupled group: c = round(sum nnz / sum fan_in_student), "
-    "the width at which the dense group holds as many weights as the pruned group kept"
+    "layer: c = max(1, round(nnz / (k * c_in_student))); coupled group (and a cycle of groups, at its teacher's "
+    "proportions): the width at which the dense group holds as many weights as the pruned group kept, solved directly"
 )
 
 
@@ -50,43 +70,158 @@ class Solution:
     rows: list[LayerRow]
     overrides: list[dict]
     groups: list[dict]
-    sweeps: int
+    components: list[list[int]]  # group indices solved together, in the order they were solved
 
 
 def round_up(w: int, multiple: int) -> int:
     return -(-w // multiple) * multiple
 
 
+def round_to_multiple(w: int, multiple: int) -> int:
+    """The nearest multiple of ``multiple`` to ``w`` (halves up), at least ``multiple``."""
+    if multiple <= 1:
+        return max(1, w)
+    return max(multiple, round_half_up(Fraction(w, multiple)) * multiple)
+
+
+def components(graph: ChannelGraph) -> list[list[int]]:
+    """Strongly connected components of the group dependency graph, dependencies first.
+
+    Deterministic whatever the order of ``graph.groups``: each component is sorted by the
+    smallest module-order position of its members, and ties between independent components are
+    broken the same way (the solution does not depend on it anyway: independent components do not
+    read each other's widths).
+    """
+    groups, members = graph.groups, graph.members
+    pos = {n: i for i, n in enumerate(members)}
+    key = {g.index: min(pos[n] for n in g.members) for g in groups}
+    deps: dict[int, set[int]] = {g.index: set() for g in groups}
+    for m in members.values():
+        for h, _ in m.inputs:
+            deps[m.group].add(h)
+    order = sorted(deps, key=lambda g: key[g])
+    # Tarjan's algorithm, iterative (a ResNet-152 has hundreds of groups: no recursion limits).
+    index: dict[int, int] = {}
+    low: dict[int, int] = {}
+    on_stack: set[int] = set()
+    stack: list[int] = []
+    out: list[list[int]] = []
+    counter = 0
+    for root in order:
+        if root in index:
+            continue
+        work = [(root, iter(sorted(deps[root], key=lambda g: key[g])))]
+        index[root] = low[root] = counter
+        counter += 1
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            v, it = work[-1]
+            advanced = False
+            for w in it:
+                if w not in index:
+                    index[w] = low[w] = counter
+                    counter += 1
+                    stack.append(w)
+                    on_stack.add(w)
+                    work.append((w, iter(sorted(deps[w], key=lambda g: key[g]))))
+                    advanced = True
+                    break
+                if w in on_stack:
+                    low[v] = min(low[v], index[w])
+            if advanced:
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[v])
+            if low[v] == index[v]:
+                comp = []
+                while True:
+                    w = stack.pop()
+                    on_stack.discard(w)
+                    comp.append(w)
+                    if w == v:
+                        break
+                out.append(sorted(comp, key=lambda g: key[g]))
+    # Tarjan emits a component after everything it depends on: already a topological order.
+    return out
+
+
+def _solve_component(comp: list[int], widths: list[int], graph: ChannelGraph, clamp: bool) -> tuple[set[int], int]:
+    """Set ``widths`` for the free groups of ``comp``; returns (groups clamped at the teacher's width, bisection steps)."""
+    groups, members = graph.groups, graph.members
+    free = [g for g in comp if not groups[g].fixed]
+    if not free:
+        return set(), 0
+    ms = [members[n] for g in comp for n in groups[g].members]
+    target = sum(m.nnz for m in ms)
+    t_max = max(groups[g].teacher_width for g in free)
+
+    def assign(W: int) -> None:
+        for g in free:
+            t = groups[g].teacher_width
+            w = max(1, round_half_up(Fraction(W * t, t_max)))
+            if clamp:
+                w = min(w, t)
+            widths[g] = w
+
+    def F(W: int) -> int:
+        assign(W)
+        return sum(fan_in(m, widths, groups) * widths[m.group] for m in ms)
+
+    lo, hi = 1, t_max
+    steps = 0
+    if not clamp:  # a rebuilt student may be wider than its teacher: grow the bracket until it holds the target
+        while F(hi) < target:
+            lo, hi = hi, hi * 2
+            steps += 1
+    if F(hi) < target:  # clamped: even the teacher's width holds fewer weights than were kept upstream-adjusted
+        assign(hi)
+        return set(free), steps
+    if F(lo) >= target:
+        W = lo
+    else:  # invariant: F(lo) < target <= F(hi)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            steps += 1
+            if F(mid) >= target:
+                hi = mid
+            else:
+                lo = mid
+        W = hi if (F(hi) - target) <= (target - F(lo)) else lo
+    assign(W)
+    clamped = {g for g in free if clamp and widths[g] == groups[g].teacher_width and round_half_up(Fraction(W * groups[g].teacher_width, t_max)) > groups[g].teacher_width}
+    return clamped, steps
+
+
 def solve(graph: ChannelGraph, clamp: bool = False, round_to: int = 1) -> Solution:
     """Group widths by the rule; ``clamp`` caps them at the teacher's (channel surgery cannot add channels).
 
-    ``round_to`` > 1 rounds every free group's width up to a multiple of it (inside the fixed
-    point, so the layers downstream see the rounded fan-in): CPU and GPU kernels run channel
-    counts in blocks of 8 or 16, and an odd width pays for the whole block anyway.
+    ``round_to`` > 1 moves every free group's width to the nearest multiple of it: CPU and GPU
+    kernels run channel counts in blocks of 8 or 16, and an odd width pays for the whole block
+    anyway.
     """
     if round_to < 1:
         raise ValueError(f"round_to must be >= 1, got {round_to}")
     groups, members = graph.groups, graph.members
     widths = [g.teacher_width for g in groups]
-    seen = {tuple(widths)}
-    sweeps = 0
     clamped: set[int] = set()
-    for sweeps in range(1, MAX_SWEEPS + 1):
+    comps = components(graph)
+    for comp in comps:
+        c, _ = _solve_component(comp, widths, graph, clamp)
+        clamped |= c
+    exact = list(widths)
+    if round_to > 1:
         for g in groups:
-            if g.fixed:
-                continue
-            ms = [members[n] for n in g.members]
-            w = round_up(group_width([m.nnz for m in ms], [fan_in(m, widths, groups) for m in ms]), round_to)
-            if clamp and w > g.teacher_width:
-                w = g.teacher_width
-                clamped.add(g.index)
-            else:
-                clamped.discard(g.index)
-            widths[g.index] = w
-        state = tuple(widths)
-        if state in seen:
-            break
-        seen.add(state)
+            if not g.fixed:
+                w0 = widths[g.index]
+                w = round_to_multiple(w0, round_to)
+                if w0 < g.teacher_width <= w:
+                    w = w0  # rounding would undo all the narrowing the pruning earned (a 16-wide layer at 13): keep the exact width
+                elif clamp:
+                    w = min(w, g.teacher_width)
+                widths[g.index] = w
+    comp_of = {g: i for i, comp in enumerate(comps) for g in comp}
 
     rows: list[LayerRow] = []
     overrides: list[dict] = []
@@ -94,6 +229,7 @@ def solve(graph: ChannelGraph, clamp: bool = False, round_to: int = 1) -> Soluti
         g = groups[m.group]
         w = widths[g.index]
         est = own_estimate(m, widths, groups)
+        cyc = [x for x in comps[comp_of[g.index]] if not groups[x].fixed]
         note = ""
         if g.fixed:
             note = g.fixed
@@ -102,23 +238,23 @@ def solve(graph: ChannelGraph, clamp: bool = False, round_to: int = 1) -> Soluti
             est_out = est
             if g.index in clamped:
                 note = f"clamped to the teacher's width {g.teacher_width} (channel surgery cannot add channels)"
+            elif len(cyc) > 1:
+                note = f"cycle of {len(cyc)} groups solved together at the teacher's proportions"
             elif len(g.members) > 1:
                 note = f"coupled group of {len(g.members)}"
-            if round_to > 1:
-                note = (note + "; " if note else "") + f"rounded up to a multiple of {round_to}"
-            if round_up(est, round_to) != w and len(g.members) > 1:
+            if round_to > 1 and w != exact[g.index]:
+                note = (note + "; " if note else "") + f"rounded to a multiple of {round_to} (exact rule: {exact[g.index]})"
+            elif round_to > 1 and w % round_to:
+                note = (note + "; " if note else "") + f"not rounded to {round_to}: that would give back the teacher's width"
+            if est != exact[g.index] and round_to_multiple(est, round_to) != w:
+                reason = note
+                if len(cyc) > 1:
+                    reason = "layers of one residual cycle share one scale: the cycle's weight-matched width"
+                elif len(g.members) > 1:
+                    reason = "coupled layers share one width: the group's weight-matched width"
                 overrides.append(
-                    {
-                        "layer": m.name,
-                        "estimate": est,
-                        "width": w,
-                        "group": g.label,
-                        "members": len(g.members),
-                        "reason": "coupled layers share one width: the group's weight-matched width",
-                    }
+                    {"layer": m.name, "estimate": est, "width": w, "group": g.label, "members": len(g.members), "reason": reason}
                 )
-            elif round_up(est, round_to) != w:
-                overrides.append({"layer": m.name, "estimate": est, "width": w, "group": g.label, "members": 1, "reason": note})
         student_w = fan_in(m, widths, groups) * w
         rows.append(LayerRow(m.name, m.teacher_out, est_out, w, g.label, note, m.nnz, m.weights, student_w))
 
@@ -134,6 +270,7 @@ def solve(graph: ChannelGraph, clamp: bool = False, round_to: int = 1) -> Soluti
                 "nnz": sum(m.nnz for m in ms),
                 "student_weights": sum(fan_in(m, widths, groups) for m in ms) * widths[g.index],
                 "fixed": g.fixed,
+                "component": comp_of[g.index],
             }
         )
-    return Solution(widths, rows, overrides, group_rows, sweeps)
+    return Solution(widths, rows, overrides, group_rows, comps)

@@ -51,7 +51,9 @@ def apply_widths(
     model.eval()
     try:
         dg = build_dependency_graph(model, example_input(model, input_size))
-        for n, w in channel_widths.items():
+        from tqdm.auto import tqdm
+
+        for n, w in tqdm(channel_widths.items(), desc="channel surgery", unit="layer", delay=3, leave=False):
             m = named[n]
             c = layer_out(m)
             w = int(w)

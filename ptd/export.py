@@ -1,0 +1,303 @@
+"""Deployment: a saved model (or a run's student) as ONNX, checked and timed in onnxruntime.
+
+``export_onnx(model, out, input_shape)`` writes the model with a dynamic batch axis (input
+``images`` N x C x H x W, output ``logits`` N x classes) through torch's TorchScript-based ONNX
+exporter (seconds; the dynamo exporter takes ten times longer on a CPU for the same graph).
+``check_onnx(model, path, images)`` runs both on the same (real test) images and returns the max absolute
+logit difference; ``onnx_latency(teacher, student, input_shape)`` exports both and times them in
+onnxruntime, interleaved, at batch 1 and 64 -- what ``ptd export`` prints and the student stage
+records. ``resolve(source)`` says which model file a run directory stands for.
+
+Every problem a user can cause raises :class:`ExportError` with a one-line message naming the
+problem and the fix; nothing is written over an existing file.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import os
+import statistics
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn as nn
+
+from ptd.errors import PtdError
+
+ONNX_OPSET = 17  # onnxruntime >= 1.14 runs it; every op of ptd's families and the tv: CNNs exists in it
+TOLERANCE = 1e-4  # max abs logit difference, fp32, onnxruntime vs PyTorch
+
+
+class ExportError(PtdError, ValueError):
+    """A model or file that cannot be exported; one-line message with the fix."""
+
+
+@dataclass(frozen=True)
+class Source:
+    model_path: Path  # the .safetensors to export
+    teacher_path: Path | None  # the run's teacher, for the latency comparison
+    run_dir: Path | None
+    what: str  # one line: which model this is and why it was chosen
+
+
+def _best_arm(run_dir: Path) -> tuple[Path, str]:
+    """The distilled student with the best validation accuracy (test accuracy where a run kept no validation set)."""
+    cands = []
+    for d in sorted((run_dir / "distill").glob("*/")):
+        f = d / "model.safetensors"
+        if not f.is_file() or not (d / "done").exists():
+            continue
+        try:
+            r = json.loads((d / "result.json").read_text())
+        except (OSError, ValueError):
+            r = {}
+        score = r.get("val_acc") if r.get("val_acc") is not None else r.get("test_acc")
+        cands.append((-1.0 if score is None else float(score), d.name, f, r))
+    if not cands:
+        raise ExportError(
+            f"{run_dir}: has no finished distill/<arm>_seed<s>/model.safetensors; run `ptd distill` on it first, or give a model file"
+        )
+    # highest score; ties go to the pruned-teacher arm (the paper's student), then by name
+    cands.sort(key=lambda c: (-c[0], not c[1].startswith("pruned_teacher"), c[1]))
+    score, name, f, r = cands[0]
+    key = "val" if r.get("val_acc") is not None else "test"
+    return f, f"student {name} (best {key} accuracy {score:.4f} of {len(cands)} distilled)"
+
+
+def resolve(source: str | Path) -> Source:
+    """A model file, or a run directory (its best distilled student, with the run's teacher for comparison)."""
+    p = Path(source)
+    if not p.exists():
+        raise ExportError(f"{p}: no such file or directory; give a run directory or a model .safetensors written by ptd")
+    if p.is_dir():
+        if not (p / "config.yaml").is_file() and not (p / "distill").is_dir():
+            raise ExportError(f"{p}: not a ptd run directory (no config.yaml, no distill/); give a run directory or a model .safetensors")
+        f, what = _best_arm(p)
+        teacher = p / "teacher" / "model.safetensors"
+        return Source(f, teacher if teacher.is_file() else None, p, what)
+    if p.suffix != ".safetensors":
+        raise ExportError(f"{p}: not a .safetensors model file; export a model saved by ptd (model.safetensors) or a run directory")
+    run_dir = p.parent.parent.parent if p.parent.parent.name == "distill" else None
+    teacher = run_dir / "teacher" / "model.safetensors" if run_dir is not None else None
+    return Source(p, teacher if teacher is not None and teacher.is_file() else None, run_dir, f"model file {p.name}")
+
+
+def load(path: Path) -> nn.Module:
+    """``ptd.train.checkpoint.load_model``, with a foreign or broken file reported as an ExportError."""
+    from ptd.train.checkpoint import CheckpointError, load_model
+
+    try:
+        return load_model(path).eval()
+    except CheckpointError as e:
+        raise ExportError(str(e)) from None
+    except Exception as e:  # noqa: BLE001 -- a safetensors file of someone else's format: say which file and what to do
+        raise ExportError(f"{path}: not a model file written by ptd ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
+                          "export a model.safetensors from a ptd run") from None
+
+
+def input_channels(model: nn.Module) -> int:
+    from ptd.students.graph import first_conv
+
+    try:
+        return first_conv(model).in_channels
+    except ValueError:
+        raise ExportError(f"{type(model).__name__} has no Conv2d layer to read its input channels from; ptd exports image classifiers") from None
+
+
+@contextlib.contextmanager
+def _quiet_fds():
+    """Silence file descriptors 1 and 2: the exporter's C++ side dumps whole graphs there on failure."""
+    import sys
+
+    saved = []
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        saved = [(fd, os.dup(fd)) for fd in (1, 2)]
+    except (OSError, ValueError, AttributeError):  # no real fds (an embedded interpreter): nothing to silence
+        for _, dup in saved:
+            os.close(dup)
+        yield
+        return
+    with open(os.devnull, "w") as null:
+        for fd, _ in saved:
+            os.dup2(null.fileno(), fd)
+        try:
+            yield
+        finally:
+            for fd, dup in saved:
+                os.dup2(dup, fd)
+                os.close(dup)
+
+
+def export_onnx(model: nn.Module, out: str | Path, input_shape: Sequence[int], *, overwrite: bool = False) -> Path:
+    """Write ``model`` (eval mode, fp32, CPU) as ONNX with a dynamic batch axis; returns the path.
+
+    Refuses (ExportError) an existing ``out`` unless ``overwrite``, and a model the exporter cannot
+    trace. The file appears whole or not at all (written next to ``out``, then renamed).
+    """
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise ExportError(f"{out}: already exists; nothing was overwritten -- choose another --out or delete the file")
+    if out.parent and not out.parent.is_dir():
+        raise ExportError(f"{out.parent}: no such directory for --out; create it or choose another path")
+    model = copy.deepcopy(model).eval().float().cpu()  # a copy: the caller's model keeps its device, dtype and mode
+    model = model.to(memory_format=torch.contiguous_format)
+    x = torch.zeros((2,) + tuple(int(s) for s in input_shape)[-3:])  # batch 2: a batch of 1 could be specialised away
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), _quiet_fds():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                model, (x,), tmp, dynamo=False, opset_version=ONNX_OPSET, input_names=["images"], output_names=["logits"],
+                dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
+            )
+        os.replace(tmp, out)
+    except ExportError:
+        raise
+    except Exception as e:  # noqa: BLE001 -- any exporter failure means the same to the user
+        msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise ExportError(f"{type(model).__name__} cannot be exported to ONNX ({type(e).__name__}: {msg}); "
+                          "export a model built by ptd (ptd.models) or make its forward traceable") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def _session(path: str | Path, threads: int = 1):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads  # 1: a shared CPU makes multi-thread timings noise
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+@torch.no_grad()
+def check_onnx(model: nn.Module, path: str | Path, images: torch.Tensor) -> float:
+    """Max absolute difference between PyTorch's and onnxruntime's logits on ``images`` (fp32)."""
+    model = copy.deepcopy(model).eval().float().cpu()
+    images = images.float().cpu().contiguous()
+    ref = model(images)
+    got = _session(path).run(["logits"], {"images": images.numpy()})[0]
+    return float((ref - torch.from_numpy(got)).abs().max())
+
+
+def onnx_latency(
+    teacher: nn.Module | None,
+    student: nn.Module,
+    input_shape: Sequence[int],
+    batch_sizes: Sequence[int] = (1, 64),
+    repeats: int = 10,
+    warmup: int = 2,
+    threads: int = 1,
+) -> dict[str, Any]:
+    """Median onnxruntime latency (ms) of teacher and student at each batch size, their runs interleaved.
+
+    Both are exported to a temporary directory. Returns ``{"batch_<b>": {"teacher_ms", "student_ms",
+    "speedup"}, "threads": ..., "repeats": ...}`` (teacher entries absent without a teacher). This is
+    the call the student stage makes to record deployment latency.
+    """
+    import numpy as np
+
+    shape = tuple(int(s) for s in input_shape)[-3:]
+    models = {"student": student} if teacher is None else {"teacher": teacher, "student": student}
+    out: dict[str, Any] = {"runtime": "onnxruntime CPU", "threads": threads, "repeats": repeats, "input": list(shape)}
+    with tempfile.TemporaryDirectory() as d:
+        sessions = {}
+        for name, m in models.items():
+            f = export_onnx(m, Path(d) / f"{name}.onnx", shape)
+            sessions[name] = _session(f, threads)
+        for b in batch_sizes:
+            x = np.random.default_rng(0).standard_normal((int(b),) + shape).astype(np.float32)
+            times: dict[str, list[float]] = {n: [] for n in sessions}
+            for i in range(warmup + repeats):
+                for name, s in sessions.items():  # interleaved: load on a shared machine hits both alike
+                    t0 = time.perf_counter()
+                    s.run(["logits"], {"images": x})
+                    if i >= warmup:
+                        times[name].append((time.perf_counter() - t0) * 1e3)
+            row = {f"{n}_ms": statistics.median(v) for n, v in times.items()}
+            if "teacher_ms" in row:
+                row["speedup"] = row["teacher_ms"] / row["student_ms"]
+            out[f"batch_{b}"] = row
+    return out
+
+
+def test_images(run_dir: Path | None, input_shape: Sequence[int], n: int = 64) -> tuple[torch.Tensor, str]:
+    """Up to ``n`` normalised test images of the run's dataset, and where they came from.
+
+    Without a run directory (or when its data cannot be read here) there are no real images to
+    use: random normal inputs of ``input_shape`` (C, H, W) stand in, and the description says so.
+    """
+    if run_dir is not None and (run_dir / "config.yaml").is_file():
+        try:
+            from ptd.config import load_config
+            from ptd.data import load_dataset, make_loader
+
+            cfg = load_config(run_dir / "config.yaml")
+            dc = cfg.data
+            splits = load_dataset(dc.name, dc.root, val_fraction=dc.val_fraction, seed=cfg.seed, test_subset=n)
+            loader = make_loader(splits.test, batch_size=n, train=False, mean=splits.mean, std=splits.std, augment=False, workers=0)
+            x, _ = next(iter(loader))
+            return x[:n].float().cpu().contiguous(), f"{len(x[:n])} test images of {dc.name}"
+        except Exception as e:  # noqa: BLE001 -- the check still runs, on stand-in inputs, and says why
+            why = f"{type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''}"
+            return torch.randn((n,) + tuple(input_shape)), f"{n} random inputs (the run's test images could not be read: {why})"
+    return torch.randn((n,) + tuple(input_shape)), f"{n} random inputs (no run directory, so no test images)"
+
+
+def export(source: str | Path, out: str | Path | None = None, fmt: str = "onnx", *, latency: bool = True, repeats: int = 10) -> dict[str, Any]:
+    """What ``ptd export`` does: resolve, export, check against PyTorch, time against the teacher. Returns the record."""
+    if fmt != "onnx":
+        raise ExportError(f"--format {fmt}: unknown export format; the one supported is onnx")
+    src = resolve(source)
+    model = load(src.model_path)
+    out = Path(out) if out is not None else src.model_path.with_suffix(".onnx")
+    if out.exists():
+        raise ExportError(f"{out}: already exists; nothing was overwritten -- choose another --out or delete the file")
+    images, where = test_images(src.run_dir, (input_channels(model), 32, 32))  # 32x32 (CIFAR) where the run names no data
+    shape = tuple(images.shape[1:])
+    export_onnx(model, out, shape)
+    diff = check_onnx(model, out, images)
+    rec: dict[str, Any] = {"source": str(src.model_path), "what": src.what, "onnx": str(out), "input": list(shape),
+                           "check": {"images": where, "max_abs_logit_diff": diff, "tolerance": TOLERANCE, "ok": diff < TOLERANCE}}
+    if not diff < TOLERANCE:
+        os.unlink(out)
+        raise ExportError(f"{out}: onnxruntime's logits differ from PyTorch's by {diff:.2e} (> {TOLERANCE:g}) on {where}; "
+                          "the file was removed -- report the model and torch/onnx versions")
+    if latency:
+        teacher = load(src.teacher_path) if src.teacher_path is not None else None
+        rec["latency"] = onnx_latency(teacher, model, shape, repeats=repeats)
+    return rec
+
+
+def format_record(rec: dict[str, Any]) -> str:
+    c = rec["check"]
+    lines = [f"exported {rec['what']} -> {rec['onnx']} (dynamic batch, input N x {' x '.join(map(str, rec['input']))})",
+             f"check: max |logit difference| onnxruntime vs PyTorch = {c['max_abs_logit_diff']:.2e} on {c['images']} (tolerance {c['tolerance']:g})"]
+    if rec.get("latency"):
+        lines += format_latency(rec["latency"])
+    return "\n".join(lines)
+
+
+def format_latency(lat: dict[str, Any]) -> list[str]:
+    """:func:`onnx_latency`'s record as text lines (for ``ptd export`` and the student stage's report)."""
+    lines = [f"latency in onnxruntime ({lat['threads']} thread, median of {lat['repeats']} interleaved runs):"]
+    for k, v in lat.items():
+        if k.startswith("batch_"):
+            if "teacher_ms" in v:
+                lines.append(f"  batch {k[6:]}: teacher {v['teacher_ms']:.2f} ms, student {v['student_ms']:.2f} ms, speedup {v['speedup']:.2f}x")
+            else:
+                lines.append(f"  batch {k[6:]}: {v['student_ms']:.2f} ms (no teacher in this run to compare)")
+    return lines

@@ -1,0 +1,171 @@
+"""`ptd export`: a run's student (or any saved model) as ONNX, checked on real test images, timed; bad input refused."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import yaml
+
+from conftest import tiny_config
+from ptd.cli import main
+from ptd.export import TOLERANCE, ExportError, _session, check_onnx, export, export_onnx, onnx_latency, resolve
+from ptd.models import build_model
+from ptd.train.checkpoint import save_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture
+def run_dir(tmp_path, tiny_fashion):
+    """A run directory as the pipeline leaves it: config, teacher, two distilled arms (pruned_teacher the better)."""
+    d = tmp_path / "run"
+    d.mkdir()
+    (d / "config.yaml").write_text(yaml.safe_dump(tiny_config(tiny_fashion)))
+    torch.manual_seed(0)
+    save_model(d / "teacher" / "model.safetensors", build_model("vgg", 10, 1, plan=[32, "M", 64, "M", 64]))
+    for arm, acc, plan in (("scratch_seed0", 0.61, [8, "M", 16]), ("pruned_teacher_seed0", 0.74, [16, "M", 24, "M", 16])):
+        a = d / "distill" / arm
+        save_model(a / "model.safetensors", build_model("vgg", 10, 1, plan=plan))
+        (a / "result.json").write_text(json.dumps({"arm": arm, "val_acc": acc, "test_acc": acc - 0.01}))
+        (a / "done").write_text("")
+    return d
+
+
+def test_run_dir_exports_the_best_arm_checked_on_real_test_images(run_dir, tmp_path):
+    out = tmp_path / "student.onnx"
+    rec = export(run_dir, out, repeats=1)
+    assert rec["source"].endswith("distill/pruned_teacher_seed0/model.safetensors")
+    assert "pruned_teacher_seed0" in rec["what"] and "0.7400" in rec["what"]
+    assert rec["input"] == [1, 28, 28]  # Fashion-MNIST's shape, read off the run's own test images
+    c = rec["check"]
+    assert c["images"] == "64 test images of fashion_mnist"
+    assert c["ok"] and 0 <= c["max_abs_logit_diff"] < TOLERANCE
+    # dynamic batch axis: the file runs at any batch size
+    s = _session(out)
+    for b in (1, 3):
+        assert s.run(["logits"], {"images": np.zeros((b, 1, 28, 28), np.float32)})[0].shape == (b, 10)
+    lat = rec["latency"]
+    assert set(lat) >= {"batch_1", "batch_64"}
+    for b in ("batch_1", "batch_64"):
+        v = lat[b]
+        assert v["teacher_ms"] > 0 and v["student_ms"] > 0 and v["speedup"] == pytest.approx(v["teacher_ms"] / v["student_ms"])
+
+
+def test_a_model_file_exports_with_a_dynamic_batch_and_matches_pytorch(tmp_path):
+    torch.manual_seed(0)
+    model = build_model("resnet20", 10, width=0.5).eval()
+    f = tmp_path / "m.safetensors"
+    save_model(f, model)
+    rec = export(f, latency=False)
+    assert rec["onnx"] == str(tmp_path / "m.onnx") and rec["input"] == [3, 32, 32] and "random inputs" in rec["check"]["images"]
+    x = torch.randn(5, 3, 32, 32)
+    assert check_onnx(model, tmp_path / "m.onnx", x) < TOLERANCE
+    got = _session(tmp_path / "m.onnx").run(["logits"], {"images": x.numpy()})[0]
+    assert np.allclose(got, model(x).detach().numpy(), atol=TOLERANCE)
+
+
+def test_onnx_latency_times_teacher_and_student_interleaved():
+    torch.manual_seed(0)
+    t, s = build_model("vgg", 10, plan=[64, "M", 128]), build_model("vgg", 10, plan=[8, "M", 8])
+    lat = onnx_latency(t, s, (3, 32, 32), batch_sizes=(1, 8), repeats=3, warmup=1)
+    assert set(k for k in lat if k.startswith("batch_")) == {"batch_1", "batch_8"}
+    assert lat["batch_8"]["speedup"] > 1  # 8 channels against 64/128: far fewer FLOPs, faster in any runtime
+    from ptd.export import format_latency
+
+    text = format_latency(lat)
+    assert len(text) == 3 and text[2] == (f"  batch 8: teacher {lat['batch_8']['teacher_ms']:.2f} ms, student "
+                                          f"{lat['batch_8']['student_ms']:.2f} ms, speedup {lat['batch_8']['speedup']:.2f}x")
+    assert "teacher_ms" not in onnx_latency(None, s, (3, 32, 32), batch_sizes=(1,), repeats=1)["batch_1"]
+
+
+# ---------------------------------------------------------------- bad input: one line, exit 2, nothing overwritten
+
+
+def run_cli(capsys, *argv):
+    rc = main(["export", *map(str, argv)])
+    cap = capsys.readouterr()
+    return rc, cap.out, cap.err
+
+
+def test_cli_exports_then_refuses_to_overwrite(run_dir, tmp_path, capsys):
+    out = tmp_path / "s.onnx"
+    rc, text, err = run_cli(capsys, run_dir, "--format", "onnx", "--out", out, "--no-latency")
+    assert rc == 0 and err == "" and "pruned_teacher_seed0" in text and "max |logit difference|" in text
+    before = out.read_bytes()
+    mtime = os.stat(out).st_mtime_ns
+    rc, text, err = run_cli(capsys, run_dir, "--out", out)
+    assert rc == 2 and text == ""
+    assert err.count("\n") == 1 and "already exists" in err and "--out" in err
+    assert out.read_bytes() == before and os.stat(out).st_mtime_ns == mtime
+
+
+@pytest.mark.parametrize("case", ["missing", "not_safetensors", "foreign_safetensors", "no_metadata", "empty_run_dir", "bad_format"])
+def test_cli_bad_input_is_one_line_and_exit_2(case, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    extra = []
+    if case == "missing":
+        src, want = tmp_path / "nope.safetensors", "no such file"
+    elif case == "not_safetensors":
+        src, want = tmp_path / "w.pt", "not a .safetensors model file"
+        torch.save({"w": torch.zeros(1)}, src)
+    elif case == "foreign_safetensors":
+        src, want = tmp_path / "junk.safetensors", "not a readable safetensors file"
+        src.write_bytes(b"this is not a safetensors file at all")
+    elif case == "no_metadata":
+        src, want = tmp_path / "plain.safetensors", "carries no ptd architecture metadata"
+        save_file({"w": torch.zeros(2)}, str(src))
+    elif case == "empty_run_dir":
+        src, want = tmp_path / "run", "not a ptd run directory"
+        src.mkdir()
+    else:
+        src, want = tmp_path / "m.safetensors", "unknown export format"
+        save_model(src, build_model("vgg", 10, plan=[4]))
+        extra = ["--format", "tflite"]
+    rc, text, err = run_cli(capsys, src, *extra, "--out", tmp_path / "x.onnx")
+    assert rc == 2 and text == ""
+    assert err.startswith("ptd: error: ") and err.count("\n") == 1 and want in err, err
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_run_dir_without_a_finished_student_says_what_to_run(run_dir):
+    for d in (run_dir / "distill").iterdir():
+        (d / "done").unlink()
+    with pytest.raises(ExportError, match="run `ptd distill`"):
+        resolve(run_dir)
+
+
+class Unexportable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        y = self.c(x)
+        return torch.special.zeta(y, y).mean((2, 3))  # no ONNX operator for it
+
+
+def test_unexportable_model_is_refused_in_one_line_and_leaves_no_file(tmp_path, capfd):
+    out = tmp_path / "u.onnx"
+    with pytest.raises(ExportError) as e:
+        export_onnx(Unexportable(), out, (3, 8, 8))
+    msg = str(e.value)
+    assert "\n" not in msg and "cannot be exported to ONNX" in msg and "special_zeta" in msg
+    assert os.listdir(tmp_path) == []  # neither the file nor its temporary
+    cap = capfd.readouterr()
+    assert "graph(" not in cap.out + cap.err  # the exporter's graph dump is kept off the terminal
+    out.write_bytes(b"keep me")
+    with pytest.raises(ExportError, match="already exists"):
+        export_onnx(build_model("vgg", 10, plan=[4]), out, (3, 8, 8))
+    assert out.read_bytes() == b"keep me"
+
+
+def test_export_leaves_the_callers_model_as_it_was(tmp_path):
+    """The student stage calls onnx_latency on the model it goes on to use: device, mode and layout must not change."""
+    m = build_model("vgg", 10, plan=[8]).train().to(memory_format=torch.channels_last)
+    export_onnx(m, tmp_path / "m.onnx", (3, 16, 16))
+    assert m.training and m.features[0].weight.is_contiguous(memory_format=torch.channels_last)
