@@ -455,9 +455,12 @@ def main(argv: list[str] | None = None, log: Callable[[str], None] = print) -> d
     for k in ("teacher", "student_kd"):
         flo[k]["of_fp32_peak"] = flo[k]["flop_per_s"] / peak["fp32"]
         flo[k]["of_bf16_peak"] = flo[k]["flop_per_s"] / peak["bf16"]
+    # Seconds per epoch of each training stage, evaluation and checkpoints included (the GPU report).
+    epochs = {"teacher": sch["teacher"]["epochs"], "prune": sch["retrain"]["epochs"], "distill": sch["distill"]["epochs"]}
+    per_epoch = {side: {s: spread([r["stages"][s] / n for r in rs]) for s, n in epochs.items()} for side, rs in runs.items()}
     gpu = torch.cuda.get_device_name(0) if a.device.startswith("cuda") else None
     result = {"machine": {"cpu": cpu_name(), "gpu": gpu, "threads": torch.get_num_threads(), "torch": torch.__version__},
-              "args": vars(a), "schedule": sch, "runs": runs, "end_to_end_ratio": spread(ratios), "stage_ratio": stage_ratios,
+              "args": vars(a), "schedule": sch, "runs": runs, "end_to_end_ratio": spread(ratios), "stage_ratio": stage_ratios, "per_epoch_s": per_epoch,
               "test_acc": {side: [r["test_acc"] for r in rs] for side, rs in runs.items()},
               "matmul_peak_flop_per_s": peak, "train_step": flo}
     (out_dir / f"{a.tag}.json").write_text(json.dumps(result, indent=1))
@@ -480,6 +483,8 @@ def render_md(r: dict[str, Any]) -> str:
                          + f" | {x['test_acc']:.4f} |")
     lines += ["", "Per-stage ratio published / ptd (median [min, max]); ptd's startup and student stage have no published counterpart:", ""]
     lines += [f"- {s}: {v['median']:.2f}x [{v['min']:.2f}, {v['max']:.2f}]" for s, v in r["stage_ratio"].items()]
+    lines += ["", "Seconds per epoch (median; stage time / its epochs, evaluation and checkpoints included): " + "; ".join(
+        f"{side}: " + ", ".join(f"{s} {v['median']:.1f}" for s, v in pe.items()) for side, pe in r["per_epoch_s"].items())]
     acc = r["test_acc"]
     lines += ["", "Distilled student test accuracy, mean over seeds: " + ", ".join(
         f"{k} {statistics.mean(v):.4f} (sd {statistics.pstdev(v):.4f}, n {len(v)})" for k, v in acc.items()), ""]
