@@ -433,6 +433,7 @@ def main(argv: list[str] | None = None, log: Callable[[str], None] = print) -> d
     import torchvision.datasets  # noqa: F401
     import ptd.pipeline, ptd.data, ptd.distill, ptd.students.report  # noqa: F401,E401
     runs: dict[str, list[dict]] = {"ptd": [], "published": []}
+    (out_dir / f"{a.tag}.runs.jsonl").unlink(missing_ok=True)
     with tempfile.TemporaryDirectory(prefix="ptd_pipeline_speed_") as tmp:
         data_root = write_cifar100(Path(tmp) / "data", a.n_train, a.n_test)
         for i, seed in enumerate(a.seeds):
@@ -445,6 +446,8 @@ def main(argv: list[str] | None = None, log: Callable[[str], None] = print) -> d
                     r = PublishedPipeline(data_root, work, sch, seed, a.device).run()
                 r["seed"] = seed
                 runs[side].append(r)
+                with open(out_dir / f"{a.tag}.runs.jsonl", "a") as f:  # kept if a long run is interrupted
+                    f.write(json.dumps({"side": side, **r}) + "\n")
                 log(f"{side:9s} seed {seed}: {r['total_s']:7.1f} s, test acc {r['test_acc']:.4f}  "
                     + " ".join(f"{k} {v:.1f}" for k, v in r["stages"].items() if v))
         flo = step_flops(data_root, sch, a.device, a.flops_batches)

@@ -59,6 +59,7 @@ def test_quick_run_reports_ratios_accuracy_and_flops(ps, tmp_path: Path):
     res = ps.main(["--quick", "--threads", "1", "--out", str(tmp_path)], log=lambda *_: None)
     saved = json.loads((tmp_path / "pipeline_speed.json").read_text())
     assert saved["end_to_end_ratio"] == res["end_to_end_ratio"] and (tmp_path / "pipeline_speed.md").is_file()
+    assert len((tmp_path / "pipeline_speed.runs.jsonl").read_text().splitlines()) == 2  # one line per finished run
     p, pub = res["runs"]["ptd"][0], res["runs"]["published"][0]
     for r in (p, pub):
         assert r["total_s"] > 0 and 0 <= r["test_acc"] <= 1
