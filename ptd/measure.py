@@ -5,8 +5,11 @@ reported as that counter counts them: a multiply-accumulate is 2 FLOPs, and only
 (convolutions, linear layers, matmuls, attention) count -- BatchNorm, activations, pooling and
 residual adds do not. They are dense FLOPs: an unstructured-pruned teacher runs the same dense
 kernels, so its FLOPs equal the unpruned teacher's. Latency is wall-clock time of eval-mode
-``no_grad`` forward passes: the median (and 10th / 90th percentiles) of ``repeats`` timed runs
-after ``warmup`` untimed ones, on the threads torch is set to use.
+``no_grad`` forward passes: the median (and 10th / 90th percentiles) of up to ``repeats`` timed
+runs after ``warmup`` untimed ones, on the threads torch is set to use. ``max_seconds`` caps the
+timed runs of one call (at least ``MIN_REPEATS`` rounds are kept): a CIFAR VGG19 at batch 64 takes
+~0.3 s a forward on one core, so 20 rounds of three models would cost ~20 s of every run for a
+median that 5 rounds already pin down; the stats record how many runs were timed.
 """
 from __future__ import annotations
 
@@ -21,6 +24,8 @@ import torch.nn as nn
 from ptd.pruning.masks import Masks
 
 LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+MIN_REPEATS = 5  # timed rounds kept even past max_seconds: fewer make the percentiles meaningless
+MAX_SECONDS = 3.0  # default cap on the timed runs of one latency call, in seconds of wall time
 
 
 def count_params(model: nn.Module) -> int:
@@ -77,13 +82,14 @@ def latency(
     repeats: int = 20,
     warmup: int = 3,
     device: str | torch.device = "cpu",
+    max_seconds: float | None = MAX_SECONDS,
 ) -> dict[str, Any]:
     """Milliseconds per forward pass of a ``batch_size`` batch: median, 10th and 90th percentile.
 
     The model is timed on ``device`` (moved there on a copy if it lives elsewhere), in eval mode
     under ``no_grad``; inputs are random normal.
     """
-    return compare_latency({"model": model}, input_shape, batch_size, repeats, warmup, device)["model"]
+    return compare_latency({"model": model}, input_shape, batch_size, repeats, warmup, device, max_seconds)["model"]
 
 
 def compare_latency(
@@ -93,14 +99,19 @@ def compare_latency(
     repeats: int = 20,
     warmup: int = 3,
     device: str | torch.device = "cpu",
+    max_seconds: float | None = MAX_SECONDS,
 ) -> dict[str, dict[str, Any]]:
     """:func:`latency` for several models, their timed runs interleaved (A B C, B C A, ...).
 
     On a shared or throttling CPU, load that comes and goes then hits every model alike, so
-    their ratios are fairer than from back-to-back measurements.
+    their ratios are fairer than from back-to-back measurements. Rounds stop early once the
+    timed runs add up to ``max_seconds`` (None: no cap) and ``MIN_REPEATS`` rounds are done.
     """
     if repeats < 1 or warmup < 0 or batch_size < 1:
-        raise ValueError("latency needs repeats >= 1, warmup >= 0, batch_size >= 1")
+        raise ValueError(f"latency needs repeats >= 1, warmup >= 0, batch_size >= 1; got repeats={repeats}, "
+                         f"warmup={warmup}, batch_size={batch_size}")
+    if max_seconds is not None and max_seconds <= 0:
+        raise ValueError(f"latency max_seconds must be > 0 or None, got {max_seconds}")
     device = torch.device(device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     prepared: dict[str, tuple[nn.Module, torch.Tensor, bool]] = {}
@@ -118,17 +129,21 @@ def compare_latency(
                 for _ in range(warmup):
                     m(x)
             sync()
+            spent_ms = 0.0
             for r in range(repeats):
+                if max_seconds is not None and r >= MIN_REPEATS and spent_ms >= max_seconds * 1000.0:
+                    break
                 for name in names[r % len(names):] + names[: r % len(names)]:
                     m, x, _ = prepared[name]
                     t0 = time.perf_counter()
                     m(x)
                     sync()
                     times[name].append((time.perf_counter() - t0) * 1000.0)
+                    spent_ms += times[name][-1]
     finally:
         for m, _, was_training in prepared.values():
             m.train(was_training)
-    return {name: _stats(times[name], batch_size, repeats, warmup, device) for name in names}
+    return {name: _stats(times[name], batch_size, len(times[name]), warmup, device) for name in names}
 
 
 def _stats(times: list[float], batch_size: int, repeats: int, warmup: int, device: torch.device) -> dict[str, Any]:
@@ -170,6 +185,7 @@ def summarize(
     repeats: int = 20,
     warmup: int = 3,
     device: str | torch.device = "cpu",
+    max_seconds: float | None = MAX_SECONDS,
 ) -> dict[str, Any]:
     """Parameters (total, nonzero), FLOPs of one image, layer widths; latency per batch size if asked.
 
@@ -188,7 +204,8 @@ def summarize(
         out["alive_weights"] = sum(int(m.sum()) for m in masks.values())
     if measure_latency:
         out["latency"] = {
-            str(b): latency(model, shape, b, repeats=repeats, warmup=warmup, device=device) for b in batch_sizes
+            str(b): latency(model, shape, b, repeats=repeats, warmup=warmup, device=device, max_seconds=max_seconds)
+            for b in batch_sizes
         }
     return out
 

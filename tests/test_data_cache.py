@@ -1,0 +1,44 @@
+"""Tiny-ImageNet's decode cache: decoded once, read back equal, invalidated when a file changes."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from ptd.data import load_dataset
+from ptd.data import tiny_imagenet as ti
+from test_data import write_tiny
+
+
+def test_tiny_imagenet_decodes_once_then_reads_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    write_tiny(tmp_path)
+    cache = tmp_path / "cache"
+    first = load_dataset("tiny_imagenet", str(tmp_path), val_fraction=0.0, cache_dir=str(cache))
+    assert len(list(cache.glob("tiny_imagenet_*.npy"))) == 2  # train and test arrays
+
+    calls = []
+    real = ti.decode_all
+    monkeypatch.setattr(ti, "decode_all", lambda paths, workers=None: calls.append(len(paths)) or real(paths, workers))
+    again = load_dataset("tiny_imagenet", str(tmp_path), val_fraction=0.0, cache_dir=str(cache))
+    assert calls == []  # nothing decoded
+    assert torch.equal(first.train.x, again.train.x) and torch.equal(first.test.x, again.test.x)
+    assert torch.equal(first.train.y, again.train.y)
+
+    # A changed file (new mtime) invalidates that split's cache only: the 13 train images are decoded again.
+    img = next((tmp_path / "tiny-imagenet-200" / "train" / "n002" / "images").iterdir())
+    st = img.stat()
+    os.utime(img, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    load_dataset("tiny_imagenet", str(tmp_path), val_fraction=0.0, cache_dir=str(cache))
+    assert calls == [13]
+
+
+def test_tiny_imagenet_torn_cache_file_is_decoded_again(tmp_path: Path):
+    write_tiny(tmp_path)
+    cache = tmp_path / "cache"
+    first = load_dataset("tiny_imagenet", str(tmp_path), val_fraction=0.0, cache_dir=str(cache))
+    for f in cache.glob("tiny_imagenet_*.npy"):
+        f.write_bytes(f.read_bytes()[:100])  # a crash mid-write elsewhere, or a truncated copy
+    again = load_dataset("tiny_imagenet", str(tmp_path), val_fraction=0.0, cache_dir=str(cache))
+    assert torch.equal(first.train.x, again.train.x)

@@ -1,0 +1,101 @@
+"""benchmarks/pipeline_speed.py: its fabricated data, its re-creation of the published pipeline, and a
+quick end-to-end run (sane results, never timing assertions); plus the latency time cap it relies on."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import pickle
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def ps():
+    spec = importlib.util.spec_from_file_location("_bench_pipeline_speed", ROOT / "benchmarks" / "pipeline_speed.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_fabricated_cifar100_reads_as_the_real_format(ps, tmp_path: Path):
+    from ptd.data import load_dataset
+
+    ps.write_cifar100(tmp_path, n_train=50, n_test=20)
+    raw = pickle.loads((tmp_path / "cifar-100-python" / "train").read_bytes())
+    assert raw["data"].dtype.name == "uint8" and raw["data"].shape == (50, 3072) and len(raw["fine_labels"]) == 50
+    s = load_dataset("cifar100", str(tmp_path), val_fraction=0.2, seed=0)
+    assert (len(s.train), len(s.val), len(s.test), s.num_classes) == (40, 10, 20, 100)
+    # The published side reads the same files through torchvision, despite their md5s.
+    pub = ps.PublishedPipeline(tmp_path, tmp_path / "w", ps.schedule(ps.parse_args(["--quick"])), 0, "cpu")
+    train, val, test = pub.loaders(8)
+    x, y = next(iter(train))
+    assert x.shape == (8, 3, 32, 32) and x.dtype == torch.float32 and len(test.dataset) == 20
+
+
+def test_published_prune_masks_a_fifth_of_the_weights(ps):
+    torch.manual_seed(0)
+    m = ps.PubVGG(ps.scaled(ps.VGG19, 0.125))
+    pub = ps.PublishedPipeline.__new__(ps.PublishedPipeline)
+    pub.prune(m, 0.2)
+    layers = [l for l in m.modules() if isinstance(l, (ps.PubConv2d, ps.PubLinear))]
+    alive = sum(int(l.weight_mask.sum()) for l in layers)
+    total = sum(l.weight_mask.numel() for l in layers)
+    assert abs(alive / total - 0.8) < 1e-3
+    # The mask takes effect in the forward pass: a fully masked model outputs its biases only.
+    for l in layers:
+        l.weight_mask.zero_()
+    m.eval()
+    out = m(torch.randn(2, 3, 32, 32))
+    assert torch.allclose(out[0], out[1])
+
+
+def test_quick_run_reports_ratios_accuracy_and_flops(ps, tmp_path: Path):
+    res = ps.main(["--quick", "--threads", "1", "--out", str(tmp_path)], log=lambda *_: None)
+    saved = json.loads((tmp_path / "pipeline_speed.json").read_text())
+    assert saved["end_to_end_ratio"] == res["end_to_end_ratio"] and (tmp_path / "pipeline_speed.md").is_file()
+    assert len((tmp_path / "pipeline_speed.runs.jsonl").read_text().splitlines()) == 2  # one line per finished run
+    p, pub = res["runs"]["ptd"][0], res["runs"]["published"][0]
+    for r in (p, pub):
+        assert r["total_s"] > 0 and 0 <= r["test_acc"] <= 1
+        assert r["stages"]["teacher"] > 0 and r["stages"]["prune"] > 0 and r["stages"]["distill"] > 0
+        # The stages account for the whole run (up to timer granularity).
+        assert abs(sum(r["stages"].values()) - r["total_s"]) < 0.05 * r["total_s"] + 0.5
+    assert res["end_to_end_ratio"]["median"] == pytest.approx(pub["total_s"] / p["total_s"])
+    assert set(res["stage_ratio"]) == {"teacher", "prune", "distill"}
+    peak = res["matmul_peak_flop_per_s"]
+    assert peak["fp32"] > 1e8 and peak["bf16"] > 1e8
+    for k in ("teacher", "student_kd"):
+        step = res["train_step"][k]
+        assert step["flop_per_s"] > 0 and step["flops_per_image"] > 0
+        assert 0 < step["of_fp32_peak"] < 2  # a step cannot beat the matmul peak by much
+
+
+class _Sleepy(nn.Module):
+    def __init__(self, seconds: float):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(1))
+        self.seconds = seconds
+
+    def forward(self, x):
+        time.sleep(self.seconds)
+        return x
+
+
+def test_latency_rounds_stop_at_max_seconds_but_keep_the_minimum():
+    from ptd.measure import MIN_REPEATS, compare_latency, latency
+
+    capped = latency(_Sleepy(0.01), (1, 2, 2), 1, repeats=50, warmup=0, max_seconds=0.02)
+    assert capped["repeats"] == MIN_REPEATS  # 0.02 s spent after 2 rounds, but the minimum is kept
+    both = compare_latency({"a": _Sleepy(0.01), "b": _Sleepy(0.01)}, (1, 2, 2), 1, repeats=50, warmup=0, max_seconds=0.3)
+    # A round of two 10 ms sleeps takes >= 20 ms (sleep never undershoots): at most 15 rounds fit in 0.3 s.
+    assert MIN_REPEATS < both["a"]["repeats"] == both["b"]["repeats"] <= 15
+    uncapped = latency(_Sleepy(0.0), (1, 2, 2), 1, repeats=7, warmup=0, max_seconds=None)
+    assert uncapped["repeats"] == 7
+    with pytest.raises(ValueError, match="max_seconds"):
+        latency(_Sleepy(0.0), (1, 2, 2), 1, max_seconds=0)
