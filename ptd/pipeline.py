@@ -8,6 +8,8 @@
       student/                architecture.json  architecture.txt  stats.json  done
       control/round_<k>/      (only with the retrained_teacher arm) the unpruned teacher retrained as long
       distill/<arm>_seed<s>/  model.safetensors  metrics.jsonl  result.json  done
+      distill/<arm>-<loss>_seed<s>/   the same for each distill.loss after the first (scratch: once)
+      teachers/r<k>/          teacher replicate k >= 1 (teacher.seeds): its own teacher/ prune/ control/ distill/
       tensorboard/<stage path>/  TensorBoard event files of every training stage (tensorboard installed)
       results.json  report.md  report.html
 
@@ -177,7 +179,7 @@ def environment(cfg: RunConfig, rt: Runtime) -> dict[str, Any]:
         "world_size": rt.dist.world_size,
         "cuda": torch.version.cuda,
         "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else [],
-        "seeds": {"run": cfg.seed, "students": list(cfg.distill.seeds)},
+        "seeds": {"run": cfg.seed, "students": list(cfg.distill.seeds), "teacher_replicates": cfg.teacher.seeds},
     }
     for mod in ("safetensors", "torch_pruning", "numpy"):
         try:
