@@ -576,7 +576,7 @@ def make_distiller(ctx: Context, student: nn.Module, teacher: nn.Module | None, 
     return build_distiller(
         student, teacher, names, options={k: v for k, v in dc.options.items() if k in names},
         defaults={"alpha": dc.alpha, "temperature": dc.temperature}, num_classes=ctx.splits.num_classes,
-        num_samples=len(ctx.splits.train),
+        num_samples=len(ctx.splits.train), labels=getattr(ctx.splits.train, "y", None),  # folder splits may not hold labels in memory
         epochs=optim.epochs, example_input=lambda: next(iter(loader))[0][:2], layer_map=dc.layer_map,
     ).to(ctx.rt.device)
 
