@@ -265,10 +265,11 @@ def render_markdown(r: dict[str, Any]) -> str:
     lines += ["## Student", "", "| model | params | FLOPs | latency b1 (ms) | latency b64 (ms) |", "|---|---:|---:|---:|---:|",
               f"| teacher | {t['params']:,} | {t['flops']:,} | {_lat(t, '1')} | {_lat(t, '64')} |",
               f"| student ({s['spec']['arch']}) | {s['params']:,} ({s['params_ratio']:.3f}x) | {s['flops']:,} ({s['flops_ratio']:.3f}x) | {_lat(s, '1')} | {_lat(s, '64')} |", ""]
-    lines += ["## Students: test accuracy over seeds", "", "| arm | mean % | 95% CI of the mean % | std % | seeds | per seed % |", "|---|---:|---:|---:|---:|---|"]
+    lines += ["## Students: test accuracy over seeds", ""]
     main_students = primary_students(r)
     if len(r.get("losses") or {}) > 1:
         lines += [f"Distillation loss {next(iter(r['losses']))} (the first of distill.loss); every loss is in \"Per distillation loss\" below.", ""]
+    lines += ["| arm | mean % | 95% CI of the mean % | std % | seeds | per seed % |", "|---|---:|---:|---:|---:|---|"]
     for arm, sm in r["summary"].items():
         per = ", ".join(_pct(x["test_acc"]) for x in sorted(main_students, key=lambda x: x["seed"]) if x["arm"] == arm)
         ci = "n/a" if sm.get("ci_low") is None else f"[{_pct(sm['ci_low'])}, {_pct(sm['ci_high'])}]"
