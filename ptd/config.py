@@ -87,6 +87,14 @@ class TeacherConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     checkpoint: str | None = None  # the user's trained teacher; skips training
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(epochs=200, lr=0.1, milestones=(60, 120, 160), gamma=0.2, weight_decay=5e-4))
+    # Teacher replicates: how many teachers are trained (and pruned, and control-retrained), each
+    # from its own seed stream, so the comparison can count the variance between teachers.
+    seeds: int = 1
+
+    def validate(self, where: str) -> None:
+        _check(self.seeds >= 1, f"{where}.seeds", self.seeds, "must be >= 1 (the number of teacher replicates)")
+        _check(not (self.checkpoint and self.seeds > 1), f"{where}.seeds", self.seeds,
+               f"needs trained teachers, and {where}.checkpoint gives one; set {where}.seeds: 1 or drop the checkpoint")
 
 
 @dataclass(frozen=True)
@@ -143,7 +151,8 @@ DEFAULT_ARMS = ARMS[:3]
 
 @dataclass(frozen=True)
 class DistillConfig:
-    # A registered loss name, or a list of names whose terms are summed (ptd.distill.LOSSES).
+    # A registered loss name (ptd.distill.LOSSES), or a list of them: every teacher arm is then
+    # distilled with each listed loss in turn (the scratch arm once), compared per loss.
     loss: str | tuple[str, ...] = "kd"
     # kd's defaults, kept here so existing configs mean the same: alpha weighs the soft (KL) term,
     # temperature is T. distill.options.kd overrides them.
@@ -174,6 +183,8 @@ class DistillConfig:
         _check(0 <= self.alpha <= 1, f"{where}.alpha", self.alpha, "must be in [0, 1]")
         _check(self.temperature > 0, f"{where}.temperature", self.temperature, "must be > 0")
         _check(len(self.seeds) >= 1 and len(set(self.seeds)) == len(self.seeds), f"{where}.seeds", list(self.seeds), "must be a non-empty list of distinct ints")
+        for sd in self.seeds:
+            _check(sd >= 0, f"{where}.seeds", sd, "each seed must be >= 0 (seeds key independent random streams)")
         for a in self.arms:
             _check(a in ARMS, f"{where}.arms", a, f"each arm must be one of {', '.join(ARMS)}")
 
@@ -217,8 +228,10 @@ class RunConfig:
     def validate(self) -> "RunConfig":
         _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), "device", self.device, "must be auto, cpu, cuda or cuda:N")
         _check(self.eval_batch_size >= 1, "eval_batch_size", self.eval_batch_size, "must be >= 1")
+        _check(self.seed >= 0, "seed", self.seed, "must be >= 0 (it is the root of every random stream)")
         self.data.validate("data")
         self.teacher.model.validate("teacher.model")
+        self.teacher.validate("teacher")
         self.teacher.optim.validate("teacher.optim")
         self.prune.validate("prune")
         self.prune.retrain.validate("prune.retrain")

@@ -8,7 +8,10 @@
       student/                architecture.json  architecture.txt  report.txt  stats.json  done
       control/round_<k>/      the unpruned teacher retrained as long (retrained_teacher arm)
       distill/<arm>_seed<s>/  model.safetensors  metrics.jsonl  result.json  done
-      results.json  report.md
+      distill/<arm>-<loss>_seed<s>/   the same for each distill.loss after the first
+      teachers/r<k>/          teacher replicate k >= 1 (teacher.seeds > 1): its own teacher/ prune/ control/ distill/
+      tensorboard/<stage path>/   TensorBoard event files of every training stage
+      results.json  report.md  report.html
 """
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ LAST_MODEL = "last.safetensors"  # resume checkpoint, deleted once the stage is 
 LAST_STATE = "last_state.pt"
 RESULTS = "results.json"
 REPORT_MD = "report.md"
+REPORT_HTML = "report.html"
 SWEEP_JSON = "sweep.json"
 SWEEP_MD = "sweep.md"
 
@@ -41,6 +45,7 @@ PRUNE = "prune"
 STUDENT = "student"
 CONTROL = "control"
 DISTILL = "distill"
+TENSORBOARD = "tensorboard"  # event files, one folder per training stage, mirroring the run's layout
 
 
 def level_dir(prune_dir: Path, k: int) -> Path:
@@ -51,8 +56,19 @@ def round_dir(control_dir: Path, k: int) -> Path:
     return Path(control_dir) / f"round_{k}"
 
 
-def distill_dir(run_dir: Path, arm: str, seed: int) -> Path:
-    return Path(run_dir) / DISTILL / f"{arm}_seed{seed}"
+def distill_dir(run_dir: Path, arm: str, seed: int, loss: str | None = None) -> Path:
+    """distill/<arm>_seed<s>, or distill/<arm>-<loss>_seed<s> for a loss other than the run's first."""
+    return Path(run_dir) / DISTILL / (f"{arm}_seed{seed}" if loss is None else f"{arm}-{loss}_seed{seed}")
+
+
+REPLICATES = "teachers"
+
+
+def replicate_root(run_dir: Path, replicate: int) -> Path:
+    """Where teacher replicate ``replicate`` keeps its teacher/, prune/, control/ and distill/:
+    the run directory itself for replicate 0 (today's layout, so a run grown to more replicates
+    keeps its finished stages), teachers/r<k>/ for the others."""
+    return Path(run_dir) if replicate == 0 else Path(run_dir) / REPLICATES / f"r{replicate}"
 
 
 def snapshot_file(teacher_dir: Path, epoch: int) -> Path:

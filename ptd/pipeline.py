@@ -8,7 +8,10 @@
       student/                architecture.json  architecture.txt  stats.json  done
       control/round_<k>/      (only with the retrained_teacher arm) the unpruned teacher retrained as long
       distill/<arm>_seed<s>/  model.safetensors  metrics.jsonl  result.json  done
-      results.json  report.md
+      distill/<arm>-<loss>_seed<s>/   the same for each distill.loss after the first (scratch: once)
+      teachers/r<k>/          teacher replicate k >= 1 (teacher.seeds): its own teacher/ prune/ control/ distill/
+      tensorboard/<stage path>/  TensorBoard event files of every training stage (tensorboard installed)
+      results.json  report.md  report.html
 
 Each stage is a plain function of (context, earlier artifacts) that writes its own directory and a
 ``done`` marker last. Re-running skips stages that are done and resumes the unfinished one from its
@@ -35,6 +38,7 @@ from ptd import paths as P
 from ptd.config import ARM_TABLE, ConfigError, ModelConfig, OptimConfig, PruneConfig, RunConfig, dump_yaml, to_dict
 from ptd.models import build_from_spec, build_model, spec_to_text
 from ptd.pruning import STRATEGIES, Level, PruneContext
+from ptd.seeding import stream_seed
 from ptd.pruning.masks import MaskHook, Masks, apply_masks, count, full_masks, layer_report, load_masks, prunable_weights, save_masks, sparsity
 from ptd.train import checkpoint as ckpt
 from ptd.train.distributed import Dist, barrier, init_distributed, resolve_device
@@ -122,6 +126,11 @@ class Context:
 
     def fit(self, model: nn.Module, optim: OptimConfig, out_dir: Path, seed: int, desc: str, unit: nn.Module | None = None,
             hooks: Sequence[Any] = ()) -> dict:
+        from ptd.train.tensorboard import tensorboard_hook
+
+        # Scalars per stage under tensorboard/<the stage's path in the run>; rank 0 only.
+        tb = tensorboard_hook(self.run_dir / P.TENSORBOARD / Path(out_dir).relative_to(self.run_dir), optim.epochs, enabled=self.main)
+        hooks = [*hooks, tb] if tb else hooks
         val = self.eval_loader("val")
         result = fit(model, self.train_loader(optim.batch_size, seed), val if len(val) else None, optim, self.rt,
                      out_dir=out_dir, unit=unit, hooks=hooks, test_loader=self.eval_loader("test"), desc=desc)
@@ -171,7 +180,7 @@ def environment(cfg: RunConfig, rt: Runtime) -> dict[str, Any]:
         "world_size": rt.dist.world_size,
         "cuda": torch.version.cuda,
         "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else [],
-        "seeds": {"run": cfg.seed, "students": list(cfg.distill.seeds)},
+        "seeds": {"run": cfg.seed, "students": list(cfg.distill.seeds), "teacher_replicates": cfg.teacher.seeds},
     }
     for mod in ("safetensors", "torch_pruning", "numpy"):
         try:
@@ -181,12 +190,54 @@ def environment(cfg: RunConfig, rt: Runtime) -> dict[str, Any]:
     return env
 
 
-def _diff(a: Any, b: Any, prefix: str = "") -> str | None:
+def _as_list(x: Any) -> list:
+    return [x] if isinstance(x, str) else list(x or [])
+
+
+def _superset(a: Any, b: Any) -> bool:
+    return all(x in _as_list(b) for x in _as_list(a))
+
+
+def _prefix(a: Any, b: Any) -> bool:
+    # The first entry names the first loss's directories (and the sweep's student): it must stay first.
+    return _as_list(b)[: len(_as_list(a))] == _as_list(a)
+
+
+def _growth_rules(old: dict, new: dict) -> dict[str, Callable[[Any, Any], bool]]:
+    """{dotted key: (old value, new value) -> True when the new value only adds work}: a finished
+    run directory takes such a change and reuses every finished stage (see open_run_dir)."""
+    old_losses = _as_list(old.get("distill", {}).get("loss"))
+    old_strategies = _as_list(old.get("sweep", {}).get("strategies"))
+
+    def new_sections(a: Any, b: Any, known: list) -> bool:
+        # Options may gain a section only for a loss / strategy the run did not have.
+        a, b = a or {}, b or {}
+        return all(k in b and b[k] == v for k, v in a.items()) and all(k in a or k not in known for k in b)
+
+    return {
+        "distill.seeds": _superset,
+        "distill.arms": _superset,
+        "distill.loss": _prefix,
+        "distill.options": lambda a, b: new_sections(a, b, old_losses),
+        "teacher.seeds": lambda a, b: (b or 1) >= (a or 1),
+        "sweep.strategies": _prefix,
+        # More sweep points below the highest one: the IMP run to the highest sparsity (and the
+        # student derived from it by default) stay what they were.
+        "sweep.sparsities": lambda a, b: _superset(a, b) and max(_as_list(b)) <= max(_as_list(a)),
+        "prune.options": lambda a, b: a == b or new_sections(a, b, old_strategies + [old.get("prune", {}).get("strategy")]),
+    }
+
+
+def _diff(a: Any, b: Any, prefix: str = "", grows: dict[str, Callable[[Any, Any], bool]] | None = None) -> str | None:
+    """The first key whose values differ (``grows``: keys whose change is accepted when its rule
+    says the new value only adds work), as "key: old there, new now"; None when none."""
+    if grows and prefix in grows:
+        return None if grows[prefix](a, b) else f"{prefix}: {a!r} there, {b!r} now"
     if isinstance(a, dict) and isinstance(b, dict):
         for k in sorted(set(a) | set(b)):
             if not prefix and k in _VOLATILE_KEYS:
                 continue
-            d = _diff(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else k)
+            d = _diff(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else k, grows)
             if d:
                 return d
         return None
@@ -194,15 +245,21 @@ def _diff(a: Any, b: Any, prefix: str = "") -> str | None:
 
 
 def open_run_dir(cfg: RunConfig, run_dir: Path, rt: Runtime) -> None:
-    """Create the run directory, or check that an existing one holds this same run (resume)."""
+    """Create the run directory, or check that an existing one holds this same run (resume) or
+    one this run only adds work to (more seeds, arms, losses, sweep points, teacher replicates:
+    the run grows, config.yaml becomes the grown config, every finished stage is reused)."""
     import yaml
 
     cfg_path = run_dir / P.CONFIG
+    grown = False
     if cfg_path.is_file():
-        old = yaml.safe_load(cfg_path.read_text())
-        d = _diff(old, to_dict(cfg))
+        old, new = yaml.safe_load(cfg_path.read_text()), to_dict(cfg)
+        d = _diff(old, new, grows=_growth_rules(old, new))
         if d:
-            raise RunDirError(f"{run_dir} holds a run with a different config ({d}); pass --out to a new directory, or delete {run_dir} to start over")
+            raise RunDirError(f"{run_dir} holds a run with a different config ({d}); only more distill.seeds, distill.arms, "
+                              f"distill.loss, sweep points or teacher.seeds can grow a finished run; pass --out to a new "
+                              f"directory, or delete {run_dir} to start over")
+        grown = _diff(old, new) is not None
     elif run_dir.exists() and any(run_dir.iterdir()):
         raise RunDirError(f"{run_dir} exists and is not a ptd run directory (no config.yaml); pass --out to a new or empty directory")
     # Every rank has checked before any rank writes: otherwise a slow rank could find the
@@ -210,7 +267,7 @@ def open_run_dir(cfg: RunConfig, run_dir: Path, rt: Runtime) -> None:
     barrier()
     if rt.dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        if not cfg_path.is_file():
+        if grown or not cfg_path.is_file():  # atomic: a crash leaves the old config or the new one
             ckpt.write_text(cfg_path, dump_yaml(cfg))
         env_path = run_dir / P.ENV
         env = environment(cfg, rt)
@@ -290,15 +347,26 @@ def clone_model(ctx: Context, model: nn.Module) -> nn.Module:
     return ctx.rt.prepare(copy)
 
 
-def stage_teacher(ctx: Context, snapshot: int | None | str = "auto") -> tuple[nn.Module, dict]:
-    """Train (or load) the teacher; ``snapshot``: also keep its weights after that epoch (None:
-    none; "auto": what the run's pruning strategy declares it needs)."""
-    cfg, d = ctx.cfg, ctx.run_dir / P.TEACHER
+def teacher_seed(cfg: RunConfig, replicate: int = 0) -> int:
+    """The data-order seed of teacher replicate ``replicate``'s training, pruning and control."""
+    return stream_seed(cfg.seed, "teacher", replicate)
+
+
+def student_seed(cfg: RunConfig, seed: int, replicate: int = 0) -> int:
+    """The data-order seed of student ``seed`` under teacher replicate ``replicate``: the same in
+    every arm and loss, so arms pair seed by seed within a replicate."""
+    return stream_seed(cfg.seed, "student", seed, epoch=replicate)
+
+
+def stage_teacher(ctx: Context, snapshot: int | None | str = "auto", replicate: int = 0) -> tuple[nn.Module, dict]:
+    """Train (or load) teacher replicate ``replicate``; ``snapshot``: also keep its weights after
+    that epoch (None: none; "auto": what the run's pruning strategy declares it needs)."""
+    cfg, d = ctx.cfg, P.replicate_root(ctx.run_dir, replicate) / P.TEACHER
     model = ctx.new_model(cfg.teacher.model)
 
     def compute() -> dict:
         nonlocal model
-        seed_everything(cfg.seed)
+        seed_everything(stream_seed(cfg.seed, "teacher_init", replicate))
         model = ctx.new_model(cfg.teacher.model)
         if cfg.teacher.checkpoint:
             ctx.log(f"[teacher] loading {cfg.teacher.checkpoint}")
@@ -314,7 +382,7 @@ def stage_teacher(ctx: Context, snapshot: int | None | str = "auto") -> tuple[nn
             rewind_epoch = snapshot_epoch(cfg) if snapshot == "auto" else snapshot
             if rewind_epoch:
                 hooks.append(_SaveAtEpoch(model, int(rewind_epoch), P.snapshot_file(d, int(rewind_epoch)), ctx.main))
-            result = ctx.fit(model, cfg.teacher.optim, d, cfg.seed, "teacher", hooks=hooks)
+            result = ctx.fit(model, cfg.teacher.optim, d, teacher_seed(cfg, replicate), "teacher", hooks=hooks)
         result["params"] = sum(p.numel() for p in model.parameters())
         return result
 
@@ -327,10 +395,13 @@ def stage_teacher(ctx: Context, snapshot: int | None | str = "auto") -> tuple[nn
 
 
 def stage_prune(ctx: Context, teacher: nn.Module, teacher_result: dict, prune_cfg: PruneConfig | None = None,
-                d: Path | None = None) -> tuple[nn.Module, Masks, dict]:
-    """Prune a copy of ``teacher`` by ``prune_cfg`` (default: the run's) into ``d`` (default: prune/)."""
+                d: Path | None = None, replicate: int = 0) -> tuple[nn.Module, Masks, dict]:
+    """Prune a copy of ``teacher`` by ``prune_cfg`` (default: the run's) into ``d`` (default: the
+    replicate's prune/)."""
     cfg = replace(ctx.cfg, prune=prune_cfg) if prune_cfg is not None else ctx.cfg
-    d = d or ctx.run_dir / P.PRUNE
+    root = P.replicate_root(ctx.run_dir, replicate)
+    d = d or root / P.PRUNE
+    seed = teacher_seed(cfg, replicate)
     model = clone_model(ctx, teacher)
     masks = {n: m.to(ctx.rt.device) for n, m in full_masks(prunable_weights(model, cfg.prune.exclude_first, cfg.prune.exclude_last)).items()}
     if not masks:
@@ -343,7 +414,7 @@ def stage_prune(ctx: Context, teacher: nn.Module, teacher_result: dict, prune_cf
         out = d / name
         if ctx.main:
             out.mkdir(parents=True, exist_ok=True)
-        r = ctx.fit(m, optim, out, cfg.seed, f"prune {name}", hooks=[MaskHook(mk), *hooks])
+        r = ctx.fit(m, optim, out, seed, f"prune {name}", hooks=[MaskHook(mk), *hooks])
         # fit reloads the best checkpoint; apply the masks once more for exactness under GMP,
         # whose masks may have shrunk after that checkpoint was written.
         apply_masks(m, mk)
@@ -372,7 +443,7 @@ def stage_prune(ctx: Context, teacher: nn.Module, teacher_result: dict, prune_cf
 
     def compute() -> dict:
         nonlocal masks
-        retrain_loader = ctx.train_loader(cfg.prune.retrain.batch_size, cfg.seed)
+        retrain_loader = ctx.train_loader(cfg.prune.retrain.batch_size, seed)
 
         def batches(n: int) -> list:
             out = []
@@ -386,7 +457,7 @@ def stage_prune(ctx: Context, teacher: nn.Module, teacher_result: dict, prune_cf
         example = torch.zeros((1, *ctx.input_shape), device=ctx.rt.device)
         pctx = PruneContext(model=model, masks=masks, cfg=cfg.prune, train=train, evaluate=ctx.scores, batches=batches,
                             level_done=lambda k: is_done(level_dir(k)), load_level=load_level, save_level=save_level,
-                            example_input=example, teacher_dir=ctx.run_dir / P.TEACHER, log=ctx.log,
+                            example_input=example, teacher_dir=root / P.TEACHER, log=ctx.log,
                             extra={"steps_per_epoch": len(retrain_loader)})
         if cfg.prune.target_sparsity > 0:
             ctx.log(f"[prune] {cfg.prune.strategy} to sparsity {cfg.prune.target_sparsity}")
@@ -461,53 +532,66 @@ def stage_student(ctx: Context, teacher: nn.Module, pruned: nn.Module, masks: Ma
     return stats
 
 
-def stage_distill(ctx: Context, arm: str, seed: int, student_stats: dict, teacher: nn.Module | None, d: Path | None = None) -> dict:
-    """Train the student for one arm and seed: alone (``teacher`` None) or distilled from ``teacher``."""
+def stage_distill(ctx: Context, arm: str, seed: int, student_stats: dict, teacher: nn.Module | None, d: Path | None = None,
+                  loss: str | None = None, replicate: int = 0) -> dict:
+    """Train the student for one arm and seed: alone (``teacher`` None) or distilled from
+    ``teacher`` with ``loss`` (default: the run's first distill.loss), under teacher replicate
+    ``replicate``."""
     cfg = ctx.cfg
-    d = d or P.distill_dir(ctx.run_dir, arm, seed)
+    loss = None if teacher is None else (loss or cfg.distill.losses[0])
+    d = d or P.distill_dir(P.replicate_root(ctx.run_dir, replicate), arm, seed, None if loss == cfg.distill.losses[0] else loss)
+    data_seed = student_seed(cfg, seed, replicate)
 
     def compute() -> dict:
-        seed_everything(seed)  # the same seed gives every arm the same student init and data order
+        # The same (seed, replicate) gives every arm and loss the same student init and data order.
+        seed_everything(stream_seed(cfg.seed, "student_init", seed, epoch=replicate))
         student = build_from_spec(student_stats["spec"])
         if cfg.student.inherit:
             ckpt.load_into(student, ctx.run_dir / P.STUDENT / P.STUDENT_INIT, "student")
         student = ctx.rt.prepare(student)
-        unit = make_distiller(ctx, student, teacher, cfg.distill.optim, seed)
-        ctx.log(f"[distill] {arm} seed {seed}: {cfg.distill.optim.epochs} epochs")
+        unit = make_distiller(ctx, student, teacher, cfg.distill.optim, data_seed, ("ce",) if loss is None else (loss,))
+        ctx.log(f"[distill] {name} seed {seed}: {cfg.distill.optim.epochs} epochs")
         try:
-            r = ctx.fit(student, cfg.distill.optim, d, seed, f"{arm} s{seed}", unit=unit)
+            r = ctx.fit(student, cfg.distill.optim, d, data_seed, f"{name} s{seed}", unit=unit)
         finally:
             unit.remove_hooks()  # the teacher is shared by later arms
-        return {"arm": arm, "seed": seed, "test_acc": r["test_acc"], "val_acc": r["val_acc"], "best_epoch": r["best_epoch"],
+        return {"arm": arm, "seed": seed, "loss": loss, "test_acc": r["test_acc"], "val_acc": r["val_acc"], "best_epoch": r["best_epoch"],
                 "params": student_stats["student"]["params"], "flops": student_stats["student"]["flops"],
                 "epochs": r["epochs"], "steps": r["steps"], "wall_s": r["wall_s"]}
 
+    name = arm if loss is None or len(cfg.distill.losses) == 1 else f"{arm}-{loss}"
     result, fresh = run_stage(ctx, d, compute)
     if fresh:
-        ctx.log(f"[distill] {arm} seed {seed}: test acc {result['test_acc']:.4f}")
+        ctx.log(f"[distill] {name} seed {seed}: test acc {result['test_acc']:.4f}")
+    # Set here, not only in compute: rows of runs finished before these keys existed get them too.
+    result = {**result, "loss": loss}
+    if cfg.teacher.seeds > 1:
+        result["teacher"] = replicate
     return result
 
 
-def make_distiller(ctx: Context, student: nn.Module, teacher: nn.Module | None, optim: OptimConfig, seed: int) -> nn.Module:
-    """The training unit for one distillation: the configured loss(es) from ``teacher``, or plain
-    cross-entropy (the ``ce`` loss) when there is no teacher (the scratch arm)."""
+def make_distiller(ctx: Context, student: nn.Module, teacher: nn.Module | None, optim: OptimConfig, seed: int,
+                   names: Sequence[str] | None = None) -> nn.Module:
+    """The training unit for one distillation: loss(es) ``names`` (default: the run's first) from
+    ``teacher``, or plain cross-entropy (the ``ce`` loss) when there is no teacher (the scratch arm).
+    ``seed``: the data-order seed of the student's loader (its first batch sizes the probe)."""
     from ptd.distill import build_distiller
 
     dc = ctx.cfg.distill
-    names = ("ce",) if teacher is None else dc.losses
+    names = ("ce",) if teacher is None else tuple(names or dc.losses[:1])
     loader = ctx.train_loader(optim.batch_size, seed)
     return build_distiller(
         student, teacher, names, options={k: v for k, v in dc.options.items() if k in names},
         defaults={"alpha": dc.alpha, "temperature": dc.temperature}, num_classes=ctx.splits.num_classes,
-        num_samples=len(ctx.splits.train),
+        num_samples=len(ctx.splits.train), labels=getattr(ctx.splits.train, "y", None),  # folder splits may not hold labels in memory
         epochs=optim.epochs, example_input=lambda: next(iter(loader))[0][:2], layer_map=dc.layer_map,
     ).to(ctx.rt.device)
 
 
-def stage_control(ctx: Context, teacher: nn.Module, prune_result: dict) -> tuple[nn.Module, dict]:
+def stage_control(ctx: Context, teacher: nn.Module, prune_result: dict, replicate: int = 0) -> tuple[nn.Module, dict]:
     """The control teacher: the unpruned teacher retrained round by round exactly as the pruned one
     was (same number of rounds, same schedule restarted each round), but never pruned."""
-    cfg, d = ctx.cfg, ctx.run_dir / P.CONTROL
+    cfg, d = ctx.cfg, P.replicate_root(ctx.run_dir, replicate) / P.CONTROL
     model = clone_model(ctx, teacher)
 
     def compute() -> dict:
@@ -520,7 +604,7 @@ def stage_control(ctx: Context, teacher: nn.Module, prune_result: dict) -> tuple
 
             def train_round(k: int = k, rd: Path = rd, optim: OptimConfig = optim) -> dict:
                 ctx.log(f"[control] retraining the unpruned teacher, round {k}/{len(rounds)}")
-                return ctx.fit(model, optim, rd, cfg.seed, f"control {k}")
+                return ctx.fit(model, optim, rd, teacher_seed(cfg, replicate), f"control {k}")
 
             r, fresh = run_stage(ctx, rd, train_round)
             if not fresh:
@@ -575,11 +659,61 @@ def check_plugins(cfg: RunConfig, sweep: bool = False) -> None:
         if name not in dc.losses:
             raise ConfigError(f"distill.options.{name}: options for a loss that is not in distill.loss ({', '.join(dc.losses)}); "
                               f"remove them or add {name} to distill.loss")
-    for name in dc.losses:
-        loss_options(name, dc.options.get(name), {"alpha": dc.alpha, "temperature": dc.temperature})
-    if len(dc.losses) > 1:
-        raise ConfigError(f"distill.loss: {list(dc.losses)} combines {len(dc.losses)} losses, which the pipeline does not run "
-                          f"yet; give one name (e.g. loss: {dc.losses[0]})")
+    opts = {name: loss_options(name, dc.options.get(name), {"alpha": dc.alpha, "temperature": dc.temperature}) for name in dc.losses}
+    if sweep and len(dc.losses) > 1:
+        raise ConfigError(f"distill.loss: {list(dc.losses)} lists {len(dc.losses)} losses, and a sweep distills with one; "
+                          f"give one name (e.g. loss: {dc.losses[0]}), or compare losses with ptd run")
+    if sweep and cfg.teacher.seeds > 1:
+        raise ConfigError(f"teacher.seeds: {cfg.teacher.seeds} teacher replicates are for ptd run, and a sweep trains one teacher; "
+                          f"set teacher.seeds: 1")
+    check_layers(cfg, opts)
+
+
+def check_layers(cfg: RunConfig, opts: dict[str, Any]) -> None:
+    """Every layer a loss reads exists in the teacher and the student (by the student's own name
+    after distill.layer_map): checked on freshly built models, before any data is read. A derived
+    student keeps the teacher's module names, so the teacher's names stand for it."""
+    import difflib
+
+    from ptd.distill import LOSSES
+    from ptd.distill.base import PENULTIMATE
+
+    wanted = {name: LOSSES.get(name).feature_layers(o) for name, o in opts.items()}
+    if not any(t or s for t, s in wanted.values()):
+        return
+
+    def names_of(m: ModelConfig) -> list[str]:
+        # num_classes and in_channels do not change module names; small values keep this cheap.
+        model = build_model(m.arch, num_classes=10, in_channels=3, width=m.width, **m.kwargs)
+        return [n for n, _ in model.named_modules() if n]
+
+    def check(side: str, loss: str, layer: str, valid: list[str]) -> None:
+        if layer == PENULTIMATE or layer in valid:
+            return
+        near = difflib.get_close_matches(layer, valid, n=4, cutoff=0.4)
+        hint = f"nearest: {', '.join(near)}" if near else f"e.g. {', '.join(valid[:4])}"
+        raise ConfigError(f"distill.options.{loss}: layer {layer!r} is not a module of the {side} ({hint}; or {PENULTIMATE}); "
+                          f"name one of its modules" + (", or map it with distill.layer_map" if side == "student" else ""))
+
+    t_names = names_of(cfg.teacher.model)
+    s_names = names_of(cfg.student.model) if cfg.student.source == "named" else t_names
+    for loss, (t_layers, s_layers) in wanted.items():
+        for layer in t_layers:
+            check("teacher", loss, layer, t_names)
+        for layer in s_layers:
+            check("student", loss, cfg.distill.layer_map.get(layer, layer), s_names)
+
+
+def distill_all(ctx: Context, arms: Sequence[str], s_stats: dict, teachers: dict[str | None, nn.Module | None],
+                replicate: int = 0) -> list[dict]:
+    """Every student of one teacher replicate: each teacher arm with each distill.loss, the
+    scratch arm (no teacher, so no loss to vary) once; every seed."""
+    cfg, rows = ctx.cfg, []
+    for arm in arms:
+        kind = ARM_TABLE[arm].teacher
+        for loss in (cfg.distill.losses if kind is not None else (None,)):
+            rows += [stage_distill(ctx, arm, seed, s_stats, teachers[kind], loss=loss, replicate=replicate) for seed in cfg.distill.seeds]
+    return rows
 
 
 def run_pipeline(cfg: RunConfig, run_dir: str | Path, until: str = "report", arms: Sequence[str] | None = None,
@@ -591,28 +725,42 @@ def run_pipeline(cfg: RunConfig, run_dir: str | Path, until: str = "report", arm
     t0 = time.perf_counter()
     check_plugins(cfg)
     ctx = make_context(cfg, Path(run_dir), log)
-    teacher, t_res = stage_teacher(ctx)
-    if until == "teacher":
-        return t_res
-    pruned, masks, p_res = stage_prune(ctx, teacher, t_res)
-    if until == "prune":
-        return p_res
-    s_stats = stage_student(ctx, teacher, pruned, masks)
-    if until == "student":
-        return s_stats
     arms = list(arms or cfg.distill.arms)
-    # Each arm's teacher is the one of the kind ARM_TABLE names; the control teacher is trained
-    # only when an arm asks for it, before any student.
-    teachers: dict[str | None, nn.Module | None] = {None: None, "unpruned": teacher, "pruned": pruned}
-    c_res = None
-    if any(ARM_TABLE[a].teacher == "retrained" for a in arms):
-        teachers["retrained"], c_res = stage_control(ctx, teacher, p_res)
-    students = [stage_distill(ctx, arm, seed, s_stats, teachers[ARM_TABLE[arm].teacher]) for arm in arms for seed in cfg.distill.seeds]
+    students: list[dict] = []
+    reps: list[dict] = []  # per teacher replicate: its teacher, pruning and control results
+    s_stats: dict = {}
+    for r in range(cfg.teacher.seeds):
+        teacher, t_res = stage_teacher(ctx, replicate=r)
+        reps.append({"replicate": r, "teacher": t_res})
+        if until == "teacher":
+            continue
+        pruned, masks, p_res = stage_prune(ctx, teacher, t_res, replicate=r)
+        reps[-1]["prune"] = p_res
+        if until == "prune":
+            continue
+        if r == 0:
+            # One student architecture for every replicate, derived from replicate 0's pruned
+            # teacher: students of different teachers then differ only by what they were taught.
+            s_stats = stage_student(ctx, teacher, pruned, masks)
+            if until == "student":
+                return s_stats
+        # Each arm's teacher is the one of the kind ARM_TABLE names; the control teacher is trained
+        # only when an arm asks for it, before any student.
+        teachers: dict[str | None, nn.Module | None] = {None: None, "unpruned": teacher, "pruned": pruned}
+        reps[-1]["control"] = None
+        if any(ARM_TABLE[a].teacher == "retrained" for a in arms):
+            teachers["retrained"], reps[-1]["control"] = stage_control(ctx, teacher, p_res, replicate=r)
+        students += distill_all(ctx, arms, s_stats, teachers, replicate=r)
+        del teacher, pruned, teachers  # one replicate's teachers in memory at a time
+    if until in ("teacher", "prune"):
+        return reps[0][until]
     if until == "distill":
         return {"students": students}
     from ptd.report import build_results, write_report
 
-    results = build_results(cfg, t_res, p_res, s_stats, students, control=c_res)
+    r0 = reps[0]
+    results = build_results(cfg, r0["teacher"], r0["prune"], s_stats, students, control=r0["control"],
+                            replicates=reps if len(reps) > 1 else None)
     if ctx.main:
         write_report(ctx.run_dir, results)
     log(f"done in {time.perf_counter() - t0:.0f} s: {ctx.run_dir}")

@@ -71,7 +71,8 @@ def test_bad_configs_name_key_and_fix(tmp_path, text, words):
     ("sweep: {strategies: [imp, magic]}", ["sweep.strategies", "magic", "gmp"]),
     ("distill: {loss: fancy}", ["distill.loss", "fancy", "kd"]),
     ("distill: {loss: [kd, fancy]}", ["distill.loss", "fancy", "kd"]),
-    ("distill: {loss: [kd, ce]}", ["distill.loss", "not run yet", "one name"]),
+    ("distill: {loss: [kd, at], options: {at: {teacher_layers: [features.99]}}}",
+     ["distill.options.at", "'features.99'", "not a module of the teacher", "nearest: features.9"]),
     ("distill: {options: {kd: {beta: 1}}}", ["distill.options.kd.beta", "unknown key", "alpha, temperature"]),
     ("distill: {options: {kd: {temperature: 0}}}", ["distill.options.kd", "temperature", "> 0"]),
     ("distill: {options: {ce: {}}}", ["distill.options.ce", "not in distill.loss"]),
@@ -145,3 +146,13 @@ def test_paper_recipes_match_paper_md():
     assert c.prune.retrain.epochs == 130 and c.prune.retrain.milestones == (39, 84)
     t = load_config(CONFIGS[0].parent / "tiny_imagenet_resnet18.yaml")
     assert t.teacher.model.arch == "resnet18" and t.prune.target_sparsity == 0.59 and t.prune.retrain.batch_size == 512
+
+
+def test_a_sweep_takes_one_loss_and_one_teacher(tmp_path):
+    from ptd.pipeline import check_plugins
+
+    check_plugins(load_config(write(tmp_path, "distill: {loss: [kd, dkd]}")))  # a run compares losses
+    with pytest.raises(ConfigError, match=r"^distill.loss: \['kd', 'dkd'\] lists 2 losses, and a sweep distills with one"):
+        check_plugins(load_config(write(tmp_path, "distill: {loss: [kd, dkd]}")), sweep=True)
+    with pytest.raises(ConfigError, match=r"^teacher.seeds: 2 teacher replicates are for ptd run"):
+        check_plugins(load_config(write(tmp_path, "teacher: {seeds: 2}")), sweep=True)

@@ -457,3 +457,16 @@ def test_works_between_a_resnet_teacher_and_a_narrower_student_by_module_name(na
     value.backward()
     assert all(p.grad is not None for p in student.parameters())
     assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_crd_knows_the_labels_up_front_when_the_setup_gives_them():
+    cls = LOSSES.get("crd")
+    n, classes = 400, 40
+    labels = torch.arange(n) % classes
+    loss = cls(cls.Options(nce_k=50, negatives="exact"), LossSetup(classes, n, {PENULTIMATE: (4,)}, {PENULTIMATE: (3,)}, labels=labels))
+    assert torch.equal(loss.labels, labels)  # before any batch
+    index = torch.arange(0, 64)
+    idx = loss.negatives(index, labels[index])
+    assert (labels[idx[:, 1:]] == labels[index][:, None]).sum().item() == 0  # exact from the first step
+    fresh = cls(cls.Options(nce_k=50, negatives="exact"), LossSetup(classes, n, {PENULTIMATE: (4,)}, {PENULTIMATE: (3,)}))
+    assert (fresh.labels == -1).all()  # without them, learned from the batches as before

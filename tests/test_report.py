@@ -78,3 +78,26 @@ def test_report_prints_interval_n_and_method():
             "(paired t, one teacher, n=5) (per seed: +1.00, +1.20, +0.80, +1.10, +0.90)") in md
     assert "| KD from pruned teacher | 91.00 | [90.80, 91.20] | 0.16 | 5 | 91.00, 91.20, 90.80, 91.10, 90.90 |" in md
     assert "2 SE" not in md and "two standard errors" not in md
+
+
+def test_several_losses_are_summarized_and_reported_per_loss_against_shared_scratch():
+    # kd: pruned - unpruned = -1, 0, +1 points -> mean 0, sd 1, se 0.57735, t(0.975, 2) = 4.30265:
+    # [-2.48, +2.48]. at: +1, +2, +3 -> [-0.48, +4.48]. Scratch (no loss) is shared by both.
+    s = [{**x, "loss": None} for x in rows("scratch", [0.80, 0.80, 0.80])]
+    s += [{**x, "loss": "kd"} for x in rows("unpruned_teacher", [0.90, 0.90, 0.90]) + rows("pruned_teacher", [0.89, 0.90, 0.91])]
+    s += [{**x, "loss": "at"} for x in rows("unpruned_teacher", [0.90, 0.90, 0.90]) + rows("pruned_teacher", [0.91, 0.92, 0.93])]
+    out = summarize(s)
+    assert list(out["losses"]) == ["kd", "at"] and out["comparison"] == out["losses"]["kd"]["comparison"]
+    at = out["losses"]["at"]
+    assert at["comparison"]["pruned_minus_unpruned"]["mean"] == pytest.approx(0.02)
+    assert at["comparison"]["pruned_minus_scratch"]["per_seed"] == {0: pytest.approx(0.11), 1: pytest.approx(0.12), 2: pytest.approx(0.13)}
+    assert at["summary"]["scratch"]["n"] == 3 and at["summary"]["pruned_teacher"]["mean"] == pytest.approx(0.92)
+    r = json.loads((Path(__file__).parent / "data" / "demo_run" / "results.json").read_text())
+    r.update(students=s, **out)
+    md = render_markdown(r)
+    assert "| kd | pruned minus unpruned | +0.00 | [-2.48, +2.48] | 3 | paired t, one teacher | no |" in md
+    assert "| at | pruned minus unpruned | +2.00 | [-0.48, +4.48] | 3 | paired t, one teacher | no |" in md
+    assert "| at | KD from pruned teacher | 92.00 | [89.52, 94.48] | 3 |" in md
+    # The main table is the first loss's: kd's pruned students only.
+    assert "| KD from pruned teacher | 90.00 | [87.52, 92.48] | 1.00 | 3 | 89.00, 90.00, 91.00 |" in md
+    assert summarize([x for x in s if x["loss"] != "at"]).get("losses") is None  # one loss: as before

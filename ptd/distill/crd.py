@@ -106,6 +106,8 @@ class CRDLoss(DistillLoss):
         self.register_buffer("z", torch.full((2,), -1.0))  # normalizers for (student, teacher) scores; -1: unset
         self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
         self.register_buffer("labels", torch.full((n,), -1, dtype=torch.int64))  # -1: not seen yet
+        if setup.labels is not None:  # known up front: no first epoch of unfiltered negatives
+            self.labels.copy_(torch.as_tensor(setup.labels, dtype=torch.int64).reshape(n))
 
     def negatives(self, index: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """[B, 1 + K] bank rows: the sample itself, then K negatives."""

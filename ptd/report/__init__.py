@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ptd.config import ARMS, RunConfig
-from ptd.report.stats import format_estimate, hierarchical_estimate, t_interval
+from ptd.report.stats import format_estimate, hierarchical_estimate, paired_estimate, t_interval
 from ptd.train import checkpoint as ckpt
 from ptd.errors import PtdError
 
@@ -65,6 +65,8 @@ def paired(students: list[dict], a: str, b: str) -> dict[str, Any] | None:
     out["per_seed"] = ({sd: d for (_, sd), d in zip(keys, diffs)} if len(by_teacher) == 1
                        else {f"t{t}/s{sd}": d for (t, sd), d in zip(keys, diffs)})
     out["wins"] = sum(d > 0 for d in diffs)
+    if len(by_teacher) > 1:  # the per-teacher view beside the pooled one: each teacher's own paired t
+        out["per_teacher"] = {str(t): paired_estimate(v) for t, v in by_teacher.items()}
     out["verdict"] = verdict(out, a, b)
     return out
 
@@ -82,17 +84,57 @@ def verdict(est: dict[str, Any], a: str, b: str) -> str:
     return f"no clear difference between {la} and {lb}: {text}; the interval includes zero{few}"
 
 
-def summarize(students: list[dict]) -> dict[str, Any]:
-    """The per-arm summaries and the paired comparisons of ``students`` (result rows with arm,
-    seed, test_acc and optionally teacher): what results.json holds under "summary" and
-    "comparison". ``ptd report`` recomputes them from results.json's students."""
+def losses_of(students: list[dict]) -> list[str]:
+    """The distillation losses of the teacher arms' rows, in the order they first appear (the
+    config's order); rows without a ``loss`` key (runs from before several losses) count as one."""
+    return list(dict.fromkeys(s["loss"] for s in students if s.get("loss") is not None))
+
+
+def by_loss(students: list[dict]) -> dict[str | None, list[dict]]:
+    """The students as one view per loss: that loss's teacher-arm rows plus the rows without a
+    loss (the scratch arm, which has no teacher and is shared by every loss). One loss or none:
+    one view of every row, keyed by that loss (None when the rows name none)."""
+    losses = losses_of(students)
+    if len(losses) <= 1:
+        return {losses[0] if losses else None: students}
+    shared = [s for s in students if s.get("loss") is None]
+    return {loss: shared + [s for s in students if s.get("loss") == loss] for loss in losses}
+
+
+def _summarize_one(students: list[dict]) -> dict[str, Any]:
     summary = {arm: arm_summary([s for s in students if s["arm"] == arm]) for arm in ARMS if any(s["arm"] == arm for s in students)}
     comparison = {k: v for k, (a, b) in COMPARISONS.items() if (v := paired(students, a, b)) is not None}
     return {"summary": summary, "comparison": comparison}
 
 
+def summarize(students: list[dict]) -> dict[str, Any]:
+    """The per-arm summaries and the paired comparisons of ``students`` (result rows with arm,
+    seed, test_acc and optionally loss and teacher): what results.json holds under "summary" and
+    "comparison". With several distillation losses these are the first loss's (the config's
+    first), and "losses" holds {loss: {"summary", "comparison"}} for every loss, each against the
+    same scratch students. ``ptd report`` recomputes them from results.json's students."""
+    views = {loss: _summarize_one(rows) for loss, rows in by_loss(students).items()}
+    out = dict(next(iter(views.values())))
+    if len(views) > 1:
+        out["losses"] = views
+    return out
+
+
+def replicate_rows(replicates: list[dict]) -> list[dict]:
+    """One row per teacher replicate: its teacher's, pruned teacher's and control's accuracy."""
+    out = []
+    for rep in replicates:
+        p, c = rep["prune"], rep.get("control")
+        out.append({"replicate": rep["replicate"], "teacher_test_acc": rep["teacher"]["test_acc"],
+                    "pruned_test_acc": p["levels"][-1]["test_acc"], "sparsity": p["sparsity"],
+                    "control_test_acc": c["test_acc"] if c else None})
+    return out
+
+
 def build_results(cfg: RunConfig, teacher: dict, prune: dict, student: dict, students: list[dict],
-                  control: dict | None = None) -> dict[str, Any]:
+                  control: dict | None = None, replicates: list[dict] | None = None) -> dict[str, Any]:
+    """results.json. ``teacher``/``prune``/``control``: replicate 0's (the one the student is
+    derived from); ``replicates``: every replicate's results, when there are several."""
     final = prune["levels"][-1]
     stats = summarize(students)
     summary = stats["summary"]
@@ -102,12 +144,13 @@ def build_results(cfg: RunConfig, teacher: dict, prune: dict, student: dict, stu
         "pruning": {k: prune.get(k, 0) for k in ("epochs", "steps", "wall_s")},
         "control": {k: (control or {}).get(k, 0) for k in ("epochs", "steps", "wall_s")},
         "students": {arm: {k: sum(s[k] for s in students if s["arm"] == arm) for k in ("epochs", "steps", "wall_s")} for arm in summary},
+        "students_n": {arm: sum(s["arm"] == arm for s in students) for arm in summary},
     }
     # Total compute behind one student of each arm (per seed): its own training plus the teachers it needs.
     behind = {"scratch": [], "unpruned_teacher": ["teacher"], "pruned_teacher": ["teacher", "pruning"],
               "retrained_teacher": ["teacher", "control"]}
     compute["total_per_student"] = {
-        arm: {k: sum(compute[st][k] for st in behind[arm]) + compute["students"][arm][k] / max(summary[arm]["n"], 1)
+        arm: {k: sum(compute[st][k] for st in behind[arm]) + compute["students"][arm][k] / max(compute["students_n"][arm], 1)
               for k in ("epochs", "steps", "wall_s")} for arm in summary}
     return {
         "name": cfg.name,
@@ -123,6 +166,9 @@ def build_results(cfg: RunConfig, teacher: dict, prune: dict, student: dict, stu
         "students": students,
         "summary": summary,
         "comparison": stats["comparison"],
+        **({"losses": stats["losses"]} if "losses" in stats else {}),
+        "distill_losses": list(cfg.distill.losses),
+        **({"teacher_replicates": replicate_rows(replicates), "student_from_replicate": 0} if replicates else {}),
         "compute": compute,
     }
 
@@ -152,6 +198,58 @@ def _lat(s: dict, b: str) -> str:
     return "n/a" if v is None else f"{v:.2f}"
 
 
+def primary_students(r: dict[str, Any]) -> list[dict]:
+    """The students behind r's top-level summary: with several losses, the first loss's and the
+    scratch arm's; otherwise all."""
+    views = by_loss(r["students"])
+    return next(iter(views.values()))
+
+
+def loss_markdown(r: dict[str, Any]) -> list[str]:
+    """With several distillation losses: each loss's arms and comparisons."""
+    if len(r.get("losses") or {}) < 2:
+        return []
+    lines = ["## Per distillation loss", "",
+             "Every teacher arm is distilled with each loss; the student alone (no teacher) is shared by all. "
+             "Same seeds in every loss, so the comparisons pair seed by seed within a loss.", "",
+             "| loss | arm | mean % | 95% CI of the mean % | n |", "|---|---|---:|---:|---:|"]
+    for loss, v in r["losses"].items():
+        for arm, sm in v["summary"].items():
+            ci = "n/a" if sm.get("ci_low") is None else f"[{_pct(sm['ci_low'])}, {_pct(sm['ci_high'])}]"
+            lines.append(f"| {loss} | {ARM_LABELS[arm]} | {_pct(sm['mean'])} | {ci} | {sm['n']} |")
+    lines += ["", "| loss | comparison (a - b) | mean, points | 95% CI, points | n | method | called |", "|---|---|---:|---:|---:|---|---|"]
+    for loss, v in r["losses"].items():
+        for key, c in v["comparison"].items():
+            lines.append(f"| {loss} | {key.replace('_', ' ')} | {100 * c['mean']:+.2f} | {_ci(c)} | {c['n']} | {c['method']} | "
+                         f"{'yes' if c['called'] else 'no'} |")
+    return lines + [""]
+
+
+def replicate_markdown(r: dict[str, Any]) -> list[str]:
+    """With teacher replicates: each replicate's teachers, then each comparison per teacher and pooled."""
+    reps = r.get("teacher_replicates")
+    if not reps:
+        return []
+    lines = ["## Teacher replicates", "",
+             f"{len(reps)} teachers, each trained, pruned{' and control-retrained' if r.get('retrained_teacher') else ''} from its own seeds; "
+             f"every arm's students are distilled from each. The student architecture comes from replicate "
+             f"{r.get('student_from_replicate', 0)}'s pruned teacher and is the same for all. The tables above show replicate 0's teachers.", "",
+             "| replicate | teacher test acc % | pruned test acc % | sparsity | control test acc % |", "|---:|---:|---:|---:|---:|"]
+    lines += [f"| {x['replicate']} | {_pct(x['teacher_test_acc'])} | {_pct(x['pruned_test_acc'])} | {x['sparsity']:.4f} | "
+              f"{_pct(x['control_test_acc'])} |" for x in reps]
+    lines += ["", "Per teacher (paired t over that teacher's seeds) and pooled (teacher means, t: the interval over teachers, "
+              "so the variance between teachers counts; var teacher / var student: the variance components).", "",
+              "| comparison (a - b) | teacher | mean, points | 95% CI, points | n | called |", "|---|---|---:|---:|---:|---|"]
+    for key, c in r["comparison"].items():
+        for t, e in (c.get("per_teacher") or {}).items():
+            lines.append(f"| {key.replace('_', ' ')} | {t} | {100 * e['mean']:+.2f} | {_ci(e)} | {e['n']} | {'yes' if e['called'] else 'no'} |")
+        vt, vs = c.get("var_teacher"), c.get("var_student")
+        comp = "" if vt is None or vs is None else f" (var teacher {1e4 * vt:.3f}, var student {1e4 * vs:.3f} points²)"
+        lines.append(f"| {key.replace('_', ' ')} | pooled{comp} | {100 * c['mean']:+.2f} | {_ci(c)} | {c['n']} teachers | "
+                     f"{'yes' if c['called'] else 'no'} |")
+    return lines + [""]
+
+
 def render_markdown(r: dict[str, Any]) -> str:
     t, p, s = r["teacher"], r["pruned_teacher"], r["student"]
     lines = [f"# ptd report: {r['name']}", "", f"Dataset: {r['dataset']}. Accuracies are test top-1 (%) at the best-validation checkpoint.", ""]
@@ -168,9 +266,13 @@ def render_markdown(r: dict[str, Any]) -> str:
     lines += ["## Student", "", "| model | params | FLOPs | latency b1 (ms) | latency b64 (ms) |", "|---|---:|---:|---:|---:|",
               f"| teacher | {t['params']:,} | {t['flops']:,} | {_lat(t, '1')} | {_lat(t, '64')} |",
               f"| student ({s['spec']['arch']}) | {s['params']:,} ({s['params_ratio']:.3f}x) | {s['flops']:,} ({s['flops_ratio']:.3f}x) | {_lat(s, '1')} | {_lat(s, '64')} |", ""]
-    lines += ["## Students: test accuracy over seeds", "", "| arm | mean % | 95% CI of the mean % | std % | seeds | per seed % |", "|---|---:|---:|---:|---:|---|"]
+    lines += ["## Students: test accuracy over seeds", ""]
+    main_students = primary_students(r)
+    if len(r.get("losses") or {}) > 1:
+        lines += [f"Distillation loss {next(iter(r['losses']))} (the first of distill.loss); every loss is in \"Per distillation loss\" below.", ""]
+    lines += ["| arm | mean % | 95% CI of the mean % | std % | seeds | per seed % |", "|---|---:|---:|---:|---:|---|"]
     for arm, sm in r["summary"].items():
-        per = ", ".join(_pct(x["test_acc"]) for x in sorted(r["students"], key=lambda x: x["seed"]) if x["arm"] == arm)
+        per = ", ".join(_pct(x["test_acc"]) for x in sorted(main_students, key=lambda x: x["seed"]) if x["arm"] == arm)
         ci = "n/a" if sm.get("ci_low") is None else f"[{_pct(sm['ci_low'])}, {_pct(sm['ci_high'])}]"
         lines.append(f"| {ARM_LABELS[arm]} | {_pct(sm['mean'])} | {ci} | {_pct(sm['std'])} | {sm['n']} | {per} |")
     lines += ["", "## Does the pruned teacher teach better?", ""]
@@ -185,8 +287,9 @@ def render_markdown(r: dict[str, Any]) -> str:
     lines.append("")
     for key, c in r["comparison"].items():
         lines.append(f"- {c['verdict']} (per seed: {', '.join(f'{100 * v:+.2f}' for v in c['per_seed'].values())})")
+    lines += [""] + loss_markdown(r) + replicate_markdown(r)
     c = r["compute"]
-    lines += ["", "## Compute", "", "| stage | epochs | optimizer steps | wall s |", "|---|---:|---:|---:|",
+    lines += ["## Compute", "", "| stage | epochs | optimizer steps | wall s |", "|---|---:|---:|---:|",
               f"| teacher | {c['teacher']['epochs']} | {c['teacher']['steps']} | {c['teacher']['wall_s']:.0f} |",
               f"| pruning (all levels) | {c['pruning']['epochs']} | {c['pruning']['steps']} | {c['pruning']['wall_s']:.0f} |"]
     if c["control"]["epochs"]:
@@ -233,7 +336,6 @@ def rerender_sweep(sweep_dir: str | Path) -> None:
     """``ptd report SWEEP_DIR``: rewrite sweep.md, its plots and report.html from sweep.json."""
     import json
 
-    from ptd.report.html import write_sweep_html
     from ptd.report.sweep import _vs, write_sweep_report
 
     sweep_dir = Path(sweep_dir)
@@ -243,14 +345,13 @@ def rerender_sweep(sweep_dir: str | Path) -> None:
         # Today's statistics for every paired comparison, from the per-seed rows sweep.json keeps.
         base = {arm: b["students"] for arm, b in results["baselines"].items()}
         for row in results["rows"]:
-            row["vs_unpruned_teacher"] = _vs(row["students"], base.get("unpruned_teacher"))
-            row["vs_scratch"] = _vs(row["students"], base.get("scratch"))
+            row["vs_unpruned_teacher"] = _vs(row["students"], "pruned_teacher", base.get("unpruned_teacher"), "unpruned_teacher")
+            row["vs_scratch"] = _vs(row["students"], "pruned_teacher", base.get("scratch"), "scratch")
         for arm, b in results["baselines"].items():
-            b["vs_scratch"] = _vs(b["students"], base.get("scratch")) if arm != "scratch" else None
-        write_sweep_report(sweep_dir, results)
+            b["vs_scratch"] = _vs(b["students"], arm, base.get("scratch"), "scratch") if arm != "scratch" else None
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
         raise ReportError(f"{path} cannot be reported on ({type(e).__name__}: {e}); re-run `ptd sweep CONFIG --out {sweep_dir}` to rewrite it") from None
-    write_sweep_html(sweep_dir, results)
+    write_sweep_report(sweep_dir, results)  # sweep.json, sweep.md, plots and report.html
 
 
 class ReportError(PtdError, ValueError):

@@ -21,7 +21,7 @@ import re
 from pathlib import Path
 from typing import Any, Callable
 
-from ptd.report import ARM_LABELS, summarize
+from ptd.report import ARM_LABELS, primary_students, summarize
 from ptd.report.stats import format_estimate
 
 ARM_COLORS = {"scratch": "#444444", "unpruned_teacher": "#1f77b4", "pruned_teacher": "#d62728", "retrained_teacher": "#2ca02c"}
@@ -267,7 +267,7 @@ def _teacher_style(name: str) -> dict:
 
 
 def _student_style(name: str) -> dict:
-    m = re.match(r"(?:.*/)?(?P<arm>[a-z_]+?)_seed(?P<seed>\d+)$", name)
+    m = re.match(r"(?:.*/)?(?P<arm>[a-z_]+?)(?:-(?P<loss>[a-z0-9_]+))?_seed(?P<seed>\d+)$", name)
     if not m:
         return {"color": "0.4", "label": name}
     arm, seed = m["arm"], int(m["seed"])
@@ -373,6 +373,8 @@ def render_run_html(run_dir: str | Path, results: dict[str, Any] | None = None) 
     t, p = r["teacher"], r["pruned_teacher"]
     n_seeds = max((sm["n"] for sm in r["summary"].values()), default=0)
     body = [_answer(r)]
+    several = len(r.get("losses") or {}) > 1
+    r_all, r = r, {**r, "students": primary_students(r)}  # the top-level summary's students (first loss)
 
     def arms() -> str:
         rows = [[ARM_LABELS.get(a, a), _pct(sm["mean"]), "n/a" if sm.get("ci_low") is None else f"{_pct(sm['ci_low'])} .. {_pct(sm['ci_high'])}",
@@ -380,7 +382,8 @@ def render_run_html(run_dir: str | Path, results: dict[str, Any] | None = None) 
                 for a, sm in r["summary"].items()]
         return (_img(plot_arms(r), "student test accuracy per arm, every seed and the 95% interval")
                 + _table(["arm", "mean %", "95% CI of the mean %", "seeds", "per seed %"], rows))
-    body.append(_section("Student accuracy per arm", _safe(arms, "student accuracy per arm")))
+    body.append(_section("Student accuracy per arm" + (f" (loss {next(iter(r['losses']))}, the first of distill.loss)" if several else ""),
+                         _safe(arms, "student accuracy per arm")))
 
     def comps() -> str:
         if not r.get("comparison"):
@@ -396,6 +399,34 @@ def render_run_html(run_dir: str | Path, results: dict[str, Any] | None = None) 
         return (_img(plot_comparisons(r), "paired differences with 95% intervals") + note
                 + _table(["comparison (a - b)", "mean, points", "95% CI, points", "n", "method", "called", "sign-flip p"], rows, left=1))
     body.append(_section("Paired comparisons", _safe(comps, "comparisons")))
+
+    def per_loss() -> str:
+        flat = {f"{loss}: {k}": c for loss, v in r["losses"].items() for k, c in v["comparison"].items()}
+        rows = [[k.replace("_", " "), f"{100 * c['mean']:+.2f}",
+                 "n/a" if c.get("ci_low") is None else f"{100 * c['ci_low']:+.2f} .. {100 * c['ci_high']:+.2f}",
+                 c["n"], c["method"], "yes" if c.get("called") else "no"] for k, c in flat.items()]
+        return (_img(plot_comparisons({"comparison": flat}), "paired differences per distillation loss")
+                + '<p class="note">Every teacher arm distilled with each loss; the student alone is shared by all losses.</p>'
+                + _table(["loss: comparison (a - b)", "mean, points", "95% CI, points", "n", "method", "called"], rows))
+    if several:
+        body.append(_section("Per distillation loss", _safe(per_loss, "per-loss comparisons")))
+
+    def replicates() -> str:
+        reps = r["teacher_replicates"]
+        head = _table(["replicate", "teacher test acc %", "pruned test acc %", "sparsity", "control test acc %"],
+                      [[x["replicate"], _pct(x["teacher_test_acc"]), _pct(x["pruned_test_acc"]), f"{x['sparsity']:.4f}",
+                        _pct(x["control_test_acc"])] for x in reps])
+        rows = []
+        for key, c in r["comparison"].items():
+            for t, e in (c.get("per_teacher") or {}).items():
+                rows.append([key.replace("_", " "), f"teacher {t}", format_estimate(e), "yes" if e["called"] else "no"])
+            rows.append([key.replace("_", " "), "pooled over teachers", format_estimate(c), "yes" if c["called"] else "no"])
+        return (f'<p class="note">{len(reps)} teachers, each trained and pruned from its own seeds; the student architecture comes '
+                f"from replicate {r.get('student_from_replicate', 0)}'s pruned teacher. Pooled: the differences averaged within each "
+                "teacher, the interval over teachers, so the variance between teachers counts.</p>" + head
+                + _table(["comparison (a - b)", "view", "estimate", "called"], rows, left=2))
+    if r.get("teacher_replicates"):
+        body.append(_section("Teacher replicates: per teacher and pooled", _safe(replicates, "teacher replicates")))
 
     def teachers() -> str:
         rows = [[f"teacher ({t['arch']})", _pct(t["test_acc"]), "0", f"{t['params']:,}"],
@@ -419,7 +450,7 @@ def render_run_html(run_dir: str | Path, results: dict[str, Any] | None = None) 
     body.append(_section("Training curves: teacher, pruning, control", _safe(teacher_curves, "teacher training curves")))
 
     def student_curves() -> str:
-        runs = curves.get("distill", [])
+        runs = [x for k in curves if k == "distill" for x in curves[k]]
         if not runs:
             return '<p class="note">No student metrics.jsonl.</p>'
         return (_img(plot_curves(runs, _student_style), "student training curves")

@@ -185,8 +185,8 @@ def render_sweep_markdown(r: dict[str, Any], plots: bool = True) -> str:
     if un and sc:
         lines.append(f"- KD from the unpruned teacher vs the student alone: {_diff(un['vs_scratch']) or 'n/a'} points (wins/seeds).")
     if un and r["rows"]:
-        better = [x for x in r["rows"] if x["vs_unpruned_teacher"] and x["vs_unpruned_teacher"]["wins"] == x["vs_unpruned_teacher"]["n"] and x["vs_unpruned_teacher"]["mean"] > 0]
-        lines.append(f"- Pruned teachers whose student beat the unpruned teacher's on every seed: {len(better)} of {len(r['rows'])}"
+        better = [x for x in r["rows"] if (v := x["vs_unpruned_teacher"]) and v["called"] and v["mean"] > 0]
+        lines.append(f"- Pruned teachers whose student beat the unpruned teacher's (95% CI above 0): {len(better)} of {len(r['rows'])}"
                      + (" (" + ", ".join(f"{x['strategy']} s{x['target_sparsity']:g}" for x in better) + ")" if better else "") + ".")
         best = max(r["rows"], key=lambda x: x["student_acc"]["mean"] or 0)
         lines.append(f"- Best mean student: {best['strategy']} s{best['target_sparsity']:g}, {_acc(best['student_acc'])} %, "
@@ -199,7 +199,7 @@ def render_sweep_markdown(r: dict[str, Any], plots: bool = True) -> str:
     if n_seeds < 3:
         lines.append(f"- Only {n_seeds} seed(s): differences of a few tenths of a point are within seed noise; no claim is made from them.")
     else:
-        lines.append("- Verdicts (a difference counts only if every seed agrees in sign and the mean exceeds 2 standard errors):")
+        lines.append("- Verdicts (a difference is called only when the 95% CI of the per-seed differences excludes 0):")
         for x in r["rows"]:
             if x["vs_unpruned_teacher"]:
                 lines.append(f"  - {x['strategy']} s{x['target_sparsity']:g}: {x['vs_unpruned_teacher']['verdict']}")
@@ -220,4 +220,7 @@ def write_sweep_report(run_dir: str | Path, results: dict[str, Any]) -> str:
     plot_acc_vs_compute(results, run_dir / PLOTS[1])
     md = render_sweep_markdown(results)
     ckpt.write_text(run_dir / P.SWEEP_MD, md)
+    from ptd.report.html import write_sweep_html
+
+    write_sweep_html(run_dir, results)
     return md
