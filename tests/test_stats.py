@@ -141,3 +141,11 @@ def test_one_teacher_falls_back_to_seeds_and_says_so():
     e = hierarchical_estimate({0: [0.01, 0.02, 0.03]})
     assert e["n"] == 3 and e["teachers"] == 1 and e["ci_low"] == pytest.approx(paired_estimate([0.01, 0.02, 0.03])["ci_low"])
     assert e["method"] == "paired t, one teacher"
+
+
+def test_zero_spread_is_never_called():
+    # Identical differences give a zero-width t interval; that is no evidence of a difference.
+    e = paired_estimate([0.001, 0.001, 0.001])
+    assert e["ci_low"] == e["ci_high"] and not e["called"] and e["direction"] == 0
+    h = hierarchical_estimate({0: [0.002, 0.0], 1: [0.0, 0.002]})
+    assert h["ci_low"] == h["ci_high"] and not h["called"]

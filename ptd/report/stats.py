@@ -82,7 +82,9 @@ def sign_flip_p(d: Sequence[float]) -> float | None:
 
 
 def _summary(m: float, lo: float | None, hi: float | None) -> dict[str, Any]:
-    called = lo is not None and (lo > 0 or hi < 0)
+    # A zero-width interval (every difference equal, e.g. two replicates with identical means)
+    # estimates no spread at all; it is no evidence of a difference, so it is never called.
+    called = lo is not None and hi > lo and (lo > 0 or hi < 0)
     return {"mean": m, "ci_low": lo, "ci_high": hi, "level": LEVEL, "called": bool(called),
             "direction": (1 if m > 0 else -1) if called else 0}
 
