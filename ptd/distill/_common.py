@@ -13,6 +13,8 @@ from typing import Any, Iterator
 import torch
 import torch.nn.functional as F
 
+from ptd.distill.base import DistillLoss, LossSetup
+
 
 def check(ok: bool, loss: str, field: str, value: Any, rule: str) -> None:
     """One-line error naming the option, its value and what it must be."""
@@ -45,3 +47,19 @@ def layer_shape(loss: str, side: str, shapes: dict[str, tuple[int, ...]], name: 
     if name not in shapes:
         raise ValueError(f"{loss}: no probed shape for {side} layer {name!r} (probed: {', '.join(sorted(shapes)) or 'none'})")
     return tuple(shapes[name])
+
+
+class OneLayerLoss(DistillLoss):
+    """A loss that reads one teacher layer and one student layer, named by its Options'
+    ``teacher_layer`` and ``student_layer`` (empty: the teacher's name, which derived students
+    keep). Sets ``t_name``/``s_name`` and the probed per-sample ``t_shape``/``s_shape``."""
+
+    @classmethod
+    def feature_layers(cls, options: Any) -> tuple[list[str], list[str]]:
+        return [options.teacher_layer], [options.student_layer or options.teacher_layer]
+
+    def __init__(self, options: Any, setup: LossSetup):
+        super().__init__(options, setup)
+        (self.t_name,), (self.s_name,) = self.feature_layers(options)
+        self.t_shape = layer_shape(self.loss_name, "teacher", setup.teacher_shapes, self.t_name)
+        self.s_shape = layer_shape(self.loss_name, "student", setup.student_shapes, self.s_name)

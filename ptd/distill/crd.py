@@ -34,8 +34,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ptd.distill._common import check, cross_entropy, float32, layer_shape
-from ptd.distill.base import PENULTIMATE, DistillBatch, DistillLoss, LossSetup, register_loss
+from ptd.distill._common import check, cross_entropy, float32, OneLayerLoss
+from ptd.distill.base import PENULTIMATE, DistillBatch, LossSetup, register_loss
 
 EPS = 1e-7  # added to the NCE denominators, as the reference code does
 REDRAWS = 4  # rounds of redrawing same-class negatives ("exact" mode); fixed, so no host sync
@@ -62,7 +62,7 @@ class Embed(nn.Module):
 
 
 @register_loss("crd")
-class CRDLoss(DistillLoss):
+class CRDLoss(OneLayerLoss):
     @dataclass(frozen=True)
     class Options:
         ce_weight: float = 1.0
@@ -85,15 +85,9 @@ class CRDLoss(DistillLoss):
             check(0 <= self.momentum < 1, "crd", "momentum", self.momentum, "must be in [0, 1)")
             check(self.negatives in NEGATIVES, "crd", "negatives", self.negatives, f"must be one of {', '.join(NEGATIVES)}")
 
-    @classmethod
-    def feature_layers(cls, options: Options) -> tuple[list[str], list[str]]:
-        return [options.teacher_layer], [options.student_layer or options.teacher_layer]
-
     def __init__(self, options: Options, setup: LossSetup):
         super().__init__(options, setup)
-        (self.t_name,), (self.s_name,) = self.feature_layers(options)
-        t = layer_shape("crd", "teacher", setup.teacher_shapes, self.t_name)
-        s = layer_shape("crd", "student", setup.student_shapes, self.s_name)
+        t, s = self.t_shape, self.s_shape
         if setup.num_samples < 2:
             raise ValueError(f"crd: LossSetup.num_samples = {setup.num_samples}; the memory bank needs the training-set size (>= 2)")
         self.embed_s = Embed(math.prod(s), options.feat_dim)

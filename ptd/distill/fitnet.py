@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from ptd.distill._common import check, cross_entropy, float32, layer_shape, shape_error
-from ptd.distill.base import DistillBatch, DistillLoss, LossSetup, register_loss
+from ptd.distill._common import check, cross_entropy, float32, OneLayerLoss, shape_error
+from ptd.distill.base import DistillBatch, LossSetup, register_loss
 
 
 def make_regressor(s: tuple[int, ...], t: tuple[int, ...], relu: bool, where: tuple[str, str]) -> nn.Module:
@@ -45,7 +45,7 @@ def make_regressor(s: tuple[int, ...], t: tuple[int, ...], relu: bool, where: tu
 
 
 @register_loss("fitnet")
-class FitNetLoss(DistillLoss):
+class FitNetLoss(OneLayerLoss):
     @dataclass(frozen=True)
     class Options:
         ce_weight: float = 1.0
@@ -59,17 +59,9 @@ class FitNetLoss(DistillLoss):
             check(self.weight >= 0, "fitnet", "weight", self.weight, "must be >= 0")
             check(bool(self.teacher_layer), "fitnet", "teacher_layer", self.teacher_layer, "must name a module of the teacher")
 
-    @classmethod
-    def feature_layers(cls, options: Options) -> tuple[list[str], list[str]]:
-        return [options.teacher_layer], [options.student_layer or options.teacher_layer]
-
     def __init__(self, options: Options, setup: LossSetup):
         super().__init__(options, setup)
-        (t_name,), (s_name,) = self.feature_layers(options)
-        self.t_name, self.s_name = t_name, s_name
-        t = layer_shape("fitnet", "teacher", setup.teacher_shapes, t_name)
-        s = layer_shape("fitnet", "student", setup.student_shapes, s_name)
-        self.regressor = make_regressor(s, t, options.relu, (t_name, s_name))
+        self.regressor = make_regressor(self.s_shape, self.t_shape, options.relu, (self.t_name, self.s_name))
 
     def forward(self, batch: DistillBatch) -> dict[str, torch.Tensor]:
         o = self.options

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ptd.distill._common import check, cross_entropy, flat, float32, layer_shape
-from ptd.distill.base import PENULTIMATE, DistillBatch, DistillLoss, LossSetup, register_loss
+from ptd.distill._common import check, cross_entropy, flat, float32, OneLayerLoss
+from ptd.distill.base import PENULTIMATE, DistillBatch, register_loss
 
 EPS = 1e-7
 
@@ -30,7 +30,7 @@ def conditional(f: torch.Tensor) -> torch.Tensor:
 
 
 @register_loss("pkt")
-class PKTLoss(DistillLoss):
+class PKTLoss(OneLayerLoss):
     @dataclass(frozen=True)
     class Options:
         ce_weight: float = 1.0
@@ -41,16 +41,6 @@ class PKTLoss(DistillLoss):
         def __post_init__(self) -> None:
             check(self.ce_weight >= 0, "pkt", "ce_weight", self.ce_weight, "must be >= 0")
             check(self.weight >= 0, "pkt", "weight", self.weight, "must be >= 0")
-
-    @classmethod
-    def feature_layers(cls, options: Options) -> tuple[list[str], list[str]]:
-        return [options.teacher_layer], [options.student_layer or options.teacher_layer]
-
-    def __init__(self, options: Options, setup: LossSetup):
-        super().__init__(options, setup)
-        (self.t_name,), (self.s_name,) = self.feature_layers(options)
-        layer_shape("pkt", "teacher", setup.teacher_shapes, self.t_name)
-        layer_shape("pkt", "student", setup.student_shapes, self.s_name)
 
     def forward(self, batch: DistillBatch) -> dict[str, torch.Tensor]:
         o = self.options

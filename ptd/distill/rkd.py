@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ptd.distill._common import check, cross_entropy, flat, float32, layer_shape
-from ptd.distill.base import PENULTIMATE, DistillBatch, DistillLoss, LossSetup, register_loss
+from ptd.distill._common import check, cross_entropy, flat, float32, OneLayerLoss
+from ptd.distill.base import PENULTIMATE, DistillBatch, register_loss
 
 EPS = 1e-12  # squared distances are clamped here before the sqrt (its gradient at 0 is infinite)
 
@@ -37,7 +37,7 @@ def angles(e: torch.Tensor) -> torch.Tensor:
 
 
 @register_loss("rkd")
-class RKDLoss(DistillLoss):
+class RKDLoss(OneLayerLoss):
     @dataclass(frozen=True)
     class Options:
         ce_weight: float = 1.0
@@ -50,16 +50,6 @@ class RKDLoss(DistillLoss):
             check(self.ce_weight >= 0, "rkd", "ce_weight", self.ce_weight, "must be >= 0")
             check(self.distance_weight >= 0, "rkd", "distance_weight", self.distance_weight, "must be >= 0")
             check(self.angle_weight >= 0, "rkd", "angle_weight", self.angle_weight, "must be >= 0")
-
-    @classmethod
-    def feature_layers(cls, options: Options) -> tuple[list[str], list[str]]:
-        return [options.teacher_layer], [options.student_layer or options.teacher_layer]
-
-    def __init__(self, options: Options, setup: LossSetup):
-        super().__init__(options, setup)
-        (self.t_name,), (self.s_name,) = self.feature_layers(options)
-        layer_shape("rkd", "teacher", setup.teacher_shapes, self.t_name)
-        layer_shape("rkd", "student", setup.student_shapes, self.s_name)
 
     def forward(self, batch: DistillBatch) -> dict[str, torch.Tensor]:
         o = self.options
