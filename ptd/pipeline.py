@@ -288,6 +288,8 @@ def run_stage(ctx: Context, d: Path, compute: Callable[[], dict], *, result_file
     directory, ``compute()`` (a ``fit`` inside resumes from the directory's last committed epoch),
     write the result, mark done, and only then drop the resume files. Returns (result, computed now)."""
     if is_done(d):
+        if cleanup:  # a kill between done and the removal left the resume commit behind
+            cleanup_resume_files(d)
         return read_json(d / result_file), False
     if ctx.main:
         d.mkdir(parents=True, exist_ok=True)
@@ -380,6 +382,7 @@ def stage_prune(ctx: Context, teacher: nn.Module, teacher_result: dict, prune_cf
 
     def load_level(k: int) -> Level:
         ld = level_dir(k)
+        cleanup_resume_files(ld)  # a kill between the level's done and the removal left it behind
         ckpt.load_into(model, ld / P.MODEL, "pruned teacher")
         mk = {n: t.to(ctx.rt.device) for n, t in load_masks(ld / P.MASKS).items()}
         info = read_json(ld / P.SPARSITY)

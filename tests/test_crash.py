@@ -159,6 +159,7 @@ def test_load_resume_missing_and_foreign(tmp_path: Path):
 def test_remove_resume_drops_new_and_old_files(tmp_path: Path):
     for name in ("resume.pt", "last.safetensors", "last_state.pt", "model.safetensors"):
         (tmp_path / name).write_bytes(b"x")
+    (tmp_path / ".model.safetensors.k2j4.tmp").write_bytes(b"half")  # a kill in the middle of a write
     ckpt.remove_resume(tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]
 
@@ -204,7 +205,14 @@ def _weights(run: Path) -> dict[str, dict[str, torch.Tensor]]:
     return {str(p.relative_to(run)): load_file(str(p)) for p in sorted(run.rglob("model.safetensors"))}
 
 
+def _files(run: Path) -> list[str]:
+    return sorted(str(p.relative_to(run)) for p in run.rglob("*") if p.is_file())
+
+
 def _same(a: Path, b: Path) -> str | None:
+    fa, fb = _files(a), _files(b)
+    if fa != fb:  # e.g. a resume commit left behind, or a write that never happened
+        return f"files differ: {sorted(set(fa) ^ set(fb))}"
     wa, wb = _weights(a), _weights(b)
     if sorted(wa) != sorted(wb):
         return f"model files differ: {sorted(set(wa) ^ set(wb))}"
@@ -287,7 +295,20 @@ for line in sys.stdin:
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(rc)
-    _, status = os.waitpid(pid, 0)
+    if req.get("kill_after") is None:
+        _, status = os.waitpid(pid, 0)
+    else:  # a kill at a moment, not at a boundary
+        import time
+        deadline = time.monotonic() + req["kill_after"]
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            if time.monotonic() >= deadline:
+                os.kill(pid, 9)
+                _, status = os.waitpid(pid, 0)
+                break
+            time.sleep(0.005)
     print(json.dumps({"rc": os.waitstatus_to_exitcode(status)}), flush=True)
 """
 
@@ -298,9 +319,10 @@ class _ForkServer:
         self.proc = subprocess.Popen([PY, "-c", _SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         assert self.proc.stdout.readline().strip() == "ready"
 
-    def run(self, cfg: Path, out: Path, log: Path, **env: str) -> int:
-        """``ptd run cfg --out out`` in a forked child; its exit status (-9: SIGKILL)."""
-        req = {"argv": ["run", str(cfg), "--out", str(out), "--quiet"], "env": env, "log": str(log),
+    def run(self, cfg: Path, out: Path, log: Path, kill_after: float | None = None, **env: str) -> int:
+        """``ptd run cfg --out out`` in a forked child; its exit status (-9: SIGKILL, at a write
+        boundary by PTD_FAULT_AT, or after ``kill_after`` seconds)."""
+        req = {"argv": ["run", str(cfg), "--out", str(out), "--quiet"], "env": env, "log": str(log), "kill_after": kill_after,
                "unset": [k for k in (ckpt.FAULT_ENV, ckpt.TRACE_ENV) if k not in env]}
         self.proc.stdin.write(json.dumps(req) + "\n")
         self.proc.stdin.flush()
@@ -372,28 +394,29 @@ def test_kill_at_every_write_boundary_resumes_identically(tmp_path: Path):
 
 @pytest.mark.slow
 def test_kill_at_random_moments_resumes_identically(tmp_path: Path):
+    """SIGKILL after random delays (mid-epoch, mid-write, anywhere), the same run directory
+    re-run each time, then finished: the same weights and results as an uninterrupted run."""
     cfg = _crash_config(tmp_path)
-    ref = tmp_path / "ref"
-    t0 = time.perf_counter()
-    assert _ptd_run(cfg, ref).returncode == 0
-    span = time.perf_counter() - t0
-    rng = random.Random(0)
-    out = tmp_path / "killed"
-    kills = 0
-    env = {k: v for k, v in os.environ.items() if k not in (ckpt.FAULT_ENV, ckpt.TRACE_ENV)}
-    env["OMP_NUM_THREADS"] = "1"
-    for _ in range(6):
-        proc = subprocess.Popen([PY, "-m", "ptd", "run", str(cfg), "--out", str(out), "--quiet"], env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            proc.wait(timeout=rng.uniform(0.3, 1.0) * span)
-        except subprocess.TimeoutExpired:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
+    server = _ForkServer()
+    try:
+        t0 = time.perf_counter()
+        assert server.run(cfg, tmp_path / "ref", tmp_path / "ref.log") == 0, _log_tail(tmp_path / "ref.log")
+        span = time.perf_counter() - t0
+        rng = random.Random(0)
+        out, log = tmp_path / "killed", tmp_path / "killed.log"
+        kills = 0
+        for _ in range(6):
+            rc = server.run(cfg, out, log, kill_after=rng.uniform(0.05, 0.5) * span)
+            if rc == 0:
+                break
+            assert rc == -signal.SIGKILL, _log_tail(log)
             kills += 1
-    assert _ptd_run(cfg, out).returncode == 0
+        assert server.run(cfg, out, log) == 0, _log_tail(log)
+    finally:
+        server.close()
     print(f"\nrandom kills: {kills}")
-    assert _same(ref, out) is None
+    assert kills >= 3
+    assert _same(tmp_path / "ref", out) is None, _same(tmp_path / "ref", out)
 
 
 # ----------------------------------------------------------------------------- the loop's commit

@@ -338,6 +338,9 @@ def remove_resume(out_dir: str | Path) -> None:
     """Drop the resume commit (and an older ptd's two-file one) once the stage's ``done`` is written."""
     for name in (RESUME_FILE, *P.LEGACY_RESUME):
         remove(Path(out_dir) / name)
+    # A kill in the middle of a write leaves its temporary (never a half target): drop them too.
+    for tmp in sorted(Path(out_dir).glob(".*.tmp")) if Path(out_dir).is_dir() else ():
+        remove(tmp)
 
 
 def _to_cpu(obj: Any) -> Any:
