@@ -63,10 +63,7 @@ def _load(args: argparse.Namespace):
 def cmd_stage(args: argparse.Namespace) -> int:
     from ptd.pipeline import run_pipeline
 
-    from ptd.preflight import preflight
-
-    cfg, out = _load(args)
-    preflight(cfg, out)  # before anything is written; drop once run_pipeline calls it itself
+    cfg, out = _load(args)  # run_pipeline runs preflight before anything is written
     until = {"train": "teacher", "prune": "prune", "student": "student", "distill": "distill", "run": "report"}[args.cmd]
     arms = getattr(args, "arm", None)
     res = run_pipeline(cfg, out, until=until, arms=[arms] if arms else None)
@@ -123,10 +120,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from ptd.report.sweep import render_sweep_markdown
     from ptd.sweep import run_sweep
 
-    from ptd.preflight import preflight
-
-    cfg, out = _load(args)
-    preflight(cfg, out, sweep=True)
+    cfg, out = _load(args)  # run_sweep runs preflight before anything is written
     print(render_sweep_markdown(run_sweep(cfg, out), plots=False))
     print(f"written: {out / 'sweep.json'}, {out / 'sweep.md'}, {out / 'student_acc_vs_sparsity.png'}, {out / 'student_acc_vs_compute.png'}")
     return 0

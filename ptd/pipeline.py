@@ -278,7 +278,8 @@ def open_run_dir(cfg: RunConfig, run_dir: Path, rt: Runtime) -> None:
     barrier()
 
 
-def make_context(cfg: RunConfig, run_dir: Path, log: Callable[[str], None] = print) -> Context:
+def make_context(cfg: RunConfig, run_dir: Path, log: Callable[[str], None] = print, splits: Any = None) -> Context:
+    """``splits``: the dataset preflight already loaded (loaded here otherwise)."""
     from ptd.data import load_dataset
 
     if cfg.threads:
@@ -286,8 +287,9 @@ def make_context(cfg: RunConfig, run_dir: Path, log: Callable[[str], None] = pri
     d = init_distributed(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     rt = Runtime(device=resolve_device(cfg.device, d), amp=cfg.amp, channels_last=cfg.channels_last, quiet=cfg.quiet, dist=d)
     dc = cfg.data
-    splits = load_dataset(dc.name, dc.root, val_fraction=dc.val_fraction, seed=cfg.seed, download=dc.download,
-                          cache_dir=dc.cache_dir, train_subset=dc.train_subset, test_subset=dc.test_subset)
+    if splits is None:
+        splits = load_dataset(dc.name, dc.root, val_fraction=dc.val_fraction, seed=cfg.seed, download=dc.download,
+                              cache_dir=dc.cache_dir, train_subset=dc.train_subset, test_subset=dc.test_subset)
     open_run_dir(cfg, run_dir, rt)
     return Context(cfg, run_dir, rt, splits, log if d.is_main else (lambda s: None))
 
@@ -296,14 +298,28 @@ def make_context(cfg: RunConfig, run_dir: Path, log: Callable[[str], None] = pri
 
 
 class _SaveAtEpoch:
-    """Teacher-stage hook: keep the weights after epoch ``epoch`` (for IMP weight rewinding)."""
+    """Teacher-stage hook: keep the weights after epoch ``epoch`` (for IMP weight rewinding; 0: the
+    initialization, saved before the first epoch). Idempotent: a re-run of the epoch (after a kill
+    before its commit) rewrites the same file; a resumed run past that epoch never touches it."""
 
     def __init__(self, model: nn.Module, epoch: int, path: Path, main: bool):
         self.model, self.epoch, self.path, self.main = model, epoch, path, main
+        self.resumed = False
+
+    def on_start(self, model: nn.Module) -> None:
+        # on_start also runs after a resume, with the committed (trained) weights: not the init.
+        if self.epoch == 0 and not self.resumed and self.main:
+            ckpt.save_model(self.path, self.model)
 
     def end_epoch(self, epoch: int, metrics: dict) -> None:
         if epoch + 1 == self.epoch and self.main:
             ckpt.save_model(self.path, self.model)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.resumed = True  # fit restores a commit: at least one epoch is behind us
 
 
 def snapshot_epoch(cfg: RunConfig, strategies: Sequence[str] | None = None) -> int | None:
@@ -318,7 +334,7 @@ def snapshot_epoch(cfg: RunConfig, strategies: Sequence[str] | None = None) -> i
         wanted = [(st, options_for(cfg.prune.options, st)) for st in strategies]
     for st, opts in wanted:
         e = SPECS.get(st).snapshot_epoch(strategy_options(st, opts))
-        if e:
+        if e is not None:  # 0 is an epoch too: the initialization
             return e
     return None
 
@@ -329,6 +345,8 @@ def run_stage(ctx: Context, d: Path, compute: Callable[[], dict], *, result_file
     directory, ``compute()`` (a ``fit`` inside resumes from the directory's last committed epoch),
     write the result, mark done, and only then drop the resume files. Returns (result, computed now)."""
     if is_done(d):
+        if cleanup:  # a kill between done and the removal left the resume commit behind
+            cleanup_resume_files(d)
         return read_json(d / result_file), False
     if ctx.main:
         d.mkdir(parents=True, exist_ok=True)
@@ -380,7 +398,7 @@ def stage_teacher(ctx: Context, snapshot: int | None | str = "auto", replicate: 
             ctx.log(f"[teacher] training {cfg.teacher.model.arch} for {cfg.teacher.optim.epochs} epochs")
             hooks = []
             rewind_epoch = snapshot_epoch(cfg) if snapshot == "auto" else snapshot
-            if rewind_epoch:
+            if rewind_epoch is not None:
                 hooks.append(_SaveAtEpoch(model, int(rewind_epoch), P.snapshot_file(d, int(rewind_epoch)), ctx.main))
             result = ctx.fit(model, cfg.teacher.optim, d, teacher_seed(cfg, replicate), "teacher", hooks=hooks)
         result["params"] = sum(p.numel() for p in model.parameters())
@@ -418,8 +436,7 @@ def stage_prune(ctx: Context, teacher: nn.Module, teacher_result: dict, prune_cf
         # fit reloads the best checkpoint; apply the masks once more for exactness under GMP,
         # whose masks may have shrunk after that checkpoint was written.
         apply_masks(m, mk)
-        cleanup_resume_files(out)
-        return r
+        return r  # its resume commit stays until save_level has written the level's done
 
     def save_level(level: Level) -> None:
         ld = level_dir(level.index)
@@ -432,9 +449,11 @@ def stage_prune(ctx: Context, teacher: nn.Module, teacher_result: dict, prune_cf
             save_masks(ld / P.MASKS, level.masks)
             ckpt.write_json(ld / P.SPARSITY, info)
         ctx.done(ld)
+        cleanup_resume_files(ld)  # crash consistency: only after done (else a kill retrains the level)
 
     def load_level(k: int) -> Level:
         ld = level_dir(k)
+        cleanup_resume_files(ld)  # a kill between the level's done and the removal left it behind
         ckpt.load_into(model, ld / P.MODEL, "pruned teacher")
         mk = {n: t.to(ctx.rt.device) for n, t in load_masks(ld / P.MASKS).items()}
         info = read_json(ld / P.SPARSITY)
@@ -723,8 +742,11 @@ def run_pipeline(cfg: RunConfig, run_dir: str | Path, until: str = "report", arm
         raise ValueError(f"unknown stage {until!r}; valid: {', '.join(STAGES)}")
     log = log or (lambda s: tqdm.write(s))
     t0 = time.perf_counter()
+    from ptd.preflight import preflight
+
+    splits = preflight(cfg, run_dir)  # every user error up front, before the run directory is written
     check_plugins(cfg)
-    ctx = make_context(cfg, Path(run_dir), log)
+    ctx = make_context(cfg, Path(run_dir), log, splits=splits)
     arms = list(arms or cfg.distill.arms)
     students: list[dict] = []
     reps: list[dict] = []  # per teacher replicate: its teacher, pruning and control results

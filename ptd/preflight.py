@@ -27,9 +27,9 @@ from ptd.registry import UnknownNameError
 # Strategies that prune in rounds of ``prune.rate``: their targets round to a whole number of
 # rounds, so a target below half a round means no pruning at all.
 ROUND_STRATEGIES = ("imp", "imp_weight_rewind", "imp_finetune")
-# Weight rewinding to the initialization (rewind_epoch 0) needs the teacher stage to save its
-# weights before the first epoch; until it does, 0 is refused here rather than after training.
-REWIND_TO_INIT = False
+# Weight rewinding to the initialization (rewind_epoch 0): the teacher stage saves its weights
+# before the first epoch (pipeline._SaveAtEpoch.on_start), so 0 is accepted.
+REWIND_TO_INIT = True
 
 
 def preflight(cfg: RunConfig, run_dir: str | Path, *, splits: Any = None, sweep: bool = False) -> Any:

@@ -144,9 +144,12 @@ def run_sweep(cfg: RunConfig, run_dir: str | Path, log: Callable[[str], None] | 
 
     log = log or (lambda s: tqdm.write(s))
     t0 = time.perf_counter()
+    from ptd.preflight import preflight
+
+    splits = preflight(cfg, run_dir, sweep=True)  # every user error up front, before the run directory is written
     check_plugins(cfg, sweep=True)
     sparsities, student_from = check_sweep(cfg)
-    ctx = make_context(cfg, Path(run_dir), log)
+    ctx = make_context(cfg, Path(run_dir), log, splits=splits)
 
     # The teacher stage keeps early weights for weight rewinding when a strategy declares it needs them.
     teacher, t_res = stage_teacher(ctx, snapshot=snapshot_epoch(cfg, cfg.sweep.strategies))

@@ -341,10 +341,9 @@ def test_check_runs_names_the_image_size(ws: Path):
         check_runs(wrong_classes, "student.model", splits)
 
 
-# ----------------------------------------------------------------------------- needs the pipeline wiring
+# ----------------------------------------------------------------------------- preflight inside the pipeline
 
 
-@pytest.mark.xfail(strict=True, reason="needs preflight wired into pipeline")
 @pytest.mark.parametrize("over", ["teacher.model.kwargs={plan: [8], depth: 3}", "threads=0", "prune.target_sparsity=0.05"])
 def test_run_pipeline_refuses_before_writing(ws: Path, tmp_path: Path, over: str):
     from ptd.pipeline import run_pipeline

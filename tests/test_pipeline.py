@@ -237,18 +237,18 @@ def test_run_stage_skips_done_and_marks_done_before_cleanup(tmp_path):
                           done=lambda p: (order.append("done"), mark_done(p)))
 
     def boom():
-        (d / P.LAST_STATE).write_text("resume")
+        (d / P.RESUME).write_text("resume")
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
         run_stage(ctx, d, boom)
-    assert not is_done(d) and (d / P.LAST_STATE).is_file()  # an interrupted stage keeps its resume files
+    assert not is_done(d) and (d / P.RESUME).is_file()  # an interrupted stage keeps its resume files
 
     def compute():
-        assert (d / P.LAST_STATE).is_file()  # the next session finds them
+        assert (d / P.RESUME).is_file()  # the next session finds them
         order.append("compute")
         return {"acc": 0.5}
 
     assert run_stage(ctx, d, compute) == ({"acc": 0.5}, True)
-    assert order == ["compute", "result", "done"] and is_done(d) and not (d / P.LAST_STATE).exists()
+    assert order == ["compute", "result", "done"] and is_done(d) and not (d / P.RESUME).exists()
     assert run_stage(ctx, d, lambda: pytest.fail("a done stage must not run again")) == ({"acc": 0.5}, False)

@@ -40,13 +40,14 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ptd import paths as P
 from ptd.errors import PtdError, one_line
 from ptd.models import unwrap  # models sit below train: no import cycle
 
 FAULT_ENV = "PTD_FAULT_AT"
 TRACE_ENV = "PTD_TRACE_WRITES"
-RESUME_FILE = "resume.pt"
-METRICS_FILE = "metrics.jsonl"
+RESUME_FILE = P.RESUME
+METRICS_FILE = P.METRICS
 RESUME_FORMAT = "ptd-resume-1"
 
 
@@ -334,9 +335,12 @@ def load_resume(out_dir: str | Path) -> dict[str, Any] | None:
 
 
 def remove_resume(out_dir: str | Path) -> None:
-    """Drop the resume commit (and the old two-file one) once the stage's ``done`` is written."""
-    for name in (RESUME_FILE, "last.safetensors", "last_state.pt"):
+    """Drop the resume commit (and an older ptd's two-file one) once the stage's ``done`` is written."""
+    for name in (RESUME_FILE, *P.LEGACY_RESUME):
         remove(Path(out_dir) / name)
+    # A kill in the middle of a write leaves its temporary (never a half target): drop them too.
+    for tmp in sorted(Path(out_dir).glob(".*.tmp")) if Path(out_dir).is_dir() else ():
+        remove(tmp)
 
 
 def _to_cpu(obj: Any) -> Any:

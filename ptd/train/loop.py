@@ -10,8 +10,10 @@ unit; none of them fork it.
   the optimizer step), ``after_step(model)``, ``end_epoch(epoch, metrics)``, ``allow_best(epoch)
   -> bool`` (False: this epoch may not become the best checkpoint), and optionally
   ``state_dict()/load_state_dict()`` so a resumed run restores them.
-- Every epoch appends a JSON line to metrics.jsonl and writes a resumable checkpoint; the best
-  validation checkpoint is kept as model.safetensors and loaded back at the end.
+- Every epoch ends in ONE commit (``resume.pt``, see ptd.train.checkpoint and docs/resume.md):
+  the unit's weights, optimizer, scheduler, RNG, hook states and the metrics rows become visible
+  together by one rename, or not at all. metrics.jsonl is a view rewritten from the committed rows;
+  the best validation weights are kept as model.safetensors and loaded back at the end.
 """
 from __future__ import annotations
 
@@ -91,15 +93,27 @@ def _split_batch(batch: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Ten
     return batch[0], batch[1], (batch[2] if len(batch) > 2 else None)
 
 
-def _extra_state(unit: nn.Module, model: nn.Module) -> dict[str, torch.Tensor]:
-    """The unit's state beyond ``model`` (loss modules, buffers): resumed from last_state.pt, while
-    the model's own weights go to last.safetensors as before."""
-    if unit is model:
-        return {}
-    prefix = next((f"{n}." for n, m in unit.named_modules() if m is model), None)
-    if prefix is None:
+def _check_unit(unit: nn.Module, model: nn.Module) -> None:
+    if unit is not model and not any(m is model for m in unit.modules()):
         raise ValueError("fit: the training unit must contain the model as a submodule")
-    return {k: v.detach().clone() for k, v in unit.state_dict().items() if not k.startswith(prefix)}
+
+
+def _restore(state: dict[str, Any], path: Path, unit: nn.Module, opt: torch.optim.Optimizer, sched: Any,
+             hooks: Sequence[Any]) -> None:
+    """Put a committed epoch back: unit weights, optimizer, scheduler, hook states, RNG."""
+    try:
+        unit.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        saved = state.get("hooks") or []
+        for h, hs in zip(hooks, saved):
+            if hs is not None and hasattr(h, "load_state_dict"):
+                h.load_state_dict(hs)
+    except (KeyError, RuntimeError, ValueError) as e:  # written for another model or by another ptd
+        raise ckpt.CheckpointError(f"{path / ckpt.RESUME_FILE}: does not fit this stage's model or optimizer "
+                                   f"({ckpt.one_line(e)[:160]}); delete it to restart the stage from its first epoch") from None
+    # Last: restoring weights and hooks draws no random numbers, but keep the order obvious.
+    ckpt.set_rng_state(state["rng"])
 
 
 def train_step(net: nn.Module, opt: torch.optim.Optimizer, rt: Runtime, batch: Sequence[torch.Tensor], epoch: int,
@@ -171,7 +185,7 @@ def fit(
     out = Path(out_dir) if out_dir is not None else None
     main = rt.dist.is_main
     unit = (unit if unit is not None else Supervised(model)).to(rt.device)
-    _extra_state(unit, model)  # fails early if the unit does not contain the model
+    _check_unit(unit, model)
     net: nn.Module = unit
     if rt.dist.enabled:  # the one place DDP wraps: the whole unit, so loss modules sync too
         dev_ids = [rt.device.index] if rt.device.type == "cuda" else None
@@ -180,22 +194,15 @@ def fit(
     sched = make_scheduler(opt, optim)
     start, best_acc, best_epoch, steps, wall = 0, -math.inf, -1, 0, 0.0
 
-    if out is not None and (out / P.LAST_STATE).is_file() and (out / P.LAST_MODEL).is_file():
-        state = ckpt.load_state(out / P.LAST_STATE)
-        ckpt.load_into(model, out / P.LAST_MODEL)
-        if state.get("unit"):
-            unit.load_state_dict({**unit.state_dict(), **state["unit"]})
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        start, best_acc, best_epoch = state["epoch"] + 1, state["best_acc"], state["best_epoch"]
-        steps, wall = state["steps"], state["wall_s"]
-        torch.set_rng_state(state["rng_cpu"])
-        if torch.cuda.is_available() and "rng_cuda" in state:
-            torch.cuda.set_rng_state_all(state["rng_cuda"])
-        for i, h in enumerate(hooks):
-            if hasattr(h, "load_state_dict") and f"hook{i}" in state:
-                h.load_state_dict(state[f"hook{i}"])
-        _truncate_metrics(out / P.METRICS, start)
+    rows: list[dict[str, Any]] = []
+    state = ckpt.load_resume(out) if out is not None else None  # the last commit, or None
+    if state is not None:
+        _restore(state, out, unit, opt, sched, hooks)
+        start, steps, wall = state["epoch"] + 1, state["steps"], state["wall_s"]
+        best_acc, best_epoch = state["best"]["acc"], state["best"]["epoch"]
+        rows = list(state["metrics"])
+        if main:  # the view follows the commit (a kill may have left it an epoch behind, or torn)
+            _sync_metrics_view(out / P.METRICS, rows)
 
     _call(hooks, "on_start", model)
     n_batches = len(train_loader)
@@ -241,25 +248,20 @@ def fit(
             row["terms"] = {k: v / max(train_stats[2], 1) for k, v in zip(term_sums, train_stats[3:])}
         if val_acc is not None:
             bar.set_postfix(epoch=f"{epoch + 1}/{optim.epochs}", val_acc=f"{val_acc:.4f}")
+        # Hooks first: what they write (a rewind snapshot) and what they change (GMP's masks) belongs
+        # to this epoch's commit. A kill before the commit re-runs the epoch, which redoes both.
+        _call(hooks, "end_epoch", epoch, row)
+        rows.append(row)
         if out is not None and main:
-            if improved:
+            if improved:  # before the commit; a re-run of this epoch rewrites it identically (on CPU)
                 ckpt.save_model(out / P.MODEL, model)
-            ckpt.save_model(out / P.LAST_MODEL, model)
-            state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "epoch": epoch,
-                     "unit": _extra_state(unit, model),
-                     "best_acc": best_acc, "best_epoch": best_epoch, "steps": steps, "wall_s": wall,
-                     "rng_cpu": torch.get_rng_state()}
-            if torch.cuda.is_available():
-                state["rng_cuda"] = torch.cuda.get_rng_state_all()
-            for j, h in enumerate(hooks):
-                if hasattr(h, "state_dict"):
-                    state[f"hook{j}"] = h.state_dict()
-            ckpt.save_state(out / P.LAST_STATE, state)
-            with open(out / P.METRICS, "a") as f:
-                f.write(json.dumps(row) + "\n")
+            ckpt.save_resume(out, {  # THE commit point of this epoch
+                "epoch": epoch, "model": unit.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "rng": ckpt.rng_state(), "hooks": [h.state_dict() if hasattr(h, "state_dict") else None for h in hooks],
+                "metrics": rows, "best": {"epoch": best_epoch, "acc": best_acc}, "steps": steps, "wall_s": wall})
+            ckpt.write_metrics(out / P.METRICS, rows)  # a view of the commit; a kill here leaves it behind
         elif improved:
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        _call(hooks, "end_epoch", epoch, row)
     bar.close()
 
     # Back to the best-validation weights.
@@ -278,15 +280,14 @@ def fit(
 
 
 def cleanup_resume_files(out_dir: str | Path) -> None:
-    """Drop the per-epoch resume checkpoint once a stage is done (it can be as big as the model)."""
-    # missing_ok: under DDP every rank calls this, and another rank may have deleted them already.
-    for name in (P.LAST_MODEL, P.LAST_STATE):
-        (Path(out_dir) / name).unlink(missing_ok=True)
+    """Drop the per-epoch resume commit once a stage's ``done`` is written (it can be as big as the
+    model). Never before ``done``: a kill in between would retrain the whole stage."""
+    ckpt.remove_resume(out_dir)  # missing files are fine: under DDP every rank calls this
 
 
-def _truncate_metrics(path: Path, start_epoch: int) -> None:
-    """Drop lines of epochs that will be re-run, so a resumed run logs each epoch once."""
-    if not path.is_file():
-        return
-    keep = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["epoch"] <= start_epoch]
-    ckpt.write_text(path, "".join(l + "\n" for l in keep))
+def _sync_metrics_view(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Rewrite metrics.jsonl from the committed rows unless it already holds exactly them."""
+    want = "".join(json.dumps(r) + "\n" for r in rows)
+    have = path.read_text(errors="replace") if path.is_file() else ("" if rows else None)
+    if have != want and (rows or have is not None):
+        ckpt.write_metrics(path, rows)

@@ -113,9 +113,9 @@ def imp_finetune(ctx: PruneContext) -> list[Level]:
 
 
 def _snapshot(o) -> int | None:
-    # The teacher stage keeps its weights at this epoch for weight rewinding (0: the init, which
-    # the teacher stage does not save).
-    return getattr(o, "rewind_epoch", None) or None
+    # The teacher stage keeps its weights at this epoch for weight rewinding (0: the init, saved
+    # before its first epoch).
+    return getattr(o, "rewind_epoch", None)
 
 
 # Every IMP variant's levels nest: round k of one run to the highest sparsity is a lower sparsity.
