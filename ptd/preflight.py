@@ -51,8 +51,10 @@ def preflight(cfg: RunConfig, run_dir: str | Path, *, splits: Any = None, sweep:
         splits = load_dataset(dc.name, dc.root, val_fraction=dc.val_fraction, seed=cfg.seed, download=dc.download,
                               cache_dir=dc.cache_dir, train_subset=dc.train_subset, test_subset=dc.test_subset)
     teacher = check_model(cfg.teacher.model, "teacher.model", splits, image_size=cfg.data.image_size)
+    student = None
     if cfg.student.source == "named" and cfg.student.model is not None:
-        check_model(cfg.student.model, "student.model", splits, image_size=cfg.data.image_size)
+        student = check_model(cfg.student.model, "student.model", splits, image_size=cfg.data.image_size)
+    check_bridges(cfg, teacher, student, splits)
     if cfg.teacher.checkpoint:
         from ptd.train.checkpoint import load_into
 
@@ -199,3 +201,30 @@ def check_runs(model: nn.Module, where: str, splits: Any, image_size: int | None
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ConfigError(f"{where}: the model gives {shape} for 2 images, expected (2, {splits.num_classes}) logits "
                           f"for the {splits.num_classes} classes of {splits.name}")
+
+
+def check_bridges(cfg: RunConfig, teacher: nn.Module, student: nn.Module | None, splits: Any) -> None:
+    """Every distillation loss is built once on blank images of this data, so shapes a loss cannot
+    bridge (e.g. FitNet between a feature map and a flat vector) fail here, not after the teacher
+    trained. A derived student keeps the teacher's module names and the kind of every feature (its
+    maps only narrow), so a fresh teacher of the same config stands in for it."""
+    from ptd.distill import LOSSES, build_distiller, loss_options
+
+    dc = cfg.distill
+    opts = {n: loss_options(n, dc.options.get(n), {"alpha": dc.alpha, "temperature": dc.temperature}) for n in dc.losses}
+    if not any(t or s for t, s in (LOSSES.get(n).feature_layers(o) for n, o in opts.items())):
+        return  # logit losses: nothing to bridge
+    if student is None:
+        student = check_model(cfg.teacher.model, "teacher.model", splits, image_size=cfg.data.image_size)
+    size = cfg.data.image_size
+    h, w = (size, size) if size else tuple(splits.image_size)
+    try:
+        build_distiller(student, teacher, list(dc.losses), options=dc.options,
+                        defaults={"alpha": dc.alpha, "temperature": dc.temperature}, num_classes=splits.num_classes,
+                        num_samples=max(2, len(splits.train)), example_input=torch.zeros(2, splits.in_channels, h, w),
+                        layer_map=dc.layer_map)
+    except (ValueError, KeyError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"distill: {one_line(e)[:300]}; pick layers whose shapes the loss can bridge "
+                          f"(distill.options.<loss>, distill.layer_map; docs/distillation.md)") from None

@@ -66,6 +66,9 @@ def test_two_losses_distill_every_teacher_arm_with_each(tmp_path, tiny_fashion):
     (["--set", "distill.loss=[kd, at]", "--set", "distill.options={at: {bogus: 1}}"], ["distill.options.at", "bogus"]),
     (["--set", "distill.loss=[kd, at]", "--set", "distill.options={at: {teacher_layers: [features.22]}}"],
      ["distill.options.at", "'features.22'", "teacher", "nearest: features.2"]),
+    # Shapes the loss cannot bridge: FitNet from a flat teacher embedding to a student feature map.
+    (["--set", "distill.loss=[fitnet]", "--set", "distill.options={fitnet: {teacher_layer: '@penultimate', student_layer: features.0}}"],
+     ["distill:", "fitnet", "@penultimate", "features.0", "bridge"]),
 ])
 def test_bad_loss_input_is_one_line_before_the_run_dir(tmp_path, tiny_yaml, over, words):
     out = tmp_path / "run"
