@@ -744,8 +744,8 @@ def run_pipeline(cfg: RunConfig, run_dir: str | Path, until: str = "report", arm
     t0 = time.perf_counter()
     from ptd.preflight import preflight
 
-    check_plugins(cfg)  # names and options first: cheap, and the clearest message for a typo
     splits = preflight(cfg, run_dir)  # every user error up front, before the run directory is written
+    check_plugins(cfg)
     ctx = make_context(cfg, Path(run_dir), log, splits=splits)
     arms = list(arms or cfg.distill.arms)
     students: list[dict] = []

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from ptd.config import ConfigError, ModelConfig, RunConfig
-from ptd.errors import PreflightError, one_line
+from ptd.errors import PreflightError, PtdError, one_line
 from ptd.registry import UnknownNameError
 
 # Strategies that prune in rounds of ``prune.rate``: their targets round to a whole number of
@@ -210,12 +210,22 @@ def check_bridges(cfg: RunConfig, teacher: nn.Module, student: nn.Module | None,
     maps only narrow), so a fresh teacher of the same config stands in for it."""
     from ptd.distill import LOSSES, build_distiller, loss_options
 
+    from ptd.distill.base import PENULTIMATE
+
     dc = cfg.distill
-    opts = {n: loss_options(n, dc.options.get(n), {"alpha": dc.alpha, "temperature": dc.temperature}) for n in dc.losses}
-    if not any(t or s for t, s in (LOSSES.get(n).feature_layers(o) for n, o in opts.items())):
+    try:
+        opts = {n: loss_options(n, dc.options.get(n), {"alpha": dc.alpha, "temperature": dc.temperature}) for n in dc.losses}
+    except PtdError:
+        return  # unknown losses or options: check_plugins names them
+    layers = [LOSSES.get(n).feature_layers(o) for n, o in opts.items()]
+    if not any(t or s for t, s in layers):
         return  # logit losses: nothing to bridge
     if student is None:
         student = check_model(cfg.teacher.model, "teacher.model", splits, image_size=cfg.data.image_size)
+    t_mods, s_mods = dict(teacher.named_modules()), dict(student.named_modules())
+    if any(n != PENULTIMATE and n not in t_mods for t, _ in layers for n in t) or \
+            any(n != PENULTIMATE and dc.layer_map.get(n, n) not in s_mods for _, s in layers for n in s):
+        return  # a layer that is not there: check_plugins names it with the nearest valid names
     size = cfg.data.image_size
     h, w = (size, size) if size else tuple(splits.image_size)
     try:

@@ -146,8 +146,8 @@ def run_sweep(cfg: RunConfig, run_dir: str | Path, log: Callable[[str], None] | 
     t0 = time.perf_counter()
     from ptd.preflight import preflight
 
-    check_plugins(cfg, sweep=True)  # names and options first: cheap, and the clearest message for a typo
     splits = preflight(cfg, run_dir, sweep=True)  # every user error up front, before the run directory is written
+    check_plugins(cfg, sweep=True)
     sparsities, student_from = check_sweep(cfg)
     ctx = make_context(cfg, Path(run_dir), log, splits=splits)
 
