@@ -159,7 +159,7 @@ class Context:
 
 
 def environment(cfg: RunConfig, rt: Runtime) -> dict[str, Any]:
-    import torchvision
+    import importlib.metadata
 
     import ptd
     from ptd.measure import cpu_name
@@ -170,7 +170,7 @@ def environment(cfg: RunConfig, rt: Runtime) -> dict[str, Any]:
         "ptd": getattr(ptd, "__version__", "?"),
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
+        "torchvision": importlib.metadata.version("torchvision"),  # the version without importing it (seconds)
         "platform": platform.platform(),
         "processor": cpu_name(),
         "cpu_count": os.cpu_count(),

@@ -11,7 +11,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torchvision
 
 from ptd.data.base import DATASETS, DataError, RawDataset, Split, default_cache_dir
 from ptd.data.safe_pickle import UnsafePickleError, safe_load
@@ -105,6 +104,8 @@ def _load(key: str, root: str | None, download: bool, cache_dir: str | None) -> 
         folder = _resolve(cache, s["folder"])
         if folder is None:
             try:
+                import torchvision  # here, not at module level: it costs 3-11 s of start-up (docs/speed.md)
+
                 getattr(torchvision.datasets, s["tv"])(root=str(cache), train=True, download=True)
             except Exception as e:
                 msg = " ".join(str(e).split())[:200]

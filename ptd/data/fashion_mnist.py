@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torchvision
 
 from ptd.data.base import DATASETS, DataError, RawDataset, Split, default_cache_dir
 from ptd.data.idx import find_idx, read_idx_pair
@@ -65,6 +64,8 @@ def _load_idx_dataset(
         if files is None:
             try:
                 # Look the class up at call time so tests can monkeypatch its download.
+                import torchvision  # here, not at module level: it costs 3-11 s of start-up (docs/speed.md)
+
                 getattr(torchvision.datasets, tv_name)(root=str(cache), train=True, download=True)
             except Exception as e:  # offline, proxy, checksum ... all mean the same to the user
                 msg = " ".join(str(e).split())[:200]
