@@ -206,7 +206,10 @@ def _weights(run: Path) -> dict[str, dict[str, torch.Tensor]]:
 
 
 def _files(run: Path) -> list[str]:
-    return sorted(str(p.relative_to(run)) for p in run.rglob("*") if p.is_file())
+    # TensorBoard's event files are append-only logs named by time, host and pid: a resumed process
+    # starts a new one (purge_step makes TensorBoard drop the re-run steps), so they cannot match a
+    # single run's files by name or bytes. Everything else must.
+    return sorted(str(p.relative_to(run)) for p in run.rglob("*") if p.is_file() and "tfevents" not in p.name)
 
 
 def _same(a: Path, b: Path) -> str | None:

@@ -217,7 +217,11 @@ def test_benchmark_families_derive_students_that_keep_the_layer_names(arch):
     assert plan.method == "rebuild" and n_params(student) < n_params(teacher)
     names = dict(student.named_modules())
     layers = benchmark_layers(arch)
-    assert {layers["hint"], *layers["stages"]} <= set(names) <= set(dict(teacher.named_modules()))
+    t_names = set(dict(teacher.named_modules()))
+    assert {layers["hint"], *layers["stages"]} <= set(names) and t_names <= set(names)
+    # The only modules a student adds are 1x1 projection shortcuts where a block's input and output
+    # widths come to differ (the stem keeps its width, as in the paper's ResNet students).
+    assert all(".shortcut" in n for n in set(names) - t_names), sorted(set(names) - t_names)
     assert student(torch.randn(2, 3, 32, 32)).shape == (2, 100)
 
 
