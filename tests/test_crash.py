@@ -511,3 +511,11 @@ def test_rewind_to_init_snapshot_is_the_initialization_and_a_resume_keeps_it(tmp
     fit(model, tr, va, opt, rt, out_dir=tmp_path, hooks=[_SaveAtEpoch(model, 0, snap, True)])
     assert str(snap) not in trace.read_text()  # the resumed run holds trained weights: it must not save them
     assert all(torch.equal(load_file(str(snap))[k], v) for k, v in init.items())
+
+
+def test_written_files_get_the_usual_permissions(tmp_path: Path):
+    # mkstemp creates 0600 files; a run directory is shared, so its files get 0666 less the umask.
+    mask = os.umask(0)
+    os.umask(mask)
+    ckpt.write_text(tmp_path / "a.txt", "a")
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o666 & ~mask

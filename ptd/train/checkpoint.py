@@ -108,6 +108,7 @@ def _commit(path: Path, write: Callable[[str], None]) -> None:
     try:
         write(tmp)
         with open(tmp, "rb+") as f:  # the bytes are on disk before the name points at them
+            os.fchmod(f.fileno(), _FILE_MODE)  # mkstemp makes 0600; a run directory is for sharing
             os.fsync(f.fileno())
         _fsync_dir(path.parent)
         os.replace(tmp, path)  # atomic on POSIX: a kill leaves the old file or the new, never half
@@ -116,6 +117,16 @@ def _commit(path: Path, write: Callable[[str], None]) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
     _boundary("after", "write", path)
+
+
+def _file_mode() -> int:
+    """0666 less the process umask: what open() would have given the file (mkstemp gives 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+_FILE_MODE = _file_mode()
 
 
 def remove(path: str | Path) -> None:
