@@ -135,3 +135,36 @@ def test_penultimate_and_named_features_reach_the_loss_as_float32():
     unit.remove_hooks()
     with pytest.raises(ConfigError, match="student has no module 'nope'"):
         Distiller(student, [type("Bad", (Spy,), {"feature_layers": classmethod(lambda c, o: ([], ["nope"]))})(Spy.Options(), LossSetup(10, 8))], teacher)
+
+
+# Layers of the small VGG below (features.2 and .6 are ReLU outputs) for the losses that read them.
+_LAYER_OPTIONS = {
+    "at": {"teacher_layers": ["features.2", "features.6"]},
+    "sp": {"teacher_layers": ["features.6"]},
+    "fitnet": {"teacher_layer": "features.6"},
+    "crd": {"nce_k": 8},
+}
+
+
+@pytest.mark.parametrize("name", [n for n in LOSSES.names() if LOSSES.get(n).__module__.startswith("ptd.")])
+def test_every_loss_trains_the_student_and_never_touches_the_teacher(name):
+    """Through the Distiller, a teacher and a narrower student: the teacher's BatchNorm statistics
+    and weights stay as they were and get no gradient; the student (and the loss's own modules)
+    get one; every term is finite."""
+    torch.manual_seed(0)
+    teacher = build_model("vgg", 10, 1, plan=[8, "M", 16])
+    student = build_model("vgg", 10, 1, plan=[4, "M", 8])
+    teacher.train()  # the Distiller must put it in eval mode itself
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    x, y = torch.randn(8, 1, 12, 12), torch.randint(0, 10, (8,))
+    unit = build_distiller(student, teacher if LOSSES.get(name).needs_teacher else None, name,
+                           options={name: _LAYER_OPTIONS[name]} if name in _LAYER_OPTIONS else None,
+                           num_classes=10, num_samples=16, example_input=x[:2])
+    unit.train()
+    loss, logits, terms = unit(x, y, torch.arange(8), 0)
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(v) for v in terms.values())
+    assert all(torch.equal(v, before[k]) for k, v in teacher.state_dict().items())  # BN running stats too
+    assert all(p.grad is None for p in teacher.parameters())
+    assert all(p.grad is not None for p in student.parameters() if p.requires_grad)
+    assert all(p.grad is not None for p in unit.parameters())  # the loss's regressors and embeddings too
