@@ -63,3 +63,26 @@ class OneLayerLoss(DistillLoss):
         (self.t_name,), (self.s_name,) = self.feature_layers(options)
         self.t_shape = layer_shape(self.loss_name, "teacher", setup.teacher_shapes, self.t_name)
         self.s_shape = layer_shape(self.loss_name, "student", setup.student_shapes, self.s_name)
+
+
+def check_layer_lists(loss: str, teacher_layers: tuple[str, ...], student_layers: tuple[str, ...]) -> None:
+    """Options of a loss that reads pairs of layers: at least one, and one student layer per teacher layer."""
+    check(len(teacher_layers) > 0, loss, "teacher_layers", list(teacher_layers), "needs at least one layer")
+    check(len(student_layers) in (0, len(teacher_layers)), loss, "student_layers", list(student_layers),
+          f"must be empty or list {len(teacher_layers)} layers, one per teacher layer")
+
+
+class LayerPairsLoss(DistillLoss):
+    """A loss that reads pairs of layers, named by its Options' ``teacher_layers`` and
+    ``student_layers`` (empty: the teacher's names). Sets ``pairs`` [(teacher, student)] and the
+    probed per-sample ``shapes`` [(teacher shape, student shape)] in the same order."""
+
+    @classmethod
+    def feature_layers(cls, options: Any) -> tuple[list[str], list[str]]:
+        return list(options.teacher_layers), list(options.student_layers or options.teacher_layers)
+
+    def __init__(self, options: Any, setup: LossSetup):
+        super().__init__(options, setup)
+        self.pairs = list(zip(*self.feature_layers(options)))
+        self.shapes = [(layer_shape(self.loss_name, "teacher", setup.teacher_shapes, t),
+                        layer_shape(self.loss_name, "student", setup.student_shapes, s)) for t, s in self.pairs]

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ptd.distill._common import check, cross_entropy, float32, layer_shape, shape_error
-from ptd.distill.base import DistillBatch, DistillLoss, LossSetup, register_loss
+from ptd.distill._common import check, check_layer_lists, cross_entropy, float32, LayerPairsLoss, shape_error
+from ptd.distill.base import DistillBatch, LossSetup, register_loss
 
 
 def attention(f: torch.Tensor, p: float) -> torch.Tensor:
@@ -27,7 +27,7 @@ def attention(f: torch.Tensor, p: float) -> torch.Tensor:
 
 
 @register_loss("at")
-class ATLoss(DistillLoss):
+class ATLoss(LayerPairsLoss):
     @dataclass(frozen=True)
     class Options:
         ce_weight: float = 1.0
@@ -40,21 +40,12 @@ class ATLoss(DistillLoss):
             check(self.ce_weight >= 0, "at", "ce_weight", self.ce_weight, "must be >= 0")
             check(self.beta >= 0, "at", "beta", self.beta, "must be >= 0")
             check(self.p > 0, "at", "p", self.p, "must be > 0")
-            check(len(self.teacher_layers) > 0, "at", "teacher_layers", list(self.teacher_layers), "needs at least one layer")
-            check(len(self.student_layers) in (0, len(self.teacher_layers)), "at", "student_layers", list(self.student_layers),
-                  f"must be empty or list {len(self.teacher_layers)} layers, one per teacher layer")
-
-    @classmethod
-    def feature_layers(cls, options: Options) -> tuple[list[str], list[str]]:
-        return list(options.teacher_layers), list(options.student_layers or options.teacher_layers)
+            check_layer_lists("at", self.teacher_layers, self.student_layers)
 
     def __init__(self, options: Options, setup: LossSetup):
         super().__init__(options, setup)
-        self.pairs = list(zip(*self.feature_layers(options)))
         self.sizes = []
-        for t_name, s_name in self.pairs:
-            t = layer_shape("at", "teacher", setup.teacher_shapes, t_name)
-            s = layer_shape("at", "student", setup.student_shapes, s_name)
+        for (t_name, s_name), (t, s) in zip(self.pairs, self.shapes):
             if len(t) != 3 or len(s) != 3:
                 raise shape_error("at", t_name, t, s_name, s, "attention transfer needs [C, H, W] feature maps")
             self.sizes.append((min(t[1], s[1]), min(t[2], s[2])))

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ptd.distill._common import check, cross_entropy, flat, float32, layer_shape
-from ptd.distill.base import DistillBatch, DistillLoss, LossSetup, register_loss
+from ptd.distill._common import check, check_layer_lists, cross_entropy, flat, float32, LayerPairsLoss
+from ptd.distill.base import DistillBatch, register_loss
 
 
 def gram(f: torch.Tensor) -> torch.Tensor:
@@ -26,7 +26,7 @@ def gram(f: torch.Tensor) -> torch.Tensor:
 
 
 @register_loss("sp")
-class SPLoss(DistillLoss):
+class SPLoss(LayerPairsLoss):
     @dataclass(frozen=True)
     class Options:
         ce_weight: float = 1.0
@@ -37,20 +37,7 @@ class SPLoss(DistillLoss):
         def __post_init__(self) -> None:
             check(self.ce_weight >= 0, "sp", "ce_weight", self.ce_weight, "must be >= 0")
             check(self.gamma >= 0, "sp", "gamma", self.gamma, "must be >= 0")
-            check(len(self.teacher_layers) > 0, "sp", "teacher_layers", list(self.teacher_layers), "needs at least one layer")
-            check(len(self.student_layers) in (0, len(self.teacher_layers)), "sp", "student_layers", list(self.student_layers),
-                  f"must be empty or list {len(self.teacher_layers)} layers, one per teacher layer")
-
-    @classmethod
-    def feature_layers(cls, options: Options) -> tuple[list[str], list[str]]:
-        return list(options.teacher_layers), list(options.student_layers or options.teacher_layers)
-
-    def __init__(self, options: Options, setup: LossSetup):
-        super().__init__(options, setup)
-        self.pairs = list(zip(*self.feature_layers(options)))
-        for t_name, s_name in self.pairs:  # any shapes work; only check the probe saw them
-            layer_shape("sp", "teacher", setup.teacher_shapes, t_name)
-            layer_shape("sp", "student", setup.student_shapes, s_name)
+            check_layer_lists("sp", self.teacher_layers, self.student_layers)
 
     def forward(self, batch: DistillBatch) -> dict[str, torch.Tensor]:
         o = self.options
