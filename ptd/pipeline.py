@@ -41,7 +41,7 @@ from ptd.pruning import STRATEGIES, Level, PruneContext
 from ptd.seeding import stream_seed
 from ptd.pruning.masks import MaskHook, Masks, apply_masks, count, full_masks, layer_report, load_masks, prunable_weights, save_masks, sparsity
 from ptd.train import checkpoint as ckpt
-from ptd.train.distributed import Dist, barrier, init_distributed, resolve_device
+from ptd.train.distributed import Dist, all_sum, barrier, init_distributed, resolve_device
 from ptd.train.loop import Runtime, cleanup_resume_files, evaluate, fit
 from ptd.errors import PtdError
 
@@ -260,21 +260,34 @@ def open_run_dir(cfg: RunConfig, run_dir: Path, rt: Runtime) -> None:
                               f"distill.loss, sweep points or teacher.seeds can grow a finished run; pass --out to a new "
                               f"directory, or delete {run_dir} to start over")
         grown = _diff(old, new) is not None
-    elif run_dir.exists() and any(run_dir.iterdir()):
+    elif run_dir.exists() and any(not ckpt.is_writer_temp(p) for p in run_dir.iterdir()):
+        # (Only a writer temporary in it: a kill in the middle of writing config.yaml, this run's.)
         raise RunDirError(f"{run_dir} exists and is not a ptd run directory (no config.yaml); pass --out to a new or empty directory")
     # Every rank has checked before any rank writes: otherwise a slow rank could find the
     # directory rank 0 just made, without its config.yaml yet, and refuse it.
     barrier()
+    held = True
     if rt.dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        if grown or not cfg_path.is_file():  # atomic: a crash leaves the old config or the new one
-            ckpt.write_text(cfg_path, dump_yaml(cfg))
-        env_path = run_dir / P.ENV
-        env = environment(cfg, rt)
-        if env_path.is_file():  # keep the first session's record, add this one's
-            old_env = read_json(env_path)
-            env = {**old_env, "resumed": old_env.get("resumed", []) + [env]}
-        ckpt.write_json(env_path, env)
+        held = ckpt.lock_dir(run_dir)
+    if all_sum([0.0 if held else 1.0], rt.device)[0] > 0:  # every rank refuses together (no hung barrier)
+        raise RunDirError(f"{run_dir} is in use by another ptd process (it holds the directory's lock); wait for it to "
+                          f"finish or stop it, or pass --out to another directory")
+    if rt.dist.is_main:
+        try:
+            # Nothing else writes here now: a writer temporary left by a kill is garbage.
+            ckpt.remove_stale_temps(run_dir)
+            if grown or not cfg_path.is_file():  # atomic: a crash leaves the old config or the new one
+                ckpt.write_text(cfg_path, dump_yaml(cfg))
+            env_path = run_dir / P.ENV
+            env = environment(cfg, rt)
+            if env_path.is_file():  # keep the first session's record, add this one's
+                old_env = read_json(env_path)
+                env = {**old_env, "resumed": old_env.get("resumed", []) + [env]}
+            ckpt.write_json(env_path, env)
+        except BaseException:
+            ckpt.unlock_dir(run_dir)
+            raise
     barrier()
 
 
@@ -747,6 +760,14 @@ def run_pipeline(cfg: RunConfig, run_dir: str | Path, until: str = "report", arm
     splits = preflight(cfg, run_dir)  # every user error up front, before the run directory is written
     check_plugins(cfg)
     ctx = make_context(cfg, Path(run_dir), log, splits=splits)
+    try:
+        return _run_stages(ctx, until, arms, log, t0)
+    finally:
+        ckpt.unlock_dir(run_dir)
+
+
+def _run_stages(ctx: Context, until: str, arms: Sequence[str] | None, log: Callable[[str], None], t0: float) -> dict:
+    cfg = ctx.cfg
     arms = list(arms or cfg.distill.arms)
     students: list[dict] = []
     reps: list[dict] = []  # per teacher replicate: its teacher, pruning and control results

@@ -140,8 +140,6 @@ def check_student_dir(ctx: Context, src: PrunedTeacher, src_model: nn.Module, sr
 
 def run_sweep(cfg: RunConfig, run_dir: str | Path, log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Teacher, every pruned teacher, one student, every distillation, then sweep.json/.md/plots."""
-    from ptd.report.sweep import build_sweep_results, write_sweep_report
-
     log = log or (lambda s: tqdm.write(s))
     t0 = time.perf_counter()
     from ptd.preflight import preflight
@@ -150,7 +148,16 @@ def run_sweep(cfg: RunConfig, run_dir: str | Path, log: Callable[[str], None] | 
     check_plugins(cfg, sweep=True)
     sparsities, student_from = check_sweep(cfg)
     ctx = make_context(cfg, Path(run_dir), log, splits=splits)
+    try:
+        return _sweep_stages(ctx, sparsities, student_from, log, t0)
+    finally:
+        ckpt.unlock_dir(run_dir)
 
+
+def _sweep_stages(ctx: Context, sparsities: list[float], student_from: float, log: Callable[[str], None], t0: float) -> dict[str, Any]:
+    from ptd.report.sweep import build_sweep_results, write_sweep_report
+
+    cfg = ctx.cfg
     # The teacher stage keeps early weights for weight rewinding when a strategy declares it needs them.
     teacher, t_res = stage_teacher(ctx, snapshot=snapshot_epoch(cfg, cfg.sweep.strategies))
     teacher.eval()

@@ -88,6 +88,50 @@ def test_fault_env_kills_right_before_or_after_the_nth_write(tmp_path: Path, n: 
     assert sorted(p.name for p in tmp_path.iterdir()) == present  # and no half-written temporaries
 
 
+def test_torn_write_leaves_the_target_untouched_and_its_temporary_behind(tmp_path: Path):
+    """A kill mid-write: the old target (none here) and one temporary holding the new bytes,
+    which ``remove_stale_temps`` then drops (a run does so when it opens its directory)."""
+    env = {**os.environ, ckpt.FAULT_ENV: "2:torn"}
+    r = subprocess.run([PY, "-c", _THREE_WRITES, str(tmp_path)], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert len(names) == 2 and names[1] == "f1" and names[0].startswith(".f2.") and names[0].endswith(".tmp"), names
+    assert (tmp_path / names[0]).read_text() == "2"
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / ".model.safetensors.ab_c9xyz.tmp").write_text("x")
+    (tmp_path / "sub" / ".notes.tmp").write_text("a user's file, not a writer's temporary")
+    assert ckpt.remove_stale_temps(tmp_path) == 2
+    assert sorted(p.name for p in tmp_path.rglob("*")) == [".notes.tmp", "f1", "sub"]
+
+
+def test_a_run_directory_in_use_is_refused_and_a_dead_holder_does_not_block(tmp_path: Path):
+    """One process per run directory: a second one is refused with one line naming the holder's
+    directory and the way out; the lock dies with its process (a kill never blocks the re-run)."""
+    from ptd.cli import main
+
+    d = tmp_path / "run"
+    d.mkdir()
+    holder = subprocess.Popen([PY, "-c", "import sys, time\nfrom ptd.train import checkpoint as c\n"
+                               "assert c.lock_dir(sys.argv[1]); print('held', flush=True); time.sleep(120)", str(d)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert not ckpt.lock_dir(d)
+        cfg = _crash_config(tmp_path)
+        r = subprocess.run([PY, "-m", "ptd", "run", str(cfg), "--out", str(d), "--quiet"], capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 2, r.stderr
+        assert "Traceback" not in r.stderr and "in use by another ptd process" in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1
+        assert list(d.iterdir()) == []  # refused before anything was written
+    finally:
+        holder.kill()
+        holder.wait()
+    assert ckpt.lock_dir(d)  # the kill released it
+    assert ckpt.lock_dir(d)  # re-entrant in one process
+    ckpt.unlock_dir(d)
+
+
 def test_fault_env_typo_is_refused(tmp_path: Path):
     env = {**os.environ, ckpt.FAULT_ENV: "2:during"}
     r = subprocess.run([PY, "-c", _THREE_WRITES, str(tmp_path)], env=env, capture_output=True, text=True, timeout=120)
@@ -159,7 +203,7 @@ def test_load_resume_missing_and_foreign(tmp_path: Path):
 def test_remove_resume_drops_new_and_old_files(tmp_path: Path):
     for name in ("resume.pt", "last.safetensors", "last_state.pt", "model.safetensors"):
         (tmp_path / name).write_bytes(b"x")
-    (tmp_path / ".model.safetensors.k2j4.tmp").write_bytes(b"half")  # a kill in the middle of a write
+    (tmp_path / ".model.safetensors.k2j4_x9a.tmp").write_bytes(b"half")  # a kill in the middle of a write
     ckpt.remove_resume(tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]
 
@@ -342,9 +386,11 @@ def _log_tail(log: Path) -> str:
 
 @pytest.mark.slow
 def test_kill_at_every_write_boundary_resumes_identically(tmp_path: Path):
-    """SIGKILL right before and right after each write of an uninterrupted run (found by the
-    writer's trace, not by timing), then a plain re-run: weights, results.json and every
-    metrics.jsonl must equal the uninterrupted run's bit for bit."""
+    """SIGKILL at two boundaries of each write of an uninterrupted run (found by the writer's
+    trace, not by timing), then a plain re-run: the files, weights, results.json and every
+    metrics.jsonl must equal the uninterrupted run's bit for bit. A file write is killed torn
+    (temporary written, not renamed: the state of a kill right before it plus its temporary, so
+    it covers "before" too) and after its rename; a removal before and after."""
     t0 = time.perf_counter()
     cfg = _crash_config(tmp_path)
     jobs = 2 if (os.cpu_count() or 1) >= 2 else 1
@@ -359,7 +405,9 @@ def test_kill_at_every_write_boundary_resumes_identically(tmp_path: Path):
         stages = sorted({parts[0] for parts in rel if len(parts) > 1})  # the stage folders written
         # PTD_CRASH_WRITES=3,4,9 (debugging): only those boundaries; by default every one.
         only = {int(v) for v in os.environ.get("PTD_CRASH_WRITES", "").split(",") if v.strip()}
-        todo = [(k, when) for k in range(1, total + 1) if not only or k in only for when in ("before", "after")]
+        kinds = [w.split(" ", 2)[1] for w in writes]
+        todo = [(k, when) for k in range(1, total + 1) if not only or k in only
+                for when in (("torn" if kinds[k - 1] == "write" else "before"), "after")]
 
         def one(server: _ForkServer, k: int, when: str) -> str | None:
             out, log = tmp_path / f"k{k}_{when}", tmp_path / f"k{k}_{when}.log"

@@ -21,14 +21,18 @@ At the end of a stage: its result files, then ``done``, then ``remove_resume`` (
 ``done`` resumes at the last epoch and only re-evaluates; never a retrain).
 
 Fault injection, for tests (the writes are counted per process, from 1):
-  PTD_FAULT_AT=<n>:<before|after>   SIGKILL this process right before / after its n-th write
+  PTD_FAULT_AT=<n>:<before|torn|after>   SIGKILL this process right before its n-th write, after
+                                    its temporary is written but before the rename (a torn write:
+                                    the state a kill mid-write leaves), or after the rename
   PTD_TRACE_WRITES=<path>           append "<n> <write|remove> <file>" per write to <path>
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import random
+import re
 import signal
 import tempfile
 from pathlib import Path
@@ -70,14 +74,15 @@ def _fault_plan() -> tuple[int, str] | None:
     if not spec:
         return None
     n, _, when = spec.partition(":")
-    if not n.strip().isdigit() or when not in ("before", "after"):
+    if not n.strip().isdigit() or when not in ("before", "torn", "after"):
         # A test harness typo must not silently run without faults.
-        raise ValueError(f"{FAULT_ENV}={spec!r}: expected <n>:<before|after>, e.g. 3:after")
+        raise ValueError(f"{FAULT_ENV}={spec!r}: expected <n>:<before|torn|after>, e.g. 3:after")
     return int(n), when
 
 
 def _boundary(when: str, kind: str, path: Path) -> None:
-    """Called right before and right after every write: trace it, and die here if asked to."""
+    """Called right before, mid-way (temporary written, not renamed) and right after every write:
+    trace it, and die here if asked to."""
     if when == "after":
         trace = os.environ.get(TRACE_ENV)
         if trace:
@@ -111,6 +116,7 @@ def _commit(path: Path, write: Callable[[str], None]) -> None:
             os.fchmod(f.fileno(), _FILE_MODE)  # mkstemp makes 0600; a run directory is for sharing
             os.fsync(f.fileno())
         _fsync_dir(path.parent)
+        _boundary("torn", "write", path)  # a kill here leaves the temporary behind, the target untouched
         os.replace(tmp, path)  # atomic on POSIX: a kill leaves the old file or the new, never half
         _fsync_dir(path.parent)  # the rename itself survives a power cut
     finally:
@@ -140,6 +146,58 @@ def remove(path: str | Path) -> None:
     path.unlink(missing_ok=True)  # under DDP another rank may have removed it already
     _fsync_dir(path.parent)
     _boundary("after", "remove", path)
+
+
+_TEMP_NAME = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
+
+
+def is_writer_temp(path: str | Path) -> bool:
+    """Whether ``path`` is named as ``_commit``'s temporaries are: ``.<name>.<8 random>.tmp``
+    (mkstemp's 8 characters from [a-z0-9_]), so no other file a user keeps there matches."""
+    return _TEMP_NAME.fullmatch(Path(path).name) is not None
+
+
+def remove_stale_temps(root: str | Path) -> int:
+    """Delete every writer temporary (``.<name>.<random>.tmp``) under ``root``; returns how many.
+
+    Only a writer killed between its write and its rename leaves one behind, and no rename can
+    follow once that process is dead: with the run directory locked (``lock_dir``) every one found
+    is garbage. Done once when a run opens its directory, so no kill, in any stage, can leave
+    a stray file in a finished run."""
+    found = sorted(p for p in Path(root).rglob(".*.tmp") if is_writer_temp(p)) if Path(root).is_dir() else []
+    for tmp in found:
+        remove(tmp)
+    return len(found)
+
+
+# ---------------------------------------------------------------- one process per run directory
+
+_DIR_LOCKS: dict[str, int] = {}  # resolved directory -> the open descriptor holding its flock
+
+
+def lock_dir(path: str | Path) -> bool:
+    """Take an exclusive advisory lock on directory ``path`` (flock on the directory itself, so no
+    lock file to leave behind); False when another process holds it. The kernel drops the lock
+    when the holder exits, killed or not, so a crashed run never blocks its own re-run.
+    Re-entrant within one process; released by ``unlock_dir``."""
+    key = str(Path(path).resolve())
+    if key in _DIR_LOCKS:
+        return True
+    fd = os.open(key, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return False
+    _DIR_LOCKS[key] = fd
+    return True
+
+
+def unlock_dir(path: str | Path) -> None:
+    """Release ``lock_dir``'s lock on ``path`` (no-op when this process does not hold it)."""
+    fd = _DIR_LOCKS.pop(str(Path(path).resolve()), None)
+    if fd is not None:
+        os.close(fd)  # closing the last descriptor of the open file releases the flock
 
 
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
@@ -351,7 +409,8 @@ def remove_resume(out_dir: str | Path) -> None:
         remove(Path(out_dir) / name)
     # A kill in the middle of a write leaves its temporary (never a half target): drop them too.
     for tmp in sorted(Path(out_dir).glob(".*.tmp")) if Path(out_dir).is_dir() else ():
-        remove(tmp)
+        if is_writer_temp(tmp):
+            remove(tmp)
 
 
 def _to_cpu(obj: Any) -> Any:
