@@ -601,3 +601,57 @@ def test_every_family_order_free_weight_matched_and_sane(arch):
     if all(counts[n] <= p.numel() for n, p in prunable_weights(teacher).items()):
         again, plan2 = derive_student(teacher, masks_with_counts(teacher, counts))
         assert plan2.widths() == want
+
+
+# ----------------------------------------------------------------------------- runaway group walks
+
+import time as _time  # noqa: E402
+
+from ptd.students import graph as _graph  # noqa: E402
+
+
+@pytest.mark.skipif(_graph._address_space() is None, reason="needs /proc (Linux) to bound the address space")
+def test_bounded_memory_fails_allocations_past_the_budget_and_restores_the_limit():
+    import resource
+
+    before = resource.getrlimit(resource.RLIMIT_AS)
+    with pytest.raises(MemoryError):
+        with _graph.bounded_memory(256 << 20):
+            bytearray(1 << 30)
+    assert resource.getrlimit(resource.RLIMIT_AS) == before
+    assert len(bytearray(1 << 30)) == 1 << 30  # the limit is gone again
+
+
+@pytest.mark.skipif(_graph._address_space() is None, reason="needs /proc (Linux) to bound the address space")
+def test_a_group_walk_that_runs_away_is_one_line_not_an_oom_kill(monkeypatch):
+    class RunawayGraph:  # stands in for Torch-Pruning on a graph whose index mapping grows forever
+        def get_pruner_of_module(self, m):
+            return type("P", (), {"prune_out_channels": None})()
+
+        def get_pruning_group(self, m, fn, idxs):
+            grown = []
+            while True:
+                grown.append(bytearray(64 << 20))
+
+    monkeypatch.setattr(_graph, "WALK_MEMORY_BUDGET", 512 << 20)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3))
+    with pytest.raises(DerivationError, match=r"walk of the layers coupled to 0 ran away \(past 512 MiB") as e:
+        _graph.pruning_group(RunawayGraph(), model, "0", model[0])
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_graph._address_space() is None, reason="needs /proc (Linux) to bound the address space")
+def test_torchvision_swin_is_refused_in_one_line_not_hung():
+    """tv:swin_t took 24 GiB and was OOM-killed (issue 7: 'had not finished after 5 minutes')."""
+    torch.manual_seed(0)
+    m = build_model("tv:swin_t", 10)
+    params = prunable_weights(m)
+    total = sum(p.numel() for p in params.values())
+    masks = global_topk({n: p.detach().abs() for n, p in params.items()}, full_masks(params), round(total * 0.41))
+    apply_masks(m, masks)
+    t0 = _time.perf_counter()
+    with pytest.raises(DerivationError, match="ran away") as e:
+        derive_student(m, masks)
+    assert "\n" not in str(e.value)
+    assert _time.perf_counter() - t0 < 120

@@ -12,6 +12,7 @@ This module only reads the model; :mod:`ptd.students.surgery` changes it.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -132,6 +133,65 @@ def find_input_size(model: nn.Module, input_size: int | None) -> tuple[int, list
     )
 
 
+# Extra address space one Torch-Pruning group walk may take before it counts as runaway. A walk
+# from one channel (index [0]) legitimately holds a few index lists of at most a feature map's
+# area each (kilobytes to megabytes); on some graphs (torchvision's Swin transformers: a flatten
+# index mapping inside a cycle) each pass multiplies the list and the walk would take every byte
+# of the machine (measured: 24 GiB and an OOM kill for tv:swin_t).
+WALK_MEMORY_BUDGET = 1 << 30  # bytes
+
+
+def _address_space() -> int | None:
+    """This process's virtual memory size in bytes (Linux /proc), or None where unknown."""
+    try:
+        with open("/proc/self/statm") as f:
+            import os
+
+            return int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return None
+
+
+@contextlib.contextmanager
+def bounded_memory(budget: int = WALK_MEMORY_BUDGET):
+    """Let the block grow this process's address space by at most ``budget`` bytes: past that,
+    allocations fail (MemoryError) instead of the machine's memory running out. Linux only (a
+    no-op elsewhere); the soft limit is restored on exit. Not for blocks that start threads or
+    touch CUDA (the limit counts every reservation of the process)."""
+    import resource
+
+    now = _address_space()
+    if now is None:
+        yield
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    cap = now + budget
+    if hard != resource.RLIM_INFINITY:
+        cap = min(cap, hard)
+    if soft != resource.RLIM_INFINITY:
+        cap = min(cap, soft)
+    resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+def pruning_group(dg, model: nn.Module, name: str, module: nn.Module):
+    """Torch-Pruning's coupled group of ``module``'s output channels, walked from channel 0 under
+    a memory bound: a walk that runs away is a one-line DerivationError, not an OOM kill."""
+    fn = out_channel_fn(dg, module)
+    try:
+        with bounded_memory():
+            return dg.get_pruning_group(module, fn, [0])
+    except MemoryError:
+        pass  # out of the block first: the failed walk's lists are freed before we go on
+    raise DerivationError(
+        f"cannot derive a student from {_describe(model)}: Torch-Pruning's walk of the layers coupled to {name} ran away "
+        f"(past {WALK_MEMORY_BUDGET >> 20} MiB; its index mapping of this graph does not terminate)"
+    )
+
+
 def build_dependency_graph(model: nn.Module, x: torch.Tensor):
     import torch_pruning as tp
 
@@ -211,8 +271,7 @@ def extract(model: nn.Module, masks: Masks, input_size: int | None = None) -> tu
     for n in tqdm(members, desc=f"coupled groups of {type(model).__name__}", unit="layer", delay=3, leave=False):
         if members[n].group >= 0:
             continue
-        m = layers[n]
-        g = dg.get_pruning_group(m, out_channel_fn(dg, m), [0])
+        g = pruning_group(dg, model, n, layers[n])
         gi = len(groups)
         producers: list[str] = []
         consumers: list[tuple[str, int]] = []
