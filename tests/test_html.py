@@ -71,6 +71,27 @@ def test_run_html_is_self_contained_and_complete(run_dir):
     assert "95% CI [-103.3" in md and "| 95% CI of the mean % |" in md
 
 
+def test_teacher_replicates_get_their_own_curves(run_dir):
+    """Replicate 1's stages live under teachers/r1/: they are drawn as replicate 1's curves, never
+    chained into replicate 0's teacher figure or mixed with its students."""
+    r1 = run_dir / "teachers" / "r1"
+    for stage in ("teacher", "prune", "control", "distill"):
+        shutil.copytree(run_dir / stage, r1 / stage)
+    c0, c1 = stage_curves(run_dir, 0), stage_curves(run_dir, 1)
+    assert sorted(c0) == sorted(c1) == ["control", "distill", "prune", "teacher"]
+    assert all(not name.startswith("teachers") for runs in c0.values() for name, _ in runs)
+    assert [n for n, _ in c1["prune"]] == [f"teachers/r1/prune/level_{k}" for k in (1, 2, 3, 4)]
+    assert len(c0["distill"]) == len(c1["distill"]) == 8
+    r = json.loads((run_dir / "results.json").read_text())
+    row = {"teacher_test_acc": 0.9, "pruned_test_acc": 0.9, "sparsity": 0.59, "control_test_acc": 0.9}
+    r["teacher_replicates"] = [{"replicate": 0, **row}, {"replicate": 1, **row}]
+    page = render_run_html(run_dir, r)
+    alts = [alt for _, alt in images(page)]
+    assert len(alts) == SECTIONS + 2  # a teacher figure and a student figure per replicate
+    assert "student training curves under teacher replicate 1" in alts
+    assert "teacher, pruning and control training curves of replicate 1" in alts
+
+
 def test_missing_files_become_notes(run_dir):
     (run_dir / "prune" / "level_4" / "sparsity.json").unlink()
     (run_dir / "student" / "stats.json").unlink()

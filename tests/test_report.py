@@ -57,6 +57,8 @@ def test_paired_with_teacher_replicates_uses_teacher_means():
     assert c["n"] == 2 and c["teachers"] == 2 and c["students"] == 6 and c["method"] == "teacher means, t"
     assert c["mean"] == pytest.approx(0.03) and c["ci_low"] == pytest.approx(0.03 - 0.127062, abs=1e-5)
     assert list(c["per_seed"]) == ["t0/s0", "t0/s1", "t0/s2", "t1/s0", "t1/s1", "t1/s2"]
+    # Six students, but n counts the two teachers: the verdict says more teachers, not more seeds.
+    assert "too few teacher replicates" in c["verdict"] and "too few seeds" not in c["verdict"]
 
 
 def test_paired_needs_common_seeds():

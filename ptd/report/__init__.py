@@ -80,7 +80,11 @@ def verdict(est: dict[str, Any], a: str, b: str) -> str:
     if est["called"]:
         word = "better" if est["mean"] > 0 else "worse"
         return f"{la} is {word} than {lb}: {text}"
-    few = f" (too few seeds for a tight interval: {FEW_SEEDS} or more give one)" if est["n"] < FEW_SEEDS else ""
+    if est.get("teachers", 1) > 1:  # n counts teacher replicates: the interval is over their means
+        few = (f" (too few teacher replicates for a tight interval: n counts teachers here, and "
+               f"{FEW_SEEDS} or more give one)" if est["n"] < FEW_SEEDS else "")
+    else:
+        few = f" (too few seeds for a tight interval: {FEW_SEEDS} or more give one)" if est["n"] < FEW_SEEDS else ""
     return f"no clear difference between {la} and {lb}: {text}; the interval includes zero{few}"
 
 

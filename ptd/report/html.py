@@ -21,6 +21,7 @@ import re
 from pathlib import Path
 from typing import Any, Callable
 
+from ptd import paths as P
 from ptd.report import ARM_LABELS, primary_students, summarize
 from ptd.report.stats import format_estimate
 
@@ -205,15 +206,19 @@ def plot_comparisons(r: dict[str, Any]) -> str:
     return png_data_uri(fig)
 
 
-def stage_curves(run_dir: Path) -> dict[str, list[tuple[str, list[dict]]]]:
-    """metrics.jsonl files of the run, grouped by their top directory (teacher, prune, control,
+def stage_curves(run_dir: Path, replicate: int = 0) -> dict[str, list[tuple[str, list[dict]]]]:
+    """metrics.jsonl files of teacher replicate ``replicate`` (0: the run directory's own stages;
+    k: those under teachers/r<k>/), grouped by stage directory (teacher, prune, control,
     distill, ...), each as (path relative to the run, rows) in natural order."""
+    root = P.replicate_root(run_dir, replicate)
     out: dict[str, list[tuple[str, list[dict]]]] = {}
-    for p in sorted(run_dir.rglob("metrics.jsonl"), key=_natural):
-        rel = p.parent.relative_to(run_dir)
+    for p in sorted(root.rglob("metrics.jsonl"), key=_natural):
+        rel = p.parent.relative_to(root)
+        if not rel.parts or (replicate == 0 and rel.parts[0] == P.REPLICATES):
+            continue  # replicate 0 does not own the other replicates' stages
         rows = read_jsonl(p)
-        if rows and rel.parts:
-            out.setdefault(rel.parts[0], []).append((str(rel), rows))
+        if rows:
+            out.setdefault(rel.parts[0], []).append((str(p.parent.relative_to(run_dir)), rows))
     return out
 
 
@@ -436,25 +441,37 @@ def render_run_html(run_dir: str | Path, results: dict[str, Any] | None = None) 
         return _table(["teacher", "test acc %", "sparsity", "params (nonzero)"], rows)
     body.append(_section("Teachers", _safe(teachers, "teachers")))
 
-    curves = stage_curves(run_dir)
+    n_reps = max(1, len(r.get("teacher_replicates") or []))
+    per_rep = [stage_curves(run_dir, k) for k in range(n_reps)]
+
+    def tag(k: int) -> str:
+        return f"<h3>Teacher replicate {k}</h3>" if n_reps > 1 else ""
 
     def teacher_curves() -> str:
-        teacher = curves.get("teacher", [])
-        others = [x for k in curves if k not in ("teacher", "distill") for x in curves[k]]
-        if not teacher and not others:
-            return '<p class="note">No metrics.jsonl for the teacher stages (teacher loaded from a checkpoint?).</p>'
-        return (_img(plot_curves(teacher + chain_after(teacher, others), _teacher_style, "epoch (pruning levels and control rounds in turn, after the teacher)"),
-                     "teacher, pruning and control training curves")
-                + '<p class="note">Pruning retrains level after level and the control retrains the unpruned teacher round after round, '
-                "both starting where the teacher's training ended.</p>")
+        parts = []
+        for k, curves in enumerate(per_rep):
+            teacher = curves.get("teacher", [])
+            others = [x for s in curves if s not in ("teacher", "distill") for x in curves[s]]
+            if not teacher and not others:
+                parts.append(tag(k) + '<p class="note">No metrics.jsonl for the teacher stages (teacher loaded from a checkpoint?).</p>')
+                continue
+            parts.append(tag(k) + _img(plot_curves(teacher + chain_after(teacher, others), _teacher_style,
+                                                   "epoch (pruning levels and control rounds in turn, after the teacher)"),
+                                       f"teacher, pruning and control training curves{f' of replicate {k}' if n_reps > 1 else ''}"))
+        return "".join(parts) + ('<p class="note">Pruning retrains level after level and the control retrains the unpruned teacher '
+                                 "round after round, both starting where the teacher's training ended.</p>")
     body.append(_section("Training curves: teacher, pruning, control", _safe(teacher_curves, "teacher training curves")))
 
     def student_curves() -> str:
-        runs = [x for k in curves if k == "distill" for x in curves[k]]
-        if not runs:
+        parts = []
+        for k, curves in enumerate(per_rep):
+            runs = curves.get("distill", [])
+            if runs:
+                parts.append(tag(k) + _img(plot_curves(runs, _student_style),
+                                           f"student training curves{f' under teacher replicate {k}' if n_reps > 1 else ''}"))
+        if not parts:
             return '<p class="note">No student metrics.jsonl.</p>'
-        return (_img(plot_curves(runs, _student_style), "student training curves")
-                + '<p class="note">Color: arm; line style: seed.</p>')
+        return "".join(parts) + '<p class="note">Color: arm; line style: seed.</p>'
     body.append(_section("Training curves: students", _safe(student_curves, "student training curves")))
 
     def sparsity() -> str:
