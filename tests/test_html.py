@@ -95,12 +95,24 @@ def test_teacher_replicates_get_their_own_curves(run_dir):
 def test_missing_files_become_notes(run_dir):
     (run_dir / "prune" / "level_4" / "sparsity.json").unlink()
     (run_dir / "student" / "stats.json").unlink()
-    shutil.rmtree(run_dir / "distill")
+    for f in (run_dir / "distill").rglob("metrics.jsonl"):
+        f.unlink()
     page = render_run_html(run_dir)
     assert len(images(page)) == SECTIONS - 3  # no sparsity, no widths, no student curves
     assert "per-layer sparsity: not available (FileNotFoundError" in page
     assert "No student metrics.jsonl." in page
     assert "no per-layer plan" in page
+
+
+def test_a_results_only_folder_says_where_the_curves_are(run_dir, tmp_path):
+    """benchmarks/results/<run>/ keeps results.json without the stage folders: the report says
+    so instead of guessing that the teacher came from a checkpoint."""
+    d = tmp_path / "results_only"
+    d.mkdir()
+    shutil.copy(run_dir / "results.json", d / "results.json")
+    page = render_run_html(d)
+    assert page.count("this folder holds the run's results without its stage folders") == 2
+    assert "loaded from a checkpoint" not in page
 
 
 def test_cli_report_rerenders_and_errors_in_one_line(run_dir, tmp_path, capsys):

@@ -206,6 +206,10 @@ def plot_comparisons(r: dict[str, Any]) -> str:
     return png_data_uri(fig)
 
 
+NO_STAGE_DIRS = ("No training curves: this folder holds the run's results without its stage folders (teacher/, prune/, "
+                 "distill/, ...); render the report in the run directory itself to draw them.")
+
+
 def stage_curves(run_dir: Path, replicate: int = 0) -> dict[str, list[tuple[str, list[dict]]]]:
     """metrics.jsonl files of teacher replicate ``replicate`` (0: the run directory's own stages;
     k: those under teachers/r<k>/), grouped by stage directory (teacher, prune, control,
@@ -453,7 +457,8 @@ def render_run_html(run_dir: str | Path, results: dict[str, Any] | None = None) 
             teacher = curves.get("teacher", [])
             others = [x for s in curves if s not in ("teacher", "distill") for x in curves[s]]
             if not teacher and not others:
-                parts.append(tag(k) + '<p class="note">No metrics.jsonl for the teacher stages (teacher loaded from a checkpoint?).</p>')
+                parts.append(tag(k) + (f'<p class="note">{NO_STAGE_DIRS}</p>' if not (P.replicate_root(run_dir, k) / P.TEACHER).is_dir()
+                                       else '<p class="note">No metrics.jsonl for the teacher stages (teacher loaded from a checkpoint?).</p>'))
                 continue
             parts.append(tag(k) + _img(plot_curves(teacher + chain_after(teacher, others), _teacher_style,
                                                    "epoch (pruning levels and control rounds in turn, after the teacher)"),
@@ -470,7 +475,7 @@ def render_run_html(run_dir: str | Path, results: dict[str, Any] | None = None) 
                 parts.append(tag(k) + _img(plot_curves(runs, _student_style),
                                            f"student training curves{f' under teacher replicate {k}' if n_reps > 1 else ''}"))
         if not parts:
-            return '<p class="note">No student metrics.jsonl.</p>'
+            return f'<p class="note">{NO_STAGE_DIRS}</p>' if not (run_dir / P.DISTILL).is_dir() else '<p class="note">No student metrics.jsonl.</p>'
         return "".join(parts) + '<p class="note">Color: arm; line style: seed.</p>'
     body.append(_section("Training curves: students", _safe(student_curves, "student training curves")))
 
