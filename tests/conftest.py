@@ -91,3 +91,18 @@ def one_thread():
 
 def n_params(m: nn.Module) -> int:
     return sum(p.numel() for p in m.parameters())
+
+
+class Kill(Exception):
+    """Raised by KillAfter: a training run stopped at an epoch boundary, before its commit."""
+
+
+class KillAfter:
+    """A fit hook that raises Kill in end_epoch of ``epoch`` (1-based): that epoch is never committed."""
+
+    def __init__(self, epoch: int):
+        self.epoch = epoch
+
+    def end_epoch(self, epoch: int, metrics: dict) -> None:
+        if epoch + 1 == self.epoch:
+            raise Kill()

@@ -489,19 +489,7 @@ def _fit_setup():
     return model, tr, va, OptimConfig(epochs=3, batch_size=32, lr=0.05, milestones=(2,))
 
 
-class _Stop(Exception):
-    pass
-
-
-class _StopAt:
-    """Raises in end_epoch of ``epoch`` (1-based): that epoch is never committed."""
-
-    def __init__(self, epoch: int):
-        self.epoch = epoch
-
-    def end_epoch(self, epoch: int, row: dict) -> None:
-        if epoch + 1 == self.epoch:
-            raise _Stop
+from conftest import Kill, KillAfter  # noqa: E402
 
 
 def test_fit_commits_once_per_epoch_and_resume_reads_only_the_commit(tmp_path: Path):
@@ -515,8 +503,8 @@ def test_fit_commits_once_per_epoch_and_resume_reads_only_the_commit(tmp_path: P
 
     out = tmp_path / "run"
     model, tr, va, opt = _fit_setup()
-    with pytest.raises(_Stop):
-        fit(model, tr, va, opt, rt, out_dir=out, hooks=[_StopAt(3)])
+    with pytest.raises(Kill):
+        fit(model, tr, va, opt, rt, out_dir=out, hooks=[KillAfter(3)])
     assert ckpt.load_resume(out)["epoch"] == 1 and [r["epoch"] for r in ckpt.load_resume(out)["metrics"]] == [1, 2]
     (out / "metrics.jsonl").write_text('{"epoch": 1}\n{"epoch": 2, "val_')  # a torn, wrong view: never read
     model, tr, va, opt = _fit_setup()
@@ -550,8 +538,8 @@ def test_rewind_to_init_snapshot_is_the_initialization_and_a_resume_keeps_it(tmp
     snap = tmp_path / "epoch_0.safetensors"
     model, tr, va, opt = _fit_setup()
     init = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(_Stop):
-        fit(model, tr, va, opt, rt, out_dir=tmp_path, hooks=[_SaveAtEpoch(model, 0, snap, True), _StopAt(2)])
+    with pytest.raises(Kill):
+        fit(model, tr, va, opt, rt, out_dir=tmp_path, hooks=[_SaveAtEpoch(model, 0, snap, True), KillAfter(2)])
     assert all(torch.equal(load_file(str(snap))[k], v) for k, v in init.items())
     trace = tmp_path / "trace.txt"
     monkeypatch.setenv(ckpt.TRACE_ENV, str(trace))

@@ -81,17 +81,7 @@ def loader(rank=0, world=1):
                        rank=rank, world_size=world, with_index=True)
 
 
-class Kill(Exception):
-    pass
-
-
-class KillAfter:
-    def __init__(self, epoch):
-        self.epoch = epoch
-
-    def end_epoch(self, epoch, metrics):
-        if epoch + 1 == self.epoch:
-            raise Kill()
+from conftest import Kill, KillAfter  # noqa: E402
 
 
 def test_probe_sizes_regressor_and_features_are_float32():

@@ -51,17 +51,7 @@ def test_fit_learns_and_logs(tmp_path):
     assert evaluate(m, va, RT)["acc"] == pytest.approx(best["val_acc"])
 
 
-class Kill(Exception):
-    pass
-
-
-class KillAfter:
-    def __init__(self, epoch):
-        self.epoch = epoch
-
-    def end_epoch(self, epoch, metrics):
-        if epoch + 1 == self.epoch:
-            raise Kill()
+from conftest import Kill, KillAfter  # noqa: E402  (re-exported: test_tensorboard imports them from here)
 
 
 class CountEpochs:
