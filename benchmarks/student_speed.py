@@ -44,6 +44,13 @@ CASES = {
 }
 
 
+def rounding(text: str) -> str:
+    """A --round-to candidate: "8" (nearest multiple of 8) or "8n" (also round_narrower)."""
+    if not text.rstrip("n").isdigit() or int(text.rstrip("n")) < 1 or text.count("n") > 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a multiple like 8, or 8n for round_narrower")
+    return text
+
+
 def magnitude_prune(model: nn.Module, sparsity: float) -> dict:
     params = prunable_weights(model)
     total = sum(p.numel() for p in params.values())
@@ -89,7 +96,8 @@ def time_interleaved(models: dict, fn, repeats: int, warmup: int) -> dict[str, f
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
-    ap.add_argument("--round-to", type=int, nargs="+", default=[1, 8, 16, 32])
+    ap.add_argument("--round-to", type=rounding, nargs="+", default=["1", "8", "8n", "16", "32"],
+                    help="candidates: N (nearest multiple of N) or Nn (the same with round_narrower)")
     ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     ap.add_argument("--train-batch", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
@@ -117,11 +125,11 @@ def main(argv=None) -> int:
             alive = sum(int(m.sum()) for m in masks.values())
             base = None
             for rt in args.round_to:
-                student, plan = derive_student(pruned, masks, round_to=rt)
+                student, plan = derive_student(pruned, masks, round_to=int(rt.rstrip("n")), round_narrower=rt.endswith("n"))
                 key = f"student@{sp}/r{rt}"
                 models[key] = student
                 w = conv_linear_weights(student)
-                base = w if rt == 1 else base
+                base = w if rt == "1" else base
                 meta[key] = {"sparsity": sp, "round_to": rt, "surviving": alive, "student_weights": w, "student_params": count_params(student),
                              "flops_ratio": t_flops / flops(student, (1,) + shape), "spec": plan.spec,
                              "activation_ratio": t_act / activations(student, shape),
@@ -176,12 +184,12 @@ def main(argv=None) -> int:
         rs = [r for r in rows if r["round_to"] == rt]
         within = all(abs(r["weights_vs_surviving"] - 1) <= 0.10 for r in rs)
         score[rt] = (within, sum(sum(r["targets"].values()) for r in rs), -max(abs(r.get("rounding_cost", 0)) for r in rs))
-    best = max(args.round_to, key=lambda rt: (score[rt], -rt))
+    best = max(args.round_to, key=lambda rt: (score[rt], -int(rt.rstrip("n")), not rt.endswith("n")))
     result = {"command": command, "machine": {"cpu": cpu_name(), "device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
                                               "python": platform.python_version()},
               "train_batch": args.train_batch, "repeats": args.repeats, "rows": rows,
-              "targets_met": {str(rt): score[rt][1] for rt in args.round_to},
-              "within_10pct": {str(rt): score[rt][0] for rt in args.round_to}, "targets_total": sum(len(r["targets"]) for r in rows) // len(args.round_to),
+              "targets_met": {rt: score[rt][1] for rt in args.round_to},
+              "within_10pct": {rt: score[rt][0] for rt in args.round_to}, "targets_total": sum(len(r["targets"]) for r in rows) // len(args.round_to),
               "recommended_round_to": best}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -217,7 +225,7 @@ def render(res) -> str:
     lines += ["", "Targets met per round_to (of " + str(res["targets_total"]) + "): "
               + ", ".join(f"{k}: {v}" + ("" if res["within_10pct"][k] else " (a student off its surviving weights by > 10%: not eligible)")
                           for k, v in res["targets_met"].items())
-              + f". Recommended default: round_to = {res['recommended_round_to']} (eligible, most targets met, then least rounding cost).", "",
+              + f". Recommended: round_to = {res['recommended_round_to']} (eligible, most targets met, then least rounding cost; 'n': with round_narrower).", "",
               "Teacher throughput (img/s, train) and latency (ms, b64 / b1) per case and precision:", ""]
     seen = set()
     for r in res["rows"]:

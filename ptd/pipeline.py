@@ -529,7 +529,7 @@ def stage_student(ctx: Context, teacher: nn.Module, pruned: nn.Module, masks: Ma
         if cfg.student.source == "derive":
             from ptd.students import derive_student
 
-            student, plan = derive_student(pruned, masks, inherit=cfg.student.inherit, round_to=cfg.student.round_to)
+            student, plan = derive_student(pruned, masks, inherit=cfg.student.inherit, round_to=cfg.student.round_to, round_narrower=cfg.student.round_narrower)
         else:
             student = ctx.new_model(cfg.student.model)
         spec = student.ptd_spec

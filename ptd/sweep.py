@@ -130,7 +130,7 @@ def check_student_dir(ctx: Context, src: PrunedTeacher, src_model: nn.Module, sr
     if cfg.student.source == "derive":
         from ptd.students import derive_student
 
-        want = derive_student(src_model, src_masks, inherit=cfg.student.inherit, round_to=cfg.student.round_to)[0].ptd_spec
+        want = derive_student(src_model, src_masks, inherit=cfg.student.inherit, round_to=cfg.student.round_to, round_narrower=cfg.student.round_narrower)[0].ptd_spec
     else:
         want = ctx.new_model(cfg.student.model).ptd_spec
     if json.dumps(want, sort_keys=True) != json.dumps(read_json(d / P.STATS)["spec"], sort_keys=True):

@@ -185,6 +185,7 @@ CASES: dict[str, tuple[list[str], list[str]]] = {
     "student-kwargs-unknown": (["run", "{ws}/c.yaml", "--set", "student.source=named", "--set",
                                 "student.model={arch: vgg, kwargs: {plan: [8], wings: 2}}"], ["student.model", "wings"]),
     "student-round-to-zero": (["student", "{ws}/c.yaml", "--set", "student.round_to=0"], ["student.round_to"]),
+    "student-round-narrower-not-bool": (["student", "{ws}/c.yaml", "--set", "student.round_narrower=maybe"], ["student.round_narrower", "true or false"]),
     # --- distill, distill.optim
     "distill-alpha": (["distill", "{ws}/c.yaml", "--set", "distill.alpha=2"], ["distill.alpha"]),
     "distill-loss-unknown": (["distill", "{ws}/c.yaml", "--set", "distill.loss=telepathy"], ["telepathy", "kd"]),

@@ -501,6 +501,10 @@ def test_round_to_gives_aligned_widths(arch, kw):
     m16 = magnitude_prune(t16, 0.36)
     assert [r.width for r in derive_student(t16, m16)[1].layers][:3] == [12, 27, 24]
     assert [r.width for r in derive_student(t16, m16, round_to=8)[1].layers][:3] == [12, 24, 24]
+    # round_narrower: the multiple below where the nearest one is the teacher's width; other layers as before
+    narrow = derive_student(t16, m16, round_to=8, round_narrower=True)[1]
+    assert [r.width for r in narrow.layers][:3] == [8, 24, 24]
+    assert "exact rule: 12" in narrow.layers[0].note
     torch.manual_seed(0)
     rows = [r for r in p8.layers if "model output" not in r.note]
     assert rows and any(r.width % 8 == 0 and r.width != q.width for r, q in zip(p8.layers, p1.layers))

@@ -28,6 +28,7 @@ def derive_student(
     inherit: bool = False,
     input_size: int | None = None,
     round_to: int = 1,
+    round_narrower: bool = False,
 ) -> tuple[nn.Module, StudentPlan]:
     """The student of a pruned teacher and the plan that sized it.
 
@@ -51,6 +52,8 @@ def derive_student(
     Weights start fresh (as in the paper) unless ``inherit``: then each group keeps the channels
     with the largest L1 norm of the pruned teacher's weights, with their weights.
     ``round_to``: make each free width the weight-nearest multiple of this (1: the paper's rule exactly).
+    ``round_narrower``: where that multiple is the teacher's own width, take the multiple below
+    instead of keeping the exact width (:func:`ptd.students.solve.solve`).
     ``input_size``: side of the square image used to trace the model (default: 32, else 64, else
     224 -- the first on which the forward pass runs).
     """
@@ -63,7 +66,7 @@ def derive_student(
     pin = stem_pin(teacher)
     if rebuild is not None and pin is not None:
         pin_layer(graph, pin[0], "stem keeps its width (the paper's ResNet students; stage 1 gets a 1x1 projection)", pin[1])
-    sol = solve(graph, clamp=rebuild is None, round_to=round_to)
+    sol = solve(graph, clamp=rebuild is None, round_to=round_to, round_narrower=round_narrower)
 
     members = graph.members
     widths = {n: sol.widths[m.group] for n, m in members.items()}
