@@ -120,9 +120,10 @@ class StudentConfig:
     model: ModelConfig | None = None
     inherit: bool = False  # start from the surviving teacher channels instead of fresh weights
     round_to: int = 8  # derived widths to the nearest multiple of this (benchmarks/student_speed.py chose 8; 1: the paper's rule exactly)
-    # Where that multiple is the teacher's own width: False keeps the exact width, True takes the
-    # multiple below (faster; fewer weights in that layer). benchmarks/student_speed.py measures both.
-    round_narrower: bool = False
+    # Where that multiple is the teacher's own width (a 16-wide layer the rule takes to 12): True
+    # takes the multiple below (8), False keeps the exact width, which runs in the teacher's 16-wide
+    # blocks and made the demo's student slower than its teacher in bf16 (benchmarks/student_speed.py).
+    round_narrower: bool = True
 
     def validate(self, where: str) -> None:
         _check(self.source in ("derive", "named"), f"{where}.source", self.source, "must be 'derive' or 'named'")

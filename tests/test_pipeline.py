@@ -185,6 +185,24 @@ def test_named_student(tmp_path, tiny_yaml):
     assert json.loads((tmp_path / "run" / "student" / "architecture.json").read_text())["plan"] == [8, "M", 16, "M"]
 
 
+def test_student_stage_passes_the_rounding_config(tmp_path, tiny_yaml, monkeypatch):
+    import ptd.students
+
+    seen = []
+    real = ptd.students.derive_student
+
+    def spy(*a, **kw):
+        seen.append({k: kw.get(k) for k in ("round_to", "round_narrower")})
+        return real(*a, **kw)
+
+    monkeypatch.setattr(ptd.students, "derive_student", spy)
+    cfg = load_config(tiny_yaml, ["student.round_to=4", "student.round_narrower=false"])
+    stats = run_pipeline(cfg, tmp_path / "run", until="student")
+    assert seen == [{"round_to": 4, "round_narrower": False}]
+    assert all(r["width"] % 4 == 0 or "not rounded" in r["note"] or r["note"] for r in stats["plan"]["layers"])
+    assert load_config(tiny_yaml).student.round_narrower is True  # the default
+
+
 class UserNet(torch.nn.Module):
     """A model ptd has never seen: a residual add and a classifier, registered by the user."""
 
