@@ -103,6 +103,8 @@ def main(argv=None) -> int:
     import torch
     import torchvision
 
+    from ptd.students.graph import DerivationError, check_layers
+
     every_names = sorted(torchvision.models.list_models(module=torchvision.models))
     if args.render:
         res = json.loads(Path(args.out).with_suffix(".json").read_text())
@@ -119,14 +121,15 @@ def main(argv=None) -> int:
         previous = {r["model"]: r for r in json.loads(out_json.read_text())["rows"]}
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(HERE.parent) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     for i, name in enumerate(names):
-        try:  # counted on the meta device: no memory, no init
-            with torch.device("meta"):
-                n_params = sum(p.numel() for p in torchvision.models.get_model(name, weights=None, num_classes=10).parameters())
-        except Exception:  # noqa: BLE001 -- some inits touch data (RegNet); the child counts them instead
-            n_params = 0
+        meta = _meta_model(name)
+        n_params = sum(p.numel() for p in meta.parameters()) if meta is not None else 0  # 0: the child counts them instead
         if n_params > args.max_params:
-            rows.append({"model": name, "params": n_params, "status": "skipped",
-                         "reason": f"{n_params / 1e6:.0f}M parameters: building and sorting them alone exceeds the {args.cpu_budget:.0f} s budget on this CPU"})
+            reason = f"{n_params / 1e6:.0f}M parameters: building and sorting them alone exceeds the {args.cpu_budget:.0f} s budget on this CPU"
+            try:  # what derive_student would say of its layer types alone (no weights needed)
+                check_layers(meta)
+            except DerivationError as e:
+                reason += f"; derive_student refuses it anyway ({str(e).split(': ', 1)[-1]})"
+            rows.append({"model": name, "params": n_params, "status": "skipped", "reason": reason})
         else:
             cmd = [sys.executable, __file__, "--one", name, "--sparsity", str(args.sparsity), "--round-to", str(args.round_to)]
             t0 = time.perf_counter()
@@ -152,6 +155,33 @@ def main(argv=None) -> int:
         merged = {**previous, **{r["model"]: r for r in rows}}
         _write(args, [merged[n] for n in every if n in merged], every)
     return 0
+
+
+def _meta_model(name: str):
+    """The model built on the meta device (no memory, no init), or None if its builder cannot run there.
+
+    RegNet's builder computes its stage widths with tensors and reads them back (``.tolist()``),
+    which a meta tensor cannot do: that one step runs on the CPU. Without it the parent could not
+    count tv:regnet_y_128gf (637M parameters) and ran it, which the 60 CPU-second budget cut off
+    in its build and global sort (it has grouped convs: derive_student refuses it at once)."""
+    import torch
+    import torchvision
+    from torchvision.models import regnet
+
+    orig = regnet.BlockParams.__dict__["from_init_params"]
+
+    def on_cpu(cls, *a, **k):
+        with torch.device("cpu"):
+            return orig.__func__(cls, *a, **k)
+
+    regnet.BlockParams.from_init_params = classmethod(on_cpu)
+    try:
+        with torch.device("meta"):
+            return torchvision.models.get_model(name, weights=None, num_classes=10)
+    except Exception:  # noqa: BLE001 -- a builder that needs real data
+        return None
+    finally:
+        regnet.BlockParams.from_init_params = orig
 
 
 def _note(r: dict) -> str:

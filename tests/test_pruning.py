@@ -141,6 +141,18 @@ def test_global_topk_ties_deterministic():
     # Ties go to position: the first 7 alive entries of "a" in flat order.
     assert m1["a"].flatten().nonzero().squeeze(1).tolist() == list(range(1, 8))
     assert not m1["b"].any()
+    # All alive (the path without the gather): ties by position too, and the same survivors as the
+    # general path gives when one dead weight is added far outside the chosen ones.
+    full = {"a": torch.ones(4, 5, dtype=torch.bool), "b": torch.ones(6, dtype=torch.bool)}
+    m3 = global_topk(scores, full, 7)
+    assert m3["a"].flatten().nonzero().squeeze(1).tolist() == list(range(7)) and not m3["b"].any()
+    g = torch.Generator().manual_seed(1)
+    rnd = {"a": torch.rand(4, 5, generator=g), "b": torch.rand(6, generator=g)}
+    part = {"a": full["a"].clone(), "b": full["b"].clone()}
+    low = "a" if rnd["a"].min() < rnd["b"].min() else "b"
+    part[low].view(-1)[rnd[low].argmin()] = False  # the lowest score of all is never among the 9 best
+    m4, m5 = global_topk(rnd, full, 9), global_topk(rnd, part, 9)
+    assert all(torch.equal(m4[n], m5[n]) for n in full)
 
 
 def test_layerwise_topk_exact_per_layer():

@@ -659,3 +659,59 @@ def test_torchvision_swin_is_refused_in_one_line_not_hung():
         derive_student(m, masks)
     assert "\n" not in str(e.value)
     assert _time.perf_counter() - t0 < 120
+
+
+class _HeadsAttention(nn.Module):
+    """MaxViT's attention in miniature: windows of 7x7 tokens, one qkv projection chunked and
+    reshaped into heads, einsum attention with a learned positional bias per head."""
+
+    def __init__(self, c: int = 8, heads: int = 2, p: int = 7):
+        super().__init__()
+        self.h, self.p = heads, p
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.to_qkv = nn.Linear(c, 3 * c)
+        self.bias = nn.Parameter(torch.zeros(heads, p * p, p * p))
+        self.merge = nn.Linear(c, c)
+        self.head = nn.Linear(c, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        B, C, H, W = x.shape
+        P = self.p
+        t = x.reshape(B, C, H // P, P, W // P, P).permute(0, 2, 4, 3, 5, 1).reshape(B, (H // P) * (W // P), P * P, C)
+        G, N = t.shape[1], t.shape[2]
+        q, k, v = torch.chunk(self.to_qkv(t), 3, dim=-1)
+        q, k, v = (z.reshape(B, G, N, self.h, C // self.h).permute(0, 1, 3, 2, 4) for z in (q, k, v))
+        a = (torch.einsum("bghid,bghjd->bghij", q, k) + self.bias.unsqueeze(0)).softmax(-1)
+        o = torch.einsum("bghij,bghjd->bghid", a, v).permute(0, 1, 3, 2, 4).reshape(B, G, N, C)
+        return self.head(self.merge(o).mean((1, 2)))
+
+
+def test_a_group_whose_indices_leave_the_layer_is_refused_at_once():
+    """tv:maxvit_t ran for minutes (seconds per group walk, growing with width) before anything
+    was refused: Torch-Pruning maps channel 0 of its 192-wide to_qkv to 3072 indices of that layer.
+    Such a group is no channel coupling, so the first one ends the derivation in one line."""
+    torch.manual_seed(0)
+    m = _HeadsAttention()
+    t0 = _time.perf_counter()
+    with pytest.raises(DerivationError, match=r"couples channel 0 of to_qkv to output channel \d+ of to_qkv, which has 24 .*not a channel coupling") as e:
+        derive_student(m, full_masks(prunable_weights(m)), input_size=14)
+    assert "\n" not in str(e.value)
+    assert _time.perf_counter() - t0 < 5
+
+
+def test_a_student_that_does_not_run_is_refused_and_the_teacher_is_untouched():
+    from ptd.students.derive import check_runs
+
+    torch.manual_seed(0)
+    teacher = build_model("vgg", 10, 1, plan=[8, "M", 16])
+    teacher.train()
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    broken = build_model("vgg", 10, 1, plan=[8, "M", 16])
+    broken.classifier = torch.nn.Linear(7, 10)  # widths that cannot feed each other
+    with pytest.raises(DerivationError, match="fails on a 32x32 image"):
+        check_runs(teacher, broken, 32)
+    with pytest.raises(DerivationError, match=r"output is \(1, 3\), the teacher's \(1, 10\)"):
+        check_runs(teacher, build_model("vgg", 3, 1, plan=[8, "M", 16]), 32)
+    check_runs(teacher, build_model("vgg", 10, 1, plan=[4, "M", 12]), 32)  # a narrower student that runs
+    assert teacher.training and all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())  # BN statistics unchanged

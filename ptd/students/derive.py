@@ -21,6 +21,32 @@ def _reinit(model: nn.Module) -> None:
             m.reset_parameters()
 
 
+def check_runs(teacher: nn.Module, student: nn.Module, size: int) -> None:
+    """The student must run on the traced image size and give the teacher's output shape: a group
+    whose channels Torch-Pruning mapped wrongly can pass every width check and still build a model
+    whose forward fails."""
+    from ptd.students.graph import _describe, example_input
+
+    x = example_input(teacher, size)
+    was = teacher.training, student.training
+    teacher.eval(), student.eval()  # eval: no BatchNorm statistics change, no auxiliary heads
+    try:
+        with torch.no_grad():
+            want, got = teacher(x), student(x)
+    except Exception as e:  # noqa: BLE001 -- any failure of the built student is the derivation's
+        raise DerivationError(
+            f"cannot derive a student from {_describe(teacher)}: the student built at the derived widths fails on a "
+            f"{size}x{size} image ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        ) from None
+    finally:
+        teacher.train(was[0]), student.train(was[1])
+    shapes = [tuple(t.shape) for t in (want, got)] if all(isinstance(t, torch.Tensor) for t in (want, got)) else None
+    if shapes is not None and shapes[0] != shapes[1]:
+        raise DerivationError(
+            f"cannot derive a student from {_describe(teacher)}: the student's output is {shapes[1]}, the teacher's {shapes[0]}"
+        )
+
+
 def derive_student(
     teacher: nn.Module,
     masks: Masks,
@@ -119,6 +145,7 @@ def derive_student(
         check_widths(student, widths)
         student.ptd_spec = spec
 
+    check_runs(teacher, student, graph.input_size)
     student.train(teacher.training)
     student.requires_grad_(True)  # a student is there to be trained, even if its teacher was frozen
     plan = StudentPlan(

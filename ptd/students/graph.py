@@ -192,6 +192,32 @@ def pruning_group(dg, model: nn.Module, name: str, module: nn.Module):
     )
 
 
+def check_group_indices(dg, model: nn.Module, group, names: dict[int, str], root: str) -> None:
+    """Refuse a Torch-Pruning group that indexes channels a layer does not have.
+
+    Through some graphs (torchvision's MaxViT: a qkv projection chunked and reshaped into heads,
+    then einsum attention) Torch-Pruning's index mapping is not a channel coupling: channel 0 of a
+    192-wide ``to_qkv`` comes back as 3072 indices of that same layer. Surgery on such a group
+    cannot give a working model, and each walk costs seconds that grow with the layer's width
+    (minutes over MaxViT-T's groups), so the first such group ends the derivation."""
+    for dep, idxs in group:
+        m = dep.target.module
+        if id(m) not in names or not isinstance(m, LAYER_TYPES) or not len(idxs):
+            continue
+        if dg.is_out_channel_pruning_fn(dep.handler):
+            side, have = "output", layer_out(m)
+        elif dg.is_in_channel_pruning_fn(dep.handler):
+            side, have = "input", layer_in(m)
+        else:
+            continue
+        top = max(int(i) for i in idxs)
+        if top >= have:
+            raise DerivationError(
+                f"cannot derive a student from {_describe(model)}: Torch-Pruning couples channel 0 of {root} to {side} channel {top} of "
+                f"{names[id(m)]}, which has {have} (its index mapping through this graph's reshapes is not a channel coupling)"
+            )
+
+
 def build_dependency_graph(model: nn.Module, x: torch.Tensor):
     import torch_pruning as tp
 
@@ -219,14 +245,11 @@ def out_channel_fn(dg, module: nn.Module):
     return pruner.prune_out_channels
 
 
-def extract(model: nn.Module, masks: Masks, input_size: int | None = None) -> tuple[ChannelGraph, object]:
-    """The coupled-group graph of ``model`` (and the DependencyGraph it was read from).
-
-    ``nnz`` of a layer is its mask's count, or its nonzero weights where ``masks`` has no entry
-    (a layer the pruning left out counts as it is).
-    """
-    named = dict(model.named_modules())
-    layers = {n: m for n, m in named.items() if isinstance(m, LAYER_TYPES)}
+def check_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The model's Conv/Linear layers by name, or a DerivationError if their types alone rule a
+    student out (no conv; a grouped conv that is not depthwise). Reads only the modules' shapes,
+    so it also works on a model built on the meta device (no weights, no time)."""
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, LAYER_TYPES)}
     if not any(isinstance(m, CONV_TYPES) for m in layers.values()):
         raise DerivationError(f"cannot derive a student from {_describe(model)}: it has no Conv2d layers")
     for n, m in layers.items():
@@ -234,6 +257,16 @@ def extract(model: nn.Module, masks: Masks, input_size: int | None = None) -> tu
             raise DerivationError(
                 f"cannot derive a student from {_describe(model)}: {n} is a grouped conv (groups={m.groups}), which only depthwise convs may be"
             )
+    return layers
+
+
+def extract(model: nn.Module, masks: Masks, input_size: int | None = None) -> tuple[ChannelGraph, object]:
+    """The coupled-group graph of ``model`` (and the DependencyGraph it was read from).
+
+    ``nnz`` of a layer is its mask's count, or its nonzero weights where ``masks`` has no entry
+    (a layer the pruning left out counts as it is).
+    """
+    layers = check_layers(model)
     was_training = model.training
     model.eval()
     try:
@@ -272,6 +305,7 @@ def extract(model: nn.Module, masks: Masks, input_size: int | None = None) -> tu
         if members[n].group >= 0:
             continue
         g = pruning_group(dg, model, n, layers[n])
+        check_group_indices(dg, model, g, module_name, n)
         gi = len(groups)
         producers: list[str] = []
         consumers: list[tuple[str, int]] = []
