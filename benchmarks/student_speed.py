@@ -81,13 +81,20 @@ def activations(model: nn.Module, shape) -> int:
     return n
 
 
+def sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def time_interleaved(models: dict, fn, repeats: int, warmup: int) -> dict[str, float]:
     """Median seconds of ``fn(model)`` per model, the models' calls interleaved round by round."""
     times: dict[str, list[float]] = {k: [] for k in models}
     for i in range(warmup + repeats):
         for k, m in models.items():
+            sync()
             t0 = time.perf_counter()
             fn(m)
+            sync()  # CUDA runs asynchronously: time the work, not its launch
             if i >= warmup:
                 times[k].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in times.items()}

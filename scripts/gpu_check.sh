@@ -7,6 +7,7 @@
 #   4. torch.compile of the CIFAR VGG19 training step on CUDA: compile time and step time vs eager
 #   5. benchmarks/pipeline_speed.py on CUDA: per-epoch times of the CIFAR-100 VGG19 recipe, ptd vs
 #      the re-creation of the published code's way (fabricated CIFAR-100 at full size, 50k/10k)
+#   6. benchmarks/student_speed.py on CUDA (issue 7's table: students vs teachers, fp32 and bf16)
 # Everything lands in benchmarks/results/gpu/ (and in $OUT too when the device runner sets it),
 # each file naming the GPU. The step's exit codes are collected in summary.txt; the script exits
 # non-zero when any step failed.
@@ -117,6 +118,13 @@ if [ $DRY = 1 ]; then
 else
   step pipeline_speed 330 $PY benchmarks/pipeline_speed.py --device cuda --n-train 50000 --n-test 10000 --seeds 0 \
     --batch-size 128 --flops-batches 50 --peak-n 8192 --out "$RES" --tag pipeline_speed_gpu
+fi
+
+# 6. Issue 7's student speed table on CUDA: demo and ResNet-18 students, fp32 and bf16, per rounding.
+if [ $DRY = 1 ]; then
+  step student_speed 120 $PY benchmarks/student_speed.py --cases demo --round-to 1 8n --precisions fp32 --repeats 1 --device cpu --out "$RES/student_speed_cuda"
+else
+  step student_speed 150 $PY benchmarks/student_speed.py --repeats 5 --warmup 3 --train-batch 128 --device cuda --out "$RES/student_speed_cuda"
 fi
 
 rm -rf "$WORK"
