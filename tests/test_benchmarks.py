@@ -50,3 +50,20 @@ def test_train_speed_smoke(tmp_path: Path):
     assert saved["timing"].keys() == res["timing"].keys()
     md = (tmp_path / "train_speed.md").read_text()
     assert "published" in md and "bf16" in md and "--quick" in md
+
+
+def test_student_speed_and_layers_smoke(tmp_path: Path):
+    ss = _load("student_speed")
+    assert ss.main(["--cases", "demo", "--round-to", "1", "8", "8n", "--precisions", "fp32", "--repeats", "1", "--warmup", "0",
+                    "--out", str(tmp_path / "ss")]) == 0
+    res = json.loads((tmp_path / "ss.json").read_text())
+    rows = {r["round_to"]: r for r in res["rows"]}
+    assert set(rows) == {"1", "8", "8n"} and res["recommended_round_to"] in rows
+    # The demo student's exact 12/29 (teacher 16/32) stay under 8 and drop to 8/24 under 8n.
+    assert rows["8"]["widths"][:2] == [12, 29] and rows["8n"]["widths"][:2] == [8, 24]
+    assert all(r["train_ratio"] > 0 and r["speedup_b64"] > 0 and abs(r["weights_vs_surviving"] - 1) < 0.1 for r in rows.values())
+
+    sl = _load("student_layers")
+    assert sl.main(["--batch", "8", "--repeats", "2", "--out", str(tmp_path / "layers.md")]) == 0
+    text = (tmp_path / "layers.md").read_text()
+    assert "| Conv2d | 1, 28 |" in text and "FLOPs ratio of 2.2" in text and "- batch 8: training" in text
