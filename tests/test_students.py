@@ -715,3 +715,15 @@ def test_a_student_that_does_not_run_is_refused_and_the_teacher_is_untouched():
         check_runs(teacher, build_model("vgg", 3, 1, plan=[8, "M", 16]), 32)
     check_runs(teacher, build_model("vgg", 10, 1, plan=[4, "M", 12]), 32)  # a narrower student that runs
     assert teacher.training and all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())  # BN statistics unchanged
+
+
+def test_the_run_check_does_not_move_the_global_rng():
+    """The student's weights are drawn from the global RNG after the check: it must not shift them."""
+    from ptd.students.derive import check_runs
+
+    teacher, student = build_model("vgg", 10, 1, plan=[8, "M", 16]), build_model("vgg", 10, 1, plan=[4, "M", 8])
+    torch.manual_seed(123)
+    check_runs(teacher, student, 32)
+    after = torch.rand(3)
+    torch.manual_seed(123)
+    assert torch.equal(after, torch.rand(3))

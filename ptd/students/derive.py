@@ -25,9 +25,11 @@ def check_runs(teacher: nn.Module, student: nn.Module, size: int) -> None:
     """The student must run on the traced image size and give the teacher's output shape: a group
     whose channels Torch-Pruning mapped wrongly can pass every width check and still build a model
     whose forward fails."""
-    from ptd.students.graph import _describe, example_input
+    from ptd.students.graph import _describe, first_conv
 
-    x = example_input(teacher, size)
+    p = next(teacher.parameters())
+    # A generator of its own: the check must not move the global RNG (CPU or CUDA), so runs stay as they were.
+    x = torch.randn(1, first_conv(teacher).in_channels, size, size, generator=torch.Generator().manual_seed(0)).to(p.device, p.dtype)
     was = teacher.training, student.training
     teacher.eval(), student.eval()  # eval: no BatchNorm statistics change, no auxiliary heads
     try:
