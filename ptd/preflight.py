@@ -4,12 +4,14 @@
 ``PreflightError`` for a path, ``DataError``/``CheckpointError`` for files) for: thread count,
 device, output folder, pruning target vs. one round, ``prune.options.rewind_epoch``, the data
 folder and files, the teacher (and a named student) building with their kwargs and running on this
-data's images, and ``teacher.checkpoint`` being readable and of the teacher's architecture.
+data's images, a derived student being derivable from the teacher's architecture, and
+``teacher.checkpoint`` being readable and of the teacher's architecture.
 Otherwise such mistakes surface hours later: after the teacher trained, or after ``config.yaml``
 was written (which then refuses the corrected re-run).
 
 Cost: one dataset load (skipped when the caller passes its ``splits``), one model build and one
-forward pass of 2 images per model on the CPU.
+forward pass of 2 images per model on the CPU, and one student derivation (well under a second for
+ptd's families; 1-25 s for torchvision's larger models, benchmarks/results/tv_zoo.md).
 """
 from __future__ import annotations
 
@@ -55,6 +57,7 @@ def preflight(cfg: RunConfig, run_dir: str | Path, *, splits: Any = None, sweep:
     if cfg.student.source == "named" and cfg.student.model is not None:
         student = check_model(cfg.student.model, "student.model", splits, image_size=cfg.data.image_size)
     check_bridges(cfg, teacher, student, splits)
+    check_derivable(cfg, teacher, splits, sweep=sweep)
     if cfg.teacher.checkpoint:
         from ptd.train.checkpoint import load_into
 
@@ -201,6 +204,31 @@ def check_runs(model: nn.Module, where: str, splits: Any, image_size: int | None
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ConfigError(f"{where}: the model gives {shape} for 2 images, expected (2, {splits.num_classes}) logits "
                           f"for the {splits.num_classes} classes of {splits.name}")
+
+
+def check_derivable(cfg: RunConfig, teacher: nn.Module, splits: Any, sweep: bool = False) -> None:
+    """With ``student.source: derive``, derive a student from the fresh teacher pruned by global
+    magnitude to the run's sparsity (the largest of a sweep's), so an architecture ptd cannot derive
+    from (a grouped conv, a graph Torch-Pruning cannot trace, a student that would not run) is
+    refused now, not after the teacher trained and was pruned. Refusals come from the graph, not
+    the trained weights; the real derivation still runs on the real pruned teacher."""
+    if cfg.student.source != "derive":
+        return
+    from ptd.pruning.masks import full_masks, prunable_weights
+    from ptd.pruning.select import global_topk
+    from ptd.students import DerivationError, derive_student
+
+    target = max([cfg.prune.target_sparsity, *(cfg.sweep.sparsities if sweep else ())])
+    params = prunable_weights(teacher)
+    total = sum(p.numel() for p in params.values())
+    masks = global_topk({n: p.detach().abs() for n, p in params.items()}, full_masks(params), total - round(total * target))
+    try:
+        with torch.random.fork_rng(devices=[]):  # the student's fresh weights: not the run's RNG streams
+            derive_student(teacher, masks, inherit=cfg.student.inherit, round_to=cfg.student.round_to,
+                           round_narrower=cfg.student.round_narrower)  # as ptd.pipeline.stage_student calls it
+    except DerivationError as e:
+        raise ConfigError(f"student.source: derive: {one_line(e)[:400]}; give a student with student.source: named and "
+                          f"student.model, or a teacher ptd can derive from (docs/students.md)") from None
 
 
 def check_bridges(cfg: RunConfig, teacher: nn.Module, student: nn.Module | None, splits: Any) -> None:

@@ -67,3 +67,4 @@ def test_student_speed_and_layers_smoke(tmp_path: Path):
     assert sl.main(["--batch", "8", "--repeats", "2", "--out", str(tmp_path / "layers.md")]) == 0
     text = (tmp_path / "layers.md").read_text()
     assert "| Conv2d | 1, 28 |" in text and "FLOPs ratio of 2.2" in text and "- batch 8: training" in text
+    assert "- default student: batch 1: " in text and "- round_narrower off [12, 29, " in text

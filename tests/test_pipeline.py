@@ -198,7 +198,7 @@ def test_student_stage_passes_the_rounding_config(tmp_path, tiny_yaml, monkeypat
     monkeypatch.setattr(ptd.students, "derive_student", spy)
     cfg = load_config(tiny_yaml, ["student.round_to=4", "student.round_narrower=false"])
     stats = run_pipeline(cfg, tmp_path / "run", until="student")
-    assert seen == [{"round_to": 4, "round_narrower": False}]
+    assert seen == [{"round_to": 4, "round_narrower": False}] * 2  # preflight's check, then the student stage
     assert all(r["width"] % 4 == 0 or "not rounded" in r["note"] or r["note"] for r in stats["plan"]["layers"])
     assert load_config(tiny_yaml).student.round_narrower is True  # the default
 
@@ -270,3 +270,38 @@ def test_run_stage_skips_done_and_marks_done_before_cleanup(tmp_path):
     assert run_stage(ctx, d, compute) == ({"acc": 0.5}, True)
     assert order == ["compute", "result", "done"] and is_done(d) and not (d / P.RESUME).exists()
     assert run_stage(ctx, d, lambda: pytest.fail("a done stage must not run again")) == ({"acc": 0.5}, False)
+
+
+class GroupedNet(torch.nn.Module):
+    """A grouped (not depthwise) conv: ptd cannot derive a student from it."""
+
+    def __init__(self, num_classes=10, in_channels=1, width=1.0):
+        super().__init__()
+        self.a = torch.nn.Conv2d(in_channels, 8, 3, padding=1)
+        self.b = torch.nn.Conv2d(8, 8, 3, padding=1, groups=2)
+        self.head = torch.nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        return self.head(self.b(torch.relu(self.a(x))).mean((2, 3)))
+
+
+def test_an_underivable_teacher_is_refused_before_work_starts(tmp_path, tiny_fashion, capsys, monkeypatch):
+    """Not after the teacher trained and was pruned: one line, exit 2, no run directory."""
+    from ptd.cli import main
+    from ptd.models import MODELS
+
+    monkeypatch.setitem(MODELS._items, "grouped_net", GroupedNet)  # registered for this test only
+    cfg = tiny_config(tiny_fashion)
+    cfg["teacher"]["model"] = {"arch": "grouped_net"}
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    assert main(["run", str(p), "--out", str(tmp_path / "run"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "student.source: derive" in err and "grouped conv" in err and "student.model" in err
+    assert not (tmp_path / "run").exists()
+    # A named student needs no derivation: the same teacher passes preflight.
+    from ptd.preflight import preflight
+
+    cfg["student"] = {"source": "named", "model": {"arch": "vgg", "kwargs": {"plan": [8, "M", 8]}}}
+    p.write_text(yaml.safe_dump(cfg))
+    preflight(load_config(p), tmp_path / "run2")
