@@ -26,7 +26,8 @@ the components it reads, so the answer does not depend on the order groups are l
 there is no iteration cap. ``round_to`` > 1 then moves every free group's width to the nearest
 multiple of it (at least one multiple), after the solve: the student is the paper's student with
 aligned widths -- except where that multiple would be the teacher's width (or more) for a group
-the rule narrowed, which keeps its exact width. (Rounding inside the solve, so that downstream layers re-balance the weights, was
+the rule narrowed: that group keeps its exact width, or with ``round_narrower`` takes the multiple
+below. (Rounding inside the solve, so that downstream layers re-balance the weights, was
 tried first: on a plain stack each rounded-down layer makes the next one wider and the widths
 alternate -- VGG11 went 12, 29, 39, 58 -> 8, 40, 24, 96.)
 """
