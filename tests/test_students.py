@@ -727,3 +727,37 @@ def test_the_run_check_does_not_move_the_global_rng():
     after = torch.rand(3)
     torch.manual_seed(123)
     assert torch.equal(after, torch.rand(3))
+
+
+class _Chain(nn.Module):
+    """conv -> 2x2 pool -> fc1 (16 -> 8) -> fc2 (8 -> 8) -> head: a plain module, so channel surgery."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(1, 4, 3, padding=1)
+        self.fc1, self.fc2, self.head = nn.Linear(16, 8), nn.Linear(8, 8), nn.Linear(8, 10)
+
+    def forward(self, x):
+        h = nn.functional.adaptive_avg_pool2d(torch.relu(self.a(x)), 2).flatten(1)
+        return self.head(torch.relu(self.fc2(torch.relu(self.fc1(h)))))
+
+
+def test_a_layer_surgery_cannot_widen_hands_its_weights_to_the_layer_feeding_it():
+    """fc1 keeps 16 of 128 weights (the rule: 1 output), fc2 keeps all 64, so the rule asks fc2 for
+    64 outputs where the teacher has 8. Held at 8 it holds 8 of its 64 weights (the student: 0.71 of
+    the surviving weights); fc1 widens instead, so fc1 and fc2 together hold their 80 as nearly as
+    whole widths can: fc1 at 3 holds 48 and fc2 24, 72 (4 would give 96)."""
+    torch.manual_seed(0)
+    m = _Chain()
+    masks = full_masks(prunable_weights(m))
+    k1 = next(k for k in masks if k.startswith("fc1"))
+    masks[k1] = torch.zeros_like(masks[k1])
+    masks[k1].view(-1)[:16] = True
+    student, plan = derive_student(m, masks)
+    rows = {r.name: r for r in plan.layers}
+    assert (rows["fc1"].width, rows["fc2"].width) == (3, 8)
+    assert "widened to hold the weights of fc2" in rows["fc1"].note and "the layers feeding it widen" in rows["fc2"].note
+    alive = sum(int(v.sum()) for v in masks.values())
+    held = sum(mod.weight.numel() for mod in student.modules() if isinstance(mod, (nn.Conv2d, nn.Linear)))
+    assert (alive, held) == (36 + 16 + 64 + 80, 36 + 48 + 24 + 80)  # 0.96 of the surviving weights
+    assert student(torch.randn(2, 1, 8, 8)).shape == (2, 10)

@@ -34,6 +34,7 @@ alternate -- VGG11 went 12, 29, 39, 58 -> 8, 40, 24, 96.)
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 from ptd.students.graph import ChannelGraph, Group, Member
 from ptd.students.plan import LayerRow
@@ -148,13 +149,27 @@ def components(graph: ChannelGraph) -> list[list[int]]:
     return out
 
 
-def _solve_component(comp: list[int], widths: list[int], graph: ChannelGraph, clamp: bool) -> tuple[set[int], int]:
-    """Set ``widths`` for the free groups of ``comp``; returns (groups clamped at the teacher's width, bisection steps)."""
+def _feeder(ci: int, comps: list[list[int]], comp_of: dict[int, int], graph: ChannelGraph, held: dict[int, int]) -> int | None:
+    """The component that should hold clamped component ``ci``'s weights: of those feeding it with a
+    free group and not held themselves, the last solved (the nearest upstream); None if none."""
+    groups, members = graph.groups, graph.members
+    feeding = {comp_of[h] for g in comps[ci] for n in groups[g].members for h, _ in members[n].inputs}
+    ok = [k for k in feeding if k != ci and k not in held and any(not groups[g].fixed for g in comps[k])]
+    return max(ok) if ok else None
+
+
+def _solve_component(comp: list[int], widths: list[int], graph: ChannelGraph, clamp: bool,
+                     held: Sequence[Member] = ()) -> tuple[set[int], int, bool]:
+    """Set ``widths`` for the free groups of ``comp``; returns (groups clamped at the teacher's width,
+    bisection steps, whether even the teacher's widths hold fewer weights than were kept).
+
+    ``held``: members of clamped components this one feeds, at their (fixed) teacher widths: their
+    weights count in the target and in ``F``, so this component widens to hold what they cannot."""
     groups, members = graph.groups, graph.members
     free = [g for g in comp if not groups[g].fixed]
     if not free:
-        return set(), 0
-    ms = [members[n] for g in comp for n in groups[g].members]
+        return set(), 0, False
+    ms = [members[n] for g in comp for n in groups[g].members] + list(held)
     target = sum(m.nnz for m in ms)
     t_max = max(groups[g].teacher_width for g in free)
 
@@ -178,7 +193,7 @@ def _solve_component(comp: list[int], widths: list[int], graph: ChannelGraph, cl
             steps += 1
     if F(hi) < target:  # clamped: even the teacher's width holds fewer weights than were kept upstream-adjusted
         assign(hi)
-        return set(free), steps
+        return set(free), steps, True
     if F(lo) >= target:
         W = lo
     else:  # invariant: F(lo) < target <= F(hi)
@@ -192,7 +207,7 @@ def _solve_component(comp: list[int], widths: list[int], graph: ChannelGraph, cl
         W = hi if (F(hi) - target) <= (target - F(lo)) else lo
     assign(W)
     clamped = {g for g in free if clamp and widths[g] == groups[g].teacher_width and round_half_up(Fraction(W * groups[g].teacher_width, t_max)) > groups[g].teacher_width}
-    return clamped, steps
+    return clamped, steps, False
 
 
 def solve(graph: ChannelGraph, clamp: bool = False, round_to: int = 1, round_narrower: bool = False) -> Solution:
@@ -208,12 +223,33 @@ def solve(graph: ChannelGraph, clamp: bool = False, round_to: int = 1, round_nar
     if round_to < 1:
         raise ValueError(f"round_to must be >= 1, got {round_to}")
     groups, members = graph.groups, graph.members
-    widths = [g.teacher_width for g in groups]
-    clamped: set[int] = set()
     comps = components(graph)
-    for comp in comps:
-        c, _ = _solve_component(comp, widths, graph, clamp)
-        clamped |= c
+    comp_of = {g: i for i, comp in enumerate(comps) for g in comp}
+    # Channel surgery cannot widen a layer past its teacher's: a component the rule wants wider
+    # (alexnet's classifier.4 asks 6,573 of 4,096) is held at the teacher's widths, and the
+    # component feeding it (the last one solved before it) widens to hold the weights it cannot,
+    # so the student keeps the surviving weights in total. Each pass is the direct solve; a pass
+    # can only add held components, so this ends within one pass per component.
+    held: dict[int, int] = {}  # clamped component -> the component that holds its weights
+    while True:
+        widths = [g.teacher_width for g in groups]
+        clamped: set[int] = set()
+        short: set[int] = set()
+        holds: dict[int, list[Member]] = {}
+        for k, p in held.items():
+            holds.setdefault(p, []).extend(members[n] for g in comps[k] for n in groups[g].members)
+        for ci, comp in enumerate(comps):
+            if ci in held:  # at the teacher's widths (set above); its weights count in its feeder's solve
+                clamped |= {g for g in comp if not groups[g].fixed}
+                continue
+            c, _, lacking = _solve_component(comp, widths, graph, clamp, holds.get(ci, ()))
+            clamped |= c
+            if lacking:
+                short.add(ci)
+        new = {ci: f for ci in sorted(short) if (f := _feeder(ci, comps, comp_of, graph, held)) is not None}
+        if not clamp or not new:
+            break
+        held.update(new)
     exact = list(widths)
     if round_to > 1:
         for g in groups:
@@ -227,7 +263,7 @@ def solve(graph: ChannelGraph, clamp: bool = False, round_to: int = 1, round_nar
                 elif clamp:
                     w = min(w, g.teacher_width)
                 widths[g.index] = w
-    comp_of = {g: i for i, comp in enumerate(comps) for g in comp}
+    holder_of = {p: k for k, p in held.items()}
 
     rows: list[LayerRow] = []
     overrides: list[dict] = []
@@ -244,6 +280,11 @@ def solve(graph: ChannelGraph, clamp: bool = False, round_to: int = 1, round_nar
             est_out = est
             if g.index in clamped:
                 note = f"clamped to the teacher's width {g.teacher_width} (channel surgery cannot add channels)"
+                if comp_of[g.index] in held:
+                    note += "; the layers feeding it widen to hold its weights"
+            elif comp_of[g.index] in holder_of:
+                k = holder_of[comp_of[g.index]]
+                note = f"widened to hold the weights of {groups[comps[k][0]].members[0]}, held at the teacher's width"
             elif len(cyc) > 1:
                 note = f"cycle of {len(cyc)} groups solved together at the teacher's proportions"
             elif len(g.members) > 1:
