@@ -68,3 +68,10 @@ def test_student_speed_and_layers_smoke(tmp_path: Path):
     text = (tmp_path / "layers.md").read_text()
     assert "| Conv2d | 1, 28 |" in text and "FLOPs ratio of 2.2" in text and "- batch 8: training" in text
     assert "- default student: batch 1: " in text and "- round_narrower off [12, 29, " in text
+
+
+def test_kd_split_smoke(tmp_path: Path):
+    ks = _load("kd_split")
+    assert ks.main(["--batch", "8", "--repeats", "1", "--out", str(tmp_path / "kd.md")]) == 0
+    rows = [line for line in (tmp_path / "kd.md").read_text().splitlines() if line.startswith("| fp32") or line.startswith("| bf16")]
+    assert len(rows) == 2 and all(float(r.split("|")[2]) > 0 and float(r.split("|")[3]) > 0 for r in rows)
