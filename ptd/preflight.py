@@ -11,7 +11,8 @@ was written (which then refuses the corrected re-run).
 
 Cost: one dataset load (skipped when the caller passes its ``splits``), one model build and one
 forward pass of 2 images per model on the CPU, and one student derivation (well under a second for
-ptd's families; 1-25 s for torchvision's larger models, benchmarks/results/tv_zoo.md).
+ptd's families; seconds for most torchvision models, up to ~1 minute with the magnitude sort for
+the largest, vit_h_14 and regnet_y_128gf: benchmarks/results/tv_zoo.md).
 """
 from __future__ import annotations
 
