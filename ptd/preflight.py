@@ -216,13 +216,13 @@ def check_derivable(cfg: RunConfig, teacher: nn.Module, splits: Any, sweep: bool
     if cfg.student.source != "derive":
         return
     from ptd.pruning.masks import full_masks, prunable_weights
-    from ptd.pruning.select import global_topk
+    from ptd.pruning.scores import magnitude
+    from ptd.pruning.select import global_topk, keep_for_target
     from ptd.students import DerivationError, derive_student
 
     target = max([cfg.prune.target_sparsity, *(cfg.sweep.sparsities if sweep else ())])
-    params = prunable_weights(teacher)
-    total = sum(p.numel() for p in params.values())
-    masks = global_topk({n: p.detach().abs() for n, p in params.items()}, full_masks(params), total - round(total * target))
+    full = full_masks(prunable_weights(teacher))
+    masks = global_topk(magnitude(teacher, full), full, keep_for_target(full, target))
     try:
         with torch.random.fork_rng(devices=[]):  # the student's fresh weights: not the run's RNG streams
             derive_student(teacher, masks, inherit=cfg.student.inherit, round_to=cfg.student.round_to,
