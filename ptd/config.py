@@ -219,6 +219,8 @@ class RunConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: bool = True  # bfloat16 autocast on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX)
     channels_last: bool = True  # NHWC: about 2x faster convs on CPU and tensor cores on GPU
+    # CPU: small-image conv weight gradients as one GEMM (ptd.train.fastconv; docs/speed.md)
+    fast_wgrad: bool = True
     quiet: bool = False  # no progress bars (CI)
     eval_batch_size: int = 512
     threads: int | None = None  # torch CPU threads; None: torch's default

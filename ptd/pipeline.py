@@ -177,6 +177,7 @@ def environment(cfg: RunConfig, rt: Runtime) -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "device": str(rt.device),
         "amp_bf16": rt.uses_amp,
+        "fast_wgrad": rt.fast_wgrad and rt.device.type == "cpu",
         "world_size": rt.dist.world_size,
         "cuda": torch.version.cuda,
         "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else [],
@@ -298,7 +299,7 @@ def make_context(cfg: RunConfig, run_dir: Path, log: Callable[[str], None] = pri
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     d = init_distributed(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    rt = Runtime(device=resolve_device(cfg.device, d), amp=cfg.amp, channels_last=cfg.channels_last, quiet=cfg.quiet, dist=d)
+    rt = Runtime(device=resolve_device(cfg.device, d), amp=cfg.amp, channels_last=cfg.channels_last, fast_wgrad=cfg.fast_wgrad, quiet=cfg.quiet, dist=d)
     dc = cfg.data
     if splits is None:
         splits = load_dataset(dc.name, dc.root, val_fraction=dc.val_fraction, seed=cfg.seed, download=dc.download,

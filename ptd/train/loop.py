@@ -34,6 +34,7 @@ from ptd import paths as P
 from ptd.config import OptimConfig
 from ptd.train import checkpoint as ckpt
 from ptd.train.distributed import Dist, all_sum
+from ptd.train.fastconv import small_image_wgrad
 from ptd.train.optim import make_optimizer, make_scheduler
 
 
@@ -63,6 +64,9 @@ class Runtime:
     channels_last: bool = True
     quiet: bool = False
     dist: Dist = field(default_factory=Dist)
+    # CPU: weight gradients of convs on small images by one GEMM instead of oneDNN's kernel
+    # (ptd.train.fastconv; 1.3-1.4x on the CIFAR VGG19 step here). Off: stock kernels throughout.
+    fast_wgrad: bool = True
 
     @property
     def uses_amp(self) -> bool:
@@ -70,6 +74,11 @@ class Runtime:
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.uses_amp)
+
+    def training(self, unit: nn.Module):
+        """The context a unit trains in: ``fit`` wraps its epochs in it; a benchmark stepping
+        ``train_step`` by hand enters it too, so it times what ``fit`` runs."""
+        return small_image_wgrad(unit, enabled=self.fast_wgrad and self.device.type == "cpu")
 
     def prepare(self, model: nn.Module) -> nn.Module:
         model = model.to(self.device)
@@ -211,59 +220,60 @@ def fit(
     bar = tqdm(total=optim.epochs * n_batches, initial=start * n_batches, desc=desc, unit="step",
                disable=rt.quiet or not main, dynamic_ncols=True, leave=False)
     net.train()
-    for epoch in range(start, optim.epochs):
-        t0 = time.perf_counter()
-        lr = opt.param_groups[0]["lr"]  # the rate this epoch trains at (logged before the scheduler moves it)
-        if hasattr(train_loader, "set_epoch"):
-            train_loader.set_epoch(epoch)
-        loss_sum = torch.zeros((), device=rt.device)
-        correct = torch.zeros((), device=rt.device)
-        seen = 0
-        term_sums: dict[str, torch.Tensor] = {}
-        for i, batch in enumerate(train_loader):
-            loss, logits, terms, y = train_step(net, opt, rt, batch, epoch, hooks, model)
-            steps += 1
-            # Accumulate on the device: no host sync per step.
-            loss_sum += loss.detach().float() * y.numel()
-            for k, v in terms.items():
-                term_sums[k] = term_sums.get(k, 0) + v.detach().float() * y.numel()
-            correct += (logits.detach().argmax(1) == y).sum()
-            seen += y.numel()
-            bar.update(1)
-            if i % 50 == 0:
-                bar.set_postfix(epoch=f"{epoch + 1}/{optim.epochs}", loss=f"{loss.item():.3f}")
-        sched.step()
-        train_stats = all_sum([loss_sum.item(), correct.item(), float(seen), *(t.item() for t in term_sums.values())], rt.device)
-        val = evaluate(model, val_loader, rt) if val_loader is not None and len(val_loader) else None
-        wall += time.perf_counter() - t0
-        val_acc = val["acc"] if val is not None else None
-        # Ties go to the later epoch; without validation the last epoch counts as best.
-        improved = val_acc is None or val_acc >= best_acc
-        # A hook may veto early checkpoints (GMP: weights from before its final mask are not a level).
-        improved = improved and all(h.allow_best(epoch) for h in hooks if hasattr(h, "allow_best"))
-        if improved:
-            best_acc, best_epoch = (val_acc if val_acc is not None else -math.inf), epoch
-        row = {"epoch": epoch + 1, "lr": lr, "train_loss": train_stats[0] / max(train_stats[2], 1),
-               "train_acc": train_stats[1] / max(train_stats[2], 1), "val_loss": val["loss"] if val else None,
-               "val_acc": val_acc, "steps": steps, "wall_s": round(wall, 3), "best": improved}
-        if term_sums:  # each loss term, averaged over the epoch's samples like train_loss
-            row["terms"] = {k: v / max(train_stats[2], 1) for k, v in zip(term_sums, train_stats[3:])}
-        if val_acc is not None:
-            bar.set_postfix(epoch=f"{epoch + 1}/{optim.epochs}", val_acc=f"{val_acc:.4f}")
-        # Hooks first: what they write (a rewind snapshot) and what they change (GMP's masks) belongs
-        # to this epoch's commit. A kill before the commit re-runs the epoch, which redoes both.
-        _call(hooks, "end_epoch", epoch, row)
-        rows.append(row)
-        if out is not None and main:
-            if improved:  # before the commit; a re-run of this epoch rewrites it identically (on CPU)
-                ckpt.save_model(out / P.MODEL, model)
-            ckpt.save_resume(out, {  # THE commit point of this epoch
-                "epoch": epoch, "model": unit.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "rng": ckpt.rng_state(), "hooks": [h.state_dict() if hasattr(h, "state_dict") else None for h in hooks],
-                "metrics": rows, "best": {"epoch": best_epoch, "acc": best_acc}, "steps": steps, "wall_s": wall})
-            ckpt.write_metrics(out / P.METRICS, rows)  # a view of the commit; a kill here leaves it behind
-        elif improved:
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    with rt.training(unit):  # e.g. ptd.train.fastconv, for the epochs only
+        for epoch in range(start, optim.epochs):
+            t0 = time.perf_counter()
+            lr = opt.param_groups[0]["lr"]  # the rate this epoch trains at (logged before the scheduler moves it)
+            if hasattr(train_loader, "set_epoch"):
+                train_loader.set_epoch(epoch)
+            loss_sum = torch.zeros((), device=rt.device)
+            correct = torch.zeros((), device=rt.device)
+            seen = 0
+            term_sums: dict[str, torch.Tensor] = {}
+            for i, batch in enumerate(train_loader):
+                loss, logits, terms, y = train_step(net, opt, rt, batch, epoch, hooks, model)
+                steps += 1
+                # Accumulate on the device: no host sync per step.
+                loss_sum += loss.detach().float() * y.numel()
+                for k, v in terms.items():
+                    term_sums[k] = term_sums.get(k, 0) + v.detach().float() * y.numel()
+                correct += (logits.detach().argmax(1) == y).sum()
+                seen += y.numel()
+                bar.update(1)
+                if i % 50 == 0:
+                    bar.set_postfix(epoch=f"{epoch + 1}/{optim.epochs}", loss=f"{loss.item():.3f}")
+            sched.step()
+            train_stats = all_sum([loss_sum.item(), correct.item(), float(seen), *(t.item() for t in term_sums.values())], rt.device)
+            val = evaluate(model, val_loader, rt) if val_loader is not None and len(val_loader) else None
+            wall += time.perf_counter() - t0
+            val_acc = val["acc"] if val is not None else None
+            # Ties go to the later epoch; without validation the last epoch counts as best.
+            improved = val_acc is None or val_acc >= best_acc
+            # A hook may veto early checkpoints (GMP: weights from before its final mask are not a level).
+            improved = improved and all(h.allow_best(epoch) for h in hooks if hasattr(h, "allow_best"))
+            if improved:
+                best_acc, best_epoch = (val_acc if val_acc is not None else -math.inf), epoch
+            row = {"epoch": epoch + 1, "lr": lr, "train_loss": train_stats[0] / max(train_stats[2], 1),
+                   "train_acc": train_stats[1] / max(train_stats[2], 1), "val_loss": val["loss"] if val else None,
+                   "val_acc": val_acc, "steps": steps, "wall_s": round(wall, 3), "best": improved}
+            if term_sums:  # each loss term, averaged over the epoch's samples like train_loss
+                row["terms"] = {k: v / max(train_stats[2], 1) for k, v in zip(term_sums, train_stats[3:])}
+            if val_acc is not None:
+                bar.set_postfix(epoch=f"{epoch + 1}/{optim.epochs}", val_acc=f"{val_acc:.4f}")
+            # Hooks first: what they write (a rewind snapshot) and what they change (GMP's masks) belongs
+            # to this epoch's commit. A kill before the commit re-runs the epoch, which redoes both.
+            _call(hooks, "end_epoch", epoch, row)
+            rows.append(row)
+            if out is not None and main:
+                if improved:  # before the commit; a re-run of this epoch rewrites it identically (on CPU)
+                    ckpt.save_model(out / P.MODEL, model)
+                ckpt.save_resume(out, {  # THE commit point of this epoch
+                    "epoch": epoch, "model": unit.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                    "rng": ckpt.rng_state(), "hooks": [h.state_dict() if hasattr(h, "state_dict") else None for h in hooks],
+                    "metrics": rows, "best": {"epoch": best_epoch, "acc": best_acc}, "steps": steps, "wall_s": wall})
+                ckpt.write_metrics(out / P.METRICS, rows)  # a view of the commit; a kill here leaves it behind
+            elif improved:
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     bar.close()
 
     # Back to the best-validation weights.
