@@ -244,7 +244,8 @@ def ptd_stepper(model: nn.Module, batches: Iterator, optim: OptimConfig, rt: Run
 
     def step() -> int:
         nonlocal loss_sum, correct
-        loss, logits, _terms, y = train_step(unit, opt, rt, next(batches), 0, hooks, model)
+        with rt.training(unit):  # what fit wraps its epochs in (ptd.train.fastconv on CPU)
+            loss, logits, _terms, y = train_step(unit, opt, rt, next(batches), 0, hooks, model)
         loss_sum += loss.detach().float() * y.numel()
         correct += (logits.detach().argmax(1) == y).sum()
         if seen is not None:

@@ -75,3 +75,18 @@ def test_kd_split_smoke(tmp_path: Path):
     assert ks.main(["--batch", "8", "--repeats", "1", "--out", str(tmp_path / "kd.md")]) == 0
     rows = [line for line in (tmp_path / "kd.md").read_text().splitlines() if line.startswith("| fp32") or line.startswith("| bf16")]
     assert len(rows) == 2 and all(float(r.split("|")[2]) > 0 and float(r.split("|")[3]) > 0 for r in rows)
+
+
+def test_conv_wgrad_smoke(tmp_path: Path):
+    cw = _load("conv_wgrad")
+    assert cw.main(["--quick", "--repeats", "1", "--step-repeats", "1", "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "conv_wgrad.json").read_text())
+    assert {(r["dtype"], r["side"]) for r in res["shapes"]} == {(d, s) for d in ("bfloat16", "float32") for s in (2, 8)}
+    for r in res["shapes"]:
+        assert r["aten_ms"] > 0 and r["gemm_ms"] > 0
+        assert r["rel_diff"] < (2e-2 if r["dtype"] == "bfloat16" else 1e-5)  # the same gradient, in that dtype's rounding
+        assert r["used_by_default"] == (r["side"] == 2)  # 2x2: 4 pixels, under both limits; 8x8: over both
+    (step,) = res["steps"]
+    assert step["stock_ms"] > 0 and step["fast_ms"] > 0 and step["ratio_min"] <= step["ratio_median"] <= step["ratio_max"]
+    md = (tmp_path / "conv_wgrad.md").read_text()
+    assert "oneDNN" in md and "GEMM" in md and "--quick" in md

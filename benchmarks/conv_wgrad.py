@@ -1,0 +1,168 @@
+"""Conv weight gradients on CPU: oneDNN's kernel against one GEMM (ptd.train.fastconv), per shape and per step.
+
+Part 1 times, per layer shape of the nets ptd trains (batch 128, 3x3, stride 1, channels_last),
+aten's weight gradient (``convolution_backward`` with only the weight's output) against
+``ptd.train.fastconv.weight_grad``, in bf16 and fp32, interleaved, median of ``--repeats``. It is
+where ``MAX_OUT_PIXELS`` (the largest output, per image, at which the GEMM form is used) comes
+from, and it reports the GEMM's achieved GFLOP/s against the machine's matmul peak.
+
+Part 2 times whole training steps (ptd's ``train_step`` under ``Runtime.training``: bf16 autocast
+where native, channels_last) with ``fast_wgrad`` off and on, interleaved: CIFAR VGG19, its st79
+student, CIFAR ResNet-18 and the demo's VGG11 x0.25 on Fashion-MNIST.
+
+    python benchmarks/conv_wgrad.py              # writes benchmarks/results/conv_wgrad.{md,json}
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ptd.config import OptimConfig
+from ptd.measure import cpu_name
+from ptd.models import build_model
+from ptd.train.fastconv import MAX_OUT_PIXELS, weight_grad
+from ptd.train.loop import Runtime, Supervised, train_step
+from ptd.train.optim import make_optimizer
+
+# (in channels, out channels, image side): the wide late layers of CIFAR nets, the demo's layers,
+# and larger images where the GEMM form loses (its patch matrix is 9x the input).
+SHAPES = [(512, 512, 2), (512, 512, 4), (256, 512, 4), (128, 128, 3), (128, 128, 1), (64, 64, 7),
+          (512, 512, 8), (256, 256, 8), (128, 128, 16), (64, 64, 32)]
+ST79 = [64, 64, "M", 128, 128, "M", 249, 217, 197, 163, "M", 111, 81, 76, 74, "M", 72, 60, 57, 89]  # PAPER.md
+STEPS = {  # name: (arch, kwargs, input shape, classes)
+    "vgg19 (CIFAR-100)": ("vgg19", {}, (3, 32, 32), 100),
+    "vgg19-st79 student": ("vgg", {"plan": ST79}, (3, 32, 32), 100),
+    "resnet18 (CIFAR-100)": ("resnet18", {"stem": "cifar"}, (3, 32, 32), 100),
+    "demo teacher vgg11 x0.25": ("vgg11", {"width": 0.25}, (1, 28, 28), 10),
+}
+
+
+def interleaved(fns: dict, repeats: int, warmup: int = 1) -> dict[str, list[float]]:
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for i in range(warmup + repeats):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            if i >= warmup:
+                times[k].append(time.perf_counter() - t0)
+    return times
+
+
+def aten_wgrad(g, x, w):
+    return torch.ops.aten.convolution_backward(g, x, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
+                                               [False, True, False])[1]
+
+
+def shape_rows(batch: int, repeats: int) -> list[dict]:
+    rows = []
+    for dtype in (torch.bfloat16, torch.float32):
+        for cin, cout, side in SHAPES:
+            cl = torch.channels_last
+            x = torch.randn(batch, cin, side, side, dtype=dtype).contiguous(memory_format=cl)
+            w = torch.randn(cout, cin, 3, 3, dtype=dtype).contiguous(memory_format=cl)
+            g = torch.randn(batch, cout, side, side, dtype=dtype).contiguous(memory_format=cl)
+            ref, got = aten_wgrad(g, x, w).float(), weight_grad(g, x, w.shape, (1, 1), (1, 1)).float()
+            t = interleaved({"aten": lambda: aten_wgrad(g, x, w), "gemm": lambda: weight_grad(g, x, w.shape, (1, 1), (1, 1))}, repeats)
+            a, b = statistics.median(t["aten"]), statistics.median(t["gemm"])
+            flop = 2 * batch * side * side * cout * cin * 9
+            rows.append({"dtype": str(dtype).removeprefix("torch."), "cin": cin, "cout": cout, "side": side,
+                         "aten_ms": a * 1e3, "gemm_ms": b * 1e3, "speedup": a / b, "gemm_gflops": flop / b / 1e9,
+                         "rel_diff": float((ref - got).abs().max() / ref.abs().max()),
+                         "used_by_default": side * side <= MAX_OUT_PIXELS.get(dtype, 0)})
+    return rows
+
+
+def step_rows(batch: int, repeats: int) -> list[dict]:
+    rows = []
+    for name, (arch, kw, shape, classes) in STEPS.items():
+        units, opts, rts = {}, {}, {}
+        for on in (False, True):
+            torch.manual_seed(0)
+            rts[on] = Runtime(amp=True, channels_last=True, quiet=True, fast_wgrad=on)
+            units[on] = Supervised(rts[on].prepare(build_model(arch, num_classes=classes, in_channels=shape[0], **kw)))
+            opts[on] = make_optimizer(units[on], OptimConfig())
+        x = torch.randn(batch, *shape).contiguous(memory_format=torch.channels_last)
+        y = torch.randint(0, classes, (batch,))
+
+        def step(on):
+            with rts[on].training(units[on]):
+                train_step(units[on], opts[on], rts[on], (x, y), 0)
+
+        t = interleaved({"stock": lambda: step(False), "fast": lambda: step(True)}, repeats, warmup=2)
+        ratios = sorted(a / b for a, b in zip(t["stock"], t["fast"]))
+        rows.append({"model": name, "stock_ms": statistics.median(t["stock"]) * 1e3, "fast_ms": statistics.median(t["fast"]) * 1e3,
+                     "ratio_median": statistics.median(ratios), "ratio_min": ratios[0], "ratio_max": ratios[-1],
+                     "bf16": rts[True].uses_amp})
+    return rows
+
+
+def render(res: dict) -> str:
+    L = ["# Conv weight gradients on CPU: oneDNN vs one GEMM (ptd.train.fastconv)", "",
+         f"Command: `{res['command']}`  ",
+         f"Machine: {res['cpu']}, {res['threads']} threads, torch {res['torch']}; batch {res['batch']}, 3x3 convs, "
+         f"channels_last; median of {res['repeats']} interleaved rounds. bf16 matmul peak here "
+         f"{res['peak_gflops']['bf16']:.0f} GFLOP/s, fp32 {res['peak_gflops']['fp32']:.0f} (best of 5 square "
+         f"matmuls, n={res['peak_n']}).", "",
+         "## Per layer: the weight gradient alone", "",
+         "| dtype | in -> out channels | image | oneDNN ms | GEMM ms | speedup | GEMM GFLOP/s (of peak) | max rel. diff | used by default |",
+         "|---|---|---|---:|---:|---:|---:|---:|---|"]
+    for r in res["shapes"]:
+        pk = res["peak_gflops"]["fp32" if r["dtype"] == "float32" else "bf16"]
+        L.append(f"| {r['dtype']} | {r['cin']} -> {r['cout']} | {r['side']}x{r['side']} | {r['aten_ms']:.2f} | {r['gemm_ms']:.2f} | "
+                 f"{r['speedup']:.2f}x | {r['gemm_gflops']:.0f} ({r['gemm_gflops'] / pk:.2f}) | {r['rel_diff']:.1e} | "
+                 f"{'yes' if r['used_by_default'] else 'no'} |")
+    L += ["", f"Default limits (`MAX_OUT_PIXELS`, output pixels per image): "
+          + ", ".join(f"{str(k).removeprefix('torch.')} {v}" for k, v in MAX_OUT_PIXELS.items()) + ".", "",
+          "## Per training step: `fast_wgrad` off vs on (ptd's `train_step`, bf16 autocast where native)", "",
+          "| model | off ms | on ms | speedup median [min, max] |", "|---|---:|---:|---|"]
+    for r in res["steps"]:
+        L.append(f"| {r['model']} | {r['stock_ms']:.0f} | {r['fast_ms']:.0f} | {r['ratio_median']:.2f}x "
+                 f"[{r['ratio_min']:.2f}, {r['ratio_max']:.2f}] |")
+    return "\n".join(L) + "\n"
+
+
+def matmul_gflops(dtype, n=2048, rounds=5) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    best = min(interleaved({"mm": lambda: a @ b}, rounds)["mm"])
+    return 2 * n ** 3 / best / 1e9
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=9)
+    ap.add_argument("--step-repeats", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--quick", action="store_true", help="tiny run for the smoke test")
+    ap.add_argument("--out", default="benchmarks/results")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.quick:
+        global SHAPES, STEPS
+        SHAPES = [(32, 32, 2), (16, 16, 8)]
+        STEPS = {"demo teacher vgg11 x0.25": STEPS["demo teacher vgg11 x0.25"]}
+    res = {"command": "python benchmarks/conv_wgrad.py " + " ".join(sys.argv[1:] if argv is None else argv),
+           "cpu": cpu_name(), "threads": args.threads, "torch": torch.__version__, "batch": args.batch,
+           "repeats": args.repeats, "peak_n": 512 if args.quick else 2048,
+           "peak_gflops": {"bf16": matmul_gflops(torch.bfloat16, 512 if args.quick else 2048),
+                           "fp32": matmul_gflops(torch.float32, 512 if args.quick else 2048)}}
+    res["shapes"] = shape_rows(args.batch, args.repeats)
+    res["steps"] = step_rows(args.batch, args.step_repeats)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "conv_wgrad.json").write_text(json.dumps(res, indent=1))
+    text = render(res)
+    (out / "conv_wgrad.md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
