@@ -465,8 +465,9 @@ def test_resnet18_student_params_within_10_percent_of_surviving_weights(sparsity
     assert abs(n_params(student) / alive - 1) < 0.10
 
 
-def test_compare_report_for_teacher_pruned_teacher_and_student():
+def test_compare_report_for_teacher_pruned_teacher_and_student(monkeypatch):
     from ptd.students import compare, format_report
+    from ptd.students import report as students_report
 
     torch.manual_seed(0)
     teacher = build_model("resnet20", 10, width=0.5)
@@ -479,6 +480,17 @@ def test_compare_report_for_teacher_pruned_teacher_and_student():
     assert rep["models"]["pruned_teacher"]["flops"] == rep["models"]["teacher"]["flops"] > rep["models"]["student"]["flops"]
     assert rep["models"]["pruned_teacher"]["alive_weights"] == sum(int(m.sum()) for m in masks.values())
     assert set(rep["latency"]) == {"1", "4"} and "speedup_b4" in rep["ratios"]
+    # the dense pruned teacher is not timed again: it carries the teacher's figures, marked
+    for b in ("1", "4"):
+        lt = rep["latency"][b]
+        assert lt["pruned_teacher"]["timed_as"] == "teacher" and lt["pruned_teacher"]["median_ms"] == lt["teacher"]["median_ms"]
+        assert "timed_as" not in lt["student"] and "timed_as" not in lt["teacher"]
+    timed = []
+    monkeypatch.setattr(students_report, "compare_latency", lambda ms, *a, **k: timed.append(set(ms)) or
+                        {n: {"median_ms": 1.0} for n in ms})
+    compare(teacher, pruned, masks, student, plan, (3, 32, 32), batch_sizes=(1,))
+    compare(None, pruned, masks, student, plan, (3, 32, 32), batch_sizes=(1,))  # no teacher: the pruned one is the reference
+    assert timed == [{"teacher", "student"}, {"pruned_teacher", "student"}]
     assert len(rep["layers"]) == len(plan.layers)
     json.dumps(rep)
     text = format_report(rep)

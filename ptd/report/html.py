@@ -323,7 +323,7 @@ def plot_compute(r: dict[str, Any], stats: dict | None) -> str:
     for key, label in models:
         src = (stats or {}).get(key) or r.get(key) or {}
         for b, v in (src.get("latency") or {}).items():
-            if v and v.get("median_ms") is not None:
+            if v and v.get("median_ms") is not None and "timed_as" not in v:  # not timed: the teacher's own figure
                 lat.setdefault(b, {})[label] = v["median_ms"]
     fig, axes = _figure(12, 0.9 + 0.5 * max(len(arms), 3), 1 + len(lat))
     ax = axes[0]
