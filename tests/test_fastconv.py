@@ -68,6 +68,10 @@ def test_used_exactly_where_the_output_is_small_enough(monkeypatch):
         with torch.no_grad():
             conv(torch.randn(2, 4, 2, 2, dtype=torch.float64))
     assert not calls
+    # a dtype mismatch without autocast still fails as conv2d fails, not silently cast
+    with small_image_wgrad(conv, limits=EVERYWHERE), pytest.raises(RuntimeError):
+        conv(torch.randn(2, 4, 2, 2, dtype=torch.float32, requires_grad=True))
+    assert not calls
 
 
 def test_default_limits_as_measured():

@@ -94,18 +94,18 @@ def eligible(conv: nn.Module) -> bool:
 def _forward(self: nn.Conv2d, x: torch.Tensor, limits: dict[torch.dtype, int] = MAX_OUT_PIXELS) -> torch.Tensor:
     """Conv2d.forward, with the GEMM weight gradient where it pays (decided per call, by shape)."""
     if x.device.type == "cpu" and torch.is_grad_enabled() and self.weight.requires_grad and x.dim() == 4:
-        weight, bias = self.weight, self.bias
-        if torch.is_autocast_enabled("cpu"):  # what autocast would hand conv2d
-            dt = torch.get_autocast_dtype("cpu")
-            x, weight = x.to(dt), weight.to(dt)
-            bias = bias.to(dt) if bias is not None else None
         kh, kw = self.kernel_size
         ho = (x.shape[2] + 2 * self.padding[0] - kh) // self.stride[0] + 1
         wo = (x.shape[3] + 2 * self.padding[1] - kw) // self.stride[1] + 1
-        limit = limits.get(x.dtype, 0)
-        if x.dtype == weight.dtype and ho * wo <= limit:
-            with torch.autocast("cpu", enabled=False):
-                return _Conv2dGemmWgrad.apply(x, weight, bias, self.stride, self.padding)
+        # the dtype conv2d will compute in: autocast's where it is on, else the input's
+        autocast = torch.is_autocast_enabled("cpu")
+        dt = torch.get_autocast_dtype("cpu") if autocast else x.dtype
+        # without autocast, mismatched dtypes are left to conv2d's own error
+        same = self.weight.dtype == dt or (autocast and self.weight.dtype == torch.float32)
+        if ho * wo <= limits.get(dt, 0) and same:
+            bias = self.bias.to(dt) if self.bias is not None else None
+            with torch.autocast("cpu", enabled=False):  # cast as autocast would, then no second cast
+                return _Conv2dGemmWgrad.apply(x.to(dt), self.weight.to(dt), bias, self.stride, self.padding)
     return nn.Conv2d.forward(self, x)
 
 
