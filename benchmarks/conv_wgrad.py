@@ -127,6 +127,60 @@ def render(res: dict) -> str:
     return "\n".join(L) + "\n"
 
 
+def accuracy(seeds: list[int], train_images: int) -> dict:
+    """Does the GEMM weight gradient change what training reaches? benchmarks/train_speed.py's
+    accuracy run (its pruned demo-sized teacher retrained 1 epoch on Fashion-MNIST with its mask
+    hook, bf16 autocast where native), once with ``fast_wgrad`` off and once on, per seed: the
+    same init, batches and augmentation, so only the weight gradients' rounding differs."""
+    import copy
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import train_speed as ts
+    from ptd.data import load_dataset
+    from ptd.train.loop import fit
+
+    splits = load_dataset("fashion_mnist", train_subset=train_images)
+    teacher, masks = ts.pruned_teacher(seed=0)
+    optim = OptimConfig(epochs=1, batch_size=128, lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    rows = []
+    for seed in seeds:
+        row = {"seed": seed}
+        for on in (False, True):
+            rt = ts.make_runtime(True, fast_wgrad=on)
+            torch.manual_seed(seed)
+            m = rt.prepare(copy.deepcopy(teacher))
+            tr = ts.ptd_loader(splits.train, splits.mean, splits.std, 128, True, seed)
+            te = ts.ptd_loader(splits.test, splits.mean, splits.std, 256, False, seed)
+            r = fit(m, tr, None, optim, rt, hooks=[ts.MaskHook(masks)], test_loader=te)
+            row["on" if on else "off"] = r["test_acc"]
+        rows.append(row)
+        print(f"  seed {seed}: test acc off {row['off']:.4f}, on {row['on']:.4f}", flush=True)
+    d = [r["on"] - r["off"] for r in rows]
+    mean = statistics.mean(d)
+    half = None
+    if len(d) > 1:
+        from ptd.report.stats import t_quantile  # the report's own paired-t machinery
+        half = float(t_quantile(len(d) - 1)) * statistics.stdev(d) / len(d) ** 0.5
+    return {"train_images": train_images, "test_images": len(splits.test), "rows": rows, "mean_diff": mean,
+            "ci95": [mean - half, mean + half] if half is not None else None}
+
+
+def render_accuracy(res: dict) -> str:
+    a = res["accuracy"]
+    L = ["# Does `fast_wgrad` change what training reaches?", "", f"Command: `{res['command']}`  ",
+         f"Machine: {res['cpu']}, {res['threads']} threads, torch {res['torch']}. benchmarks/train_speed.py's pruned "
+         f"teacher (VGG11 x0.25, 0.59 sparsity) retrained 1 epoch on {a['train_images']} Fashion-MNIST images with its "
+         f"mask hook, bf16 autocast, batch 128; test on {a['test_images']} images. Per seed, off and on share init, "
+         "batches and augmentation: only the weight gradients' rounding differs.", "",
+         "| seed | fast_wgrad off | on | on - off |", "|---|---:|---:|---:|"]
+    for r in a["rows"]:
+        L.append(f"| {r['seed']} | {r['off']:.4f} | {r['on']:.4f} | {r['on'] - r['off']:+.4f} |")
+    ci = a["ci95"]
+    L += ["", f"Mean on - off: {a['mean_diff']:+.4f}" + (f", 95% CI [{ci[0]:+.4f}, {ci[1]:+.4f}] (paired t)" if ci else "")
+          + ". One test accuracy on 10,000 images has a sampling error of about 0.004; one epoch's seed-to-seed spread is larger."]
+    return "\n".join(L) + "\n"
+
+
 def matmul_gflops(dtype, n=2048, rounds=5) -> float:
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b
@@ -141,6 +195,10 @@ def main(argv=None) -> int:
     ap.add_argument("--step-repeats", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="tiny run for the smoke test")
+    ap.add_argument("--accuracy", action="store_true",
+                    help="instead of timing: test accuracy after 1 epoch with fast_wgrad off vs on (conv_wgrad_accuracy.md)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--train-images", type=int, default=20000)
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -153,10 +211,17 @@ def main(argv=None) -> int:
            "repeats": args.repeats, "peak_n": 512 if args.quick else 2048,
            "peak_gflops": {"bf16": matmul_gflops(torch.bfloat16, 512 if args.quick else 2048),
                            "fp32": matmul_gflops(torch.float32, 512 if args.quick else 2048)}}
-    res["shapes"] = shape_rows(args.batch, args.repeats)
-    res["steps"] = step_rows(args.batch, args.step_repeats)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.accuracy:
+        res["accuracy"] = accuracy(args.seeds, args.train_images)
+        (out / "conv_wgrad_accuracy.json").write_text(json.dumps(res, indent=1))
+        text = render_accuracy(res)
+        (out / "conv_wgrad_accuracy.md").write_text(text)
+        print(text)
+        return 0
+    res["shapes"] = shape_rows(args.batch, args.repeats)
+    res["steps"] = step_rows(args.batch, args.step_repeats)
     (out / "conv_wgrad.json").write_text(json.dumps(res, indent=1))
     text = render(res)
     (out / "conv_wgrad.md").write_text(text)

@@ -73,9 +73,9 @@ class ForcedAmpRuntime(Runtime):
         return self.amp
 
 
-def make_runtime(amp: bool, channels_last: bool = True, force_bf16: bool = False) -> Runtime:
+def make_runtime(amp: bool, channels_last: bool = True, force_bf16: bool = False, fast_wgrad: bool = True) -> Runtime:
     cls = ForcedAmpRuntime if force_bf16 else Runtime
-    return cls(device=torch.device("cpu"), amp=amp, channels_last=channels_last, quiet=True)
+    return cls(device=torch.device("cpu"), amp=amp, channels_last=channels_last, quiet=True, fast_wgrad=fast_wgrad)
 
 
 def cpu_flags(wanted=BF16_FLAGS) -> list[str]:
@@ -364,7 +364,7 @@ def accuracy_run(splits: Splits, teacher: nn.Module, masks, optim: OptimConfig, 
 
     torch.manual_seed(seed)
     m_pub = to_published(teacher, masks)
-    rt_pub = make_runtime(False, channels_last=False)
+    rt_pub = make_runtime(False, channels_last=False, fast_wgrad=False)  # the published way: stock kernels
     tr = published_loader(splits.train, splits.mean, splits.std, batch_size, True)
     te = published_loader(splits.test, splits.mean, splits.std, 256, False)
     t0 = time.perf_counter()

@@ -5,6 +5,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -90,3 +92,20 @@ def test_conv_wgrad_smoke(tmp_path: Path):
     assert step["stock_ms"] > 0 and step["fast_ms"] > 0 and step["ratio_min"] <= step["ratio_median"] <= step["ratio_max"]
     md = (tmp_path / "conv_wgrad.md").read_text()
     assert "oneDNN" in md and "GEMM" in md and "--quick" in md
+
+
+FM = Path("/usr/share/datasets/fashion-mnist")
+
+
+@pytest.mark.skipif(not any((FM / f).is_file() for f in ("train-images-idx3-ubyte.gz", "train-images-idx3-ubyte")),
+                    reason="Fashion-MNIST is not installed (scripts/setup.sh installs dataset-fashion-mnist)")
+def test_conv_wgrad_accuracy_smoke(tmp_path: Path):
+    cw = _load("conv_wgrad")
+    assert cw.main(["--accuracy", "--seeds", "0", "1", "--train-images", "256", "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "conv_wgrad_accuracy.json").read_text())["accuracy"]
+    assert [r["seed"] for r in res["rows"]] == [0, 1]
+    for r in res["rows"]:
+        assert 0.0 <= r["off"] <= 1.0 and 0.0 <= r["on"] <= 1.0
+    d = [r["on"] - r["off"] for r in res["rows"]]
+    assert abs(res["mean_diff"] - sum(d) / 2) < 1e-12 and res["ci95"][0] <= res["mean_diff"] <= res["ci95"][1]
+    assert "on - off" in (tmp_path / "conv_wgrad_accuracy.md").read_text()
