@@ -215,16 +215,13 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     if args.accuracy:
         res["accuracy"] = accuracy(args.seeds, args.train_images)
-        (out / "conv_wgrad_accuracy.json").write_text(json.dumps(res, indent=1))
-        text = render_accuracy(res)
-        (out / "conv_wgrad_accuracy.md").write_text(text)
-        print(text)
-        return 0
-    res["shapes"] = shape_rows(args.batch, args.repeats)
-    res["steps"] = step_rows(args.batch, args.step_repeats)
-    (out / "conv_wgrad.json").write_text(json.dumps(res, indent=1))
-    text = render(res)
-    (out / "conv_wgrad.md").write_text(text)
+        stem, text = "conv_wgrad_accuracy", render_accuracy(res)
+    else:
+        res["shapes"] = shape_rows(args.batch, args.repeats)
+        res["steps"] = step_rows(args.batch, args.step_repeats)
+        stem, text = "conv_wgrad", render(res)
+    (out / f"{stem}.json").write_text(json.dumps(res, indent=1))
+    (out / f"{stem}.md").write_text(text)
     print(text)
     return 0
 
