@@ -3,7 +3,7 @@
 Why: profiling the CIFAR VGG19 training step on this project's CPU (2-core Xeon with AMX, torch
 2.14.1, bf16 autocast, channels_last, batch 128) put 71% of the step in ``convolution_backward``,
 and most of that in oneDNN's weight gradient of the late, wide layers on small images: for a
-512->512 3x3 conv on 2x2 pixels it took 37-47 ms against 3.4 ms for the same sum done as
+512->512 3x3 conv on 2x2 pixels it took 37-55 ms against 3.4-4.7 ms for the same sum done as
 im2col + one GEMM (``benchmarks/conv_wgrad.py``). The input gradient stays with oneDNN, whose
 kernel there is as fast as its forward.
 
@@ -32,9 +32,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # Output pixels per image (Ho * Wo) up to which the GEMM form is faster than oneDNN's weight
-# gradient on this CPU, measured per dtype at batch 128 (benchmarks/conv_wgrad.py): bf16 3.4-14x
-# at 2x2..4x4 and 1.3x at 7x7 with 64 channels, but 0.7x at 8x8 with 256; fp32 only at 2x2 (3.2x;
-# 1.0x at 4x4).
+# gradient on this CPU, measured per dtype at batch 128 (benchmarks/results/conv_wgrad.md): bf16
+# 3.3-11.7x at 4x4 and smaller (3.4x and 7.7x for the demo's 128-wide convs on 3x3 and 1x1), 1.5x
+# at 7x7 with 64 channels but 0.95x at 8x8 with 256 and 0.2-0.3x from 16x16; fp32 3.2x at 2x2,
+# 0.95-1.3x at 4x4, 2.3x at 1x1.
 MAX_OUT_PIXELS = {torch.bfloat16: 16, torch.float32: 4}
 
 
@@ -116,7 +117,8 @@ def small_image_wgrad(module: nn.Module, enabled: bool = True,
     ``weight_grad`` where its output has at most ``limits[dtype]`` pixels per image (default
     ``MAX_OUT_PIXELS``); yields how many convs were patched. The patch is an
     instance attribute removed on exit, so nothing outside the block (a state dict, a deepcopy, an
-    export, a trace) sees it."""
+    export, a trace) sees it. A deepcopy made inside the block copies the patch bound to the copy
+    (``copy`` rebinds methods of the object being copied): a working conv, patched for good."""
     patched = []
     if enabled:
         for m in module.modules():
