@@ -35,11 +35,13 @@ from ptd.train.optim import make_optimizer
 SHAPES = [(512, 512, 2), (512, 512, 4), (256, 512, 4), (128, 128, 3), (128, 128, 1), (64, 64, 7),
           (512, 512, 8), (256, 256, 8), (128, 128, 16), (64, 64, 32)]
 ST79 = [64, 64, "M", 128, 128, "M", 249, 217, 197, 163, "M", 111, 81, 76, 74, "M", 72, 60, 57, 89]  # PAPER.md
+DEMO_STUDENT = [8, "M", 24, "M", 48, 48, "M", 72, 96, "M", 64, 88]  # benchmarks/results/fashion_mnist_demo
 STEPS = {  # name: (arch, kwargs, input shape, classes)
     "vgg19 (CIFAR-100)": ("vgg19", {}, (3, 32, 32), 100),
     "vgg19-st79 student": ("vgg", {"plan": ST79}, (3, 32, 32), 100),
     "resnet18 (CIFAR-100)": ("resnet18", {"stem": "cifar"}, (3, 32, 32), 100),
     "demo teacher vgg11 x0.25": ("vgg11", {"width": 0.25}, (1, 28, 28), 10),
+    "demo student": ("vgg", {"plan": DEMO_STUDENT}, (1, 28, 28), 10),
 }
 
 
