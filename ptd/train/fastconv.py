@@ -32,10 +32,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # Output pixels per image (Ho * Wo) up to which the GEMM form is faster than oneDNN's weight
-# gradient on this CPU, measured per dtype at batch 128 (benchmarks/results/conv_wgrad.md): bf16
-# 3.3-11.7x at 4x4 and smaller (3.4x and 7.7x for the demo's 128-wide convs on 3x3 and 1x1), 1.5x
-# at 7x7 with 64 channels but 0.95x at 8x8 with 256 and 0.2-0.3x from 16x16; fp32 3.2x at 2x2,
-# 0.95-1.3x at 4x4, 2.3x at 1x1.
+# gradient on this CPU, measured per dtype at batch 128 (benchmarks/results/conv_wgrad.md, two
+# runs): bf16 3.3-13x at 4x4 and smaller (3.4-3.8x and 7.3-7.7x for the demo's 128-wide convs on
+# 3x3 and 1x1), 0.95-1.6x at 8x8 (the crossover, left to oneDNN) and 0.2-0.4x from 16x16; fp32
+# 2.5-3.2x at 2x2, 0.95-1.3x at 4x4, 2.3-2.4x at 1x1.
 MAX_OUT_PIXELS = {torch.bfloat16: 16, torch.float32: 4}
 
 
