@@ -23,12 +23,15 @@ from pathlib import Path
 
 import torch
 
-from ptd.config import OptimConfig
-from ptd.measure import cpu_name
-from ptd.models import build_model
-from ptd.train.fastconv import MAX_OUT_PIXELS, weight_grad
-from ptd.train.loop import Runtime, Supervised, train_step
-from ptd.train.optim import make_optimizer
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from pipeline_speed import matmul_peak  # noqa: E402
+
+from ptd.config import OptimConfig  # noqa: E402
+from ptd.measure import cpu_name  # noqa: E402
+from ptd.models import build_model  # noqa: E402
+from ptd.train.fastconv import MAX_OUT_PIXELS, weight_grad  # noqa: E402
+from ptd.train.loop import Runtime, Supervised, train_step  # noqa: E402
+from ptd.train.optim import make_optimizer  # noqa: E402
 
 # (in channels, out channels, image side): the wide late layers of CIFAR nets, the demo's layers,
 # and larger images where the GEMM form loses (its patch matrix is 9x the input).
@@ -109,8 +112,8 @@ def render(res: dict) -> str:
          f"Command: `{res['command']}`  ",
          f"Machine: {res['cpu']}, {res['threads']} threads, torch {res['torch']}; batch {res['batch']}, 3x3 convs, "
          f"channels_last; median of {res['repeats']} interleaved rounds. bf16 matmul peak here "
-         f"{res['peak_gflops']['bf16']:.0f} GFLOP/s, fp32 {res['peak_gflops']['fp32']:.0f} (best of 5 square "
-         f"matmuls, n={res['peak_n']}).", "",
+         f"{res['peak_gflops']['bf16']:.0f} GFLOP/s, fp32 {res['peak_gflops']['fp32']:.0f} (best square matmul "
+         f"over 1 s, n={res['peak_n']}; benchmarks/pipeline_speed.py's matmul_peak).", "",
          "## Per layer: the weight gradient alone", "",
          "| dtype | in -> out channels | image | oneDNN ms | GEMM ms | speedup | GEMM GFLOP/s (of peak) | max rel. diff | used by default |",
          "|---|---|---|---:|---:|---:|---:|---:|---|"]
@@ -136,7 +139,6 @@ def accuracy(seeds: list[int], train_images: int) -> dict:
     same init, batches and augmentation, so only the weight gradients' rounding differs."""
     import copy
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     import train_speed as ts
     from ptd.data import load_dataset
     from ptd.train.loop import fit
@@ -157,14 +159,11 @@ def accuracy(seeds: list[int], train_images: int) -> dict:
             row["on" if on else "off"] = r["test_acc"]
         rows.append(row)
         print(f"  seed {seed}: test acc off {row['off']:.4f}, on {row['on']:.4f}", flush=True)
-    d = [r["on"] - r["off"] for r in rows]
-    mean = statistics.mean(d)
-    half = None
-    if len(d) > 1:
-        from ptd.report.stats import t_quantile  # the report's own paired-t machinery
-        half = float(t_quantile(len(d) - 1)) * statistics.stdev(d) / len(d) ** 0.5
-    return {"train_images": train_images, "test_images": len(splits.test), "rows": rows, "mean_diff": mean,
-            "ci95": [mean - half, mean + half] if half is not None else None}
+    from ptd.report.stats import paired_estimate  # the report's own paired t
+
+    e = paired_estimate([r["on"] - r["off"] for r in rows])
+    return {"train_images": train_images, "test_images": len(splits.test), "rows": rows, "mean_diff": e["mean"],
+            "ci95": [e["ci_low"], e["ci_high"]] if e["ci_low"] is not None else None}
 
 
 def render_accuracy(res: dict) -> str:
@@ -181,13 +180,6 @@ def render_accuracy(res: dict) -> str:
     L += ["", f"Mean on - off: {a['mean_diff']:+.4f}" + (f", 95% CI [{ci[0]:+.4f}, {ci[1]:+.4f}] (paired t)" if ci else "")
           + ". One test accuracy on 10,000 images has a sampling error of about 0.004; one epoch's seed-to-seed spread is larger."]
     return "\n".join(L) + "\n"
-
-
-def matmul_gflops(dtype, n=2048, rounds=5) -> float:
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b
-    best = min(interleaved({"mm": lambda: a @ b}, rounds)["mm"])
-    return 2 * n ** 3 / best / 1e9
 
 
 def main(argv=None) -> int:
@@ -211,8 +203,8 @@ def main(argv=None) -> int:
     res = {"command": "python benchmarks/conv_wgrad.py " + " ".join(sys.argv[1:] if argv is None else argv),
            "cpu": cpu_name(), "threads": args.threads, "torch": torch.__version__, "batch": args.batch,
            "repeats": args.repeats, "peak_n": 512 if args.quick else 2048,
-           "peak_gflops": {"bf16": matmul_gflops(torch.bfloat16, 512 if args.quick else 2048),
-                           "fp32": matmul_gflops(torch.float32, 512 if args.quick else 2048)}}
+           "peak_gflops": {k: matmul_peak(dt, 512 if args.quick else 2048, "cpu", seconds=0.5 if args.quick else 1.0) / 1e9
+                           for k, dt in (("bf16", torch.bfloat16), ("fp32", torch.float32))}}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.accuracy:

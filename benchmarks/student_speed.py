@@ -34,7 +34,7 @@ import torch.nn as nn
 from ptd.measure import count_params, cpu_name, flops
 from ptd.models import build_model
 from ptd.pruning.masks import apply_masks, full_masks, prunable_weights
-from ptd.train.fastconv import small_image_wgrad
+from ptd.train.loop import Runtime
 from ptd.pruning.select import global_topk
 from ptd.students import derive_student
 
@@ -163,7 +163,7 @@ def main(argv=None) -> int:
             def train_step(m):
                 m.train()
                 # ptd's fit trains with ptd.train.fastconv on CPU: time what it runs
-                with small_image_wgrad(m, enabled=device.type == "cpu"), amp:
+                with Runtime(device=device).training(m), amp:
                     loss = nn.functional.cross_entropy(m(xb), yb)
                 loss.backward()
                 opts[inv[id(m)]].step()

@@ -177,7 +177,7 @@ def environment(cfg: RunConfig, rt: Runtime) -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "device": str(rt.device),
         "amp_bf16": rt.uses_amp,
-        "fast_wgrad": rt.fast_wgrad and rt.device.type == "cpu",
+        "fast_wgrad": rt.uses_fast_wgrad,
         "world_size": rt.dist.world_size,
         "cuda": torch.version.cuda,
         "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else [],

@@ -165,3 +165,11 @@ def test_fit_uses_it_on_cpu_and_ends_where_the_stock_kernels_do(monkeypatch):
         assert not any("forward" in m.__dict__ for m in nets[on].modules())
     for a, b in zip(nets[False].parameters(), nets[True].parameters()):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+
+
+def test_runtime_uses_it_on_cpu_only_and_only_when_on():
+    assert Runtime(device=torch.device("cpu")).uses_fast_wgrad
+    assert not Runtime(device=torch.device("cpu"), fast_wgrad=False).uses_fast_wgrad
+    assert not Runtime(device=torch.device("cuda")).uses_fast_wgrad  # GPUs keep cuDNN's kernels
+    with Runtime(device=torch.device("cuda")).training(_net()) as n:
+        assert n == 0

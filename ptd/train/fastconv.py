@@ -92,7 +92,7 @@ def eligible(conv: nn.Module) -> bool:
             and conv.padding_mode == "zeros" and not isinstance(conv.padding, str))
 
 
-def _forward(self: nn.Conv2d, x: torch.Tensor, limits: dict[torch.dtype, int] = MAX_OUT_PIXELS) -> torch.Tensor:
+def _forward(self: nn.Conv2d, x: torch.Tensor, limits: dict[torch.dtype, int]) -> torch.Tensor:
     """Conv2d.forward, with the GEMM weight gradient where it pays (decided per call, by shape)."""
     if x.device.type == "cpu" and torch.is_grad_enabled() and self.weight.requires_grad and x.dim() == 4:
         kh, kw = self.kernel_size

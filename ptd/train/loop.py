@@ -65,7 +65,7 @@ class Runtime:
     quiet: bool = False
     dist: Dist = field(default_factory=Dist)
     # CPU: weight gradients of convs on small images by one GEMM instead of oneDNN's kernel
-    # (ptd.train.fastconv; 1.3-1.4x on the CIFAR VGG19 step here). Off: stock kernels throughout.
+    # (ptd.train.fastconv; 1.45x on the CIFAR VGG19 step here). Off: stock kernels throughout.
     fast_wgrad: bool = True
 
     @property
@@ -75,10 +75,14 @@ class Runtime:
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.uses_amp)
 
+    @property
+    def uses_fast_wgrad(self) -> bool:
+        return self.fast_wgrad and self.device.type == "cpu"
+
     def training(self, unit: nn.Module):
         """The context a unit trains in: ``fit`` wraps its epochs in it; a benchmark stepping
         ``train_step`` by hand enters it too, so it times what ``fit`` runs."""
-        return small_image_wgrad(unit, enabled=self.fast_wgrad and self.device.type == "cpu")
+        return small_image_wgrad(unit, enabled=self.uses_fast_wgrad)
 
     def prepare(self, model: nn.Module) -> nn.Module:
         model = model.to(self.device)
