@@ -433,6 +433,9 @@ def main(argv: list[str] | None = None, log: Callable[[str], None] = print) -> d
     # first side of the first pair must not pay it for the other.
     import torchvision.datasets  # noqa: F401
     import ptd.pipeline, ptd.data, ptd.distill, ptd.students.report  # noqa: F401,E401
+    # Likewise torch._dynamo, which torch.optim imports at the first optimizer either side makes
+    # (~3 s here): paid once per process, by whichever side ran first.
+    import torch._dynamo  # noqa: F401
     runs: dict[str, list[dict]] = {"ptd": [], "published": []}
     (out_dir / f"{a.tag}.runs.jsonl").unlink(missing_ok=True)
     with tempfile.TemporaryDirectory(prefix="ptd_pipeline_speed_") as tmp:

@@ -177,7 +177,7 @@ def _session(path: str | Path, threads: int = 1):
     import onnxruntime as ort
 
     so = ort.SessionOptions()
-    so.intra_op_num_threads = threads  # 1: a shared CPU makes multi-thread timings noise
+    so.intra_op_num_threads = threads  # the caller's choice; 1 by default (fewest threads to share a busy CPU with)
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
@@ -199,7 +199,7 @@ def onnx_latency(
     input_shape: Sequence[int],
     batch_sizes: Sequence[int] = (1, 64),
     repeats: int = 10,
-    warmup: int = 2,
+    warmup: int = 1,
     threads: int = 1,
 ) -> dict[str, Any]:
     """Median onnxruntime latency (ms) of teacher and student at each batch size, their runs interleaved.
@@ -278,7 +278,8 @@ def export(source: str | Path, out: str | Path | None = None, fmt: str = "onnx",
                           "the file was removed -- report the model and torch/onnx versions")
     if latency:
         teacher = load(src.teacher_path) if src.teacher_path is not None else None
-        rec["latency"] = onnx_latency(teacher, model, shape, repeats=repeats)
+        # As many threads as PyTorch uses here, as the student stage times it: the two records compare.
+        rec["latency"] = onnx_latency(teacher, model, shape, repeats=repeats, threads=torch.get_num_threads())
     return rec
 
 
@@ -293,7 +294,7 @@ def format_record(rec: dict[str, Any]) -> str:
 
 def format_latency(lat: dict[str, Any]) -> list[str]:
     """:func:`onnx_latency`'s record as text lines (for ``ptd export`` and the student stage's report)."""
-    lines = [f"latency in onnxruntime ({lat['threads']} thread, median of {lat['repeats']} interleaved runs):"]
+    lines = [f"latency in onnxruntime ({lat['threads']} thread{'s' if lat['threads'] != 1 else ''}, median of {lat['repeats']} interleaved runs):"]
     for k, v in lat.items():
         if k.startswith("batch_"):
             if "teacher_ms" in v:

@@ -6,10 +6,13 @@ reported as that counter counts them: a multiply-accumulate is 2 FLOPs, and only
 residual adds do not. They are dense FLOPs: an unstructured-pruned teacher runs the same dense
 kernels, so its FLOPs equal the unpruned teacher's. Latency is wall-clock time of eval-mode
 ``no_grad`` forward passes: the median (and 10th / 90th percentiles) of up to ``repeats`` timed
-runs after ``warmup`` untimed ones, on the threads torch is set to use. ``max_seconds`` caps the
-timed runs of one call (at least ``MIN_REPEATS`` rounds are kept): a CIFAR VGG19 at batch 64 takes
-~0.3 s a forward on one core, so 20 rounds of three models would cost ~20 s of every run for a
-median that 5 rounds already pin down; the stats record how many runs were timed.
+runs after ``warmup`` untimed ones, on the threads torch is set to use. One untimed run is
+enough: oneDNN creates its primitives in the first call, and the second is already within the
+round-to-round spread (CIFAR VGG19 at batch 64, 2 threads: 336 ms, then 317, 305, 319, 312 ms;
+its student 126, then 115, 137, 123 ms). ``max_seconds`` caps the timed runs of one call (at
+least ``MIN_REPEATS`` rounds are kept): a CIFAR VGG19 at batch 64 takes ~0.3 s a forward, so 20
+rounds of two models would cost ~10 s of every run for a median that 5 rounds already pin down;
+the stats record how many runs were timed.
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ from ptd.pruning.masks import Masks
 
 LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 MIN_REPEATS = 5  # timed rounds kept even past max_seconds: fewer make the percentiles meaningless
-MAX_SECONDS = 3.0  # default cap on the timed runs of one latency call, in seconds of wall time
+MAX_SECONDS = 2.0  # default cap on the timed runs of one latency call, in seconds of wall time
 
 
 def count_params(model: nn.Module) -> int:
@@ -80,7 +83,7 @@ def latency(
     input_shape: Sequence[int],
     batch_size: int,
     repeats: int = 20,
-    warmup: int = 3,
+    warmup: int = 1,
     device: str | torch.device = "cpu",
     max_seconds: float | None = MAX_SECONDS,
 ) -> dict[str, Any]:
@@ -97,7 +100,7 @@ def compare_latency(
     input_shape: Sequence[int],
     batch_size: int,
     repeats: int = 20,
-    warmup: int = 3,
+    warmup: int = 1,
     device: str | torch.device = "cpu",
     max_seconds: float | None = MAX_SECONDS,
 ) -> dict[str, dict[str, Any]]:
@@ -183,7 +186,7 @@ def summarize(
     measure_latency: bool = False,
     batch_sizes: Sequence[int] = (1, 64),
     repeats: int = 20,
-    warmup: int = 3,
+    warmup: int = 1,
     device: str | torch.device = "cpu",
     max_seconds: float | None = MAX_SECONDS,
 ) -> dict[str, Any]:

@@ -203,6 +203,14 @@ def test_student_stage_passes_the_rounding_config(tmp_path, tiny_yaml, monkeypat
     assert load_config(tiny_yaml).student.round_narrower is True  # the default
 
 
+def test_student_stage_times_both_runtimes_on_the_runs_threads(tmp_path, tiny_yaml):
+    """PyTorch and onnxruntime latency in the student report run on the same thread count (the run's)."""
+    cfg = load_config(tiny_yaml, ["threads=2"])
+    stats = run_pipeline(cfg, tmp_path / "run", until="student")
+    assert stats["onnx_latency"]["threads"] == 2
+    assert "latency in onnxruntime (2 threads" in (tmp_path / "run" / "student" / "report.txt").read_text()
+
+
 class UserNet(torch.nn.Module):
     """A model ptd has never seen: a residual add and a classifier, registered by the user."""
 

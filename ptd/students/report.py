@@ -26,7 +26,7 @@ def compare(
     measure_latency: bool = True,
     batch_sizes: Sequence[int] = (1, 64),
     repeats: int = 20,
-    warmup: int = 3,
+    warmup: int = 1,
     device: str = "cpu",
 ) -> dict[str, Any]:
     """``teacher``: the unpruned model (or None to skip it); ``pruned``: the same with masked weights zero."""
