@@ -202,3 +202,18 @@ def test_sweep_html_and_cli_report(tmp_path, capsys):
     if CHROMIUM:
         res = browser_check(d / "report.html", tmp_path)
         assert res["images"] == 2 and res["broken"] == [] and res["errors"] == [] and res["console"] == []
+
+
+def test_rerender_takes_the_deployed_latency_from_the_student_stage(run_dir):
+    """A results.json written before it carried onnxruntime's latency gets it from student/stats.json."""
+    stats_path = run_dir / "student" / "stats.json"
+    stats = json.loads(stats_path.read_text())
+    stats["onnx_latency"] = {"runtime": "onnxruntime CPU", "threads": 1, "repeats": 5,
+                             "batch_1": {"teacher_ms": 0.5, "student_ms": 0.4, "speedup": 1.25},
+                             "batch_64": {"teacher_ms": 12.0, "student_ms": 5.0, "speedup": 2.4}}
+    stats_path.write_text(json.dumps(stats))
+    assert "onnx_latency" not in json.loads((run_dir / "results.json").read_text())["student"]
+    md = rerender(run_dir)
+    assert json.loads((run_dir / "results.json").read_text())["student"]["onnx_latency"] == stats["onnx_latency"]
+    assert "| onnxruntime (1 thread) | 64 | 12.00 | 5.00 | 2.40x |" in md
+    assert "<td class=l>onnxruntime (1 thread)</td><td>64</td><td>12.00</td><td>5.00</td><td>2.40x</td>" in (run_dir / "report.html").read_text()

@@ -62,6 +62,13 @@ def test_whole_pipeline_end_to_end(tmp_path, tiny_fashion, capsys):
     assert env["torch"] == torch.__version__ and env["seeds"]["students"] == [0, 1]
     md = (out / "report.md").read_text()
     assert "| KD from pruned teacher |" in md and "too few seeds" in md
+    # The deployed latency the student stage measured reaches results.json, report.md and report.html.
+    ort = r["student"]["onnx_latency"]
+    assert ort == json.loads((out / "student" / "stats.json").read_text())["onnx_latency"]
+    for b in ("1", "64"):
+        v = ort[f"batch_{b}"]
+        assert f"| onnxruntime ({ort['threads']} thread" in md and f"| {b} | {v['teacher_ms']:.2f} | {v['student_ms']:.2f} | {v['speedup']:.2f}x |" in md
+        assert f"<td>{v['teacher_ms']:.2f}</td><td>{v['student_ms']:.2f}</td>" in (out / "report.html").read_text()
 
     # A second run of the same command does nothing again and gives the same results.
     mtime = (out / "teacher" / "model.safetensors").stat().st_mtime_ns

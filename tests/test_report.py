@@ -103,3 +103,25 @@ def test_several_losses_are_summarized_and_reported_per_loss_against_shared_scra
     # The main table is the first loss's: kd's pruned students only.
     assert "| KD from pruned teacher | 90.00 | [87.52, 92.48] | 1.00 | 3 | 89.00, 90.00, 91.00 |" in md
     assert summarize([x for x in s if x["loss"] != "at"]).get("losses") is None  # one loss: as before
+
+
+def test_report_shows_teacher_vs_student_latency_in_both_runtimes():
+    """PyTorch's latency and onnxruntime's, per batch size, with the speedup teacher / student."""
+    from ptd.report import latency_rows
+
+    r = json.loads((Path(__file__).parent / "data" / "demo_run" / "results.json").read_text())
+    r.update(summarize(r["students"]))  # the fixture predates the interval statistics
+    r["teacher"]["latency"] = {"1": {"median_ms": 0.66}, "64": {"median_ms": 11.43}}
+    r["student"]["latency"] = {"1": {"median_ms": 0.50}, "64": {"median_ms": 7.62}}
+    r["student"]["onnx_latency"] = {"runtime": "onnxruntime CPU", "threads": 2, "repeats": 5,
+                                    "batch_1": {"teacher_ms": 0.30, "student_ms": 0.24, "speedup": 1.25},
+                                    "batch_64": {"teacher_ms": 9.0, "student_ms": 4.0, "speedup": 2.25}}
+    md = render_markdown(r)
+    # 0.66 / 0.50 = 1.32; 11.43 / 7.62 = 1.50
+    for row in ("| PyTorch (eager) | 1 | 0.66 | 0.50 | 1.32x |", "| PyTorch (eager) | 64 | 11.43 | 7.62 | 1.50x |",
+                "| onnxruntime (2 threads) | 1 | 0.30 | 0.24 | 1.25x |", "| onnxruntime (2 threads) | 64 | 9.00 | 4.00 | 2.25x |"):
+        assert row in md
+    del r["student"]["onnx_latency"]  # a run without the deployed timing: PyTorch rows only
+    assert [x[0] for x in latency_rows(r["teacher"], r["student"])] == ["PyTorch (eager)"] * 2
+    r["student"]["latency"] = None
+    assert "| runtime | batch |" not in render_markdown(r)

@@ -165,7 +165,8 @@ def build_results(cfg: RunConfig, teacher: dict, prune: dict, student: dict, stu
                            "test_acc": final["test_acc"], "val_acc": final.get("val_acc"), "params_nonzero": final["params_nonzero"],
                            "levels": prune["levels"]},
         "student": {"spec": student["spec"], "params": st["params"], "flops": st["flops"], "latency": st.get("latency"),
-                    "params_ratio": st["params"] / te["params"], "flops_ratio": st["flops"] / te["flops"]},
+                    "params_ratio": st["params"] / te["params"], "flops_ratio": st["flops"] / te["flops"],
+                    "onnx_latency": student.get("onnx_latency")},
         "retrained_teacher": {"test_acc": control["test_acc"], "val_acc": control.get("val_acc"), "epochs": control["epochs"]} if control else None,
         "students": students,
         "summary": summary,
@@ -200,6 +201,34 @@ COMPARISON_NOTE = [
 def _lat(s: dict, b: str) -> str:
     v = ((s.get("latency") or {}).get(b) or {}).get("median_ms")
     return "n/a" if v is None else f"{v:.2f}"
+
+
+def latency_rows(t: dict, s: dict) -> list[list[str]]:
+    """[runtime, batch, teacher ms, student ms, speedup] per runtime and batch size: PyTorch's eager
+    latency (the student stage's interleaved median) and, where the run recorded it, onnxruntime's
+    (both models exported and timed in turn, on the same threads)."""
+    rows = []
+    for b in sorted((s.get("latency") or {}), key=int):
+        tm, sm = ((t.get("latency") or {}).get(b) or {}).get("median_ms"), (s["latency"][b] or {}).get("median_ms")
+        if tm and sm:
+            rows.append(["PyTorch (eager)", b, f"{tm:.2f}", f"{sm:.2f}", f"{tm / sm:.2f}x"])
+    ort = s.get("onnx_latency") or {}
+    for k in sorted((k for k in ort if k.startswith("batch_")), key=lambda k: int(k[6:])):
+        v = ort[k]
+        if "teacher_ms" in v:
+            n = ort.get("threads")
+            rows.append([f"onnxruntime ({n} thread{'' if n == 1 else 's'})", k[6:], f"{v['teacher_ms']:.2f}", f"{v['student_ms']:.2f}", f"{v['speedup']:.2f}x"])
+    return rows
+
+
+def latency_table(t: dict, s: dict) -> list[str]:
+    """The markdown of :func:`latency_rows`, or nothing when no latency was measured."""
+    rows = latency_rows(t, s)
+    if not rows:
+        return []
+    return (["Latency on this machine's CPU, teacher vs student (median ms of interleaved runs; speedup = teacher / student):", "",
+             "| runtime | batch | teacher ms | student ms | speedup |", "|---|---:|---:|---:|---:|"]
+            + [f"| {' | '.join(r)} |" for r in rows] + [""])
 
 
 def primary_students(r: dict[str, Any]) -> list[dict]:
@@ -270,6 +299,7 @@ def render_markdown(r: dict[str, Any]) -> str:
     lines += ["## Student", "", "| model | params | FLOPs | latency b1 (ms) | latency b64 (ms) |", "|---|---:|---:|---:|---:|",
               f"| teacher | {t['params']:,} | {t['flops']:,} | {_lat(t, '1')} | {_lat(t, '64')} |",
               f"| student ({s['spec']['arch']}) | {s['params']:,} ({s['params_ratio']:.3f}x) | {s['flops']:,} ({s['flops_ratio']:.3f}x) | {_lat(s, '1')} | {_lat(s, '64')} |", ""]
+    lines += latency_table(t, s)
     lines += ["## Students: test accuracy over seeds", ""]
     main_students = primary_students(r)
     if len(r.get("losses") or {}) > 1:
@@ -331,6 +361,10 @@ def rerender(run_dir: str | Path) -> str:
     try:
         results = json.loads(path.read_text())
         results.update(summarize(results["students"]))
+        stats_path = run_dir / "student" / "stats.json"
+        if isinstance(results.get("student"), dict) and not results["student"].get("onnx_latency") and stats_path.is_file():
+            # A run finished before results.json carried the deployed latency: take it from the stage.
+            results["student"]["onnx_latency"] = json.loads(stats_path.read_text()).get("onnx_latency")
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise ReportError(f"{path} is not a ptd results file ({type(e).__name__}: {e}); re-run `ptd run CONFIG --out {run_dir}` to rewrite it") from None
     return write_report(run_dir, results)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ptd import paths as P
-from ptd.report import ARM_LABELS, primary_students, summarize
+from ptd.report import ARM_LABELS, latency_rows, primary_students, summarize
 from ptd.report.stats import format_estimate
 
 ARM_COLORS = {"scratch": "#444444", "unpruned_teacher": "#1f77b4", "pruned_teacher": "#d62728", "retrained_teacher": "#2ca02c"}
@@ -505,8 +505,13 @@ def render_run_html(run_dir: str | Path, results: dict[str, Any] | None = None) 
     def compute() -> str:
         c = r["compute"]
         rows = [[ARM_LABELS.get(a, a), f"{v['epochs']:.0f}", f"{v['steps']:.0f}", f"{v['wall_s']:.0f}"] for a, v in c["total_per_student"].items()]
+        student = dict(r["student"])
+        if not student.get("onnx_latency") and stats and stats.get("onnx_latency"):  # a results.json from before it was copied there
+            student["onnx_latency"] = stats["onnx_latency"]
+        lat = latency_rows(r["teacher"], student)
         return (_img(plot_compute(r, stats), "compute per arm and latency per model")
-                + _table(["arm: total behind one student", "epochs", "optimizer steps", "wall s"], rows))
+                + _table(["arm: total behind one student", "epochs", "optimizer steps", "wall s"], rows)
+                + (_table(["runtime", "batch", "teacher ms", "student ms", "speedup"], lat, left=1) if lat else ""))
     body.append(_section("Compute and latency", _safe(compute, "compute")))
 
     sub = (f"Dataset {r['dataset']}; {len(r['summary'])} arm(s), up to {n_seeds} student seed(s). Accuracies are test top-1 at the "
