@@ -237,7 +237,7 @@ def _normalized_results(run: Path) -> dict:
     """results.json without what depends on the wall clock (latency, wall_s, timestamps)."""
     def strip(o):
         if isinstance(o, dict):
-            return {k: strip(v) for k, v in o.items() if k not in ("latency", "wall_s", "started") and not k.endswith("_ms")}
+            return {k: strip(v) for k, v in o.items() if k not in ("latency", "onnx_latency", "wall_s", "started") and not k.endswith("_ms")}
         if isinstance(o, list):
             return [strip(v) for v in o]
         return o
