@@ -213,10 +213,10 @@ def latency_rows(t: dict, s: dict) -> list[list[str]]:
         if tm and sm:
             rows.append(["PyTorch (eager)", b, f"{tm:.2f}", f"{sm:.2f}", f"{tm / sm:.2f}x"])
     ort = s.get("onnx_latency") or {}
+    n = ort.get("threads")
     for k in sorted((k for k in ort if k.startswith("batch_")), key=lambda k: int(k[6:])):
         v = ort[k]
         if "teacher_ms" in v:
-            n = ort.get("threads")
             rows.append([f"onnxruntime ({n} thread{'' if n == 1 else 's'})", k[6:], f"{v['teacher_ms']:.2f}", f"{v['student_ms']:.2f}", f"{v['speedup']:.2f}x"])
     return rows
 

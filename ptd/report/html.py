@@ -505,10 +505,7 @@ def render_run_html(run_dir: str | Path, results: dict[str, Any] | None = None) 
     def compute() -> str:
         c = r["compute"]
         rows = [[ARM_LABELS.get(a, a), f"{v['epochs']:.0f}", f"{v['steps']:.0f}", f"{v['wall_s']:.0f}"] for a, v in c["total_per_student"].items()]
-        student = dict(r["student"])
-        if not student.get("onnx_latency") and stats and stats.get("onnx_latency"):  # a results.json from before it was copied there
-            student["onnx_latency"] = stats["onnx_latency"]
-        lat = latency_rows(r["teacher"], student)
+        lat = latency_rows(r["teacher"], r["student"])  # ptd report fills onnx_latency in for older runs (rerender)
         return (_img(plot_compute(r, stats), "compute per arm and latency per model")
                 + _table(["arm: total behind one student", "epochs", "optimizer steps", "wall s"], rows)
                 + (_table(["runtime", "batch", "teacher ms", "student ms", "speedup"], lat, left=1) if lat else ""))
