@@ -1,23 +1,27 @@
 #!/usr/bin/env bash
-# The GPU check of issue 12, as ONE command for a session that has a GPU (about 8 minutes on one
-# H100; every step has its own timeout so one hang cannot eat the session):
-#   1. the test suite's CUDA tests (pytest -k cuda)
+# The GPU check of issues 7 and 12, as ONE command for a session that has a GPU (about 8 minutes
+# on one H100). Every step has its own timeout, and GPU_CHECK_BUDGET_S (seconds, optional) caps
+# the whole script: each step gets at most what is left of it, so one slow step cannot eat the
+# device time of the rest. Steps, most important first:
+#   1. the test suite's CUDA tests (pytest -k cuda: tests/test_devices.py, the loss formulas, ...)
 #   2. a tiny pipeline under torchrun --nproc_per_node=1 on CUDA (NCCL process group)
-#   3. bf16 autocast + channels_last on CUDA through ptd's Runtime and fit
+#   3. bf16 autocast + channels_last on CUDA through ptd's Runtime and fit, and
 #   4. torch.compile of the CIFAR VGG19 training step on CUDA: compile time and step time vs eager
 #   5. benchmarks/pipeline_speed.py on CUDA: per-epoch times of the CIFAR-100 VGG19 recipe, ptd vs
 #      the re-creation of the published code's way (fabricated CIFAR-100 at full size, 50k/10k)
 #   6. benchmarks/student_speed.py on CUDA (issue 7's table: students vs teachers, fp32 and bf16)
-# Everything lands in benchmarks/results/gpu/ (and in $OUT too when the device runner sets it),
-# each file naming the GPU. The step's exit codes are collected in summary.txt; the script exits
-# non-zero when any step failed.
+# Everything lands in benchmarks/results/gpu/, each file naming the GPU. The steps' exit codes are
+# collected in summary.txt; the script exits non-zero when any step failed. Where the device runner
+# sets $OUT, the results are packed there as gpu_check.tgz after EVERY step, so a run cut off at its
+# limit still brings back what it finished.
 #
 #   scripts/gpu_check.sh              # on the GPU machine, from the repository root
+#   GPU_CHECK_BUDGET_S=560 PYTHON=python3 scripts/gpu_check.sh   # inside a 10-minute lease call
 #   scripts/gpu_check.sh --dry-run    # on a CPU: same steps, tiny sizes, gloo, no GPU needed
 set -u
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python )}
-export PYTHONPATH=${PYTHONPATH:-$PWD}
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # ptd from this checkout, ahead of anything installed
 DRY=0
 [ "${1:-}" = "--dry-run" ] && DRY=1
 RES=${GPU_CHECK_DIR:-benchmarks/results/gpu}
@@ -28,24 +32,44 @@ SUMMARY="$RES/summary.txt"
 : > "$SUMMARY"
 if [ $DRY = 1 ]; then DEV=cpu; else DEV=cuda; fi
 export PTD_GPU_CHECK_DEV=$DEV PTD_GPU_CHECK_DRY=$DRY PTD_GPU_CHECK_WORK=$WORK PTD_GPU_CHECK_RES=$RES
+T_START=$(date +%s)
+BUDGET=${GPU_CHECK_BUDGET_S:-0}  # 0: no overall cap
+
+pack() {  # results so far -> $OUT/gpu_check.tgz (one file: the runner brings back few files)
+  if [ -n "${OUT:-}" ] && [ -d "${OUT:-}" ]; then
+    tar czf "$OUT/gpu_check.tgz" -C "$(dirname "$RES")" "$(basename "$RES")" && cp "$SUMMARY" "$OUT/summary.txt"
+  fi
+}
 
 step() {  # step NAME TIMEOUT_S CMD...: run, log to $RES/NAME.log, record the exit code
   local name=$1 limit=$2; shift 2
+  if [ "$BUDGET" -gt 0 ]; then
+    local left=$(( BUDGET - ($(date +%s) - T_START) ))
+    [ "$left" -lt "$limit" ] && limit=$left
+    if [ "$limit" -lt 15 ]; then
+      echo "$name rc=skipped (GPU_CHECK_BUDGET_S=$BUDGET spent)" | tee -a "$SUMMARY"; pack; return
+    fi
+  fi
   local t0=$(date +%s)
   timeout "$limit" "$@" > "$RES/$name.log" 2>&1
   local rc=$?
-  echo "$name rc=$rc wall_s=$(( $(date +%s) - t0 ))" | tee -a "$SUMMARY"
+  echo "$name rc=$rc wall_s=$(( $(date +%s) - t0 )) limit_s=$limit" | tee -a "$SUMMARY"
+  pack
 }
 
 $PY - > "$RES/device.txt" 2>&1 <<'EOF'
 import platform, torch
 print("gpu:", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (dry run on CPU)")
 print("torch:", torch.__version__, "cuda:", torch.version.cuda, "python:", platform.python_version())
+import torch_pruning, onnxruntime
+print("torch_pruning:", torch_pruning.__version__, "onnxruntime:", onnxruntime.__version__)
 EOF
+command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv >> "$RES/device.txt" 2>&1
 cat "$RES/device.txt" | tee -a "$SUMMARY"
+pack
 
 # 1. CUDA tests of the suite (they skip themselves without CUDA, so the dry run reports skips).
-step cuda_tests 120 $PY -m pytest tests -q -x -p no:cacheprovider -k cuda -rs
+step cuda_tests 150 $PY -m pytest tests -q -p no:cacheprovider -k cuda -rs --durations=10
 
 # 2. A tiny pipeline under torchrun, one process: NCCL on CUDA (gloo in the dry run).
 $PY - <<'EOF'
@@ -62,11 +86,11 @@ cfg = {"name": "gpu_tiny", "device": os.environ["PTD_GPU_CHECK_DEV"], "quiet": T
        "distill": {"seeds": [0], "arms": ["scratch", "pruned_teacher"], "optim": {"epochs": 1, "batch_size": 64}}}
 (w / "tiny.yaml").write_text(yaml.safe_dump(cfg))
 EOF
-step torchrun_nccl 180 $PY -m torch.distributed.run --standalone --nproc_per_node=1 -m ptd run "$WORK/tiny.yaml" --out "$WORK/tiny_run" --quiet
+step torchrun_nccl 120 $PY -m torch.distributed.run --standalone --nproc_per_node=1 -m ptd run "$WORK/tiny.yaml" --out "$WORK/tiny_run" --quiet
 $PY -c "import json,sys; e=json.load(open('$WORK/tiny_run/env.json')); r=json.load(open('$WORK/tiny_run/results.json')) if __import__('os').path.exists('$WORK/tiny_run/results.json') else {}; print(json.dumps({'device': e.get('device'), 'world_size': e.get('world_size'), 'gpus': e.get('gpus'), 'results_keys': sorted(r)}))" > "$RES/torchrun_nccl.json" 2>&1
 
 # 3 + 4. bf16 autocast + channels_last through ptd's Runtime/fit; torch.compile vs eager step time.
-step amp_compile 240 $PY - <<'EOF'
+step amp_compile 150 $PY - <<'EOF'
 import json, os, time, torch, torch.nn.functional as F
 from ptd.config import OptimConfig
 from ptd.data import make_loader
@@ -116,7 +140,7 @@ EOF
 if [ $DRY = 1 ]; then
   step pipeline_speed 240 $PY benchmarks/pipeline_speed.py --quick --device cpu --out "$RES" --tag pipeline_speed_gpu
 else
-  step pipeline_speed 330 $PY benchmarks/pipeline_speed.py --device cuda --n-train 50000 --n-test 10000 --seeds 0 \
+  step pipeline_speed 270 $PY benchmarks/pipeline_speed.py --device cuda --n-train 50000 --n-test 10000 --seeds 0 \
     --batch-size 128 --flops-batches 50 --peak-n 8192 --out "$RES" --tag pipeline_speed_gpu
 fi
 
@@ -124,10 +148,10 @@ fi
 if [ $DRY = 1 ]; then
   step student_speed 120 $PY benchmarks/student_speed.py --cases demo --round-to 1 8n --precisions fp32 --repeats 1 --device cpu --out "$RES/student_speed_cuda"
 else
-  step student_speed 150 $PY benchmarks/student_speed.py --repeats 5 --warmup 3 --train-batch 128 --device cuda --out "$RES/student_speed_cuda"
+  step student_speed 150 $PY benchmarks/student_speed.py --round-to 1 8n --repeats 5 --warmup 3 --train-batch 128 --device cuda --out "$RES/student_speed_cuda"
 fi
 
 rm -rf "$WORK"
-if [ -n "${OUT:-}" ] && [ -d "${OUT:-}" ]; then cp -r "$RES" "$OUT/"; fi
+pack
 cat "$SUMMARY"
 ! grep -q "rc=[1-9]" "$SUMMARY"

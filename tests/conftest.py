@@ -12,6 +12,13 @@ import torch.nn as nn
 import yaml
 
 
+# Every device this machine has, as test parameters: the CPU always, CUDA when a GPU is visible
+# (skipped, not dropped, elsewhere, so a CPU run reports what it could not check). The ids are
+# the device names, so `pytest -k cuda` runs the GPU half alone (scripts/gpu_check.sh).
+DEVICES = [pytest.param("cpu", id="cpu"),
+           pytest.param("cuda", id="cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
+
+
 def write_idx_file(path: Path, arr: np.ndarray, gz: bool = True) -> None:
     """An idx file as Fashion-MNIST ships them: magic (0, 0, 0x08 = uint8, ndim), big-endian dims, data."""
     header = bytes([0, 0, 0x08, arr.ndim]) + b"".join(struct.pack(">I", d) for d in arr.shape)

@@ -7,6 +7,7 @@ none of the losses' helpers; teacher and student widths differ everywhere.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import numpy as np
@@ -14,6 +15,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from conftest import DEVICES
 import ptd.distill  # noqa: F401  (registers every loss)
 from ptd.distill.base import LOSSES, PENULTIMATE, DistillBatch, LossSetup
 from ptd.models import build_model
@@ -62,6 +64,12 @@ def make_batch(loss, seed: int = 0, epoch: int = 25, grad: bool = False) -> Dist
     )
 
 
+def on_device(b: DistillBatch, device: str) -> DistillBatch:
+    return dataclasses.replace(b, y=b.y.to(device), index=b.index.to(device), s_logits=b.s_logits.to(device),
+                               t_logits=b.t_logits.to(device), s_feats={k: v.to(device) for k, v in b.s_feats.items()},
+                               t_feats={k: v.to(device) for k, v in b.t_feats.items()})
+
+
 def total(terms: dict[str, torch.Tensor]) -> torch.Tensor:
     return sum(terms.values())
 
@@ -69,7 +77,7 @@ def total(terms: dict[str, torch.Tensor]) -> torch.Tensor:
 # ---------------------------------------------------------------- independent references (numpy)
 
 def np_(t: torch.Tensor) -> np.ndarray:
-    return t.detach().double().numpy()
+    return t.detach().double().cpu().numpy()
 
 
 def softmax(z: np.ndarray) -> np.ndarray:
@@ -88,7 +96,7 @@ def ce(s: np.ndarray, y: np.ndarray) -> float:
 def ref_dkd(loss, b: DistillBatch) -> dict[str, float]:
     o = loss.options
     T = o.temperature
-    s, t, y = np_(b.s_logits), np_(b.t_logits), b.y.numpy()
+    s, t, y = np_(b.s_logits), np_(b.t_logits), b.y.cpu().numpy()
     tckd = nckd = 0.0
     for i in range(len(y)):
         ps, pt = softmax(s[i] / T), softmax(t[i] / T)
@@ -104,7 +112,7 @@ def ref_dkd(loss, b: DistillBatch) -> dict[str, float]:
 def ref_dist(loss, b: DistillBatch) -> dict[str, float]:
     o = loss.options
     T = o.temperature
-    s, t, y = np_(b.s_logits), np_(b.t_logits), b.y.numpy()
+    s, t, y = np_(b.s_logits), np_(b.t_logits), b.y.cpu().numpy()
     ys = np.stack([softmax(r / T) for r in s])
     yt = np.stack([softmax(r / T) for r in t])
     inter = 1 - np.mean([np.corrcoef(ys[i], yt[i])[0, 1] for i in range(len(ys))])
@@ -123,7 +131,7 @@ def ref_fitnet(loss, b: DistillBatch) -> dict[str, float]:
     var = r.var(axis=(0, 2, 3), keepdims=True)  # training-mode BN normalizes by the biased batch variance
     r = (r - mean) / np.sqrt(var + bn.eps) * np_(bn.weight)[None, :, None, None] + np_(bn.bias)[None, :, None, None]
     r = np.maximum(r, 0)
-    return {"ce": o.ce_weight * ce(np_(b.s_logits), b.y.numpy()), "fitnet": o.weight * float(((r - ft) ** 2).mean())}
+    return {"ce": o.ce_weight * ce(np_(b.s_logits), b.y.cpu().numpy()), "fitnet": o.weight * float(((r - ft) ** 2).mean())}
 
 
 def attention_np(f: np.ndarray) -> np.ndarray:
@@ -134,7 +142,7 @@ def attention_np(f: np.ndarray) -> np.ndarray:
 def ref_at(loss, b: DistillBatch) -> dict[str, float]:
     o = loss.options
     at = sum(float(((attention_np(np_(b.s_feats[n])) - attention_np(np_(b.t_feats[n]))) ** 2).mean()) for n in o.teacher_layers)
-    return {"ce": o.ce_weight * ce(np_(b.s_logits), b.y.numpy()), "at": o.beta * at}
+    return {"ce": o.ce_weight * ce(np_(b.s_logits), b.y.cpu().numpy()), "at": o.beta * at}
 
 
 def gram_np(f: np.ndarray) -> np.ndarray:
@@ -146,7 +154,7 @@ def gram_np(f: np.ndarray) -> np.ndarray:
 def ref_sp(loss, b: DistillBatch) -> dict[str, float]:
     o = loss.options
     sp = sum(float(((gram_np(np_(b.t_feats[n])) - gram_np(np_(b.s_feats[n]))) ** 2).sum()) / B ** 2 for n in o.teacher_layers)
-    return {"ce": o.ce_weight * ce(np_(b.s_logits), b.y.numpy()), "sp": o.gamma * sp}
+    return {"ce": o.ce_weight * ce(np_(b.s_logits), b.y.cpu().numpy()), "sp": o.gamma * sp}
 
 
 def ref_pkt(loss, b: DistillBatch) -> dict[str, float]:
@@ -160,7 +168,7 @@ def ref_pkt(loss, b: DistillBatch) -> dict[str, float]:
 
     ps, pt = cond(np_(b.s_feats[PENULTIMATE])), cond(np_(b.t_feats[PENULTIMATE]))
     val = np.mean([[pt[i, j] * math.log((pt[i, j] + eps) / (ps[i, j] + eps)) for j in range(B)] for i in range(B)])
-    return {"ce": o.ce_weight * ce(np_(b.s_logits), b.y.numpy()), "pkt": o.weight * float(val)}
+    return {"ce": o.ce_weight * ce(np_(b.s_logits), b.y.cpu().numpy()), "pkt": o.weight * float(val)}
 
 
 def huber(a: list[float], b: list[float]) -> float:
@@ -189,7 +197,7 @@ def ref_rkd(loss, b: DistillBatch) -> dict[str, float]:
         return out
 
     es, et = np_(b.s_feats[PENULTIMATE]), np_(b.t_feats[PENULTIMATE])
-    return {"ce": o.ce_weight * ce(np_(b.s_logits), b.y.numpy()),
+    return {"ce": o.ce_weight * ce(np_(b.s_logits), b.y.cpu().numpy()),
             "rkd_distance": o.distance_weight * huber(psi_d(es), psi_d(et)),
             "rkd_angle": o.angle_weight * huber(psi_a(es), psi_a(et))}
 
@@ -197,7 +205,7 @@ def ref_rkd(loss, b: DistillBatch) -> dict[str, float]:
 def ref_crd(loss, b: DistillBatch) -> dict[str, float]:
     """Call before the step (it reads the banks as they were); the negatives are the loss's draw."""
     o = loss.options
-    idx = loss.negatives(b.index, b.y).numpy()  # random sampling, not the formula: the same draw as the step's
+    idx = loss.negatives(b.index, b.y).cpu().numpy()  # random sampling, not the formula: the same draw as the step's
 
     def embed(lin, f):
         v = f.reshape(len(f), -1) @ np_(lin.weight).T + np_(lin.bias)
@@ -215,7 +223,7 @@ def ref_crd(loss, b: DistillBatch) -> dict[str, float]:
         return -sum(math.log(h[i, 0] / (h[i, 0] + c + 1e-7)) + sum(math.log(c / (h[i, k] + c + 1e-7)) for k in range(1, K + 1))
                     for i in range(B)) / B
 
-    return {"ce": o.ce_weight * ce(np_(b.s_logits), b.y.numpy()), "crd": o.weight * (nce(vs, mt) + nce(vt, ms))}
+    return {"ce": o.ce_weight * ce(np_(b.s_logits), b.y.cpu().numpy()), "crd": o.weight * (nce(vs, mt) + nce(vt, ms))}
 
 
 REFERENCES = {"dkd": ref_dkd, "dist": ref_dist, "fitnet": ref_fitnet, "at": ref_at, "sp": ref_sp, "pkt": ref_pkt,
@@ -230,10 +238,11 @@ ALL = [n for n in LOSSES.names() if LOSSES.get(n).__module__.startswith("ptd.")]
     ("dist", {"temperature": 4.0, "beta": 2.0, "gamma": 0.5}),  # DIST's CIFAR recipe uses tau = 4
     ("crd", {"temperature": 0.5, "nce_k": 12, "weight": 2.0}),
 ])
-def test_value_equals_paper_formula(name, over):
+@pytest.mark.parametrize("device", DEVICES)
+def test_value_equals_paper_formula(name, over, device):
     torch.manual_seed(0)
-    loss = build(name, **over)
-    batch = make_batch(loss)
+    loss = build(name, **over).to(device)
+    batch = on_device(make_batch(loss), device)
     want = REFERENCES[name](loss, batch)
     got = {k: v.item() for k, v in loss(batch).items()}
     assert set(got) == set(want)

@@ -1,0 +1,165 @@
+"""The same behaviour on every device this machine has: CPU always, CUDA when a GPU is visible.
+
+Each test is parametrized over ``DEVICES`` (ids ``cpu`` / ``cuda``), so ``pytest -k cuda`` runs
+exactly the GPU half (scripts/gpu_check.sh step 1) and a CPU-only machine still runs, and so
+checks, the same assertions on its CPU. The GPU half exercises what only a GPU can break: bf16
+autocast in CUDA kernels, channels_last tensors in cuDNN, CUDA RNG state in the resume
+checkpoint, tensors that must come back to the CPU to be saved, and synchronization in timing.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+import yaml
+
+from conftest import DEVICES, Kill, KillAfter, tiny_config
+from ptd.config import OptimConfig
+from ptd.data import Split, make_loader
+from ptd.measure import latency
+from ptd.models import build_model
+from ptd.pruning import MaskHook
+from ptd.pruning.masks import apply_masks, count, full_masks, prunable_weights
+from ptd.pruning.scores import magnitude
+from ptd.pruning.select import global_topk
+from ptd.students import derive_student
+from ptd.train import checkpoint as ckpt
+from ptd.train.loop import Runtime, evaluate, fit
+
+OPT = OptimConfig(epochs=3, batch_size=32, lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4, milestones=(2,))
+
+
+def runtime(device: str) -> Runtime:
+    # bf16 autocast and channels_last: the settings a GPU run uses (autocast is a no-op on a CPU
+    # without native bf16, which the test then checks in fp32).
+    return Runtime(device=torch.device(device), amp=True, channels_last=True, quiet=True)
+
+
+def banded(n: int, seed: int) -> Split:
+    """4 classes on 3x16x16 uint8 images: the class is which horizontal band is bright."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 4, (n,), generator=g)
+    x = torch.randint(0, 60, (n, 3, 16, 16), generator=g, dtype=torch.uint8)
+    for i, c in enumerate(y.tolist()):
+        x[i, :, 4 * c: 4 * c + 4, :] = 230
+    return Split(x, y)
+
+
+def loaders(rt: Runtime, seed: int = 0):
+    kw = dict(mean=(0.3,) * 3, std=(0.3,) * 3, augment=False, device=rt.device, channels_last=rt.channels_last)
+    return (make_loader(banded(384, 0), batch_size=32, train=True, seed=seed, **kw),
+            make_loader(banded(128, 1), batch_size=64, train=False, **kw))
+
+
+def net(seed: int = 0):
+    torch.manual_seed(seed)
+    return build_model("vgg", 4, 3, plan=[16, "M", 32, "M", 32])
+
+
+def half_masks(model, device):
+    masks = full_masks(prunable_weights(model))
+    masks = global_topk(magnitude(model, masks), masks, count(masks)[0] // 2)
+    return {k: v.to(device) for k, v in masks.items()}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_pruned_weights_stay_zero_and_the_net_learns_on(device):
+    """Masks on the device hold through momentum, Nesterov and weight decay under autocast."""
+    rt = runtime(device)
+    model = rt.prepare(net())
+    masks = half_masks(model, rt.device)
+    apply_masks(model, masks)
+    kept = count(masks)[0]
+    tr, va = loaders(rt)
+    r = fit(model, tr, va, OPT, rt, hooks=[MaskHook(masks)], test_loader=va)
+    w = prunable_weights(model)
+    assert all(w[n].device.type == rt.device.type for n in w)
+    assert all(bool((w[n][~m] == 0).all()) for n, m in masks.items())  # exactly zero, not small
+    assert sum(int((w[n] != 0).sum()) for n in w) <= kept  # sparsity is at least the masks'
+    assert r["test_acc"] > 0.8  # 4 classes: chance is 0.25
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_resume_after_a_kill_matches_an_uninterrupted_run_on(device, tmp_path):
+    """The resume checkpoint carries this device's RNG and optimizer state: a run killed after
+    epoch 2 and resumed ends where an uninterrupted run ends. Bitwise wherever two uninterrupted
+    runs agree bitwise (the CPU; CUDA unless a kernel is non-deterministic), and otherwise no
+    further apart than two uninterrupted runs are from each other."""
+    rt = runtime(device)
+    ref_a, ref_b = rt.prepare(net()), rt.prepare(net())
+    fit(ref_a, *loaders(rt), OPT, rt, out_dir=tmp_path / "a")
+    fit(ref_b, *loaders(rt), OPT, rt, out_dir=tmp_path / "b")
+    with pytest.raises(Kill):
+        fit(rt.prepare(net()), *loaders(rt), OPT, rt, out_dir=tmp_path / "k", hooks=[KillAfter(2)])
+    resumed = rt.prepare(net(seed=7))  # a fresh process starts from other weights; resume replaces them
+    fit(resumed, *loaders(rt), OPT, rt, out_dir=tmp_path / "k")
+    rows = [json.loads(l)["epoch"] for l in (tmp_path / "k" / "metrics.jsonl").read_text().splitlines()]
+    assert rows == [1, 2, 3]
+    sa, sb, sr = (m.state_dict() for m in (ref_a, ref_b, resumed))
+    noise = max(float((sa[k].double() - sb[k].double()).abs().max()) for k in sa if sa[k].is_floating_point())
+    gap = max(float((sa[k].double() - sr[k].double()).abs().max()) for k in sa if sa[k].is_floating_point())
+    if device == "cpu" or noise == 0.0:
+        assert gap == 0.0
+    else:
+        assert gap <= 4 * noise
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_model_trained_on_the_device_saves_and_loads_on_the_cpu(device, tmp_path):
+    rt = runtime(device)
+    model = rt.prepare(net())
+    fit(model, loaders(rt)[0], None, replace(OPT, epochs=1), rt)
+    ckpt.save_model(tmp_path / "m.safetensors", model)
+    back = ckpt.load_model(tmp_path / "m.safetensors")
+    assert all(p.device.type == "cpu" for p in back.parameters())
+    x = torch.randn(4, 3, 16, 16)
+    model.eval(), back.eval()
+    with torch.no_grad():
+        want = model(x.to(rt.device).contiguous(memory_format=torch.channels_last)).float().cpu()
+        assert torch.allclose(back(x), want, rtol=1e-4, atol=1e-4)  # fp32 both sides, different kernels
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_student_from_masks_on_the_device_is_the_cpu_one(device):
+    teacher = net()
+    masks = half_masks(teacher, "cpu")
+    student_cpu, plan_cpu = derive_student(teacher, masks, round_to=8, round_narrower=True)
+    student_dev, plan_dev = derive_student(teacher.to(device), {k: v.to(device) for k, v in masks.items()},
+                                           round_to=8, round_narrower=True)
+    assert plan_dev.spec == plan_cpu.spec
+    assert [tuple(p.shape) for p in student_dev.parameters()] == [tuple(p.shape) for p in student_cpu.parameters()]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_latency_on_the_device_times_finished_work(device):
+    """Timing waits for the device: a model 16x the work takes clearly longer, not ~the same
+    (an unsynchronized CUDA timer measures only the kernel launches)."""
+    # Sizes per device: large enough that the big model's work, not kernel launches, sets its time.
+    side, batch, wide = (64, 256, 512) if device == "cuda" else (16, 16, 256)
+    small = build_model("vgg", 10, 3, plan=[16, "M", 16])
+    big = build_model("vgg", 10, 3, plan=[wide, "M", wide])
+    ts = latency(small, (3, side, side), batch, repeats=5, device=device)
+    tb = latency(big, (3, side, side), batch, repeats=5, device=device)
+    assert ts["median_ms"] > 0 and tb["median_ms"] > 2 * ts["median_ms"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_tiny_pipeline_runs_end_to_end_on(device, tmp_path, tiny_fashion):
+    from ptd.cli import main
+
+    cfg = tiny_config(tiny_fashion, device=device, distill={"seeds": [0], "arms": ["scratch", "pruned_teacher"],
+                                                              "optim": {"epochs": 2, "batch_size": 64, "lr": 0.05}})
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "run"
+    assert main(["run", str(p), "--out", str(out), "--quiet"]) == 0
+    r = json.loads((out / "results.json").read_text())
+    env = json.loads((out / "env.json").read_text())
+    assert env["device"].startswith(device)
+    assert bool(env["gpus"]) == (device == "cuda")
+    assert r["teacher"]["test_acc"] > 0.5  # 10 classes: chance is 0.1
+    assert r["pruned_teacher"]["sparsity"] == pytest.approx(0.36, abs=0.002)
+    assert sorted(s["arm"] for s in r["students"]) == ["pruned_teacher", "scratch"]
