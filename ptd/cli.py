@@ -106,7 +106,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                               f"classes, but data.name={dc.name} has {splits.in_channels} and {splits.num_classes}; pass the config "
                               f"the model was trained with")
     check_runs(model, str(args.checkpoint), splits, dc.image_size)
-    rt = Runtime(device=device, amp=cfg.amp, channels_last=cfg.channels_last, fast_wgrad=cfg.fast_wgrad, quiet=True)
+    rt = Runtime(device=device, amp=cfg.amp, channels_last=cfg.channels_last, fast_wgrad=cfg.fast_wgrad, compile=cfg.compile, quiet=True)
     model = rt.prepare(model)
     loader = make_loader(splits.test, batch_size=cfg.eval_batch_size, train=False, mean=splits.mean, std=splits.std, device=device,
                          augment=False, channels_last=rt.channels_last)

@@ -212,6 +212,12 @@ class SweepConfig:
         _check(self.student_from is None or 0 < self.student_from < 1, f"{where}.student_from", self.student_from, "must be in (0, 1) or null")
 
 
+# torch.compile of the networks a training unit runs (ptd.train.loop.Runtime.compile). "off": eager.
+# "reduce-overhead" adds CUDA graphs: on an H100 the CIFAR VGG19 step at batch 128 went from 12.0 to
+# 2.5 ms (benchmarks/results/gpu/amp_compile.json), where eager is bound by kernel launches.
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
+
+
 @dataclass(frozen=True)
 class RunConfig:
     name: str = "run"
@@ -221,6 +227,9 @@ class RunConfig:
     channels_last: bool = True  # NHWC: about 2x faster convs on CPU and tensor cores on GPU
     # CPU: small-image conv weight gradients as one GEMM (ptd.train.fastconv; docs/speed.md)
     fast_wgrad: bool = True
+    # torch.compile while training: off | default | reduce-overhead (CUDA graphs) | max-autotune.
+    # Off by default: it pays on a GPU over a long schedule, not on a CPU (docs/speed.md).
+    compile: str = "off"
     quiet: bool = False  # no progress bars (CI)
     eval_batch_size: int = 512
     threads: int | None = None  # torch CPU threads; None: torch's default
@@ -233,6 +242,7 @@ class RunConfig:
 
     def validate(self) -> "RunConfig":
         _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), "device", self.device, "must be auto, cpu, cuda or cuda:N")
+        _check(self.compile in COMPILE_MODES, "compile", self.compile, f"must be one of {', '.join(COMPILE_MODES)}")
         _check(self.eval_batch_size >= 1, "eval_batch_size", self.eval_batch_size, "must be >= 1")
         _check(self.seed >= 0, "seed", self.seed, "must be >= 0 (it is the root of every random stream)")
         self.data.validate("data")

@@ -178,6 +178,7 @@ def environment(cfg: RunConfig, rt: Runtime) -> dict[str, Any]:
         "device": str(rt.device),
         "amp_bf16": rt.uses_amp,
         "fast_wgrad": rt.uses_fast_wgrad,
+        "compile": rt.compile,
         "world_size": rt.dist.world_size,
         "cuda": torch.version.cuda,
         "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else [],
@@ -299,7 +300,7 @@ def make_context(cfg: RunConfig, run_dir: Path, log: Callable[[str], None] = pri
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     d = init_distributed(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    rt = Runtime(device=resolve_device(cfg.device, d), amp=cfg.amp, channels_last=cfg.channels_last, fast_wgrad=cfg.fast_wgrad, quiet=cfg.quiet, dist=d)
+    rt = Runtime(device=resolve_device(cfg.device, d), amp=cfg.amp, channels_last=cfg.channels_last, fast_wgrad=cfg.fast_wgrad, compile=cfg.compile, quiet=cfg.quiet, dist=d)
     dc = cfg.data
     if splits is None:
         splits = load_dataset(dc.name, dc.root, val_fraction=dc.val_fraction, seed=cfg.seed, download=dc.download,
@@ -555,6 +556,10 @@ def stage_student(ctx: Context, teacher: nn.Module, pruned: nn.Module, masks: Ma
             # onnxruntime against 293 ms in PyTorch: a thread count, not a runtime, difference).
             stats["onnx_latency"] = onnx_latency(teacher, student, ctx.input_shape, repeats=5, threads=torch.get_num_threads())
             text += "\n" + "\n".join(format_latency(stats["onnx_latency"])) + "\n"
+            if ctx.rt.device.type == "cuda":  # where the run trains, the user will want to know too
+                from ptd.measure import device_latency
+
+                stats["cuda_latency"] = device_latency(teacher, student, ctx.input_shape, ctx.rt.device)
             ckpt.write_text(d / P.ARCHITECTURE, spec_to_text(spec))
             ckpt.write_text(d / P.ARCHITECTURE_TXT, f"# rebuild: ptd.models.build_from_spec(json.load(open('{P.ARCHITECTURE}')))\n{student}\n")
             ckpt.write_text(d / P.STUDENT_REPORT, text)

@@ -6,7 +6,8 @@
 #   1. the test suite's CUDA tests (pytest -k cuda: tests/test_devices.py, the loss formulas, ...)
 #   2. a tiny pipeline under torchrun --nproc_per_node=1 on CUDA (NCCL process group)
 #   3. bf16 autocast + channels_last on CUDA through ptd's Runtime and fit, and
-#   4. torch.compile of the CIFAR VGG19 training step on CUDA: compile time and step time vs eager
+#   4. torch.compile of the CIFAR VGG19 training step on CUDA: compile time and step time vs eager,
+#      and ptd's `compile` key through fit (per-epoch wall, eager vs CUDA graphs)
 #   5. benchmarks/pipeline_speed.py on CUDA: per-epoch times of the CIFAR-100 VGG19 recipe, ptd vs
 #      the re-creation of the published code's way (fabricated CIFAR-100 at full size, 50k/10k)
 #   6. benchmarks/student_speed.py on CUDA (issue 7's table: students vs teachers, fp32 and bf16)
@@ -147,6 +148,40 @@ assert out["weight_channels_last"] and out["input_channels_last"]
 assert dry or (out["uses_amp"] and out["logits_dtype"] == "torch.bfloat16")
 print(json.dumps(out, indent=1))
 open(os.path.join(res, "amp_compile.json"), "w").write(json.dumps(out, indent=1))
+EOF
+
+# 3c. ptd's `compile` key through fit: per-epoch wall of the CIFAR VGG19 teacher (bf16, channels_last,
+#     batch 128), eager against compile (reduce-overhead on CUDA: CUDA graphs), 2 epochs each; the
+#     first compiled epoch carries the compile time.
+step compile_fit 150 $PY - <<'EOF'
+import json, os, torch
+from dataclasses import replace
+from ptd.config import OptimConfig
+from ptd.data import make_loader
+from ptd.data.base import Split
+from ptd.models import build_model
+from ptd.train.loop import Runtime, fit
+dev, dry, res, work = (os.environ[k] for k in ("PTD_GPU_CHECK_DEV", "PTD_GPU_CHECK_DRY", "PTD_GPU_CHECK_RES", "PTD_GPU_CHECK_WORK"))
+dry = dry == "1"
+n, bs, epochs = (512, 64, 2) if dry else (25600, 128, 2)
+g = torch.Generator().manual_seed(0)
+tr = Split(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g), torch.randint(0, 100, (n,), generator=g))
+va = Split(tr.x[:2048], tr.y[:2048])
+out = {"device": torch.cuda.get_device_name(0) if dev == "cuda" else "cpu (dry run)", "images_per_epoch": n, "batch_size": bs}
+for mode in ("off", "reduce-overhead" if dev == "cuda" else "default"):
+    rt = Runtime(device=torch.device(dev), amp=True, channels_last=True, quiet=True, compile=mode)
+    kw = dict(mean=(0.5,) * 3, std=(0.25,) * 3, device=rt.device, channels_last=True)
+    torch.manual_seed(0)
+    m = rt.prepare(build_model("vgg", 100, 3, plan=[16, "M", 32]) if dry else build_model("vgg19", num_classes=100))
+    d = os.path.join(work, f"fit_{mode}")
+    r = fit(m, make_loader(tr, batch_size=bs, train=True, **kw), make_loader(va, batch_size=512, train=False, **kw),
+            OptimConfig(epochs=epochs, batch_size=bs, lr=0.05), rt, out_dir=d)
+    walls = [json.loads(l)["wall_s"] for l in open(os.path.join(d, "metrics.jsonl"))]
+    out[mode] = {"epoch_s": [walls[0]] + [b - a for a, b in zip(walls, walls[1:])], "best_val_acc": r["best_val_acc"]}
+k = [m for m in out if m not in ("device", "images_per_epoch", "batch_size", "off")][0]
+out["steady_epoch_speedup"] = out["off"]["epoch_s"][-1] / out[k]["epoch_s"][-1]
+print(json.dumps(out, indent=1))
+open(os.path.join(res, "compile_fit.json"), "w").write(json.dumps(out, indent=1))
 EOF
 
 # 5. Per-epoch times of the CIFAR-100 VGG19 recipe, ptd vs the published way (one pair, one seed).

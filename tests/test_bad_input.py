@@ -135,6 +135,7 @@ CASES: dict[str, tuple[list[str], list[str]]] = {
     "eval-batch-zero": (["run", "{ws}/c.yaml", "--set", "eval_batch_size=0"], ["eval_batch_size"]),
     "seed-not-int": (["student", "{ws}/c.yaml", "--set", "seed=abc"], ["seed", "integer"]),
     "fast-wgrad-not-bool": (["train", "{ws}/c.yaml", "--set", "fast_wgrad=sometimes"], ["fast_wgrad", "true or false"]),
+    "compile-mode": (["train", "{ws}/c.yaml", "--set", "compile=fast"], ["compile", "'fast'", "reduce-overhead"]),
     # --- data (and data.root, the data folder path)
     "data-root-missing": (["train", "{ws}/c.yaml", "--set", "data.root={ws}/nope"], ["nope", "data.root"]),
     "data-root-is-file": (["prune", "{ws}/c.yaml", "--set", "data.root={ws}/afile"], ["afile"]),

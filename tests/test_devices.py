@@ -26,7 +26,9 @@ from ptd.pruning.scores import magnitude
 from ptd.pruning.select import global_topk
 from ptd.students import derive_student
 from ptd.train import checkpoint as ckpt
-from ptd.train.loop import Runtime, evaluate, fit
+from ptd.distill import build_distiller
+from ptd.train.loop import Runtime, Supervised, compiled_networks, evaluate, fit, train_step
+from ptd.train.optim import make_optimizer
 
 OPT = OptimConfig(epochs=3, batch_size=32, lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4, milestones=(2,))
 
@@ -165,3 +167,76 @@ def test_a_tiny_pipeline_runs_end_to_end_on(device, tmp_path, tiny_fashion):
     assert r["teacher"]["test_acc"] > 0.5  # 10 classes: chance is 0.1
     assert r["pruned_teacher"]["sparsity"] == pytest.approx(0.36, abs=0.002)
     assert sorted(s["arm"] for s in r["students"]) == ["pruned_teacher", "scratch"]
+    # Trained on a GPU: the student stage times teacher and student there too, and the report shows it.
+    cu = r["student"]["cuda_latency"]
+    assert (cu is not None) == (device == "cuda")
+    if cu is not None:
+        assert cu["gpu"] == env["gpus"][0] and cu["batch_256"]["teacher_ms"] > 0
+        v = cu["batch_64"]
+        assert f"| PyTorch (eager, {cu['gpu']}) | 64 | {v['teacher_ms']:.2f} | {v['student_ms']:.2f} | {v['speedup']:.2f}x |" in (out / "report.md").read_text()
+
+
+def compile_mode(device: str) -> str:
+    # CUDA graphs where they exist; plain inductor on a CPU (reduce-overhead adds nothing there).
+    return "reduce-overhead" if device == "cuda" else "default"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("device", DEVICES)
+def test_compiled_steps_equal_eager_steps_on(device):
+    """compile changes kernels, not arithmetic: three fp32 steps from one init end where eager
+    ends, to float rounding (CUDA: convolutions in TF32 on both sides)."""
+    eager = Runtime(device=torch.device(device), amp=False, channels_last=True, quiet=True)
+    comp = replace(eager, compile=compile_mode(device))
+    batch = next(iter(loaders(eager)[0]))
+    ends = []
+    for rt in (eager, comp):
+        model = rt.prepare(net())
+        unit = Supervised(model)
+        opt = make_optimizer(unit, OPT)
+        with rt.training(unit):
+            losses = [float(train_step(unit, opt, rt, batch, 0)[0]) for _ in range(3)]
+        assert model._compiled_call_impl is None  # eager again after the block
+        ends.append((losses, {k: v.detach().double().cpu() for k, v in model.state_dict().items()}))
+    (le, we), (lc, wc) = ends
+    assert lc == pytest.approx(le, rel=1e-3)
+    assert we.keys() == wc.keys()  # compiled in place: no _orig_mod. prefixes in checkpoints
+    assert max(float((we[k] - wc[k]).abs().max()) for k in we) < 1e-3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("device", DEVICES)
+def test_compiled_training_keeps_masks_and_learns_on(device):
+    rt = replace(runtime(device), compile=compile_mode(device))
+    model = rt.prepare(net())
+    masks = half_masks(model, rt.device)
+    apply_masks(model, masks)
+    tr, va = loaders(rt)
+    r = fit(model, tr, va, OPT, rt, hooks=[MaskHook(masks)], test_loader=va)
+    w = prunable_weights(model)
+    assert all(bool((w[n][~m] == 0).all()) for n, m in masks.items())
+    assert r["test_acc"] > 0.8
+    assert model._compiled_call_impl is None
+
+
+def test_compile_covers_the_student_and_the_frozen_teacher():
+    student, teacher = net(), net(1)
+    unit = build_distiller(student, teacher, "kd", num_classes=4, num_samples=8)
+    nets = compiled_networks(unit)
+    assert nets[0] is student and len(nets) == 2 and nets[1] is unit.teacher
+    assert compiled_networks(Supervised(student)) == [student]
+    with pytest.raises(ValueError, match="reduce-overhead"):
+        Runtime(compile="fast")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_device_latency_has_onnx_latencys_layout_on(device):
+    from ptd.measure import device_latency
+
+    small, big = net(), build_model("vgg", 4, 3, plan=[64, "M", 64, "M", 64])
+    r = device_latency(big, small, (3, 16, 16), device, batch_sizes=(1, 8), repeats=5)
+    assert set(r) == {"runtime", "device", "gpu", "repeats", "batch_1", "batch_8"}
+    for b in ("batch_1", "batch_8"):
+        v = r[b]
+        assert v["speedup"] == pytest.approx(v["teacher_ms"] / v["student_ms"]) and v["teacher_ms"] > 0
+    assert r["gpu"] == (torch.cuda.get_device_name(0) if device == "cuda" else "cpu")

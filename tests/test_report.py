@@ -121,6 +121,16 @@ def test_report_shows_teacher_vs_student_latency_in_both_runtimes():
     for row in ("| PyTorch (eager) | 1 | 0.66 | 0.50 | 1.32x |", "| PyTorch (eager) | 64 | 11.43 | 7.62 | 1.50x |",
                 "| onnxruntime (2 threads) | 1 | 0.30 | 0.24 | 1.25x |", "| onnxruntime (2 threads) | 64 | 9.00 | 4.00 | 2.25x |"):
         assert row in md
+    assert "the GPU rows" not in md
+    r["student"]["cuda_latency"] = {"runtime": "PyTorch eager", "device": "cuda", "gpu": "NVIDIA H100 80GB HBM3", "repeats": 20,
+                                    "batch_1": {"teacher_ms": 0.5, "student_ms": 0.4, "speedup": 1.25},
+                                    "batch_256": {"teacher_ms": 3.0, "student_ms": 1.5, "speedup": 2.0}}
+    md = render_markdown(r)  # a run on a GPU: its latency there too
+    for row in ("| PyTorch (eager, NVIDIA H100 80GB HBM3) | 1 | 0.50 | 0.40 | 1.25x |",
+                "| PyTorch (eager, NVIDIA H100 80GB HBM3) | 256 | 3.00 | 1.50 | 2.00x |"):
+        assert row in md
+    assert "(the GPU rows on the GPU the run trained on)" in md
+    del r["student"]["cuda_latency"]
     del r["student"]["onnx_latency"]  # a run without the deployed timing: PyTorch rows only
     assert [x[0] for x in latency_rows(r["teacher"], r["student"])] == ["PyTorch (eager)"] * 2
     r["student"]["latency"] = None

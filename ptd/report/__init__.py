@@ -166,7 +166,7 @@ def build_results(cfg: RunConfig, teacher: dict, prune: dict, student: dict, stu
                            "levels": prune["levels"]},
         "student": {"spec": student["spec"], "params": st["params"], "flops": st["flops"], "latency": st.get("latency"),
                     "params_ratio": st["params"] / te["params"], "flops_ratio": st["flops"] / te["flops"],
-                    "onnx_latency": student.get("onnx_latency")},
+                    "onnx_latency": student.get("onnx_latency"), "cuda_latency": student.get("cuda_latency")},
         "retrained_teacher": {"test_acc": control["test_acc"], "val_acc": control.get("val_acc"), "epochs": control["epochs"]} if control else None,
         "students": students,
         "summary": summary,
@@ -205,8 +205,9 @@ def _lat(s: dict, b: str) -> str:
 
 def latency_rows(t: dict, s: dict) -> list[list[str]]:
     """[runtime, batch, teacher ms, student ms, speedup] per runtime and batch size: PyTorch's eager
-    latency (the student stage's interleaved median) and, where the run recorded it, onnxruntime's
-    (both models exported and timed in turn, on the same threads)."""
+    latency on the CPU (the student stage's interleaved median) and, where the run recorded them,
+    onnxruntime's (both models exported and timed in turn, on the same threads) and PyTorch's on
+    the GPU the run trained on."""
     rows = []
     for b in sorted((s.get("latency") or {}), key=int):
         tm, sm = ((t.get("latency") or {}).get(b) or {}).get("median_ms"), (s["latency"][b] or {}).get("median_ms")
@@ -218,6 +219,10 @@ def latency_rows(t: dict, s: dict) -> list[list[str]]:
         v = ort[k]
         if "teacher_ms" in v:
             rows.append([f"onnxruntime ({n} thread{'' if n == 1 else 's'})", k[6:], f"{v['teacher_ms']:.2f}", f"{v['student_ms']:.2f}", f"{v['speedup']:.2f}x"])
+    cu = s.get("cuda_latency") or {}
+    for k in sorted((k for k in cu if k.startswith("batch_")), key=lambda k: int(k[6:])):
+        v = cu[k]
+        rows.append([f"PyTorch (eager, {cu.get('gpu')})", k[6:], f"{v['teacher_ms']:.2f}", f"{v['student_ms']:.2f}", f"{v['speedup']:.2f}x"])
     return rows
 
 
@@ -226,7 +231,8 @@ def latency_table(t: dict, s: dict) -> list[str]:
     rows = latency_rows(t, s)
     if not rows:
         return []
-    return (["Latency on this machine's CPU, teacher vs student (median ms of interleaved runs; speedup = teacher / student):", "",
+    gpu = " (the GPU rows on the GPU the run trained on)" if (s.get("cuda_latency") or {}) else ""
+    return ([f"Latency, teacher vs student, fp32, on this machine's CPU{gpu} (median ms of interleaved runs; speedup = teacher / student):", "",
              "| runtime | batch | teacher ms | student ms | speedup |", "|---|---:|---:|---:|---:|"]
             + [f"| {' | '.join(r)} |" for r in rows] + [""])
 

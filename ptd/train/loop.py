@@ -17,6 +17,7 @@ unit; none of them fork it.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -31,7 +32,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ptd import paths as P
-from ptd.config import OptimConfig
+from ptd.config import COMPILE_MODES, OptimConfig
 from ptd.train import checkpoint as ckpt
 from ptd.train.distributed import Dist, all_sum
 from ptd.train.fastconv import small_image_wgrad
@@ -67,6 +68,16 @@ class Runtime:
     # CPU: weight gradients of convs on small images by one GEMM instead of oneDNN's kernel
     # (ptd.train.fastconv; 1.45x on the CIFAR VGG19 step here). Off: stock kernels throughout.
     fast_wgrad: bool = True
+    # torch.compile of the networks while they train (ptd.config.COMPILE_MODES); see compiled().
+    compile: str = "off"
+
+    def __post_init__(self):
+        if self.compile not in COMPILE_MODES:
+            raise ValueError(f"Runtime.compile must be one of {', '.join(COMPILE_MODES)}, got {self.compile!r}")
+
+    @property
+    def uses_cuda_graphs(self) -> bool:
+        return self.compile == "reduce-overhead" and self.device.type == "cuda"
 
     @property
     def uses_amp(self) -> bool:
@@ -77,18 +88,58 @@ class Runtime:
 
     @property
     def uses_fast_wgrad(self) -> bool:
-        return self.fast_wgrad and self.device.type == "cpu"
+        # Not under torch.compile: dynamo cannot trace the patched conv forward (a functools.partial),
+        # and inductor makes its own choice of weight-gradient kernel anyway.
+        return self.fast_wgrad and self.device.type == "cpu" and self.compile == "off"
 
     def training(self, unit: nn.Module):
         """The context a unit trains in: ``fit`` wraps its epochs in it; a benchmark stepping
         ``train_step`` by hand enters it too, so it times what ``fit`` runs."""
-        return small_image_wgrad(unit, enabled=self.uses_fast_wgrad)
+        return _training(unit, self)
 
     def prepare(self, model: nn.Module) -> nn.Module:
         model = model.to(self.device)
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
         return model
+
+
+@contextlib.contextmanager
+def _training(unit: nn.Module, rt: Runtime):
+    """Yields what small_image_wgrad yields (the number of convs it patched)."""
+    with small_image_wgrad(unit, enabled=rt.uses_fast_wgrad) as patched:
+        with (compiled(unit, rt.compile) if rt.compile != "off" else contextlib.nullcontext()):
+            yield patched
+
+
+def compiled_networks(unit: nn.Module) -> list[nn.Module]:
+    """The networks a unit runs: its ``model`` (Supervised) or ``student`` (Distiller), and the
+    frozen ``teacher`` a Distiller holds outside its submodules. Loss modules stay eager."""
+    nets = [getattr(unit, name, None) for name in ("model", "student")] + [unit.__dict__.get("teacher")]
+    nets = [m for m in nets if isinstance(m, nn.Module)]
+    return nets or [unit]
+
+
+@contextlib.contextmanager
+def compiled(unit: nn.Module, mode: str):
+    """torch.compile the unit's networks in place (``nn.Module.compile``: state_dict keys, hooks
+    and the objects the caller holds stay the same) for the duration of the block; eager again
+    after it, so checkpoints, export, latency and derivation never see a compiled module.
+
+    Dynamo's caches are reset on entry: every ``fit`` compiles its own models afresh (a pipeline
+    trains many model instances, which would otherwise pile up in one cache and fall back to
+    eager at its size limit)."""
+    import torch._dynamo
+
+    nets = compiled_networks(unit)
+    torch._dynamo.reset()
+    for m in nets:
+        m.compile(mode=None if mode == "default" else mode)
+    try:
+        yield unit
+    finally:
+        for m in nets:
+            m._compiled_call_impl = None
 
 
 class Supervised(nn.Module):
@@ -136,6 +187,8 @@ def train_step(net: nn.Module, opt: torch.optim.Optimizer, rt: Runtime, batch: S
     """One optimizer step of ``net`` (a unit, maybe DDP-wrapped) on ``batch``; returns
     (loss, logits, terms, y), all still on the device (no host sync). ``fit`` runs exactly this."""
     x, y, index = _split_batch(batch)
+    if rt.uses_cuda_graphs:  # a new step: the graphs may reuse the last step's output buffers
+        torch.compiler.cudagraph_mark_step_begin()
     with rt.autocast():
         loss, logits, terms = net(x, y, index, epoch)
     opt.zero_grad(set_to_none=True)
@@ -157,6 +210,8 @@ def evaluate(model: nn.Module, loader: Iterable, rt: Runtime) -> dict[str, float
     n = 0
     for batch in loader:
         x, y = batch[0], batch[1]
+        if rt.uses_cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         with rt.autocast():
             logits = model(x)
         loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").double()
