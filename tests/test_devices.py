@@ -14,6 +14,7 @@ from dataclasses import replace
 import pytest
 import torch
 import yaml
+from torch._dynamo.utils import counters
 
 from conftest import DEVICES, Kill, KillAfter, tiny_config
 from ptd.config import OptimConfig
@@ -182,21 +183,35 @@ def compile_mode(device: str) -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("loss", [None, "kd", "at"])
 @pytest.mark.parametrize("device", DEVICES)
-def test_compiled_steps_equal_eager_steps_on(device):
+def test_compiled_steps_equal_eager_steps_on(device, loss):
     """compile changes kernels, not arithmetic: three fp32 steps from one init end where eager
-    ends, to float rounding (CUDA: convolutions in TF32 on both sides)."""
+    ends, to float rounding (CUDA: convolutions in TF32 on both sides). Plain training, KD with
+    its frozen teacher compiled too, and AT, whose feature taps are forward hooks inside the
+    compiled networks."""
     eager = Runtime(device=torch.device(device), amp=False, channels_last=True, quiet=True)
     comp = replace(eager, compile=compile_mode(device))
     batch = next(iter(loaders(eager)[0]))
     ends = []
     for rt in (eager, comp):
         model = rt.prepare(net())
-        unit = Supervised(model)
+        if loss is None:
+            unit = Supervised(model)
+        else:
+            torch.manual_seed(1)  # the same teacher on both sides
+            teacher = rt.prepare(build_model("vgg", 4, 3, plan=[24, "M", 48, "M", 48]))
+            # AT taps the outputs of both nets' first and second conv blocks (ReLUs after each conv)
+            options = {"at": {"teacher_layers": ("features.2", "features.6")}} if loss == "at" else None
+            unit = build_distiller(model, teacher, loss, options=options, num_classes=4, num_samples=len(batch[0]),
+                                   example_input=batch[0][:2])
         opt = make_optimizer(unit, OPT)
+        counters.clear()
         with rt.training(unit):
-            losses = [float(train_step(unit, opt, rt, batch, 0)[0]) for _ in range(3)]
-        assert model._compiled_call_impl is None  # eager again after the block
+            losses = [float(train_step(unit, opt, rt, batch, 0)[0].detach()) for _ in range(3)]
+            graphs = counters["stats"]["unique_graphs"]
+        assert (graphs > 0) == (rt is comp)  # the compiled side really ran compiled code
+        assert all(m._compiled_call_impl is None for m in compiled_networks(unit))  # eager again after the block
         ends.append((losses, {k: v.detach().double().cpu() for k, v in model.state_dict().items()}))
     (le, we), (lc, wc) = ends
     assert lc == pytest.approx(le, rel=1e-3)
