@@ -255,3 +255,10 @@ def test_device_latency_has_onnx_latencys_layout_on(device):
         v = r[b]
         assert v["speedup"] == pytest.approx(v["teacher_ms"] / v["student_ms"]) and v["teacher_ms"] > 0
     assert r["gpu"] == (torch.cuda.get_device_name(0) if device == "cuda" else "cpu")
+
+
+def test_cuda_graph_modes_mark_their_steps():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert [Runtime(device=cuda, compile=m).uses_cuda_graphs for m in ("off", "default", "reduce-overhead", "max-autotune")] == [False, False, True, True]
+    assert not Runtime(device=cpu, compile="reduce-overhead").uses_cuda_graphs
+    assert not Runtime(device=cpu, compile="default").uses_fast_wgrad  # dynamo cannot trace fast_wgrad's patch

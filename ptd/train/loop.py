@@ -77,7 +77,8 @@ class Runtime:
 
     @property
     def uses_cuda_graphs(self) -> bool:
-        return self.compile == "reduce-overhead" and self.device.type == "cuda"
+        # torch.compile's "max-autotune" turns CUDA graphs on as "reduce-overhead" does
+        return self.compile in ("reduce-overhead", "max-autotune") and self.device.type == "cuda"
 
     @property
     def uses_amp(self) -> bool:
