@@ -10,8 +10,9 @@ from conftest import tiny_config
 
 
 @pytest.mark.slow
-def test_torchrun_two_processes(tmp_path, tiny_fashion):
-    cfg = tiny_config(tiny_fashion, device="cpu", threads=1,
+@pytest.mark.parametrize("compile", ["off", "default"])  # DDP around a unit whose model is compiled in place
+def test_torchrun_two_processes(tmp_path, tiny_fashion, compile):
+    cfg = tiny_config(tiny_fashion, device="cpu", threads=1, compile=compile,
                       teacher={"model": {"arch": "vgg", "kwargs": {"plan": [16, "M", 32, "M", 32]}},
                                "optim": {"epochs": 2, "batch_size": 32, "lr": 0.05}},
                       prune={"target_sparsity": 0.2, "retrain": {"epochs": 1, "batch_size": 32, "lr": 0.02}})
@@ -26,6 +27,8 @@ def test_torchrun_two_processes(tmp_path, tiny_fashion):
     n_train = 480  # 600 images, 20% held out for validation
     per_rank_batches = (n_train // 2) // 32  # each rank sees a disjoint half
     assert teacher["steps"] == 2 * per_rank_batches
+    env = json.loads((out / "env.json").read_text())
+    assert env["world_size"] == 2 and env["compile"] == compile
     assert 0.0 <= teacher["test_acc"] <= 1.0
     level = json.loads((out / "prune" / "level_1" / "sparsity.json").read_text())
     assert level["sparsity"] == pytest.approx(0.2, abs=1e-3)
