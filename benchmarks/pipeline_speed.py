@@ -95,7 +95,7 @@ def schedule(args: argparse.Namespace) -> dict[str, Any]:
                 "weight_decay": wd, "milestones": [], "gamma": 0.1}
     return {"teacher": opt(args.teacher_epochs, 5e-4), "retrain": opt(args.retrain_epochs, 2e-4),
             "distill": opt(args.distill_epochs, 5e-4), "rate": 0.2, "val_fraction": args.val_fraction,
-            "width": args.width}
+            "width": args.width, "compile": args.compile}
 
 
 def scaled(plan: list, width: float) -> list:
@@ -109,7 +109,7 @@ def ptd_config(data_root: Path, sch: dict, seed: int, device: str, threads: int 
     import yaml
 
     cfg = {
-        "name": "pipeline_speed", "seed": seed, "device": device, "quiet": True, "threads": threads,
+        "name": "pipeline_speed", "seed": seed, "device": device, "quiet": True, "threads": threads, "compile": sch.get("compile", "off"),
         "data": {"name": "cifar100", "root": str(data_root), "val_fraction": sch["val_fraction"], "crop_padding": 4, "hflip": True},
         "teacher": {"model": {"arch": "vgg19", "width": sch["width"]}, "optim": sch["teacher"]},
         "prune": {"strategy": "imp", "target_sparsity": sch["rate"], "rate": sch["rate"], "retrain": sch["retrain"]},
@@ -410,6 +410,8 @@ def parse_args(argv):
     p.add_argument("--distill-epochs", type=int, default=2)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--compile", default="off", help="ptd's compile key for its side (e.g. reduce-overhead on a GPU); "
+                   "each stage then pays its compile in its first epoch")
     p.add_argument("--flops-batches", type=int, default=4, help="batches per timed FLOP/s run")
     p.add_argument("--peak-n", type=int, default=2048, help="matmul size for the peak")
     p.add_argument("--out", default="benchmarks/results", help="folder for pipeline_speed.json/.md")
@@ -481,7 +483,8 @@ def render_md(r: dict[str, Any]) -> str:
     lines = [f"# pipeline_speed: ptd vs the published code's way (re-creation), {r['machine']['gpu'] or r['machine']['cpu']}",
              "", f"threads {r['machine']['threads']}, torch {r['machine']['torch']}; schedule: teacher {r['schedule']['teacher']['epochs']} ep, "
              f"IMP 20% + {r['schedule']['retrain']['epochs']} ep, KD {r['schedule']['distill']['epochs']} ep into st79 "
-             f"(width {r['schedule']['width']}), {r['args']['n_train']} train / {r['args']['n_test']} test images.", "",
+             f"(width {r['schedule']['width']}), {r['args']['n_train']} train / {r['args']['n_test']} test images"
+             + (f"; ptd with compile: {r['schedule']['compile']}" if r['schedule'].get('compile', 'off') != 'off' else "") + ".", "",
              f"**End to end: published / ptd = {e['median']:.2f}x** (min {e['min']:.2f}, max {e['max']:.2f}, {e['n']} alternating pairs)", "",
              "| seed | side | total s | " + " | ".join(STAGES) + " | test acc |", "|---" * (len(STAGES) + 4) + "|"]
     for side, rs in r["runs"].items():

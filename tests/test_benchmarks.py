@@ -109,3 +109,30 @@ def test_conv_wgrad_accuracy_smoke(tmp_path: Path):
     d = [r["on"] - r["off"] for r in res["rows"]]
     assert abs(res["mean_diff"] - sum(d) / 2) < 1e-12 and res["ci95"][0] <= res["mean_diff"] <= res["ci95"][1]
     assert "on - off" in (tmp_path / "conv_wgrad_accuracy.md").read_text()
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_passes_every_step(tmp_path: Path):
+    """scripts/gpu_check.sh is run on a lent GPU for a few minutes at most, so its Python must not
+    break between sessions: --dry-run runs every step on the CPU at tiny sizes, and its budget
+    and step selection skip what they should."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHON": sys.executable, "GPU_CHECK_DIR": str(tmp_path / "res")}
+    r = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--dry-run"], env=env, capture_output=True, text=True, timeout=600)
+    summary = (tmp_path / "res" / "summary.txt").read_text()
+    steps = ("cuda_tests", "torchrun_nccl", "amp_compile", "compile_fit", "pipeline_speed", "student_speed")
+    assert r.returncode == 0, summary + r.stderr[-2000:]
+    for s in steps:
+        assert f"{s} rc=0 " in summary, (s, summary)
+    assert "pipeline_compile" not in summary  # only when GPU_CHECK_STEPS names it
+    fit = json.loads((tmp_path / "res" / "compile_fit.json").read_text())
+    assert fit["off"]["epoch_s"] and fit["default"]["epoch_s"]
+
+    env["GPU_CHECK_STEPS"] = "cuda_tests"
+    env["GPU_CHECK_DIR"] = str(tmp_path / "only")
+    r = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--dry-run"], env=env, capture_output=True, text=True, timeout=300)
+    summary = (tmp_path / "only" / "summary.txt").read_text()
+    assert "cuda_tests rc=0 " in summary and all(f"{s} rc=skipped (not in GPU_CHECK_STEPS)" in summary for s in steps[1:])
