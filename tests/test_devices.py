@@ -19,6 +19,7 @@ from torch._dynamo.utils import counters
 from conftest import DEVICES, Kill, KillAfter, tiny_config
 from ptd.config import OptimConfig
 from ptd.data import Split, make_loader
+from ptd.distill import build_distiller
 from ptd.measure import latency
 from ptd.models import build_model
 from ptd.pruning import MaskHook
@@ -27,8 +28,7 @@ from ptd.pruning.scores import magnitude
 from ptd.pruning.select import global_topk
 from ptd.students import derive_student
 from ptd.train import checkpoint as ckpt
-from ptd.distill import build_distiller
-from ptd.train.loop import Runtime, Supervised, compiled_networks, evaluate, fit, train_step
+from ptd.train.loop import Runtime, Supervised, compiled_networks, fit, train_step
 from ptd.train.optim import make_optimizer
 
 OPT = OptimConfig(epochs=3, batch_size=32, lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4, milestones=(2,))
