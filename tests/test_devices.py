@@ -262,3 +262,23 @@ def test_cuda_graph_modes_mark_their_steps():
     assert [Runtime(device=cuda, compile=m).uses_cuda_graphs for m in ("off", "default", "reduce-overhead", "max-autotune")] == [False, False, True, True]
     assert not Runtime(device=cpu, compile="reduce-overhead").uses_cuda_graphs
     assert not Runtime(device=cpu, compile="default").uses_fast_wgrad  # dynamo cannot trace fast_wgrad's patch
+
+
+def test_device_latency_out_of_memory_is_a_row_not_a_crash(monkeypatch):
+    """A big teacher at batch 256 may not fit a small GPU: that batch is reported as not measured
+    and the run goes on (the student stage comes after hours of teacher training)."""
+    import ptd.measure as measure
+    from ptd.report import latency_rows
+
+    real = measure.compare_latency
+
+    def oom_at_256(models, shape, b, **kw):
+        if b == 256:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+        return real(models, shape, b, **kw)
+
+    monkeypatch.setattr(measure, "compare_latency", oom_at_256)
+    r = measure.device_latency(net(1), net(), (3, 16, 16), "cpu", batch_sizes=(1, 256), repeats=5)
+    assert r["batch_256"] == {"error": "out of GPU memory"} and r["batch_1"]["teacher_ms"] > 0
+    rows = latency_rows({}, {"cuda_latency": r})
+    assert rows[-1] == ["PyTorch (eager, cpu)", "256", "n/a", "n/a", "out of GPU memory"] and rows[0][1] == "1"

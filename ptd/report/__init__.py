@@ -222,6 +222,9 @@ def latency_rows(t: dict, s: dict) -> list[list[str]]:
     cu = s.get("cuda_latency") or {}
     for k in sorted((k for k in cu if k.startswith("batch_")), key=lambda k: int(k[6:])):
         v = cu[k]
+        if "teacher_ms" not in v:  # not measured (out of GPU memory)
+            rows.append([f"PyTorch (eager, {cu.get('gpu')})", k[6:], "n/a", "n/a", v.get("error", "not measured")])
+            continue
         rows.append([f"PyTorch (eager, {cu.get('gpu')})", k[6:], f"{v['teacher_ms']:.2f}", f"{v['student_ms']:.2f}", f"{v['speedup']:.2f}x"])
     return rows
 
