@@ -320,3 +320,22 @@ def test_an_underivable_teacher_is_refused_before_work_starts(tmp_path, tiny_fas
     cfg["student"] = {"source": "named", "model": {"arch": "vgg", "kwargs": {"plan": [8, "M", 8]}}}
     p.write_text(yaml.safe_dump(cfg))
     preflight(load_config(p), tmp_path / "run2")
+
+
+def test_a_model_onnx_cannot_take_is_a_report_line_not_the_end_of_the_run(tmp_path, tiny_yaml, monkeypatch):
+    """The student stage comes after the teacher's training and pruning: an exporter or onnxruntime
+    failure there is recorded and said, and the run goes on (here to its report)."""
+    import ptd.export
+    from ptd.export import ExportError
+
+    def refuse(*a, **k):
+        raise ExportError("VGG cannot be exported to ONNX (UnsupportedOperatorError: aten::foo)")
+
+    monkeypatch.setattr(ptd.export, "onnx_latency", refuse)
+    cfg = load_config(tiny_yaml, ["distill.seeds=[0]", "distill.optim.epochs=1"])
+    r = run_pipeline(cfg, tmp_path / "run")
+    ort = r["student"]["onnx_latency"]
+    assert ort["error"].startswith("ExportError: VGG cannot be exported to ONNX")
+    assert "latency in onnxruntime: not measured (ExportError" in (tmp_path / "run" / "student" / "report.txt").read_text()
+    assert "| onnxruntime | - | n/a | n/a | ExportError: VGG cannot be exported" in (tmp_path / "run" / "report.md").read_text()
+    assert r["students"]  # the run went on to distill and report

@@ -214,6 +214,8 @@ def latency_rows(t: dict, s: dict) -> list[list[str]]:
         if tm and sm:
             rows.append(["PyTorch (eager)", b, f"{tm:.2f}", f"{sm:.2f}", f"{tm / sm:.2f}x"])
     ort = s.get("onnx_latency") or {}
+    if "error" in ort:  # the model could not be exported or run there; the run went on without it
+        rows.append(["onnxruntime", "-", "n/a", "n/a", ort["error"][:80]])
     n = ort.get("threads")
     for k in sorted((k for k in ort if k.startswith("batch_")), key=lambda k: int(k[6:])):
         v = ort[k]
