@@ -223,7 +223,7 @@ class RunConfig:
     name: str = "run"
     seed: int = 0  # teacher init, data split and teacher data order
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    amp: bool = True  # bfloat16 autocast on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX)
+    amp: bool = True  # bfloat16 autocast on GPUs (compute capability 8.0+) and CPUs (AVX512-BF16/AMX) with native bf16
     channels_last: bool = True  # NHWC: about 2x faster convs on CPU and tensor cores on GPU
     # CPU: small-image conv weight gradients as one GEMM (ptd.train.fastconv; docs/speed.md)
     fast_wgrad: bool = True

@@ -282,3 +282,20 @@ def test_device_latency_out_of_memory_is_a_row_not_a_crash(monkeypatch):
     assert r["batch_256"] == {"error": "out of GPU memory"} and r["batch_1"]["teacher_ms"] > 0
     rows = latency_rows({}, {"cuda_latency": r})
     assert rows[-1] == ["PyTorch (eager, cpu)", "256", "n/a", "n/a", "out of GPU memory"] and rows[0][1] == "1"
+
+
+@pytest.mark.parametrize("major,amp", [(7, False), (8, True), (9, True)])  # V100/T4, A100, H100
+def test_bf16_autocast_only_on_gpus_with_bf16_tensor_cores(monkeypatch, major, amp):
+    from types import SimpleNamespace
+
+    import ptd.train.loop as loop
+
+    loop.cuda_has_native_bf16.cache_clear()
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(major=major))
+    try:
+        assert Runtime(device=torch.device("cuda:0"), amp=True).uses_amp is amp
+        assert Runtime(device=torch.device("cuda:0"), amp=False).uses_amp is False
+    finally:
+        loop.cuda_has_native_bf16.cache_clear()

@@ -54,13 +54,25 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+@functools.lru_cache(maxsize=None)
+def cuda_has_native_bf16(index: int | None = None) -> bool:
+    """True on GPUs with bfloat16 tensor cores: NVIDIA compute capability 8.0 and up (A100, H100,
+    RTX 30xx and later), and ROCm GPUs. Older ones (V100, T4) have none, so bf16 autocast there is
+    emulated or refused by kernels: ptd trains in fp32 on them (env.json's amp_bf16 says which)."""
+    if torch.version.hip:
+        return True
+    if not torch.cuda.is_available():
+        return False
+    return torch.cuda.get_device_properties(torch.cuda.current_device() if index is None else index).major >= 8
+
+
 @dataclass(frozen=True)
 class Runtime:
     """Where and how to run: resolved once by the caller."""
 
     device: torch.device = torch.device("cpu")
-    # bfloat16 autocast: on CUDA, and on CPUs with native bf16. Weights, optimizer state and the
-    # loss stay float32; only matmul/conv inputs are rounded to bf16.
+    # bfloat16 autocast: on GPUs and CPUs with native bf16 (cuda_has_native_bf16, cpu_has_native_bf16).
+    # Weights, optimizer state and the loss stay float32; only matmul/conv inputs are rounded to bf16.
     amp: bool = False
     channels_last: bool = True
     quiet: bool = False
@@ -82,7 +94,8 @@ class Runtime:
 
     @property
     def uses_amp(self) -> bool:
-        return self.amp and (self.device.type == "cuda" or (self.device.type == "cpu" and cpu_has_native_bf16()))
+        return self.amp and ((self.device.type == "cuda" and cuda_has_native_bf16(self.device.index))
+                             or (self.device.type == "cpu" and cpu_has_native_bf16()))
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.uses_amp)
