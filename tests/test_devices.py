@@ -84,13 +84,17 @@ def test_pruned_weights_stay_zero_and_the_net_learns_on(device):
     assert r["test_acc"] > 0.8  # 4 classes: chance is 0.25
 
 
+@pytest.mark.parametrize("compile", [pytest.param("off", id="eager"), pytest.param("on", id="compiled", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("device", DEVICES)
-def test_resume_after_a_kill_matches_an_uninterrupted_run_on(device, tmp_path):
+def test_resume_after_a_kill_matches_an_uninterrupted_run_on(device, compile, tmp_path):
     """The resume checkpoint carries this device's RNG and optimizer state: a run killed after
     epoch 2 and resumed ends where an uninterrupted run ends. Bitwise wherever two uninterrupted
     runs agree bitwise (the CPU; CUDA unless a kernel is non-deterministic), and otherwise no
-    further apart than two uninterrupted runs are from each other."""
+    further apart than two uninterrupted runs are from each other. Compiled too: the resumed
+    process compiles again, from the restored weights."""
     rt = runtime(device)
+    if compile == "on":
+        rt = replace(rt, compile=compile_mode(device))
     ref_a, ref_b = rt.prepare(net()), rt.prepare(net())
     fit(ref_a, *loaders(rt), OPT, rt, out_dir=tmp_path / "a")
     fit(ref_b, *loaders(rt), OPT, rt, out_dir=tmp_path / "b")
