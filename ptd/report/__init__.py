@@ -203,6 +203,19 @@ def _lat(s: dict, b: str) -> str:
     return "n/a" if v is None else f"{v:.2f}"
 
 
+def _pair_rows(label: str, rec: dict) -> list[list[str]]:
+    """Rows of a teacher-vs-student timing record ({"batch_<b>": {"teacher_ms", "student_ms",
+    "speedup"} or {"error"}}), by batch size; entries without a teacher's time are left out."""
+    rows = []
+    for k in sorted((k for k in rec if k.startswith("batch_")), key=lambda k: int(k[6:])):
+        v = rec[k]
+        if "teacher_ms" in v:
+            rows.append([label, k[6:], f"{v['teacher_ms']:.2f}", f"{v['student_ms']:.2f}", f"{v['speedup']:.2f}x"])
+        elif "error" in v:  # e.g. out of GPU memory at that batch
+            rows.append([label, k[6:], "n/a", "n/a", v["error"]])
+    return rows
+
+
 def latency_rows(t: dict, s: dict) -> list[list[str]]:
     """[runtime, batch, teacher ms, student ms, speedup] per runtime and batch size: PyTorch's eager
     latency on the CPU (the student stage's interleaved median) and, where the run recorded them,
@@ -217,17 +230,9 @@ def latency_rows(t: dict, s: dict) -> list[list[str]]:
     if "error" in ort:  # the model could not be exported or run there; the run went on without it
         rows.append(["onnxruntime", "-", "n/a", "n/a", ort["error"][:80]])
     n = ort.get("threads")
-    for k in sorted((k for k in ort if k.startswith("batch_")), key=lambda k: int(k[6:])):
-        v = ort[k]
-        if "teacher_ms" in v:
-            rows.append([f"onnxruntime ({n} thread{'' if n == 1 else 's'})", k[6:], f"{v['teacher_ms']:.2f}", f"{v['student_ms']:.2f}", f"{v['speedup']:.2f}x"])
+    rows += _pair_rows(f"onnxruntime ({n} thread{'' if n == 1 else 's'})", ort)
     cu = s.get("cuda_latency") or {}
-    for k in sorted((k for k in cu if k.startswith("batch_")), key=lambda k: int(k[6:])):
-        v = cu[k]
-        if "teacher_ms" not in v:  # not measured (out of GPU memory)
-            rows.append([f"PyTorch (eager, {cu.get('gpu')})", k[6:], "n/a", "n/a", v.get("error", "not measured")])
-            continue
-        rows.append([f"PyTorch (eager, {cu.get('gpu')})", k[6:], f"{v['teacher_ms']:.2f}", f"{v['student_ms']:.2f}", f"{v['speedup']:.2f}x"])
+    rows += _pair_rows(f"PyTorch (eager, {cu.get('gpu')})", cu)
     return rows
 
 
