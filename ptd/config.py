@@ -7,6 +7,8 @@ came from, and the valid choices.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -189,6 +191,7 @@ class DistillConfig:
         _check(len(self.seeds) >= 1 and len(set(self.seeds)) == len(self.seeds), f"{where}.seeds", list(self.seeds), "must be a non-empty list of distinct ints")
         for sd in self.seeds:
             _check(sd >= 0, f"{where}.seeds", sd, "each seed must be >= 0 (seeds key independent random streams)")
+        _check(len(self.arms) >= 1, f"{where}.arms", list(self.arms), f"must list at least one arm of {', '.join(ARMS)}")
         for a in self.arms:
             _check(a in ARMS, f"{where}.arms", a, f"each arm must be one of {', '.join(ARMS)}")
 
@@ -268,6 +271,10 @@ def _check(ok: bool, key: str, value: Any, why: str) -> None:
 # ---------------------------------------------------------------- dict <-> dataclass
 
 
+# A decimal number in exponent notation: what YAML 1.1 leaves a string when it has no dot (5e-4).
+_FLOAT_LITERAL = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
@@ -309,8 +316,17 @@ def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
             raise ConfigError(f"{key} ({source}): expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str) and _FLOAT_LITERAL.fullmatch(value.strip()):
+            # PyYAML reads 5e-4 and 1e3 (no dot) as strings, unlike YAML 1.2 and every JSON or
+            # Python user; the number they meant is taken.
+            value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key} ({source}): expected a number, got {value!r}")
+        # No key means anything at nan or +-inf (YAML's .nan/.inf): such a value passes every range
+        # check written as a comparison (inf > 0) or fails it with a confusing bound, and surfaces
+        # mid-run as an overflow or a nan loss.
+        if not math.isfinite(value):
+            raise ConfigError(f"{key} ({source}): expected a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
