@@ -16,6 +16,7 @@ the largest, vit_h_14 and regnet_y_128gf: benchmarks/results/tv_zoo.md).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ import torch.nn as nn
 
 from ptd.config import ConfigError, ModelConfig, RunConfig
 from ptd.errors import PreflightError, PtdError, one_line
+from ptd.machine import cpu_count, gib, memory_bytes
 from ptd.registry import UnknownNameError
 
 # Strategies that prune in rounds of ``prune.rate``: their targets round to a whole number of
@@ -33,6 +35,11 @@ ROUND_STRATEGIES = ("imp", "imp_weight_rewind", "imp_finetune")
 # Weight rewinding to the initialization (rewind_epoch 0): the teacher stage saves its weights
 # before the first epoch (pipeline._SaveAtEpoch.on_start), so 0 is accepted.
 REWIND_TO_INIT = True
+# data.workers above this many per CPU is refused (see check_data_config).
+WORKERS_PER_CPU = 4
+# A model is refused before it is built when its fp32 weights, gradients and SGD momentum alone
+# (3 x 4 bytes a parameter) would not fit in this machine's memory.
+TRAINING_BYTES_PER_PARAM = 12
 
 
 def preflight(cfg: RunConfig, run_dir: str | Path, *, splits: Any = None, sweep: bool = False) -> Any:
@@ -53,6 +60,7 @@ def preflight(cfg: RunConfig, run_dir: str | Path, *, splits: Any = None, sweep:
         dc = cfg.data
         splits = load_dataset(dc.name, dc.root, val_fraction=dc.val_fraction, seed=cfg.seed, download=dc.download,
                               cache_dir=dc.cache_dir, train_subset=dc.train_subset, test_subset=dc.test_subset)
+    check_crop_padding(cfg, splits)
     teacher = check_model(cfg.teacher.model, "teacher.model", splits, image_size=cfg.data.image_size)
     student = None
     if cfg.student.source == "named" and cfg.student.model is not None:
@@ -72,6 +80,11 @@ def preflight(cfg: RunConfig, run_dir: str | Path, *, splits: Any = None, sweep:
 def check_threads(threads: int | None) -> None:
     if threads is not None and threads < 1:
         raise ConfigError(f"threads: {threads!r} must be >= 1, or null for torch's default ({torch.get_num_threads()} here)")
+    # More threads than CPUs only slows torch's kernels down, and an absurd count (1e9) makes
+    # OpenMP abort the process while allocating its thread pool: no message, no exit code of ours.
+    if threads is not None and threads > cpu_count():
+        raise ConfigError(f"threads: {threads!r} is more than this machine's {cpu_count()} CPUs; set threads to at most "
+                          f"{cpu_count()}, or null for torch's default ({torch.get_num_threads()} here)")
 
 
 def check_device(device: str) -> torch.device:
@@ -113,8 +126,22 @@ def check_data_config(cfg: RunConfig) -> None:
     d = cfg.data
     if d.workers < 0:
         raise ConfigError(f"data.workers: {d.workers!r} must be >= 0 (0: load in the main process)")
+    # Loader workers decode JPEGs and may wait on disk, so a few per CPU can pay; thousands of
+    # processes only exhaust the machine mid-run (fork fails after the teacher is built).
+    if d.workers > WORKERS_PER_CPU * cpu_count():
+        raise ConfigError(f"data.workers: {d.workers!r} loader processes for {cpu_count()} CPUs; use at most "
+                          f"{WORKERS_PER_CPU * cpu_count()} ({WORKERS_PER_CPU} per CPU), typically one per CPU")
     if d.image_size is not None and d.image_size < 1:
         raise ConfigError(f"data.image_size: {d.image_size!r} must be >= 1 pixel, or null for the dataset's size")
+
+
+def check_crop_padding(cfg: RunConfig, splits: Any) -> None:
+    """Random-crop padding of at most the image's side: more pads each image with a border wider
+    than itself (crops of almost nothing but zeros) and, absurdly large, exhausts memory mid-run."""
+    side = cfg.data.image_size or min(splits.image_size)
+    if cfg.data.augment and cfg.data.crop_padding > side:
+        raise ConfigError(f"data.crop_padding: {cfg.data.crop_padding} pixels is more than the {side}-pixel side of the "
+                          f"images of {splits.name}; use at most {side} (the usual is an eighth of the side: 4 for 32 pixels)")
 
 
 def _options(cfg: RunConfig, strategy: str, sweep: bool) -> dict:
@@ -175,27 +202,65 @@ def check_model(mc: ModelConfig, where: str, splits: Any, image_size: int | None
     from ptd.models import build_model
 
     kw = dict(mc.kwargs)
+
+    def build(device: str | None = None) -> nn.Module:
+        try:
+            with torch.device(device) if device else contextlib.nullcontext():
+                return build_model(mc.arch, num_classes=splits.num_classes, in_channels=splits.in_channels, width=mc.width, **kw)
+        except UnknownNameError as e:
+            raise ConfigError(f"{where}.arch: {e}") from None
+        except (TypeError, ValueError, KeyError, AssertionError, IndexError) as e:
+            raise ConfigError(f"{where}: {mc.arch} does not build with kwargs {kw!r} ({one_line(e)[:200]}); "
+                              f"fix or remove the offending key in {where}.kwargs") from None
+
+    # Its size first, on the meta device (shapes only, no memory): a width or kwarg that asks for
+    # more parameters than this machine can train is refused here, not by the allocator's traceback.
     try:
-        model = build_model(mc.arch, num_classes=splits.num_classes, in_channels=splits.in_channels, width=mc.width, **kw)
-    except UnknownNameError as e:
-        raise ConfigError(f"{where}.arch: {e}") from None
-    except (TypeError, ValueError, KeyError, AssertionError, IndexError) as e:
-        raise ConfigError(f"{where}: {mc.arch} does not build with kwargs {kw!r} ({one_line(e)[:200]}); "
-                          f"fix or remove the offending key in {where}.kwargs") from None
+        sized = build("meta")
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 -- a builder that cannot run on meta tensors is sized by the real build
+        if "overflow" in str(e):  # a tensor too large for any memory's address arithmetic
+            raise ConfigError(f"{where}: {mc.arch} at width {mc.width:g} asks for tensors too large to exist "
+                              f"({one_line(e)[:160]}); lower {where}.width or pick a smaller model") from None
+        sized = None
+    if sized is not None:
+        n = sum(p.numel() for p in sized.parameters())
+        need, have = n * TRAINING_BYTES_PER_PARAM, memory_bytes()
+        if have and need > have:
+            raise ConfigError(f"{where}: {mc.arch} at width {mc.width:g} has {n:,} parameters, whose weights, gradients and "
+                              f"momentum alone need {gib(need)} against this machine's {gib(have)}; lower {where}.width "
+                              f"or pick a smaller model")
+    try:
+        model = build()
+    except (RuntimeError, MemoryError) as e:
+        if not _out_of_memory(e):
+            raise
+        raise ConfigError(f"{where}: {mc.arch} at width {mc.width:g} does not fit in this machine's memory "
+                          f"({one_line(e)[:160]}); lower {where}.width or pick a smaller model") from None
     check_runs(model, where, splits, image_size)
     return model
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """An allocation that failed (CPU or GPU), as opposed to any other RuntimeError."""
+    return isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(e) or "out of memory" in str(e)
 
 
 def check_runs(model: nn.Module, where: str, splits: Any, image_size: int | None = None) -> None:
     """One forward pass of blank images of this data's shape; the logits must be [2, num_classes]."""
     h, w = (image_size, image_size) if image_size else tuple(splits.image_size)
-    x = torch.zeros(2, splits.in_channels, h, w)
     was = model.training
     model.eval()
     try:
+        x = torch.zeros(2, splits.in_channels, h, w)
         with torch.no_grad():
             out = model(x)
-    except (RuntimeError, ValueError, IndexError) as e:  # shape errors from too-small images or wrong channels
+    except (RuntimeError, ValueError, IndexError, MemoryError) as e:  # shape errors from too-small images or wrong channels
+        if _out_of_memory(e):
+            raise ConfigError(f"{where}: 2 images of {splits.in_channels}x{h}x{w} do not fit through "
+                              f"{getattr(model, 'ptd_spec', {}).get('arch', type(model).__name__)} in this machine's memory "
+                              f"({one_line(e)[:160]}); lower data.image_size or the model's width") from None
         raise ConfigError(f"{where}: {getattr(model, 'ptd_spec', {}).get('arch', type(model).__name__)} does not run on "
                           f"{splits.in_channels}x{h}x{w} images of {splits.name} ({one_line(e)[:200]}); pick a model "
                           f"(or kwargs) for this image size and channel count") from None
@@ -261,7 +326,12 @@ def check_bridges(cfg: RunConfig, teacher: nn.Module, student: nn.Module | None,
         build_distiller(student, teacher, list(dc.losses), options=dc.options,
                         defaults={"alpha": dc.alpha, "temperature": dc.temperature}, num_classes=splits.num_classes,
                         num_samples=max(2, len(splits.train)), example_input=torch.zeros(2, splits.in_channels, h, w),
-                        layer_map=dc.layer_map)
+                        layer_map=dc.layer_map, batch_size=dc.optim.batch_size)
+    except (RuntimeError, MemoryError) as e:
+        if not _out_of_memory(e):
+            raise
+        raise ConfigError(f"distill: the losses {', '.join(dc.losses)} do not fit in this machine's memory "
+                          f"({one_line(e)[:160]}); lower their sizes in distill.options") from None
     except (ValueError, KeyError) as e:
         if isinstance(e, ConfigError):
             raise

@@ -28,6 +28,7 @@ from ptd.preflight import REWIND_TO_INIT, check_device, check_out_dir, check_run
 from conftest import tiny_config, write_fashion_like
 
 HAS_CUDA = torch.cuda.is_available()
+CPUS = os.cpu_count() or 1
 
 
 class _RunsShell:
@@ -64,6 +65,10 @@ def ws(tmp_path_factory) -> Path:
     save_model(ws / "other.safetensors", build_model("vgg11", 10, 1, width=0.25))
     save_model(ws / "rgb.safetensors", build_model("vgg", 10, 3, **c.teacher.model.kwargs))
     save_tensors(ws / "nometa.safetensors", {"w": torch.zeros(2)})
+    # A teacher whose training diverged: one nan weight.
+    with torch.no_grad():
+        next(teacher.parameters()).view(-1)[0] = float("nan")
+    save_model(ws / "nan.safetensors", teacher)
     # A run directory holding the same run with another learning rate.
     other = tiny_config(data)
     other["teacher"]["optim"]["lr"] = 0.5
@@ -136,7 +141,23 @@ CASES: dict[str, tuple[list[str], list[str]]] = {
     "seed-not-int": (["student", "{ws}/c.yaml", "--set", "seed=abc"], ["seed", "integer"]),
     "fast-wgrad-not-bool": (["train", "{ws}/c.yaml", "--set", "fast_wgrad=sometimes"], ["fast_wgrad", "true or false"]),
     "compile-mode": (["train", "{ws}/c.yaml", "--set", "compile=fast"], ["compile", "'fast'", "reduce-overhead"]),
+    "threads-more-than-cpus": (["run", "{ws}/c.yaml", "--set", f"threads={CPUS + 1}"], ["threads", f"{CPUS} CPUs"]),
+    "threads-absurd": (["train", "{ws}/c.yaml", "--set", "threads=1000000000"], ["threads", "at most"]),  # OpenMP aborted the process
+    # --- numbers YAML reads but no run can use: non-finite, or too large for this machine
+    "lr-nan": (["train", "{ws}/c.yaml", "--set", "teacher.optim.lr=.nan"], ["teacher.optim.lr", "finite"]),
+    "weight-decay-inf": (["prune", "{ws}/c.yaml", "--set", "prune.retrain.weight_decay=.inf"], ["prune.retrain.weight_decay", "finite"]),
+    "temperature-inf": (["distill", "{ws}/c.yaml", "--set", "distill.temperature=.inf"], ["distill.temperature", "finite"]),
+    "teacher-width-inf": (["train", "{ws}/c.yaml", "--set", "teacher.model.width=.inf"], ["teacher.model.width", "finite"]),
+    "teacher-width-overflows": (["train", "{ws}/c.yaml", "--set", "teacher.model.width=1000000000"], ["teacher.model", "too large"]),
+    "teacher-width-beyond-memory": (["run", "{ws}/c.yaml", "--set", "teacher.model.width=3000"], ["teacher.model", "parameters", "GiB", "width"]),
+    "image-size-beyond-memory": (["train", "{ws}/c.yaml", "--set", "data.image_size=1000000000"], ["memory", "data.image_size"]),
+    "crd-negatives-beyond-memory": (["distill", "{ws}/c.yaml", "--set", "distill.loss=crd", "--set", "distill.options={crd: {nce_k: 1000000000}}"],
+                                    ["distill.options.crd", "nce_k", "GiB"]),
+    "crd-feat-dim-beyond-memory": (["run", "{ws}/c.yaml", "--set", "distill.loss=crd", "--set", "distill.options={crd: {feat_dim: 1000000000}}"],
+                                   ["distill.options.crd", "feat_dim", "GiB"]),
     # --- data (and data.root, the data folder path)
+    "data-workers-absurd": (["train", "{ws}/c.yaml", "--set", "data.workers=1000000000"], ["data.workers", "per CPU"]),
+    "data-crop-padding-beyond-image": (["run", "{ws}/c.yaml", "--set", "data.crop_padding=29"], ["data.crop_padding", "28-pixel"]),
     "data-root-missing": (["train", "{ws}/c.yaml", "--set", "data.root={ws}/nope"], ["nope", "data.root"]),
     "data-root-is-file": (["prune", "{ws}/c.yaml", "--set", "data.root={ws}/afile"], ["afile"]),
     "data-name-unknown": (["run", "{ws}/c.yaml", "--set", "data.name=imagenet22k"], ["imagenet22k", "fashion_mnist"]),
@@ -163,6 +184,7 @@ CASES: dict[str, tuple[list[str], list[str]]] = {
     "teacher-ckpt-other-arch": (["run", "{ws}/c.yaml", "--teacher", "{ws}/other.safetensors"], ["other.safetensors", "vgg11"]),
     "teacher-ckpt-not-state-dict": (["train", "{ws}/c.yaml", "--teacher", "{ws}/list.pt"], ["list.pt", "state_dict"]),
     "teacher-ckpt-is-folder": (["student", "{ws}/c.yaml", "--teacher", "{ws}/adir"], ["adir", "not found"]),
+    "teacher-ckpt-nan": (["prune", "{ws}/c.yaml", "--teacher", "{ws}/nan.safetensors"], ["nan.safetensors", "nan or inf", "diverge"]),
     "teacher-ckpt-via-config": (["train", "{ws}/c.yaml", "--set", "teacher.checkpoint={ws}/afile"], ["afile", "weights-only"]),
     # --- prune, prune.retrain, prune.options
     "prune-below-one-round": (["prune", "{ws}/c.yaml", "--set", "prune.target_sparsity=0.05"], ["0.05", "smallest reachable sparsity is 0.2"]),
@@ -191,6 +213,7 @@ CASES: dict[str, tuple[list[str], list[str]]] = {
     # --- distill, distill.optim
     "distill-alpha": (["distill", "{ws}/c.yaml", "--set", "distill.alpha=2"], ["distill.alpha"]),
     "distill-loss-unknown": (["distill", "{ws}/c.yaml", "--set", "distill.loss=telepathy"], ["telepathy", "kd"]),
+    "distill-arms-empty": (["run", "{ws}/c.yaml", "--set", "distill.arms=[]"], ["distill.arms", "at least one arm"]),
     "distill-seeds-empty": (["run", "{ws}/c.yaml", "--set", "distill.seeds=[]"], ["distill.seeds"]),
     "distill-arms-unknown": (["distill", "{ws}/c.yaml", "--set", "distill.arms=[bogus]"], ["distill.arms", "bogus"]),
     "distill-optim-gamma": (["distill", "{ws}/c.yaml", "--set", "distill.optim.gamma=0"], ["distill.optim.gamma"]),
@@ -208,6 +231,7 @@ CASES: dict[str, tuple[list[str], list[str]]] = {
     "eval-garbage": (["eval", "{ws}/garbage.safetensors", "{ws}/c.yaml"], ["garbage.safetensors", "safetensors"]),
     "eval-torch-file": (["eval", "{ws}/teacher.pt", "{ws}/c.yaml"], ["teacher.pt", "safetensors"]),
     "eval-folder": (["eval", "{ws}/adir", "{ws}/c.yaml"], ["adir", "folder"]),
+    "eval-nan-weights": (["eval", "{ws}/nan.safetensors", "{ws}/c.yaml"], ["nan.safetensors", "nan or inf"]),
     "eval-no-metadata": (["eval", "{ws}/nometa.safetensors", "{ws}/c.yaml"], ["nometa.safetensors", "architecture metadata"]),
     "eval-wrong-data": (["eval", "{ws}/rgb.safetensors", "{ws}/c.yaml"], ["rgb.safetensors", "3-channel", "config"]),
     "eval-bad-config": (["eval", "{ws}/teacher.safetensors", "{ws}/bad.yaml"], ["bad.yaml", "YAML"]),

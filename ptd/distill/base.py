@@ -43,6 +43,7 @@ class LossSetup:
     teacher_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # layer -> per-sample shape
     student_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     epochs: int = 1  # length of the distillation schedule (DKD's warm-up is in epochs)
+    batch_size: int | None = None  # training batch, where known: losses whose step memory grows with it check it
     # int64 [num_samples]: the training labels by sample index, when known before training (the
     # pipeline knows them); CRD's exact negatives then skip the anchor's class from the first step.
     labels: Any = None

@@ -34,8 +34,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ptd.config import ConfigError
 from ptd.distill._common import check, cross_entropy, float32, OneLayerLoss
 from ptd.distill.base import PENULTIMATE, DistillBatch, LossSetup, register_loss
+from ptd.machine import gib, memory_bytes
 
 EPS = 1e-7  # added to the NCE denominators, as the reference code does
 REDRAWS = 4  # rounds of redrawing same-class negatives ("exact" mode); fixed, so no host sync
@@ -48,6 +50,28 @@ def nce(p: torch.Tensor, n_data: int) -> torch.Tensor:
     log_pos = torch.log(p[:, 0] / (p[:, 0] + c + EPS))
     log_neg = torch.log(c / (p[:, 1:] + c + EPS))
     return -(log_pos.sum() + log_neg.sum()) / p.shape[0]
+
+
+# Bytes a step holds per (sample, negative) pair: the int64 draws and redraws with their
+# same-class mask, the gathered scores of both directions and their gradients (float32).
+STEP_BYTES_PER_PAIR = 8 * (2 + REDRAWS) + 4 * 4
+
+
+def check_memory(options: "CRDLoss.Options", setup: LossSetup, feature_sizes: int) -> None:
+    """Refuse, before any training, a loss that cannot fit in this machine's memory: its two
+    embeddings (``feature_sizes`` x feat_dim weights, with gradients and momentum), its banks
+    (2 x N x feat_dim floats) and a step's B x nce_k pairs. Without it an oversized nce_k or
+    feat_dim ends the run at the first distillation step, after the teachers trained."""
+    have = memory_bytes()
+    if not have:
+        return
+    embed = 3 * feature_sizes * options.feat_dim * 4
+    bank = 2 * setup.num_samples * options.feat_dim * 4
+    step = (setup.batch_size or 1) * (options.nce_k + 1) * STEP_BYTES_PER_PAIR
+    if embed + bank + step > have:
+        raise ConfigError(f"distill.options.crd: embeddings to {options.feat_dim:,} dimensions, memory banks of "
+                          f"{setup.num_samples:,} samples and steps of {setup.batch_size or 1} x {options.nce_k:,} negatives "
+                          f"need {gib(embed + bank + step)} against this machine's {gib(have)}; lower nce_k or feat_dim")
 
 
 class Embed(nn.Module):
@@ -90,6 +114,7 @@ class CRDLoss(OneLayerLoss):
         t, s = self.t_shape, self.s_shape
         if setup.num_samples < 2:
             raise ValueError(f"crd: LossSetup.num_samples = {setup.num_samples}; the memory bank needs the training-set size (>= 2)")
+        check_memory(options, setup, math.prod(s) + math.prod(t))
         self.embed_s = Embed(math.prod(s), options.feat_dim)
         self.embed_t = Embed(math.prod(t), options.feat_dim)
         n, d = setup.num_samples, options.feat_dim

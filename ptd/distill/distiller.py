@@ -207,8 +207,11 @@ def build_distiller(student: nn.Module, teacher: nn.Module | None, names: str | 
                     options: Mapping[str, Mapping[str, Any]] | None = None, defaults: Mapping[str, Any] | None = None,
                     num_classes: int, num_samples: int, epochs: int = 1,
                     example_input: torch.Tensor | Callable[[], torch.Tensor] | None = None,
-                    layer_map: Mapping[str, str] | None = None, labels: torch.Tensor | None = None) -> Distiller:
+                    layer_map: Mapping[str, str] | None = None, labels: torch.Tensor | None = None,
+                    batch_size: int | None = None) -> Distiller:
     """Options from the config, a probe pass for the feature shapes, then the losses and the unit.
+
+    ``batch_size``: the training batch, for losses that check their per-step memory (CRD).
 
     ``example_input``: one batch (any size >= 1) of the training input shape on the student's
     device, or a function returning one (called only when a loss reads features).
@@ -237,7 +240,7 @@ def build_distiller(student: nn.Module, teacher: nn.Module | None, names: str | 
         got = _probe(student, [lmap.get(n, n) for n in s_names], example_input, "student")
         s_shapes = {n: got[lmap.get(n, n)] for n in s_names}
     setup = LossSetup(num_classes=num_classes, num_samples=num_samples, teacher_shapes=t_shapes,
-                      student_shapes=s_shapes, epochs=epochs, labels=labels)
+                      student_shapes=s_shapes, epochs=epochs, labels=labels, batch_size=batch_size)
     losses = [LOSSES.get(n)(opts[n], setup) for n in names]
     if teacher is not None and not t_names:
         # Logit-only losses: the frozen teacher runs eval-mode forwards only, so its BatchNorms can be

@@ -309,6 +309,14 @@ def load_into(model: nn.Module, path: str | Path, what: str = "model") -> None:
             f"{path}: does not fit the {what} architecture {arch}{meta_arch}: {'; '.join(detail)}; "
             f"set the {what}'s model (arch/width/kwargs) to the one the checkpoint was trained with"
         )
+    # A file of nan/inf weights (a diverged run's, or a damaged one) loads without complaint and
+    # teaches garbage for hours. Parameters and BatchNorm statistics are always finite in a model
+    # worth loading; other buffers (masks, indices) are left alone.
+    stats = {n for n, _ in model.named_parameters()} | {k for k in own if k.endswith(("running_mean", "running_var"))}
+    bad = [k for k in own if k in stats and sd[k].is_floating_point() and not bool(torch.isfinite(sd[k]).all())]
+    if bad:
+        raise CheckpointError(f"{path}: {len(bad)} tensors hold nan or inf values (first: {bad[0]}): not a usable {what}; "
+                              f"did the run that wrote it diverge? give the checkpoint of a run whose loss stayed finite")
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in sd.items()})
 
 
