@@ -25,3 +25,7 @@ class PtdError(Exception):
 
 class PreflightError(PtdError, ValueError):
     """Something checkable before work starts is wrong (model kwargs, device, output folder...)."""
+
+
+class DivergedError(PtdError, FloatingPointError):
+    """Training produced a nan or infinite loss: the run stops before that epoch is committed."""

@@ -133,9 +133,22 @@ class Context:
         hooks = [*hooks, tb] if tb else hooks
         val = self.eval_loader("val")
         result = fit(model, self.train_loader(optim.batch_size, seed), val if len(val) else None, optim, self.rt,
-                     out_dir=out_dir, unit=unit, hooks=hooks, test_loader=self.eval_loader("test"), desc=desc)
+                     out_dir=out_dir, unit=unit, hooks=hooks, test_loader=self.eval_loader("test"), desc=desc,
+                     optim_key=self.optim_key(optim))
         result["val_acc"] = result.pop("best_val_acc")
         return result
+
+    def optim_key(self, optim: OptimConfig) -> str:
+        """The config section a stage's schedule came from, for messages that say what to change."""
+        c = self.cfg
+        sections = (("teacher.optim", c.teacher.optim), ("prune.retrain", c.prune.retrain), ("distill.optim", c.distill.optim))
+        for key, o in sections:
+            if optim is o:
+                return key
+        for key, o in sections:  # a stage's copy with other epochs (the control's rounds)
+            if replace(optim, epochs=o.epochs) == o:
+                return key
+        return "the stage's optim"
 
     def scores(self, model: nn.Module) -> dict[str, float]:
         val = self.eval_loader("val")
@@ -632,6 +645,7 @@ def make_distiller(ctx: Context, student: nn.Module, teacher: nn.Module | None, 
         defaults={"alpha": dc.alpha, "temperature": dc.temperature}, num_classes=ctx.splits.num_classes,
         num_samples=len(ctx.splits.train), labels=getattr(ctx.splits.train, "y", None),  # folder splits may not hold labels in memory
         epochs=optim.epochs, example_input=lambda: next(iter(loader))[0][:2], layer_map=dc.layer_map,
+        batch_size=optim.batch_size,
     ).to(ctx.rt.device)
 
 

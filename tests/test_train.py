@@ -116,3 +116,63 @@ def test_torch_checkpoint_loaded_weights_only(tmp_path):
         ckpt.read_state_dict(tmp_path / "evil.pt")
     with pytest.raises(ckpt.CheckpointError, match="not found"):
         ckpt.read_state_dict(tmp_path / "missing.pt")
+
+
+# ----------------------------------------------------------------------------- divergence
+
+
+class PoisonAt:
+    """Before the optimizer step of global step ``step`` (1-based), set one weight to ``value``:
+    a step whose update blows the weights up, after its loss was computed finite."""
+
+    def __init__(self, step: int, value: float = float("nan")):
+        self.step, self.value, self.n = step, value, 0
+
+    def before_step(self, model):
+        self.n += 1
+        if self.n == self.step:
+            with torch.no_grad():
+                next(model.parameters()).view(-1)[0] = self.value
+
+
+@pytest.mark.parametrize("how", ["loss", "last-step weights"])
+def test_a_diverged_epoch_stops_the_run_before_its_commit(tmp_path, how):
+    from ptd.errors import DivergedError
+
+    tr, va = loaders()
+    steps = len(tr)
+    if how == "loss":  # a weight at inf from epoch 2's first update: the later steps' losses are nan
+        hooks, opt, what = [PoisonAt(steps + 1, float("inf"))], OPT, "the training loss became nan"
+    else:  # only epoch 2's very last update goes bad: the loss of every step was finite
+        hooks, opt, what = [PoisonAt(2 * steps)], OPT, "the weights became nan or inf (first: model.features.0.weight)"
+    with pytest.raises(DivergedError) as e:
+        fit(model(), tr, va, opt, RT, out_dir=tmp_path, hooks=hooks, desc="teacher", optim_key="teacher.optim")
+    msg = str(e.value)
+    assert msg.startswith(f"teacher: {what} in epoch 2 of 4") and "epoch 2 of 4" in msg and "teacher.optim.lr" in msg and "\n" not in msg
+    assert ckpt.load_resume(tmp_path)["epoch"] == 0  # epoch 1 committed, epoch 2 not
+    rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1]
+    # The best weights on disk are epoch 1's, all finite.
+    m = model()
+    ckpt.load_into(m, tmp_path / "model.safetensors")
+    # Re-running the same config resumes at epoch 2 and stops there again, as deterministic as the run.
+    with pytest.raises(DivergedError, match="epoch 2 of 4"):
+        fit(model(), *loaders(), opt, RT, out_dir=tmp_path, hooks=[PoisonAt(steps)] if how != "loss" else
+            [PoisonAt(1, float("inf"))], desc="teacher")
+
+
+def test_a_huge_learning_rate_is_stopped_in_its_first_epoch(tmp_path):
+    from ptd.errors import DivergedError
+
+    opt = OptimConfig(epochs=3, batch_size=32, lr=1e9, weight_decay=5e-4)
+    with pytest.raises(DivergedError, match=r"epoch 1 of 3 \(lr 1e\+09\)"):
+        fit(model(), *loaders(), opt, RT, out_dir=tmp_path)
+    assert ckpt.load_resume(tmp_path) is None and not (tmp_path / "model.safetensors").exists()
+
+
+def test_cli_says_which_key_to_lower_in_one_line(tmp_path, tiny_yaml, capsys):
+    from ptd.cli import main
+
+    assert main(["train", str(tiny_yaml), "--set", "teacher.optim.lr=1e9", "--out", str(tmp_path / "run")]) == 2
+    lines = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("ptd: error: teacher: ") and "lower teacher.optim.lr" in lines[0], lines

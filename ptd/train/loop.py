@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from ptd import paths as P
 from ptd.config import COMPILE_MODES, OptimConfig
+from ptd.errors import DivergedError
 from ptd.train import checkpoint as ckpt
 from ptd.train.distributed import Dist, all_sum
 from ptd.train.fastconv import small_image_wgrad
@@ -240,6 +241,24 @@ def evaluate(model: nn.Module, loader: Iterable, rt: Runtime) -> dict[str, float
     return {"acc": c / n, "loss": s / n, "n": int(n)}
 
 
+def _divergence(train_loss_sum: float, unit: nn.Module, val: dict[str, float] | None) -> str | None:
+    """What says an epoch diverged, or None: a nan/inf training loss, weights, or validation loss.
+
+    The training loss is computed before each step's update, so a single last step that blows the
+    weights up shows only in the weights (and the validation loss after them). One reduction per
+    parameter an epoch, on the device; every DDP rank holds the same weights and stops alike.
+    """
+    if not math.isfinite(train_loss_sum):
+        return f"the training loss became {train_loss_sum}"
+    params = [p.detach() for p in unit.parameters() if p.is_floating_point()]
+    if params and not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
+        bad = next(n for n, p in unit.named_parameters() if p.is_floating_point() and not bool(torch.isfinite(p).all()))
+        return f"the weights became nan or inf (first: {bad})"
+    if val is not None and val.get("n") and not math.isfinite(val["loss"]):
+        return f"the validation loss became {val['loss']}"
+    return None
+
+
 def _call(hooks: Sequence[Any], name: str, *args: Any) -> None:
     for h in hooks:
         fn = getattr(h, name, None)
@@ -258,6 +277,7 @@ def fit(
     hooks: Sequence[Any] = (),
     test_loader: Any | None = None,
     desc: str = "train",
+    optim_key: str = "optim",
 ) -> dict[str, Any]:
     """Train ``model`` in place for ``optim.epochs`` epochs; return a summary.
 
@@ -265,6 +285,10 @@ def fit(
     validation set). With ``out_dir``, resumes from its last finished epoch if one is there.
     The summary has best_val_acc, best_epoch, test_acc (at the best-validation weights, when
     ``test_loader`` is given), epochs, steps, wall_s (summed over resumed sessions).
+
+    An epoch whose mean training loss is nan or infinite raises ``DivergedError`` before it is
+    committed (``optim_key`` names the config section to fix in its message): the run directory
+    keeps the last finite epoch, and a re-run of the same config stops at the same epoch again.
     """
     out = Path(out_dir) if out_dir is not None else None
     main = rt.dist.is_main
@@ -318,6 +342,15 @@ def fit(
             sched.step()
             train_stats = all_sum([loss_sum.item(), correct.item(), float(seen), *(t.item() for t in term_sums.values())], rt.device)
             val = evaluate(model, val_loader, rt) if val_loader is not None and len(val_loader) else None
+            diverged = _divergence(train_stats[0], unit, val)
+            if diverged:
+                # Without this a diverged stage trains on nan weights to its end, and its nan or
+                # chance-level model flows into the next stage and the comparison. Checked before
+                # the commit, so the run directory keeps the last finite epoch.
+                bar.close()
+                kept = f"{out} keeps epochs 1-{epoch}" if out is not None and epoch else "no epoch of it was kept"
+                raise DivergedError(f"{desc}: {diverged} in epoch {epoch + 1} of {optim.epochs} (lr {lr:g}): training "
+                                    f"diverged; lower {optim_key}.lr (or its weight_decay) and run again into a new --out ({kept})")
             wall += time.perf_counter() - t0
             val_acc = val["acc"] if val is not None else None
             # Ties go to the later epoch; without validation the last epoch counts as best.
