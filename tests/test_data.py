@@ -587,6 +587,23 @@ def test_folder_loader_with_workers_is_deterministic(tmp_path: Path):
     assert ya == yb and torch.equal(xa, xb) and len(ya) == 10
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_corrupt_image_is_one_line_naming_the_file(tmp_path: Path, workers: int):
+    """A file found unreadable mid-epoch (folder datasets decode as they train): the error names the
+    file and the fix in one line, also when a DataLoader worker raised it (torch re-raises it there
+    with the worker's traceback folded into the message)."""
+    write_imagefolder(tmp_path)
+    bad = tmp_path / "train" / "dog" / "3.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)  # a PNG signature, then nothing decodable
+    s = load_dataset("imagefolder", str(tmp_path), val_fraction=0.0)
+    ld = make_loader(s.train, batch_size=5, train=True, mean=s.mean, std=s.std, workers=workers, image_size=16)
+    with pytest.raises(DataError) as ei:
+        list(ld)
+    msg = str(ei.value)
+    assert msg.startswith(f"cannot read image {bad}: ") and "run the same command again to resume" in msg
+    assert "Traceback" not in msg and "worker" not in msg and "\n" not in ei.value.args[0]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_tensor_loader_on_cuda():
     sp = id_split(64, c=3)

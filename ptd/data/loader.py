@@ -233,7 +233,8 @@ class _ImageFiles(Dataset):
             with Image.open(path) as im:
                 img = im.convert("RGB")
         except Exception as e:
-            raise DataError(f"cannot read image {path}: {type(e).__name__}: {e}; remove or replace the file") from None
+            raise DataError(f"cannot read image {path}: {type(e).__name__}: {e}; replace the file with a readable "
+                            f"image and run the same command again to resume from the last finished epoch") from None
         return self.transform(img), label, i
 
 
@@ -317,11 +318,29 @@ class FolderLoader:
         return len(self.loader)
 
     def __iter__(self) -> Iterator[Batch]:
-        for xb, yb, ib in self.loader:
+        batches = iter(self.loader)
+        while True:
+            try:
+                xb, yb, ib = next(batches)
+            except StopIteration:
+                return
+            except DataError as e:
+                # A worker's DataError comes back re-raised with the worker's traceback folded into
+                # its message; the user needs the original line (which file, what to do).
+                raise DataError(_original_message(e)) from None
             xb = xb.to(self.device, non_blocking=True)
             yb = yb.to(self.device, non_blocking=True)
             xb = _finish(xb, self._scale, self._shift, None, self.channels_last)
             yield (xb, yb, ib.to(self.device, non_blocking=True)) if self.with_index else (xb, yb)
+
+
+def _original_message(e: DataError) -> str:
+    """The message a DataLoader worker raised, without the "Caught ... in DataLoader worker"
+    preamble and traceback that torch adds when it re-raises it in the main process."""
+    text = str(e.args[0]) if e.args else str(e)
+    if "DataLoader worker" not in text or "DataError: " not in text:
+        return text
+    return text.rsplit("DataError: ", 1)[1].strip()  # the traceback ends with "...DataError: <message>"
 
 
 # ----------------------------------------------------------------------------- factory
