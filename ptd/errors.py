@@ -29,3 +29,7 @@ class PreflightError(PtdError, ValueError):
 
 class DivergedError(PtdError, FloatingPointError):
     """Training produced a nan or infinite loss: the run stops before that epoch is committed."""
+
+
+class DamagedFileError(PtdError, ValueError):
+    """A file of a run directory that does not parse (ptd writes them whole: something else changed it)."""

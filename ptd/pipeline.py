@@ -44,6 +44,7 @@ from ptd.train import checkpoint as ckpt
 from ptd.train.distributed import Dist, all_sum, barrier, init_distributed, resolve_device
 from ptd.train.loop import Runtime, cleanup_resume_files, evaluate, fit
 from ptd.errors import PtdError, one_line
+from ptd.io import read_json_object, read_yaml_mapping
 
 STAGES = ("teacher", "prune", "student", "distill", "report")
 # Keys that change how a run is shown or scheduled, not what it computes: may differ on resume.
@@ -74,7 +75,8 @@ def mark_done(d: Path) -> None:
 
 
 def read_json(p: Path) -> Any:
-    return json.loads(p.read_text())
+    """A JSON object ptd wrote in a run directory; a damaged one is a one-line DamagedFileError."""
+    return read_json_object(p)
 
 
 @dataclass
@@ -263,12 +265,11 @@ def open_run_dir(cfg: RunConfig, run_dir: Path, rt: Runtime) -> None:
     """Create the run directory, or check that an existing one holds this same run (resume) or
     one this run only adds work to (more seeds, arms, losses, sweep points, teacher replicates:
     the run grows, config.yaml becomes the grown config, every finished stage is reused)."""
-    import yaml
-
     cfg_path = run_dir / P.CONFIG
     grown = False
     if cfg_path.is_file():
-        old, new = yaml.safe_load(cfg_path.read_text()), to_dict(cfg)
+        old = read_yaml_mapping(cfg_path, fix=f"restore it, or run into a new --out (or delete {run_dir} to start over)")
+        new = to_dict(cfg)
         d = _diff(old, new, grows=_growth_rules(old, new))
         if d:
             raise RunDirError(f"{run_dir} holds a run with a different config ({d}); only more distill.seeds, distill.arms, "
@@ -297,7 +298,7 @@ def open_run_dir(cfg: RunConfig, run_dir: Path, rt: Runtime) -> None:
             env_path = run_dir / P.ENV
             env = environment(cfg, rt)
             if env_path.is_file():  # keep the first session's record, add this one's
-                old_env = read_json(env_path)
+                old_env = read_json_object(env_path, fix=f"delete it (it records the machines of earlier sessions) and run again")
                 env = {**old_env, "resumed": old_env.get("resumed", []) + [env]}
             ckpt.write_json(env_path, env)
         except BaseException:

@@ -381,7 +381,7 @@ def rerender(run_dir: str | Path) -> str:
         if isinstance(results.get("student"), dict) and not results["student"].get("onnx_latency") and stats_path.is_file():
             # A run finished before results.json carried the deployed latency: take it from the stage.
             results["student"]["onnx_latency"] = json.loads(stats_path.read_text()).get("onnx_latency")
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
         raise ReportError(f"{path} is not a ptd results file ({type(e).__name__}: {e}); re-run `ptd run CONFIG --out {run_dir}` to rewrite it") from None
     return write_report(run_dir, results)
 
@@ -403,7 +403,7 @@ def rerender_sweep(sweep_dir: str | Path) -> None:
             row["vs_scratch"] = _vs(row["students"], "pruned_teacher", base.get("scratch"), "scratch")
         for arm, b in results["baselines"].items():
             b["vs_scratch"] = _vs(b["students"], arm, base.get("scratch"), "scratch") if arm != "scratch" else None
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
         raise ReportError(f"{path} cannot be reported on ({type(e).__name__}: {e}); re-run `ptd sweep CONFIG --out {sweep_dir}` to rewrite it") from None
     write_sweep_report(sweep_dir, results)  # sweep.json, sweep.md, plots and report.html
 

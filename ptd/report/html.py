@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ptd import paths as P
+from ptd.errors import DamagedFileError
+from ptd.io import read_json_object
 from ptd.report import ARM_LABELS, latency_rows, primary_students, summarize
 from ptd.report.stats import format_estimate
 
@@ -490,7 +492,10 @@ def render_run_html(run_dir: str | Path, results: dict[str, Any] | None = None) 
 
     stats = None
     if (run_dir / "student" / "stats.json").is_file():
-        stats = json.loads((run_dir / "student" / "stats.json").read_text())
+        try:
+            stats = read_json_object(run_dir / "student" / "stats.json")
+        except DamagedFileError:  # the page is a view: the sections that need the file say so, the rest render
+            stats = None
 
     def widths() -> str:
         plan = (stats or {}).get("plan")

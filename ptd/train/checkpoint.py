@@ -46,6 +46,7 @@ from safetensors.torch import load_file, save_file
 
 from ptd import paths as P
 from ptd.errors import PtdError, one_line
+from ptd.io import damaged
 from ptd.models import unwrap  # models sit below train: no import cycle
 
 FAULT_ENV = "PTD_FAULT_AT"
@@ -205,7 +206,13 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: d
 
 
 def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
-    return load_file(str(path))
+    """Tensors ptd saved in a run directory (masks); a damaged file is a one-line DamagedFileError."""
+    try:
+        return load_file(str(path))
+    except FileNotFoundError:
+        raise damaged(path, "missing") from None
+    except (SafetensorError, OSError, ValueError) as e:
+        raise damaged(path, f"not safetensors: {one_line(e)}") from None
 
 
 def write_json(path: str | Path, obj: Any) -> None:
