@@ -61,6 +61,7 @@ def preflight(cfg: RunConfig, run_dir: str | Path, *, splits: Any = None, sweep:
         splits = load_dataset(dc.name, dc.root, val_fraction=dc.val_fraction, seed=cfg.seed, download=dc.download,
                               cache_dir=dc.cache_dir, train_subset=dc.train_subset, test_subset=dc.test_subset)
     check_crop_padding(cfg, splits)
+    check_batches(cfg, splits)
     teacher = check_model(cfg.teacher.model, "teacher.model", splits, image_size=cfg.data.image_size)
     student = None
     if cfg.student.source == "named" and cfg.student.model is not None:
@@ -142,6 +143,23 @@ def check_crop_padding(cfg: RunConfig, splits: Any) -> None:
     if cfg.data.augment and cfg.data.crop_padding > side:
         raise ConfigError(f"data.crop_padding: {cfg.data.crop_padding} pixels is more than the {side}-pixel side of the "
                           f"images of {splits.name}; use at most {side} (the usual is an eighth of the side: 4 for 32 pixels)")
+
+
+def check_batches(cfg: RunConfig, splits: Any) -> None:
+    """Every training batch fits in the training split (per DDP rank): training drops the last
+    partial batch, so a larger batch trains on nothing, found only when that stage starts."""
+    world = max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    n = len(splits.train)
+    per_rank = n // world
+    sections = [("prune.retrain", cfg.prune.retrain), ("distill.optim", cfg.distill.optim)]
+    if not cfg.teacher.checkpoint:
+        sections.insert(0, ("teacher.optim", cfg.teacher.optim))
+    for key, o in sections:
+        if o.batch_size > per_rank:
+            ranks = f" ({per_rank} for each of {world} processes)" if world > 1 else ""
+            raise ConfigError(f"{key}.batch_size: {o.batch_size} is more than the {n} training images of {splits.name}{ranks}, "
+                              f"so an epoch would train on nothing; use at most {per_rank}, or more data (data.train_subset, "
+                              f"data.val_fraction)")
 
 
 def _options(cfg: RunConfig, strategy: str, sweep: bool) -> dict:

@@ -156,6 +156,8 @@ CASES: dict[str, tuple[list[str], list[str]]] = {
     "crd-feat-dim-beyond-memory": (["run", "{ws}/c.yaml", "--set", "distill.loss=crd", "--set", "distill.options={crd: {feat_dim: 1000000000}}"],
                                    ["distill.options.crd", "feat_dim", "GiB"]),
     # --- data (and data.root, the data folder path)
+    "batch-larger-than-data": (["run", "{ws}/c.yaml", "--set", "distill.optim.batch_size=100000"], ["distill.optim.batch_size", "training images", "at most"]),
+    "data-subset-smaller-than-batch": (["train", "{ws}/c.yaml", "--set", "data.train_subset=10"], ["teacher.optim.batch_size", "64", "10 training images", "at most 10"]),
     "data-workers-absurd": (["train", "{ws}/c.yaml", "--set", "data.workers=1000000000"], ["data.workers", "per CPU"]),
     "data-crop-padding-beyond-image": (["run", "{ws}/c.yaml", "--set", "data.crop_padding=29"], ["data.crop_padding", "28-pixel"]),
     "data-root-missing": (["train", "{ws}/c.yaml", "--set", "data.root={ws}/nope"], ["nope", "data.root"]),
