@@ -9,7 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ptd.errors import PtdError, one_line
+from ptd.errors import PreflightError, PtdError, one_line
 
 class _Parser(argparse.ArgumentParser):
     """Usage mistakes are one line too, like every other user error (argparse prints the usage block)."""
@@ -56,6 +56,8 @@ def _load(args: argparse.Namespace):
     if args.quiet:
         over.append("quiet=true")
     cfg = load_config(args.config, over)
+    if args.out is not None and not args.out.strip():  # "" would silently mean the default, runs/<name>
+        raise PreflightError("--out: an empty path; give the run directory (e.g. --out runs/mine), or leave --out out for runs/<config name>")
     out = Path(args.out) if args.out else Path("runs") / cfg.name
     return cfg, out
 

@@ -224,6 +224,7 @@ CASES: dict[str, tuple[list[str], list[str]]] = {
     "sweep-strategy-unknown": (["sweep", "{ws}/c.yaml", "--set", "sweep.strategies=[nope]"], ["sweep.strategies", "nope"]),
     "sweep-sparsity-one": (["sweep", "{ws}/c.yaml", "--set", "sweep.sparsities=[1.0]"], ["sweep.sparsities"]),
     # --- --out, the run directory
+    "out-empty": (["run", "{ws}/c.yaml", "--out", ""], ["--out", "empty path"]),
     "out-is-file": (["run", "{ws}/c.yaml", "--out", "{ws}/afile"], ["afile", "is a file", "--out"]),
     "out-under-file": (["student", "{ws}/c.yaml", "--out", "{ws}/afile/run"], ["afile", "is a file"]),
     "out-not-a-run": (["train", "{ws}/c.yaml", "--out", "{ws}/notrun"], ["not a ptd run directory", "--out"]),
