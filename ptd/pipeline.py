@@ -829,12 +829,17 @@ def _run_stages(ctx: Context, until: str, arms: Sequence[str] | None, log: Calla
         return reps[0][until]
     if until == "distill":
         return {"students": students}
-    from ptd.report import build_results, write_report
+    from ptd.data.base import test_set_facts
+    from ptd.report import build_results, not_learned, write_report
 
     r0 = reps[0]
     results = build_results(cfg, r0["teacher"], r0["prune"], s_stats, students, control=r0["control"],
-                            replicates=reps if len(reps) > 1 else None)
+                            replicates=reps if len(reps) > 1 else None,
+                            test_set=test_set_facts(ctx.splits.test, ctx.splits.num_classes))
     if ctx.main:
         write_report(ctx.run_dir, results)
+        for b in not_learned(results):
+            log(f"warning: {b['model']} did not learn: test acc {b['test_acc']:.4f} is not above chance "
+                f"({results['test_set']['chance']:.4f}); see the report")
     log(f"done in {time.perf_counter() - t0:.0f} s: {ctx.run_dir}")
     return results

@@ -30,4 +30,11 @@ def test_pipeline_on_real_fashion_mnist(tmp_path):
     assert r["pruned_teacher"]["test_acc"] > 0.80
     assert r["students"][0]["test_acc"] > 0.75
     assert r["student"]["params"] < 0.75 * r["teacher"]["params"]
-    assert json.loads((tmp_path / "run" / "results.json").read_text())["dataset"] == "fashion_mnist"
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert saved["dataset"] == "fashion_mnist"
+    # Every model learned: the chance check (test_stats.py) flags none of them on real data.
+    from ptd.report import not_learned
+
+    assert saved["test_set"] == {"n": 5000, "num_classes": 10, "chance": pytest.approx(saved["test_set"]["chance"])}
+    assert 0.09 < saved["test_set"]["chance"] < 0.12 and not_learned(saved) == []
+    assert "did not learn" not in (tmp_path / "run" / "report.md").read_text()

@@ -135,3 +135,27 @@ def test_report_shows_teacher_vs_student_latency_in_both_runtimes():
     assert [x[0] for x in latency_rows(r["teacher"], r["student"])] == ["PyTorch (eager)"] * 2
     r["student"]["latency"] = None
     assert "| runtime | batch |" not in render_markdown(r)
+
+
+def test_a_run_whose_students_learn_nothing_says_so(tmp_path, tiny_fashion):
+    """End to end: students trained at a learning rate too small to move them stay at chance, and
+    the run says so in results.json, report.md, report.html and its log; the teacher, which
+    learned, is not named."""
+    from ptd.config import from_dict, RunConfig
+    from ptd.pipeline import run_pipeline
+
+    from conftest import tiny_config
+
+    cfg = from_dict(RunConfig, tiny_config(tiny_fashion, distill={"seeds": [0], "arms": ["pruned_teacher"],
+                                                                  "optim": {"epochs": 1, "batch_size": 64, "lr": 1e-9}}))
+    logged = []
+    r = run_pipeline(cfg, tmp_path / "run", log=logged.append)
+    ts = r["test_set"]
+    assert ts["n"] == 200 and ts["num_classes"] == 10 and 0.1 <= ts["chance"] < 0.2
+    from ptd.report import not_learned
+
+    bad = [b["model"] for b in not_learned(r)]
+    assert bad == ["KD from pruned teacher, seed 0"], (bad, r["teacher"]["test_acc"], r["students"][0]["test_acc"])
+    assert "1 model(s) did not learn" in (tmp_path / "run" / "report.md").read_text()
+    assert "did not learn" in (tmp_path / "run" / "report.html").read_text()
+    assert any(line.startswith("warning: KD from pruned teacher, seed 0 did not learn") for line in logged)

@@ -149,3 +149,50 @@ def test_zero_spread_is_never_called():
     assert e["ci_low"] == e["ci_high"] and not e["called"] and e["direction"] == 0
     h = hierarchical_estimate({0: [0.002, 0.0], 1: [0.0, 0.002]})
     assert h["ci_low"] == h["ci_high"] and not h["called"]
+
+
+# ----------------------------------------------------------------------------- the chance check
+
+
+def test_above_chance_by_hand():
+    from ptd.report.stats import above_chance
+
+    # P[X >= 3] for Binomial(10, 0.1) = 1 - (0.9^10 + 10 * 0.1 * 0.9^9 + 45 * 0.01 * 0.9^8)
+    p3 = 1 - (0.9**10 + 10 * 0.1 * 0.9**9 + 45 * 0.01 * 0.9**8)
+    r = above_chance(0.3, 10, 0.1)
+    assert r["p_value"] == pytest.approx(p3, rel=1e-9) and p3 == pytest.approx(0.0702, abs=1e-4) and not r["learned"]
+    # 5 of 10 right against 0.1: p = 0.00163, learned at the 1% level
+    assert above_chance(0.5, 10, 0.1)["p_value"] == pytest.approx(0.0016349374, rel=1e-6)
+    assert above_chance(0.5, 10, 0.1)["learned"]
+    assert not above_chance(0.1, 10_000, 0.1)["learned"] and above_chance(0.9, 10_000, 0.1)["learned"]
+
+
+@pytest.mark.parametrize("n, chance", [(10, 0.1), (40, 0.15), (200, 0.1), (1000, 0.5), (10_000, 0.01)])
+def test_a_guessing_model_is_called_learned_at_most_one_time_in_a_hundred(n, chance):
+    """The exact false-positive rate of the rule: the probability, under guessing (X ~ Bin(n, chance)),
+    of every count k the rule calls learned."""
+    from scipy.stats import binom
+
+    from ptd.report.stats import CHANCE_ALPHA, above_chance
+
+    rate = sum(binom.pmf(k, n, chance) for k in range(n + 1) if above_chance(k / n, n, chance)["learned"])
+    assert rate <= CHANCE_ALPHA
+    assert rate > CHANCE_ALPHA / 10 or n < 50  # and not needlessly conservative where counts are fine-grained
+
+
+def _results(accs, test_set):
+    return {"teacher": {"test_acc": 0.9}, "pruned_teacher": {"test_acc": 0.9}, "retrained_teacher": None,
+            "students": [{"arm": "pruned_teacher", "seed": s, "loss": "kd", "test_acc": a} for s, a in enumerate(accs)],
+            "distill_losses": ["kd"], **({"test_set": test_set} if test_set else {})}
+
+
+def test_report_names_exactly_the_models_that_did_not_learn():
+    from ptd.report import chance_lines, not_learned
+
+    ts = {"n": 1000, "num_classes": 10, "chance": 0.1}
+    r = _results([0.85, 0.11, 0.09], ts)
+    assert [b["model"] for b in not_learned(r)] == ["KD from pruned teacher, seed 1", "KD from pruned teacher, seed 2"]
+    text = "\n".join(chance_lines(r))
+    assert "2 model(s) did not learn" in text and "seed 1: 11.00%" in text and "seed 0" not in text
+    assert not_learned(_results([0.85, 0.8], ts)) == [] and chance_lines(_results([0.85], ts)) == []
+    assert not_learned(_results([0.1], None)) == []  # a results.json from before the check: nothing is claimed

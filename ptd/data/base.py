@@ -49,6 +49,22 @@ class FolderSplit:
 AnySplit = Union[Split, FolderSplit]
 
 
+def labels_of(split: AnySplit) -> torch.Tensor:
+    """int64 [N] labels of a split, in memory or on disk (no image is read)."""
+    if isinstance(split, FolderSplit):
+        return torch.tensor([label for _, label in split.samples], dtype=torch.int64)
+    return split.y
+
+
+def test_set_facts(split: AnySplit, num_classes: int) -> dict[str, float | int]:
+    """What a test accuracy is measured against: how many images, and chance, the accuracy of
+    always answering the most frequent class (1/num_classes on a balanced set)."""
+    y = labels_of(split)
+    n = int(y.numel())
+    chance = float(torch.bincount(y, minlength=num_classes).max()) / n if n else 0.0
+    return {"n": n, "num_classes": num_classes, "chance": chance}
+
+
 @dataclass
 class Splits:
     name: str

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ptd.config import ARMS, RunConfig
-from ptd.report.stats import format_estimate, hierarchical_estimate, paired_estimate, t_interval
+from ptd.report.stats import above_chance, format_estimate, hierarchical_estimate, paired_estimate, t_interval
 from ptd.train import checkpoint as ckpt
 from ptd.errors import PtdError
 
@@ -135,10 +135,49 @@ def replicate_rows(replicates: list[dict]) -> list[dict]:
     return out
 
 
+def not_learned(r: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every model of a run whose test accuracy is not above chance (``ptd.report.stats.above_chance``):
+    teacher, pruned teacher, control and each student. Empty when the run does not record its
+    test set (results from before this check)."""
+    ts = r.get("test_set")
+    if not ts or not ts.get("n"):
+        return []
+    models = [("teacher", r["teacher"].get("test_acc")), ("pruned teacher", r["pruned_teacher"].get("test_acc"))]
+    if r.get("retrained_teacher"):
+        models.append(("control teacher", r["retrained_teacher"].get("test_acc")))
+    for s in r.get("students", []):
+        loss = f", {s['loss']}" if s.get("loss") and len(r.get("distill_losses") or []) > 1 else ""
+        rep = f", teacher {s['replicate']}" if s.get("replicate") else ""
+        models.append((f"{ARM_LABELS.get(s['arm'], s['arm'])}{loss}, seed {s['seed']}{rep}", s.get("test_acc")))
+    out = []
+    for name, acc in models:
+        if acc is None:
+            continue
+        chk = above_chance(acc, ts["n"], ts["chance"])
+        if not chk["learned"]:
+            out.append({"model": name, "test_acc": acc, "p_value": chk["p_value"]})
+    return out
+
+
+def chance_lines(r: dict[str, Any]) -> list[str]:
+    """The report's warning, one line per model that did not learn; empty when all did."""
+    bad = not_learned(r)
+    if not bad:
+        return []
+    ts = r["test_set"]
+    head = (f"**Warning: {len(bad)} model(s) did not learn.** Their test accuracy is not above chance "
+            f"({100 * ts['chance']:.2f}%: always the most frequent class of the {ts['n']:,} test images; one-sided exact "
+            f"binomial test at the 1% level). Comparisons that involve them measure noise, not teaching. "
+            f"Check the learning rate, the schedule's length and the data.")
+    return [head, ""] + [f"- {b['model']}: {100 * b['test_acc']:.2f}% (p = {b['p_value']:.2g})" for b in bad] + [""]
+
+
 def build_results(cfg: RunConfig, teacher: dict, prune: dict, student: dict, students: list[dict],
-                  control: dict | None = None, replicates: list[dict] | None = None) -> dict[str, Any]:
+                  control: dict | None = None, replicates: list[dict] | None = None,
+                  test_set: dict[str, Any] | None = None) -> dict[str, Any]:
     """results.json. ``teacher``/``prune``/``control``: replicate 0's (the one the student is
-    derived from); ``replicates``: every replicate's results, when there are several."""
+    derived from); ``replicates``: every replicate's results, when there are several;
+    ``test_set``: ``ptd.data.base.test_set_facts`` of the test split, for the chance check."""
     final = prune["levels"][-1]
     stats = summarize(students)
     summary = stats["summary"]
@@ -175,6 +214,7 @@ def build_results(cfg: RunConfig, teacher: dict, prune: dict, student: dict, stu
         "distill_losses": list(cfg.distill.losses),
         **({"teacher_replicates": replicate_rows(replicates), "student_from_replicate": 0} if replicates else {}),
         "compute": compute,
+        **({"test_set": test_set} if test_set else {}),
     }
 
 
@@ -302,6 +342,7 @@ def replicate_markdown(r: dict[str, Any]) -> list[str]:
 def render_markdown(r: dict[str, Any]) -> str:
     t, p, s = r["teacher"], r["pruned_teacher"], r["student"]
     lines = [f"# ptd report: {r['name']}", "", f"Dataset: {r['dataset']}. Accuracies are test top-1 (%) at the best-validation checkpoint.", ""]
+    lines += chance_lines(r)
     lines += ["## Teachers", "", "| model | test acc % | sparsity | params (nonzero) | FLOPs |", "|---|---:|---:|---:|---:|",
               f"| teacher ({t['arch']}) | {_pct(t['test_acc'])} | 0 | {t['params']:,} | {t['flops']:,} |",
               f"| pruned teacher ({p['strategy']}, level {p['level']}) | {_pct(p['test_acc'])} | {p['sparsity']:.4f} | {p['params_nonzero']:,} | |"]

@@ -151,3 +151,25 @@ def format_estimate(e: Mapping[str, Any], unit: float = 100.0, digits: int = 2) 
         return f"{pts} ({e['method']}, n={e['n']})"
     return (f"{pts}, {int(round(100 * e['level']))}% CI [{unit * e['ci_low']:+.{digits}f}, {unit * e['ci_high']:+.{digits}f}] "
             f"({e['method']}, n={e['n']})")
+
+
+# ---------------------------------------------------------------- did a model learn at all?
+
+# A model is said to have learned only when its test accuracy is above chance at this one-sided
+# level: a model that only guesses is called learned with probability at most 1%.
+CHANCE_ALPHA = 0.01
+
+
+def above_chance(acc: float, n: int, chance: float, alpha: float = CHANCE_ALPHA) -> dict[str, Any]:
+    """One-sided exact binomial test of ``acc`` over ``n`` test images against guessing.
+
+    ``chance`` is the accuracy of always answering the test set's most frequent class (1/C on a
+    balanced set): the best a model that learned nothing can expect. Returns ``{"p_value",
+    "learned"}``; ``learned`` is False when the accuracy is not above chance at level ``alpha``.
+    The test is exact, so a guessing model is called learned with probability at most ``alpha``.
+    """
+    from scipy.stats import binom
+
+    k = int(round(acc * n))
+    p = float(binom.sf(k - 1, n, chance))  # P[X >= k]
+    return {"p_value": p, "learned": p < alpha}
