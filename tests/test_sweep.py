@@ -102,6 +102,16 @@ def test_sweep_end_to_end_and_resume(tmp_path, tiny_fashion, capsys):
     assert r["baselines"]["unpruned_teacher"]["compute"]["total_per_student"]["epochs"] == t_ep + 1
     assert r["compute"]["sweep_total"]["epochs"] == t_ep + 4 + 2 + 2 * 6  # IMP's 4 levels once, 2 one-shot runs, 12 students
 
+    # The chance check: the sweep records its test set, and sweep.md names exactly the models
+    # whose accuracy is not above chance (tiny schedules: some are), or nothing.
+    from ptd.report.sweep import sweep_not_learned
+
+    assert r["test_set"]["n"] == 200 and r["test_set"]["num_classes"] == 10
+    bad = sweep_not_learned(r)
+    md = (out / "sweep.md").read_text()
+    assert (f"{len(bad)} model(s) did not learn" in md) if bad else ("did not learn" not in md)
+    assert all(f"- {b['model']}: " in md for b in bad)
+
     for name in ("student_acc_vs_sparsity.png", "student_acc_vs_compute.png"):
         check_png(out / name)
         assert f"]({name})" in (out / "sweep.md").read_text()
@@ -201,3 +211,16 @@ def test_every_generated_label_names_its_two_arms():
 def test_sweep_has_help():
     r = run_cli("sweep", "--help")
     assert r.returncode == 0 and "usage: ptd sweep" in r.stdout and "--out" in r.stdout and "--set" in r.stdout
+
+
+def test_sweep_names_the_models_that_did_not_learn():
+    from ptd.report.sweep import sweep_not_learned
+
+    ts = {"n": 1000, "num_classes": 10, "chance": 0.1}
+    r = {"teacher": {"test_acc": 0.9},
+         "rows": [{"strategy": "imp", "target_sparsity": 0.59, "teacher_test_acc": 0.1,
+                   "students": [{"seed": 0, "test_acc": 0.8}, {"seed": 1, "test_acc": 0.09}]}],
+         "baselines": {"scratch": {"label": "student alone (no teacher)", "students": [{"seed": 0, "test_acc": 0.7}]}},
+         "test_set": ts}
+    assert [b["model"] for b in sweep_not_learned(r)] == ["imp teacher at sparsity 0.59", "KD from the imp teacher at sparsity 0.59, seed 1"]
+    assert sweep_not_learned({**r, "test_set": {}}) == []  # a sweep.json from before the check

@@ -149,19 +149,25 @@ def not_learned(r: dict[str, Any]) -> list[dict[str, Any]]:
         loss = f", {s['loss']}" if s.get("loss") and len(r.get("distill_losses") or []) > 1 else ""
         rep = f", teacher {s['replicate']}" if s.get("replicate") else ""
         models.append((f"{ARM_LABELS.get(s['arm'], s['arm'])}{loss}, seed {s['seed']}{rep}", s.get("test_acc")))
+    return failures(models, ts)
+
+
+def failures(models: list[tuple[str, float | None]], test_set: dict[str, Any]) -> list[dict[str, Any]]:
+    """The (name, test accuracy) pairs whose accuracy is not above the test set's chance."""
     out = []
     for name, acc in models:
         if acc is None:
             continue
-        chk = above_chance(acc, ts["n"], ts["chance"])
+        chk = above_chance(acc, test_set["n"], test_set["chance"])
         if not chk["learned"]:
             out.append({"model": name, "test_acc": acc, "p_value": chk["p_value"]})
     return out
 
 
-def chance_lines(r: dict[str, Any]) -> list[str]:
-    """The report's warning, one line per model that did not learn; empty when all did."""
-    bad = not_learned(r)
+def chance_lines(r: dict[str, Any], bad: list[dict[str, Any]] | None = None) -> list[str]:
+    """The report's warning, one line per model that did not learn (``bad``: a run's
+    ``not_learned``, by default); empty when all did."""
+    bad = not_learned(r) if bad is None else bad
     if not bad:
         return []
     ts = r["test_set"]

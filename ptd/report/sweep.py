@@ -7,7 +7,7 @@ from typing import Any
 
 from ptd import paths as P
 from ptd.config import RunConfig
-from ptd.report import ARM_LABELS, mean_std, paired
+from ptd.report import ARM_LABELS, chance_lines, failures, mean_std, paired
 from ptd.train import checkpoint as ckpt
 
 PLOTS = ("student_acc_vs_sparsity.png", "student_acc_vs_compute.png")
@@ -46,7 +46,8 @@ def _vs(students: list[dict], arm: str, base: list[dict] | None, base_arm: str) 
 
 
 def build_sweep_results(cfg: RunConfig, t_res: dict, s_stats: dict, src: Any, baselines: dict[str, list[dict]],
-                        rows: list[tuple[Any, list[dict]]], session_wall_s: float = 0.0) -> dict[str, Any]:
+                        rows: list[tuple[Any, list[dict]]], session_wall_s: float = 0.0,
+                        test_set: dict[str, Any] | None = None) -> dict[str, Any]:
     """Everything the sweep measured, as one JSON-able dict (see docs/sweep.md for the fields)."""
     tc = _cost(t_res)
     te, st = s_stats["teacher"], s_stats["student"]
@@ -96,7 +97,22 @@ def build_sweep_results(cfg: RunConfig, t_res: dict, s_stats: dict, src: Any, ba
         "baselines": base_out,
         "rows": out_rows,
         "compute": {"sweep_total": total, "session_wall_s": round(session_wall_s, 1)},
+        **({"test_set": test_set} if test_set else {}),
     }
+
+
+def sweep_not_learned(r: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every model of a sweep whose test accuracy is not above chance (as ``ptd.report.not_learned``)."""
+    if not r.get("test_set", {}).get("n"):
+        return []
+    models = [("teacher", r["teacher"]["test_acc"])]
+    for row in r["rows"]:
+        at = f"{row['strategy']} teacher at sparsity {row['target_sparsity']:g}"
+        models.append((at, row.get("teacher_test_acc")))
+        models += [(f"KD from the {at}, seed {x['seed']}", x["test_acc"]) for x in row["students"]]
+    for b in r["baselines"].values():
+        models += [(f"{b['label']}, seed {x['seed']}", x["test_acc"]) for x in b["students"]]
+    return failures(models, r["test_set"])
 
 
 # ---------------------------------------------------------------- markdown
@@ -130,7 +146,8 @@ def render_sweep_markdown(r: dict[str, Any], plots: bool = True) -> str:
     t, s, sch = r["teacher"], r["student"], r["schedules"]
     n_seeds = len(r["seeds"])
     src = s["derived_from"]
-    lines = [f"# ptd sweep: {r['name']}", "",
+    warn = chance_lines(r, sweep_not_learned(r))
+    lines = [f"# ptd sweep: {r['name']}", "", *warn,
              f"Dataset {r['dataset']}" + (f" (train_subset {r['train_subset']})" if r.get("train_subset") else "") +
              f". Teacher {t['arch']} (width {t['width']:g}, {t['params']:,} params), trained {sch['teacher_epochs']} epochs. "
              f"Student {s['arch']}, {s['params']:,} params ({s['params_ratio']:.3f}x the teacher), "
