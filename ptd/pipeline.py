@@ -43,7 +43,7 @@ from ptd.pruning.masks import MaskHook, Masks, apply_masks, count, full_masks, l
 from ptd.train import checkpoint as ckpt
 from ptd.train.distributed import Dist, all_sum, barrier, init_distributed, resolve_device
 from ptd.train.loop import Runtime, cleanup_resume_files, evaluate, fit
-from ptd.errors import PtdError, one_line
+from ptd.errors import DivergedError, PtdError, one_line
 from ptd.io import read_json_object, read_yaml_mapping
 
 STAGES = ("teacher", "prune", "student", "distill", "report")
@@ -134,9 +134,17 @@ class Context:
         tb = tensorboard_hook(self.run_dir / P.TENSORBOARD / Path(out_dir).relative_to(self.run_dir), optim.epochs, enabled=self.main)
         hooks = [*hooks, tb] if tb else hooks
         val = self.eval_loader("val")
-        result = fit(model, self.train_loader(optim.batch_size, seed), val if len(val) else None, optim, self.rt,
-                     out_dir=out_dir, unit=unit, hooks=hooks, test_loader=self.eval_loader("test"), desc=desc,
-                     optim_key=self.optim_key(optim))
+        key = self.optim_key(optim)
+        try:
+            result = fit(model, self.train_loader(optim.batch_size, seed), val if len(val) else None, optim, self.rt,
+                         out_dir=out_dir, unit=unit, hooks=hooks, test_loader=self.eval_loader("test"), desc=desc,
+                         optim_key=key)
+        except DivergedError as e:
+            teacher = self.run_dir / P.TEACHER / P.MODEL
+            if key != "teacher.optim" and is_done(self.run_dir / P.TEACHER) and teacher.is_file():
+                # The new --out the message asks for need not train the teacher again.
+                raise DivergedError(f"{e}; to reuse this run's trained teacher there, add --teacher {teacher}") from None
+            raise
         result["val_acc"] = result.pop("best_val_acc")
         return result
 

@@ -176,3 +176,16 @@ def test_cli_says_which_key_to_lower_in_one_line(tmp_path, tiny_yaml, capsys):
     assert main(["train", str(tiny_yaml), "--set", "teacher.optim.lr=1e9", "--out", str(tmp_path / "run")]) == 2
     lines = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
     assert len(lines) == 1 and lines[0].startswith("ptd: error: teacher: ") and "lower teacher.optim.lr" in lines[0], lines
+
+
+def test_a_diverged_student_points_at_the_trained_teacher(tmp_path, tiny_yaml, capsys):
+    """Distillation diverging after hours of teacher training: the line says how the new --out it
+    asks for can reuse that teacher."""
+    from ptd.cli import main
+
+    run = tmp_path / "run"
+    assert main(["distill", str(tiny_yaml), "--set", "distill.optim.lr=1e12", "--set", "distill.arms=[pruned_teacher]",
+                 "--out", str(run)]) == 2
+    lines = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
+    assert len(lines) == 1 and "lower distill.optim.lr" in lines[0], lines
+    assert lines[0].endswith(f"to reuse this run's trained teacher there, add --teacher {run}/teacher/model.safetensors")
