@@ -23,3 +23,13 @@ def memory_bytes() -> int:
 def gib(n: float) -> str:
     """``n`` bytes as GiB, for messages."""
     return f"{n / 2**30:,.1f} GiB"
+
+
+def gpu_memory_bytes(device) -> int:
+    """Total memory of a CUDA device in bytes (0 for any other device)."""
+    import torch
+
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return 0
+    return int(torch.cuda.get_device_properties(device).total_memory)

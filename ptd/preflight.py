@@ -26,7 +26,7 @@ import torch.nn as nn
 
 from ptd.config import ConfigError, ModelConfig, RunConfig
 from ptd.errors import PreflightError, PtdError, one_line
-from ptd.machine import cpu_count, gib, memory_bytes
+from ptd.machine import cpu_count, gib, gpu_memory_bytes, memory_bytes
 from ptd.registry import UnknownNameError
 
 # Strategies that prune in rounds of ``prune.rate``: their targets round to a whole number of
@@ -66,6 +66,10 @@ def preflight(cfg: RunConfig, run_dir: str | Path, *, splits: Any = None, sweep:
     student = None
     if cfg.student.source == "named" and cfg.student.model is not None:
         student = check_model(cfg.student.model, "student.model", splits, image_size=cfg.data.image_size)
+    device = check_device(cfg.device)
+    check_device_memory(teacher, "teacher.model", device)
+    if student is not None:
+        check_device_memory(student, "student.model", device)
     check_bridges(cfg, teacher, student, splits)
     check_derivable(cfg, teacher, splits, sweep=sweep)
     if cfg.teacher.checkpoint:
@@ -258,6 +262,20 @@ def check_model(mc: ModelConfig, where: str, splits: Any, image_size: int | None
                           f"({one_line(e)[:160]}); lower {where}.width or pick a smaller model") from None
     check_runs(model, where, splits, image_size)
     return model
+
+
+def check_device_memory(model: nn.Module, where: str, device: torch.device, have: int | None = None) -> None:
+    """On a GPU, the model's fp32 weights, gradients and momentum must fit in its memory (``have``:
+    its total bytes, queried when None); activations come on top, so passing is necessary, not
+    sufficient. Preflight builds models on the CPU, whose memory ``check_model`` already checked."""
+    if device.type != "cuda":
+        return
+    have = gpu_memory_bytes(device) if have is None else have
+    n = sum(p.numel() for p in model.parameters())
+    need = n * TRAINING_BYTES_PER_PARAM
+    if have and need > have:
+        raise ConfigError(f"{where}: {n:,} parameters need {gib(need)} for weights, gradients and momentum alone, more "
+                          f"than the {gib(have)} of {device}; use a larger GPU, a smaller {where}.width, or --device cpu")
 
 
 def _out_of_memory(e: BaseException) -> bool:

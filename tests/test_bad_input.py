@@ -381,3 +381,19 @@ def test_run_pipeline_refuses_before_writing(ws: Path, tmp_path: Path, over: str
     with pytest.raises(PtdError):
         run_pipeline(_cfg(ws, over), tmp_path / "run", until="teacher")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_model_beyond_the_gpus_memory_is_refused_up_front():
+    """On a GPU, weights, gradients and momentum (12 bytes a parameter) must fit its memory; checked
+    with a stated capacity, so it runs without a GPU. The CPU device is never held to it."""
+    from ptd.models import build_model
+    from ptd.preflight import check_device_memory
+
+    m = build_model("vgg", 10, 1, plan=[16, "M", 32])  # 5,226 parameters: 62,712 bytes to train
+    n = sum(p.numel() for p in m.parameters())
+    with pytest.raises(ConfigError) as e:
+        check_device_memory(m, "teacher.model", torch.device("cuda:0"), have=12 * n - 1)
+    msg = str(e.value)
+    assert msg.startswith(f"teacher.model: {n:,} parameters need ") and "cuda:0" in msg and "--device cpu" in msg
+    check_device_memory(m, "teacher.model", torch.device("cuda:0"), have=12 * n)  # exactly fits
+    check_device_memory(m, "teacher.model", torch.device("cpu"), have=1)  # the CPU is checked by check_model
