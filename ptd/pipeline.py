@@ -19,7 +19,6 @@ last finished epoch.
 """
 from __future__ import annotations
 
-import json
 import os
 import platform
 import random
@@ -74,9 +73,8 @@ def mark_done(d: Path) -> None:
     ckpt.write_text(d / P.DONE, datetime.now(timezone.utc).isoformat() + "\n")
 
 
-def read_json(p: Path) -> Any:
-    """A JSON object ptd wrote in a run directory; a damaged one is a one-line DamagedFileError."""
-    return read_json_object(p)
+# A JSON object ptd wrote in a run directory; a damaged one is a one-line DamagedFileError.
+read_json = read_json_object
 
 
 @dataclass
@@ -838,7 +836,7 @@ def _run_stages(ctx: Context, until: str, arms: Sequence[str] | None, log: Calla
     if until == "distill":
         return {"students": students}
     from ptd.data.base import test_set_facts
-    from ptd.report import build_results, not_learned, write_report
+    from ptd.report import build_results, log_not_learned, not_learned, write_report
 
     r0 = reps[0]
     results = build_results(cfg, r0["teacher"], r0["prune"], s_stats, students, control=r0["control"],
@@ -846,8 +844,6 @@ def _run_stages(ctx: Context, until: str, arms: Sequence[str] | None, log: Calla
                             test_set=test_set_facts(ctx.splits.test, ctx.splits.num_classes))
     if ctx.main:
         write_report(ctx.run_dir, results)
-        for b in not_learned(results):
-            log(f"warning: {b['model']} did not learn: test acc {b['test_acc']:.4f} is not above chance "
-                f"({results['test_set']['chance']:.4f}); see the report")
+        log_not_learned(not_learned(results), results["test_set"], log, "the report")
     log(f"done in {time.perf_counter() - t0:.0f} s: {ctx.run_dir}")
     return results

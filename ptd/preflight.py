@@ -50,7 +50,7 @@ def preflight(cfg: RunConfig, run_dir: str | Path, *, splits: Any = None, sweep:
     Cheap checks run first, so a typo is reported before the dataset is read.
     """
     check_threads(cfg.threads)
-    check_device(cfg.device)
+    device = check_device(cfg.device)
     check_out_dir(run_dir)
     check_data_config(cfg)
     check_pruning(cfg, sweep=sweep)
@@ -66,7 +66,6 @@ def preflight(cfg: RunConfig, run_dir: str | Path, *, splits: Any = None, sweep:
     student = None
     if cfg.student.source == "named" and cfg.student.model is not None:
         student = check_model(cfg.student.model, "student.model", splits, image_size=cfg.data.image_size)
-    device = check_device(cfg.device)
     check_device_memory(teacher, "teacher.model", device)
     if student is not None:
         check_device_memory(student, "student.model", device)

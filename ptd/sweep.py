@@ -193,15 +193,14 @@ def _sweep_stages(ctx: Context, sparsities: list[float], student_from: float, lo
         rows.append((p, by_teacher[ident]))
 
     from ptd.data.base import test_set_facts
+    from ptd.report import log_not_learned
     from ptd.report.sweep import sweep_not_learned
 
     results = build_sweep_results(cfg, t_res, s_stats, src, baselines, rows, session_wall_s=time.perf_counter() - t0,
                                   test_set=test_set_facts(ctx.splits.test, ctx.splits.num_classes))
     if ctx.main:
         write_sweep_report(ctx.run_dir, results)
-        for b in sweep_not_learned(results):
-            log(f"warning: {b['model']} did not learn: test acc {b['test_acc']:.4f} is not above chance "
-                f"({results['test_set']['chance']:.4f}); see sweep.md")
+        log_not_learned(sweep_not_learned(results), results["test_set"], log, "sweep.md")
     log(f"sweep done in {time.perf_counter() - t0:.0f} s: {ctx.run_dir}")
     return results
 

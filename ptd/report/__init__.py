@@ -164,18 +164,31 @@ def failures(models: list[tuple[str, float | None]], test_set: dict[str, Any]) -
     return out
 
 
+def chance_warning(bad: list[dict[str, Any]], test_set: dict[str, Any]) -> tuple[str, str, list[str]]:
+    """The one wording of the warning, for markdown, HTML and logs: (title, explanation, one item
+    per model that did not learn)."""
+    title = f"Warning: {len(bad)} model(s) did not learn."
+    why = (f"Their test accuracy is not above chance ({100 * test_set['chance']:.2f}%: always the most frequent class of "
+           f"the {test_set['n']:,} test images; one-sided exact binomial test at the 1% level). Comparisons that involve "
+           f"them measure noise, not teaching. Check the learning rate, the schedule's length and the data.")
+    return title, why, [f"{b['model']}: {100 * b['test_acc']:.2f}% (p = {b['p_value']:.2g})" for b in bad]
+
+
 def chance_lines(r: dict[str, Any], bad: list[dict[str, Any]] | None = None) -> list[str]:
-    """The report's warning, one line per model that did not learn (``bad``: a run's
-    ``not_learned``, by default); empty when all did."""
+    """The report's warning in markdown (``bad``: a run's ``not_learned``, by default); empty when
+    every model learned."""
     bad = not_learned(r) if bad is None else bad
     if not bad:
         return []
-    ts = r["test_set"]
-    head = (f"**Warning: {len(bad)} model(s) did not learn.** Their test accuracy is not above chance "
-            f"({100 * ts['chance']:.2f}%: always the most frequent class of the {ts['n']:,} test images; one-sided exact "
-            f"binomial test at the 1% level). Comparisons that involve them measure noise, not teaching. "
-            f"Check the learning rate, the schedule's length and the data.")
-    return [head, ""] + [f"- {b['model']}: {100 * b['test_acc']:.2f}% (p = {b['p_value']:.2g})" for b in bad] + [""]
+    title, why, items = chance_warning(bad, r["test_set"])
+    return [f"**{title}** {why}", ""] + [f"- {i}" for i in items] + [""]
+
+
+def log_not_learned(bad: list[dict[str, Any]], test_set: dict[str, Any], log, where: str) -> None:
+    """One log line per model that did not learn, pointing at the report ``where``."""
+    for b in bad:
+        log(f"warning: {b['model']} did not learn: test acc {b['test_acc']:.4f} is not above chance "
+            f"({test_set['chance']:.4f}); see {where}")
 
 
 def build_results(cfg: RunConfig, teacher: dict, prune: dict, student: dict, students: list[dict],

@@ -24,7 +24,7 @@ from typing import Any, Callable
 from ptd import paths as P
 from ptd.errors import DamagedFileError
 from ptd.io import read_json_object
-from ptd.report import ARM_LABELS, latency_rows, not_learned, primary_students, summarize
+from ptd.report import ARM_LABELS, chance_warning, latency_rows, not_learned, primary_students, summarize
 from ptd.report.stats import format_estimate
 
 ARM_COLORS = {"scratch": "#444444", "unpruned_teacher": "#1f77b4", "pruned_teacher": "#d62728", "retrained_teacher": "#2ca02c"}
@@ -386,12 +386,9 @@ def render_run_html(run_dir: str | Path, results: dict[str, Any] | None = None) 
     body = [_answer(r)]
     bad = not_learned(r)
     if bad:
-        ts = r["test_set"]
-        items = "".join(f"<li>{_esc(b['model'])}: {_pct(b['test_acc'])}% (p = {b['p_value']:.2g})</li>" for b in bad)
-        body.insert(0, f'<div class="answer no"><p><b>Warning: {len(bad)} model(s) did not learn.</b> Their test accuracy is not '
-                       f"above chance ({_pct(ts['chance'])}%: always the most frequent class of the {ts['n']:,} test images; "
-                       f"one-sided exact binomial test at the 1% level). Comparisons that involve them measure noise, not "
-                       f"teaching.</p><ul>{items}</ul></div>")
+        title, why, items = chance_warning(bad, r["test_set"])
+        body.insert(0, f'<div class="answer no"><p><b>{_esc(title)}</b> {_esc(why)}</p><ul>'
+                       + "".join(f"<li>{_esc(i)}</li>" for i in items) + "</ul></div>")
     several = len(r.get("losses") or {}) > 1
     r_all, r = r, {**r, "students": primary_students(r)}  # the top-level summary's students (first loss)
 
