@@ -34,7 +34,7 @@ import torch.nn as nn
 from ptd.measure import count_params, cpu_name, flops
 from ptd.models import build_model
 from ptd.pruning.masks import apply_masks, full_masks, prunable_weights
-from ptd.train.loop import Runtime
+from ptd.train.loop import Runtime, cpu_has_native_bf16
 from ptd.pruning.select import global_topk
 from ptd.students import derive_student
 
@@ -119,6 +119,11 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if "bf16" in args.precisions and device.type == "cpu" and not cpu_has_native_bf16():
+        # Emulated bf16 (an AVX2-only CPU) runs matmuls ~600x slower than fp32 here: hours of
+        # timing a path ptd never takes on this CPU (Runtime.uses_amp trains it in fp32).
+        print("student_speed: this CPU has no native bf16 (AVX512-BF16 or AMX); timing fp32 only", file=sys.stderr)
+        args.precisions = [p for p in args.precisions if p != "bf16"] or ["fp32"]
     command = "python benchmarks/student_speed.py " + " ".join(sys.argv[1:] if argv is None else argv)
     rows = []
     for case in args.cases:

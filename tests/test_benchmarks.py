@@ -72,6 +72,15 @@ def test_student_speed_and_layers_smoke(tmp_path: Path):
     assert "- default student: batch 1: " in text and "- round_narrower off [12, 29, " in text
 
 
+def test_student_speed_times_fp32_only_where_bf16_is_emulated(tmp_path: Path, monkeypatch, capsys):
+    ss = _load("student_speed")
+    monkeypatch.setattr(ss, "cpu_has_native_bf16", lambda: False)  # an AVX2-only CPU (AMD EPYC Milan here)
+    assert ss.main(["--cases", "demo", "--round-to", "1", "--precisions", "fp32", "bf16", "--repeats", "1", "--warmup", "0",
+                    "--out", str(tmp_path / "ss")]) == 0
+    assert {r["precision"] for r in json.loads((tmp_path / "ss.json").read_text())["rows"]} == {"fp32"}
+    assert "no native bf16" in capsys.readouterr().err
+
+
 def test_kd_split_smoke(tmp_path: Path):
     ks = _load("kd_split")
     assert ks.main(["--batch", "8", "--repeats", "1", "--out", str(tmp_path / "kd.md")]) == 0
