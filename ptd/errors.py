@@ -33,3 +33,8 @@ class DivergedError(PtdError, FloatingPointError):
 
 class DamagedFileError(PtdError, ValueError):
     """A file of a run directory that does not parse (ptd writes them whole: something else changed it)."""
+
+
+class StaleStageError(PtdError, ValueError):
+    """A finished stage was made from a file that has changed since (the stage before it was
+    redone, or the file replaced): reusing it would mix two runs' results."""

@@ -7,6 +7,7 @@ one line (exit 2). Imports nothing from ptd but the error base: every layer may 
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -56,3 +57,60 @@ def read_yaml_mapping(path: str | Path, fix: str | None = None) -> dict[str, Any
     if not isinstance(obj, dict):
         raise damaged(path, f"holds {type(obj).__name__}, not a mapping of config sections", fix)
     return obj
+
+
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+_MAX_HEADER = 100 * 2**20  # safetensors' own limit on its JSON header, bytes
+
+
+def parses(path: str | Path) -> bool:
+    """Whether a file ptd wrote still reads as its format: a safetensors header whose tensors end
+    where the file does, or JSON. (Other files: True.) A changed file that fails this is damaged,
+    which the readers report with their own, more precise, line."""
+    p = Path(path)
+    try:
+        if p.suffix == ".json":
+            json.loads(p.read_text())
+        elif p.suffix == ".safetensors":
+            size = p.stat().st_size
+            with open(p, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                if not 2 <= n <= min(size - 8, _MAX_HEADER):
+                    return False
+                header = json.loads(f.read(n))
+            ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+            return isinstance(header, dict) and max(ends, default=0) == size - 8 - n
+    except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError, IndexError, AttributeError):
+        return False
+    return True
+
+
+def file_digest(path: str | Path) -> str:
+    """sha256 of the file's content, hex. Remembered per (path, size, mtime) within the process: a
+    resumed run asks for the same teacher's digest once per stage that used it (~0.1 s per 100 MB).
+
+    A safetensors file is hashed by its header with sorted keys, then its data: the writer orders
+    the metadata through a hash map seeded per call, so the same tensors and metadata saved twice
+    differ in bytes (measured: a teacher retrained bit for bit gave another file), not in content."""
+    p = Path(path).resolve()
+    st = p.stat()
+    key = (str(p), st.st_size, st.st_mtime_ns)
+    if key not in _DIGESTS:
+        h = hashlib.sha256()
+        with open(p, "rb") as f:
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else 0
+            header = None
+            if 2 <= n <= min(st.st_size - 8, _MAX_HEADER):
+                try:
+                    header = json.loads(f.read(n))
+                except (UnicodeDecodeError, ValueError):
+                    header = None
+            if isinstance(header, dict):
+                h.update(b"safetensors\0" + json.dumps(header, sort_keys=True).encode())
+            else:
+                f.seek(0)
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+        _DIGESTS[key] = "sha256:" + h.hexdigest()
+    return _DIGESTS[key]

@@ -19,6 +19,7 @@ last finished epoch.
 """
 from __future__ import annotations
 
+import json
 import os
 import platform
 import random
@@ -42,8 +43,8 @@ from ptd.pruning.masks import MaskHook, Masks, apply_masks, count, full_masks, l
 from ptd.train import checkpoint as ckpt
 from ptd.train.distributed import Dist, all_sum, barrier, init_distributed, resolve_device
 from ptd.train.loop import Runtime, cleanup_resume_files, evaluate, fit
-from ptd.errors import DivergedError, PtdError, one_line
-from ptd.io import read_json_object, read_yaml_mapping
+from ptd.errors import DivergedError, PtdError, StaleStageError, one_line
+from ptd.io import file_digest, parses, read_json_object, read_yaml_mapping
 
 STAGES = ("teacher", "prune", "student", "distill", "report")
 # Keys that change how a run is shown or scheduled, not what it computes: may differ on resume.
@@ -69,8 +70,96 @@ def is_done(d: Path) -> bool:
     return (d / P.DONE).is_file()
 
 
-def mark_done(d: Path) -> None:
-    ckpt.write_text(d / P.DONE, datetime.now(timezone.utc).isoformat() + "\n")
+def mark_done(d: Path, inputs: dict[str, str] | None = None) -> None:
+    """The stage's last write: when it finished and the digest of every file it was made from."""
+    ckpt.write_json(d / P.DONE, {"finished": datetime.now(timezone.utc).isoformat(), "inputs": inputs or {}})
+
+
+# ---------------------------------------------------------------- lineage
+# A finished stage is reused on a re-run only while the files it was made from are the ones there
+# now. A stage redone after its folder was deleted (on another thread count its weights differ) or
+# a --teacher checkpoint replaced at the same path would otherwise leave later stages built from
+# the old files, and the report would compare students of two different teachers.
+
+
+def sources(model: nn.Module | None) -> tuple[Path, ...]:
+    """The files ``model``'s weights (and masks) came from, as the stage that made it set them."""
+    return tuple(getattr(model, "ptd_sources", ())) if model is not None else ()
+
+
+def _input_key(run_dir: Path, path: Path) -> str:
+    """Files of the run by their path inside it (the run directory may move); others absolute."""
+    path = Path(path).absolute()
+    try:
+        return path.relative_to(Path(run_dir).absolute()).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def recorded_inputs(d: Path) -> dict[str, str]:
+    """What a finished stage's ``done`` says it was made from; {} for markers of older ptd versions
+    (a bare timestamp) or one that does not parse: those stages are reused as before."""
+    try:
+        obj = json.loads((d / P.DONE).read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return {}
+    inputs = obj.get("inputs") if isinstance(obj, dict) else None
+    return {str(k): str(v) for k, v in inputs.items()} if isinstance(inputs, dict) else {}
+
+
+def _changed_inputs(run_dir: Path, d: Path, missing_too: bool) -> list[tuple[Path, str]]:
+    out = []
+    for key, digest in recorded_inputs(d).items():
+        path = Path(key) if os.path.isabs(key) else Path(run_dir) / key
+        now = file_digest(path) if path.is_file() else None
+        if now is None and missing_too:
+            out.append((path, "is missing now"))
+        elif now is not None and now != digest and parses(path):  # a damaged file: its reader says so, precisely
+            out.append((path, "has changed since"))
+    return out
+
+
+def _stale(stages: str, path: Path, what: str, fix: str, their: bool = False) -> StaleStageError:
+    return StaleStageError(f"{stages} made from {path}, which {what} (the stage that writes it was redone, or the file "
+                           f"replaced), so {'their' if their else 'its'} results belong to another run; "
+                           f"{fix} to redo them from the file there now, or restore the file, or run into a new --out")
+
+
+def check_inputs(run_dir: Path, d: Path) -> None:
+    """Raise StaleStageError when a file the finished stage ``d`` was made from has changed or gone
+    (gone: by now the stage that writes it has run, so it should be there)."""
+    changed = _changed_inputs(run_dir, d, missing_too=True)
+    if changed:
+        raise _stale(f"{d}: this finished stage was", *changed[0], f"delete it ({d}) and the stages after it")
+
+
+def check_lineage(run_dir: Path) -> None:
+    """Before a re-run writes anything: refuse when any finished stage was made from a file that is
+    there now with other contents. (A missing one is left to ``check_inputs`` when that stage comes:
+    the stage that writes it may be about to redo it, identically.)"""
+    run_dir = Path(run_dir)
+    stages = [m.parent for m in sorted(run_dir.rglob(P.DONE))]
+    stale: dict[Path, tuple[Path, str]] = {d: c[0] for d in stages if (c := _changed_inputs(run_dir, d, missing_too=False))}
+    if not stale:
+        return
+    first = next(iter(stale.values()))
+    # ...and every stage made from a stale stage's files, transitively: all of them must be redone.
+    grew = True
+    while grew:
+        grew = False
+        for d in stages:
+            if d not in stale:
+                for key in recorded_inputs(d):
+                    path = Path(key) if os.path.isabs(key) else run_dir / key
+                    if any(s == path.parent or s in path.parents for s in stale):
+                        stale[d], grew = first, True
+                        break
+    # Name whole stages: prune/ rather than each of its levels as well.
+    tops = [d for d in stale if not any(o != d and o in d.parents for o in stale)]
+    names = ", ".join(d.relative_to(run_dir).as_posix() for d in sorted(tops))
+    many = len(tops) > 1
+    raise _stale(f"{run_dir}: the finished stage{'s' if many else ''} {names} {'were' if many else 'was'}", *first,
+                 f"delete {'those folders' if many else 'that folder'} (in {run_dir})", their=many)
 
 
 # A JSON object ptd wrote in a run directory; a damaged one is a one-line DamagedFileError.
@@ -170,10 +259,17 @@ class Context:
         if self.main:
             ckpt.write_json(path, obj)
 
-    def done(self, d: Path) -> None:
+    def done(self, d: Path, inputs: Sequence[Path] = ()) -> None:
         if self.main:
-            mark_done(d)
+            mark_done(d, {_input_key(self.run_dir, p): file_digest(p) for p in inputs})
         barrier()
+
+    def is_done(self, d: Path) -> bool:
+        """``d`` finished, and from the files that are there now (else StaleStageError)."""
+        if not is_done(d):
+            return False
+        check_inputs(self.run_dir, d)
+        return True
 
 
 # ---------------------------------------------------------------- run directory
@@ -295,6 +391,13 @@ def open_run_dir(cfg: RunConfig, run_dir: Path, rt: Runtime) -> None:
     if all_sum([0.0 if held else 1.0], rt.device)[0] > 0:  # every rank refuses together (no hung barrier)
         raise RunDirError(f"{run_dir} is in use by another ptd process (it holds the directory's lock); wait for it to "
                           f"finish or stop it, or pass --out to another directory")
+    try:
+        if cfg_path.is_file():  # under the lock: no other ptd is redoing a stage meanwhile; every rank reads alike
+            check_lineage(run_dir)
+    except BaseException:
+        if rt.dist.is_main:
+            ckpt.unlock_dir(run_dir)
+        raise
     if rt.dist.is_main:
         try:
             # Nothing else writes here now: a writer temporary left by a kill is garbage.
@@ -375,11 +478,15 @@ def snapshot_epoch(cfg: RunConfig, strategies: Sequence[str] | None = None) -> i
 
 
 def run_stage(ctx: Context, d: Path, compute: Callable[[], dict], *, result_file: str = P.RESULT,
-              cleanup: bool = True) -> tuple[dict, bool]:
+              cleanup: bool = True, inputs: Sequence[Path] = ()) -> tuple[dict, bool]:
     """The sequence every stage follows, once: skip if done (its result read back), else make the
     directory, ``compute()`` (a ``fit`` inside resumes from the directory's last committed epoch),
-    write the result, mark done, and only then drop the resume files. Returns (result, computed now)."""
-    if is_done(d):
+    write the result, mark done, and only then drop the resume files. Returns (result, computed now).
+
+    ``inputs``: the files the stage is made from (earlier stages' weights, masks, stats; a user's
+    checkpoint). ``done`` records their digests, and a finished stage whose inputs have changed
+    since is refused (StaleStageError) rather than reused."""
+    if ctx.is_done(d):
         if cleanup:  # a kill between done and the removal left the resume commit behind
             cleanup_resume_files(d)
         return read_json(d / result_file), False
@@ -387,7 +494,7 @@ def run_stage(ctx: Context, d: Path, compute: Callable[[], dict], *, result_file
         d.mkdir(parents=True, exist_ok=True)
     result = compute()
     ctx.write_json(d / result_file, result)
-    ctx.done(d)
+    ctx.done(d, inputs)
     if cleanup:
         cleanup_resume_files(d)
     return result, True
@@ -439,11 +546,14 @@ def stage_teacher(ctx: Context, snapshot: int | None | str = "auto", replicate: 
         result["params"] = sum(p.numel() for p in model.parameters())
         return result
 
-    result, fresh = run_stage(ctx, d, compute)
+    # A user's checkpoint is the teacher stage's input: replaced at the same path, the stage is stale.
+    result, fresh = run_stage(ctx, d, compute, inputs=[Path(cfg.teacher.checkpoint)] if cfg.teacher.checkpoint else [])
     if not fresh:
         ckpt.load_into(model, d / P.MODEL, "teacher")
-        return ctx.rt.prepare(model), result
-    ctx.log(f"[teacher] test acc {result['test_acc']:.4f}")
+        model = ctx.rt.prepare(model)
+    else:
+        ctx.log(f"[teacher] test acc {result['test_acc']:.4f}")
+    model.ptd_sources = (d / P.MODEL,)
     return model, result
 
 
@@ -483,7 +593,7 @@ def stage_prune(ctx: Context, teacher: nn.Module, teacher_result: dict, prune_cf
             ckpt.save_model(ld / P.MODEL, model)
             save_masks(ld / P.MASKS, level.masks)
             ckpt.write_json(ld / P.SPARSITY, info)
-        ctx.done(ld)
+        ctx.done(ld, sources(teacher))
         cleanup_resume_files(ld)  # crash consistency: only after done (else a kill retrains the level)
 
     def load_level(k: int) -> Level:
@@ -510,7 +620,7 @@ def stage_prune(ctx: Context, teacher: nn.Module, teacher_result: dict, prune_cf
 
         example = torch.zeros((1, *ctx.input_shape), device=ctx.rt.device)
         pctx = PruneContext(model=model, masks=masks, cfg=cfg.prune, train=train, evaluate=ctx.scores, batches=batches,
-                            level_done=lambda k: is_done(level_dir(k)), load_level=load_level, save_level=save_level,
+                            level_done=lambda k: ctx.is_done(level_dir(k)), load_level=load_level, save_level=save_level,
                             example_input=example, teacher_dir=root / P.TEACHER, log=ctx.log,
                             extra={"steps_per_epoch": len(retrain_loader)})
         if cfg.prune.target_sparsity > 0:
@@ -533,11 +643,14 @@ def stage_prune(ctx: Context, teacher: nn.Module, teacher_result: dict, prune_cf
                 "epochs": sum(r["epochs"] or 0 for r in rows), "steps": sum(r["steps"] or 0 for r in rows),
                 "wall_s": round(sum(r["wall_s"] or 0 for r in rows), 3)}
 
-    result, fresh = run_stage(ctx, d, compute, cleanup=False)
+    result, fresh = run_stage(ctx, d, compute, cleanup=False, inputs=sources(teacher))
+    final = result["final_level"]
+    # Later stages are made from the final level's weights and masks (the teacher's, unpruned).
+    model.ptd_sources = (level_dir(final) / P.MODEL, level_dir(final) / P.MASKS) if final else sources(teacher)
     if not fresh:
-        if result["final_level"] == 0:
+        if final == 0:
             return model, masks, result
-        return model, load_level(result["final_level"]).masks, result
+        return model, load_level(final).masks, result
     rows = result["levels"]
     ctx.log(f"[prune] sparsity {result['sparsity']:.4f}, test acc {rows[-1]['test_acc']:.4f} (dense {rows[0]['test_acc']:.4f})")
     return model, masks, result
@@ -593,7 +706,7 @@ def stage_student(ctx: Context, teacher: nn.Module, pruned: nn.Module, masks: Ma
                 ckpt.save_model(d / P.STUDENT_INIT, student)
         return stats
 
-    stats, fresh = run_stage(ctx, d, compute, result_file=P.STATS, cleanup=False)
+    stats, fresh = run_stage(ctx, d, compute, result_file=P.STATS, cleanup=False, inputs=sources(teacher) + sources(pruned))
     if fresh:
         ctx.log(f"[student] {stats['spec']['arch']}: {stats['student']['params']:,} params vs teacher {stats['teacher']['params']:,}")
     return stats
@@ -627,7 +740,8 @@ def stage_distill(ctx: Context, arm: str, seed: int, student_stats: dict, teache
                 "epochs": r["epochs"], "steps": r["steps"], "wall_s": r["wall_s"]}
 
     name = arm if loss is None or len(cfg.distill.losses) == 1 else f"{arm}-{loss}"
-    result, fresh = run_stage(ctx, d, compute)
+    student_files = [ctx.run_dir / P.STUDENT / P.STATS] + ([ctx.run_dir / P.STUDENT / P.STUDENT_INIT] if cfg.student.inherit else [])
+    result, fresh = run_stage(ctx, d, compute, inputs=[*sources(teacher), *student_files])
     if fresh:
         ctx.log(f"[distill] {name} seed {seed}: test acc {result['test_acc']:.4f}")
     # Set here, not only in compute: rows of runs finished before these keys existed get them too.
@@ -661,6 +775,8 @@ def stage_control(ctx: Context, teacher: nn.Module, prune_result: dict, replicat
     was (same number of rounds, same schedule restarted each round), but never pruned."""
     cfg, d = ctx.cfg, P.replicate_root(ctx.run_dir, replicate) / P.CONTROL
     model = clone_model(ctx, teacher)
+    # Made from the teacher, for as many rounds and epochs as the pruning's result says.
+    inputs = [*sources(teacher), P.replicate_root(ctx.run_dir, replicate) / P.PRUNE / P.RESULT]
 
     def compute() -> dict:
         rounds = [lv for lv in prune_result["levels"] if lv["level"] > 0]
@@ -674,7 +790,7 @@ def stage_control(ctx: Context, teacher: nn.Module, prune_result: dict, replicat
                 ctx.log(f"[control] retraining the unpruned teacher, round {k}/{len(rounds)}")
                 return ctx.fit(model, optim, rd, teacher_seed(cfg, replicate), f"control {k}")
 
-            r, fresh = run_stage(ctx, rd, train_round)
+            r, fresh = run_stage(ctx, rd, train_round, inputs=inputs)
             if not fresh:
                 ckpt.load_into(model, rd / P.MODEL, "control teacher")
             for key in total:
@@ -683,7 +799,8 @@ def stage_control(ctx: Context, teacher: nn.Module, prune_result: dict, replicat
             ckpt.save_model(d / P.MODEL, model)
         return {"rounds": len(rounds), "val_acc": r.get("val_acc"), "test_acc": r["test_acc"] if r else ctx.scores(model)["test_acc"], **total}
 
-    result, fresh = run_stage(ctx, d, compute, cleanup=False)
+    result, fresh = run_stage(ctx, d, compute, cleanup=False, inputs=inputs)
+    model.ptd_sources = (d / P.MODEL,)
     if not fresh:
         ckpt.load_into(model, d / P.MODEL, "control teacher")
         return model, result

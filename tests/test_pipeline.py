@@ -267,7 +267,7 @@ def test_run_stage_skips_done_and_marks_done_before_cleanup(tmp_path):
     d = tmp_path / "stage"
     order = []
     ctx = SimpleNamespace(main=True, write_json=lambda p, o: (order.append("result"), ckpt.write_json(p, o)),
-                          done=lambda p: (order.append("done"), mark_done(p)))
+                          done=lambda p, inputs=(): (order.append("done"), mark_done(p)), is_done=is_done)
 
     def boom():
         (d / P.RESUME).write_text("resume")

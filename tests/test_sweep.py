@@ -130,6 +130,13 @@ def test_sweep_end_to_end_and_resume(tmp_path, tiny_fashion, capsys):
     stats = json.loads(stats_path.read_text())
     stats["spec"]["plan"][0] += 1
     stats_path.write_text(json.dumps(stats))
+    # The students distilled into the old architecture are stale now (lineage, tests/test_lineage.py)...
+    line = one_line_error(run_cli("sweep", cfg_path, "--out", out, "--quiet"))
+    assert f"were made from {stats_path}, which has changed since" in line and "distill/imp_s0.59_seed1" in line
+    # ...and without them, the student itself is refused as not the sweep's.
+    import shutil
+
+    shutil.rmtree(out / "distill")
     line = one_line_error(run_cli("sweep", cfg_path, "--out", out, "--quiet"))
     assert "not the sweep's" in line and "--out" in line
 

@@ -1,0 +1,241 @@
+"""Lineage: a finished stage is reused only while the files it was made from are the ones there now.
+
+A stage redone after its folder was deleted, or a file replaced (a teacher's weights, a user's
+--teacher checkpoint at the same path), must not leave later stages made from the old one, or the
+report compares students of two different teachers. Each stage's ``done`` records the digests of
+its inputs; a changed or missing input is one line naming the stage, the file and the fix."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import yaml
+
+from conftest import tiny_config
+from ptd import paths as P
+from ptd.cli import main
+from ptd.errors import StaleStageError
+from ptd.io import file_digest
+from ptd.pipeline import check_inputs, check_lineage, is_done, recorded_inputs, run_stage
+from ptd.train import checkpoint as ckpt
+
+
+def fake_ctx(run_dir: Path):
+    """The parts of a Context run_stage uses, with the real done/is_done logic."""
+    from ptd.pipeline import Context
+
+    ctx = SimpleNamespace(main=True, run_dir=run_dir, write_json=lambda p, o: ckpt.write_json(p, o))
+    ctx.done = lambda d, inputs=(): Context.done(ctx, d, inputs)
+    ctx.is_done = lambda d: Context.is_done(ctx, d)
+    return ctx
+
+
+def test_done_records_the_digests_of_the_stage_inputs(tmp_path: Path):
+    run = tmp_path / "run"
+    (run / "up").mkdir(parents=True)
+    up = run / "up" / "weights.bin"  # not parsed: any change is a change
+    up.write_bytes(b"weights A")
+    user = tmp_path / "mine.pt"  # outside the run: recorded by its absolute path
+    user.write_bytes(b"user file")
+    ctx = fake_ctx(run)
+    d = run / "down"
+    assert run_stage(ctx, d, lambda: {"acc": 0.5}, inputs=[up, user]) == ({"acc": 0.5}, True)
+    rec = recorded_inputs(d)
+    import hashlib
+
+    assert rec == {"up/weights.bin": "sha256:" + hashlib.sha256(b"weights A").hexdigest(),
+                   str(user.absolute()): "sha256:" + hashlib.sha256(b"user file").hexdigest()}
+    # Unchanged inputs: reused, not recomputed.
+    assert run_stage(ctx, d, lambda: pytest.fail("must not recompute"), inputs=[up, user]) == ({"acc": 0.5}, False)
+
+
+@pytest.mark.parametrize("change, words", [
+    (lambda f: f.write_bytes(b"weights B"), "has changed since"),
+    (lambda f: f.unlink(), "is missing now"),
+])
+def test_a_changed_or_missing_input_makes_the_finished_stage_stale(tmp_path: Path, change, words):
+    run = tmp_path / "run"
+    (run / "up").mkdir(parents=True)
+    up = run / "up" / "weights.bin"  # not parsed: any change is a change
+    up.write_bytes(b"weights A")
+    ctx = fake_ctx(run)
+    d = run / "down"
+    run_stage(ctx, d, lambda: {"acc": 0.5}, inputs=[up])
+    result_before = (d / P.RESULT).read_bytes()
+    change(up)
+    with pytest.raises(StaleStageError) as e:
+        run_stage(ctx, d, lambda: pytest.fail("a stale stage must not be recomputed over"), inputs=[up])
+    msg = str(e.value)
+    assert str(d) in msg and str(up) in msg and words in msg and "delete" in msg and "\n" not in msg
+    assert (d / P.RESULT).read_bytes() == result_before and is_done(d)  # nothing of it was touched
+    up.write_bytes(b"weights A")  # restoring the file makes the stage valid again
+    check_inputs(run, d)
+
+
+def test_check_lineage_names_every_stage_to_redo_and_defers_missing_files(tmp_path: Path):
+    run = tmp_path / "run"
+    ctx = fake_ctx(run)
+    (run / "a").mkdir(parents=True)
+    a = run / "a" / "weights.bin"
+    a.write_bytes(b"A")
+    run_stage(ctx, run / "b", lambda: (ckpt.write_json(run / "b" / "out.json", {"x": 1}), {"ok": 1})[1], inputs=[a])
+    run_stage(ctx, run / "c", lambda: {"ok": 1}, inputs=[run / "b" / "out.json"])  # made from b's file only
+    run_stage(ctx, run / "b" / "level_1", lambda: {"ok": 1}, inputs=[a])
+    run_stage(ctx, run / "e", lambda: {"ok": 1})  # made from nothing recorded: never stale
+    check_lineage(run)
+    a.unlink()  # gone: the stage that writes it may redo it identically, so not refused up front...
+    check_lineage(run)
+    with pytest.raises(StaleStageError, match="is missing now"):  # ...but when b's turn comes, it is
+        check_inputs(run, run / "b")
+    a.write_bytes(b"A2")
+    with pytest.raises(StaleStageError) as e:
+        check_lineage(run)
+    # c is stale through b (its own input is unchanged); b/level_1 is named through b.
+    assert f"{run}: the finished stages b, c were made from {a}, which has changed since" in str(e.value)
+    assert "delete those folders" in str(e.value)
+
+
+def test_safetensors_are_hashed_by_content_not_header_order(tmp_path: Path):
+    t = {"w": torch.arange(6.0).reshape(2, 3), "b": torch.ones(3)}
+    meta = {"format": "ptd-model-1", "ptd_spec": "{}", "more": "x"}
+    files = []
+    for i in range(6):  # the writer's metadata order varies from call to call
+        f = tmp_path / f"m{i}.safetensors"
+        ckpt.save_tensors(f, t, meta)
+        files.append(f)
+    assert len({file_digest(f) for f in files}) == 1
+    ckpt.save_tensors(tmp_path / "other.safetensors", {**t, "b": torch.ones(3) * 2}, meta)
+    assert file_digest(tmp_path / "other.safetensors") != file_digest(files[0])
+    ckpt.save_tensors(tmp_path / "meta.safetensors", t, {**meta, "more": "y"})
+    assert file_digest(tmp_path / "meta.safetensors") != file_digest(files[0])
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "empty"])
+def test_a_damaged_input_is_left_to_its_reader(tmp_path: Path, damage: str):
+    """A file that no longer parses was damaged, not replaced: the damaged-file reader's line (which
+    names the file and what to delete) is the precise one, so lineage stays out of its way."""
+    run = tmp_path / "run"
+    (run / "up").mkdir(parents=True)
+    f = run / "up" / "model.safetensors"
+    ckpt.save_tensors(f, {"w": torch.ones(64)})
+    run_stage(fake_ctx(run), run / "down", lambda: {"ok": 1}, inputs=[f])
+    data = f.read_bytes()
+    f.write_bytes({"garbage": b"not safetensors at all", "truncated": data[:-16], "empty": b""}[damage])
+    check_lineage(run)
+    ckpt.save_tensors(f, {"w": torch.zeros(64)})  # whole, and other weights: a replacement
+    with pytest.raises(StaleStageError):
+        check_lineage(run)
+
+
+def test_markers_of_older_versions_are_reused_unchecked(tmp_path: Path):
+    d = tmp_path / "run" / "stage"
+    d.mkdir(parents=True)
+    ckpt.write_json(d / P.RESULT, {"acc": 0.25})
+    (d / P.DONE).write_text("2026-11-20T10:00:00+00:00\n")  # what ptd wrote before lineage
+    assert recorded_inputs(d) == {}
+    ctx = fake_ctx(tmp_path / "run")
+    assert run_stage(ctx, d, lambda: pytest.fail("must not recompute"), inputs=[tmp_path / "gone"]) == ({"acc": 0.25}, False)
+
+
+def test_file_digest_sees_a_rewrite(tmp_path: Path):
+    f = tmp_path / "a"
+    f.write_bytes(b"one")
+    first = file_digest(f)
+    assert file_digest(f) == first
+    f.write_bytes(b"two")  # same size, new mtime: not the remembered digest
+    assert file_digest(f) != first
+
+
+# ----------------------------------------------------------------------------- a whole pipeline
+
+
+def one_line(capsys) -> str:
+    err = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
+    assert len(err) == 1 and err[0].startswith("ptd: error:") and "Traceback" not in err[0], err
+    return err[0]
+
+
+def snapshot(run: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file() and p.name != P.DONE}
+
+
+@pytest.fixture
+def finished(tmp_path, tiny_fashion):
+    cfg = tiny_config(tiny_fashion, distill={"seeds": [0], "arms": ["scratch", "pruned_teacher"],
+                                             "optim": {"epochs": 1, "batch_size": 64, "lr": 0.05}})
+    cfg["threads"] = 1
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "run"
+    assert main(["run", str(p), "--out", str(out), "--quiet"]) == 0
+    return p, out
+
+
+def test_redoing_a_stage_identically_keeps_the_stages_after_it(finished, capsys):
+    p, out = finished
+    before = {d: (out / d / P.DONE).read_text() for d in ("prune", "student", "distill/pruned_teacher_seed0")}
+    digest = file_digest(out / "teacher" / P.MODEL)
+    import shutil
+
+    shutil.rmtree(out / "teacher")  # e.g. after the damaged-file message: the teacher is redone
+    capsys.readouterr()
+    assert main(["run", str(p), "--out", str(out), "--quiet"]) == 0
+    assert file_digest(out / "teacher" / P.MODEL) == digest  # same seed, same machine: the same teacher
+    # ...so every later stage still matches its inputs and was reused, not redone.
+    assert {d: (out / d / P.DONE).read_text() for d in before} == before
+
+
+def test_a_replaced_teacher_refuses_the_stages_made_from_the_old_one(finished, capsys):
+    p, out = finished
+    state = ckpt.read_state_dict(out / "teacher" / P.MODEL)
+    ckpt.save_tensors(out / "teacher" / P.MODEL, {k: v + 0.01 if v.is_floating_point() else v for k, v in state.items()},
+                      metadata=ckpt.read_metadata(out / "teacher" / P.MODEL))
+    files = snapshot(out)
+    capsys.readouterr()
+    assert main(["run", str(p), "--out", str(out), "--quiet"]) == 2
+    line = one_line(capsys)
+    # Refused before anything is written (env.json included), naming every stage to redo: those
+    # made from the teacher, and transitively those made from them.
+    assert ("the finished stages distill/pruned_teacher_seed0, distill/scratch_seed0, prune, student were made from "
+            f"{out / 'teacher' / P.MODEL}, which has changed since") in line and "delete those folders" in line
+    assert snapshot(out) == files  # nothing rewritten, nothing lost
+    # The fix the line gives: delete those folders; they are redone from the new teacher.
+    import shutil
+
+    for d in ("prune", "student", "distill"):
+        shutil.rmtree(out / d)
+    assert main(["run", str(p), "--out", str(out), "--quiet"]) == 0
+    rec = recorded_inputs(out / "prune")
+    assert rec == {"teacher/model.safetensors": file_digest(out / "teacher" / P.MODEL)}
+    # The distilled students record the pruned teacher's final level and the student they trained.
+    res = json.loads((out / "prune" / P.RESULT).read_text())
+    lvl = f"prune/level_{res['final_level']}"
+    assert set(recorded_inputs(out / "distill" / "pruned_teacher_seed0")) == {
+        f"{lvl}/model.safetensors", f"{lvl}/masks.safetensors", "student/stats.json"}
+    assert set(recorded_inputs(out / "distill" / "scratch_seed0")) == {"student/stats.json"}
+
+
+def test_a_user_checkpoint_replaced_at_the_same_path_is_refused(tmp_path, tiny_fashion, capsys):
+    from ptd.models import build_model
+
+    cfg = tiny_config(tiny_fashion, threads=1)
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    mine = tmp_path / "mine.pt"
+    torch.manual_seed(0)
+    m = build_model("vgg", num_classes=10, in_channels=1, plan=[16, "M", 32, "M", 32])
+    torch.save(m.state_dict(), mine)
+    out = tmp_path / "run"
+    assert main(["train", str(p), "--out", str(out), "--teacher", str(mine), "--quiet"]) == 0
+    assert recorded_inputs(out / "teacher") == {str(mine.absolute()): file_digest(mine)}
+    torch.manual_seed(1)  # the user retrains and saves over the same path
+    torch.save(build_model("vgg", num_classes=10, in_channels=1, plan=[16, "M", 32, "M", 32]).state_dict(), mine)
+    capsys.readouterr()
+    files = snapshot(out)
+    assert main(["train", str(p), "--out", str(out), "--teacher", str(mine), "--quiet"]) == 2
+    line = one_line(capsys)
+    assert f"the finished stage teacher was made from {mine.absolute()}, which has changed since" in line and "new --out" in line
+    assert snapshot(out) == files
