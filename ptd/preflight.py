@@ -5,14 +5,17 @@
 device, output folder, pruning target vs. one round, ``prune.options.rewind_epoch``, the data
 folder and files, the teacher (and a named student) building with their kwargs and running on this
 data's images, a derived student being derivable from the teacher's architecture, and
-``teacher.checkpoint`` being readable and of the teacher's architecture.
+``teacher.checkpoint`` being readable and of the teacher's architecture, and each training stage's
+batch fitting in memory (activations, measured on the meta device, plus weights, gradients and
+momentum).
 Otherwise such mistakes surface hours later: after the teacher trained, or after ``config.yaml``
 was written (which then refuses the corrected re-run).
 
 Cost: one dataset load (skipped when the caller passes its ``splits``), one model build and one
 forward pass of 2 images per model on the CPU, and one student derivation (well under a second for
 ptd's families; seconds for most torchvision models, up to ~1 minute with the magnitude sort for
-the largest, vit_h_14 and regnet_y_128gf: benchmarks/results/tv_zoo.md).
+the largest, vit_h_14 and regnet_y_128gf: benchmarks/results/tv_zoo.md), and one meta-device
+forward per model for its activations (0.03-0.15 s).
 """
 from __future__ import annotations
 
@@ -70,7 +73,8 @@ def preflight(cfg: RunConfig, run_dir: str | Path, *, splits: Any = None, sweep:
     if student is not None:
         check_device_memory(student, "student.model", device)
     check_bridges(cfg, teacher, student, splits)
-    check_derivable(cfg, teacher, splits, sweep=sweep)
+    derived = check_derivable(cfg, teacher, splits, sweep=sweep)
+    check_training_memory(cfg, teacher, student if student is not None else derived, splits, device)
     if cfg.teacher.checkpoint:
         from ptd.train.checkpoint import load_into
 
@@ -307,14 +311,14 @@ def check_runs(model: nn.Module, where: str, splits: Any, image_size: int | None
                           f"for the {splits.num_classes} classes of {splits.name}")
 
 
-def check_derivable(cfg: RunConfig, teacher: nn.Module, splits: Any, sweep: bool = False) -> None:
+def check_derivable(cfg: RunConfig, teacher: nn.Module, splits: Any, sweep: bool = False) -> nn.Module | None:
     """With ``student.source: derive``, derive a student from the fresh teacher pruned by global
     magnitude to the run's sparsity (the largest of a sweep's), so an architecture ptd cannot derive
     from (a grouped conv, a graph Torch-Pruning cannot trace, a student that would not run) is
     refused now, not after the teacher trained and was pruned. Refusals come from the graph, not
     the trained weights; the real derivation still runs on the real pruned teacher."""
     if cfg.student.source != "derive":
-        return
+        return None
     from ptd.pruning.masks import full_masks, prunable_weights
     from ptd.pruning.scores import magnitude
     from ptd.pruning.select import global_topk, keep_for_target
@@ -325,11 +329,101 @@ def check_derivable(cfg: RunConfig, teacher: nn.Module, splits: Any, sweep: bool
     masks = global_topk(magnitude(teacher, full), full, keep_for_target(full, target))
     try:
         with torch.random.fork_rng(devices=[]):  # the student's fresh weights: not the run's RNG streams
-            derive_student(teacher, masks, inherit=cfg.student.inherit, round_to=cfg.student.round_to,
-                           round_narrower=cfg.student.round_narrower)  # as ptd.pipeline.stage_student calls it
+            student, _ = derive_student(teacher, masks, inherit=cfg.student.inherit, round_to=cfg.student.round_to,
+                                        round_narrower=cfg.student.round_narrower)  # as ptd.pipeline.stage_student calls it
     except DerivationError as e:
         raise ConfigError(f"student.source: derive: {one_line(e)[:400]}; give a student with student.source: named and "
                           f"student.model, or a teacher ptd can derive from (docs/students.md)") from None
+    return student  # a stand-in of the real one: same graph, widths from a fresh teacher's magnitudes
+
+
+def activation_bytes(model: nn.Module, input_shape: tuple[int, int, int]) -> float | None:
+    """Bytes autograd keeps per training image of ``input_shape`` (what the backward pass needs:
+    layer inputs and outputs, pooling indices), from one train-mode forward of a copy built on the
+    meta device, so nothing is allocated. None where the model cannot be rebuilt or run there.
+
+    Against the peak memory growth of a real fp32 training step (channels_last, 2 threads, AMD EPYC):
+    vgg19 at 3x32x32 2.70 MiB/image against 2.83 measured (batch 256), resnet18 at 3x64x64 17.9
+    against 18.5 (batch 128), ptd's CIFAR-style resnet50 at 3x224x224 1192 against 976 (batch 8).
+    torchvision's resnet50 at 224: 82 MiB/image."""
+    from ptd.models import build_from_spec
+
+    spec = getattr(model, "ptd_spec", None)
+    if spec is None:
+        return None
+    kept: dict[int, int] = {}
+    owned: set[int] = set()  # storages of weights and buffers (and their views, e.g. a transposed weight): sized elsewhere
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        try:  # views of one tensor share its storage: count the storage once
+            storage = t.untyped_storage()
+            if storage._cdata not in owned:
+                kept[storage._cdata] = max(kept.get(storage._cdata, 0), storage.nbytes())
+        except (RuntimeError, NotImplementedError, AttributeError):
+            if not isinstance(t, nn.Parameter):
+                kept[id(t)] = t.numel() * t.element_size()
+        return t
+
+    try:
+        with torch.device("meta"), torch.random.fork_rng(devices=[]):
+            m = build_from_spec(spec)
+        owned.update(t.untyped_storage()._cdata for t in [*m.parameters(), *m.buffers()])
+        m.train()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            m(torch.zeros((2, *input_shape), device="meta"))  # 2: BatchNorm in training mode needs more than 1
+    except Exception:  # noqa: BLE001 -- a model the meta device cannot run is not sized; training finds out
+        return None
+    return sum(kept.values()) / 2
+
+
+def check_training_memory(cfg: RunConfig, teacher: nn.Module, student: nn.Module | None, splits: Any,
+                          device: torch.device, have: int | None = None) -> None:
+    """Each training stage's batch must fit: the activations autograd keeps for its batch (per
+    process; ``LOCAL_WORLD_SIZE`` processes share this machine) plus the trained model's weights,
+    gradients and momentum (and a frozen teacher's weights while distilling), against this
+    machine's memory (the GPU's on a CUDA run; ``have``: bytes, queried when None). Past it the
+    kernel's OOM killer ends the run mid-stage with no message, after the run directory was written.
+    Under bf16 autocast half the fp32 estimate is taken, a lower bound, so a batch that fits is
+    never refused."""
+    have = (gpu_memory_bytes(device) if device.type == "cuda" else memory_bytes()) if have is None else have
+    if not have:
+        return
+    world = max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    local = max(1, min(world, int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))))
+    h, w = (cfg.data.image_size,) * 2 if cfg.data.image_size else tuple(splits.image_size)
+    shape = (splits.in_channels, h, w)
+    from ptd.train.loop import cpu_has_native_bf16, cuda_has_native_bf16
+
+    bf16 = cfg.amp and (cuda_has_native_bf16(device.index) if device.type == "cuda" else cpu_has_native_bf16())
+    scale = 0.5 if bf16 else 1.0  # bf16 autocast keeps some activations in half the bytes; half is a lower bound
+    t_params = sum(p.numel() for p in teacher.parameters())
+    stages = []
+    if not cfg.teacher.checkpoint:
+        stages.append(("teacher.optim", cfg.teacher.optim.batch_size, teacher, 0))
+    stages.append(("prune.retrain", cfg.prune.retrain.batch_size, teacher, 0))
+    if student is not None:
+        stages.append(("distill.optim", cfg.distill.optim.batch_size, student, 4 * t_params))  # + the frozen teacher
+    sized: dict[int, float | None] = {}
+    for key, batch, model, frozen in stages:
+        if id(model) not in sized:
+            sized[id(model)] = activation_bytes(model, shape)
+        per_image = sized[id(model)]
+        if per_image is None:
+            continue
+        per_image *= scale
+        fixed = TRAINING_BYTES_PER_PARAM * sum(p.numel() for p in model.parameters()) + frozen
+        per_rank = -(-batch // world)
+        need = local * (fixed + per_image * per_rank)
+        if need > have:
+            fits = int((have / local - fixed) // per_image) * world if have / local > fixed else 0
+            arch = getattr(model, "ptd_spec", {}).get("arch", type(model).__name__)
+            ranks = f", {local} processes on this machine" if local > 1 else ""
+            where = f"the GPU's {gib(have)}" if device.type == "cuda" else f"this machine's {gib(have)}"
+            fix = (f"use a batch of at most {fits}, or a smaller data.image_size or model width" if fits >= 1 else
+                   "lower data.image_size or the model's width: not even one image fits")
+            raise ConfigError(f"{key}.batch_size: {batch} images of {'x'.join(map(str, shape))} through {arch} need about "
+                              f"{gib(need)} to train ({per_image / 2**20:.2f} MiB of activations per image, measured on the meta "
+                              f"device, plus weights, gradients and momentum{ranks}) against {where}; {fix}")
 
 
 def check_bridges(cfg: RunConfig, teacher: nn.Module, student: nn.Module | None, splits: Any) -> None:

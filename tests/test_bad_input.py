@@ -397,3 +397,58 @@ def test_a_model_beyond_the_gpus_memory_is_refused_up_front():
     assert msg.startswith(f"teacher.model: {n:,} parameters need ") and "cuda:0" in msg and "--device cpu" in msg
     check_device_memory(m, "teacher.model", torch.device("cuda:0"), have=12 * n)  # exactly fits
     check_device_memory(m, "teacher.model", torch.device("cpu"), have=1)  # the CPU is checked by check_model
+
+
+# ----------------------------------------------------------------------------- training memory (activations)
+
+
+def test_activation_estimate_counts_what_autograd_keeps():
+    """Hand count for a one-conv net on 1x4x4 images, per image (the probe runs 2): the conv keeps
+    its input (1x4x4 fp32, 64 B), BatchNorm its input (the conv output, 2x4x4, 128 B) and the
+    batch's mean and inverse std (2 x 8 B per batch of 2: 8 B), the in-place ReLU its output (128 B),
+    the Linear its input (the pooled 2 values, 8 B). Weights, BatchNorm's running statistics and
+    the Linear weight's transposed view are not activations: 336 B."""
+    from ptd.models import build_model
+    from ptd.preflight import activation_bytes
+
+    m = build_model("vgg", 10, 1, plan=[2])  # conv(1->2, 3x3) BN ReLU, global pool, linear
+    per_image = activation_bytes(m, (1, 4, 4))
+    assert per_image == 64 + 128 + 8 + 128 + 8
+    # Activations scale with the image's pixels; a model that cannot run on the meta device is not sized.
+    assert activation_bytes(m, (1, 8, 8)) == pytest.approx(4 * per_image, rel=0.05)
+    assert activation_bytes(torch.nn.Linear(3, 3), (1, 4, 4)) is None  # no ptd_spec to rebuild from
+
+
+def test_a_batch_whose_activations_exceed_memory_is_refused_with_the_largest_that_fits(ws: Path):
+    from ptd.preflight import TRAINING_BYTES_PER_PARAM, activation_bytes, check_model, check_training_memory
+
+    cfg = _cfg(ws, "teacher.optim.batch_size=64", "prune.retrain.batch_size=32", "distill.optim.batch_size=32", "amp=false")
+    splits = preflight(cfg, ws / "never")
+    teacher = check_model(cfg.teacher.model, "teacher.model", splits)
+    act = activation_bytes(teacher, (1, 28, 28))
+    fixed = TRAINING_BYTES_PER_PARAM * sum(p.numel() for p in teacher.parameters())
+    need = fixed + 64 * act
+    check_training_memory(cfg, teacher, None, splits, torch.device("cpu"), have=int(need) + 1)  # fits exactly
+    with pytest.raises(ConfigError) as e:
+        check_training_memory(cfg, teacher, None, splits, torch.device("cpu"), have=int(need) - 1)
+    fits = int((int(need) - 1 - fixed) // act)
+    assert fits == 63
+    msg = str(e.value)
+    assert msg.startswith("teacher.optim.batch_size: 64 images of 1x28x28 through vgg need about ")
+    assert f"use a batch of at most {fits}," in msg and "this machine's" in msg
+    # The student's stage is held to the student's activations, plus the frozen teacher's weights.
+    student = check_model(cfg.teacher.model, "student.model", splits)
+    roomy = int(fixed + 64 * act) + 1
+    check_training_memory(cfg, teacher, student, splits, torch.device("cpu"), have=roomy)
+    # On a GPU, its memory; under DDP, each of the machine's processes holds its share of the batch.
+    with pytest.raises(ConfigError, match="against the GPU's"):
+        check_training_memory(cfg, teacher, None, splits, torch.device("cuda:0"), have=int(need) - 1)
+
+
+def test_a_batch_beyond_memory_is_one_line_before_anything_is_written(ws: Path, capsys, monkeypatch):
+    import ptd.preflight
+
+    monkeypatch.setattr(ptd.preflight, "memory_bytes", lambda: 4 * 2**20)  # a 4 MiB machine: the weights fit, 64 images do not
+    line = run_main(ws, ["train", "c.yaml", "--out", "runs/x"], capsys, monkeypatch)
+    assert "teacher.optim.batch_size: 64 images of 1x28x28" in line and "use a batch of at most" in line
+    assert not (ws / "runs").exists()
