@@ -176,6 +176,7 @@ class Context:
     splits: Any
     log: Callable[[str], None]
     _loaders: dict = field(default_factory=dict)
+    _noted: set = field(default_factory=set)  # schedules already noted for late milestones
 
     @property
     def main(self) -> bool:
@@ -222,6 +223,7 @@ class Context:
         hooks = [*hooks, tb] if tb else hooks
         val = self.eval_loader("val")
         key = self.optim_key(optim)
+        self._note_late_milestones(key, optim)
         try:
             result = fit(model, self.train_loader(optim.batch_size, seed), val if len(val) else None, optim, self.rt,
                          out_dir=out_dir, unit=unit, hooks=hooks, test_loader=self.eval_loader("test"), desc=desc,
@@ -234,6 +236,17 @@ class Context:
             raise
         result["val_acc"] = result.pop("best_val_acc")
         return result
+
+    def _note_late_milestones(self, key: str, optim: OptimConfig) -> None:
+        """Say once per schedule when milestones lie at or past its last epoch (the scheduler steps
+        after each epoch, so such a milestone never lowers the rate): typically a shortened
+        ``epochs`` with the paper's milestones left in place, e.g. 30 epochs under 60/120/160."""
+        late = [m for m in optim.milestones if m >= optim.epochs]
+        if late and key not in self._noted:
+            self._noted.add(key)
+            self.log(f"[{key}] note: milestones {late} are not before its last epoch ({optim.epochs}), so the learning rate "
+                     f"never decays {'at them' if len(late) < len(optim.milestones) else 'at all'}; set {key}.milestones below "
+                     f"{optim.epochs} if a decay was meant, or [] for a constant rate")
 
     def optim_key(self, optim: OptimConfig) -> str:
         """The config section a stage's schedule came from, for messages that say what to change."""

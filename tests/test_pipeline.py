@@ -339,3 +339,21 @@ def test_a_model_onnx_cannot_take_is_a_report_line_not_the_end_of_the_run(tmp_pa
     assert "latency in onnxruntime: not measured (ExportError" in (tmp_path / "run" / "student" / "report.txt").read_text()
     assert "| onnxruntime | - | n/a | n/a | ExportError: VGG cannot be exported" in (tmp_path / "run" / "report.md").read_text()
     assert r["students"]  # the run went on to distill and report
+
+
+def test_milestones_past_the_last_epoch_are_noted_once_per_schedule(tmp_path, tiny_fashion):
+    """A teacher of 3 epochs decaying at 2 and 5 (5 is never reached), retraining rounds of 1 epoch
+    decaying at 1 and 84 (neither: the scheduler steps after each epoch): each said once, although
+    2 retraining rounds train; the distillation (no milestones) says nothing."""
+    cfg = tiny_config(tiny_fashion)
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    lines: list[str] = []
+    c = load_config(p, ["quiet=true", "threads=1", "teacher.optim.milestones=[2, 5]", "prune.retrain.milestones=[1, 84]"])
+    run_pipeline(c, tmp_path / "run", until="prune", log=lines.append)
+    notes = [l for l in lines if "note: milestones" in l]
+    assert notes == [
+        "[teacher.optim] note: milestones [5] are not before its last epoch (3), so the learning rate never decays at them; "
+        "set teacher.optim.milestones below 3 if a decay was meant, or [] for a constant rate",
+        "[prune.retrain] note: milestones [1, 84] are not before its last epoch (1), so the learning rate never decays at all; "
+        "set prune.retrain.milestones below 1 if a decay was meant, or [] for a constant rate"]
