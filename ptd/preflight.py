@@ -338,9 +338,17 @@ def check_derivable(cfg: RunConfig, teacher: nn.Module, splits: Any, sweep: bool
 
 
 def activation_bytes(model: nn.Module, input_shape: tuple[int, int, int]) -> float | None:
-    """Bytes autograd keeps per training image of ``input_shape`` (what the backward pass needs:
-    layer inputs and outputs, pooling indices), from one train-mode forward of a copy built on the
-    meta device, so nothing is allocated. None where the model cannot be rebuilt or run there.
+    """Bytes autograd keeps per training image (see :func:`activation_sizes`); None: not sized."""
+    sizes = activation_sizes(model, input_shape)
+    return sizes[0] if sizes else None
+
+
+def activation_sizes(model: nn.Module, input_shape: tuple[int, int, int]) -> tuple[float, float] | None:
+    """(total, largest): the bytes autograd keeps per training image of ``input_shape`` (what the
+    backward pass needs: layer inputs and outputs, pooling indices), and the largest of those
+    tensors per image (an inference pass holds about two such at a time), from one train-mode
+    forward of a copy built on the meta device, so nothing is allocated. None where the model
+    cannot be rebuilt or run there.
 
     Against the peak memory growth of a real fp32 training step (channels_last, 2 threads, AMD EPYC):
     vgg19 at 3x32x32 2.70 MiB/image against 2.83 measured (batch 256), resnet18 at 3x64x64 17.9
@@ -373,7 +381,7 @@ def activation_bytes(model: nn.Module, input_shape: tuple[int, int, int]) -> flo
             m(torch.zeros((2, *input_shape), device="meta"))  # 2: BatchNorm in training mode needs more than 1
     except Exception:  # noqa: BLE001 -- a model the meta device cannot run is not sized; training finds out
         return None
-    return sum(kept.values()) / 2
+    return sum(kept.values()) / 2, max(kept.values(), default=0) / 2
 
 
 def check_training_memory(cfg: RunConfig, teacher: nn.Module, student: nn.Module | None, splits: Any,
@@ -381,7 +389,7 @@ def check_training_memory(cfg: RunConfig, teacher: nn.Module, student: nn.Module
     """Each training stage's batch must fit: the activations autograd keeps for its batch (per
     process; ``LOCAL_WORLD_SIZE`` processes share this machine) plus the trained model's weights,
     gradients and momentum (and a frozen teacher's weights while distilling), against this
-    machine's memory (the GPU's on a CUDA run; ``have``: bytes, queried when None). Past it the
+    machine's memory; so must an evaluation batch (``eval_batch_size``, capped by the splits) (the GPU's on a CUDA run; ``have``: bytes, queried when None). Past it the
     kernel's OOM killer ends the run mid-stage with no message, after the run directory was written.
     Under bf16 autocast half the fp32 estimate is taken, a lower bound, so a batch that fits is
     never refused."""
@@ -403,24 +411,35 @@ def check_training_memory(cfg: RunConfig, teacher: nn.Module, student: nn.Module
     stages.append(("prune.retrain", cfg.prune.retrain.batch_size, teacher, 0))
     if student is not None:
         stages.append(("distill.optim", cfg.distill.optim.batch_size, student, 4 * t_params))  # + the frozen teacher
-    sized: dict[int, float | None] = {}
+    # Evaluation: no gradients, one model at a time, every rank the whole split, a batch of at most
+    # the larger of validation and test; about two of its largest activations alive at once, and
+    # the frozen copies it evaluates beside (the trained weights stay: 12 B a parameter).
+    eval_batch = min(cfg.eval_batch_size, max(len(splits.val), len(splits.test)))
+    for model in [teacher] + ([student] if student is not None else []):
+        stages.append(("eval_batch_size", eval_batch, model, None))
+    sized: dict[int, tuple[float, float] | None] = {}
     for key, batch, model, frozen in stages:
         if id(model) not in sized:
-            sized[id(model)] = activation_bytes(model, shape)
-        per_image = sized[id(model)]
-        if per_image is None:
+            sized[id(model)] = activation_sizes(model, shape)
+        if sized[id(model)] is None:
             continue
-        per_image *= scale
-        fixed = TRAINING_BYTES_PER_PARAM * sum(p.numel() for p in model.parameters()) + frozen
-        per_rank = -(-batch // world)
+        total, largest = sized[id(model)]
+        per_image = scale * (2 * largest + 4 * shape[0] * h * w if frozen is None else total)  # eval: + the input batch, fp32
+        fixed = TRAINING_BYTES_PER_PARAM * sum(p.numel() for p in model.parameters()) + (frozen or 0)
+        per_rank = batch if frozen is None else -(-batch // world)
         need = local * (fixed + per_image * per_rank)
         if need > have:
-            fits = int((have / local - fixed) // per_image) * world if have / local > fixed else 0
+            fits = int((have / local - fixed) // per_image) * (world if frozen is not None else 1) if have / local > fixed else 0
             arch = getattr(model, "ptd_spec", {}).get("arch", type(model).__name__)
             ranks = f", {local} processes on this machine" if local > 1 else ""
             where = f"the GPU's {gib(have)}" if device.type == "cuda" else f"this machine's {gib(have)}"
             fix = (f"use a batch of at most {fits}, or a smaller data.image_size or model width" if fits >= 1 else
                    "lower data.image_size or the model's width: not even one image fits")
+            if frozen is None:
+                raise ConfigError(f"eval_batch_size: {cfg.eval_batch_size} (a batch of {batch}: the larger of the validation and "
+                                  f"test splits) images of {'x'.join(map(str, shape))} through {arch} need about {gib(need)} to "
+                                  f"evaluate ({per_image / 2**20:.2f} MiB per image, measured on the meta device{ranks}) against "
+                                  f"{where}; {fix.replace('use a batch of', 'set eval_batch_size to')}")
             raise ConfigError(f"{key}.batch_size: {batch} images of {'x'.join(map(str, shape))} through {arch} need about "
                               f"{gib(need)} to train ({per_image / 2**20:.2f} MiB of activations per image, measured on the meta "
                               f"device, plus weights, gradients and momentum{ranks}) against {where}; {fix}")

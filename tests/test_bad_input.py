@@ -452,3 +452,27 @@ def test_a_batch_beyond_memory_is_one_line_before_anything_is_written(ws: Path, 
     line = run_main(ws, ["train", "c.yaml", "--out", "runs/x"], capsys, monkeypatch)
     assert "teacher.optim.batch_size: 64 images of 1x28x28" in line and "use a batch of at most" in line
     assert not (ws / "runs").exists()
+
+
+def test_an_evaluation_batch_beyond_memory_is_refused(ws: Path):
+    """Evaluation holds no gradients: about two of the largest activations per image, plus the input
+    batch. A batch capped by the splits (40 test images here) that does not fit is refused, with the
+    eval_batch_size that does."""
+    from ptd.preflight import TRAINING_BYTES_PER_PARAM, activation_sizes, check_model, check_training_memory
+
+    cfg = _cfg(ws, "teacher.optim.batch_size=1", "prune.retrain.batch_size=1", "distill.optim.batch_size=1", "amp=false",
+               "eval_batch_size=100000")
+    splits = preflight(cfg, ws / "never")
+    assert max(len(splits.val), len(splits.test)) == 40
+    teacher = check_model(cfg.teacher.model, "teacher.model", splits)
+    total, largest = activation_sizes(teacher, (1, 28, 28))
+    fixed = TRAINING_BYTES_PER_PARAM * sum(p.numel() for p in teacher.parameters())
+    per_image = 2 * largest + 4 * 28 * 28
+    need = fixed + 40 * per_image
+    assert need > fixed + total  # a training batch of 1 fits where this does not
+    check_training_memory(cfg, teacher, None, splits, torch.device("cpu"), have=int(need) + 1)
+    with pytest.raises(ConfigError) as e:
+        check_training_memory(cfg, teacher, None, splits, torch.device("cpu"), have=int(need) - 1)
+    msg = str(e.value)
+    assert msg.startswith("eval_batch_size: 100000 (a batch of 40: the larger of the validation and test splits) images")
+    assert "set eval_batch_size to at most 39," in msg
