@@ -95,7 +95,10 @@ def test_conv_wgrad_smoke(tmp_path: Path):
     assert {(r["dtype"], r["side"]) for r in res["shapes"]} == {(d, s) for d in ("bfloat16", "float32") for s in (2, 8)}
     for r in res["shapes"]:
         assert r["aten_ms"] > 0 and r["gemm_ms"] > 0
-        assert r["rel_diff"] < (2e-2 if r["dtype"] == "bfloat16" else 1e-5)  # the same gradient, in that dtype's rounding
+        # The same gradient as fp32's of the same inputs, within that dtype's rounding (bf16 outputs:
+        # 2^-8 relative each), and no further from it than oneDNN's own.
+        assert r["rel_diff"] < (2e-2 if r["dtype"] == "bfloat16" else 1e-5)
+        assert r["rel_diff"] <= max(r["aten_rel_diff"], 2 ** -8 if r["dtype"] == "bfloat16" else 1e-5)
         assert r["used_by_default"] == (r["side"] == 2)  # 2x2: 4 pixels, under both limits; 8x8: over both
     (step,) = res["steps"]
     assert step["stock_ms"] > 0 and step["fast_ms"] > 0 and step["ratio_min"] <= step["ratio_median"] <= step["ratio_max"]
