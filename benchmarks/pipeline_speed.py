@@ -21,7 +21,9 @@ published  ``PublishedPipeline`` below: a RE-CREATION, written for this benchmar
 Reported: end-to-end and per-stage time ratios (published / ptd) per pair with their spread, the
 test accuracy of the distilled student per seed for both, and the achieved FLOP/s of ptd's
 teacher and student (KD) training steps (through ``ptd.train.loop.fit``, the library's public
-loop) against this machine's measured fp32 and bf16 matmul peak.
+loop) and of the published way's (its own loop and loader) against this machine's measured fp32
+and bf16 matmul peak (bf16 only where native), with the ceiling that follows: the best peak over
+the published step's FLOP/s, the most any implementation of the same FLOPs could gain.
 
     python benchmarks/pipeline_speed.py                     # ~15 min on 2 busy cores
     python benchmarks/pipeline_speed.py --quick --out /tmp/ps   # smoke test, < 1 min
