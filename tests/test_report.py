@@ -44,6 +44,12 @@ def test_paired_differences_by_seed_carry_interval_n_and_method():
 def test_verdict_calls_only_when_the_interval_excludes_zero():
     assert "too few to call" in verdict(paired_estimate([0.05]), "pruned_teacher", "unpruned_teacher")
     assert "no clear difference" in verdict(paired_estimate([0.05, 0.04, -0.01]), "pruned_teacher", "unpruned_teacher")
+    # Two seeds with the same difference (measured: the demo on an AMD EPYC, +0.30 and +0.30 points):
+    # a zero-width interval is not called, and the sentence must not claim it includes zero.
+    tie = verdict(paired_estimate([0.003, 0.003]), "pruned_teacher", "scratch")
+    assert tie.startswith("no clear difference between KD from pruned teacher and student alone (no teacher): +0.30 points, "
+                          "95% CI [+0.30, +0.30]")
+    assert "every seed gave the same difference, so the interval has no width" in tie and "includes zero" not in tie
     w = verdict(paired_estimate([-0.010, -0.012, -0.011, -0.0105, -0.0115]), "pruned_teacher", "scratch")
     assert w.startswith("KD from pruned teacher is worse than student alone (no teacher): -1.10 points, 95% CI [-1.20, -1.00] (paired t, n=5)")
 

@@ -196,3 +196,19 @@ def test_report_names_exactly_the_models_that_did_not_learn():
     assert "2 model(s) did not learn" in text and "seed 1: 11.00%" in text and "seed 0" not in text
     assert not_learned(_results([0.85, 0.8], ts)) == [] and chance_lines(_results([0.85], ts)) == []
     assert not_learned(_results([0.1], None)) == []  # a results.json from before the check: nothing is claimed
+
+
+def test_equal_differences_are_a_tie_whatever_their_last_bits():
+    """Both seeds 30 test images better (of 10,000): as floats 0.0030000000000000027 and
+    0.0029999999999998916. Before rounding, that spread of 1e-16 gave a two-seed interval
+    [0.002999999999999242, 0.0030000000000006523] and a call; it is a tie, not a finding."""
+    from ptd.report.stats import hierarchical_estimate, paired_estimate
+
+    n = 10000
+    d = [8901 / n - 8871 / n, 7001 / n - 6971 / n]
+    assert d[0] != d[1]
+    e = paired_estimate(d)
+    assert e["ci_low"] == e["ci_high"] == pytest.approx(0.003) and not e["called"] and e["direction"] == 0
+    # Teacher means too: each teacher's seeds tie, and so do the teachers.
+    h = hierarchical_estimate({0: d, 1: [5030 / n - 5000 / n, 4030 / n - 4000 / n]})
+    assert not h["called"]

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ptd.config import ARMS, RunConfig
-from ptd.report.stats import above_chance, format_estimate, hierarchical_estimate, paired_estimate, t_interval
+from ptd.report.stats import above_chance, format_estimate, hierarchical_estimate, paired_estimate, t_interval, zero_width
 from ptd.train import checkpoint as ckpt
 from ptd.errors import PtdError
 
@@ -85,6 +85,13 @@ def verdict(est: dict[str, Any], a: str, b: str) -> str:
                f"{FEW_SEEDS} or more give one)" if est["n"] < FEW_SEEDS else "")
     else:
         few = f" (too few seeds for a tight interval: {FEW_SEEDS} or more give one)" if est["n"] < FEW_SEEDS else ""
+    if zero_width(est["ci_low"], est["ci_high"]):
+        # Every pair gave the same difference (accuracies count whole test images, so with few
+        # seeds ties happen): a zero-width interval estimates no spread, so it is not a call, and
+        # it does not "include zero" either.
+        unit = "teacher" if est.get("teachers", 1) > 1 else "seed"
+        return (f"no clear difference between {la} and {lb}: {text}; every {unit} gave the same difference, so the "
+                f"interval has no width: no spread was estimated, which is no evidence either way{few}")
     return f"no clear difference between {la} and {lb}: {text}; the interval includes zero{few}"
 
 

@@ -81,17 +81,30 @@ def sign_flip_p(d: Sequence[float]) -> float | None:
     return float(np.mean(stats >= obs * (1 - 1e-12) - 1e-15))
 
 
+# Differences are rounded to this many decimals before any statistic: accuracies are whole test
+# images over n (n < 10^7 here), so equal differences can reach the statistics unequal in the last
+# bits (30/10000 came out as 0.0030000000000000027 from one pair of accuracies and
+# 0.0029999999999998916 from another), and a spread of 1e-16 made a two-seed tie "significant".
+DECIMALS = 12
+# An interval narrower than this (a fraction: accuracy points / 100) has no width.
+ZERO_WIDTH = 1e-12
+
+
+def zero_width(lo: float | None, hi: float | None) -> bool:
+    return lo is not None and hi is not None and hi - lo <= ZERO_WIDTH
+
+
 def _summary(m: float, lo: float | None, hi: float | None) -> dict[str, Any]:
     # A zero-width interval (every difference equal, e.g. two replicates with identical means)
     # estimates no spread at all; it is no evidence of a difference, so it is never called.
-    called = lo is not None and hi > lo and (lo > 0 or hi < 0)
+    called = lo is not None and not zero_width(lo, hi) and (lo > 0 or hi < 0)
     return {"mean": m, "ci_low": lo, "ci_high": hi, "level": LEVEL, "called": bool(called),
             "direction": (1 if m > 0 else -1) if called else 0}
 
 
 def paired_estimate(diffs: Sequence[float]) -> dict[str, Any]:
     """Estimate from per-seed paired differences: mean, 95% t interval, n, method, called."""
-    d = [float(x) for x in diffs]
+    d = [round(float(x), DECIMALS) for x in diffs]
     n = len(d)
     if n == 0:
         raise ValueError("paired_estimate needs at least one difference")
@@ -114,7 +127,7 @@ def hierarchical_estimate(by_teacher: Mapping[Any, Sequence[float]]) -> dict[str
     student-level ``paired_estimate`` (noted in ``method``). Several: the t interval over the
     teacher means, n = the number of teachers.
     """
-    groups = {k: [float(x) for x in v] for k, v in by_teacher.items() if len(v)}
+    groups = {k: [round(float(x), DECIMALS) for x in v] for k, v in by_teacher.items() if len(v)}
     if not groups:
         raise ValueError("hierarchical_estimate needs at least one teacher with a difference")
     if len(groups) == 1:
