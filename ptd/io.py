@@ -63,6 +63,19 @@ _DIGESTS: dict[tuple[str, int, int], str] = {}
 _MAX_HEADER = 100 * 2**20  # safetensors' own limit on its JSON header, bytes
 
 
+def _safetensors_header(f, size: int) -> dict | None:
+    """The JSON header of an open safetensors file (positioned at 0), or None where the file does
+    not start like one; leaves ``f`` just past the header."""
+    n = int.from_bytes(f.read(8), "little")
+    if not 2 <= n <= min(size - 8, _MAX_HEADER):
+        return None
+    try:
+        header = json.loads(f.read(n))
+    except (UnicodeDecodeError, ValueError):
+        return None
+    return header if isinstance(header, dict) else None
+
+
 def parses(path: str | Path) -> bool:
     """Whether a file ptd wrote still reads as its format: a safetensors header whose tensors end
     where the file does, or JSON. (Other files: True.) A changed file that fails this is damaged,
@@ -74,12 +87,12 @@ def parses(path: str | Path) -> bool:
         elif p.suffix == ".safetensors":
             size = p.stat().st_size
             with open(p, "rb") as f:
-                n = int.from_bytes(f.read(8), "little")
-                if not 2 <= n <= min(size - 8, _MAX_HEADER):
-                    return False
-                header = json.loads(f.read(n))
+                header = _safetensors_header(f, size)
+                data_start = f.tell()
+            if header is None:
+                return False
             ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
-            return isinstance(header, dict) and max(ends, default=0) == size - 8 - n
+            return max(ends, default=0) == size - data_start
     except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError, IndexError, AttributeError):
         return False
     return True
@@ -98,15 +111,8 @@ def file_digest(path: str | Path) -> str:
     if key not in _DIGESTS:
         h = hashlib.sha256()
         with open(p, "rb") as f:
-            head = f.read(8)
-            n = int.from_bytes(head, "little") if len(head) == 8 else 0
-            header = None
-            if 2 <= n <= min(st.st_size - 8, _MAX_HEADER):
-                try:
-                    header = json.loads(f.read(n))
-                except (UnicodeDecodeError, ValueError):
-                    header = None
-            if isinstance(header, dict):
+            header = _safetensors_header(f, st.st_size)
+            if header is not None:
                 h.update(b"safetensors\0" + json.dumps(header, sort_keys=True).encode())
             else:
                 f.seek(0)

@@ -107,10 +107,15 @@ def recorded_inputs(d: Path) -> dict[str, str]:
     return {str(k): str(v) for k, v in inputs.items()} if isinstance(inputs, dict) else {}
 
 
-def _changed_inputs(run_dir: Path, d: Path, missing_too: bool) -> list[tuple[Path, str]]:
+def _input_path(run_dir: Path, key: str) -> Path:
+    """The file a recorded input key names (the inverse of ``_input_key``)."""
+    return Path(key) if os.path.isabs(key) else Path(run_dir) / key
+
+
+def _changed_inputs(run_dir: Path, recorded: dict[str, str], missing_too: bool) -> list[tuple[Path, str]]:
     out = []
-    for key, digest in recorded_inputs(d).items():
-        path = Path(key) if os.path.isabs(key) else Path(run_dir) / key
+    for key, digest in recorded.items():
+        path = _input_path(run_dir, key)
         now = file_digest(path) if path.is_file() else None
         if now is None and missing_too:
             out.append((path, "is missing now"))
@@ -128,7 +133,7 @@ def _stale(stages: str, path: Path, what: str, fix: str, their: bool = False) ->
 def check_inputs(run_dir: Path, d: Path) -> None:
     """Raise StaleStageError when a file the finished stage ``d`` was made from has changed or gone
     (gone: by now the stage that writes it has run, so it should be there)."""
-    changed = _changed_inputs(run_dir, d, missing_too=True)
+    changed = _changed_inputs(run_dir, recorded_inputs(d), missing_too=True)
     if changed:
         raise _stale(f"{d}: this finished stage was", *changed[0], f"delete it ({d}) and the stages after it")
 
@@ -138,8 +143,8 @@ def check_lineage(run_dir: Path) -> None:
     there now with other contents. (A missing one is left to ``check_inputs`` when that stage comes:
     the stage that writes it may be about to redo it, identically.)"""
     run_dir = Path(run_dir)
-    stages = [m.parent for m in sorted(run_dir.rglob(P.DONE))]
-    stale: dict[Path, tuple[Path, str]] = {d: c[0] for d in stages if (c := _changed_inputs(run_dir, d, missing_too=False))}
+    recorded = {m.parent: recorded_inputs(m.parent) for m in sorted(run_dir.rglob(P.DONE))}
+    stale = {d: c[0] for d, rec in recorded.items() if (c := _changed_inputs(run_dir, rec, missing_too=False))}
     if not stale:
         return
     first = next(iter(stale.values()))
@@ -147,13 +152,9 @@ def check_lineage(run_dir: Path) -> None:
     grew = True
     while grew:
         grew = False
-        for d in stages:
-            if d not in stale:
-                for key in recorded_inputs(d):
-                    path = Path(key) if os.path.isabs(key) else run_dir / key
-                    if any(s == path.parent or s in path.parents for s in stale):
-                        stale[d], grew = first, True
-                        break
+        for d, rec in recorded.items():
+            if d not in stale and any(s in _input_path(run_dir, key).parents for key in rec for s in stale):
+                stale[d], grew = first, True
     # Name whole stages: prune/ rather than each of its levels as well.
     tops = [d for d in stale if not any(o != d and o in d.parents for o in stale)]
     names = ", ".join(d.relative_to(run_dir).as_posix() for d in sorted(tops))

@@ -386,13 +386,16 @@ def activation_sizes(model: nn.Module, input_shape: tuple[int, int, int]) -> tup
 
 def check_training_memory(cfg: RunConfig, teacher: nn.Module, student: nn.Module | None, splits: Any,
                           device: torch.device, have: int | None = None) -> None:
-    """Each training stage's batch must fit: the activations autograd keeps for its batch (per
-    process; ``LOCAL_WORLD_SIZE`` processes share this machine) plus the trained model's weights,
-    gradients and momentum (and a frozen teacher's weights while distilling), against this
-    machine's memory; so must an evaluation batch (``eval_batch_size``, capped by the splits) (the GPU's on a CUDA run; ``have``: bytes, queried when None). Past it the
-    kernel's OOM killer ends the run mid-stage with no message, after the run directory was written.
-    Under bf16 autocast half the fp32 estimate is taken, a lower bound, so a batch that fits is
-    never refused."""
+    """Every stage's batch must fit this machine's memory (the GPU's on a CUDA run; ``have``: bytes,
+    queried when None). Past it the kernel's OOM killer ends the run mid-stage with no message,
+    after the run directory was written.
+
+    Training: the activations autograd keeps for the batch (per process; ``LOCAL_WORLD_SIZE``
+    processes share the machine), plus the trained model's weights, gradients and momentum, plus a
+    frozen teacher's weights while distilling. Evaluation (``eval_batch_size``, capped by the larger
+    split; every rank the whole batch): about two of the largest activations per image and the
+    input. Under native bf16 autocast half the fp32 estimate is taken, a lower bound, so a batch
+    that fits is never refused."""
     have = (gpu_memory_bytes(device) if device.type == "cuda" else memory_bytes()) if have is None else have
     if not have:
         return
@@ -404,45 +407,41 @@ def check_training_memory(cfg: RunConfig, teacher: nn.Module, student: nn.Module
 
     bf16 = cfg.amp and (cuda_has_native_bf16(device.index) if device.type == "cuda" else cpu_has_native_bf16())
     scale = 0.5 if bf16 else 1.0  # bf16 autocast keeps some activations in half the bytes; half is a lower bound
-    t_params = sum(p.numel() for p in teacher.parameters())
-    stages = []
-    if not cfg.teacher.checkpoint:
-        stages.append(("teacher.optim", cfg.teacher.optim.batch_size, teacher, 0))
-    stages.append(("prune.retrain", cfg.prune.retrain.batch_size, teacher, 0))
+    models = [teacher] + ([student] if student is not None else [])
+    params = {id(m): sum(p.numel() for p in m.parameters()) for m in models}
+    # (key, batch, model, extra bytes, training?)
+    stages = [("teacher.optim", cfg.teacher.optim.batch_size, teacher, 0, True)] if not cfg.teacher.checkpoint else []
+    stages.append(("prune.retrain", cfg.prune.retrain.batch_size, teacher, 0, True))
     if student is not None:
-        stages.append(("distill.optim", cfg.distill.optim.batch_size, student, 4 * t_params))  # + the frozen teacher
-    # Evaluation: no gradients, one model at a time, every rank the whole split, a batch of at most
-    # the larger of validation and test; about two of its largest activations alive at once, and
-    # the frozen copies it evaluates beside (the trained weights stay: 12 B a parameter).
+        stages.append(("distill.optim", cfg.distill.optim.batch_size, student, 4 * params[id(teacher)], True))
     eval_batch = min(cfg.eval_batch_size, max(len(splits.val), len(splits.test)))
-    for model in [teacher] + ([student] if student is not None else []):
-        stages.append(("eval_batch_size", eval_batch, model, None))
-    sized: dict[int, tuple[float, float] | None] = {}
-    for key, batch, model, frozen in stages:
-        if id(model) not in sized:
-            sized[id(model)] = activation_sizes(model, shape)
+    stages += [("eval_batch_size", eval_batch, m, 0, False) for m in models]
+    sized = {id(m): activation_sizes(m, shape) for m in models}
+    for key, batch, model, extra, training in stages:
         if sized[id(model)] is None:
             continue
         total, largest = sized[id(model)]
-        per_image = scale * (2 * largest + 4 * shape[0] * h * w if frozen is None else total)  # eval: + the input batch, fp32
-        fixed = TRAINING_BYTES_PER_PARAM * sum(p.numel() for p in model.parameters()) + (frozen or 0)
-        per_rank = batch if frozen is None else -(-batch // world)
+        per_image = scale * (total if training else 2 * largest + 4 * shape[0] * h * w)  # eval: + the fp32 input batch
+        fixed = TRAINING_BYTES_PER_PARAM * params[id(model)] + extra
+        per_rank = -(-batch // world) if training else batch
         need = local * (fixed + per_image * per_rank)
-        if need > have:
-            fits = int((have / local - fixed) // per_image) * (world if frozen is not None else 1) if have / local > fixed else 0
-            arch = getattr(model, "ptd_spec", {}).get("arch", type(model).__name__)
-            ranks = f", {local} processes on this machine" if local > 1 else ""
-            where = f"the GPU's {gib(have)}" if device.type == "cuda" else f"this machine's {gib(have)}"
-            fix = (f"use a batch of at most {fits}, or a smaller data.image_size or model width" if fits >= 1 else
+        if need <= have:
+            continue
+        fits = int((have / local - fixed) // per_image) * (world if training else 1) if have / local > fixed else 0
+        arch = getattr(model, "ptd_spec", {}).get("arch", type(model).__name__)
+        ranks = f", {local} processes on this machine" if local > 1 else ""
+        where = f"the GPU's {gib(have)}" if device.type == "cuda" else f"this machine's {gib(have)}"
+        images = f"images of {'x'.join(map(str, shape))} through {arch} need about {gib(need)}"
+        if not training:
+            fix = (f"set eval_batch_size to at most {fits}, or a smaller data.image_size or model width" if fits >= 1 else
                    "lower data.image_size or the model's width: not even one image fits")
-            if frozen is None:
-                raise ConfigError(f"eval_batch_size: {cfg.eval_batch_size} (a batch of {batch}: the larger of the validation and "
-                                  f"test splits) images of {'x'.join(map(str, shape))} through {arch} need about {gib(need)} to "
-                                  f"evaluate ({per_image / 2**20:.2f} MiB per image, measured on the meta device{ranks}) against "
-                                  f"{where}; {fix.replace('use a batch of', 'set eval_batch_size to')}")
-            raise ConfigError(f"{key}.batch_size: {batch} images of {'x'.join(map(str, shape))} through {arch} need about "
-                              f"{gib(need)} to train ({per_image / 2**20:.2f} MiB of activations per image, measured on the meta "
-                              f"device, plus weights, gradients and momentum{ranks}) against {where}; {fix}")
+            raise ConfigError(f"eval_batch_size: {cfg.eval_batch_size} (a batch of {batch}: the larger of the validation and "
+                              f"test splits) {images} to evaluate ({per_image / 2**20:.2f} MiB per image, measured on the meta "
+                              f"device{ranks}) against {where}; {fix}")
+        fix = (f"use a batch of at most {fits}, or a smaller data.image_size or model width" if fits >= 1 else
+               "lower data.image_size or the model's width: not even one image fits")
+        raise ConfigError(f"{key}.batch_size: {batch} {images} to train ({per_image / 2**20:.2f} MiB of activations per image, "
+                          f"measured on the meta device, plus weights, gradients and momentum{ranks}) against {where}; {fix}")
 
 
 def check_bridges(cfg: RunConfig, teacher: nn.Module, student: nn.Module | None, splits: Any) -> None:
