@@ -151,7 +151,27 @@ def run_ptd(data_root: Path, work: Path, sch: dict, seed: int, device: str, thre
     stages[prev_tag if prev_tag in stages else "report"] += t1 - prev_t
     del res
     acc = json.loads((work / "distill" / f"pruned_teacher_seed{seed}" / "result.json").read_text())["test_acc"]
-    return {"total_s": t1 - t0, "stages": stages, "test_acc": acc}
+    return {"total_s": t1 - t0, "stages": stages, "test_acc": acc, "epoch_s": epoch_seconds(work)}
+
+
+def epoch_seconds(run_dir: Path) -> dict[str, list[float]]:
+    """Seconds of every epoch of each training stage, from the run directory's metrics.jsonl (their
+    ``wall_s`` is cumulative within one fit, evaluation included). With compile on, a fit's first
+    epoch carries its compile; the later ones show the compiled speed."""
+    dirs = {"teacher": [run_dir / "teacher"], "prune": sorted((run_dir / "prune").glob("level_*")),
+            "distill": sorted((run_dir / "distill").glob("*_seed*"))}
+    out: dict[str, list[float]] = {}
+    for stage, ds in dirs.items():
+        out[stage] = []
+        for d in ds:
+            walls = [json.loads(line)["wall_s"] for line in (d / "metrics.jsonl").read_text().splitlines() if line.strip()]
+            out[stage] += [b - a for a, b in zip([0.0] + walls, walls)]
+    return out
+
+
+def steady_epoch_s(epochs: list[float]) -> float | None:
+    """Median epoch after a fit's first (which pays compile and warm-up); None with one epoch."""
+    return statistics.median(epochs[1:]) if len(epochs) > 1 else None
 
 
 # ----------------------------------------------------------------------------- the published way (re-creation)
@@ -433,7 +453,9 @@ def step_ceiling(steps: dict[str, Any], peak: dict[str, float | None]) -> dict[s
 
 
 # ----------------------------------------------------------------------------- driver
-def spread(xs: list[float]) -> dict[str, float]:
+def spread(xs: list[float]) -> dict[str, Any]:
+    if not xs:  # e.g. steady epochs of one-epoch stages
+        return {"median": None, "min": None, "max": None, "n": 0}
     return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
 
 
@@ -480,16 +502,20 @@ def main(argv: list[str] | None = None, log: Callable[[str], None] = print) -> d
     # Likewise torch._dynamo, which torch.optim imports at the first optimizer either side makes
     # (~3 s here): paid once per process, by whichever side ran first.
     import torch._dynamo  # noqa: F401
-    runs: dict[str, list[dict]] = {"ptd": [], "published": []}
+    runs: dict[str, list[dict]] = {"ptd": [], "published": []} | ({"ptd_eager": []} if sch["compile"] != "off" else {})
     (out_dir / f"{a.tag}.runs.jsonl").unlink(missing_ok=True)
     with tempfile.TemporaryDirectory(prefix="ptd_pipeline_speed_") as tmp:
         data_root = write_cifar100(Path(tmp) / "data", a.n_train, a.n_test)
+        # With compile on, ptd also runs eager in the same pair: the compile's gain through a whole
+        # pipeline, on the same machine, is what the compiled side alone cannot say.
+        sides = ("ptd", "published") + (("ptd_eager",) if sch["compile"] != "off" else ())
         for i, seed in enumerate(a.seeds):
-            order = ("ptd", "published") if i % 2 == 0 else ("published", "ptd")  # ABBA: drift hits both alike
+            order = sides if i % 2 == 0 else sides[::-1]  # ABBA: drift hits every side alike
             for side in order:
                 work = Path(tmp) / f"{side}_{seed}"
-                if side == "ptd":
-                    r = run_ptd(data_root, work, sch, seed, a.device, a.threads)
+                if side.startswith("ptd"):
+                    s = sch if side == "ptd" else {**sch, "compile": "off"}
+                    r = run_ptd(data_root, work, s, seed, a.device, a.threads)
                 else:
                     r = PublishedPipeline(data_root, work, sch, seed, a.device).run()
                 r["seed"] = seed
@@ -513,9 +539,22 @@ def main(argv: list[str] | None = None, log: Callable[[str], None] = print) -> d
     # Seconds per epoch of each training stage, evaluation and checkpoints included (the GPU report).
     epochs = {"teacher": sch["teacher"]["epochs"], "prune": sch["retrain"]["epochs"], "distill": sch["distill"]["epochs"]}
     per_epoch = {side: {s: spread([r["stages"][s] / n for r in rs]) for s, n in epochs.items()} for side, rs in runs.items()}
+    # ptd's epochs one by one: the first of each fit against the steady ones after it (compile cost).
+    epoch_detail = {side: {s: {"first": spread([r["epoch_s"][s][0] for r in rs]),
+                               "steady": spread([v for r in rs if (v := steady_epoch_s(r["epoch_s"][s])) is not None])}
+                           for s in epochs} for side, rs in runs.items() if side.startswith("ptd")}
+    compile_gain = None
+    if "ptd_eager" in runs:  # eager / compiled, per stage and end to end, pair by pair
+        compile_gain = {"end_to_end": spread([e["total_s"] / c["total_s"] for c, e in zip(runs["ptd"], runs["ptd_eager"])])}
+        for s in epochs:
+            compile_gain[s] = spread([e["stages"][s] / c["stages"][s] for c, e in zip(runs["ptd"], runs["ptd_eager"])])
+            st = [(steady_epoch_s(e["epoch_s"][s]), steady_epoch_s(c["epoch_s"][s])) for c, e in zip(runs["ptd"], runs["ptd_eager"])]
+            if all(x is not None and y for x, y in st):
+                compile_gain[f"{s}_steady_epoch"] = spread([x / y for x, y in st])
     gpu = torch.cuda.get_device_name(0) if a.device.startswith("cuda") else None
     result = {"machine": {"cpu": cpu_name(), "gpu": gpu, "threads": torch.get_num_threads(), "torch": torch.__version__},
               "args": vars(a), "schedule": sch, "runs": runs, "end_to_end_ratio": spread(ratios), "stage_ratio": stage_ratios, "per_epoch_s": per_epoch,
+              "epoch_detail": epoch_detail, "compile_gain": compile_gain,
               "test_acc": {side: [r["test_acc"] for r in rs] for side, rs in runs.items()},
               "matmul_peak_flop_per_s": peak, "train_step": flo, "step_ceiling": step_ceiling(flo, peak)}
     (out_dir / f"{a.tag}.json").write_text(json.dumps(result, indent=1))
@@ -541,6 +580,15 @@ def render_md(r: dict[str, Any]) -> str:
     lines += [f"- {s}: {v['median']:.2f}x [{v['min']:.2f}, {v['max']:.2f}]" for s, v in r["stage_ratio"].items()]
     lines += ["", "Seconds per epoch (median; stage time / its epochs, evaluation and checkpoints included): " + "; ".join(
         f"{side}: " + ", ".join(f"{s} {v['median']:.1f}" for s, v in pe.items()) for side, pe in r["per_epoch_s"].items())]
+    ed = r.get("epoch_detail")
+    if ed:
+        lines += ["", "ptd's epochs one by one (median s): a fit's first epoch (compile and warm-up) / the steady ones after it: " + "; ".join(
+            f"{side}: " + ", ".join(f"{s} {v['first']['median']:.2f} / " + (f"{v['steady']['median']:.2f}" if v["steady"]["n"] else "-")
+                                    for s, v in sd.items()) for side, sd in ed.items())]
+    cg = r.get("compile_gain")
+    if cg:
+        lines += ["", f"Compile ({r['schedule']['compile']}) against eager, ptd eager / ptd compiled, same pairs (median [min, max]):", ""]
+        lines += [f"- {k.replace('_', ' ')}: {v['median']:.2f}x [{v['min']:.2f}, {v['max']:.2f}]" for k, v in cg.items()]
     acc = r["test_acc"]
     lines += ["", "Distilled student test accuracy, mean over seeds: " + ", ".join(
         f"{k} {statistics.mean(v):.4f} (sd {statistics.pstdev(v):.4f}, n {len(v)})" for k, v in acc.items()), ""]

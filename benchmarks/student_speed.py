@@ -101,6 +101,26 @@ def time_interleaved(models: dict, fn, repeats: int, warmup: int) -> dict[str, f
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def graphed_forward(m: nn.Module, x: torch.Tensor, prec: str) -> tuple["torch.cuda.CUDAGraph", torch.Tensor]:
+    """``m(x)`` in eval mode captured as one CUDA graph: a replay launches the whole forward at
+    once, as a deployed model runs (TensorRT, CUDA-graph servers), so the time is the GPU's work
+    and not the ~5-10 us host cost of each of its kernel launches. The autocast cache is off
+    because cached casts would outlive the capture. Returns the graph and its output tensor, which
+    each replay rewrites from whatever ``x`` then holds."""
+    m.eval()
+    amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=prec == "bf16", cache_enabled=False)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.no_grad(), torch.cuda.stream(side), amp:  # warm-up off the default stream, as capture requires
+        for _ in range(3):
+            m(x)
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(g), amp:
+        out = m(x)
+    return g, out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
@@ -115,10 +135,14 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1, help="torch threads: 1 on a shared CPU (two stall whenever a neighbour takes a core)")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--cuda-graphs", action="store_true",
+                    help="also time inference replayed from CUDA graphs (launch overhead removed; CUDA only)")
     ap.add_argument("--out", default="benchmarks/results/student_speed")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if args.cuda_graphs and device.type != "cuda":
+        ap.error(f"--cuda-graphs needs a CUDA device, not --device {args.device}: drop the flag or pass --device cuda")
     if "bf16" in args.precisions and device.type == "cpu" and not cpu_has_native_bf16():
         # Emulated bf16 (an AVX2-only CPU) runs matmuls ~600x slower than fp32 here: hours of
         # timing a path ptd never takes on this CPU (Runtime.uses_amp trains it in fp32).
@@ -194,6 +218,13 @@ def main(argv=None) -> int:
                         m(x)
 
                 infer[b] = time_interleaved(ms, fwd, args.repeats * (3 if b == 1 else 1), args.warmup)
+            graph_infer = {}
+            if args.cuda_graphs:
+                for b in (64, 1) + ((args.large_batch,) if args.large_batch else ()):
+                    x = torch.randn((b,) + shape, device=device).to(memory_format=torch.channels_last)
+                    graphs = {id(m): graphed_forward(m, x, prec)[0] for m in ms.values()}
+                    graph_infer[b] = time_interleaved(ms, lambda m: graphs[id(m)].replay(), args.repeats * (3 if b == 1 else 1), args.warmup)
+                    del graphs
             for key, m in meta.items():
                 t = alias[key]
                 r = {"case": case, "precision": prec, **{k: v for k, v in m.items() if k not in ("spec",)}, "same_student_as": None if t == key else t,
@@ -205,6 +236,9 @@ def main(argv=None) -> int:
                     L = args.large_batch
                     r.update({"train_ratio_large": train_large["teacher"] / train_large[t], "speedup_large": infer[L]["teacher"] / infer[L][t],
                               "teacher_train_img_s_large": L / train_large["teacher"], "teacher_ms_large": infer[L]["teacher"] * 1e3})
+                if graph_infer:
+                    r["cuda_graphs"] = {f"b{b}": {"speedup": v["teacher"] / v[t], "teacher_ms": v["teacher"] * 1e3}
+                                        for b, v in graph_infer.items()}
                 f = r["flops_ratio"]
                 r["targets"] = {"train >= 0.8 x FLOPs ratio": r["train_ratio"] >= 0.8 * f, "b64 >= 0.8 x FLOPs ratio": r["speedup_b64"] >= 0.8 * f,
                                 "never slower": min(r["train_ratio"], r["speedup_b64"], r["speedup_b1"]) >= 1.0}
@@ -275,6 +309,20 @@ def render(res) -> str:
             seen.add(k)
             lines.append(f"- {r['case']} {r['precision']}: {r['teacher_train_img_s']:.0f} img/s, {r['teacher_ms_b64']:.1f} / {r['teacher_ms_b1']:.2f} ms"
                          + (f"; at batch {L}: {r['teacher_train_img_s_large']:.0f} img/s, {r['teacher_ms_large']:.1f} ms" if L else ""))
+    graphed = [r for r in res["rows"] if r.get("cuda_graphs")]
+    if graphed:
+        bs = list(graphed[0]["cuda_graphs"])
+        lines += ["", "Inference replayed from CUDA graphs (`--cuda-graphs`: one launch per forward, as deployed), "
+                  "student speedup over its teacher, against eager from the table above:", "",
+                  "| case | sparsity | precision | round_to | FLOPs ratio | " + " | ".join(f"{b} graphs | {b} eager" for b in bs) + " |",
+                  "|---|---|---|---|---|" + "---|---|" * len(bs)]
+        eager = {"b64": "speedup_b64", "b1": "speedup_b1", f"b{L}": "speedup_large"}
+        for r in graphed:
+            lines.append(f"| {r['case']} | {r['sparsity']} | {r['precision']} | {r['round_to']} | {r['flops_ratio']:.2f} | "
+                         + " | ".join(f"{r['cuda_graphs'][b]['speedup']:.2f} | {r[eager[b]]:.2f}" for b in bs) + " |")
+        lines += ["", "Teacher latency from graphs (ms): " + "; ".join(
+            f"{r['case']} {r['precision']} " + ", ".join(f"{b} {v['teacher_ms']:.3f}" for b, v in r["cuda_graphs"].items())
+            for r in graphed if r["round_to"] == graphed[0]["round_to"] and r["sparsity"] == graphed[0]["sparsity"])]
     lines += ["", "Student widths (per Conv/Linear layer, module order):", ""]
     seen = set()
     for r in res["rows"]:

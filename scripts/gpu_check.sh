@@ -10,8 +10,10 @@
 #      and ptd's `compile` key through fit (per-epoch wall, eager vs CUDA graphs)
 #   5. benchmarks/pipeline_speed.py on CUDA: per-epoch times of the CIFAR-100 VGG19 recipe, ptd vs
 #      the re-creation of the published code's way (fabricated CIFAR-100 at full size, 50k/10k)
-#   6. benchmarks/student_speed.py on CUDA (issue 7's table: students vs teachers, fp32 and bf16)
-#   (5b. pipeline_compile, only when GPU_CHECK_STEPS names it: step 5 with compile: reduce-overhead)
+#   6. benchmarks/student_speed.py on CUDA (issue 7's table: students vs teachers, fp32 and bf16; inference
+#      eager and replayed from CUDA graphs)
+#   (7. pipeline_compile, only when GPU_CHECK_STEPS names it: step 5 with compile: reduce-overhead,
+#    against ptd eager in the same pairs)
 # Everything lands in benchmarks/results/gpu/, each file naming the GPU. The steps' exit codes are
 # collected in summary.txt; the script exits non-zero when any step failed. Where the device runner
 # sets $OUT, the results are packed there as gpu_check.tgz after EVERY step, so a run cut off at its
@@ -75,7 +77,7 @@ cat "$RES/device.txt" | tee -a "$SUMMARY"
 pack
 
 # 1. CUDA tests of the suite (they skip themselves without CUDA, so the dry run reports skips).
-step cuda_tests 150 $PY -m pytest tests -q -p no:cacheprovider -k cuda -rs --durations=10
+step cuda_tests 240 $PY -m pytest tests -q -p no:cacheprovider -k cuda -rs --durations=10
 
 # 2. A tiny pipeline under torchrun, one process: NCCL on CUDA (gloo in the dry run).
 $PY - <<'EOF'
@@ -193,24 +195,25 @@ else
     --batch-size 128 --flops-batches 50 --peak-n 8192 --out "$RES" --tag pipeline_speed_gpu
 fi
 
-# 5b. Only when GPU_CHECK_STEPS names it (~4 min on an H100, beyond one lease call with the rest):
-#     the same pipeline with ptd's `compile: reduce-overhead`, over enough epochs that the per-epoch
-#     times after each stage's first (compiling) epoch show the CUDA-graph gain end to end.
-if [[ " ${GPU_CHECK_STEPS:-} " == *" pipeline_compile "* ]]; then
-  if [ $DRY = 1 ]; then
-    step pipeline_compile 240 $PY benchmarks/pipeline_speed.py --quick --device cpu --compile default --out "$RES" --tag pipeline_compile_gpu
-  else
-    step pipeline_compile 330 $PY benchmarks/pipeline_speed.py --device cuda --n-train 25000 --n-test 5000 --seeds 0 \
-      --teacher-epochs 3 --retrain-epochs 2 --distill-epochs 3 --compile reduce-overhead --flops-batches 20 --peak-n 8192 \
-      --out "$RES" --tag pipeline_compile_gpu
-  fi
-fi
-
 # 6. Issue 7's student speed table on CUDA: demo and ResNet-18 students, fp32 and bf16, per rounding.
 if [ $DRY = 1 ]; then
   step student_speed 120 $PY benchmarks/student_speed.py --cases demo --round-to 1 8n --precisions fp32 --repeats 1 --large-batch 32 --device cpu --out "$RES/student_speed_cuda"
 else
-  step student_speed 150 $PY benchmarks/student_speed.py --round-to 1 8n 32 --repeats 5 --warmup 3 --train-batch 128 --large-batch 1024 --device cuda --out "$RES/student_speed_cuda"
+  step student_speed 150 $PY benchmarks/student_speed.py --round-to 1 8n 32 64 --repeats 5 --warmup 3 --train-batch 128 --large-batch 1024 --device cuda --cuda-graphs --out "$RES/student_speed_cuda"
+fi
+
+# 7. Last, and only when GPU_CHECK_STEPS names it (~5 min on an H100, beyond one lease call with the
+#     rest): the same pipeline with ptd's `compile: reduce-overhead`, over enough epochs that each
+#     stage's epochs after its first (compiling) one show the CUDA-graph gain; ptd also runs eager in
+#     the same pair, so the gain end to end and per steady epoch is measured on the same GPU.
+if [[ " ${GPU_CHECK_STEPS:-} " == *" pipeline_compile "* ]]; then
+  if [ $DRY = 1 ]; then
+    step pipeline_compile 240 $PY benchmarks/pipeline_speed.py --quick --teacher-epochs 2 --device cpu --compile default --out "$RES" --tag pipeline_compile_gpu
+  else
+    step pipeline_compile 420 $PY benchmarks/pipeline_speed.py --device cuda --n-train 25000 --n-test 5000 --seeds 0 \
+      --teacher-epochs 3 --retrain-epochs 2 --distill-epochs 3 --compile reduce-overhead --flops-batches 20 --peak-n 8192 \
+      --out "$RES" --tag pipeline_compile_gpu
+  fi
 fi
 
 rm -rf "$WORK"

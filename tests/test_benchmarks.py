@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
+import torch.nn as nn
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -79,6 +81,36 @@ def test_student_speed_times_fp32_only_where_bf16_is_emulated(tmp_path: Path, mo
                     "--out", str(tmp_path / "ss")]) == 0
     assert {r["precision"] for r in json.loads((tmp_path / "ss.json").read_text())["rows"]} == {"fp32"}
     assert "no native bf16" in capsys.readouterr().err
+
+
+def test_student_speed_cuda_graphs_need_cuda(capsys):
+    ss = _load("student_speed")
+    with pytest.raises(SystemExit) as e:
+        ss.main(["--cuda-graphs", "--device", "cpu"])
+    assert e.value.code == 2 and "--cuda-graphs needs a CUDA device" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_student_speed_cuda_graphs_on_cuda(tmp_path: Path):
+    """A replayed graph computes what the eager forward computes, and the table gets its columns."""
+    ss = _load("student_speed")
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.LazyLinear(4)).cuda()
+    x = torch.randn(4, 3, 8, 8, device="cuda")
+    m.eval()(x)  # materializes the lazy layer
+    g, out = ss.graphed_forward(m, x, "fp32")
+    x.copy_(torch.randn_like(x))  # the graph reads x's memory: a new input, a new output
+    with torch.no_grad():
+        want = m(x).clone()
+    out.zero_()
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.allclose(out, want, atol=1e-5)
+    assert ss.main(["--cases", "demo", "--round-to", "8n", "--precisions", "fp32", "bf16", "--repeats", "2", "--warmup", "1",
+                    "--large-batch", "256", "--device", "cuda", "--cuda-graphs", "--out", str(tmp_path / "ss")]) == 0
+    res = json.loads((tmp_path / "ss.json").read_text())
+    assert all(set(r["cuda_graphs"]) == {"b64", "b1", "b256"} and r["cuda_graphs"]["b64"]["speedup"] > 0 for r in res["rows"])
+    assert "Inference replayed from CUDA graphs" in (tmp_path / "ss.md").read_text()
 
 
 def test_kd_split_smoke(tmp_path: Path):

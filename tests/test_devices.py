@@ -288,6 +288,28 @@ def test_device_latency_out_of_memory_is_a_row_not_a_crash(monkeypatch):
     assert rows[-1] == ["PyTorch (eager, cpu)", "256", "n/a", "n/a", "out of GPU memory"] and rows[0][1] == "1"
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_device_latency_out_of_memory_on_cuda_is_a_row_not_a_crash():
+    """The path above with the CUDA caching allocator's own error, not a stand-in: the process is
+    held to 1 GiB of the GPU, and batch 8192 of a 64-channel net on 64x64 images needs 8 GiB for
+    its first activation alone (8192 x 64 x 64 x 64 x 4 B). Batch 1 is still measured, and the
+    memory the failed batch took is given back."""
+    from ptd.measure import device_latency
+
+    torch.cuda.empty_cache()
+    torch.cuda.set_per_process_memory_fraction(2**30 / torch.cuda.get_device_properties(0).total_memory)
+    try:
+        big = build_model("vgg", 4, 3, plan=[64, "M", 64])
+        r = device_latency(big, net(), (3, 64, 64), "cuda", batch_sizes=(1, 8192), repeats=3)
+        after = torch.cuda.memory_reserved()
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+        torch.cuda.empty_cache()
+    assert r["batch_8192"] == {"error": "out of GPU memory"}
+    assert r["batch_1"]["teacher_ms"] > 0 and r["batch_1"]["student_ms"] > 0
+    assert after < 2**30
+
+
 @pytest.mark.parametrize("major,amp", [(7, False), (8, True), (9, True)])  # V100/T4, A100, H100
 def test_bf16_autocast_only_on_gpus_with_bf16_tensor_cores(monkeypatch, major, amp):
     from types import SimpleNamespace

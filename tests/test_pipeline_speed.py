@@ -86,6 +86,58 @@ def test_quick_run_reports_ratios_accuracy_and_flops(ps, tmp_path: Path):
         assert c[k]["achieved_ratio"] == pytest.approx(ts[k]["flop_per_s"] / ts[f"published_{k}"]["flop_per_s"])
     md = (tmp_path / "pipeline_speed.md").read_text()
     assert "| published teacher |" in md and "ceiling" in md
+    # ptd's epochs one by one, from its run directory: one per scheduled epoch, inside their stage.
+    sch = res["schedule"]
+    assert [len(p["epoch_s"][s]) for s in ("teacher", "prune", "distill")] == [
+        sch["teacher"]["epochs"], sch["retrain"]["epochs"], sch["distill"]["epochs"]]
+    for s in ("teacher", "prune", "distill"):
+        assert all(e > 0 for e in p["epoch_s"][s]) and sum(p["epoch_s"][s]) <= p["stages"][s]
+    assert res["compile_gain"] is None and "ptd_eager" not in res["runs"]
+
+
+def test_compile_runs_ptd_eager_too_and_reports_the_gain(ps, tmp_path: Path, monkeypatch):
+    """With --compile, each pair runs ptd compiled, the published way and ptd eager; the gain is
+    eager / compiled per stage and per steady epoch (a fit's first epoch pays the compile). The
+    expensive sides are stood in for: this checks the driver's bookkeeping and arithmetic."""
+    seen = []
+
+    def fake_ptd(data_root, work, sch, seed, device, threads):
+        c = sch["compile"] != "off"
+        seen.append(("ptd" if c else "ptd_eager", seed))
+        ep = {"teacher": [30.0, 1.0, 1.0] if c else [3.0, 2.0, 2.0], "prune": [1.0, 1.0] if c else [2.0, 2.0],
+              "distill": [40.0, 1.5, 1.5] if c else [4.0, 3.0, 3.0]}
+        stages = {"startup": 1.0, "teacher": sum(ep["teacher"]), "prune": sum(ep["prune"]), "student": 1.0,
+                  "distill": sum(ep["distill"]), "report": 0.0}
+        return {"total_s": sum(stages.values()), "stages": stages, "test_acc": 0.5, "epoch_s": ep}
+
+    class FakePub:
+        def __init__(self, data_root, work, sch, seed, device):
+            self.seed = seed
+
+        def run(self):
+            seen.append(("published", self.seed))
+            st = {"startup": 0.0, "teacher": 30.0, "prune": 20.0, "student": 0.0, "distill": 30.0, "report": 0.0}
+            return {"total_s": 80.0, "stages": st, "test_acc": 0.5}
+
+    step = {"flops_per_image": 1e9, "images_per_s": 10.0, "flop_per_s": 1e10}
+    monkeypatch.setattr(ps, "run_ptd", fake_ptd)
+    monkeypatch.setattr(ps, "PublishedPipeline", FakePub)
+    monkeypatch.setattr(ps, "step_flops", lambda *a: {"uses_bf16_autocast": False, **{k: dict(step) for k in (
+        "teacher", "student_kd", "published_teacher", "published_student_kd")}})
+    monkeypatch.setattr(ps, "matmul_peak", lambda *a, **k: 1e11)
+    res = ps.main(["--n-train", "64", "--n-test", "16", "--seeds", "0", "1", "--teacher-epochs", "3", "--retrain-epochs", "2", "--distill-epochs", "3",
+                   "--compile", "reduce-overhead", "--out", str(tmp_path)], log=lambda *_: None)
+    # ABBA over three sides: the second pair runs them in reverse
+    assert seen == [("ptd", 0), ("published", 0), ("ptd_eager", 0), ("ptd_eager", 1), ("published", 1), ("ptd", 1)]
+    g = res["compile_gain"]
+    assert g["teacher"]["median"] == pytest.approx(7.0 / 32.0) and g["teacher_steady_epoch"]["median"] == pytest.approx(2.0)
+    assert g["prune_steady_epoch"]["median"] == pytest.approx(2.0) and g["distill_steady_epoch"]["median"] == pytest.approx(2.0)
+    assert g["end_to_end"]["median"] == pytest.approx((1 + 7 + 4 + 1 + 10) / (1 + 32 + 2 + 1 + 43))
+    assert res["epoch_detail"]["ptd"]["distill"] == {"first": ps.spread([40.0, 40.0]), "steady": ps.spread([1.5, 1.5])}
+    # the headline ratio stays published / ptd as configured (compiled)
+    assert res["end_to_end_ratio"]["median"] == pytest.approx(80.0 / 79.0)
+    md = (tmp_path / "pipeline_speed.md").read_text()
+    assert "- teacher steady epoch: 2.00x [2.00, 2.00]" in md and "distill 40.00 / 1.50" in md
 
 
 class _Sleepy(nn.Module):
