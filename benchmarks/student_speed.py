@@ -181,9 +181,10 @@ def main(argv=None) -> int:
                              "activation_ratio": t_act / activations(student, shape),
                              "widths": [r.width for r in plan.layers]}
             for key, m in meta.items():
-                if m["sparsity"] == sp and base:
+                if m["sparsity"] == sp:
                     m["weights_vs_surviving"] = m["student_weights"] / alive
-                    m["rounding_cost"] = m["student_weights"] / base - 1
+                    # against the paper's exact student; unknown when round_to 1 is not a candidate
+                    m["rounding_cost"] = m["student_weights"] / base - 1 if base else None
         for prec in args.precisions:
             ms = {k: m.to(device).to(memory_format=torch.channels_last) for k, m in models.items()}
             amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=prec == "bf16")
@@ -250,7 +251,7 @@ def main(argv=None) -> int:
     for rt in args.round_to:
         rs = [r for r in rows if r["round_to"] == rt]
         within = all(abs(r["weights_vs_surviving"] - 1) <= 0.10 for r in rs)
-        score[rt] = (within, sum(sum(r["targets"].values()) for r in rs), -max(abs(r.get("rounding_cost", 0)) for r in rs))
+        score[rt] = (within, sum(sum(r["targets"].values()) for r in rs), -max(abs(r.get("rounding_cost") or 0) for r in rs))
     best = max(args.round_to, key=lambda rt: (score[rt], -int(rt.rstrip("n")), not rt.endswith("n")))
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     result = {"command": command, "machine": {"cpu": cpu_name(), "gpu": gpu, "device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
@@ -294,7 +295,7 @@ def render(res) -> str:
         lines.append(
             f"| {r['case']} | {r['sparsity']} | {r['precision']} | {r['round_to']}"
             + (f" (= {r['same_student_as'].rsplit('/r', 1)[1]})" if r.get("same_student_as") else "") + " | "
-            f"{r['weights_vs_surviving']:.3f} | {r['rounding_cost']:+.1%} | "
+            f"{r['weights_vs_surviving']:.3f} | " + (f"{r['rounding_cost']:+.1%}" if r["rounding_cost"] is not None else "-") + " | "
             f"{r['flops_ratio']:.2f} | {r['activation_ratio']:.2f} | {r['train_ratio']:.2f} | {r['speedup_b64']:.2f} | {r['speedup_b1']:.2f} | {large}{0.8 * r['flops_ratio']:.2f} | "
             + ("met" if not miss else "MISSED: " + ", ".join(miss)) + " |")
     lines += ["", "Targets met per round_to (of " + str(res["targets_total"]) + "): "

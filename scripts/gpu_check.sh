@@ -95,7 +95,7 @@ cfg = {"name": "gpu_tiny", "device": os.environ["PTD_GPU_CHECK_DEV"], "quiet": T
 (w / "tiny.yaml").write_text(yaml.safe_dump(cfg))
 EOF
 step torchrun_nccl 120 $PY -m torch.distributed.run --standalone --nproc_per_node=1 -m ptd run "$WORK/tiny.yaml" --out "$WORK/tiny_run" --quiet
-$PY -c "import json,sys; e=json.load(open('$WORK/tiny_run/env.json')); r=json.load(open('$WORK/tiny_run/results.json')) if __import__('os').path.exists('$WORK/tiny_run/results.json') else {}; print(json.dumps({'device': e.get('device'), 'world_size': e.get('world_size'), 'gpus': e.get('gpus'), 'results_keys': sorted(r)}))" > "$RES/torchrun_nccl.json" 2>&1
+[ -f "$WORK/tiny_run/env.json" ] && $PY -c "import json,sys; e=json.load(open('$WORK/tiny_run/env.json')); r=json.load(open('$WORK/tiny_run/results.json')) if __import__('os').path.exists('$WORK/tiny_run/results.json') else {}; print(json.dumps({'device': e.get('device'), 'world_size': e.get('world_size'), 'gpus': e.get('gpus'), 'results_keys': sorted(r)}))" > "$RES/torchrun_nccl.json" 2>&1
 
 # 3 + 4. bf16 autocast + channels_last through ptd's Runtime/fit; torch.compile vs eager step time.
 step amp_compile 150 $PY - <<'EOF'

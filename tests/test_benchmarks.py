@@ -83,6 +83,17 @@ def test_student_speed_times_fp32_only_where_bf16_is_emulated(tmp_path: Path, mo
     assert "no native bf16" in capsys.readouterr().err
 
 
+def test_student_speed_without_the_exact_rule_among_candidates(tmp_path: Path):
+    """Rounding cost is measured against the round_to=1 student; without it the cost is unknown
+    (shown as -), not a crash (the first H200 run's --round-to 8n alone hit a KeyError)."""
+    ss = _load("student_speed")
+    assert ss.main(["--cases", "demo", "--round-to", "8n", "--precisions", "fp32", "--repeats", "1", "--warmup", "0",
+                    "--out", str(tmp_path / "ss")]) == 0
+    (r,) = json.loads((tmp_path / "ss.json").read_text())["rows"]
+    assert r["rounding_cost"] is None and abs(r["weights_vs_surviving"] - 1.020) < 0.01
+    assert "| demo | 0.59 | fp32 | 8n | 1.020 | - |" in (tmp_path / "ss.md").read_text()
+
+
 def test_student_speed_cuda_graphs_need_cuda(capsys):
     ss = _load("student_speed")
     with pytest.raises(SystemExit) as e:
