@@ -121,6 +121,18 @@ def graphed_forward(m: nn.Module, x: torch.Tensor, prec: str) -> tuple["torch.cu
     return g, out
 
 
+def compiled_forward(m: nn.Module, device: torch.device):
+    """``m`` for inference through torch.compile as a deployment compiler would run it: inductor
+    with ``freezing`` (weights become constants, so eval BatchNorm folds into the conv before it
+    and BN/ReLU/add fuse into neighbouring kernels), CUDA graphs on a GPU. What this changes is
+    the memory-bound work between the convolutions, which eager pays per layer in full."""
+    m.eval()
+    # options, not mode: the two exclude each other, and options keep freezing to this compile
+    # (a global inductor setting would reach every later compile in the process). "reduce-overhead"
+    # is exactly triton.cudagraphs on.
+    return torch.compile(m, options={"freezing": True, "triton.cudagraphs": device.type == "cuda"}, dynamic=False)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
@@ -137,6 +149,9 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--cuda-graphs", action="store_true",
                     help="also time inference replayed from CUDA graphs (launch overhead removed; CUDA only)")
+    ap.add_argument("--compiled-infer", action="store_true",
+                    help="also time inference through torch.compile (frozen weights: BN folded, BN/ReLU fused; CUDA graphs "
+                         "on a GPU) at batch 64 and --large-batch; one compile per model and batch, ~10-30 s each")
     ap.add_argument("--out", default="benchmarks/results/student_speed")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -226,6 +241,25 @@ def main(argv=None) -> int:
                     graphs = {id(m): graphed_forward(m, x, prec)[0] for m in ms.values()}
                     graph_infer[b] = time_interleaved(ms, lambda m: graphs[id(m)].replay(), args.repeats * (3 if b == 1 else 1), args.warmup)
                     del graphs
+            comp_infer = {}
+            if args.compiled_infer:
+                import torch._dynamo as dynamo  # (binds dynamo only: "import torch._dynamo" would make torch local here)
+
+                # one compiled entry per model and batch size: more than dynamo's default of 8 per code object
+                dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, 64)
+                for b in (64,) + ((args.large_batch,) if args.large_batch else ()):
+                    x = torch.randn((b,) + shape, device=device).to(memory_format=torch.channels_last)
+                    fns = {id(m): compiled_forward(m, device) for m in ms.values()}
+
+                    @torch.no_grad()
+                    def cfwd(m, x=x, fns=fns):
+                        if device.type == "cuda":
+                            torch.compiler.cudagraph_mark_step_begin()  # a new inference step: earlier outputs may be reused
+                        with amp:
+                            fns[id(m)](x)
+
+                    comp_infer[b] = time_interleaved(ms, cfwd, args.repeats, max(args.warmup, 3))  # warm-up compiles
+                    del fns
             for key, m in meta.items():
                 t = alias[key]
                 r = {"case": case, "precision": prec, **{k: v for k, v in m.items() if k not in ("spec",)}, "same_student_as": None if t == key else t,
@@ -240,6 +274,9 @@ def main(argv=None) -> int:
                 if graph_infer:
                     r["cuda_graphs"] = {f"b{b}": {"speedup": v["teacher"] / v[t], "teacher_ms": v["teacher"] * 1e3}
                                         for b, v in graph_infer.items()}
+                if comp_infer:
+                    r["compiled"] = {f"b{b}": {"speedup": v["teacher"] / v[t], "teacher_ms": v["teacher"] * 1e3}
+                                     for b, v in comp_infer.items()}
                 f = r["flops_ratio"]
                 r["targets"] = {"train >= 0.8 x FLOPs ratio": r["train_ratio"] >= 0.8 * f, "b64 >= 0.8 x FLOPs ratio": r["speedup_b64"] >= 0.8 * f,
                                 "never slower": min(r["train_ratio"], r["speedup_b64"], r["speedup_b1"]) >= 1.0}
@@ -310,20 +347,9 @@ def render(res) -> str:
             seen.add(k)
             lines.append(f"- {r['case']} {r['precision']}: {r['teacher_train_img_s']:.0f} img/s, {r['teacher_ms_b64']:.1f} / {r['teacher_ms_b1']:.2f} ms"
                          + (f"; at batch {L}: {r['teacher_train_img_s_large']:.0f} img/s, {r['teacher_ms_large']:.1f} ms" if L else ""))
-    graphed = [r for r in res["rows"] if r.get("cuda_graphs")]
-    if graphed:
-        bs = list(graphed[0]["cuda_graphs"])
-        lines += ["", "Inference replayed from CUDA graphs (`--cuda-graphs`: one launch per forward, as deployed), "
-                  "student speedup over its teacher, against eager from the table above:", "",
-                  "| case | sparsity | precision | round_to | FLOPs ratio | " + " | ".join(f"{b} graphs | {b} eager" for b in bs) + " |",
-                  "|---|---|---|---|---|" + "---|---|" * len(bs)]
-        eager = {"b64": "speedup_b64", "b1": "speedup_b1", f"b{L}": "speedup_large"}
-        for r in graphed:
-            lines.append(f"| {r['case']} | {r['sparsity']} | {r['precision']} | {r['round_to']} | {r['flops_ratio']:.2f} | "
-                         + " | ".join(f"{r['cuda_graphs'][b]['speedup']:.2f} | {r[eager[b]]:.2f}" for b in bs) + " |")
-        lines += ["", "Teacher latency from graphs (ms): " + "; ".join(
-            f"{r['case']} {r['precision']} " + ", ".join(f"{b} {v['teacher_ms']:.3f}" for b, v in r["cuda_graphs"].items())
-            for r in graphed if r["round_to"] == graphed[0]["round_to"] and r["sparsity"] == graphed[0]["sparsity"])]
+    lines += extra_table(res, "cuda_graphs", "Inference replayed from CUDA graphs (`--cuda-graphs`: one launch per forward, as deployed)")
+    lines += extra_table(res, "compiled", "Inference through torch.compile (`--compiled-infer`: frozen weights, BN folded and "
+                                          "BN/ReLU fused; CUDA graphs on a GPU)")
     lines += ["", "Student widths (per Conv/Linear layer, module order):", ""]
     seen = set()
     for r in res["rows"]:
@@ -332,6 +358,28 @@ def render(res) -> str:
             seen.add(k)
             lines.append(f"- {r['case']} @{r['sparsity']} round_to {r['round_to']}: {r['widths']}")
     return "\n".join(lines) + "\n"
+
+
+def extra_table(res, key: str, title: str) -> list[str]:
+    """Rows that carry ``key`` ({"b<batch>": {"speedup", "teacher_ms"}}): student speedup per batch
+    beside the eager one of the main table, and the teacher's latency."""
+    rows = [r for r in res["rows"] if r.get(key)]
+    if not rows:
+        return []
+    bs = list(rows[0][key])
+    eager = {"b64": "speedup_b64", "b1": "speedup_b1", f"b{res.get('large_batch')}": "speedup_large"}
+    lines = ["", title + ", student speedup over its teacher, against eager from the table above:", "",
+             "| case | sparsity | precision | round_to | FLOPs ratio | activation ratio | "
+             + " | ".join(f"{b} {key.replace('_', ' ')} | {b} eager" for b in bs) + " |",
+             "|---|---|---|---|---|---|" + "---|---|" * len(bs)]
+    for r in rows:
+        lines.append(f"| {r['case']} | {r['sparsity']} | {r['precision']} | {r['round_to']} | {r['flops_ratio']:.2f} | "
+                     f"{r['activation_ratio']:.2f} | " + " | ".join(f"{r[key][b]['speedup']:.2f} | {r[eager[b]]:.2f}" for b in bs) + " |")
+    first = rows[0]
+    lines += ["", "Teacher latency (ms): " + "; ".join(
+        f"{r['case']} {r['precision']} " + ", ".join(f"{b} {v['teacher_ms']:.3f}" for b, v in r[key].items())
+        for r in rows if r["round_to"] == first["round_to"] and r["sparsity"] == first["sparsity"])]
+    return lines
 
 
 if __name__ == "__main__":

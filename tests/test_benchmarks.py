@@ -9,6 +9,8 @@ import pytest
 import torch
 import torch.nn as nn
 
+from conftest import DEVICES
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -121,7 +123,28 @@ def test_student_speed_cuda_graphs_on_cuda(tmp_path: Path):
                     "--large-batch", "256", "--device", "cuda", "--cuda-graphs", "--out", str(tmp_path / "ss")]) == 0
     res = json.loads((tmp_path / "ss.json").read_text())
     assert all(set(r["cuda_graphs"]) == {"b64", "b1", "b256"} and r["cuda_graphs"]["b64"]["speedup"] > 0 for r in res["rows"])
-    assert "Inference replayed from CUDA graphs" in (tmp_path / "ss.md").read_text()
+    assert "Inference replayed from CUDA graphs" in (tmp_path / "ss.md").read_text() and "b64 cuda graphs | b64 eager" in (tmp_path / "ss.md").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("device", DEVICES)
+def test_student_speed_compiled_inference_on(device, tmp_path: Path):
+    """The compiled forward (frozen weights, BN folded) computes the eager forward's logits, and
+    the table gets its compiled columns. ~15 s on a CPU: two inductor compiles."""
+    ss = _load("student_speed")
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 4)).to(device)
+    m.train()(torch.randn(16, 3, 8, 8, device=device))  # BN statistics away from their init: folding has work to do
+    x = torch.randn(4, 3, 8, 8, device=device)
+    with torch.no_grad():
+        want = m.eval()(x).clone()
+        got = ss.compiled_forward(m, torch.device(device))(x).clone()
+    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
+    assert ss.main(["--cases", "demo", "--round-to", "8n", "--precisions", "fp32", "--repeats", "1", "--warmup", "0",
+                    "--device", device, "--compiled-infer", "--out", str(tmp_path / "ss")]) == 0
+    (r,) = json.loads((tmp_path / "ss.json").read_text())["rows"]
+    assert set(r["compiled"]) == {"b64"} and r["compiled"]["b64"]["speedup"] > 0 and r["compiled"]["b64"]["teacher_ms"] > 0
+    assert "| b64 compiled | b64 eager |" in (tmp_path / "ss.md").read_text()
 
 
 def test_kd_split_smoke(tmp_path: Path):
