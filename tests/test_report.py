@@ -136,6 +136,15 @@ def test_report_shows_teacher_vs_student_latency_in_both_runtimes():
                 "| PyTorch (eager, NVIDIA H100 80GB HBM3) | 256 | 3.00 | 1.50 | 2.00x |"):
         assert row in md
     assert "(the GPU rows on the GPU the run trained on)" in md
+    assert "slower than its teacher" not in md  # every speedup here is above 1
+    # A student slower than its teacher (as measured on an H200 at batch 1,024) is said in words,
+    # naming each such row; 0.96x is inside the spread of interleaved medians and is not named.
+    r["student"]["cuda_latency"]["batch_1024"] = {"teacher_ms": 4.73, "student_ms": 5.08, "speedup": 4.73 / 5.08}
+    r["student"]["cuda_latency"]["batch_1"] = {"teacher_ms": 0.48, "student_ms": 0.5, "speedup": 0.96}
+    md = render_markdown(r)
+    assert ("The student ran slower than its teacher here: PyTorch (eager, NVIDIA H100 80GB HBM3) at batch 1024 (0.93x). "
+            "Fewer FLOPs are not less time") in md
+    assert "at batch 1 (0.96x)" not in md
     del r["student"]["cuda_latency"]
     del r["student"]["onnx_latency"]  # a run without the deployed timing: PyTorch rows only
     assert [x[0] for x in latency_rows(r["teacher"], r["student"])] == ["PyTorch (eager)"] * 2

@@ -302,15 +302,32 @@ def latency_rows(t: dict, s: dict) -> list[list[str]]:
     return rows
 
 
+# A student this much slower than its teacher is said in words under the latency table: below the
+# run-to-run spread of interleaved medians (a few percent), a ratio under 1 is not a finding.
+SLOWER_BELOW = 0.95
+
+
+def slower_note(rows: list[list[str]]) -> str | None:
+    """One sentence naming every runtime and batch of :func:`latency_rows` where the smaller student
+    ran at under SLOWER_BELOW of its teacher's speed, or None. On GPUs at CIFAR sizes this is the
+    measured norm (docs/students.md): a user must not read the student's FLOPs as its latency."""
+    slow = [f"{r[0]} at batch {r[1]} ({r[4]})" for r in rows if r[4].endswith("x") and float(r[4][:-1]) < SLOWER_BELOW]
+    if not slow:
+        return None
+    return ("The student ran slower than its teacher here: " + "; ".join(slow) + ". Fewer FLOPs are not less time where "
+            "kernels are bound by launches, memory traffic or tile sizes; see docs/students.md, \"Measured: are derived students fast?\".")
+
+
 def latency_table(t: dict, s: dict) -> list[str]:
     """The markdown of :func:`latency_rows`, or nothing when no latency was measured."""
     rows = latency_rows(t, s)
     if not rows:
         return []
     gpu = " (the GPU rows on the GPU the run trained on)" if (s.get("cuda_latency") or {}) else ""
+    note = slower_note(rows)
     return ([f"Latency, teacher vs student, fp32, on this machine's CPU{gpu} (median ms of interleaved runs; speedup = teacher / student):", "",
              "| runtime | batch | teacher ms | student ms | speedup |", "|---|---:|---:|---:|---:|"]
-            + [f"| {' | '.join(r)} |" for r in rows] + [""])
+            + [f"| {' | '.join(r)} |" for r in rows] + [""] + ([note, ""] if note else []))
 
 
 def primary_students(r: dict[str, Any]) -> list[dict]:

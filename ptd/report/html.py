@@ -24,7 +24,7 @@ from typing import Any, Callable
 from ptd import paths as P
 from ptd.errors import DamagedFileError
 from ptd.io import read_json_object
-from ptd.report import ARM_LABELS, chance_warning, latency_rows, not_learned, primary_students, summarize
+from ptd.report import ARM_LABELS, chance_warning, latency_rows, not_learned, primary_students, slower_note, summarize
 from ptd.report.stats import format_estimate
 
 ARM_COLORS = {"scratch": "#444444", "unpruned_teacher": "#1f77b4", "pruned_teacher": "#d62728", "retrained_teacher": "#2ca02c"}
@@ -518,7 +518,8 @@ def render_run_html(run_dir: str | Path, results: dict[str, Any] | None = None) 
         lat = latency_rows(r["teacher"], r["student"])  # ptd report fills onnx_latency in for older runs (rerender)
         return (_img(plot_compute(r, stats), "compute per arm and latency per model")
                 + _table(["arm: total behind one student", "epochs", "optimizer steps", "wall s"], rows)
-                + (_table(["runtime", "batch", "teacher ms", "student ms", "speedup"], lat, left=1) if lat else ""))
+                + (_table(["runtime", "batch", "teacher ms", "student ms", "speedup"], lat, left=1) if lat else "")
+                + (f'<p class="note">{_esc(note)}</p>' if (note := slower_note(lat)) else ""))
     body.append(_section("Compute and latency", _safe(compute, "compute")))
 
     sub = (f"Dataset {r['dataset']}; {len(r['summary'])} arm(s), up to {n_seeds} student seed(s). Accuracies are test top-1 at the "
