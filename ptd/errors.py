@@ -38,3 +38,8 @@ class DamagedFileError(PtdError, ValueError):
 class StaleStageError(PtdError, ValueError):
     """A finished stage was made from a file that has changed since (the stage before it was
     redone, or the file replaced): reusing it would mix two runs' results."""
+
+
+class LayerCollapseError(PtdError, ValueError):
+    """Pruning removed every weight of a layer: the network no longer connects its input to its
+    output and predicts one class whatever the image (layer collapse, Tanaka et al. 2020)."""

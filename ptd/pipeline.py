@@ -39,11 +39,11 @@ from ptd.config import ARM_TABLE, ConfigError, ModelConfig, OptimConfig, PruneCo
 from ptd.models import build_from_spec, build_model, spec_to_text
 from ptd.pruning import STRATEGIES, Level, PruneContext
 from ptd.seeding import stream_seed
-from ptd.pruning.masks import MaskHook, Masks, apply_masks, count, full_masks, layer_report, load_masks, prunable_weights, save_masks, sparsity
+from ptd.pruning.masks import MaskHook, Masks, apply_masks, count, full_masks, layer_report, load_masks, prunable_weights, require_connected, save_masks, sparsity
 from ptd.train import checkpoint as ckpt
 from ptd.train.distributed import Dist, all_sum, barrier, init_distributed, resolve_device
 from ptd.train.loop import Runtime, cleanup_resume_files, evaluate, fit
-from ptd.errors import DivergedError, PtdError, StaleStageError, one_line
+from ptd.errors import DivergedError, LayerCollapseError, PtdError, StaleStageError, one_line
 from ptd.io import file_digest, parses, read_json_object, read_yaml_mapping
 
 STAGES = ("teacher", "prune", "student", "distill", "report")
@@ -492,14 +492,15 @@ def snapshot_epoch(cfg: RunConfig, strategies: Sequence[str] | None = None) -> i
 
 
 def run_stage(ctx: Context, d: Path, compute: Callable[[], dict], *, result_file: str = P.RESULT,
-              cleanup: bool = True, inputs: Sequence[Path] = ()) -> tuple[dict, bool]:
+              cleanup: bool = True, inputs: Sequence[Path] | Callable[[dict], Sequence[Path]] = ()) -> tuple[dict, bool]:
     """The sequence every stage follows, once: skip if done (its result read back), else make the
     directory, ``compute()`` (a ``fit`` inside resumes from the directory's last committed epoch),
     write the result, mark done, and only then drop the resume files. Returns (result, computed now).
 
     ``inputs``: the files the stage is made from (earlier stages' weights, masks, stats; a user's
-    checkpoint). ``done`` records their digests, and a finished stage whose inputs have changed
-    since is refused (StaleStageError) rather than reused."""
+    checkpoint), or a function of the stage's result giving them (files the stage itself chose,
+    such as the pruning's final level). ``done`` records their digests, and a finished stage whose
+    inputs have changed since is refused (StaleStageError) rather than reused."""
     if ctx.is_done(d):
         if cleanup:  # a kill between done and the removal left the resume commit behind
             cleanup_resume_files(d)
@@ -508,7 +509,7 @@ def run_stage(ctx: Context, d: Path, compute: Callable[[], dict], *, result_file
         d.mkdir(parents=True, exist_ok=True)
     result = compute()
     ctx.write_json(d / result_file, result)
-    ctx.done(d, inputs)
+    ctx.done(d, inputs(result) if callable(inputs) else inputs)
     if cleanup:
         cleanup_resume_files(d)
     return result, True
@@ -587,7 +588,23 @@ def stage_prune(ctx: Context, teacher: nn.Module, teacher_result: dict, prune_cf
     def level_dir(k: int) -> Path:
         return P.level_dir(d, k)
 
+    def level_files(k: int) -> tuple[Path, ...]:
+        """Level k's weights and masks, the inputs of level k + 1 (IMP's next round starts from them):
+        a level redone differently must not leave the levels after it standing."""
+        ld = level_dir(k)
+        return (ld / P.MODEL, ld / P.MASKS) if k > 0 and (ld / P.MODEL).is_file() else ()
+
+    def connected(mk: Masks, where: str) -> None:
+        try:
+            require_connected(mk, where)
+        except LayerCollapseError as e:
+            # A lower target is another config, so another --out: it need not train the teacher again.
+            t = root / P.TEACHER / P.MODEL
+            hint = f"; to reuse this run's trained teacher there, add --teacher {t}" if is_done(root / P.TEACHER) and t.is_file() else ""
+            raise LayerCollapseError(f"{e}{hint}") from None
+
     def train(m: nn.Module, mk: Masks, name: str, optim: OptimConfig, hooks: Sequence[Any]) -> dict:
+        connected(mk, f"prune {name}")  # before its epochs are spent on a network that cannot learn
         out = d / name
         if ctx.main:
             out.mkdir(parents=True, exist_ok=True)
@@ -598,6 +615,7 @@ def stage_prune(ctx: Context, teacher: nn.Module, teacher_result: dict, prune_cf
         return r  # its resume commit stays until save_level has written the level's done
 
     def save_level(level: Level) -> None:
+        connected(level.masks, f"prune level_{level.index}")  # GMP's masks are final only now
         ld = level_dir(level.index)
         alive, total = count(level.masks)
         info = {"level": level.index, "sparsity": level.sparsity, "alive": alive, "total": total, **level.metrics,
@@ -607,7 +625,7 @@ def stage_prune(ctx: Context, teacher: nn.Module, teacher_result: dict, prune_cf
             ckpt.save_model(ld / P.MODEL, model)
             save_masks(ld / P.MASKS, level.masks)
             ckpt.write_json(ld / P.SPARSITY, info)
-        ctx.done(ld, sources(teacher))
+        ctx.done(ld, [*sources(teacher), *level_files(level.index - 1)])
         cleanup_resume_files(ld)  # crash consistency: only after done (else a kill retrains the level)
 
     def load_level(k: int) -> Level:
@@ -657,7 +675,9 @@ def stage_prune(ctx: Context, teacher: nn.Module, teacher_result: dict, prune_cf
                 "epochs": sum(r["epochs"] or 0 for r in rows), "steps": sum(r["steps"] or 0 for r in rows),
                 "wall_s": round(sum(r["wall_s"] or 0 for r in rows), 3)}
 
-    result, fresh = run_stage(ctx, d, compute, cleanup=False, inputs=sources(teacher))
+    # Made from the teacher; it hands on its final level, which is recorded too, so a level redone
+    # differently makes the whole stage stale, not only the levels after it.
+    result, fresh = run_stage(ctx, d, compute, cleanup=False, inputs=lambda r: [*sources(teacher), *level_files(r["final_level"])])
     final = result["final_level"]
     # Later stages are made from the final level's weights and masks (the teacher's, unpruned).
     model.ptd_sources = (level_dir(final) / P.MODEL, level_dir(final) / P.MASKS) if final else sources(teacher)
@@ -804,7 +824,9 @@ def stage_control(ctx: Context, teacher: nn.Module, prune_result: dict, replicat
                 ctx.log(f"[control] retraining the unpruned teacher, round {k}/{len(rounds)}")
                 return ctx.fit(model, optim, rd, teacher_seed(cfg, replicate), f"control {k}")
 
-            r, fresh = run_stage(ctx, rd, train_round, inputs=inputs)
+            # round k continues from round k - 1's weights
+            prev = [P.round_dir(d, k - 1) / P.MODEL] if k > 1 else []
+            r, fresh = run_stage(ctx, rd, train_round, inputs=[*inputs, *prev])
             if not fresh:
                 ckpt.load_into(model, rd / P.MODEL, "control teacher")
             for key in total:
@@ -813,7 +835,8 @@ def stage_control(ctx: Context, teacher: nn.Module, prune_result: dict, replicat
             ckpt.save_model(d / P.MODEL, model)
         return {"rounds": len(rounds), "val_acc": r.get("val_acc"), "test_acc": r["test_acc"] if r else ctx.scores(model)["test_acc"], **total}
 
-    result, fresh = run_stage(ctx, d, compute, cleanup=False, inputs=inputs)
+    result, fresh = run_stage(ctx, d, compute, cleanup=False,
+                              inputs=lambda r: [*inputs, *([P.round_dir(d, r["rounds"]) / P.MODEL] if r["rounds"] else [])])
     model.ptd_sources = (d / P.MODEL,)
     if not fresh:
         ckpt.load_into(model, d / P.MODEL, "control teacher")

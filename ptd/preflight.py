@@ -20,6 +20,7 @@ forward per model for its activations (0.03-0.15 s).
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,7 @@ def preflight(cfg: RunConfig, run_dir: str | Path, *, splits: Any = None, sweep:
     if student is not None:
         check_device_memory(student, "student.model", device)
     check_bridges(cfg, teacher, student, splits)
+    check_no_certain_collapse(cfg, teacher, sweep=sweep)
     derived = check_derivable(cfg, teacher, splits, sweep=sweep)
     check_training_memory(cfg, teacher, student if student is not None else derived, splits, device)
     if cfg.teacher.checkpoint:
@@ -309,6 +311,30 @@ def check_runs(model: nn.Module, where: str, splits: Any, image_size: int | None
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ConfigError(f"{where}: the model gives {shape} for 2 images, expected (2, {splits.num_classes}) logits "
                           f"for the {splits.num_classes} classes of {splits.name}")
+
+
+def check_no_certain_collapse(cfg: RunConfig, teacher: nn.Module, sweep: bool = False) -> None:
+    """A target sparsity that keeps fewer weights than the teacher has prunable layers empties at
+    least one layer whatever the scores (layer collapse): refused now, by the arithmetic alone.
+    Collapse that depends on the trained weights is refused when a level's masks show it
+    (ptd.pruning.masks.require_connected)."""
+    from ptd.pruning.masks import full_masks, prunable_weights
+    from ptd.pruning.select import keep_for_target
+
+    full = full_masks(prunable_weights(teacher, cfg.prune.exclude_first, cfg.prune.exclude_last))
+    if not full:
+        return
+    total, layers = sum(m.numel() for m in full.values()), len(full)
+    targets = [("prune.target_sparsity", cfg.prune.target_sparsity)]
+    if sweep:
+        targets += [("sweep.sparsities", s) for s in cfg.sweep.sparsities]
+    for key, target in targets:
+        keep = keep_for_target(full, target)
+        if keep < layers:
+            most = 1 - layers / total
+            raise ConfigError(f"{key}: {target:g} keeps {keep:,} of the teacher's {total:,} prunable weights, fewer than its "
+                              f"{layers} prunable layers, so at least one layer loses every weight (layer collapse); "
+                              f"use at most {math.floor(most * 1e6) / 1e6:g} (one weight per layer), and far less in practice")
 
 
 def check_derivable(cfg: RunConfig, teacher: nn.Module, splits: Any, sweep: bool = False) -> nn.Module | None:

@@ -193,6 +193,9 @@ CASES: dict[str, tuple[list[str], list[str]]] = {
     "prune-target-one": (["prune", "{ws}/c.yaml", "--set", "prune.target_sparsity=1.0"], ["prune.target_sparsity", "[0, 1)"]),
     "prune-rate-zero": (["run", "{ws}/c.yaml", "--set", "prune.rate=0"], ["prune.rate"]),
     "prune-strategy-unknown": (["prune", "{ws}/c.yaml", "--set", "prune.strategy=nope"], ["nope", "imp"]),
+    "prune-certain-collapse": (["run", "{ws}/c.yaml", "--set", "prune.strategy=oneshot", "--set", "prune.target_sparsity=0.9999"],
+                               ["prune.target_sparsity: 0.9999 keeps 1 of the teacher's 14,288 prunable weights", "4 prunable layers",
+                                "layer collapse", "at most 0.99972"]),
     "prune-retrain-batch-zero": (["prune", "{ws}/c.yaml", "--set", "prune.retrain.batch_size=0"], ["prune.retrain.batch_size"]),
     "prune-rewind-needs-epoch": (["train", "{ws}/c.yaml", "--set", "prune.strategy=imp_weight_rewind"], ["rewind_epoch", "required"]),
     "prune-rewind-epoch-negative": (["run", "{ws}/c.yaml", "--set", "prune.strategy=imp_weight_rewind", "--set", "prune.options={rewind_epoch: -1}"],
@@ -221,6 +224,8 @@ CASES: dict[str, tuple[list[str], list[str]]] = {
     "distill-optim-gamma": (["distill", "{ws}/c.yaml", "--set", "distill.optim.gamma=0"], ["distill.optim.gamma"]),
     # --- sweep
     "sweep-below-one-round": (["sweep", "{ws}/c.yaml", "--set", "sweep.sparsities=[0.05, 0.36]"], ["sweep.sparsities", "0.05"]),
+    "sweep-certain-collapse": (["sweep", "{ws}/c.yaml", "--set", "sweep.strategies=[oneshot]", "--set", "sweep.sparsities=[0.36, 0.99999]"],
+                               ["sweep.sparsities: 0.99999 keeps 0 of", "layer collapse"]),
     "sweep-strategy-unknown": (["sweep", "{ws}/c.yaml", "--set", "sweep.strategies=[nope]"], ["sweep.strategies", "nope"]),
     "sweep-sparsity-one": (["sweep", "{ws}/c.yaml", "--set", "sweep.sparsities=[1.0]"], ["sweep.sparsities"]),
     # --- --out, the run directory
@@ -302,6 +307,17 @@ def test_rounds_threshold_is_half_a_round(ws: Path, tmp_path: Path, target: floa
     msg = str(ei.value)
     assert f"smallest reachable sparsity is {rate:g}" in msg and f"targets above {rate / 2:g}" in msg
     assert f"prune.rate below {2 * target:g}" in msg
+
+
+def test_certain_collapse_boundary_is_one_weight_per_layer(ws: Path, tmp_path: Path):
+    """The tiny teacher has 144 + 4,608 + 9,216 + 320 = 14,288 prunable weights in 4 layers: keeping
+    4 is the most pruning that can leave every layer a weight, keeping 3 cannot."""
+    keep4, keep3 = 1 - 4 / 14288, 1 - 3 / 14288
+    preflight(_cfg(ws, "prune.strategy=oneshot", f"prune.target_sparsity={keep4}"), tmp_path / "r")
+    with pytest.raises(ConfigError, match="keeps 3 of the teacher's 14,288 prunable weights, fewer than its 4 prunable layers"):
+        preflight(_cfg(ws, "prune.strategy=oneshot", f"prune.target_sparsity={keep3}"), tmp_path / "r")
+    # excluding the classifier leaves 3 layers to prune, and so 3 weights suffice
+    preflight(_cfg(ws, "prune.strategy=oneshot", f"prune.target_sparsity={1 - 3 / 13968}", "prune.exclude_last=true"), tmp_path / "r")
 
 
 def test_rounds_apply_only_to_round_strategies(ws: Path, tmp_path: Path):

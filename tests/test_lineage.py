@@ -208,14 +208,57 @@ def test_a_replaced_teacher_refuses_the_stages_made_from_the_old_one(finished, c
     for d in ("prune", "student", "distill"):
         shutil.rmtree(out / d)
     assert main(["run", str(p), "--out", str(out), "--quiet"]) == 0
-    rec = recorded_inputs(out / "prune")
-    assert rec == {"teacher/model.safetensors": file_digest(out / "teacher" / P.MODEL)}
-    # The distilled students record the pruned teacher's final level and the student they trained.
+    # The prune stage records the teacher and the final level it hands on.
     res = json.loads((out / "prune" / P.RESULT).read_text())
     lvl = f"prune/level_{res['final_level']}"
+    assert recorded_inputs(out / "prune") == {"teacher/model.safetensors": file_digest(out / "teacher" / P.MODEL),
+                                              f"{lvl}/model.safetensors": file_digest(out / lvl / P.MODEL),
+                                              f"{lvl}/masks.safetensors": file_digest(out / lvl / P.MASKS)}
+    # The distilled students record the pruned teacher's final level and the student they trained.
     assert set(recorded_inputs(out / "distill" / "pruned_teacher_seed0")) == {
         f"{lvl}/model.safetensors", f"{lvl}/masks.safetensors", "student/stats.json"}
     assert set(recorded_inputs(out / "distill" / "scratch_seed0")) == {"student/stats.json"}
+
+
+def test_a_level_redone_differently_refuses_the_levels_made_from_it(finished, capsys):
+    """IMP's level 2 is made from level 1. A kill before the prune stage finished, then level 1
+    redone differently (its folder deleted and retrained at another thread count), must not leave
+    level 2 -- and everything made from it -- standing on the old level 1."""
+    p, out = finished
+    assert json.loads((out / "prune" / P.RESULT).read_text())["final_level"] == 2  # 0.36 = two 20% rounds
+    assert set(recorded_inputs(out / "prune" / "level_2")) == {
+        "teacher/model.safetensors", "prune/level_1/model.safetensors", "prune/level_1/masks.safetensors"}
+    assert set(recorded_inputs(out / "prune" / "level_1")) == {"teacher/model.safetensors"}
+    (out / "prune" / P.DONE).unlink()  # the stage had not finished
+    lv1 = out / "prune" / "level_1" / P.MODEL
+    state = ckpt.read_state_dict(lv1)
+    ckpt.save_tensors(lv1, {k: v * 1.001 if v.is_floating_point() else v for k, v in state.items()}, metadata=ckpt.read_metadata(lv1))
+    files = snapshot(out)
+    capsys.readouterr()
+    assert main(["run", str(p), "--out", str(out), "--quiet"]) == 2
+    line = one_line(capsys)
+    # level 2 from it, the student derived from level 2, and every student trained with that student
+    assert (f"the finished stages distill/pruned_teacher_seed0, distill/scratch_seed0, prune/level_2, student were made from {lv1}, which has changed since"
+            in line), line
+    assert snapshot(out) == files
+
+
+def test_a_control_round_redone_differently_refuses_the_rounds_after_it(tmp_path, tiny_fashion, capsys):
+    cfg = tiny_config(tiny_fashion, distill={"seeds": [0], "arms": ["retrained_teacher"], "optim": {"epochs": 1, "batch_size": 64, "lr": 0.05}})
+    cfg["threads"] = 1
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "run"
+    assert main(["run", str(p), "--out", str(out), "--quiet"]) == 0
+    assert set(recorded_inputs(out / "control" / "round_2")) == {"teacher/model.safetensors", "prune/result.json", "control/round_1/model.safetensors"}
+    assert "control/round_2/model.safetensors" in recorded_inputs(out / "control")
+    r1 = out / "control" / "round_1" / P.MODEL
+    state = ckpt.read_state_dict(r1)
+    ckpt.save_tensors(r1, {k: v * 1.001 if v.is_floating_point() else v for k, v in state.items()}, metadata=ckpt.read_metadata(r1))
+    capsys.readouterr()
+    assert main(["run", str(p), "--out", str(out), "--quiet"]) == 2
+    # round 2 and so the control stage (its input is round 2's weights) and the student made from it
+    assert f"the finished stages control, distill/retrained_teacher_seed0 were made from {r1}, which has changed since" in one_line(capsys)
 
 
 def test_a_user_checkpoint_replaced_at_the_same_path_is_refused(tmp_path, tiny_fashion, capsys):

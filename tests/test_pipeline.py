@@ -357,3 +357,36 @@ def test_milestones_past_the_last_epoch_are_noted_once_per_schedule(tmp_path, ti
         "set teacher.optim.milestones below 3 if a decay was meant, or [] for a constant rate",
         "[prune.retrain] note: milestones [1, 84] are not before its last epoch (1), so the learning rate never decays at all; "
         "set prune.retrain.milestones below 1 if a decay was meant, or [] for a constant rate"]
+
+
+@pytest.mark.parametrize("strategy, target", [("oneshot", 0.999), ("gmp", 0.999)])
+def test_a_level_that_empties_a_layer_stops_the_run_in_one_line(tmp_path, tiny_fashion, capsys, strategy, target):
+    """0.999 keeps 14 of the tiny teacher's 14,288 weights: enough for one per layer, so the
+    up-front arithmetic lets it through, but global magnitude gives all 14 to the layers with the
+    largest weights and empties the others (layer collapse). The run stops in one line naming the
+    emptied layers -- before the level's retraining for one-shot, when the level's masks are final
+    for GMP -- and the teacher stage stays done for a re-run with a lower target."""
+    cfg = tiny_config(tiny_fashion, prune={"strategy": strategy, "target_sparsity": target},
+                      distill={"seeds": [0], "arms": ["pruned_teacher"]})
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "run"
+    capsys.readouterr()
+    assert main(["run", str(tmp_path / "c.yaml"), "--out", str(out)]) == 2
+    err = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
+    assert len(err) == 1 and "layer collapse" in err[0] and "removed every weight of features." in err[0], err
+    assert "prune.target_sparsity" in err[0] and "Traceback" not in err[0]
+    # a lower target is another config, so another --out; the line says how to keep the teacher
+    assert err[0].endswith(f"to reuse this run's trained teacher there, add --teacher {out / 'teacher' / 'model.safetensors'}")
+    assert (out / "teacher" / "done").is_file() and not (out / "prune" / "done").exists()
+    assert not (out / "prune" / "level_1" / "done").exists() and not (out / "distill").exists()
+    # the emptied layers named are really empty under those scores: the same masks, recomputed
+    from ptd.pruning.masks import emptied_layers
+    from ptd.pruning.scores import magnitude
+    from ptd.pruning.select import global_topk, keep_for_target
+    from ptd.train.checkpoint import load_model
+    if strategy == "oneshot":
+        from ptd.pruning.masks import full_masks, prunable_weights
+        t = load_model(out / "teacher" / "model.safetensors")
+        full = full_masks(prunable_weights(t))
+        empty = emptied_layers(global_topk(magnitude(t, full), full, keep_for_target(full, target)))
+        assert empty and all(n in err[0] for n in empty[:3])

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from ptd.errors import LayerCollapseError
 from ptd.models import unwrap  # noqa: F401  (re-exported: strategies import it from here)
 
 Masks = dict[str, torch.Tensor]
@@ -78,6 +79,26 @@ def sparsity(masks: Masks) -> float:
     """Pruned fraction of the masked weights, in [0, 1]."""
     alive, total = count(masks)
     return 1.0 - alive / total if total else 0.0
+
+
+def emptied_layers(masks: Masks) -> list[str]:
+    """Names of the masked weights with no weight alive, in mask order."""
+    return [n for n, m in masks.items() if not bool(m.any())]
+
+
+def require_connected(masks: Masks, where: str) -> None:
+    """Refuse masks that leave a layer with no weight (layer collapse): every path from input to
+    output crosses every layer of a plain or residual stack's trunk, so the pruned network predicts
+    one class and the pruned-teacher arm measures nothing. Said before the level's retraining where
+    the masks are known then (IMP, one-shot, SNIP, SynFlow), after it for GMP."""
+    empty = emptied_layers(masks)
+    if not empty:
+        return
+    shown = ", ".join(empty[:3]) + (f" and {len(empty) - 3} more" if len(empty) > 3 else "")
+    raise LayerCollapseError(
+        f"{where}: at sparsity {sparsity(masks):.4f} pruning removed every weight of {shown}, so the network predicts one class "
+        f"whatever the image (layer collapse); lower prune.target_sparsity, set prune.exclude_last: true if the emptied layer "
+        f"is the classifier, or use prune.strategy: synflow, which is built to avoid it")
 
 
 def layer_report(masks: Masks) -> list[dict]:
