@@ -231,3 +231,16 @@ def test_sweep_names_the_models_that_did_not_learn():
          "test_set": ts}
     assert [b["model"] for b in sweep_not_learned(r)] == ["imp teacher at sparsity 0.59", "KD from the imp teacher at sparsity 0.59, seed 1"]
     assert sweep_not_learned({**r, "test_set": {}}) == []  # a sweep.json from before the check
+
+
+def test_a_sweep_point_that_empties_a_layer_stops_the_sweep_in_one_line(tmp_path, tiny_fashion, capsys):
+    """0.999 keeps 14 of the tiny teacher's 14,288 weights (enough for one per layer, so preflight
+    lets it through); one-shot global magnitude then empties a layer. The sweep stops there with
+    the collapse line; the point before it stays pruned on disk."""
+    out = tmp_path / "run"
+    p = sweep_yaml(tmp_path, tiny_fashion, sparsities=[0.36, 0.999], strategies=["oneshot"])
+    capsys.readouterr()
+    assert main(["sweep", str(p), "--out", str(out), "--quiet"]) == 2
+    err = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
+    assert len(err) == 1 and "layer collapse" in err[0] and f"add --teacher {out / 'teacher' / 'model.safetensors'}" in err[0], err
+    assert (out / "prune" / "oneshot_s0.36" / "done").is_file() and not (out / "prune" / "oneshot_s0.999" / "done").exists()
