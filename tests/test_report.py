@@ -145,6 +145,10 @@ def test_report_shows_teacher_vs_student_latency_in_both_runtimes():
     assert ("The student ran slower than its teacher here: PyTorch (eager, NVIDIA H100 80GB HBM3) at batch 1024 (0.93x). "
             "Fewer FLOPs are not less time") in md
     assert "at batch 1 (0.96x)" not in md
+    from ptd.report import slower_note
+
+    # an error row whose text ends in an x is not a speedup (it once would have been parsed as one)
+    assert slower_note([["onnxruntime", "-", "n/a", "n/a", "RuntimeError: cannot run this graph in onnx"]]) is None
     del r["student"]["cuda_latency"]
     del r["student"]["onnx_latency"]  # a run without the deployed timing: PyTorch rows only
     assert [x[0] for x in latency_rows(r["teacher"], r["student"])] == ["PyTorch (eager)"] * 2

@@ -2,6 +2,7 @@
 (ptd.report.stats); report.html is drawn by ptd.report.html from the same files."""
 from __future__ import annotations
 
+import re
 import statistics
 from pathlib import Path
 from typing import Any, Sequence
@@ -311,7 +312,8 @@ def slower_note(rows: list[list[str]]) -> str | None:
     """One sentence naming every runtime and batch of :func:`latency_rows` where the smaller student
     ran at under SLOWER_BELOW of its teacher's speed, or None. On GPUs at CIFAR sizes this is the
     measured norm (docs/students.md): a user must not read the student's FLOPs as its latency."""
-    slow = [f"{r[0]} at batch {r[1]} ({r[4]})" for r in rows if r[4].endswith("x") and float(r[4][:-1]) < SLOWER_BELOW]
+    # rows whose last cell is a speedup ("1.32x"), not an error text (which may end in an x too)
+    slow = [f"{r[0]} at batch {r[1]} ({r[4]})" for r in rows if re.fullmatch(r"\d+\.\d+x", r[4]) and float(r[4][:-1]) < SLOWER_BELOW]
     if not slow:
         return None
     return ("The student ran slower than its teacher here: " + "; ".join(slow) + ". Fewer FLOPs are not less time where "
