@@ -217,6 +217,9 @@ CASES: dict[str, tuple[list[str], list[str]]] = {
     "student-round-narrower-not-bool": (["student", "{ws}/c.yaml", "--set", "student.round_narrower=maybe"], ["student.round_narrower", "true or false"]),
     # --- distill, distill.optim
     "distill-alpha": (["distill", "{ws}/c.yaml", "--set", "distill.alpha=2"], ["distill.alpha"]),
+    "distill-temperature-absurd": (["run", "{ws}/c.yaml", "--set", "distill.temperature=1e9"], ["distill.temperature", "at most 1000", "float32"]),
+    "distill-kd-temperature-absurd": (["distill", "{ws}/c.yaml", "--set", "distill.options={kd: {temperature: 5000}}"],
+                                      ["distill.options.kd", "temperature 5000", "at most 1000"]),
     "distill-loss-unknown": (["distill", "{ws}/c.yaml", "--set", "distill.loss=telepathy"], ["telepathy", "kd"]),
     "distill-arms-empty": (["run", "{ws}/c.yaml", "--set", "distill.arms=[]"], ["distill.arms", "at least one arm"]),
     "distill-seeds-empty": (["run", "{ws}/c.yaml", "--set", "distill.seeds=[]"], ["distill.seeds"]),

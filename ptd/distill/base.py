@@ -27,6 +27,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn as nn
 
+from ptd.config import MAX_TEMPERATURE  # noqa: F401  (the losses import it from here)
 from ptd.registry import Registry
 
 # A pseudo layer name: the input of the model's last nn.Linear (the pooled feature / embedding

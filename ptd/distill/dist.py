@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from ptd.distill._common import check, cross_entropy, float32
-from ptd.distill.base import DistillBatch, DistillLoss, register_loss
+from ptd.distill.base import MAX_TEMPERATURE, DistillBatch, DistillLoss, register_loss
 
 EPS = 1e-8  # added to the product of norms in the correlation, as the reference code does
 
@@ -43,6 +43,8 @@ class DISTLoss(DistillLoss):
             check(self.beta >= 0, "dist", "beta", self.beta, "must be >= 0")
             check(self.gamma >= 0, "dist", "gamma", self.gamma, "must be >= 0")
             check(self.temperature > 0, "dist", "temperature", self.temperature, "must be > 0")
+            check(self.temperature <= MAX_TEMPERATURE, "dist", "temperature", self.temperature,
+                  f"must be at most {MAX_TEMPERATURE:g}: beyond, float32 cannot resolve softmax(logits / T)")
 
     def forward(self, batch: DistillBatch) -> dict[str, torch.Tensor]:
         o = self.options

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from ptd.distill._common import check, cross_entropy, float32
-from ptd.distill.base import DistillBatch, DistillLoss, register_loss
+from ptd.distill.base import MAX_TEMPERATURE, DistillBatch, DistillLoss, register_loss
 
 
 @register_loss("dkd")
@@ -38,6 +38,8 @@ class DKDLoss(DistillLoss):
             check(self.alpha >= 0, "dkd", "alpha", self.alpha, "must be >= 0")
             check(self.beta >= 0, "dkd", "beta", self.beta, "must be >= 0")
             check(self.temperature > 0, "dkd", "temperature", self.temperature, "must be > 0")
+            check(self.temperature <= MAX_TEMPERATURE, "dkd", "temperature", self.temperature,
+                  f"must be at most {MAX_TEMPERATURE:g}: beyond, float32 cannot resolve softmax(logits / T)")
             check(self.warmup_epochs >= 0, "dkd", "warmup_epochs", self.warmup_epochs, "must be >= 0 (0: no warm-up)")
 
     def warmup(self, epoch: int) -> float:

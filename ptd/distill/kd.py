@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ptd.distill.base import DistillBatch, DistillLoss, register_loss
+from ptd.distill.base import MAX_TEMPERATURE, DistillBatch, DistillLoss, register_loss
 
 
 @register_loss("kd")
@@ -28,6 +28,9 @@ class KD(DistillLoss):
                 raise ValueError(f"alpha {self.alpha} is outside [0, 1]")
             if self.temperature <= 0:
                 raise ValueError(f"temperature {self.temperature} must be > 0")
+            if self.temperature > MAX_TEMPERATURE:
+                raise ValueError(f"temperature {self.temperature} must be at most {MAX_TEMPERATURE:g}: beyond, float32 cannot "
+                                 f"resolve softmax(logits / T) and the T^2-scaled KL is rounding noise")
 
     def forward(self, batch: DistillBatch) -> dict[str, torch.Tensor]:
         a, T = self.options.alpha, self.options.temperature
