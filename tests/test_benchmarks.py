@@ -147,6 +147,22 @@ def test_student_speed_compiled_inference_on(device, tmp_path: Path):
     assert "| b64 compiled | b64 eager |" in (tmp_path / "ss.md").read_text()
 
 
+def test_gpu_kernels_smoke(tmp_path: Path):
+    """Runs on a CPU too (aten ops instead of CUDA kernels): every op lands in one kind, the kinds
+    add up to the total, and the table has one row per kind."""
+    gk = _load("gpu_kernels")
+    assert gk.kind("sm90_xmma_fprop_implicit_gemm_bf16bf16_relu") == "conv/gemm"
+    assert gk.kind("cudnn::bn_fw_inf_1C11_kernel_NCHW") == "batchnorm"
+    assert gk.kind("void at::native::vectorized_elementwise_kernel<4, add>") == "elementwise"
+    assert gk.kind("nchwToNhwcKernel") == "layout/cast"
+    assert gk.main(["--case", "demo", "--batch", "4", "--calls", "2", "--precisions", "fp32", "--out", str(tmp_path / "k")]) == 0
+    r = json.loads((tmp_path / "k.json").read_text())
+    for side in ("teacher", "student"):
+        v = r["precisions"]["fp32"][side]
+        assert v["total_ms"] > 0 and abs(sum(v["by_kind_ms"].values()) - v["total_ms"]) < 1e-6 * max(1.0, v["total_ms"])
+    assert "| conv/gemm |" in (tmp_path / "k.md").read_text() and r["flops_ratio"] > 2
+
+
 def test_kd_split_smoke(tmp_path: Path):
     ks = _load("kd_split")
     assert ks.main(["--batch", "8", "--repeats", "1", "--out", str(tmp_path / "kd.md")]) == 0
