@@ -163,6 +163,17 @@ def test_gpu_kernels_smoke(tmp_path: Path):
     assert "| conv/gemm |" in (tmp_path / "k.md").read_text() and r["flops_ratio"] > 2
 
 
+def test_conv_width_smoke(tmp_path: Path):
+    cw = _load("conv_width")
+    assert cw.main(["--device", "cpu", "--precision", "fp32", "--batch", "2", "--side", "8", "--repeats", "1", "--out", str(tmp_path / "cw")]) == 0
+    r = json.loads((tmp_path / "cw.json").read_text())
+    assert len(r["rows"]) == len(cw.PAIRS) + len(cw.AUTOTUNED) and all(x["ms"] > 0 for x in r["rows"])
+    # TFLOP/s is 2 x MACs over the time: 2 * 2 * 8 * 8 * 9 * cin * cout / ms / 1e9
+    x = r["rows"][0]
+    assert x["tflop_per_s"] == pytest.approx(2 * 2 * 64 * 9 * x["cin"] * x["cout"] / x["ms"] / 1e9)
+    assert "| 64 | 64 | off |" in (tmp_path / "cw.md").read_text()
+
+
 def test_kd_split_smoke(tmp_path: Path):
     ks = _load("kd_split")
     assert ks.main(["--batch", "8", "--repeats", "1", "--out", str(tmp_path / "kd.md")]) == 0
