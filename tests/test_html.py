@@ -227,3 +227,4 @@ def test_rerender_takes_the_deployed_latency_from_the_student_stage(run_dir):
     rerender(run_dir)
     assert ('<p class="note">The student ran slower than its teacher here: onnxruntime (1 thread) at batch 1 (0.80x).'
             in (run_dir / "report.html").read_text())
+    assert "round_to: 32" not in (run_dir / "report.html").read_text()  # not a GPU row: no GPU advice

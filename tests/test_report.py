@@ -144,6 +144,7 @@ def test_report_shows_teacher_vs_student_latency_in_both_runtimes():
     md = render_markdown(r)
     assert ("The student ran slower than its teacher here: PyTorch (eager, NVIDIA H100 80GB HBM3) at batch 1024 (0.93x). "
             "Fewer FLOPs are not less time") in md
+    assert "student.round_to: 32" in md  # a GPU row: the GPU's remedy is named
     assert "at batch 1 (0.96x)" not in md
     from ptd.report import slower_note
 
