@@ -13,7 +13,6 @@ fails to shrink with the FLOPs. The top kernels of each model are listed with th
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -23,7 +22,7 @@ import torch.nn as nn
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from student_speed import CASES, magnitude_prune  # noqa: E402
+from student_speed import CASES, magnitude_prune, write_outputs  # noqa: E402
 
 from ptd.measure import cpu_name, flops  # noqa: E402
 from ptd.models import build_model  # noqa: E402
@@ -125,12 +124,7 @@ def main(argv=None) -> int:
                          "top": sorted(({"kernel": k[:140], "ms_per_forward": v["us"] / args.calls / 1000, "calls_per_forward": v["calls"] / args.calls,
                                          "kind": kind(k)} for k, v in kern.items()), key=lambda r: -r["ms_per_forward"])[:10]}
         result["precisions"][prec] = res
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-    md = render(result)
-    out.with_suffix(".md").write_text(md)
-    print(md)
+    write_outputs(args.out, result, render(result))
     return 0
 
 

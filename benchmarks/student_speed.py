@@ -297,13 +297,17 @@ def main(argv=None) -> int:
               "targets_met": {rt: score[rt][1] for rt in args.round_to},
               "within_10pct": {rt: score[rt][0] for rt in args.round_to}, "targets_total": sum(len(r["targets"]) for r in rows) // len(args.round_to),
               "recommended_round_to": best}
-    out = Path(args.out)
+    write_outputs(args.out, result, render(result))
+    return 0
+
+
+def write_outputs(out: str | Path, result: dict, md: str) -> None:
+    """``<out>.json`` and ``<out>.md`` (the folder made if needed), and the markdown on stdout."""
+    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    md = render(result)
     out.with_suffix(".md").write_text(md)
     print(md)
-    return 0
 
 
 def render(res) -> str:
