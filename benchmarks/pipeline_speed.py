@@ -502,13 +502,13 @@ def main(argv: list[str] | None = None, log: Callable[[str], None] = print) -> d
     # Likewise torch._dynamo, which torch.optim imports at the first optimizer either side makes
     # (~3 s here): paid once per process, by whichever side ran first.
     import torch._dynamo  # noqa: F401
-    runs: dict[str, list[dict]] = {"ptd": [], "published": []} | ({"ptd_eager": []} if sch["compile"] != "off" else {})
+    # With compile on, ptd also runs eager in the same pair: the compile's gain through a whole
+    # pipeline, on the same machine, is what the compiled side alone cannot say.
+    sides = ("ptd", "published") + (("ptd_eager",) if sch["compile"] != "off" else ())
+    runs: dict[str, list[dict]] = {side: [] for side in sides}
     (out_dir / f"{a.tag}.runs.jsonl").unlink(missing_ok=True)
     with tempfile.TemporaryDirectory(prefix="ptd_pipeline_speed_") as tmp:
         data_root = write_cifar100(Path(tmp) / "data", a.n_train, a.n_test)
-        # With compile on, ptd also runs eager in the same pair: the compile's gain through a whole
-        # pipeline, on the same machine, is what the compiled side alone cannot say.
-        sides = ("ptd", "published") + (("ptd_eager",) if sch["compile"] != "off" else ())
         for i, seed in enumerate(a.seeds):
             order = sides if i % 2 == 0 else sides[::-1]  # ABBA: drift hits every side alike
             for side in order:

@@ -224,7 +224,12 @@ def main(argv=None) -> int:
             infer = {}
             if args.large_batch:
                 train_large = time_interleaved(ms, lambda m: train_step(m, xl, yl), args.repeats, args.warmup)
-            for b in (64, 1) + ((args.large_batch,) if args.large_batch else ()):
+            batches = (64, 1) + ((args.large_batch,) if args.large_batch else ())
+
+            def reps(b: int) -> int:  # batch 1 is the noisiest: three times the rounds
+                return args.repeats * (3 if b == 1 else 1)
+
+            for b in batches:
                 x = torch.randn((b,) + shape, device=device).to(memory_format=torch.channels_last)
 
                 @torch.no_grad()
@@ -233,16 +238,17 @@ def main(argv=None) -> int:
                     with amp:
                         m(x)
 
-                infer[b] = time_interleaved(ms, fwd, args.repeats * (3 if b == 1 else 1), args.warmup)
-            graph_infer = {}
+                infer[b] = time_interleaved(ms, fwd, reps(b), args.warmup)
+            extra: dict[str, dict[int, dict[str, float]]] = {}  # inference mode -> batch -> model -> seconds
             if args.cuda_graphs:
-                for b in (64, 1) + ((args.large_batch,) if args.large_batch else ()):
+                extra["cuda_graphs"] = {}
+                for b in batches:
                     x = torch.randn((b,) + shape, device=device).to(memory_format=torch.channels_last)
                     graphs = {id(m): graphed_forward(m, x, prec)[0] for m in ms.values()}
-                    graph_infer[b] = time_interleaved(ms, lambda m: graphs[id(m)].replay(), args.repeats * (3 if b == 1 else 1), args.warmup)
+                    extra["cuda_graphs"][b] = time_interleaved(ms, lambda m: graphs[id(m)].replay(), reps(b), args.warmup)
                     del graphs
-            comp_infer = {}
             if args.compiled_infer:
+                extra["compiled"] = {}
                 import torch._dynamo as dynamo  # (binds dynamo only: "import torch._dynamo" would make torch local here)
 
                 # one compiled entry per model and batch size: more than dynamo's default of 8 per code object
@@ -258,7 +264,7 @@ def main(argv=None) -> int:
                         with amp:
                             fns[id(m)](x)
 
-                    comp_infer[b] = time_interleaved(ms, cfwd, args.repeats, max(args.warmup, 3))  # warm-up compiles
+                    extra["compiled"][b] = time_interleaved(ms, cfwd, args.repeats, max(args.warmup, 3))  # warm-up compiles
                     del fns
             for key, m in meta.items():
                 t = alias[key]
@@ -271,12 +277,8 @@ def main(argv=None) -> int:
                     L = args.large_batch
                     r.update({"train_ratio_large": train_large["teacher"] / train_large[t], "speedup_large": infer[L]["teacher"] / infer[L][t],
                               "teacher_train_img_s_large": L / train_large["teacher"], "teacher_ms_large": infer[L]["teacher"] * 1e3})
-                if graph_infer:
-                    r["cuda_graphs"] = {f"b{b}": {"speedup": v["teacher"] / v[t], "teacher_ms": v["teacher"] * 1e3}
-                                        for b, v in graph_infer.items()}
-                if comp_infer:
-                    r["compiled"] = {f"b{b}": {"speedup": v["teacher"] / v[t], "teacher_ms": v["teacher"] * 1e3}
-                                     for b, v in comp_infer.items()}
+                for mode, per_batch in extra.items():
+                    r[mode] = {f"b{b}": {"speedup": v["teacher"] / v[t], "teacher_ms": v["teacher"] * 1e3} for b, v in per_batch.items()}
                 f = r["flops_ratio"]
                 r["targets"] = {"train >= 0.8 x FLOPs ratio": r["train_ratio"] >= 0.8 * f, "b64 >= 0.8 x FLOPs ratio": r["speedup_b64"] >= 0.8 * f,
                                 "never slower": min(r["train_ratio"], r["speedup_b64"], r["speedup_b1"]) >= 1.0}

@@ -318,18 +318,19 @@ def check_no_certain_collapse(cfg: RunConfig, teacher: nn.Module, sweep: bool = 
     least one layer whatever the scores (layer collapse): refused now, by the arithmetic alone.
     Collapse that depends on the trained weights is refused when a level's masks show it
     (ptd.pruning.masks.require_connected)."""
-    from ptd.pruning.masks import full_masks, prunable_weights
-    from ptd.pruning.select import keep_for_target
+    from ptd.pruning.masks import prunable_weights
+    from ptd.pruning.select import keep_of_total
 
-    full = full_masks(prunable_weights(teacher, cfg.prune.exclude_first, cfg.prune.exclude_last))
-    if not full:
+    # counted from the weights' sizes: masks of a 600M-parameter teacher would take 600 MB to say it
+    sizes = [p.numel() for p in prunable_weights(teacher, cfg.prune.exclude_first, cfg.prune.exclude_last).values()]
+    if not sizes:
         return
-    total, layers = sum(m.numel() for m in full.values()), len(full)
+    total, layers = sum(sizes), len(sizes)
     targets = [("prune.target_sparsity", cfg.prune.target_sparsity)]
     if sweep:
         targets += [("sweep.sparsities", s) for s in cfg.sweep.sparsities]
     for key, target in targets:
-        keep = keep_for_target(full, target)
+        keep = keep_of_total(total, target)
         if keep < layers:
             most = 1 - layers / total
             raise ConfigError(f"{key}: {target:g} keeps {keep:,} of the teacher's {total:,} prunable weights, fewer than its "

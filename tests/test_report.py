@@ -149,7 +149,7 @@ def test_report_shows_teacher_vs_student_latency_in_both_runtimes():
     from ptd.report import slower_note
 
     # an error row whose text ends in an x is not a speedup (it once would have been parsed as one)
-    assert slower_note([["onnxruntime", "-", "n/a", "n/a", "RuntimeError: cannot run this graph in onnx"]]) is None
+    assert slower_note({}, {"onnx_latency": {"error": "RuntimeError: cannot run this graph in onnx"}}) is None
     del r["student"]["cuda_latency"]
     del r["student"]["onnx_latency"]  # a run without the deployed timing: PyTorch rows only
     assert [x[0] for x in latency_rows(r["teacher"], r["student"])] == ["PyTorch (eager)"] * 2

@@ -13,13 +13,21 @@ from typing import Any, Iterator
 import torch
 import torch.nn.functional as F
 
-from ptd.distill.base import DistillLoss, LossSetup
+from ptd.distill.base import MAX_TEMPERATURE, DistillLoss, LossSetup
 
 
 def check(ok: bool, loss: str, field: str, value: Any, rule: str) -> None:
     """One-line error naming the option, its value and what it must be."""
     if not ok:
         raise ValueError(f"distill.options.{loss}.{field} = {value!r}: {rule}")
+
+
+def check_temperature(loss: str, value: float) -> None:
+    """A softmax temperature in (0, MAX_TEMPERATURE] (ptd.config: past it float32 cannot resolve
+    softmax(logits / T))."""
+    check(value > 0, loss, "temperature", value, "must be > 0")
+    check(value <= MAX_TEMPERATURE, loss, "temperature", value,
+          f"must be at most {MAX_TEMPERATURE:g}: beyond, float32 cannot resolve softmax(logits / T)")
 
 
 @contextlib.contextmanager

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ptd.distill._common import check, cross_entropy, float32
-from ptd.distill.base import MAX_TEMPERATURE, DistillBatch, DistillLoss, register_loss
+from ptd.distill._common import check, check_temperature, cross_entropy, float32
+from ptd.distill.base import DistillBatch, DistillLoss, register_loss
 
 EPS = 1e-8  # added to the product of norms in the correlation, as the reference code does
 
@@ -42,9 +42,7 @@ class DISTLoss(DistillLoss):
             check(self.ce_weight >= 0, "dist", "ce_weight", self.ce_weight, "must be >= 0")
             check(self.beta >= 0, "dist", "beta", self.beta, "must be >= 0")
             check(self.gamma >= 0, "dist", "gamma", self.gamma, "must be >= 0")
-            check(self.temperature > 0, "dist", "temperature", self.temperature, "must be > 0")
-            check(self.temperature <= MAX_TEMPERATURE, "dist", "temperature", self.temperature,
-                  f"must be at most {MAX_TEMPERATURE:g}: beyond, float32 cannot resolve softmax(logits / T)")
+            check_temperature("dist", self.temperature)
 
     def forward(self, batch: DistillBatch) -> dict[str, torch.Tensor]:
         o = self.options

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ptd.distill._common import check, cross_entropy, float32
-from ptd.distill.base import MAX_TEMPERATURE, DistillBatch, DistillLoss, register_loss
+from ptd.distill._common import check, check_temperature, cross_entropy, float32
+from ptd.distill.base import DistillBatch, DistillLoss, register_loss
 
 
 @register_loss("dkd")
@@ -37,9 +37,7 @@ class DKDLoss(DistillLoss):
             check(self.ce_weight >= 0, "dkd", "ce_weight", self.ce_weight, "must be >= 0")
             check(self.alpha >= 0, "dkd", "alpha", self.alpha, "must be >= 0")
             check(self.beta >= 0, "dkd", "beta", self.beta, "must be >= 0")
-            check(self.temperature > 0, "dkd", "temperature", self.temperature, "must be > 0")
-            check(self.temperature <= MAX_TEMPERATURE, "dkd", "temperature", self.temperature,
-                  f"must be at most {MAX_TEMPERATURE:g}: beyond, float32 cannot resolve softmax(logits / T)")
+            check_temperature("dkd", self.temperature)
             check(self.warmup_epochs >= 0, "dkd", "warmup_epochs", self.warmup_epochs, "must be >= 0 (0: no warm-up)")
 
     def warmup(self, epoch: int) -> float:

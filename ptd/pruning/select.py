@@ -35,11 +35,15 @@ def keep_for_target(masks: Masks, target: float) -> int:
 
     Never more than are alive now (a pre-pruned start may already be sparser than the target).
     """
+    alive = sum(int(m.sum()) for m in masks.values())
+    return min(alive, keep_of_total(sum(m.numel() for m in masks.values()), target))
+
+
+def keep_of_total(total: int, target: float) -> int:
+    """round(total * (1 - target)): the weights a ``target`` sparsity keeps of ``total``, all alive."""
     if not 0.0 <= target < 1.0:
         raise ValueError(f"target sparsity {target} is outside [0, 1)")
-    alive = sum(int(m.sum()) for m in masks.values())
-    total = sum(m.numel() for m in masks.values())
-    return min(alive, int(round(total * (1.0 - target))))
+    return int(round(total * (1.0 - target)))
 
 
 def global_topk(scores: dict[str, torch.Tensor], current: Masks, keep: int) -> Masks:

@@ -2,7 +2,6 @@
 (ptd.report.stats); report.html is drawn by ptd.report.html from the same files."""
 from __future__ import annotations
 
-import re
 import statistics
 from pathlib import Path
 from typing import Any, Sequence
@@ -270,37 +269,44 @@ def _lat(s: dict, b: str) -> str:
     return "n/a" if v is None else f"{v:.2f}"
 
 
-def _pair_rows(label: str, rec: dict) -> list[list[str]]:
-    """Rows of a teacher-vs-student timing record ({"batch_<b>": {"teacher_ms", "student_ms",
-    "speedup"} or {"error"}}), by batch size; entries without a teacher's time are left out."""
-    rows = []
+def _pairs(label: str, rec: dict, gpu: bool = False) -> list[dict]:
+    """Entries of a teacher-vs-student timing record ({"batch_<b>": {"teacher_ms", "student_ms",
+    "speedup"} or {"error"}}), by batch size; entries with neither are left out."""
+    out = []
     for k in sorted((k for k in rec if k.startswith("batch_")), key=lambda k: int(k[6:])):
         v = rec[k]
         if "teacher_ms" in v:
-            rows.append([label, k[6:], f"{v['teacher_ms']:.2f}", f"{v['student_ms']:.2f}", f"{v['speedup']:.2f}x"])
+            out.append({"runtime": label, "batch": k[6:], "teacher_ms": v["teacher_ms"], "student_ms": v["student_ms"], "gpu": gpu})
         elif "error" in v:  # e.g. out of GPU memory at that batch
-            rows.append([label, k[6:], "n/a", "n/a", v["error"]])
-    return rows
+            out.append({"runtime": label, "batch": k[6:], "error": v["error"], "gpu": gpu})
+    return out
 
 
-def latency_rows(t: dict, s: dict) -> list[list[str]]:
-    """[runtime, batch, teacher ms, student ms, speedup] per runtime and batch size: PyTorch's eager
-    latency on the CPU (the student stage's interleaved median) and, where the run recorded them,
-    onnxruntime's (both models exported and timed in turn, on the same threads) and PyTorch's on
-    the GPU the run trained on."""
-    rows = []
+def latency_pairs(t: dict, s: dict) -> list[dict]:
+    """Teacher vs student latency per runtime and batch size, as numbers: PyTorch's eager latency on
+    the CPU (the student stage's interleaved median) and, where the run recorded them, onnxruntime's
+    (both models exported and timed in turn, on the same threads) and PyTorch's on the GPU the run
+    trained on (``gpu`` true). Each entry has ``teacher_ms`` and ``student_ms``, or ``error``."""
+    out = []
     for b in sorted((s.get("latency") or {}), key=int):
         tm, sm = ((t.get("latency") or {}).get(b) or {}).get("median_ms"), (s["latency"][b] or {}).get("median_ms")
         if tm and sm:
-            rows.append(["PyTorch (eager)", b, f"{tm:.2f}", f"{sm:.2f}", f"{tm / sm:.2f}x"])
+            out.append({"runtime": "PyTorch (eager)", "batch": b, "teacher_ms": tm, "student_ms": sm, "gpu": False})
     ort = s.get("onnx_latency") or {}
     if "error" in ort:  # the model could not be exported or run there; the run went on without it
-        rows.append(["onnxruntime", "-", "n/a", "n/a", ort["error"][:80]])
+        out.append({"runtime": "onnxruntime", "batch": "-", "error": ort["error"][:80], "gpu": False})
     n = ort.get("threads")
-    rows += _pair_rows(f"onnxruntime ({n} thread{'' if n == 1 else 's'})", ort)
+    out += _pairs(f"onnxruntime ({n} thread{'' if n == 1 else 's'})", ort)
     cu = s.get("cuda_latency") or {}
-    rows += _pair_rows(f"PyTorch (eager, {cu.get('gpu')})", cu)
-    return rows
+    out += _pairs(f"PyTorch (eager, {cu.get('gpu')})", cu, gpu=True)
+    return out
+
+
+def latency_rows(t: dict, s: dict) -> list[list[str]]:
+    """:func:`latency_pairs` as table cells: [runtime, batch, teacher ms, student ms, speedup]."""
+    return [[e["runtime"], e["batch"], "n/a", "n/a", e["error"]] if "error" in e else
+            [e["runtime"], e["batch"], f"{e['teacher_ms']:.2f}", f"{e['student_ms']:.2f}", f"{e['teacher_ms'] / e['student_ms']:.2f}x"]
+            for e in latency_pairs(t, s)]
 
 
 # A student this much slower than its teacher is said in words under the latency table: below the
@@ -308,19 +314,18 @@ def latency_rows(t: dict, s: dict) -> list[list[str]]:
 SLOWER_BELOW = 0.95
 
 
-def slower_note(rows: list[list[str]]) -> str | None:
-    """One sentence naming every runtime and batch of :func:`latency_rows` where the smaller student
-    ran at under SLOWER_BELOW of its teacher's speed, or None. On GPUs at CIFAR sizes this is the
-    measured norm (docs/students.md): a user must not read the student's FLOPs as its latency."""
-    # rows whose last cell is a speedup ("1.32x"), not an error text (which may end in an x too)
-    slow = [f"{r[0]} at batch {r[1]} ({r[4]})" for r in rows if re.fullmatch(r"\d+\.\d+x", r[4]) and float(r[4][:-1]) < SLOWER_BELOW]
+def slower_note(t: dict, s: dict) -> str | None:
+    """One sentence naming every runtime and batch of :func:`latency_pairs` where the smaller
+    student ran at under SLOWER_BELOW of its teacher's speed, or None. On GPUs at CIFAR sizes this
+    is the measured norm (docs/students.md): a user must not read the student's FLOPs as its latency."""
+    slow = [e for e in latency_pairs(t, s) if "error" not in e and e["teacher_ms"] / e["student_ms"] < SLOWER_BELOW]
     if not slow:
         return None
-    gpu = any(x.startswith("PyTorch (eager, ") for x in slow)  # the rows timed on the run's GPU
-    return ("The student ran slower than its teacher here: " + "; ".join(slow) + ". Fewer FLOPs are not less time where "
-            "kernels are bound by launches, memory traffic or tile sizes"
+    return ("The student ran slower than its teacher here: "
+            + "; ".join(f"{e['runtime']} at batch {e['batch']} ({e['teacher_ms'] / e['student_ms']:.2f}x)" for e in slow)
+            + ". Fewer FLOPs are not less time where kernels are bound by launches, memory traffic or tile sizes"
             + ("; on a GPU, widths that are not multiples of 32 miss cuDNN's fast kernels, and student.round_to: 32 made derived "
-               "ResNet-18 students 1.3-1.4x faster than their teachers at batch 1,024 where 8 gave 0.93x" if gpu else "")
+               "ResNet-18 students 1.3-1.4x faster than their teachers at batch 1,024 where 8 gave 0.93x" if any(e["gpu"] for e in slow) else "")
             + "; see docs/students.md, \"Measured: are derived students fast?\".")
 
 
@@ -330,7 +335,7 @@ def latency_table(t: dict, s: dict) -> list[str]:
     if not rows:
         return []
     gpu = " (the GPU rows on the GPU the run trained on)" if (s.get("cuda_latency") or {}) else ""
-    note = slower_note(rows)
+    note = slower_note(t, s)
     return ([f"Latency, teacher vs student, fp32, on this machine's CPU{gpu} (median ms of interleaved runs; speedup = teacher / student):", "",
              "| runtime | batch | teacher ms | student ms | speedup |", "|---|---:|---:|---:|---:|"]
             + [f"| {' | '.join(r)} |" for r in rows] + [""] + ([note, ""] if note else []))

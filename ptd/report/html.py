@@ -519,7 +519,7 @@ def render_run_html(run_dir: str | Path, results: dict[str, Any] | None = None) 
         return (_img(plot_compute(r, stats), "compute per arm and latency per model")
                 + _table(["arm: total behind one student", "epochs", "optimizer steps", "wall s"], rows)
                 + (_table(["runtime", "batch", "teacher ms", "student ms", "speedup"], lat, left=1) if lat else "")
-                + (f'<p class="note">{_esc(note)}</p>' if (note := slower_note(lat)) else ""))
+                + (f'<p class="note">{_esc(note)}</p>' if (note := slower_note(r["teacher"], r["student"])) else ""))
     body.append(_section("Compute and latency", _safe(compute, "compute")))
 
     sub = (f"Dataset {r['dataset']}; {len(r['summary'])} arm(s), up to {n_seeds} student seed(s). Accuracies are test top-1 at the "
