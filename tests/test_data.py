@@ -593,9 +593,11 @@ def test_a_corrupt_image_is_one_line_naming_the_file(tmp_path: Path, workers: in
     file and the fix in one line, also when a DataLoader worker raised it (torch re-raises it there
     with the worker's traceback folded into the message)."""
     write_imagefolder(tmp_path)
+    # Loaded before the file goes bad: load_dataset's own check (verify_images) would refuse it
+    # up front; this is the file that changes between the check and the epoch.
+    s = load_dataset("imagefolder", str(tmp_path), val_fraction=0.0)
     bad = tmp_path / "train" / "dog" / "3.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)  # a PNG signature, then nothing decodable
-    s = load_dataset("imagefolder", str(tmp_path), val_fraction=0.0)
     ld = make_loader(s.train, batch_size=5, train=True, mean=s.mean, std=s.std, workers=workers, image_size=16)
     with pytest.raises(DataError) as ei:
         list(ld)

@@ -11,6 +11,7 @@ from ptd.data.base import (
     Splits,
     channel_stats,
     load_dataset,
+    verify_images,
 )
 from ptd.data.loader import FolderLoader, TensorLoader, crop_batch, flip_batch, make_loader, random_crop_flip
 
@@ -32,4 +33,5 @@ __all__ = [
     "load_dataset",
     "make_loader",
     "random_crop_flip",
+    "verify_images",
 ]

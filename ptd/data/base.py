@@ -6,6 +6,10 @@ same way for all of them, so those rules live in one place.
 """
 from __future__ import annotations
 
+import os
+import stat
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Union
@@ -94,6 +98,11 @@ class RawDataset:
     image_size: tuple[int, int]
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
+    # Where each split was read from (a file, files or a folder) and how to repair the dataset:
+    # ``check_raw`` names them when the labels are wrong for every format in one place.
+    train_from: str = ""
+    test_from: str = ""
+    fix: str = "re-download or re-extract the dataset files"
 
 
 # A loader takes (root, download=..., cache_dir=...) and returns a RawDataset.
@@ -104,6 +113,160 @@ DATASETS: Registry[DatasetLoader] = Registry("dataset")
 def default_cache_dir(cache_dir: str | None) -> Path:
     """Where downloads go when the user names no cache folder."""
     return Path(cache_dir).expanduser() if cache_dir else Path("~/.cache/ptd").expanduser()
+
+
+# ----------------------------------------------------------------------------- touching paths
+def path_error(path: Path | str, e: OSError, fix: str) -> DataError:
+    """The one-line error for an OSError met while touching ``path`` (permission denied, a file where
+    a folder is expected, a name too long...): the path the OS refused, its reason, and ``fix``."""
+    where = e.filename if isinstance(e.filename, str) and e.filename else str(path)
+    reason = e.strerror or type(e).__name__
+    hint = "make it readable (check the permissions of it and of the folders above it), or " if isinstance(
+        e, PermissionError) else ""
+    return DataError(f"cannot read {where} ({reason}); {hint}{fix}")
+
+
+def _stat(path: Path, fix: str) -> os.stat_result | None:
+    """``path.stat()``; None when nothing is there. Python 3.11's ``is_file``/``is_dir`` raise on
+    every other OSError (a folder without read permission above ``path``): one line instead."""
+    try:
+        return path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as e:
+        raise path_error(path, e, fix) from None
+
+
+def probe_file(path: Path, fix: str) -> bool:
+    """True if ``path`` is a regular file, False if nothing is there; anything else there (a folder,
+    a device) or an unreadable folder on the way is a one-line ``DataError`` naming the path."""
+    st = _stat(path, fix)
+    if st is None:
+        return False
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a folder" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+        raise DataError(f"{path} is {kind}, expected a data file; {fix}")
+    return True
+
+
+def probe_dir(path: Path, fix: str) -> bool:
+    """True if ``path`` is a folder, False if nothing is there; a file there, or an unreadable folder
+    on the way, is a one-line ``DataError`` naming the path."""
+    st = _stat(path, fix)
+    if st is None:
+        return False
+    if not stat.S_ISDIR(st.st_mode):
+        raise DataError(f"{path} is a file, expected a folder; {fix}")
+    return True
+
+
+def check_cache_dir(cache_dir: str | None) -> Path:
+    """The cache folder (``data.cache_dir``, else ~/.cache/ptd), created and proven writable now.
+
+    Called by the loaders that will write there (a download, the Tiny-ImageNet decode cache) before
+    any work, so a file given as the folder or a read-only folder is one line at load rather than
+    warnings and a slower run. The proof is a real temporary file, removed again: permission bits
+    alone do not tell (root, ACLs, read-only mounts)."""
+    path = default_cache_dir(cache_dir)
+    key = "data.cache_dir" if cache_dir else "data.cache_dir (unset, so the default)"
+    fix = "set data.cache_dir to a writable folder"
+    try:
+        if path.exists() and not path.is_dir():
+            raise DataError(f"{key} {path} is a file, not a folder; {fix}")
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path, prefix=".ptd-write-test-"):
+            pass
+    except OSError as e:  # a file on the way, permission denied, a read-only file system
+        raise DataError(f"{key} {path} cannot be written ({e.strerror or type(e).__name__}); {fix}") from None
+    return path
+
+
+# ----------------------------------------------------------------------------- checking the data
+def check_raw(name: str, raw: RawDataset) -> None:
+    """Refuse what no format-level check catches and nothing can be learned from: an empty split,
+    a label outside 0..num_classes-1, or a training set with fewer than two classes (a model would
+    score 100% by answering the one class, which reads as success)."""
+    k = len(raw.classes)
+    for split_name, split, where in (("training", raw.train, raw.train_from), ("test", raw.test, raw.test_from)):
+        src = f" ({where})" if where else ""
+        if len(split) == 0:
+            raise DataError(f"{name}: the {split_name} split{src} holds 0 images; {raw.fix}")
+        y = labels_of(split)
+        lo, hi = int(y.min()), int(y.max())
+        if lo < 0 or hi >= k:
+            raise DataError(f"{name}: the {split_name} split{src} has label {lo if lo < 0 else hi}, outside "
+                            f"0..{k - 1} for its {k} classes; {raw.fix}")
+    present = torch.unique(labels_of(raw.train))
+    if present.numel() < 2:
+        only = raw.classes[int(present[0])] if k else "?"
+        src = f" ({raw.train_from})" if raw.train_from else ""
+        raise DataError(f"{name}: the training split{src} holds images of {present.numel()} class ({only!r} of {k}); "
+                        f"a classifier needs at least 2, so check the labels or the class folders; {raw.fix}")
+
+
+# Opening every file of a folder split before training, so a corrupt, truncated or unreadable
+# image stops the run at load instead of mid-epoch. Measured through this function (2026-11, PIL
+# 13, a shared 2-core VM, page cache warm), seconds per 1,000 images and CPU thread:
+#                                 headers (open + verify)   full (convert("RGB"), as the loader)
+#   2,000 64x64 PNG + JPEG              0.06 - 0.13                  0.2 - 0.5
+#   500x375 JPEG (ImageNet-like)        0.08 - 0.18                  1.5 - 4.2
+# A full decode of ImageNet's 1.28M JPEGs would cost 30-90 CPU-minutes on every load (each train,
+# resume, eval), so the default checks headers: every format's header, and for PNG every chunk's
+# CRC (a truncated or bit-flipped PNG is found); ImageNet costs 2-4 CPU-minutes, spread over
+# threads (and cold-disk reads overlap there). A JPEG cut short after its header passes this check
+# and is still reported mid-epoch by the loader, naming the file. ``full=True`` decodes everything.
+# Tiny-ImageNet is decoded whole at load anyway (its decode cache): a bad file fails there, in one
+# line naming it.
+VERIFY_PROGRESS_MIN = 1000  # files: below this no progress bar is shown
+_VERIFY_CHUNK = 256  # files per thread task: few futures for 1.28M files, a bar that still moves
+
+
+def _verify_files(paths: list[str], full: bool) -> int:
+    """Open each of ``paths``; the first bad one is a ``DataError``. Returns how many were checked."""
+    from PIL import Image
+
+    for path in paths:
+        try:
+            with Image.open(path) as im:
+                if full:
+                    im.convert("RGB")
+                else:
+                    im.verify()
+        except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... for a bad file: all the same here
+            raise DataError(f"cannot read image {path} ({type(e).__name__}: {e}); remove or replace the file, "
+                            f"then run the command again") from None
+    return len(paths)
+
+
+def verify_images(split: AnySplit, progress: bool | None = None, *, full: bool = False,
+                  workers: int | None = None) -> None:
+    """Open every image file of a ``FolderSplit`` once; the first one (in split order) that PIL
+    cannot read (corrupt, truncated, permission denied, not an image) is a one-line ``DataError``
+    naming it and the fix.
+
+    ``full``: decode every pixel (``convert("RGB")``, what the loader does) instead of checking
+    headers (``Image.open`` + ``verify``); see the measurements above. ``progress``: a tqdm bar;
+    None shows one for ``VERIFY_PROGRESS_MIN`` files or more once it has run a second. ``workers``:
+    threads (default: the CPUs, at most 16). In-memory ``Split``s were decoded when they were read:
+    nothing to check.
+    """
+    if not isinstance(split, FolderSplit) or not split.samples:
+        return
+    from tqdm.auto import tqdm
+
+    paths = [p for p, _ in split.samples]
+    chunks = [paths[i : i + _VERIFY_CHUNK] for i in range(0, len(paths), _VERIFY_CHUNK)]
+    show = progress if progress is not None else len(paths) >= VERIFY_PROGRESS_MIN
+    workers = max(1, min(workers or os.cpu_count() or 1, 16, len(chunks)))
+    ex = ThreadPoolExecutor(max_workers=workers)
+    try:
+        with tqdm(total=len(paths), desc="checking images", unit="img", disable=not show, delay=1.0,
+                  leave=False) as bar:
+            # map yields in order, so the error raised is the first bad file of the split.
+            for n in ex.map(_verify_files, chunks, [full] * len(chunks)):
+                bar.update(n)
+    finally:
+        ex.shutdown(wait=True, cancel_futures=True)  # after an error, do not check the rest
 
 
 def take(split: AnySplit, idx: torch.Tensor) -> AnySplit:
@@ -169,6 +332,7 @@ def load_dataset(
         raise DataError(f"{e}; fix data.name in the config") from None
 
     raw = loader(root, download=download, cache_dir=cache_dir)
+    check_raw(key, raw)
 
     n_train = len(raw.train)
     n_val = int(round(val_fraction * n_train))
@@ -204,6 +368,9 @@ def load_dataset(
         # Statistics from the carved training split (before subsetting) so they never see val/test
         # and do not change when a demo uses train_subset.
         mean, std = channel_stats(train_full.x)
+
+    # Last, being the slow check: exactly the images this run will read, under one progress bar.
+    verify_images(FolderSplit([smp for sp in (train, val, test) if isinstance(sp, FolderSplit) for smp in sp.samples]))
 
     return Splits(
         name=key,

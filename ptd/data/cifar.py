@@ -12,7 +12,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ptd.data.base import DATASETS, DataError, RawDataset, Split, default_cache_dir
+from ptd.data.base import (DATASETS, DataError, RawDataset, Split, check_cache_dir, default_cache_dir, path_error,
+                           probe_dir, probe_file)
 from ptd.data.safe_pickle import UnsafePickleError, safe_load
 
 _SPECS = {
@@ -29,6 +30,9 @@ _SPECS = {
 }
 
 
+_FIX = "re-extract the dataset archive"
+
+
 def _str(v: Any) -> str:
     return v.decode("latin1") if isinstance(v, bytes) else str(v)
 
@@ -39,11 +43,13 @@ def _unpickle(path: Path) -> dict[str, Any]:
     Through ``safe_load``: a file that names any callable besides numpy's array reconstruction is
     refused before anything from it runs (plain ``pickle.load`` would run it).
     """
-    if not path.is_file():
+    if not probe_file(path, f"{_FIX} into data.root"):
         raise DataError(f"CIFAR file not found: {path}; re-extract the dataset archive into data.root")
     try:
         with open(path, "rb") as f:
             obj = safe_load(f, encoding="latin1")
+    except OSError as e:  # permission denied, an I/O error: the file is there but cannot be read
+        raise path_error(path, e, _FIX) from None
     except UnsafePickleError as e:
         raise DataError(f"refused CIFAR file {path}: {e}; a CIFAR batch holds only arrays and lists, so this file is not one "
                         f"(do not use it): re-download the archive from the official site and re-extract it") from None
@@ -63,29 +69,47 @@ def _read_batches(folder: Path, names: list[str], label_key: str, num_classes: i
             raise DataError(
                 f"malformed CIFAR batch {path}: missing key 'data' or {label_key!r}; re-extract the dataset archive"
             )
-        try:
-            data = np.asarray(d["data"], dtype=np.uint8)
-            labels = np.asarray(d[label_key], dtype=np.int64)
-        except (TypeError, ValueError, OverflowError) as e:  # ragged lists, strings, out-of-range numbers
-            raise DataError(f"malformed CIFAR batch {path}: 'data'/{label_key!r} are not numeric arrays ({e}); "
-                            f"re-extract the dataset archive") from None
+        data = _integers(d["data"], "data", path, 0, 255, "pixel values")
+        labels = _integers(d[label_key], label_key, path, 0, num_classes - 1, "labels")
         # 3072 = 3 channels x 32 x 32, stored channel-major (R plane, G plane, B plane).
         if data.ndim != 2 or data.shape[1] != 3072 or labels.shape != (data.shape[0],):
             raise DataError(
                 f"malformed CIFAR batch {path}: data {data.shape}, labels {labels.shape}, expected (N, 3072) and (N,); "
                 f"re-extract the dataset archive"
             )
-        if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-            raise DataError(f"bad labels in {path}: outside 0..{num_classes - 1}; re-extract the dataset archive")
-        xs.append(torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()))
-        ys.append(torch.from_numpy(labels.copy()))
+        if data.shape[0] == 0:  # every real batch holds 10,000 images
+            raise DataError(f"CIFAR batch {path} holds 0 images; {_FIX}")
+        xs.append(torch.from_numpy(data.astype(np.uint8).reshape(-1, 3, 32, 32)))
+        ys.append(torch.from_numpy(labels.astype(np.int64)))
     return Split(torch.cat(xs), torch.cat(ys))
+
+
+def _integers(value: Any, key: str, path: Path, lo: int, hi: int, what: str) -> np.ndarray:
+    """``value`` as an integer array whose entries all lie in lo..hi, or a one-line ``DataError``.
+
+    Checked before any cast: ``np.asarray(..., dtype=np.uint8)`` would wrap 1e6 or -1 into a
+    plausible pixel and truncate 2.7 into label 2, and the run would train on that silently."""
+    try:
+        arr = np.asarray(value)
+    except (TypeError, ValueError) as e:  # ragged lists
+        raise DataError(f"malformed CIFAR batch {path}: {key!r} is not numeric ({e}); {_FIX}") from None
+    if arr.size == 0:  # an empty list reads as float64; no value to check (an empty batch is refused by the caller)
+        return arr.astype(np.int64)
+    if arr.dtype.kind not in "iu":
+        kind = "not numeric" if arr.dtype.kind not in "fcb" else "not integers"
+        raise DataError(f"malformed CIFAR batch {path}: {key!r} is {kind} (dtype {arr.dtype}), expected {what} "
+                        f"{lo}..{hi}; {_FIX}")
+    if int(arr.min()) < lo or int(arr.max()) > hi:
+        raise DataError(f"bad {what} in {path}: {key!r} holds values {int(arr.min())}..{int(arr.max())}, outside "
+                        f"{lo}..{hi}; {_FIX}")
+    return arr
 
 
 def _resolve(root: Path, folder_name: str) -> Path | None:
     """Accept the folder itself or its parent."""
+    fix = f"set data.root to the folder holding {folder_name}/"
     for cand in (root / folder_name, root):
-        if (cand.is_dir() and cand.name == folder_name) or (cand / _marker(folder_name)).is_file():
+        if (cand.name == folder_name and probe_dir(cand, fix)) or probe_file(cand / _marker(folder_name), fix):
             return cand
     return None
 
@@ -101,6 +125,7 @@ def _load(key: str, root: str | None, download: bool, cache_dir: str | None) -> 
         folder = _resolve(Path(root).expanduser(), s["folder"])
     cache = default_cache_dir(cache_dir)
     if folder is None and download:
+        check_cache_dir(cache_dir)  # a file or read-only folder there: one line now, not a failed download
         folder = _resolve(cache, s["folder"])
         if folder is None:
             try:
@@ -136,6 +161,9 @@ def _load(key: str, root: str | None, download: bool, cache_dir: str | None) -> 
         classes=[_str(n) for n in names],
         in_channels=3,
         image_size=(32, 32),
+        train_from=f"{folder}/{'+'.join(s['train'])}" if len(s["train"]) > 1 else str(folder / s["train"][0]),
+        test_from=str(folder / s["test"][0]),
+        fix="re-extract the dataset archive into data.root",
     )
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 
-from ptd.data.base import DATASETS, DataError, RawDataset, Split, default_cache_dir
+from ptd.data.base import DATASETS, DataError, RawDataset, Split, check_cache_dir, default_cache_dir
 from ptd.data.idx import find_idx, read_idx_pair
 
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
@@ -60,6 +60,7 @@ def _load_idx_dataset(
     files = _find_all(folder, tv_name) if folder is not None else None
     cache = default_cache_dir(cache_dir)
     if files is None and download:
+        check_cache_dir(cache_dir)  # a file or read-only folder there: one line now, not a failed download
         files = _find_all(cache, tv_name)
         if files is None:
             try:
@@ -102,6 +103,9 @@ def _load_idx_dataset(
         classes=list(classes),
         in_channels=1,
         image_size=(int(xtr.shape[2]), int(xtr.shape[3])),
+        train_from=f"{files['train_images']}, {files['train_labels']}",
+        test_from=f"{files['test_images']}, {files['test_labels']}",
+        fix="re-download or re-install the dataset files, or set data.root to the right folder",
     )
 
 

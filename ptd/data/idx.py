@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ptd.data.base import DataError
+from ptd.data.base import DataError, path_error, probe_file
 
 # IDX dtype code -> numpy dtype (big-endian where it matters).
 _DTYPES: dict[int, np.dtype] = {
@@ -25,10 +25,15 @@ _DTYPES: dict[int, np.dtype] = {
 }
 
 
-def find_idx(folder: Path, stem: str) -> Path | None:
-    """Return ``folder/stem`` or ``folder/stem.gz``, whichever exists (plain first)."""
+_FIX = "re-download or re-install the dataset files"
+
+
+def find_idx(folder: Path, stem: str, fix: str = f"set data.root to a folder holding the idx files, or {_FIX}") -> Path | None:
+    """Return ``folder/stem`` or ``folder/stem.gz``, whichever exists (plain first).
+
+    A folder in the way or one that cannot be read is a one-line ``DataError`` ending in ``fix``."""
     for p in (folder / stem, folder / f"{stem}.gz"):
-        if p.is_file():
+        if probe_file(p, fix):
             return p
     return None
 
@@ -46,8 +51,8 @@ def _read_bytes(path: Path) -> bytes:
         # A truncated or bit-flipped download: zlib's own message names no file and no fix.
         raise DataError(f"corrupt gzip file {path} ({type(e).__name__}: {e}); delete it and re-download or "
                         f"re-install the dataset files") from None
-    except OSError as e:
-        raise DataError(f"cannot read idx file {path}: {e}; re-download or re-install the dataset files") from None
+    except OSError as e:  # permission denied, a folder in its place...
+        raise path_error(path, e, _FIX) from None
 
 
 def read_idx(path: str | Path, *, ndim: int | None = None, dtype_code: int | None = 0x08) -> torch.Tensor:

@@ -5,9 +5,10 @@ DataLoader workers. ``root/val`` becomes the test split; validation is carved fr
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-from ptd.data.base import DATASETS, DataError, FolderSplit, RawDataset
+from ptd.data.base import DATASETS, DataError, FolderSplit, RawDataset, path_error, probe_dir
 
 IMAGE_SIZE = 224  # pixels, the standard ImageNet training resolution
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -18,12 +19,12 @@ _FIX = "set data.root to a folder holding train/<class>/*.jpg and val/<class>/*.
 
 def scan_split(folder: Path, classes: list[str] | None = None) -> tuple[list[str], list[tuple[str, int]]]:
     """Scan ``folder/<class>/`` image files; ``classes`` fixes the class list (else: sorted subfolders)."""
-    if not folder.is_dir():
+    if not probe_dir(folder, _FIX):
         raise DataError(f"image folder not found: {folder}; {_FIX}")
     try:
         found = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
     except OSError as e:  # e.g. a folder without read permission
-        raise DataError(f"cannot list image folder {folder} ({type(e).__name__}: {e}); {_FIX}") from None
+        raise path_error(folder, e, _FIX) from None
     if not found:
         raise DataError(f"no class folders in {folder}; {_FIX}")
     if classes is None:
@@ -38,14 +39,28 @@ def scan_split(folder: Path, classes: list[str] | None = None) -> tuple[list[str
     samples: list[tuple[str, int]] = []
     for i, c in enumerate(classes):
         cdir = folder / c
-        try:
-            files = sorted(str(p) for p in cdir.rglob("*") if p.suffix.lower() in _EXTS and p.is_file())
-        except OSError as e:
-            raise DataError(f"cannot list class folder {cdir} ({type(e).__name__}: {e}); {_FIX}") from None
+        files = _image_files(cdir)
         if not files:
             raise DataError(f"class folder has no images: {cdir}; add images ({', '.join(sorted(_EXTS))}) or remove it")
         samples += [(f, i) for f in files]
     return classes, samples
+
+
+def _image_files(cdir: Path) -> list[str]:
+    """Image files under ``cdir`` at any depth, sorted; symlinked sub-folders are not followed.
+
+    ``os.walk`` with an ``onerror`` rather than ``Path.rglob``, which skips a folder it may not read
+    without a word: the class would lose its images, or look empty for the wrong reason."""
+    def refuse(e: OSError) -> None:
+        raise path_error(cdir, e, _FIX)
+
+    files = []
+    try:
+        for dirpath, _, names in os.walk(cdir, onerror=refuse):
+            files += [os.path.join(dirpath, n) for n in names if os.path.splitext(n)[1].lower() in _EXTS]
+        return sorted(f for f in files if os.path.isfile(f))
+    except OSError as e:
+        raise path_error(cdir, e, _FIX) from None
 
 
 @DATASETS.register("imagefolder")
@@ -55,7 +70,7 @@ def load_imagefolder(root: str | None, *, download: bool = False, cache_dir: str
     if not root:
         raise DataError(f"imagefolder needs data.root (unset); {_FIX}")
     base = Path(root).expanduser()
-    if not base.is_dir():
+    if not probe_dir(base, _FIX):
         raise DataError(f"image folder not found: {base}; {_FIX}")
     classes, train = scan_split(base / "train")
     _, test = scan_split(base / "val", classes)
@@ -67,4 +82,7 @@ def load_imagefolder(root: str | None, *, download: bool = False, cache_dir: str
         image_size=(IMAGE_SIZE, IMAGE_SIZE),
         mean=IMAGENET_MEAN,
         std=IMAGENET_STD,
+        train_from=str(base / "train"),
+        test_from=str(base / "val"),
+        fix="give train/ (and val/) one sub-folder of images per class, at least 2 classes",
     )

@@ -2,9 +2,10 @@
 
 ``pickle.load`` calls whatever callable a file names (``os.system`` included), so a downloaded
 "dataset" could run a shell command on load. ``safe_load`` resolves only the globals a numpy-array
-data file needs: numpy's array/dtype/scalar reconstruction and ``_codecs.encode`` (how protocol 2
-spells a bytes literal). Dicts, lists, tuples, str, bytes, ints and floats need no global at all.
-Any other global is refused before it is called, with ``UnsafePickleError``.
+data file needs: numpy's array/dtype/scalar reconstruction, ``_codecs.encode`` (how protocol 2
+spells a bytes literal) and ``bytes()`` with no argument (how protocols 0-2 spell an empty one, as
+in the pickle of an empty array). Dicts, lists, tuples, str, bytes, ints and floats need no global
+at all. Any other global is refused before it is called, with ``UnsafePickleError``.
 """
 from __future__ import annotations
 
@@ -19,6 +20,14 @@ class UnsafePickleError(pickle.UnpicklingError):
     """The file names a callable outside the allow-list; nothing from it was called."""
 
 
+def _empty_bytes(*args: Any) -> bytes:
+    """``bytes()`` as protocols 0-2 call it for ``b""``; any argument is refused, since ``bytes(n)``
+    from a file would allocate n bytes (a 10**12 in 20 bytes of pickle)."""
+    if args:
+        raise UnsafePickleError("refused to call bytes() with arguments (only the empty bytes literal is allowed)")
+    return b""
+
+
 def _allowed() -> dict[tuple[str, str], Any]:
     import _codecs
 
@@ -30,6 +39,8 @@ def _allowed() -> dict[tuple[str, str], Any]:
         ("numpy", "ndarray"): np.ndarray,
         ("numpy", "dtype"): np.dtype,
         ("_codecs", "encode"): _codecs.encode,
+        ("__builtin__", "bytes"): _empty_bytes,  # the Python 2 module name, as protocol 2 writes it
+        ("builtins", "bytes"): _empty_bytes,
     }
     for mod in ("numpy.core", "numpy._core"):
         objs[(f"{mod}.multiarray", "_reconstruct")] = multiarray._reconstruct

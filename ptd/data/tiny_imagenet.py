@@ -8,6 +8,7 @@ test split and validation is carved from train by ``load_dataset``.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import warnings
@@ -18,7 +19,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ptd.data.base import DATASETS, DataError, RawDataset, Split, default_cache_dir
+from ptd.data.base import (DATASETS, DataError, FolderSplit, RawDataset, Split, check_cache_dir, check_raw, path_error,
+                           probe_dir, probe_file)
 
 FOLDER = "tiny-imagenet-200"
 SIZE = 64  # pixels, both sides
@@ -32,8 +34,9 @@ def _decode(path: str) -> torch.Tensor:
         # convert("RGB") also turns the few grayscale JPEGs in Tiny-ImageNet into 3 channels.
         with Image.open(path) as im:
             arr = np.asarray(im.convert("RGB"))
-    except Exception as e:
-        raise DataError(f"cannot decode image {path}: {type(e).__name__}: {e}; {_FIX}") from None
+    except Exception as e:  # corrupt, truncated, unreadable: this decode touches every pixel, so it finds them all
+        raise DataError(f"cannot decode image {path}: {type(e).__name__}: {e}; replace the file (re-extract "
+                        f"tiny-imagenet-200.zip), or remove it if it is a training image") from None
     img = torch.from_numpy(arr.copy()).permute(2, 0, 1)  # HWC -> CHW
     if tuple(img.shape) != (3, SIZE, SIZE):
         raise DataError(f"image {path} is {tuple(img.shape[1:])} pixels, expected {SIZE}x{SIZE}; {_FIX}")
@@ -67,7 +70,10 @@ def _cache_key(paths: list[str]) -> str:
     """Changes when any file is added, removed, renamed, resized or touched."""
     h = hashlib.sha256()
     for p in paths:
-        st = os.stat(p)
+        try:
+            st = os.stat(p)
+        except OSError as e:
+            raise path_error(p, e, _FIX) from None
         h.update(f"{p}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:24]
 
@@ -85,23 +91,53 @@ def decode_cached(paths: list[str], cache: Path | None) -> torch.Tensor:
         except (OSError, ValueError):
             pass  # a torn or foreign file: decode again and overwrite it
     out = decode_all(paths)
+    tmp = f.with_suffix(f".{os.getpid()}.tmp")
     try:
         cache.mkdir(parents=True, exist_ok=True)
-        tmp = f.with_suffix(f".{os.getpid()}.tmp")
         with open(tmp, "wb") as fh:
             np.save(fh, out.numpy())
         os.replace(tmp, f)  # atomic: a concurrent reader sees the old state or the whole file
     except OSError as e:
-        warnings.warn(f"could not write the Tiny-ImageNet decode cache {f}: {e}; set data.cache_dir to a writable folder "
-                      f"to skip decoding next time", stacklevel=2)
+        # The folder was proven writable at load (check_cache_dir); what is left is the disk filling
+        # up mid-write. The images are decoded, so the run goes on; only the next load is slower.
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)  # no torn .tmp left behind in the user's cache
+        warnings.warn(f"could not write the Tiny-ImageNet decode cache {f}: {e}; free space there or set data.cache_dir "
+                      f"to another folder to skip decoding next time", stacklevel=2)
     return out
 
 
 def _resolve(root: Path) -> Path | None:
     for cand in (root / FOLDER, root):
-        if (cand / "wnids.txt").is_file():
+        if probe_file(cand / "wnids.txt", _FIX):
             return cand
     return None
+
+
+def _plain_name(name: str) -> bool:
+    """A single file or folder name: joined to a folder it stays inside it (no '..', no separator,
+    not absolute), so a listed name cannot reach files outside the dataset's own folders."""
+    seps = {"/", "\\", os.sep} | ({os.altsep} if os.altsep else set())
+    return bool(name) and name not in (".", "..") and not any(s in name for s in seps) and "\0" not in name
+
+
+def _read_wnids(path: Path) -> list[str]:
+    """wnids.txt: one class id a line, each a plain folder name, none twice."""
+    wnids: list[str] = []
+    first_line: dict[str, int] = {}
+    for n, line in enumerate(_read_text(path).splitlines(), 1):
+        w = line.strip()
+        if not w:
+            continue
+        if not _plain_name(w):
+            raise DataError(f"malformed line {n} in {path}: {w[:80]!r} is not a folder name (a class id such as "
+                            f"n01443537); {_FIX}")
+        if w in first_line:
+            raise DataError(f"duplicate class {w!r} on line {n} of {path} (first on line {first_line[w]}); each class "
+                            f"must be listed once: remove the repeated line or {_FIX}")
+        first_line[w] = n
+        wnids.append(w)
+    return wnids
 
 
 def _images_in(folder: Path) -> list[str]:
@@ -121,7 +157,7 @@ def load_tiny_imagenet(root: str | None, *, download: bool = False, cache_dir: s
     folder = _resolve(base)
     if folder is None:
         raise DataError(f"Tiny-ImageNet file not found: {base / FOLDER / 'wnids.txt'}; {_FIX}")
-    wnids = [w.strip() for w in _read_text(folder / "wnids.txt").splitlines() if w.strip()]
+    wnids = _read_wnids(folder / "wnids.txt")
     if not wnids:
         raise DataError(f"Tiny-ImageNet class list is empty: {folder / 'wnids.txt'}; {_FIX}")
     index = {w: i for i, w in enumerate(wnids)}
@@ -130,7 +166,7 @@ def load_tiny_imagenet(root: str | None, *, download: bool = False, cache_dir: s
     train_labels: list[int] = []
     for w in wnids:
         cdir = folder / "train" / w / "images"
-        if not cdir.is_dir():
+        if not probe_dir(cdir, _FIX):
             raise DataError(f"Tiny-ImageNet class folder not found: {cdir}; {_FIX}")
         files = _images_in(cdir)
         if not files:
@@ -139,7 +175,7 @@ def load_tiny_imagenet(root: str | None, *, download: bool = False, cache_dir: s
         train_labels += [index[w]] * len(files)
 
     ann = folder / "val" / "val_annotations.txt"
-    if not ann.is_file():
+    if not probe_file(ann, _FIX):
         raise DataError(f"Tiny-ImageNet file not found: {ann}; {_FIX}")
     test_paths: list[str] = []
     test_labels: list[int] = []
@@ -149,19 +185,25 @@ def load_tiny_imagenet(root: str | None, *, download: bool = False, cache_dir: s
         parts = line.split("\t")
         if len(parts) < 2 or parts[1] not in index:
             raise DataError(f"malformed line {n} in {ann}: {line[:80]!r} (need file<TAB>wnid from wnids.txt); {_FIX}")
+        if not _plain_name(parts[0]):
+            raise DataError(f"malformed line {n} in {ann}: {parts[0][:80]!r} is not a file name in val/images (a path "
+                            f"that leaves that folder); {_FIX}")
         p = folder / "val" / "images" / parts[0]
-        if not p.is_file():
+        if not probe_file(p, _FIX):
             raise DataError(f"Tiny-ImageNet file not found: {p} (listed in {ann}); {_FIX}")
         test_paths.append(str(p))
         test_labels.append(index[parts[1]])
     if not test_paths:
         raise DataError(f"Tiny-ImageNet val annotations are empty: {ann}; {_FIX}")
 
-    cache = default_cache_dir(cache_dir)
+    where = dict(classes=wnids, in_channels=3, image_size=(SIZE, SIZE), train_from=str(folder / "train"),
+                 test_from=str(ann), fix=_FIX)
+    # load_dataset checks the classes again on the result; here, before the minute of decoding.
+    check_raw("tiny_imagenet", RawDataset(train=FolderSplit(list(zip(train_paths, train_labels))),
+                                          test=FolderSplit(list(zip(test_paths, test_labels))), **where))
+    cache = check_cache_dir(cache_dir)  # before the minute of decoding that would fill it
     return RawDataset(
         train=Split(decode_cached(train_paths, cache), torch.tensor(train_labels, dtype=torch.int64)),
         test=Split(decode_cached(test_paths, cache), torch.tensor(test_labels, dtype=torch.int64)),
-        classes=wnids,
-        in_channels=3,
-        image_size=(SIZE, SIZE),
+        **where,
     )

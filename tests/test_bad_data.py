@@ -1,0 +1,420 @@
+"""Bad data folders and files, for every dataset format: refused at load, before training and
+before anything is written, in one ``ptd: error:`` line that names the file or folder and the fix.
+
+Covers an OSError anywhere on the way to a data file (permission denied, a folder where a file is
+expected, a symlink loop), datasets nothing can be learned from (fewer than 2 classes, an empty
+split, labels out of range), CIFAR pixels that are not uint8 values, malformed Tiny-ImageNet lists
+(duplicate class ids, annotations that leave val/images), a cache folder that cannot be written,
+and image files that cannot be read (``verify_images``, run by ``load_dataset``).
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from ptd.cli import main
+from ptd.data import DataError, FolderSplit, RawDataset, Split, load_dataset, verify_images
+from ptd.data.base import check_raw
+from ptd.data.safe_pickle import UnsafePickleError, safe_load
+
+from conftest import tiny_config, write_fashion_like, write_idx_file
+
+FOLDER_FLAGS = ["--set", "data.workers=0", "--set", "data.image_size=16", "--set", "data.crop_padding=0",
+                "--set", "teacher.optim.batch_size=2", "--set", "prune.retrain.batch_size=2",
+                "--set", "distill.optim.batch_size=2"]
+
+
+# ----------------------------------------------------------------------------- writers
+def png(path: Path, seed: int = 0, size: int = 64) -> None:
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(path)
+
+
+def write_cifar10(root: Path, labels: list[int] | None = None, data=None, batch: str = "data_batch_1") -> Path:
+    """A cifar-10-batches-py folder of 12-image batches; ``labels``/``data`` replace those of ``batch``."""
+    d = root / "cifar-10-batches-py"
+    d.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        x = rng.integers(0, 256, (12, 3072), dtype=np.uint8)
+        y = [i % 10 for i in range(12)]
+        if name == batch:
+            x = data if data is not None else x
+            y = labels if labels is not None else y
+        (d / name).write_bytes(pickle.dumps({b"data": x, b"labels": y}, protocol=2))
+    (d / "batches.meta").write_bytes(pickle.dumps({b"label_names": [b"c%d" % i for i in range(10)]}, protocol=2))
+    return d
+
+
+def write_tiny(root: Path, wnids=("n01", "n02"), val_lines: list[str] | None = None) -> Path:
+    """tiny-imagenet-200 with 3 train and 1 val PNG per class; ``wnids`` is written as given."""
+    t = root / "tiny-imagenet-200"
+    (t / "val" / "images").mkdir(parents=True)
+    (t / "wnids.txt").write_text("\n".join(wnids) + "\n")
+    lines = []
+    for k, w in enumerate(dict.fromkeys(wnids)):
+        (t / "train" / w / "images").mkdir(parents=True)
+        for i in range(3):
+            png(t / "train" / w / "images" / f"{w}_{i}.png", seed=10 * k + i)
+        png(t / "val" / "images" / f"val_{k}.png", seed=100 + k)
+        lines.append(f"val_{k}.png\t{w}\t0\t0\t10\t10")
+    (t / "val" / "val_annotations.txt").write_text("\n".join(val_lines if val_lines is not None else lines) + "\n")
+    return t
+
+
+def write_imagefolder(root: Path, classes=("a", "b"), per: int = 4) -> Path:
+    for split, n in (("train", per), ("val", 2)):
+        for k, c in enumerate(classes):
+            (root / split / c).mkdir(parents=True)
+            for i in range(n):
+                png(root / split / c / f"{i}.png", seed=100 * k + i, size=24)
+    return root
+
+
+# ----------------------------------------------------------------------------- the CLI contract
+def snapshot(root: Path) -> dict[str, bytes]:
+    """Every file's bytes (os.walk, not pathlib: ``deny`` patches Path.stat)."""
+    out = {}
+    for d, _, names in os.walk(root):
+        for n in names:
+            f = os.path.join(d, n)
+            if os.path.islink(f):
+                out[os.path.relpath(f, root)] = os.readlink(f).encode()
+                continue
+            with open(f, "rb") as fh:
+                out[os.path.relpath(f, root)] = fh.read()
+    return out
+
+
+def refused(tmp_path: Path, capsys, argv: list[str]) -> str:
+    """``ptd <argv>``: exit 2, one ``ptd: error:`` line, no training, nothing under tmp_path changed."""
+    before = snapshot(tmp_path)
+    capsys.readouterr()
+    rc = main(argv)
+    out, err = capsys.readouterr()
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith("ptd: error: "), (rc, err)
+    assert "Traceback" not in err and "training" not in out, out
+    assert snapshot(tmp_path) == before
+    assert not (tmp_path / "run").exists()
+    return lines[0]
+
+
+def config(tmp_path: Path, name: str, root: Path, **data) -> str:
+    cfg = tiny_config(root)
+    cfg["data"].update(name=name, root=str(root), **data)
+    cfg["teacher"]["optim"]["epochs"] = 1
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    return str(p)
+
+
+def train(tmp_path: Path, capsys, name: str, root: Path, *extra: str, **data) -> str:
+    flags = FOLDER_FLAGS if name in ("imagefolder", "tiny_imagenet") else []
+    return refused(tmp_path, capsys, ["train", config(tmp_path, name, root, **data), *flags, *extra,
+                                      "--out", str(tmp_path / "run")])
+
+
+# ----------------------------------------------------------------------------- OSErrors on the way
+def deny(monkeypatch, folder: Path) -> None:
+    """Permission denied for everything inside ``folder``, as a mode-000 folder gives a non-root
+    user (root is exempt from permission bits, so this test cannot simply chmod)."""
+    real = Path.stat
+
+    def stat(self, *a, **k):
+        if str(self).startswith(str(folder) + os.sep):
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(Path, "stat", stat)
+
+
+@pytest.mark.parametrize("fmt", ["fashion_mnist", "cifar10", "tiny_imagenet", "imagefolder"])
+def test_an_unreadable_data_folder_is_one_line_naming_it(tmp_path: Path, capsys, monkeypatch, fmt: str):
+    root = tmp_path / "data"
+    {"fashion_mnist": lambda: write_fashion_like(root, 60, 20), "cifar10": lambda: write_cifar10(root),
+     "tiny_imagenet": lambda: write_tiny(root), "imagefolder": lambda: write_imagefolder(root)}[fmt]()
+    cfg = config(tmp_path, fmt, root, cache_dir=str(tmp_path / "cache"))
+    deny(monkeypatch, root)
+    before = snapshot(tmp_path)
+    with pytest.raises(DataError) as ei:
+        load_dataset(fmt, str(root), cache_dir=str(tmp_path / "cache"))
+    msg = str(ei.value)
+    assert f"cannot read {root}" in msg and "Permission denied" in msg and "make it readable" in msg, msg
+    line = refused(tmp_path, capsys, ["train", cfg, *FOLDER_FLAGS, "--out", str(tmp_path / "run")])
+    assert str(root) in line and "Permission denied" in line
+    assert snapshot(tmp_path) == before
+
+
+def test_a_symlink_loop_where_an_idx_file_should_be(tmp_path: Path, capsys):
+    """A real OSError (ELOOP) that Path.is_file() would have hidden as 'file not found'."""
+    root = write_fashion_like(tmp_path / "fm", 60, 20)
+    loop = root / "train-images-idx3-ubyte"
+    loop.symlink_to(loop.name)  # itself
+    line = train(tmp_path, capsys, "fashion_mnist", root)
+    assert f"cannot read {loop}" in line and "symbolic links" in line
+
+
+@pytest.mark.parametrize("fmt, where", [("fashion_mnist", "train-labels-idx1-ubyte"),
+                                        ("cifar10", "cifar-10-batches-py/batches.meta"),
+                                        ("tiny_imagenet", "tiny-imagenet-200/val/val_annotations.txt")])
+def test_a_folder_where_a_data_file_should_be(tmp_path: Path, capsys, fmt: str, where: str):
+    root = tmp_path / "data"
+    {"fashion_mnist": lambda: write_fashion_like(root, 60, 20), "cifar10": lambda: write_cifar10(root),
+     "tiny_imagenet": lambda: write_tiny(root)}[fmt]()
+    for stale in root.glob(where + "*"):
+        stale.unlink()
+    (root / where).mkdir()
+    line = train(tmp_path, capsys, fmt, root, cache_dir=str(tmp_path / "cache"))
+    assert f"{root / where} is a folder, expected a data file" in line
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.geteuid() == 0 and shutil.which("setpriv") is None, reason="root needs setpriv to lose DAC override")
+def test_real_permissions_through_the_real_entry_point(tmp_path: Path):
+    """mode 000 data folder and a read-only cache folder, as a process that permission bits bind."""
+    prefix = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search"] if os.geteuid() == 0 else []
+    fm = write_fashion_like(tmp_path / "fm", 60, 20)
+    tiny = write_tiny(tmp_path / "ti").parent
+    ro = tmp_path / "ro_cache"
+    ro.mkdir()
+    cases = [(["--set", f"data.root={fm}"], str(fm)),
+             (["--set", "data.name=tiny_imagenet", "--set", f"data.root={tiny}", "--set", f"data.cache_dir={ro}",
+               *FOLDER_FLAGS], f"data.cache_dir {ro} cannot be written (Permission denied)")]
+    fm.chmod(0)
+    ro.chmod(0o555)
+    try:
+        for flags, words in cases:
+            cfg = config(tmp_path, "fashion_mnist", fm)
+            r = subprocess.run([*prefix, sys.executable, "-m", "ptd", "train", cfg, *flags, "--out", str(tmp_path / "run")],
+                               capture_output=True, text=True, timeout=300, env={**os.environ, "TQDM_DISABLE": "1"})
+            lines = [line for line in r.stderr.splitlines() if line.strip()]
+            assert r.returncode == 2 and len(lines) == 1 and words in lines[0], r.stderr
+            assert not (tmp_path / "run").exists() and list(ro.iterdir()) == []
+    finally:
+        fm.chmod(0o755)
+        ro.chmod(0o755)
+
+
+# ----------------------------------------------------------------------------- nothing to learn from
+def test_fewer_than_two_classes_is_refused_for_every_format(tmp_path: Path, capsys):
+    fm = write_fashion_like(tmp_path / "fm", 60, 20)
+    write_idx_file(fm / "train-labels-idx1-ubyte", np.zeros(60, np.uint8))
+    line = train(tmp_path, capsys, "fashion_mnist", fm)
+    assert "1 class ('T-shirt/top' of 10)" in line and str(fm / "train-labels-idx1-ubyte.gz") in line
+
+    cif = write_cifar10(tmp_path / "cifar", labels=[3] * 12)
+    for i in range(2, 6):  # every training batch: one class
+        (cif / f"data_batch_{i}").write_bytes((cif / "data_batch_1").read_bytes())
+    line = train(tmp_path, capsys, "cifar10", tmp_path / "cifar")
+    assert "1 class ('c3' of 10)" in line and str(cif) in line
+
+    ifo = write_imagefolder(tmp_path / "if1", classes=("only",))
+    line = train(tmp_path, capsys, "imagefolder", ifo)
+    assert "1 class ('only' of 1)" in line and str(ifo / "train") in line and "one sub-folder of images per class" in line
+
+    ti = write_tiny(tmp_path / "ti1", wnids=("n01",))
+    line = train(tmp_path, capsys, "tiny_imagenet", ti.parent, cache_dir=str(tmp_path / "cache"))
+    assert "1 class ('n01' of 1)" in line and str(ti / "train") in line
+
+
+@pytest.mark.slow  # load_model's first import of the model zoo: ~5 s
+def test_ptd_eval_refuses_a_one_class_dataset_too(tmp_path: Path, capsys):
+    from ptd.models import build_model
+    from ptd.train.checkpoint import save_model
+
+    ifo = write_imagefolder(tmp_path / "if1", classes=("only",))
+    save_model(tmp_path / "m.safetensors", build_model("vgg", 1, 3, plan=[8]))
+    line = refused(tmp_path, capsys, ["eval", str(tmp_path / "m.safetensors"), config(tmp_path, "imagefolder", ifo),
+                                      *FOLDER_FLAGS])
+    assert "1 class" in line and str(ifo / "train") in line
+
+
+@pytest.mark.parametrize("split", ["train", "t10k"])
+def test_an_empty_split_is_refused(tmp_path: Path, capsys, split: str):
+    fm = write_fashion_like(tmp_path / "fm", 60, 20)
+    write_idx_file(fm / f"{split}-images-idx3-ubyte", np.zeros((0, 28, 28), np.uint8))
+    write_idx_file(fm / f"{split}-labels-idx1-ubyte", np.zeros(0, np.uint8))
+    line = train(tmp_path, capsys, "fashion_mnist", fm)
+    name = "training" if split == "train" else "test"
+    assert f"the {name} split ({fm / f'{split}-images-idx3-ubyte.gz'}" in line and "holds 0 images" in line
+
+
+def test_an_empty_cifar_batch_is_refused_as_empty_not_as_hostile(tmp_path: Path, capsys):
+    d = write_cifar10(tmp_path / "cifar", labels=[], data=np.zeros((0, 3072), np.uint8), batch="data_batch_2")
+    line = train(tmp_path, capsys, "cifar10", tmp_path / "cifar")
+    assert line == f"ptd: error: CIFAR batch {d / 'data_batch_2'} holds 0 images; re-extract the dataset archive"
+
+
+def test_labels_outside_the_classes_are_refused_whatever_the_format():
+    """The shared check behind every loader (idx and CIFAR also check their own files)."""
+    x = torch.zeros(4, 1, 2, 2, dtype=torch.uint8)
+    for y, where, bad in (([0, 1, 2, 3], "train", 3), ([0, 1, -1, 1], "train", -1), ([0, 1, 0, 1], "test", 7)):
+        test_y = torch.tensor([0, 7, 1, 1] if where == "test" else [0, 1, 0, 1])
+        raw = RawDataset(train=Split(x, torch.tensor(y)), test=Split(x, test_y), classes=["a", "b", "c"], in_channels=1,
+                         image_size=(2, 2), train_from="/data/train.bin", test_from="/data/test.bin", fix="replace them")
+        with pytest.raises(DataError) as ei:
+            check_raw("mine", raw)
+        assert str(ei.value) == (f"mine: the {'training' if where == 'train' else 'test'} split (/data/{where}.bin) has "
+                                 f"label {bad}, outside 0..2 for its 3 classes; replace them")
+
+
+# ----------------------------------------------------------------------------- CIFAR pixels
+@pytest.mark.parametrize("data, words", [
+    (np.full((12, 3072), 1e6), "'data' is not integers (dtype float64), expected pixel values 0..255"),
+    (np.full((12, 3072), 0.5, np.float32), "'data' is not integers (dtype float32)"),
+    (np.full((12, 3072), 300, np.int64), "bad pixel values in {p}: 'data' holds values 300..300, outside 0..255"),
+    (np.full((12, 3072), -1, np.int16), "bad pixel values in {p}: 'data' holds values -1..-1, outside 0..255"),
+])
+def test_cifar_pixels_that_are_not_uint8_values_are_refused(tmp_path: Path, capsys, data, words: str):
+    d = write_cifar10(tmp_path / "cifar", data=data)
+    line = train(tmp_path, capsys, "cifar10", tmp_path / "cifar")
+    assert words.format(p=d / "data_batch_1") in line and str(d / "data_batch_1") in line
+
+
+def test_cifar_pixels_as_other_integer_types_in_range_still_load(tmp_path: Path):
+    x = np.random.default_rng(1).integers(0, 256, (12, 3072))  # int64, every value a valid pixel
+    write_cifar10(tmp_path, data=x, labels=np.arange(12) % 10)
+    s = load_dataset("cifar10", str(tmp_path), val_fraction=0.0)
+    assert s.train.x.dtype == torch.uint8 and torch.equal(s.train.x[:12].reshape(12, -1), torch.from_numpy(x).to(torch.uint8))
+
+
+def test_float_cifar_labels_are_refused_not_truncated(tmp_path: Path, capsys):
+    write_cifar10(tmp_path / "cifar", labels=np.full(12, 2.7))
+    assert "'labels' is not integers (dtype float64)" in train(tmp_path, capsys, "cifar10", tmp_path / "cifar")
+
+
+def test_safe_pickle_reads_an_empty_bytes_literal_but_calls_nothing_else():
+    arr = np.zeros((0, 3072), np.uint8)
+    for protocol in (0, 1, 2):  # they spell b"" as a call of bytes()
+        got = safe_load(pickle.dumps({b"data": arr}, protocol=protocol))
+        assert got[b"data"].shape == (0, 3072)
+    with pytest.raises(UnsafePickleError, match="bytes"):  # bytes(10**12): 20 bytes of pickle asking for a terabyte
+        safe_load(b"c__builtin__\nbytes\n(I1000000000000\ntR.")
+
+
+# ----------------------------------------------------------------------------- Tiny-ImageNet lists
+def test_tiny_imagenet_duplicate_wnids_name_the_file_and_line(tmp_path: Path, capsys):
+    t = write_tiny(tmp_path / "ti", wnids=("n01", "n02", "n01"))
+    line = train(tmp_path, capsys, "tiny_imagenet", t.parent, cache_dir=str(tmp_path / "cache"))
+    assert f"duplicate class 'n01' on line 3 of {t / 'wnids.txt'} (first on line 1)" in line
+
+
+@pytest.mark.parametrize("name", ["../../train/n01/images/n01_0.png", "..", "/etc/hostname", "sub/val_0.png",
+                                  "..\\val_0.png"])
+def test_tiny_imagenet_val_annotation_leaving_val_images_is_refused(tmp_path: Path, name: str):
+    t = write_tiny(tmp_path / "ti", val_lines=["val_0.png\tn01\t0\t0\t1\t1", f"{name}\tn01\t0\t0\t1\t1"])
+    with pytest.raises(DataError) as ei:
+        load_dataset("tiny_imagenet", str(t.parent), cache_dir=str(tmp_path / "cache"))
+    assert str(ei.value).startswith(f"malformed line 2 in {t / 'val' / 'val_annotations.txt'}: {name!r} is not a file name")
+    assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").glob("*.npy"))
+
+
+def test_tiny_imagenet_wnid_that_is_a_path_is_refused(tmp_path: Path):
+    t = write_tiny(tmp_path / "ti")
+    (t / "wnids.txt").write_text("n01\n\n../n02\n")
+    with pytest.raises(DataError, match=r"malformed line 3 in .*wnids.txt: '\.\./n02' is not a folder name"):
+        load_dataset("tiny_imagenet", str(t.parent), cache_dir=str(tmp_path / "cache"))
+
+
+def test_tiny_imagenet_corrupt_image_in_the_decode_cache_build(tmp_path: Path, capsys):
+    t = write_tiny(tmp_path / "ti")
+    bad = t / "train" / "n02" / "images" / "n02_1.png"
+    bad.write_bytes(bad.read_bytes()[:70])  # truncated
+    line = train(tmp_path, capsys, "tiny_imagenet", t.parent, cache_dir=str(tmp_path / "cache"))
+    assert line.startswith(f"ptd: error: cannot decode image {bad}: ") and "replace the file" in line
+
+
+# ----------------------------------------------------------------------------- the cache folder
+def test_cache_dir_that_is_a_file_is_one_line_before_decoding(tmp_path: Path, capsys, recwarn):
+    t = write_tiny(tmp_path / "ti")
+    (tmp_path / "cachefile").write_text("an output, not a folder\n")
+    line = train(tmp_path, capsys, "tiny_imagenet", t.parent, cache_dir=str(tmp_path / "cachefile"))
+    assert line == f"ptd: error: data.cache_dir {tmp_path / 'cachefile'} is a file, not a folder; set data.cache_dir to a writable folder"
+    assert len(recwarn) == 0
+    # Under a file: the folder cannot be made.
+    line = train(tmp_path, capsys, "tiny_imagenet", t.parent, cache_dir=str(tmp_path / "cachefile" / "sub"))
+    assert f"data.cache_dir {tmp_path / 'cachefile' / 'sub'} cannot be written (Not a directory)" in line
+
+
+def test_cache_dir_is_checked_before_a_download(tmp_path: Path, monkeypatch):
+    import torchvision
+
+    monkeypatch.setattr(torchvision.datasets.FashionMNIST, "download", lambda self: pytest.fail("downloaded"))
+    (tmp_path / "cachefile").write_text("x")
+    for name in ("fashion_mnist", "cifar10"):
+        with pytest.raises(DataError, match="data.cache_dir .*cachefile is a file, not a folder"):
+            load_dataset(name, str(tmp_path / "none"), download=True, cache_dir=str(tmp_path / "cachefile"))
+
+
+# ----------------------------------------------------------------------------- image files
+@pytest.mark.parametrize("damage", ["garbage", "empty", "truncated", "folder"])
+def test_a_bad_image_is_found_before_training(tmp_path: Path, capsys, damage: str):
+    root = write_imagefolder(tmp_path / "if")
+    bad = root / "val" / "b" / "1.png"
+    if damage == "folder":  # an OSError from open(): IsADirectoryError
+        bad.unlink()
+        bad.mkdir()
+        bad = root / "train" / "b" / "2.png"
+        bad.unlink()
+        bad.mkdir()
+        split = FolderSplit([(str(root / "train" / "a" / "0.png"), 0), (str(bad), 1)])
+        with pytest.raises(DataError, match=f"cannot read image {bad} \\(IsADirectoryError"):
+            verify_images(split)
+        return
+    data = bad.read_bytes()
+    bad.write_bytes({"garbage": b"not an image at all", "empty": b"", "truncated": data[:60]}[damage])
+    line = train(tmp_path, capsys, "imagefolder", root)
+    assert line.startswith(f"ptd: error: cannot read image {bad} (") and "remove or replace the file" in line
+
+
+def test_verify_images_names_the_first_bad_file_in_split_order(tmp_path: Path):
+    """Files are checked in threads, in chunks: the error is still the earliest bad file."""
+    png(tmp_path / "good.png", size=4)
+    (tmp_path / "bad.png").write_bytes(b"junk")
+    paths = [str(tmp_path / "good.png")] * 700
+    paths[300] = paths[650] = str(tmp_path / "bad.png")
+    (tmp_path / "other_bad.png").write_bytes(b"junk")
+    paths[650] = str(tmp_path / "other_bad.png")
+    split = FolderSplit([(p, 0) for p in paths])
+    for workers in (1, 4):
+        with pytest.raises(DataError, match=f"cannot read image {tmp_path / 'bad.png'} "):
+            verify_images(split, progress=False, workers=workers)
+    verify_images(FolderSplit([(str(tmp_path / "good.png"), 0)] * 700), progress=False)  # all good: no error
+    verify_images(Split(torch.zeros(1, 1, 2, 2, dtype=torch.uint8), torch.zeros(1, dtype=torch.int64)))  # in memory: nothing
+
+
+def test_header_check_misses_a_cut_jpeg_that_full_decode_finds(tmp_path: Path):
+    """The documented limit of the default check (see ptd.data.base.verify_images)."""
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "a.jpg")
+    raw = (tmp_path / "a.jpg").read_bytes()
+    (tmp_path / "a.jpg").write_bytes(raw[: len(raw) // 2])
+    split = FolderSplit([(str(tmp_path / "a.jpg"), 0)])
+    verify_images(split)
+    with pytest.raises(DataError, match="truncated"):
+        verify_images(split, full=True)
+
+
+def test_verify_images_shows_a_progress_bar_when_asked(tmp_path: Path, capsys, monkeypatch):
+    import ptd.data.base as base
+    from tqdm import tqdm as real_tqdm
+
+    seen = []
+    monkeypatch.setattr("tqdm.auto.tqdm", lambda *a, **k: seen.append(k) or real_tqdm(*a, **{**k, "disable": True}))
+    png(tmp_path / "x.png", size=4)
+    split = FolderSplit([(str(tmp_path / "x.png"), 0)] * 3)
+    verify_images(split)
+    verify_images(split, progress=True)
+    monkeypatch.setattr(base, "VERIFY_PROGRESS_MIN", 2)
+    verify_images(split)
+    assert [k["disable"] for k in seen] == [True, False, False] and all(k["total"] == 3 for k in seen)
