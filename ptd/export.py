@@ -73,7 +73,15 @@ def _best_arm(run_dir: Path) -> tuple[Path, str]:
 
 def resolve(source: str | Path) -> Source:
     """A model file, or a run directory (its best distilled student, with the run's teacher for comparison)."""
-    p = Path(source)
+    try:
+        return _resolve(Path(source))
+    except OSError as e:  # a folder on the way this user cannot search: Path.exists/is_dir raise, not answer False
+        where = e.filename if e.filename is not None else source
+        raise ExportError(f"{where}: cannot be read ({e.strerror or type(e).__name__}); give this user access to it, "
+                          "or give a run directory or model .safetensors it can read") from None
+
+
+def _resolve(p: Path) -> Source:
     if not p.exists():
         raise ExportError(f"{p}: no such file or directory; give a run directory or a model .safetensors written by ptd")
     if p.is_dir():
@@ -100,6 +108,15 @@ def load(path: Path) -> nn.Module:
     except Exception as e:  # noqa: BLE001 -- a safetensors file of someone else's format: say which file and what to do
         raise ExportError(f"{path}: not a model file written by ptd ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
                           "export a model.safetensors from a ptd run") from None
+
+
+def _load_teacher(path: Path) -> nn.Module:
+    """The run's teacher, timed against the student: checked before anything is written."""
+    try:
+        return load(path)
+    except ExportError as e:
+        raise ExportError(f"{e}; the run's teacher is loaded only to time the student against it: "
+                          "pass --no-latency to export without that comparison") from None
 
 
 def input_channels(model: nn.Module) -> int:
@@ -137,36 +154,103 @@ def _quiet_fds():
                 os.close(dup)
 
 
-def export_onnx(model: nn.Module, out: str | Path, input_shape: Sequence[int], *, overwrite: bool = False) -> Path:
-    """Write ``model`` (eval mode, fp32, CPU) as ONNX with a dynamic batch axis; returns the path.
+def _check_out(out: Path, *, overwrite: bool = False) -> None:
+    """Everything about ``out`` that can be known before a byte is written; one-line ExportError otherwise."""
+    try:
+        try:
+            os.lstat(out)  # lstat, not exists(): a dangling symbolic link is taken too (writing would replace it)
+            taken = True
+        except FileNotFoundError:
+            taken = False
+        if taken and not overwrite:
+            what = f" (a symbolic link to {os.readlink(out)}, which does not exist)" if out.is_symlink() and not out.exists() else \
+                " (a folder)" if out.is_dir() else ""
+            raise ExportError(f"{out}: already exists{what}; nothing was overwritten -- choose another --out or delete the file")
+        if overwrite and out.is_dir():
+            raise ExportError(f"{out}: is a folder; choose a file name for --out")
+        parent = out.parent
+        if not parent.is_dir():
+            raise ExportError(f"{parent}: no such directory for --out; create it or choose another path")
+    except OSError as e:  # a folder on the way that cannot be searched, a name too long
+        raise ExportError(f"{out}: cannot be checked ({e.strerror or type(e).__name__}); choose another --out") from None
 
-    Refuses (ExportError) an existing ``out`` unless ``overwrite``, and a model the exporter cannot
-    trace. The file appears whole or not at all (written next to ``out``, then renamed).
-    """
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise ExportError(f"{out}: already exists; nothing was overwritten -- choose another --out or delete the file")
-    if out.parent and not out.parent.is_dir():
-        raise ExportError(f"{out.parent}: no such directory for --out; create it or choose another path")
+
+def _temp_for(out: Path) -> Path:
+    """An empty temporary next to ``out`` (same file system: the final rename is atomic): proves
+    the folder is writable before any work, and holds the file until every check passed."""
+    try:
+        # The name as ptd's writers name theirs (checkpoint.is_writer_temp), so a killed export
+        # inside a run directory is swept up when the run next opens; kept short for long names.
+        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name[:100]}.", suffix=".tmp")
+    except OSError as e:
+        raise ExportError(f"{out.parent}: cannot write the exported model there ({e.strerror or type(e).__name__}); "
+                          "choose another --out, or give this user write permission on the folder") from None
+    try:
+        mask = os.umask(0)
+        os.umask(mask)
+        os.fchmod(fd, 0o666 & ~mask)  # mkstemp makes 0600; an exported model is for sharing, as open() would make it
+    finally:
+        os.close(fd)
+    return Path(tmp)
+
+
+def _place(tmp: Path, out: Path, *, overwrite: bool = False) -> None:
+    """Move the finished ``tmp`` to ``out``; never over a file that appeared meanwhile (unless ``overwrite``)."""
+    try:
+        if overwrite:
+            os.replace(tmp, out)
+            return
+        try:
+            os.link(tmp, out)  # fails if ``out`` exists, even as a dangling link: no check-then-write race
+        except FileExistsError:
+            raise ExportError(f"{out}: already exists (it appeared while exporting); nothing was overwritten -- "
+                              "choose another --out or delete the file") from None
+        except OSError:  # a file system without hard links: check, then rename
+            if os.path.lexists(out):
+                raise ExportError(f"{out}: already exists; nothing was overwritten -- choose another --out or delete the file") from None
+            os.replace(tmp, out)
+    except OSError as e:
+        raise ExportError(f"{out}: cannot be written ({e.strerror or type(e).__name__}); choose another --out") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _write_onnx(model: nn.Module, path: Path, input_shape: Sequence[int]) -> None:
+    """Write ``model`` (a copy: eval, fp32, CPU) as ONNX to ``path``, which already exists (a temporary)."""
     model = copy.deepcopy(model).eval().float().cpu()  # a copy: the caller's model keeps its device, dtype and mode
     model = model.to(memory_format=torch.contiguous_format)
     x = torch.zeros((2,) + tuple(int(s) for s in input_shape)[-3:])  # batch 2: a batch of 1 could be specialised away
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    os.close(fd)
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), _quiet_fds():
             warnings.simplefilter("ignore")
             torch.onnx.export(
-                model, (x,), tmp, dynamo=False, opset_version=ONNX_OPSET, input_names=["images"], output_names=["logits"],
+                model, (x,), str(path), dynamo=False, opset_version=ONNX_OPSET, input_names=["images"], output_names=["logits"],
                 dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
             )
-        os.replace(tmp, out)
-    except ExportError:
-        raise
     except Exception as e:  # noqa: BLE001 -- any exporter failure means the same to the user
+        os_err = e if isinstance(e, OSError) else e.__cause__ if isinstance(e.__cause__, OSError) else None
+        if os_err is not None:  # the disk, not the model: a full disk, a quota
+            raise ExportError(f"{path.parent}: cannot write the exported model there ({os_err.strerror or type(os_err).__name__}); "
+                              "free space there or choose another --out") from None
         msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
         raise ExportError(f"{type(model).__name__} cannot be exported to ONNX ({type(e).__name__}: {msg}); "
                           "export a model built by ptd (ptd.models) or make its forward traceable") from None
+
+
+def export_onnx(model: nn.Module, out: str | Path, input_shape: Sequence[int], *, overwrite: bool = False) -> Path:
+    """Write ``model`` (eval mode, fp32, CPU) as ONNX with a dynamic batch axis; returns the path.
+
+    Refuses (ExportError) an existing ``out`` (a dangling link included) unless ``overwrite``, a
+    folder it cannot write, and a model the exporter cannot trace. The file appears whole or not
+    at all (written next to ``out``, then renamed).
+    """
+    out = Path(out)
+    _check_out(out, overwrite=overwrite)
+    tmp = _temp_for(out)
+    try:
+        _write_onnx(model, tmp, input_shape)
+        _place(tmp, out, overwrite=overwrite)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -264,28 +348,38 @@ def test_images(run_dir: Path | None, input_shape: Sequence[int], n: int = 64) -
 
 
 def export(source: str | Path, out: str | Path | None = None, fmt: str = "onnx", *, latency: bool = True, repeats: int = 10) -> dict[str, Any]:
-    """What ``ptd export`` does: resolve, export, check against PyTorch, time against the teacher. Returns the record."""
+    """What ``ptd export`` does: resolve, export, check against PyTorch, time against the teacher. Returns the record.
+
+    Everything that can be checked before writing is checked first: the model, the run's teacher
+    (when timing), the output path and that its folder takes a file. The ONNX file is written to
+    a temporary next to ``out`` and moved into place only after the check and the timing passed,
+    so a failure at any step leaves no file behind and a corrected re-run is not refused.
+    """
     if fmt != "onnx":
         raise ExportError(f"--format {fmt}: unknown export format; the one supported is onnx")
     src = resolve(source)
     model = load(src.model_path)
+    teacher = _load_teacher(src.teacher_path) if latency and src.teacher_path is not None else None
     out = Path(out) if out is not None else src.model_path.with_suffix(".onnx")
-    if out.exists():
-        raise ExportError(f"{out}: already exists; nothing was overwritten -- choose another --out or delete the file")
+    _check_out(out)
     images, where = test_images(src.run_dir, (input_channels(model), 32, 32))  # 32x32 (CIFAR) where the run names no data
     shape = tuple(images.shape[1:])
-    export_onnx(model, out, shape)
-    diff = check_onnx(model, out, images)
-    rec: dict[str, Any] = {"source": str(src.model_path), "what": src.what, "onnx": str(out), "input": list(shape),
-                           "check": {"images": where, "max_abs_logit_diff": diff, "tolerance": TOLERANCE, "ok": diff < TOLERANCE}}
-    if not diff < TOLERANCE:
-        os.unlink(out)
-        raise ExportError(f"{out}: onnxruntime's logits differ from PyTorch's by {diff:.2e} (> {TOLERANCE:g}) on {where}; "
-                          "the file was removed -- report the model and torch/onnx versions")
-    if latency:
-        teacher = load(src.teacher_path) if src.teacher_path is not None else None
-        # As many threads as PyTorch uses here, as the student stage times it: the two records compare.
-        rec["latency"] = onnx_latency(teacher, model, shape, repeats=repeats, threads=torch.get_num_threads())
+    tmp = _temp_for(out)
+    try:
+        _write_onnx(model, tmp, shape)
+        diff = check_onnx(model, tmp, images)
+        if not diff < TOLERANCE:
+            raise ExportError(f"{out}: onnxruntime's logits differ from PyTorch's by {diff:.2e} (> {TOLERANCE:g}) on {where}; "
+                              "nothing was written -- report the model and torch/onnx versions")
+        rec: dict[str, Any] = {"source": str(src.model_path), "what": src.what, "onnx": str(out), "input": list(shape),
+                               "check": {"images": where, "max_abs_logit_diff": diff, "tolerance": TOLERANCE, "ok": True}}
+        if latency:
+            # As many threads as PyTorch uses here, as the student stage times it: the two records compare.
+            rec["latency"] = onnx_latency(teacher, model, shape, repeats=repeats, threads=torch.get_num_threads())
+        _place(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
     return rec
 
 

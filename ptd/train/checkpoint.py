@@ -28,13 +28,19 @@ Fault injection, for tests (the writes are counted per process, from 1):
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
+import math
 import os
+import pickle
 import random
 import re
 import signal
+import stat
 import tempfile
+import warnings
+import zipfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -244,36 +250,187 @@ def save_model(path: str | Path, model: nn.Module, extra: dict[str, Any] | None 
     save_tensors(path, sd, meta)
 
 
+# ---------------------------------------------------------------- files a user hands ptd as a checkpoint
+#
+# `--teacher`, `ptd eval FILE` and `ptd export FILE` read a file from anywhere. Every way such a
+# file can be wrong -- a path that is no file, a file this user cannot read, one cut short, one
+# of another format, a pickle that would run code, metadata that builds no model -- is one
+# CheckpointError line naming the file and the fix. The file's first bytes decide how it is
+# read (not its name), so each loader only ever sees the format it parses.
+
+_MODEL_FILE = "give a .safetensors file written by ptd (e.g. runs/<name>/teacher/model.safetensors)"
+_WEIGHTS_FILE = "give a .safetensors file or a torch.save(model.state_dict(), path) file"
+_RESAVE = "an interrupted save or copy leaves this: save or copy it again"
+_HEAD = 64  # bytes read to tell the formats apart
+
+# Bounds on a ptd_spec's numbers, checked before anything is built: a model file's metadata is
+# text anyone can edit, and a negative or absurd size otherwise reaches torch's allocator.
+MAX_SPEC_CLASSES = 1_000_000
+MAX_SPEC_IN_CHANNELS = 1024
+MAX_SPEC_WIDTH = 1024.0
+MAX_SPEC_INT = 2**31 - 1
+
+
+def _stat_regular(p: Path, give: str) -> int:
+    """The size of ``p``; a CheckpointError for every way ``p`` is not a regular file one can stat."""
+    try:
+        st = os.stat(p)
+    except FileNotFoundError:
+        if os.path.lexists(p):  # a link whose target is gone reads as missing; say which link
+            raise CheckpointError(f"checkpoint not found: {p} is a symbolic link to {os.readlink(p)}, which does not exist; "
+                                  f"fix the link or {give}") from None
+        raise CheckpointError(f"checkpoint not found: {p}; {give}") from None
+    except PermissionError:
+        raise CheckpointError(f"{p}: permission denied (a folder above it cannot be searched by this user); "
+                              f"give this user access to it, or copy the file somewhere readable") from None
+    except OSError as e:  # a link loop, a name too long, a file where a folder belongs
+        raise CheckpointError(f"{p}: cannot be opened ({e.strerror or type(e).__name__}); {give}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise CheckpointError(f"checkpoint not found: {p} is a folder, not a file; {give}")
+    if not stat.S_ISREG(st.st_mode):  # a pipe would block the read forever; a device is no checkpoint
+        raise CheckpointError(f"{p}: not a regular file (a pipe, socket or device); {give}")
+    return st.st_size
+
+
+def _is_text(head: bytes) -> bool:
+    """Printable UTF-8 (a multi-byte character cut by the read allowed at the end)."""
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if e.start < len(head) - 3:
+            return False
+        text = head[:e.start].decode("utf-8")
+    return all(c.isprintable() or c in "\t\n\r\f\v" for c in text)
+
+
+def _kind(head: bytes, size: int) -> str:
+    """What the first bytes say the file is: empty, safetensors, zip, pickle, text or unknown."""
+    if size == 0:
+        return "empty"
+    if head[8:9] == b"{":  # 8-byte little-endian header length, then a JSON object
+        return "safetensors"
+    if head[:4] in (b"PK\x03\x04", b"PK\x05\x06"):  # torch.save's default format is a zip archive
+        return "zip"
+    if head[:1] == b"\x80" and head[1:2] and 2 <= head[1] <= 5:  # a binary pickle (torch's legacy format)
+        return "pickle"
+    return "text" if _is_text(head) else "unknown"
+
+
+def _sniff(p: Path, give: str) -> tuple[str, int, bytes]:
+    """(kind, size, first bytes) of the file at ``p``; CheckpointError when it cannot be read at all."""
+    size = _stat_regular(p, give)
+    try:
+        with open(p, "rb") as f:
+            head = f.read(_HEAD)
+    except PermissionError:
+        raise CheckpointError(f"{p}: permission denied: this user cannot read it; give read permission (chmod u+r) "
+                              f"or copy it somewhere readable") from None
+    except OSError as e:
+        raise CheckpointError(f"{p}: cannot be read ({e.strerror or type(e).__name__}); {give}") from None
+    kind = _kind(head, size)
+    if kind == "empty":
+        raise CheckpointError(f"{p}: empty (0 bytes), not a checkpoint; {_RESAVE}")
+    if kind == "safetensors" and 8 + int.from_bytes(head[:8], "little") > size:
+        raise CheckpointError(f"{p}: truncated or damaged: {size:,} bytes, but its safetensors header says the header "
+                              f"alone is {int.from_bytes(head[:8], 'little'):,}; {_RESAVE}")
+    if kind in ("text", "unknown"):
+        what = f"it holds text ({head[:24].decode('utf-8', 'replace')!r}...)" if kind == "text" else \
+            f"its first bytes ({head[:8].hex()}) are neither safetensors, a torch zip nor a pickle"
+        raise CheckpointError(f"{p}: not a readable safetensors file or weights-only torch checkpoint: {what}; {give}")
+    return kind, size, head
+
+
+def _clip(text: str, limit: int) -> str:
+    """``text`` cut at a word boundary to at most about ``limit`` characters, marked when cut."""
+    return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0].rstrip(",;:") + " ..."
+
+
+def _first_sentence(e: BaseException, limit: int = 120) -> str:
+    """An exception's first sentence, whole: long library messages are not cut mid-word."""
+    return _clip((one_line(e) or type(e).__name__).split(". ")[0], limit)
+
+
+def _safetensors_error(p: Path, e: BaseException, fix: str) -> CheckpointError:
+    msg = one_line(e)
+    if "incomplete metadata" in msg or "not fully covered" in msg:  # the data ends before the header says it does
+        return CheckpointError(f"{p}: not a readable safetensors file (truncated: it ends before the data its header describes); {_RESAVE}")
+    if isinstance(e, PermissionError):
+        return CheckpointError(f"{p}: permission denied: this user cannot read it; give read permission (chmod u+r) "
+                               f"or copy it somewhere readable")
+    return CheckpointError(f"{p}: not a readable safetensors file ({_first_sentence(e, 160)}); {fix}")
+
+
+def _torch_zip_check(p: Path) -> None:
+    """A zip archive is a torch checkpoint only if it holds a data.pkl; a cut one has no directory."""
+    try:
+        with zipfile.ZipFile(p) as z:
+            names = z.namelist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+        raise CheckpointError(f"{p}: truncated or damaged: a zip archive (torch's format) without a readable "
+                              f"directory; {_RESAVE}") from None
+    if not any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
+        raise CheckpointError(f"{p}: a zip archive of {len(names)} files, not a torch checkpoint (no data.pkl in it); "
+                              f"{_WEIGHTS_FILE}")
+
+
+# What torch (and struct, under its legacy reader) say about a file that ends early or is garbled.
+_CUT_SHORT = ("EOF", "truncated", "corrupted", "central directory", "unpack requires a buffer")
+_REFUSED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+
+
+def _torch_load(p: Path) -> Any:
+    """torch.load with weights_only=True (no code from the file runs), every failure one line."""
+    try:
+        # A file object, not the path: torch.load hands a path named *.safetensors to safetensors,
+        # whatever the bytes say. No warnings: "Detected pickle protocol" would be a second line.
+        with open(p, "rb") as f, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.load(f, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" not in str(e):
+            raise CheckpointError(f"{p}: truncated or damaged pickle ({_first_sentence(e)}); {_RESAVE}") from None
+        named = _REFUSED_GLOBAL.search(str(e))
+        refers = f" (it refers to {named.group(1)})" if named else ""
+        raise CheckpointError(f"{p}: refused by the weights-only loader: holds pickled Python objects that could run code{refers}; "
+                              f"ptd loads only tensors: save a state_dict with torch.save(model.state_dict()) or use safetensors") from None
+    except EOFError:
+        raise CheckpointError(f"{p}: truncated: the pickle ends early; {_RESAVE}") from None
+    except Exception as e:  # noqa: BLE001 -- torch reports a damaged file in many types; all mean the same to the user
+        if any(m in one_line(e) for m in _CUT_SHORT):
+            raise CheckpointError(f"{p}: truncated or damaged torch checkpoint ({_first_sentence(e)}); {_RESAVE}") from None
+        raise CheckpointError(f"{p}: cannot be read as a weights-only torch checkpoint ({type(e).__name__}: {_first_sentence(e)}); "
+                              f"{_WEIGHTS_FILE}") from None
+
+
 def read_metadata(path: str | Path) -> dict[str, str]:
-    """The safetensors metadata of ``path``; a one-line CheckpointError when it is missing or not safetensors."""
+    """The safetensors metadata of ``path``; a one-line CheckpointError when it cannot be read or is not safetensors."""
     from safetensors import safe_open
 
     p = Path(path)
-    if not p.is_file():
-        what = "is a folder" if p.is_dir() else "not found"
-        raise CheckpointError(f"checkpoint {what}: {p}; give the path of a .safetensors file written by ptd (e.g. runs/<name>/teacher/model.safetensors)")
+    kind, _, _ = _sniff(p, _MODEL_FILE)
+    if kind != "safetensors":
+        raise CheckpointError(f"{p}: a pickle file (torch.save's format), not safetensors: ptd rebuilds a model only from "
+                              f"the architecture a ptd model file carries; {_MODEL_FILE}")
     try:
         with safe_open(str(p), "pt") as f:
             return f.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as e:  # garbage, truncated, unreadable (permissions)
-        raise CheckpointError(f"{p}: not a readable safetensors file ({one_line(e)[:160]}); give a .safetensors file written by ptd "
-                              f"(e.g. runs/<name>/teacher/model.safetensors)") from None
+    except Exception as e:  # noqa: BLE001 -- safetensors runs no code: whatever it raises is about the file
+        raise _safetensors_error(p, e, _MODEL_FILE) from None
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Weights from a .safetensors file or a torch file (weights_only=True: no code from the file runs)."""
+    """Weights from a safetensors file or a torch file, told apart by their bytes (weights_only=True:
+    no code from the file runs)."""
     p = Path(path)
-    if not p.is_file():
-        raise CheckpointError(f"checkpoint not found: {p}; give the path of a .safetensors or .pt file")
-    if p.suffix == ".safetensors":
+    kind, _, _ = _sniff(p, _WEIGHTS_FILE)
+    if kind == "safetensors":
         try:
             return load_file(str(p))
-        except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"{p}: not a readable safetensors file ({str(e).splitlines()[0]}); re-export it with safetensors.torch.save_file") from None
-    try:
-        obj = torch.load(str(p), map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle errors come in many types; all mean the same to the user
-        raise CheckpointError(f"{p}: cannot be read as a weights-only torch checkpoint ({str(e).splitlines()[0][:160]}); save a plain state_dict with torch.save(model.state_dict(), path) or use .safetensors") from None
+        except Exception as e:  # noqa: BLE001 -- safetensors runs no code: whatever it raises is about the file
+            raise _safetensors_error(p, e, "re-export it with safetensors.torch.save_file") from None
+    if kind == "zip":
+        _torch_zip_check(p)
+    obj = _torch_load(p)
     for key in ("state_dict", "model", "model_state_dict", "net"):
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
             obj = obj[key]
@@ -290,6 +447,15 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return out
 
 
+def _file_arch(path: str | Path) -> str:
+    """' (the file says it holds <arch>)' for a ptd model file, '' for anything else."""
+    try:
+        spec = json.loads(read_metadata(path).get("ptd_spec", "null"))
+    except (CheckpointError, ValueError, RecursionError):
+        return ""
+    return f" (the file says it holds {_clip(str(spec.get('arch')), 60)})" if isinstance(spec, dict) else ""
+
+
 def load_into(model: nn.Module, path: str | Path, what: str = "model") -> None:
     """Load weights into ``model``, or raise a one-line CheckpointError saying what does not fit."""
     model = unwrap(model)
@@ -302,20 +468,19 @@ def load_into(model: nn.Module, path: str | Path, what: str = "model") -> None:
         arch = getattr(model, "ptd_spec", {}).get("arch", type(model).__name__)
         detail = []
         if wrong:
-            detail.append(f"{len(wrong)} shape mismatches (first: {wrong[0]})")
+            detail.append(f"{len(wrong)} shape mismatches (first: {_clip(wrong[0], 120)})")
         if missing:
-            detail.append(f"{len(missing)} missing keys (first: {missing[0]})")
+            detail.append(f"{len(missing)} missing keys (first: {_clip(missing[0], 120)})")
         if unexpected:
-            detail.append(f"{len(unexpected)} unexpected keys (first: {unexpected[0]})")
-        meta_arch = ""
-        if Path(path).suffix == ".safetensors":
-            spec = read_metadata(path).get("ptd_spec")
-            if spec:
-                meta_arch = f" (the file says it holds {json.loads(spec).get('arch')})"
+            detail.append(f"{len(unexpected)} unexpected keys (first: {_clip(unexpected[0], 120)})")
         raise CheckpointError(
-            f"{path}: does not fit the {what} architecture {arch}{meta_arch}: {'; '.join(detail)}; "
+            f"{path}: does not fit the {what} architecture {arch}{_file_arch(path)}: {'; '.join(detail)}; "
             f"set the {what}'s model (arch/width/kwargs) to the one the checkpoint was trained with"
         )
+    odd = [f"{k} ({sd[k].dtype})" for k in own if sd[k].is_complex() and not own[k].is_complex()]
+    if odd:  # the cast below would drop the imaginary parts, with a warning on stderr
+        raise CheckpointError(f"{path}: {len(odd)} tensors have a type a {what} cannot hold (first: {odd[0]}); "
+                              f"give the checkpoint of a model of real-valued weights, as torch.save(model.state_dict()) writes it")
     # A file of nan/inf weights (a diverged run's, or a damaged one) loads without complaint and
     # teaches garbage for hours. Parameters and BatchNorm statistics are always finite in a model
     # worth loading; other buffers (masks, indices) are left alone.
@@ -327,22 +492,94 @@ def load_into(model: nn.Module, path: str | Path, what: str = "model") -> None:
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in sd.items()})
 
 
-def load_model(path: str | Path) -> nn.Module:
-    """Rebuild a model from a ptd safetensors file (architecture from its metadata) and load it."""
+def _spec_problem(spec: Any) -> str | None:
+    """Why a parsed ptd_spec cannot be built safely, or None: its sizes are checked before any
+    builder sees them, so a negative or absurd number is this message, not an allocator's."""
+    if not isinstance(spec, dict):
+        return f"it is a JSON {type(spec).__name__}, not an object"
+    for key, hi in (("num_classes", MAX_SPEC_CLASSES), ("in_channels", MAX_SPEC_IN_CHANNELS)):
+        v = spec.get(key, 1)
+        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= hi:
+            return f"{key} {v!r} is not a whole number in 1..{hi:,}"
+    w = spec.get("width", 1.0)
+    if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or not 0 < w <= MAX_SPEC_WIDTH:
+        return f"width {w!r} is not a number in (0, {MAX_SPEC_WIDTH:g}]"
+    stack = [spec]  # every other number in it (plan entries, channel widths): finite and of a size a layer can have
+    while stack:
+        node = stack.pop()
+        items = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+        for v in items:
+            if isinstance(v, (dict, list)):
+                stack.append(v)
+            elif isinstance(v, float) and not math.isfinite(v):
+                return f"it holds the number {v!r}"
+            elif isinstance(v, int) and not isinstance(v, bool) and abs(v) > MAX_SPEC_INT:
+                return f"it holds the number {v:.3g}, beyond any layer size"
+    return None
+
+
+def _file_values(path: Path) -> int | None:
+    """How many numbers the tensors of a safetensors file hold, read from its header alone."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    except (SafetensorError, OSError, ValueError):
+        return None  # load_into reports the file's own problem
+
+
+_BUILD_ERRORS = (ValueError, TypeError, KeyError, IndexError, AttributeError, AssertionError, RuntimeError,
+                 MemoryError, OverflowError, RecursionError, ZeroDivisionError)
+
+
+def _build_spec(path: Path, spec: dict, device: str | None = None) -> nn.Module:
+    """``build_from_spec``, any failure one CheckpointError naming ``path``."""
     from ptd.models import build_from_spec
 
-    meta = read_metadata(path)
+    fix = "load the weights into a model you build (ptd.train.checkpoint.load_into)"
+    try:
+        with warnings.catch_warnings(), (torch.device(device) if device else contextlib.nullcontext()):
+            warnings.simplefilter("ignore")  # e.g. "Initializing zero-element tensors": the error says more
+            return build_from_spec(spec)
+    except PtdError as e:  # an unknown arch: the file names a model this ptd does not have
+        raise CheckpointError(f"{path}: its ptd architecture metadata does not build a model ({_clip(one_line(e), 300)}); "
+                              f"it was written by another ptd version or edited: {fix}") from None
+    except _BUILD_ERRORS as e:  # a spec from another ptd version, or edited by hand
+        raise CheckpointError(f"{path}: its ptd architecture metadata does not build a model "
+                              f"({type(e).__name__}: {_first_sentence(e, 160)}); {fix}") from None
+
+
+def load_model(path: str | Path) -> nn.Module:
+    """Rebuild a model from a ptd safetensors file (architecture from its metadata) and load it."""
+    import ptd.students  # noqa: F401 -- registers how a derived student's channel_widths are replayed
+
+    p = Path(path)
+    meta = read_metadata(p)
     if "ptd_spec" not in meta:
         raise CheckpointError(f"{path}: carries no ptd architecture metadata; load it into a model you build (ptd.train.checkpoint.load_into)")
+    fix = "load the weights into a model you build (ptd.train.checkpoint.load_into)"
     try:
         spec = json.loads(meta["ptd_spec"])
-        model = build_from_spec(spec)
-    except PtdError:
-        raise
-    except (ValueError, TypeError, KeyError) as e:  # a spec from another ptd version, or edited by hand
-        raise CheckpointError(f"{path}: its ptd architecture metadata does not build a model ({one_line(e)[:160]}); "
-                              f"load the weights into a model you build (ptd.train.checkpoint.load_into)") from None
-    load_into(model, path)
+    except (ValueError, RecursionError) as e:
+        raise CheckpointError(f"{path}: its ptd architecture metadata is not JSON ({_first_sentence(e, 160)}); {fix}") from None
+    problem = _spec_problem(spec)
+    if problem:
+        raise CheckpointError(f"{path}: its ptd architecture metadata does not build a model ({problem}); {fix}")
+    # Sized first on the meta device (shapes, no memory): a model larger than the weights the file
+    # holds cannot be the one saved in it, and is refused before anything is allocated.
+    try:
+        sized = _build_spec(p, spec, "meta")
+    except CheckpointError:
+        sized = None  # some builders cannot run on meta tensors; the real build below reports the problem
+    have = _file_values(p)
+    if sized is not None and have is not None:
+        need = sum(v.numel() for v in sized.state_dict().values())
+        if need > have:
+            raise CheckpointError(f"{path}: its ptd architecture metadata describes a model of {need:,} values, but the file "
+                                  f"holds {have:,}: the metadata belongs to another model or was edited; {fix}")
+    model = _build_spec(p, spec)
+    load_into(model, p)
     return model
 
 
