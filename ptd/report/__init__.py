@@ -2,14 +2,21 @@
 (ptd.report.stats); report.html is drawn by ptd.report.html from the same files."""
 from __future__ import annotations
 
+import errno
+import json
+import math
+import os
+import re
 import statistics
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
+from ptd import paths as P
 from ptd.config import ARMS, RunConfig
+from ptd.errors import DamagedFileError, PtdError, one_line
+from ptd.io import read_json_object
 from ptd.report.stats import above_chance, format_estimate, hierarchical_estimate, paired_estimate, t_interval, zero_width
 from ptd.train import checkpoint as ckpt
-from ptd.errors import PtdError
 
 ARM_LABELS = {
     "scratch": "student alone (no teacher)",
@@ -447,60 +454,344 @@ def render_markdown(r: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(run_dir: str | Path, results: dict[str, Any]) -> str:
-    """results.json, report.md and report.html (figures embedded) into ``run_dir``; returns the markdown."""
-    from ptd.report.html import write_run_html
+# ---------------------------------------------------------------- checking a file before rendering
+# `ptd report` renders a results.json / sweep.json it is handed. The renderers above read their keys
+# without checking each, so a file that is not what ptd writes (edited, truncated by hand, from
+# another tool) is checked whole first, against what build_results / build_sweep_results write,
+# and refused in one line naming the key: never a KeyError half-way through, after a write.
+
+
+class _Invalid(Exception):
+    """``key`` (dotted: ``students[2].test_acc``) is wrong; ``kind`` names how, as Python would."""
+
+    def __init__(self, kind: str, key: str, what: str):
+        super().__init__(f'"{key}" {what}' if key else f"the top level {what}")
+        self.kind = kind
+
+
+Check = Callable[[Any, str], None]  # raises _Invalid for a value at a key
+
+
+def _show(v: Any) -> str:
+    text = json.dumps(v, default=str)  # NaN shows as NaN, a string with its quotes
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _sub(key: str, name: str | int) -> str:
+    return f"{key}[{name}]" if isinstance(name, int) else (f"{key}.{name}" if key else name)
+
+
+def num(lo: float | None = None, hi: float | None = None, integer: bool = False, null: bool = False) -> Check:
+    """A finite number (an integer with ``integer``) in [lo, hi]; JSON true/false is no number."""
+    want = "an integer" if integer else "a number"
+
+    def check(v: Any, key: str) -> None:
+        if v is None and null:
+            return
+        if isinstance(v, bool) or not isinstance(v, int if integer else (int, float)):
+            raise _Invalid("TypeError", key, f"is {_show(v)}, not {want}")
+        try:
+            finite = math.isfinite(float(v))
+        except OverflowError:  # an integer past any float: the renderers format as floats
+            finite = False
+        if not finite:
+            raise _Invalid("ValueError", key, f"is {_show(v)}, not a finite number")
+        if (lo is not None and v < lo) or (hi is not None and v > hi):
+            where = f"in {lo}..{hi}" if lo is not None and hi is not None else f">= {lo}" if lo is not None else f"<= {hi}"
+            raise _Invalid("ValueError", key, f"is {_show(v)}, not {where}")
+    return check
+
+
+def text(null: bool = False, among: Sequence[str] | None = None) -> Check:
+    """A string (one of ``among`` when given)."""
+    def check(v: Any, key: str) -> None:
+        if v is None and null:
+            return
+        if not isinstance(v, str):
+            raise _Invalid("TypeError", key, f"is {_show(v)}, not a string")
+        if among is not None and v not in among:
+            raise _Invalid("ValueError", key, f"is {_show(v)}, not one of {', '.join(among)}")
+    return check
+
+
+def obj(fields: dict[str, Check], null: bool = False) -> Check:
+    """A JSON object with these keys; a key written ``name?`` may be absent. Other keys are let be
+    (a newer ptd may add some)."""
+    def check(v: Any, key: str) -> None:
+        if v is None and null:
+            return
+        if not isinstance(v, dict):
+            raise _Invalid("TypeError", key, f"is {_show(v)}, not an object")
+        for name, sub in fields.items():
+            name, optional = name.rstrip("?"), name.endswith("?")
+            if name in v:
+                sub(v[name], _sub(key, name))
+            elif not optional:
+                raise _Invalid("KeyError", _sub(key, name), "is missing")
+    return check
+
+
+def items(each: Check, nonempty: bool = True, null: bool = False) -> Check:
+    """A JSON list of ``each``; ptd never writes the lists checked here empty."""
+    def check(v: Any, key: str) -> None:
+        if v is None and null:
+            return
+        if not isinstance(v, list):
+            raise _Invalid("TypeError", key, f"is {_show(v)}, not a list")
+        if nonempty and not v:
+            raise _Invalid("ValueError", key, "is an empty list")
+        for i, x in enumerate(v):
+            each(x, _sub(key, i))
+    return check
+
+
+def mapping(each: Check, keys: Check | None = None, null: bool = False) -> Check:
+    """A JSON object keyed by names ptd chooses (arms, batch sizes), each value ``each``."""
+    def check(v: Any, key: str) -> None:
+        if v is None and null:
+            return
+        if not isinstance(v, dict):
+            raise _Invalid("TypeError", key, f"is {_show(v)}, not an object")
+        for k, x in v.items():
+            if keys is not None:
+                keys(k, _sub(key, k))
+            each(x, _sub(key, k))
+    return check
+
+
+def _batch_key(k: str, key: str) -> None:
+    if not re.fullmatch(r"[0-9]+", k):  # the latency tables sort the batch sizes as integers
+        raise _Invalid("ValueError", key, "is not a batch size (an integer)")
+
+
+def _timing(v: Any, key: str) -> None:
+    """A teacher-vs-student timing record (onnx_latency, cuda_latency): {"batch_<b>": {"teacher_ms",
+    "student_ms"} or {"error"}, ...}, or {"error"} where nothing could be timed."""
+    if v is None:
+        return
+    obj({"error?": text()})(v, key)
+    for k, row in v.items():
+        if not k.startswith("batch_"):
+            continue
+        _batch_key(k[6:], _sub(key, k))
+        obj({"teacher_ms?": num(0), "student_ms?": num(0), "error?": text()})(row, _sub(key, k))
+        if "teacher_ms" in row and not (isinstance(row.get("student_ms"), (int, float)) and row["student_ms"] > 0):
+            raise _Invalid("ValueError", _sub(_sub(key, k), "student_ms"), f"is {_show(row.get('student_ms'))}, not a time > 0")
+
+
+ACC = num(0, 1)  # an accuracy is a fraction of the test images
+AMOUNT = num(0)  # epochs, optimizer steps, seconds
+COUNT = num(0, integer=True)
+COST = obj({"epochs": AMOUNT, "steps": AMOUNT, "wall_s": AMOUNT})
+LATENCY = mapping(obj({"median_ms?": num(0, null=True)}, null=True), keys=_batch_key, null=True)  # per batch size
+TEST_SET_FIELDS = {"n": COUNT, "chance": ACC}  # test_set_facts: the chance check's input
+TEST_SET = obj(TEST_SET_FIELDS)
+ARM_NAME = text(among=list(ARM_LABELS))
+
+# What the renderers of a run read from results.json (build_results writes it). "summary",
+# "comparison" and "losses" are not checked: `ptd report` recomputes them from "students".
+RESULTS_SCHEMA = obj({
+    "name": text(), "dataset": text(),
+    "teacher": obj({"arch": text(), "test_acc": ACC, "params": COUNT, "flops": COUNT, "latency?": LATENCY}),
+    "pruned_teacher": obj({"strategy": text(), "level": COUNT, "sparsity": ACC, "test_acc": num(0, 1, null=True),
+                           "params_nonzero": COUNT,
+                           "levels": items(obj({"level": COUNT, "sparsity": ACC, "test_acc": num(0, 1, null=True),
+                                                "val_acc?": num(0, 1, null=True), "epochs?": num(0, null=True)}))}),
+    "student": obj({"spec": obj({"arch": text()}), "params": COUNT, "flops": COUNT, "params_ratio": AMOUNT, "flops_ratio": AMOUNT,
+                    "latency?": LATENCY, "onnx_latency?": _timing, "cuda_latency?": _timing}),
+    "retrained_teacher?": obj({"test_acc": ACC, "epochs": AMOUNT}, null=True),
+    "students": items(obj({"arm": ARM_NAME, "seed": num(integer=True), "test_acc": ACC, "loss?": text(null=True),
+                           "teacher?": num(integer=True, null=True), "replicate?": num(integer=True, null=True)})),
+    "distill_losses?": items(text(), nonempty=False, null=True),
+    "teacher_replicates?": items(obj({"replicate": num(integer=True), "teacher_test_acc": num(0, 1, null=True),
+                                      "pruned_test_acc": num(0, 1, null=True), "sparsity": ACC,
+                                      "control_test_acc": num(0, 1, null=True)}), nonempty=False, null=True),
+    "student_from_replicate?": num(integer=True, null=True),
+    "compute": obj({"teacher": COST, "pruning": COST, "control": COST, "students": mapping(COST, keys=ARM_NAME),
+                    "total_per_student": mapping(COST, keys=ARM_NAME)}),
+    "test_set?": obj(TEST_SET_FIELDS, null=True),  # absent in runs from before the chance check
+})
+
+
+def validate(schema: Check, data: Any, path: Path, fix: str, what: str = "ptd results file") -> None:
+    """Refuse ``data`` (the contents of ``path``) unless ``schema`` holds, in one line naming the
+    key and ``fix``."""
+    try:
+        schema(data, "")
+    except _Invalid as e:
+        raise ReportError(f"{path} is not a {what} ({e.kind}: {e}); {fix}") from None
+
+
+def load_report_input(path: Path, fix: str, what: str = "ptd results file") -> Any:
+    """The JSON in ``path`` (results.json or sweep.json); a ReportError naming the file otherwise."""
+    try:
+        raw = path.read_text()
+    except OSError as e:
+        raise ReportError(f"cannot read {path}: {e.strerror or one_line(e)}; make it readable by this user "
+                          f"(chmod u+r {path}) or {fix}") from None
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, a file that is not text, lists nested past any use
+        raise ReportError(f"{path} is not a {what} ({type(e).__name__}: {one_line(e)}); {fix}") from None
+
+
+# Raised by a renderer on input no check above describes: the file is still the user's, so the
+# answer is the same one line, not a traceback.
+RENDER_ERRORS = (KeyError, TypeError, ValueError, AttributeError, IndexError, ArithmeticError)
+
+
+# ---------------------------------------------------------------- writing a report's files
+
+
+RUN_OUTPUTS = (P.RESULTS, P.REPORT_MD, P.REPORT_HTML)  # a run's report files, in the order they are written
+
+
+def check_outputs(paths: Sequence[Path]) -> None:
+    """Refuse, before any file is written (and before the minutes of drawing), outputs whose
+    rename into place must fail: a folder in the way, a folder this user cannot write to."""
+    for path in paths:
+        _check_target(path)
+
+
+def _check_target(path: Path) -> None:
+    again = "then run the command again"
+    if path.is_dir() and not path.is_symlink():  # the rename replaces a file or a link, never a folder
+        raise ReportError(f"cannot write {path}: a folder is in the way (the report writes a file there); "
+                          f"move or rename that folder, {again}")
+    parent = path.parent
+    ids = {"effective_ids": True} if os.access in os.supports_effective_ids else {}
+    if parent.is_dir() and not os.access(parent, os.W_OK | os.X_OK, **ids):
+        raise ReportError(f"cannot write {path}: this user cannot write to {parent} (permission or a read-only file system); "
+                          f"make it writable (chmod u+w {parent}) or copy the run to a writable place, {again}")
+
+
+def _write_fix(e: OSError, path: Path) -> str:
+    again = "then run the command again"
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"free space on that disk, {again}"
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"make {path.parent} writable (chmod u+w {path.parent}) or copy the run to a writable place, {again}"
+    if e.errno in (errno.EISDIR, errno.ENOTDIR, errno.EEXIST):
+        return f"move away what is in the way at that path, {again}"
+    return f"check that folder and its disk, {again}"
+
+
+def commit_outputs(files: list[tuple[Path, Any]]) -> None:
+    """Write a report's files, each already rendered in full: a dict as JSON, a str as text, bytes
+    as they are. Every target is checked first; each file is then written atomically
+    (ptd.train.checkpoint), so a failure leaves it whole: the files before it new, the rest as
+    they were. A failure is a ReportError naming the path and the fix."""
+    check_outputs([path for path, _ in files])
+    for path, content in files:
+        try:
+            if isinstance(content, dict):
+                ckpt.write_json(path, content)
+            elif isinstance(content, bytes):
+                ckpt._commit(path, lambda tmp, data=content: Path(tmp).write_bytes(data))  # the one atomic writer
+            else:
+                ckpt.write_text(path, content)
+        except OSError as e:
+            raise ReportError(f"cannot write {path}: {e.strerror or one_line(e)}; {_write_fix(e, path)}") from None
+
+
+def render_report(run_dir: str | Path, results: dict[str, Any]) -> list[tuple[Path, Any]]:
+    """results.json, report.md and report.html (figures embedded) of ``run_dir``, rendered in
+    memory as (path, content), in the order they are written."""
+    from ptd.report.html import render_run_html
 
     run_dir = Path(run_dir)
-    ckpt.write_json(run_dir / "results.json", results)
     md = render_markdown(results)
-    ckpt.write_text(run_dir / "report.md", md)
-    write_run_html(run_dir, results)
-    return md
+    page = render_run_html(run_dir, results)
+    return [(run_dir / name, content) for name, content in zip(RUN_OUTPUTS, (results, md, page))]
+
+
+def write_report(run_dir: str | Path, results: dict[str, Any]) -> str:
+    """results.json, report.md and report.html into ``run_dir``, each rendered before the first is
+    written; returns the markdown."""
+    files = render_report(run_dir, results)
+    commit_outputs(files)
+    return files[1][1]
+
+
+def _fill_onnx_latency(run_dir: Path, student: dict[str, Any]) -> None:
+    """A run finished before results.json carried the deployed latency: take it from
+    student/stats.json. A missing or damaged file is passed over: it only fills in a table, and
+    report.html says what is wrong with the file."""
+    stats_path = run_dir / P.STUDENT / P.STATS
+    if student.get("onnx_latency") or not stats_path.is_file():
+        return
+    try:
+        ort = read_json_object(stats_path).get("onnx_latency")
+        _timing(ort, "onnx_latency")
+    except (DamagedFileError, _Invalid):
+        return
+    student["onnx_latency"] = ort
+
+
+def _refresh_results(run_dir: Path, results: dict[str, Any]) -> None:
+    """Today's summaries and comparisons, recomputed from the students (so a run finished before a
+    change to the statistics gets today's)."""
+    stats = summarize(results["students"])
+    if "losses" not in stats:
+        results.pop("losses", None)  # derived from the students, like the summary: absent with one loss
+    results.update(stats)
+    _fill_onnx_latency(run_dir, results["student"])
 
 
 def rerender(run_dir: str | Path) -> str:
-    """``ptd report RUN_DIR``: recompute the summaries and comparisons from results.json's students
-    (so a run finished before a change to the statistics gets today's), then rewrite results.json,
-    report.md and report.html. Returns the markdown."""
-    import json
-
+    """``ptd report RUN_DIR``: recompute the summaries and comparisons from results.json's students,
+    then rewrite results.json, report.md and report.html. Returns the markdown. results.json is
+    checked whole first and every file rendered before any is written: a file ptd cannot report
+    on, or a folder it cannot write to, changes nothing."""
     run_dir = Path(run_dir)
-    path = run_dir / "results.json"
+    path = run_dir / P.RESULTS
     if not path.is_file():
         raise ReportError(f"{path} not found: {run_dir} is not a finished ptd run; run `ptd run CONFIG --out {run_dir}` to finish it")
+    fix = f"re-run `ptd run CONFIG --out {run_dir}` to regenerate it, or restore the file"
+    results = load_report_input(path, fix)
+    validate(RESULTS_SCHEMA, results, path, fix)
+    check_outputs([run_dir / name for name in RUN_OUTPUTS])
     try:
-        results = json.loads(path.read_text())
-        results.update(summarize(results["students"]))
-        stats_path = run_dir / "student" / "stats.json"
-        if isinstance(results.get("student"), dict) and not results["student"].get("onnx_latency") and stats_path.is_file():
-            # A run finished before results.json carried the deployed latency: take it from the stage.
-            results["student"]["onnx_latency"] = json.loads(stats_path.read_text()).get("onnx_latency")
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-        raise ReportError(f"{path} is not a ptd results file ({type(e).__name__}: {e}); re-run `ptd run CONFIG --out {run_dir}` to rewrite it") from None
-    return write_report(run_dir, results)
+        _refresh_results(run_dir, results)
+        files = render_report(run_dir, results)
+    except RENDER_ERRORS as e:
+        raise ReportError(f"{path} is not a ptd results file ({type(e).__name__} while rendering: {one_line(e)}); {fix}") from None
+    commit_outputs(files)
+    return files[1][1]
+
+
+def _refresh_sweep(results: dict[str, Any]) -> None:
+    """Today's statistics for every paired comparison, and each row's mean, from the per-seed rows
+    sweep.json keeps."""
+    from ptd.report.sweep import _vs
+
+    base = {arm: b["students"] for arm, b in results["baselines"].items()}
+    for row in results["rows"]:
+        row["student_acc"] = mean_std([s["test_acc"] for s in row["students"]])
+        row["vs_unpruned_teacher"] = _vs(row["students"], "pruned_teacher", base.get("unpruned_teacher"), "unpruned_teacher")
+        row["vs_scratch"] = _vs(row["students"], "pruned_teacher", base.get("scratch"), "scratch")
+    for arm, b in results["baselines"].items():
+        b["student_acc"] = mean_std([s["test_acc"] for s in b["students"]])
+        b["vs_scratch"] = _vs(b["students"], arm, base.get("scratch"), "scratch") if arm != "scratch" else None
 
 
 def rerender_sweep(sweep_dir: str | Path) -> None:
-    """``ptd report SWEEP_DIR``: rewrite sweep.md, its plots and report.html from sweep.json."""
-    import json
-
-    from ptd.report.sweep import _vs, write_sweep_report
+    """``ptd report SWEEP_DIR``: rewrite sweep.json (today's statistics), sweep.md, its plots and
+    report.html; sweep.json is checked whole and everything rendered before any file is written."""
+    from ptd.report.sweep import SWEEP_OUTPUTS, SWEEP_SCHEMA, render_sweep_report
 
     sweep_dir = Path(sweep_dir)
-    path = sweep_dir / "sweep.json"
+    path = sweep_dir / P.SWEEP_JSON
+    fix = f"re-run `ptd sweep CONFIG --out {sweep_dir}` to regenerate it, or restore the file"
+    results = load_report_input(path, fix, "ptd sweep file")
+    validate(SWEEP_SCHEMA, results, path, fix, "ptd sweep file")
+    check_outputs([sweep_dir / name for name in SWEEP_OUTPUTS])
     try:
-        results = json.loads(path.read_text())
-        # Today's statistics for every paired comparison, from the per-seed rows sweep.json keeps.
-        base = {arm: b["students"] for arm, b in results["baselines"].items()}
-        for row in results["rows"]:
-            row["vs_unpruned_teacher"] = _vs(row["students"], "pruned_teacher", base.get("unpruned_teacher"), "unpruned_teacher")
-            row["vs_scratch"] = _vs(row["students"], "pruned_teacher", base.get("scratch"), "scratch")
-        for arm, b in results["baselines"].items():
-            b["vs_scratch"] = _vs(b["students"], arm, base.get("scratch"), "scratch") if arm != "scratch" else None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-        raise ReportError(f"{path} cannot be reported on ({type(e).__name__}: {e}); re-run `ptd sweep CONFIG --out {sweep_dir}` to rewrite it") from None
-    write_sweep_report(sweep_dir, results)  # sweep.json, sweep.md, plots and report.html
+        _refresh_sweep(results)
+        files = render_sweep_report(sweep_dir, results)
+    except RENDER_ERRORS as e:
+        raise ReportError(f"{path} is not a ptd sweep file ({type(e).__name__} while rendering: {one_line(e)}); {fix}") from None
+    commit_outputs(files)  # sweep.json, the plots, sweep.md and report.html
 
 
 class ReportError(PtdError, ValueError):

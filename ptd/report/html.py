@@ -24,7 +24,8 @@ from typing import Any, Callable
 from ptd import paths as P
 from ptd.errors import DamagedFileError
 from ptd.io import read_json_object
-from ptd.report import ARM_LABELS, chance_warning, latency_rows, not_learned, primary_students, slower_note, summarize
+from ptd.report import (ARM_LABELS, chance_warning, commit_outputs, latency_rows, not_learned, primary_students, slower_note,
+                        summarize)
 from ptd.report.stats import format_estimate
 
 ARM_COLORS = {"scratch": "#444444", "unpruned_teacher": "#1f77b4", "pruned_teacher": "#d62728", "retrained_teacher": "#2ca02c"}
@@ -92,9 +93,11 @@ def read_jsonl(path: Path) -> list[dict]:
         line = line.strip()
         if line:
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a torn last line of a killed run: the rows before it still count
+            if isinstance(row, dict):  # ptd writes one object per line; anything else is not a row
+                rows.append(row)
     return rows
 
 
@@ -110,7 +113,7 @@ def _safe(build: Callable[[], str], what: str) -> str:
     """A section whose inputs are missing or malformed becomes a note, not a failed report."""
     try:
         return build()
-    except (OSError, KeyError, ValueError, TypeError, IndexError) as e:
+    except (OSError, KeyError, ValueError, TypeError, IndexError, AttributeError, ArithmeticError) as e:
         return f'<p class="note">{_esc(what)}: not available ({type(e).__name__}: {_esc(e)}).</p>'
 
 
@@ -453,16 +456,25 @@ def render_run_html(run_dir: str | Path, results: dict[str, Any] | None = None) 
     body.append(_section("Teachers", _safe(teachers, "teachers")))
 
     n_reps = max(1, len(r.get("teacher_replicates") or []))
-    per_rep = [stage_curves(run_dir, k) for k in range(n_reps)]
+    try:
+        per_rep = [stage_curves(run_dir, k) for k in range(n_reps)]
+        curves_error = None
+    except (OSError, ValueError) as e:  # an unreadable metrics.jsonl: the curve sections say so, the rest renders
+        per_rep, curves_error = [], e
+
+    def curves() -> list[dict[str, list[tuple[str, list[dict]]]]]:
+        if curves_error is not None:
+            raise curves_error
+        return per_rep
 
     def tag(k: int) -> str:
         return f"<h3>Teacher replicate {k}</h3>" if n_reps > 1 else ""
 
     def teacher_curves() -> str:
         parts = []
-        for k, curves in enumerate(per_rep):
-            teacher = curves.get("teacher", [])
-            others = [x for s in curves if s not in ("teacher", "distill") for x in curves[s]]
+        for k, rep in enumerate(curves()):
+            teacher = rep.get("teacher", [])
+            others = [x for s in rep if s not in ("teacher", "distill") for x in rep[s]]
             if not teacher and not others:
                 parts.append(tag(k) + (f'<p class="note">{NO_STAGE_DIRS}</p>' if not (P.replicate_root(run_dir, k) / P.TEACHER).is_dir()
                                        else '<p class="note">No metrics.jsonl for the teacher stages (teacher loaded from a checkpoint?).</p>'))
@@ -476,8 +488,8 @@ def render_run_html(run_dir: str | Path, results: dict[str, Any] | None = None) 
 
     def student_curves() -> str:
         parts = []
-        for k, curves in enumerate(per_rep):
-            runs = curves.get("distill", [])
+        for k, rep in enumerate(curves()):
+            runs = rep.get("distill", [])
             if runs:
                 parts.append(tag(k) + _img(plot_curves(runs, _student_style),
                                            f"student training curves{f' under teacher replicate {k}' if n_reps > 1 else ''}"))
@@ -495,14 +507,16 @@ def render_run_html(run_dir: str | Path, results: dict[str, Any] | None = None) 
     body.append(_section("Per-layer sparsity of the pruned teacher", _safe(sparsity, "per-layer sparsity") if p.get("level") else
                          '<p class="note">The teacher was not pruned (target sparsity 0).</p>'))
 
-    stats = None
+    stats, stats_error = None, None
     if (run_dir / "student" / "stats.json").is_file():
         try:
             stats = read_json_object(run_dir / "student" / "stats.json")
-        except DamagedFileError:  # the page is a view: the sections that need the file say so, the rest render
-            stats = None
+        except DamagedFileError as e:  # the page is a view: the sections that need the file say so, the rest render
+            stats_error = e
 
     def widths() -> str:
+        if stats_error is not None:
+            raise stats_error
         plan = (stats or {}).get("plan")
         if not plan:
             return '<p class="note">The student was named in the config, not derived: no per-layer plan.</p>'
@@ -543,10 +557,8 @@ def chain_after(first: list[tuple[str, list[dict]]], runs: list[tuple[str, list[
 
 def write_run_html(run_dir: str | Path, results: dict[str, Any] | None = None) -> Path:
     run_dir = Path(run_dir)
-    from ptd.train import checkpoint as ckpt
-
-    path = run_dir / "report.html"
-    ckpt.write_text(path, render_run_html(run_dir, results))
+    path = run_dir / P.REPORT_HTML
+    commit_outputs([(path, render_run_html(run_dir, results))])  # a folder in the way or no permission: one line
     return path
 
 
@@ -591,8 +603,6 @@ def render_sweep_html(sweep_dir: str | Path, results: dict[str, Any] | None = No
 
 
 def write_sweep_html(sweep_dir: str | Path, results: dict[str, Any] | None = None) -> Path:
-    from ptd.train import checkpoint as ckpt
-
-    path = Path(sweep_dir) / "report.html"
-    ckpt.write_text(path, render_sweep_html(sweep_dir, results))
+    path = Path(sweep_dir) / P.REPORT_HTML
+    commit_outputs([(path, render_sweep_html(sweep_dir, results))])
     return path

@@ -2,15 +2,17 @@
 against the total compute behind each student."""
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
 from ptd import paths as P
 from ptd.config import RunConfig
-from ptd.report import ARM_LABELS, chance_lines, failures, mean_std, paired
-from ptd.train import checkpoint as ckpt
+from ptd.report import (ACC, AMOUNT, ARM_LABELS, ARM_NAME, COST, COUNT, TEST_SET, chance_lines, commit_outputs, failures, items,
+                        mapping, mean_std, num, obj, paired, text)
 
 PLOTS = ("student_acc_vs_sparsity.png", "student_acc_vs_compute.png")
+SWEEP_OUTPUTS = (P.SWEEP_JSON, *PLOTS, P.SWEEP_MD, P.REPORT_HTML)  # a sweep's report files, in the order they are written
 COST_KEYS = ("epochs", "steps", "wall_s")
 
 
@@ -228,16 +230,44 @@ def render_sweep_markdown(r: dict[str, Any], plots: bool = True) -> str:
     return "\n".join(lines)
 
 
-def write_sweep_report(run_dir: str | Path, results: dict[str, Any]) -> str:
+def render_sweep_report(run_dir: str | Path, results: dict[str, Any]) -> list[tuple[Path, Any]]:
+    """sweep.json, the two plots, sweep.md and report.html of ``run_dir``, rendered in memory as
+    (path, content), in the order they are written."""
+    from ptd.report.html import render_sweep_html
     from ptd.report.plots import plot_acc_vs_compute, plot_acc_vs_sparsity
 
     run_dir = Path(run_dir)
-    ckpt.write_json(run_dir / P.SWEEP_JSON, results)
-    plot_acc_vs_sparsity(results, run_dir / PLOTS[0])
-    plot_acc_vs_compute(results, run_dir / PLOTS[1])
-    md = render_sweep_markdown(results)
-    ckpt.write_text(run_dir / P.SWEEP_MD, md)
-    from ptd.report.html import write_sweep_html
+    pngs = []
+    for plot in (plot_acc_vs_sparsity, plot_acc_vs_compute):
+        buf = io.BytesIO()
+        plot(results, buf)
+        pngs.append(buf.getvalue())
+    contents = (results, *pngs, render_sweep_markdown(results), render_sweep_html(run_dir, results))
+    return [(run_dir / name, content) for name, content in zip(SWEEP_OUTPUTS, contents)]
 
-    write_sweep_html(run_dir, results)
-    return md
+
+def write_sweep_report(run_dir: str | Path, results: dict[str, Any]) -> str:
+    """sweep.json, sweep.md, the plots and report.html into ``run_dir``, all rendered before the
+    first is written; returns the markdown."""
+    files = render_sweep_report(run_dir, results)
+    commit_outputs(files)
+    return next(c for p, c in files if p.name == P.SWEEP_MD)
+
+
+# What the sweep's renderers read from sweep.json (build_sweep_results writes it); the paired
+# comparisons and student_acc are not checked: `ptd report` recomputes them from the students.
+_SEEDS = items(obj({"seed": num(integer=True), "test_acc": ACC}))
+SWEEP_SCHEMA = obj({
+    "name": text(), "dataset": text(), "train_subset?": num(0, integer=True, null=True),
+    "seeds": items(num(integer=True)), "strategies": items(text()), "sparsities": items(ACC),
+    "schedules": obj({k: AMOUNT for k in ("teacher_epochs", "retrain_epochs_per_level", "distill_epochs", "imp_rate", "alpha", "temperature")}),
+    "teacher": obj({"arch": text(), "width": AMOUNT, "test_acc": ACC, "params": COUNT, "compute": COST}),
+    "student": obj({"arch": text(), "params": COUNT, "params_ratio": AMOUNT,
+                    "derived_from": obj({"strategy": text(), "sparsity": ACC}, null=True)}),
+    "baselines": mapping(obj({"label": text(), "students": _SEEDS, "compute": obj({"total_per_student": COST})}), keys=ARM_NAME),
+    "rows": items(obj({"strategy": text(), "target_sparsity": ACC, "sparsity": ACC, "level": COUNT,
+                       "teacher_test_acc": num(0, 1, null=True), "students": _SEEDS,
+                       "compute": obj({"teacher_total": COST, "total_per_student": COST})})),
+    "compute": obj({"sweep_total": COST, "session_wall_s": AMOUNT}),
+    "test_set?": TEST_SET,
+})
