@@ -43,8 +43,8 @@ from ptd.pruning.masks import MaskHook, Masks, apply_masks, count, full_masks, l
 from ptd.train import checkpoint as ckpt
 from ptd.train.distributed import Dist, all_sum, barrier, init_distributed, resolve_device
 from ptd.train.loop import Runtime, cleanup_resume_files, evaluate, fit
-from ptd.errors import DivergedError, LayerCollapseError, PtdError, StaleStageError, one_line
-from ptd.io import file_digest, parses, read_json_object, read_yaml_mapping
+from ptd.errors import DivergedError, LayerCollapseError, PreflightError, PtdError, StaleStageError, one_line
+from ptd.io import damaged, file_digest, parses, read_json_object, read_yaml_mapping
 
 STAGES = ("teacher", "prune", "student", "distill", "report")
 # Keys that change how a run is shown or scheduled, not what it computes: may differ on resume.
@@ -377,12 +377,21 @@ def _diff(a: Any, b: Any, prefix: str = "", grows: dict[str, Callable[[Any, Any]
     return None if a == b else f"{prefix}: {a!r} there, {b!r} now"
 
 
-def open_run_dir(cfg: RunConfig, run_dir: Path, rt: Runtime) -> None:
-    """Create the run directory, or check that an existing one holds this same run (resume) or
-    one this run only adds work to (more seeds, arms, losses, sweep points, teacher replicates:
-    the run grows, config.yaml becomes the grown config, every finished stage is reused)."""
+def make_dir(d: Path, what: str) -> None:
+    """``mkdir -p d``; a refusal of the file system is one line naming the path. (preflight's
+    check_out_dir and check_run_tree make this unreachable for what they can see up front.)"""
+    try:
+        Path(d).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        where = e.filename if e.filename is not None else d
+        raise PreflightError(f"{what} cannot be created ({e.strerror or type(e).__name__}: {where}); make the path a "
+                             f"folder this user can write, or pass --out a new directory") from None
+
+
+def check_run_config(cfg: RunConfig, run_dir: Path) -> bool:
+    """Whether ``run_dir`` takes this run: new or empty (False), the same run (False), or one
+    this run only adds work to (True: it grows); RunDirError otherwise. Reads only."""
     cfg_path = run_dir / P.CONFIG
-    grown = False
     if cfg_path.is_file():
         old = read_yaml_mapping(cfg_path, fix=f"restore it, or run into a new --out (or delete {run_dir} to start over)")
         new = to_dict(cfg)
@@ -391,23 +400,77 @@ def open_run_dir(cfg: RunConfig, run_dir: Path, rt: Runtime) -> None:
             raise RunDirError(f"{run_dir} holds a run with a different config ({d}); only more distill.seeds, distill.arms, "
                               f"distill.loss, sweep points or teacher.seeds can grow a finished run; pass --out to a new "
                               f"directory, or delete {run_dir} to start over")
-        grown = _diff(old, new) is not None
-    elif run_dir.exists() and any(not ckpt.is_writer_temp(p) for p in run_dir.iterdir()):
+        return _diff(old, new) is not None
+    if run_dir.exists() and any(not ckpt.is_writer_temp(p) for p in run_dir.iterdir()):
         # (Only a writer temporary in it: a kill in the middle of writing config.yaml, this run's.)
         raise RunDirError(f"{run_dir} exists and is not a ptd run directory (no config.yaml); pass --out to a new or empty directory")
+    return False
+
+
+# The file each finished stage returns when it is skipped (run_stage's result_file; a prune
+# level's record is its sparsity.json).
+def _record_file(d: Path) -> str:
+    return P.STATS if d.name == P.STUDENT else P.SPARSITY if d.name.startswith("level_") else P.RESULT
+
+
+def check_finished_stages(run_dir: Path) -> None:
+    """Before a re-run writes anything (env.json included): every file of a finished stage that a
+    re-run reads back (its record, its weights and masks) still parses, and every writer temporary
+    left by a kill can be removed. Otherwise the stage refuses only when its turn comes, after this
+    session was recorded and perhaps after other stages trained."""
+    run_dir = Path(run_dir)
+    for marker in sorted(run_dir.rglob(P.DONE)):
+        d = marker.parent
+        if d == run_dir or not marker.is_file():
+            continue
+        read_json(d / _record_file(d))  # DamagedFileError, the same line the stage would give
+        for f in sorted(d.glob("*.safetensors")):
+            if f.is_file() and not parses(f):
+                raise damaged(f, "not the safetensors file ptd wrote: its header or size is wrong")
+    for tmp in sorted(run_dir.rglob(".*.tmp")):
+        if ckpt.is_writer_temp(tmp) and not os.access(tmp.parent, os.W_OK | os.X_OK):
+            raise PreflightError(f"{tmp}: a temporary left by a killed ptd, in a folder this user cannot write, so it cannot "
+                                 f"be removed; give this user permission on {tmp.parent}, or delete the file")
+
+
+def open_run_dir(cfg: RunConfig, run_dir: Path, rt: Runtime) -> None:
+    """Create the run directory, or check that an existing one holds this same run (resume) or
+    one this run only adds work to (more seeds, arms, losses, sweep points, teacher replicates:
+    the run grows, config.yaml becomes the grown config, every finished stage is reused).
+
+    Every check comes before the first write: config.yaml (rewritten on growth) and env.json are
+    written only once the directory's config, its finished stages' files and env.json itself have
+    passed, so a refused re-run or growth leaves the directory as it was (and the original command
+    still works on it). preflight.check_out_dir / check_run_tree have checked its folders."""
+    cfg_path = run_dir / P.CONFIG
+    grown = check_run_config(cfg, run_dir)
     # Every rank has checked before any rank writes: otherwise a slow rank could find the
     # directory rank 0 just made, without its config.yaml yet, and refuse it.
     barrier()
-    held = True
+    held, refused = True, None
     if rt.dist.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        held = ckpt.lock_dir(run_dir)
+        try:
+            make_dir(run_dir, f"run directory {run_dir}")  # with any missing parents, like mkdir -p (docs/resume.md)
+            held = ckpt.lock_dir(run_dir)
+        except OSError as e:
+            refused = PreflightError(f"run directory {run_dir} cannot be locked ({e.strerror}); give this user permission "
+                                     f"to read it, or pass --out another folder")
+        except PtdError as e:
+            refused = e
+        held = held and refused is None
     if all_sum([0.0 if held else 1.0], rt.device)[0] > 0:  # every rank refuses together (no hung barrier)
+        if refused is not None:
+            raise refused
         raise RunDirError(f"{run_dir} is in use by another ptd process (it holds the directory's lock); wait for it to "
                           f"finish or stop it, or pass --out to another directory")
+    env_path = run_dir / P.ENV
+    old_env = None
     try:
         if cfg_path.is_file():  # under the lock: no other ptd is redoing a stage meanwhile; every rank reads alike
             check_lineage(run_dir)
+            check_finished_stages(run_dir)
+        if rt.dist.is_main and env_path.is_file():  # read before config.yaml is rewritten: a damaged one refuses first
+            old_env = read_json_object(env_path, fix=f"delete it (it records the machines of earlier sessions) and run again")
     except BaseException:
         if rt.dist.is_main:
             ckpt.unlock_dir(run_dir)
@@ -418,10 +481,8 @@ def open_run_dir(cfg: RunConfig, run_dir: Path, rt: Runtime) -> None:
             ckpt.remove_stale_temps(run_dir)
             if grown or not cfg_path.is_file():  # atomic: a crash leaves the old config or the new one
                 ckpt.write_text(cfg_path, dump_yaml(cfg))
-            env_path = run_dir / P.ENV
             env = environment(cfg, rt)
-            if env_path.is_file():  # keep the first session's record, add this one's
-                old_env = read_json_object(env_path, fix=f"delete it (it records the machines of earlier sessions) and run again")
+            if old_env is not None:  # keep the first session's record, add this one's
                 env = {**old_env, "resumed": old_env.get("resumed", []) + [env]}
             ckpt.write_json(env_path, env)
         except BaseException:
@@ -506,7 +567,7 @@ def run_stage(ctx: Context, d: Path, compute: Callable[[], dict], *, result_file
             cleanup_resume_files(d)
         return read_json(d / result_file), False
     if ctx.main:
-        d.mkdir(parents=True, exist_ok=True)
+        make_dir(d, f"the stage folder {d}")
     result = compute()
     ctx.write_json(d / result_file, result)
     ctx.done(d, inputs(result) if callable(inputs) else inputs)

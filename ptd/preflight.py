@@ -20,15 +20,18 @@ forward per model for its activations (0.03-0.15 s).
 from __future__ import annotations
 
 import contextlib
+import errno
 import math
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
 
-from ptd.config import ConfigError, ModelConfig, RunConfig
+from ptd import paths as P
+from ptd.config import ARM_TABLE, ConfigError, ModelConfig, RunConfig
 from ptd.errors import PreflightError, PtdError, one_line
 from ptd.machine import cpu_count, gib, gpu_memory_bytes, memory_bytes
 from ptd.registry import UnknownNameError
@@ -56,6 +59,7 @@ def preflight(cfg: RunConfig, run_dir: str | Path, *, splits: Any = None, sweep:
     check_threads(cfg.threads)
     device = check_device(cfg.device)
     check_out_dir(run_dir)
+    check_run_tree(cfg, run_dir, sweep=sweep)
     check_data_config(cfg)
     check_pruning(cfg, sweep=sweep)
     if splits is None:
@@ -115,21 +119,215 @@ def check_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+# What a run needs of its directory (and of every folder in it that it writes into): to list it,
+# lock it (open it read-only), create and rename files in it.
+_DIR_ACCESS = os.R_OK | os.W_OK | os.X_OK
+
+
+def _lstat(path: Path, where: Path) -> os.stat_result | None:
+    """``path``'s own entry (a symbolic link is seen, not followed); None when nothing is there.
+    Any other refusal of the file system (a name too long, no permission to look, a link loop
+    on the way) is a one-line PreflightError naming ``path``: ``where`` is the run directory."""
+    try:
+        return os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):  # a file on the way is named by the caller's walk up
+        return None
+    except OSError as e:
+        raise _unprobeable(path, where, e) from None
+
+
+def _unprobeable(path: Path, where: Path, e: OSError) -> PreflightError:
+    if e.errno == errno.ENAMETOOLONG:
+        inside = "" if path == where else f" (at {path})"
+        return PreflightError(f"run directory {where}: a name in this path{inside} is longer than the file system allows "
+                              f"({e.strerror}); pass --out a shorter path")
+    what = f"run directory {where}" if path == where else f"run directory {where}: {path}"
+    return PreflightError(f"{what} cannot be checked ({e.strerror or type(e).__name__}); give this user access to it, "
+                          f"or pass --out another folder")
+
+
+def _not_a_folder(path: Path, st: os.stat_result) -> str | None:
+    """What ``path`` is when it is not a folder (following a symbolic link); None for a folder."""
+    if stat.S_ISLNK(st.st_mode) and not os.path.exists(path):
+        return f"a symbolic link to {os.readlink(path)}, which does not lead to an existing folder (dangling)"
+    if os.path.isdir(path):
+        return None
+    return "a file"
+
+
 def check_out_dir(run_dir: str | Path) -> None:
-    """The run directory is a folder (or can be made one) that this user can write."""
+    """The run directory is a folder this user can read and write, or can be made one: its
+    missing parents are created too (like ``mkdir -p``), so the nearest existing ancestor must be
+    a folder this user can write. Symbolic links are seen (a dangling one is refused, not
+    replaced), and any refusal of the file system while looking is one line naming the path."""
     p = Path(run_dir)
-    if p.exists() and not p.is_dir():
-        raise PreflightError(f"run directory {p} is a file; pass --out a folder (new, empty, or an earlier run of this config)")
-    anc = p
-    while not anc.exists():  # the nearest existing ancestor decides whether p can be created
-        if anc.parent == anc:
-            break
+    st = _lstat(p, p)
+    if st is not None:
+        what = _not_a_folder(p, st)
+        if what == "a file":
+            raise PreflightError(f"run directory {p} is a file; pass --out a folder (new, empty, or an earlier run of this config)")
+        if what is not None:
+            raise PreflightError(f"run directory {p} is {what}; create the folder it points to, or remove the link, "
+                                 f"or pass --out another path")
+        if not os.access(p, _DIR_ACCESS):
+            raise PreflightError(f"run directory {p} is not writable (ptd reads, writes and locks it); give this user "
+                                 f"permission on it (chmod u+rwx {p}), or pass --out a folder you can write")
+        return
+    missing = [p.name]  # created by mkdir -p, innermost first
+    anc = p.absolute().parent
+    while (st := _lstat(anc, p)) is None and anc.parent != anc:
+        missing.append(anc.name)
         anc = anc.parent
-    if anc.exists() and not anc.is_dir():
-        raise PreflightError(f"run directory {p} cannot be created: {anc} is a file; pass --out a folder path")
-    if anc.exists() and not os.access(anc, os.W_OK | os.X_OK):
-        what = "is not writable" if anc == p else f"cannot be created: {anc} is not writable"
-        raise PreflightError(f"run directory {p} {what}; pass --out a folder you can write")
+    if st is None:  # not even the file system's root: nothing to create the path in
+        raise PreflightError(f"run directory {p} cannot be created: no folder of its path exists; pass --out a folder path")
+    what = _not_a_folder(anc, st)
+    if what is not None:
+        raise PreflightError(f"run directory {p} cannot be created: {anc} is {what}; pass --out a folder path")
+    if not os.access(anc, os.W_OK | os.X_OK):
+        raise PreflightError(f"run directory {p} cannot be created: {anc} is not writable; pass --out a folder you can write")
+    _check_name_lengths(p, anc, missing)
+
+
+def _check_name_lengths(p: Path, anc: Path, missing: list[str]) -> None:
+    """The folders mkdir -p would make fit the file system's limits (a missing parent hides a
+    too-long name from lstat: the lookup stops at the first missing name)."""
+    def limit(name: str, default: int) -> int:
+        try:
+            return os.pathconf(anc, name)
+        except (OSError, ValueError):
+            return default
+
+    longest = max(missing, key=lambda n: len(os.fsencode(n)))
+    if len(os.fsencode(longest)) > limit("PC_NAME_MAX", 255):
+        raise PreflightError(f"run directory {p}: the name {longest[:40]}... ({len(os.fsencode(longest))} bytes) is longer "
+                             f"than the file system allows ({limit('PC_NAME_MAX', 255)}); pass --out a shorter path")
+    if len(os.fsencode(str(p.absolute()))) >= limit("PC_PATH_MAX", 4096):
+        raise PreflightError(f"run directory {p}: the path is longer than the file system allows "
+                             f"({limit('PC_PATH_MAX', 4096)} bytes); pass --out a shorter path")
+
+
+# Files ptd writes (each by a rename into place) at the top of a run directory, and inside a stage
+# folder: a folder of that name makes the rename fail, after the stage's work.
+RUN_FILES = (P.CONFIG, P.ENV, P.RESULTS, P.REPORT_MD, P.REPORT_HTML, P.SWEEP_JSON, P.SWEEP_MD,
+             "student_acc_vs_sparsity.png", "student_acc_vs_compute.png")
+STAGE_FILES = (P.DONE, P.RESULT, P.MODEL, P.MASKS, P.SPARSITY, P.METRICS, P.STATS, P.ARCHITECTURE, P.ARCHITECTURE_TXT,
+               P.STUDENT_REPORT, P.STUDENT_INIT, P.RESUME)
+# Folders a stage makes inside its own (prune levels, control rounds): written while the stage runs.
+_SUB_STAGE_PREFIXES = ("level_", "round_")
+
+
+def stage_dirs(cfg: RunConfig, sweep: bool = False) -> list[Path]:
+    """Every stage folder, relative to the run directory, that the whole run (``ptd run``; ``ptd
+    sweep`` with ``sweep``) of ``cfg`` writes, as ptd.pipeline and ptd.sweep name them. A stage
+    that trains also writes its TensorBoard mirror, tensorboard/<the same path>."""
+    dc = cfg.distill
+    if sweep:
+        from ptd.pruning import SPECS
+
+        sps = sorted(set(cfg.sweep.sparsities))
+        dirs = [Path(P.TEACHER), Path(P.STUDENT)]
+        for st in cfg.sweep.strategies:
+            nested = st in SPECS and SPECS.get(st).nested_levels
+            dirs += [Path(P.PRUNE) / st] if nested else [Path(P.PRUNE) / f"{st}_s{s:g}" for s in sps]
+        keys = [a for a in ("scratch", "unpruned_teacher") if a in dc.arms]
+        keys += [f"{st}_s{s:g}" for st in cfg.sweep.strategies for s in sps]
+        return dirs + [P.distill_dir(Path(), k, seed) for k in keys for seed in dc.seeds]
+    dirs = [Path(P.STUDENT)]
+    for r in range(cfg.teacher.seeds):
+        root = P.replicate_root(Path(), r)
+        dirs += [root / P.TEACHER, root / P.PRUNE]
+        if any(ARM_TABLE[a].teacher == "retrained" for a in dc.arms):
+            dirs.append(root / P.CONTROL)
+        for arm in dc.arms:
+            losses = dc.losses if ARM_TABLE[arm].teacher is not None else (None,)
+            dirs += [P.distill_dir(root, arm, seed, None if loss in (None, dc.losses[0]) else loss)
+                     for loss in losses for seed in dc.seeds]
+    return dirs
+
+
+def check_run_tree(cfg: RunConfig, run_dir: str | Path, sweep: bool = False) -> None:
+    """An existing run directory (a resume, or a run grown by more seeds, arms...) takes every
+    write the run will make: each folder a stage of ``cfg`` writes into that is not finished (and
+    its TensorBoard mirror) is a folder, or can be made in one, that this user can write; the
+    files ptd writes are not folders. Otherwise the run would fail at that stage's first write,
+    after earlier stages trained and after config.yaml and env.json were rewritten."""
+    run = Path(run_dir)
+    st = _lstat(run, run)
+    if st is None or not os.path.isdir(run):
+        return  # a new run directory: check_out_dir decided
+    for name in RUN_FILES:
+        _not_a_file_folder(run, run / name)
+    if not (run / P.CONFIG).is_file():
+        return  # not a run (yet): open_run_dir takes it only when it is empty
+    from ptd.train.tensorboard import available
+
+    mirror = available()  # TensorBoard event files are written only where tensorboard is installed
+    tb = run / P.TENSORBOARD
+    for rel in stage_dirs(cfg, sweep):
+        if _finished(run, run / rel):
+            continue
+        _check_writes_into(run, run / rel, lambda d: _finished(run, d))
+        if mirror:  # a stage's mirror is written while the stage is
+            _check_writes_into(run, tb / rel, lambda d: _finished(run, run / d.relative_to(tb)))
+
+
+def _finished(run: Path, d: Path) -> bool:
+    """The stage in ``d`` is done: a re-run reads it and writes nothing into it."""
+    try:
+        return (d / P.DONE).is_file()
+    except OSError as e:  # a folder on the way this user cannot enter
+        raise _unprobeable(d, run, e) from None
+
+
+def _not_a_file_folder(run: Path, path: Path) -> None:
+    try:
+        is_dir = path.is_dir()
+    except OSError as e:
+        raise _unprobeable(path, run, e) from None
+    if is_dir:
+        raise PreflightError(f"run directory {run}: {path} is a folder where ptd writes a file; move it away, or pass "
+                             f"--out a new directory")
+
+
+def _check_writes_into(run: Path, d: Path, finished: Any) -> None:
+    """``d`` (inside ``run``) is a folder whose unfinished parts this user can write, or the
+    nearest existing folder on its way is one this user can create it in."""
+    cur = run
+    for part in d.relative_to(run).parts:
+        nxt = cur / part
+        st = _lstat(nxt, run)
+        if st is None:  # made by the stage: where it is made must take it
+            _require_writable(run, cur, f"the stage folder {d.relative_to(run)}")
+            return
+        what = _not_a_folder(nxt, st)
+        if what is not None:
+            raise PreflightError(f"run directory {run}: {nxt} is {what}, where ptd keeps a stage's folder; move it away "
+                                 f"(or delete it to redo that stage), or pass --out a new directory")
+        cur = nxt
+    todo = [d]
+    while todo:
+        folder = todo.pop()
+        _require_writable(run, folder, "a stage's files")
+        try:
+            entries = list(os.scandir(folder))
+        except OSError as e:
+            raise _unprobeable(folder, run, e) from None
+        for entry in entries:
+            path = Path(entry.path)
+            try:
+                is_dir = entry.is_dir()
+            except OSError as e:
+                raise _unprobeable(path, run, e) from None
+            if is_dir and entry.name in STAGE_FILES:
+                _not_a_file_folder(run, path)
+            elif is_dir and entry.name.startswith(_SUB_STAGE_PREFIXES) and not finished(path):
+                todo.append(path)
+
+
+def _require_writable(run: Path, folder: Path, what: str) -> None:
+    if not os.access(folder, _DIR_ACCESS):
+        raise PreflightError(f"run directory {run}: {folder} is not writable, and ptd writes {what} there; give this user "
+                             f"permission on it (chmod u+rwx {folder}), or pass --out a new directory")
 
 
 def check_data_config(cfg: RunConfig) -> None:
@@ -324,7 +522,12 @@ def check_no_certain_collapse(cfg: RunConfig, teacher: nn.Module, sweep: bool = 
     # counted from the weights' sizes: masks of a 600M-parameter teacher would take 600 MB to say it
     sizes = [p.numel() for p in prunable_weights(teacher, cfg.prune.exclude_first, cfg.prune.exclude_last).values()]
     if not sizes:
-        return
+        # The prune stage refuses this too (even at target 0), but only after the teacher trained.
+        pf, pl = cfg.prune.exclude_first, cfg.prune.exclude_last
+        raise ConfigError(f"prune: the teacher has no prunable Conv/Linear weights (check prune.exclude_first / "
+                          f"prune.exclude_last): {cfg.teacher.model.arch} with exclude_first={str(pf).lower()} and "
+                          f"exclude_last={str(pl).lower()} leaves none; set one of them to false, or give teacher.model "
+                          f"more Conv/Linear layers")
     total, layers = sum(sizes), len(sizes)
     targets = [("prune.target_sparsity", cfg.prune.target_sparsity)]
     if sweep:
