@@ -6,7 +6,11 @@ stage: stages already done are skipped, an interrupted one resumes.
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import sys
+import tempfile
+import traceback
 from pathlib import Path
 
 from ptd.errors import PreflightError, PtdError, one_line
@@ -25,7 +29,8 @@ def _common(p: argparse.ArgumentParser, config_required: bool = True) -> None:
         p.add_argument("config", nargs="?", help="YAML config (default: built-in defaults)")
     p.add_argument("--out", help="run directory (default: runs/<config name>)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set distill.alpha=0.9 (repeatable)")
+                   help="override a config key, e.g. --set distill.alpha=0.9 (repeatable; a key given twice takes the last "
+                        "value; a key and a key inside it, e.g. teacher=... and teacher.optim.lr=..., conflict)")
     p.add_argument("--teacher", metavar="CHECKPOINT", help="start from this trained teacher (.safetensors or .pt) instead of training one")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--quiet", action="store_true", help="no progress bars (for CI logs)")
@@ -43,16 +48,27 @@ def _check_config_file(path: str | None) -> None:
         raise ConfigError(f"{path}: cannot be read as a YAML text file ({type(e).__name__}: {e}); pass a YAML config (see configs/)") from None
 
 
+def _flag(value: str | None, flag: str, fix: str) -> str | None:
+    """A flag's value; "" (or blanks) would silently mean the flag was not given."""
+    from ptd.config import ConfigError
+
+    if value is not None and not value.strip():
+        raise ConfigError(f"{flag}: an empty value; {fix}")
+    return value
+
+
 def _load(args: argparse.Namespace):
     from ptd.config import load_config
 
     _check_config_file(args.config)
 
     over = list(args.overrides)
-    if args.teacher:
-        over.append(f"teacher.checkpoint={args.teacher}")
-    if args.device:
-        over.append(f"device={args.device}")
+    teacher = _flag(args.teacher, "--teacher", "give the trained teacher's file (.safetensors or .pt), or leave --teacher out to train one")
+    device = _flag(args.device, "--device", "give auto, cpu, cuda or cuda:N, or leave --device out for the config's device")
+    if teacher is not None:
+        over.append(f"teacher.checkpoint={teacher}")
+    if device is not None:
+        over.append(f"device={device}")
     if args.quiet:
         over.append("quiet=true")
     cfg = load_config(args.config, over)
@@ -92,13 +108,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from ptd.config import load_config
     from ptd.data import load_dataset, make_loader
     from ptd.measure import count_nonzero, count_params
-    from ptd.preflight import check_device, check_runs
+    from ptd.preflight import check_data_config, check_device, check_runs, check_threads
     from ptd.train.checkpoint import CheckpointError, load_model
     from ptd.train.loop import Runtime, evaluate
 
     _check_config_file(args.config)
+    flag_device = _flag(args.device, "--device", "give auto, cpu, cuda or cuda:N, or leave --device out for the config's device")
     cfg = load_config(args.config, args.overrides)
-    device = check_device(args.device or cfg.device)
+    # What preflight checks for a training command and eval also uses (eval runs no preflight).
+    check_threads(cfg.threads)
+    check_data_config(cfg)
+    if cfg.threads:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
+    device = check_device(flag_device if flag_device is not None else cfg.device)
     model = load_model(args.checkpoint)
     dc = cfg.data
     splits = load_dataset(dc.name, dc.root, val_fraction=dc.val_fraction, seed=cfg.seed, train_subset=dc.train_subset, test_subset=dc.test_subset)
@@ -195,16 +219,71 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# errno -> the fix, for file-system refusals that reach the CLI unnamed by a check: the path the
+# user gave (or its disk) is the problem, so they are user errors like any PtdError.
+_OS_FIXES = {
+    errno.EACCES: "give this user permission on it, or choose another path",
+    errno.EPERM: "give this user permission on it, or choose another path",
+    errno.EROFS: "the file system is read-only: choose a writable path",
+    errno.ENOSPC: "free disk space there, or choose another path",
+    errno.EDQUOT: "free disk space (quota) there, or choose another path",
+    errno.ENAMETOOLONG: "use a shorter name",
+    errno.EISDIR: "a folder is where a file belongs: move it away or choose another path",
+    errno.ENOTDIR: "a file is where a folder belongs: move it away or choose another path",
+    errno.EEXIST: "something is already there (perhaps a dangling link): move it away or choose another path",
+    errno.ENOENT: "check the path",
+    errno.ELOOP: "a symbolic-link loop: fix the links or choose another path",
+}
+
+
+def os_error_line(e: OSError) -> str:
+    """One line for an OSError: what the system said, the path(s), and the fix."""
+    where = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None) or "a file ptd uses"
+    fix = _OS_FIXES.get(e.errno, "check the path, its permissions and free space")
+    return one_line(f"{where}: {e.strerror or type(e).__name__}; {fix}")
+
+
+def _internal(e: BaseException) -> int:
+    """A bug in ptd, not the user's input: one line, the traceback kept in a file (or shown with
+    PTD_TRACEBACK=1) so it can be reported without flooding a user's terminal."""
+    fd, path = tempfile.mkstemp(prefix="ptd-traceback-", suffix=".txt")
+    with os.fdopen(fd, "w") as f:
+        traceback.print_exception(e, file=f)
+    print(f"ptd: internal error: {type(e).__name__}: {one_line(e)}; this is a bug in ptd, not your input; "
+          f"the traceback is in {path} (PTD_TRACEBACK=1 prints it)", file=sys.stderr)
+    return 1
+
+
+def _cuda_oom() -> type[BaseException]:
+    """torch.OutOfMemoryError (a RuntimeError, not a MemoryError) when torch is already imported;
+    never imported here just for this, since `ptd --help` must stay fast."""
+    torch = sys.modules.get("torch")
+    return getattr(torch, "OutOfMemoryError", MemoryError) if torch is not None else MemoryError
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except PtdError as e:  # a user's mistake: one line, no traceback. Anything else is a bug and keeps its traceback.
+    except PtdError as e:  # a user's mistake: one line, no traceback
         print(f"ptd: error: {one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("ptd: interrupted; run the same command again to resume where it stopped", file=sys.stderr)
         return 130
+    except OSError as e:  # permission, disk full, a folder in the way: the environment the user gave
+        print(f"ptd: error: {os_error_line(e)}", file=sys.stderr)
+        return 2
+    except (MemoryError, _cuda_oom()) as e:  # the batch or model does not fit this machine: the user's setting
+        print(f"ptd: error: out of memory ({one_line(e)[:200]}); lower the batch sizes or the model's size, or free memory", file=sys.stderr)
+        return 2
+    except RecursionError:
+        print("ptd: error: an input is nested too deeply to read (a config or JSON file?); flatten it", file=sys.stderr)
+        return 2
+    except Exception as e:
+        if os.environ.get("PTD_TRACEBACK"):
+            raise
+        return _internal(e)
 
 
 if __name__ == "__main__":

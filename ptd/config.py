@@ -18,10 +18,34 @@ from typing import Any, Union
 import yaml
 
 from ptd.errors import PtdError
+from ptd.seeding import MAX_SEED
 
 
 class ConfigError(PtdError, ValueError):
     """A bad configuration value; the message is one line and says how to fix it."""
+
+
+# ---------------------------------------------------------------- bounds on what a user may give
+
+# Epoch counts (and epochs named by options: milestones, GMP's window, DKD's warm-up). The paper's
+# longest schedule is 200 epochs; ptd's fastest measured epoch is about 1 s (CIFAR VGG19 compiled on
+# an H100, docs/speed.md), so 100,000 epochs is more than a day of one stage: a larger count is a
+# typo (1e20 was accepted and the run announced 100000000000000000000 epochs).
+MAX_EPOCHS = 100_000
+_WHY_MAX_EPOCHS = "(500x the paper's 200-epoch schedules: a longer one never finishes)"
+# Teacher replicates: each trains, prunes and distills a whole teacher.
+MAX_REPLICATES = 1_000
+_WHY_MAX_SEED = "2**32 - 1, the largest seed every random-number consumer in ptd takes"
+# Any integer at all: torch and numpy hold at most a signed 64-bit one, and a larger value overflows
+# mid-run (torch.Generator.manual_seed: "Overflow when unpacking long long").
+MAX_INT = 2**63 - 1
+# YAML structure: a config is a few levels deep and a few hundred values (the shipped ones: at
+# most 6 levels, under 200 values). Past these a file is not a config: a nesting that exhausts
+# Python's recursion, or aliases nested in aliases ("billion laughs") that expand a 1 KB file to
+# millions of values.
+MAX_DEPTH = 50
+MAX_VALUES = 10_000
+_STARTER = "configs/fashion_mnist_demo.yaml"
 
 
 @dataclass(frozen=True)
@@ -39,13 +63,14 @@ class OptimConfig:
 
     def validate(self, where: str) -> None:
         _check(self.epochs >= 1, f"{where}.epochs", self.epochs, "must be >= 1")
+        _check(self.epochs <= MAX_EPOCHS, f"{where}.epochs", self.epochs, f"must be at most {MAX_EPOCHS:,} {_WHY_MAX_EPOCHS}")
         _check(self.batch_size >= 1, f"{where}.batch_size", self.batch_size, "must be >= 1")
         _check(self.lr > 0, f"{where}.lr", self.lr, "must be > 0")
         _check(0 <= self.momentum < 1, f"{where}.momentum", self.momentum, "must be in [0, 1)")
         _check(self.weight_decay >= 0, f"{where}.weight_decay", self.weight_decay, "must be >= 0")
         _check(0 < self.gamma <= 1, f"{where}.gamma", self.gamma, "must be in (0, 1]")
-        _check(list(self.milestones) == sorted(self.milestones) and all(m > 0 for m in self.milestones),
-               f"{where}.milestones", list(self.milestones), "must be increasing positive epochs")
+        _check(list(self.milestones) == sorted(self.milestones) and all(0 < m <= MAX_EPOCHS for m in self.milestones),
+               f"{where}.milestones", list(self.milestones), f"must be increasing positive epochs (at most {MAX_EPOCHS:,})")
         _check(not (self.nesterov and self.momentum == 0), f"{where}.nesterov", self.nesterov,
                "Nesterov needs momentum > 0")
 
@@ -71,6 +96,11 @@ class DataConfig:
             v = getattr(self, k)
             _check(v is None or v >= 1, f"{where}.{k}", v, "must be >= 1 or null")
         _check(self.crop_padding >= 0, f"{where}.crop_padding", self.crop_padding, "must be >= 0")
+        # Also checked against this machine by ptd.preflight; here so that every command (ptd eval
+        # runs no preflight) refuses them at load.
+        _check(self.workers >= 0, f"{where}.workers", self.workers, "must be >= 0 (0: load in the main process)")
+        _check(self.image_size is None or self.image_size >= 1, f"{where}.image_size", self.image_size,
+               "must be >= 1 pixel, or null for the dataset's size")
 
 
 @dataclass(frozen=True)
@@ -95,6 +125,8 @@ class TeacherConfig:
 
     def validate(self, where: str) -> None:
         _check(self.seeds >= 1, f"{where}.seeds", self.seeds, "must be >= 1 (the number of teacher replicates)")
+        _check(self.seeds <= MAX_REPLICATES, f"{where}.seeds", self.seeds,
+               f"must be at most {MAX_REPLICATES:,}: each replicate trains, prunes and distills a whole teacher")
         _check(not (self.checkpoint and self.seeds > 1), f"{where}.seeds", self.seeds,
                f"needs trained teachers, and {where}.checkpoint gives one; set {where}.seeds: 1 or drop the checkpoint")
 
@@ -194,17 +226,19 @@ class DistillConfig:
         for k, v in self.options.items():
             _check(isinstance(v, dict), f"{where}.options.{k}", v, "must be a mapping of that loss's options")
         for k, v in self.layer_map.items():
-            _check(isinstance(k, str) and isinstance(v, str), f"{where}.layer_map", {k: v}, "must map layer names to module names")
+            _check(isinstance(k, str) and isinstance(v, str) and bool(k.strip()) and bool(v.strip()), f"{where}.layer_map", {k: v},
+                   "must map layer names to module names (non-empty strings)")
         _check(0 <= self.alpha <= 1, f"{where}.alpha", self.alpha, "must be in [0, 1]")
         _check(self.temperature > 0, f"{where}.temperature", self.temperature, "must be > 0")
         _check(self.temperature <= MAX_TEMPERATURE, f"{where}.temperature", self.temperature,
                f"must be at most {MAX_TEMPERATURE:g}: beyond, float32 cannot resolve softmax(logits / T) and KD's loss is rounding noise")
         _check(len(self.seeds) >= 1 and len(set(self.seeds)) == len(self.seeds), f"{where}.seeds", list(self.seeds), "must be a non-empty list of distinct ints")
         for sd in self.seeds:
-            _check(sd >= 0, f"{where}.seeds", sd, "each seed must be >= 0 (seeds key independent random streams)")
+            _check(0 <= sd <= MAX_SEED, f"{where}.seeds", sd, f"each seed must be >= 0 and at most {MAX_SEED} ({_WHY_MAX_SEED})")
         _check(len(self.arms) >= 1, f"{where}.arms", list(self.arms), f"must list at least one arm of {', '.join(ARMS)}")
         for a in self.arms:
             _check(a in ARMS, f"{where}.arms", a, f"each arm must be one of {', '.join(ARMS)}")
+        _check(len(set(self.arms)) == len(self.arms), f"{where}.arms", list(self.arms), "must list each arm once")
 
 
 @dataclass(frozen=True)
@@ -258,7 +292,10 @@ class RunConfig:
         _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), "device", self.device, "must be auto, cpu, cuda or cuda:N")
         _check(self.compile in COMPILE_MODES, "compile", self.compile, f"must be one of {', '.join(COMPILE_MODES)}")
         _check(self.eval_batch_size >= 1, "eval_batch_size", self.eval_batch_size, "must be >= 1")
-        _check(self.seed >= 0, "seed", self.seed, "must be >= 0 (it is the root of every random stream)")
+        _check(0 <= self.seed <= MAX_SEED, "seed", self.seed, f"must be >= 0 and at most {MAX_SEED} (it is the root of every random "
+               f"stream; {_WHY_MAX_SEED})")
+        _check(self.threads is None or self.threads >= 1, "threads", self.threads, "must be >= 1, or null for torch's default")
+        check_name(self.name)
         self.data.validate("data")
         self.teacher.model.validate("teacher.model")
         self.teacher.validate("teacher")
@@ -279,11 +316,39 @@ def _check(ok: bool, key: str, value: Any, why: str) -> None:
         raise ConfigError(f"{key}: {value!r} {why}")
 
 
+def check_name(name: str) -> None:
+    """The run name becomes the folder runs/<name> when --out is not given: one plain folder name."""
+    bad = ("is empty" if not name.strip() else
+           "holds a path separator" if "/" in name or "\\" in name else
+           "is '.' or '..'" if name in (".", "..") else
+           "holds a control character (a newline?)" if any(ord(c) < 32 or ord(c) == 127 for c in name) else
+           "is longer than 255 bytes" if len(name.encode("utf-8", "surrogateescape")) > 255 else None)
+    if bad:
+        raise ConfigError(f"name: {name!r} {bad}, and it names the folder runs/<name>; give a plain folder name (e.g. name: "
+                          f"my_run), or choose any location with --out")
+
+
+def check_sweep(cfg: "RunConfig") -> None:
+    """What ``ptd sweep`` cannot do with a config ``ptd run`` can: list an arm the sweep never runs."""
+    # docs/sweep.md: the control (a dense teacher retrained as long) is not part of a sweep, whose
+    # rows are the pruned teachers themselves; a listed control would be silently dropped.
+    if "retrained_teacher" in cfg.distill.arms:
+        rest = [a for a in cfg.distill.arms if a != "retrained_teacher"]
+        raise ConfigError(f"distill.arms: {list(cfg.distill.arms)} lists retrained_teacher, and a sweep has no control arm "
+                          f"(docs/sweep.md); drop it for the sweep (--set 'distill.arms=[{', '.join(rest or DEFAULT_ARMS)}]'), "
+                          f"or run the control with ptd run")
+
+
 # ---------------------------------------------------------------- dict <-> dataclass
 
 
 # A decimal number in exponent notation: what YAML 1.1 leaves a string when it has no dot (5e-4).
 _FLOAT_LITERAL = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def _shown(value: Any) -> str:
+    """A wrong value as a message quotes it; an absent one (``key:`` in YAML, ``--set key=``) says so."""
+    return "no value (null); write one after the key" if value is None else repr(value)
 
 
 def _type_name(tp: Any) -> str:
@@ -307,24 +372,27 @@ def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
         raise errors[0]
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise ConfigError(f"{key} ({source}): expected a mapping of {tp.__name__} keys, got {value!r}")
+            raise ConfigError(f"{key} ({source}): expected a mapping of {tp.__name__} keys, got {_shown(value)}")
         return from_dict(tp, value, key, source)
     if origin is tuple:
         (elem, _) = typing.get_args(tp)
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key} ({source}): expected a list, got {value!r}; write e.g. [1, 2]")
+            raise ConfigError(f"{key} ({source}): expected a list, got {_shown(value)}; write e.g. [1, 2]")
         return tuple(_coerce(elem, v, f"{key}[{i}]", source) for i, v in enumerate(value))
     if tp is dict or origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{key} ({source}): expected a mapping, got {value!r}")
+            raise ConfigError(f"{key} ({source}): expected a mapping, got {_shown(value)}")
         return dict(value)
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{key} ({source}): expected true or false, got {value!r}")
+            raise ConfigError(f"{key} ({source}): expected true or false, got {_shown(value)}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key} ({source}): expected an integer, got {value!r}")
+            raise ConfigError(f"{key} ({source}): expected an integer, got {_shown(value)}")
+        if not -MAX_INT <= value <= MAX_INT:
+            raise ConfigError(f"{key} ({source}): {value} is beyond the largest integer torch and numpy hold ({MAX_INT}); "
+                              f"give a value in this key's range")
         return value
     if tp is float:
         if isinstance(value, str) and _FLOAT_LITERAL.fullmatch(value.strip()):
@@ -332,7 +400,7 @@ def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
             # Python user; the number they meant is taken.
             value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key} ({source}): expected a number, got {value!r}")
+            raise ConfigError(f"{key} ({source}): expected a number, got {_shown(value)}")
         # No key means anything at nan or +-inf (YAML's .nan/.inf): such a value passes every range
         # check written as a comparison (inf > 0) or fails it with a confusing bound, and surfaces
         # mid-run as an overflow or a nan loss.
@@ -341,7 +409,7 @@ def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{key} ({source}): expected a string, got {value!r}")
+            raise ConfigError(f"{key} ({source}): expected a string, got {_shown(value)}")
         return value
     raise ConfigError(f"{key}: unsupported config type {_type_name(tp)}")
 
@@ -378,15 +446,167 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
+# ---------------------------------------------------------------- reading YAML
+
+
+class _Refused(Exception):
+    """A YAML text that is no config (duplicate keys, too deep, too large). The message completes
+    "the YAML ..." (a file) or "the value ..." (a --set value) with the problem and the fix."""
+
+    def __init__(self, message: str, line: int | None):
+        super().__init__(message)
+        self.line = line
+
+
+def _line(node_or_mark: Any) -> int | None:
+    mark = getattr(node_or_mark, "start_mark", node_or_mark)
+    return mark.line + 1 if mark is not None else None
+
+
+def _children(node: yaml.Node) -> list:
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    return list(node.value) if isinstance(node, yaml.SequenceNode) else []
+
+
+def _check_expanded(root: yaml.Node) -> None:
+    """Refuse a document whose tree, with every alias expanded, is deeper than MAX_DEPTH, holds
+    more than MAX_VALUES values or contains itself. Measured on the composed node graph, where an
+    alias is a shared node, with each node's size memoized: a file of nested aliases is refused
+    without ever being expanded. Iterative, so a long chain of aliases cannot exhaust the stack."""
+    done: dict[int, tuple[int, int]] = {}  # id(node) -> (values, depth) of its expansion
+    open_: set[int] = set()  # nodes on the current path: meeting one again is a cycle
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, finish = stack.pop()
+        if finish:
+            kids = [done[id(k)] for k in _children(node)]
+            values, depth = 1 + sum(v for v, _ in kids), 1 + max((d for _, d in kids), default=0)
+            open_.discard(id(node))
+            if depth > MAX_DEPTH:
+                raise _Refused(f"is nested more than {MAX_DEPTH} levels deep once its aliases are expanded; a config is a few "
+                               f"levels deep: flatten it", _line(node))
+            if values > MAX_VALUES:
+                raise _Refused(f"holds more than {MAX_VALUES:,} values once its aliases are expanded (aliases repeated inside "
+                               f"aliases?); a config holds a few hundred: write them out", _line(node))
+            done[id(node)] = (values, depth)
+            continue
+        if id(node) in done:
+            continue
+        if id(node) in open_:
+            raise _Refused("has an alias inside the list or mapping it refers to, which never ends; remove that alias", _line(node))
+        open_.add(id(node))
+        stack.append((node, True))
+        stack += [(k, False) for k in _children(node) if id(k) not in done]
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader (no tags that build objects or run code) that also refuses what a
+    config never is: a key given twice in one mapping (PyYAML keeps the last silently, so a second
+    ``teacher:`` block replaced the first), nesting deeper than MAX_DEPTH (caught while composing,
+    before Python's recursion limit), and alias expansions past MAX_VALUES values or cycles."""
+
+    def compose_node(self, parent, index):  # noqa: ANN001 -- PyYAML's signature
+        self._depth = getattr(self, "_depth", 0) + 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise _Refused(f"is nested more than {MAX_DEPTH} levels deep; a config is a few levels deep: flatten it",
+                               _line(self.peek_event()))
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def get_single_data(self):
+        node = self.get_single_node()
+        if node is None:
+            return None
+        _check_expanded(node)
+        return self.construct_document(node)
+
+    def construct_mapping(self, node, deep=False):  # noqa: ANN001 -- PyYAML's signature
+        if isinstance(node, yaml.MappingNode):
+            first: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # "<<: *base": keys given here override the merged ones
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    twice = key in first
+                except TypeError:  # an unhashable key: PyYAML refuses it below
+                    continue
+                if twice:
+                    raise _Refused(f"gives key {key!r} twice in one mapping (first on line {first[key]}), and YAML would keep "
+                                   f"only the last, silently; keep one", _line(key_node))
+                first[key] = _line(key_node)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _read_yaml(text: str) -> Any:
+    """``text`` parsed by _ConfigLoader. Raises yaml.YAMLError (bad syntax) or _Refused."""
+    loader = _ConfigLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ConfigError(f"override {text!r}: expected KEY=VALUE, e.g. --set distill.alpha=0.9")
     key, raw = text.split("=", 1)
+    keys = key.strip().split(".")
+    if not all(k.strip() for k in keys):
+        raise ConfigError(f"override {text!r}: {'no key' if not key.strip() else f'the key {key.strip()!r} has an empty part'} "
+                          f"before '='; expected KEY=VALUE with a dotted key, e.g. --set distill.alpha=0.9")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = _read_yaml(raw) if raw.strip() else None
+    except _Refused as e:
+        raise ConfigError(f"override {text!r}: the value {e}") from None
     except yaml.YAMLError:
         value = raw
-    return key.strip().split("."), value
+    return keys, value
+
+
+def _overrides(overrides: list[str]) -> dict:
+    """``a.b=value`` texts as one nested mapping. A key given again replaces its value (the last
+    wins, like any repeated flag); a key that is also a section of another override is refused
+    (``teacher=1`` and ``teacher.optim.lr=2``: which one is meant cannot be told)."""
+    given: dict[tuple[str, ...], tuple[str, Any]] = {}
+    for text in overrides:
+        keys, value = parse_override(text)
+        path = tuple(keys)
+        for other, (other_text, _) in given.items():
+            short, long_ = sorted((path, other), key=len)
+            if path != other and long_[:len(short)] == short:
+                raise ConfigError(f"overrides {other_text!r} and {text!r} conflict: one sets {'.'.join(short)} and the other a key "
+                                  f"inside it ({'.'.join(long_)}); give only one of them")
+        given.pop(path, None)
+        given[path] = (text, value)
+    over: dict = {}
+    for path, (_, value) in given.items():
+        d = over
+        for k in path[:-1]:
+            d = d.setdefault(k, {})
+        d[path[-1]] = value
+    return over
+
+
+def _read_file(p: Path) -> dict:
+    """The top-level mapping of the config file ``p``; a one-line ConfigError otherwise."""
+    try:
+        loaded = _read_yaml(p.read_text())
+    except _Refused as e:
+        raise ConfigError(f"{p}{f' line {e.line}' if e.line else ''}: the YAML {e}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{p}{where}: not valid YAML ({getattr(e, 'problem', e)}); fix the syntax") from None
+    if loaded is None or loaded == {}:
+        # Not "all defaults": those train VGG11 for 200 epochs on the whole dataset.
+        raise ConfigError(f"{p}: an empty config (no keys); start from {_STARTER}")
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping of config sections")
+    return loaded
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
@@ -397,27 +617,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}; pass the path of a YAML file (see configs/)")
-        try:
-            loaded = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" line {mark.line + 1}" if mark else ""
-            raise ConfigError(f"{p}{where}: not valid YAML ({getattr(e, 'problem', e)}); fix the syntax") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{p}: the top level must be a mapping of config sections")
-        data = loaded
+        data = _read_file(p)
         source = str(p)
         data.setdefault("name", p.stem)
     cfg = from_dict(RunConfig, data, "", source)
-    over: dict = {}
-    for text in overrides:
-        keys, value = parse_override(text)
-        d = over
-        for k in keys[:-1]:
-            d = d.setdefault(k, {})
-        d[keys[-1]] = value
+    over = _overrides(list(overrides))
     if over:
         cfg = from_dict(RunConfig, _merge(to_dict(cfg), over), "", "command line")
     try:

@@ -11,9 +11,20 @@ works. This module imports nothing from ptd: every layer may import it.
 from __future__ import annotations
 
 
+# The longest line an error prints. Real messages stay under about 600 characters (a path, the
+# problem, the fix); a longer one quotes user data (a config value expanded from YAML aliases made
+# a 5.8 MB line). Its head and its tail (where the fix is) are kept.
+MAX_LINE = 1000
+_HEAD, _TAIL = 700, 250
+
+
 def one_line(text: object) -> str:
-    """``text`` with line breaks folded into spaces: the CLI prints exactly one line."""
-    return " ".join(str(text).splitlines()).strip()
+    """``text`` with line breaks folded into spaces: the CLI prints exactly one line, of at most
+    about ``MAX_LINE`` characters (a longer one keeps its start and its end, and says how much was cut)."""
+    line = " ".join(str(text).splitlines()).strip()
+    if len(line) <= MAX_LINE:
+        return line
+    return f"{line[:_HEAD]} ... [{len(line) - _HEAD - _TAIL:,} of {len(line):,} characters cut] ... {line[-_TAIL:]}"
 
 
 class PtdError(Exception):

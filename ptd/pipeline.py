@@ -962,6 +962,9 @@ def check_layers(cfg: RunConfig, opts: dict[str, Any]) -> None:
     from ptd.distill.base import PENULTIMATE
 
     wanted = {name: LOSSES.get(name).feature_layers(o) for name, o in opts.items()}
+    from ptd.distill.distiller import check_layer_map
+
+    check_layer_map(cfg.distill.layer_map, opts)  # a map no loss reads is a mistake, not a no-op
     if not any(t or s for t, s in wanted.values()):
         return
 

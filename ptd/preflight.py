@@ -415,11 +415,28 @@ def check_pruning(cfg: RunConfig, sweep: bool = False) -> None:
     if not sweep:
         check_rounds(p.target_sparsity, p.rate, p.strategy, "prune.target_sparsity")
         check_rewind(cfg, p.strategy, _options(cfg, p.strategy, False))
+        check_gmp_window(cfg, p.strategy, _options(cfg, p.strategy, False))
         return
     for st in cfg.sweep.strategies:
         for s in cfg.sweep.sparsities:
             check_rounds(s, p.rate, st, f"sweep.sparsities ({st})")
         check_rewind(cfg, st, _options(cfg, st, True))
+        check_gmp_window(cfg, st, _options(cfg, st, True))
+
+
+def check_gmp_window(cfg: RunConfig, strategy: str, opts: dict) -> None:
+    """GMP's ramp (start_epoch..end_epoch) must lie inside the retraining it runs in: checked here,
+    before the teacher trains, not when the prune stage starts."""
+    if strategy != "gmp":
+        return
+    from ptd.pruning import strategy_options
+    from ptd.pruning.strategies.gmp import check_window
+
+    try:
+        o = strategy_options("gmp", opts)
+    except (TypeError, ValueError, KeyError):
+        return  # bad option names or types: check_plugins names them
+    check_window(o, cfg.prune.retrain.epochs)
 
 
 def check_model(mc: ModelConfig, where: str, splits: Any, image_size: int | None = None) -> nn.Module:

@@ -16,16 +16,25 @@ seed)`` and be the root of that training's ``data_order`` and ``augment`` stream
 from __future__ import annotations
 
 import hashlib
+import numbers
+from typing import TYPE_CHECKING
 
-import numpy as np
+if TYPE_CHECKING:  # numpy is imported where a stream is made: ptd.config imports MAX_SEED, and `ptd --help` stays fast
+    import numpy as np
 
 _WORD = 2**32
-MAX_ROOT = 2**64 - 1  # roots and seeds take two 32-bit words
+MAX_ROOT = 2**64 - 1  # roots and seeds take two 32-bit words (a derived 63-bit seed may be a root)
 MAX_SMALL = 2**32 - 1  # epoch and rank take one
+# The largest seed a user may give (config ``seed``, ``distill.seeds``, a strategy's or a loss's
+# ``seed`` option): the one bound every consumer takes. stream_seed takes 2**64 - 1 and
+# torch.Generator.manual_seed 2**64 - 1 too, but numpy.random.seed and RandomState stop at
+# 2**32 - 1, and CRD seeds its negatives with seed * 1_000_003 + step, which must stay within
+# manual_seed's 2**64 - 1.
+MAX_SEED = 2**32 - 1
 
 
 def _check(name: str, value: int, top: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= int(value) <= top:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= int(value) <= top:
         raise ValueError(f"{name} must be an integer in 0..{top}, got {value!r}; use a non-negative seed")
     return int(value)
 
@@ -43,6 +52,8 @@ def _name_words(stream: str) -> list[int]:
 
 def seed_sequence(root: int, stream: str, seed: int = 0, epoch: int = 0, rank: int = 0) -> np.random.SeedSequence:
     """The SeedSequence of one stream (spawn from it for sub-streams, or see ``stream_seed``)."""
+    import numpy as np
+
     entropy = (_words(_check("root seed", root, MAX_ROOT), 2) + _name_words(stream)
                + _words(_check("seed", seed, MAX_ROOT), 2) + [_check("epoch", epoch, MAX_SMALL), _check("rank", rank, MAX_SMALL)])
     return np.random.SeedSequence(entropy)
@@ -51,6 +62,8 @@ def seed_sequence(root: int, stream: str, seed: int = 0, epoch: int = 0, rank: i
 def stream_seed(root: int, stream: str, seed: int = 0, epoch: int = 0, rank: int = 0) -> int:
     """A 63-bit seed for ``torch.Generator.manual_seed`` / ``torch.manual_seed`` / numpy, unique to
     the key (root seed, stream name, seed, epoch, rank)."""
+    import numpy as np
+
     state = seed_sequence(root, stream, seed, epoch, rank).generate_state(2, np.uint32)
     return ((int(state[1]) << 32) | int(state[0])) & (2**63 - 1)
 
@@ -64,4 +77,6 @@ def torch_generator(root: int, stream: str, seed: int = 0, epoch: int = 0, rank:
 
 def numpy_generator(root: int, stream: str, seed: int = 0, epoch: int = 0, rank: int = 0) -> np.random.Generator:
     """A numpy ``Generator`` (PCG64) drawn straight from this stream's SeedSequence."""
+    import numpy as np
+
     return np.random.default_rng(seed_sequence(root, stream, seed, epoch, rank))

@@ -38,6 +38,7 @@ from ptd.config import ConfigError
 from ptd.distill._common import check, cross_entropy, float32, OneLayerLoss
 from ptd.distill.base import PENULTIMATE, DistillBatch, LossSetup, register_loss
 from ptd.machine import gib, memory_bytes
+from ptd.seeding import MAX_SEED
 
 EPS = 1e-7  # added to the NCE denominators, as the reference code does
 REDRAWS = 4  # rounds of redrawing same-class negatives ("exact" mode); fixed, so no host sync
@@ -108,6 +109,9 @@ class CRDLoss(OneLayerLoss):
             check(self.temperature > 0, "crd", "temperature", self.temperature, "must be > 0")
             check(0 <= self.momentum < 1, "crd", "momentum", self.momentum, "must be in [0, 1)")
             check(self.negatives in NEGATIVES, "crd", "negatives", self.negatives, f"must be one of {', '.join(NEGATIVES)}")
+            # negatives() seeds with seed * 1_000_003 + step, which torch's manual_seed takes up to 2**64 - 1
+            check(0 <= self.seed <= MAX_SEED, "crd", "seed", self.seed, f"must be in 0..{MAX_SEED} (2**32 - 1, the largest seed "
+                  f"every consumer in ptd takes)")
 
     def __init__(self, options: Options, setup: LossSetup):
         super().__init__(options, setup)

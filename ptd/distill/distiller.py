@@ -48,6 +48,24 @@ def loss_options(name: str, section: Mapping[str, Any] | None = None, defaults: 
         raise ConfigError(f"{key}: {e}; fix the value (valid keys: {', '.join(sorted(fields)) or 'none'})") from None
 
 
+def check_layer_map(layer_map: Mapping[str, str], opts: Mapping[str, Any]) -> None:
+    """``distill.layer_map`` renames layers the losses read on the student (``opts``: each loss's
+    typed Options, from ``loss_options``), so each key must be one of those layers: a map given
+    with logit-only losses (kd), or a key no loss reads (a typo), would otherwise be ignored
+    silently. The values are checked against the student's modules with the layers themselves
+    (ptd.pipeline.check_layers)."""
+    if not layer_map:
+        return
+    read = sorted({layer for name, o in opts.items() for layer in LOSSES.get(name).feature_layers(o)[1]})
+    if not read:
+        raise ConfigError(f"distill.layer_map: {dict(layer_map)} renames student layers, but distill.loss ({', '.join(opts)}) reads "
+                          f"only logits; remove distill.layer_map, or use a loss that reads layers (e.g. at, fitnet, crd)")
+    for key in layer_map:
+        if key not in read:
+            raise ConfigError(f"distill.layer_map.{key}: no loss reads a student layer named {key!r} (they read {', '.join(read)}); "
+                              f"map one of those, or remove the key")
+
+
 def _last_linear(model: nn.Module) -> nn.Module:
     last = None
     for m in model.modules():

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ptd.config import MAX_EPOCHS
 from ptd.distill._common import check, check_temperature, cross_entropy, float32
 from ptd.distill.base import DistillBatch, DistillLoss, register_loss
 
@@ -38,7 +39,8 @@ class DKDLoss(DistillLoss):
             check(self.alpha >= 0, "dkd", "alpha", self.alpha, "must be >= 0")
             check(self.beta >= 0, "dkd", "beta", self.beta, "must be >= 0")
             check_temperature("dkd", self.temperature)
-            check(self.warmup_epochs >= 0, "dkd", "warmup_epochs", self.warmup_epochs, "must be >= 0 (0: no warm-up)")
+            check(0 <= self.warmup_epochs <= MAX_EPOCHS, "dkd", "warmup_epochs", self.warmup_epochs,
+                  f"must be >= 0 (0: no warm-up) and at most {MAX_EPOCHS:,} (the longest schedule ptd takes)")
 
     def warmup(self, epoch: int) -> float:
         w = self.options.warmup_epochs

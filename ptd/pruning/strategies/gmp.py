@@ -28,14 +28,13 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ptd.config import ConfigError
 from dataclasses import dataclass
 
+from ptd.config import MAX_EPOCHS, ConfigError
 from ptd.pruning.base import Level, PruneContext, level_metrics, register_strategy
 from ptd.pruning.masks import Masks, apply_masks, count, unwrap
 from ptd.pruning.scores import magnitude
 from ptd.pruning.select import global_topk, keep_for_target
-
 
 
 @dataclass(frozen=True)
@@ -45,12 +44,25 @@ class Options:
     frequency_steps: int = 100  # optimizer steps between mask updates
 
     def __post_init__(self) -> None:
-        if self.start_epoch < 0:
-            raise ValueError(f"start_epoch: {self.start_epoch!r} must be >= 0")
-        if self.end_epoch is not None and self.end_epoch < 1:
-            raise ValueError(f"end_epoch: {self.end_epoch!r} must be >= 1")
+        # Alone, an option knows no schedule; check_window holds them to prune.retrain.epochs.
+        if not 0 <= self.start_epoch < MAX_EPOCHS:
+            raise ValueError(f"start_epoch: {self.start_epoch!r} must be >= 0 and below prune.retrain.epochs (at most {MAX_EPOCHS:,})")
+        if self.end_epoch is not None and not 1 <= self.end_epoch <= MAX_EPOCHS:
+            raise ValueError(f"end_epoch: {self.end_epoch!r} must be >= 1 and at most prune.retrain.epochs (at most {MAX_EPOCHS:,})")
         if self.frequency_steps < 1:
             raise ValueError(f"frequency_steps: {self.frequency_steps!r} must be >= 1")
+
+
+def check_window(options: Options, epochs: int) -> tuple[int, int]:
+    """The ramp's (start, end) epochs within a retraining of ``epochs`` (prune.retrain.epochs), or a
+    one-line ConfigError. Needs the schedule, so the Options cannot check it themselves: the
+    pipeline's checks call it before any training, and gmp() again where it runs."""
+    start = options.start_epoch
+    end = options.end_epoch if options.end_epoch is not None else max(start + 1, math.ceil(0.6 * epochs))
+    if not start < end <= epochs:
+        raise ConfigError(f"prune.options.end_epoch: {end} must be > start_epoch ({start}) and <= prune.retrain.epochs ({epochs}); "
+                          f"set prune.options start_epoch and end_epoch within the retraining, or raise prune.retrain.epochs")
+    return start, end
 
 
 def cubic_sparsity(t: float, s_i: float, s_f: float, t0: float, t_end: float) -> float:
@@ -145,12 +157,8 @@ def gmp(ctx: PruneContext) -> list[Level]:
     o = ctx.options
     ctx.require_prunable()
     cfg = ctx.cfg
-    epochs = cfg.retrain.epochs
-    start = o.start_epoch
-    end = o.end_epoch if o.end_epoch is not None else max(start + 1, math.ceil(0.6 * epochs))
+    start, end = check_window(o, cfg.retrain.epochs)
     dt = o.frequency_steps
-    if not start < end <= epochs:
-        raise ConfigError(f"prune.options.end_epoch: {end} must be > start_epoch ({start}) and <= prune.retrain.epochs ({epochs})")
     if cfg.target_sparsity == 0:
         return []
     if ctx.level_done(1):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from ptd.config import MAX_EPOCHS
 from ptd.pruning.base import Level, PruneContext, level_metrics, register_strategy
 from ptd.pruning.masks import apply_masks, count, unwrap
 from ptd.pruning.scores import magnitude
@@ -26,6 +27,8 @@ REWINDS = ("lr", "weight", "finetune")
 def _check_rewind_epoch(e: int | None) -> None:
     if e is not None and e < 0:
         raise ValueError(f"rewind_epoch: {e!r} must be >= 0")
+    if e is not None and e > MAX_EPOCHS:  # ptd.preflight also holds it to teacher.optim.epochs
+        raise ValueError(f"rewind_epoch: {e!r} must be at most {MAX_EPOCHS:,} (the most epochs a teacher trains)")
 
 
 def _check_finetune_lr(lr: float) -> None:

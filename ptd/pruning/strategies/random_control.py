@@ -19,11 +19,17 @@ import torch
 from ptd.pruning.base import Level, PruneContext, prune_once, register_strategy
 from ptd.pruning.scores import random_scores
 from ptd.pruning.select import global_topk, keep_for_target, layerwise_topk
+from ptd.seeding import MAX_SEED
+
 
 @dataclass(frozen=True)
 class Options:
     layerwise: bool = False  # every layer keeps (1 - target) of its weights, instead of one global draw
     seed: int = 0  # the draw's seed: the same masks again on resume
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.seed <= MAX_SEED:  # checked with the config: torch's manual_seed overflowed after the teacher trained
+            raise ValueError(f"seed: {self.seed!r} must be in 0..{MAX_SEED} (2**32 - 1, the largest seed every consumer in ptd takes)")
 
 
 def random_prune(ctx: PruneContext) -> list[Level]:

@@ -16,6 +16,12 @@ from ptd.pruning.base import Level, PruneContext, prune_once, register_strategy
 from ptd.pruning.scores import snip as snip_scores
 from ptd.pruning.select import global_topk, keep_for_target
 
+# SNIP's paper scores on one batch, ptd's default on 10. The batches come from one epoch of the
+# retraining loader (ptd.pipeline), so a count past an epoch is cut short silently: 10,000 is more
+# than an epoch of every built-in dataset at batch 16 (Tiny-ImageNet: 6,250).
+MAX_BATCHES = 10_000
+
+
 @dataclass(frozen=True)
 class Options:
     batches: int = 10  # training batches the gradient averages over
@@ -23,6 +29,8 @@ class Options:
     def __post_init__(self) -> None:
         if self.batches < 1:
             raise ValueError(f"batches: {self.batches!r} must be >= 1")
+        if self.batches > MAX_BATCHES:
+            raise ValueError(f"batches: {self.batches!r} must be at most {MAX_BATCHES:,} (a count past one training epoch is cut short)")
 
 
 def snip(ctx: PruneContext) -> list[Level]:

@@ -1,0 +1,65 @@
+"""The CLI's last line of defence: whatever reaches `main` uncaught still ends in one line.
+
+A file-system refusal (permission, disk full, a folder in the way) is the user's environment, so
+it is a user error (exit 2) naming the path and a fix; a bug is one line (exit 1) with the
+traceback kept in a file, so no input can make ptd print a traceback at a user."""
+from __future__ import annotations
+
+import errno
+import re
+
+import pytest
+
+from ptd import cli
+
+
+def _run_raising(monkeypatch, capsys, exc: BaseException) -> tuple[int, list[str]]:
+    def boom(args):
+        raise exc
+
+    monkeypatch.setattr(cli, "cmd_report", boom)
+    rc = cli.main(["report", "somewhere"])
+    err = capsys.readouterr().err
+    return rc, err.splitlines()
+
+
+@pytest.mark.parametrize("code, words", [
+    (errno.EACCES, "permission"),
+    (errno.ENOSPC, "disk space"),
+    (errno.EISDIR, "folder is where a file belongs"),
+    (errno.ENAMETOOLONG, "shorter name"),
+    (errno.EEXIST, "already there"),
+])
+def test_an_os_error_is_one_line_naming_the_path_and_a_fix(monkeypatch, capsys, code, words):
+    rc, lines = _run_raising(monkeypatch, capsys, OSError(code, "the system's words", "/the/path/it/touched"))
+    assert rc == 2
+    assert len(lines) == 1 and lines[0].startswith("ptd: error: /the/path/it/touched: the system's words;")
+    assert words in lines[0]
+
+
+def test_a_rename_error_names_both_paths(monkeypatch, capsys):
+    rc, lines = _run_raising(monkeypatch, capsys, PermissionError(errno.EACCES, "Permission denied", "/a/tmp", None, "/a/final"))  # winerror is the 4th
+    assert rc == 2 and lines == ["ptd: error: /a/tmp -> /a/final: Permission denied; give this user permission on it, or choose another path"]
+
+
+def test_out_of_memory_and_deep_nesting_are_user_errors(monkeypatch, capsys):
+    rc, lines = _run_raising(monkeypatch, capsys, MemoryError())
+    assert rc == 2 and len(lines) == 1 and "out of memory" in lines[0] and "batch sizes" in lines[0]
+    rc, lines = _run_raising(monkeypatch, capsys, RecursionError("maximum recursion depth exceeded"))
+    assert rc == 2 and len(lines) == 1 and "nested too deeply" in lines[0]
+
+
+def test_a_bug_is_one_line_and_its_traceback_is_kept_in_a_file(monkeypatch, capsys):
+    monkeypatch.delenv("PTD_TRACEBACK", raising=False)
+    rc, lines = _run_raising(monkeypatch, capsys, KeyError("no_such_key"))
+    assert rc == 1 and len(lines) == 1
+    assert lines[0].startswith("ptd: internal error: KeyError: 'no_such_key'; this is a bug in ptd")
+    path = re.search(r"the traceback is in (\S+) ", lines[0]).group(1)
+    text = open(path).read()
+    assert "Traceback" in text and "in boom" in text and "KeyError: 'no_such_key'" in text
+
+
+def test_ptd_traceback_shows_the_real_exception(monkeypatch, capsys):
+    monkeypatch.setenv("PTD_TRACEBACK", "1")
+    with pytest.raises(ZeroDivisionError):
+        _run_raising(monkeypatch, capsys, ZeroDivisionError("bug"))
