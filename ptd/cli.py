@@ -27,7 +27,7 @@ def _common(p: argparse.ArgumentParser, config_required: bool = True) -> None:
         p.add_argument("config", help="YAML config (see configs/); its keys override the defaults")
     else:
         p.add_argument("config", nargs="?", help="YAML config (default: built-in defaults)")
-    p.add_argument("--out", help="run directory (default: runs/<config name>)")
+    p.add_argument("--out", help="run directory, created with any missing parent folders (default: runs/<config name>)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set distill.alpha=0.9 (repeatable; a key given twice takes the last "
                         "value; a key and a key inside it, e.g. teacher=... and teacher.optim.lr=..., conflict)")

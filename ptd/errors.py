@@ -1,7 +1,9 @@
 """The one base class for every error a user can cause (a bad config, path, file or device).
 
 The CLI catches ``PtdError`` in one place, prints ``ptd: error: <message>`` and exits 2. Anything
-that is not a ``PtdError`` is a bug in ptd and keeps its traceback. Messages are one line: what is
+that is not a ``PtdError`` is a bug in ptd: the CLI prints it as one ``ptd: internal error`` line
+(exit 1) and keeps the traceback in a file; OS errors and out-of-memory are the user's environment
+(exit 2). Messages are one line: what is
 wrong, where (key or path), and the fix.
 
 Subclasses keep the builtin base they always had (``ConfigError(PtdError, ValueError)``,
