@@ -693,7 +693,7 @@ def stage_prune(ctx: Context, teacher: nn.Module, teacher_result: dict, prune_cf
         ld = level_dir(k)
         cleanup_resume_files(ld)  # a kill between the level's done and the removal left it behind
         ckpt.load_into(model, ld / P.MODEL, "pruned teacher")
-        mk = {n: t.to(ctx.rt.device) for n, t in load_masks(ld / P.MASKS).items()}
+        mk = {n: t.to(ctx.rt.device) for n, t in load_masks(ld / P.MASKS, model).items()}
         info = read_json(ld / P.SPARSITY)
         metrics = {k2: v for k2, v in info.items() if k2 not in ("level", "sparsity", "alive", "total", "layers")}
         return Level(k, mk, metrics)

@@ -75,7 +75,7 @@ class PrunedTeacher:
         ld = P.level_dir(self.prune_dir, self.level)
         model = build_from_spec(teacher.ptd_spec)
         ckpt.load_into(model, ld / P.MODEL, f"pruned teacher {self.key}")
-        masks = {n: m.to(ctx.rt.device) for n, m in load_masks(ld / P.MASKS).items()}
+        masks = {n: m.to(ctx.rt.device) for n, m in load_masks(ld / P.MASKS, model).items()}
         model.ptd_sources = (ld / P.MODEL, ld / P.MASKS)  # what the stages made from it record (lineage)
         return ctx.rt.prepare(model).eval(), masks
 

@@ -598,3 +598,20 @@ def test_strategy_options_are_typed_frozen_and_validated():
         strategy_options("imp_weight_rewind", {"rewind": "lr"})
     with pytest.raises(ConfigError, match=r"prune\.options\.layerwise .*expected true or false"):
         strategy_options("random", {"layerwise": 1})
+
+
+def test_masks_loaded_for_a_model_come_back_in_its_parameter_order(tmp_path: Path):
+    """safetensors sorts keys by name ('classifier.weight' before 'features.0.weight'); a level
+    resumed from disk must give the next level the fresh run's order, or a killed and resumed run
+    writes another sparsity table (and orders the global scores differently) than one never killed."""
+    from ptd.pruning.masks import full_masks, load_masks, prunable_weights, save_masks
+
+    model = build_model("vgg11", num_classes=10, in_channels=1, width=0.25)
+    masks = full_masks(prunable_weights(model))
+    save_masks(tmp_path / "m.safetensors", masks)
+    fresh_order = list(masks)
+    assert fresh_order[0].startswith("features.") and fresh_order[-1].startswith("classifier")
+    assert list(load_masks(tmp_path / "m.safetensors")) == sorted(fresh_order)  # what the file alone gives
+    back = load_masks(tmp_path / "m.safetensors", model)
+    assert list(back) == fresh_order
+    assert all(torch.equal(back[n], masks[n]) for n in masks)

@@ -116,10 +116,20 @@ def save_masks(path: str | Path, masks: Masks) -> None:
     save_tensors(path, {n: m.to(torch.uint8).cpu().contiguous() for n, m in masks.items()})
 
 
-def load_masks(path: str | Path) -> Masks:
+def load_masks(path: str | Path, model: nn.Module | None = None) -> Masks:
+    """Masks saved by ``save_masks``, in ``model``'s parameter order when a model is given.
+
+    safetensors stores keys sorted by name, so without the model the order is alphabetical, not
+    the order a fresh run builds them in; a level resumed from disk must hand the next level the
+    same order (it orders the global score vector, so ties and the sparsity table follow it), or
+    a run killed and resumed would not end bit-identical to one that was not."""
     from ptd.train.checkpoint import load_tensors
 
-    return {n: t.bool() for n, t in load_tensors(path).items()}
+    loaded = {n: t.bool() for n, t in load_tensors(path).items()}
+    if model is None:
+        return loaded
+    order = [n for n, _ in unwrap(model).named_parameters() if n in loaded]
+    return {n: loaded[n] for n in order + [n for n in loaded if n not in set(order)]}
 
 
 class MaskHook:
