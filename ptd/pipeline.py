@@ -98,10 +98,18 @@ def _input_key(run_dir: Path, path: Path) -> str:
 
 def recorded_inputs(d: Path) -> dict[str, str]:
     """What a finished stage's ``done`` says it was made from; {} for markers of older ptd versions
-    (a bare timestamp) or one that does not parse: those stages are reused as before."""
+    (a bare timestamp, or empty): those stages are reused as before. A ``done`` that starts as the
+    JSON object ptd writes but does not parse was cut short by something else: reading it as an
+    old marker would switch the lineage check off for that stage for good, so it is refused."""
     try:
-        obj = json.loads((d / P.DONE).read_text())
-    except (OSError, UnicodeDecodeError, ValueError):
+        text = (d / P.DONE).read_text()
+    except (OSError, UnicodeDecodeError):
+        return {}
+    try:
+        obj = json.loads(text)
+    except ValueError as e:
+        if text.lstrip().startswith("{"):
+            raise damaged(d / P.DONE, f"not JSON: {type(e).__name__}: {one_line(e)}") from None
         return {}
     inputs = obj.get("inputs") if isinstance(obj, dict) else None
     return {str(k): str(v) for k, v in inputs.items()} if isinstance(inputs, dict) else {}

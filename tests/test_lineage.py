@@ -282,3 +282,21 @@ def test_a_user_checkpoint_replaced_at_the_same_path_is_refused(tmp_path, tiny_f
     line = one_line(capsys)
     assert f"the finished stage teacher was made from {mine.absolute()}, which has changed since" in line and "new --out" in line
     assert snapshot(out) == files
+
+
+def test_a_done_cut_short_is_damaged_not_an_old_marker(tmp_path):
+    """A `done` that starts as ptd's JSON object but does not parse was truncated by something
+    else (the kill audit's F3): read as an old-style marker it would silently switch the lineage
+    check off for its stage, so it is a one-line DamagedFileError. Old markers still read as {}."""
+    from ptd.errors import DamagedFileError
+    from ptd.pipeline import mark_done, recorded_inputs
+
+    mark_done(tmp_path, {"teacher/model.safetensors": "abc"})
+    assert recorded_inputs(tmp_path) == {"teacher/model.safetensors": "abc"}
+    whole = (tmp_path / "done").read_text()
+    (tmp_path / "done").write_text(whole[: len(whole) // 2])
+    with pytest.raises(DamagedFileError, match=r"done: damaged \(not JSON"):
+        recorded_inputs(tmp_path)
+    for old in ("2026-11-20T10:00:00+00:00", ""):
+        (tmp_path / "done").write_text(old)
+        assert recorded_inputs(tmp_path) == {}
