@@ -123,6 +123,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(cfg.threads)
     device = check_device(flag_device if flag_device is not None else cfg.device)
+    import ptd.students  # noqa: F401 -- a derived student's file replays its widths through it
+
     model = load_model(args.checkpoint)
     dc = cfg.data
     splits = load_dataset(dc.name, dc.root, val_fraction=dc.val_fraction, seed=cfg.seed, train_subset=dc.train_subset, test_subset=dc.test_subset)

@@ -18,7 +18,6 @@ from typing import Any, Union
 import yaml
 
 from ptd.errors import PtdError
-from ptd.seeding import MAX_SEED
 
 
 class ConfigError(PtdError, ValueError):
@@ -35,6 +34,12 @@ MAX_EPOCHS = 100_000
 _WHY_MAX_EPOCHS = "(500x the paper's 200-epoch schedules: a longer one never finishes)"
 # Teacher replicates: each trains, prunes and distills a whole teacher.
 MAX_REPLICATES = 1_000
+# The largest seed a user may give (config ``seed``, ``distill.seeds``, a strategy's or a loss's
+# ``seed`` option): the one bound every consumer takes. stream_seed takes 2**64 - 1 and
+# torch.Generator.manual_seed 2**64 - 1 too, but numpy.random.seed and RandomState stop at
+# 2**32 - 1, and CRD seeds its negatives with seed * 1_000_003 + step, which must stay within
+# manual_seed's 2**64 - 1.
+MAX_SEED = 2**32 - 1  # config imports no other ptd module (tests/test_layers.py), so the bound lives here
 _WHY_MAX_SEED = "2**32 - 1, the largest seed every random-number consumer in ptd takes"
 # Any integer at all: torch and numpy hold at most a signed 64-bit one, and a larger value overflows
 # mid-run (torch.Generator.manual_seed: "Overflow when unpacking long long").

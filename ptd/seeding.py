@@ -19,18 +19,13 @@ import hashlib
 import numbers
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # numpy is imported where a stream is made: ptd.config imports MAX_SEED, and `ptd --help` stays fast
+if TYPE_CHECKING:  # numpy is imported where a stream is made, so `ptd --help` stays fast
     import numpy as np
 
 _WORD = 2**32
 MAX_ROOT = 2**64 - 1  # roots and seeds take two 32-bit words (a derived 63-bit seed may be a root)
 MAX_SMALL = 2**32 - 1  # epoch and rank take one
-# The largest seed a user may give (config ``seed``, ``distill.seeds``, a strategy's or a loss's
-# ``seed`` option): the one bound every consumer takes. stream_seed takes 2**64 - 1 and
-# torch.Generator.manual_seed 2**64 - 1 too, but numpy.random.seed and RandomState stop at
-# 2**32 - 1, and CRD seeds its negatives with seed * 1_000_003 + step, which must stay within
-# manual_seed's 2**64 - 1.
-MAX_SEED = 2**32 - 1
+from ptd.config import MAX_SEED  # noqa: E402,F401 -- defined with the config keys it bounds; consumers import it from here too
 
 
 def _check(name: str, value: int, top: int) -> int:

@@ -551,9 +551,9 @@ def _build_spec(path: Path, spec: dict, device: str | None = None) -> nn.Module:
 
 
 def load_model(path: str | Path) -> nn.Module:
-    """Rebuild a model from a ptd safetensors file (architecture from its metadata) and load it."""
-    import ptd.students  # noqa: F401 -- registers how a derived student's channel_widths are replayed
-
+    """Rebuild a model from a ptd safetensors file (architecture from its metadata) and load it.
+    A derived student's file needs ``ptd.students`` imported first (it registers how channel widths
+    are replayed); train sits below students, so callers import it (cli eval, export)."""
     p = Path(path)
     meta = read_metadata(p)
     if "ptd_spec" not in meta:
