@@ -687,7 +687,7 @@ def commit_outputs(files: list[tuple[Path, Any]]) -> None:
             if isinstance(content, dict):
                 ckpt.write_json(path, content)
             elif isinstance(content, bytes):
-                ckpt._commit(path, lambda tmp, data=content: Path(tmp).write_bytes(data))  # the one atomic writer
+                ckpt.write_bytes(path, content)
             else:
                 ckpt.write_text(path, content)
         except OSError as e:

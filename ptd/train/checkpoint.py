@@ -230,6 +230,11 @@ def write_json(path: str | Path, obj: Any) -> None:
     _commit(Path(path), w)
 
 
+def write_bytes(path: str | Path, data: bytes) -> None:
+    """``data`` into ``path`` through the same atomic commit as every other run-directory file."""
+    _commit(Path(path), lambda tmp: Path(tmp).write_bytes(data))
+
+
 def write_text(path: str | Path, text: str) -> None:
     def w(tmp: str) -> None:
         with open(tmp, "w") as f:
