@@ -153,6 +153,9 @@ class PruneConfig:
         _check(0 < self.rate < 1, f"{where}.rate", self.rate, "must be in (0, 1)")
 
 
+MAX_ROUND_TO = 1024
+
+
 @dataclass(frozen=True)
 class StudentConfig:
     source: str = "derive"  # "derive" (widths from the pruned teacher) or "named" (use model below)
@@ -167,6 +170,10 @@ class StudentConfig:
     def validate(self, where: str) -> None:
         _check(self.source in ("derive", "named"), f"{where}.source", self.source, "must be 'derive' or 'named'")
         _check(self.round_to >= 1, f"{where}.round_to", self.round_to, "must be >= 1")
+        # The blocked kernels that rounding serves want multiples of 8 to 128 channels (oneDNN,
+        # cuDNN tensor cores); a multiple past any layer's width would only round to the floor.
+        _check(self.round_to <= MAX_ROUND_TO, f"{where}.round_to", self.round_to,
+               f"must be at most {MAX_ROUND_TO} (8 is the default, 32 suits GPUs; 1 is the paper's exact rule)")
         if self.source == "named" and self.model is None:
             raise ConfigError(f"{where}.model: required when {where}.source is 'named' (e.g. model: {{arch: vgg11}})")
 

@@ -474,7 +474,12 @@ def check_model(mc: ModelConfig, where: str, splits: Any, image_size: int | None
                               f"momentum alone need {gib(need)} against this machine's {gib(have)}; lower {where}.width "
                               f"or pick a smaller model")
     try:
-        model = build()
+        # Seeded and forked: preflight's stand-in teacher (whose magnitudes shape the stand-in
+        # derived student) is the same whatever ran before in this process, and the run's RNG
+        # streams are untouched. Unseeded, a test suite's order once decided which masks it saw.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = build()
     except (RuntimeError, MemoryError) as e:
         if not _out_of_memory(e):
             raise

@@ -140,6 +140,7 @@ def test_max_seed_is_taken_by_every_consumer():
     ([f"data.train_subset={2**63}"], ["data.train_subset", "largest integer"]),
     (["threads=0"], ["threads", ">= 1"]),
     (["data.image_size=0"], ["data.image_size", ">= 1"]),
+    (["student.round_to=1000000000"], ["student.round_to", "at most 1024"]),
 ])
 def test_integers_are_range_checked_at_load(ws, capsys, monkeypatch, sets, words):
     argv = ["train", "{ws}/c.yaml", "--out", "{ws}/out"] + [x for s in sets for x in ("--set", s)]

@@ -524,11 +524,13 @@ def test_round_to_gives_aligned_widths(arch, kw):
     for r, q in zip(p8.layers, p1.layers):  # the paper's width moved to the nearest multiple of 8 (halves up), never to 0
         if "model output" not in r.note:
             want = max(8, (q.width + 4) // 8 * 8)
-            if q.width < q.teacher_width <= want:
-                want = q.width  # rounding up to the teacher's width would undo the pruning: kept exact
-                assert "that would give back the teacher's width" in r.note or want % 8 == 0
+            if q.width <= q.teacher_width <= want and want != q.width:
+                want = q.width  # rounding up to (or past) the teacher's width would undo the pruning: kept exact
+                assert "the nearest multiple is at or past the teacher's width" in r.note or want % 8 == 0
             elif arch.startswith("tv:"):
                 want = min(want, q.teacher_width)
+            elif want - q.width > 4:
+                want = q.width  # the floor multiple above a width already past the teacher's: kept exact
             assert r.width == want, (r, q)
     x = torch.randn(2, 3, 32, 32)
     assert aligned(x).shape == (2, 10)
@@ -773,3 +775,35 @@ def test_a_layer_surgery_cannot_widen_hands_its_weights_to_the_layer_feeding_it(
     held = sum(mod.weight.numel() for mod in student.modules() if isinstance(mod, (nn.Conv2d, nn.Linear)))
     assert (alive, held) == (36 + 16 + 64 + 80, 36 + 48 + 24 + 80)  # 0.96 of the surviving weights
     assert student(torch.randn(2, 1, 8, 8)).shape == (2, 10)
+
+
+def test_rounding_never_multiplies_a_width_past_the_teacher():
+    """A coarse multiple used to round a group already at or past its teacher's width up to the
+    multiple itself: with round_to 10**9 (the hostile-config test, when its RNG drew such masks) a
+    1-channel VGG teacher's second conv became 10**9 wide and the allocator failed."""
+    torch.manual_seed(0)
+    t = build_model("vgg", num_classes=10, in_channels=1, width=1.0, plan=[16, "M", 32, "M", 32])
+    masks = full_masks(prunable_weights(t))
+    masks["features.0.weight"][10:] = 0  # the first conv keeps 10 of 16 filters; the second keeps all
+    exact = [r.width for r in derive_student(t, masks, round_to=1)[1].layers]
+    assert exact[:3] == [10, 51, 20]  # 32*16*9 weights over 10 inputs: wider than the teacher's 32 (rebuild does not clamp)
+    assert [x.width for x in derive_student(t, masks, round_to=64)[1].layers][1] == 64  # 51 -> its nearest multiple
+    for r in (1000, 10**9):  # the nearest multiple is 0, and the floor (r) would multiply the width: kept exact
+        s, plan = derive_student(t, masks, round_to=r)
+        assert [x.width for x in plan.layers][:3] == exact[:3], r
+        assert "past the teacher's width" in plan.layers[1].note
+        assert n_params(s) <= 2 * n_params(t)
+    # An unpruned group is not widened past its teacher by rounding up (16 -> 24 with round_to 24).
+    s, plan = derive_student(t, full_masks(prunable_weights(t)), round_to=24)
+    assert plan.layers[0].width == 16 and plan.layers[0].teacher_width == 16
+    assert "past the teacher's width" in plan.layers[0].note
+
+
+def test_a_derived_student_larger_than_twice_its_teacher_is_refused_before_it_is_built():
+    from ptd.students.derive import check_size
+
+    t = build_model("vgg", num_classes=10, in_channels=1, width=1.0, plan=[16, "M", 32])
+    spec = {"arch": "vgg", "num_classes": 10, "in_channels": 1, "width": 1.0, "plan": [16, "M", 10**9]}
+    with pytest.raises(DerivationError, match=r"never larger than its teacher; lower student.round_to \(now 64\)"):
+        check_size(t, spec, 64)  # sized on the meta device: 10**9 x 16 x 9 weights are never allocated
+    check_size(t, {**spec, "plan": [8, "M", 32]}, 64)  # a smaller student passes

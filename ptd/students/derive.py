@@ -49,6 +49,26 @@ def check_runs(teacher: nn.Module, student: nn.Module, size: int) -> None:
         )
 
 
+# A derived student holds about the weights the pruned teacher kept, so never more than its
+# teacher; past this multiple of the teacher's parameters something upstream is wrong (a width
+# rule fed degenerate masks), and building it would hand the allocator a size it cannot serve.
+MAX_GROWTH = 2.0
+
+
+def check_size(teacher: nn.Module, spec: dict[str, Any], round_to: int) -> None:
+    """Refuse a rebuilt student larger than ``MAX_GROWTH`` x its teacher, sized on the meta
+    device (shapes only) before anything is allocated."""
+    from ptd.models import build_from_spec
+
+    with torch.device("meta"), torch.random.fork_rng(devices=[]):
+        n = sum(p.numel() for p in build_from_spec(spec).parameters())
+    t = sum(p.numel() for p in teacher.parameters())
+    if n > MAX_GROWTH * t:
+        hint = f"lower student.round_to (now {round_to})" if round_to > 1 else "check the masks"
+        raise DerivationError(f"the derived student would hold {n:,} parameters, {n / t:.3g}x its teacher's {t:,}: "
+                              f"a student is never larger than its teacher; {hint}")
+
+
 def derive_student(
     teacher: nn.Module,
     masks: Masks,
@@ -111,6 +131,7 @@ def derive_student(
     if rebuild is not None:
         method = "rebuild"
         spec: dict[str, Any] = rebuild(teacher, widths)
+        check_size(teacher, spec, round_to)
         student = build_from_spec(spec)
         check_widths(student, widths)
         student.to(device=device, dtype=dtype)

@@ -256,12 +256,19 @@ def solve(graph: ChannelGraph, clamp: bool = False, round_to: int = 1, round_nar
             if not g.fixed:
                 w0 = widths[g.index]
                 w = round_to_multiple(w0, round_to)
-                if w0 < g.teacher_width <= w:
-                    # Rounding would undo all the narrowing the pruning earned (a 16-wide layer at 13).
+                if w0 <= g.teacher_width <= w and w != w0:
+                    # Rounding would undo all the narrowing the pruning earned (a 16-wide layer at 13),
+                    # or widen past the teacher a group that kept its width: a student layer wider
+                    # than its teacher's is never the faster one.
                     below = w0 // round_to * round_to
-                    w = below if round_narrower and below >= round_to else w0
+                    w = below if round_narrower and w0 < g.teacher_width and below >= round_to else w0
                 elif clamp:
                     w = min(w, g.teacher_width)
+                elif w - w0 > round_to // 2:
+                    # Only the floor (the first multiple, for w0 < round_to / 2) lands this far off, and
+                    # here w0 is already past the teacher's width: a coarse multiple (64 for a 20-wide
+                    # group; 10**9 from a typo) would multiply the width, not round it.
+                    w = w0
                 widths[g.index] = w
     holder_of = {p: k for k, p in held.items()}
 
@@ -292,7 +299,8 @@ def solve(graph: ChannelGraph, clamp: bool = False, round_to: int = 1, round_nar
             if round_to > 1 and w != exact[g.index]:
                 note = (note + "; " if note else "") + f"rounded to a multiple of {round_to} (exact rule: {exact[g.index]})"
             elif round_to > 1 and w % round_to:
-                note = (note + "; " if note else "") + f"not rounded to {round_to}: that would give back the teacher's width"
+                note = (note + "; " if note else "") + (f"not rounded to {round_to}: the nearest multiple is at or "
+                                                        f"past the teacher's width")
             if est != exact[g.index] and round_to_multiple(est, round_to) != w:
                 reason = note
                 if len(cyc) > 1:
