@@ -106,7 +106,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from ptd.config import load_config
-    from ptd.data import load_dataset, make_loader
+    from ptd.data import load_configured, make_loader
     from ptd.measure import count_nonzero, count_params
     from ptd.preflight import check_data_config, check_device, check_runs, check_threads
     from ptd.train.checkpoint import CheckpointError, load_model
@@ -127,7 +127,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     model = load_model(args.checkpoint)
     dc = cfg.data
-    splits = load_dataset(dc.name, dc.root, val_fraction=dc.val_fraction, seed=cfg.seed, train_subset=dc.train_subset, test_subset=dc.test_subset)
+    splits = load_configured(dc, cfg.seed)
     spec = getattr(model, "ptd_spec", {})
     if (spec.get("in_channels"), spec.get("num_classes")) != (splits.in_channels, splits.num_classes):
         raise CheckpointError(f"{args.checkpoint}: the model takes {spec.get('in_channels')}-channel images and has {spec.get('num_classes')} "

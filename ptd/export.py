@@ -335,11 +335,11 @@ def test_images(run_dir: Path | None, input_shape: Sequence[int], n: int = 64) -
     if run_dir is not None and (run_dir / "config.yaml").is_file():
         try:
             from ptd.config import load_config
-            from ptd.data import load_dataset, make_loader
+            from ptd.data import load_configured, make_loader
 
             cfg = load_config(run_dir / "config.yaml")
             dc = cfg.data
-            splits = load_dataset(dc.name, dc.root, val_fraction=dc.val_fraction, seed=cfg.seed, test_subset=n)
+            splits = load_configured(dc, cfg.seed, test_subset=n)
             loader = make_loader(splits.test, batch_size=n, train=False, mean=splits.mean, std=splits.std, augment=False, workers=0)
             x, _ = next(iter(loader))
             return x[:n].float().cpu().contiguous(), f"{len(x[:n])} test images of {dc.name}"

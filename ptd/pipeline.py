@@ -501,7 +501,7 @@ def open_run_dir(cfg: RunConfig, run_dir: Path, rt: Runtime) -> None:
 
 def make_context(cfg: RunConfig, run_dir: Path, log: Callable[[str], None] = print, splits: Any = None) -> Context:
     """``splits``: the dataset preflight already loaded (loaded here otherwise)."""
-    from ptd.data import load_dataset
+    from ptd.data import load_configured
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -509,8 +509,7 @@ def make_context(cfg: RunConfig, run_dir: Path, log: Callable[[str], None] = pri
     rt = Runtime(device=resolve_device(cfg.device, d), amp=cfg.amp, channels_last=cfg.channels_last, fast_wgrad=cfg.fast_wgrad, compile=cfg.compile, quiet=cfg.quiet, dist=d)
     dc = cfg.data
     if splits is None:
-        splits = load_dataset(dc.name, dc.root, val_fraction=dc.val_fraction, seed=cfg.seed, download=dc.download,
-                              cache_dir=dc.cache_dir, train_subset=dc.train_subset, test_subset=dc.test_subset)
+        splits = load_configured(dc, cfg.seed)
     open_run_dir(cfg, run_dir, rt)
     return Context(cfg, run_dir, rt, splits, log if d.is_main else (lambda s: None))
 

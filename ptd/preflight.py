@@ -63,11 +63,10 @@ def preflight(cfg: RunConfig, run_dir: str | Path, *, splits: Any = None, sweep:
     check_data_config(cfg)
     check_pruning(cfg, sweep=sweep)
     if splits is None:
-        from ptd.data import load_dataset
+        from ptd.data import load_configured
 
         dc = cfg.data
-        splits = load_dataset(dc.name, dc.root, val_fraction=dc.val_fraction, seed=cfg.seed, download=dc.download,
-                              cache_dir=dc.cache_dir, train_subset=dc.train_subset, test_subset=dc.test_subset)
+        splits = load_configured(dc, cfg.seed)
     check_crop_padding(cfg, splits)
     check_batches(cfg, splits)
     teacher = check_model(cfg.teacher.model, "teacher.model", splits, image_size=cfg.data.image_size)

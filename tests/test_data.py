@@ -618,3 +618,32 @@ def test_tensor_loader_on_cuda():
     cpu = make_loader(sp, batch_size=16, train=True, device="cpu", augment=False, **ident(3))
     cpu.set_epoch(1)
     assert torch.cat([y for _, y in ld]).cpu().tolist() == torch.cat([y for _, y in cpu]).tolist()
+
+
+def test_load_configured_passes_every_data_key_load_dataset_takes(monkeypatch):
+    """One place maps DataConfig onto load_dataset: ptd eval and ptd export once called
+    load_dataset by hand and dropped cache_dir (Tiny-ImageNet then decoded into ~/.cache/ptd)."""
+    import dataclasses
+    import inspect
+    import pathlib
+
+    import ptd.data.base as base
+    from ptd.config import DataConfig
+
+    seen = {}
+    monkeypatch.setattr(base, "load_dataset", lambda name, root, **kw: seen.update(name=name, root=root, **kw))
+    dc = DataConfig(name="cifar10", root="/r", cache_dir="/c", download=True, train_subset=7, test_subset=5, val_fraction=0.3)
+    base.load_configured(dc, 11, test_subset=3)
+    takes = set(inspect.signature(base.load_dataset).parameters)
+    fields = {f.name for f in dataclasses.fields(DataConfig)}
+    for k in takes & fields:
+        assert k in seen, k
+    assert seen == {"name": "cifar10", "root": "/r", "val_fraction": 0.3, "seed": 11, "download": True, "cache_dir": "/c",
+                    "train_subset": 7, "test_subset": 3}
+    with pytest.raises(TypeError, match="unknown keyword"):
+        base.load_configured(dc, 0, cache=1)
+    # Nothing outside ptd.data maps a config onto load_dataset by hand.
+    root = pathlib.Path(base.__file__).parents[1]
+    for f in root.rglob("*.py"):
+        if "data" not in f.relative_to(root).parts:
+            assert "load_dataset(dc" not in f.read_text() and "load_dataset(cfg" not in f.read_text(), f

@@ -10,6 +10,7 @@ from ptd.data.base import (
     Split,
     Splits,
     channel_stats,
+    load_configured,
     load_dataset,
     verify_images,
 )
@@ -30,6 +31,7 @@ __all__ = [
     "channel_stats",
     "crop_batch",
     "flip_batch",
+    "load_configured",
     "load_dataset",
     "make_loader",
     "random_crop_flip",

@@ -12,7 +12,7 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Union
+from typing import Any, Callable, Union
 
 import torch
 
@@ -301,6 +301,20 @@ def _check_subset(name: str, value: int | None) -> None:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise DataError(f"{name} must be a positive integer or None, got {value!r}; fix data.{name} in the config")
+
+
+def load_configured(dc: Any, seed: int, **override: Any) -> Splits:
+    """``load_dataset`` with every field of a ``DataConfig`` (``ptd.config``) passed through, so no
+    command forgets one (``ptd eval`` and ``ptd export`` once dropped ``cache_dir``, and Tiny-ImageNet
+    then decoded into ~/.cache/ptd). ``override``: keyword arguments of ``load_dataset`` to change
+    (export reads only ``test_subset`` images)."""
+    kw: dict[str, Any] = dict(val_fraction=dc.val_fraction, seed=seed, download=dc.download, cache_dir=dc.cache_dir,
+                              train_subset=dc.train_subset, test_subset=dc.test_subset)
+    unknown = set(override) - set(kw)
+    if unknown:
+        raise TypeError(f"load_configured: unknown keyword(s) {sorted(unknown)}; known: {sorted(kw)}")
+    kw.update(override)
+    return load_dataset(dc.name, dc.root, **kw)
 
 
 def load_dataset(
