@@ -186,6 +186,7 @@ class Context:
     log: Callable[[str], None]
     _loaders: dict = field(default_factory=dict)
     _noted: set = field(default_factory=set)  # schedules already noted for late milestones
+    grown: bool = False  # this run adds work to a finished one: config.yaml is rewritten once it all succeeded
 
     @property
     def main(self) -> bool:
@@ -441,15 +442,18 @@ def check_finished_stages(run_dir: Path) -> None:
                                  f"be removed; give this user permission on {tmp.parent}, or delete the file")
 
 
-def open_run_dir(cfg: RunConfig, run_dir: Path, rt: Runtime) -> None:
+def open_run_dir(cfg: RunConfig, run_dir: Path, rt: Runtime) -> bool:
     """Create the run directory, or check that an existing one holds this same run (resume) or
     one this run only adds work to (more seeds, arms, losses, sweep points, teacher replicates:
-    the run grows, config.yaml becomes the grown config, every finished stage is reused).
+    the run grows, every finished stage is reused). Returns whether it grows.
 
-    Every check comes before the first write: config.yaml (rewritten on growth) and env.json are
-    written only once the directory's config, its finished stages' files and env.json itself have
-    passed, so a refused re-run or growth leaves the directory as it was (and the original command
-    still works on it). preflight.check_out_dir / check_run_tree have checked its folders."""
+    Every check comes before the first write: config.yaml and env.json are written only once the
+    directory's config, its finished stages' files and env.json itself have passed, so a refused
+    re-run or growth leaves the directory as it was (and the original command still works on it).
+    A growth's config.yaml is written by :func:`finish_growth`, after every stage succeeded: a
+    growth that fails in training (divergence, collapse, out of memory, a kill) leaves the old
+    config, so both the original command and the grown one still take the directory.
+    preflight.check_out_dir / check_run_tree have checked its folders."""
     cfg_path = run_dir / P.CONFIG
     grown = check_run_config(cfg, run_dir)
     # Every rank has checked before any rank writes: otherwise a slow rank could find the
@@ -487,7 +491,7 @@ def open_run_dir(cfg: RunConfig, run_dir: Path, rt: Runtime) -> None:
         try:
             # Nothing else writes here now: a writer temporary left by a kill is garbage.
             ckpt.remove_stale_temps(run_dir)
-            if grown or not cfg_path.is_file():  # atomic: a crash leaves the old config or the new one
+            if not cfg_path.is_file():  # atomic: a crash leaves no config or the whole one
                 ckpt.write_text(cfg_path, dump_yaml(cfg))
             env = environment(cfg, rt)
             if old_env is not None:  # keep the first session's record, add this one's
@@ -497,6 +501,14 @@ def open_run_dir(cfg: RunConfig, run_dir: Path, rt: Runtime) -> None:
             ckpt.unlock_dir(run_dir)
             raise
     barrier()
+    return grown
+
+
+def finish_growth(ctx: Context) -> None:
+    """Once every stage of a growing run returned: config.yaml becomes the grown config (atomic:
+    a crash leaves the old one or the new one)."""
+    if ctx.grown and ctx.main:
+        ckpt.write_text(ctx.run_dir / P.CONFIG, dump_yaml(ctx.cfg))
 
 
 def make_context(cfg: RunConfig, run_dir: Path, log: Callable[[str], None] = print, splits: Any = None) -> Context:
@@ -510,8 +522,8 @@ def make_context(cfg: RunConfig, run_dir: Path, log: Callable[[str], None] = pri
     dc = cfg.data
     if splits is None:
         splits = load_configured(dc, cfg.seed)
-    open_run_dir(cfg, run_dir, rt)
-    return Context(cfg, run_dir, rt, splits, log if d.is_main else (lambda s: None))
+    grown = open_run_dir(cfg, run_dir, rt)
+    return Context(cfg, run_dir, rt, splits, log if d.is_main else (lambda s: None), grown=grown)
 
 
 # ---------------------------------------------------------------- stages
@@ -1022,7 +1034,9 @@ def run_pipeline(cfg: RunConfig, run_dir: str | Path, until: str = "report", arm
     check_plugins(cfg)
     ctx = make_context(cfg, Path(run_dir), log, splits=splits)
     try:
-        return _run_stages(ctx, until, arms, log, t0)
+        out = _run_stages(ctx, until, arms, log, t0)
+        finish_growth(ctx)
+        return out
     finally:
         ckpt.unlock_dir(run_dir)
 

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from ptd import paths as P
 from ptd.config import ConfigError, PruneConfig, RunConfig
 from ptd.models import build_from_spec
-from ptd.pipeline import Context, RunDirError, check_plugins, is_done, snapshot_epoch, make_context, read_json, stage_distill, stage_prune, stage_student, stage_teacher
+from ptd.pipeline import Context, RunDirError, check_plugins, finish_growth, is_done, snapshot_epoch, make_context, read_json, stage_distill, stage_prune, stage_student, stage_teacher
 from ptd.pruning import SPECS, options_for
 from ptd.pruning.masks import Masks, load_masks
 from ptd.pruning.select import rounds_for_target
@@ -150,7 +150,9 @@ def run_sweep(cfg: RunConfig, run_dir: str | Path, log: Callable[[str], None] | 
     sparsities, student_from = check_sweep(cfg)
     ctx = make_context(cfg, Path(run_dir), log, splits=splits)
     try:
-        return _sweep_stages(ctx, sparsities, student_from, log, t0)
+        out = _sweep_stages(ctx, sparsities, student_from, log, t0)
+        finish_growth(ctx)
+        return out
     finally:
         ckpt.unlock_dir(run_dir)
 

@@ -84,16 +84,37 @@ def snapshot(out, *dirs):
 
 
 @pytest.mark.slow
-def test_a_finished_run_grows_and_reuses_every_finished_stage(tmp_path, tiny_fashion):
+def test_a_finished_run_grows_and_reuses_every_finished_stage(tmp_path, tiny_fashion, monkeypatch):
     base = dict(arms=["unpruned_teacher", "pruned_teacher"], optim={"epochs": 1, "batch_size": 64, "lr": 0.05})
     out = tmp_path / "run"
-    run_pipeline(load_config(write(tmp_path, tiny_config(tiny_fashion, distill={**base, "seeds": [0]}))), out)
+    original = load_config(write(tmp_path, tiny_config(tiny_fashion, distill={**base, "seeds": [0]})))
+    run_pipeline(original, out)
     kept = ("teacher", "prune", "student", "distill/unpruned_teacher_seed0", "distill/pruned_teacher_seed0")
     before = snapshot(out, *kept)
     assert before
+    config_before = (out / "config.yaml").read_bytes()
+
+    # A growth that fails in training (here: the new seed's student) keeps the old config.yaml, so
+    # the original command still takes the directory (it used to be refused as "a different config").
+    grown = load_config(write(tmp_path, tiny_config(tiny_fashion, distill={**base, "seeds": [0, 1]}), "grown.yaml"))
+    import ptd.pipeline as pl
+
+    real = pl.stage_distill
+
+    def fails_on_seed1(ctx, arm, seed, *a, **k):
+        if seed == 1:
+            raise RuntimeError("diverged")
+        return real(ctx, arm, seed, *a, **k)
+
+    monkeypatch.setattr(pl, "stage_distill", fails_on_seed1)
+    with pytest.raises(RuntimeError, match="diverged"):
+        run_pipeline(grown, out)
+    monkeypatch.undo()
+    assert (out / "config.yaml").read_bytes() == config_before
+    run_pipeline(original, out)  # resumes the finished run: nothing retrained
+    assert snapshot(out, *kept) == before
 
     # More seeds: the same directory takes them; nothing finished is touched.
-    grown = load_config(write(tmp_path, tiny_config(tiny_fashion, distill={**base, "seeds": [0, 1]})))
     r = run_pipeline(grown, out)
     assert snapshot(out, *kept) == before
     assert sorted((s["arm"], s["seed"]) for s in r["students"]) == [("pruned_teacher", 0), ("pruned_teacher", 1),
