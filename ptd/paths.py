@@ -40,6 +40,8 @@ SWEEP_JSON = "sweep.json"
 SWEEP_MD = "sweep.md"
 
 # folders
+# The stages of `ptd run` in order; `ptd train/prune/student/distill` stop after theirs.
+STAGES = ("teacher", "prune", "student", "distill", "report")
 TEACHER = "teacher"
 PRUNE = "prune"
 STUDENT = "student"

@@ -46,7 +46,7 @@ from ptd.train.loop import Runtime, cleanup_resume_files, evaluate, fit
 from ptd.errors import DivergedError, LayerCollapseError, PreflightError, PtdError, StaleStageError, one_line
 from ptd.io import damaged, file_digest, parses, read_json_object, read_yaml_mapping
 
-STAGES = ("teacher", "prune", "student", "distill", "report")
+STAGES = P.STAGES
 # Keys that change how a run is shown or scheduled, not what it computes: may differ on resume.
 _VOLATILE_KEYS = {"quiet", "threads", "device", "eval_batch_size"}
 
@@ -1030,7 +1030,7 @@ def run_pipeline(cfg: RunConfig, run_dir: str | Path, until: str = "report", arm
     t0 = time.perf_counter()
     from ptd.preflight import preflight
 
-    splits = preflight(cfg, run_dir)  # every user error up front, before the run directory is written
+    splits = preflight(cfg, run_dir, until=until, arms=arms)  # every user error up front, before the run directory is written
     check_plugins(cfg)
     ctx = make_context(cfg, Path(run_dir), log, splits=splits)
     try:

@@ -24,6 +24,7 @@ import errno
 import math
 import os
 import stat
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +50,8 @@ WORKERS_PER_CPU = 4
 TRAINING_BYTES_PER_PARAM = 12
 
 
-def preflight(cfg: RunConfig, run_dir: str | Path, *, splits: Any = None, sweep: bool = False) -> Any:
+def preflight(cfg: RunConfig, run_dir: str | Path, *, splits: Any = None, sweep: bool = False, until: str = "report",
+              arms: Sequence[str] | None = None) -> Any:
     """Check ``cfg`` for a run into ``run_dir``; returns the dataset splits it checked against.
 
     ``splits``: the caller's already-loaded ``Splits`` (the dataset is loaded here otherwise).
@@ -59,7 +61,7 @@ def preflight(cfg: RunConfig, run_dir: str | Path, *, splits: Any = None, sweep:
     check_threads(cfg.threads)
     device = check_device(cfg.device)
     check_out_dir(run_dir)
-    check_run_tree(cfg, run_dir, sweep=sweep)
+    check_run_tree(cfg, run_dir, sweep=sweep, until=until, arms=arms)
     check_data_config(cfg)
     check_pruning(cfg, sweep=sweep)
     if splits is None:
@@ -215,11 +217,16 @@ STAGE_FILES = (P.DONE, P.RESULT, P.MODEL, P.MASKS, P.SPARSITY, P.METRICS, P.STAT
 _SUB_STAGE_PREFIXES = ("level_", "round_")
 
 
-def stage_dirs(cfg: RunConfig, sweep: bool = False) -> list[Path]:
-    """Every stage folder, relative to the run directory, that the whole run (``ptd run``; ``ptd
-    sweep`` with ``sweep``) of ``cfg`` writes, as ptd.pipeline and ptd.sweep name them. A stage
-    that trains also writes its TensorBoard mirror, tensorboard/<the same path>."""
+def stage_dirs(cfg: RunConfig, sweep: bool = False, until: str = "report", arms: Sequence[str] | None = None) -> list[Path]:
+    """Every stage folder, relative to the run directory, that the run of ``cfg`` writes, as
+    ptd.pipeline and ptd.sweep name them: the whole run (``ptd run``; ``ptd sweep`` with
+    ``sweep``), or its stages up to ``until`` (``ptd train`` is "teacher") with the distillation
+    ``arms`` given (default: the config's). A stage that trains also writes its TensorBoard
+    mirror, tensorboard/<the same path>."""
     dc = cfg.distill
+    if until not in P.STAGES:
+        raise ValueError(f"unknown stage {until!r}; valid: {', '.join(P.STAGES)}")
+    upto = P.STAGES.index(until)
     if sweep:
         from ptd.pruning import SPECS
 
@@ -231,20 +238,25 @@ def stage_dirs(cfg: RunConfig, sweep: bool = False) -> list[Path]:
         keys = [a for a in ("scratch", "unpruned_teacher") if a in dc.arms]
         keys += [f"{st}_s{s:g}" for st in cfg.sweep.strategies for s in sps]
         return dirs + [P.distill_dir(Path(), k, seed) for k in keys for seed in dc.seeds]
-    dirs = [Path(P.STUDENT)]
-    for r in range(cfg.teacher.seeds):
+    arms = list(arms or dc.arms)
+    dirs = [Path(P.STUDENT)] if upto >= P.STAGES.index("student") else []
+    # `ptd student` returns after replicate 0's student: the other replicates are not started.
+    for r in range(1 if until == "student" else cfg.teacher.seeds):
         root = P.replicate_root(Path(), r)
-        dirs += [root / P.TEACHER, root / P.PRUNE]
-        if any(ARM_TABLE[a].teacher == "retrained" for a in dc.arms):
+        dirs += [root / P.TEACHER] + ([root / P.PRUNE] if upto >= P.STAGES.index("prune") else [])
+        if upto < P.STAGES.index("distill"):
+            continue
+        if any(ARM_TABLE[a].teacher == "retrained" for a in arms):
             dirs.append(root / P.CONTROL)
-        for arm in dc.arms:
+        for arm in arms:
             losses = dc.losses if ARM_TABLE[arm].teacher is not None else (None,)
             dirs += [P.distill_dir(root, arm, seed, None if loss in (None, dc.losses[0]) else loss)
                      for loss in losses for seed in dc.seeds]
     return dirs
 
 
-def check_run_tree(cfg: RunConfig, run_dir: str | Path, sweep: bool = False) -> None:
+def check_run_tree(cfg: RunConfig, run_dir: str | Path, sweep: bool = False, until: str = "report",
+                   arms: Sequence[str] | None = None) -> None:
     """An existing run directory (a resume, or a run grown by more seeds, arms...) takes every
     write the run will make: each folder a stage of ``cfg`` writes into that is not finished (and
     its TensorBoard mirror) is a folder, or can be made in one, that this user can write; the
@@ -262,7 +274,7 @@ def check_run_tree(cfg: RunConfig, run_dir: str | Path, sweep: bool = False) -> 
 
     mirror = available()  # TensorBoard event files are written only where tensorboard is installed
     tb = run / P.TENSORBOARD
-    for rel in stage_dirs(cfg, sweep):
+    for rel in stage_dirs(cfg, sweep, until, arms):
         if _finished(run, run / rel):
             continue
         _check_writes_into(run, run / rel, lambda d: _finished(run, d))

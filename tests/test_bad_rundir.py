@@ -208,3 +208,32 @@ def test_a_resume_that_passes_the_checks_still_runs(ws, finished, tmp_path, caps
     capsys.readouterr()
     assert main(["distill", str(ws / "c.yaml"), "--out", str(run)]) == 0, capsys.readouterr().err
     assert (run / "distill" / "scratch_seed0" / "done").is_file()
+
+
+def test_a_command_checks_only_the_folders_of_its_own_stages(ws, finished, tmp_path, capsys):
+    """`ptd train` writes only the teacher's folder: a file where the distill folder belongs does
+    not stop it (it did: preflight checked the whole run's folders for every command)."""
+    run = copy(finished, tmp_path)
+    shutil.rmtree(run / "distill")
+    (run / "distill").write_text("x")
+    assert main(["train", str(ws / "c.yaml"), "--out", str(run)]) == 0, capsys.readouterr().err
+    assert main(["student", str(ws / "c.yaml"), "--out", str(run)]) == 0, capsys.readouterr().err
+    line = refused(["distill", str(ws / "c.yaml"), "--out", str(run)], capsys, run)
+    assert f"{run / 'distill'} is a file, where ptd keeps a stage's folder" in line
+
+
+def test_stage_dirs_are_the_folders_the_pipeline_finishes(ws, finished):
+    """preflight.stage_dirs names the folders as ptd.pipeline makes them, per command."""
+    from ptd.config import load_config
+    from ptd.preflight import stage_dirs
+
+    cfg = load_config(ws / "c.yaml")
+    done = {p.parent.relative_to(finished) for p in finished.rglob("done") if p.parent != finished
+            and not p.parent.name.startswith(("level_", "round_")) and "tensorboard" not in p.parts}
+    assert set(stage_dirs(cfg, until="distill")) == done
+    assert stage_dirs(cfg, until="teacher") == [Path("teacher")]
+    assert set(stage_dirs(cfg, until="student")) == {Path("teacher"), Path("prune"), Path("student")}
+    assert set(stage_dirs(cfg, until="distill", arms=["scratch"])) == {Path("teacher"), Path("prune"), Path("student"),
+                                                                       Path("distill/scratch_seed0")}
+    with pytest.raises(ValueError, match="valid: teacher, prune"):
+        stage_dirs(cfg, until="nope")
