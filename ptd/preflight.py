@@ -64,6 +64,10 @@ def preflight(cfg: RunConfig, run_dir: str | Path, *, splits: Any = None, sweep:
     check_run_tree(cfg, run_dir, sweep=sweep, until=until, arms=arms)
     check_data_config(cfg)
     check_pruning(cfg, sweep=sweep)
+    if sweep:
+        from ptd.config import check_sweep
+
+        check_sweep(cfg)  # a sweep has no control arm: a listed one is refused, not silently dropped
     if splits is None:
         from ptd.data import load_configured
 

@@ -328,6 +328,13 @@ def test_a_sweep_refuses_the_control_arm():
         check_sweep(load_config(None, ["distill.arms=[scratch, retrained_teacher, pruned_teacher]"]))
 
 
+def test_ptd_sweep_refuses_the_control_arm_before_any_work(ws, capsys, monkeypatch):
+    """check_sweep existed but ptd sweep never called it: the arm was dropped without a word."""
+    argv = ["sweep", "{ws}/c.yaml", "--out", "{ws}/out", "--set", "distill.arms=[scratch, retrained_teacher, pruned_teacher]"]
+    line = refused(ws, argv, capsys, monkeypatch)
+    assert "retrained_teacher" in line and "no control arm" in line
+
+
 # ----------------------------------------------------------------------------- ptd eval checks what run checks
 
 
