@@ -44,12 +44,37 @@ def read_json_object(path: str | Path, fix: str | None = None) -> dict[str, Any]
     return obj
 
 
+# The first line of a run's config.yaml: a YAML comment, so every YAML reader skips it, carrying
+# the digest of the rest. A config cut short (a full disk, a copy interrupted) mostly still
+# parses, as a mapping missing its last keys, and was then refused as "a different config".
+SEAL = "# ptd run config; sha256 of the lines below: "
+
+
+def seal(text: str) -> str:
+    """``text`` under a first line giving its sha256 (:func:`read_yaml_mapping` checks it)."""
+    return f"{SEAL}{hashlib.sha256(text.encode()).hexdigest()}\n{text}"
+
+
+def check_seal(path: str | Path, text: str, fix: str | None = None) -> None:
+    """A text that starts with ptd's seal line matches the digest in it; ``DamagedFileError``
+    otherwise. A text without one (a config written by hand, or by ptd before the seal) passes."""
+    if not text.startswith(SEAL[:16]):
+        return
+    first, _, rest = text.partition("\n")
+    digest = first[len(SEAL):] if first.startswith(SEAL) else ""
+    if len(digest) != 64 or hashlib.sha256(rest.encode()).hexdigest() != digest:
+        raise damaged(path, "its text is not what ptd wrote: the sha256 in its first line does not match the rest "
+                      "(cut short, or edited)", (fix or default_fix(Path(path))) + "; to keep an edit, delete the first line")
+
+
 def read_yaml_mapping(path: str | Path, fix: str | None = None) -> dict[str, Any]:
     """The mapping in a YAML file ptd wrote (a run's config.yaml); ``DamagedFileError`` otherwise."""
     import yaml
 
     try:
-        obj = yaml.safe_load(Path(path).read_text())
+        text = Path(path).read_text()
+        check_seal(path, text, fix)
+        obj = yaml.safe_load(text)
     except FileNotFoundError:
         raise damaged(path, "missing", fix) from None
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:

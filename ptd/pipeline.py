@@ -44,7 +44,7 @@ from ptd.train import checkpoint as ckpt
 from ptd.train.distributed import Dist, all_sum, barrier, init_distributed, resolve_device
 from ptd.train.loop import Runtime, cleanup_resume_files, evaluate, fit
 from ptd.errors import DivergedError, LayerCollapseError, PreflightError, PtdError, StaleStageError, one_line
-from ptd.io import damaged, file_digest, parses, read_json_object, read_yaml_mapping
+from ptd.io import damaged, file_digest, parses, read_json_object, read_yaml_mapping, seal
 
 STAGES = P.STAGES
 # Keys that change how a run is shown or scheduled, not what it computes: may differ on resume.
@@ -433,6 +433,9 @@ def check_finished_stages(run_dir: Path) -> None:
         if d == run_dir or not marker.is_file():
             continue
         read_json(d / _record_file(d))  # DamagedFileError, the same line the stage would give
+        for f in sorted(d.glob("*.json")):  # every JSON ptd wrote there (architecture.json: `ptd eval`, export)
+            if f.is_file():
+                read_json(f)
         for f in sorted(d.glob("*.safetensors")):
             if f.is_file() and not parses(f):
                 raise damaged(f, "not the safetensors file ptd wrote: its header or size is wrong")
@@ -492,7 +495,7 @@ def open_run_dir(cfg: RunConfig, run_dir: Path, rt: Runtime) -> bool:
             # Nothing else writes here now: a writer temporary left by a kill is garbage.
             ckpt.remove_stale_temps(run_dir)
             if not cfg_path.is_file():  # atomic: a crash leaves no config or the whole one
-                ckpt.write_text(cfg_path, dump_yaml(cfg))
+                ckpt.write_text(cfg_path, seal(dump_yaml(cfg)))
             env = environment(cfg, rt)
             if old_env is not None:  # keep the first session's record, add this one's
                 env = {**old_env, "resumed": old_env.get("resumed", []) + [env]}
@@ -508,7 +511,7 @@ def finish_growth(ctx: Context) -> None:
     """Once every stage of a growing run returned: config.yaml becomes the grown config (atomic:
     a crash leaves the old one or the new one)."""
     if ctx.grown and ctx.main:
-        ckpt.write_text(ctx.run_dir / P.CONFIG, dump_yaml(ctx.cfg))
+        ckpt.write_text(ctx.run_dir / P.CONFIG, seal(dump_yaml(ctx.cfg)))
 
 
 def make_context(cfg: RunConfig, run_dir: Path, log: Callable[[str], None] = print, splits: Any = None) -> Context:

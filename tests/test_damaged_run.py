@@ -67,3 +67,23 @@ def test_the_fix_says_which_stage_to_redo(finished, tmp_path, capsys):
     line = capsys.readouterr().err.strip()
     assert f"{d}/prune/level_2/masks.safetensors: damaged" in line
     assert f"delete {d}/prune/level_2 and the stages after it to redo them" in line
+
+
+@pytest.mark.parametrize("rel", ["config.yaml", "student/architecture.json", "teacher/result.json"])
+def test_a_file_cut_short_is_named_damaged(finished, tmp_path, capsys, rel):
+    """The kill audit's F4/F6: a config.yaml cut in half still parses (as a mapping missing its last
+    keys) and was refused as "a different config"; a student/architecture.json cut in half went
+    unnoticed by a resume, which reads it only in `ptd eval`/`export`. Both are now "damaged"."""
+    cfg, run = finished
+    d = tmp_path / "run"
+    shutil.copytree(run, d)
+    data = (d / rel).read_bytes()
+    (d / rel).write_bytes(data[: len(data) // 2])
+    capsys.readouterr()
+    assert main(["run", str(cfg), "--out", str(d)]) == 2
+    line = capsys.readouterr().err.strip()
+    assert line.startswith(f"ptd: error: {d / rel}: damaged ("), line
+    if rel == "config.yaml":
+        assert "sha256 in its first line" in line and "delete the first line" in line
+        (d / rel).write_bytes(data.split(b"\n", 1)[1])  # a config without the seal (hand-written, older ptd) still reads
+        assert main(["run", str(cfg), "--out", str(d)]) == 0
