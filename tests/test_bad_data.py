@@ -394,13 +394,19 @@ def test_verify_images_names_the_first_bad_file_in_split_order(tmp_path: Path):
     verify_images(Split(torch.zeros(1, 1, 2, 2, dtype=torch.uint8), torch.zeros(1, dtype=torch.int64)))  # in memory: nothing
 
 
-def test_header_check_misses_a_cut_jpeg_that_full_decode_finds(tmp_path: Path):
-    """The documented limit of the default check (see ptd.data.base.verify_images)."""
+@pytest.mark.parametrize("keep", [0.5, 0.9, -2])
+def test_the_header_check_finds_a_cut_jpeg(tmp_path: Path, keep):
+    """A JPEG cut after its header passed PIL's verify() (headers only) and failed mid-epoch in the
+    loader; the default check now also looks for its end marker. A JPEG with bytes after the end
+    marker (some writers pad) still passes."""
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "a.jpg")
     raw = (tmp_path / "a.jpg").read_bytes()
-    (tmp_path / "a.jpg").write_bytes(raw[: len(raw) // 2])
     split = FolderSplit([(str(tmp_path / "a.jpg"), 0)])
+    (tmp_path / "a.jpg").write_bytes(raw + b"\x00" * 100)
     verify_images(split)
+    (tmp_path / "a.jpg").write_bytes(raw[: int(len(raw) * keep) if keep > 0 else keep])
+    with pytest.raises(DataError, match="stops short of its end marker"):
+        verify_images(split)
     with pytest.raises(DataError, match="truncated"):
         verify_images(split, full=True)
 
