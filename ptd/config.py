@@ -161,7 +161,10 @@ class StudentConfig:
     source: str = "derive"  # "derive" (widths from the pruned teacher) or "named" (use model below)
     model: ModelConfig | None = None
     inherit: bool = False  # start from the surviving teacher channels instead of fresh weights
-    round_to: int = 8  # derived widths to the nearest multiple of this (benchmarks/student_speed.py chose 8; 1: the paper's rule exactly)
+    # Derived widths to the nearest multiple of this; 1: the paper's rule exactly. "auto": the
+    # device's measured multiple (CPU 8, benchmarks/student_speed.py; CUDA 32, else 8 where 32 takes
+    # the student past 10% of the surviving weights: ptd.students.derive.AUTO_ROUND_TO).
+    round_to: int | str = "auto"
     # Where that multiple is the teacher's own width (a 16-wide layer the rule takes to 12): True
     # takes the multiple below (8), False keeps the exact width, which runs in the teacher's 16-wide
     # blocks and made the demo's student slower than its teacher in bf16 (benchmarks/student_speed.py).
@@ -169,11 +172,15 @@ class StudentConfig:
 
     def validate(self, where: str) -> None:
         _check(self.source in ("derive", "named"), f"{where}.source", self.source, "must be 'derive' or 'named'")
-        _check(self.round_to >= 1, f"{where}.round_to", self.round_to, "must be >= 1")
-        # The blocked kernels that rounding serves want multiples of 8 to 128 channels (oneDNN,
-        # cuDNN tensor cores); a multiple past any layer's width would only round to the floor.
-        _check(self.round_to <= MAX_ROUND_TO, f"{where}.round_to", self.round_to,
-               f"must be at most {MAX_ROUND_TO} (8 is the default, 32 suits GPUs; 1 is the paper's exact rule)")
+        if isinstance(self.round_to, str):
+            _check(self.round_to == "auto", f"{where}.round_to", self.round_to,
+                   "must be an integer >= 1 (1: the paper's exact rule) or auto (the device's measured multiple)")
+        else:
+            _check(self.round_to >= 1, f"{where}.round_to", self.round_to, "must be >= 1")
+            # The blocked kernels that rounding serves want multiples of 8 to 128 channels (oneDNN,
+            # cuDNN tensor cores); a multiple past any layer's width would only round to the floor.
+            _check(self.round_to <= MAX_ROUND_TO, f"{where}.round_to", self.round_to,
+                   f"must be at most {MAX_ROUND_TO} (auto is the default: 8 on a CPU, 32 on a GPU; 1 is the paper's exact rule)")
         if self.source == "named" and self.model is None:
             raise ConfigError(f"{where}.model: required when {where}.source is 'named' (e.g. model: {{arch: vgg11}})")
 

@@ -779,9 +779,13 @@ def stage_student(ctx: Context, teacher: nn.Module, pruned: nn.Module, masks: Ma
     def compute() -> dict:
         plan = None
         if cfg.student.source == "derive":
-            from ptd.students import derive_student
+            from ptd.students import derive_configured
 
-            student, plan = derive_student(pruned, masks, inherit=cfg.student.inherit, round_to=cfg.student.round_to, round_narrower=cfg.student.round_narrower)
+            sc = cfg.student
+            student, plan = derive_configured(pruned, masks, inherit=sc.inherit, round_to=sc.round_to,
+                                              round_narrower=sc.round_narrower, device_type=ctx.rt.device.type)
+            if plan.round_to_choice:
+                ctx.log(f"[student] round_to {plan.round_to_choice}")
         else:
             student = ctx.new_model(cfg.student.model)
         spec = student.ptd_spec

@@ -84,7 +84,7 @@ def preflight(cfg: RunConfig, run_dir: str | Path, *, splits: Any = None, sweep:
         check_device_memory(student, "student.model", device)
     check_bridges(cfg, teacher, student, splits)
     check_no_certain_collapse(cfg, teacher, sweep=sweep)
-    derived = check_derivable(cfg, teacher, splits, sweep=sweep)
+    derived = check_derivable(cfg, teacher, splits, sweep=sweep, device_type=device.type)
     check_training_memory(cfg, teacher, student if student is not None else derived, splits, device)
     if cfg.teacher.checkpoint:
         from ptd.train.checkpoint import load_into
@@ -578,7 +578,8 @@ def check_no_certain_collapse(cfg: RunConfig, teacher: nn.Module, sweep: bool = 
                               f"use at most {math.floor(most * 1e6) / 1e6:g} (one weight per layer), and far less in practice")
 
 
-def check_derivable(cfg: RunConfig, teacher: nn.Module, splits: Any, sweep: bool = False) -> nn.Module | None:
+def check_derivable(cfg: RunConfig, teacher: nn.Module, splits: Any, sweep: bool = False,
+                    device_type: str = "cpu") -> nn.Module | None:
     """With ``student.source: derive``, derive a student from the fresh teacher pruned by global
     magnitude to the run's sparsity (the largest of a sweep's), so an architecture ptd cannot derive
     from (a grouped conv, a graph Torch-Pruning cannot trace, a student that would not run) is
@@ -589,15 +590,16 @@ def check_derivable(cfg: RunConfig, teacher: nn.Module, splits: Any, sweep: bool
     from ptd.pruning.masks import full_masks, prunable_weights
     from ptd.pruning.scores import magnitude
     from ptd.pruning.select import global_topk, keep_for_target
-    from ptd.students import DerivationError, derive_student
+    from ptd.students import DerivationError, derive_configured
 
     target = max([cfg.prune.target_sparsity, *(cfg.sweep.sparsities if sweep else ())])
     full = full_masks(prunable_weights(teacher))
     masks = global_topk(magnitude(teacher, full), full, keep_for_target(full, target))
     try:
         with torch.random.fork_rng(devices=[]):  # the student's fresh weights: not the run's RNG streams
-            student, _ = derive_student(teacher, masks, inherit=cfg.student.inherit, round_to=cfg.student.round_to,
-                                        round_narrower=cfg.student.round_narrower)  # as ptd.pipeline.stage_student calls it
+            sc = cfg.student  # as ptd.pipeline.stage_student derives it
+            student, _ = derive_configured(teacher, masks, inherit=sc.inherit, round_to=sc.round_to,
+                                           round_narrower=sc.round_narrower, device_type=device_type)
     except DerivationError as e:
         raise ConfigError(f"student.source: derive: {one_line(e)[:400]}; give a student with student.source: named and "
                           f"student.model, or a teacher ptd can derive from (docs/students.md)") from None

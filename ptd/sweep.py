@@ -129,9 +129,11 @@ def check_student_dir(ctx: Context, src: PrunedTeacher, src_model: nn.Module, sr
         return
     cfg = ctx.cfg
     if cfg.student.source == "derive":
-        from ptd.students import derive_student
+        from ptd.students import derive_configured
 
-        want = derive_student(src_model, src_masks, inherit=cfg.student.inherit, round_to=cfg.student.round_to, round_narrower=cfg.student.round_narrower)[0].ptd_spec
+        sc = cfg.student
+        want = derive_configured(src_model, src_masks, inherit=sc.inherit, round_to=sc.round_to, round_narrower=sc.round_narrower,
+                                 device_type=ctx.rt.device.type)[0].ptd_spec
     else:
         want = ctx.new_model(cfg.student.model).ptd_spec
     if json.dumps(want, sort_keys=True) != json.dumps(read_json(d / P.STATS)["spec"], sort_keys=True):

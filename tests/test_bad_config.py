@@ -141,6 +141,7 @@ def test_max_seed_is_taken_by_every_consumer():
     (["threads=0"], ["threads", ">= 1"]),
     (["data.image_size=0"], ["data.image_size", ">= 1"]),
     (["student.round_to=1000000000"], ["student.round_to", "at most 1024"]),
+    (["student.round_to=fast"], ["student.round_to", "'fast'", "or auto"]),
 ])
 def test_integers_are_range_checked_at_load(ws, capsys, monkeypatch, sets, words):
     argv = ["train", "{ws}/c.yaml", "--out", "{ws}/out"] + [x for s in sets for x in ("--set", s)]

@@ -807,3 +807,42 @@ def test_a_derived_student_larger_than_twice_its_teacher_is_refused_before_it_is
     with pytest.raises(DerivationError, match=r"never larger than its teacher; lower student.round_to \(now 64\)"):
         check_size(t, spec, 64)  # sized on the meta device: 10**9 x 16 x 9 weights are never allocated
     check_size(t, {**spec, "plan": [8, "M", 32]}, 64)  # a smaller student passes
+
+
+def _pruned_vgg(plan, sparsity, in_channels=3):
+    from ptd.pruning.scores import magnitude
+    from ptd.pruning.select import keep_for_target
+
+    torch.manual_seed(0)
+    t = build_model("vgg", num_classes=10, in_channels=in_channels, width=1.0, plan=plan)
+    full = full_masks(prunable_weights(t))
+    return t, global_topk(magnitude(t, full), full, keep_for_target(full, sparsity))
+
+
+def test_round_to_auto_takes_the_devices_measured_multiple_within_ten_percent():
+    """student.round_to: auto is 8 on a CPU; on CUDA 32 (where cuDNN's fast kernels are) while the
+    student stays within 10% of the surviving weights, else 8; the plan says which and why."""
+    from ptd.students import derive_configured
+    from ptd.students.derive import round_to_candidates, weights_over_surviving
+
+    assert round_to_candidates("auto", "cpu") == (8,) and round_to_candidates("auto", "cuda") == (32, 8)
+    assert round_to_candidates(16, "cuda") == (16,)
+    for bad in (0, "8", True, None):
+        with pytest.raises(ValueError, match="round_to must be"):
+            round_to_candidates(bad, "cpu")
+    t, masks = _pruned_vgg([64, "M", 128, "M", 256], 0.59)
+    cpu = derive_configured(t, masks, device_type="cpu")[1]
+    assert cpu.widths() == derive_student(t, masks, round_to=8, round_narrower=True)[1].widths() and cpu.round_to == 8
+    assert cpu.round_to_choice.startswith("auto on cpu: 8 (8n holds 1.011x")
+    s, gpu = derive_configured(t, masks, device_type="cuda")
+    assert gpu.round_to == 32 and gpu.widths()["features.0"] == 32 and "within 10%" in gpu.round_to_choice
+    assert abs(weights_over_surviving(s, masks) - 1) <= 0.10
+    # Deeper and sparser: 32 would leave the student at 0.78x the surviving weights, so 8 is taken.
+    t, masks = _pruned_vgg([64, 64, "M", 128, 128, "M", 256, 256], 0.79)
+    s, gpu = derive_configured(t, masks, device_type="cuda")
+    assert gpu.round_to == 8 and "32n holds 0.779x" in gpu.round_to_choice and "8n holds 0.964x" in gpu.round_to_choice
+    assert gpu.widths() == derive_student(t, masks, round_to=8, round_narrower=True)[1].widths()
+    # A number is taken as given, whatever the device, and the plan records no choice.
+    fixed = derive_configured(t, masks, round_to=32, device_type="cuda")[1]
+    assert fixed.round_to == 32 and fixed.round_to_choice == ""
+    assert fixed.to_dict()["round_to"] == 32

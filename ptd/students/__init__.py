@@ -3,7 +3,7 @@
 ``derive_student(teacher, masks, inherit=False) -> (student, StudentPlan)`` is the entry point;
 see :mod:`ptd.students.derive` for what it does and :mod:`ptd.students.width_rule` for the rule.
 """
-from ptd.students.derive import derive_student
+from ptd.students.derive import derive_configured, derive_student
 from ptd.students.graph import DerivationError
 from ptd.students.plan import LayerRow, StudentPlan
 from ptd.students.report import compare, format_report
@@ -25,6 +25,7 @@ __all__ = [
     "compare",
     "format_report",
     "conv_width",
+    "derive_configured",
     "derive_student",
     "group_width",
     "vgg_widths",

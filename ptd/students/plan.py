@@ -37,6 +37,8 @@ class StudentPlan:
     method: str = "rebuild"  # "rebuild" (family rebuilt with new widths) or "surgery" (Torch-Pruning)
     inherit: bool = False
     rule: str = ""
+    round_to: int = 1  # the multiple the widths were rounded to
+    round_to_choice: str = ""  # with student.round_to: auto, which multiple was taken and why
 
     def widths(self) -> dict[str, int]:
         """Student out-width of every Conv/Linear layer, by teacher module name."""
@@ -48,6 +50,8 @@ class StudentPlan:
             "method": self.method,
             "inherit": self.inherit,
             "rule": self.rule,
+            "round_to": self.round_to,
+            "round_to_choice": self.round_to_choice,
             "layers": [dataclasses.asdict(r) for r in self.layers],
             "groups": self.groups,
             "overrides": self.overrides,

@@ -44,6 +44,8 @@ def compare(
         for r in (plan.layers if plan is not None else [])
     ]
     out["overrides"] = plan.overrides if plan is not None else []
+    if plan is not None:
+        out["round_to"], out["round_to_choice"] = plan.round_to, plan.round_to_choice
     out["spec"] = plan.spec if plan is not None else getattr(student, "ptd_spec", None)
     s, p = out["models"]["student"], out["models"]["pruned_teacher"]
     out["ratios"] = {
@@ -80,6 +82,8 @@ def format_report(rep: dict[str, Any]) -> str:
     r = rep["ratios"]
     lines += ["", "student params / pruned teacher's surviving weights: %.3f" % r["student_params_over_surviving_weights"],
               "FLOPs ratio (teacher / student): %.2f" % r["flops_ratio"]]
+    if rep.get("round_to", 1) > 1:
+        lines += [f"widths rounded to multiples of {rep['round_to']}" + (f" (round_to {rep['round_to_choice']})" if rep.get("round_to_choice") else "")]
     lines += [f"speedup at batch {b}: {r[f'speedup_b{b}']:.2f}" for b in lat]
     if not rep["layers"]:
         return "\n".join(lines) + "\n"
