@@ -96,11 +96,29 @@ def _input_key(run_dir: Path, path: Path) -> str:
         return str(path)
 
 
-def recorded_inputs(d: Path) -> dict[str, str]:
+# env.json's "done_format" (recorded by the session that started the run): 2 = every stage's
+# ``done`` is the JSON object mark_done writes. Runs started by older ptd lack it and may hold bare
+# markers (a timestamp, or nothing), which are read as "no recorded inputs".
+DONE_FORMAT = 2
+
+
+def strict_done(run_dir: Path) -> bool:
+    """Whether every ``done`` of this run must be mark_done's JSON: the run was started by a ptd
+    that writes nothing else. (A missing or damaged env.json: not strict; its reader reports it.)"""
+    try:
+        env = json.loads((Path(run_dir) / P.ENV).read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(env, dict) and isinstance(env.get("done_format"), int) and env["done_format"] >= DONE_FORMAT
+
+
+def recorded_inputs(d: Path, strict: bool = False) -> dict[str, str]:
     """What a finished stage's ``done`` says it was made from; {} for markers of older ptd versions
     (a bare timestamp, or empty): those stages are reused as before. A ``done`` that starts as the
     JSON object ptd writes but does not parse was cut short by something else: reading it as an
-    old marker would switch the lineage check off for that stage for good, so it is refused."""
+    old marker would switch the lineage check off for that stage for good, so it is refused; with
+    ``strict`` (:func:`strict_done`: the run never had old markers) so is any ``done`` that is not
+    that object, an emptied one included."""
     try:
         text = (d / P.DONE).read_text()
     except (OSError, UnicodeDecodeError):
@@ -108,10 +126,13 @@ def recorded_inputs(d: Path) -> dict[str, str]:
     try:
         obj = json.loads(text)
     except ValueError as e:
-        if text.lstrip().startswith("{"):
-            raise damaged(d / P.DONE, f"not JSON: {type(e).__name__}: {one_line(e)}") from None
+        if strict or text.lstrip().startswith("{"):
+            why = "empty" if not text.strip() else f"not JSON: {type(e).__name__}: {one_line(e)}"
+            raise damaged(d / P.DONE, why) from None
         return {}
     inputs = obj.get("inputs") if isinstance(obj, dict) else None
+    if strict and not isinstance(inputs, dict):
+        raise damaged(d / P.DONE, "not the record ptd writes (no inputs)")
     return {str(k): str(v) for k, v in inputs.items()} if isinstance(inputs, dict) else {}
 
 
@@ -141,7 +162,7 @@ def _stale(stages: str, path: Path, what: str, fix: str, their: bool = False) ->
 def check_inputs(run_dir: Path, d: Path) -> None:
     """Raise StaleStageError when a file the finished stage ``d`` was made from has changed or gone
     (gone: by now the stage that writes it has run, so it should be there)."""
-    changed = _changed_inputs(run_dir, recorded_inputs(d), missing_too=True)
+    changed = _changed_inputs(run_dir, recorded_inputs(d, strict_done(run_dir)), missing_too=True)
     if changed:
         raise _stale(f"{d}: this finished stage was", *changed[0], f"delete it ({d}) and the stages after it")
 
@@ -151,7 +172,8 @@ def check_lineage(run_dir: Path) -> None:
     there now with other contents. (A missing one is left to ``check_inputs`` when that stage comes:
     the stage that writes it may be about to redo it, identically.)"""
     run_dir = Path(run_dir)
-    recorded = {m.parent: recorded_inputs(m.parent) for m in sorted(run_dir.rglob(P.DONE))}
+    strict = strict_done(run_dir)
+    recorded = {m.parent: recorded_inputs(m.parent, strict) for m in sorted(run_dir.rglob(P.DONE))}
     stale = {d: c[0] for d, rec in recorded.items() if (c := _changed_inputs(run_dir, rec, missing_too=False))}
     if not stale:
         return
@@ -323,6 +345,7 @@ def environment(cfg: RunConfig, rt: Runtime) -> dict[str, Any]:
         "cuda": torch.version.cuda,
         "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else [],
         "seeds": {"run": cfg.seed, "students": list(cfg.distill.seeds), "teacher_replicates": cfg.teacher.seeds},
+        "done_format": DONE_FORMAT,
     }
     for mod in ("safetensors", "torch_pruning", "numpy"):
         try:

@@ -300,3 +300,46 @@ def test_a_done_cut_short_is_damaged_not_an_old_marker(tmp_path):
     for old in ("2026-11-20T10:00:00+00:00", ""):
         (tmp_path / "done").write_text(old)
         assert recorded_inputs(tmp_path) == {}
+
+
+def test_an_emptied_done_is_damaged_in_a_run_that_never_had_old_markers(tmp_path):
+    """An emptied `done` reads like the bare marker older ptd wrote, which switched the lineage
+    check off for its stage. A run started by this ptd records done_format 2 in env.json: there
+    every `done` must be mark_done's JSON, so an emptied one is damaged. Runs started by older ptd
+    (no done_format) still take bare markers."""
+    from ptd.errors import DamagedFileError
+    from ptd.pipeline import DONE_FORMAT, check_lineage, mark_done, strict_done
+
+    stage = tmp_path / "teacher"
+    stage.mkdir()
+    mark_done(stage, {})
+    (stage / "done").write_text("")
+    check_lineage(tmp_path)  # no env.json: an older run, the empty marker is an old one
+    (tmp_path / "env.json").write_text(json.dumps({"started": "x"}))
+    assert not strict_done(tmp_path)
+    check_lineage(tmp_path)
+    (tmp_path / "env.json").write_text(json.dumps({"started": "x", "done_format": DONE_FORMAT, "resumed": []}))
+    assert strict_done(tmp_path)
+    with pytest.raises(DamagedFileError, match=r"teacher/done: damaged \(empty\)"):
+        check_lineage(tmp_path)
+    for text, why in (("2026-11-20T10:00:00+00:00", "not JSON"), ("[]", "no inputs"), ('{"finished": 1}', "no inputs")):
+        (stage / "done").write_text(text)
+        with pytest.raises(DamagedFileError, match=why):
+            recorded_inputs(stage, strict=True)
+    mark_done(stage, {})
+    check_lineage(tmp_path)
+
+
+@pytest.mark.slow
+def test_a_new_run_records_its_done_format_and_refuses_an_emptied_done(tmp_path, tiny_fashion, capsys):
+    cfg = tiny_config(tiny_fashion, distill={"seeds": [0], "arms": ["scratch"], "optim": {"epochs": 1, "batch_size": 64, "lr": 0.05}})
+    cfg["teacher"]["optim"]["epochs"] = 1
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "run"
+    assert main(["train", str(tmp_path / "c.yaml"), "--out", str(out)]) == 0
+    assert json.loads((out / "env.json").read_text())["done_format"] == 2
+    (out / "teacher" / "done").write_text("")
+    capsys.readouterr()
+    assert main(["train", str(tmp_path / "c.yaml"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"ptd: error: {out / 'teacher' / 'done'}: damaged (empty)") and f"delete {out / 'teacher'}" in err
