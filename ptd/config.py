@@ -283,6 +283,7 @@ class SweepConfig:
 # "reduce-overhead" adds CUDA graphs: on an H100 the CIFAR VGG19 step at batch 128 went from 12.0 to
 # 2.5 ms (benchmarks/results/gpu/amp_compile.json), where eager is bound by kernel launches.
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
+MAX_JOBS = 256  # worker processes; preflight also holds jobs to this machine's CPUs
 
 
 @dataclass(frozen=True)
@@ -300,6 +301,9 @@ class RunConfig:
     quiet: bool = False  # no progress bars (CI)
     eval_batch_size: int = 512
     threads: int | None = None  # torch CPU threads; None: torch's default
+    # CPU: students trained this many at a time, each in its own process on threads / jobs
+    # threads (ptd.jobs; docs/speed.md). Results are those of a 1-job run on that many threads.
+    jobs: int = 1
     data: DataConfig = field(default_factory=DataConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
@@ -314,6 +318,7 @@ class RunConfig:
         _check(0 <= self.seed <= MAX_SEED, "seed", self.seed, f"must be >= 0 and at most {MAX_SEED} (it is the root of every random "
                f"stream; {_WHY_MAX_SEED})")
         _check(self.threads is None or self.threads >= 1, "threads", self.threads, "must be >= 1, or null for torch's default")
+        _check(1 <= self.jobs <= MAX_JOBS, "jobs", self.jobs, f"must be between 1 and {MAX_JOBS} (students trained at a time)")
         check_name(self.name)
         self.data.validate("data")
         self.teacher.model.validate("teacher.model")

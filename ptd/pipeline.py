@@ -48,7 +48,7 @@ from ptd.io import damaged, file_digest, parses, read_json_object, read_yaml_map
 
 STAGES = P.STAGES
 # Keys that change how a run is shown or scheduled, not what it computes: may differ on resume.
-_VOLATILE_KEYS = {"quiet", "threads", "device", "eval_batch_size"}
+_VOLATILE_KEYS = {"quiet", "threads", "jobs", "device", "eval_batch_size"}
 
 
 class RunDirError(PtdError, ValueError):
@@ -1039,16 +1039,112 @@ def check_layers(cfg: RunConfig, opts: dict[str, Any]) -> None:
             check("student", loss, cfg.distill.layer_map.get(layer, layer), s_names)
 
 
+def student_tasks(cfg: RunConfig, arms: Sequence[str]) -> list[tuple[str, int, str | None]]:
+    """(arm, seed, loss) of every student of one teacher replicate, in the order they train: each
+    teacher arm with each distill.loss, the scratch arm (no teacher, so no loss to vary) once."""
+    return [(arm, seed, loss) for arm in arms
+            for loss in (cfg.distill.losses if ARM_TABLE[arm].teacher is not None else (None,))
+            for seed in cfg.distill.seeds]
+
+
+def pending_students(ctx: Context, arms: Sequence[str], replicate: int = 0) -> list[tuple[str, int, str | None, int]]:
+    """The (arm, seed, loss, replicate) of :func:`student_tasks` whose stage is not done."""
+    cfg = ctx.cfg
+    root = P.replicate_root(ctx.run_dir, replicate)
+    return [(arm, seed, loss, replicate) for arm, seed, loss in student_tasks(cfg, arms)
+            if not is_done(P.distill_dir(root, arm, seed, None if loss in (None, cfg.distill.losses[0]) else loss))]
+
+
 def distill_all(ctx: Context, arms: Sequence[str], s_stats: dict, teachers: dict[str | None, nn.Module | None],
                 replicate: int = 0) -> list[dict]:
-    """Every student of one teacher replicate: each teacher arm with each distill.loss, the
-    scratch arm (no teacher, so no loss to vary) once; every seed."""
-    cfg, rows = ctx.cfg, []
-    for arm in arms:
-        kind = ARM_TABLE[arm].teacher
-        for loss in (cfg.distill.losses if kind is not None else (None,)):
-            rows += [stage_distill(ctx, arm, seed, s_stats, teachers[kind], loss=loss, replicate=replicate) for seed in cfg.distill.seeds]
-    return rows
+    """Every student of one teacher replicate (:func:`student_tasks`)."""
+    return [stage_distill(ctx, arm, seed, s_stats, teachers[ARM_TABLE[arm].teacher], loss=loss, replicate=replicate)
+            for arm, seed, loss in student_tasks(ctx.cfg, arms)]
+
+
+# ---------------------------------------------------------------- students side by side (jobs > 1)
+# Why processes and not threads: the students (and their teachers' forwards) are small
+# convolutions that oneDNN runs overhead-bound, so a second thread inside one step gains little;
+# two steps side by side, one thread each, keep both cores busy. Measured on this project's 2-core
+# AMD EPYC VM (benchmarks/parallel_fits.py, benchmarks/results/parallel_fits.md): KD steps of the
+# demo's student 1.26-1.55x the throughput of one process on 2 threads (median 1.53x); the
+# teacher's own training steps 1.15-1.19x, which is why only the students run side by side.
+#
+# What it does not change: every distillation is its own stage, seeded from its own streams,
+# reading its teacher through the same stage functions (which, done, only read and check
+# lineage), written atomically into its own folder. So a worker's student on 1 thread is
+# bit-identical to the one a 1-job run on 1 thread trains, a kill anywhere resumes as before, and
+# results and report come from the ordinary sequential pass, which finds every student done. The
+# parent holds the run directory's lock; workers never take it, and die with the parent (ptd.jobs).
+
+_WORKER: dict[str, Any] = {}  # per worker process: its context and the teachers it loaded
+
+
+def worker_threads(cfg: RunConfig) -> int:
+    """Torch threads per worker: the run's threads (torch's default when unset) shared out."""
+    return max(1, (cfg.threads or torch.get_num_threads()) // cfg.jobs)
+
+
+def _student_worker_init(cfg_dict: dict, run_dir: str, threads: int) -> None:
+    from ptd.config import from_dict
+
+    torch.set_num_threads(threads)
+    cfg = replace(from_dict(RunConfig, cfg_dict).validate(), quiet=True)
+    d = init_distributed("cpu")
+    rt = Runtime(device=resolve_device("cpu", d), amp=cfg.amp, channels_last=cfg.channels_last, fast_wgrad=cfg.fast_wgrad,
+                 compile=cfg.compile, quiet=True, dist=d)
+    from ptd.data import load_configured
+
+    _WORKER.clear()
+    _WORKER["ctx"] = Context(cfg, Path(run_dir), rt, load_configured(cfg.data, cfg.seed), lambda s: None)
+
+
+def _worker_replicate(replicate: int) -> dict[str, Any]:
+    key = ("rep", replicate)
+    if key not in _WORKER:
+        ctx = _WORKER["ctx"]
+        teacher, t_res = stage_teacher(ctx, replicate=replicate)
+        pruned, masks, p_res = stage_prune(ctx, teacher, t_res, replicate=replicate)
+        _WORKER[key] = {"unpruned": teacher, "pruned": pruned, "masks": masks, "p_res": p_res}
+    return _WORKER[key]
+
+
+def _student_worker(task: tuple[str, int, str | None, int]) -> dict:
+    """One student of ``pending_students``, in a worker: its teacher and the student's stats are
+    loaded from the finished stages (once per worker), then its stage runs as in the run."""
+    arm, seed, loss, replicate = task
+    ctx, kind = _WORKER["ctx"], ARM_TABLE[arm].teacher
+    rep = _worker_replicate(replicate)
+    if "stats" not in _WORKER:  # one student architecture, derived from replicate 0's pruned teacher
+        base = _worker_replicate(0)
+        _WORKER["stats"] = stage_student(ctx, base["unpruned"], base["pruned"], base["masks"])
+    if kind == "retrained" and "retrained" not in rep:
+        rep["retrained"], _ = stage_control(ctx, rep["unpruned"], rep["p_res"], replicate=replicate)
+    return stage_distill(ctx, arm, seed, _WORKER["stats"], rep[kind] if kind else None, loss=loss, replicate=replicate)
+
+
+def distill_in_parallel(ctx: Context, tasks: list[tuple[str, int, str | None, int]]) -> None:
+    """Train the students ``tasks`` (:func:`pending_students`) ``cfg.jobs`` at a time in worker
+    processes, with progress and an ETA; the first failure stops the others (their stages resume
+    on the next run) and is raised here as the worker raised it."""
+    cfg = ctx.cfg
+    if not tasks:
+        return
+    from ptd.jobs import run_in_workers
+
+    threads = worker_threads(cfg)
+    n = min(cfg.jobs, len(tasks))
+    ctx.log(f"[distill] {len(tasks)} students, {n} at a time ({threads} thread{'s' if threads > 1 else ''} each)")
+    t0 = time.perf_counter()
+    with tqdm(total=len(tasks), desc=f"distill ({n} jobs)", unit="student", disable=cfg.quiet, leave=False) as bar:
+        def done(row: dict) -> None:
+            bar.update(1)
+            name = row["arm"] if row.get("loss") in (None, cfg.distill.losses[0]) else f"{row['arm']}-{row['loss']}"
+            ctx.log(f"[distill] {name} seed {row['seed']}: test acc {row['test_acc']:.4f}")
+
+        run_in_workers(_student_worker, tasks, n, initializer=_student_worker_init,
+                       initargs=(to_dict(cfg), str(ctx.run_dir), threads), on_result=done)
+    ctx.log(f"[distill] {len(tasks)} students in {time.perf_counter() - t0:.0f} s")
 
 
 def run_pipeline(cfg: RunConfig, run_dir: str | Path, until: str = "report", arms: Sequence[str] | None = None,
@@ -1098,6 +1194,8 @@ def _run_stages(ctx: Context, until: str, arms: Sequence[str] | None, log: Calla
         reps[-1]["control"] = None
         if any(ARM_TABLE[a].teacher == "retrained" for a in arms):
             teachers["retrained"], reps[-1]["control"] = stage_control(ctx, teacher, p_res, replicate=r)
+        if cfg.jobs > 1:  # the students side by side in worker processes; the pass below then reads them
+            distill_in_parallel(ctx, pending_students(ctx, arms, replicate=r))
         students += distill_all(ctx, arms, s_stats, teachers, replicate=r)
         del teacher, pruned, teachers  # one replicate's teachers in memory at a time
     if until in ("teacher", "prune"):

@@ -60,6 +60,7 @@ def preflight(cfg: RunConfig, run_dir: str | Path, *, splits: Any = None, sweep:
     """
     check_threads(cfg.threads)
     device = check_device(cfg.device)
+    check_jobs(cfg, device, sweep)
     check_out_dir(run_dir)
     check_run_tree(cfg, run_dir, sweep=sweep, until=until, arms=arms)
     check_data_config(cfg)
@@ -104,6 +105,24 @@ def check_threads(threads: int | None) -> None:
     if threads is not None and threads > cpu_count():
         raise ConfigError(f"threads: {threads!r} is more than this machine's {cpu_count()} CPUs; set threads to at most "
                           f"{cpu_count()}, or null for torch's default ({torch.get_num_threads()} here)")
+
+
+def check_jobs(cfg: RunConfig, device: torch.device, sweep: bool = False) -> None:
+    """``jobs`` > 1 (students in parallel CPU processes, ptd.jobs) where it can run."""
+    if cfg.jobs == 1:
+        return
+    if cfg.jobs > cpu_count():
+        raise ConfigError(f"jobs: {cfg.jobs} is more than this machine's {cpu_count()} CPUs; set jobs to at most {cpu_count()}")
+    if device.type != "cpu":
+        raise ConfigError(f"jobs: {cfg.jobs} trains students in parallel CPU processes, but this run trains on {device}; "
+                          f"set jobs: 1 (one GPU runs one student at a time best), or --device cpu")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError(f"jobs: {cfg.jobs} cannot be combined with torchrun (WORLD_SIZE={os.environ['WORLD_SIZE']}); set jobs: 1")
+    if sweep:
+        raise ConfigError(f"jobs: {cfg.jobs} applies to ptd run/distill; ptd sweep trains its students one at a time: set jobs: 1")
+    if cfg.threads is not None and cfg.threads < cfg.jobs:
+        raise ConfigError(f"jobs: {cfg.jobs} workers need at least one thread each, but threads is {cfg.threads}; set threads "
+                          f"to at least {cfg.jobs}, or null")
 
 
 def check_device(device: str) -> torch.device:

@@ -241,3 +241,14 @@ def test_gpu_check_dry_run_passes_every_step(tmp_path: Path):
     r = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--dry-run"], env=env, capture_output=True, text=True, timeout=300)
     summary = (tmp_path / "only" / "summary.txt").read_text()
     assert "cuda_tests rc=0 " in summary and all(f"{s} rc=skipped (not in GPU_CHECK_STEPS)" in summary for s in steps[1:])
+
+
+@pytest.mark.slow
+def test_parallel_fits_smoke(tmp_path: Path):
+    """benchmarks/parallel_fits.py (the measurement behind jobs: N) runs end to end."""
+    pf = _load("parallel_fits")
+    assert pf.main(["--steps", "2", "--warmup", "1", "--rounds", "1", "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "parallel_fits.json").read_text())
+    assert [r["workload"] for r in res["rows"]] == ["kd", "teacher"]
+    assert all(len(r["ratios"]) == 1 and r["ratios"][0] > 0 for r in res["rows"])
+    assert "| kd |" in (tmp_path / "parallel_fits.md").read_text()

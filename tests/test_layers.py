@@ -18,7 +18,7 @@ LAYERS = [
     {"students", "pruning", "distill", "report", "measure", "export"},
     {"train"},
     {"models", "data"},
-    {"config", "registry", "errors", "io", "paths", "seeding", "machine"},  # core leaves (io: run-directory readers)
+    {"config", "registry", "errors", "io", "paths", "seeding", "machine", "jobs"},  # core leaves (io: run-directory readers)
 ]
 RANK = {pkg: i for i, layer in enumerate(LAYERS) for pkg in layer}
 

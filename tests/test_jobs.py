@@ -1,0 +1,138 @@
+"""``jobs: N``: a run's students trained N at a time in worker processes (ptd.jobs). Each student
+is the one a 1-job run on the workers' thread count trains, bit for bit; refusals are one line."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import tiny_config
+from ptd.cli import main
+
+ARMS = ["scratch", "unpruned_teacher", "pruned_teacher", "retrained_teacher"]
+
+
+def _cfg(tmp_path: Path, data: Path, **top) -> Path:
+    cfg = tiny_config(data, distill={"seeds": [0, 1], "arms": ARMS, "optim": {"epochs": 1, "batch_size": 64, "lr": 0.05}})
+    cfg.update(top)
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    return p
+
+
+def _students(run: Path) -> dict[str, tuple]:
+    """Every student's weights (sha256 of each tensor's bytes), metadata and test accuracy, by stage
+    folder. Not the file's bytes: safetensors writes its metadata map in an order that varies
+    from process to process."""
+    from safetensors import safe_open
+
+    out = {}
+    for d in sorted((run / "distill").iterdir()):
+        res = json.loads((d / "result.json").read_text())
+        with safe_open(str(d / "model.safetensors"), "pt") as f:
+            tensors = {k: hashlib.sha256(f.get_tensor(k).numpy().tobytes()).hexdigest() for k in sorted(f.keys())}
+            meta = f.metadata()
+        out[d.name] = (tensors, meta, res["test_acc"], res["val_acc"])
+    return out
+
+
+@pytest.mark.slow
+def test_parallel_students_are_the_sequential_ones_bit_for_bit(tmp_path, tiny_fashion, capsys):
+    one = tmp_path / "one"
+    cfg = _cfg(tmp_path, tiny_fashion, threads=1, quiet=True)
+    assert main(["run", str(cfg), "--out", str(one)]) == 0
+    want = _students(one)
+    assert len(want) == 8
+    # The same run with its students deleted, re-run with 2 jobs on 2 threads: each worker trains
+    # on 1 thread, from the same teachers, so every student comes back identical.
+    par = tmp_path / "par"
+    shutil.copytree(one, par)
+    shutil.rmtree(par / "distill")
+    for f in ("results.json", "report.md", "report.html"):
+        (par / f).unlink()
+    capsys.readouterr()
+    assert main(["run", str(cfg), "--out", str(par), "--set", "jobs=2", "--set", "threads=2"]) == 0
+    said = "".join(capsys.readouterr())
+    assert "[distill] 8 students, 2 at a time (1 thread each)" in said, said
+    assert _students(par) == want
+    a, b = (json.loads((r / "results.json").read_text()) for r in (one, par))
+    timeless = lambda rows: [{k: v for k, v in r.items() if k != "wall_s"} for r in rows]
+    assert timeless(a["students"]) == timeless(b["students"]) and a["comparison"] == b["comparison"]
+
+
+@pytest.mark.slow
+def test_a_killed_parallel_run_leaves_no_worker_and_resumes(tmp_path, tiny_fashion):
+    """SIGKILL to ptd while its workers train: they die with it (PR_SET_PDEATHSIG), nothing
+    else writes into the run, and the re-run finishes with the students of an uninterrupted one."""
+    cfg = _cfg(tmp_path, tiny_fashion, threads=2, jobs=2, quiet=True)
+    ref = tmp_path / "ref"
+    assert main(["run", str(cfg), "--out", str(ref)]) == 0
+    run = tmp_path / "run"
+    shutil.copytree(ref, run)
+    shutil.rmtree(run / "distill")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    p = subprocess.Popen([sys.executable, "-m", "ptd", "run", str(cfg), "--out", str(run)], env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not any((run / "distill").glob("*/metrics.jsonl")):
+        time.sleep(0.05)  # until a worker has finished an epoch of some student
+    kids = subprocess.run(["pgrep", "-P", str(p.pid)], capture_output=True, text=True).stdout.split()
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    assert kids, "no worker processes were seen"
+    for _ in range(200):  # the workers get SIGKILL from the kernel when their parent dies
+        alive = [k for k in kids if Path(f"/proc/{k}").exists() and "Z" not in Path(f"/proc/{k}/stat").read_text().split()[2]]
+        if not alive:
+            break
+        time.sleep(0.05)
+    assert not alive, f"workers {alive} outlived their parent"
+    assert main(["run", str(cfg), "--out", str(run)]) == 0
+    assert _students(run) == _students(ref)
+
+
+@pytest.mark.parametrize("sets, words", [
+    (["jobs=0"], ["jobs: 0", "between 1 and"]),
+    (["jobs=9999"], ["jobs: 9999", "between 1 and 256"]),
+    (["jobs=200"], ["jobs: 200", "CPUs"]),
+    (["jobs=2", "threads=1"], ["jobs: 2", "threads is 1"]),
+])
+def test_jobs_out_of_range_is_one_line(tmp_path, tiny_fashion, capsys, sets, words):
+    cfg = _cfg(tmp_path, tiny_fashion)
+    argv = ["run", str(cfg), "--out", str(tmp_path / "out")] + [x for s in sets for x in ("--set", s)]
+    capsys.readouterr()
+    assert main(argv) == 2
+    line = capsys.readouterr().err.strip()
+    assert line.startswith("ptd: error: ") and "\n" not in line
+    for w in words:
+        assert w in line, (w, line)
+    assert not (tmp_path / "out").exists()
+
+
+def test_jobs_are_refused_where_they_cannot_run(tmp_path, tiny_fashion):
+    import torch
+
+    from ptd.config import load_config
+    from ptd.config import ConfigError
+    from ptd.preflight import check_jobs
+
+    cfg = load_config(_cfg(tmp_path, tiny_fashion), ["jobs=2"])
+    check_jobs(cfg, torch.device("cpu"))
+    with pytest.raises(ConfigError, match="parallel CPU processes, but this run trains on cuda"):
+        check_jobs(cfg, torch.device("cuda"))
+    with pytest.raises(ConfigError, match="ptd sweep trains its students one at a time"):
+        check_jobs(cfg, torch.device("cpu"), sweep=True)
+    os.environ["WORLD_SIZE"] = "2"
+    try:
+        with pytest.raises(ConfigError, match="torchrun"):
+            check_jobs(cfg, torch.device("cpu"))
+    finally:
+        del os.environ["WORLD_SIZE"]
