@@ -28,6 +28,9 @@ def die_with_parent() -> None:
 
 def _init(initializer: Callable[..., None] | None, initargs: Sequence[Any]) -> None:
     die_with_parent()
+    # Ctrl-C reaches the whole process group: the parent stops the workers (terminate), so they
+    # need not each print a KeyboardInterrupt traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if initializer is not None:
         initializer(*initargs)
 
