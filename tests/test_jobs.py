@@ -136,3 +136,15 @@ def test_jobs_are_refused_where_they_cannot_run(tmp_path, tiny_fashion):
             check_jobs(cfg, torch.device("cpu"))
     finally:
         del os.environ["WORLD_SIZE"]
+
+
+@pytest.mark.slow
+def test_a_student_that_fails_in_a_worker_is_the_same_one_line(tmp_path, tiny_yaml, capsys):
+    """A worker's error comes back as the error itself: the CLI prints the line a 1-job run prints."""
+    run = tmp_path / "run"
+    capsys.readouterr()
+    assert main(["distill", str(tiny_yaml), "--set", "distill.optim.lr=1e12", "--set", "distill.arms=[scratch, pruned_teacher]",
+                 "--set", "jobs=2", "--set", "threads=2", "--out", str(run)]) == 2
+    lines = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
+    assert len(lines) == 1 and "lower distill.optim.lr" in lines[0], lines
+    assert lines[0].endswith(f"to reuse this run's trained teacher there, add --teacher {run}/teacher/model.safetensors")

@@ -196,16 +196,18 @@ def test_student_stage_passes_the_rounding_config(tmp_path, tiny_yaml, monkeypat
     import ptd.students
 
     seen = []
-    real = ptd.students.derive_student
+    real = ptd.students.derive_configured
 
     def spy(*a, **kw):
-        seen.append({k: kw.get(k) for k in ("round_to", "round_narrower")})
+        seen.append({k: kw.get(k) for k in ("round_to", "round_narrower", "device_type")})
         return real(*a, **kw)
 
-    monkeypatch.setattr(ptd.students, "derive_student", spy)
+    monkeypatch.setattr(ptd.students, "derive_configured", spy)
     cfg = load_config(tiny_yaml, ["student.round_to=4", "student.round_narrower=false"])
     stats = run_pipeline(cfg, tmp_path / "run", until="student")
-    assert seen == [{"round_to": 4, "round_narrower": False}] * 2  # preflight's check, then the student stage
+    # preflight's check, then the student stage, both for the device the run trains on
+    assert seen == [{"round_to": 4, "round_narrower": False, "device_type": "cpu"}] * 2
+    assert stats["plan"]["round_to"] == 4 and stats["plan"]["round_to_choice"] == ""
     assert all(r["width"] % 4 == 0 or "not rounded" in r["note"] or r["note"] for r in stats["plan"]["layers"])
     assert load_config(tiny_yaml).student.round_narrower is True  # the default
 
