@@ -39,3 +39,31 @@ def test_torchrun_two_processes(tmp_path, tiny_fashion, compile):
     w = load_tensors(out / "prune" / "level_1" / "model.safetensors")
     for name, m in load_masks(out / "prune" / "level_1" / "masks.safetensors").items():
         assert (w[name][~m] == 0).all()
+
+
+_SHUTDOWN_SCRIPT = """
+import atexit, sys
+from pathlib import Path
+import torch.distributed as dist
+out = Path(sys.argv[1])
+# Registered first, so it runs last (atexit is LIFO): after ptd's own teardown.
+atexit.register(lambda: (out / f"rank{dist.get_rank() if dist.is_initialized() else 'x'}_{dist.is_initialized()}").touch())
+from ptd.train.distributed import init_distributed, all_sum
+import torch
+d = init_distributed("cpu")
+(out / f"rank{d.rank}_sum").write_text(str(all_sum([1.0], torch.device("cpu"))[0]))
+"""
+
+
+@pytest.mark.slow
+def test_the_process_group_is_torn_down_before_exit(tmp_path):
+    """init_distributed registers the group's teardown: at exit no group is left to process
+    teardown (where gloo's threads once aborted rank 0 of a finished run with SIGABRT)."""
+    script = tmp_path / "w.py"
+    script.write_text(_SHUTDOWN_SCRIPT)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+                        str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "rank0_sum").read_text() == "2.0" and (tmp_path / "rank1_sum").read_text() == "2.0"
+    assert (tmp_path / "rankx_False").is_file()  # the last exit handler of both ranks found no group
+    assert not list(tmp_path.glob("rank*_True")), "a process group was still up at exit"

@@ -4,6 +4,7 @@ torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; without them everything is a sing
 """
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 
@@ -37,7 +38,20 @@ def init_distributed(device: str) -> Dist:
         if backend == "nccl":
             torch.cuda.set_device(local)
         dist.init_process_group(backend)
+        # Torn down before the interpreter exits: left to process teardown, gloo's threads were
+        # once destroyed while joinable, and rank 0 of a finished torchrun aborted ("terminate
+        # called without an active exception", exit -6) after all its work was written.
+        atexit.register(shutdown_distributed)
     return Dist(rank, local, world)
+
+
+def shutdown_distributed() -> None:
+    """Destroy the process group if one is up (idempotent)."""
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 -- at exit, after the work: a failed teardown changes nothing written
+            pass
 
 
 def resolve_device(name: str, d: Dist) -> torch.device:
