@@ -237,6 +237,12 @@ class DistillConfig:
     def losses(self) -> tuple[str, ...]:
         return (self.loss,) if isinstance(self.loss, str) else tuple(self.loss)
 
+    def folder_loss(self, loss: str | None) -> str | None:
+        """The loss a student's folder is named after (ptd.paths.distill_dir): None for the first
+        loss, which keeps the one-loss names (so a run grown by more losses keeps its students),
+        and for the scratch arm (no loss)."""
+        return None if loss in (None, self.losses[0]) else loss
+
     def validate(self, where: str) -> None:
         # Loss names and options are checked by ptd.distill where the losses are built (and by
         # ptd.pipeline.check_plugins before a run starts): the config imports no plugin.

@@ -455,9 +455,10 @@ def check_finished_stages(run_dir: Path) -> None:
         d = marker.parent
         if d == run_dir or not marker.is_file():
             continue
-        read_json(d / _record_file(d))  # DamagedFileError, the same line the stage would give
-        for f in sorted(d.glob("*.json")):  # every JSON ptd wrote there (architecture.json: `ptd eval`, export)
-            if f.is_file():
+        record = d / _record_file(d)
+        read_json(record)  # DamagedFileError, the same line the stage would give (a missing record too)
+        for f in sorted(d.glob("*.json")):  # every other JSON ptd wrote there (architecture.json: `ptd eval`, export)
+            if f != record and f.is_file():
                 read_json(f)
         for f in sorted(d.glob("*.safetensors")):
             if f.is_file() and not parses(f):
@@ -863,7 +864,7 @@ def stage_distill(ctx: Context, arm: str, seed: int, student_stats: dict, teache
     ``replicate``."""
     cfg = ctx.cfg
     loss = None if teacher is None else (loss or cfg.distill.losses[0])
-    d = d or P.distill_dir(P.replicate_root(ctx.run_dir, replicate), arm, seed, None if loss == cfg.distill.losses[0] else loss)
+    d = d or P.distill_dir(P.replicate_root(ctx.run_dir, replicate), arm, seed, cfg.distill.folder_loss(loss))
     data_seed = student_seed(cfg, seed, replicate)
 
     def compute() -> dict:
@@ -1052,7 +1053,7 @@ def pending_students(ctx: Context, arms: Sequence[str], replicate: int = 0) -> l
     cfg = ctx.cfg
     root = P.replicate_root(ctx.run_dir, replicate)
     return [(arm, seed, loss, replicate) for arm, seed, loss in student_tasks(cfg, arms)
-            if not is_done(P.distill_dir(root, arm, seed, None if loss in (None, cfg.distill.losses[0]) else loss))]
+            if not is_done(P.distill_dir(root, arm, seed, cfg.distill.folder_loss(loss)))]
 
 
 def distill_all(ctx: Context, arms: Sequence[str], s_stats: dict, teachers: dict[str | None, nn.Module | None],

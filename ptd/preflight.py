@@ -273,7 +273,7 @@ def stage_dirs(cfg: RunConfig, sweep: bool = False, until: str = "report", arms:
             dirs.append(root / P.CONTROL)
         for arm in arms:
             losses = dc.losses if ARM_TABLE[arm].teacher is not None else (None,)
-            dirs += [P.distill_dir(root, arm, seed, None if loss in (None, dc.losses[0]) else loss)
+            dirs += [P.distill_dir(root, arm, seed, dc.folder_loss(loss))
                      for loss in losses for seed in dc.seeds]
     return dirs
 
