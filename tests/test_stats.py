@@ -1,6 +1,8 @@
 """Comparisons as estimates: hand-computed intervals, and simulations of the false-positive rate
 and the power of the call (vectorized numpy, seeded; well under a second each)."""
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -212,3 +214,13 @@ def test_equal_differences_are_a_tie_whatever_their_last_bits():
     # Teacher means too: each teacher's seeds tie, and so do the teachers.
     h = hierarchical_estimate({0: d, 1: [5030 / n - 5000 / n, 4030 / n - 4000 / n]})
     assert not h["called"]
+
+
+def test_the_statistics_do_not_import_scipy_stats():
+    """Every ``ptd run`` and ``ptd report`` renders these; scipy.stats took 0.6 s to import (about a
+    third of a tiny run), for two functions scipy.special has. A fresh interpreter, so modules the
+    test session imported do not hide an import."""
+    code = ("import sys; from ptd.report.stats import above_chance, t_quantile; "
+            "t_quantile(4); above_chance(0.3, 10, 0.1); print('scipy.stats' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "False"

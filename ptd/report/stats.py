@@ -47,9 +47,11 @@ SIGN_FLIP_MAX_N = 16  # exact enumeration of 2^n sign patterns up to 65,536; lar
 
 def t_quantile(df: int | np.ndarray, level: float = LEVEL) -> np.ndarray:
     """The two-sided critical value t_{(1+level)/2, df} (12.706 at df=1, 4.303 at 2, 2.776 at 4)."""
-    from scipy.stats import t
+    # scipy.special, not scipy.stats: the same function (stats' t.ppf calls stdtrit), without the
+    # 0.6 s import of scipy.stats that every report render paid (measured on the AMD EPYC here).
+    from scipy.special import stdtrit
 
-    return t.ppf(0.5 + level / 2, df)
+    return stdtrit(df, 0.5 + level / 2)
 
 
 def t_interval(d: np.ndarray, level: float = LEVEL) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -181,8 +183,8 @@ def above_chance(acc: float, n: int, chance: float, alpha: float = CHANCE_ALPHA)
     "learned"}``; ``learned`` is False when the accuracy is not above chance at level ``alpha``.
     The test is exact, so a guessing model is called learned with probability at most ``alpha``.
     """
-    from scipy.stats import binom
+    from scipy.special import bdtrc  # the binomial upper tail, without importing scipy.stats (see t_quantile)
 
     k = int(round(acc * n))
-    p = float(binom.sf(k - 1, n, chance))  # P[X >= k]
+    p = float(bdtrc(k - 1, n, chance))  # P[X >= k] = P[X > k - 1]; 1.0 for k = 0
     return {"p_value": p, "learned": p < alpha}
