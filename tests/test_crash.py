@@ -267,6 +267,9 @@ def _same(a: Path, b: Path) -> str | None:
         for k in wa[f]:
             if not torch.equal(wa[f][k], wb[f][k]):
                 return f"{f}: {k} differs"
+    for f in sorted(a.rglob("*.safetensors")):  # and the files themselves: their headers are canonical
+        if f.read_bytes() != (b / f.relative_to(a)).read_bytes():
+            return f"{f.relative_to(a)}: same tensors, different bytes"
     if _normalized_results(a) != _normalized_results(b):
         return "results.json differs"
     for f in sorted(a.rglob("metrics.jsonl")):

@@ -208,7 +208,40 @@ def unlock_dir(path: str | Path) -> None:
 
 
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    _commit(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    def w(tmp: str) -> None:
+        save_file(tensors, tmp, metadata=metadata)
+        canonical_header(tmp)
+
+    _commit(Path(path), w)
+
+
+def canonical_header(path: str | Path) -> None:
+    """Rewrite a safetensors file's header with its metadata keys sorted, so the same tensors and
+    metadata always give the same bytes.
+
+    safetensors writes the metadata map in a hash map's order, seeded per process: a teacher
+    retrained bit for bit gave a file that differed in bytes (measured), which misleads anyone
+    comparing run directories by hash. The tensors' entries are already in a fixed order. The
+    header is re-encoded compactly as the writer does, so it almost always keeps its length and
+    is patched in place; otherwise the whole file is rewritten."""
+    p = Path(path)
+    with open(p, "r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        meta = header.get("__metadata__")
+        if not meta:
+            return
+        header = {"__metadata__": dict(sorted(meta.items())), **{k: v for k, v in header.items() if k != "__metadata__"}}
+        new = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        new += b" " * (-len(new) % 8)  # the format pads the header with spaces to 8 bytes
+        if len(new) == n:
+            f.seek(8)
+            f.write(new)
+            return
+        data = f.read()  # the rare case (never seen): the file is ptd's own temporary, rewritten in place
+        f.seek(0)
+        f.write(len(new).to_bytes(8, "little") + new + data)
+        f.truncate()
 
 
 def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
