@@ -307,8 +307,9 @@ class RunConfig:
     quiet: bool = False  # no progress bars (CI)
     eval_batch_size: int = 512
     threads: int | None = None  # torch CPU threads; None: torch's default
-    # CPU: students trained this many at a time, each in its own process on threads / jobs
-    # threads (ptd.jobs; docs/speed.md). Results are those of a 1-job run on that many threads.
+    # CPU: students (of ptd run/distill, and of ptd sweep) trained this many at a time, each in its
+    # own process on threads / jobs threads (ptd.jobs; docs/speed.md). Results are those of a
+    # 1-job run on that many threads.
     jobs: int = 1
     data: DataConfig = field(default_factory=DataConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)

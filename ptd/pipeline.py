@@ -1124,10 +1124,12 @@ def _student_worker(task: tuple[str, int, str | None, int]) -> dict:
     return stage_distill(ctx, arm, seed, _WORKER["stats"], rep[kind] if kind else None, loss=loss, replicate=replicate)
 
 
-def distill_in_parallel(ctx: Context, tasks: list[tuple[str, int, str | None, int]]) -> None:
+def distill_in_parallel(ctx: Context, tasks: list[tuple], worker: Callable[[tuple], dict] | None = None) -> None:
     """Train the students ``tasks`` (:func:`pending_students`) ``cfg.jobs`` at a time in worker
     processes, with progress and an ETA; the first failure stops the others (their stages resume
-    on the next run) and is raised here as the worker raised it."""
+    on the next run) and is raised here as the worker raised it. ``worker`` (default: the run's,
+    ``_student_worker``) trains one task in a worker whose context ``_student_worker_init`` made;
+    ``ptd sweep`` passes its own. It must be a module-level function: workers are spawned."""
     cfg = ctx.cfg
     if not tasks:
         return
@@ -1143,7 +1145,7 @@ def distill_in_parallel(ctx: Context, tasks: list[tuple[str, int, str | None, in
             name = row["arm"] if row.get("loss") in (None, cfg.distill.losses[0]) else f"{row['arm']}-{row['loss']}"
             ctx.log(f"[distill] {name} seed {row['seed']}: test acc {row['test_acc']:.4f}")
 
-        run_in_workers(_student_worker, tasks, n, initializer=_student_worker_init,
+        run_in_workers(worker or _student_worker, tasks, n, initializer=_student_worker_init,
                        initargs=(to_dict(cfg), str(ctx.run_dir), threads), on_result=done)
     ctx.log(f"[distill] {len(tasks)} students in {time.perf_counter() - t0:.0f} s")
 

@@ -60,7 +60,7 @@ def preflight(cfg: RunConfig, run_dir: str | Path, *, splits: Any = None, sweep:
     """
     check_threads(cfg.threads)
     device = check_device(cfg.device)
-    check_jobs(cfg, device, sweep)
+    check_jobs(cfg, device)
     check_out_dir(run_dir)
     check_run_tree(cfg, run_dir, sweep=sweep, until=until, arms=arms)
     check_data_config(cfg)
@@ -107,7 +107,7 @@ def check_threads(threads: int | None) -> None:
                           f"{cpu_count()}, or null for torch's default ({torch.get_num_threads()} here)")
 
 
-def check_jobs(cfg: RunConfig, device: torch.device, sweep: bool = False) -> None:
+def check_jobs(cfg: RunConfig, device: torch.device) -> None:
     """``jobs`` > 1 (students in parallel CPU processes, ptd.jobs) where it can run."""
     if cfg.jobs == 1:
         return
@@ -118,8 +118,6 @@ def check_jobs(cfg: RunConfig, device: torch.device, sweep: bool = False) -> Non
                           f"set jobs: 1 (one GPU runs one student at a time best), or --device cpu")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError(f"jobs: {cfg.jobs} cannot be combined with torchrun (WORLD_SIZE={os.environ['WORLD_SIZE']}); set jobs: 1")
-    if sweep:
-        raise ConfigError(f"jobs: {cfg.jobs} applies to ptd run/distill; ptd sweep trains its students one at a time: set jobs: 1")
     if cfg.threads is not None and cfg.threads < cfg.jobs:
         raise ConfigError(f"jobs: {cfg.jobs} workers need at least one thread each, but threads is {cfg.threads}; set threads "
                           f"to at least {cfg.jobs}, or null")

@@ -32,7 +32,8 @@ from tqdm.auto import tqdm
 from ptd import paths as P
 from ptd.config import ConfigError, PruneConfig, RunConfig
 from ptd.models import build_from_spec
-from ptd.pipeline import Context, RunDirError, check_plugins, finish_growth, is_done, snapshot_epoch, make_context, read_json, stage_distill, stage_prune, stage_student, stage_teacher
+from ptd.pipeline import (Context, RunDirError, check_plugins, distill_in_parallel, finish_growth, is_done, snapshot_epoch, make_context, read_json,
+                          stage_distill, stage_prune, stage_student, stage_teacher)
 from ptd.pruning import SPECS, options_for
 from ptd.pruning.masks import Masks, load_masks
 from ptd.pruning.select import rounds_for_target
@@ -176,6 +177,8 @@ def _sweep_stages(ctx: Context, sparsities: list[float], student_from: float, lo
     del src_model, src_masks
 
     seeds = list(cfg.distill.seeds)
+    if cfg.jobs > 1:  # the students side by side; the pass below then finds them done
+        distill_in_parallel(ctx, pending_sweep_students(ctx, pruned), worker=_sweep_student_worker)
     baselines: dict[str, list[dict]] = {}
     if "scratch" in cfg.distill.arms:
         baselines["scratch"] = [stage_distill(ctx, "scratch", s, s_stats, None) for s in seeds]
@@ -209,3 +212,52 @@ def _sweep_stages(ctx: Context, sparsities: list[float], student_from: float, lo
     log(f"sweep done in {time.perf_counter() - t0:.0f} s: {ctx.run_dir}")
     return results
 
+
+
+def sweep_student_keys(cfg: RunConfig, pruned: list[PrunedTeacher]) -> list[str]:
+    """The distill/ folder keys of a sweep, in the order it trains them: the baseline arms, then
+    one per distinct pruned teacher (two sparsities on the same IMP level share their students)."""
+    keys = [arm for arm in ("scratch", "unpruned_teacher") if arm in cfg.distill.arms]
+    seen: set[tuple] = set()
+    for p in pruned:
+        ident = (p.strategy, p.prune_dir, p.level)
+        if ident not in seen:
+            seen.add(ident)
+            keys.append(p.key)
+    return keys
+
+
+def pending_sweep_students(ctx: Context, pruned: list[PrunedTeacher]) -> list[tuple[str, int]]:
+    """(key, seed) of every sweep student whose stage is not done."""
+    return [(k, s) for k in sweep_student_keys(ctx.cfg, pruned) for s in ctx.cfg.distill.seeds
+            if not is_done(P.distill_dir(ctx.run_dir, k, s))]
+
+
+def _sweep_student_worker(task: tuple[str, int]) -> dict:
+    """One sweep student, in a worker of ``distill_in_parallel`` (its context made by the
+    pipeline's worker initializer). The teacher, the pruned teachers and the student come from
+    their finished stages, read once per worker; the student's stage then runs as in the sweep."""
+    from ptd.pipeline import _WORKER
+
+    key, seed = task
+    ctx = _WORKER["ctx"]
+    if "sweep" not in _WORKER:
+        cfg = ctx.cfg
+        sparsities, student_from = check_sweep(cfg)
+        teacher, t_res = stage_teacher(ctx, snapshot=snapshot_epoch(cfg, cfg.sweep.strategies))
+        teacher.eval()
+        pruned = prune_all(ctx, teacher, t_res, sparsities)
+        src = next(p for p in pruned if p.strategy == cfg.sweep.strategies[0] and abs(p.target - student_from) < 1e-9)
+        src_model, src_masks = src.load(ctx, teacher)
+        _WORKER["sweep"] = {"teacher": teacher, "pruned": {p.key: p for p in pruned}, "models": {},
+                            "stats": stage_student(ctx, teacher, src_model, src_masks)}
+    w = _WORKER["sweep"]
+    if key == "scratch":
+        model = None
+    elif key == "unpruned_teacher":
+        model = w["teacher"]
+    else:
+        if key not in w["models"]:
+            w["models"] = {key: w["pruned"][key].load(ctx, w["teacher"])[0]}  # one pruned teacher held at a time
+        model = w["models"][key]
+    return stage_distill(ctx, key, seed, w["stats"], model)
