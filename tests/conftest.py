@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 import struct
 from pathlib import Path
 
@@ -10,6 +11,15 @@ import pytest
 import torch
 import torch.nn as nn
 import yaml
+
+
+def pytest_configure(config):
+    # Under pytest-xdist (the CI command runs `-n auto`) every worker is a process of its own: each
+    # takes its share of the cores, since N workers on all threads each oversubscribe them and
+    # OpenMP threads then stall one another.
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 
 # Every device this machine has, as test parameters: the CPU always, CUDA when a GPU is visible
