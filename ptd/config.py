@@ -53,6 +53,11 @@ MAX_VALUES = 10_000
 _STARTER = "configs/fashion_mnist_demo.yaml"
 
 
+# Field metadata: what a key means, added to a type error where two keys are easily confused
+# (teacher.seeds counts replicates; distill.seeds lists seeds).
+MEANS = "ptd_means"
+
+
 @dataclass(frozen=True)
 class OptimConfig:
     """SGD with Nesterov momentum and a multi-step LR schedule (the paper's optimizer everywhere)."""
@@ -126,7 +131,7 @@ class TeacherConfig:
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(epochs=200, lr=0.1, milestones=(60, 120, 160), gamma=0.2, weight_decay=5e-4))
     # Teacher replicates: how many teachers are trained (and pruned, and control-retrained), each
     # from its own seed stream, so the comparison can count the variance between teachers.
-    seeds: int = 1
+    seeds: int = field(default=1, metadata={MEANS: "the number of teacher replicates, e.g. 3, not a list: distill.seeds lists seeds"})
 
     def validate(self, where: str) -> None:
         _check(self.seeds >= 1, f"{where}.seeds", self.seeds, "must be >= 1 (the number of teacher replicates)")
@@ -230,7 +235,7 @@ class DistillConfig:
     # whose modules are not named as the teacher's (derived students keep the names).
     layer_map: dict = field(default_factory=dict)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(epochs=200, lr=0.1, milestones=(60, 120, 160), gamma=0.2, weight_decay=5e-4))
-    seeds: tuple[int, ...] = (0, 1)
+    seeds: tuple[int, ...] = field(default=(0, 1), metadata={MEANS: "the list of student seeds, e.g. [0, 1, 2, 3, 4]"})
     arms: tuple[str, ...] = DEFAULT_ARMS
 
     @property
@@ -447,13 +452,19 @@ def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
 
 def from_dict(cls: type, data: dict, prefix: str = "", source: str = "config") -> Any:
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for k, v in data.items():
         key = f"{prefix}.{k}" if prefix else str(k)
-        if k not in names:
-            raise ConfigError(f"{key} ({source}): unknown key; valid keys{' under ' + prefix if prefix else ''}: {', '.join(names)}")
-        kwargs[k] = _coerce(hints[k], v, key, source)
+        if k not in fields:
+            raise ConfigError(f"{key} ({source}): unknown key; valid keys{' under ' + prefix if prefix else ''}: {', '.join(fields)}")
+        try:
+            kwargs[k] = _coerce(hints[k], v, key, source)
+        except ConfigError as e:
+            means = fields[k].metadata.get(MEANS)
+            if means is None:
+                raise
+            raise ConfigError(f"{e} ({key} is {means})") from None
     return cls(**kwargs)
 
 

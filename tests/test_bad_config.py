@@ -351,3 +351,17 @@ def test_eval_checks_the_config_as_run_does(ws, capsys, monkeypatch, sets, words
     line = refused(ws, argv, capsys, monkeypatch)
     for w in words:
         assert w in line, (w, line)
+
+
+@pytest.mark.parametrize("over, words", [
+    ("teacher.seeds=[0, 1]", ["expected an integer, got [0, 1]", "number of teacher replicates", "distill.seeds lists seeds"]),
+    ("distill.seeds=5", ["expected a list, got 5", "distill.seeds is the list of student seeds"]),
+])
+def test_the_two_seeds_keys_say_what_they_mean_when_confused(over, words):
+    """teacher.seeds counts teacher replicates, distill.seeds lists student seeds: a value of the
+    other's shape is refused with the meaning of the key given, in the one line."""
+    from ptd.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [over])
+    assert "\n" not in str(e.value) and all(w in str(e.value) for w in words), str(e.value)
