@@ -248,6 +248,10 @@ class DistillConfig:
         and for the scratch arm (no loss)."""
         return None if loss in (None, self.losses[0]) else loss
 
+    def student_name(self, arm: str, loss: str | None) -> str:
+        """A student's name in logs: its arm, with the loss where the run distills with several."""
+        return arm if loss is None or len(self.losses) == 1 else f"{arm}-{loss}"
+
     def validate(self, where: str) -> None:
         # Loss names and options are checked by ptd.distill where the losses are built (and by
         # ptd.pipeline.check_plugins before a run starts): the config imports no plugin.

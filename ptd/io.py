@@ -88,7 +88,7 @@ _DIGESTS: dict[tuple[str, int, int], str] = {}
 _MAX_HEADER = 100 * 2**20  # safetensors' own limit on its JSON header, bytes
 
 
-def _safetensors_header(f, size: int) -> dict | None:
+def safetensors_header(f, size: int) -> dict | None:
     """The JSON header of an open safetensors file (positioned at 0), or None where the file does
     not start like one; leaves ``f`` just past the header."""
     n = int.from_bytes(f.read(8), "little")
@@ -112,7 +112,7 @@ def parses(path: str | Path) -> bool:
         elif p.suffix == ".safetensors":
             size = p.stat().st_size
             with open(p, "rb") as f:
-                header = _safetensors_header(f, size)
+                header = safetensors_header(f, size)
                 data_start = f.tell()
             if header is None:
                 return False
@@ -138,7 +138,7 @@ def file_digest(path: str | Path) -> str:
     if key not in _DIGESTS:
         h = hashlib.sha256()
         with open(p, "rb") as f:
-            header = _safetensors_header(f, st.st_size)
+            header = safetensors_header(f, st.st_size)
             if header is not None:
                 h.update(b"safetensors\0" + json.dumps(header, sort_keys=True).encode())
             else:

@@ -884,7 +884,7 @@ def stage_distill(ctx: Context, arm: str, seed: int, student_stats: dict, teache
                 "params": student_stats["student"]["params"], "flops": student_stats["student"]["flops"],
                 "epochs": r["epochs"], "steps": r["steps"], "wall_s": r["wall_s"]}
 
-    name = arm if loss is None or len(cfg.distill.losses) == 1 else f"{arm}-{loss}"
+    name = cfg.distill.student_name(arm, loss)
     student_files = [ctx.run_dir / P.STUDENT / P.STATS] + ([ctx.run_dir / P.STUDENT / P.STUDENT_INIT] if cfg.student.inherit else [])
     result, fresh = run_stage(ctx, d, compute, inputs=[*sources(teacher), *student_files])
     if fresh:
@@ -1142,8 +1142,7 @@ def distill_in_parallel(ctx: Context, tasks: list[tuple], worker: Callable[[tupl
     with tqdm(total=len(tasks), desc=f"distill ({n} jobs)", unit="student", disable=cfg.quiet, leave=False) as bar:
         def done(row: dict) -> None:
             bar.update(1)
-            name = row["arm"] if row.get("loss") in (None, cfg.distill.losses[0]) else f"{row['arm']}-{row['loss']}"
-            ctx.log(f"[distill] {name} seed {row['seed']}: test acc {row['test_acc']:.4f}")
+            ctx.log(f"[distill] {cfg.distill.student_name(row['arm'], row.get('loss'))} seed {row['seed']}: test acc {row['test_acc']:.4f}")
 
         run_in_workers(worker or _student_worker, tasks, n, initializer=_student_worker_init,
                        initargs=(to_dict(cfg), str(ctx.run_dir), threads), on_result=done)

@@ -57,6 +57,11 @@ class PrunedTeacher:
         return f"{self.strategy}_s{self.target:g}"
 
     @property
+    def ident(self) -> tuple[str, Path, int]:
+        """Which trained model this is: two sweep sparsities on the same IMP level are one teacher."""
+        return (self.strategy, self.prune_dir, self.level)
+
+    @property
     def level_row(self) -> dict:
         return next(r for r in self.prune_result["levels"] if r["level"] == self.level)
 
@@ -164,13 +169,7 @@ def _sweep_stages(ctx: Context, sparsities: list[float], student_from: float, lo
     from ptd.report.sweep import build_sweep_results, write_sweep_report
 
     cfg = ctx.cfg
-    # The teacher stage keeps early weights for weight rewinding when a strategy declares it needs them.
-    teacher, t_res = stage_teacher(ctx, snapshot=snapshot_epoch(cfg, cfg.sweep.strategies))
-    teacher.eval()
-
-    pruned = prune_all(ctx, teacher, t_res, sparsities)
-
-    src = next(p for p in pruned if p.strategy == cfg.sweep.strategies[0] and abs(p.target - student_from) < 1e-9)
+    teacher, t_res, pruned, src = sweep_teachers(ctx, sparsities, student_from)
     src_model, src_masks = src.load(ctx, teacher)
     check_student_dir(ctx, src, src_model, src_masks)
     s_stats = stage_student(ctx, teacher, src_model, src_masks)
@@ -189,16 +188,15 @@ def _sweep_stages(ctx: Context, sparsities: list[float], student_from: float, lo
     by_teacher: dict[tuple[str, Path, int], list[dict]] = {}
     rows = []
     for p in pruned:
-        ident = (p.strategy, p.prune_dir, p.level)
-        if ident not in by_teacher:
+        if p.ident not in by_teacher:
             model = None
             if not all(is_done(P.distill_dir(ctx.run_dir, p.key, s)) for s in seeds):
                 model, _ = p.load(ctx, teacher)
-            by_teacher[ident] = [stage_distill(ctx, p.key, s, s_stats, model) for s in seeds]
+            by_teacher[p.ident] = [stage_distill(ctx, p.key, s, s_stats, model) for s in seeds]
             del model
         else:
             log(f"[sweep] {p.key} is the same IMP level ({p.level}) as an earlier sparsity; its students are reused")
-        rows.append((p, by_teacher[ident]))
+        rows.append((p, by_teacher[p.ident]))
 
     from ptd.data.base import test_set_facts
     from ptd.report import log_not_learned
@@ -213,18 +211,26 @@ def _sweep_stages(ctx: Context, sparsities: list[float], student_from: float, lo
     return results
 
 
+def sweep_teachers(ctx: Context, sparsities: list[float], student_from: float) -> tuple[nn.Module, dict, list[PrunedTeacher], PrunedTeacher]:
+    """The dense teacher (trained or read), its result, every pruned teacher (pruned or read), and
+    the one the student is derived from."""
+    cfg = ctx.cfg
+    # The teacher stage keeps early weights for weight rewinding when a strategy declares it needs them.
+    teacher, t_res = stage_teacher(ctx, snapshot=snapshot_epoch(cfg, cfg.sweep.strategies))
+    teacher.eval()
+    pruned = prune_all(ctx, teacher, t_res, sparsities)
+    src = next(p for p in pruned if p.strategy == cfg.sweep.strategies[0] and abs(p.target - student_from) < 1e-9)
+    return teacher, t_res, pruned, src
+
 
 def sweep_student_keys(cfg: RunConfig, pruned: list[PrunedTeacher]) -> list[str]:
     """The distill/ folder keys of a sweep, in the order it trains them: the baseline arms, then
     one per distinct pruned teacher (two sparsities on the same IMP level share their students)."""
     keys = [arm for arm in ("scratch", "unpruned_teacher") if arm in cfg.distill.arms]
-    seen: set[tuple] = set()
+    first: dict[tuple[str, Path, int], str] = {}
     for p in pruned:
-        ident = (p.strategy, p.prune_dir, p.level)
-        if ident not in seen:
-            seen.add(ident)
-            keys.append(p.key)
-    return keys
+        first.setdefault(p.ident, p.key)
+    return keys + list(first.values())
 
 
 def pending_sweep_students(ctx: Context, pruned: list[PrunedTeacher]) -> list[tuple[str, int]]:
@@ -242,12 +248,7 @@ def _sweep_student_worker(task: tuple[str, int]) -> dict:
     key, seed = task
     ctx = _WORKER["ctx"]
     if "sweep" not in _WORKER:
-        cfg = ctx.cfg
-        sparsities, student_from = check_sweep(cfg)
-        teacher, t_res = stage_teacher(ctx, snapshot=snapshot_epoch(cfg, cfg.sweep.strategies))
-        teacher.eval()
-        pruned = prune_all(ctx, teacher, t_res, sparsities)
-        src = next(p for p in pruned if p.strategy == cfg.sweep.strategies[0] and abs(p.target - student_from) < 1e-9)
+        teacher, _, pruned, src = sweep_teachers(ctx, *check_sweep(ctx.cfg))
         src_model, src_masks = src.load(ctx, teacher)
         _WORKER["sweep"] = {"teacher": teacher, "pruned": {p.key: p for p in pruned}, "models": {},
                             "stats": stage_student(ctx, teacher, src_model, src_masks)}

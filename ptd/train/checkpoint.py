@@ -52,7 +52,7 @@ from safetensors.torch import load_file, save_file
 
 from ptd import paths as P
 from ptd.errors import PtdError, one_line
-from ptd.io import damaged
+from ptd.io import damaged, safetensors_header
 from ptd.models import unwrap  # models sit below train: no import cycle
 
 FAULT_ENV = "PTD_FAULT_AT"
@@ -226,9 +226,9 @@ def canonical_header(path: str | Path) -> None:
     is patched in place; otherwise the whole file is rewritten."""
     p = Path(path)
     with open(p, "r+b") as f:
-        n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
-        meta = header.get("__metadata__")
+        header = safetensors_header(f, p.stat().st_size)
+        n = f.tell() - 8
+        meta = (header or {}).get("__metadata__")  # None: not possible for a file save_file just wrote
         if not meta:
             return
         header = {"__metadata__": dict(sorted(meta.items())), **{k: v for k, v in header.items() if k != "__metadata__"}}
