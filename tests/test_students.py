@@ -526,7 +526,7 @@ def test_round_to_gives_aligned_widths(arch, kw):
             want = max(8, (q.width + 4) // 8 * 8)
             if q.width <= q.teacher_width <= want and want != q.width:
                 want = q.width  # rounding up to (or past) the teacher's width would undo the pruning: kept exact
-                assert "the nearest multiple is at or past the teacher's width" in r.note or want % 8 == 0
+                assert "the nearest multiple of 8 is at or past the teacher's width" in r.note or want % 8 == 0
             elif arch.startswith("tv:"):
                 want = min(want, q.teacher_width)
             elif want - q.width > 4:
@@ -788,10 +788,18 @@ def test_rounding_never_multiplies_a_width_past_the_teacher():
     exact = [r.width for r in derive_student(t, masks, round_to=1)[1].layers]
     assert exact[:3] == [10, 51, 20]  # 32*16*9 weights over 10 inputs: wider than the teacher's 32 (rebuild does not clamp)
     assert [x.width for x in derive_student(t, masks, round_to=64)[1].layers][1] == 64  # 51 -> its nearest multiple
-    for r in (1000, 10**9):  # the nearest multiple is 0, and the floor (r) would multiply the width: kept exact
+    for r in (1001, 10**9 + 1):  # the nearest multiple is 0, and the floor (r) would multiply the width: kept exact
         s, plan = derive_student(t, masks, round_to=r)
         assert [x.width for x in plan.layers][:3] == exact[:3], r
         assert "past the teacher's width" in plan.layers[1].note
+        assert n_params(s) <= 2 * n_params(t)
+    # ...and where 32, 16 or 8 divides it, the coarsest of them that applies: 1000 = 8 x 125, so
+    # 10 -> 8, 51 -> 48, 20 -> 24; 10**9 = 32 x 31,250,000, so 51 -> 64, while 20 -> 16 (32 is
+    # that layer's teacher width) and 10 -> 8.
+    for r, want, m in ((1000, [8, 48, 24], 8), (10**9, [8, 64, 16], 32)):
+        s, plan = derive_student(t, masks, round_to=r)
+        assert [x.width for x in plan.layers][:3] == want, r
+        assert f"rounded to a multiple of {m}, not {r}: the nearest multiple of {r} is at or past the teacher's width (exact rule: 51)" in plan.layers[1].note
         assert n_params(s) <= 2 * n_params(t)
     # An unpruned group is not widened past its teacher by rounding up (16 -> 24 with round_to 24).
     s, plan = derive_student(t, full_masks(prunable_weights(t)), round_to=24)
@@ -820,29 +828,84 @@ def _pruned_vgg(plan, sparsity, in_channels=3):
 
 
 def test_round_to_auto_takes_the_devices_measured_multiple_within_ten_percent():
-    """student.round_to: auto is 8 on a CPU; on CUDA 32 (where cuDNN's fast kernels are) while the
-    student stays within 10% of the surviving weights, else 8; the plan says which and why."""
+    """student.round_to: auto is the coarsest of the device's measured multiples (CPU 16, 8; CUDA
+    32, 16, 8) whose student stays within 10% of the surviving weights; the plan says which and why."""
     from ptd.students import derive_configured
     from ptd.students.derive import round_to_candidates, weights_over_surviving
 
-    assert round_to_candidates("auto", "cpu") == (8,) and round_to_candidates("auto", "cuda") == (32, 8)
+    assert round_to_candidates("auto", "cpu") == (16, 8) and round_to_candidates("auto", "cuda") == (32, 16, 8)
     assert round_to_candidates(16, "cuda") == (16,)
     for bad in (0, "8", True, None):
         with pytest.raises(ValueError, match="round_to must be"):
             round_to_candidates(bad, "cpu")
     t, masks = _pruned_vgg([64, "M", 128, "M", 256], 0.59)
-    cpu = derive_configured(t, masks, device_type="cpu")[1]
-    assert cpu.widths() == derive_student(t, masks, round_to=8, round_narrower=True)[1].widths() and cpu.round_to == 8
-    assert cpu.round_to_choice.startswith("auto on cpu: 8 (8n holds 1.011x")
+    s, cpu = derive_configured(t, masks, device_type="cpu")
+    assert cpu.widths() == derive_student(t, masks, round_to=16, round_narrower=True)[1].widths() and cpu.round_to == 16
+    assert [cpu.widths()[k] for k in ("features.0", "features.4", "features.8")] == [48, 96, 128]  # exact rule: 44, 99, 125
+    assert cpu.round_to_choice == ("auto on cpu: 16 (16n holds 1.011x the surviving weights; within 10%); candidates 16, 8")
+    assert abs(weights_over_surviving(s, masks) - 1) <= 0.10
     s, gpu = derive_configured(t, masks, device_type="cuda")
     assert gpu.round_to == 32 and gpu.widths()["features.0"] == 32 and "within 10%" in gpu.round_to_choice
     assert abs(weights_over_surviving(s, masks) - 1) <= 0.10
-    # Deeper and sparser: 32 would leave the student at 0.78x the surviving weights, so 8 is taken.
+    # Narrower: 32 would leave the student at 0.63x the surviving weights, 16 holds 0.92x.
+    t, masks = _pruned_vgg([32, "M", 64, "M", 64], 0.59)
+    gpu = derive_configured(t, masks, device_type="cuda")[1]
+    assert gpu.round_to == 16 and "32n holds 0.626x" in gpu.round_to_choice and "16n holds 0.923x" in gpu.round_to_choice
+    # Deeper and sparser: 32 would leave the student at 0.78x the surviving weights, 16 at 1.12x, so 8 is taken.
     t, masks = _pruned_vgg([64, 64, "M", 128, 128, "M", 256, 256], 0.79)
-    s, gpu = derive_configured(t, masks, device_type="cuda")
-    assert gpu.round_to == 8 and "32n holds 0.779x" in gpu.round_to_choice and "8n holds 0.964x" in gpu.round_to_choice
-    assert gpu.widths() == derive_student(t, masks, round_to=8, round_narrower=True)[1].widths()
+    import ptd.students.derive as derive_mod
+
+    calls = []
+    extract = derive_mod.extract
+
+    def counted(*a, **k):
+        calls.append(1)
+        return extract(*a, **k)
+
+    for device_type in ("cpu", "cuda"):
+        calls.clear()
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(derive_mod, "extract", counted)
+            s, plan = derive_configured(t, masks, device_type=device_type)
+        assert len(calls) == 1  # one trace serves every candidate; only the one taken is built
+        assert plan.round_to == 8 and "16n holds 1.124x" in plan.round_to_choice and "8n holds 0.964x" in plan.round_to_choice
+        assert plan.widths() == derive_student(t, masks, round_to=8, round_narrower=True)[1].widths()
+        assert plan.spec == derive_student(t, masks, round_to=8, round_narrower=True)[1].spec
+        assert f"8n holds {weights_over_surviving(s, masks):.3f}x" in plan.round_to_choice
+    assert "32n holds 0.779x" in plan.round_to_choice
     # A number is taken as given, whatever the device, and the plan records no choice.
     fixed = derive_configured(t, masks, round_to=32, device_type="cuda")[1]
     assert fixed.round_to == 32 and fixed.round_to_choice == ""
     assert fixed.to_dict()["round_to"] == 32
+
+
+@pytest.mark.parametrize("w0, teacher, round_to, narrower, want", [
+    (44, 64, 16, True, (48, 16)),      # the nearest multiple
+    (12, 16, 8, False, (12, 1)),       # 16 is the teacher's width: kept exact...
+    (12, 16, 8, True, (8, 8)),         # ...or, round_narrower, the multiple below
+    (12, 16, 32, True, (8, 8)),        # 32 and 16 cannot apply: 8 can
+    (9, 16, 32, False, (8, 8)),        # 9 -> 8 is the nearest multiple of 8, below the teacher's 16
+    (23, 32, 32, True, (16, 16)),      # 32 is the teacher's width: the nearest multiple of 16
+    (51, 32, 64, False, (64, 64)),     # already past the teacher (rebuilt families do not clamp): nearest multiple
+    (20, 16, 64, False, (32, 32)),     # 64 would multiply a width already past the teacher's; 32 is within half a step
+    (16, 16, 24, False, (16, 8)),      # an unpruned group keeps its width: 24 would widen it, 16 is a multiple of 8
+    (10, 16, 1001, False, (10, 1)),    # no multiple applies and none of 32, 16, 8 divides 1001: exact
+])
+def test_aligned_width_takes_the_coarsest_multiple_that_applies(w0, teacher, round_to, narrower, want):
+    from ptd.students.solve import aligned_width
+
+    assert aligned_width(w0, teacher, round_to, narrower, clamp=False) == want
+
+
+def test_round_to_32_leaves_no_narrow_layer_unaligned():
+    """round_to 32 on a net narrower than 32 used to keep every such layer at its exact, odd width
+    (9, 23, 18: the worst case for blocked kernels); auto on CUDA took it, as the student held
+    1.006x its surviving weights."""
+    t, masks = _pruned_vgg([16, "M", 32, "M", 32], 0.59)
+    exact = [r.width for r in derive_student(t, masks)[1].layers][:3]
+    assert exact == [9, 23, 18]
+    for narrower in (False, True):
+        plan = derive_student(t, masks, round_to=32, round_narrower=narrower)[1]
+        assert [r.width for r in plan.layers][:3] == [8, 16, 16]
+        assert all(r.width % 8 == 0 for r in plan.layers[:3])
+        assert "rounded to a multiple of 16, not 32" in plan.layers[1].note

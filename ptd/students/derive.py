@@ -105,6 +105,15 @@ def derive_student(
     ``input_size``: side of the square image used to trace the model (default: 32, else 64, else
     224 -- the first on which the forward pass runs).
     """
+    teacher, graph, rebuild = _channel_graph(teacher, masks, input_size)
+    sol = solve(graph, clamp=rebuild is None, round_to=round_to, round_narrower=round_narrower)
+    return _build(teacher, masks, graph, rebuild, sol, inherit=inherit, round_to=round_to)
+
+
+def _channel_graph(teacher: nn.Module, masks: Masks, input_size: int | None):
+    """The unwrapped teacher, its channel graph (stem pinned where its family's rebuild adds a
+    projection) and its family's spec builder (None: channel surgery). Solving does not change
+    the graph, so one graph serves every ``round_to`` candidate."""
     if not isinstance(teacher, nn.Module):
         raise DerivationError(f"cannot derive a student from {type(teacher).__name__}: it is not an nn.Module")
     teacher = unwrap(teacher)
@@ -114,8 +123,11 @@ def derive_student(
     pin = stem_pin(teacher)
     if rebuild is not None and pin is not None:
         pin_layer(graph, pin[0], "stem keeps its width (the paper's ResNet students; stage 1 gets a 1x1 projection)", pin[1])
-    sol = solve(graph, clamp=rebuild is None, round_to=round_to, round_narrower=round_narrower)
+    return teacher, graph, rebuild
 
+
+def _build(teacher: nn.Module, masks: Masks, graph, rebuild, sol, *, inherit: bool, round_to: int) -> tuple[nn.Module, StudentPlan]:
+    """The student the solution ``sol`` sizes, and its plan."""
     members = graph.members
     widths = {n: sol.widths[m.group] for n, m in members.items()}
     changed = {n: w for n, w in widths.items() if w != members[n].teacher_out}
@@ -185,15 +197,19 @@ def derive_student(
 
 
 # student.round_to: auto -- per device type, the multiples measured to pay (docs/students.md,
-# "Measured: are derived students fast?"), coarsest first. On CUDA (H200, bf16 and fp32, batch
-# 1,024) widths in multiples of 32 made the ResNet-18 students 1.28-1.43x faster than their
-# teachers where 8 left them at 0.90-1.25x, because cuDNN runs 64-, 96- and 128-channel convs at
-# 260-470 TFLOP/s and 40-88 at 86-209. On a CPU, 8 (with round_narrower) met the most targets
-# (benchmarks/student_speed.py). A coarser multiple moves the student further from the surviving
-# weights: it is taken only while the student stays within AUTO_TOLERANCE of them (the rule's own
-# promise; the demo's student at 32 holds 1.12x), else the next.
-AUTO_ROUND_TO = {"cuda": (32, 8)}
-AUTO_ROUND_TO_DEFAULT = (8,)
+# "Measured: are derived students fast?"), coarsest first. A coarser multiple moves the student
+# further from the surviving weights: it is taken only while the student stays within
+# AUTO_TOLERANCE of them (the rule's own promise), else the next, so the coarsest is tried on
+# every net and a small one falls back (the demo's student holds 1.12x at 32n, 0.79x at 16n).
+# - CUDA (H200, bf16 and fp32, inference at batch 1,024, ResNet-18 @0.59/0.79): 32n students ran
+#   1.28-1.39x faster than their teachers, 16n 1.08-1.24x, 8n 0.93-1.16x: cuDNN runs 64-, 96- and
+#   128-channel convs at 260-470 TFLOP/s and 40-88 at 86-209.
+# - CPU: oneDNN's blocked kernels take 8 fp32 channels per AVX2 vector and 16 per AVX-512 one.
+#   16n met every ResNet-18 target on the AMD EPYC (AVX2), with at least 8n's margin; on the Xeon
+#   (AVX-512/AMX) the @0.79 student 16 gives (= 16n) met the bf16 targets 8n missed (train 2.11x,
+#   b64 2.38x against 2.09; 8n 1.75x, 1.91x against 1.92).
+AUTO_ROUND_TO = {"cuda": (32, 16, 8)}
+AUTO_ROUND_TO_DEFAULT = (16, 8)
 AUTO_TOLERANCE = 0.10
 
 
@@ -222,12 +238,20 @@ def derive_configured(teacher: nn.Module, masks: Masks, *, inherit: bool = False
     student holds within ``AUTO_TOLERANCE`` of the surviving weights (else the finest); the plan
     records the multiple taken and, for "auto", why."""
     cands = round_to_candidates(round_to, device_type)
+    t, graph, rebuild = _channel_graph(teacher, masks, None)
+    alive = sum(int(m.sum()) for m in masks.values())
     tried = []
     for i, r in enumerate(cands):
-        student, plan = derive_student(teacher, masks, inherit=inherit, round_to=r, round_narrower=round_narrower)
-        ratio = weights_over_surviving(student, masks)
+        # Each candidate is only solved (milliseconds); the student is built once, for the one
+        # taken (tracing and surgery cost seconds on a large torchvision teacher). A solution's
+        # weights are those of the teacher's Conv/Linear layers at the new widths: a rebuilt
+        # ResNet's added stage-1 projection is not among them (under 0.1% of the student, measured
+        # on ResNet-18 at 0.59).
+        sol = solve(graph, clamp=rebuild is None, round_to=r, round_narrower=round_narrower)
+        ratio = sum(row.student_weights for row in sol.rows) / max(1, alive)
         tried.append(f"{r}{'n' if round_narrower else ''} holds {ratio:.3f}x the surviving weights")
         if abs(ratio - 1) <= AUTO_TOLERANCE or i == len(cands) - 1:
+            student, plan = _build(t, masks, graph, rebuild, sol, inherit=inherit, round_to=r)
             if round_to == "auto":
                 within = "within" if abs(ratio - 1) <= AUTO_TOLERANCE else "outside"
                 plan.round_to_choice = (f"auto on {device_type}: {r} ({'; '.join(tried)}; {within} "

@@ -26,8 +26,9 @@ the components it reads, so the answer does not depend on the order groups are l
 there is no iteration cap. ``round_to`` > 1 then moves every free group's width to the nearest
 multiple of it (at least one multiple), after the solve: the student is the paper's student with
 aligned widths -- except where that multiple would be the teacher's width (or more) for a group
-the rule narrowed: that group keeps its exact width, or with ``round_narrower`` takes the multiple
-below. (Rounding inside the solve, so that downstream layers re-balance the weights, was
+the rule narrowed: that group takes the multiple below with ``round_narrower``, else the coarsest
+of 32, 16 and 8 dividing ``round_to`` that applies, else keeps its exact width
+(:func:`aligned_width`). (Rounding inside the solve, so that downstream layers re-balance the weights, was
 tried first: on a plain stack each rounded-down layer makes the next one wider and the widths
 alternate -- VGG11 went 12, 29, 39, 58 -> 8, 40, 24, 96.)
 """
@@ -84,6 +85,38 @@ def round_to_multiple(w: int, multiple: int) -> int:
     if multiple <= 1:
         return max(1, w)
     return max(multiple, round_half_up(Fraction(w, multiple)) * multiple)
+
+
+# The channel blocks hardware kernels run in (oneDNN: 8 fp32 channels per AVX2 vector, 16 per
+# AVX-512 one; cuDNN's fast tensor-core tiles at 32 and up). A group that round_to itself cannot
+# serve falls back to the coarsest of these dividing round_to, so round_to 32 on a 16-wide layer
+# the rule takes to 9 gives 8, not an unaligned 9.
+FALLBACK_MULTIPLES = (32, 16, 8)
+
+
+def aligned_width(w0: int, teacher_width: int, round_to: int, round_narrower: bool, clamp: bool) -> tuple[int, int]:
+    """A free group's exact width ``w0`` moved to the nearest multiple of ``round_to``, and that
+    multiple; where ``round_to`` cannot apply, of the coarsest ``FALLBACK_MULTIPLES`` dividing it
+    that can; else ``(w0, 1)``. A multiple cannot apply where it would reach the teacher's width
+    for a group the rule narrowed (all the narrowing the pruning earned undone: a 16-wide layer at
+    13) or widen past the teacher a group that kept its width -- unless ``round_narrower``, where
+    the multiple below is taken -- nor where it would multiply a width already past the teacher's
+    (only the floor, the first multiple for ``w0`` < half of it, lands that far: 64 for a 20-wide
+    group; 10**9 from a typo)."""
+    for m in (round_to, *(f for f in FALLBACK_MULTIPLES if f < round_to and round_to % f == 0)):
+        w = round_to_multiple(w0, m)
+        if w0 <= teacher_width <= w and w != w0:
+            # a student layer wider than its teacher's is never the faster one
+            below = w0 // m * m
+            if round_narrower and w0 < teacher_width and below >= m:
+                return below, m
+            continue
+        if clamp:
+            return min(w, teacher_width), m
+        if w - w0 > m // 2:
+            continue
+        return w, m
+    return w0, 1
 
 
 def components(graph: ChannelGraph) -> list[list[int]]:
@@ -216,9 +249,10 @@ def solve(graph: ChannelGraph, clamp: bool = False, round_to: int = 1, round_nar
     ``round_to`` > 1 moves every free group's width to the nearest multiple of it: CPU and GPU
     kernels run channel counts in blocks of 8 or 16, and an odd width pays for the whole block
     anyway. Where that multiple is the teacher's own width (a 16-wide layer the rule takes to 12),
-    the exact width is kept; with ``round_narrower`` the multiple below is taken instead (if it is
-    not 0): the exact width runs in the teacher's blocks (onnxruntime pads 12 channels to 16), so
-    only the narrower multiple is faster (benchmarks/student_speed.py measures both).
+    ``round_narrower`` takes the multiple below (if it is not 0): the exact width runs in the
+    teacher's blocks (onnxruntime pads 12 channels to 16), so only the narrower multiple is faster
+    (benchmarks/student_speed.py measures both). Else the coarsest of 32, 16, 8 dividing
+    ``round_to`` that applies is taken, else the exact width (:func:`aligned_width`).
     """
     if round_to < 1:
         raise ValueError(f"round_to must be >= 1, got {round_to}")
@@ -251,25 +285,11 @@ def solve(graph: ChannelGraph, clamp: bool = False, round_to: int = 1, round_nar
             break
         held.update(new)
     exact = list(widths)
+    multiple = {g.index: 1 for g in groups}  # the multiple each group was rounded to (1: kept exact)
     if round_to > 1:
         for g in groups:
             if not g.fixed:
-                w0 = widths[g.index]
-                w = round_to_multiple(w0, round_to)
-                if w0 <= g.teacher_width <= w and w != w0:
-                    # Rounding would undo all the narrowing the pruning earned (a 16-wide layer at 13),
-                    # or widen past the teacher a group that kept its width: a student layer wider
-                    # than its teacher's is never the faster one.
-                    below = w0 // round_to * round_to
-                    w = below if round_narrower and w0 < g.teacher_width and below >= round_to else w0
-                elif clamp:
-                    w = min(w, g.teacher_width)
-                elif w - w0 > round_to // 2:
-                    # Only the floor (the first multiple, for w0 < round_to / 2) lands this far off, and
-                    # here w0 is already past the teacher's width: a coarse multiple (64 for a 20-wide
-                    # group; 10**9 from a typo) would multiply the width, not round it.
-                    w = w0
-                widths[g.index] = w
+                widths[g.index], multiple[g.index] = aligned_width(widths[g.index], g.teacher_width, round_to, round_narrower, clamp)
     holder_of = {p: k for k, p in held.items()}
 
     rows: list[LayerRow] = []
@@ -296,12 +316,17 @@ def solve(graph: ChannelGraph, clamp: bool = False, round_to: int = 1, round_nar
                 note = f"cycle of {len(cyc)} groups solved together at the teacher's proportions"
             elif len(g.members) > 1:
                 note = f"coupled group of {len(g.members)}"
+            m_g = multiple[g.index]
+            past = f"the nearest multiple of {round_to} is at or past the teacher's width"
+            why = ""
             if round_to > 1 and w != exact[g.index]:
-                note = (note + "; " if note else "") + f"rounded to a multiple of {round_to} (exact rule: {exact[g.index]})"
-            elif round_to > 1 and w % round_to:
-                note = (note + "; " if note else "") + (f"not rounded to {round_to}: the nearest multiple is at or "
-                                                        f"past the teacher's width")
-            if est != exact[g.index] and round_to_multiple(est, round_to) != w:
+                why = (f"rounded to a multiple of {round_to}" if m_g == round_to else f"rounded to a multiple of {m_g}, not {round_to}: {past}")
+                why += f" (exact rule: {exact[g.index]})"
+            elif round_to > 1 and m_g < round_to:
+                why = f"not rounded to {round_to}: {past}" + (f"; a multiple of {m_g} already" if m_g > 1 else "")
+            if why:
+                note = (note + "; " if note else "") + why
+            if est != exact[g.index] and round_to_multiple(est, m_g) != w:
                 reason = note
                 if len(cyc) > 1:
                     reason = "layers of one residual cycle share one scale: the cycle's weight-matched width"
