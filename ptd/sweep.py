@@ -133,16 +133,22 @@ def check_student_dir(ctx: Context, src: PrunedTeacher, src_model: nn.Module, sr
     d = ctx.run_dir / P.STUDENT
     if not is_done(d):
         return
-    cfg = ctx.cfg
+    cfg, stats = ctx.cfg, read_json(d / P.STATS)
     if cfg.student.source == "derive":
         from ptd.students import derive_configured
 
         sc = cfg.student
-        want = derive_configured(src_model, src_masks, inherit=sc.inherit, round_to=sc.round_to, round_narrower=sc.round_narrower,
+        round_to = sc.round_to
+        if round_to == "auto":
+            # auto's multiple depends on the device and on ptd's measured candidates, neither of
+            # them in the config: a sweep resumed on a CPU after a GPU, or by a later ptd, keeps
+            # the multiple its student was made with.
+            round_to = (stats.get("plan") or {}).get("round_to") or round_to
+        want = derive_configured(src_model, src_masks, inherit=sc.inherit, round_to=round_to, round_narrower=sc.round_narrower,
                                  device_type=ctx.rt.device.type)[0].ptd_spec
     else:
         want = ctx.new_model(cfg.student.model).ptd_spec
-    if json.dumps(want, sort_keys=True) != json.dumps(read_json(d / P.STATS)["spec"], sort_keys=True):
+    if json.dumps(want, sort_keys=True) != json.dumps(stats["spec"], sort_keys=True):
         raise RunDirError(f"{d} holds a student that is not the sweep's (derived from {src.key}); it was probably made by 'ptd run' "
                           f"into the same directory; pass --out to a new directory for the sweep")
 

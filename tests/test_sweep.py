@@ -244,3 +244,42 @@ def test_a_sweep_point_that_empties_a_layer_stops_the_sweep_in_one_line(tmp_path
     err = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
     assert len(err) == 1 and "layer collapse" in err[0] and f"add --teacher {out / 'teacher' / 'model.safetensors'}" in err[0], err
     assert (out / "prune" / "oneshot_s0.36" / "done").is_file() and not (out / "prune" / "oneshot_s0.999" / "done").exists()
+
+
+def test_a_finished_student_keeps_the_multiple_auto_took_when_it_was_made(tmp_path, monkeypatch):
+    """student.round_to: auto depends on the device and on ptd's measured candidates, neither in
+    the config: a sweep resumed on a CPU after a GPU (or by a ptd whose candidates changed) must
+    take its finished student as its own, not refuse it as 'made by ptd run'."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from ptd.models import build_model
+    from ptd.pipeline import mark_done
+    from ptd.pruning.masks import full_masks, prunable_weights
+    from ptd.pruning.scores import magnitude
+    from ptd.pruning.select import global_topk, keep_for_target
+    from ptd.students import derive
+    from ptd.sweep import RunDirError, check_student_dir
+
+    torch.manual_seed(0)
+    t = build_model("vgg", num_classes=10, in_channels=3, width=1.0, plan=[64, "M", 128, "M", 256])
+    full = full_masks(prunable_weights(t))
+    masks = global_topk(magnitude(t, full), full, keep_for_target(full, 0.59))
+    student, plan = derive.derive_configured(t, masks, device_type="cuda")  # made on a GPU: 32
+    assert plan.round_to == 32
+    d = tmp_path / "student"
+    d.mkdir()
+    (d / "stats.json").write_text(json.dumps({"spec": student.ptd_spec, "plan": plan.to_dict()}))
+    mark_done(d)
+    cfg = SimpleNamespace(student=SimpleNamespace(source="derive", inherit=False, round_to="auto", round_narrower=True))
+    src = PrunedTeacher("oneshot", 0.59, tmp_path, 1, {})
+    cpu = SimpleNamespace(cfg=cfg, run_dir=tmp_path, rt=SimpleNamespace(device=torch.device("cpu")))
+    assert derive.derive_configured(t, masks, device_type="cpu")[1].round_to == 16  # what auto takes here now
+    check_student_dir(cpu, src, t, masks)  # resumed on the CPU: the GPU's student is the sweep's
+    monkeypatch.setattr(derive, "AUTO_ROUND_TO", {"cuda": (8,)})
+    check_student_dir(SimpleNamespace(**{**vars(cpu), "rt": SimpleNamespace(device=torch.device("cuda"))}), src, t, masks)
+    # A student the config would not make (another multiple given by number) is still refused.
+    cfg.student.round_to = 8
+    with pytest.raises(RunDirError, match="not the sweep's"):
+        check_student_dir(cpu, src, t, masks)
