@@ -36,7 +36,7 @@ from ptd.models import build_model
 from ptd.pruning.masks import apply_masks, full_masks, prunable_weights
 from ptd.train.loop import Runtime, cpu_has_native_bf16
 from ptd.pruning.select import global_topk
-from ptd.students import derive_student
+from ptd.students import derive_configured, derive_student
 
 CASES = {
     # name: (arch, kwargs, classes, input (C, H, W), sparsities)
@@ -46,10 +46,18 @@ CASES = {
 
 
 def rounding(text: str) -> str:
-    """A --round-to candidate: "8" (nearest multiple of 8) or "8n" (also round_narrower)."""
+    """A --round-to candidate: "8" (nearest multiple of 8), "8n" (also round_narrower) or "auto"
+    (ptd's default: student.round_to auto on --device, round_narrower on)."""
+    if text == "auto":
+        return text
     if not text.rstrip("n").isdigit() or int(text.rstrip("n")) < 1 or text.count("n") > 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a multiple like 8, or 8n for round_narrower")
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a multiple like 8, 8n for round_narrower, or auto")
     return text
+
+
+def multiple(rt: str) -> int:
+    """The candidate's multiple, for ordering ties (auto: after every number, as the default)."""
+    return 10**6 if rt == "auto" else int(rt.rstrip("n"))
 
 
 def magnitude_prune(model: nn.Module, sparsity: float) -> dict:
@@ -181,7 +189,10 @@ def main(argv=None) -> int:
             alive = sum(int(m.sum()) for m in masks.values())
             base = None
             for rt in args.round_to:
-                student, plan = derive_student(pruned, masks, round_to=int(rt.rstrip("n")), round_narrower=rt.endswith("n"))
+                if rt == "auto":
+                    student, plan = derive_configured(pruned, masks, round_to="auto", device_type=device.type)
+                else:
+                    student, plan = derive_student(pruned, masks, round_to=int(rt.rstrip("n")), round_narrower=rt.endswith("n"))
                 key = f"student@{sp}/r{rt}"
                 same = [k for k, m in meta.items() if m["sparsity"] == sp and m["spec"] == plan.spec]
                 # Two candidates that give the same student are timed once: otherwise the table
@@ -194,7 +205,8 @@ def main(argv=None) -> int:
                 meta[key] = {"sparsity": sp, "round_to": rt, "surviving": alive, "student_weights": w, "student_params": count_params(student),
                              "flops_ratio": t_flops / flops(student, (1,) + shape), "spec": plan.spec,
                              "activation_ratio": t_act / activations(student, shape),
-                             "widths": [r.width for r in plan.layers]}
+                             "widths": [r.width for r in plan.layers],
+                             "auto_took": f"{plan.round_to}n" if rt == "auto" else None}
             for key, m in meta.items():
                 if m["sparsity"] == sp:
                     m["weights_vs_surviving"] = m["student_weights"] / alive
@@ -291,7 +303,7 @@ def main(argv=None) -> int:
         rs = [r for r in rows if r["round_to"] == rt]
         within = all(abs(r["weights_vs_surviving"] - 1) <= 0.10 for r in rs)
         score[rt] = (within, sum(sum(r["targets"].values()) for r in rs), -max(abs(r.get("rounding_cost") or 0) for r in rs))
-    best = max(args.round_to, key=lambda rt: (score[rt], -int(rt.rstrip("n")), not rt.endswith("n")))
+    best = max(args.round_to, key=lambda rt: (score[rt], -multiple(rt), not rt.endswith("n")))
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     result = {"command": command, "machine": {"cpu": cpu_name(), "gpu": gpu, "device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
                                               "python": platform.python_version()},
@@ -336,7 +348,7 @@ def render(res) -> str:
         miss = [k for k, v in r["targets"].items() if not v]
         large = f"{r['train_ratio_large']:.2f} | {r['speedup_large']:.2f} | " if L else ""
         lines.append(
-            f"| {r['case']} | {r['sparsity']} | {r['precision']} | {r['round_to']}"
+            f"| {r['case']} | {r['sparsity']} | {r['precision']} | {label(r)}"
             + (f" (= {r['same_student_as'].rsplit('/r', 1)[1]})" if r.get("same_student_as") else "") + " | "
             f"{r['weights_vs_surviving']:.3f} | " + (f"{r['rounding_cost']:+.1%}" if r["rounding_cost"] is not None else "-") + " | "
             f"{r['flops_ratio']:.2f} | {r['activation_ratio']:.2f} | {r['train_ratio']:.2f} | {r['speedup_b64']:.2f} | {r['speedup_b1']:.2f} | {large}{0.8 * r['flops_ratio']:.2f} | "
@@ -362,8 +374,13 @@ def render(res) -> str:
         k = (r["case"], r["sparsity"], r["round_to"])
         if k not in seen:
             seen.add(k)
-            lines.append(f"- {r['case']} @{r['sparsity']} round_to {r['round_to']}: {r['widths']}")
+            lines.append(f"- {r['case']} @{r['sparsity']} round_to {label(r)}: {r['widths']}")
     return "\n".join(lines) + "\n"
+
+
+def label(r: dict) -> str:
+    """The row's candidate; for auto, with the multiple it took for that student."""
+    return f"auto: {r['auto_took']}" if r.get("auto_took") else r["round_to"]
 
 
 def extra_table(res, key: str, title: str) -> list[str]:
@@ -379,7 +396,7 @@ def extra_table(res, key: str, title: str) -> list[str]:
              + " | ".join(f"{b} {key.replace('_', ' ')} | {b} eager" for b in bs) + " |",
              "|---|---|---|---|---|---|" + "---|---|" * len(bs)]
     for r in rows:
-        lines.append(f"| {r['case']} | {r['sparsity']} | {r['precision']} | {r['round_to']} | {r['flops_ratio']:.2f} | "
+        lines.append(f"| {r['case']} | {r['sparsity']} | {r['precision']} | {label(r)} | {r['flops_ratio']:.2f} | "
                      f"{r['activation_ratio']:.2f} | " + " | ".join(f"{r[key][b]['speedup']:.2f} | {r[eager[b]]:.2f}" for b in bs) + " |")
     first = rows[0]
     lines += ["", "Teacher latency (ms): " + "; ".join(

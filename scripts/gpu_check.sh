@@ -197,9 +197,9 @@ fi
 
 # 6. Issue 7's student speed table on CUDA: demo and ResNet-18 students, fp32 and bf16, per rounding.
 if [ $DRY = 1 ]; then
-  step student_speed 120 $PY benchmarks/student_speed.py --cases demo --round-to 1 8n --precisions fp32 --repeats 1 --large-batch 32 --device cpu --out "$RES/student_speed_cuda"
+  step student_speed 120 $PY benchmarks/student_speed.py --cases demo --round-to 1 8n auto --precisions fp32 --repeats 1 --large-batch 32 --device cpu --out "$RES/student_speed_cuda"
 else
-  step student_speed 150 $PY benchmarks/student_speed.py --round-to 1 8n 32 64 --repeats 5 --warmup 3 --train-batch 128 --large-batch 1024 --device cuda --cuda-graphs --out "$RES/student_speed_cuda"
+  step student_speed 150 $PY benchmarks/student_speed.py --round-to 1 8n 16n 32n auto --repeats 5 --warmup 3 --train-batch 128 --large-batch 1024 --device cuda --cuda-graphs --out "$RES/student_speed_cuda"
 fi
 
 # 7. Last, and only when GPU_CHECK_STEPS names it (~5 min on an H100, beyond one lease call with the

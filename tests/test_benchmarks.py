@@ -60,13 +60,17 @@ def test_train_speed_smoke(tmp_path: Path):
 
 def test_student_speed_and_layers_smoke(tmp_path: Path):
     ss = _load("student_speed")
-    assert ss.main(["--cases", "demo", "--round-to", "1", "8", "8n", "--precisions", "fp32", "--repeats", "1", "--warmup", "0",
+    assert ss.main(["--cases", "demo", "--round-to", "1", "8", "8n", "auto", "--precisions", "fp32", "--repeats", "1", "--warmup", "0",
                     "--out", str(tmp_path / "ss")]) == 0
     res = json.loads((tmp_path / "ss.json").read_text())
     rows = {r["round_to"]: r for r in res["rows"]}
-    assert set(rows) == {"1", "8", "8n"} and res["recommended_round_to"] in rows
+    assert set(rows) == {"1", "8", "8n", "auto"} and res["recommended_round_to"] in rows
     # The demo student's exact 12/29 (teacher 16/32) stay under 8 and drop to 8/24 under 8n.
     assert rows["8"]["widths"][:2] == [12, 29] and rows["8n"]["widths"][:2] == [8, 24]
+    # auto is ptd's default student: on a CPU 16n would hold 0.79x the surviving weights, so 8n,
+    # timed once as the same student.
+    assert rows["auto"]["auto_took"] == "8n" and rows["auto"]["same_student_as"].endswith("/r8n")
+    assert "| demo | 0.59 | fp32 | auto: 8n (= 8n) |" in (tmp_path / "ss.md").read_text()
     assert all(r["train_ratio"] > 0 and r["speedup_b64"] > 0 and abs(r["weights_vs_surviving"] - 1) < 0.1 for r in rows.values())
 
     sl = _load("student_layers")
