@@ -56,8 +56,22 @@ def rounding(text: str) -> str:
 
 
 def multiple(rt: str) -> int:
-    """The candidate's multiple, for ordering ties (auto: after every number, as the default)."""
-    return 10**6 if rt == "auto" else int(rt.rstrip("n"))
+    """The candidate's multiple, for breaking ties: the finer wins; auto counts as the finest, so
+    on a tie the recommendation is ptd's default."""
+    return 0 if rt == "auto" else int(rt.rstrip("n"))
+
+
+def recommend(rows: list[dict], candidates: list[str]) -> tuple[dict, str]:
+    """Per candidate (every student within 10% of its surviving weights, targets met, -largest
+    rounding cost), and the recommended one. The default must keep every student within 10% (the
+    derivation's own target); among those, the one meeting most speed targets, then the smaller
+    rounding cost."""
+    score = {}
+    for rt in candidates:
+        rs = [r for r in rows if r["round_to"] == rt]
+        within = all(abs(r["weights_vs_surviving"] - 1) <= 0.10 for r in rs)
+        score[rt] = (within, sum(sum(r["targets"].values()) for r in rs), -max(abs(r.get("rounding_cost") or 0) for r in rs))
+    return score, max(candidates, key=lambda rt: (score[rt], -multiple(rt), not rt.endswith("n")))
 
 
 def magnitude_prune(model: nn.Module, sparsity: float) -> dict:
@@ -296,14 +310,7 @@ def main(argv=None) -> int:
                                 "never slower": min(r["train_ratio"], r["speedup_b64"], r["speedup_b1"]) >= 1.0}
                 rows.append(r)
                 print(f"{case} {prec} {key}: FLOPs x{f:.2f} train x{r['train_ratio']:.2f} b64 x{r['speedup_b64']:.2f} b1 x{r['speedup_b1']:.2f}", flush=True)
-    # The default must keep every student within 10% of its surviving weights (the derivation's own
-    # target); among those, the one meeting most speed targets, then the smaller rounding cost.
-    score = {}
-    for rt in args.round_to:
-        rs = [r for r in rows if r["round_to"] == rt]
-        within = all(abs(r["weights_vs_surviving"] - 1) <= 0.10 for r in rs)
-        score[rt] = (within, sum(sum(r["targets"].values()) for r in rs), -max(abs(r.get("rounding_cost") or 0) for r in rs))
-    best = max(args.round_to, key=lambda rt: (score[rt], -multiple(rt), not rt.endswith("n")))
+    score, best = recommend(rows, args.round_to)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     result = {"command": command, "machine": {"cpu": cpu_name(), "gpu": gpu, "device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
                                               "python": platform.python_version()},

@@ -80,6 +80,20 @@ def test_student_speed_and_layers_smoke(tmp_path: Path):
     assert "- default student: batch 1: " in text and "- round_narrower off [12, 29, " in text
 
 
+def test_student_speed_recommends_eligible_then_most_targets_then_the_default_on_a_tie():
+    ss = _load("student_speed")
+
+    def row(rt, ratio, met, cost=0.01):
+        return {"round_to": rt, "weights_vs_surviving": ratio, "rounding_cost": cost,
+                "targets": {"a": met >= 1, "b": met >= 2, "c": met >= 3}}
+
+    rows = [row("8n", 1.02, 2), row("16n", 0.79, 3), row("auto", 1.02, 2), row("1", 1.0, 1, 0.0)]
+    score, best = ss.recommend(rows, ["1", "8n", "16n", "auto"])
+    assert best == "auto" and score["16n"][0] is False  # 16n meets more targets but holds 0.79x: not eligible
+    assert ss.recommend(rows[:2], ["8n", "16n"])[1] == "8n"
+    assert ss.recommend([row("8", 1.0, 2, 0.03), row("8n", 1.0, 2, 0.01)], ["8", "8n"])[1] == "8n"  # less rounding cost
+
+
 def test_student_speed_times_fp32_only_where_bf16_is_emulated(tmp_path: Path, monkeypatch, capsys):
     ss = _load("student_speed")
     monkeypatch.setattr(ss, "cpu_has_native_bf16", lambda: False)  # an AVX2-only CPU (AMD EPYC Milan here)
