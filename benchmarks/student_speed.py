@@ -74,6 +74,39 @@ def recommend(rows: list[dict], candidates: list[str]) -> tuple[dict, str]:
     return score, max(candidates, key=lambda rt: (score[rt], -multiple(rt), not rt.endswith("n")))
 
 
+def fresh_case(case: str):
+    """A CASES teacher, fresh init, and its one-shot global-magnitude pruned copies:
+    (teacher, [(sparsity, pruned, masks)], classes, input shape)."""
+    arch, kw, classes, shape, sparsities = CASES[case]
+    torch.manual_seed(0)
+    teacher = build_model(arch, classes, shape[0], **kw)
+    pruned_teachers = []
+    for sp in sparsities:
+        pruned = build_model(arch, classes, shape[0], **kw)
+        pruned.load_state_dict(teacher.state_dict())
+        pruned_teachers.append((sp, pruned, magnitude_prune(pruned, sp)))
+    return teacher, pruned_teachers, classes, shape
+
+
+def run_case(run_dir: str | Path, shape: tuple[int, int, int]):
+    """A finished ptd run's trained teacher and its final pruned level (weights and masks): the
+    student its own derivation sizes, where a fresh init's magnitudes can size another (the demo's
+    trained, IMP-pruned teacher keeps 0.99x its surviving weights at 16n; a fresh one 0.79x)."""
+    from ptd.pruning.masks import load_masks
+    from ptd.train.checkpoint import load_model
+
+    d = Path(run_dir)
+    level = json.loads((d / "prune" / "result.json").read_text())
+    k = level["final_level"]
+    if not k:
+        raise SystemExit(f"student_speed: {d} has no pruned level (prune/result.json final_level 0): pass a run whose prune stage finished")
+    teacher = load_model(d / "teacher" / "model.safetensors")
+    pruned = load_model(d / "prune" / f"level_{k}" / "model.safetensors")
+    masks = load_masks(d / "prune" / f"level_{k}" / "masks.safetensors", pruned)
+    classes = next(m for m in reversed(list(teacher.modules())) if isinstance(m, nn.Linear)).out_features
+    return teacher, [(round(level["sparsity"], 2), pruned, masks)], classes, shape
+
+
 def magnitude_prune(model: nn.Module, sparsity: float) -> dict:
     params = prunable_weights(model)
     total = sum(p.numel() for p in params.values())
@@ -157,7 +190,7 @@ def compiled_forward(m: nn.Module, device: torch.device):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    ap.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
     ap.add_argument("--round-to", type=rounding, nargs="+", default=["1", "8", "8n", "16", "32"],
                     help="candidates: N (nearest multiple of N) or Nn (the same with round_narrower)")
     ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
@@ -174,8 +207,15 @@ def main(argv=None) -> int:
     ap.add_argument("--compiled-infer", action="store_true",
                     help="also time inference through torch.compile (frozen weights: BN folded, BN/ReLU fused; CUDA graphs "
                          "on a GPU) at batch 64 and --large-batch; one compile per model and batch, ~10-30 s each")
+    ap.add_argument("--run", help="also time the students of this finished ptd run (its trained teacher and final "
+                                   "pruned level) as the case 'run'; with --input")
+    ap.add_argument("--input", type=int, nargs=3, metavar=("C", "H", "W"), help="the run's input shape (the demo: 1 28 28)")
     ap.add_argument("--out", default="benchmarks/results/student_speed")
     args = ap.parse_args(argv)
+    if bool(args.run) != bool(args.input):
+        ap.error("--run and --input go together: the run's directory and its input shape (the demo: --input 1 28 28)")
+    if args.run and not (Path(args.run) / "prune" / "result.json").is_file():
+        ap.error(f"--run {args.run}: no prune/result.json there; pass a ptd run directory whose prune stage finished")
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if args.cuda_graphs and device.type != "cuda":
@@ -187,19 +227,14 @@ def main(argv=None) -> int:
         args.precisions = [p for p in args.precisions if p != "bf16"] or ["fp32"]
     command = "python benchmarks/student_speed.py " + " ".join(sys.argv[1:] if argv is None else argv)
     rows = []
-    for case in args.cases:
-        arch, kw, classes, shape, sparsities = CASES[case]
-        torch.manual_seed(0)
-        teacher = build_model(arch, classes, shape[0], **kw)
+    cases = [(c, *fresh_case(c)) for c in args.cases] + ([("run", *run_case(args.run, tuple(args.input)))] if args.run else [])
+    for case, teacher, pruned_teachers, classes, shape in cases:
         t_flops = flops(teacher, (1,) + shape)
         t_act = activations(teacher, shape)
         models = {"teacher": teacher}
         meta: dict[str, dict] = {}
         alias: dict[str, str] = {}  # candidate -> the candidate whose identical student is timed
-        for sp in sparsities:
-            pruned = build_model(arch, classes, shape[0], **kw)
-            pruned.load_state_dict(teacher.state_dict())
-            masks = magnitude_prune(pruned, sp)
+        for sp, pruned, masks in pruned_teachers:
             alive = sum(int(m.sum()) for m in masks.values())
             base = None
             for rt in args.round_to:
@@ -312,7 +347,7 @@ def main(argv=None) -> int:
                 print(f"{case} {prec} {key}: FLOPs x{f:.2f} train x{r['train_ratio']:.2f} b64 x{r['speedup_b64']:.2f} b1 x{r['speedup_b1']:.2f}", flush=True)
     score, best = recommend(rows, args.round_to)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
-    result = {"command": command, "machine": {"cpu": cpu_name(), "gpu": gpu, "device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
+    result = {"command": command, "run": args.run, "run_input": "x".join(map(str, args.input)) if args.input else None, "machine": {"cpu": cpu_name(), "gpu": gpu, "device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
                                               "python": platform.python_version()},
               "train_batch": args.train_batch, "large_batch": args.large_batch, "repeats": args.repeats, "rows": rows,
               "targets_met": {rt: score[rt][1] for rt in args.round_to},
@@ -338,8 +373,10 @@ def render(res) -> str:
         f"Command: `{res['command'].strip()}`  ",
         f"Machine: {m.get('gpu') or m['cpu']} ({m['device']}), {m['threads']} torch thread(s), torch {m['torch']}; channels_last; "
         f"train batch {res['train_batch']}; median of {res['repeats']} interleaved runs (x3 at batch 1).  ",
-        "Teachers: fresh init, global magnitude over all Conv/Linear weights, one shot. demo = VGG11 x0.25 on 1x28x28 (10 classes); "
-        "resnet18 = ResNet-18, 3x3 stem, 3x32x32, 200 classes.  ",
+        (("Teachers: fresh init, global magnitude over all Conv/Linear weights, one shot. demo = VGG11 x0.25 on 1x28x28 (10 classes); "
+         "resnet18 = ResNet-18, 3x3 stem, 3x32x32, 200 classes." if any(r["case"] in CASES for r in res["rows"]) else "")
+        + (f" run = the trained teacher and final pruned level of the ptd run `{res['run']}` (input {res['run_input']})." if res.get("run") else "")
+         ).strip() + "  ",
         "train = student img/s over teacher img/s; b64/b1 = inference speedup. Targets: train and b64 >= 0.8 x FLOPs ratio; "
         "nothing below 1.0. Rounding cost: the student's Conv/Linear weights over the round_to=1 student's, minus 1. "
         "Activation ratio: the teacher's Conv/Linear/BatchNorm output elements over the student's -- what bounds the speedup "

@@ -94,6 +94,39 @@ def test_student_speed_recommends_eligible_then_most_targets_then_the_default_on
     assert ss.recommend([row("8", 1.0, 2, 0.03), row("8n", 1.0, 2, 0.01)], ["8", "8n"])[1] == "8n"  # less rounding cost
 
 
+def test_student_speed_times_the_students_of_a_finished_run(tmp_path: Path, capsys):
+    """--run: the run's trained teacher and final pruned level, not a fresh init (whose magnitudes
+    can size another student: the demo's IMP-pruned teacher holds 0.99x at 16n, a fresh one 0.79x)."""
+    from ptd.models import build_model
+    from ptd.pruning.masks import save_masks
+    from ptd.train.checkpoint import save_model
+
+    ss = _load("student_speed")
+    torch.manual_seed(1)
+    teacher = build_model("vgg", 10, 1, plan=[16, "M", 32, "M", 32])
+    pruned = build_model("vgg", 10, 1, plan=[16, "M", 32, "M", 32])
+    pruned.load_state_dict(teacher.state_dict())
+    masks = ss.magnitude_prune(pruned, 0.59)
+    run = tmp_path / "run"
+    (run / "teacher").mkdir(parents=True)
+    (run / "prune" / "level_2").mkdir(parents=True)
+    save_model(run / "teacher" / "model.safetensors", teacher)
+    save_model(run / "prune" / "level_2" / "model.safetensors", pruned)
+    save_masks(run / "prune" / "level_2" / "masks.safetensors", masks)
+    (run / "prune" / "result.json").write_text(json.dumps({"final_level": 2, "sparsity": 0.5904}))
+    assert ss.main(["--cases", "--run", str(run), "--input", "1", "28", "28", "--round-to", "1", "8n", "--precisions", "fp32",
+                    "--repeats", "1", "--warmup", "0", "--out", str(tmp_path / "ss")]) == 0
+    res = json.loads((tmp_path / "ss.json").read_text())
+    assert {r["case"] for r in res["rows"]} == {"run"} and {r["sparsity"] for r in res["rows"]} == {0.59}
+    alive = sum(int(m.sum()) for m in masks.values())
+    assert all(r["surviving"] == alive for r in res["rows"])  # the run's own masks, as saved
+    assert f"run = the trained teacher and final pruned level of the ptd run `{run}` (input 1x28x28)" in (tmp_path / "ss.md").read_text()
+    for bad, why in (([], "--run and --input go together"), (["--input", "1", "28", "28"], "no prune/result.json there")):
+        with pytest.raises(SystemExit) as e:
+            ss.main(["--cases", "--run", str(tmp_path if bad else run), *bad, "--out", str(tmp_path / "x")])
+        assert e.value.code == 2 and why in capsys.readouterr().err
+
+
 def test_student_speed_times_fp32_only_where_bf16_is_emulated(tmp_path: Path, monkeypatch, capsys):
     ss = _load("student_speed")
     monkeypatch.setattr(ss, "cpu_has_native_bf16", lambda: False)  # an AVX2-only CPU (AMD EPYC Milan here)
