@@ -168,7 +168,7 @@ class StudentConfig:
     inherit: bool = False  # start from the surviving teacher channels instead of fresh weights
     # Derived widths to the nearest multiple of this; 1: the paper's rule exactly. "auto": the
     # coarsest of the device's measured multiples that keeps the student within 10% of the
-    # surviving weights (CPU 16, else 8; CUDA 32, else 16, else 8: benchmarks/student_speed.py,
+    # surviving weights (CPU 8; CUDA 32, else 8: benchmarks/student_speed.py,
     # ptd.students.derive.AUTO_ROUND_TO).
     round_to: int | str = "auto"
     # Where that multiple is the teacher's own width (a 16-wide layer the rule takes to 12): True

@@ -275,9 +275,9 @@ def test_a_finished_student_keeps_the_multiple_auto_took_when_it_was_made(tmp_pa
     cfg = SimpleNamespace(student=SimpleNamespace(source="derive", inherit=False, round_to="auto", round_narrower=True))
     src = PrunedTeacher("oneshot", 0.59, tmp_path, 1, {})
     cpu = SimpleNamespace(cfg=cfg, run_dir=tmp_path, rt=SimpleNamespace(device=torch.device("cpu")))
-    assert derive.derive_configured(t, masks, device_type="cpu")[1].round_to == 16  # what auto takes here now
+    assert derive.derive_configured(t, masks, device_type="cpu")[1].round_to == 8  # what auto takes here
     check_student_dir(cpu, src, t, masks)  # resumed on the CPU: the GPU's student is the sweep's
-    monkeypatch.setattr(derive, "AUTO_ROUND_TO", {"cuda": (8,)})
+    monkeypatch.setattr(derive, "AUTO_ROUND_TO", {"cuda": (16, 8)})  # a later ptd with other candidates
     check_student_dir(SimpleNamespace(**{**vars(cpu), "rt": SimpleNamespace(device=torch.device("cuda"))}), src, t, masks)
     # A student the config would not make (another multiple given by number) is still refused.
     cfg.student.round_to = 8

@@ -333,7 +333,7 @@ def slower_note(t: dict, s: dict) -> str | None:
             + ". Fewer FLOPs are not less time where kernels are bound by launches, memory traffic or tile sizes"
             + ("; on a GPU, widths that are not multiples of 32 miss cuDNN's fast kernels, and student.round_to: 32 made derived "
                "ResNet-18 students 1.3-1.4x faster than their teachers at batch 1,024 where 8 gave 0.93x (round_to: auto takes 32 "
-               "on a GPU where the student stays within 10% of the surviving weights, else 16, else 8)" if any(e["gpu"] for e in slow) else "")
+               "on a GPU where the student stays within 10% of the surviving weights)" if any(e["gpu"] for e in slow) else "")
             + "; see docs/students.md, \"Measured: are derived students fast?\".")
 
 
