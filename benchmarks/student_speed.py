@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from ptd import paths as P
 from ptd.measure import count_params, cpu_name, flops
 from ptd.models import build_model
 from ptd.pruning.masks import apply_masks, full_masks, prunable_weights
@@ -88,6 +89,15 @@ def fresh_case(case: str):
     return teacher, pruned_teachers, classes, shape
 
 
+def run_final_level(run_dir: str | Path) -> tuple[int, float] | None:
+    """(final level, sparsity) of a finished run's prune stage, or None where it has no pruned level."""
+    f = Path(run_dir) / P.PRUNE / P.RESULT
+    if not f.is_file():
+        return None
+    result = json.loads(f.read_text())
+    return (result["final_level"], result["sparsity"]) if result.get("final_level") else None
+
+
 def run_case(run_dir: str | Path, shape: tuple[int, int, int]):
     """A finished ptd run's trained teacher and its final pruned level (weights and masks): the
     student its own derivation sizes, where a fresh init's magnitudes can size another (the demo's
@@ -96,15 +106,13 @@ def run_case(run_dir: str | Path, shape: tuple[int, int, int]):
     from ptd.train.checkpoint import load_model
 
     d = Path(run_dir)
-    level = json.loads((d / "prune" / "result.json").read_text())
-    k = level["final_level"]
-    if not k:
-        raise SystemExit(f"student_speed: {d} has no pruned level (prune/result.json final_level 0): pass a run whose prune stage finished")
-    teacher = load_model(d / "teacher" / "model.safetensors")
-    pruned = load_model(d / "prune" / f"level_{k}" / "model.safetensors")
-    masks = load_masks(d / "prune" / f"level_{k}" / "masks.safetensors", pruned)
+    k, sparsity = run_final_level(d)
+    level = P.level_dir(d / P.PRUNE, k)
+    teacher = load_model(d / P.TEACHER / P.MODEL)
+    pruned = load_model(level / P.MODEL)
+    masks = load_masks(level / P.MASKS, pruned)
     classes = next(m for m in reversed(list(teacher.modules())) if isinstance(m, nn.Linear)).out_features
-    return teacher, [(round(level["sparsity"], 2), pruned, masks)], classes, shape
+    return teacher, [(round(sparsity, 2), pruned, masks)], classes, shape
 
 
 def magnitude_prune(model: nn.Module, sparsity: float) -> dict:
@@ -192,7 +200,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
     ap.add_argument("--round-to", type=rounding, nargs="+", default=["1", "8", "8n", "16", "32"],
-                    help="candidates: N (nearest multiple of N) or Nn (the same with round_narrower)")
+                    help="candidates: N (nearest multiple of N), Nn (the same with round_narrower), or auto (ptd's default)")
     ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     ap.add_argument("--train-batch", type=int, default=64)
     ap.add_argument("--large-batch", type=int, default=0,
@@ -214,8 +222,11 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if bool(args.run) != bool(args.input):
         ap.error("--run and --input go together: the run's directory and its input shape (the demo: --input 1 28 28)")
-    if args.run and not (Path(args.run) / "prune" / "result.json").is_file():
-        ap.error(f"--run {args.run}: no prune/result.json there; pass a ptd run directory whose prune stage finished")
+    if args.run and run_final_level(args.run) is None:
+        ap.error(f"--run {args.run}: no pruned level there (prune/result.json missing or at level 0); pass a ptd run "
+                 f"directory whose prune stage finished")
+    if not args.cases and not args.run:
+        ap.error("nothing to time: name --cases, or a finished run with --run")
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if args.cuda_graphs and device.type != "cuda":

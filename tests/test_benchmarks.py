@@ -121,9 +121,11 @@ def test_student_speed_times_the_students_of_a_finished_run(tmp_path: Path, caps
     alive = sum(int(m.sum()) for m in masks.values())
     assert all(r["surviving"] == alive for r in res["rows"])  # the run's own masks, as saved
     assert f"run = the trained teacher and final pruned level of the ptd run `{run}` (input 1x28x28)" in (tmp_path / "ss.md").read_text()
-    for bad, why in (([], "--run and --input go together"), (["--input", "1", "28", "28"], "no prune/result.json there")):
+    for args, why in ((["--run", str(run)], "--run and --input go together"),
+                      (["--run", str(tmp_path), "--input", "1", "28", "28"], "no pruned level there"),
+                      ([], "nothing to time")):
         with pytest.raises(SystemExit) as e:
-            ss.main(["--cases", "--run", str(tmp_path if bad else run), *bad, "--out", str(tmp_path / "x")])
+            ss.main(["--cases", *args, "--out", str(tmp_path / "x")])
         assert e.value.code == 2 and why in capsys.readouterr().err
 
 
