@@ -84,7 +84,8 @@ def cmd_stage(args: argparse.Namespace) -> int:
     cfg, out = _load(args)  # run_pipeline runs preflight before anything is written
     until = {"train": "teacher", "prune": "prune", "student": "student", "distill": "distill", "run": "report"}[args.cmd]
     arms = getattr(args, "arm", None)
-    res = run_pipeline(cfg, out, until=until, arms=[arms] if arms else None)
+    src = _flag(args.from_run, "--from", "give the earlier run directory whose teacher and pruning to reuse, or leave --from out")
+    res = run_pipeline(cfg, out, until=until, arms=[arms] if arms else None, reuse_from=src)
     if until == "report":
         print((out / "report.md").read_text())
     elif until == "student":
@@ -190,6 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
     for name, h in helps.items():
         sp = sub.add_parser(name, help=h, description=h)
         _common(sp)
+        sp.add_argument("--from", dest="from_run", metavar="RUN_DIR",
+                        help="copy this earlier run's finished teacher, pruning and control into --out (a new directory) "
+                             "instead of training them: for another student or distillation from the same pruned teacher; "
+                             "every config key outside student, distill and name must be that run's")
         if name == "distill":
             from ptd.config import ARMS
 

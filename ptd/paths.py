@@ -1,7 +1,9 @@
-"""Every run-directory file and folder name, in one place (see DESIGN.md, "Run directory").
+"""Every run-directory file and folder name, in one place (the layout below; docs/resume.md says how a
+run directory is opened, resumed and grown).
 
     runs/<name>/
       config.yaml  env.json
+      reused.json             --from RUN: the run whose teacher/, prune/ and control/ were copied in
       teacher/                model.safetensors  metrics.jsonl  result.json  done
       prune/level_<k>/        model.safetensors  masks.safetensors  sparsity.json  metrics.jsonl  done
       prune/                  result.json  done
@@ -34,6 +36,7 @@ STUDENT_INIT = "init.safetensors"  # inherited student weights
 RESUME = "resume.pt"  # the last committed epoch of an unfinished stage; removed after its done
 LEGACY_RESUME = ("last.safetensors", "last_state.pt")  # the two-file resume of ptd before the one commit
 RESULTS = "results.json"
+REUSED = "reused.json"  # --from: the run whose teacher, pruning and control were copied in, and when
 REPORT_MD = "report.md"
 REPORT_HTML = "report.html"
 SWEEP_JSON = "sweep.json"

@@ -445,13 +445,15 @@ def _record_file(d: Path) -> str:
     return P.STATS if d.name == P.STUDENT else P.SPARSITY if d.name.startswith("level_") else P.RESULT
 
 
-def check_finished_stages(run_dir: Path) -> None:
+def check_finished_stages(run_dir: Path, under: Sequence[Path] | None = None) -> None:
     """Before a re-run writes anything (env.json included): every file of a finished stage that a
     re-run reads back (its record, its weights and masks) still parses, and every writer temporary
     left by a kill can be removed. Otherwise the stage refuses only when its turn comes, after this
-    session was recorded and perhaps after other stages trained."""
+    session was recorded and perhaps after other stages trained. ``under``: only the stages in
+    these folders (``--from``: the ones copied)."""
     run_dir = Path(run_dir)
-    for marker in sorted(run_dir.rglob(P.DONE)):
+    markers = sorted(run_dir.rglob(P.DONE)) if under is None else sorted(m for u in under for m in Path(u).rglob(P.DONE))
+    for marker in markers:
         d = marker.parent
         if d == run_dir or not marker.is_file():
             continue
@@ -463,7 +465,7 @@ def check_finished_stages(run_dir: Path) -> None:
         for f in sorted(d.glob("*.safetensors")):
             if f.is_file() and not parses(f):
                 raise damaged(f, "not the safetensors file ptd wrote: its header or size is wrong")
-    for tmp in sorted(run_dir.rglob(".*.tmp")):
+    for tmp in sorted(run_dir.rglob(".*.tmp")) if under is None else ():  # (a copy leaves them behind)
         if ckpt.is_writer_temp(tmp) and not os.access(tmp.parent, os.W_OK | os.X_OK):
             raise PreflightError(f"{tmp}: a temporary left by a killed ptd, in a folder this user cannot write, so it cannot "
                                  f"be removed; give this user permission on {tmp.parent}, or delete the file")
@@ -538,8 +540,111 @@ def finish_growth(ctx: Context) -> None:
         ckpt.write_text(ctx.run_dir / P.CONFIG, seal(dump_yaml(ctx.cfg)))
 
 
-def make_context(cfg: RunConfig, run_dir: Path, log: Callable[[str], None] = print, splits: Any = None) -> Context:
-    """``splits``: the dataset preflight already loaded (loaded here otherwise)."""
+# ---------------------------------------------------------------- --from: another run's teacher
+# A question about the student side (another student.round_to, a named student, other distill
+# settings) asked of the same pruned teacher: a finished run directory takes only growth (more
+# seeds, arms, losses), so such a run goes into a new directory, and ``--from RUN`` copies RUN's
+# finished teacher, pruning and control there instead of training them again. That is the same
+# result only where those stages are what this config computes, so every key outside student,
+# distill, name and sweep (and those a resume may change, _VOLATILE_KEYS) must be RUN's.
+
+_REUSE_FREE = {"name", "student", "distill", "sweep"}
+REUSED_STAGES = (P.TEACHER, P.PRUNE, P.CONTROL)
+
+
+def check_reuse(cfg: RunConfig, src: str | Path, run_dir: str | Path) -> list[Path] | None:
+    """The stage folders of ``src`` (relative to it) that ``--from src`` copies into ``run_dir``;
+    None when ``run_dir`` already holds a run (a re-run after a kill resumes it: nothing to copy).
+    A one-line PreflightError (or the damaged / stale file's error) where ``src`` cannot serve.
+    Reads only."""
+    src, run_dir = Path(src), Path(run_dir)
+    a, b = src.resolve(), run_dir.resolve()
+    if a == b or a in b.parents or b in a.parents:
+        raise PreflightError(f"--from {src} and --out {run_dir} overlap; pass --out a new directory outside the run it reuses "
+                             f"(more seeds, arms or losses grow a run in place: re-run it with its own --out, without --from)")
+    if (run_dir / P.CONFIG).is_file():
+        return None
+    if not src.is_dir() or not (src / P.CONFIG).is_file():
+        raise PreflightError(f"--from {src}: not a ptd run directory (no {P.CONFIG}); give the run directory whose teacher "
+                             f"and pruning to reuse")
+    old = read_yaml_mapping(src / P.CONFIG, fix="restore it, or run without --from")
+    new = to_dict(cfg)
+    d = _diff({k: v for k, v in old.items() if k not in _REUSE_FREE}, {k: v for k, v in new.items() if k not in _REUSE_FREE},
+              grows={"teacher.seeds": lambda x, y: True})  # replicates it lacks are trained, extra ones left
+    if d:
+        raise PreflightError(f"--from {src}: its teacher and pruning were made with another config ({d}); --from reuses them "
+                             f"only when every key outside student, distill and name is the same: set it back, or run "
+                             f"without --from")
+    copies = [(P.replicate_root(src, r) / name).relative_to(src) for r in range(cfg.teacher.seeds) for name in REUSED_STAGES
+              if (P.replicate_root(src, r) / name / P.DONE).is_file()]
+    if Path(P.TEACHER) not in copies:
+        raise PreflightError(f"--from {src}: it has no finished teacher to reuse; finish it first (ptd train with --out {src}), "
+                             f"or run without --from")
+    check_finished_stages(src, [src / c for c in copies])  # the records and weights parse
+    strict = strict_done(src)
+    for c in copies:  # and every file they were made from is the one there now
+        for m in sorted((src / c).rglob(P.DONE)):
+            changed = _changed_inputs(src, recorded_inputs(m.parent, strict), missing_too=True)
+            if changed:
+                raise _stale(f"--from {src}: its finished stage {m.parent} was", *changed[0],
+                             f"re-run {src} with its own command")
+    return copies
+
+
+def _reuse_temps(run_dir: Path) -> list[Path]:
+    """Folders ``copy_reused`` left next to ``run_dir`` when killed (their process is gone)."""
+    out = []
+    for t in run_dir.parent.glob(f".{run_dir.name}.from-*.tmp"):
+        try:
+            os.kill(int(t.name[len(run_dir.name) + 7:-4]), 0)
+        except ValueError:
+            continue  # not ours
+        except ProcessLookupError:
+            out.append(t)
+        except PermissionError:
+            pass  # alive, another user's
+    return out
+
+
+def copy_reused(cfg: RunConfig, src: str | Path, run_dir: str | Path, copies: Sequence[Path]) -> None:
+    """Copy ``copies`` (from :func:`check_reuse`) and their TensorBoard mirrors from ``src`` into
+    ``run_dir`` with this run's config.yaml and reused.json (where from, which stages). Atomic: the
+    copy is made in a sibling folder renamed to ``run_dir`` (new, or empty) at the end, so a kill
+    leaves ``run_dir`` as it was and the same command copies again (the killed copy's folder is
+    removed then). ``src``'s own files are only read."""
+    import shutil
+
+    src, run_dir = Path(src), Path(run_dir)
+    make_dir(run_dir.parent, f"the folder of run directory {run_dir}")
+    for t in _reuse_temps(run_dir):
+        shutil.rmtree(t, ignore_errors=True)
+    tmp = run_dir.parent / f".{run_dir.name}.from-{os.getpid()}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+
+    def skip(folder: str, names: list[str]) -> list[str]:  # a half-written file of a ptd killed (or running) there
+        return [n for n in names if ckpt.is_writer_temp(n)]
+
+    try:
+        for c in copies:
+            shutil.copytree(src / c, tmp / c, ignore=skip)
+            if (src / P.TENSORBOARD / c).is_dir():
+                shutil.copytree(src / P.TENSORBOARD / c, tmp / P.TENSORBOARD / c, ignore=skip)
+        ckpt.write_json(tmp / P.REUSED, {"from": str(src.resolve()), "stages": [c.as_posix() for c in copies],
+                                         "copied": datetime.now(timezone.utc).isoformat()})
+        ckpt.write_text(tmp / P.CONFIG, seal(dump_yaml(cfg)))  # last: with it, tmp is a run directory
+        if run_dir.is_dir():
+            ckpt.remove_stale_temps(run_dir)  # empty but for a writer temporary (check_run_config took it)
+            run_dir.rmdir()
+        os.replace(tmp, run_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def make_context(cfg: RunConfig, run_dir: Path, log: Callable[[str], None] = print, splits: Any = None,
+                 reuse: tuple[Path, Sequence[Path]] | None = None) -> Context:
+    """``splits``: the dataset preflight already loaded (loaded here otherwise). ``reuse``: (the
+    ``--from`` run, the stage folders :func:`check_reuse` found) to copy in first."""
     from ptd.data import load_configured
 
     if cfg.threads:
@@ -549,6 +654,16 @@ def make_context(cfg: RunConfig, run_dir: Path, log: Callable[[str], None] = pri
     dc = cfg.data
     if splits is None:
         splits = load_configured(dc, cfg.seed)
+    if reuse is not None:
+        failed: BaseException | None = None
+        if d.is_main:
+            try:
+                copy_reused(cfg, reuse[0], run_dir, reuse[1])
+                log(f"[from] {', '.join(c.as_posix() for c in reuse[1])} of {reuse[0]} copied into {run_dir}")
+            except BaseException as e:  # noqa: BLE001 -- every rank stops together (no hung barrier), rank 0 says why
+                failed = e
+        if all_sum([0.0 if failed is None else 1.0], rt.device)[0] > 0:
+            raise failed if failed is not None else RunDirError(f"--from {reuse[0]}: the copy into {run_dir} failed on rank 0")
     grown = open_run_dir(cfg, run_dir, rt)
     return Context(cfg, run_dir, rt, splits, log if d.is_main else (lambda s: None), grown=grown)
 
@@ -1150,17 +1265,24 @@ def distill_in_parallel(ctx: Context, tasks: list[tuple], worker: Callable[[tupl
 
 
 def run_pipeline(cfg: RunConfig, run_dir: str | Path, until: str = "report", arms: Sequence[str] | None = None,
-                 log: Callable[[str], None] | None = None) -> dict:
-    """Run every stage up to and including ``until``; returns what the last stage produced."""
+                 log: Callable[[str], None] | None = None, reuse_from: str | Path | None = None) -> dict:
+    """Run every stage up to and including ``until``; returns what the last stage produced.
+    ``reuse_from``: a run directory whose finished teacher, pruning and control are copied in
+    instead of trained (``--from``; :func:`check_reuse` says when it may be)."""
     if until not in STAGES:
         raise ValueError(f"unknown stage {until!r}; valid: {', '.join(STAGES)}")
     log = log or (lambda s: tqdm.write(s))
     t0 = time.perf_counter()
     from ptd.preflight import preflight
 
+    if reuse_from is not None:
+        from ptd.preflight import check_out_dir
+
+        check_out_dir(run_dir)  # (a file as --out is named as such, before --from's checks)
+    copies = check_reuse(cfg, reuse_from, run_dir) if reuse_from is not None else None
     splits = preflight(cfg, run_dir, until=until, arms=arms)  # every user error up front, before the run directory is written
     check_plugins(cfg)
-    ctx = make_context(cfg, Path(run_dir), log, splits=splits)
+    ctx = make_context(cfg, Path(run_dir), log, splits=splits, reuse=(Path(reuse_from), copies) if copies else None)
     try:
         out = _run_stages(ctx, until, arms, log, t0)
         finish_growth(ctx)

@@ -230,7 +230,7 @@ def _check_name_lengths(p: Path, anc: Path, missing: list[str]) -> None:
 
 # Files ptd writes (each by a rename into place) at the top of a run directory, and inside a stage
 # folder: a folder of that name makes the rename fail, after the stage's work.
-RUN_FILES = (P.CONFIG, P.ENV, P.RESULTS, P.REPORT_MD, P.REPORT_HTML, P.SWEEP_JSON, P.SWEEP_MD,
+RUN_FILES = (P.CONFIG, P.ENV, P.REUSED, P.RESULTS, P.REPORT_MD, P.REPORT_HTML, P.SWEEP_JSON, P.SWEEP_MD,
              "student_acc_vs_sparsity.png", "student_acc_vs_compute.png")
 STAGE_FILES = (P.DONE, P.RESULT, P.MODEL, P.MASKS, P.SPARSITY, P.METRICS, P.STATS, P.ARCHITECTURE, P.ARCHITECTURE_TXT,
                P.STUDENT_REPORT, P.STUDENT_INIT, P.RESUME)

@@ -1,6 +1,7 @@
 """Dependencies point one way: every ``ptd`` import, function-local ones included, read with ast.
 
-The layers are DESIGN.md's, from the top down; a module may import its own package, any package
+The layers are README.md's ("Library": cli -> pipeline -> method packages -> train ->
+models/data -> leaves), from the top down; a module may import its own package, any package
 of a lower layer, and another package of its own layer only if the package graph stays acyclic.
 """
 from __future__ import annotations
@@ -61,7 +62,7 @@ def imports(root: Path = ROOT) -> dict[tuple[str, str], list[str]]:
 def test_every_package_has_a_layer():
     pkgs = {p.stem if p.is_file() else p.name for p in ROOT.iterdir() if (p.suffix == ".py" or (p / "__init__.py").is_file())}
     pkgs.discard("__init__")
-    assert pkgs - set(RANK) == set(), "add the new package to LAYERS (and DESIGN.md)"
+    assert pkgs - set(RANK) == set(), "add the new package to LAYERS (and to README.md's package table)"
 
 
 def test_nothing_imports_upwards():

@@ -1,0 +1,199 @@
+"""``--from RUN``: another student (or distillation) from the same pruned teacher without training
+the teacher and pruning again. The copied stages must give what a fresh run of the new config
+gives, bit for bit; a run they would not be that for is refused up front (one line, exit 2,
+nothing written, the earlier run untouched); a kill in the copy leaves --out as it was.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+import ptd.pipeline as pipeline
+from ptd import paths as P
+from ptd.cli import main
+
+from conftest import tiny_config, write_fashion_like
+
+
+def _config(data: Path, **student) -> dict:
+    cfg = tiny_config(data, teacher={"model": {"arch": "vgg", "kwargs": {"plan": [16, "M", 32, "M", 32]}},
+                                     "optim": {"epochs": 1, "batch_size": 32, "lr": 0.05, "milestones": []}},
+                      prune={"target_sparsity": 0.36, "retrain": {"epochs": 1, "batch_size": 32, "lr": 0.02}},
+                      distill={"seeds": [0], "arms": ["scratch", "pruned_teacher", "retrained_teacher"],
+                               "optim": {"epochs": 1, "batch_size": 32, "lr": 0.05}},
+                      student={"round_to": 8, **student})
+    cfg["threads"] = 1
+    return cfg
+
+
+def tree(root: Path) -> dict[str, str]:
+    return {p.relative_to(root).as_posix(): ("<dir>" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest())
+            for p in sorted(root.rglob("*"))}
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory) -> Path:
+    ws = tmp_path_factory.mktemp("reuse")
+    data = write_fashion_like(ws / "fm", n_train=120, n_test=40)
+    (ws / "a.yaml").write_text(yaml.safe_dump(_config(data)))
+    (ws / "b.yaml").write_text(yaml.safe_dump(_config(data, round_to=1)))  # the paper's exact widths
+    return ws
+
+
+@pytest.fixture(scope="module")
+def earlier(ws: Path) -> Path:
+    """A finished run at round_to 8: teacher, pruning, control, student, students."""
+    out = ws / "a"
+    assert main(["distill", str(ws / "a.yaml"), "--out", str(out)]) == 0
+    return out
+
+
+def test_a_run_from_an_earlier_one_gives_what_a_fresh_run_gives(ws, earlier, capsys):
+    before = tree(earlier)
+    out = ws / "b_from_a"
+    assert main(["distill", str(ws / "b.yaml"), "--out", str(out), "--from", str(earlier)]) == 0
+    assert tree(earlier) == before  # only read
+    reused = json.loads((out / P.REUSED).read_text())
+    assert reused["from"] == str(earlier.resolve())
+    assert reused["stages"] == [P.TEACHER, P.PRUNE, P.CONTROL]
+    for stage in (P.TEACHER, P.PRUNE, P.CONTROL):  # copied, not trained again: the same files, done included
+        assert {k: v for k, v in tree(out / stage).items()} == tree(earlier / stage)
+    # The other student: the exact rule's widths, not round_to 8's.
+    a_plan = json.loads((earlier / P.STUDENT / P.STATS).read_text())["spec"]["plan"]
+    b_plan = json.loads((out / P.STUDENT / P.STATS).read_text())["spec"]["plan"]
+    assert a_plan != b_plan and any(isinstance(w, int) and w % 8 for w in b_plan)
+    # ...and the same bytes as a run of b.yaml from nothing, stage by stage.
+    fresh = ws / "b_fresh"
+    assert main(["distill", str(ws / "b.yaml"), "--out", str(fresh)]) == 0
+    for f in sorted(fresh.rglob(P.MODEL)):
+        rel = f.relative_to(fresh)
+        assert (out / rel).read_bytes() == f.read_bytes(), rel
+    assert (out / P.STUDENT / P.STATS).read_text().split('"latency"')[0] == (fresh / P.STUDENT / P.STATS).read_text().split('"latency"')[0]
+    # Re-run: it holds the run now, so it resumes (nothing copied, nothing trained, nothing changed).
+    made = tree(out)
+    assert main(["distill", str(ws / "b.yaml"), "--out", str(out), "--from", str(earlier)]) == 0
+    assert {k: v for k, v in tree(out).items() if k != P.ENV} == {k: v for k, v in made.items() if k != P.ENV}
+    # ...and grows like any run, without --from.
+    assert main(["distill", str(ws / "b.yaml"), "--out", str(out), "--set", "distill.seeds=[0,1]"]) == 0
+    assert (P.distill_dir(out, "scratch", 1) / P.DONE).is_file()
+
+
+def _refused(capsys, argv: list[str], *words: str) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    for w in words:
+        assert w in err, err
+    return err
+
+
+@pytest.mark.parametrize("setting, named", [
+    ("teacher.optim.lr=0.04", "teacher.optim.lr"),
+    ("prune.target_sparsity=0.2", "prune.target_sparsity"),
+    ("seed=1", "seed"),
+    ("data.val_fraction=0.25", "data.val_fraction"),
+    ("fast_wgrad=false", "fast_wgrad"),
+])
+def test_a_teacher_side_key_that_differs_is_refused_before_anything_is_written(ws, earlier, tmp_path, capsys, setting, named):
+    before = tree(earlier)
+    out = tmp_path / "new"
+    _refused(capsys, ["run", str(ws / "b.yaml"), "--out", str(out), "--from", str(earlier), "--set", setting],
+             f"--from {earlier}", named, "set it back, or run without --from")
+    assert not out.exists() and tree(earlier) == before
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_student_and_distill_keys_may_differ(ws, earlier, tmp_path):
+    out = tmp_path / "new"
+    assert main(["student", str(ws / "a.yaml"), "--out", str(out), "--from", str(earlier), "--set", "student.round_to=16",
+                 "--set", "distill.temperature=4", "--set", "name=other", "--set", "threads=2"]) == 0
+    assert (out / P.STUDENT / P.DONE).is_file()
+
+
+def test_what_cannot_serve_as_from_is_one_line(ws, earlier, tmp_path, capsys):
+    b = str(ws / "b.yaml")
+    _refused(capsys, ["run", b, "--out", str(tmp_path / "n1"), "--from", str(tmp_path / "missing")], "not a ptd run directory")
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "x.txt").write_text("x")
+    _refused(capsys, ["run", b, "--out", str(tmp_path / "n2"), "--from", str(tmp_path / "plain")], "not a ptd run directory")
+    _refused(capsys, ["run", b, "--out", str(tmp_path / "n3"), "--from", str(tmp_path / "plain" / "x.txt")], "not a ptd run directory")
+    _refused(capsys, ["run", b, "--out", str(tmp_path / "n4"), "--from", " "], "--from: an empty value")
+    # the earlier run itself, or a folder inside it, as --out
+    before = tree(earlier)
+    _refused(capsys, ["run", b, "--out", str(earlier), "--from", str(earlier)], "overlap")
+    _refused(capsys, ["run", b, "--out", str(earlier / "sub"), "--from", str(earlier)], "overlap")
+    assert tree(earlier) == before
+    # a run with no finished teacher
+    half = tmp_path / "half"
+    half.mkdir()
+    shutil.copy(earlier / P.CONFIG, half / P.CONFIG)
+    _refused(capsys, ["run", b, "--out", str(tmp_path / "n5"), "--from", str(half)], "no finished teacher")
+    for n in ("n1", "n2", "n3", "n4", "n5"):
+        assert not (tmp_path / n).exists()
+
+
+def test_a_damaged_or_stale_stage_of_the_earlier_run_is_refused_and_named(ws, earlier, tmp_path, capsys):
+    src = tmp_path / "src"
+    shutil.copytree(earlier, src)
+    model = src / P.level_dir(src / P.PRUNE, 1) / P.MODEL
+    model.write_bytes(model.read_bytes()[:100])
+    _refused(capsys, ["run", str(ws / "b.yaml"), "--out", str(tmp_path / "n"), "--from", str(src)], str(model))
+    assert not (tmp_path / "n").exists()
+    shutil.rmtree(src)
+    shutil.copytree(earlier, src)
+    # the teacher redone after its pruning was made: the pruning belongs to another teacher
+    teacher = src / P.TEACHER / P.MODEL
+    from safetensors.torch import load_file, save_file
+
+    w = load_file(str(teacher))
+    w = {k: v + 1 if v.is_floating_point() else v for k, v in w.items()}
+    save_file(w, str(teacher))
+    _refused(capsys, ["run", str(ws / "b.yaml"), "--out", str(tmp_path / "n"), "--from", str(src)], "has changed since", "prune")
+    assert not (tmp_path / "n").exists()
+
+
+def test_a_kill_in_the_copy_leaves_out_as_it_was_and_the_command_copies_again(ws, earlier, tmp_path, monkeypatch):
+    out = tmp_path / "new"
+    out.mkdir()  # an empty folder is a valid --out, and stays one
+    real = shutil.copytree
+    calls = []
+
+    def dying(*a, **k):
+        calls.append(a[0])
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # a Ctrl-C halfway through the copy
+        return real(*a, **k)
+
+    monkeypatch.setattr(shutil, "copytree", dying)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run_pipeline(pipeline_cfg(ws / "b.yaml"), out, until="student", reuse_from=earlier, log=lambda s: None)
+    assert out.is_dir() and not any(out.iterdir())
+    assert not list(tmp_path.glob(".*.tmp"))
+    monkeypatch.setattr(shutil, "copytree", real)
+    assert main(["student", str(ws / "b.yaml"), "--out", str(out), "--from", str(earlier)]) == 0
+    assert tree(out / P.TEACHER) == tree(earlier / P.TEACHER)
+
+
+def pipeline_cfg(path: Path):
+    from ptd.config import load_config
+
+    return load_config(str(path), [])
+
+
+def test_a_copy_left_by_a_killed_process_is_removed(ws, earlier, tmp_path):
+    out = tmp_path / "new"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    left = tmp_path / f".new.from-{int(dead.stdout)}.tmp"
+    (left / P.TEACHER).mkdir(parents=True)
+    mine = tmp_path / ".new.from-notapid.tmp"  # not named by ptd: kept
+    mine.mkdir()
+    assert main(["student", str(ws / "b.yaml"), "--out", str(out), "--from", str(earlier)]) == 0
+    assert not left.exists() and mine.exists()
