@@ -39,6 +39,15 @@ def test_torchrun_two_processes(tmp_path, tiny_fashion, compile):
     w = load_tensors(out / "prune" / "level_1" / "model.safetensors")
     for name, m in load_masks(out / "prune" / "level_1" / "masks.safetensors").items():
         assert (w[name][~m] == 0).all()
+    if compile == "off":  # --from under torchrun: rank 0 copies, every rank waits for it, then derives
+        again = tmp_path / "again"
+        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                            "-m", "ptd", "student", str(p), "--out", str(again), "--quiet", "--from", str(out),
+                            "--set", "student.round_to=1"], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-4000:]
+        for f in ("teacher/model.safetensors", "prune/level_1/model.safetensors", "prune/level_1/masks.safetensors"):
+            assert (again / f).read_bytes() == (out / f).read_bytes()
+        assert (again / "student" / "done").is_file() and not list(tmp_path.glob(".*.tmp"))
 
 
 _SHUTDOWN_SCRIPT = """
