@@ -169,6 +169,15 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Two finished runs' students, paired by arm, loss and seed; reads only."""
+    from ptd.report.compare import compare_runs, format_comparison, load_finished
+
+    a, b = load_finished(args.run_a), load_finished(args.run_b)
+    print(format_comparison(compare_runs(a, b, args.run_a, args.run_b), a, b, args.run_a, args.run_b))
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from ptd.export import export, format_record
 
@@ -215,6 +224,12 @@ def build_parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("report", help=rp_help, description=rp_help)
     rp.add_argument("run_dir", help="the run (or sweep) directory: what --out named")
     rp.set_defaults(func=cmd_report)
+    cp_help = ("the students of two finished runs (e.g. made with --from: the same pruned teacher, another student), "
+               "paired by arm and seed: each arm's B minus A with its 95% interval; reads only")
+    cp = sub.add_parser("compare", help=cp_help, description=cp_help)
+    cp.add_argument("run_a", metavar="RUN_A", help="a finished run directory")
+    cp.add_argument("run_b", metavar="RUN_B", help="another finished run directory (the difference is B minus A)")
+    cp.set_defaults(func=cmd_compare)
     ex_help = ("write a run's student (its best distilled arm) or a saved model as ONNX with a dynamic batch axis, check it "
                "against PyTorch on test images, and time teacher vs student in onnxruntime at batch 1 and 64")
     ex = sub.add_parser("export", help=ex_help, description=ex_help)

@@ -1,0 +1,100 @@
+"""``ptd compare RUN_A RUN_B``: the students of two finished runs, paired by seed.
+
+The question it answers is one a single run cannot: what does a change to the student side
+(another ``student.round_to``, a named student, another loss setting) do to accuracy, students of
+the same arm and seed side by side. Two runs made with ``--from`` share their teacher and pruned
+teacher, so the difference is the change alone. The same statistics as the report: per-seed
+differences (B minus A), their mean and 95% paired-t interval, called only when the interval
+excludes 0 (``ptd.report.stats``; false-positive rate 5% under pure seed noise).
+
+Students are partners when arm, distillation loss, teacher replicate and seed are the same; the
+runs must have been tested on the same test set. Reads only.
+"""
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import Any
+
+from ptd import paths as P
+from ptd.report import ARM_LABELS, RESULTS_SCHEMA, ReportError, load_report_input, validate
+from ptd.report.stats import format_estimate, paired_estimate
+
+
+def load_finished(run_dir: str | Path) -> dict[str, Any]:
+    """A finished run's results.json, checked as ``ptd report`` checks it; one-line ReportError otherwise."""
+    run_dir = Path(run_dir)
+    path = run_dir / P.RESULTS
+    if not path.is_file():
+        raise ReportError(f"{path} not found: {run_dir} is not a finished ptd run; finish it (`ptd run CONFIG --out {run_dir}`) "
+                          f"or give a finished run's directory")
+    fix = f"re-run `ptd run CONFIG --out {run_dir}` to regenerate it, or restore the file"
+    results = load_report_input(path, fix)
+    validate(RESULTS_SCHEMA, results, path, fix)
+    return results
+
+
+def _keyed(r: dict[str, Any]) -> dict[tuple[str, str | None, int, int], float]:
+    """{(arm, loss, teacher replicate, seed): test accuracy}; a row without a loss is the run's first
+    (older results name it None, newer ones by name)."""
+    first = (r.get("distill_losses") or [None])[0]
+    return {(s["arm"], s.get("loss") or first, int(s.get("teacher") or s.get("replicate") or 0), int(s["seed"])): s["test_acc"]
+            for s in r["students"]}
+
+
+def compare_runs(a: dict[str, Any], b: dict[str, Any], a_name: str = "A", b_name: str = "B") -> list[dict[str, Any]]:
+    """One row per (arm, loss) the two runs share: n paired seeds, each run's mean accuracy, and
+    the paired estimate of B minus A. ReportError when they share no student or were tested on
+    different test sets (a difference would then be the data's)."""
+    ta, tb = a.get("test_set"), b.get("test_set")
+    if a.get("dataset") != b.get("dataset") or (ta and tb and ta != tb):
+        raise ReportError(f"{a_name} and {b_name} were tested on different data ({a.get('dataset')} {ta or ''} against "
+                          f"{b.get('dataset')} {tb or ''}); compare runs of the same dataset and test set")
+    sa, sb = _keyed(a), _keyed(b)
+    groups: dict[tuple[str, str | None], list[tuple[float, float]]] = {}
+    for k in sorted(set(sa) & set(sb), key=lambda k: (k[0], k[1] or "", k[2], k[3])):
+        groups.setdefault(k[:2], []).append((sa[k], sb[k]))
+    if not groups:
+        raise ReportError(f"no student of {a_name} has a partner in {b_name} (the same arm, loss and seed): "
+                          f"{a_name} has {sorted({k[0] for k in sa})} seeds {sorted({k[3] for k in sa})}, {b_name} has "
+                          f"{sorted({k[0] for k in sb})} seeds {sorted({k[3] for k in sb})}; grow one run with the "
+                          f"other's distill.arms and distill.seeds")
+    rows = []
+    order = list(ARM_LABELS)
+    for (arm, loss), pairs in sorted(groups.items(), key=lambda g: (order.index(g[0][0]) if g[0][0] in order else len(order), g[0][1] or "")):
+        xa, xb = [p[0] for p in pairs], [p[1] for p in pairs]
+        rows.append({"arm": arm, "loss": loss, "n": len(pairs), "a_mean": statistics.fmean(xa), "b_mean": statistics.fmean(xb),
+                     "b_minus_a": paired_estimate([y - x for x, y in zip(xa, xb)])})
+    return rows
+
+
+def _student(r: dict[str, Any]) -> str:
+    st = r["student"]
+    plan = st["spec"].get("plan")
+    widths = ", ".join(str(w) for w in plan if w != "M") if isinstance(plan, list) else st["spec"]["arch"]
+    return f"{st['params']:,} parameters, {st['flops']:,} FLOPs ({widths})"
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.2f}%"
+
+
+def format_comparison(rows: list[dict[str, Any]], a: dict[str, Any], b: dict[str, Any], a_name: str, b_name: str) -> str:
+    """The markdown ``ptd compare`` prints: what each run's student is, then one row per arm."""
+    lines = [f"A: {a_name}: student {_student(a)}; teacher {_pct(a['teacher']['test_acc'])}, "
+             f"pruned teacher {_pct(a['pruned_teacher']['test_acc'])}",
+             f"B: {b_name}: student {_student(b)}; teacher {_pct(b['teacher']['test_acc'])}, "
+             f"pruned teacher {_pct(b['pruned_teacher']['test_acc'])}",
+             "",
+             "| arm | seeds | A % | B % | B minus A | called |",
+             "|---|---:|---:|---:|---|---|"]
+    several = len({r["loss"] for r in rows if r["arm"] != "scratch"}) > 1  # name the loss only where it tells rows apart
+    for r in rows:
+        e = r["b_minus_a"]
+        name = ARM_LABELS.get(r["arm"], r["arm"]) + (f" ({r['loss']})" if several and r["loss"] and r["arm"] != "scratch" else "")
+        called = ("yes: B higher" if e["direction"] > 0 else "yes: B lower") if e["called"] else "no"
+        lines.append(f"| {name} | {r['n']} | {100 * r['a_mean']:.2f} | {100 * r['b_mean']:.2f} | {format_estimate(e)} | {called} |")
+    lines += ["", "Paired by arm, loss, teacher replicate and seed; called only when the 95% interval excludes 0."]
+    if any(r["n"] < 2 for r in rows):
+        lines.append("One seed gives no interval: grow both runs with more distill.seeds.")
+    return "\n".join(lines)

@@ -1,0 +1,97 @@
+"""``ptd compare RUN_A RUN_B``: two finished runs' students paired by arm, loss and seed, with the
+report's statistics (B minus A, 95% paired-t interval, called only when it excludes 0). Built on
+a committed demo run's results.json with the accuracies set by hand, so every figure can be
+computed here from the formula."""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import statistics
+from pathlib import Path
+
+import pytest
+from scipy import stats as sps
+
+from ptd.cli import main
+from ptd.report.compare import compare_runs
+
+DEMO = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "fashion_mnist_demo" / "results.json"
+
+
+def run_dir(tmp: Path, name: str, accs: dict[str, list[float]], loss=None, **top) -> Path:
+    r = copy.deepcopy(json.loads(DEMO.read_text()))
+    r["students"] = [{**r["students"][0], "arm": arm, "seed": s, "loss": loss, "test_acc": a}
+                     for arm, xs in accs.items() for s, a in enumerate(xs)]
+    r.update(top)
+    d = tmp / name
+    d.mkdir()
+    (d / "results.json").write_text(json.dumps(r))
+    return d
+
+
+A = {"scratch": [0.8900, 0.8894, 0.8910, 0.8880, 0.8905], "pruned_teacher": [0.8921, 0.8930, 0.8915, 0.8940, 0.8925]}
+D = [0.0010, 0.0020, 0.0030, 0.0020, 0.0025]  # B's KD students, minus A's, seed by seed
+
+
+def test_the_difference_and_interval_are_the_paired_t_of_the_seeds(tmp_path, capsys):
+    b = {"scratch": A["scratch"], "pruned_teacher": [x + d for x, d in zip(A["pruned_teacher"], D)]}
+    ra, rb = run_dir(tmp_path, "a", A), run_dir(tmp_path, "b", b)
+    assert main(["compare", str(ra), str(rb)]) == 0
+    out = capsys.readouterr().out
+    m = statistics.fmean(D)
+    half = sps.t.ppf(0.975, len(D) - 1) * statistics.stdev(D) / math.sqrt(len(D))
+    assert f"+{100 * m:.2f} points, 95% CI [+{100 * (m - half):.2f}, +{100 * (m + half):.2f}]" in out
+    kd = next(l for l in out.splitlines() if l.startswith("| KD from pruned teacher"))
+    assert kd.endswith("| yes: B higher |") and "| 5 |" in kd
+    alone = next(l for l in out.splitlines() if l.startswith("| student alone"))
+    assert "+0.00 points" in alone and alone.endswith("| no |")  # identical students: an interval of no width, not a call
+    rows = compare_runs(json.loads((ra / "results.json").read_text()), json.loads((rb / "results.json").read_text()))
+    e = rows[1]["b_minus_a"]
+    assert e["mean"] == pytest.approx(m, abs=1e-12) and e["ci_low"] == pytest.approx(m - half, abs=1e-12)
+    assert e["ci_high"] == pytest.approx(m + half, abs=1e-12) and e["called"] and e["n"] == 5
+
+
+def test_only_students_with_a_partner_are_paired(tmp_path, capsys):
+    b = {"pruned_teacher": [x - 0.01 for x in A["pruned_teacher"][:3]], "unpruned_teacher": [0.88] * 3}
+    rows = compare_runs(json.loads((run_dir(tmp_path, "a", A) / "results.json").read_text()),
+                        json.loads((run_dir(tmp_path, "b", b) / "results.json").read_text()))
+    assert [(r["arm"], r["n"]) for r in rows] == [("pruned_teacher", 3)]
+    assert rows[0]["b_minus_a"]["mean"] == pytest.approx(-0.01) and rows[0]["b_minus_a"]["direction"] == 0  # sd 0: no call
+
+
+def test_a_first_loss_named_or_not_pairs_the_same(tmp_path):
+    # results from before losses were named per row (None) pair with results that name it
+    ra = json.loads((run_dir(tmp_path, "a", A, loss=None, distill_losses=["kd"]) / "results.json").read_text())
+    rb = json.loads((run_dir(tmp_path, "b", A, loss="kd", distill_losses=["kd"]) / "results.json").read_text())
+    assert [r["n"] for r in compare_runs(ra, rb)] == [5, 5]
+
+
+def _refused(capsys, argv, *words) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    for w in words:
+        assert w in err, err
+
+
+def test_what_cannot_be_compared_is_one_line(tmp_path, capsys):
+    ra = run_dir(tmp_path, "a", A)
+    (tmp_path / "unfinished").mkdir()
+    _refused(capsys, ["compare", str(ra), str(tmp_path / "unfinished")], "not a finished ptd run")
+    _refused(capsys, ["compare", str(tmp_path / "missing"), str(ra)], "not a finished ptd run")
+    other = run_dir(tmp_path, "cifar", A, dataset="cifar10")
+    _refused(capsys, ["compare", str(ra), str(other)], "different data", "same dataset")
+    seeds = run_dir(tmp_path, "seeds", {"unpruned_teacher": [0.9]})
+    _refused(capsys, ["compare", str(ra), str(seeds)], "no student of", "partner", "grow one run")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "results.json").write_text("{not json")
+    _refused(capsys, ["compare", str(ra), str(bad)], str(bad / "results.json"))
+    half = tmp_path / "half"
+    half.mkdir()
+    (half / "results.json").write_text(json.dumps({"name": "x"}))
+    _refused(capsys, ["compare", str(ra), str(half)], "not a ptd results file")
+    with pytest.raises(SystemExit) as e:  # a missing argument: argparse's one line
+        main(["compare", str(ra)])
+    assert e.value.code == 2 and capsys.readouterr().err.count("\n") == 1
