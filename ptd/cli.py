@@ -225,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("run_dir", help="the run (or sweep) directory: what --out named")
     rp.set_defaults(func=cmd_report)
     cp_help = ("the students of two finished runs (e.g. made with --from: the same pruned teacher, another student), "
-               "paired by arm and seed: each arm's B minus A with its 95% interval; reads only")
+               "paired by arm and seed: each arm's B minus A with its 95%% interval; reads only")
     cp = sub.add_parser("compare", help=cp_help, description=cp_help)
     cp.add_argument("run_a", metavar="RUN_A", help="a finished run directory")
     cp.add_argument("run_b", metavar="RUN_B", help="another finished run directory (the difference is B minus A)")

@@ -170,9 +170,17 @@ def test_existing_run_dir_is_not_overwritten(tmp_path, tiny_yaml):
 
 
 def test_every_subcommand_has_help():
-    for cmd in ("run", "train", "prune", "student", "distill", "eval"):
+    import argparse
+
+    from ptd.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    cmds = list(sub.choices)
+    assert {"run", "train", "prune", "student", "distill", "eval", "sweep", "report", "export", "compare"} <= set(cmds)
+    top = run_cli("--help").stdout
+    for cmd in cmds:  # every registered one, so a new command cannot ship without it
         r = run_cli(cmd, "--help")
-        assert r.returncode == 0 and "usage: ptd" in r.stdout
+        assert r.returncode == 0 and f"usage: ptd {cmd}" in r.stdout and cmd in top
 
 
 def test_eval_command(tmp_path, tiny_yaml):
