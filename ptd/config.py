@@ -352,6 +352,10 @@ class RunConfig:
         return self
 
 
+FLOAT32_MAX = 3.4028234663852886e38  # numpy.finfo(numpy.float32).max
+FLOAT32_TINY = 1.1754943508222875e-38  # its smallest normal number
+
+
 def _check(ok: bool, key: str, value: Any, why: str) -> None:
     if not ok:
         raise ConfigError(f"{key}: {value!r} {why}")
@@ -447,6 +451,12 @@ def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
         # mid-run as an overflow or a nan loss.
         if not math.isfinite(value):
             raise ConfigError(f"{key} ({source}): expected a finite number, got {value!r}")
+        # Training runs in float32: a learning rate, decay or loss weight past its range overflows
+        # (or, below its smallest normal number, becomes 0 or loses its precision) once torch
+        # multiplies it into a tensor, mid-run and after earlier stages trained.
+        if abs(value) > FLOAT32_MAX or 0 < abs(value) < FLOAT32_TINY:
+            raise ConfigError(f"{key} ({source}): {value!r} is outside float32's range, which training computes in "
+                              f"(0 or {FLOAT32_TINY:.2e} to {FLOAT32_MAX:.2e} in size); give a value in this key's range")
         return float(value)
     if tp is str:
         if not isinstance(value, str):

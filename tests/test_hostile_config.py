@@ -30,6 +30,7 @@ from conftest import tiny_config, write_fashion_like
 
 # As YAML text after "key=": non-finite, negative, zero, huge, and every wrong type.
 HOSTILE = (".nan", ".inf", "-.inf", "-1", "0", "1000000000", "''", "null", "[]", "{}", "true", "abc")
+F32_OUTSIDE = ("1e39", "-1e39", "1e-39")  # past float32's largest number, below its smallest normal one
 
 
 def leaves(cls: type, prefix: str = "") -> list[tuple[str, object]]:
@@ -117,17 +118,25 @@ def test_every_config_key_refuses_what_it_cannot_use_in_one_line(ws):
     for k in lists:  # and inside lists of numbers
         line = check(root, splits, [as_override(k, "[.nan]")], k)
         assert k in line and "finite" in line, (k, line)
+    # Past float32, which training computes in: 1e300 as a learning rate passed every check and
+    # overflowed in the first optimizer step ("value cannot be converted to type float").
+    for k, v in [(k, v) for k in floats for v in F32_OUTSIDE] + [(k, f"[{v}]") for k in lists for v in F32_OUTSIDE]:
+        line = check(root, splits, [as_override(k, v)], k)
+        assert k in line and "float32" in line, (k, v, line)
 
 
 @pytest.mark.parametrize("select, key", plugin_cases(), ids=lambda x: x if isinstance(x, str) else "")
 def test_every_plugin_option_refuses_what_it_cannot_use_in_one_line(ws, select, key):
     root, splits = ws
-    for v in HOSTILE:
+    opt = key.rsplit(".", 1)[1]
+    named = opt.endswith("layer") or opt in ("negatives", "rewind", "layers", "teacher_layers", "student_layers")
+    for v in HOSTILE + F32_OUTSIDE:
         line = check(root, splits, [*select, as_override(key, v)], key)
-        if v in (".nan", ".inf", "-.inf") and line == "ok":
-            # a non-finite value may only pass where the option is not a number at all (a name or a layer)
-            opt = key.rsplit(".", 1)[1]
-            assert opt.endswith("layer") or opt in ("negatives", "rewind", "layers", "teacher_layers", "student_layers"), (key, v)
+        if v in (".nan", ".inf", "-.inf", *F32_OUTSIDE) and line == "ok":
+            # a non-finite or non-float32 value may only pass where the option is not a number at all (a name or a layer)
+            assert named, (key, v)
+        elif v in F32_OUTSIDE and not named:  # float32's range, or (an integer option) not an integer: the key named
+            assert key in line, (key, v, line)
 
 
 @pytest.mark.parametrize("text, value", [("lr: 5e-3", 0.005), ("lr: 1E2", 100.0), ("lr: 2.5e-1", 0.25), ("lr: .5e1", 5.0)])
