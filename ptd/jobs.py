@@ -12,6 +12,7 @@ import ctypes
 import multiprocessing as mp
 import signal
 import sys
+import threading
 from typing import Any, Callable, Iterable, Sequence
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -28,6 +29,16 @@ def die_with_parent() -> None:
 
 def _init(initializer: Callable[..., None] | None, initargs: Sequence[Any]) -> None:
     die_with_parent()
+    # tqdm's default lock is a multiprocessing semaphore, made at a worker's first bar (a disabled
+    # one too); a worker the pool stops (after a failure or a Ctrl-C) cannot unregister it, and
+    # Python's resource tracker then warns of "leaked semaphore objects" on stderr after ptd's one
+    # line. Workers print no bars of their own: a thread lock serves.
+    try:
+        from tqdm import tqdm
+
+        tqdm.set_lock(threading.RLock())
+    except ImportError:  # pragma: no cover - tqdm is a dependency of ptd, not of this module
+        pass
     # Ctrl-C reaches the whole process group: the parent stops the workers (terminate), so they
     # need not each print a KeyboardInterrupt traceback.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -43,11 +54,15 @@ def run_in_workers(fn: Callable[[Any], Any], tasks: Iterable[Any], processes: in
     finishes (in completion order). The first exception a task raises is raised here, after every
     worker was stopped."""
     pool = mp.get_context("spawn").Pool(processes, initializer=_init, initargs=(initializer, tuple(initargs)))
+    done = False
     try:
         for out in pool.imap_unordered(fn, list(tasks)):
             if on_result is not None:
                 on_result(out)
         pool.close()
+        pool.join()  # every worker exits on its own, its finalizers run (a terminate could cut them short)
+        done = True
     finally:
-        pool.terminate()  # after a failure or an interrupt: no worker goes on running
-        pool.join()
+        if not done:
+            pool.terminate()  # after a failure or an interrupt: no worker goes on running
+            pool.join()

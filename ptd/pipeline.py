@@ -445,6 +445,39 @@ def _record_file(d: Path) -> str:
     return P.STATS if d.name == P.STUDENT else P.SPARSITY if d.name.startswith("level_") else P.RESULT
 
 
+def _record_check(d: Path) -> tuple[Any, tuple[str, ...]]:
+    """What a finished stage in ``d`` must hold: a check of its record's keys and types (those the
+    pipeline and the report read back from it) and the files besides it that a re-run loads; by
+    the folder's place in the layout (ptd.paths). (None, ()) for a folder of no known kind."""
+    from ptd.report import ACC, AMOUNT, COUNT, obj, items, num, text
+
+    cost = {"epochs": AMOUNT, "steps": AMOUNT, "wall_s": AMOUNT}
+    acc = num(0, 1, null=True)
+    trained = obj({"test_acc": ACC, "val_acc?": acc, **cost})
+    counts = obj({"params": COUNT, "flops": COUNT})
+    if d.name == P.TEACHER or d.name.startswith("round_"):
+        return trained, (P.MODEL,)
+    if d.name.startswith("level_"):
+        return obj({"level": COUNT, "sparsity": ACC, "test_acc?": acc, "val_acc?": acc}), (P.MODEL, P.MASKS)
+    if d.name == P.STUDENT:
+        return obj({"spec": obj({"arch": text()}), "student": counts, "teacher": counts}), (P.ARCHITECTURE,)
+    if d.name == P.CONTROL:
+        return obj({"rounds": COUNT, "test_acc": ACC, "val_acc?": acc, **cost}), ()
+    if d.parent.name == P.DISTILL:
+        return obj({"arm": text(), "seed": num(integer=True), "loss?": text(null=True), "test_acc": ACC, "val_acc?": acc,
+                    **cost}), (P.MODEL,)
+    if d.name == P.PRUNE or d.parent.name == P.PRUNE:  # a run's pruning, or one strategy's of a sweep
+        level = obj({"level": COUNT, "sparsity": ACC, "test_acc": acc, "params_nonzero?": COUNT})
+        run = obj({"strategy": text(), "final_level": COUNT, "sparsity": ACC, "levels": items(level), **cost})
+
+        def pruning(v: Any, key: str) -> None:
+            run(v, key)
+            obj({"params_nonzero": COUNT})(v["levels"][-1], f"levels[{len(v['levels']) - 1}]")  # the report's figure
+
+        return pruning, ()
+    return None, ()
+
+
 def check_finished_stages(run_dir: Path, under: Sequence[Path] | None = None) -> None:
     """Before a re-run writes anything (env.json included): every file of a finished stage that a
     re-run reads back (its record, its weights and masks) still parses, and every writer temporary
@@ -458,7 +491,18 @@ def check_finished_stages(run_dir: Path, under: Sequence[Path] | None = None) ->
         if d == run_dir or not marker.is_file():
             continue
         record = d / _record_file(d)
-        read_json(record)  # DamagedFileError, the same line the stage would give (a missing record too)
+        data = read_json(record)  # DamagedFileError, the same line the stage would give (a missing record too)
+        check, needs = _record_check(d)
+        if check is not None:  # readable, but not the record ptd wrote: a re-run would fail on a key mid-way
+            from ptd.report import Invalid
+
+            try:
+                check(data, "")
+            except Invalid as e:
+                raise damaged(record, f"not the record ptd writes: {e.kind}: {e}") from None
+        for name in needs:
+            if not (d / name).is_file():
+                raise damaged(d / name, "missing, though its stage is finished")
         for f in sorted(d.glob("*.json")):  # every other JSON ptd wrote there (architecture.json: `ptd eval`, export)
             if f != record and f.is_file():
                 read_json(f)
@@ -510,6 +554,9 @@ def open_run_dir(cfg: RunConfig, run_dir: Path, rt: Runtime) -> bool:
         if cfg_path.is_file():  # under the lock: no other ptd is redoing a stage meanwhile; every rank reads alike
             check_lineage(run_dir)
             check_finished_stages(run_dir)
+            for r in sorted(run_dir.rglob(P.RESUME)):  # an unfinished stage's commit: refused now, not when its turn comes
+                if r.is_file() and not is_done(r.parent):
+                    ckpt.check_resume(r.parent)
         if rt.dist.is_main and env_path.is_file():  # read before config.yaml is rewritten: a damaged one refuses first
             old_env = read_json_object(env_path, fix=f"delete it (it records the machines of earlier sessions) and run again")
     except BaseException:

@@ -93,6 +93,8 @@ def strategy_options(cfg: RunConfig, strategy: str) -> dict:
 
 def check_sweep(cfg: RunConfig) -> tuple[list[float], float]:
     """The sweep sparsities (sorted, distinct) and the one the student is derived from."""
+    if len(set(cfg.sweep.sparsities)) != len(cfg.sweep.sparsities):
+        raise ConfigError(f"sweep.sparsities: {list(cfg.sweep.sparsities)} lists a sparsity twice; list each once")
     sps = sorted(set(cfg.sweep.sparsities))
     frm = cfg.sweep.student_from if cfg.sweep.student_from is not None else sps[-1]
     if not any(abs(frm - s) < 1e-9 for s in sps):

@@ -36,7 +36,8 @@ def finished(tmp_path_factory) -> tuple[Path, Path]:
     ws = tmp_path_factory.mktemp("damaged")
     data = write_fashion_like(ws / "fm", n_train=120, n_test=40)
     cfg = ws / "c.yaml"
-    cfg.write_text(yaml.safe_dump(tiny_config(data)))
+    # every arm, the control's too: each kind of stage folder is in the run
+    cfg.write_text(yaml.safe_dump(tiny_config(data, distill={"arms": ["scratch", "unpruned_teacher", "pruned_teacher", "retrained_teacher"]})))
     assert main(["run", str(cfg), "--out", str(ws / "run")]) == 0
     return cfg, ws / "run"
 
@@ -87,3 +88,90 @@ def test_a_file_cut_short_is_named_damaged(finished, tmp_path, capsys, rel):
         assert "sha256 in its first line" in line and "delete the first line" in line
         (d / rel).write_bytes(data.split(b"\n", 1)[1])  # a config without the seal (hand-written, older ptd) still reads
         assert main(["run", str(cfg), "--out", str(d)]) == 0
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _refused_unchanged(capsys, cfg: Path, d: Path, named: Path) -> str:
+    before = _tree(d)
+    capsys.readouterr()
+    assert main(["run", str(cfg), "--out", str(d)]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and str(named) in err[0], err
+    assert _tree(d) == before  # env.json included: a refused re-run adds no session
+    return err[0]
+
+
+def test_every_finished_stage_record_that_parses_but_is_not_ptds_is_refused_up_front(finished, tmp_path, capsys):
+    """Valid JSON with a key missing or of the wrong type once passed the up-front parse check and
+    ended mid-run in a KeyError or TypeError (exit 1), after env.json had a session added."""
+    from ptd.pipeline import _record_file
+
+    cfg, run = finished
+    stages = sorted(m.parent.relative_to(run) for m in run.rglob("done") if m.parent != run)
+    assert {"teacher", "prune", "prune/level_1", "student", "control", "control/round_1",
+            "distill/scratch_seed0"} <= {s.as_posix() for s in stages}
+    for rel in stages:
+        record = rel / _record_file(run / rel)
+        for edit in ("{}", "wrong type"):
+            d = tmp_path / "run"
+            shutil.rmtree(d, ignore_errors=True)
+            shutil.copytree(run, d)
+            if edit == "{}":
+                (d / record).write_text("{}")
+            else:  # a key the pipeline or the report reads back becomes a string
+                import json
+
+                data = json.loads((d / record).read_text())
+                k = next(k for k in ("test_acc", "sparsity", "student") if k in data)
+                data[k] = "high"
+                (d / record).write_text(json.dumps(data))
+            line = _refused_unchanged(capsys, cfg, d, d / record)
+            assert "not the record ptd writes" in line or "has changed since" in line, (record, edit, line)
+
+
+@pytest.mark.parametrize("rel", ["teacher/model.safetensors", "prune/level_1/model.safetensors", "prune/level_1/masks.safetensors",
+                                 "student/architecture.json", "control/round_1/model.safetensors",
+                                 "distill/scratch_seed0/model.safetensors"])
+def test_a_finished_stage_missing_its_weights_is_refused_up_front(finished, tmp_path, capsys, rel):
+    cfg, run = finished
+    d = tmp_path / "run"
+    shutil.copytree(run, d)
+    (d / rel).unlink()
+    line = _refused_unchanged(capsys, cfg, d, d / rel)
+    assert "missing" in line and "delete" in line
+
+
+def test_a_resume_commit_that_is_not_ptds_is_refused_before_env_json_changes(finished, tmp_path, capsys):
+    """resume.pt was read only when its stage started: a foreign one was refused after env.json had
+    a session added, and a pickled object was named by torch's error cut off mid-sentence."""
+    import os
+    import pickle
+
+    import torch
+
+    cfg, run = finished
+    d = tmp_path / "run"
+    shutil.copytree(run, d)
+    shutil.rmtree(d / "distill" / "scratch_seed1")  # an unfinished stage, with a commit of its own
+    (d / "distill" / "scratch_seed1").mkdir()
+    pwned = tmp_path / "PWNED"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {pwned}",))
+
+    resume = d / "distill" / "scratch_seed1" / "resume.pt"
+    for content, words in [(pickle.dumps(Evil()), "not the zip archive"), (None, "Python objects other than tensors"),
+                           ({"format": "other"}, "format")]:
+        if content is None:
+            torch.save({"format": 1, "x": Evil()}, resume)
+        elif isinstance(content, bytes):
+            resume.write_bytes(content)
+        else:
+            torch.save(content, resume)
+        line = _refused_unchanged(capsys, cfg, d, resume)
+        assert words in line and f"delete {resume}" in line, line
+    assert not pwned.exists()

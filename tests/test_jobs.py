@@ -166,3 +166,38 @@ def test_a_student_that_fails_in_a_worker_is_the_same_one_line(tmp_path, tiny_ya
     lines = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
     assert len(lines) == 1 and "lower distill.optim.lr" in lines[0], lines
     assert lines[0].endswith(f"to reuse this run's trained teacher there, add --teacher {run}/teacher/model.safetensors")
+
+
+_FAILING_POOL = """
+import sys
+from ptd.jobs import run_in_workers
+
+def task(i):
+    from tqdm.auto import tqdm
+    for _ in tqdm(range(3), disable=True):  # a quiet bar still makes tqdm's lock
+        pass
+    if i == 1:
+        raise ValueError("boom")
+    import time
+    time.sleep(0.5)  # the other worker is still busy when the pool is stopped
+    return i
+
+if __name__ == "__main__":
+    try:
+        run_in_workers(task, range(4), 2)
+    except ValueError:
+        print("failed as planned")
+"""
+
+
+def test_a_failed_pool_leaves_no_leaked_semaphore_warning(tmp_path):
+    """A student failing in one worker stops the pool; the stopped workers' tqdm locks were
+    multiprocessing semaphores, and Python's resource tracker printed "There appear to be N leaked
+    semaphore objects" on stderr after ptd's one line (a bad-input probe saw it with jobs: 2)."""
+    script = tmp_path / "pool.py"
+    script.write_text(_FAILING_POOL)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    for _ in range(2):
+        r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+        assert r.stdout.strip() == "failed as planned", r.stderr
+        assert r.stderr == "", r.stderr

@@ -172,6 +172,10 @@ def test_options_per_strategy(tmp_path, tiny_fashion):
     dup = replace(base, sweep=replace(base.sweep, strategies=("imp", "imp")))
     with pytest.raises(ConfigError, match="twice"):
         check_sweep(dup)
+    # a sparsity listed twice was run once, silently, where a strategy listed twice was refused
+    twice = replace(base, sweep=replace(base.sweep, sparsities=(0.5, 0.5)))
+    with pytest.raises(ConfigError, match="sweep.sparsities.*lists a sparsity twice"):
+        check_sweep(twice)
 
 
 def test_imp_level_cost_is_cumulative():

@@ -470,6 +470,7 @@ class _Invalid(Exception):
         self.kind = kind
 
 
+Invalid = _Invalid  # what a Check raises, for the pipeline's checks of its own stage records
 Check = Callable[[Any, str], None]  # raises _Invalid for a value at a key
 
 

@@ -680,14 +680,30 @@ def load_resume(out_dir: str | Path) -> dict[str, Any] | None:
     Read with ``weights_only=True``: no code from the file runs. A file that is not a ptd resume
     commit (it cannot be torn: commits are atomic) is a one-line CheckpointError with the fix.
     """
-    p = Path(out_dir) / RESUME_FILE
+    return _read_resume(Path(out_dir) / RESUME_FILE)
+
+
+def check_resume(out_dir: str | Path) -> None:
+    """Refuse, as :func:`load_resume` would when the stage starts, an ``out_dir/resume.pt`` that is
+    not a ptd resume commit: checked when a run directory is opened, before anything is written.
+    Memory-mapped, so the tensors are not read."""
+    _read_resume(Path(out_dir) / RESUME_FILE, mmap=True)
+
+
+def _read_resume(p: Path, mmap: bool = False) -> dict[str, Any] | None:
     if not p.is_file():
         return None
     fix = f"delete {p} to restart this stage from its first epoch"
+    if not zipfile.is_zipfile(p):  # (mmap takes only the zip form, and says so in torch's words)
+        raise CheckpointError(f"{p}: not a ptd resume file (not the zip archive torch.save writes); {fix}")
     try:
-        state = torch.load(str(p), map_location="cpu", weights_only=True)
+        state = torch.load(str(p), map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError:  # weights_only refused an object: ptd writes only tensors and plain values
+        raise CheckpointError(f"{p}: not a ptd resume file (it holds Python objects other than tensors and plain values, "
+                              f"which ptd never writes and does not load); {fix}") from None
     except Exception as e:  # unpickling fails in many types; all mean "not a resume file"
-        raise CheckpointError(f"{p}: not a readable ptd resume file ({str(e).splitlines()[0][:160] if str(e) else type(e).__name__}); {fix}") from None
+        raise CheckpointError(f"{p}: not a readable ptd resume file ({type(e).__name__}: "
+                              f"{one_line(str(e).split('. ')[0])[:160] if str(e) else 'unreadable'}); {fix}") from None
     if not isinstance(state, dict) or state.get("format") != RESUME_FORMAT:
         raise CheckpointError(f"{p}: not a ptd resume file (format {state.get('format') if isinstance(state, dict) else type(state).__name__!r}); {fix}")
     return state
