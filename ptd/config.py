@@ -189,6 +189,14 @@ class StudentConfig:
                    f"must be at most {MAX_ROUND_TO} (auto is the default: 8 on a CPU, 32 on a GPU; 1 is the paper's exact rule)")
         if self.source == "named" and self.model is None:
             raise ConfigError(f"{where}.model: required when {where}.source is 'named' (e.g. model: {{arch: vgg11}})")
+        # A key the chosen source never reads would be silently ignored: the run would not be the one asked for.
+        if self.source == "derive" and self.model is not None:
+            raise ConfigError(f"{where}.model: given, but {where}.source is 'derive' (the widths come from the pruned "
+                              f"teacher, so the model is not used); set {where}.source: named to train this model, or "
+                              f"{where}.model: null")
+        if self.source == "named" and self.inherit:
+            raise ConfigError(f"{where}.inherit: true, but {where}.source is 'named' (only a derived student can start "
+                              f"from the teacher's surviving channels); set {where}.inherit: false, or {where}.source: derive")
 
 
 @dataclass(frozen=True)

@@ -365,3 +365,16 @@ def test_the_two_seeds_keys_say_what_they_mean_when_confused(over, words):
     with pytest.raises(ConfigError) as e:
         load_config(None, [over])
     assert "\n" not in str(e.value) and all(w in str(e.value) for w in words), str(e.value)
+
+
+@pytest.mark.parametrize("overrides, named", [
+    (["student.model={arch: vgg8}"], "student.model: given, but student.source is 'derive'"),
+    (["student.source=named", "student.model={arch: vgg8}", "student.inherit=true"], "student.inherit: true, but student.source is 'named'"),
+])
+def test_a_student_key_its_source_never_reads_is_refused(overrides, named):
+    """Both were accepted and silently ignored: the run trained another student than the config described."""
+    from ptd.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError) as e:
+        load_config(None, overrides)
+    assert named in str(e.value) and "\n" not in str(e.value)
