@@ -181,6 +181,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from ptd.export import export, format_record
 
+    _flag(args.out, "--out", "give the ONNX file to write (e.g. --out student.onnx), or leave --out out for the model file with .onnx")
     rec = export(args.source, args.out, args.format, latency=not args.no_latency)
     print(format_record(rec))
     return 0

@@ -681,6 +681,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
     if path is not None:
         p = Path(path)
         if not p.is_file():
+            if p.exists():  # a folder, a FIFO, a device: "not found" would send the user looking for a typo
+                what = "a folder" if p.is_dir() else "not a regular file (a FIFO, socket or device)"
+                raise ConfigError(f"config {p} is {what}; pass the path of a YAML file (see configs/)")
             raise ConfigError(f"config file not found: {p}; pass the path of a YAML file (see configs/)")
         data = _read_file(p)
         source = str(p)

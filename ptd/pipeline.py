@@ -427,6 +427,11 @@ def check_run_config(cfg: RunConfig, run_dir: Path) -> bool:
     if cfg_path.is_file():
         old = read_yaml_mapping(cfg_path, fix=f"restore it, or run into a new --out (or delete {run_dir} to start over)")
         new = to_dict(cfg)
+        foreign = sorted(str(k) for k in old if k not in new)
+        if foreign or "teacher" not in old:  # another tool's config.yaml: "a different config (amp: ...)" would mislead
+            why = f"unknown top-level key {foreign[0]!r}" if foreign else "no teacher section"
+            raise RunDirError(f"{run_dir} holds a {P.CONFIG} that is not a ptd run's ({why}), so it is not a ptd run "
+                              f"directory; pass --out a new or empty directory")
         d = _diff(old, new, grows=_growth_rules(old, new))
         if d:
             raise RunDirError(f"{run_dir} holds a run with a different config ({d}); only more distill.seeds, distill.arms, "

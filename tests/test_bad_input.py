@@ -127,7 +127,7 @@ CASES: dict[str, tuple[list[str], list[str]]] = {
     "set-without-equals": (["train", "{ws}/c.yaml", "--set", "distill.alpha"], ["KEY=VALUE"]),
     # --- the config file path
     "config-missing": (["train", "{ws}/missing.yaml"], ["config file not found", "missing.yaml"]),
-    "config-is-folder": (["run", "{ws}/adir"], ["config file not found", "adir"]),
+    "config-is-folder": (["run", "{ws}/adir"], ["is a folder", "adir"]),
     "config-bad-yaml": (["prune", "{ws}/bad.yaml"], ["bad.yaml", "not valid YAML"]),
     "config-top-level-list": (["student", "{ws}/list.yaml"], ["list.yaml", "mapping"]),
     "config-binary": (["sweep", "{ws}/binary.yaml"], ["binary.yaml", "YAML text"]),
@@ -495,3 +495,31 @@ def test_an_evaluation_batch_beyond_memory_is_refused(ws: Path):
     msg = str(e.value)
     assert msg.startswith("eval_batch_size: 100000 (a batch of 40: the larger of the validation and test splits) images")
     assert "set eval_batch_size to at most 39," in msg
+
+
+def _one_line(capsys, argv: list[str]) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_refusals_name_the_problem_that_is_there(tmp_path, capsys):
+    """Each of these was one line and exit 2, but named another problem (a bad-input probe)."""
+    fifo = tmp_path / "c.yaml"
+    os.mkfifo(fifo)
+    assert "not a regular file (a FIFO" in _one_line(capsys, ["train", str(fifo)])  # was: "config file not found"
+    assert "is a folder" in _one_line(capsys, ["train", str(tmp_path)])
+    foreign = tmp_path / "other"
+    foreign.mkdir()
+    (foreign / "config.yaml").write_text("x: 1\n")  # another tool's folder: was "a different config (amp: None there, ...)"
+    cfg = tmp_path / "t.yaml"
+    cfg.write_text("name: t\n")
+    line = _one_line(capsys, ["train", str(cfg), "--out", str(foreign)])
+    assert "not a ptd run's (unknown top-level key 'x')" in line and (foreign / "config.yaml").read_text() == "x: 1\n"
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "notes.zip", "w") as z:  # was: "a pickle file (torch.save's format)"
+        z.writestr("notes.txt", "hello")
+    assert "a zip archive but not a whole torch.save one" in _one_line(capsys, ["eval", str(tmp_path / "notes.zip")])
+    assert "--out: an empty value" in _one_line(capsys, ["export", str(tmp_path / "notes.zip"), "--out", ""])  # was: ".: already exists"

@@ -354,6 +354,15 @@ def _kind(head: bytes, size: int) -> str:
     return "text" if _is_text(head) else "unknown"
 
 
+def _torch_zip(p: Path) -> bool:
+    """Whether the zip archive at ``p`` is torch.save's (its pickle is <name>/data.pkl); read, not loaded."""
+    try:
+        with zipfile.ZipFile(p) as z:
+            return any(n.endswith("/data.pkl") or n == "data.pkl" for n in z.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
 def _sniff(p: Path, give: str) -> tuple[str, int, bytes]:
     """(kind, size, first bytes) of the file at ``p``; CheckpointError when it cannot be read at all."""
     size = _stat_regular(p, give)
@@ -447,8 +456,10 @@ def read_metadata(path: str | Path) -> dict[str, str]:
     p = Path(path)
     kind, _, _ = _sniff(p, _MODEL_FILE)
     if kind != "safetensors":
-        raise CheckpointError(f"{p}: a pickle file (torch.save's format), not safetensors: ptd rebuilds a model only from "
-                              f"the architecture a ptd model file carries; {_MODEL_FILE}")
+        what = "a zip archive but not a whole torch.save one (another tool's, or cut short), and not safetensors" if kind == "zip" and not _torch_zip(p) else \
+            "a pickle file (torch.save's format), not safetensors"
+        raise CheckpointError(f"{p}: {what}: ptd rebuilds a model only from the architecture a ptd model file carries; "
+                              f"{_MODEL_FILE}")
     try:
         with safe_open(str(p), "pt") as f:
             return f.metadata() or {}
