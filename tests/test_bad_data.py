@@ -424,3 +424,22 @@ def test_verify_images_shows_a_progress_bar_when_asked(tmp_path: Path, capsys, m
     monkeypatch.setattr(base, "VERIFY_PROGRESS_MIN", 2)
     verify_images(split)
     assert [k["disable"] for k in seen] == [True, False, False] and all(k["total"] == 3 for k in seen)
+
+
+def test_tiny_imagenet_val_image_listed_twice_is_refused(tmp_path: Path):
+    """Listed under two classes (or twice under one), the image was scored twice: accepted before."""
+    t = write_tiny(tmp_path / "ti", val_lines=["val_0.png\tn01\t0\t0\t1\t1", "val_1.png\tn02\t0\t0\t1\t1",
+                                               "val_0.png\tn02\t0\t0\t1\t1"])
+    with pytest.raises(DataError) as ei:
+        load_dataset("tiny_imagenet", str(t.parent), cache_dir=str(tmp_path / "cache"))
+    assert str(ei.value).startswith(f"malformed line 3 in {t / 'val' / 'val_annotations.txt'}: 'val_0.png' is listed again "
+                                    f"(first on line 1)")
+
+
+@pytest.mark.parametrize("names", ["abcdefghij", [b"c0"] * 10, [b"c%d" % i for i in range(9)] + [3]])
+def test_cifar_label_names_that_are_not_ten_distinct_names_are_refused(tmp_path: Path, names):
+    """A 10-letter string passed as ten classes a..j: its length was all that was checked."""
+    d = write_cifar10(tmp_path)
+    (d / "batches.meta").write_bytes(pickle.dumps({b"label_names": names}, protocol=2))
+    with pytest.raises(DataError, match="not a list of 10 distinct names"):
+        load_dataset("cifar10", str(tmp_path))

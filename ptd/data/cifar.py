@@ -150,9 +150,11 @@ def _load(key: str, root: str | None, download: bool, cache_dir: str | None) -> 
     meta_path = folder / s["meta"]
     meta = _unpickle(meta_path)
     names = meta.get(s["names_key"])
-    if names is None or len(names) != s["num_classes"]:
+    # a list of names (bytes or str), each once: a string of 10 letters has a length of 10 too
+    if (not isinstance(names, (list, tuple)) or len(names) != s["num_classes"]
+            or not all(isinstance(n, (str, bytes)) for n in names) or len(set(names)) != len(names)):
         raise DataError(
-            f"malformed CIFAR meta file {meta_path}: {s['names_key']!r} missing or not {s['num_classes']} names; "
+            f"malformed CIFAR meta file {meta_path}: {s['names_key']!r} missing or not a list of {s['num_classes']} distinct names; "
             f"re-extract the dataset archive"
         )
     return RawDataset(

@@ -179,6 +179,7 @@ def load_tiny_imagenet(root: str | None, *, download: bool = False, cache_dir: s
         raise DataError(f"Tiny-ImageNet file not found: {ann}; {_FIX}")
     test_paths: list[str] = []
     test_labels: list[int] = []
+    seen: dict[str, int] = {}  # file -> the line that listed it
     for n, line in enumerate(_read_text(ann).splitlines(), 1):
         if not line.strip():
             continue
@@ -188,6 +189,10 @@ def load_tiny_imagenet(root: str | None, *, download: bool = False, cache_dir: s
         if not _plain_name(parts[0]):
             raise DataError(f"malformed line {n} in {ann}: {parts[0][:80]!r} is not a file name in val/images (a path "
                             f"that leaves that folder); {_FIX}")
+        if parts[0] in seen:  # scored twice, or under two classes: the test accuracy would not be of the test set
+            raise DataError(f"malformed line {n} in {ann}: {parts[0][:80]!r} is listed again (first on line "
+                            f"{seen[parts[0]]}); each test image is listed once, with its class; {_FIX}")
+        seen[parts[0]] = n
         p = folder / "val" / "images" / parts[0]
         if not probe_file(p, _FIX):
             raise DataError(f"Tiny-ImageNet file not found: {p} (listed in {ann}); {_FIX}")
