@@ -262,6 +262,9 @@ class Context:
                          optim_key=key)
         except DivergedError as e:
             teacher = self.run_dir / P.TEACHER / P.MODEL
+            if key == "distill.optim" and is_done(self.run_dir / P.TEACHER) and is_done(self.run_dir / P.PRUNE):
+                # A distill.* change is one --from takes: the new --out need not train the teacher or prune again.
+                raise DivergedError(f"{e}; to reuse this run's trained and pruned teachers there, add --from {self.run_dir}") from None
             if key != "teacher.optim" and is_done(self.run_dir / P.TEACHER) and teacher.is_file():
                 # The new --out the message asks for need not train the teacher again.
                 raise DivergedError(f"{e}; to reuse this run's trained teacher there, add --teacher {teacher}") from None

@@ -178,7 +178,7 @@ def test_cli_says_which_key_to_lower_in_one_line(tmp_path, tiny_yaml, capsys):
     assert len(lines) == 1 and lines[0].startswith("ptd: error: teacher: ") and "lower teacher.optim.lr" in lines[0], lines
 
 
-def test_a_diverged_student_points_at_the_trained_teacher(tmp_path, tiny_yaml, capsys):
+def test_a_diverged_student_points_at_the_trained_and_pruned_teachers(tmp_path, tiny_yaml, capsys):
     """Distillation diverging after hours of teacher training: the line says how the new --out it
     asks for can reuse that teacher."""
     from ptd.cli import main
@@ -187,8 +187,12 @@ def test_a_diverged_student_points_at_the_trained_teacher(tmp_path, tiny_yaml, c
     assert main(["distill", str(tiny_yaml), "--set", "distill.optim.lr=1e12", "--set", "distill.arms=[pruned_teacher]",
                  "--out", str(run)]) == 2
     lines = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
-    assert len(lines) == 1 and "lower distill.optim.lr" in lines[0], lines
-    assert lines[0].endswith(f"to reuse this run's trained teacher there, add --teacher {run}/teacher/model.safetensors")
+    assert len(lines) == 1 and "lower distill.optim.lr" in lines[0] and "loss weights of distill.options" in lines[0], lines
+    assert lines[0].endswith(f"to reuse this run's trained and pruned teachers there, add --from {run}")
+    # ...and the command it asks for runs: the teacher and pruning are copied, the students train.
+    assert main(["distill", str(tiny_yaml), "--set", "distill.arms=[pruned_teacher]", "--out", str(tmp_path / "again"),
+                 "--from", str(run)]) == 0
+    assert (tmp_path / "again" / "teacher" / "model.safetensors").read_bytes() == (run / "teacher" / "model.safetensors").read_bytes()
 
 
 def test_the_same_model_saved_twice_is_the_same_bytes(tmp_path):

@@ -349,8 +349,11 @@ def fit(
                 # the commit, so the run directory keeps the last finite epoch.
                 bar.close()
                 kept = f"{out} keeps epochs 1-{epoch}" if out is not None and epoch else "no epoch of it was kept"
+                # A distillation unit's loss terms carry their own weights, which can diverge it as well.
+                weights = ", or the loss weights of distill.options" if hasattr(unit, "student") else ""
                 raise DivergedError(f"{desc}: {diverged} in epoch {epoch + 1} of {optim.epochs} (lr {lr:g}): training "
-                                    f"diverged; lower {optim_key}.lr (or its weight_decay) and run again into a new --out ({kept})")
+                                    f"diverged; lower {optim_key}.lr (or its weight_decay{weights}) and run again into a new "
+                                    f"--out ({kept})")
             wall += time.perf_counter() - t0
             val_acc = val["acc"] if val is not None else None
             # Ties go to the later epoch; without validation the last epoch counts as best.
