@@ -165,7 +165,7 @@ def test_a_student_that_fails_in_a_worker_is_the_same_one_line(tmp_path, tiny_ya
                  "--set", "jobs=2", "--set", "threads=2", "--out", str(run)]) == 2
     lines = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
     assert len(lines) == 1 and "lower distill.optim.lr" in lines[0], lines
-    assert lines[0].endswith(f"to reuse this run's trained teacher there, add --teacher {run}/teacher/model.safetensors")
+    assert lines[0].endswith(f"to reuse this run's trained and pruned teachers there, add --from {run}")
 
 
 _FAILING_POOL = """
