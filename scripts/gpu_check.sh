@@ -14,6 +14,8 @@
 #      eager and replayed from CUDA graphs)
 #   (7. pipeline_compile, only when GPU_CHECK_STEPS names it: step 5 with compile: reduce-overhead,
 #    against ptd eager in the same pairs)
+#   (8. round_accuracy and 9. demo_run, likewise only when named: ResNet-18 students at 8n and 32n
+#    from one pruned teacher over 5 seeds; the demo on CUDA and student_speed.py --run on it)
 # Everything lands in benchmarks/results/gpu/, each file naming the GPU. The steps' exit codes are
 # collected in summary.txt; the script exits non-zero when any step failed. Where the device runner
 # sets $OUT, the results are packed there as gpu_check.tgz after EVERY step, so a run cut off at its
@@ -214,6 +216,45 @@ if [[ " ${GPU_CHECK_STEPS:-} " == *" pipeline_compile "* ]]; then
       --teacher-epochs 3 --retrain-epochs 2 --distill-epochs 3 --compile reduce-overhead --flops-batches 20 --peak-n 8192 \
       --out "$RES" --tag pipeline_compile_gpu
   fi
+fi
+
+# 8, 9. Only when GPU_CHECK_STEPS names them. Fashion-MNIST from GPU_CHECK_FMNIST (default: Debian's
+#     folder, else .fmnist/ in the checkout, which a device call can carry); the dry run fabricates it.
+FM=${GPU_CHECK_FMNIST:-/usr/share/datasets/fashion-mnist}
+[ -d "$FM" ] || FM=$PWD/.fmnist
+TINY=()
+if [ $DRY = 1 ]; then
+  FM=$WORK/fmnist
+  $PY -c "import sys; sys.path.insert(0, 'tests'); from pathlib import Path; from conftest import write_fashion_like; write_fashion_like(Path('$FM'))"
+  TINY=(--set device=cpu --set threads=1 --set data.train_subset=null --set data.val_fraction=0.2 --set teacher.optim.epochs=1
+        --set teacher.optim.milestones=[] --set prune.target_sparsity=0.36 --set prune.retrain.epochs=1 --set prune.retrain.milestones=[]
+        --set distill.optim.epochs=1 --set distill.optim.milestones=[])
+fi
+# 8. What the CUDA default rounding (auto: 32n for ResNet-18 students) costs in accuracy against 8n:
+#    ResNet-18 on Fashion-MNIST pruned to 0.79 once, then 8n and 32n students from it over 5 seeds,
+#    the two candidates side by side (benchmarks/round_accuracy.py; about 4 minutes on an H200).
+if [ $DRY = 1 ]; then
+  step round_accuracy 240 $PY benchmarks/round_accuracy.py configs/fashion_mnist_resnet18.yaml --round-to 8 32 --seeds 0 1 --parallel \
+    --set data.root="$FM" "${TINY[@]}" --set teacher.model.width=0.25 --out "$RES/round_accuracy_r18" --work "$WORK/round_accuracy"
+else
+  step round_accuracy 360 $PY benchmarks/round_accuracy.py configs/fashion_mnist_resnet18.yaml --round-to 8 32 --seeds 0 1 2 3 4 --parallel \
+    --set data.root="$FM" --set device=cuda --out "$RES/round_accuracy_r18" --work "$WORK/round_accuracy"
+fi
+# 9. The demo on CUDA (README's first command), then benchmarks/student_speed.py --run on its own
+#    trained, IMP-pruned teacher: the demo's real students per rounding, not the fresh-init stand-in.
+if [ $DRY = 1 ]; then
+  step demo_run 240 bash -c "$PY -m ptd run configs/fashion_mnist_demo.yaml --out $WORK/demo --quiet --set data.root=$FM ${TINY[*]} --set distill.seeds=[0] \
+    && $PY benchmarks/student_speed.py --cases --run $WORK/demo --input 1 28 28 --round-to 1 8n auto --precisions fp32 --repeats 1 \
+       --large-batch 32 --device cpu --out $RES/student_speed_demo_run"
+else
+  step demo_run 300 bash -c "$PY -m ptd run configs/fashion_mnist_demo.yaml --out $WORK/demo --quiet --set data.root=$FM \
+    && $PY benchmarks/student_speed.py --cases --run $WORK/demo --input 1 28 28 --round-to 1 8n 16n 32n auto --repeats 5 --warmup 3 \
+       --train-batch 128 --large-batch 1024 --device cuda --cuda-graphs --out $RES/student_speed_demo_run_cuda"
+fi
+if [ -f "$WORK/demo/$([ $DRY = 1 ] && echo results.json || echo report.md)" ]; then
+  mkdir -p "$RES/fashion_mnist_demo_run"
+  for f in config.yaml env.json results.json report.md report.html run.log; do cp "$WORK/demo/$f" "$RES/fashion_mnist_demo_run/" 2>/dev/null; done
+  pack
 fi
 
 rm -rf "$WORK"

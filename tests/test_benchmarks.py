@@ -281,7 +281,7 @@ def test_gpu_check_dry_run_passes_every_step(tmp_path: Path):
     # One run checks both: every step but the first, named in GPU_CHECK_STEPS, runs and passes,
     # and the one left out is skipped. The left-out one is cuda_tests (pytest -k cuda): on a CPU
     # it only collects the suite to skip it, which this suite already does (9 s saved).
-    steps = ("cuda_tests", "torchrun_nccl", "amp_compile", "compile_fit", "pipeline_speed", "student_speed")
+    steps = ("cuda_tests", "torchrun_nccl", "amp_compile", "compile_fit", "pipeline_speed", "student_speed", "round_accuracy", "demo_run")
     env = {**os.environ, "PYTHON": sys.executable, "GPU_CHECK_DIR": str(tmp_path / "res"), "GPU_CHECK_STEPS": " ".join(steps[1:])}
     r = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--dry-run"], env=env, capture_output=True, text=True, timeout=600)
     summary = (tmp_path / "res" / "summary.txt").read_text()
@@ -292,6 +292,17 @@ def test_gpu_check_dry_run_passes_every_step(tmp_path: Path):
     assert "pipeline_compile" not in summary  # only when GPU_CHECK_STEPS names it
     fit = json.loads((tmp_path / "res" / "compile_fit.json").read_text())
     assert fit["off"]["epoch_s"] and fit["default"]["epoch_s"]
+    # round_accuracy: both candidates trained from the one pruned teacher, one comparison per arm
+    ra = json.loads((tmp_path / "res" / "round_accuracy_r18" / "round_accuracy.json").read_text())
+    assert list(ra["students"]) == ["8", "32"] and list(ra["comparisons"]) == ["32"]
+    assert [c["arm"] for c in ra["comparisons"]["32"]] == ["scratch", "pruned_teacher"]
+    assert all(sorted(s["accuracy"]["scratch"]) == ["0", "1"] for s in ra["students"].values())
+    # the same architecture at two roundings: as many convs, every width a multiple of 8
+    w8, w32 = ra["students"]["8"]["conv_widths"], ra["students"]["32"]["conv_widths"]
+    assert len(w8) == len(w32) and all(w % 8 == 0 for w in w8 + w32)
+    # demo_run: the demo's own run directory and student_speed on its students
+    assert (tmp_path / "res" / "fashion_mnist_demo_run" / "results.json").is_file()
+    assert (tmp_path / "res" / "student_speed_demo_run.json").is_file()
 
 
 @pytest.mark.slow
