@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Union
 
@@ -693,10 +694,22 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
     if over:
         cfg = from_dict(RunConfig, _merge(to_dict(cfg), over), "", "command line")
     try:
-        return cfg.validate()
+        return absolute_paths(cfg.validate())
     except ConfigError as e:
         where = source + (" + command line" if over else "")
         raise ConfigError(f"{e} (from {where})") from None
+
+
+def absolute_paths(cfg: RunConfig) -> RunConfig:
+    """``cfg`` with its file paths (data.root, data.cache_dir, teacher.checkpoint) made absolute
+    against the current folder, as they are opened: the run directory's config.yaml then names
+    the same files whichever folder a re-run, a ``--from`` or ``ptd compare`` starts in (a relative
+    'teacher.safetensors' recorded in /x meant another file, or none, in /y)."""
+    def ab(p: str | None) -> str | None:
+        return os.path.abspath(os.path.expanduser(p)) if p else p
+
+    return replace(cfg, data=replace(cfg.data, root=ab(cfg.data.root), cache_dir=ab(cfg.data.cache_dir)),
+                   teacher=replace(cfg.teacher, checkpoint=ab(cfg.teacher.checkpoint)))
 
 
 def dump_yaml(cfg: RunConfig) -> str:

@@ -396,6 +396,37 @@ def _growth_rules(old: dict, new: dict) -> dict[str, Callable[[Any, Any], bool]]
     }
 
 
+def _same_file(a: Any, b: Any) -> bool:
+    """Two spellings of one file: 't.safetensors' given in /x and '/x/t.safetensors' (a relative
+    path recorded by an older run resolves against the current folder; a wrong guess only refuses).
+    Its content is checked apart: the stage's recorded input hash (run_stage, _changed_inputs)."""
+    if a == b:
+        return True
+    try:
+        return bool(a) and bool(b) and os.path.samefile(a, b)
+    except (OSError, TypeError, ValueError):
+        return False
+
+
+def _recorded_paths(run_dir: Path, old: dict) -> dict:
+    """An earlier run's config with a relative teacher.checkpoint (ptd before paths were made
+    absolute on load) replaced by the absolute path its teacher stage recorded as its input."""
+    c = (old.get("teacher") or {}).get("checkpoint") if isinstance(old.get("teacher"), dict) else None
+    if not isinstance(c, str) or os.path.isabs(c):
+        return old
+    try:
+        inputs = list(json.loads((run_dir / P.TEACHER / P.DONE).read_text()).get("inputs") or {})
+    except (OSError, ValueError, AttributeError):
+        return old
+    if len(inputs) != 1 or Path(inputs[0]).name != Path(c).name:
+        return old
+    return {**old, "teacher": {**old["teacher"], "checkpoint": inputs[0]}}
+
+
+# Keys whose values may be spelled differently for one thing; merged into every _diff's rules.
+_EQUIVALENT: dict[str, Callable[[Any, Any], bool]] = {"teacher.checkpoint": _same_file}
+
+
 def _diff(a: Any, b: Any, prefix: str = "", grows: dict[str, Callable[[Any, Any], bool]] | None = None) -> str | None:
     """The first key whose values differ (``grows``: keys whose change is accepted when its rule
     says the new value only adds work), as "key: old there, new now"; None when none."""
@@ -429,18 +460,19 @@ def check_run_config(cfg: RunConfig, run_dir: Path) -> bool:
     cfg_path = run_dir / P.CONFIG
     if cfg_path.is_file():
         old = read_yaml_mapping(cfg_path, fix=f"restore it, or run into a new --out (or delete {run_dir} to start over)")
+        old = _recorded_paths(run_dir, old)
         new = to_dict(cfg)
         foreign = sorted(str(k) for k in old if k not in new)
         if foreign or "teacher" not in old:  # another tool's config.yaml: "a different config (amp: ...)" would mislead
             why = f"unknown top-level key {foreign[0]!r}" if foreign else "no teacher section"
             raise RunDirError(f"{run_dir} holds a {P.CONFIG} that is not a ptd run's ({why}), so it is not a ptd run "
                               f"directory; pass --out a new or empty directory")
-        d = _diff(old, new, grows=_growth_rules(old, new))
+        d = _diff(old, new, grows={**_growth_rules(old, new), **_EQUIVALENT})
         if d:
             raise RunDirError(f"{run_dir} holds a run with a different config ({d}); only more distill.seeds, distill.arms, "
                               f"distill.loss, sweep points or teacher.seeds can grow a finished run; pass --out to a new "
                               f"directory, or delete {run_dir} to start over")
-        return _diff(old, new) is not None
+        return _diff(old, new, grows=_EQUIVALENT) is not None
     if run_dir.exists() and any(not ckpt.is_writer_temp(p) for p in run_dir.iterdir()):
         # (Only a writer temporary in it: a kill in the middle of writing config.yaml, this run's.)
         raise RunDirError(f"{run_dir} exists and is not a ptd run directory (no config.yaml); pass --out to a new or empty directory")
@@ -619,13 +651,14 @@ def check_reuse(cfg: RunConfig, src: str | Path, run_dir: str | Path) -> list[Pa
                              f"(more seeds, arms or losses grow a run in place: re-run it with its own --out, without --from)")
     if (run_dir / P.CONFIG).is_file():
         return None
+    check_run_config(cfg, run_dir)  # a non-empty folder that is not a run: refused as without --from, before any copy
     if not src.is_dir() or not (src / P.CONFIG).is_file():
         raise PreflightError(f"--from {src}: not a ptd run directory (no {P.CONFIG}); give the run directory whose teacher "
                              f"and pruning to reuse")
-    old = read_yaml_mapping(src / P.CONFIG, fix="restore it, or run without --from")
+    old = _recorded_paths(src, read_yaml_mapping(src / P.CONFIG, fix="restore it, or run without --from"))
     new = to_dict(cfg)
     d = _diff({k: v for k, v in old.items() if k not in _REUSE_FREE}, {k: v for k, v in new.items() if k not in _REUSE_FREE},
-              grows={"teacher.seeds": lambda x, y: True})  # replicates it lacks are trained, extra ones left
+              grows={"teacher.seeds": lambda x, y: True, **_EQUIVALENT})  # replicates it lacks are trained, extra ones left
     if d:
         raise PreflightError(f"--from {src}: its teacher and pruning were made with another config ({d}); --from reuses them "
                              f"only when every key outside student, distill and name is the same: set it back, or run "
@@ -635,6 +668,7 @@ def check_reuse(cfg: RunConfig, src: str | Path, run_dir: str | Path) -> list[Pa
     if Path(P.TEACHER) not in copies:
         raise PreflightError(f"--from {src}: it has no finished teacher to reuse; finish it first (ptd train with --out {src}), "
                              f"or run without --from")
+    _check_readable(src, copies)
     check_finished_stages(src, [src / c for c in copies])  # the records and weights parse
     strict = strict_done(src)
     for c in copies:  # and every file they were made from is the one there now
@@ -646,10 +680,33 @@ def check_reuse(cfg: RunConfig, src: str | Path, run_dir: str | Path) -> list[Pa
     return copies
 
 
+def _check_readable(src: Path, copies: Sequence[Path]) -> None:
+    """Every file and folder ``--from`` copies can be read by this user: otherwise the copy would
+    stop halfway at the first one, named as a list of errors (shutil.Error)."""
+    for c in copies:
+        for d in (src / c, src / P.TENSORBOARD / c):
+            if not d.is_dir():
+                continue
+            for root, dirs, files in os.walk(d, onerror=lambda e: _unreadable(src, Path(e.filename or d))):
+                for n in dirs:
+                    if not os.access(Path(root) / n, os.R_OK | os.X_OK):
+                        _unreadable(src, Path(root) / n)
+                for n in files:
+                    if not ckpt.is_writer_temp(n) and not os.access(Path(root) / n, os.R_OK):
+                        _unreadable(src, Path(root) / n)
+
+
+def _unreadable(src: Path, path: Path) -> None:
+    raise PreflightError(f"--from {src}: {path} cannot be read by this user, so it cannot be copied; give this user read "
+                         f"permission on it (chmod -R u+rX {src}), or run without --from")
+
+
 def _reuse_temps(run_dir: Path) -> list[Path]:
     """Folders ``copy_reused`` left next to ``run_dir`` when killed (their process is gone)."""
+    import glob
+
     out = []
-    for t in run_dir.parent.glob(f".{run_dir.name}.from-*.tmp"):
+    for t in run_dir.parent.glob(f".{glob.escape(run_dir.name)}.from-*.tmp"):  # (a name may hold [, * or ?)
         try:
             os.kill(int(t.name[len(run_dir.name) + 7:-4]), 0)
         except ValueError:
@@ -669,7 +726,10 @@ def copy_reused(cfg: RunConfig, src: str | Path, run_dir: str | Path, copies: Se
     removed then). ``src``'s own files are only read."""
     import shutil
 
-    src, run_dir = Path(src), Path(run_dir)
+    src, given = Path(src), Path(run_dir)
+    # An --out that is a link to an (empty) folder: the copy replaces the folder it points to and
+    # the link stays (os.replace over the link itself would fail: "Not a directory").
+    run_dir = Path(os.path.realpath(given)) if given.is_symlink() else given
     make_dir(run_dir.parent, f"the folder of run directory {run_dir}")
     for t in _reuse_temps(run_dir):
         shutil.rmtree(t, ignore_errors=True)
@@ -691,6 +751,13 @@ def copy_reused(cfg: RunConfig, src: str | Path, run_dir: str | Path, copies: Se
             ckpt.remove_stale_temps(run_dir)  # empty but for a writer temporary (check_run_config took it)
             run_dir.rmdir()
         os.replace(tmp, run_dir)
+    except shutil.Error as e:  # copytree's list of (source, destination, why), one per file it could not copy
+        shutil.rmtree(tmp, ignore_errors=True)
+        errors = e.args[0] if e.args and isinstance(e.args[0], list) and e.args[0] else [(src, tmp, str(e))]
+        path, _, why = errors[0]
+        more = f"; {len(errors) - 1} more" if len(errors) > 1 else ""
+        raise RunDirError(f"--from {src}: {path} could not be copied ({why}{more}); {given} is left as it was: make it readable "
+                          f"(chmod -R u+rX {src}) or free disk space, or run without --from") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

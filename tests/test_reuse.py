@@ -197,3 +197,89 @@ def test_a_copy_left_by_a_killed_process_is_removed(ws, earlier, tmp_path):
     mine.mkdir()
     assert main(["student", str(ws / "b.yaml"), "--out", str(out), "--from", str(earlier)]) == 0
     assert not left.exists() and mine.exists()
+
+
+def test_a_folder_that_is_not_a_run_is_refused_before_the_copy(ws, earlier, tmp_path, capsys):
+    """As without --from (one line naming the folder), not after copying ("Directory not empty")."""
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    before = tree(earlier)
+    _refused(capsys, ["run", str(ws / "b.yaml"), "--out", str(out), "--from", str(earlier)],
+             f"{out} exists and is not a ptd run directory", "new or empty directory")
+    assert tree(out) == {"notes.txt": hashlib.sha256(b"mine").hexdigest()} and tree(earlier) == before
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_out_a_link_to_an_empty_folder_takes_the_copy(ws, earlier, tmp_path):
+    target = tmp_path / "target"
+    target.mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(target)
+    assert main(["student", str(ws / "b.yaml"), "--out", str(link), "--from", str(earlier)]) == 0
+    assert link.is_symlink() and (target / P.CONFIG).is_file() and tree(target / P.TEACHER) == tree(earlier / P.TEACHER)
+
+
+def test_a_run_name_with_glob_characters_removes_only_its_own_killed_copy(ws, earlier, tmp_path):
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout)
+    mine = tmp_path / f".o[4].from-{dead}.tmp"
+    other = tmp_path / f".o4.from-{dead}.tmp"  # run o4's, which the pattern .o[4].from-*.tmp matched
+    for d in (mine, other):
+        d.mkdir()
+    assert main(["student", str(ws / "b.yaml"), "--out", str(tmp_path / "o[4]"), "--from", str(earlier)]) == 0
+    assert not mine.exists() and other.exists()
+
+
+def test_an_unreadable_file_of_the_earlier_run_is_one_line(ws, earlier, tmp_path, capsys, monkeypatch):
+    """Checked up front (os.access; faked here, as root reads everything), and a copy that fails
+    anyway (shutil.Error, a list) is one line too, --out left as it was."""
+    victim = (earlier / P.TEACHER / P.MODEL).resolve()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **k: False if Path(p).resolve() == victim else real_access(p, mode, **k))
+    out = tmp_path / "new"
+    _refused(capsys, ["run", str(ws / "b.yaml"), "--out", str(out), "--from", str(earlier)],
+             f"{victim} cannot be read by this user", "chmod -R u+rX")
+    assert not out.exists()
+    monkeypatch.setattr(os, "access", real_access)
+    real_copy = shutil.copy2
+
+    def denied(s, d, *a, **k):
+        if Path(s).resolve() == victim:
+            raise PermissionError(13, "Permission denied", str(s))
+        return real_copy(s, d, *a, **k)
+
+    real_tree = shutil.copytree
+    monkeypatch.setattr(shutil, "copytree", lambda *a, **k: real_tree(*a, **k, copy_function=denied))
+    out.mkdir()
+    _refused(capsys, ["run", str(ws / "b.yaml"), "--out", str(out), "--from", str(earlier)],
+             "could not be copied", "Permission denied", f"{out} is left as it was")
+    assert out.is_dir() and not any(out.iterdir()) and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_a_teacher_checkpoint_is_the_same_file_however_it_is_spelled(ws, earlier, tmp_path, monkeypatch, capsys):
+    """--teacher t.safetensors given in one folder and /abs/t.safetensors (or ../x/t.safetensors)
+    from another name one file: the run resumes and --from reuses it. A run written before paths
+    were made absolute (config.yaml naming it relative) is matched through its teacher's record."""
+    given = tmp_path / "given"
+    given.mkdir()
+    shutil.copy(earlier / P.TEACHER / P.MODEL, given / "t.safetensors")
+    monkeypatch.chdir(given)
+    r1 = tmp_path / "r1"
+    assert main(["train", str(ws / "a.yaml"), "--teacher", "t.safetensors", "--out", str(r1)]) == 0
+    assert yaml.safe_load((r1 / P.CONFIG).read_text())["teacher"]["checkpoint"] == str(given / "t.safetensors")
+    monkeypatch.chdir(tmp_path)
+    assert main(["prune", str(ws / "a.yaml"), "--teacher", "given/t.safetensors", "--out", str(r1)]) == 0  # resumed, grown to prune
+    assert main(["student", str(ws / "b.yaml"), "--teacher", str(given / "t.safetensors"), "--out", str(tmp_path / "r2"),
+                 "--from", str(r1)]) == 0
+    # config.yaml as ptd wrote it before: the path as given, relative to the folder it ran in
+    cfg = yaml.safe_load((r1 / P.CONFIG).read_text())
+    cfg["teacher"]["checkpoint"] = "t.safetensors"
+    (r1 / P.CONFIG).write_text(yaml.safe_dump(cfg, sort_keys=False))
+    assert main(["student", str(ws / "b.yaml"), "--teacher", "given/t.safetensors", "--out", str(tmp_path / "r3"),
+                 "--from", str(r1)]) == 0
+    # another file of the same name is another teacher
+    (tmp_path / "other").mkdir()
+    shutil.copy(given / "t.safetensors", tmp_path / "other" / "t.safetensors")
+    capsys.readouterr()
+    _refused(capsys, ["student", str(ws / "b.yaml"), "--teacher", "other/t.safetensors", "--out", str(tmp_path / "r4"),
+                      "--from", str(r1)], "teacher.checkpoint")
