@@ -95,3 +95,54 @@ def test_what_cannot_be_compared_is_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:  # a missing argument: argparse's one line
         main(["compare", str(ra)])
     assert e.value.code == 2 and capsys.readouterr().err.count("\n") == 1
+
+
+def test_a_zero_width_interval_is_explained_not_called(tmp_path, capsys):
+    ra, rb = run_dir(tmp_path, "a", A), run_dir(tmp_path, "b", {"scratch": [x + 0.001 for x in A["scratch"]]})
+    assert main(["compare", str(ra), str(rb)]) == 0
+    out = capsys.readouterr().out
+    row = next(l for l in out.splitlines() if l.startswith("| student alone"))
+    assert "+0.10 points, 95% CI [+0.10, +0.10]" in row and row.endswith("| no |")
+    assert "An interval of no width" in out and "not called" in out
+
+
+def test_several_teacher_replicates_are_estimated_over_the_teachers(tmp_path, capsys):
+    """teacher.seeds > 1: the students of one teacher share its luck, so the interval is over
+    the teachers' mean differences (n = teachers), as the report's."""
+    def rows(accs_by_teacher):
+        return [{"arm": "pruned_teacher", "seed": s, "teacher": t, "loss": None, "test_acc": a}
+                for t, xs in enumerate(accs_by_teacher) for s, a in enumerate(xs)]
+    base = [[0.80, 0.81, 0.82], [0.70, 0.71, 0.72], [0.75, 0.76, 0.77]]
+    d = [[0.010, 0.012, 0.011], [-0.002, 0.000, 0.001], [0.004, 0.006, 0.005]]
+    ra, rb = run_dir(tmp_path, "a", {}), run_dir(tmp_path, "b", {})
+    for path, accs in ((ra, base), (rb, [[x + y for x, y in zip(bt, dt)] for bt, dt in zip(base, d)])):
+        r = json.loads((path / "results.json").read_text())
+        r["students"] = [{**json.loads(DEMO.read_text())["students"][0], **s} for s in rows(accs)]
+        (path / "results.json").write_text(json.dumps(r))
+    assert main(["compare", str(ra), str(rb)]) == 0
+    out = capsys.readouterr().out
+    means = [statistics.fmean(t) for t in d]
+    m = statistics.fmean(means)
+    half = sps.t.ppf(0.975, 2) * statistics.stdev(means) / math.sqrt(3)
+    row = next(l for l in out.splitlines() if l.startswith("| KD from pruned teacher"))
+    assert "| 3 | 3 |" in row, row  # teachers, seeds
+    assert f"{100 * m:+.2f} points, 95% CI [{100 * (m - half):+.2f}, {100 * (m + half):+.2f}] (teacher means, t, n=3)" in row
+    assert "n counts teachers" in out
+
+
+def test_a_student_listed_twice_is_a_damaged_file(tmp_path, capsys):
+    ra = run_dir(tmp_path, "a", A)
+    twice = run_dir(tmp_path, "twice", A)
+    r = json.loads((twice / "results.json").read_text())
+    r["students"].append(dict(r["students"][-1], test_acc=0.5))
+    (twice / "results.json").write_text(json.dumps(r))
+    _refused(capsys, ["compare", str(ra), str(twice)], str(twice / "results.json"), "twice", "damaged")
+
+
+def test_a_sweep_or_a_file_is_named_as_such(tmp_path, capsys):
+    ra = run_dir(tmp_path, "a", A)
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    (sweep / "sweep.json").write_text("{}")
+    _refused(capsys, ["compare", str(ra), str(sweep)], "is a sweep, not a run", "two run directories")
+    _refused(capsys, ["compare", str(ra / "results.json"), str(ra)], "is a file, not a run directory")

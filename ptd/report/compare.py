@@ -5,7 +5,9 @@ The question it answers is one a single run cannot: what does a change to the st
 the same arm and seed side by side. Two runs made with ``--from`` share their teacher and pruned
 teacher, so the difference is the change alone. The same statistics as the report: per-seed
 differences (B minus A), their mean and 95% paired-t interval, called only when the interval
-excludes 0 (``ptd.report.stats``; false-positive rate 5% under pure seed noise).
+excludes 0 (``ptd.report.stats``; false-positive rate 5% under pure seed noise). Runs with several
+teacher replicates (teacher.seeds > 1) are estimated over the teachers' mean differences, as the
+report does (``hierarchical_estimate``): students of one teacher share its luck.
 
 Students are partners when arm, distillation loss, teacher replicate and seed are the same; the
 runs must have been tested on the same test set. Reads only.
@@ -18,28 +20,45 @@ from typing import Any
 
 from ptd import paths as P
 from ptd.report import ARM_LABELS, RESULTS_SCHEMA, ReportError, load_report_input, validate
-from ptd.report.stats import format_estimate, paired_estimate
+from ptd.report.stats import format_estimate, hierarchical_estimate, zero_width
 
 
 def load_finished(run_dir: str | Path) -> dict[str, Any]:
     """A finished run's results.json, checked as ``ptd report`` checks it; one-line ReportError otherwise."""
     run_dir = Path(run_dir)
     path = run_dir / P.RESULTS
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ReportError(f"{run_dir} is a file, not a run directory; give the folder a finished `ptd run` wrote "
+                          f"(the one holding {P.RESULTS})")
+    if not path.is_file() and (run_dir / P.SWEEP_JSON).is_file():
+        raise ReportError(f"{run_dir} is a sweep, not a run: ptd compare takes two run directories (`ptd run --out`); "
+                          f"a sweep's own comparison of its teachers is its {P.SWEEP_MD} (`ptd report {run_dir}`)")
     if not path.is_file():
         raise ReportError(f"{path} not found: {run_dir} is not a finished ptd run; finish it (`ptd run CONFIG --out {run_dir}`) "
                           f"or give a finished run's directory")
     fix = f"re-run `ptd run CONFIG --out {run_dir}` to regenerate it, or restore the file"
     results = load_report_input(path, fix)
     validate(RESULTS_SCHEMA, results, path, fix)
+    _keyed(results, str(path))  # a student listed twice: refused here, naming the file
     return results
 
 
-def _keyed(r: dict[str, Any]) -> dict[tuple[str, str | None, int, int], float]:
+Key = tuple[str, "str | None", int, int]  # (arm, loss, teacher replicate, seed)
+
+
+def _keyed(r: dict[str, Any], name: str = "results") -> dict[Key, float]:
     """{(arm, loss, teacher replicate, seed): test accuracy}; a row without a loss is the run's first
-    (older results name it None, newer ones by name)."""
+    (older results name it None, newer ones by name). A key met twice is a damaged file: which of
+    the two accuracies is the student's cannot be told, so it is refused, not silently picked."""
     first = (r.get("distill_losses") or [None])[0]
-    return {(s["arm"], s.get("loss") or first, int(s.get("teacher") or s.get("replicate") or 0), int(s["seed"])): s["test_acc"]
-            for s in r["students"]}
+    out: dict[Key, float] = {}
+    for s in r["students"]:
+        k = (s["arm"], s.get("loss") or first, int(s.get("teacher") or s.get("replicate") or 0), int(s["seed"]))
+        if k in out:
+            raise ReportError(f"{name} lists the student of arm {k[0]}, seed {k[3]} (teacher replicate {k[2]}, loss {k[1]}) "
+                              f"twice, so it is damaged; regenerate it with `ptd report RUN_DIR` on the run directory")
+        out[k] = s["test_acc"]
+    return out
 
 
 def compare_runs(a: dict[str, Any], b: dict[str, Any], a_name: str = "A", b_name: str = "B") -> list[dict[str, Any]]:
@@ -50,10 +69,10 @@ def compare_runs(a: dict[str, Any], b: dict[str, Any], a_name: str = "A", b_name
     if a.get("dataset") != b.get("dataset") or (ta and tb and ta != tb):
         raise ReportError(f"{a_name} and {b_name} were tested on different data ({a.get('dataset')} {ta or ''} against "
                           f"{b.get('dataset')} {tb or ''}); compare runs of the same dataset and test set")
-    sa, sb = _keyed(a), _keyed(b)
-    groups: dict[tuple[str, str | None], list[tuple[float, float]]] = {}
+    sa, sb = _keyed(a, a_name), _keyed(b, b_name)
+    groups: dict[tuple[str, str | None], dict[int, list[float]]] = {}  # (arm, loss) -> teacher -> B minus A per seed
     for k in sorted(set(sa) & set(sb), key=lambda k: (k[0], k[1] or "", k[2], k[3])):
-        groups.setdefault(k[:2], []).append((sa[k], sb[k]))
+        groups.setdefault(k[:2], {}).setdefault(k[2], []).append(sb[k] - sa[k])
     if not groups:
         raise ReportError(f"no student of {a_name} has a partner in {b_name} (the same arm, loss and seed): "
                           f"{a_name} has {sorted({k[0] for k in sa})} seeds {sorted({k[3] for k in sa})}, {b_name} has "
@@ -61,10 +80,11 @@ def compare_runs(a: dict[str, Any], b: dict[str, Any], a_name: str = "A", b_name
                           f"other's distill.arms and distill.seeds")
     rows = []
     order = list(ARM_LABELS)
-    for (arm, loss), pairs in sorted(groups.items(), key=lambda g: (order.index(g[0][0]) if g[0][0] in order else len(order), g[0][1] or "")):
-        xa, xb = [p[0] for p in pairs], [p[1] for p in pairs]
-        rows.append({"arm": arm, "loss": loss, "n": len(pairs), "a_mean": statistics.fmean(xa), "b_mean": statistics.fmean(xb),
-                     "b_minus_a": paired_estimate([y - x for x, y in zip(xa, xb)])})
+    for (arm, loss), by_t in sorted(groups.items(), key=lambda g: (order.index(g[0][0]) if g[0][0] in order else len(order), g[0][1] or "")):
+        keys = [k for k in sa if k[:2] == (arm, loss) and k in sb]
+        rows.append({"arm": arm, "loss": loss, "n": len(keys), "teachers": len(by_t), "seeds": len({k[3] for k in keys}),
+                     "a_mean": statistics.fmean(sa[k] for k in keys), "b_mean": statistics.fmean(sb[k] for k in keys),
+                     "b_minus_a": hierarchical_estimate(by_t)})
     return rows
 
 
@@ -86,15 +106,23 @@ def format_comparison(rows: list[dict[str, Any]], a: dict[str, Any], b: dict[str
              f"B: {b_name}: student {_student(b)}; teacher {_pct(b['teacher']['test_acc'])}, "
              f"pruned teacher {_pct(b['pruned_teacher']['test_acc'])}",
              "",
-             "| arm | seeds | A % | B % | B minus A | called |",
-             "|---|---:|---:|---:|---|---|"]
+             "| arm | teachers | seeds | A % | B % | B minus A | called |",
+             "|---|---:|---:|---:|---:|---|---|"]
     several = len({r["loss"] for r in rows if r["arm"] != "scratch"}) > 1  # name the loss only where it tells rows apart
     for r in rows:
         e = r["b_minus_a"]
         name = ARM_LABELS.get(r["arm"], r["arm"]) + (f" ({r['loss']})" if several and r["loss"] and r["arm"] != "scratch" else "")
         called = ("yes: B higher" if e["direction"] > 0 else "yes: B lower") if e["called"] else "no"
-        lines.append(f"| {name} | {r['n']} | {100 * r['a_mean']:.2f} | {100 * r['b_mean']:.2f} | {format_estimate(e)} | {called} |")
-    lines += ["", "Paired by arm, loss, teacher replicate and seed; called only when the 95% interval excludes 0."]
-    if any(r["n"] < 2 for r in rows):
-        lines.append("One seed gives no interval: grow both runs with more distill.seeds.")
+        lines.append(f"| {name} | {r['teachers']} | {r['seeds']} | {100 * r['a_mean']:.2f} | {100 * r['b_mean']:.2f} | "
+                     f"{format_estimate(e)} | {called} |")
+    lines += ["", "Paired by arm, loss, teacher replicate and seed; called only when the 95% interval excludes 0 "
+                  "(false-positive rate 5% per row when the runs do not differ)."]
+    if any(r["teachers"] > 1 for r in rows):
+        lines.append("With several teachers, n counts teachers: the interval is over each teacher's mean difference "
+                     "(its students share its luck, so they are not independent).")
+    if any(zero_width(r["b_minus_a"]["ci_low"], r["b_minus_a"]["ci_high"]) for r in rows):
+        lines.append("An interval of no width (every seed gave the same difference, as identical students do) is not "
+                     "called: no spread was estimated, which is no evidence either way.")
+    if any(r["b_minus_a"]["ci_low"] is None for r in rows):
+        lines.append("One seed (or one teacher's mean) gives no interval: grow both runs with more distill.seeds.")
     return "\n".join(lines)
