@@ -19,7 +19,9 @@ class _Parser(argparse.ArgumentParser):
     """Usage mistakes are one line too, like every other user error (argparse prints the usage block)."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"ptd: error: {self.prog}: {message}; see {self.prog} --help\n")
+        # "ptd: error: ptd run: ..." names the subcommand; the top-level parser's prog is just "ptd"
+        where = f"{self.prog}: " if self.prog != "ptd" else ""
+        self.exit(2, f"ptd: error: {where}{message}; see {self.prog} --help\n")
 
 
 def _common(p: argparse.ArgumentParser, config_required: bool = True) -> None:
@@ -226,8 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("run_dir", help="the run (or sweep) directory: what --out named")
     rp.set_defaults(func=cmd_report)
     cp_help = ("the students of two finished runs (e.g. made with --from: the same pruned teacher, another student), "
-               "paired by arm and seed: each arm's B minus A with its 95%% interval; reads only")
-    cp = sub.add_parser("compare", help=cp_help, description=cp_help)
+               "paired by arm and seed: each arm's B minus A with its 95% interval; reads only")
+    # argparse %-formats a subcommand's help (the ptd --help list), not its description (ptd compare --help)
+    cp = sub.add_parser("compare", help=cp_help.replace("%", "%%"), description=cp_help)
     cp.add_argument("run_a", metavar="RUN_A", help="a finished run directory")
     cp.add_argument("run_b", metavar="RUN_B", help="another finished run directory (the difference is B minus A)")
     cp.set_defaults(func=cmd_compare)

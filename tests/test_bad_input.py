@@ -112,7 +112,7 @@ def run_main(ws: Path, argv: list[str], capsys, monkeypatch) -> str:
     assert "Traceback" not in err
     lines = [l for l in err.splitlines() if l.strip()]
     assert rc == 2, (rc, err)
-    assert len(lines) == 1 and lines[0].startswith("ptd: error: "), err
+    assert len(lines) == 1 and lines[0].startswith("ptd: error: ") and not lines[0].startswith("ptd: error: ptd:"), err
     after = snapshot(ws)
     assert before == after, sorted(set(before) ^ set(after)) or "a file changed"
     return lines[0]

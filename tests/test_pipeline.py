@@ -181,6 +181,9 @@ def test_every_subcommand_has_help():
     for cmd in cmds:  # every registered one, so a new command cannot ship without it
         r = run_cli(cmd, "--help")
         assert r.returncode == 0 and f"usage: ptd {cmd}" in r.stdout and cmd in top
+        # argparse %-formats help= but prints description= as is: one string for both showed "95%%"
+        assert "%%" not in r.stdout, (cmd, r.stdout)
+    assert "%%" not in top
 
 
 def test_eval_command(tmp_path, tiny_yaml):
