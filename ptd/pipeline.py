@@ -680,6 +680,23 @@ def check_reuse(cfg: RunConfig, src: str | Path, run_dir: str | Path) -> list[Pa
     return copies
 
 
+def _read_lock_source(src: Path) -> int | None:
+    """``--from src``'s shared lock, held from its checks to the end of the copy: a ptd running in
+    ``src`` (resuming it, redoing a stage made stale) could otherwise rewrite a stage between the
+    check of its files and their copy, or halfway through it. Other ``--from`` copies of ``src``
+    share the lock. None where ``src`` is no folder (check_reuse names that)."""
+    if not src.is_dir():
+        return None
+    try:
+        fd = ckpt.read_lock_dir(src)
+    except OSError:
+        return None  # unreadable: check_reuse's one line says so
+    if fd is None:
+        raise RunDirError(f"--from {src}: another ptd process is running in it (it holds the directory's lock), and its "
+                          f"stages may change under the copy; wait for it to finish (or stop it), then run this again")
+    return fd
+
+
 def _check_readable(src: Path, copies: Sequence[Path]) -> None:
     """Every file and folder ``--from`` copies can be read by this user: otherwise the copy would
     stop halfway at the first one, named as a list of errors (shutil.Error)."""
@@ -1397,14 +1414,19 @@ def run_pipeline(cfg: RunConfig, run_dir: str | Path, until: str = "report", arm
     t0 = time.perf_counter()
     from ptd.preflight import preflight
 
+    src_lock = None
     if reuse_from is not None:
         from ptd.preflight import check_out_dir
 
         check_out_dir(run_dir)  # (a file as --out is named as such, before --from's checks)
-    copies = check_reuse(cfg, reuse_from, run_dir) if reuse_from is not None else None
-    splits = preflight(cfg, run_dir, until=until, arms=arms)  # every user error up front, before the run directory is written
-    check_plugins(cfg)
-    ctx = make_context(cfg, Path(run_dir), log, splits=splits, reuse=(Path(reuse_from), copies) if copies else None)
+        src_lock = _read_lock_source(Path(reuse_from))
+    try:
+        copies = check_reuse(cfg, reuse_from, run_dir) if reuse_from is not None else None
+        splits = preflight(cfg, run_dir, until=until, arms=arms)  # every user error up front, before the run directory is written
+        check_plugins(cfg)
+        ctx = make_context(cfg, Path(run_dir), log, splits=splits, reuse=(Path(reuse_from), copies) if copies else None)
+    finally:
+        ckpt.read_unlock_dir(src_lock)  # copied (or refused): a ptd may run in the earlier run again
     try:
         out = _run_stages(ctx, until, arms, log, t0)
         finish_growth(ctx)

@@ -283,3 +283,36 @@ def test_a_teacher_checkpoint_is_the_same_file_however_it_is_spelled(ws, earlier
     capsys.readouterr()
     _refused(capsys, ["student", str(ws / "b.yaml"), "--teacher", "other/t.safetensors", "--out", str(tmp_path / "r4"),
                       "--from", str(r1)], "teacher.checkpoint")
+
+
+def test_a_ptd_running_in_the_earlier_run_holds_the_copy_off_and_copies_share(ws, earlier, tmp_path, capsys, monkeypatch):
+    """--from takes a shared lock on RUN_DIR from its checks to the end of the copy: a ptd running
+    there (which holds it exclusively) is refused up front, as a ptd starting there mid-copy is; two
+    --from copies of one run (benchmarks/round_accuracy.py --parallel) go side by side."""
+    import fcntl
+
+    from ptd.train import checkpoint as ckpt
+
+    fd = os.open(earlier, os.O_RDONLY | os.O_DIRECTORY)  # a writer: what lock_dir takes
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        _refused(capsys, ["run", str(ws / "b.yaml"), "--out", str(tmp_path / "n1"), "--from", str(earlier)],
+                 f"--from {earlier}: another ptd process is running in it", "wait for it")
+        assert not (tmp_path / "n1").exists()
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # another --from copying it now
+        assert main(["student", str(ws / "b.yaml"), "--out", str(tmp_path / "n2"), "--from", str(earlier)]) == 0
+    finally:
+        os.close(fd)
+    seen = []
+    real = shutil.copytree
+
+    def copying(*a, **k):  # a ptd starting in the earlier run mid-copy is refused its lock
+        seen.append(ckpt.lock_dir(earlier))
+        return real(*a, **k)
+
+    monkeypatch.setattr(shutil, "copytree", copying)
+    assert main(["student", str(ws / "b.yaml"), "--out", str(tmp_path / "n3"), "--from", str(earlier)]) == 0
+    assert seen and not any(seen)
+    assert ckpt.lock_dir(earlier)  # released once copied
+    ckpt.unlock_dir(earlier)

@@ -200,6 +200,25 @@ def lock_dir(path: str | Path) -> bool:
     return True
 
 
+def read_lock_dir(path: str | Path) -> int | None:
+    """A shared advisory lock on directory ``path`` for a reader that must see no writer's half
+    work (``--from`` copying another run's stages): any number of readers hold it together, and
+    it excludes ``lock_dir``'s holder, a ptd running in that directory. Returns the descriptor to
+    pass to ``read_unlock_dir``; None when a writer holds the directory."""
+    fd = os.open(str(Path(path).resolve()), os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def read_unlock_dir(fd: int | None) -> None:
+    if fd is not None:
+        os.close(fd)
+
+
 def unlock_dir(path: str | Path) -> None:
     """Release ``lock_dir``'s lock on ``path`` (no-op when this process does not hold it)."""
     fd = _DIR_LOCKS.pop(str(Path(path).resolve()), None)
