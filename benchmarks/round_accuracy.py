@@ -30,6 +30,7 @@ import torch.nn as nn
 import yaml
 
 from ptd import paths as P
+from ptd.measure import cpu_name
 from ptd.models import build_from_spec
 from ptd.report import ARM_LABELS
 from ptd.report.compare import compare_runs, load_finished
@@ -95,8 +96,10 @@ def main(argv=None) -> int:
                        "accuracy": {a: {s["seed"]: s["test_acc"] for s in x["students"] if s["arm"] == a} for a in args.arms}}
     comparisons = {r: compare_runs(res[first], res[r], f"round_to {first}", f"round_to {r}") for r in args.round_to[1:]}
     t = res[first]
+    run_env = json.loads((runs[first] / P.ENV).read_text())  # what the students trained on, as ptd recorded it
     env = {"python": platform.python_version(), "torch": torch.__version__,
-           "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or platform.machine()}
+           "device": ", ".join(run_env.get("gpus") or []) if run_env.get("device", "").startswith("cuda") else run_env.get("processor") or cpu_name(),
+           "amp_bf16": run_env.get("amp_bf16")}
     doc = {"config": args.config, "sets": args.set, "seeds": args.seeds, "arms": args.arms, "parallel": args.parallel, "env": env,
            "teacher_test_acc": t["teacher"]["test_acc"], "pruned_teacher_test_acc": t["pruned_teacher"]["test_acc"],
            "wall_s": {"base": t_base, "total": wall}, "students": students,
