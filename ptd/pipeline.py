@@ -424,7 +424,10 @@ def _recorded_paths(run_dir: Path, old: dict) -> dict:
 
 
 # Keys whose values may be spelled differently for one thing; merged into every _diff's rules.
-_EQUIVALENT: dict[str, Callable[[Any, Any], bool]] = {"teacher.checkpoint": _same_file}
+# (config.yaml written before paths were made absolute on load holds them as given: a resume from
+# the same folder must still match.)
+_EQUIVALENT: dict[str, Callable[[Any, Any], bool]] = {"teacher.checkpoint": _same_file, "data.root": _same_file,
+                                                      "data.cache_dir": _same_file}
 
 
 def _diff(a: Any, b: Any, prefix: str = "", grows: dict[str, Callable[[Any, Any], bool]] | None = None) -> str | None:

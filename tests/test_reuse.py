@@ -316,3 +316,19 @@ def test_a_ptd_running_in_the_earlier_run_holds_the_copy_off_and_copies_share(ws
     assert seen and not any(seen)
     assert ckpt.lock_dir(earlier)  # released once copied
     ckpt.unlock_dir(earlier)
+
+
+def test_a_run_recorded_with_a_relative_data_root_resumes_from_the_same_folder(ws, earlier, tmp_path, monkeypatch):
+    """config.yaml written before paths were made absolute names data.root as given ('fm'); the
+    same command from the same folder now loads it as /abs/fm, the same folder: a resume, not
+    'a different config'."""
+    run = tmp_path / "run"
+    shutil.copytree(earlier, run)
+    cfg = yaml.safe_load((run / P.CONFIG).read_text())
+    root = Path(cfg["data"]["root"])
+    monkeypatch.chdir(root.parent)
+    cfg["data"]["root"] = root.name  # relative, as an older ptd wrote it
+    (run / P.CONFIG).write_text(yaml.safe_dump(cfg, sort_keys=False))
+    before = tree(run / P.TEACHER)
+    assert main(["distill", str(ws / "a.yaml"), "--out", str(run), "--set", f"data.root={root.name}"]) == 0
+    assert tree(run / P.TEACHER) == before
