@@ -70,9 +70,9 @@ def compare_runs(a: dict[str, Any], b: dict[str, Any], a_name: str = "A", b_name
         raise ReportError(f"{a_name} and {b_name} were tested on different data ({a.get('dataset')} {ta or ''} against "
                           f"{b.get('dataset')} {tb or ''}); compare runs of the same dataset and test set")
     sa, sb = _keyed(a, a_name), _keyed(b, b_name)
-    groups: dict[tuple[str, str | None], dict[int, list[float]]] = {}  # (arm, loss) -> teacher -> B minus A per seed
+    groups: dict[tuple[str, str | None], list[Key]] = {}  # (arm, loss) -> the students both runs have
     for k in sorted(set(sa) & set(sb), key=lambda k: (k[0], k[1] or "", k[2], k[3])):
-        groups.setdefault(k[:2], {}).setdefault(k[2], []).append(sb[k] - sa[k])
+        groups.setdefault(k[:2], []).append(k)
     if not groups:
         raise ReportError(f"no student of {a_name} has a partner in {b_name} (the same arm, loss and seed): "
                           f"{a_name} has {sorted({k[0] for k in sa})} seeds {sorted({k[3] for k in sa})}, {b_name} has "
@@ -80,8 +80,10 @@ def compare_runs(a: dict[str, Any], b: dict[str, Any], a_name: str = "A", b_name
                           f"other's distill.arms and distill.seeds")
     rows = []
     order = list(ARM_LABELS)
-    for (arm, loss), by_t in sorted(groups.items(), key=lambda g: (order.index(g[0][0]) if g[0][0] in order else len(order), g[0][1] or "")):
-        keys = [k for k in sa if k[:2] == (arm, loss) and k in sb]
+    for (arm, loss), keys in sorted(groups.items(), key=lambda g: (order.index(g[0][0]) if g[0][0] in order else len(order), g[0][1] or "")):
+        by_t: dict[int, list[float]] = {}  # teacher replicate -> B minus A per seed
+        for k in keys:
+            by_t.setdefault(k[2], []).append(sb[k] - sa[k])
         rows.append({"arm": arm, "loss": loss, "n": len(keys), "teachers": len(by_t), "seeds": len({k[3] for k in keys}),
                      "a_mean": statistics.fmean(sa[k] for k in keys), "b_mean": statistics.fmean(sb[k] for k in keys),
                      "b_minus_a": hierarchical_estimate(by_t)})
