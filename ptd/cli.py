@@ -21,6 +21,9 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         # "ptd: error: ptd run: ..." names the subcommand; the top-level parser's prog is just "ptd"
         where = f"{self.prog}: " if self.prog != "ptd" else ""
+        if self.prog == "ptd" and "required: COMMAND" in message:
+            cmds = next(a for a in self._actions if isinstance(a, argparse._SubParsersAction)).choices
+            message = f"no command given: ptd COMMAND ..., with COMMAND one of {', '.join(cmds)} (ptd run CONFIG --out DIR runs the whole pipeline)"
         self.exit(2, f"ptd: error: {where}{message}; see {self.prog} --help\n")
 
 
@@ -191,7 +194,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="ptd", description="Prune, then distill: a pruned teacher, a smaller student, and an honest comparison.")
-    sub = p.add_subparsers(dest="cmd", required=True)
+    # metavar: argparse names a missing subcommand by it ("required: COMMAND", not the dest "cmd")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     helps = {
         "run": "the whole pipeline (teacher, prune, student, distill, report) into one run directory",
         "train": "train the teacher (stage 1)",

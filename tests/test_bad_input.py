@@ -121,7 +121,7 @@ def run_main(ws: Path, argv: list[str], capsys, monkeypatch) -> str:
 # (subcommand args with {ws} placeholders, words the one line must contain)
 CASES: dict[str, tuple[list[str], list[str]]] = {
     # --- argument parsing
-    "no-subcommand": ([], ["required", "--help"]),
+    "no-subcommand": ([], ["no command given", "ptd run CONFIG --out DIR", "--help"]),
     "train-no-config": (["train"], ["config", "ptd train --help"]),
     "distill-bad-arm-flag": (["distill", "{ws}/c.yaml", "--arm", "teachers_pet"], ["--arm", "teachers_pet"]),
     "set-without-equals": (["train", "{ws}/c.yaml", "--set", "distill.alpha"], ["KEY=VALUE"]),
