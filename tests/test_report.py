@@ -185,7 +185,7 @@ def test_a_run_whose_students_learn_nothing_says_so(tmp_path, tiny_fashion):
 def test_report_says_what_to_try_only_when_distillation_is_called_worse_than_alone():
     """Measured on ResNet-18 (4 distillation epochs, T = 10): KD students 10 points below the
     students alone, and the report only said so; it now names what to try, with the epochs run."""
-    from ptd.report import worse_than_alone_lines
+    from ptd.report import worse_than_alone_note
 
     base = json.loads((Path(__file__).parent / "data" / "demo_run" / "results.json").read_text())
     alone = [0.866, 0.872, 0.867, 0.868, 0.866]
@@ -193,17 +193,17 @@ def test_report_says_what_to_try_only_when_distillation_is_called_worse_than_alo
     students = [{"arm": "scratch", "seed": i, "test_acc": a, "epochs": 4} for i, a in enumerate(alone)]
     students += [{"arm": "pruned_teacher", "seed": i, "test_acc": a, "epochs": 4} for i, a in enumerate(kd)]
     r = {**base, "students": students, **summarize(students)}
-    lines = worse_than_alone_lines(r)
+    note = worse_than_alone_note(r)
     assert r["comparison"]["pruned_minus_scratch"]["called"]
-    assert lines[0].startswith("Distillation made the student worse than training it alone here: KD from pruned teacher (-9.90 points). "
+    assert note.startswith("Distillation made the student worse than training it alone here: KD from pruned teacher (-9.90 points). "
                                "Each distilled student trained 4 epochs (the paper distills for 200).")
-    assert "distill.optim.epochs" in lines[0] and "--from RUN_DIR" in lines[0]
-    assert lines[0] in render_markdown(r)
+    assert "distill.optim.epochs" in note and "--from RUN_DIR" in note
+    assert note in render_markdown(r)
     from ptd.report.html import _answer
 
-    assert html.escape(lines[0]) in _answer(r)
+    assert html.escape(note) in _answer(r)
     # Worse but not called (the interval includes zero), or better: nothing to say.
     noisy = [0.866, 0.50, 0.99, 0.868, 0.80]
     for accs in (noisy, [a + 0.01 for a in alone]):
         st = students[:5] + [{"arm": "pruned_teacher", "seed": i, "test_acc": a, "epochs": 4} for i, a in enumerate(accs)]
-        assert worse_than_alone_lines({**base, "students": st, **summarize(st)}) == []
+        assert worse_than_alone_note({**base, "students": st, **summarize(st)}) is None

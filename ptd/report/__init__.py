@@ -401,7 +401,7 @@ def replicate_markdown(r: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
-def worse_than_alone_lines(r: dict[str, Any]) -> list[str]:
+def worse_than_alone_note(r: dict[str, Any]) -> str | None:
     """What to try when a distilled arm is *called* worse than the student alone. Measured where it
     happens: ResNet-18 students on Fashion-MNIST with 4 distillation epochs at the paper's lr 0.1
     and T = 10 ended 10 points below the students alone, and one diverged in its first epoch (29%)
@@ -411,15 +411,15 @@ def worse_than_alone_lines(r: dict[str, Any]) -> list[str]:
     worse = [(COMPARISONS[k][0], c) for k, c in r["comparison"].items()
              if k in COMPARISONS and COMPARISONS[k][1] == "scratch" and c["called"] and c["mean"] < 0]
     if not worse:
-        return []
+        return None
     names = ", ".join(f"{ARM_LABELS[a]} ({100 * c['mean']:+.2f} points)" for a, c in worse)
     epochs = sorted({s["epochs"] for s in r["students"] if s["arm"] != "scratch" and s.get("epochs")})
     ep = f"{epochs[0]}" if len(epochs) == 1 else (f"{epochs[0]}-{epochs[-1]}" if epochs else "an unrecorded number of")
-    return [f"Distillation made the student worse than training it alone here: {names}. Each distilled student "
+    return (f"Distillation made the student worse than training it alone here: {names}. Each distilled student "
             f"trained {ep} epochs (the paper distills for 200). Worth trying, each against the same teachers with "
             "`ptd run CONFIG --out NEW --from RUN_DIR --set KEY=VALUE` and then `ptd compare RUN_DIR NEW`: more epochs "
             "(distill.optim.epochs), a lower learning rate (distill.optim.lr; a student that diverged early at 0.1 "
-            "recovered at 0.05 in docs/students.md), or less weight on the teacher (distill.alpha).", ""]
+            "recovered at 0.05 in docs/students.md), or less weight on the teacher (distill.alpha).")
 
 
 def render_markdown(r: dict[str, Any]) -> str:
@@ -461,7 +461,8 @@ def render_markdown(r: dict[str, Any]) -> str:
     lines.append("")
     for key, c in r["comparison"].items():
         lines.append(f"- {c['verdict']} (per seed: {', '.join(f'{100 * v:+.2f}' for v in c['per_seed'].values())})")
-    lines += [""] + worse_than_alone_lines(r) + loss_markdown(r) + replicate_markdown(r)
+    note = worse_than_alone_note(r)
+    lines += [""] + ([note, ""] if note else []) + loss_markdown(r) + replicate_markdown(r)
     c = r["compute"]
     lines += ["## Compute", "", "| stage | epochs | optimizer steps | wall s |", "|---|---:|---:|---:|",
               f"| teacher | {c['teacher']['epochs']} | {c['teacher']['steps']} | {c['teacher']['wall_s']:.0f} |",

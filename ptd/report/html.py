@@ -25,7 +25,7 @@ from ptd import paths as P
 from ptd.errors import DamagedFileError
 from ptd.io import read_json_object
 from ptd.report import (ARM_LABELS, chance_warning, commit_outputs, latency_rows, not_learned, primary_students, slower_note,
-                        summarize, worse_than_alone_lines)
+                        summarize, worse_than_alone_note)
 from ptd.report.stats import format_estimate
 
 ARM_COLORS = {"scratch": "#444444", "unpruned_teacher": "#1f77b4", "pruned_teacher": "#d62728", "retrained_teacher": "#2ca02c"}
@@ -369,7 +369,8 @@ def _answer(r: dict[str, Any]) -> str:
     lines = [f"<p><b>{_esc(c['verdict'])}</b></p>" if k == "pruned_minus_unpruned" else f"<p>{_esc(c['verdict'])}</p>" for k, c in comp.items()]
     if not lines:
         lines = ["<p>No paired comparison: the run has fewer than two arms with a common seed.</p>"]
-    lines += [f"<p>{_esc(x)}</p>" for x in worse_than_alone_lines(r) if x]
+    if note := worse_than_alone_note(r):
+        lines.append(f"<p>{_esc(note)}</p>")
     return f'<div class="answer {cls}">' + "".join(lines) + "</div>"
 
 
