@@ -142,6 +142,10 @@ class TeacherConfig:
                f"needs trained teachers, and {where}.checkpoint gives one; set {where}.seeds: 1 or drop the checkpoint")
 
 
+# The weights a training stage ends with (ptd.train.loop.fit's ``keep``).
+CHECKPOINTS = ("last", "best")
+
+
 @dataclass(frozen=True)
 class PruneConfig:
     strategy: str = "imp"  # iterative magnitude pruning with learning-rate rewinding
@@ -150,6 +154,11 @@ class PruneConfig:
     exclude_first: bool = False  # the paper prunes the first conv too
     exclude_last: bool = False  # ... and the classifier
     retrain: OptimConfig = field(default_factory=lambda: OptimConfig(epochs=130, lr=0.1, milestones=(39, 84), gamma=0.1, weight_decay=2e-4))
+    # The weights each retraining round (and each round of the control) ends with, which the next
+    # round prunes and the student is distilled from: "last", the last epoch's, as the published
+    # code (it reloads the best-validation epoch after pre-training only); "best", the
+    # best-validation epoch's, as the teacher and the students end.
+    retrain_checkpoint: str = "last"
     options: dict = field(default_factory=dict)  # strategy-specific options
 
     def validate(self, where: str) -> None:
@@ -157,6 +166,8 @@ class PruneConfig:
         # (and by ptd.pipeline.check_plugins before a run starts): no plugin here.
         _check(0 <= self.target_sparsity < 1, f"{where}.target_sparsity", self.target_sparsity, "must be in [0, 1)")
         _check(0 < self.rate < 1, f"{where}.rate", self.rate, "must be in (0, 1)")
+        _check(self.retrain_checkpoint in CHECKPOINTS, f"{where}.retrain_checkpoint", self.retrain_checkpoint,
+               f"must be one of {', '.join(CHECKPOINTS)} (last: the published code's)")
 
 
 MAX_ROUND_TO = 1024

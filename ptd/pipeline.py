@@ -247,7 +247,7 @@ class Context:
         return self._loaders[which]
 
     def fit(self, model: nn.Module, optim: OptimConfig, out_dir: Path, seed: int, desc: str, unit: nn.Module | None = None,
-            hooks: Sequence[Any] = ()) -> dict:
+            hooks: Sequence[Any] = (), keep: str = "best") -> dict:
         from ptd.train.tensorboard import tensorboard_hook
 
         # Scalars per stage under tensorboard/<the stage's path in the run>; rank 0 only.
@@ -259,7 +259,7 @@ class Context:
         try:
             result = fit(model, self.train_loader(optim.batch_size, seed), val if len(val) else None, optim, self.rt,
                          out_dir=out_dir, unit=unit, hooks=hooks, test_loader=self.eval_loader("test"), desc=desc,
-                         optim_key=key)
+                         optim_key=key, keep=keep)
         except DivergedError as e:
             teacher = self.run_dir / P.TEACHER / P.MODEL
             if key == "distill.optim" and is_done(self.run_dir / P.TEACHER) and is_done(self.run_dir / P.PRUNE):
@@ -408,9 +408,21 @@ def _same_file(a: Any, b: Any) -> bool:
         return False
 
 
+# Keys added after runs were written, each with the value that matches what the code before it
+# did: an older run's config.yaml without the key compares as that value, never as today's
+# default (a resume is told "prune.retrain_checkpoint: 'best' there, 'last' now", and --set
+# puts it back), so an older run is never continued under another behaviour.
+_ADDED_KEYS: dict[tuple[str, str], Any] = {("prune", "retrain_checkpoint"): "best"}
+
+
 def _recorded_paths(run_dir: Path, old: dict) -> dict:
-    """An earlier run's config with a relative teacher.checkpoint (ptd before paths were made
-    absolute on load) replaced by the absolute path its teacher stage recorded as its input."""
+    """An earlier run's config as it ran: keys added since filled in as _ADDED_KEYS says, and a
+    relative teacher.checkpoint (ptd before paths were made absolute on load) replaced by the
+    absolute path its teacher stage recorded as its input."""
+    old = dict(old)
+    for (section, key), was in _ADDED_KEYS.items():
+        if isinstance(old.get(section), dict) and key not in old[section]:
+            old[section] = {**old[section], key: was}
     c = (old.get("teacher") or {}).get("checkpoint") if isinstance(old.get("teacher"), dict) else None
     if not isinstance(c, str) or os.path.isabs(c):
         return old
@@ -972,9 +984,9 @@ def stage_prune(ctx: Context, teacher: nn.Module, teacher_result: dict, prune_cf
         out = d / name
         if ctx.main:
             out.mkdir(parents=True, exist_ok=True)
-        r = ctx.fit(m, optim, out, seed, f"prune {name}", hooks=[MaskHook(mk), *hooks])
-        # fit reloads the best checkpoint; apply the masks once more for exactness under GMP,
-        # whose masks may have shrunk after that checkpoint was written.
+        r = ctx.fit(m, optim, out, seed, f"prune {name}", hooks=[MaskHook(mk), *hooks], keep=cfg.prune.retrain_checkpoint)
+        # fit reloads the checkpoint it kept; apply the masks once more for exactness under GMP,
+        # whose masks may have shrunk after a best-validation checkpoint was written.
         apply_masks(m, mk)
         return r  # its resume commit stays until save_level has written the level's done
 
@@ -1190,7 +1202,8 @@ def stage_control(ctx: Context, teacher: nn.Module, prune_result: dict, replicat
 
             def train_round(k: int = k, rd: Path = rd, optim: OptimConfig = optim) -> dict:
                 ctx.log(f"[control] retraining the unpruned teacher, round {k}/{len(rounds)}")
-                return ctx.fit(model, optim, rd, teacher_seed(cfg, replicate), f"control {k}")
+                # The control ends its rounds as the pruning's do: it is the same training without the pruning.
+                return ctx.fit(model, optim, rd, teacher_seed(cfg, replicate), f"control {k}", keep=cfg.prune.retrain_checkpoint)
 
             # round k continues from round k - 1's weights
             prev = [P.round_dir(d, k - 1) / P.MODEL] if k > 1 else []

@@ -17,6 +17,16 @@ def test_defaults_are_the_papers():
     assert cfg.prune.rate == 0.2 and cfg.prune.strategy == "imp"
     assert cfg.teacher.optim.nesterov and cfg.teacher.optim.momentum == 0.9
     assert cfg.teacher.optim.milestones == (60, 120, 160) and cfg.teacher.optim.gamma == 0.2
+    # each retraining round hands on its last epoch's weights, as the published code's
+    # pruning/lr_rewinding.py (its train loop reloads the best-validation weights after pre-training only)
+    assert cfg.prune.retrain_checkpoint == "last"
+
+
+def test_retrain_checkpoint_survives_a_partial_retrain_section(tmp_path):
+    """Every shipped config spells prune.retrain out, which rebuilds OptimConfig from its class
+    defaults: the key lives on PruneConfig, so that cannot drop it to the teacher's "best"."""
+    assert load_config(write(tmp_path, "prune: {retrain: {epochs: 2}}")).prune.retrain_checkpoint == "last"
+    assert load_config(None, ["prune.retrain_checkpoint=best"]).prune.retrain_checkpoint == "best"
 
 
 def test_yaml_then_cli_precedence(tmp_path):
@@ -49,6 +59,7 @@ def test_roundtrip_through_yaml(tmp_path):
     ("channels_last: 1", ["channels_last", "true or false"]),
     ("prune: {target_sparsity: 1.0}", ["prune.target_sparsity", "[0, 1)"]),
     ("prune: {target_sparsity: -0.1}", ["prune.target_sparsity"]),
+    ("prune: {retrain_checkpoint: final}", ["prune.retrain_checkpoint", "last, best", "published code"]),
     ("distill: {arms: [scratch, teacherless]}", ["distill.arms", "pruned_teacher"]),
     ("student: {source: named}", ["student.model", "required"]),
     ("teacher: {optim: {milestones: [5, 2]}}", ["milestones", "increasing"]),

@@ -25,13 +25,27 @@ def run_cli(*args, cwd=None):
 
 
 @pytest.mark.slow
-def test_whole_pipeline_end_to_end(tmp_path, tiny_fashion, capsys):
+def test_whole_pipeline_end_to_end(tmp_path, tiny_fashion, capsys, monkeypatch):
     tiny_yaml = tmp_path / "tiny.yaml"
     cfg = tiny_config(tiny_fashion)
     cfg["distill"]["arms"] = ["scratch", "unpruned_teacher", "pruned_teacher", "retrained_teacher"]
     tiny_yaml.write_text(yaml.safe_dump(cfg))
     out = tmp_path / "run"
+    import ptd.pipeline
+
+    kept: dict[str, str] = {}  # each training stage's description -> the weights it ends with
+
+    def spy(*a, keep="best", desc="", **kw):
+        kept[desc] = keep
+        return fit(*a, keep=keep, desc=desc, **kw)
+
+    fit = ptd.pipeline.fit
+    monkeypatch.setattr(ptd.pipeline, "fit", spy)
     assert main(["run", str(tiny_yaml), "--out", str(out), "--quiet"]) == 0
+    # The published code's choices: the teacher and the students end on their best-validation
+    # weights, every retraining round (and the control's, the same training unpruned) on its last.
+    assert {d: k for d, k in kept.items() if k == "last"} == {d: "last" for d in ("prune level_1", "prune level_2", "control 1", "control 2")}
+    assert kept["teacher"] == "best" and all(kept[d] == "best" for d in kept if d.endswith(("s0", "s1")))
     printed = capsys.readouterr().out
     assert "KD from pruned teacher" in printed  # the CLI prints the report
 

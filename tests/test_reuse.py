@@ -332,3 +332,20 @@ def test_a_run_recorded_with_a_relative_data_root_resumes_from_the_same_folder(w
     before = tree(run / P.TEACHER)
     assert main(["distill", str(ws / "a.yaml"), "--out", str(run), "--set", f"data.root={root.name}"]) == 0
     assert tree(run / P.TEACHER) == before
+
+
+def test_a_run_written_before_retrain_checkpoint_resumes_only_as_it_ran(tmp_path):
+    """A run directory from before prune.retrain_checkpoint kept its rounds' best-validation
+    weights: its config.yaml, without the key, reads as "best", so today's default ("last") is
+    refused as another config (naming the key and both values) instead of continuing the run
+    another way; --set prune.retrain_checkpoint=best takes it."""
+    from ptd.config import dump_yaml, load_config
+
+    run = tmp_path / "run"
+    run.mkdir()
+    old = yaml.safe_load(dump_yaml(load_config()))
+    del old["prune"]["retrain_checkpoint"]
+    (run / P.CONFIG).write_text(yaml.safe_dump(old))
+    with pytest.raises(pipeline.RunDirError, match=r"prune\.retrain_checkpoint: 'best' there, 'last' now"):
+        pipeline.check_run_config(load_config(), run)
+    assert pipeline.check_run_config(load_config(None, ["prune.retrain_checkpoint=best"]), run) is False

@@ -54,6 +54,52 @@ def test_fit_learns_and_logs(tmp_path):
 from conftest import Kill, KillAfter  # noqa: E402  (re-exported: test_tensorboard imports them from here)
 
 
+class Snapshots:
+    """Each epoch's validation accuracy and weights, as fit's end_epoch sees them (after the
+    epoch's last step)."""
+
+    def __init__(self, m):
+        self.m, self.epochs = m, []
+
+    def end_epoch(self, epoch, metrics):
+        self.epochs.append((metrics["val_acc"], {k: v.clone() for k, v in self.m.state_dict().items()}))
+
+
+def noise_val_loader():
+    """Validation images of pure noise with random labels: the accuracy wanders from epoch to
+    epoch, so its best epoch (2 of 5 here, asserted) is not the last."""
+    g = torch.Generator().manual_seed(1)
+    va = Split(torch.randint(0, 255, (64, 1, 8, 8), dtype=torch.uint8, generator=g), torch.randint(0, 4, (64,), generator=g))
+    return make_loader(va, batch_size=64, train=False, mean=(0.3,), std=(0.3,), augment=False)
+
+
+@pytest.mark.parametrize("keep, saved", [("best", True), ("last", True), ("last", False)], ids=["best", "last", "last-in-memory"])
+def test_fit_ends_with_the_weights_keep_names(tmp_path, keep, saved):
+    """keep="last" (pruning's retraining rounds, as the published code) ends on the last epoch's
+    weights even where an earlier epoch validated better; keep="best" on that epoch's."""
+    m = model()
+    snaps = Snapshots(m)
+    opt = OptimConfig(epochs=5, batch_size=32, lr=0.2, weight_decay=5e-4)
+    r = fit(m, loaders()[0], noise_val_loader(), opt, RT, out_dir=tmp_path if saved else None, hooks=[snaps], keep=keep)
+    accs = [a for a, _ in snaps.epochs]
+    best = max(range(5), key=lambda e: (accs[e], e))  # ties to the later epoch
+    assert best == 1, accs  # the premise: the best epoch is not the last
+    want = best if keep == "best" else 4
+    assert r["best_epoch"] == want + 1 and r["best_val_acc"] == accs[want]
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, snaps.epochs[want][1][k]), k
+    if saved:
+        rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+        # "best" flags each epoch that became the stage's checkpoint when it ended
+        flags = [e == 4 for e in range(5)] if keep == "last" else [accs[e] >= max(accs[:e + 1]) for e in range(5)]
+        assert [row["best"] for row in rows] == flags
+
+
+def test_fit_refuses_an_unknown_keep():
+    with pytest.raises(ValueError, match="keep must be one of last, best"):
+        fit(model(), *loaders(), OPT, RT, keep="final")
+
+
 class CountEpochs:
     def __init__(self):
         self.seen = []

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ptd import paths as P
-from ptd.config import COMPILE_MODES, OptimConfig
+from ptd.config import CHECKPOINTS, COMPILE_MODES, OptimConfig
 from ptd.errors import DivergedError
 from ptd.train import checkpoint as ckpt
 from ptd.train.distributed import Dist, all_sum
@@ -278,18 +278,22 @@ def fit(
     test_loader: Any | None = None,
     desc: str = "train",
     optim_key: str = "optim",
+    keep: str = "best",
 ) -> dict[str, Any]:
     """Train ``model`` in place for ``optim.epochs`` epochs; return a summary.
 
-    The model ends holding the best-validation weights (the last epoch's when there is no
-    validation set). With ``out_dir``, resumes from its last finished epoch if one is there.
-    The summary has best_val_acc, best_epoch, test_acc (at the best-validation weights, when
-    ``test_loader`` is given), epochs, steps, wall_s (summed over resumed sessions).
+    The model ends holding the weights ``keep`` names: "best", the best-validation epoch's (the
+    last epoch's when there is no validation set); "last", the last epoch's. With ``out_dir``,
+    resumes from its last finished epoch if one is there. The summary has best_val_acc and
+    best_epoch (of the weights kept: with "last", the last epoch's), test_acc (at those weights,
+    when ``test_loader`` is given), epochs, steps, wall_s (summed over resumed sessions).
 
     An epoch whose mean training loss is nan or infinite raises ``DivergedError`` before it is
     committed (``optim_key`` names the config section to fix in its message): the run directory
     keeps the last finite epoch, and a re-run of the same config stops at the same epoch again.
     """
+    if keep not in CHECKPOINTS:
+        raise ValueError(f"fit: keep must be one of {', '.join(CHECKPOINTS)}, got {keep!r}")
     out = Path(out_dir) if out_dir is not None else None
     main = rt.dist.is_main
     unit = (unit if unit is not None else Supervised(model)).to(rt.device)
@@ -360,6 +364,8 @@ def fit(
             improved = val_acc is None or val_acc >= best_acc
             # A hook may veto early checkpoints (GMP: weights from before its final mask are not a level).
             improved = improved and all(h.allow_best(epoch) for h in hooks if hasattr(h, "allow_best"))
+            if keep == "last":  # only the last epoch's weights are the stage's (and only they are saved)
+                improved = epoch == optim.epochs - 1
             if improved:
                 best_acc, best_epoch = (val_acc if val_acc is not None else -math.inf), epoch
             row = {"epoch": epoch + 1, "lr": lr, "train_loss": train_stats[0] / max(train_stats[2], 1),
@@ -385,7 +391,7 @@ def fit(
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     bar.close()
 
-    # Back to the best-validation weights.
+    # Back to the weights kept (the best-validation epoch's, or with keep="last" the last epoch's).
     if out is not None:
         from ptd.train.distributed import barrier
 
