@@ -157,6 +157,10 @@ def test_paper_recipes_match_paper_md():
     assert c.prune.retrain.epochs == 130 and c.prune.retrain.milestones == (39, 84)
     t = load_config(CONFIGS[0].parent / "tiny_imagenet_resnet18.yaml")
     assert t.teacher.model.arch == "resnet18" and t.prune.target_sparsity == 0.59 and t.prune.retrain.batch_size == 512
+    # the paper's students: its exact width rule, not a device's rounding (auto would give 8 on a
+    # CPU and 32 on a GPU: other students, and another on each device)
+    for r in (c, t):
+        assert (r.student.source, r.student.round_to, r.prune.retrain_checkpoint) == ("derive", 1, "last")
 
 
 def test_a_sweep_takes_one_loss_and_one_teacher(tmp_path):

@@ -122,6 +122,24 @@ def test_derive_reproduces_published_vgg19_students(vgg19_teacher, name):
     assert rows["classifier"].width == 100 and rows["classifier"].estimate is None
 
 
+def test_the_paper_recipe_config_derives_the_published_student_on_every_device(vgg19_teacher):
+    """configs/cifar100_vgg19.yaml is the paper's recipe: its student section, given masks that
+    keep the published st79 plan's weights, derives exactly that plan on a CPU and on a GPU
+    (the default round_to auto would give 8- and 32-multiples: two other students)."""
+    from pathlib import Path
+
+    from ptd.config import load_config
+    from ptd.students import derive_configured
+
+    sc = load_config(Path(__file__).parent.parent / "configs" / "cifar100_vgg19.yaml").student
+    plan, count = PUBLISHED["st79"]
+    masks = masks_keeping(vgg19_teacher, published_nnz(convs(plan)))
+    for device in ("cpu", "cuda"):
+        student, sp = derive_configured(vgg19_teacher, masks, inherit=sc.inherit, round_to=sc.round_to,
+                                        round_narrower=sc.round_narrower, device_type=device)
+        assert sp.spec["plan"] == plan and n_params(student) == count, device
+
+
 def test_derive_from_global_magnitude_pruned_vgg19_matches_surviving_weights(vgg19_teacher):
     teacher = vgg19_teacher
     params = prunable_weights(teacher)
