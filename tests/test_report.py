@@ -68,6 +68,40 @@ def test_paired_with_teacher_replicates_uses_teacher_means():
     assert "too few teacher replicates" in c["verdict"] and "too few seeds" not in c["verdict"]
 
 
+def test_arm_interval_with_teacher_replicates_is_over_teacher_means():
+    # Teacher 0's students 91, 92, 93 %, teacher 1's 93, 94, 95 %: teacher means 92 and 94, mean
+    # 93, sd 1.41421, se 1, t(0.975, 1) = 12.7062 -> [80.29, 105.71] %. Over the six students as
+    # if independent it would be sd 1.4142, se 0.577, t(0.975, 5) = 2.5706 -> [91.52, 94.48]: far narrower.
+    sm = arm_summary(rows("pruned_teacher", [0.91, 0.92, 0.93], 0) + rows("pruned_teacher", [0.93, 0.94, 0.95], 1))
+    assert sm["teachers"] == 2 and sm["ci_over"] == "teachers" and sm["n"] == 6
+    assert sm["mean"] == pytest.approx(0.93) and sm["ci_low"] == pytest.approx(0.93 - 0.127062, abs=1e-5)
+    assert sm["ci_high"] == pytest.approx(0.93 + 0.127062, abs=1e-5)
+    one = arm_summary(rows("scratch", [0.91, 0.92, 0.93]))  # one teacher: over its students, as before
+    assert one["teachers"] == 1 and one["ci_over"] == "students"
+    assert one["ci_low"] == pytest.approx(0.92 - 4.302653 * 0.01 / 3 ** 0.5, abs=1e-6)
+
+
+def test_arm_interval_with_teacher_replicates_covers_at_its_level():
+    """3 teachers x 3 students, the teacher effect (sd 3 points) larger than the student noise (1): the interval
+    over teacher means covers the true mean ~95% of the time; over the students it would not."""
+    import numpy as np
+
+    from ptd.report.stats import t_interval
+
+    rng = np.random.default_rng(0)
+    hit, naive = 0, 0
+    n = 2000
+    for _ in range(n):
+        teach = rng.normal(0.0, 0.03, 3)
+        accs = [[0.9 + t + e for e in rng.normal(0.0, 0.01, 3)] for t in teach]
+        sm = arm_summary([r for k, a in enumerate(accs) for r in rows("pruned_teacher", a, k)])
+        hit += sm["ci_low"] <= 0.9 <= sm["ci_high"]
+        _, lo, hi = t_interval([x for a in accs for x in a])
+        naive += lo <= 0.9 <= hi
+    assert 0.93 <= hit / n <= 0.97, hit / n
+    assert naive / n < 0.80, naive / n  # what the report showed before: students as if independent
+
+
 def test_paired_needs_common_seeds():
     assert paired(rows("pruned_teacher", [0.9]), "pruned_teacher", "scratch") is None
 

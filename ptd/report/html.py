@@ -401,8 +401,11 @@ def render_run_html(run_dir: str | Path, results: dict[str, Any] | None = None) 
         rows = [[ARM_LABELS.get(a, a), _pct(sm["mean"]), "n/a" if sm.get("ci_low") is None else f"{_pct(sm['ci_low'])} .. {_pct(sm['ci_high'])}",
                  sm["n"], ", ".join(_pct(s["test_acc"]) for s in sorted(r["students"], key=lambda s: s["seed"]) if s["arm"] == a)]
                 for a, sm in r["summary"].items()]
+        teachers = max((sm.get("teachers", 1) for sm in r["summary"].values()), default=1)
+        over = (f"<p>With {teachers} teacher replicates, each interval is over the replicates' mean accuracies "
+                f"(n = {teachers}), as the comparisons' are: students of one teacher are not independent draws.</p>") if teachers > 1 else ""
         return (_img(plot_arms(r), "student test accuracy per arm, every seed and the 95% interval")
-                + _table(["arm", "mean %", "95% CI of the mean %", "seeds", "per seed %"], rows))
+                + _table(["arm", "mean %", "95% CI of the mean %", "seeds", "per seed %"], rows) + over)
     body.append(_section("Student accuracy per arm" + (f" (loss {next(iter(r['losses']))}, the first of distill.loss)" if several else ""),
                          _safe(arms, "student accuracy per arm")))
 
