@@ -803,13 +803,15 @@ def rerender(run_dir: str | Path) -> str:
 def _refresh_sweep(results: dict[str, Any]) -> None:
     """Today's statistics for every paired comparison, and each row's mean, from the per-seed rows
     sweep.json keeps."""
-    from ptd.report.sweep import _vs
+    from ptd.report.sweep import _vs, family_intervals
 
     base = {arm: b["students"] for arm, b in results["baselines"].items()}
     for row in results["rows"]:
         row["student_acc"] = mean_std([s["test_acc"] for s in row["students"]])
         row["vs_unpruned_teacher"] = _vs(row["students"], "pruned_teacher", base.get("unpruned_teacher"), "unpruned_teacher")
         row["vs_scratch"] = _vs(row["students"], "pruned_teacher", base.get("scratch"), "scratch")
+    for key in ("vs_unpruned_teacher", "vs_scratch"):
+        family_intervals(results["rows"], key)
     for arm, b in results["baselines"].items():
         b["student_acc"] = mean_std([s["test_acc"] for s in b["students"]])
         b["vs_scratch"] = _vs(b["students"], arm, base.get("scratch"), "scratch") if arm != "scratch" else None

@@ -593,13 +593,21 @@ def render_sweep_html(sweep_dir: str | Path, results: dict[str, Any] | None = No
         for arm, b in r["baselines"].items():
             a = b["student_acc"]
             rows.append([b["label"], "0" if arm == "unpruned_teacher" else "-", _pct(a["mean"]), _pct(a["std"]),
-                         ", ".join(_pct(s["test_acc"]) for s in b["students"]), "", ""])
+                         ", ".join(_pct(s["test_acc"]) for s in b["students"]), "", "", ""])
+        k = 0
         for x in r["rows"]:
             a, v = x["student_acc"], x.get("vs_unpruned_teacher")
+            fam = (v or {}).get("family")
+            k = fam["rows"] if fam else k
             rows.append([f"{x['strategy']} s{x['target_sparsity']:g}", f"{x['sparsity']:.4f}", _pct(a["mean"]), _pct(a["std"]),
                          ", ".join(_pct(s["test_acc"]) for s in x["students"]),
-                         format_estimate(v) if v and "ci_low" in v else "", ("yes" if v.get("called") else "no") if v else ""])
-        return _table(["teacher", "sparsity", "student mean %", "std %", "per seed %", "vs unpruned teacher's student", "called"], rows, left=1)
+                         format_estimate(v) if v and "ci_low" in v else "", ("yes" if v.get("called") else "no") if v else "",
+                         ("yes" if fam["called"] else "no") if fam else ""])
+        why = (f"<p>Called row by row: each row's own 95% interval, 5% false calls per row, so far more somewhere in a sweep of "
+               f"{k}. Called over the sweep: Bonferroni intervals at {100 * (1 - 0.05 / k):.2f}%, at most 5% chance of any false "
+               f"call among the {k} rows.</p>") if k > 1 else ""
+        return _table(["teacher", "sparsity", "student mean %", "std %", "per seed %", "vs unpruned teacher's student", "called row by row",
+                       "called over the sweep"], rows, left=1) + why
     body.append(_section("Students", _safe(table, "students table")))
     t, s = r["teacher"], r["student"]
     sub = (f"Dataset {r['dataset']}; teacher {t['arch']} ({t['params']:,} params, test {_pct(t['test_acc'])} %); "

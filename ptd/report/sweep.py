@@ -47,6 +47,26 @@ def _vs(students: list[dict], arm: str, base: list[dict] | None, base_arm: str) 
     return r
 
 
+def family_intervals(rows: list[dict], key: str) -> None:
+    """Adds to each row's ``key`` comparison a Bonferroni interval for the sweep's k such
+    comparisons (``family``: each at level 1 - 0.05/k), so a claim like "some pruned teacher
+    helped" holds its 5% false-positive rate over the whole sweep. A row's own 95% interval keeps
+    5% per row only: with 9 rows where no pruned teacher helps, at least one is called "better"
+    ~15% of the time at 5 seeds (tests/test_sweep.py). Bonferroni holds under any dependence between the rows,
+    which share the baseline's students. Needs the per-seed differences; rows without them are
+    left out of k."""
+    from ptd.report.stats import DECIMALS, LEVEL, t_interval, zero_width
+
+    have = [r[key] for r in rows if r.get(key) and len(r[key].get("per_seed") or {}) >= 2]
+    k = len(have)
+    for c in have:
+        level = 1 - (1 - LEVEL) / k
+        _, lo, hi = t_interval([round(float(v), DECIMALS) for v in c["per_seed"].values()], level)
+        lo, hi = float(lo), float(hi)
+        c["family"] = {"rows": k, "level": level, "ci_low": lo, "ci_high": hi,
+                       "called": bool((lo > 0 or hi < 0) and not zero_width(lo, hi))}
+
+
 def build_sweep_results(cfg: RunConfig, t_res: dict, s_stats: dict, src: Any, baselines: dict[str, list[dict]],
                         rows: list[tuple[Any, list[dict]]], session_wall_s: float = 0.0,
                         test_set: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -67,6 +87,8 @@ def build_sweep_results(cfg: RunConfig, t_res: dict, s_stats: dict, src: Any, ba
             "vs_scratch": _vs(students, "pruned_teacher", baselines.get("scratch"), "scratch"),
             "compute": {"teacher": tc, "pruning": pc, "teacher_total": _add(tc, pc), "student": own, "total_per_student": _add(tc, pc, own)},
         })
+    for key in ("vs_unpruned_teacher", "vs_scratch"):
+        family_intervals(out_rows, key)
     base_out = {}
     for arm, students in baselines.items():
         behind = tc if arm == "unpruned_teacher" else _cost({})
@@ -204,12 +226,24 @@ def render_sweep_markdown(r: dict[str, Any], plots: bool = True) -> str:
     if un and sc:
         lines.append(f"- KD from the unpruned teacher vs the student alone: {_diff(un['vs_scratch']) or 'n/a'} points (wins/seeds).")
     if un and r["rows"]:
+        def names(xs: list[dict]) -> str:
+            return " (" + ", ".join(f"{x['strategy']} s{x['target_sparsity']:g}" for x in xs) + ")" if xs else ""
+
         better = [x for x in r["rows"] if (v := x["vs_unpruned_teacher"]) and v["called"] and v["mean"] > 0]
-        lines.append(f"- Pruned teachers whose student beat the unpruned teacher's (95% CI above 0): {len(better)} of {len(r['rows'])}"
-                     + (" (" + ", ".join(f"{x['strategy']} s{x['target_sparsity']:g}" for x in better) + ")" if better else "") + ".")
+        fam = [x for x in r["rows"] if (v := x["vs_unpruned_teacher"]) and (f := v.get("family")) and f["called"] and v["mean"] > 0]
+        k = next((v["family"]["rows"] for x in r["rows"] if (v := x["vs_unpruned_teacher"]) and v.get("family")), 0)
+        if k > 1:
+            lines.append(f"- Pruned teachers whose student beat the unpruned teacher's, over the whole sweep: {len(fam)} of {k}{names(fam)}, "
+                         f"each interval at {100 * (1 - 0.05 / k):.2f}% (Bonferroni for {k} comparisons: the chance of any false call "
+                         f"among them is at most 5%).")
+        lines.append(f"- Pruned teachers whose student beat the unpruned teacher's, row by row (each row's own 95% CI above 0): "
+                     f"{len(better)} of {len(r['rows'])}{names(better)}"
+                     + (f"; with {k} rows, some row is called by chance far more often than 5% of the time (~15% at 9 rows and 5 seeds "
+                        "where no pruned teacher helps), so read these one at a time." if k > 1 else "."))
         best = max(r["rows"], key=lambda x: x["student_acc"]["mean"] or 0)
         lines.append(f"- Best mean student: {best['strategy']} s{best['target_sparsity']:g}, {_acc(best['student_acc'])} %, "
-                     f"against {_acc(un['student_acc'])} % from the unpruned teacher.")
+                     f"against {_acc(un['student_acc'])} % from the unpruned teacher"
+                     + (f" (the highest of {len(r['rows'])} means: picked for being high, so above what that row would give again)." if len(r["rows"]) > 1 else "."))
     stronger = [x for x in r["rows"] if x["teacher_test_acc"] is not None and x["teacher_test_acc"] > t["test_acc"]]
     if stronger:
         lines.append(f"- {len(stronger)} of {len(r['rows'])} pruned teachers are themselves more accurate than the unpruned teacher "
