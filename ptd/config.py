@@ -18,7 +18,7 @@ from typing import Any, Union
 
 import yaml
 
-from ptd.errors import PtdError
+from ptd.errors import PtdError, one_line
 
 
 class ConfigError(PtdError, ValueError):
@@ -623,22 +623,39 @@ def _read_yaml(text: str) -> Any:
     loader = _ConfigLoader(text)
     try:
         return loader.get_single_data()
+    except (ValueError, OverflowError) as e:
+        # A scalar constructor's own refusal, e.g. an integer past Python's 4,300-digit limit
+        # (PyYAML's int constructor raises it bare, not as a YAMLError).
+        if "digits" in str(e):
+            raise _Refused("holds an integer of more than 4,300 digits, which no key takes; write a smaller number", None) from None
+        raise _Refused(f"holds a value that cannot be read ({one_line(e)[:160]}); write a valid one", None) from None
     finally:
         loader.dispose()
 
 
+def _quoted(text: str, limit: int = 80) -> str:
+    """An override as a message quotes it: cut past ``limit`` characters (a 5,000-digit value
+    would make the one line a page)."""
+    return repr(text if len(text) <= limit else text[:limit] + "...")
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
-        raise ConfigError(f"override {text!r}: expected KEY=VALUE, e.g. --set distill.alpha=0.9")
+        raise ConfigError(f"override {_quoted(text)}: expected KEY=VALUE, e.g. --set distill.alpha=0.9")
     key, raw = text.split("=", 1)
     keys = key.strip().split(".")
     if not all(k.strip() for k in keys):
-        raise ConfigError(f"override {text!r}: {'no key' if not key.strip() else f'the key {key.strip()!r} has an empty part'} "
+        raise ConfigError(f"override {_quoted(text)}: {'no key' if not key.strip() else f'the key {key.strip()!r} has an empty part'} "
                           f"before '='; expected KEY=VALUE with a dotted key, e.g. --set distill.alpha=0.9")
+    if not raw.strip():
+        # Not null: for an optional key null means "unset", and `--set data.root=` (a variable that
+        # expanded to nothing) trained silently on the default data. Unsetting is said in words.
+        raise ConfigError(f"override {_quoted(text)}: no value after '='; give one (e.g. {key.strip()}=VALUE), or "
+                          f"{key.strip()}=null to unset an optional key")
     try:
-        value = _read_yaml(raw) if raw.strip() else None
+        value = _read_yaml(raw)
     except _Refused as e:
-        raise ConfigError(f"override {text!r}: the value {e}") from None
+        raise ConfigError(f"override {_quoted(text)}: the value {e}") from None
     except yaml.YAMLError:
         value = raw
     return keys, value
@@ -655,7 +672,7 @@ def _overrides(overrides: list[str]) -> dict:
         for other, (other_text, _) in given.items():
             short, long_ = sorted((path, other), key=len)
             if path != other and long_[:len(short)] == short:
-                raise ConfigError(f"overrides {other_text!r} and {text!r} conflict: one sets {'.'.join(short)} and the other a key "
+                raise ConfigError(f"overrides {_quoted(other_text)} and {_quoted(text)} conflict: one sets {'.'.join(short)} and the other a key "
                                   f"inside it ({'.'.join(long_)}); give only one of them")
         given.pop(path, None)
         given[path] = (text, value)

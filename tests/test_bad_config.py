@@ -92,12 +92,24 @@ def test_a_repeated_set_key_takes_the_last_value():
     (["teacher..optim.lr=1"], ["'teacher..optim.lr'", "empty part"]),
     (["seed="], ["seed", "no value"]),
     (["teacher.optim.lr="], ["teacher.optim.lr", "no value"]),
+    # optional keys too: null would mean "unset", and `data.root=` trained silently on the default data
+    (["data.root="], ["'data.root='", "no value after '='", "data.root=null to unset"]),
+    (["teacher.checkpoint= "], ["teacher.checkpoint", "no value after '='"]),
+    # past Python's 4,300-digit limit PyYAML's int constructor raised a bare ValueError: "internal error"
+    (["teacher.optim.epochs=" + "9" * 5000], ["override 'teacher.optim.epochs=99999", "...'", "more than 4,300 digits", "smaller number"]),
 ])
 def test_empty_set_parts_are_one_line(ws, capsys, monkeypatch, sets, words):
     argv = ["prune", "{ws}/c.yaml", "--out", "{ws}/out"] + [x for s in sets for x in ("--set", s)]
     line = refused(ws, argv, capsys, monkeypatch)
     for w in words:
         assert w in line, (w, line)
+    assert len(line) < 400  # a 5,000-digit value is quoted cut
+
+
+def test_a_config_file_with_a_5000_digit_integer_is_one_line(ws, capsys, monkeypatch):
+    (ws / "huge.yaml").write_text("seed: " + "9" * 5000 + "\n")
+    line = refused(ws, ["prune", "{ws}/huge.yaml", "--out", "{ws}/out"], capsys, monkeypatch)
+    assert "huge.yaml: the YAML holds an integer of more than 4,300 digits" in line and len(line) < 400
 
 
 @pytest.mark.parametrize("argv, words", [
