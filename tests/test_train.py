@@ -181,7 +181,19 @@ class PoisonAt:
                 next(model.parameters()).view(-1)[0] = self.value
 
 
-@pytest.mark.parametrize("how", ["loss", "last-step weights"])
+class PoisonBufferAt(PoisonAt):
+    """The same, for the first BatchNorm's running variance: what lr 1,000 did on the tiny config
+    while every weight stayed finite (training normalizes by the batch's own statistics, so the
+    loss stays finite too)."""
+
+    def before_step(self, model):
+        self.n += 1
+        if self.n == self.step:
+            bn = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+            bn.running_var.fill_(self.value)
+
+
+@pytest.mark.parametrize("how", ["loss", "last-step weights", "last-step BatchNorm statistics"])
 def test_a_diverged_epoch_stops_the_run_before_its_commit(tmp_path, how):
     from ptd.errors import DivergedError
 
@@ -189,8 +201,10 @@ def test_a_diverged_epoch_stops_the_run_before_its_commit(tmp_path, how):
     steps = len(tr)
     if how == "loss":  # a weight at inf from epoch 2's first update: the later steps' losses are nan
         hooks, opt, what = [PoisonAt(steps + 1, float("inf"))], OPT, "the training loss became nan"
-    else:  # only epoch 2's very last update goes bad: the loss of every step was finite
+    elif how == "last-step weights":  # only epoch 2's very last update goes bad: the loss of every step was finite
         hooks, opt, what = [PoisonAt(2 * steps)], OPT, "the weights became nan or inf (first: model.features.0.weight)"
+    else:  # the weights and every loss finite; committed, the epoch's model.safetensors was refused by ptd's own loader
+        hooks, opt, what = [PoisonBufferAt(2 * steps, float("inf"))], OPT, "the weights became nan or inf (first: model.features.1.running_var)"
     with pytest.raises(DivergedError) as e:
         fit(model(), tr, va, opt, RT, out_dir=tmp_path, hooks=hooks, desc="teacher", optim_key="teacher.optim")
     msg = str(e.value)

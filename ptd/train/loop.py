@@ -242,7 +242,8 @@ def evaluate(model: nn.Module, loader: Iterable, rt: Runtime) -> dict[str, float
 
 
 def _divergence(train_loss_sum: float, unit: nn.Module, val: dict[str, float] | None) -> str | None:
-    """What says an epoch diverged, or None: a nan/inf training loss, weights, or validation loss.
+    """What says an epoch diverged, or None: a nan/inf training loss, weights (parameters or
+    floating buffers), or validation loss.
 
     The training loss is computed before each step's update, so a single last step that blows the
     weights up shows only in the weights (and the validation loss after them). One reduction per
@@ -250,9 +251,12 @@ def _divergence(train_loss_sum: float, unit: nn.Module, val: dict[str, float] | 
     """
     if not math.isfinite(train_loss_sum):
         return f"the training loss became {train_loss_sum}"
-    params = [p.detach() for p in unit.parameters() if p.is_floating_point()]
-    if params and not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
-        bad = next(n for n, p in unit.named_parameters() if p.is_floating_point() and not bool(torch.isfinite(p).all()))
+    # Buffers too: BatchNorm's running statistics can overflow while every weight stays finite
+    # (lr 1,000 on the tiny config: running_var inf), and the epoch would be committed with a
+    # model.safetensors that ptd's own loader then refuses, naming the wrong fix.
+    named = [(n, t.detach()) for n, t in (*unit.named_parameters(), *unit.named_buffers()) if t.is_floating_point()]
+    if named and not bool(torch.stack([torch.isfinite(t).all() for _, t in named]).all()):
+        bad = next(n for n, t in named if not bool(torch.isfinite(t).all()))
         return f"the weights became nan or inf (first: {bad})"
     if val is not None and val.get("n") and not math.isfinite(val["loss"]):
         return f"the validation loss became {val['loss']}"
