@@ -291,8 +291,24 @@ def _cuda_oom() -> type[BaseException]:
     return getattr(torch, "OutOfMemoryError", MemoryError) if torch is not None else MemoryError
 
 
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    """argv as the command's own parser reads it: a usage error names the command's --help (argparse
+    reports unknown arguments from the top-level parser, "see ptd --help"), and an empty positional
+    path is refused (argparse takes '' as given, and Path('') is the current folder)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[args.cmd]
+    if extra:
+        sub.error(f"unrecognized arguments: {' '.join(extra)}")
+    for a in sub._actions:
+        v = getattr(args, a.dest, None)
+        if not a.option_strings and isinstance(v, str) and not v.strip():
+            sub.error(f"{a.metavar or a.dest.upper()} is empty; give a path")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = _parse(argv)
     try:
         return args.func(args)
     except PtdError as e:  # a user's mistake: one line, no traceback

@@ -136,7 +136,11 @@ def test_a_student_listed_twice_is_a_damaged_file(tmp_path, capsys):
     r = json.loads((twice / "results.json").read_text())
     r["students"].append(dict(r["students"][-1], test_acc=0.5))
     (twice / "results.json").write_text(json.dumps(r))
-    _refused(capsys, ["compare", str(ra), str(twice)], str(twice / "results.json"), "twice", "damaged")
+    _refused(capsys, ["compare", str(ra), str(twice)], str(twice / "results.json"), "twice", "damaged", "restore the file")
+    # ptd report refuses it alike (it once rewrote it, duplicate kept, while compare's fix pointed at it)
+    before = (twice / "results.json").read_bytes()
+    _refused(capsys, ["report", str(twice)], str(twice / "results.json"), "twice", "damaged", f"ptd run CONFIG --out {twice}")
+    assert (twice / "results.json").read_bytes() == before
 
 
 def test_a_sweep_or_a_file_is_named_as_such(tmp_path, capsys):
@@ -146,3 +150,26 @@ def test_a_sweep_or_a_file_is_named_as_such(tmp_path, capsys):
     (sweep / "sweep.json").write_text("{}")
     _refused(capsys, ["compare", str(ra), str(sweep)], "is a sweep, not a run", "two run directories")
     _refused(capsys, ["compare", str(ra / "results.json"), str(ra)], "is a file, not a run directory")
+    # ptd report on a file: it once said to run `ptd run CONFIG --out` that file
+    _refused(capsys, ["report", str(ra / "results.json")], "is a file, not a run directory", "its --out")
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["report", ""], ["ptd report: RUN_DIR is empty", "see ptd report --help"]),
+    (["compare", "", "."], ["ptd compare: RUN_A is empty"]),
+    (["compare", ".", " "], ["ptd compare: RUN_B is empty"]),
+    (["export", ""], ["ptd export: RUN_DIR_OR_MODEL is empty"]),
+    (["run", ""], ["ptd run: CONFIG is empty"]),
+    (["eval", "", "c.yaml"], ["ptd eval: CHECKPOINT is empty"]),
+    # argparse reports unknown arguments from the top parser: the hint named `ptd --help`
+    (["sweep", "c.yaml", "--from", "x"], ["ptd sweep: unrecognized arguments: --from x", "see ptd sweep --help"]),
+])
+def test_empty_paths_and_unknown_flags_are_one_line_naming_the_command(capsys, argv, words):
+    """An empty positional path was read as '.', this folder: `ptd report ''` re-rendered whatever run was here."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    for w in words:
+        assert w in err, err

@@ -778,6 +778,25 @@ def _refresh_results(run_dir: Path, results: dict[str, Any]) -> None:
     _fill_onnx_latency(run_dir, results["student"])
 
 
+def student_key(r: dict[str, Any], s: dict[str, Any]) -> tuple[str, Any, int, int]:
+    """(arm, loss, teacher replicate, seed) of student row ``s`` of results ``r``; a row without a
+    loss is the run's first (older results name it None, newer ones by name)."""
+    first = (r.get("distill_losses") or [None])[0]
+    return s["arm"], s.get("loss") or first, int(s.get("teacher") or s.get("replicate") or 0), int(s["seed"])
+
+
+def check_students_once(r: dict[str, Any], path: Path | str, fix: str) -> None:
+    """A student listed twice is a damaged file: which of the two accuracies is the student's
+    cannot be told, so ``ptd report`` and ``ptd compare`` refuse it alike, naming the file."""
+    seen: set = set()
+    for s in r["students"]:
+        k = student_key(r, s)
+        if k in seen:
+            raise ReportError(f"{path} lists the student of arm {k[0]}, seed {k[3]} (teacher replicate {k[2]}, loss {k[1]}) "
+                              f"twice, so it is damaged; {fix}")
+        seen.add(k)
+
+
 def rerender(run_dir: str | Path) -> str:
     """``ptd report RUN_DIR``: recompute the summaries and comparisons from results.json's students,
     then rewrite results.json, report.md and report.html. Returns the markdown. results.json is
@@ -785,11 +804,15 @@ def rerender(run_dir: str | Path) -> str:
     on, or a folder it cannot write to, changes nothing."""
     run_dir = Path(run_dir)
     path = run_dir / P.RESULTS
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ReportError(f"{run_dir} is a file, not a run directory; give the folder a finished `ptd run` (or `ptd sweep`) wrote "
+                          f"(its --out)")
     if not path.is_file():
         raise ReportError(f"{path} not found: {run_dir} is not a finished ptd run; run `ptd run CONFIG --out {run_dir}` to finish it")
     fix = f"re-run `ptd run CONFIG --out {run_dir}` to regenerate it, or restore the file"
     results = load_report_input(path, fix)
     validate(RESULTS_SCHEMA, results, path, fix)
+    check_students_once(results, path, fix)
     check_outputs([run_dir / name for name in RUN_OUTPUTS])
     try:
         _refresh_results(run_dir, results)

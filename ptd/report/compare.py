@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ptd import paths as P
-from ptd.report import ARM_LABELS, RESULTS_SCHEMA, ReportError, load_report_input, validate
+from ptd.report import ARM_LABELS, RESULTS_SCHEMA, ReportError, check_students_once, load_report_input, student_key, validate
 from ptd.report.stats import format_estimate, hierarchical_estimate, zero_width
 
 
@@ -39,24 +39,19 @@ def load_finished(run_dir: str | Path) -> dict[str, Any]:
     fix = f"re-run `ptd run CONFIG --out {run_dir}` to regenerate it, or restore the file"
     results = load_report_input(path, fix)
     validate(RESULTS_SCHEMA, results, path, fix)
-    _keyed(results, str(path))  # a student listed twice: refused here, naming the file
+    check_students_once(results, path, fix)
     return results
 
 
 Key = tuple[str, "str | None", int, int]  # (arm, loss, teacher replicate, seed)
 
 
-def _keyed(r: dict[str, Any], name: str = "results") -> dict[Key, float]:
-    """{(arm, loss, teacher replicate, seed): test accuracy}; a row without a loss is the run's first
-    (older results name it None, newer ones by name). A key met twice is a damaged file: which of
-    the two accuracies is the student's cannot be told, so it is refused, not silently picked."""
-    first = (r.get("distill_losses") or [None])[0]
+def _keyed(r: dict[str, Any]) -> dict[Key, float]:
+    """{(arm, loss, teacher replicate, seed): test accuracy} (``student_key``); load_finished has
+    refused a file that lists a student twice."""
     out: dict[Key, float] = {}
     for s in r["students"]:
-        k = (s["arm"], s.get("loss") or first, int(s.get("teacher") or s.get("replicate") or 0), int(s["seed"]))
-        if k in out:
-            raise ReportError(f"{name} lists the student of arm {k[0]}, seed {k[3]} (teacher replicate {k[2]}, loss {k[1]}) "
-                              f"twice, so it is damaged; regenerate it with `ptd report RUN_DIR` on the run directory")
+        k = student_key(r, s)
         out[k] = s["test_acc"]
     return out
 
@@ -69,7 +64,9 @@ def compare_runs(a: dict[str, Any], b: dict[str, Any], a_name: str = "A", b_name
     if a.get("dataset") != b.get("dataset") or (ta and tb and ta != tb):
         raise ReportError(f"{a_name} and {b_name} were tested on different data ({a.get('dataset')} {ta or ''} against "
                           f"{b.get('dataset')} {tb or ''}); compare runs of the same dataset and test set")
-    sa, sb = _keyed(a, a_name), _keyed(b, b_name)
+    for r, name in ((a, a_name), (b, b_name)):  # also for results not read by load_finished
+        check_students_once(r, name, "re-run `ptd run CONFIG --out RUN_DIR` to regenerate it, or restore the file")
+    sa, sb = _keyed(a), _keyed(b)
     groups: dict[tuple[str, str | None], list[Key]] = {}  # (arm, loss) -> the students both runs have
     for k in sorted(set(sa) & set(sb), key=lambda k: (k[0], k[1] or "", k[2], k[3])):
         groups.setdefault(k[:2], []).append(k)
