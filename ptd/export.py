@@ -47,6 +47,27 @@ class Source:
     what: str  # one line: which model this is and why it was chosen
 
 
+def _arm_result(path: Path, run_dir: Path) -> dict[str, Any]:
+    """A finished student's result.json, checked before it ranks anything: a JSON list there was an
+    AttributeError, a string accuracy a ValueError, and a NaN one ranked the students on nan. The
+    accuracies are held to what ptd.report holds results.json to (a finite number in [0, 1], or null)."""
+    from ptd.report import Invalid, num, obj
+
+    # A re-run alone does not redo it: ptd run refuses a finished stage whose record is damaged.
+    fix = f"restore it, or delete {path.parent} and re-run `ptd run CONFIG --out {run_dir}` to redo that student"
+    try:
+        r = json.loads(path.read_text())  # another OSError (permission denied) is resolve()'s one line
+    except FileNotFoundError:
+        raise ExportError(f"{path}: missing, though {path.parent.name} is finished (ptd export ranks the students by it); {fix}") from None
+    except (ValueError, RecursionError) as e:  # not JSON, not text (UnicodeDecodeError), nested past any use
+        raise ExportError(f"{path}: not JSON ({type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''}); {fix}") from None
+    try:
+        obj({"val_acc?": num(0, 1, null=True), "test_acc?": num(0, 1, null=True)})(r, "")
+    except Invalid as e:
+        raise ExportError(f"{path}: not the record ptd writes ({e.kind}: {e}); ptd export ranks the students by it -- {fix}") from None
+    return r
+
+
 def _best_arm(run_dir: Path) -> tuple[Path, str]:
     """The distilled student with the best validation accuracy (test accuracy where a run kept no validation set)."""
     cands = []
@@ -54,10 +75,7 @@ def _best_arm(run_dir: Path) -> tuple[Path, str]:
         f = d / "model.safetensors"
         if not f.is_file() or not (d / "done").exists():
             continue
-        try:
-            r = json.loads((d / "result.json").read_text())
-        except (OSError, ValueError):
-            r = {}
+        r = _arm_result(d / "result.json", run_dir)
         score = r.get("val_acc") if r.get("val_acc") is not None else r.get("test_acc")
         cands.append((-1.0 if score is None else float(score), d.name, f, r))
     if not cands:
@@ -329,24 +347,47 @@ def onnx_latency(
 def test_images(run_dir: Path | None, input_shape: Sequence[int], n: int = 64) -> tuple[torch.Tensor, str]:
     """Up to ``n`` normalised test images of the run's dataset, and where they came from.
 
-    Without a run directory (or when its data cannot be read here) there are no real images to
-    use: random normal inputs of ``input_shape`` (C, H, W) stand in, and the description says so.
+    Without a run directory there are no real images to use: random normal inputs of
+    ``input_shape`` (C, H, W) stand in, and the description says so. A run whose data cannot be
+    read here gets random inputs of the size its student stage recorded (student/stats.json);
+    where it recorded none, ExportError: the ONNX graph is traced at one H x W, and a guess
+    (32 x 32) made a 28 x 28 student's file that refuses its own images.
     """
     if run_dir is not None and (run_dir / "config.yaml").is_file():
         try:
             from ptd.config import load_config
-            from ptd.data import load_configured, make_loader
+            from ptd.data import DataError, load_configured, make_loader
 
             cfg = load_config(run_dir / "config.yaml")
             dc = cfg.data
-            splits = load_configured(dc, cfg.seed, test_subset=n)
+            try:
+                splits = load_configured(dc, cfg.seed, test_subset=n)
+            except DataError:  # a test set of fewer than n images (a tiny run's): read it as the run did, and use all of it
+                splits = load_configured(dc, cfg.seed)
             loader = make_loader(splits.test, batch_size=n, train=False, mean=splits.mean, std=splits.std, augment=False, workers=0)
             x, _ = next(iter(loader))
             return x[:n].float().cpu().contiguous(), f"{len(x[:n])} test images of {dc.name}"
-        except Exception as e:  # noqa: BLE001 -- the check still runs, on stand-in inputs, and says why
+        except Exception as e:  # noqa: BLE001 -- the check still runs, on stand-in inputs of the run's size, and says why
             why = f"{type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''}"
-            return torch.randn((n,) + tuple(input_shape)), f"{n} random inputs (the run's test images could not be read: {why})"
+            shape = _recorded_input(run_dir, int(input_shape[0]))
+            if shape is None:
+                raise ExportError(f"{run_dir / 'config.yaml'}: the run's test images cannot be read here ({why}), and its "
+                                  "student/stats.json records no input size, so the model's input size is unknown; make the "
+                                  "run's data (data.root in that file) readable here, then export again") from None
+            return torch.randn((n,) + shape), f"{n} random inputs of the run's input size (its test images could not be read: {why})"
     return torch.randn((n,) + tuple(input_shape)), f"{n} random inputs (no run directory, so no test images)"
+
+
+def _recorded_input(run_dir: Path, channels: int) -> tuple[int, int, int] | None:
+    """The (C, H, W) the student stage timed the run's models at (student/stats.json), or None."""
+    try:
+        shape = json.loads((run_dir / "student" / "stats.json").read_text())["onnx_latency"]["input"]
+    except (OSError, ValueError, RecursionError, KeyError, TypeError):  # missing, damaged, or a run that timed nothing
+        return None
+    if not (isinstance(shape, list) and len(shape) == 3 and shape[0] == channels
+            and all(type(s) is int and 0 < s <= 4096 for s in shape)):  # a damaged record, not a 64-image batch of it
+        return None
+    return tuple(shape)
 
 
 def export(source: str | Path, out: str | Path | None = None, fmt: str = "onnx", *, latency: bool = True, repeats: int = 10) -> dict[str, Any]:

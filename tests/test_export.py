@@ -196,3 +196,80 @@ def test_onnxruntime_sessions_do_not_spin_while_another_is_timed(tmp_path):
     opts = _session(f, threads=2).get_session_options()
     assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"
     assert opts.intra_op_num_threads == 2
+
+
+# ---------------------------------------------------------------- a run's own files: the students' records, its input size
+
+
+@pytest.mark.parametrize("text, want", [
+    ("[1, 2]", "the top level is [1, 2], not an object"),  # was AttributeError: 'list' object has no attribute 'get'
+    ('{"val_acc": "high"}', '"val_acc" is "high", not a number'),  # was ValueError from float()
+    ('{"val_acc": NaN, "test_acc": 0.5}', '"val_acc" is NaN, not a finite number'),  # was ranked: "best val accuracy nan"
+    ('{"test_acc": 7}', '"test_acc" is 7, not in 0..1'),
+    ('{"val_acc": true}', '"val_acc" is true, not a number'),
+    ('{"val_acc": 0.', "not JSON (JSONDecodeError"),  # was read as {}: ranked last, "best test accuracy -1.0000"
+    (None, "missing, though pruned_teacher_seed0 is finished"),
+])
+def test_a_malformed_student_record_is_one_line_naming_it_and_the_fix(run_dir, tmp_path, capsys, text, want):
+    f = run_dir / "distill" / "pruned_teacher_seed0" / "result.json"
+    if text is None:
+        f.unlink()
+    else:
+        f.write_text(text)
+    out = tmp_path / "s.onnx"
+    rc, printed, err = run_cli(capsys, run_dir, "--no-latency", "--out", out)
+    assert rc == 2 and printed == ""
+    assert err.startswith(f"ptd: error: {f}: ") and err.count("\n") == 1 and want in err, err
+    assert f"delete {f.parent} and re-run `ptd run CONFIG --out {run_dir}`" in err and "restore it" in err
+    assert not out.exists()
+    with pytest.raises(ExportError, match="result.json"):
+        resolve(run_dir)
+
+
+def test_a_null_val_acc_ranks_by_test_acc(run_dir):
+    """null is what a run without a validation set writes: it stays a record, ranked by test accuracy."""
+    (run_dir / "distill" / "scratch_seed0" / "result.json").write_text(json.dumps({"val_acc": None, "test_acc": 0.9}))
+    src = resolve(run_dir)
+    assert src.model_path.parent.name == "scratch_seed0" and "best test accuracy 0.9000 of 2" in src.what
+
+
+def _small_test_set_run(tmp_path, n_test: int):
+    from conftest import write_fashion_like
+
+    d = tmp_path / "small_run"
+    a = d / "distill" / "pruned_teacher_seed0"
+    d.mkdir()
+    (d / "config.yaml").write_text(yaml.safe_dump(tiny_config(write_fashion_like(tmp_path / "fm_small", n_test=n_test))))
+    torch.manual_seed(0)
+    save_model(a / "model.safetensors", build_model("vgg", 10, 1, plan=[16, "M", 24, "M", 16]))
+    (a / "result.json").write_text(json.dumps({"val_acc": 0.5}))
+    (a / "done").write_text("")
+    return d
+
+
+def test_a_run_with_fewer_test_images_than_a_batch_is_checked_on_them_at_its_size(tmp_path):
+    """20 test images (a tiny run's) could not fill the 64 asked for: the export fell back to random
+    32 x 32 inputs, and a 28 x 28 Fashion-MNIST student was traced and checked at 32 x 32."""
+    run = _small_test_set_run(tmp_path, n_test=20)
+    out = tmp_path / "s.onnx"
+    rec = export(run, out, latency=False)
+    assert rec["input"] == [1, 28, 28] and rec["check"]["images"] == "20 test images of fashion_mnist"
+    assert _session(out).run(["logits"], {"images": np.zeros((3, 1, 28, 28), np.float32)})[0].shape == (3, 10)
+
+
+def test_a_run_whose_data_cannot_be_read_is_exported_at_its_recorded_size_or_refused(tmp_path, capsys):
+    """Without the run's images the input size comes from what its student stage recorded; with
+    neither there is no size to trace at, and a guess (32 x 32) is refused, not written."""
+    run = _small_test_set_run(tmp_path, n_test=20)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["data"]["root"] = str(tmp_path / "gone")
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "s.onnx"
+    rc, printed, err = run_cli(capsys, run, "--no-latency", "--out", out)
+    assert rc == 2 and printed == "" and err.count("\n") == 1
+    assert err.startswith(f"ptd: error: {run / 'config.yaml'}: the run's test images cannot be read here") and "input size is unknown" in err
+    assert "data.root" in err and not out.exists()
+    (run / "student").mkdir()
+    (run / "student" / "stats.json").write_text(json.dumps({"onnx_latency": {"input": [1, 28, 28]}}))
+    rec = export(run, out, latency=False)
+    assert rec["input"] == [1, 28, 28] and "random inputs of the run's input size" in rec["check"]["images"]
