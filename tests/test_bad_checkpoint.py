@@ -29,7 +29,7 @@ from conftest import tiny_config, write_fashion_like
 from ptd.cli import main
 from ptd.models import build_model
 from ptd.train import checkpoint as ckpt
-from ptd.train.checkpoint import CheckpointError, load_model, read_metadata, read_state_dict, save_model
+from ptd.train.checkpoint import CheckpointError, load_into, load_model, read_metadata, read_state_dict, save_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 REPO = Path(__file__).resolve().parents[1]
@@ -87,6 +87,19 @@ def ck(tmp_path_factory) -> Path:
         pickle.dump({"w": _Touch(d / "PWNED")}, f, protocol=4)
     torch.save({"w": _Touch(d / "PWNED")}, d / "evil_zip.pt")
     (d / "c.yaml").write_text(yaml.safe_dump(tiny_config(write_fashion_like(d / "fm", n_train=120, n_test=40))))
+    # Tensors torch.save keeps but no model can take; each once reached a torch op that raised.
+    sd = _model().state_dict()
+    torch.save({1: torch.zeros(1)}, d / "int_keys.pt")
+    torch.save({k: v.to_sparse() if v.is_floating_point() and v.dim() else v for k, v in sd.items()}, d / "sparse.pt")
+    torch.save({k: v.to("meta") for k, v in sd.items()}, d / "meta_device.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's "in beta", "in prototype stage", "deprecated"
+        torch.save({**sd, "classifier.weight": sd["classifier.weight"].to_sparse_csr()}, d / "sparse_csr.pt")
+        torch.save({**sd, "features.0.weight": torch.quantize_per_tensor(sd["features.0.weight"], 0.1, 0, torch.qint8)}, d / "quantized.pt")
+        torch.save({**sd, "classifier.weight": torch.nested.nested_tensor([sd["classifier.weight"]] * 2)}, d / "nested_tensor.pt")
+    torch.save({**sd, "classifier.bias": sd["classifier.bias"].to(torch.uint8).view(torch.bits8)}, d / "bits8.pt")
+    packed = {k: v.contiguous().to(torch.uint8).view(torch.float4_e2m1fn_x2) if v.is_floating_point() else v.contiguous() for k, v in sd.items()}
+    save_file(packed, str(d / "float4.safetensors"), metadata=read_metadata(d / "good.safetensors"))  # eval rebuilds it, then reads it
     return d
 
 
@@ -109,8 +122,17 @@ BAD = {
     "evil_raw.pt": ["holds pickled Python objects that could run code; ptd loads only tensors: save a state_dict with "
                     "torch.save(model.state_dict()) or use safetensors"],
     "evil_zip.pt": ["holds pickled Python objects that could run code"],
+    "int_keys.pt": ["1 of its 1 keys are not names", "first: 1, of type int", "torch.save(model.state_dict(), path)"],
+    "sparse.pt": ["tensors are not a dense tensor of values", "first: features.0.weight", "sparse (layout torch.sparse_coo)", "to_dense()"],
+    "sparse_csr.pt": ["1 tensor is not a dense tensor of values", "classifier.weight", "sparse (layout torch.sparse_csr)"],
+    "meta_device.pt": ["first: features.0.weight", "on the meta device: a shape without values", "trained or loaded"],
+    "quantized.pt": ["1 tensor is not a dense tensor of values", "features.0.weight", "quantized (torch.qint8)", "dequantize()"],
+    "nested_tensor.pt": ["classifier.weight", "a nested tensor"],
+    "bits8.pt": ["classifier.bias", "packed type torch.bits8", "cast each to float32"],
+    "float4.safetensors": ["first: classifier.bias", "packed type torch.float4_e2m1fn_x2", "cast each to float32"],
 }
-TORCH_FILES = {"cut_zip.pt", "cut_pickle.pt", "notes.pt", "evil_raw.pt", "evil_zip.pt"}  # eval refuses them by format
+TORCH_FILES = {"cut_zip.pt", "cut_pickle.pt", "notes.pt", "evil_raw.pt", "evil_zip.pt",  # eval refuses them by format
+               "int_keys.pt", "sparse.pt", "sparse_csr.pt", "meta_device.pt", "quantized.pt", "nested_tensor.pt", "bits8.pt"}
 
 
 def _one_line(fn, path: Path) -> str:
@@ -147,6 +169,43 @@ def test_the_bytes_decide_the_format_not_the_name(ck: Path):
         got = read_state_dict(ck / name)
         assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want), name
     assert json.loads(read_metadata(ck / "safetensors_named.pt")["ptd_spec"])["arch"] == "vgg"
+
+
+def _saved(path: Path, sd: dict[str, torch.Tensor]) -> Path:
+    (save_file if path.suffix == ".safetensors" else lambda t, p: torch.save(t, p))(sd, str(path))
+    return path
+
+
+# A floating weight from a file of another kind of number: the cast made it 0/1, whole numbers or
+# the real part, and the run went on with that teacher.
+@pytest.mark.parametrize("dtype", [torch.bool, torch.int64, torch.uint8, torch.complex64], ids=str)
+def test_weights_that_are_not_floats_are_refused_before_any_is_copied(tmp_path: Path, dtype):
+    sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in _model().state_dict().items()}
+    path = _saved(tmp_path / ("w.pt" if dtype.is_complex else "w.safetensors"), sd)
+    model = _model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    msg = _one_line(lambda p: load_into(model, p, "teacher"), path)
+    assert "14 tensors have a type a teacher cannot hold" in msg, msg  # every floating tensor of the model
+    assert f"first: features.0.weight ({dtype}, where the teacher holds torch.float32)" in msg and "floating-point weights" in msg, msg
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_other_float_widths_and_integer_buffers_still_load(tmp_path: Path):
+    """What the checks keep taking: half, bfloat16 and 8-bit float weights (isfinite takes no
+    8-bit floats: they are checked as float32), and a BatchNorm counter saved as another
+    integer type or bool into the model's int64 one."""
+    want = _model().state_dict()
+    for dtype, counter in ((torch.float16, torch.int32), (torch.bfloat16, torch.bool), (torch.float8_e4m3fn, torch.uint8)):
+        sd = {k: v.to(dtype) if v.is_floating_point() else v.to(counter) for k, v in want.items()}
+        path = _saved(tmp_path / f"{dtype}.safetensors".replace("torch.", ""), sd)
+        model = build_model("vgg", 10, 1, plan=[8, "M", 8])
+        load_into(model, path, "teacher")
+        got = model.state_dict()
+        assert all(got[k].dtype == want[k].dtype and torch.equal(got[k], sd[k].to(want[k].dtype)) for k in want), dtype
+    sd = {k: v.to(torch.float8_e4m3fn) if v.is_floating_point() else v for k, v in want.items()}
+    sd["features.1.running_var"][0] = float("nan")
+    msg = _one_line(lambda p: load_into(_model(), p, "teacher"), _saved(tmp_path / "nan8.safetensors", sd))
+    assert "hold nan or inf values (first: features.1.running_var)" in msg, msg
 
 
 SPECS = {
@@ -197,9 +256,22 @@ def _cli(argv: list[str], capsys) -> str:
     return lines[0]
 
 
+_TEACHER_AS = {
+    "sparse": ("sparse.pt", lambda v: v.to_sparse()),
+    "meta": ("meta.pt", lambda v: v.to("meta")),
+    "quantized": ("quantized.pt", lambda v: torch.quantize_per_tensor(v, 0.1, 0, torch.qint8)),
+    "bool": ("bool.safetensors", lambda v: v.to(torch.bool)),
+}
+
+
 @pytest.mark.parametrize("cmd, name, words", [
     ("teacher", "empty.pt", ["empty.pt", "empty (0 bytes)"]),
     ("teacher", "evil_raw.pt", ["evil_raw.pt", "could run code"]),
+    ("teacher", "int_keys.pt", ["int_keys.pt", "keys are not names"]),
+    ("teacher", "sparse", ["sparse.pt", "not a dense tensor of values", "features.0.weight", "to_dense()"]),
+    ("teacher", "meta", ["meta.pt", "on the meta device"]),
+    ("teacher", "quantized", ["quantized.pt", "quantized (torch.qint8)"]),
+    ("teacher", "bool", ["bool.safetensors", "a type a teacher cannot hold", "torch.bool, where the teacher holds torch.float32"]),
     ("eval", "spec", ["spec.safetensors", "num_classes -10"]),
     ("eval", "arch", ["arch.safetensors", "unknown model 'resnet9000'"]),
     ("export", "spec", ["spec.safetensors", "num_classes -10"]),
@@ -209,6 +281,11 @@ def test_cli_bad_checkpoint_is_one_line_and_nothing_written(ck: Path, tmp_path: 
         src = _with_spec(tmp_path / "spec.safetensors", {"arch": "vgg", "num_classes": -10, "in_channels": 1, "width": 1.0, "plan": [8]})
     elif name == "arch":
         src = _with_spec(tmp_path / "arch.safetensors", {"arch": "resnet9000", "num_classes": 10, "in_channels": 1, "width": 1.0})
+    elif name in _TEACHER_AS:  # the config's own teacher, each weight made odd: it passes every check but the one meant
+        sd = build_model("vgg", 10, 1, plan=[16, "M", 32, "M", 32]).state_dict()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            src = _saved(tmp_path / _TEACHER_AS[name][0], {k: _TEACHER_AS[name][1](v) if v.is_floating_point() else v for k, v in sd.items()})
     else:
         src = ck / name
     argv = {"teacher": ["train", ck / "c.yaml", "--teacher", src, "--out", tmp_path / "run"],

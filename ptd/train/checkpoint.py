@@ -486,6 +486,46 @@ def read_metadata(path: str | Path) -> dict[str, str]:
         raise _safetensors_error(p, e, _MODEL_FILE) from None
 
 
+# The types a tensor of values can have in a file a user hands ptd: torch reads, compares and
+# casts every one of them. Not here: quantized types (qint8...), which hold integers plus a scale,
+# and the bit-packed ones (bits8, int1..7, uint1..7, float4), which no cast or comparison takes.
+_VALUE_DTYPES = frozenset(d for d in (
+    torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
+    getattr(torch, "uint16", None), getattr(torch, "uint32", None), getattr(torch, "uint64", None),
+    torch.float16, torch.bfloat16, torch.float32, torch.float64,
+    *(getattr(torch, f"float8_{n}", None) for n in ("e5m2", "e4m3fn", "e5m2fnuz", "e4m3fnuz", "e8m0fnu")),
+    torch.complex32, torch.complex64, torch.complex128) if d is not None)
+
+
+def _odd_tensor(t: torch.Tensor) -> tuple[str, str] | None:
+    """(what ``t`` is, how to save it instead) when it is not a dense tensor of values in memory;
+    None for one every check and cast of ``load_into`` takes."""
+    if t.is_nested:  # (its .shape raises)
+        return "a nested tensor", "save one dense tensor per weight, as torch.save(model.state_dict(), path) does"
+    if t.layout != torch.strided:
+        return f"sparse (layout {t.layout})", "convert each with tensor.to_dense() and save again"
+    if t.device.type != "cpu":  # map_location="cpu" moves every real device; the meta device holds no values
+        return (("on the meta device: a shape without values", "save the state_dict of a model whose weights were trained "
+                 "or loaded, not of one built on the meta device") if t.device.type == "meta"
+                else (f"on device {t.device}", "move each to the CPU (tensor.cpu()) and save again"))
+    if t.is_quantized:
+        return f"quantized ({t.dtype})", "convert each back to floats with tensor.dequantize() and save again"
+    if t.dtype not in _VALUE_DTYPES:
+        return f"of the packed type {t.dtype}", "cast each to float32 and save again"
+    return None
+
+
+def _check_tensors(p: Path, sd: dict[str, torch.Tensor]) -> None:
+    """Refuse, in one line naming the first, every tensor of ``sd`` that is not a dense CPU tensor of
+    values: checked all at once, before anything is compared or copied, so no torch op later
+    meets a sparse, meta, quantized or packed tensor (each raised its own internal error)."""
+    odd = [(k, why) for k, v in sd.items() if (why := _odd_tensor(v)) is not None]
+    if odd:
+        (k, (what, fix)), n = odd[0], len(odd)
+        raise CheckpointError(f"{p}: {n} tensor{'s are' if n > 1 else ' is'} not a dense tensor of values (first: {_clip(k, 120)}, "
+                              f"{what}); ptd loads only dense tensors of values: {fix}")
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Weights from a safetensors file or a torch file, told apart by their bytes (weights_only=True:
     no code from the file runs)."""
@@ -493,9 +533,11 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     kind, _, _ = _sniff(p, _WEIGHTS_FILE)
     if kind == "safetensors":
         try:
-            return load_file(str(p))
+            sd = load_file(str(p))
         except Exception as e:  # noqa: BLE001 -- safetensors runs no code: whatever it raises is about the file
             raise _safetensors_error(p, e, "re-export it with safetensors.torch.save_file") from None
+        _check_tensors(p, sd)  # safetensors has 4- and 8-bit types too
+        return sd
     if kind == "zip":
         _torch_zip_check(p)
     obj = _torch_load(p)
@@ -505,6 +547,12 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             break
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{p}: holds no state_dict of tensors; save torch.save(model.state_dict(), path)")
+    names = [k for k in obj if not isinstance(k, str)]
+    if names:  # torch.save keeps any hashable key; a state_dict's keys are parameter names
+        raise CheckpointError(f"{p}: {len(names)} of its {len(obj)} keys are not names (first: {_clip(one_line(repr(names[0])), 60)}, "
+                              f"of type {type(names[0]).__name__}); a state_dict maps names such as 'features.0.weight' to tensors: "
+                              f"save torch.save(model.state_dict(), path)")
+    _check_tensors(p, obj)
     # Checkpoints saved from DDP or torch.compile carry prefixes the bare model does not have.
     out = {}
     for k, v in obj.items():
@@ -545,15 +593,21 @@ def load_into(model: nn.Module, path: str | Path, what: str = "model") -> None:
             f"{path}: does not fit the {what} architecture {arch}{_file_arch(path)}: {'; '.join(detail)}; "
             f"set the {what}'s model (arch/width/kwargs) to the one the checkpoint was trained with"
         )
-    odd = [f"{k} ({sd[k].dtype})" for k in own if sd[k].is_complex() and not own[k].is_complex()]
-    if odd:  # the cast below would drop the imaginary parts, with a warning on stderr
-        raise CheckpointError(f"{path}: {len(odd)} tensors have a type a {what} cannot hold (first: {odd[0]}); "
-                              f"give the checkpoint of a model of real-valued weights, as torch.save(model.state_dict()) writes it")
+    # The cast below would drop a complex tensor's imaginary parts (with a warning on stderr), and
+    # turn bool or integer "weights" into floats of 0/1 or whole numbers: garbage, loaded without a
+    # word. An integer buffer (BatchNorm's num_batches_tracked) takes any real type, as it always did.
+    odd = [f"{k} ({sd[k].dtype}, where the {what} holds {own[k].dtype})" for k in own
+           if (sd[k].is_complex() and not own[k].is_complex()) or (own[k].is_floating_point() and not sd[k].is_floating_point())]
+    if odd:
+        raise CheckpointError(f"{path}: {len(odd)} tensors have a type a {what} cannot hold (first: {_clip(odd[0], 200)}); "
+                              f"give the checkpoint of a model of real floating-point weights, as torch.save(model.state_dict()) writes it")
     # A file of nan/inf weights (a diverged run's, or a damaged one) loads without complaint and
     # teaches garbage for hours. Parameters and BatchNorm statistics are always finite in a model
-    # worth loading; other buffers (masks, indices) are left alone.
+    # worth loading; other buffers (masks, indices) are left alone. isfinite takes no 8-bit floats:
+    # those are checked as float32.
     stats = {n for n, _ in model.named_parameters()} | {k for k in own if k.endswith(("running_mean", "running_var"))}
-    bad = [k for k in own if k in stats and sd[k].is_floating_point() and not bool(torch.isfinite(sd[k]).all())]
+    bad = [k for k in own if k in stats and sd[k].is_floating_point()
+           and not bool(torch.isfinite(sd[k] if sd[k].dtype.itemsize > 1 else sd[k].float()).all())]
     if bad:
         raise CheckpointError(f"{path}: {len(bad)} tensors hold nan or inf values (first: {bad[0]}): not a usable {what}; "
                               f"did the run that wrote it diverge? give the checkpoint of a run whose loss stayed finite")
