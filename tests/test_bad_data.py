@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -91,6 +93,9 @@ def snapshot(root: Path) -> dict[str, bytes]:
             if os.path.islink(f):
                 out[os.path.relpath(f, root)] = os.readlink(f).encode()
                 continue
+            if not stat.S_ISREG(os.stat(f).st_mode):  # a FIFO: opening it would block
+                out[os.path.relpath(f, root)] = b"<not a regular file>"
+                continue
             with open(f, "rb") as fh:
                 out[os.path.relpath(f, root)] = fh.read()
     return out
@@ -163,6 +168,45 @@ def test_a_symlink_loop_where_an_idx_file_should_be(tmp_path: Path, capsys):
     loop.symlink_to(loop.name)  # itself
     line = train(tmp_path, capsys, "fashion_mnist", root)
     assert f"cannot read {loop}" in line and "symbolic links" in line
+
+
+@pytest.mark.parametrize("dims, words", [((2**22, 2**21, 2**21), "payload is 0 bytes, dims (4194304, 2097152, 2097152) "
+                                                                  "need 18446744073709551616"),
+                                          ((0, 2**32 - 1, 2**32 - 1), "describe an array too large to exist")],
+                         ids=["product-wraps-int64-to-0", "zero-count-beside-huge-dims"])
+def test_an_idx_header_whose_dims_overflow_is_refused(tmp_path: Path, capsys, dims, words: str):
+    """Both matched an empty payload (np.prod wrapped to 0; 0 images) and reshape failed: "internal error"."""
+    root = write_fashion_like(tmp_path / "fm", 60, 20)
+    (root / "train-images-idx3-ubyte.gz").unlink()
+    bad = root / "train-images-idx3-ubyte"
+    bad.write_bytes(bytes([0, 0, 0x08, 3]) + b"".join(d.to_bytes(4, "big") for d in dims))
+    with pytest.raises(DataError, match=f"malformed idx file {bad}: "):
+        load_dataset("fashion_mnist", str(root))
+    line = train(tmp_path, capsys, "fashion_mnist", root)
+    assert f"malformed idx file {bad}: " in line and words in line and "re-install the dataset files" in line
+
+
+@pytest.mark.parametrize("fmt", ["imagefolder", "tiny_imagenet"])
+@pytest.mark.parametrize("kind", ["loop", "dangling", "fifo"])
+def test_an_image_that_is_a_broken_link_is_refused_not_dropped(tmp_path: Path, capsys, fmt: str, kind: str):
+    """is_file() said False for these, and the image left its class without a word (the run trained)."""
+    if fmt == "imagefolder":
+        root = write_imagefolder(tmp_path / "data")
+        bad = root / "train" / "a" / "bad.png"
+    else:
+        root = write_tiny(tmp_path / "data").parent
+        bad = root / "tiny-imagenet-200" / "train" / "n01" / "images" / "n01_bad.png"
+    {"loop": lambda: bad.symlink_to(bad.name), "dangling": lambda: bad.symlink_to("nowhere.png"),
+     "fifo": lambda: os.mkfifo(bad)}[kind]()
+    with pytest.raises(DataError) as ei:
+        load_dataset(fmt, str(root), cache_dir=str(tmp_path / "cache"))
+    line = train(tmp_path, capsys, fmt, root, cache_dir=str(tmp_path / "cache"))
+    assert line == f"ptd: error: {ei.value}"
+    if kind == "fifo":
+        assert f"{bad} is not a regular file" in line and "remove it" in line
+    else:
+        assert f"cannot read image {bad} (" in line and "symbolic link" in line
+        assert "remove the link or point it at an image file" in line
 
 
 @pytest.mark.parametrize("fmt, where", [("fashion_mnist", "train-labels-idx1-ubyte"),
@@ -436,10 +480,28 @@ def test_tiny_imagenet_val_image_listed_twice_is_refused(tmp_path: Path):
                                     f"(first on line 1)")
 
 
-@pytest.mark.parametrize("names", ["abcdefghij", [b"c0"] * 10, [b"c%d" % i for i in range(9)] + [3]])
+@pytest.mark.parametrize("names", ["abcdefghij", [b"c0"] * 10, [b"c%d" % i for i in range(9)] + [3],
+                                   [b"c%d" % i for i in range(9)] + ["c0"]],  # str 'c0' is class b'c0' again
+                         ids=["a-string", "one-name", "an-int", "str-and-bytes-alike"])
 def test_cifar_label_names_that_are_not_ten_distinct_names_are_refused(tmp_path: Path, names):
     """A 10-letter string passed as ten classes a..j: its length was all that was checked."""
     d = write_cifar10(tmp_path)
     (d / "batches.meta").write_bytes(pickle.dumps({b"label_names": names}, protocol=2))
     with pytest.raises(DataError, match="not a list of 10 distinct names"):
         load_dataset("cifar10", str(tmp_path))
+
+
+@pytest.mark.parametrize("fmt", ["bmp", "ppm", "tiff", "gif", "webp", "png", "jpg"])
+def test_an_image_cut_short_after_its_header_is_found_before_training(tmp_path: Path, fmt: str):
+    """A copy interrupted two thirds of the way: found by verify_images in every format. BMP, PPM,
+    TIFF and GIF passed PIL's verify() (it reads their headers only) and failed mid-epoch, after a
+    teacher epoch was committed; they are decoded now."""
+    from PIL import Image
+
+    p = tmp_path / f"a.{fmt}"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(p)
+    verify_images(FolderSplit([(str(p), 0)]), progress=False)  # whole: read
+    data = p.read_bytes()
+    p.write_bytes(data[: len(data) * 2 // 3])
+    with pytest.raises(DataError, match=f"cannot read image {re.escape(str(p))} \\(.*remove or replace the file"):
+        verify_images(FolderSplit([(str(p), 0)]), progress=False)

@@ -215,7 +215,10 @@ def check_raw(name: str, raw: RawDataset) -> None:
 # CRC (a truncated or bit-flipped PNG is found); ImageNet costs 2-4 CPU-minutes, spread over
 # threads (and cold-disk reads overlap there). For JPEG it also reads the last 4 KB for the end
 # marker, so a JPEG cut short after its header is found here too: +0.02-0.05 s per 1,000 500x375
-# JPEGs (0.07-0.11 against 0.05-0.06, warm cache, one thread). ``full=True`` decodes everything.
+# JPEGs (0.07-0.11 against 0.05-0.06, warm cache, one thread). Every other format (BMP, PPM,
+# TIFF, GIF, WEBP...), whose header says nothing of its data, is decoded. ``full=True`` decodes
+# everything. What headers cannot find: a PNG whose compressed data is damaged but whose
+# checksums were recomputed over the damage (no copy or disk error does that).
 # Tiny-ImageNet is decoded whole at load anyway (its decode cache): a bad file fails there, in one
 # line naming it.
 VERIFY_PROGRESS_MIN = 1000  # files: below this no progress bar is shown
@@ -238,6 +241,31 @@ def _check_jpeg_end(path: str) -> None:
             raise OSError(f"the JPEG data stops short of its end marker (file cut short at {size:,} bytes)")
 
 
+def image_file(path: str, fix: str) -> bool:
+    """True if ``path``, an image-named entry of a class folder, is a file to load; False for a folder.
+
+    Not ``os.path.isfile``/``Path.is_file``: they say False for a symlink loop or a link to nothing, and
+    the image dropped out of its class without a word. Whatever else is there and cannot be read as a
+    file (a FIFO would block the image check forever) is a one-line ``DataError`` naming it."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        if not os.path.islink(path):
+            raise path_error(path, e, fix) from None
+        try:
+            target = repr(os.readlink(path))
+        except OSError:
+            target = "a path"
+        raise DataError(f"cannot read image {path} ({e.strerror or type(e).__name__}): it is a symbolic link to "
+                        f"{target} that leads to no file; remove the link or point it at an image file") from None
+    if stat.S_ISDIR(st.st_mode):
+        return False
+    if not stat.S_ISREG(st.st_mode):
+        raise DataError(f"{path} is not a regular file (a FIFO, socket or device), expected an image; remove it, "
+                        f"or {fix}")
+    return True
+
+
 def _verify_files(paths: list[str], full: bool) -> int:
     """Open each of ``paths``; the first bad one is a ``DataError``. Returns how many were checked."""
     from PIL import Image
@@ -247,11 +275,16 @@ def _verify_files(paths: list[str], full: bool) -> int:
             with Image.open(path) as im:
                 if full:
                     im.convert("RGB")
-                else:
+                elif im.format in ("JPEG", "PNG"):
                     fmt = im.format
                     im.verify()  # PNG: every chunk's CRC up to IEND, so a PNG cut short fails here
                     if fmt == "JPEG":
                         _check_jpeg_end(path)
+                else:
+                    # verify() reads no further than the header of BMP, PPM, TIFF, GIF...: a file cut
+                    # short passed it and failed mid-epoch, after a teacher epoch was committed. They
+                    # are rare in datasets (ImageNet is JPEG, most others PNG): decoding them is cheap.
+                    im.load()
         except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... for a bad file: all the same here
             raise DataError(f"cannot read image {path} ({type(e).__name__}: {e}); remove or replace the file, "
                             f"then run the command again") from None

@@ -150,9 +150,10 @@ def _load(key: str, root: str | None, download: bool, cache_dir: str | None) -> 
     meta_path = folder / s["meta"]
     meta = _unpickle(meta_path)
     names = meta.get(s["names_key"])
-    # a list of names (bytes or str), each once: a string of 10 letters has a length of 10 too
+    # a list of names (bytes or str), each once: a string of 10 letters has a length of 10 too. Compared
+    # decoded, as the classes are named: 'a' and b'a' differ as Python values but are the same class.
     if (not isinstance(names, (list, tuple)) or len(names) != s["num_classes"]
-            or not all(isinstance(n, (str, bytes)) for n in names) or len(set(names)) != len(names)):
+            or not all(isinstance(n, (str, bytes)) for n in names) or len({_str(n) for n in names}) != len(names)):
         raise DataError(
             f"malformed CIFAR meta file {meta_path}: {s['names_key']!r} missing or not a list of {s['num_classes']} distinct names; "
             f"re-extract the dataset archive"

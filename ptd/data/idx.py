@@ -6,6 +6,7 @@ the values in C order (big-endian for multi-byte types).
 from __future__ import annotations
 
 import gzip
+import math
 import zlib
 from pathlib import Path
 
@@ -78,11 +79,17 @@ def read_idx(path: str | Path, *, ndim: int | None = None, dtype_code: int | Non
         raise DataError(f"malformed idx file {path}: truncated header; {fix}")
     dims = tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=nd, offset=4))
     dt = _DTYPES[code]
-    expected = int(np.prod(dims, dtype=np.int64)) * dt.itemsize
+    # Python ints, not np.prod: int64 wraps (dims 2**22, 2**21, 2**21 multiply to 0), and an empty
+    # payload then passed this check only for reshape to fail as an "internal error".
+    expected = math.prod(dims) * dt.itemsize
     if len(data) - header != expected:
         raise DataError(
             f"malformed idx file {path}: payload is {len(data) - header} bytes, dims {dims} need {expected}; {fix}"
         )
+    # A count of 0 beside huge dims matches an empty payload, but numpy refuses any shape whose
+    # non-zero dims overflow its index type: no real dataset has such a header.
+    if math.prod(d for d in dims if d) * dt.itemsize > np.iinfo(np.intp).max:
+        raise DataError(f"malformed idx file {path}: dims {dims} describe an array too large to exist; {fix}")
     arr = np.frombuffer(data, dtype=dt, offset=header).reshape(dims)
     # Native byte order and a writable copy, since torch cannot wrap big-endian or read-only buffers.
     return torch.from_numpy(arr.astype(dt.newbyteorder("="), copy=True))

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ptd.data.base import DATASETS, DataError, FolderSplit, RawDataset, path_error, probe_dir
+from ptd.data.base import DATASETS, DataError, FolderSplit, RawDataset, image_file, path_error, probe_dir
 
 IMAGE_SIZE = 224  # pixels, the standard ImageNet training resolution
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -58,7 +58,7 @@ def _image_files(cdir: Path) -> list[str]:
     try:
         for dirpath, _, names in os.walk(cdir, onerror=refuse):
             files += [os.path.join(dirpath, n) for n in names if os.path.splitext(n)[1].lower() in _EXTS]
-        return sorted(f for f in files if os.path.isfile(f))
+        return sorted(f for f in files if image_file(f, _FIX))
     except OSError as e:
         raise path_error(cdir, e, _FIX) from None
 

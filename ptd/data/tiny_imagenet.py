@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ptd.data.base import (DATASETS, DataError, FolderSplit, RawDataset, Split, check_cache_dir, check_raw, path_error,
-                           probe_dir, probe_file)
+from ptd.data.base import (DATASETS, DataError, FolderSplit, RawDataset, Split, check_cache_dir, check_raw, image_file,
+                           path_error, probe_dir, probe_file)
 
 FOLDER = "tiny-imagenet-200"
 SIZE = 64  # pixels, both sides
@@ -142,7 +142,8 @@ def _read_wnids(path: Path) -> list[str]:
 
 def _images_in(folder: Path) -> list[str]:
     try:
-        return sorted(str(p) for p in folder.iterdir() if p.suffix.lower() in _EXTS and p.is_file())
+        # image_file, not Path.is_file, which drops a symlink loop or a dangling link without a word.
+        return sorted(str(p) for p in folder.iterdir() if p.suffix.lower() in _EXTS and image_file(str(p), _FIX))
     except OSError as e:  # e.g. a folder without read permission
         raise DataError(f"cannot list Tiny-ImageNet folder {folder} ({type(e).__name__}: {e}); {_FIX}") from None
 
