@@ -90,6 +90,8 @@ def ck(tmp_path_factory) -> Path:
     # Tensors torch.save keeps but no model can take; each once reached a torch op that raised.
     sd = _model().state_dict()
     torch.save({1: torch.zeros(1)}, d / "int_keys.pt")
+    # a DDP model's weights beside the bare ones: one of the two was silently dropped
+    torch.save({**sd, "module.classifier.weight": sd["classifier.weight"] * 2}, d / "prefix_twice.pt")
     torch.save({k: v.to_sparse() if v.is_floating_point() and v.dim() else v for k, v in sd.items()}, d / "sparse.pt")
     torch.save({k: v.to("meta") for k, v in sd.items()}, d / "meta_device.pt")
     with warnings.catch_warnings():
@@ -123,6 +125,7 @@ BAD = {
                     "torch.save(model.state_dict()) or use safetensors"],
     "evil_zip.pt": ["holds pickled Python objects that could run code"],
     "int_keys.pt": ["1 of its 1 keys are not names", "first: 1, of type int", "torch.save(model.state_dict(), path)"],
+    "prefix_twice.pt": ["holds both 'classifier.weight' and 'module.classifier.weight'", "same weight", "model.module.state_dict()"],
     "sparse.pt": ["tensors are not a dense tensor of values", "first: features.0.weight", "sparse (layout torch.sparse_coo)", "to_dense()"],
     "sparse_csr.pt": ["1 tensor is not a dense tensor of values", "classifier.weight", "sparse (layout torch.sparse_csr)"],
     "meta_device.pt": ["first: features.0.weight", "on the meta device: a shape without values", "trained or loaded"],
@@ -132,7 +135,7 @@ BAD = {
     "float4.safetensors": ["first: classifier.bias", "packed type torch.float4_e2m1fn_x2", "cast each to float32"],
 }
 TORCH_FILES = {"cut_zip.pt", "cut_pickle.pt", "notes.pt", "evil_raw.pt", "evil_zip.pt",  # eval refuses them by format
-               "int_keys.pt", "sparse.pt", "sparse_csr.pt", "meta_device.pt", "quantized.pt", "nested_tensor.pt", "bits8.pt"}
+               "int_keys.pt", "prefix_twice.pt", "sparse.pt", "sparse_csr.pt", "meta_device.pt", "quantized.pt", "nested_tensor.pt", "bits8.pt"}
 
 
 def _one_line(fn, path: Path) -> str:

@@ -554,12 +554,19 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
                               f"save torch.save(model.state_dict(), path)")
     _check_tensors(p, obj)
     # Checkpoints saved from DDP or torch.compile carry prefixes the bare model does not have.
-    out = {}
+    out: dict[str, torch.Tensor] = {}
+    given: dict[str, str] = {}  # stripped name -> the file's own
     for k, v in obj.items():
+        name = k
         for pre in ("module.", "_orig_mod."):
-            if k.startswith(pre):
-                k = k[len(pre):]
-        out[k] = v
+            if name.startswith(pre):
+                name = name[len(pre):]
+        if name in given:  # 'module.x' beside 'x': which one is the weight cannot be told; keeping the last was silent
+            raise CheckpointError(f"{p}: holds both {_clip(given[name], 80)!r} and {_clip(k, 80)!r}, the same weight once the "
+                                  f"DDP/torch.compile prefix is dropped; save one model's state_dict (of the bare model, "
+                                  f"model.module.state_dict() under DDP)")
+        given[name] = k
+        out[name] = v
     return out
 
 
