@@ -419,7 +419,8 @@ def worse_than_alone_note(r: dict[str, Any]) -> str | None:
     and T = 10 ended 10 points below the students alone, and one diverged in its first epoch (29%)
     where lr 0.05 reached 79% (docs/students.md, benchmarks/results/round_accuracy_r18_cpu). The
     paper distills for 200 epochs; a short schedule may not recover from a loss dominated by the
-    teacher's soft targets. These are things to try, not a diagnosis."""
+    teacher's soft targets. These are things to try, not a diagnosis, except one the report can
+    see: a teacher less accurate than the students alone."""
     worse = [(COMPARISONS[k][0], c) for k, c in r["comparison"].items()
              if k in COMPARISONS and COMPARISONS[k][1] == "scratch" and c["called"] and c["mean"] < 0]
     if not worse:
@@ -427,11 +428,25 @@ def worse_than_alone_note(r: dict[str, Any]) -> str | None:
     names = ", ".join(f"{ARM_LABELS[a]} ({100 * c['mean']:+.2f} points)" for a, c in worse)
     epochs = sorted({s["epochs"] for s in r["students"] if s["arm"] != "scratch" and s.get("epochs")})
     ep = f"{epochs[0]}" if len(epochs) == 1 else (f"{epochs[0]}-{epochs[-1]}" if epochs else "an unrecorded number of")
+    # A teacher below the students alone is the plainest reason: at alpha 0.95 the student mostly
+    # imitates it (ResNet-18, docs/distillation.md: pruned teacher 87.90%, students alone 89.53% at
+    # 8 epochs, KD from it 3.18 points below them at equal epochs).
+    alone = (r.get("summary") or {}).get("scratch", {}).get("mean")
+    teacher_acc = {"pruned_teacher": (r.get("pruned_teacher") or {}).get("test_acc"), "unpruned_teacher": (r.get("teacher") or {}).get("test_acc"),
+                   "retrained_teacher": (r.get("retrained_teacher") or {}).get("test_acc")}
+    weaker = [(a, teacher_acc[a]) for a, _ in worse if teacher_acc.get(a) is not None and alone is not None and teacher_acc[a] < alone]
+    weak = ("" if not weaker else
+            " " + "; ".join(f"The teacher of {ARM_LABELS[a]} ({_pct(acc)}%) is itself less accurate than the students alone "
+                            f"({_pct(alone)}%)" for a, acc in weaker)
+            + ": with most of the loss on its soft targets (distill.alpha) the student learns to match a weaker model. "
+              "A better-trained teacher (teacher.optim.epochs, in a new run) is the first thing to try.")
     return (f"Distillation made the student worse than training it alone here: {names}. Each distilled student "
-            f"trained {ep} epochs (the paper distills for 200). Worth trying, each against the same teachers with "
+            f"trained {ep} epochs (the paper distills for 200).{weak} {'Also worth' if weak else 'Worth'} trying, each against "
+            "the same teachers with "
             "`ptd run CONFIG --out NEW --from RUN_DIR --set KEY=VALUE` and then `ptd compare RUN_DIR NEW`: more epochs "
-            "(distill.optim.epochs), a lower learning rate (distill.optim.lr; a student that diverged early at 0.1 "
-            "recovered at 0.05 in docs/students.md), or less weight on the teacher (distill.alpha).")
+            "(distill.optim.epochs; the student alone in NEW trains as long, so read the arms within NEW), a lower "
+            "learning rate (distill.optim.lr; a student that diverged early at 0.1 recovered at 0.05 in docs/students.md), "
+            "or less weight on the teacher (distill.alpha).")
 
 
 def render_markdown(r: dict[str, Any]) -> str:
