@@ -364,8 +364,9 @@ def fit(
                                     f"--out ({kept})")
             wall += time.perf_counter() - t0
             val_acc = val["acc"] if val is not None else None
-            # Ties go to the later epoch; without validation the last epoch counts as best.
-            improved = val_acc is None or val_acc >= best_acc
+            # Ties go to the earlier epoch, as in the published code (training/Tester.py keeps a
+            # checkpoint only when accuracy > best); without validation the last epoch counts as best.
+            improved = val_acc is None or val_acc > best_acc
             # A hook may veto early checkpoints (GMP: weights from before its final mask are not a level).
             improved = improved and all(h.allow_best(epoch) for h in hooks if hasattr(h, "allow_best"))
             if keep == "last":  # only the last epoch's weights are the stage's (and only they are saved)
