@@ -29,9 +29,9 @@ class _Parser(argparse.ArgumentParser):
 
 def _common(p: argparse.ArgumentParser, config_required: bool = True) -> None:
     if config_required:
-        p.add_argument("config", help="YAML config (see configs/); its keys override the defaults")
+        p.add_argument("config", metavar="CONFIG", help="YAML config (see configs/); its keys override the defaults")
     else:
-        p.add_argument("config", nargs="?", help="YAML config (default: built-in defaults)")
+        p.add_argument("config", metavar="CONFIG", nargs="?", help="YAML config (default: built-in defaults)")
     p.add_argument("--out", help="run directory, created with any missing parent folders (default: runs/<config name>)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set distill.alpha=0.9 (repeatable; a key given twice takes the last "
@@ -218,8 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.set_defaults(func=cmd_stage)
     ev = sub.add_parser("eval", help="test accuracy of a saved model (.safetensors written by ptd)",
                         description="test accuracy of a saved model (.safetensors written by ptd)")
-    ev.add_argument("checkpoint")
-    ev.add_argument("config", nargs="?", help="YAML config naming the data (default: Fashion-MNIST)")
+    ev.add_argument("checkpoint", metavar="CHECKPOINT")
+    ev.add_argument("config", metavar="CONFIG", nargs="?", help="YAML config naming the data (default: Fashion-MNIST)")
     ev.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ev.add_argument("--device")
     ev.set_defaults(func=cmd_eval)
@@ -229,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw.set_defaults(func=cmd_sweep)
     rp_help = "re-render report.md and report.html (sweep.md and report.html for a sweep) from a finished run directory"
     rp = sub.add_parser("report", help=rp_help, description=rp_help)
-    rp.add_argument("run_dir", help="the run (or sweep) directory: what --out named")
+    rp.add_argument("run_dir", metavar="RUN_DIR", help="the run (or sweep) directory: what --out named")
     rp.set_defaults(func=cmd_report)
     cp_help = ("the students of two finished runs (e.g. made with --from: the same pruned teacher, another student), "
                "paired by arm and seed: each arm's B minus A with its 95% interval; reads only")

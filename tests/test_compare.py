@@ -156,6 +156,7 @@ def test_a_sweep_or_a_file_is_named_as_such(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, words", [
     (["report", ""], ["ptd report: RUN_DIR is empty", "see ptd report --help"]),
+    (["report"], ["ptd report: the following arguments are required: RUN_DIR"]),  # as --help names it (was run_dir)
     (["compare", "", "."], ["ptd compare: RUN_A is empty"]),
     (["compare", ".", " "], ["ptd compare: RUN_B is empty"]),
     (["export", ""], ["ptd export: RUN_DIR_OR_MODEL is empty"]),
