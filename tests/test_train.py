@@ -224,6 +224,15 @@ def test_a_diverged_epoch_stops_the_run_before_its_commit(tmp_path, how):
             [PoisonAt(1, float("inf"))], desc="teacher")
 
 
+def test_a_buffer_that_holds_inf_by_design_is_not_divergence(tmp_path):
+    """Only parameters and BatchNorm statistics are checked (as checkpoint.load_into checks them):
+    a model may keep -inf in a float buffer (an attention mask) from the start."""
+    m = model()
+    m.register_buffer("attn_mask", torch.tensor([0.0, float("-inf")]))
+    r = fit(m, *loaders(), OptimConfig(epochs=1, batch_size=32, lr=0.05), RT, out_dir=tmp_path)
+    assert r["epochs"] == 1 and torch.isinf(m.attn_mask[1])
+
+
 def test_a_huge_learning_rate_is_stopped_in_its_first_epoch(tmp_path):
     from ptd.errors import DivergedError
 

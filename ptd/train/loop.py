@@ -243,7 +243,7 @@ def evaluate(model: nn.Module, loader: Iterable, rt: Runtime) -> dict[str, float
 
 def _divergence(train_loss_sum: float, unit: nn.Module, val: dict[str, float] | None) -> str | None:
     """What says an epoch diverged, or None: a nan/inf training loss, weights (parameters or
-    floating buffers), or validation loss.
+    BatchNorm statistics), or validation loss.
 
     The training loss is computed before each step's update, so a single last step that blows the
     weights up shows only in the weights (and the validation loss after them). One reduction per
@@ -251,10 +251,13 @@ def _divergence(train_loss_sum: float, unit: nn.Module, val: dict[str, float] | 
     """
     if not math.isfinite(train_loss_sum):
         return f"the training loss became {train_loss_sum}"
-    # Buffers too: BatchNorm's running statistics can overflow while every weight stays finite
-    # (lr 1,000 on the tiny config: running_var inf), and the epoch would be committed with a
-    # model.safetensors that ptd's own loader then refuses, naming the wrong fix.
-    named = [(n, t.detach()) for n, t in (*unit.named_parameters(), *unit.named_buffers()) if t.is_floating_point()]
+    # BatchNorm's running statistics too: they can overflow while every weight stays finite (lr
+    # 1,000 on the tiny config: running_var inf), and the epoch would be committed with a
+    # model.safetensors that ptd's own loader then refuses, naming the wrong fix. The same tensors
+    # as that loader checks (checkpoint.load_into): other buffers (masks, -inf attention masks a
+    # model may keep) are left alone.
+    stats = [(n, b) for n, b in unit.named_buffers() if n.endswith(("running_mean", "running_var"))]
+    named = [(n, t.detach()) for n, t in (*unit.named_parameters(), *stats) if t.is_floating_point()]
     if named and not bool(torch.stack([torch.isfinite(t).all() for _, t in named]).all()):
         bad = next(n for n, t in named if not bool(torch.isfinite(t).all()))
         return f"the weights became nan or inf (first: {bad})"
