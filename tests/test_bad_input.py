@@ -122,7 +122,7 @@ def run_main(ws: Path, argv: list[str], capsys, monkeypatch) -> str:
 CASES: dict[str, tuple[list[str], list[str]]] = {
     # --- argument parsing
     "no-subcommand": ([], ["no command given", "ptd run CONFIG --out DIR", "--help"]),
-    "train-no-config": (["train"], ["config", "ptd train --help"]),
+    "train-no-config": (["train"], ["required: CONFIG", "ptd train --help"]),
     "distill-bad-arm-flag": (["distill", "{ws}/c.yaml", "--arm", "teachers_pet"], ["--arm", "teachers_pet"]),
     "set-without-equals": (["train", "{ws}/c.yaml", "--set", "distill.alpha"], ["KEY=VALUE"]),
     # --- the config file path
