@@ -268,3 +268,30 @@ def test_a_damaged_stage_file_is_named_in_the_page_not_blamed_on_results_json(tm
     page = (d / "report.html").read_text()
     assert f"widths: not available (DamagedFileError: {d / 'student' / 'stats.json'}: damaged" in page
     assert "teacher training curves: not available" not in page
+
+
+def test_a_killed_report_leaves_nothing_the_next_one_keeps(tmp_path, capsys):
+    """A `ptd report` killed between a file's write and its rename leaves `.results.json.<random>.tmp`;
+    the next `ptd report` (under the directory's lock, like a run) removes it."""
+    d = run_folder(tmp_path, RESULTS)
+    (d / ".results.json.ynxrhvzl.tmp").write_text('{"half": ')  # what the crash audit found after a kill
+    assert main(["report", str(d)]) == 0
+    capsys.readouterr()
+    assert sorted(p.name for p in d.iterdir()) == ["report.html", "report.md", "results.json"]
+
+
+def test_a_report_touches_nothing_while_a_run_holds_the_directory(tmp_path, capsys):
+    """Another ptd (a run resuming in it) holds the directory's lock: ptd report refuses in one
+    line instead of writing beside it."""
+    d = run_folder(tmp_path, RESULTS)
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom ptd.train.checkpoint import lock_dir\n"
+                               f"assert lock_dir({str(d)!r}); print('held', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parent.parent)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        line = refused(capsys, d)
+        assert "is in use by another ptd process" in line and "run ptd report again" in line
+    finally:
+        holder.kill()
+        holder.wait()
+    assert main(["report", str(d)]) == 0  # the holder gone, the report goes ahead

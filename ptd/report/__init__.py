@@ -2,6 +2,7 @@
 (ptd.report.stats); report.html is drawn by ptd.report.html from the same files."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import math
@@ -9,7 +10,7 @@ import os
 import re
 import statistics
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from ptd import paths as P
 from ptd.config import ARMS, RunConfig
@@ -834,8 +835,28 @@ def rerender(run_dir: str | Path) -> str:
         files = render_report(run_dir, results)
     except RENDER_ERRORS as e:
         raise ReportError(f"{path} is not a ptd results file ({type(e).__name__} while rendering: {one_line(e)}); {fix}") from None
-    commit_outputs(files)
+    with _locked(run_dir):
+        commit_outputs(files)
     return files[1][1]
+
+
+@contextlib.contextmanager
+def _locked(run_dir: Path) -> Iterator[None]:
+    """The run directory's lock while the report's files are written: no ptd run or sweep writes
+    beside them, and a writer temporary a killed `ptd report` left (`.results.json.<random>.tmp`)
+    is garbage, removed here as a run removes it when it opens its directory."""
+    try:
+        held = ckpt.lock_dir(run_dir)
+    except OSError as e:
+        raise ReportError(f"{run_dir} cannot be locked ({e.strerror or one_line(e)}); give this user permission to read it") from None
+    if not held:
+        raise ReportError(f"{run_dir} is in use by another ptd process (it holds the directory's lock); wait for it to finish "
+                          f"or stop it, then run ptd report again")
+    try:
+        ckpt.remove_stale_temps(run_dir)
+        yield
+    finally:
+        ckpt.unlock_dir(run_dir)
 
 
 def _refresh_sweep(results: dict[str, Any]) -> None:
@@ -871,7 +892,8 @@ def rerender_sweep(sweep_dir: str | Path) -> None:
         files = render_sweep_report(sweep_dir, results)
     except RENDER_ERRORS as e:
         raise ReportError(f"{path} is not a ptd sweep file ({type(e).__name__} while rendering: {one_line(e)}); {fix}") from None
-    commit_outputs(files)  # sweep.json, the plots, sweep.md and report.html
+    with _locked(sweep_dir):
+        commit_outputs(files)  # sweep.json, the plots, sweep.md and report.html
 
 
 class ReportError(PtdError, ValueError):
