@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import fcntl
 import io
 import json
 import os
@@ -30,6 +31,7 @@ import torch
 import torch.nn as nn
 
 from ptd.errors import PtdError
+from ptd.train.checkpoint import is_writer_temp
 
 ONNX_OPSET = 17  # onnxruntime >= 1.14 runs it; every op of ptd's families and the tv: CNNs exists in it
 TOLERANCE = 1e-4  # max abs logit difference, fp32, onnxruntime vs PyTorch
@@ -195,9 +197,37 @@ def _check_out(out: Path, *, overwrite: bool = False) -> None:
         raise ExportError(f"{out}: cannot be checked ({e.strerror or type(e).__name__}); choose another --out") from None
 
 
-def _temp_for(out: Path) -> Path:
+def _remove_dead_temps(out: Path) -> None:
+    """Remove the temporaries of earlier exports to ``out`` that were killed (SIGKILL skips every
+    finally: the crash audit found one left per kill, next to the user's file). An export holds
+    an flock on its temporary while it lives (``_temp_for``), so one that can be locked here has
+    no writer left; one still locked is a live export's, and stays."""
+    prefix = f".{out.name[:100]}."
+    try:
+        names = [n for n in os.listdir(out.parent) if n.startswith(prefix) and is_writer_temp(n)]
+    except OSError:
+        return  # _temp_for names the folder's problem
+    for n in names:
+        p = out.parent / n
+        try:
+            fd = os.open(p, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.unlink(p)
+        except OSError:  # held by a live export (BlockingIOError), or gone already
+            pass
+        finally:
+            os.close(fd)
+
+
+def _temp_for(out: Path) -> tuple[Path, int]:
     """An empty temporary next to ``out`` (same file system: the final rename is atomic): proves
-    the folder is writable before any work, and holds the file until every check passed."""
+    the folder is writable before any work, and holds the file until every check passed. Returns
+    it and an open descriptor holding an flock on it, to close once the export is over: the mark
+    by which a later export tells a live temporary from a killed one's (``_remove_dead_temps``)."""
+    _remove_dead_temps(out)
     try:
         # The name as ptd's writers name theirs (checkpoint.is_writer_temp), so a killed export
         # inside a run directory is swept up when the run next opens; kept short for long names.
@@ -209,9 +239,12 @@ def _temp_for(out: Path) -> Path:
         mask = os.umask(0)
         os.umask(mask)
         os.fchmod(fd, 0o666 & ~mask)  # mkstemp makes 0600; an exported model is for sharing, as open() would make it
-    finally:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a new file: nobody else holds it
+    except BaseException:
         os.close(fd)
-    return Path(tmp)
+        os.unlink(tmp)
+        raise
+    return Path(tmp), fd
 
 
 def _place(tmp: Path, out: Path, *, overwrite: bool = False) -> None:
@@ -267,13 +300,14 @@ def export_onnx(model: nn.Module, out: str | Path, input_shape: Sequence[int], *
     """
     out = Path(out)
     _check_out(out, overwrite=overwrite)
-    tmp = _temp_for(out)
+    tmp, held = _temp_for(out)
     try:
         _write_onnx(model, tmp, input_shape)
         _place(tmp, out, overwrite=overwrite)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        os.close(held)
     return out
 
 
@@ -407,7 +441,7 @@ def export(source: str | Path, out: str | Path | None = None, fmt: str = "onnx",
     _check_out(out)
     images, where = test_images(src.run_dir, (input_channels(model), 32, 32))  # 32x32 (CIFAR) where the run names no data
     shape = tuple(images.shape[1:])
-    tmp = _temp_for(out)
+    tmp, held = _temp_for(out)
     try:
         _write_onnx(model, tmp, shape)
         diff = check_onnx(model, tmp, images)
@@ -423,6 +457,7 @@ def export(source: str | Path, out: str | Path | None = None, fmt: str = "onnx",
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        os.close(held)
     return rec
 
 

@@ -273,3 +273,27 @@ def test_a_run_whose_data_cannot_be_read_is_exported_at_its_recorded_size_or_ref
     (run / "student" / "stats.json").write_text(json.dumps({"onnx_latency": {"input": [1, 28, 28]}}))
     rec = export(run, out, latency=False)
     assert rec["input"] == [1, 28, 28] and "random inputs of the run's input size" in rec["check"]["images"]
+
+
+def test_a_killed_exports_temporary_is_removed_by_the_next_export_a_live_ones_is_not(tmp_path):
+    """SIGKILL skips every finally: the crash audit found `.x.onnx.<random>.tmp` left next to the
+    user's file after each killed export. The next export to that --out removes a temporary no
+    process holds; one a live export holds (its flock) stays."""
+    import fcntl
+
+    torch.manual_seed(0)
+    model = build_model("resnet20", 10, width=0.5).eval()
+    out = tmp_path / "x.onnx"
+    dead, live = tmp_path / ".x.onnx.k1ll3d00.tmp", tmp_path / ".x.onnx.l1ve0000.tmp"
+    dead.write_bytes(b"half an onnx file")
+    live.write_bytes(b"")
+    fd = os.open(live, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running export holds its own
+        export_onnx(model, out, (3, 32, 32))
+        assert sorted(p.name for p in tmp_path.iterdir()) == [live.name, "x.onnx"]
+    finally:
+        os.close(fd)
+    (tmp_path / "x.onnx").unlink()
+    export_onnx(model, out, (3, 32, 32))  # its holder gone: removed too
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.onnx"]
