@@ -238,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("run_a", metavar="RUN_A", help="a finished run directory")
     cp.add_argument("run_b", metavar="RUN_B", help="another finished run directory (the difference is B minus A)")
     cp.set_defaults(func=cmd_compare)
-    ex_help = ("write a run's student (its best distilled arm) or a saved model as ONNX with a dynamic batch axis, check it "
+    ex_help = ("write a run's best student (of any arm) or a saved model as ONNX with a dynamic batch axis, check it "
                "against PyTorch on test images, and time teacher vs student in onnxruntime at batch 1 and 64")
     ex = sub.add_parser("export", help=ex_help, description=ex_help)
     ex.add_argument("source", metavar="RUN_DIR_OR_MODEL", help="a run directory or a model.safetensors written by ptd")

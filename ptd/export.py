@@ -71,7 +71,9 @@ def _arm_result(path: Path, run_dir: Path) -> dict[str, Any]:
 
 
 def _best_arm(run_dir: Path) -> tuple[Path, str]:
-    """The distilled student with the best validation accuracy (test accuracy where a run kept no validation set)."""
+    """The run's student with the best validation accuracy (test accuracy where a run kept no
+    validation set), whichever arm trained it: the one trained alone too, when it is the best
+    model the run made (what a deployment wants); the line names the arm."""
     cands = []
     for d in sorted((run_dir / "distill").glob("*/")):
         f = d / "model.safetensors"
@@ -88,11 +90,11 @@ def _best_arm(run_dir: Path) -> tuple[Path, str]:
     cands.sort(key=lambda c: (-c[0], not c[1].startswith("pruned_teacher"), c[1]))
     score, name, f, r = cands[0]
     key = "val" if r.get("val_acc") is not None else "test"
-    return f, f"student {name} (best {key} accuracy {score:.4f} of {len(cands)} distilled)"
+    return f, f"student {name} (best {key} accuracy {score:.4f} of the run's {len(cands)} students)"
 
 
 def resolve(source: str | Path) -> Source:
-    """A model file, or a run directory (its best distilled student, with the run's teacher for comparison)."""
+    """A model file, or a run directory (its best student, of any arm, with the run's teacher for comparison)."""
     try:
         return _resolve(Path(source))
     except OSError as e:  # a folder on the way this user cannot search: Path.exists/is_dir raise, not answer False
