@@ -230,7 +230,7 @@ def test_a_null_val_acc_ranks_by_test_acc(run_dir):
     """null is what a run without a validation set writes: it stays a record, ranked by test accuracy."""
     (run_dir / "distill" / "scratch_seed0" / "result.json").write_text(json.dumps({"val_acc": None, "test_acc": 0.9}))
     src = resolve(run_dir)
-    assert src.model_path.parent.name == "scratch_seed0" and "best test accuracy 0.9000 of 2" in src.what
+    assert src.model_path.parent.name == "scratch_seed0" and "best test accuracy 0.9000 of the run's 2 students" in src.what
 
 
 def _small_test_set_run(tmp_path, n_test: int):
