@@ -295,3 +295,19 @@ def test_a_report_touches_nothing_while_a_run_holds_the_directory(tmp_path, caps
         holder.kill()
         holder.wait()
     assert main(["report", str(d)]) == 0  # the holder gone, the report goes ahead
+
+
+def test_a_report_inside_a_lock_this_process_holds_leaves_it_held(tmp_path, capsys):
+    """lock_dir is re-entrant within a process: a library caller that holds the run's lock and
+    re-renders its report keeps the lock afterwards."""
+    from ptd.report import rerender
+    from ptd.train.checkpoint import holds_lock, lock_dir, unlock_dir
+
+    d = run_folder(tmp_path, RESULTS)
+    assert lock_dir(d) and holds_lock(d)
+    try:
+        rerender(d)
+        assert holds_lock(d)
+    finally:
+        unlock_dir(d)
+    assert not holds_lock(d)

@@ -845,6 +845,9 @@ def _locked(run_dir: Path) -> Iterator[None]:
     """The run directory's lock while the report's files are written: no ptd run or sweep writes
     beside them, and a writer temporary a killed `ptd report` left (`.results.json.<random>.tmp`)
     is garbage, removed here as a run removes it when it opens its directory."""
+    if ckpt.holds_lock(run_dir):  # a caller (a run rendering its own report) already holds it: keep it held
+        yield
+        return
     try:
         held = ckpt.lock_dir(run_dir)
     except OSError as e:

@@ -182,6 +182,11 @@ def remove_stale_temps(root: str | Path) -> int:
 _DIR_LOCKS: dict[str, int] = {}  # resolved directory -> the open descriptor holding its flock
 
 
+def holds_lock(path: str | Path) -> bool:
+    """Whether this process holds ``path``'s lock (``lock_dir``)."""
+    return str(Path(path).resolve()) in _DIR_LOCKS
+
+
 def lock_dir(path: str | Path) -> bool:
     """Take an exclusive advisory lock on directory ``path`` (flock on the directory itself, so no
     lock file to leave behind); False when another process holds it. The kernel drops the lock
