@@ -243,7 +243,7 @@ def render_sweep_markdown(r: dict[str, Any], plots: bool = True) -> str:
         best = max(r["rows"], key=lambda x: x["student_acc"]["mean"] or 0)
         lines.append(f"- Best mean student: {best['strategy']} s{best['target_sparsity']:g}, {_acc(best['student_acc'])} %, "
                      f"against {_acc(un['student_acc'])} % from the unpruned teacher"
-                     + (f" (the highest of {len(r['rows'])} means: picked for being high, so above what that row would give again)." if len(r["rows"]) > 1 else "."))
+                     + (f" (the highest of {len(r['rows'])} means: picked for being high, it tends to overstate what that row would give again)." if len(r["rows"]) > 1 else "."))
     stronger = [x for x in r["rows"] if x["teacher_test_acc"] is not None and x["teacher_test_acc"] > t["test_acc"]]
     if stronger:
         lines.append(f"- {len(stronger)} of {len(r['rows'])} pruned teachers are themselves more accurate than the unpruned teacher "
