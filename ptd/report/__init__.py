@@ -414,6 +414,15 @@ def replicate_markdown(r: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
+def replicate_interval_note(r: dict[str, Any]) -> str | None:
+    """What the arms' intervals are taken over when the run has teacher replicates (arm_summary)."""
+    teachers = max((sm.get("teachers", 1) for sm in r["summary"].values()), default=1)
+    if teachers < 2:
+        return None
+    return (f"With {teachers} teacher replicates, each interval is over the replicates' mean accuracies (n = {teachers}), "
+            "as the comparisons' are: students of one teacher are not independent draws.")
+
+
 def worse_than_alone_note(r: dict[str, Any]) -> str | None:
     """What to try when a distilled arm is *called* worse than the student alone. Measured where it
     happens: ResNet-18 students on Fashion-MNIST with 4 distillation epochs at the paper's lr 0.1
@@ -477,10 +486,8 @@ def render_markdown(r: dict[str, Any]) -> str:
         per = ", ".join(_pct(x["test_acc"]) for x in sorted(main_students, key=lambda x: x["seed"]) if x["arm"] == arm)
         ci = "n/a" if sm.get("ci_low") is None else f"[{_pct(sm['ci_low'])}, {_pct(sm['ci_high'])}]"
         lines.append(f"| {ARM_LABELS[arm]} | {_pct(sm['mean'])} | {ci} | {_pct(sm['std'])} | {sm['n']} | {per} |")
-    teachers = max((sm.get("teachers", 1) for sm in r["summary"].values()), default=1)
-    if teachers > 1:
-        lines += ["", f"With {teachers} teacher replicates, each interval is over the replicates' mean accuracies (n = {teachers}), "
-                      "as the comparisons' are: students of one teacher are not independent draws."]
+    note = replicate_interval_note(r)
+    lines += ["", note] if note else []
     lines += ["", "## Does the pruned teacher teach better?", ""]
     if p["test_acc"] is not None and p["test_acc"] > t["test_acc"] and not r.get("retrained_teacher"):
         lines += [f"Note: the pruned teacher is itself more accurate than the unpruned one ({_pct(p['test_acc'])} vs {_pct(t['test_acc'])}); "

@@ -25,7 +25,7 @@ from ptd import paths as P
 from ptd.errors import DamagedFileError
 from ptd.io import read_json_object
 from ptd.report import (ARM_LABELS, chance_warning, commit_outputs, latency_rows, not_learned, primary_students, slower_note,
-                        summarize, worse_than_alone_note)
+                        replicate_interval_note, summarize, worse_than_alone_note)
 from ptd.report.stats import format_estimate
 
 ARM_COLORS = {"scratch": "#444444", "unpruned_teacher": "#1f77b4", "pruned_teacher": "#d62728", "retrained_teacher": "#2ca02c"}
@@ -401,9 +401,8 @@ def render_run_html(run_dir: str | Path, results: dict[str, Any] | None = None) 
         rows = [[ARM_LABELS.get(a, a), _pct(sm["mean"]), "n/a" if sm.get("ci_low") is None else f"{_pct(sm['ci_low'])} .. {_pct(sm['ci_high'])}",
                  sm["n"], ", ".join(_pct(s["test_acc"]) for s in sorted(r["students"], key=lambda s: s["seed"]) if s["arm"] == a)]
                 for a, sm in r["summary"].items()]
-        teachers = max((sm.get("teachers", 1) for sm in r["summary"].values()), default=1)
-        over = (f"<p>With {teachers} teacher replicates, each interval is over the replicates' mean accuracies "
-                f"(n = {teachers}), as the comparisons' are: students of one teacher are not independent draws.</p>") if teachers > 1 else ""
+        note = replicate_interval_note(r)
+        over = f"<p>{_esc(note)}</p>" if note else ""
         return (_img(plot_arms(r), "student test accuracy per arm, every seed and the 95% interval")
                 + _table(["arm", "mean %", "95% CI of the mean %", "seeds", "per seed %"], rows) + over)
     body.append(_section("Student accuracy per arm" + (f" (loss {next(iter(r['losses']))}, the first of distill.loss)" if several else ""),

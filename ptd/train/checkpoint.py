@@ -182,6 +182,14 @@ def remove_stale_temps(root: str | Path) -> int:
 _DIR_LOCKS: dict[str, int] = {}  # resolved directory -> the open descriptor holding its flock
 
 
+def finite_names(model: nn.Module) -> set[str]:
+    """The state_dict names that are finite in any model worth keeping: its parameters and its
+    BatchNorm running statistics. Other buffers (masks, indices, a -inf attention mask) may hold
+    anything. One rule for the loader (``load_into``) and the divergence check of training
+    (ptd.train.loop), so a model training commits is one the loader takes."""
+    return {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers() if n.endswith(("running_mean", "running_var"))}
+
+
 def holds_lock(path: str | Path) -> bool:
     """Whether this process holds ``path``'s lock (``lock_dir``)."""
     return str(Path(path).resolve()) in _DIR_LOCKS
@@ -617,7 +625,7 @@ def load_into(model: nn.Module, path: str | Path, what: str = "model") -> None:
     # teaches garbage for hours. Parameters and BatchNorm statistics are always finite in a model
     # worth loading; other buffers (masks, indices) are left alone. isfinite takes no 8-bit floats:
     # those are checked as float32.
-    stats = {n for n, _ in model.named_parameters()} | {k for k in own if k.endswith(("running_mean", "running_var"))}
+    stats = finite_names(model)
     bad = [k for k in own if k in stats and sd[k].is_floating_point()
            and not bool(torch.isfinite(sd[k] if sd[k].dtype.itemsize > 1 else sd[k].float()).all())]
     if bad:

@@ -253,11 +253,9 @@ def _divergence(train_loss_sum: float, unit: nn.Module, val: dict[str, float] | 
         return f"the training loss became {train_loss_sum}"
     # BatchNorm's running statistics too: they can overflow while every weight stays finite (lr
     # 1,000 on the tiny config: running_var inf), and the epoch would be committed with a
-    # model.safetensors that ptd's own loader then refuses, naming the wrong fix. The same tensors
-    # as that loader checks (checkpoint.load_into): other buffers (masks, -inf attention masks a
-    # model may keep) are left alone.
-    stats = [(n, b) for n, b in unit.named_buffers() if n.endswith(("running_mean", "running_var"))]
-    named = [(n, t.detach()) for n, t in (*unit.named_parameters(), *stats) if t.is_floating_point()]
+    # model.safetensors that ptd's own loader then refuses, naming the wrong fix.
+    checked = ckpt.finite_names(unit)
+    named = [(n, t.detach()) for n, t in unit.state_dict(keep_vars=True).items() if n in checked and t.is_floating_point()]
     if named and not bool(torch.stack([torch.isfinite(t).all() for _, t in named]).all()):
         bad = next(n for n, t in named if not bool(torch.isfinite(t).all()))
         return f"the weights became nan or inf (first: {bad})"
