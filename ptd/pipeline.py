@@ -47,8 +47,9 @@ from ptd.errors import DivergedError, LayerCollapseError, PreflightError, PtdErr
 from ptd.io import damaged, file_digest, parses, read_json_object, read_yaml_mapping, seal
 
 STAGES = P.STAGES
-# Keys that change how a run is shown or scheduled, not what it computes: may differ on resume.
-_VOLATILE_KEYS = {"quiet", "threads", "jobs", "device", "eval_batch_size"}
+# Keys that change how a run is shown, scheduled or checked, not what it computes: may differ on
+# resume (and may be missing from a config.yaml written before they were added).
+_VOLATILE_KEYS = {"quiet", "threads", "jobs", "device", "eval_batch_size", "data.check_images"}
 
 
 class RunDirError(PtdError, ValueError):
@@ -449,9 +450,10 @@ def _diff(a: Any, b: Any, prefix: str = "", grows: dict[str, Callable[[Any, Any]
         return None if grows[prefix](a, b) else f"{prefix}: {a!r} there, {b!r} now"
     if isinstance(a, dict) and isinstance(b, dict):
         for k in sorted(set(a) | set(b)):
-            if not prefix and k in _VOLATILE_KEYS:
+            key = f"{prefix}.{k}" if prefix else k
+            if key in _VOLATILE_KEYS:
                 continue
-            d = _diff(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else k, grows)
+            d = _diff(a.get(k), b.get(k), key, grows)
             if d:
                 return d
         return None

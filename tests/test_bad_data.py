@@ -14,8 +14,10 @@ import pickle
 import re
 import shutil
 import stat
+import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -489,6 +491,38 @@ def test_cifar_label_names_that_are_not_ten_distinct_names_are_refused(tmp_path:
     (d / "batches.meta").write_bytes(pickle.dumps({b"label_names": names}, protocol=2))
     with pytest.raises(DataError, match="not a list of 10 distinct names"):
         load_dataset("cifar10", str(tmp_path))
+
+
+def damage_png_data(path: Path) -> None:
+    """Flip a byte inside a PNG's compressed data and recompute its chunk's CRC, as a faulty writer
+    would: every checksum verify() reads still holds, and the pixels no longer decode."""
+    data = bytearray(path.read_bytes())
+    i = data.index(b"IDAT")
+    n = struct.unpack(">I", data[i - 4 : i])[0]
+    data[i + 4 + n // 2] ^= 0xFF
+    data[i + 4 + n : i + 8 + n] = struct.pack(">I", zlib.crc32(bytes(data[i : i + 4 + n])))
+    path.write_bytes(bytes(data))
+
+
+def test_data_check_images_full_finds_what_headers_cannot(tmp_path: Path, capsys):
+    """A PNG damaged inside its compressed data, checksums intact: the default header check cannot
+    see it (it would stop an epoch), data.check_images: full decodes it and refuses the run before
+    any work, in one line naming the file."""
+    root = write_imagefolder(tmp_path / "if")
+    bad = root / "train" / "b" / "1.png"
+    damage_png_data(bad)
+    with Image.open(bad) as im:
+        im.verify()  # the damage is invisible to the checksums
+    split = FolderSplit([(str(root / "train" / "a" / "0.png"), 0), (str(bad), 1)])
+    verify_images(split, progress=False)
+    with pytest.raises(DataError, match=f"cannot read image {re.escape(str(bad))} "):
+        verify_images(split, progress=False, full=True)
+    line = train(tmp_path, capsys, "imagefolder", root, "--set", "data.check_images=full")
+    assert line.startswith(f"ptd: error: cannot read image {bad} (") and "remove or replace the file" in line
+    line = train(tmp_path, capsys, "imagefolder", root, "--set", "data.check_images=all")
+    assert line.startswith("ptd: error: data.check_images: 'all' must be headers or full (from "), line
+    with pytest.raises(DataError, match="check_images must be one of headers, full, got 'all'"):
+        load_dataset("imagefolder", str(root), check_images="all")
 
 
 @pytest.mark.parametrize("fmt", ["bmp", "ppm", "tiff", "gif", "webp", "png", "jpg"])

@@ -349,3 +349,20 @@ def test_a_run_written_before_retrain_checkpoint_resumes_only_as_it_ran(tmp_path
     with pytest.raises(pipeline.RunDirError, match=r"prune\.retrain_checkpoint: 'best' there, 'last' now"):
         pipeline.check_run_config(load_config(), run)
     assert pipeline.check_run_config(load_config(None, ["prune.retrain_checkpoint=best"]), run) is False
+
+
+def test_data_check_images_may_change_on_resume_and_be_missing_from_an_older_run(tmp_path):
+    """data.check_images changes what the pre-training check reads, not what a run computes: a
+    resume may switch it, and a config.yaml written before the key existed still matches. Every
+    other data key still must match (data.hflip here)."""
+    from ptd.config import dump_yaml, load_config
+
+    run = tmp_path / "run"
+    run.mkdir()
+    old = yaml.safe_load(dump_yaml(load_config()))
+    del old["data"]["check_images"]
+    (run / P.CONFIG).write_text(yaml.safe_dump(old))
+    assert pipeline.check_run_config(load_config(), run) is False
+    assert pipeline.check_run_config(load_config(None, ["data.check_images=full"]), run) is False
+    with pytest.raises(pipeline.RunDirError, match=r"data\.hflip: True there, False now"):
+        pipeline.check_run_config(load_config(None, ["data.hflip=false", "data.check_images=full"]), run)
