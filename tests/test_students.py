@@ -847,11 +847,12 @@ def _pruned_vgg(plan, sparsity, in_channels=3):
 
 def test_round_to_auto_takes_the_devices_measured_multiple_within_ten_percent():
     """student.round_to: auto is 8 on a CPU; on CUDA 32 (where cuDNN's fast kernels are) while the
-    student stays within 10% of the surviving weights, else 8; the plan says which and why."""
+    student stays within 10% of the surviving weights, else 8; where even 8 moves a narrow net past
+    10%, the rule's exact widths (1). The plan says which and why."""
     from ptd.students import derive_configured
     from ptd.students.derive import round_to_candidates, weights_over_surviving
 
-    assert round_to_candidates("auto", "cpu") == (8,) and round_to_candidates("auto", "cuda") == (32, 8)
+    assert round_to_candidates("auto", "cpu") == (8, 1) and round_to_candidates("auto", "cuda") == (32, 8, 1)
     assert round_to_candidates(16, "cuda") == (16,)
     for bad in (0, "8", True, None):
         with pytest.raises(ValueError, match="round_to must be"):
@@ -860,7 +861,7 @@ def test_round_to_auto_takes_the_devices_measured_multiple_within_ten_percent():
     s, cpu = derive_configured(t, masks, device_type="cpu")
     assert cpu.widths() == derive_student(t, masks, round_to=8, round_narrower=True)[1].widths() and cpu.round_to == 8
     assert [cpu.widths()[k] for k in ("features.0", "features.4", "features.8")] == [48, 96, 128]  # exact rule: 44, 99, 125
-    assert cpu.round_to_choice == "auto on cpu: 8 (8n holds 1.011x the surviving weights; within 10%); candidates 8"
+    assert cpu.round_to_choice == "auto on cpu: 8 (8n holds 1.011x the surviving weights; within 10%); candidates 8, 1"
     s, gpu = derive_configured(t, masks, device_type="cuda")
     assert gpu.round_to == 32 and gpu.widths()["features.0"] == 32 and "within 10%" in gpu.round_to_choice
     assert abs(weights_over_surviving(s, masks) - 1) <= 0.10
@@ -886,6 +887,13 @@ def test_round_to_auto_takes_the_devices_measured_multiple_within_ten_percent():
         assert plan.spec == derive_student(t, masks, round_to=8, round_narrower=True)[1].spec
         assert f"8n holds {weights_over_surviving(s, masks):.3f}x" in plan.round_to_choice
     assert "32n holds 0.779x" in plan.round_to_choice
+    # A narrow VGG: 8n would hold 0.733x (2.23x at 0.9 sparsity), so auto takes the exact rule.
+    t, masks = _pruned_vgg([8, "M", 16, "M", 16], 0.59)
+    for device_type in ("cpu", "cuda"):
+        s, plan = derive_configured(t, masks, device_type=device_type)
+        assert plan.round_to == 1 and "8n holds 0.733x" in plan.round_to_choice and "; within 10%)" in plan.round_to_choice
+        assert plan.widths() == derive_student(t, masks, round_to=1, round_narrower=True)[1].widths()
+        assert abs(weights_over_surviving(s, masks) - 1) <= 0.10
     # A number is taken as given, whatever the device, and the plan records no choice.
     fixed = derive_configured(t, masks, round_to=32, device_type="cuda")[1]
     assert fixed.round_to == 32 and fixed.round_to_choice == ""

@@ -209,8 +209,12 @@ def _build(teacher: nn.Module, masks: Masks, graph, rebuild, sol, *, inherit: bo
 #   targets, and its narrower step (26 -> 16 where the rule asked 26 of a 32-wide layer) left the
 #   student 0.27 points worse alone and 0.15 with KD over 5 seeds (neither interval excludes 0;
 #   benchmarks/results/round16_demo.md).
-AUTO_ROUND_TO = {"cuda": (32, 8)}
-AUTO_ROUND_TO_DEFAULT = (8,)
+# - Last, 1 (the rule's exact widths) on every device: a net so narrow that rounding to 8 moves it
+#   past 10% (the tests' 16-32-channel VGG held 0.79x at 8n) gets the student the rule promises,
+#   not a faster but smaller one. No measured model reached it (the demo, ResNet-18, every
+#   derivable torchvision model stay within 10% at 8n).
+AUTO_ROUND_TO = {"cuda": (32, 8, 1)}
+AUTO_ROUND_TO_DEFAULT = (8, 1)
 AUTO_TOLERANCE = 0.10
 
 
