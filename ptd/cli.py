@@ -204,13 +204,15 @@ def build_parser() -> argparse.ArgumentParser:
         "distill": "train the students: alone, from the unpruned and from the pruned teacher (stages 1-4)",
         # (the retrained_teacher control arm, when listed in distill.arms, runs here too)
     }
+    from ptd.config import reuse_free_text
+
     for name, h in helps.items():
         sp = sub.add_parser(name, help=h, description=h)
         _common(sp)
         sp.add_argument("--from", dest="from_run", metavar="RUN_DIR",
                         help="copy this earlier run's finished teacher, pruning and control into --out (a new directory) "
                              "instead of training them: for another student or distillation from the same pruned teacher; "
-                             "every config key outside student, distill and name must be that run's")
+                             f"every config key outside {reuse_free_text()} must be that run's")
         if name == "distill":
             from ptd.config import ARMS
 

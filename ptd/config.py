@@ -325,6 +325,16 @@ class SweepConfig:
 # "reduce-overhead" adds CUDA graphs: on an H100 the CIFAR VGG19 step at batch 128 went from 12.0 to
 # 2.5 ms (benchmarks/results/gpu/amp_compile.json), where eager is bound by kernel launches.
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
+# The config sections a run made --from another may change (ptd.pipeline.check_reuse): what comes
+# after the teacher, pruning and control it copies, and the run's name.
+REUSE_FREE = ("student", "distill", "sweep", "name")
+
+
+def reuse_free_text() -> str:
+    """REUSE_FREE for messages and --help: "student, distill, sweep and name"."""
+    return ", ".join(REUSE_FREE[:-1]) + " and " + REUSE_FREE[-1]
+
+
 MAX_JOBS = 256  # worker processes; preflight also holds jobs to this machine's CPUs
 
 

@@ -35,7 +35,8 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from ptd import paths as P
-from ptd.config import ARM_TABLE, ConfigError, ModelConfig, OptimConfig, PruneConfig, RunConfig, dump_yaml, to_dict
+from ptd.config import (ARM_TABLE, REUSE_FREE, ConfigError, ModelConfig, OptimConfig, PruneConfig, RunConfig, dump_yaml,
+                        reuse_free_text, to_dict)
 from ptd.models import build_from_spec, build_model, spec_to_text
 from ptd.pruning import STRATEGIES, Level, PruneContext
 from ptd.seeding import stream_seed
@@ -652,7 +653,7 @@ def finish_growth(ctx: Context) -> None:
 # result only where those stages are what this config computes, so every key outside student,
 # distill, name and sweep (and those a resume may change, _VOLATILE_KEYS) must be RUN's.
 
-_REUSE_FREE = {"name", "student", "distill", "sweep"}
+_REUSE_FREE = REUSE_FREE
 REUSED_STAGES = (P.TEACHER, P.PRUNE, P.CONTROL)
 
 
@@ -678,7 +679,7 @@ def check_reuse(cfg: RunConfig, src: str | Path, run_dir: str | Path) -> list[Pa
               grows={"teacher.seeds": lambda x, y: True, **_EQUIVALENT})  # replicates it lacks are trained, extra ones left
     if d:
         raise PreflightError(f"--from {src}: its teacher and pruning were made with another config ({d}); --from reuses them "
-                             f"only when every key outside student, distill and name is the same: set it back, or run "
+                             f"only when every key outside {reuse_free_text()} is the same: set it back, or run "
                              f"without --from")
     copies = [(P.replicate_root(src, r) / name).relative_to(src) for r in range(cfg.teacher.seeds) for name in REUSED_STAGES
               if (P.replicate_root(src, r) / name / P.DONE).is_file()]
