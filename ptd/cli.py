@@ -15,6 +15,16 @@ from pathlib import Path
 
 from ptd.errors import PreflightError, PtdError, one_line
 
+def _rank() -> int:
+    """This process's rank under torchrun (0 alone). Every rank parses the same argv, runs the same
+    checks and refuses together (the pipeline makes each refusal collective), so only rank 0 says
+    it: N copies of one line are noise, and interleaved they are worse."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
 class _Parser(argparse.ArgumentParser):
     """Usage mistakes are one line too, like every other user error (argparse prints the usage block)."""
 
@@ -24,7 +34,7 @@ class _Parser(argparse.ArgumentParser):
         if self.prog == "ptd" and "required: COMMAND" in message:
             cmds = next(a for a in self._actions if isinstance(a, argparse._SubParsersAction)).choices
             message = f"no command given: ptd COMMAND ..., with COMMAND one of {', '.join(cmds)} (ptd run CONFIG --out DIR runs the whole pipeline)"
-        self.exit(2, f"ptd: error: {where}{message}; see {self.prog} --help\n")
+        self.exit(2, f"ptd: error: {where}{message}; see {self.prog} --help\n" if _rank() == 0 else None)
 
 
 def _common(p: argparse.ArgumentParser, config_required: bool = True) -> None:
@@ -91,6 +101,8 @@ def cmd_stage(args: argparse.Namespace) -> int:
     arms = getattr(args, "arm", None)
     src = _flag(args.from_run, "--from", "give the earlier run directory whose teacher and pruning to reuse, or leave --from out")
     res = run_pipeline(cfg, out, until=until, arms=[arms] if arms else None, reuse_from=src)
+    if _rank() != 0:  # rank 0 wrote the files and prints them, once
+        return 0
     if until == "report":
         print((out / "report.md").read_text())
     elif until == "student":
@@ -275,6 +287,24 @@ def os_error_line(e: OSError) -> str:
     return one_line(f"{where}: {e.strerror or type(e).__name__}; {fix}")
 
 
+_PEER_GONE = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "NCCL communicator was aborted")
+
+
+def _peer_gone(e: BaseException) -> bool:
+    """A collective failed because another rank of this torchrun run died (killed, out of memory,
+    its own error): not a bug in ptd, and that rank's output says why."""
+    torch = sys.modules.get("torch")
+    backend_error = getattr(getattr(torch, "distributed", None), "DistBackendError", ()) if torch else ()
+    return _rank_count() > 1 and (isinstance(e, backend_error) or any(s in str(e) for s in _PEER_GONE))
+
+
+def _rank_count() -> int:
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 1
+
+
 def _internal(e: BaseException) -> int:
     """A bug in ptd, not the user's input: one line, the traceback kept in a file (or shown with
     PTD_TRACEBACK=1) so it can be reported without flooding a user's terminal."""
@@ -313,11 +343,13 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     try:
         return args.func(args)
-    except PtdError as e:  # a user's mistake: one line, no traceback
-        print(f"ptd: error: {one_line(e)}", file=sys.stderr)
+    except PtdError as e:  # a user's mistake: one line, no traceback (every rank raises it; rank 0 says it)
+        if _rank() == 0:
+            print(f"ptd: error: {one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("ptd: interrupted; run the same command again to resume where it stopped", file=sys.stderr)
+        if _rank() == 0:
+            print("ptd: interrupted; run the same command again to resume where it stopped", file=sys.stderr)
         return 130
     except OSError as e:  # permission, disk full, a folder in the way: the environment the user gave
         print(f"ptd: error: {os_error_line(e)}", file=sys.stderr)
@@ -331,6 +363,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         if os.environ.get("PTD_TRACEBACK"):
             raise
+        if _peer_gone(e):
+            print(f"ptd: error: rank {_rank()}: another process of this torchrun run stopped ({one_line(e)[:160]}); "
+                  f"its output above says why; run the same command again to resume where it stopped", file=sys.stderr)
+            return 1
         return _internal(e)
 
 

@@ -76,3 +76,98 @@ def test_the_process_group_is_torn_down_before_exit(tmp_path):
     assert (tmp_path / "rank0_sum").read_text() == "2.0" and (tmp_path / "rank1_sum").read_text() == "2.0"
     assert (tmp_path / "rankx_False").is_file()  # the last exit handler of both ranks found no group
     assert not list(tmp_path.glob("rank*_True")), "a process group was still up at exit"
+
+
+def _torchrun(*argv: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "ptd", *argv], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_torchrun_runs_the_whole_pipeline_and_says_things_once(tmp_path, tiny_fashion):
+    """`ptd run` under torchrun writes results.json and both reports, and prints the report once.
+    Every rank used to return before rank 0 had written report.md, the other rank then failed
+    reading it, and torchrun killed rank 0 mid-write: no run ever finished (4 of 4). A refusal
+    under torchrun is one `ptd: error:` line, not one per rank."""
+    cfg = tiny_config(tiny_fashion, device="cpu", threads=1,
+                      teacher={"optim": {"epochs": 1, "batch_size": 32, "lr": 0.05}},
+                      prune={"target_sparsity": 0.2, "retrain": {"epochs": 1, "batch_size": 32, "lr": 0.02}},
+                      distill={"seeds": [0], "arms": ["scratch", "pruned_teacher"],
+                               "optim": {"epochs": 1, "batch_size": 32, "lr": 0.05}})
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "run"
+    r = _torchrun("run", str(p), "--out", str(out))
+    assert r.returncode == 0, r.stderr[-4000:]
+    for f in ("results.json", "report.md", "report.html"):
+        assert (out / f).is_file(), f
+    assert r.stdout.count("# ") >= 1 and r.stdout.count((out / "report.md").read_text().splitlines()[0]) == 1
+    assert len(json.loads((out / "results.json").read_text())["students"]) == 2
+    before = sorted(x.name for x in out.iterdir())
+    r = _torchrun("run", str(p), "--out", str(out), "--set", "teacher.optim.bogus=1")
+    errors = [line for line in r.stderr.splitlines() if line.startswith("ptd: error:")]
+    assert len(errors) == 1 and "teacher.optim.bogus" in errors[0], r.stderr[-3000:]
+    assert sorted(x.name for x in out.iterdir()) == before
+
+
+def test_a_loss_that_cannot_train_under_ddp_is_refused_before_any_work(tmp_path, tiny_fashion, capsys, monkeypatch):
+    """CRD's memory banks hold one row per training sample: under DDP each rank updated only its own
+    samples' rows and rank 0's buffers overwrote the rest every step (the audit measured 192 of 384
+    rows learned per epoch). Every loss that says so (single_process_only) is refused in one line
+    under torchrun when the run distills; in one process, or for a stage that does not distill, it
+    is not."""
+    from ptd.cli import main
+    from ptd.distill import LOSSES
+
+    assert [n for n in LOSSES.names() if LOSSES.get(n).single_process_only] == ["crd"]
+    cfg = tiny_config(tiny_fashion, device="cpu", threads=1, distill={"loss": ["kd", "crd"]})
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for cmd in ("run", "distill"):
+        assert main([cmd, str(p), "--out", str(tmp_path / "run")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("ptd: error: distill.loss: crd cannot train under torchrun (WORLD_SIZE=2)")
+        assert not (tmp_path / "run").exists()
+    from ptd.preflight import check_losses_under_ddp
+    from ptd.config import load_config
+
+    check_losses_under_ddp(load_config(str(p)), distills=False)  # ptd train / prune under torchrun: no loss runs
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    check_losses_under_ddp(load_config(str(p)))
+
+
+def test_under_torchrun_rank_0_alone_says_a_refusal_and_a_dead_peer_is_not_called_a_bug(tmp_path, capsys, monkeypatch):
+    """Every rank refuses together; rank 0 says it once (two ranks printed every refusal twice).
+    A collective that fails because another rank died names that, not "a bug in ptd"."""
+    import ptd.cli as cli
+    from ptd.errors import PtdError
+
+    def refuse(args):
+        raise PtdError("x: bad; fix x")
+
+    def peer_died(args):
+        raise RuntimeError("[../gloo/transport/tcp/pair.cc:534] Read error [127.0.0.1]:29500: Connection reset by peer")
+
+    monkeypatch.setattr(cli, "cmd_stage", refuse)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank, lines in (("0", ["ptd: error: x: bad; fix x"]), ("1", [])):
+        monkeypatch.setenv("RANK", rank)
+        assert cli.main(["run", "c.yaml"]) == 2
+        assert capsys.readouterr().err.splitlines() == lines
+    monkeypatch.setenv("RANK", "1")  # a usage error: argparse exits, silent on rank 1
+    with pytest.raises(SystemExit) as e:
+        cli.main(["run", "c.yaml", "--bogus"])
+    assert e.value.code == 2 and capsys.readouterr().err == ""
+    monkeypatch.setattr(cli, "cmd_stage", peer_died)
+    assert cli.main(["run", "c.yaml"]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("ptd: error: rank 1: another process of this torchrun run stopped (")
+    assert "bug in ptd" not in err[0] and not list(tmp_path.glob("ptd-traceback-*"))
+    monkeypatch.setenv("WORLD_SIZE", "1")  # alone, the same error is ptd's own
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    assert cli.main(["run", "c.yaml"]) == 1
+    assert "this is a bug in ptd" in capsys.readouterr().err
