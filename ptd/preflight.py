@@ -61,6 +61,7 @@ def preflight(cfg: RunConfig, run_dir: str | Path, *, splits: Any = None, sweep:
     check_threads(cfg.threads)
     device = check_device(cfg.device)
     check_jobs(cfg, device)
+    check_losses_under_ddp(cfg, distills=sweep or until in ("distill", "report"))
     check_out_dir(run_dir)
     check_run_tree(cfg, run_dir, sweep=sweep, until=until, arms=arms)
     check_data_config(cfg)
@@ -105,6 +106,24 @@ def check_threads(threads: int | None) -> None:
     if threads is not None and threads > cpu_count():
         raise ConfigError(f"threads: {threads!r} is more than this machine's {cpu_count()} CPUs; set threads to at most "
                           f"{cpu_count()}, or null for torch's default ({torch.get_num_threads()} here)")
+
+
+def check_losses_under_ddp(cfg: RunConfig, distills: bool = True) -> None:
+    """Under torchrun (WORLD_SIZE > 1), a distillation loss that cannot train there (its
+    ``single_process_only`` says why) is refused before any work, when this run distills."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world <= 1 or not distills:
+        return
+    from ptd.distill import LOSSES
+
+    for name in cfg.distill.losses:
+        try:
+            why = LOSSES.get(name).single_process_only
+        except UnknownNameError:
+            continue  # check_plugins names it
+        if why:
+            raise ConfigError(f"distill.loss: {name} cannot train under torchrun (WORLD_SIZE={world}): {why}; run it in one "
+                              f"process (without torchrun), or drop it from distill.loss")
 
 
 def check_jobs(cfg: RunConfig, device: torch.device) -> None:
@@ -709,11 +728,12 @@ def check_training_memory(cfg: RunConfig, teacher: nn.Module, student: nn.Module
         total, largest = sized[id(model)]
         per_image = scale * (total if training else 2 * largest + 4 * shape[0] * h * w)  # eval: + the fp32 input batch
         fixed = TRAINING_BYTES_PER_PARAM * params[id(model)] + extra
-        per_rank = -(-batch // world) if training else batch
-        need = local * (fixed + per_image * per_rank)
+        # batch_size is per rank (each rank loads batch_size images; the global batch is world times
+        # it), so each of the machine's `local` processes holds a whole batch's activations.
+        need = local * (fixed + per_image * batch)
         if need <= have:
             continue
-        fits = int((have / local - fixed) // per_image) * (world if training else 1) if have / local > fixed else 0
+        fits = int((have / local - fixed) // per_image) if have / local > fixed else 0
         arch = getattr(model, "ptd_spec", {}).get("arch", type(model).__name__)
         ranks = f", {local} processes on this machine" if local > 1 else ""
         where = f"the GPU's {gib(have)}" if device.type == "cuda" else f"this machine's {gib(have)}"

@@ -438,7 +438,7 @@ def test_activation_estimate_counts_what_autograd_keeps():
     assert activation_bytes(torch.nn.Linear(3, 3), (1, 4, 4)) is None  # no ptd_spec to rebuild from
 
 
-def test_a_batch_whose_activations_exceed_memory_is_refused_with_the_largest_that_fits(ws: Path):
+def test_a_batch_whose_activations_exceed_memory_is_refused_with_the_largest_that_fits(ws: Path, monkeypatch):
     from ptd.preflight import TRAINING_BYTES_PER_PARAM, activation_bytes, check_model, check_training_memory
 
     cfg = _cfg(ws, "teacher.optim.batch_size=64", "prune.retrain.batch_size=32", "distill.optim.batch_size=32", "amp=false")
@@ -459,9 +459,23 @@ def test_a_batch_whose_activations_exceed_memory_is_refused_with_the_largest_tha
     student = check_model(cfg.teacher.model, "student.model", splits)
     roomy = int(fixed + 64 * act) + 1
     check_training_memory(cfg, teacher, student, splits, torch.device("cpu"), have=roomy)
-    # On a GPU, its memory; under DDP, each of the machine's processes holds its share of the batch.
+    # On a GPU, its memory.
     with pytest.raises(ConfigError, match="against the GPU's"):
         check_training_memory(cfg, teacher, None, splits, torch.device("cuda:0"), have=int(need) - 1)
+    # Under DDP batch_size is per rank: each of the machine's processes holds a whole batch (the
+    # check once divided the batch over the ranks and passed 2 processes on a machine 1 byte short,
+    # then suggested a batch world times too large). Ranks on other machines do not count.
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    check_training_memory(cfg, teacher, None, splits, torch.device("cpu"), have=2 * int(need) + 2)
+    with pytest.raises(ConfigError) as e:
+        check_training_memory(cfg, teacher, None, splits, torch.device("cpu"), have=2 * int(need) - 2)
+    assert f"use a batch of at most {fits}," in str(e.value) and "2 processes on this machine" in str(e.value)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    check_training_memory(cfg, teacher, None, splits, torch.device("cpu"), have=int(need) + 1)
+    with pytest.raises(ConfigError, match=f"use a batch of at most {fits},"):
+        check_training_memory(cfg, teacher, None, splits, torch.device("cpu"), have=int(need) - 1)
 
 
 def test_a_batch_beyond_memory_is_one_line_before_anything_is_written(ws: Path, capsys, monkeypatch):
