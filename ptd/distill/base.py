@@ -71,6 +71,10 @@ class DistillLoss(nn.Module):
         pass
 
     needs_teacher: ClassVar[bool] = True
+    # Why the loss cannot train under DDP (torchrun, world size > 1), or "" when it can. A loss that
+    # keeps per-sample state across steps (a memory bank indexed by the sample) sees only its rank's
+    # samples, and DDP's buffer broadcast replaces the other ranks' updates with rank 0's every step.
+    single_process_only: ClassVar[str] = ""
 
     def __init__(self, options: Any, setup: LossSetup):
         super().__init__()

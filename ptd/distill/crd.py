@@ -88,6 +88,9 @@ class Embed(nn.Module):
 
 @register_loss("crd")
 class CRDLoss(OneLayerLoss):
+    single_process_only = ("its memory banks keep one row per training sample; under DDP each rank would update only "
+                           "its own samples' rows and rank 0's buffers overwrite the others' at every step "
+                           "(measured: 192 of 384 rows learned per epoch on 2 ranks)")
     @dataclass(frozen=True)
     class Options:
         ce_weight: float = 1.0
