@@ -6,7 +6,8 @@ A strategy is a function ``run(ctx: PruneContext) -> list[Level]`` registered un
 the orchestration needs to know about it: whether its levels nest (one run to the highest
 sparsity yields the lower ones as its levels) and at which teacher epoch it needs a weight
 snapshot. It never touches files itself: it asks the context to train, to evaluate, and to save
-or restore a level, so every strategy is resumable level by level for free.
+or restore a level, so every strategy is resumable level by level for free. Under DDP every rank
+runs it, and every rank retrains and saves rank 0's masks whatever its scores (``rank0_masks``).
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import torch.nn as nn
 from ptd.config import ConfigError, OptimConfig, PruneConfig, from_dict
 from ptd.pruning.masks import Masks, apply_masks, count, same_or_subset, sparsity
 from ptd.registry import Registry
+from ptd.train.distributed import broadcast_, world_size
 
 STRATEGIES: Registry[Callable[["PruneContext"], list["Level"]]] = Registry("pruning strategy")
 
@@ -55,7 +57,7 @@ def register_strategy(name: str, run: Callable[["PruneContext"], list["Level"]],
     @functools.wraps(run)
     def checked(ctx: "PruneContext") -> list["Level"]:
         ctx.options  # validate prune.options before any work, even for a strategy that reads none
-        return run(ctx)
+        return run(rank0_masks(ctx))
 
     STRATEGIES.add(name, checked)
     SPECS.add(name, StrategySpec(Options, nested_levels, snapshot_epoch or (lambda options: None)))
@@ -145,6 +147,45 @@ class PruneContext:
         return total
 
 
+def sync_masks(masks: Masks) -> Masks:
+    """Under DDP, replace every mask in ``masks`` by rank 0's (one broadcast, bit for bit) and
+    return the same dict; nothing on one process. Every rank must call it.
+
+    The dict keeps its identity (GMP's hook and the retraining's MaskHook hold it); its tensors
+    are replaced, not written into, since a selection may return its input's tensors for layers
+    it left alone, and those belong to the caller."""
+    if world_size() > 1 and masks:
+        names = list(masks)
+        fresh = [masks[n].clone() for n in names]
+        broadcast_(fresh)
+        for n, m in zip(names, fresh):
+            masks[n] = m
+    return masks
+
+
+def rank0_masks(ctx: PruneContext) -> PruneContext:
+    """``ctx`` whose ``train`` and ``save_level`` first make the masks rank 0's (``sync_masks``).
+
+    Every strategy runs through it (``register_strategy``), so whatever its scores, no rank
+    retrains, saves or hands on masks of its own: a data-dependent score computed on each rank's
+    shard (SNIP, before its gradients were reduced over ranks) gave every rank other masks, the
+    weights then drifted apart, and at sparsity 0.8 each rank derived a differently shaped student
+    and DDP refused it. On one process, ``ctx`` itself."""
+    if world_size() <= 1:
+        return ctx
+    train, save_level = ctx.train, ctx.save_level
+
+    def synced_train(model: nn.Module, masks: Masks, name: str, optim: OptimConfig, hooks: Sequence[Any]) -> dict[str, Any]:
+        apply_masks(model, sync_masks(masks))
+        return train(model, masks, name, optim, hooks)
+
+    def synced_save(level: Level) -> None:
+        apply_masks(ctx.model, sync_masks(level.masks))
+        save_level(level)
+
+    return dataclasses.replace(ctx, train=synced_train, save_level=synced_save)
+
+
 def level_metrics(strategy: str, masks: Masks, trained: dict[str, Any], **extra: Any) -> dict[str, Any]:
     """What ``ctx.train`` returned (val_acc, test_acc, epochs, steps, wall_s: summed for cost
     accounting), plus the level's size and how it was made."""
@@ -174,7 +215,9 @@ def prune_once(
     if ctx.level_done(1):
         return [ctx.load_level(1)]
     t0 = time.perf_counter()
-    masks = select()
+    # Rank 0's masks on every rank: identical whatever the scores (SNIP reduces its gradients over
+    # ranks; the data-free scores are the same everywhere) and whatever the selection's tie-breaking.
+    masks = sync_masks(select())
     score_s = time.perf_counter() - t0
     if not same_or_subset(ctx.masks, masks):  # a strategy bug, never a user error
         raise RuntimeError(f"{strategy}: selection revived pruned weights")

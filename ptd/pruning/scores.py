@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ptd.pruning.masks import Masks, unwrap
+from ptd.train.distributed import all_sum_
 
 
 @torch.no_grad()
@@ -41,6 +42,12 @@ def snip(
     product with the (masked) weight, as SNIP's derivative w.r.t. a connection gate c at c = 1
     is ∂L/∂c = g ⊙ w. The network runs in eval mode (BatchNorm uses its running statistics, so
     scoring has no side effects); no ``.grad`` is left on the model.
+
+    Under DDP every rank passes batches of its own shard, and g is the mean over ALL ranks'
+    batches (gradient sums and batch counts summed over ranks, then divided): the scores are
+    those of one process given every rank's batches, the same on every rank. Averaging the ranks'
+    scores instead would give mean_r |g_r ⊙ w|, which is not SNIP of the global batch (signs
+    cancel in g, not in |g|). Every rank must call it (one all-reduce of the weights' size).
     """
     net = unwrap(model)
     if not batches:
@@ -60,7 +67,11 @@ def snip(
                     acc += g.float()
     finally:
         net.train(was_training)
-    return {n: (g / len(batches) * w.detach().float() * masks[n].to(w.device)).abs() for n, g, w in zip(names, grads, ws)}
+    # float32 is exact for the count (a rank scores at most ptd.pruning.strategies.snip.MAX_BATCHES)
+    # and rides in the gradients' all-reduce.
+    n_batches = torch.tensor([float(len(batches))], device=grads[0].device if grads else None)
+    all_sum_([*grads, n_batches])
+    return {n: (g / n_batches * w.detach().float() * masks[n].to(w.device)).abs() for n, g, w in zip(names, grads, ws)}
 
 
 def synflow(model: nn.Module, masks: Masks, input_shape: Sequence[int]) -> dict[str, torch.Tensor]:

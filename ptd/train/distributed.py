@@ -6,7 +6,11 @@ from __future__ import annotations
 
 import atexit
 import os
+import sys
+import threading
+import time
 from dataclasses import dataclass
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -28,11 +32,15 @@ class Dist:
 
 
 def init_distributed(device: str) -> Dist:
-    """Start the process group when launched by torchrun (NCCL on CUDA, gloo on CPU)."""
+    """Start the process group when launched by torchrun (NCCL on CUDA, gloo on CPU), and a watch
+    that stops this worker once torchrun is gone (``watch_parent``)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Dist()
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    # Before the rendezvous: a worker orphaned while it waits there would otherwise retry for
+    # minutes (measured: over 10), and one orphaned later trains on, holding the run's lock.
+    watch_parent()
     if not dist.is_initialized():
         backend = "nccl" if device.startswith("cuda") else "gloo"
         if backend == "nccl":
@@ -43,6 +51,42 @@ def init_distributed(device: str) -> Dist:
         # called without an active exception", exit -6) after all its work was written.
         atexit.register(shutdown_distributed)
     return Dist(rank, local, world)
+
+
+_watching: threading.Thread | None = None
+
+
+def watch_parent(interval_s: float = 1.0) -> None:
+    """Exit this process (``os._exit(1)``, after one line on stderr) once its parent is gone.
+
+    torchrun starts its workers in a session of their own (``start_new_session=True``), so killing
+    torchrun's process group, or torchrun alone with SIGKILL, leaves them running: they train on
+    and hold the run directory's lock, and the user's re-run is refused as "in use". A daemon
+    thread polls ``os.getppid()`` every ``interval_s`` seconds (a syscall, microseconds) and
+    stops the process when it changed: the parent died and the worker was re-parented.
+    Not ``prctl(PR_SET_PDEATHSIG)``: that fires when the parent *thread* that forked the worker
+    exits, which torchrun's agent is free to do while it lives on. Idempotent (one thread a process).
+    """
+    global _watching
+    if _watching is not None and _watching.is_alive():
+        return
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(interval_s)
+            if os.getppid() != parent:
+                try:
+                    sys.stderr.write(f"ptd: error: the launcher of this worker (pid {parent}, e.g. torchrun) is gone; worker pid "
+                                     f"{os.getpid()} stops too, so the run directory is free for a re-run\n")
+                    sys.stderr.flush()
+                finally:
+                    # _exit, not exit: no cleanup that could block on a dead peer (gloo, NCCL); the
+                    # kernel releases the directory's flock and every descriptor with the process.
+                    os._exit(1)
+
+    _watching = threading.Thread(target=watch, name="ptd-parent-watch", daemon=True)
+    _watching.start()
 
 
 def shutdown_distributed() -> None:
@@ -76,3 +120,82 @@ def all_sum(values: list[float], device: torch.device) -> list[float]:
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def world_size() -> int:
+    """Processes in the running group: 1 without one (or before ``init_distributed``)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _comm_device() -> torch.device:
+    # NCCL moves CUDA tensors only; gloo is given CPU tensors (it has no CUDA path for every op).
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def _flat_groups(tensors: Sequence[torch.Tensor]) -> dict[torch.dtype, list[int]]:
+    """Indices of ``tensors`` by dtype: one collective per dtype, not one per tensor (a ResNet's
+    BatchNorm alone has ~100 buffers)."""
+    groups: dict[torch.dtype, list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault(t.dtype, []).append(i)
+    return groups
+
+
+@torch.no_grad()
+def _collective_(tensors: Sequence[torch.Tensor], op: Callable[[torch.Tensor], Any]) -> None:
+    dev = _comm_device()
+    for dtype, idx in _flat_groups(tensors).items():
+        # bool goes as uint8: not every backend reduces or broadcasts bool tensors.
+        wire = torch.uint8 if dtype == torch.bool else dtype
+        flat = torch.cat([tensors[i].detach().reshape(-1).to(device=dev, dtype=wire) for i in idx])
+        op(flat)
+        at = 0
+        for i in idx:
+            t = tensors[i]
+            t.copy_(flat[at:at + t.numel()].view(t.shape).to(device=t.device, dtype=t.dtype))
+            at += t.numel()
+
+
+def broadcast_(tensors: Sequence[torch.Tensor], src: int = 0) -> None:
+    """Overwrite ``tensors`` in place with rank ``src``'s (bit for bit); nothing on one process.
+    Every rank must call it, with tensors of the same shapes and dtypes in the same order."""
+    if world_size() > 1 and tensors:
+        _collective_(tensors, lambda t: dist.broadcast(t, src))
+
+
+def all_sum_(tensors: Sequence[torch.Tensor]) -> None:
+    """Sum ``tensors`` in place over ranks (every rank gets the same sum); nothing on one process."""
+    if world_size() > 1 and tensors:
+        _collective_(tensors, dist.all_reduce)
+
+
+def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
+    """Give every rank rank ``src``'s buffers (BatchNorm running statistics, loss modules' state).
+
+    DDP broadcasts them at the start of every forward, so after an epoch each rank holds rank 0's
+    plus one update from its own last batch: evaluated as they are, the ranks would score different
+    models, and disagree on the best epoch and on divergence."""
+    broadcast_(list(module.buffers()), src)
+
+
+def first_true(flag: bool) -> int | None:
+    """The lowest rank where ``flag`` is true (every rank gets the same answer), or None when it
+    is false everywhere; ``0`` or None on one process. One small all-reduce."""
+    n = world_size()
+    if n <= 1:
+        return 0 if flag else None
+    dev = _comm_device()
+    hits = torch.zeros(n, dtype=torch.float64, device=dev)
+    hits[dist.get_rank()] = float(bool(flag))
+    dist.all_reduce(hits)
+    ranks = hits.nonzero().flatten().tolist()
+    return int(ranks[0]) if ranks else None
+
+
+def broadcast_object(obj: Any, src: int) -> Any:
+    """Rank ``src``'s ``obj`` (picklable) on every rank; ``obj`` itself on one process."""
+    if world_size() <= 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, device=_comm_device())
+    return box[0]
