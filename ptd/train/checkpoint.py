@@ -769,7 +769,8 @@ def save_resume(out_dir: str | Path, state: dict[str, Any]) -> None:
     reads back), holding everything a resume needs: by convention ``epoch`` (0-based, the epoch
     just finished), ``model`` (the unit's state dict: student + loss modules), ``optimizer``,
     ``scheduler``, ``rng`` (``rng_state()``), ``hooks``, ``losses``, ``metrics`` (every row so
-    far), ``best`` ({epoch, acc}), ``steps``, ``wall_s``. Tensors are copied to the CPU first so
+    far), ``best`` ({epoch, acc}), ``steps``, ``wall_s``, ``world_size`` (the DDP processes that
+    trained it: :func:`check_world_size`). Tensors are copied to the CPU first so
     the file loads on any device.
     """
     if not isinstance(state, dict):
@@ -778,20 +779,50 @@ def save_resume(out_dir: str | Path, state: dict[str, Any]) -> None:
     _commit(Path(out_dir) / RESUME_FILE, lambda tmp: torch.save(state, tmp))
 
 
-def load_resume(out_dir: str | Path) -> dict[str, Any] | None:
+def load_resume(out_dir: str | Path, world_size: int | None = None) -> dict[str, Any] | None:
     """The last committed epoch's state from ``out_dir/resume.pt``, or None when there is none.
 
     Read with ``weights_only=True``: no code from the file runs. A file that is not a ptd resume
     commit (it cannot be torn: commits are atomic) is a one-line CheckpointError with the fix.
+    With ``world_size``, so is a commit of a stage started with another number of DDP processes
+    (:func:`check_world_size`).
     """
-    return _read_resume(Path(out_dir) / RESUME_FILE)
+    state = _read_resume(Path(out_dir) / RESUME_FILE)
+    if state is not None and world_size is not None:
+        check_world_size(state, out_dir, world_size)
+    return state
 
 
-def check_resume(out_dir: str | Path) -> None:
+def check_resume(out_dir: str | Path, world_size: int | None = None) -> None:
     """Refuse, as :func:`load_resume` would when the stage starts, an ``out_dir/resume.pt`` that is
-    not a ptd resume commit: checked when a run directory is opened, before anything is written.
-    Memory-mapped, so the tensors are not read."""
-    _read_resume(Path(out_dir) / RESUME_FILE, mmap=True)
+    not a ptd resume commit, or one of another world size (default: this process's, from
+    torchrun's WORLD_SIZE, as ``init_distributed`` reads it): checked when a run directory is
+    opened, before anything is written. Memory-mapped, so the tensors are not read."""
+    state = _read_resume(Path(out_dir) / RESUME_FILE, mmap=True)
+    if state is not None:
+        check_world_size(state, out_dir, int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size)
+
+
+def check_world_size(state: dict[str, Any], out_dir: str | Path, world_size: int) -> None:
+    """A one-line CheckpointError when ``state`` (a resume commit) was written by a run of another
+    number of DDP processes than ``world_size``.
+
+    Every rank trains on 1/world of the split at ``batch_size`` images a step, so a stage resumed
+    at another world size would mix two sharding schemes and global batches in one schedule (seen:
+    3 steps an epoch, then 7), which nothing but env.json would show.
+
+    A commit without the field was written by a ptd before it recorded one. It is accepted, as
+    that ptd did: its world size is unknown, not 1 (taking it as 1 would refuse every interrupted
+    torchrun stage and advise resuming it on one process, the very mix this check is for), and
+    such files do not outlive the stage that wrote them (``remove_resume`` at its ``done``).
+    """
+    was = state.get("world_size")
+    if was is None or int(was) == world_size:
+        return
+    was = int(was)
+    how = f"with {was} processes (e.g. torchrun --nproc_per_node={was})" if was > 1 else "as one process (without torchrun)"
+    raise CheckpointError(f"{out_dir} was started with {was} process{'es' if was != 1 else ''} and is resumed with {world_size}; "
+                          f"re-run it {how}, or pass --out a new directory")
 
 
 def _read_resume(p: Path, mmap: bool = False) -> dict[str, Any] | None:

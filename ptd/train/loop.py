@@ -35,7 +35,7 @@ from ptd import paths as P
 from ptd.config import CHECKPOINTS, COMPILE_MODES, OptimConfig
 from ptd.errors import DivergedError
 from ptd.train import checkpoint as ckpt
-from ptd.train.distributed import Dist, all_sum
+from ptd.train.distributed import Dist, all_sum, broadcast_buffers, broadcast_object, first_true
 from ptd.train.fastconv import small_image_wgrad
 from ptd.train.optim import make_optimizer, make_scheduler
 
@@ -247,7 +247,7 @@ def _divergence(train_loss_sum: float, unit: nn.Module, val: dict[str, float] | 
 
     The training loss is computed before each step's update, so a single last step that blows the
     weights up shows only in the weights (and the validation loss after them). One reduction per
-    parameter an epoch, on the device; every DDP rank holds the same weights and stops alike.
+    parameter an epoch, on the device. Per rank: under DDP ``fit`` makes the decision collective.
     """
     if not math.isfinite(train_loss_sum):
         return f"the training loss became {train_loss_sum}"
@@ -312,7 +312,8 @@ def fit(
     start, best_acc, best_epoch, steps, wall = 0, -math.inf, -1, 0, 0.0
 
     rows: list[dict[str, Any]] = []
-    state = ckpt.load_resume(out) if out is not None else None  # the last commit, or None
+    # The last commit, or None; one of another world size is refused (ckpt.check_world_size).
+    state = ckpt.load_resume(out, world_size=rt.dist.world_size) if out is not None else None
     if state is not None:
         _restore(state, out, unit, opt, sched, hooks)
         start, steps, wall = state["epoch"] + 1, state["steps"], state["wall_s"]
@@ -350,8 +351,19 @@ def fit(
                     bar.set_postfix(epoch=f"{epoch + 1}/{optim.epochs}", loss=f"{loss.item():.3f}")
             sched.step()
             train_stats = all_sum([loss_sum.item(), correct.item(), float(seen), *(t.item() for t in term_sums.values())], rt.device)
+            # Every rank evaluates rank 0's model, the one rank 0 saves: DDP left each rank rank 0's
+            # buffers plus one BatchNorm update from its own last batch, so val metrics, the best
+            # epoch, hooks' rows and the divergence decision differed by rank (val_loss every epoch).
+            if rt.dist.enabled:
+                broadcast_buffers(unit)
             val = evaluate(model, val_loader, rt) if val_loader is not None and len(val_loader) else None
             diverged = _divergence(train_stats[0], unit, val)
+            # Collective: parameters are not re-broadcast after DDP's start, so a rank's weights can go
+            # bad alone. Every rank raises the first diverged rank's error; a rank that trained on
+            # would hang (or fail) in its next step's all-reduce, waiting for the ranks that stopped.
+            if rt.dist.enabled:
+                src = first_true(diverged is not None)
+                diverged = None if src is None else broadcast_object(diverged, src)
             if diverged:
                 # Without this a diverged stage trains on nan weights to its end, and its nan or
                 # chance-level model flows into the next stage and the comparison. Checked before
@@ -390,6 +402,7 @@ def fit(
                     ckpt.save_model(out / P.MODEL, model)
                 ckpt.save_resume(out, {  # THE commit point of this epoch
                     "epoch": epoch, "model": unit.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                    "world_size": rt.dist.world_size,  # a resume at another world size is refused (ckpt.check_world_size)
                     "rng": ckpt.rng_state(), "hooks": [h.state_dict() if hasattr(h, "state_dict") else None for h in hooks],
                     "metrics": rows, "best": {"epoch": best_epoch, "acc": best_acc}, "steps": steps, "wall_s": wall})
                 ckpt.write_metrics(out / P.METRICS, rows)  # a view of the commit; a kill here leaves it behind
