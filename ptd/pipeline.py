@@ -211,6 +211,9 @@ class Context:
     _loaders: dict = field(default_factory=dict)
     _noted: set = field(default_factory=set)  # schedules already noted for late milestones
     grown: bool = False  # this run adds work to a finished one: config.yaml is rewritten once it all succeeded
+    # A ``jobs`` worker (ptd.jobs): it trains students only, from stages its parent finished first.
+    # Any other stage unfinished means the parent is gone (a worker holds no lock of the directory).
+    in_worker: bool = False
 
     @property
     def main(self) -> bool:
@@ -871,7 +874,8 @@ def snapshot_epoch(cfg: RunConfig, strategies: Sequence[str] | None = None) -> i
 
 
 def run_stage(ctx: Context, d: Path, compute: Callable[[], dict], *, result_file: str = P.RESULT,
-              cleanup: bool = True, inputs: Sequence[Path] | Callable[[dict], Sequence[Path]] = ()) -> tuple[dict, bool]:
+              cleanup: bool = True, inputs: Sequence[Path] | Callable[[dict], Sequence[Path]] = (),
+              student: bool = False) -> tuple[dict, bool]:
     """The sequence every stage follows, once: skip if done (its result read back), else make the
     directory, ``compute()`` (a ``fit`` inside resumes from the directory's last committed epoch),
     write the result, mark done, and only then drop the resume files. Returns (result, computed now).
@@ -879,11 +883,16 @@ def run_stage(ctx: Context, d: Path, compute: Callable[[], dict], *, result_file
     ``inputs``: the files the stage is made from (earlier stages' weights, masks, stats; a user's
     checkpoint), or a function of the stage's result giving them (files the stage itself chose,
     such as the pruning's final level). ``done`` records their digests, and a finished stage whose
-    inputs have changed since is refused (StaleStageError) rather than reused."""
+    inputs have changed since is refused (StaleStageError) rather than reused. ``student``: a
+    distillation, the one stage a ``jobs`` worker (``ctx.in_worker``) may compute."""
     if ctx.is_done(d):
         if cleanup:  # a kill between done and the removal left the resume commit behind
             cleanup_resume_files(d)
         return read_json(d / result_file), False
+    if ctx.in_worker and not student:
+        # An orphaned worker of a killed run (or one whose directory was deleted and started over)
+        # would otherwise train the teacher or pruning there, unlocked, beside the user's re-run.
+        raise RunDirError(f"{d} is not finished, and a worker trains students only: the run that started it is gone")
     if ctx.main:
         make_dir(d, f"the stage folder {d}")
     result = compute()
@@ -1158,7 +1167,7 @@ def stage_distill(ctx: Context, arm: str, seed: int, student_stats: dict, teache
 
     name = cfg.distill.student_name(arm, loss)
     student_files = [ctx.run_dir / P.STUDENT / P.STATS] + ([ctx.run_dir / P.STUDENT / P.STUDENT_INIT] if cfg.student.inherit else [])
-    result, fresh = run_stage(ctx, d, compute, inputs=[*sources(teacher), *student_files])
+    result, fresh = run_stage(ctx, d, compute, inputs=[*sources(teacher), *student_files], student=True)
     if fresh:
         ctx.log(f"[distill] {name} seed {seed}: test acc {result['test_acc']:.4f}")
     # Set here, not only in compute: rows of runs finished before these keys existed get them too.
@@ -1370,7 +1379,7 @@ def _student_worker_init(cfg_dict: dict, run_dir: str, threads: int) -> None:
     from ptd.data import load_configured
 
     _WORKER.clear()
-    _WORKER["ctx"] = Context(cfg, Path(run_dir), rt, load_configured(cfg.data, cfg.seed), lambda s: None)
+    _WORKER["ctx"] = Context(cfg, Path(run_dir), rt, load_configured(cfg.data, cfg.seed), lambda s: None, in_worker=True)
 
 
 def _worker_replicate(replicate: int) -> dict[str, Any]:

@@ -201,3 +201,65 @@ def test_a_failed_pool_leaves_no_leaked_semaphore_warning(tmp_path):
         r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
         assert r.stdout.strip() == "failed as planned", r.stderr
         assert r.stderr == "", r.stderr
+
+
+def test_a_worker_whose_parent_died_while_it_started_exits_at_once(tmp_path):
+    """PR_SET_PDEATHSIG only covers a parent that dies after the worker armed it; spawn imports
+    torch and ptd first (2-4 s), and a parent killed then left workers that trained a student into
+    the unlocked run directory (an audit: 17 of 31 kills of the parent alone). _init compares the
+    parent it was given with the one it has."""
+    code = ("import os, sys; from ptd.jobs import _init; _init(int(sys.argv[1]), None, ()); print('worked on')")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    orphan = subprocess.run([sys.executable, "-c", code, "1"], capture_output=True, text=True, env=env, timeout=60)
+    assert orphan.returncode == 1 and "worked on" not in orphan.stdout  # its parent is not pid 1: it was re-parented
+    ok = subprocess.run([sys.executable, "-c", code, str(os.getpid())], capture_output=True, text=True, env=env, timeout=60)
+    assert ok.returncode == 0 and "worked on" in ok.stdout, ok.stderr
+
+
+def test_a_worker_computes_no_stage_but_a_student(tmp_path):
+    """A worker's teacher, pruning, student and control stages were finished by its parent; one
+    that is not means the parent is gone (an orphan recreated a deleted run directory and trained
+    the teacher into it). It is refused, not computed, and nothing is written."""
+    from types import SimpleNamespace
+
+    from ptd.pipeline import RunDirError, run_stage
+
+    ctx = SimpleNamespace(in_worker=True, is_done=lambda d: False, main=True)
+    with pytest.raises(RunDirError, match="is not finished, and a worker trains students only"):
+        run_stage(ctx, tmp_path / "teacher", lambda: pytest.fail("computed"))
+    assert not (tmp_path / "teacher").exists()
+
+
+@pytest.mark.slow
+def test_killing_the_parent_as_its_workers_start_leaves_nothing_running(tmp_path, tiny_fashion):
+    """SIGKILL to ptd the moment its worker processes appear (before they could arm
+    PR_SET_PDEATHSIG): they exit, and nothing more is written into the run directory."""
+    cfg = _cfg(tmp_path, tiny_fashion, threads=2, jobs=2, quiet=True)
+    run = tmp_path / "run"
+    assert main(["distill", str(cfg), "--out", str(run), "--arm", "scratch"]) == 0  # every stage before the students
+    shutil.rmtree(run / "distill")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    p = subprocess.Popen([sys.executable, "-m", "ptd", "run", str(cfg), "--out", str(run)], env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workers: list[str] = []
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and len(workers) < 2 and p.poll() is None:
+        kids = subprocess.run(["pgrep", "-P", str(p.pid)], capture_output=True, text=True).stdout.split()
+        workers = [k for k in kids if "spawn_main" in Path(f"/proc/{k}/cmdline").read_text(errors="replace")
+                   and "resource_tracker" not in Path(f"/proc/{k}/cmdline").read_text(errors="replace")] if kids else []
+        time.sleep(0.02)
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    assert len(workers) == 2, "no worker processes were seen"
+
+    def tree() -> dict[str, int]:
+        return {str(f.relative_to(run)): f.stat().st_mtime_ns for f in run.rglob("*") if f.is_file()}
+
+    written = tree()
+    for _ in range(300):  # 15 s: each worker checks its parent once its start-up imports are done
+        alive = [k for k in workers if Path(f"/proc/{k}").exists() and "Z" not in Path(f"/proc/{k}/stat").read_text().split()[2]]
+        if not alive:
+            break
+        time.sleep(0.05)
+    assert not alive, f"workers {alive} outlived their parent"
+    assert tree() == written
