@@ -632,14 +632,15 @@ def test_load_configured_passes_every_data_key_load_dataset_takes(monkeypatch):
 
     seen = {}
     monkeypatch.setattr(base, "load_dataset", lambda name, root, **kw: seen.update(name=name, root=root, **kw))
-    dc = DataConfig(name="cifar10", root="/r", cache_dir="/c", download=True, train_subset=7, test_subset=5, val_fraction=0.3)
+    dc = DataConfig(name="cifar10", root="/r", cache_dir="/c", download=True, train_subset=7, test_subset=5, val_fraction=0.3,
+                    check_images="full")
     base.load_configured(dc, 11, test_subset=3)
     takes = set(inspect.signature(base.load_dataset).parameters)
     fields = {f.name for f in dataclasses.fields(DataConfig)}
     for k in takes & fields:
         assert k in seen, k
     assert seen == {"name": "cifar10", "root": "/r", "val_fraction": 0.3, "seed": 11, "download": True, "cache_dir": "/c",
-                    "train_subset": 7, "test_subset": 3}
+                    "train_subset": 7, "test_subset": 3, "check_images": "full"}
     with pytest.raises(TypeError, match="unknown keyword"):
         base.load_configured(dc, 0, cache=1)
     # Nothing outside ptd.data maps a config onto load_dataset by hand.
