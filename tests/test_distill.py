@@ -104,6 +104,24 @@ def test_kd_options_from_distill_section_and_overrides():
         loss_options("kd", {"alpha": "high"})
 
 
+@pytest.mark.parametrize("name", LOSSES.names())
+def test_distill_alpha_and_temperature_are_kds_alone(name):
+    """distill.alpha and distill.temperature are the paper's KD settings. Every loss with an option
+    of that name once took them: DKD ran at alpha 0.95 and T 10 (its defaults: 1 and 4), DIST and
+    CRD at T 10 (1 and 0.07). Only a loss listing them in distill_keys (KD) takes them now."""
+    import dataclasses
+
+    cls = LOSSES.get(name)
+    plain = loss_options(name)
+    given = loss_options(name, None, {"alpha": 0.125, "temperature": 7.5})
+    for f in dataclasses.fields(plain):
+        want = {"alpha": 0.125, "temperature": 7.5}[f.name] if f.name in cls.distill_keys else getattr(plain, f.name)
+        assert getattr(given, f.name) == want, f.name
+    assert cls.distill_keys == (("alpha", "temperature") if name == "kd" else ())
+    if name == "dkd":
+        assert (given.alpha, given.temperature) == (1.0, 4.0)
+
+
 def test_penultimate_and_named_features_reach_the_loss_as_float32():
     seen = {}
 

@@ -75,6 +75,11 @@ class DistillLoss(nn.Module):
     # keeps per-sample state across steps (a memory bank indexed by the sample) sees only its rank's
     # samples, and DDP's buffer broadcast replaces the other ranks' updates with rank 0's every step.
     single_process_only: ClassVar[str] = ""
+    # The distill-section keys (distill.alpha, distill.temperature: the paper's KD settings) this
+    # loss takes as the defaults of its options of the same name. Only KD's: DKD's alpha and
+    # temperature (1, 4) or DIST's temperature (1) are other quantities that share a name, and
+    # took KD's 0.95 and 10 while every loss read them.
+    distill_keys: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, options: Any, setup: LossSetup):
         super().__init__()

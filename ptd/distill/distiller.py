@@ -30,14 +30,15 @@ def loss_options(name: str, section: Mapping[str, Any] | None = None, defaults: 
                  where: str = "distill.options") -> Any:
     """Build loss ``name``'s typed Options from ``section`` (its ``distill.options.<name>`` mapping).
 
-    ``defaults`` are distill-section values (``alpha``, ``temperature``) used for the Options
-    fields of the same name unless ``section`` sets them: kd's historical keys keep their meaning.
+    ``defaults`` are distill-section values (``alpha``, ``temperature``), used for the Options
+    fields the loss lists in ``distill_keys`` (KD's) unless ``section`` sets them; every other loss
+    keeps its own defaults.
     Raises a one-line ConfigError for an unknown loss, an unknown key (listing the valid ones) or
     a value the Options reject.
     """
     cls = LOSSES.get(name)
     fields = {f for f in getattr(cls.Options, "__dataclass_fields__", {})}
-    data = {k: v for k, v in (defaults or {}).items() if k in fields}
+    data = {k: v for k, v in (defaults or {}).items() if k in fields and k in cls.distill_keys}
     data.update(section or {})
     key = f"{where}.{name}"
     try:

@@ -18,6 +18,8 @@ from ptd.distill.base import MAX_TEMPERATURE, DistillBatch, DistillLoss, registe
 
 @register_loss("kd")
 class KD(DistillLoss):
+    distill_keys = ("alpha", "temperature")  # distill.alpha and distill.temperature are KD's
+
     @dataclass(frozen=True)
     class Options:
         alpha: float = 0.95  # weight of the soft (KL) term; (1 - alpha) weighs the label CE
