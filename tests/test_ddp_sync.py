@@ -19,7 +19,9 @@ import torch
 import torch.nn as nn
 
 from ptd.config import OptimConfig, PruneConfig
-from ptd.data import Split, make_loader
+from ptd.data import make_loader
+
+from test_train import data as split  # 4 classes, one bright band each: learnable in an epoch
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -37,15 +39,6 @@ def shard(rank: int, n: int = 2) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``n`` batches of rank ``rank``'s own data: what SNIP's ``ctx.batches`` gives each rank."""
     g = torch.Generator().manual_seed(100 + rank)
     return [(torch.randn(8, 1, 8, 8, generator=g), torch.randint(0, 3, (8,), generator=g)) for _ in range(n)]
-
-
-def split(n: int, seed: int) -> Split:
-    g = torch.Generator().manual_seed(seed)
-    y = torch.randint(0, 4, (n,), generator=g)
-    x = torch.randint(0, 40, (n, 1, 8, 8), generator=g, dtype=torch.uint8)
-    for i, c in enumerate(y):
-        x[i, 0, 2 * c: 2 * c + 2, :] = 220  # class = which band is bright
-    return Split(x, y)
 
 
 def loaders(rank: int = 0, world: int = 1):
