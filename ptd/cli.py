@@ -141,7 +141,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(cfg.threads)
     device = check_device(flag_device if flag_device is not None else cfg.device)
-    import ptd.students  # noqa: F401 -- a derived student's file replays its widths through it
 
     model = load_model(args.checkpoint)
     dc = cfg.data

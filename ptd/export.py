@@ -124,8 +124,6 @@ def load(path: Path) -> nn.Module:
     from ptd.train.checkpoint import CheckpointError, load_model
 
     try:
-        import ptd.students  # noqa: F401 -- a derived student's file replays its widths through it
-
         return load_model(path).eval()
     except CheckpointError as e:
         raise ExportError(str(e)) from None

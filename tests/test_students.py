@@ -930,3 +930,30 @@ def test_round_to_32_leaves_no_narrow_layer_unaligned():
         assert [r.width for r in plan.layers][:3] == [8, 16, 16]
         assert all(r.width % 8 == 0 for r in plan.layers[:3])
         assert "rounded to a multiple of 16, not 32" in plan.layers[1].note
+
+
+def test_a_surgery_student_loads_where_ptd_students_was_never_imported(tmp_path):
+    """A derived torchvision student replays its widths through ptd.students (channel surgery).
+    A process that never imported it (a `jobs: 2` worker, a library caller reading the file) got
+    "import ptd.students first"; the model registry now imports the owner by name on first use."""
+    import os
+    import subprocess
+    import sys
+
+    from ptd.pruning.select import global_topk
+    from ptd.train.checkpoint import save_model
+
+    torch.manual_seed(0)
+    teacher = build_model("tv:resnet18", 10, 3)
+    params = prunable_weights(teacher)
+    total = sum(p.numel() for p in params.values())
+    masks = global_topk({n: p.detach().abs() for n, p in params.items()}, full_masks(params), round(total * 0.41))
+    student, plan = derive_student(teacher, masks, round_to=8)
+    assert plan.method == "surgery" and "channel_widths" in student.ptd_spec
+    save_model(tmp_path / "s.safetensors", student)
+    code = ("import sys; from ptd.train.checkpoint import load_model; m = load_model(sys.argv[1]); "
+            "import torch; print(sum(p.numel() for p in m.parameters()), 'ptd.students' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "s.safetensors")], capture_output=True, text=True,
+                       timeout=300, env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == [str(sum(p.numel() for p in student.parameters())), "True"]

@@ -6,6 +6,7 @@ from plain text: that is how students are saved and reloaded without their teach
 """
 from __future__ import annotations
 
+import importlib
 import json
 from typing import Any, Callable
 
@@ -48,7 +49,9 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 # Spec keys that a package above this one knows how to replay on a freshly built model, e.g.
 # ``channel_widths`` (registered by ptd.students: channel surgery). Registered rather than
-# imported, so models depend on nothing above them. fn(model, spec) edits the model in place.
+# imported, so models depend on nothing above them; a process that never imported the owner (a
+# ``jobs`` worker, a library caller reading a student file) has it imported by name on first use.
+# fn(model, spec) edits the model in place.
 SPEC_STEPS: Registry[Callable[[nn.Module, dict], None]] = Registry("model spec key")
 _SPEC_OWNERS = {"channel_widths": "ptd.students"}
 
@@ -86,8 +89,9 @@ def build_from_spec(spec: dict) -> nn.Module:
     model = build_model(arch, **spec)
     if channel_widths:
         if "channel_widths" not in SPEC_STEPS:
-            raise ValueError(f"this spec carries channel_widths (a derived student); import {_SPEC_OWNERS['channel_widths']} "
-                             "first, which registers how to replay them")
+            # Workers of `jobs: 2` never imported ptd.students, and a surgery student (tv:, a
+            # user's registered model) failed there with "import ptd.students first".
+            importlib.import_module(_SPEC_OWNERS["channel_widths"])
         SPEC_STEPS.get("channel_widths")(model, {**full, "trace_size": int(trace_size)})
         model.ptd_spec = full
     return model
