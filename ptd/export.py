@@ -398,7 +398,8 @@ def test_images(run_dir: Path | None, input_shape: Sequence[int], n: int = 64) -
                 splits = load_configured(dc, cfg.seed, test_subset=n)
             except DataError:  # a test set of fewer than n images (a tiny run's): read it as the run did, and use all of it
                 splits = load_configured(dc, cfg.seed)
-            loader = make_loader(splits.test, batch_size=n, train=False, mean=splits.mean, std=splits.std, augment=False, workers=0)
+            loader = make_loader(splits.test, batch_size=n, train=False, mean=splits.mean, std=splits.std, augment=False, workers=0,
+                                 image_size=dc.image_size)  # the size the run trained at, not the folder loader's default
             x, _ = next(iter(loader))
             return x[:n].float().cpu().contiguous(), f"{len(x[:n])} test images of {dc.name}"
         except Exception as e:  # noqa: BLE001 -- the check still runs, on stand-in inputs of the run's size, and says why

@@ -221,8 +221,9 @@ class Context:
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
-        h, w = self.splits.image_size
-        return (self.splits.in_channels, h, w)
+        from ptd.data import frame_size
+
+        return (self.splits.in_channels, *frame_size(self.splits, self.cfg.data.image_size))
 
     def train_loader(self, batch_size: int, seed: int):
         """One loader per (batch size, seed), shared by stages: the split goes to the device once.

@@ -33,6 +33,7 @@ import torch.nn as nn
 
 from ptd import paths as P
 from ptd.config import ARM_TABLE, ConfigError, ModelConfig, RunConfig
+from ptd.data.base import frame_size
 from ptd.errors import PreflightError, PtdError, one_line
 from ptd.machine import cpu_count, gib, gpu_memory_bytes, memory_bytes
 from ptd.registry import UnknownNameError
@@ -397,7 +398,7 @@ def check_data_config(cfg: RunConfig) -> None:
 def check_crop_padding(cfg: RunConfig, splits: Any) -> None:
     """Random-crop padding of at most the image's side: more pads each image with a border wider
     than itself (crops of almost nothing but zeros) and, absurdly large, exhausts memory mid-run."""
-    side = cfg.data.image_size or min(splits.image_size)
+    side = min(frame_size(splits, cfg.data.image_size))
     if cfg.data.augment and cfg.data.crop_padding > side:
         raise ConfigError(f"data.crop_padding: {cfg.data.crop_padding} pixels is more than the {side}-pixel side of the "
                           f"images of {splits.name}; use at most {side} (the usual is an eighth of the side: 4 for 32 pixels)")
@@ -561,7 +562,7 @@ def _out_of_memory(e: BaseException) -> bool:
 
 def check_runs(model: nn.Module, where: str, splits: Any, image_size: int | None = None) -> None:
     """One forward pass of blank images of this data's shape; the logits must be [2, num_classes]."""
-    h, w = (image_size, image_size) if image_size else tuple(splits.image_size)
+    h, w = frame_size(splits, image_size)
     was = model.training
     model.eval()
     try:
@@ -706,7 +707,7 @@ def check_training_memory(cfg: RunConfig, teacher: nn.Module, student: nn.Module
         return
     world = max(1, int(os.environ.get("WORLD_SIZE", "1")))
     local = max(1, min(world, int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))))
-    h, w = (cfg.data.image_size,) * 2 if cfg.data.image_size else tuple(splits.image_size)
+    h, w = frame_size(splits, cfg.data.image_size)
     shape = (splits.in_channels, h, w)
     from ptd.train.loop import cpu_has_native_bf16, cuda_has_native_bf16
 
@@ -773,8 +774,7 @@ def check_bridges(cfg: RunConfig, teacher: nn.Module, student: nn.Module | None,
     if any(n != PENULTIMATE and n not in t_mods for t, _ in layers for n in t) or \
             any(n != PENULTIMATE and dc.layer_map.get(n, n) not in s_mods for _, s in layers for n in s):
         return  # a layer that is not there: check_plugins names it with the nearest valid names
-    size = cfg.data.image_size
-    h, w = (size, size) if size else tuple(splits.image_size)
+    h, w = frame_size(splits, cfg.data.image_size)
     try:
         build_distiller(student, teacher, list(dc.losses), options=dc.options,
                         defaults={"alpha": dc.alpha, "temperature": dc.temperature}, num_classes=splits.num_classes,

@@ -293,7 +293,7 @@ def test_run_stage_skips_done_and_marks_done_before_cleanup(tmp_path):
 
     d = tmp_path / "stage"
     order = []
-    ctx = SimpleNamespace(main=True, write_json=lambda p, o: (order.append("result"), ckpt.write_json(p, o)),
+    ctx = SimpleNamespace(main=True, in_worker=False, write_json=lambda p, o: (order.append("result"), ckpt.write_json(p, o)),
                           done=lambda p, inputs=(): (order.append("done"), mark_done(p)), is_done=is_done)
 
     def boom():
@@ -417,3 +417,20 @@ def test_a_level_that_empties_a_layer_stops_the_run_in_one_line(tmp_path, tiny_f
         full = full_masks(prunable_weights(t))
         empty = emptied_layers(global_topk(magnitude(t, full), full, keep_for_target(full, target)))
         assert empty and all(n in err[0] for n in empty[:3])
+
+
+def test_models_are_measured_at_the_size_they_train_at(tmp_path):
+    """data.image_size (folder datasets) is the size the loaders crop to; the student stage's FLOPs,
+    latency and ONNX timing, SynFlow's input and the memory check all take their input from
+    ptd.data.frame_size, which the student stage once skipped (it measured at the folder loader's
+    224 while training at the configured size)."""
+    from types import SimpleNamespace
+
+    from ptd.config import load_config
+    from ptd.data import frame_size
+    from ptd.pipeline import Context
+
+    splits = SimpleNamespace(in_channels=3, image_size=(224, 224))
+    assert Context(load_config(None, ["data.image_size=64"]), tmp_path, None, splits, print).input_shape == (3, 64, 64)
+    assert Context(load_config(None), tmp_path, None, splits, print).input_shape == (3, 224, 224)
+    assert frame_size(SimpleNamespace(image_size=(28, 30)), None) == (28, 30) and frame_size(splits, 32) == (32, 32)

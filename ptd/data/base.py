@@ -327,6 +327,14 @@ def verify_images(split: AnySplit, progress: bool | None = None, *, full: bool =
         ex.shutdown(wait=True, cancel_futures=True)  # after an error, do not check the rest
 
 
+def frame_size(splits: Any, image_size: int | None) -> tuple[int, int]:
+    """(height, width) of the images a run trains on: ``data.image_size`` (a square, folder datasets)
+    where set, else the dataset's own. Every measurement of a model (FLOPs, latency, memory, export)
+    takes its input from here, so none is made at the folder loader's default 224 while training
+    ran at another size."""
+    return (int(image_size), int(image_size)) if image_size else (int(splits.image_size[0]), int(splits.image_size[1]))
+
+
 def take(split: AnySplit, idx: torch.Tensor) -> AnySplit:
     """Sub-select ``split`` by integer indices (keeps the split's type)."""
     if isinstance(split, Split):
