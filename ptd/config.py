@@ -252,8 +252,9 @@ class DistillConfig:
     # A registered loss name (ptd.distill.LOSSES), or a list of them: every teacher arm is then
     # distilled with each listed loss in turn (the scratch arm once), compared per loss.
     loss: str | tuple[str, ...] = "kd"
-    # kd's defaults, kept here so existing configs mean the same: alpha weighs the soft (KL) term,
-    # temperature is T. distill.options.kd overrides them.
+    # kd's alone (the paper's loss; a loss lists the distill keys it takes in distill_keys): alpha
+    # weighs the soft (KL) term, temperature is T. distill.options.kd overrides them; other losses'
+    # options of the same name keep their own defaults.
     alpha: float = 0.95
     temperature: float = 10.0
     # {loss name: {option: value}}: validated by that loss's typed Options when it is built.

@@ -30,6 +30,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 
+from ptd import paths as P
 from ptd.errors import PtdError
 from ptd.train.checkpoint import is_writer_temp
 
@@ -75,11 +76,11 @@ def _best_arm(run_dir: Path) -> tuple[Path, str]:
     validation set), whichever arm trained it: the one trained alone too, when it is the best
     model the run made (what a deployment wants); the line names the arm."""
     cands = []
-    for d in sorted((run_dir / "distill").glob("*/")):
-        f = d / "model.safetensors"
-        if not f.is_file() or not (d / "done").exists():
+    for d in sorted((run_dir / P.DISTILL).glob("*/")):  # replicate 0's students (teachers/r<k>/ are not scanned)
+        f = d / P.MODEL
+        if not f.is_file() or not (d / P.DONE).exists():
             continue
-        r = _arm_result(d / "result.json", run_dir)
+        r = _arm_result(d / P.RESULT, run_dir)
         score = r.get("val_acc") if r.get("val_acc") is not None else r.get("test_acc")
         cands.append((-1.0 if score is None else float(score), d.name, f, r))
     if not cands:
@@ -107,15 +108,15 @@ def _resolve(p: Path) -> Source:
     if not p.exists():
         raise ExportError(f"{p}: no such file or directory; give a run directory or a model .safetensors written by ptd")
     if p.is_dir():
-        if not (p / "config.yaml").is_file() and not (p / "distill").is_dir():
+        if not (p / P.CONFIG).is_file() and not (p / P.DISTILL).is_dir():
             raise ExportError(f"{p}: not a ptd run directory (no config.yaml, no distill/); give a run directory or a model .safetensors")
         f, what = _best_arm(p)
-        teacher = p / "teacher" / "model.safetensors"
+        teacher = p / P.TEACHER / P.MODEL
         return Source(f, teacher if teacher.is_file() else None, p, what)
     if p.suffix != ".safetensors":
         raise ExportError(f"{p}: not a .safetensors model file; export a model saved by ptd (model.safetensors) or a run directory")
-    run_dir = p.parent.parent.parent if p.parent.parent.name == "distill" else None
-    teacher = run_dir / "teacher" / "model.safetensors" if run_dir is not None else None
+    run_dir = p.parent.parent.parent if p.parent.parent.name == P.DISTILL else None
+    teacher = run_dir / P.TEACHER / P.MODEL if run_dir is not None else None
     return Source(p, teacher if teacher is not None and teacher.is_file() else None, run_dir, f"model file {p.name}")
 
 
@@ -387,12 +388,12 @@ def test_images(run_dir: Path | None, input_shape: Sequence[int], n: int = 64) -
     where it recorded none, ExportError: the ONNX graph is traced at one H x W, and a guess
     (32 x 32) made a 28 x 28 student's file that refuses its own images.
     """
-    if run_dir is not None and (run_dir / "config.yaml").is_file():
+    if run_dir is not None and (run_dir / P.CONFIG).is_file():
         try:
             from ptd.config import load_config
             from ptd.data import DataError, load_configured, make_loader
 
-            cfg = load_config(run_dir / "config.yaml")
+            cfg = load_config(run_dir / P.CONFIG)
             dc = cfg.data
             try:
                 splits = load_configured(dc, cfg.seed, test_subset=n)
@@ -416,7 +417,7 @@ def test_images(run_dir: Path | None, input_shape: Sequence[int], n: int = 64) -
 def _recorded_input(run_dir: Path, channels: int) -> tuple[int, int, int] | None:
     """The (C, H, W) the student stage timed the run's models at (student/stats.json), or None."""
     try:
-        shape = json.loads((run_dir / "student" / "stats.json").read_text())["onnx_latency"]["input"]
+        shape = json.loads((run_dir / P.STUDENT / P.STATS).read_text())["onnx_latency"]["input"]
     except (OSError, ValueError, RecursionError, KeyError, TypeError):  # missing, damaged, or a run that timed nothing
         return None
     if not (isinstance(shape, list) and len(shape) == 3 and shape[0] == channels

@@ -657,7 +657,6 @@ def finish_growth(ctx: Context) -> None:
 # result only where those stages are what this config computes, so every key outside student,
 # distill, name and sweep (and those a resume may change, _VOLATILE_KEYS) must be RUN's.
 
-_REUSE_FREE = REUSE_FREE
 REUSED_STAGES = (P.TEACHER, P.PRUNE, P.CONTROL)
 
 
@@ -679,7 +678,7 @@ def check_reuse(cfg: RunConfig, src: str | Path, run_dir: str | Path) -> list[Pa
                              f"and pruning to reuse")
     old = _recorded_paths(src, read_yaml_mapping(src / P.CONFIG, fix="restore it, or run without --from"))
     new = to_dict(cfg)
-    d = _diff({k: v for k, v in old.items() if k not in _REUSE_FREE}, {k: v for k, v in new.items() if k not in _REUSE_FREE},
+    d = _diff({k: v for k, v in old.items() if k not in REUSE_FREE}, {k: v for k, v in new.items() if k not in REUSE_FREE},
               grows={"teacher.seeds": lambda x, y: True, **_EQUIVALENT})  # replicates it lacks are trained, extra ones left
     if d:
         raise PreflightError(f"--from {src}: its teacher and pruning were made with another config ({d}); --from reuses them "
@@ -857,21 +856,20 @@ class _SaveAtEpoch:
         self.resumed = True  # fit restores a commit: at least one epoch is behind us
 
 
-def snapshot_epoch(cfg: RunConfig, strategies: Sequence[str] | None = None) -> int | None:
-    """The teacher epoch whose weights a pruning strategy of this run needs (weight rewinding), as
-    the strategies declare it. ``strategies``: a sweep's, each with its section of prune.options;
-    default: the run's one strategy with all of prune.options."""
+def snapshot_epochs(cfg: RunConfig, strategies: Sequence[str] | None = None) -> tuple[int, ...]:
+    """The teacher epochs whose weights the pruning strategies of this run need (weight rewinding),
+    as the strategies declare them, in order. ``strategies``: a sweep's, each with its section of
+    prune.options; default: the run's one strategy with all of prune.options. Every one is kept:
+    a sweep of two weight-rewinding strategies at epochs 2 and 5 kept only 2, and the second
+    strategy failed for want of epoch 5 after the teacher had trained."""
     from ptd.pruning import SPECS, options_for, strategy_options
 
     if strategies is None:
         wanted = [(cfg.prune.strategy, dict(cfg.prune.options))]
     else:
         wanted = [(st, options_for(cfg.prune.options, st)) for st in strategies]
-    for st, opts in wanted:
-        e = SPECS.get(st).snapshot_epoch(strategy_options(st, opts))
-        if e is not None:  # 0 is an epoch too: the initialization
-            return e
-    return None
+    epochs = {SPECS.get(st).snapshot_epoch(strategy_options(st, opts)) for st, opts in wanted}
+    return tuple(sorted(e for e in epochs if e is not None))  # 0 is an epoch too: the initialization
 
 
 def run_stage(ctx: Context, d: Path, compute: Callable[[], dict], *, result_file: str = P.RESULT,
@@ -922,9 +920,9 @@ def student_seed(cfg: RunConfig, seed: int, replicate: int = 0) -> int:
     return stream_seed(cfg.seed, "student", seed, epoch=replicate)
 
 
-def stage_teacher(ctx: Context, snapshot: int | None | str = "auto", replicate: int = 0) -> tuple[nn.Module, dict]:
+def stage_teacher(ctx: Context, snapshot: Sequence[int] | str = "auto", replicate: int = 0) -> tuple[nn.Module, dict]:
     """Train (or load) teacher replicate ``replicate``; ``snapshot``: also keep its weights after
-    that epoch (None: none; "auto": what the run's pruning strategy declares it needs)."""
+    each of these epochs ("auto": what the run's pruning strategy declares it needs)."""
     cfg, d = ctx.cfg, P.replicate_root(ctx.run_dir, replicate) / P.TEACHER
     model = ctx.new_model(cfg.teacher.model)
 
@@ -943,9 +941,8 @@ def stage_teacher(ctx: Context, snapshot: int | None | str = "auto", replicate: 
             model = ctx.rt.prepare(model)
             ctx.log(f"[teacher] training {cfg.teacher.model.arch} for {cfg.teacher.optim.epochs} epochs")
             hooks = []
-            rewind_epoch = snapshot_epoch(cfg) if snapshot == "auto" else snapshot
-            if rewind_epoch is not None:
-                hooks.append(_SaveAtEpoch(model, int(rewind_epoch), P.snapshot_file(d, int(rewind_epoch)), ctx.main))
+            for e in snapshot_epochs(cfg) if snapshot == "auto" else snapshot:
+                hooks.append(_SaveAtEpoch(model, int(e), P.snapshot_file(d, int(e)), ctx.main))
             result = ctx.fit(model, cfg.teacher.optim, d, teacher_seed(cfg, replicate), "teacher", hooks=hooks)
         result["params"] = sum(p.numel() for p in model.parameters())
         return result

@@ -41,9 +41,6 @@ from ptd.registry import UnknownNameError
 # Strategies that prune in rounds of ``prune.rate``: their targets round to a whole number of
 # rounds, so a target below half a round means no pruning at all.
 ROUND_STRATEGIES = ("imp", "imp_weight_rewind", "imp_finetune")
-# Weight rewinding to the initialization (rewind_epoch 0): the teacher stage saves its weights
-# before the first epoch (pipeline._SaveAtEpoch.on_start), so 0 is accepted.
-REWIND_TO_INIT = True
 # data.workers above this many per CPU is refused (see check_data_config).
 WORKERS_PER_CPU = 4
 # A model is refused before it is built when its fp32 weights, gradients and SGD momentum alone
@@ -450,11 +447,9 @@ def check_rewind(cfg: RunConfig, strategy: str, opts: dict) -> None:
     if isinstance(e, bool) or not isinstance(e, int):
         raise ConfigError(f"prune.options.rewind_epoch: expected an integer epoch, got {e!r}")
     epochs = cfg.teacher.optim.epochs
+    # 0 is the initialization: the teacher stage saves it before its first epoch (pipeline._SaveAtEpoch).
     if not 0 <= e <= epochs:
         raise ConfigError(f"prune.options.rewind_epoch: {e} is outside 0..teacher.optim.epochs ({epochs}); pick an epoch the teacher trains through")
-    if e == 0 and not REWIND_TO_INIT:
-        raise ConfigError("prune.options.rewind_epoch: 0 (the initialization) is not saved by the teacher stage; "
-                          "use 1 or later (an early epoch, as in Frankle et al.), or rewind: lr")
     if weight and cfg.teacher.checkpoint:
         raise ConfigError(f"prune.options.rewind_epoch: weight rewinding needs the teacher's epoch-{e} weights, but "
                           f"teacher.checkpoint ({cfg.teacher.checkpoint}) skips training; use rewind: lr, or drop teacher.checkpoint")

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from ptd import paths as P
 from ptd.config import ConfigError, PruneConfig, RunConfig
 from ptd.models import build_from_spec
-from ptd.pipeline import (Context, RunDirError, check_plugins, distill_in_parallel, finish_growth, is_done, snapshot_epoch, make_context, read_json,
+from ptd.pipeline import (Context, RunDirError, check_plugins, distill_in_parallel, finish_growth, is_done, snapshot_epochs, make_context, read_json,
                           stage_distill, stage_prune, stage_student, stage_teacher)
 from ptd.pruning import SPECS, options_for
 from ptd.pruning.masks import Masks, load_masks
@@ -224,7 +224,7 @@ def sweep_teachers(ctx: Context, sparsities: list[float], student_from: float) -
     the one the student is derived from."""
     cfg = ctx.cfg
     # The teacher stage keeps early weights for weight rewinding when a strategy declares it needs them.
-    teacher, t_res = stage_teacher(ctx, snapshot=snapshot_epoch(cfg, cfg.sweep.strategies))
+    teacher, t_res = stage_teacher(ctx, snapshot=snapshot_epochs(cfg, cfg.sweep.strategies))
     teacher.eval()
     pruned = prune_all(ctx, teacher, t_res, sparsities)
     src = next(p for p in pruned if p.strategy == cfg.sweep.strategies[0] and abs(p.target - student_from) < 1e-9)

@@ -23,7 +23,7 @@ import yaml
 from ptd.cli import main
 from ptd.config import ConfigError, load_config
 from ptd.errors import PreflightError, PtdError
-from ptd.preflight import REWIND_TO_INIT, check_device, check_out_dir, check_runs, preflight
+from ptd.preflight import check_device, check_out_dir, check_runs, preflight
 
 from conftest import tiny_config, write_fashion_like
 
@@ -248,9 +248,6 @@ CASES: dict[str, tuple[list[str], list[str]]] = {
     "eval-bad-config": (["eval", "{ws}/teacher.safetensors", "{ws}/bad.yaml"], ["bad.yaml", "YAML"]),
     "eval-bad-set": (["eval", "{ws}/teacher.safetensors", "{ws}/c.yaml", "--set", "data.root={ws}/nope"], ["nope"]),
 }
-if not REWIND_TO_INIT:  # refused up front until the teacher stage saves its initialization
-    CASES["prune-rewind-epoch-zero"] = (["run", "{ws}/c.yaml", "--set", "prune.strategy=imp_weight_rewind", "--set",
-                                         "prune.options={rewind_epoch: 0}"], ["rewind_epoch", "initialization"])
 if not HAS_CUDA:  # on a GPU machine these are not mistakes
     CASES["device-cuda-missing"] = (["train", "{ws}/c.yaml", "--device", "cuda"], ["cuda", "not available", "--device cpu"])
     CASES["eval-device-cuda-missing"] = (["eval", "{ws}/teacher.safetensors", "{ws}/c.yaml", "--device", "cuda"], ["cuda", "not available"])
@@ -334,7 +331,7 @@ def test_sweep_sparsities_checked_only_for_sweeps(ws: Path, tmp_path: Path):
         preflight(cfg, tmp_path / "r", sweep=True)
 
 
-@pytest.mark.parametrize("e, ok", [(1, True), (3, True), (4, False), (-1, False), (0, REWIND_TO_INIT)])
+@pytest.mark.parametrize("e, ok", [(1, True), (3, True), (4, False), (-1, False), (0, True)])  # 0: the init, saved
 def test_rewind_epoch_range(ws: Path, tmp_path: Path, e: int, ok: bool):
     cfg = _cfg(ws, "prune.strategy=imp_weight_rewind", f"prune.options={{rewind_epoch: {e}}}")  # teacher: 3 epochs
     if ok:

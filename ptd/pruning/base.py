@@ -111,7 +111,7 @@ class Level:
 @dataclass
 class PruneContext:
     model: nn.Module  # the trained teacher, pruned in place
-    masks: Masks  # starting masks (all alive, or a pre-pruned checkpoint's nonzeros)
+    masks: Masks  # starting masks: all alive (stage_prune; a pre-pruned teacher.checkpoint's zeros are weights too)
     cfg: PruneConfig
     # train(model, masks, name, optim, hooks) -> fit summary; keeps masked weights at zero,
     # restarts the LR schedule, resumes an interrupted run of the same name.

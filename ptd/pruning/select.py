@@ -33,7 +33,7 @@ def survivors_after_round(alive: int, rate: float) -> int:
 def keep_for_target(masks: Masks, target: float) -> int:
     """Weights to keep so that exactly ``target`` of all masked weights are pruned: round(total * (1 - target)).
 
-    Never more than are alive now (a pre-pruned start may already be sparser than the target).
+    Never more than are alive now (masks a library caller passes may already be sparser than the target).
     """
     alive = sum(int(m.sum()) for m in masks.values())
     return min(alive, keep_of_total(sum(m.numel() for m in masks.values()), target))

@@ -768,7 +768,7 @@ def save_resume(out_dir: str | Path, state: dict[str, Any]) -> None:
     ``state`` is a dict of tensors, numbers, strings, lists and dicts (what ``weights_only=True``
     reads back), holding everything a resume needs: by convention ``epoch`` (0-based, the epoch
     just finished), ``model`` (the unit's state dict: student + loss modules), ``optimizer``,
-    ``scheduler``, ``rng`` (``rng_state()``), ``hooks``, ``losses``, ``metrics`` (every row so
+    ``scheduler``, ``rng`` (``rng_state()``), ``hooks``, ``metrics`` (every row so
     far), ``best`` ({epoch, acc}), ``steps``, ``wall_s``, ``world_size`` (the DDP processes that
     trained it: :func:`check_world_size`). Tensors are copied to the CPU first so
     the file loads on any device.

@@ -117,8 +117,9 @@ def imp_finetune(ctx: PruneContext) -> list[Level]:
 
 def _snapshot(o) -> int | None:
     # The teacher stage keeps its weights at this epoch for weight rewinding (0: the init, saved
-    # before its first epoch).
-    return getattr(o, "rewind_epoch", None)
+    # before its first epoch). Only when this run rewinds weights: imp's rewind_epoch under
+    # rewind: lr is unused, and a sweep saved it, as if needed, in place of another strategy's.
+    return getattr(o, "rewind_epoch", None) if getattr(o, "rewind", "weight") == "weight" else None
 
 
 # Every IMP variant's levels nest: round k of one run to the highest sparsity is a lower sparsity.
