@@ -67,6 +67,25 @@ def test_a_first_loss_named_or_not_pairs_the_same(tmp_path):
     assert [r["n"] for r in compare_runs(ra, rb)] == [5, 5]
 
 
+
+def test_scratch_students_pair_across_runs_whose_first_loss_differs(tmp_path):
+    """A scratch student has no teacher and so no loss (its row's loss is None): it was keyed by the
+    run's first loss, so A (loss: kd) and B (loss: at) did not pair their identical scratch students,
+    and with nothing else shared compare_runs refused the two runs."""
+    def results(name, loss):
+        r = json.loads((run_dir(tmp_path, name, A, distill_losses=[loss]) / "results.json").read_text())
+        r["students"] = [{**s, "loss": None if s["arm"] == "scratch" else loss} for s in r["students"]]
+        return r
+
+    ra, rb = results("a", "kd"), results("b", "at")
+    # the scratch students pair; the KD students of two losses stay apart
+    assert [(r["arm"], r["loss"], r["n"]) for r in compare_runs(ra, rb)] == [("scratch", None, 5)]
+    # a scratch student listed twice is still refused
+    twice = {**rb, "students": rb["students"] + [dict(rb["students"][0], test_acc=0.5)]}
+    with pytest.raises(ValueError, match="arm scratch, seed 0 .* twice"):
+        compare_runs(ra, twice)
+
+
 def _refused(capsys, argv, *words) -> None:
     assert main(argv) == 2
     err = capsys.readouterr().err

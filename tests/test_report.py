@@ -247,3 +247,63 @@ def test_report_says_what_to_try_only_when_distillation_is_called_worse_than_alo
     for accs in (noisy, [a + 0.01 for a in alone]):
         st = students[:5] + [{"arm": "pruned_teacher", "seed": i, "test_acc": a, "epochs": 4} for i, a in enumerate(accs)]
         assert worse_than_alone_note({**base, "students": st, **summarize(st)}) is None
+
+
+def _built(students, cfg=None):
+    """build_results on a small run: teacher 2 epochs, pruning 3, each student 1 (by hand, so the
+    compute behind each arm can be summed here)."""
+    from ptd.config import load_config
+    from ptd.report import build_results
+
+    prune = {"strategy": "imp", "final_level": 1, "sparsity": 0.2, "epochs": 3, "steps": 30, "wall_s": 3.0,
+             "levels": [{"level": 0, "sparsity": 0.0, "test_acc": 0.9, "params_nonzero": 1000},
+                        {"level": 1, "sparsity": 0.2, "test_acc": 0.89, "params_nonzero": 800}]}
+    stats = {"spec": {"arch": "vgg"}, "teacher": {"params": 1000, "flops": 5000}, "student": {"params": 400, "flops": 2000}}
+    return build_results(cfg or load_config(), {"test_acc": 0.9, "epochs": 2, "steps": 20, "wall_s": 2.0}, prune, stats, students)
+
+
+def test_an_arm_added_to_the_arm_table_is_reported_with_no_second_edit(monkeypatch):
+    """ptd.config.ARM_TABLE is the one table of arms: the report once repeated its labels and the
+    compute behind each arm, so a new arm there raised KeyError in build_results. Here an arm of an
+    existing kind of teacher is added to the table alone."""
+    from ptd.config import ARM_TABLE, Arm
+    from ptd.report import ARM_LABELS, RESULTS_SCHEMA, validate
+
+    monkeypatch.setitem(ARM_TABLE, "longer_teacher", Arm("KD from unpruned teacher trained longer", "unpruned"))
+    students = [{**x, "epochs": 1, "steps": 10, "wall_s": 1.0}
+                for x in rows("scratch", [0.80, 0.81]) + rows("pruned_teacher", [0.85, 0.86]) + rows("longer_teacher", [0.84, 0.87])]
+    r = _built(students)
+    assert list(r["summary"]) == ["scratch", "pruned_teacher", "longer_teacher"]  # ARM_TABLE's order
+    assert r["summary"]["longer_teacher"]["mean"] == pytest.approx(0.855)
+    per = r["compute"]["total_per_student"]
+    assert per["longer_teacher"]["epochs"] == 2 + 1  # an unpruned teacher's training and its own, as unpruned_teacher's
+    assert per["pruned_teacher"]["epochs"] == 2 + 3 + 1 and per["scratch"]["epochs"] == 1
+    assert ARM_LABELS["longer_teacher"] == "KD from unpruned teacher trained longer"
+    validate(RESULTS_SCHEMA, json.loads(json.dumps(r)), Path("results.json"), "")  # `ptd report` accepts the arm
+    assert "| KD from unpruned teacher trained longer | 85.50 |" in render_markdown(r)
+
+
+def test_every_arm_takes_its_label_and_compute_from_the_arm_table():
+    from ptd.config import ARM_TABLE
+    from ptd.report import ARM_LABELS, COMPARISONS, COMPUTE_BEHIND, TEACHER_RESULT, compute_behind
+
+    assert dict(ARM_LABELS) == {name: arm.label for name, arm in ARM_TABLE.items()}
+    for name, arm in ARM_TABLE.items():  # a new kind of teacher needs its entry in the report's two tables
+        assert arm.teacher in COMPUTE_BEHIND and (arm.teacher is None or arm.teacher in TEACHER_RESULT), name
+    assert {a: compute_behind(a) for a in ARM_TABLE} == {
+        "scratch": (), "unpruned_teacher": ("teacher",), "pruned_teacher": ("teacher", "pruning"),
+        "retrained_teacher": ("teacher", "control")}
+    assert {a for pair in COMPARISONS.values() for a in pair} <= set(ARM_TABLE)
+
+
+def test_a_student_that_did_not_learn_is_named_with_its_teacher_replicate():
+    """teacher.seeds > 1: the pipeline records a student's replicate as "teacher" (the warning read
+    "replicate", which no row has, so the lines for one arm and seed under two teachers were the same)."""
+    from ptd.report import not_learned
+
+    r = {"test_set": {"n": 1000, "chance": 0.1}, "teacher": {"test_acc": 0.9}, "pruned_teacher": {"test_acc": 0.9},
+         "distill_losses": ["kd"], "students": rows("pruned_teacher", [0.1], 0) + rows("pruned_teacher", [0.1], 1)}
+    assert [b["model"] for b in not_learned(r)] == ["KD from pruned teacher, seed 0, teacher 0",
+                                                    "KD from pruned teacher, seed 0, teacher 1"]
+    one = {**r, "students": rows("pruned_teacher", [0.1])}  # one teacher: rows have no "teacher" key
+    assert [b["model"] for b in not_learned(one)] == ["KD from pruned teacher, seed 0"]

@@ -188,23 +188,34 @@ def test_imp_level_cost_is_cumulative():
     assert costs[-1]["wall_s"] == pytest.approx(10.5)
 
 
-def test_every_generated_label_names_its_two_arms():
-    """Each comparison's verdict names the two arms compared (once it said "KD from pruned teacher
-    vs KD from unpruned teacher" for every comparison, the baselines' vs_scratch included)."""
-    from ptd.report import ARM_LABELS
+
+def small_sweep(baselines: dict[str, list[float]], rows: dict[tuple[str, float], list[float]]) -> dict:
+    """build_sweep_results on accuracies given by hand, seed by seed: {baseline arm: accuracies},
+    {(strategy, sparsity): accuracies}; nothing trained."""
     from ptd.report.sweep import build_sweep_results
 
     def students(arm, accs):
         return [{"arm": arm, "seed": s, "test_acc": a, "val_acc": a, "epochs": 1, "steps": 1, "wall_s": 1.0}
                 for s, a in enumerate(accs)]
 
-    levels = [{"level": 0, "epochs": 0, "steps": 0, "wall_s": 0.0, "test_acc": 0.9},
-              {"level": 1, "epochs": 1, "steps": 1, "wall_s": 1.0, "sparsity": 0.2, "test_acc": 0.89}]
-    src = PrunedTeacher("imp", 0.2, Path("run/prune/imp"), 1, {"levels": levels, "final_level": 1})
-    base = {"scratch": students("scratch", [0.5, 0.6]), "unpruned_teacher": students("unpruned_teacher", [0.7, 0.75])}
+    def teacher(strategy, sparsity):
+        levels = [{"level": 0, "epochs": 0, "steps": 0, "wall_s": 0.0, "test_acc": 0.9},
+                  {"level": 1, "epochs": 1, "steps": 1, "wall_s": 1.0, "sparsity": sparsity, "test_acc": 0.89}]
+        return PrunedTeacher(strategy, sparsity, Path(f"run/prune/{strategy}_s{sparsity:g}"), 1, {"levels": levels, "final_level": 1})
+
+    pruned = [(teacher(*k), students(f"{k[0]}_s{k[1]:g}", accs)) for k, accs in rows.items()]
     stats = {"spec": {"arch": "vgg"}, "teacher": {"params": 10, "flops": 100}, "student": {"params": 5, "flops": 50}}
-    r = build_sweep_results(load_config(), {"test_acc": 0.9, "epochs": 1, "steps": 1, "wall_s": 1.0}, stats, src, base,
-                            [(src, students("imp_s0.2", [0.8, 0.76]))])
+    return build_sweep_results(load_config(), {"test_acc": 0.9, "epochs": 1, "steps": 1, "wall_s": 1.0}, stats, pruned[0][0],
+                               {arm: students(arm, accs) for arm, accs in baselines.items()}, pruned)
+
+
+def test_every_generated_label_names_its_two_arms():
+    """Each comparison's verdict names the two arms compared (once it said "KD from pruned teacher
+    vs KD from unpruned teacher" for every comparison, the baselines' vs_scratch included)."""
+    from ptd.report import ARM_LABELS
+
+    base = {"scratch": [0.5, 0.6], "unpruned_teacher": [0.7, 0.75]}
+    r = small_sweep(base, {("imp", 0.2): [0.8, 0.76]})
     want = {
         ("rows", "vs_unpruned_teacher"): (ARM_LABELS["pruned_teacher"], ARM_LABELS["unpruned_teacher"], "+5.50 points"),  # (0.10 + 0.01) / 2
         ("rows", "vs_scratch"): (ARM_LABELS["pruned_teacher"], ARM_LABELS["scratch"], "+23.00 points"),
@@ -347,3 +358,33 @@ def test_sweep_reading_gives_the_whole_sweep_claim_and_the_row_by_row_one():
             "each interval at 98.33% (Bonferroni for 3 comparisons: the chance of any false call among them is at most 5%).") in md
     assert "row by row (each row's own 95% CI above 0): 2 of 3 (imp s0.36, imp s0.59); with 3 rows" in md
     assert "(the highest of 3 means: picked for being high" in md
+
+
+def test_ptd_report_recomputes_a_sweeps_statistics_as_the_sweep_wrote_them(tmp_path, monkeypatch, capsys):
+    """The sweep writes its statistics (build_sweep_results) and `ptd report` recomputes them from
+    sweep.json's per-seed rows; they were computed in two places that had to agree. Both now go
+    through ptd.report.sweep.sweep_statistics, and a report on a sweep with its statistics removed
+    writes back what the sweep wrote."""
+    import ptd.report.sweep as rs
+
+    calls, one = [], rs.sweep_statistics
+
+    def counted(rows, baselines):
+        calls.append(len(rows))
+        one(rows, baselines)
+
+    monkeypatch.setattr(rs, "sweep_statistics", counted)
+    r = small_sweep({"scratch": [0.50, 0.60, 0.55], "unpruned_teacher": [0.70, 0.75, 0.72]},
+                    {("imp", 0.2): [0.80, 0.76, 0.78], ("oneshot", 0.5): [0.71, 0.77, 0.70]})
+    assert calls == [2]
+    assert r["rows"][0]["vs_unpruned_teacher"]["family"]["rows"] == 2 and r["baselines"]["unpruned_teacher"]["vs_scratch"]
+    stripped = json.loads(json.dumps(r))
+    for x in [*stripped["rows"], *stripped["baselines"].values()]:
+        for key in ("student_acc", "vs_unpruned_teacher", "vs_scratch"):
+            x.pop(key, None)
+    d = tmp_path / "sweep"
+    d.mkdir()
+    (d / "sweep.json").write_text(json.dumps(stripped))
+    assert main(["report", str(d)]) == 0
+    assert calls == [2, 2]
+    assert json.loads((d / "sweep.json").read_text()) == json.loads(json.dumps(r))

@@ -9,25 +9,51 @@ import math
 import os
 import re
 import statistics
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from ptd import paths as P
-from ptd.config import ARMS, RunConfig
+from ptd.config import ARM_TABLE, RunConfig
 from ptd.errors import DamagedFileError, PtdError, one_line
 from ptd.io import read_json_object
 from ptd.report.stats import above_chance, format_estimate, hierarchical_estimate, paired_estimate, t_interval, zero_width
 from ptd.train import checkpoint as ckpt
 
-ARM_LABELS = {
-    "scratch": "student alone (no teacher)",
-    "unpruned_teacher": "KD from unpruned teacher",
-    "pruned_teacher": "KD from pruned teacher",
-    "retrained_teacher": "KD from unpruned teacher retrained as long (control)",
-}
+
+class _ArmLabels(Mapping):
+    """{arm: label}, read from ptd.config.ARM_TABLE at each use: the labels live in that one table,
+    so an arm added there is named here (and accepted by results.json's check, ARM_NAME) with no
+    second edit."""
+
+    def __getitem__(self, arm: str) -> str:
+        return ARM_TABLE[arm].label
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(ARM_TABLE)
+
+    def __len__(self) -> int:
+        return len(ARM_TABLE)
+
+
+ARM_LABELS: Mapping[str, str] = _ArmLabels()
+
+# What a student owes its teacher, by the kind of teacher (ptd.config.Arm.teacher), so that an arm
+# is one entry in ARM_TABLE: the parts of results.json's "compute" spent before the student's own
+# training, and the results.json key of that teacher. A new kind of teacher adds its entry here
+# (tests/test_report.py checks every kind in ARM_TABLE has one).
+COMPUTE_BEHIND = {None: (), "unpruned": ("teacher",), "pruned": ("teacher", "pruning"), "retrained": ("teacher", "control")}
+TEACHER_RESULT = {"unpruned": "teacher", "pruned": "pruned_teacher", "retrained": "retrained_teacher"}
+
+
+def compute_behind(arm: str) -> tuple[str, ...]:
+    """The parts of results.json's "compute" behind one student of ``arm`` besides its own training."""
+    return COMPUTE_BEHIND[ARM_TABLE[arm].teacher]
 
 
 FEW_SEEDS = 5  # below this, a 95% t interval is wide (t = 2.78 at 5 seeds, 4.30 at 3)
+# The questions the study asks, not a property of an arm, so not derived from ARM_TABLE: an arm
+# added there is summarized and reported without a comparison until one is named here.
 COMPARISONS = {  # key in results.json -> (arm a, arm b), estimated as a - b
     "pruned_minus_unpruned": ("pruned_teacher", "unpruned_teacher"),
     "pruned_minus_retrained": ("pruned_teacher", "retrained_teacher"),
@@ -133,7 +159,7 @@ def by_loss(students: list[dict]) -> dict[str | None, list[dict]]:
 
 
 def _summarize_one(students: list[dict]) -> dict[str, Any]:
-    summary = {arm: arm_summary([s for s in students if s["arm"] == arm]) for arm in ARMS if any(s["arm"] == arm for s in students)}
+    summary = {arm: arm_summary([s for s in students if s["arm"] == arm]) for arm in ARM_TABLE if any(s["arm"] == arm for s in students)}
     comparison = {k: v for k, (a, b) in COMPARISONS.items() if (v := paired(students, a, b)) is not None}
     return {"summary": summary, "comparison": comparison}
 
@@ -174,7 +200,8 @@ def not_learned(r: dict[str, Any]) -> list[dict[str, Any]]:
         models.append(("control teacher", r["retrained_teacher"].get("test_acc")))
     for s in r.get("students", []):
         loss = f", {s['loss']}" if s.get("loss") and len(r.get("distill_losses") or []) > 1 else ""
-        rep = f", teacher {s['replicate']}" if s.get("replicate") else ""
+        # stage_distill sets "teacher" (the replicate) only with teacher.seeds > 1; replicate 0 is named too.
+        rep = f", teacher {s['teacher']}" if s.get("teacher") is not None else ""
         models.append((f"{ARM_LABELS.get(s['arm'], s['arm'])}{loss}, seed {s['seed']}{rep}", s.get("test_acc")))
     return failures(models, ts)
 
@@ -236,10 +263,8 @@ def build_results(cfg: RunConfig, teacher: dict, prune: dict, student: dict, stu
         "students_n": {arm: sum(s["arm"] == arm for s in students) for arm in summary},
     }
     # Total compute behind one student of each arm (per seed): its own training plus the teachers it needs.
-    behind = {"scratch": [], "unpruned_teacher": ["teacher"], "pruned_teacher": ["teacher", "pruning"],
-              "retrained_teacher": ["teacher", "control"]}
     compute["total_per_student"] = {
-        arm: {k: sum(compute[st][k] for st in behind[arm]) + compute["students"][arm][k] / max(compute["students_n"][arm], 1)
+        arm: {k: sum(compute[st][k] for st in compute_behind(arm)) + compute["students"][arm][k] / max(compute["students_n"][arm], 1)
               for k in ("epochs", "steps", "wall_s")} for arm in summary}
     return {
         "name": cfg.name,
@@ -442,8 +467,7 @@ def worse_than_alone_note(r: dict[str, Any]) -> str | None:
     # imitates it (ResNet-18, docs/distillation.md: pruned teacher 87.90%, students alone 89.53% at
     # 8 epochs, KD from it 3.18 points below them at equal epochs).
     alone = (r.get("summary") or {}).get("scratch", {}).get("mean")
-    teacher_acc = {"pruned_teacher": (r.get("pruned_teacher") or {}).get("test_acc"), "unpruned_teacher": (r.get("teacher") or {}).get("test_acc"),
-                   "retrained_teacher": (r.get("retrained_teacher") or {}).get("test_acc")}
+    teacher_acc = {a: (r.get(TEACHER_RESULT.get(ARM_TABLE[a].teacher)) or {}).get("test_acc") for a, _ in worse}
     weaker = [(a, teacher_acc[a]) for a, _ in worse if teacher_acc.get(a) is not None and alone is not None and teacher_acc[a] < alone]
     weak = ("" if not weaker else
             " " + "; ".join(f"The teacher of {ARM_LABELS[a]} ({_pct(acc)}%) is itself less accurate than the students alone "
@@ -565,7 +589,7 @@ def num(lo: float | None = None, hi: float | None = None, integer: bool = False,
     return check
 
 
-def text(null: bool = False, among: Sequence[str] | None = None) -> Check:
+def text(null: bool = False, among: Collection[str] | None = None) -> Check:
     """A string (one of ``among`` when given)."""
     def check(v: Any, key: str) -> None:
         if v is None and null:
@@ -649,7 +673,7 @@ COST = obj({"epochs": AMOUNT, "steps": AMOUNT, "wall_s": AMOUNT})
 LATENCY = mapping(obj({"median_ms?": num(0, null=True)}, null=True), keys=_batch_key, null=True)  # per batch size
 TEST_SET_FIELDS = {"n": COUNT, "chance": ACC}  # test_set_facts: the chance check's input
 TEST_SET = obj(TEST_SET_FIELDS)
-ARM_NAME = text(among=list(ARM_LABELS))
+ARM_NAME = text(among=ARM_LABELS)  # the live view: an arm added to ARM_TABLE passes
 
 # What the renderers of a run read from results.json (build_results writes it). "summary",
 # "comparison" and "losses" are not checked: `ptd report` recomputes them from "students".
@@ -802,10 +826,16 @@ def _refresh_results(run_dir: Path, results: dict[str, Any]) -> None:
 
 
 def student_key(r: dict[str, Any], s: dict[str, Any]) -> tuple[str, Any, int, int]:
-    """(arm, loss, teacher replicate, seed) of student row ``s`` of results ``r``; a row without a
-    loss is the run's first (older results name it None, newer ones by name)."""
-    first = (r.get("distill_losses") or [None])[0]
-    return s["arm"], s.get("loss") or first, int(s.get("teacher") or s.get("replicate") or 0), int(s["seed"])
+    """(arm, loss, teacher replicate, seed) of student row ``s`` of results ``r``. A student with no
+    teacher (the scratch arm) has no loss: None, whatever the run's losses, so two runs' scratch
+    students pair. A teacher arm's row without a loss is the run's first (older results name it
+    None, newer ones by name)."""
+    arm = ARM_TABLE.get(s["arm"])
+    if arm is not None and arm.teacher is None:
+        loss = None
+    else:
+        loss = s.get("loss") or (r.get("distill_losses") or [None])[0]
+    return s["arm"], loss, int(s.get("teacher") or s.get("replicate") or 0), int(s["seed"])
 
 
 def check_students_once(r: dict[str, Any], path: Path | str, fix: str) -> None:
@@ -869,27 +899,10 @@ def _locked(run_dir: Path) -> Iterator[None]:
         ckpt.unlock_dir(run_dir)
 
 
-def _refresh_sweep(results: dict[str, Any]) -> None:
-    """Today's statistics for every paired comparison, and each row's mean, from the per-seed rows
-    sweep.json keeps."""
-    from ptd.report.sweep import _vs, family_intervals
-
-    base = {arm: b["students"] for arm, b in results["baselines"].items()}
-    for row in results["rows"]:
-        row["student_acc"] = mean_std([s["test_acc"] for s in row["students"]])
-        row["vs_unpruned_teacher"] = _vs(row["students"], "pruned_teacher", base.get("unpruned_teacher"), "unpruned_teacher")
-        row["vs_scratch"] = _vs(row["students"], "pruned_teacher", base.get("scratch"), "scratch")
-    for key in ("vs_unpruned_teacher", "vs_scratch"):
-        family_intervals(results["rows"], key)
-    for arm, b in results["baselines"].items():
-        b["student_acc"] = mean_std([s["test_acc"] for s in b["students"]])
-        b["vs_scratch"] = _vs(b["students"], arm, base.get("scratch"), "scratch") if arm != "scratch" else None
-
-
 def rerender_sweep(sweep_dir: str | Path) -> None:
     """``ptd report SWEEP_DIR``: rewrite sweep.json (today's statistics), sweep.md, its plots and
     report.html; sweep.json is checked whole and everything rendered before any file is written."""
-    from ptd.report.sweep import SWEEP_OUTPUTS, SWEEP_SCHEMA, render_sweep_report
+    from ptd.report.sweep import SWEEP_OUTPUTS, SWEEP_SCHEMA, render_sweep_report, sweep_statistics
 
     sweep_dir = Path(sweep_dir)
     path = sweep_dir / P.SWEEP_JSON
@@ -898,7 +911,7 @@ def rerender_sweep(sweep_dir: str | Path) -> None:
     validate(SWEEP_SCHEMA, results, path, fix, "ptd sweep file")
     check_outputs([sweep_dir / name for name in SWEEP_OUTPUTS])
     try:
-        _refresh_sweep(results)
+        sweep_statistics(results["rows"], results["baselines"])  # today's, as build_sweep_results computes them
         files = render_sweep_report(sweep_dir, results)
     except RENDER_ERRORS as e:
         raise ReportError(f"{path} is not a ptd sweep file ({type(e).__name__} while rendering: {one_line(e)}); {fix}") from None

@@ -24,8 +24,8 @@ from typing import Any, Callable
 from ptd import paths as P
 from ptd.errors import DamagedFileError
 from ptd.io import read_json_object
-from ptd.report import (ARM_LABELS, chance_warning, commit_outputs, latency_rows, not_learned, primary_students, slower_note,
-                        replicate_interval_note, summarize, worse_than_alone_note)
+from ptd.report import (ARM_LABELS, chance_warning, commit_outputs, compute_behind, latency_rows, not_learned, primary_students,
+                        replicate_interval_note, slower_note, summarize, worse_than_alone_note)
 from ptd.report.stats import format_estimate
 
 ARM_COLORS = {"scratch": "#444444", "unpruned_teacher": "#1f77b4", "pruned_teacher": "#d62728", "retrained_teacher": "#2ca02c"}
@@ -321,8 +321,6 @@ def plot_compute(r: dict[str, Any], stats: dict | None) -> str:
     """Epochs behind one student per arm, split by where they were spent; CPU latency per model."""
     c = r["compute"]
     arms = list(c["total_per_student"])
-    behind = {"scratch": [], "unpruned_teacher": ["teacher"], "pruned_teacher": ["teacher", "pruning"],
-              "retrained_teacher": ["teacher", "control"]}
     models = [("teacher", "teacher"), ("pruned_teacher", "pruned teacher\n(dense kernels)"), ("student", "student")]
     lat: dict[str, dict[str, float]] = {}
     for key, label in models:
@@ -335,7 +333,7 @@ def plot_compute(r: dict[str, Any], stats: dict | None) -> str:
     parts = [("teacher", "#1f77b4"), ("pruning", "#d62728"), ("control", "#2ca02c")]
     left = [0.0] * len(arms)
     for part, color in parts:
-        vals = [float(c[part]["epochs"]) if part in behind.get(a, []) else 0.0 for a in arms]
+        vals = [float(c[part]["epochs"]) if part in compute_behind(a) else 0.0 for a in arms]
         if any(vals):
             ax.barh(range(len(arms)), vals, left=left, color=color, label=part)
             left = [x + v for x, v in zip(left, vals)]

@@ -67,6 +67,24 @@ def family_intervals(rows: list[dict], key: str) -> None:
                        "called": bool((lo > 0 or hi < 0) and not zero_width(lo, hi))}
 
 
+def sweep_statistics(rows: list[dict], baselines: dict[str, dict]) -> None:
+    """Fill in every statistic of sweep.json from the per-seed rows it keeps (each row's and
+    baseline's ``students``): their ``student_acc``; each row's paired comparisons against the
+    unpruned teacher's and the scratch students, with the sweep's family intervals; each
+    baseline's against the scratch students. The one place they are computed: the sweep writes
+    them (build_sweep_results) and ``ptd report`` recomputes them, and the two must agree."""
+    base = {arm: b["students"] for arm, b in baselines.items()}
+    for row in rows:
+        row["student_acc"] = mean_std([s["test_acc"] for s in row["students"]])
+        row["vs_unpruned_teacher"] = _vs(row["students"], "pruned_teacher", base.get("unpruned_teacher"), "unpruned_teacher")
+        row["vs_scratch"] = _vs(row["students"], "pruned_teacher", base.get("scratch"), "scratch")
+    for key in ("vs_unpruned_teacher", "vs_scratch"):
+        family_intervals(rows, key)
+    for arm, b in baselines.items():
+        b["student_acc"] = mean_std([s["test_acc"] for s in b["students"]])
+        b["vs_scratch"] = _vs(b["students"], arm, base.get("scratch"), "scratch") if arm != "scratch" else None
+
+
 def build_sweep_results(cfg: RunConfig, t_res: dict, s_stats: dict, src: Any, baselines: dict[str, list[dict]],
                         rows: list[tuple[Any, list[dict]]], session_wall_s: float = 0.0,
                         test_set: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -82,21 +100,18 @@ def build_sweep_results(cfg: RunConfig, t_res: dict, s_stats: dict, src: Any, ba
             "strategy": p.strategy, "target_sparsity": p.target, "sparsity": p.measured_sparsity(), "level": p.level,
             "prune_dir": str(p.prune_dir.relative_to(p.prune_dir.parents[1])),
             "teacher_test_acc": lr.get("test_acc"), "teacher_val_acc": lr.get("val_acc"),
-            "students": _seed_rows(students), "student_acc": mean_std([s["test_acc"] for s in students]),
-            "vs_unpruned_teacher": _vs(students, "pruned_teacher", baselines.get("unpruned_teacher"), "unpruned_teacher"),
-            "vs_scratch": _vs(students, "pruned_teacher", baselines.get("scratch"), "scratch"),
+            "students": _seed_rows(students),
             "compute": {"teacher": tc, "pruning": pc, "teacher_total": _add(tc, pc), "student": own, "total_per_student": _add(tc, pc, own)},
         })
-    for key in ("vs_unpruned_teacher", "vs_scratch"):
-        family_intervals(out_rows, key)
     base_out = {}
     for arm, students in baselines.items():
         behind = tc if arm == "unpruned_teacher" else _cost({})
         own = _own(students)
         base_out[arm] = {"label": ARM_LABELS[arm], "teacher_test_acc": t_res["test_acc"] if arm == "unpruned_teacher" else None,
-                         "students": _seed_rows(students), "student_acc": mean_std([s["test_acc"] for s in students]),
-                         "vs_scratch": _vs(students, arm, baselines.get("scratch"), "scratch") if arm != "scratch" else None,
+                         "students": _seed_rows(students),
                          "compute": {"teacher_total": behind, "student": own, "total_per_student": _add(behind, own)}}
+    # From the per-seed rows just kept, as `ptd report` recomputes them from sweep.json.
+    sweep_statistics(out_rows, base_out)
     # The whole sweep's training, each run counted once (IMP levels share one run).
     prune_runs = {str(p.prune_dir): _cost(p.prune_result) for p, _ in rows}
     distill_runs = {(s["arm"], s["seed"]): _cost(s) for _, ss in rows for s in ss}
