@@ -227,12 +227,12 @@ class Arm:
 # stage that makes it in ptd.pipeline.run_pipeline).
 ARM_TABLE = {
     "scratch": Arm("student alone (no teacher)", None),
-    "unpruned_teacher": Arm("KD from unpruned teacher", "unpruned"),
-    "pruned_teacher": Arm("KD from pruned teacher", "pruned"),
+    "unpruned_teacher": Arm("distilled from unpruned teacher", "unpruned"),
+    "pruned_teacher": Arm("distilled from pruned teacher", "pruned"),
     # The control: the unpruned teacher trained on for as many epochs as pruning retrained the
     # pruned one, same schedule, no pruning. Without it a pruned teacher that teaches better may
     # just be a longer-trained teacher.
-    "retrained_teacher": Arm("KD from unpruned teacher retrained as long (control)", "retrained"),
+    "retrained_teacher": Arm("distilled from unpruned teacher retrained as long (control)", "retrained"),
 }
 ARMS = tuple(ARM_TABLE)
 DEFAULT_ARMS = ARMS[:3]

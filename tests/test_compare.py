@@ -42,7 +42,7 @@ def test_the_difference_and_interval_are_the_paired_t_of_the_seeds(tmp_path, cap
     m = statistics.fmean(D)
     half = sps.t.ppf(0.975, len(D) - 1) * statistics.stdev(D) / math.sqrt(len(D))
     assert f"+{100 * m:.2f} points, 95% CI [+{100 * (m - half):.2f}, +{100 * (m + half):.2f}]" in out
-    kd = next(l for l in out.splitlines() if l.startswith("| KD from pruned teacher"))
+    kd = next(l for l in out.splitlines() if l.startswith("| distilled from pruned teacher"))
     assert kd.endswith("| yes: B higher |") and "| 5 |" in kd
     alone = next(l for l in out.splitlines() if l.startswith("| student alone"))
     assert "+0.00 points" in alone and alone.endswith("| no |")  # identical students: an interval of no width, not a call
@@ -143,7 +143,7 @@ def test_several_teacher_replicates_are_estimated_over_the_teachers(tmp_path, ca
     means = [statistics.fmean(t) for t in d]
     m = statistics.fmean(means)
     half = sps.t.ppf(0.975, 2) * statistics.stdev(means) / math.sqrt(3)
-    row = next(l for l in out.splitlines() if l.startswith("| KD from pruned teacher"))
+    row = next(l for l in out.splitlines() if l.startswith("| distilled from pruned teacher"))
     assert "| 3 | 3 |" in row, row  # teachers, seeds
     assert f"{100 * m:+.2f} points, 95% CI [{100 * (m - half):+.2f}, {100 * (m + half):+.2f}] (teacher means, t, n=3)" in row
     assert "n counts teachers" in out

@@ -64,7 +64,7 @@ def test_run_html_is_self_contained_and_complete(run_dir):
     # se 13.76 / sqrt(2) = 9.73, t(0.975, 1) = 12.706 -> 20.29 - 123.63 = -103.34.
     assert c["n"] == 2 and c["method"] == "paired t, one teacher" and not c["called"]
     assert 100 * c["ci_low"] == pytest.approx(20.29 - 12.706 * 9.73, abs=0.05)
-    for text in ("KD from pruned teacher", "95% CI", "paired t, one teacher", "Per-layer sparsity of the pruned teacher",
+    for text in ("distilled from pruned teacher", "95% CI", "paired t, one teacher", "Per-layer sparsity of the pruned teacher",
                  "Teacher vs student widths per layer", "Compute and latency", "Training curves: students"):
         assert text in page
     assert f"{100 * c['ci_low']:+.2f} .. {100 * c['ci_high']:+.2f}" in page  # the comparison table

@@ -47,7 +47,7 @@ def test_whole_pipeline_end_to_end(tmp_path, tiny_fashion, capsys, monkeypatch):
     assert {d: k for d, k in kept.items() if k == "last"} == {d: "last" for d in ("prune level_1", "prune level_2", "control 1", "control 2")}
     assert kept["teacher"] == "best" and all(kept[d] == "best" for d in kept if d.endswith(("s0", "s1")))
     printed = capsys.readouterr().out
-    assert "KD from pruned teacher" in printed  # the CLI prints the report
+    assert "distilled from pruned teacher" in printed  # the CLI prints the report
 
     for f in ["config.yaml", "env.json", "teacher/model.safetensors", "teacher/metrics.jsonl", "teacher/done",
               "prune/level_1/masks.safetensors", "prune/level_2/model.safetensors", "prune/level_2/sparsity.json", "prune/done",
@@ -75,7 +75,7 @@ def test_whole_pipeline_end_to_end(tmp_path, tiny_fashion, capsys, monkeypatch):
     env = json.loads((out / "env.json").read_text())
     assert env["torch"] == torch.__version__ and env["seeds"]["students"] == [0, 1]
     md = (out / "report.md").read_text()
-    assert "| KD from pruned teacher |" in md and "too few seeds" in md
+    assert "| distilled from pruned teacher |" in md and "too few seeds" in md
     # The deployed latency the student stage measured reaches results.json, report.md and report.html.
     ort = r["student"]["onnx_latency"]
     assert ort == json.loads((out / "student" / "stats.json").read_text())["onnx_latency"]

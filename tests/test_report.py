@@ -38,7 +38,7 @@ def test_paired_differences_by_seed_carry_interval_n_and_method():
     assert c["method"] == "paired t, one teacher"
     # Every seed agrees and the mean is 3.5 standard errors out, yet the 95% interval includes 0.
     assert c["ci_low"] == pytest.approx(-0.0048413, abs=1e-6) and not c["called"]
-    assert c["verdict"].startswith("no clear difference between KD from pruned teacher and KD from unpruned teacher: +2.00 points, 95% CI [-0.48, +4.48]")
+    assert c["verdict"].startswith("no clear difference between distilled from pruned teacher and distilled from unpruned teacher: +2.00 points, 95% CI [-0.48, +4.48]")
     json.dumps(c)  # results.json must be able to hold it
 
 
@@ -48,11 +48,11 @@ def test_verdict_calls_only_when_the_interval_excludes_zero():
     # Two seeds with the same difference (measured: the demo on an AMD EPYC, +0.30 and +0.30 points):
     # a zero-width interval is not called, and the sentence must not claim it includes zero.
     tie = verdict(paired_estimate([0.003, 0.003]), "pruned_teacher", "scratch")
-    assert tie.startswith("no clear difference between KD from pruned teacher and student alone (no teacher): +0.30 points, "
+    assert tie.startswith("no clear difference between distilled from pruned teacher and student alone (no teacher): +0.30 points, "
                           "95% CI [+0.30, +0.30]")
     assert "every seed gave the same difference, so the interval has no width" in tie and "includes zero" not in tie
     w = verdict(paired_estimate([-0.010, -0.012, -0.011, -0.0105, -0.0115]), "pruned_teacher", "scratch")
-    assert w.startswith("KD from pruned teacher is worse than student alone (no teacher): -1.10 points, 95% CI [-1.20, -1.00] (paired t, n=5)")
+    assert w.startswith("distilled from pruned teacher is worse than student alone (no teacher): -1.10 points, 95% CI [-1.20, -1.00] (paired t, n=5)")
 
 
 def test_paired_with_teacher_replicates_uses_teacher_means():
@@ -117,10 +117,14 @@ def test_report_prints_interval_n_and_method():
     md = render_markdown(r)
     assert "| comparison (a - b) | mean, points | 95% CI, points | n | method | called | sign-flip p |" in md
     assert "| pruned minus unpruned | +1.00 | [+0.80, +1.20] | 5 | paired t, one teacher | yes | 0.062 |" in md
-    assert ("- KD from pruned teacher is better than KD from unpruned teacher: +1.00 points, 95% CI [+0.80, +1.20] "
+    assert ("- distilled from pruned teacher is better than distilled from unpruned teacher: +1.00 points, 95% CI [+0.80, +1.20] "
             "(paired t, one teacher, n=5) (per seed: +1.00, +1.20, +0.80, +1.10, +0.90)") in md
-    assert "| KD from pruned teacher | 91.00 | [90.80, 91.20] | 0.16 | 5 | 91.00, 91.20, 90.80, 91.10, 90.90 |" in md
+    assert "| distilled from pruned teacher | 91.00 | [90.80, 91.20] | 0.16 | 5 | 91.00, 91.20, 90.80, 91.10, 90.90 |" in md
     assert "2 SE" not in md and "two standard errors" not in md
+    # The arms are named for any loss ("KD from ..." labelled DIST's students too), and the loss is said.
+    r["distill_losses"] = ["dist"]
+    md = render_markdown(r)
+    assert "Distillation loss: dist." in md and "KD from" not in md
 
 
 def test_several_losses_are_summarized_and_reported_per_loss_against_shared_scratch():
@@ -140,9 +144,9 @@ def test_several_losses_are_summarized_and_reported_per_loss_against_shared_scra
     md = render_markdown(r)
     assert "| kd | pruned minus unpruned | +0.00 | [-2.48, +2.48] | 3 | paired t, one teacher | no |" in md
     assert "| at | pruned minus unpruned | +2.00 | [-0.48, +4.48] | 3 | paired t, one teacher | no |" in md
-    assert "| at | KD from pruned teacher | 92.00 | [89.52, 94.48] | 3 |" in md
+    assert "| at | distilled from pruned teacher | 92.00 | [89.52, 94.48] | 3 |" in md
     # The main table is the first loss's: kd's pruned students only.
-    assert "| KD from pruned teacher | 90.00 | [87.52, 92.48] | 1.00 | 3 | 89.00, 90.00, 91.00 |" in md
+    assert "| distilled from pruned teacher | 90.00 | [87.52, 92.48] | 1.00 | 3 | 89.00, 90.00, 91.00 |" in md
     assert summarize([x for x in s if x["loss"] != "at"]).get("losses") is None  # one loss: as before
 
 
@@ -210,10 +214,10 @@ def test_a_run_whose_students_learn_nothing_says_so(tmp_path, tiny_fashion):
     from ptd.report import not_learned
 
     bad = [b["model"] for b in not_learned(r)]
-    assert bad == ["KD from pruned teacher, seed 0"], (bad, r["teacher"]["test_acc"], r["students"][0]["test_acc"])
+    assert bad == ["distilled from pruned teacher, seed 0"], (bad, r["teacher"]["test_acc"], r["students"][0]["test_acc"])
     assert "1 model(s) did not learn" in (tmp_path / "run" / "report.md").read_text()
     assert "did not learn" in (tmp_path / "run" / "report.html").read_text()
-    assert any(line.startswith("warning: KD from pruned teacher, seed 0 did not learn") for line in logged)
+    assert any(line.startswith("warning: distilled from pruned teacher, seed 0 did not learn") for line in logged)
 
 
 def test_report_says_what_to_try_only_when_distillation_is_called_worse_than_alone():
@@ -229,11 +233,11 @@ def test_report_says_what_to_try_only_when_distillation_is_called_worse_than_alo
     r = {**base, "students": students, **summarize(students)}
     note = worse_than_alone_note(r)
     assert r["comparison"]["pruned_minus_scratch"]["called"]
-    assert note.startswith("Distillation made the student worse than training it alone here: KD from pruned teacher (-9.90 points). "
+    assert note.startswith("Distillation made the student worse than training it alone here: distilled from pruned teacher (-9.90 points). "
                                "Each distilled student trained 4 epochs (the paper distills for 200).")
     assert "distill.optim.epochs" in note and "--from RUN_DIR" in note
     # the demo's pruned teacher (77.90%) is below these students alone (86.78%): said, with the fix
-    assert ("The teacher of KD from pruned teacher (77.90%) is itself less accurate than the students alone (86.78%): "
+    assert ("The teacher of distilled from pruned teacher (77.90%) is itself less accurate than the students alone (86.78%): "
             "with most of the loss on its soft targets (distill.alpha) the student learns to match a weaker model.") in note
     assert "teacher.optim.epochs, in a new run" in note
     stronger = {**r, "pruned_teacher": {**r["pruned_teacher"], "test_acc": 0.95}}
@@ -269,7 +273,7 @@ def test_an_arm_added_to_the_arm_table_is_reported_with_no_second_edit(monkeypat
     from ptd.config import ARM_TABLE, Arm
     from ptd.report import ARM_LABELS, RESULTS_SCHEMA, validate
 
-    monkeypatch.setitem(ARM_TABLE, "longer_teacher", Arm("KD from unpruned teacher trained longer", "unpruned"))
+    monkeypatch.setitem(ARM_TABLE, "longer_teacher", Arm("distilled from unpruned teacher trained longer", "unpruned"))
     students = [{**x, "epochs": 1, "steps": 10, "wall_s": 1.0}
                 for x in rows("scratch", [0.80, 0.81]) + rows("pruned_teacher", [0.85, 0.86]) + rows("longer_teacher", [0.84, 0.87])]
     r = _built(students)
@@ -278,9 +282,9 @@ def test_an_arm_added_to_the_arm_table_is_reported_with_no_second_edit(monkeypat
     per = r["compute"]["total_per_student"]
     assert per["longer_teacher"]["epochs"] == 2 + 1  # an unpruned teacher's training and its own, as unpruned_teacher's
     assert per["pruned_teacher"]["epochs"] == 2 + 3 + 1 and per["scratch"]["epochs"] == 1
-    assert ARM_LABELS["longer_teacher"] == "KD from unpruned teacher trained longer"
+    assert ARM_LABELS["longer_teacher"] == "distilled from unpruned teacher trained longer"
     validate(RESULTS_SCHEMA, json.loads(json.dumps(r)), Path("results.json"), "")  # `ptd report` accepts the arm
-    assert "| KD from unpruned teacher trained longer | 85.50 |" in render_markdown(r)
+    assert "| distilled from unpruned teacher trained longer | 85.50 |" in render_markdown(r)
 
 
 def test_every_arm_takes_its_label_and_compute_from_the_arm_table():
@@ -303,7 +307,7 @@ def test_a_student_that_did_not_learn_is_named_with_its_teacher_replicate():
 
     r = {"test_set": {"n": 1000, "chance": 0.1}, "teacher": {"test_acc": 0.9}, "pruned_teacher": {"test_acc": 0.9},
          "distill_losses": ["kd"], "students": rows("pruned_teacher", [0.1], 0) + rows("pruned_teacher", [0.1], 1)}
-    assert [b["model"] for b in not_learned(r)] == ["KD from pruned teacher, seed 0, teacher 0",
-                                                    "KD from pruned teacher, seed 0, teacher 1"]
+    assert [b["model"] for b in not_learned(r)] == ["distilled from pruned teacher, seed 0, teacher 0",
+                                                    "distilled from pruned teacher, seed 0, teacher 1"]
     one = {**r, "students": rows("pruned_teacher", [0.1])}  # one teacher: rows have no "teacher" key
-    assert [b["model"] for b in not_learned(one)] == ["KD from pruned teacher, seed 0"]
+    assert [b["model"] for b in not_learned(one)] == ["distilled from pruned teacher, seed 0"]

@@ -210,8 +210,8 @@ def small_sweep(baselines: dict[str, list[float]], rows: dict[tuple[str, float],
 
 
 def test_every_generated_label_names_its_two_arms():
-    """Each comparison's verdict names the two arms compared (once it said "KD from pruned teacher
-    vs KD from unpruned teacher" for every comparison, the baselines' vs_scratch included)."""
+    """Each comparison's verdict names the two arms compared (once it said "distilled from pruned teacher
+    vs distilled from unpruned teacher" for every comparison, the baselines' vs_scratch included)."""
     from ptd.report import ARM_LABELS
 
     base = {"scratch": [0.5, 0.6], "unpruned_teacher": [0.7, 0.75]}
@@ -244,7 +244,7 @@ def test_sweep_names_the_models_that_did_not_learn():
                    "students": [{"seed": 0, "test_acc": 0.8}, {"seed": 1, "test_acc": 0.09}]}],
          "baselines": {"scratch": {"label": "student alone (no teacher)", "students": [{"seed": 0, "test_acc": 0.7}]}},
          "test_set": ts}
-    assert [b["model"] for b in sweep_not_learned(r)] == ["imp teacher at sparsity 0.59", "KD from the imp teacher at sparsity 0.59, seed 1"]
+    assert [b["model"] for b in sweep_not_learned(r)] == ["imp teacher at sparsity 0.59", "distilled from the imp teacher at sparsity 0.59, seed 1"]
     assert sweep_not_learned({**r, "test_set": {}}) == []  # a sweep.json from before the check
 
 

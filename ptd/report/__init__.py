@@ -505,6 +505,8 @@ def render_markdown(r: dict[str, Any]) -> str:
     main_students = primary_students(r)
     if len(r.get("losses") or {}) > 1:
         lines += [f"Distillation loss {next(iter(r['losses']))} (the first of distill.loss); every loss is in \"Per distillation loss\" below.", ""]
+    elif r.get("distill_losses"):
+        lines += [f"Distillation loss: {r['distill_losses'][0]}.", ""]
     lines += ["| arm | mean % | 95% CI of the mean % | std % | seeds | per seed % |", "|---|---:|---:|---:|---:|---|"]
     for arm, sm in r["summary"].items():
         per = ", ".join(_pct(x["test_acc"]) for x in sorted(main_students, key=lambda x: x["seed"]) if x["arm"] == arm)

@@ -57,7 +57,7 @@ def plot_acc_vs_sparsity(r: dict[str, Any], path: str | Path | BinaryIO) -> Path
         xs = [100 * x["sparsity"] for x in rows]
         ms = [_ms(x) for x in rows]
         ax.errorbar(xs, [m for m, _ in ms], yerr=[s for _, s in ms], marker=MARKERS[i % len(MARKERS)], capsize=4,
-                    linewidth=1.5, label=f"KD from {strategy}-pruned teacher")
+                    linewidth=1.5, label=f"distilled from {strategy}-pruned teacher")
     for arm, b in r["baselines"].items():
         color, ls = BASELINE_STYLE.get(arm, ("tab:brown", "-."))
         m, s = _ms(b)
@@ -100,7 +100,7 @@ def plot_acc_vs_compute(r: dict[str, Any], path: str | Path | BinaryIO, unit: st
             left.append(pos < 0)  # the left-shifted strategy labels its points on the left
         ms = [_ms(x) for x in rows]
         ax.errorbar(xs, [m for m, _ in ms], yerr=[s for _, s in ms], marker=MARKERS[i % len(MARKERS)], capsize=4,
-                    linewidth=1.0, alpha=0.9, label=f"KD from {strategy}-pruned teacher")
+                    linewidth=1.0, alpha=0.9, label=f"distilled from {strategy}-pruned teacher")
         for x, (m, _), row, lf in zip(xs, ms, rows, left):
             ax.annotate(f"{100 * row['sparsity']:.0f}%", (x, m), textcoords="offset points", xytext=(-5 if lf else 5, -3),
                         ha="right" if lf else "left", fontsize=6.5)

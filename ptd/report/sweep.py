@@ -148,7 +148,7 @@ def sweep_not_learned(r: dict[str, Any]) -> list[dict[str, Any]]:
     for row in r["rows"]:
         at = f"{row['strategy']} teacher at sparsity {row['target_sparsity']:g}"
         models.append((at, row.get("teacher_test_acc")))
-        models += [(f"KD from the {at}, seed {x['seed']}", x["test_acc"]) for x in row["students"]]
+        models += [(f"distilled from the {at}, seed {x['seed']}", x["test_acc"]) for x in row["students"]]
     for b in r["baselines"].values():
         models += [(f"{b['label']}, seed {x['seed']}", x["test_acc"]) for x in b["students"]]
     return failures(models, r["test_set"])
@@ -239,7 +239,7 @@ def render_sweep_markdown(r: dict[str, Any], plots: bool = True) -> str:
     un = r["baselines"].get("unpruned_teacher")
     sc = r["baselines"].get("scratch")
     if un and sc:
-        lines.append(f"- KD from the unpruned teacher vs the student alone: {_diff(un['vs_scratch']) or 'n/a'} points (wins/seeds).")
+        lines.append(f"- distilled from the unpruned teacher vs the student alone: {_diff(un['vs_scratch']) or 'n/a'} points (wins/seeds).")
     if un and r["rows"]:
         def names(xs: list[dict]) -> str:
             return " (" + ", ".join(f"{x['strategy']} s{x['target_sparsity']:g}" for x in xs) + ")" if xs else ""
