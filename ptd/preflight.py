@@ -38,9 +38,6 @@ from ptd.errors import PreflightError, PtdError, one_line
 from ptd.machine import cpu_count, gib, gpu_memory_bytes, memory_bytes
 from ptd.registry import UnknownNameError
 
-# Strategies that prune in rounds of ``prune.rate``: their targets round to a whole number of
-# rounds, so a target below half a round means no pruning at all.
-ROUND_STRATEGIES = ("imp", "imp_weight_rewind", "imp_finetune")
 # data.workers above this many per CPU is refused (see check_data_config).
 WORKERS_PER_CPU = 4
 # A model is refused before it is built when its fp32 weights, gradients and SGD momentum alone
@@ -418,72 +415,36 @@ def check_batches(cfg: RunConfig, splits: Any) -> None:
                               f"data.val_fraction)")
 
 
-def _options(cfg: RunConfig, strategy: str, sweep: bool) -> dict:
-    opts = dict(cfg.prune.options)
-    if sweep and isinstance(opts.get(strategy), dict):  # a sweep may key options by strategy
-        return dict(opts[strategy])
-    return opts
-
-
 def check_rounds(target: float, rate: float, strategy: str, key: str) -> None:
-    """A round-based strategy asked for a target that rounds to zero rounds."""
+    """A strategy that prunes in rounds (it says so when it registers) asked for a target that
+    rounds to zero rounds."""
+    from ptd.pruning import SPECS
     from ptd.pruning.select import rounds_for_target
 
-    if strategy in ROUND_STRATEGIES and target > 0 and rounds_for_target(target, rate) == 0:
+    if strategy in SPECS and SPECS.get(strategy).rounds and target > 0 and rounds_for_target(target, rate) == 0:
         raise ConfigError(
             f"{key}: {target:g} is less than one pruning round: {strategy} removes prune.rate={rate:g} of the weights per "
             f"round, so the smallest reachable sparsity is {rate:g} (targets above {rate / 2:g} round to it); "
             f"set the target above {rate / 2:g}, or 0 for no pruning, or prune.rate below {2 * target:g}")
 
 
-def check_rewind(cfg: RunConfig, strategy: str, opts: dict) -> None:
-    weight = strategy == "imp_weight_rewind" or (strategy == "imp" and opts.get("rewind") == "weight")
-    e = opts.get("rewind_epoch")
-    if e is None:
-        if weight:
-            raise ConfigError(f"prune.options.rewind_epoch: required for weight rewinding ({strategy}); set it (e.g. 1) so the "
-                              f"teacher stage saves its weights at that epoch, or use rewind: lr")
-        return
-    if isinstance(e, bool) or not isinstance(e, int):
-        raise ConfigError(f"prune.options.rewind_epoch: expected an integer epoch, got {e!r}")
-    epochs = cfg.teacher.optim.epochs
-    # 0 is the initialization: the teacher stage saves it before its first epoch (pipeline._SaveAtEpoch).
-    if not 0 <= e <= epochs:
-        raise ConfigError(f"prune.options.rewind_epoch: {e} is outside 0..teacher.optim.epochs ({epochs}); pick an epoch the teacher trains through")
-    if weight and cfg.teacher.checkpoint:
-        raise ConfigError(f"prune.options.rewind_epoch: weight rewinding needs the teacher's epoch-{e} weights, but "
-                          f"teacher.checkpoint ({cfg.teacher.checkpoint}) skips training; use rewind: lr, or drop teacher.checkpoint")
-
-
 def check_pruning(cfg: RunConfig, sweep: bool = False) -> None:
     """``ptd sweep`` prunes by ``sweep.strategies`` x ``sweep.sparsities``; every other command by
-    ``prune.strategy`` to ``prune.target_sparsity``."""
+    ``prune.strategy`` to ``prune.target_sparsity``. Each strategy's own checks (its rewind epoch,
+    GMP's ramp) are what it registered (``StrategySpec.check``); an unknown name is left to
+    check_plugins, which lists the valid ones."""
+    from ptd.pruning import SPECS, options_for
+
     p = cfg.prune
-    if not sweep:
-        check_rounds(p.target_sparsity, p.rate, p.strategy, "prune.target_sparsity")
-        check_rewind(cfg, p.strategy, _options(cfg, p.strategy, False))
-        check_gmp_window(cfg, p.strategy, _options(cfg, p.strategy, False))
-        return
-    for st in cfg.sweep.strategies:
-        for s in cfg.sweep.sparsities:
-            check_rounds(s, p.rate, st, f"sweep.sparsities ({st})")
-        check_rewind(cfg, st, _options(cfg, st, True))
-        check_gmp_window(cfg, st, _options(cfg, st, True))
-
-
-def check_gmp_window(cfg: RunConfig, strategy: str, opts: dict) -> None:
-    """GMP's ramp (start_epoch..end_epoch) must lie inside the retraining it runs in: checked here,
-    before the teacher trains, not when the prune stage starts."""
-    if strategy != "gmp":
-        return
-    from ptd.pruning import strategy_options
-    from ptd.pruning.strategies.gmp import check_window
-
-    try:
-        o = strategy_options("gmp", opts)
-    except (TypeError, ValueError, KeyError):
-        return  # bad option names or types: check_plugins names them
-    check_window(o, cfg.prune.retrain.epochs)
+    if sweep:
+        targets = [(st, cfg.sweep.sparsities, options_for(dict(p.options), st)) for st in cfg.sweep.strategies]
+    else:
+        targets = [(p.strategy, [p.target_sparsity], dict(p.options))]
+    for st, sparsities, opts in targets:
+        for s in sparsities:
+            check_rounds(s, p.rate, st, f"sweep.sparsities ({st})" if sweep else "prune.target_sparsity")
+        if st in SPECS:
+            SPECS.get(st).check(st, opts, cfg)
 
 
 def check_model(mc: ModelConfig, where: str, splits: Any, image_size: int | None = None) -> nn.Module:

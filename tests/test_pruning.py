@@ -580,6 +580,7 @@ def test_strategies_declare_what_the_sweep_needs():
     weight = {"imp": {"rewind": "weight", "rewind_epoch": 2}, "imp_weight_rewind": {"rewind_epoch": 2}}
     snap = {n: SPECS.get(n).snapshot_epoch(strategy_options(n, weight.get(n, {}))) for n in SPECS.names()}
     assert snap == {n: (2 if n in ("imp", "imp_weight_rewind") else None) for n in SPECS.names()}
+    assert {n for n in SPECS.names() if SPECS.get(n).rounds} == {"imp", "imp_weight_rewind", "imp_finetune"}
     # imp's rewind_epoch under learning-rate rewinding is unused: no snapshot is asked for (a sweep
     # once saved that epoch in place of the one another strategy needed).
     assert SPECS.get("imp").snapshot_epoch(strategy_options("imp", {"rewind_epoch": 2})) is None
@@ -639,3 +640,39 @@ def test_masks_loaded_for_a_model_come_back_in_its_parameter_order(tmp_path: Pat
     back = load_masks(tmp_path / "m.safetensors", model)
     assert list(back) == fresh_order
     assert all(torch.equal(back[n], masks[n]) for n in masks)
+
+
+def test_preflight_runs_what_a_strategy_declares_and_knows_none_by_name(monkeypatch):
+    """preflight held a list of round-based strategies and checked imp's rewind epoch and GMP's ramp
+    by name, so a new strategy got none of it. Now each declares rounds and its own check when it
+    registers (StrategySpec), and preflight runs them for the run and for every strategy of a sweep."""
+    from ptd.config import ConfigError, load_config
+    from ptd.preflight import check_pruning
+    from ptd.pruning import SPECS, STRATEGIES, StrategySpec
+
+    seen = []
+
+    def check(name, options, cfg):
+        seen.append((name, dict(options)))
+        if options.get("bad"):
+            raise ConfigError(f"prune.options.bad: {name} says no")
+
+    monkeypatch.setitem(SPECS._items, "roundabout", StrategySpec(rounds=True, check=check))
+    monkeypatch.setitem(STRATEGIES._items, "roundabout", lambda ctx: [])
+    cfg = load_config(None, ["prune.strategy=roundabout", "prune.target_sparsity=0.05", "prune.rate=0.2"])
+    with pytest.raises(ConfigError, match="prune.target_sparsity: 0.05 is less than one pruning round: roundabout"):
+        check_pruning(cfg)
+    check_pruning(load_config(None, ["prune.strategy=roundabout", "prune.options={x: 1}"]))
+    assert seen[-1] == ("roundabout", {"x": 1})
+    with pytest.raises(ConfigError, match="roundabout says no"):
+        check_pruning(load_config(None, ["prune.strategy=roundabout", "prune.options={bad: 1}"]))
+    # A sweep: each strategy's own section.
+    sweep = load_config(None, ["sweep.strategies=[oneshot, roundabout]", "sweep.sparsities=[0.5]",
+                               "prune.options={roundabout: {bad: 1}}"])
+    with pytest.raises(ConfigError, match="roundabout says no"):
+        check_pruning(sweep, sweep=True)
+    # The registered ones: imp's rewind epoch and GMP's ramp, with the messages they had.
+    with pytest.raises(ConfigError, match=r"rewind_epoch: required for weight rewinding \(imp_weight_rewind\)"):
+        check_pruning(load_config(None, ["prune.strategy=imp_weight_rewind"]))
+    with pytest.raises(ConfigError, match=r"prune\.options\.end_epoch: 9 must be > start_epoch"):
+        check_pruning(load_config(None, ["prune.strategy=gmp", "prune.options={end_epoch: 9}", "prune.retrain.epochs=4"]))

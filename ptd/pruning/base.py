@@ -45,13 +45,22 @@ class StrategySpec:
     nested_levels: bool = False  # level k of one run is its k-th round: lower sparsities for free
     # options -> the teacher epoch whose weights the teacher stage must keep (None: none)
     snapshot_epoch: Callable[[Any], int | None] = lambda options: None
+    # Prunes in rounds of prune.rate, so a target rounds to a whole number of rounds (preflight
+    # refuses one below half a round: no pruning at all).
+    rounds: bool = False
+    # check(name, options, cfg): the strategy's own check of its prune.options section (the raw
+    # mapping, before typing, so it can name a bad value its own way) against the run's config
+    # (a RunConfig), before the teacher trains; a one-line ConfigError. ptd.preflight runs it for
+    # the run's strategy and every strategy of a sweep, and knows no strategy by name.
+    check: Callable[[str, dict, Any], None] = lambda name, options, cfg: None
 
 
 SPECS: Registry[StrategySpec] = Registry("pruning strategy")
 
 
 def register_strategy(name: str, run: Callable[["PruneContext"], list["Level"]], Options: type = NoOptions, *,
-                      nested_levels: bool = False, snapshot_epoch: Callable[[Any], int | None] | None = None) -> None:
+                      nested_levels: bool = False, snapshot_epoch: Callable[[Any], int | None] | None = None,
+                      rounds: bool = False, check: Callable[[str, dict, Any], None] | None = None) -> None:
     if not (dataclasses.is_dataclass(Options) and Options.__dataclass_params__.frozen):
         raise TypeError(f"pruning strategy {name!r}: Options must be a frozen dataclass")
     @functools.wraps(run)
@@ -60,7 +69,8 @@ def register_strategy(name: str, run: Callable[["PruneContext"], list["Level"]],
         return run(rank0_masks(ctx))
 
     STRATEGIES.add(name, checked)
-    SPECS.add(name, StrategySpec(Options, nested_levels, snapshot_epoch or (lambda options: None)))
+    SPECS.add(name, StrategySpec(Options, nested_levels, snapshot_epoch or (lambda options: None), rounds,
+                                 check or (lambda name, options, cfg: None)))
 
 
 def options_for(options: dict[str, Any], strategy: str) -> dict[str, Any]:

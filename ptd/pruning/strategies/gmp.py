@@ -31,7 +31,7 @@ import torch.nn as nn
 from dataclasses import dataclass
 
 from ptd.config import MAX_EPOCHS, ConfigError
-from ptd.pruning.base import Level, PruneContext, level_metrics, register_strategy
+from ptd.pruning.base import Level, PruneContext, level_metrics, register_strategy, strategy_options
 from ptd.pruning.masks import Masks, apply_masks, count, unwrap
 from ptd.pruning.scores import magnitude
 from ptd.pruning.select import global_topk, keep_for_target
@@ -190,4 +190,13 @@ def gmp(ctx: PruneContext) -> list[Level]:
     return [level]
 
 
-register_strategy("gmp", gmp, Options)
+def _check(name: str, opts: dict, cfg) -> None:
+    """Before the teacher trains: the ramp lies inside the retraining it runs in."""
+    try:
+        o = strategy_options(name, opts)
+    except (ConfigError, TypeError, ValueError, KeyError):
+        return  # bad option names or types: ptd.pipeline.check_plugins names them
+    check_window(o, cfg.prune.retrain.epochs)
+
+
+register_strategy("gmp", gmp, Options, check=_check)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from ptd.config import MAX_EPOCHS
+from ptd.config import MAX_EPOCHS, ConfigError
 from ptd.pruning.base import Level, PruneContext, level_metrics, register_strategy
 from ptd.pruning.masks import apply_masks, count, unwrap
 from ptd.pruning.scores import magnitude
@@ -122,7 +122,30 @@ def _snapshot(o) -> int | None:
     return getattr(o, "rewind_epoch", None) if getattr(o, "rewind", "weight") == "weight" else None
 
 
-# Every IMP variant's levels nest: round k of one run to the highest sparsity is a lower sparsity.
-register_strategy("imp", imp, Options, nested_levels=True, snapshot_epoch=_snapshot)
-register_strategy("imp_weight_rewind", imp_weight_rewind, WeightRewindOptions, nested_levels=True, snapshot_epoch=_snapshot)
-register_strategy("imp_finetune", imp_finetune, FinetuneOptions, nested_levels=True)
+def _check_rewind(name: str, opts: dict, cfg) -> None:
+    """Before the teacher trains: weight rewinding names an epoch the teacher will train through
+    and save (0: its initialization, saved before its first epoch), and has a teacher to train."""
+    weight = name == "imp_weight_rewind" or opts.get("rewind") == "weight"
+    e = opts.get("rewind_epoch")
+    if e is None:
+        if weight:
+            raise ConfigError(f"prune.options.rewind_epoch: required for weight rewinding ({name}); set it (e.g. 1) so the "
+                              f"teacher stage saves its weights at that epoch, or use rewind: lr")
+        return
+    if isinstance(e, bool) or not isinstance(e, int):
+        raise ConfigError(f"prune.options.rewind_epoch: expected an integer epoch, got {e!r}")
+    epochs = cfg.teacher.optim.epochs
+    if not 0 <= e <= epochs:
+        raise ConfigError(f"prune.options.rewind_epoch: {e} is outside 0..teacher.optim.epochs ({epochs}); pick an epoch the "
+                          f"teacher trains through")
+    if weight and cfg.teacher.checkpoint:
+        raise ConfigError(f"prune.options.rewind_epoch: weight rewinding needs the teacher's epoch-{e} weights, but "
+                          f"teacher.checkpoint ({cfg.teacher.checkpoint}) skips training; use rewind: lr, or drop teacher.checkpoint")
+
+
+# Every IMP variant prunes in rounds, and its levels nest: round k of one run to the highest
+# sparsity is a lower sparsity.
+register_strategy("imp", imp, Options, nested_levels=True, rounds=True, snapshot_epoch=_snapshot, check=_check_rewind)
+register_strategy("imp_weight_rewind", imp_weight_rewind, WeightRewindOptions, nested_levels=True, rounds=True,
+                  snapshot_epoch=_snapshot, check=_check_rewind)
+register_strategy("imp_finetune", imp_finetune, FinetuneOptions, nested_levels=True, rounds=True)
