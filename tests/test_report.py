@@ -125,6 +125,10 @@ def test_report_prints_interval_n_and_method():
     r["distill_losses"] = ["dist"]
     md = render_markdown(r)
     assert "Distillation loss: dist." in md and "KD from" not in md
+    from ptd.report.html import render_run_html
+
+    page = render_run_html(Path(__file__).parent / "data" / "demo_run", r)
+    assert "Student accuracy per arm (loss dist)" in page and "KD from" not in page
 
 
 def test_several_losses_are_summarized_and_reported_per_loss_against_shared_scratch():

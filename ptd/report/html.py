@@ -403,7 +403,9 @@ def render_run_html(run_dir: str | Path, results: dict[str, Any] | None = None) 
         over = f"<p>{_esc(note)}</p>" if note else ""
         return (_img(plot_arms(r), "student test accuracy per arm, every seed and the 95% interval")
                 + _table(["arm", "mean %", "95% CI of the mean %", "seeds", "per seed %"], rows) + over)
-    body.append(_section("Student accuracy per arm" + (f" (loss {next(iter(r['losses']))}, the first of distill.loss)" if several else ""),
+    one = (r.get("distill_losses") or [None])[0]
+    body.append(_section("Student accuracy per arm" + (f" (loss {next(iter(r['losses']))}, the first of distill.loss)" if several else
+                                                       f" (loss {one})" if one else ""),
                          _safe(arms, "student accuracy per arm")))
 
     def comps() -> str:
