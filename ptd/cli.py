@@ -13,7 +13,7 @@ import tempfile
 import traceback
 from pathlib import Path
 
-from ptd.errors import PreflightError, PtdError, one_line
+from ptd.errors import PreflightError, PtdError, on_every_rank, one_line
 
 def _rank() -> int:
     """This process's rank under torchrun (0 alone). Every rank parses the same argv, runs the same
@@ -96,7 +96,8 @@ def _load(args: argparse.Namespace):
 def cmd_stage(args: argparse.Namespace) -> int:
     from ptd.pipeline import run_pipeline
 
-    cfg, out = _load(args)  # run_pipeline runs preflight before anything is written
+    with on_every_rank():
+        cfg, out = _load(args)  # run_pipeline runs preflight before anything is written
     until = {"train": "teacher", "prune": "prune", "student": "student", "distill": "distill", "run": "report"}[args.cmd]
     arms = getattr(args, "arm", None)
     src = _flag(args.from_run, "--from", "give the earlier run directory whose teacher and pruning to reuse, or leave --from out")
@@ -144,7 +145,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     model = load_model(args.checkpoint)
     dc = cfg.data
-    splits = load_configured(dc, cfg.seed)
+    splits = load_configured(dc, cfg.seed, check_images="headers")  # eval trains nothing: a damaged image fails in one line
     spec = getattr(model, "ptd_spec", {})
     if (spec.get("in_channels"), spec.get("num_classes")) != (splits.in_channels, splits.num_classes):
         raise CheckpointError(f"{args.checkpoint}: the model takes {spec.get('in_channels')}-channel images and has {spec.get('num_classes')} "
@@ -165,8 +166,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from ptd.report.sweep import render_sweep_markdown
     from ptd.sweep import run_sweep
 
-    cfg, out = _load(args)  # run_sweep runs preflight before anything is written
-    print(render_sweep_markdown(run_sweep(cfg, out), plots=False))
+    with on_every_rank():
+        cfg, out = _load(args)  # run_sweep runs preflight before anything is written
+    results = run_sweep(cfg, out)
+    if _rank() != 0:  # rank 0 wrote the files and prints them, once
+        return 0
+    print(render_sweep_markdown(results, plots=False))
     print(f"written: {out / 'sweep.json'}, {out / 'sweep.md'}, {out / 'student_acc_vs_sparsity.png'}, {out / 'student_acc_vs_compute.png'}")
     return 0
 
@@ -342,9 +347,11 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     try:
         return args.func(args)
-    except PtdError as e:  # a user's mistake: one line, no traceback (every rank raises it; rank 0 says it)
+    except PtdError as e:  # a user's mistake: one line, no traceback
         if _rank() == 0:
             print(f"ptd: error: {one_line(e)}", file=sys.stderr)
+        elif not e.every_rank:  # its own (a damaged image in its shard): rank 0 cannot say it
+            print(f"ptd: error: rank {_rank()}: {one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         if _rank() == 0:
@@ -363,8 +370,12 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("PTD_TRACEBACK"):
             raise
         if _peer_gone(e):
+            fd, path = tempfile.mkstemp(prefix="ptd-traceback-", suffix=".txt")  # in case it was not a peer after all
+            with os.fdopen(fd, "w") as f:
+                traceback.print_exception(e, file=f)
             print(f"ptd: error: rank {_rank()}: another process of this torchrun run stopped ({one_line(e)[:160]}); "
-                  f"its output above says why; run the same command again to resume where it stopped", file=sys.stderr)
+                  f"its output above says why; run the same command again to resume where it stopped (traceback: {path})",
+                  file=sys.stderr)
             return 1
         return _internal(e)
 

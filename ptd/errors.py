@@ -30,10 +30,29 @@ def one_line(text: object) -> str:
 
 
 class PtdError(Exception):
-    """Base of everything a user can cause. ``str(e)`` is always a single line."""
+    """Base of everything a user can cause. ``str(e)`` is always a single line.
+
+    ``every_rank``: raised by every DDP rank alike (the checks before any work), so the CLI prints
+    it once, on rank 0; any other is printed by the rank that raised it (a damaged image in one
+    rank's shard), named by its rank. Set by :func:`on_every_rank`."""
+
+    every_rank = False
 
     def __str__(self) -> str:
         return one_line(super().__str__())
+
+
+class on_every_rank:
+    """``with on_every_rank(): ...``: a PtdError raised inside is one every rank raises (config,
+    preflight and run-directory checks, which every rank runs on the same inputs)."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, e, tb) -> bool:
+        if isinstance(e, PtdError):
+            e.every_rank = True
+        return False
 
 
 class PreflightError(PtdError, ValueError):

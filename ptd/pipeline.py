@@ -44,7 +44,7 @@ from ptd.pruning.masks import MaskHook, Masks, apply_masks, count, full_masks, l
 from ptd.train import checkpoint as ckpt
 from ptd.train.distributed import Dist, all_sum, barrier, init_distributed, resolve_device
 from ptd.train.loop import Runtime, cleanup_resume_files, evaluate, fit
-from ptd.errors import DivergedError, LayerCollapseError, PreflightError, PtdError, StaleStageError, one_line
+from ptd.errors import DivergedError, LayerCollapseError, PreflightError, PtdError, StaleStageError, on_every_rank, one_line
 from ptd.io import damaged, file_digest, parses, read_json_object, read_yaml_mapping, seal
 
 STAGES = P.STAGES
@@ -1377,7 +1377,9 @@ def _student_worker_init(cfg_dict: dict, run_dir: str, threads: int) -> None:
     from ptd.data import load_configured
 
     _WORKER.clear()
-    _WORKER["ctx"] = Context(cfg, Path(run_dir), rt, load_configured(cfg.data, cfg.seed), lambda s: None, in_worker=True)
+    # headers only: the parent checked every image as the config says before any worker started
+    _WORKER["ctx"] = Context(cfg, Path(run_dir), rt, load_configured(cfg.data, cfg.seed, check_images="headers"), lambda s: None,
+                             in_worker=True)
 
 
 def _worker_replicate(replicate: int) -> dict[str, Any]:
@@ -1447,10 +1449,11 @@ def run_pipeline(cfg: RunConfig, run_dir: str | Path, until: str = "report", arm
         check_out_dir(run_dir)  # (a file as --out is named as such, before --from's checks)
         src_lock = _read_lock_source(Path(reuse_from))
     try:
-        copies = check_reuse(cfg, reuse_from, run_dir) if reuse_from is not None else None
-        splits = preflight(cfg, run_dir, until=until, arms=arms)  # every user error up front, before the run directory is written
-        check_plugins(cfg)
-        ctx = make_context(cfg, Path(run_dir), log, splits=splits, reuse=(Path(reuse_from), copies) if copies else None)
+        with on_every_rank():  # every rank runs these checks on the same inputs: rank 0 alone prints a refusal
+            copies = check_reuse(cfg, reuse_from, run_dir) if reuse_from is not None else None
+            splits = preflight(cfg, run_dir, until=until, arms=arms)  # every user error up front, before the run directory is written
+            check_plugins(cfg)
+            ctx = make_context(cfg, Path(run_dir), log, splits=splits, reuse=(Path(reuse_from), copies) if copies else None)
     finally:
         ckpt.read_unlock_dir(src_lock)  # copied (or refused): a ptd may run in the earlier run again
     try:
@@ -1459,6 +1462,21 @@ def run_pipeline(cfg: RunConfig, run_dir: str | Path, until: str = "report", arm
         return out
     finally:
         ckpt.unlock_dir(run_dir)
+
+
+def main_writes(ctx: Context, write: Callable[[], None], what: str) -> None:
+    """``write()`` on rank 0 while every rank waits for it (one collective, which also carries
+    rank 0's failure, so every rank stops together); ``write()`` alone on one process. Without it a
+    rank returned before rank 0 had written the report, the CLI read report.md before it existed,
+    and torchrun killed rank 0 mid-write (measured, 4 of 4 runs)."""
+    failed: BaseException | None = None
+    if ctx.main:
+        try:
+            write()
+        except BaseException as e:  # noqa: BLE001 -- every rank stops together, rank 0 says why
+            failed = e
+    if all_sum([0.0 if failed is None else 1.0], ctx.rt.device)[0] > 0:
+        raise failed if failed is not None else RunDirError(f"{what} failed on rank 0")
 
 
 def _run_stages(ctx: Context, until: str, arms: Sequence[str] | None, log: Callable[[str], None], t0: float) -> dict:
@@ -1503,16 +1521,10 @@ def _run_stages(ctx: Context, until: str, arms: Sequence[str] | None, log: Calla
     results = build_results(cfg, r0["teacher"], r0["prune"], s_stats, students, control=r0["control"],
                             replicates=reps if len(reps) > 1 else None,
                             test_set=test_set_facts(ctx.splits.test, ctx.splits.num_classes))
-    failed: BaseException | None = None
-    if ctx.main:
-        try:
-            write_report(ctx.run_dir, results)
-            log_not_learned(not_learned(results), results["test_set"], log, "the report")
-        except BaseException as e:  # noqa: BLE001 -- every rank stops together, rank 0 says why
-            failed = e
-    # Every rank waits for the report: a rank that returned first (the CLI then read report.md,
-    # not yet written) stopped the run, and torchrun killed rank 0 mid-write (measured, 4 of 4 runs).
-    if all_sum([0.0 if failed is None else 1.0], ctx.rt.device)[0] > 0:
-        raise failed if failed is not None else RunDirError(f"writing the report into {ctx.run_dir} failed on rank 0")
+    def report() -> None:
+        write_report(ctx.run_dir, results)
+        log_not_learned(not_learned(results), results["test_set"], log, "the report")
+
+    main_writes(ctx, report, f"writing the report into {ctx.run_dir}")
     log(f"done in {time.perf_counter() - t0:.0f} s: {ctx.run_dir}")
     return results

@@ -31,8 +31,9 @@ from tqdm.auto import tqdm
 
 from ptd import paths as P
 from ptd.config import ConfigError, PruneConfig, RunConfig
+from ptd.errors import on_every_rank
 from ptd.models import build_from_spec
-from ptd.pipeline import (Context, RunDirError, check_plugins, distill_in_parallel, finish_growth, is_done, snapshot_epochs, make_context, read_json,
+from ptd.pipeline import (Context, RunDirError, check_plugins, distill_in_parallel, finish_growth, is_done, main_writes, snapshot_epochs, make_context, read_json,
                           stage_distill, stage_prune, stage_student, stage_teacher)
 from ptd.pruning import SPECS, options_for
 from ptd.pruning.masks import Masks, load_masks
@@ -161,10 +162,11 @@ def run_sweep(cfg: RunConfig, run_dir: str | Path, log: Callable[[str], None] | 
     t0 = time.perf_counter()
     from ptd.preflight import preflight
 
-    splits = preflight(cfg, run_dir, sweep=True)  # every user error up front, before the run directory is written
-    check_plugins(cfg, sweep=True)
-    sparsities, student_from = check_sweep(cfg)
-    ctx = make_context(cfg, Path(run_dir), log, splits=splits)
+    with on_every_rank():  # every rank runs these checks on the same inputs: rank 0 alone prints a refusal
+        splits = preflight(cfg, run_dir, sweep=True)  # every user error up front, before the run directory is written
+        check_plugins(cfg, sweep=True)
+        sparsities, student_from = check_sweep(cfg)
+        ctx = make_context(cfg, Path(run_dir), log, splits=splits)
     try:
         out = _sweep_stages(ctx, sparsities, student_from, log, t0)
         finish_growth(ctx)
@@ -212,9 +214,11 @@ def _sweep_stages(ctx: Context, sparsities: list[float], student_from: float, lo
 
     results = build_sweep_results(cfg, t_res, s_stats, src, baselines, rows, session_wall_s=time.perf_counter() - t0,
                                   test_set=test_set_facts(ctx.splits.test, ctx.splits.num_classes))
-    if ctx.main:
+    def report() -> None:
         write_sweep_report(ctx.run_dir, results)
         log_not_learned(sweep_not_learned(results), results["test_set"], log, "sweep.md")
+
+    main_writes(ctx, report, f"writing the sweep's report into {ctx.run_dir}")
     log(f"sweep done in {time.perf_counter() - t0:.0f} s: {ctx.run_dir}")
     return results
 

@@ -138,20 +138,31 @@ def test_a_loss_that_cannot_train_under_ddp_is_refused_before_any_work(tmp_path,
 
 
 def test_under_torchrun_rank_0_alone_says_a_refusal_and_a_dead_peer_is_not_called_a_bug(tmp_path, capsys, monkeypatch):
-    """Every rank refuses together; rank 0 says it once (two ranks printed every refusal twice).
-    A collective that fails because another rank died names that, not "a bug in ptd"."""
+    """A refusal every rank raises (config, preflight, run directory: on_every_rank) is said once,
+    by rank 0 (two ranks printed every refusal twice). An error of one rank's own (a damaged image in
+    its shard) is said by that rank, named (silenced, rank 0 could only say a peer stopped). A
+    collective that fails because another rank died names that, not "a bug in ptd"."""
+    import tempfile
+
     import ptd.cli as cli
-    from ptd.errors import PtdError
+    from ptd.errors import PtdError, on_every_rank
 
     def refuse(args):
-        raise PtdError("x: bad; fix x")
+        with on_every_rank():
+            raise PtdError("x: bad; fix x")
+
+    def own(args):
+        raise PtdError("cannot read image /d/7.png; replace it")
 
     def peer_died(args):
         raise RuntimeError("[../gloo/transport/tcp/pair.cc:534] Read error [127.0.0.1]:29500: Connection reset by peer")
 
-    monkeypatch.setattr(cli, "cmd_stage", refuse)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     monkeypatch.setenv("WORLD_SIZE", "2")
-    for rank, lines in (("0", ["ptd: error: x: bad; fix x"]), ("1", [])):
+    for fn, rank, lines in ((refuse, "0", ["ptd: error: x: bad; fix x"]), (refuse, "1", []),
+                            (own, "0", ["ptd: error: cannot read image /d/7.png; replace it"]),
+                            (own, "1", ["ptd: error: rank 1: cannot read image /d/7.png; replace it"])):
+        monkeypatch.setattr(cli, "cmd_stage", fn)
         monkeypatch.setenv("RANK", rank)
         assert cli.main(["run", "c.yaml"]) == 2
         assert capsys.readouterr().err.splitlines() == lines
@@ -163,11 +174,7 @@ def test_under_torchrun_rank_0_alone_says_a_refusal_and_a_dead_peer_is_not_calle
     assert cli.main(["run", "c.yaml"]) == 1
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and err[0].startswith("ptd: error: rank 1: another process of this torchrun run stopped (")
-    assert "bug in ptd" not in err[0] and not list(tmp_path.glob("ptd-traceback-*"))
+    assert "bug in ptd" not in err[0] and len(list(tmp_path.glob("ptd-traceback-*"))) == 1  # kept, in case it was ptd's
     monkeypatch.setenv("WORLD_SIZE", "1")  # alone, the same error is ptd's own
-    monkeypatch.setenv("TMPDIR", str(tmp_path))
-    import tempfile
-
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     assert cli.main(["run", "c.yaml"]) == 1
     assert "this is a bug in ptd" in capsys.readouterr().err

@@ -71,7 +71,10 @@ def snip(
     # and rides in the gradients' all-reduce.
     n_batches = torch.tensor([float(len(batches))], device=grads[0].device if grads else None)
     all_sum_([*grads, n_batches])
-    return {n: (g / n_batches * w.detach().float() * masks[n].to(w.device)).abs() for n, g, w in zip(names, grads, ws)}
+    # Divided by a Python number, as before the reduction existed: CUDA multiplies by the
+    # reciprocal of a scalar but divides by a tensor, one bit apart, which can flip near-tied masks.
+    n = float(n_batches.item())
+    return {n_: (g / n * w.detach().float() * masks[n_].to(w.device)).abs() for n_, g, w in zip(names, grads, ws)}
 
 
 def synflow(model: nn.Module, masks: Masks, input_shape: Sequence[int]) -> dict[str, torch.Tensor]:
