@@ -841,8 +841,10 @@ class _SaveAtEpoch:
         self.resumed = False
 
     def on_start(self, model: nn.Module) -> None:
-        # on_start also runs after a resume, with the committed (trained) weights: not the init.
-        if self.epoch == 0 and not self.resumed and self.main:
+        # on_start also runs after a resume, with the committed (trained) weights: not the init. A
+        # hook added by a grown run has no state to say so (hooks' states are matched by position),
+        # so a commit in the folder says it too (stage_teacher saves the init before such a fit).
+        if self.epoch == 0 and not self.resumed and self.main and not (self.path.parent / ckpt.RESUME_FILE).exists():
             ckpt.save_model(self.path, self.model)
 
     def end_epoch(self, epoch: int, metrics: dict) -> None:
@@ -941,7 +943,12 @@ def stage_teacher(ctx: Context, snapshot: Sequence[int] | str = "auto", replicat
             model = ctx.rt.prepare(model)
             ctx.log(f"[teacher] training {cfg.teacher.model.arch} for {cfg.teacher.optim.epochs} epochs")
             hooks = []
-            for e in snapshot_epochs(cfg) if snapshot == "auto" else snapshot:
+            epochs = snapshot_epochs(cfg) if snapshot == "auto" else tuple(snapshot)
+            if 0 in epochs and ctx.main and not P.snapshot_file(d, 0).exists():
+                # The initialization, from the seed, before fit may restore trained weights: a sweep
+                # grown mid-teacher by a strategy that rewinds to 0 got the trained weights as epoch 0.
+                ckpt.save_model(P.snapshot_file(d, 0), model)
+            for e in epochs:
                 hooks.append(_SaveAtEpoch(model, int(e), P.snapshot_file(d, int(e)), ctx.main))
             result = ctx.fit(model, cfg.teacher.optim, d, teacher_seed(cfg, replicate), "teacher", hooks=hooks)
         result["params"] = sum(p.numel() for p in model.parameters())

@@ -676,3 +676,35 @@ def test_preflight_runs_what_a_strategy_declares_and_knows_none_by_name(monkeypa
         check_pruning(load_config(None, ["prune.strategy=imp_weight_rewind"]))
     with pytest.raises(ConfigError, match=r"prune\.options\.end_epoch: 9 must be > start_epoch"):
         check_pruning(load_config(None, ["prune.strategy=gmp", "prune.options={end_epoch: 9}", "prune.retrain.epochs=4"]))
+
+
+def test_a_rewind_to_init_added_mid_teacher_gets_the_initialization(tmp_path, tiny_fashion, monkeypatch):
+    """A sweep grown while its teacher was mid-training by a strategy that rewinds to epoch 0: the
+    hook it adds has no saved state, and it saved the resumed (trained) weights as epoch 0, so
+    rewinding silently went elsewhere. The teacher stage now saves the seeded initialization."""
+    import yaml
+
+    from conftest import Kill, KillAfter, tiny_config
+    from ptd.config import load_config
+    from ptd.pipeline import Context, make_context, seed_everything, stage_teacher
+    from ptd.seeding import stream_seed
+    from ptd.train.checkpoint import load_tensors
+
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(tiny_config(tiny_fashion)))
+    cfg = load_config(str(p))
+    ctx = make_context(cfg, tmp_path / "run", log=lambda s: None)
+    real = Context.fit
+
+    def killed(self, *a, hooks=(), **k):
+        return real(self, *a, hooks=[*hooks, KillAfter(2)], **k)
+
+    monkeypatch.setattr(Context, "fit", killed)
+    with pytest.raises(Kill):
+        stage_teacher(ctx, snapshot=())  # the sweep as it was: no rewinding strategy
+    monkeypatch.setattr(Context, "fit", real)
+    stage_teacher(ctx, snapshot=(0,))  # grown by one that rewinds to the initialization
+    seed_everything(stream_seed(cfg.seed, "teacher_init", 0))
+    init = ctx.new_model(cfg.teacher.model).state_dict()
+    saved = load_tensors(tmp_path / "run" / "teacher" / "epoch_0.safetensors")
+    assert all(torch.equal(saved[k], v) for k, v in init.items() if k in saved) and len(saved) > 0
