@@ -29,6 +29,14 @@ def _cfg(tmp_path: Path, data: Path, **top) -> Path:
     return p
 
 
+def _running(pid: str) -> bool:
+    """Whether process ``pid`` still runs (a zombie or a process gone since it was listed does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 def _students(run: Path) -> dict[str, tuple]:
     """Every student's model file (sha256 of its bytes: ptd writes safetensors headers canonically)
     and test and validation accuracy, by stage folder."""
@@ -110,7 +118,7 @@ def test_a_killed_parallel_run_leaves_no_worker_and_resumes(tmp_path, tiny_fashi
     p.wait()
     assert kids, "no worker processes were seen"
     for _ in range(200):  # the workers get SIGKILL from the kernel when their parent dies
-        alive = [k for k in kids if Path(f"/proc/{k}").exists() and "Z" not in Path(f"/proc/{k}/stat").read_text().split()[2]]
+        alive = [k for k in kids if _running(k)]
         if not alive:
             break
         time.sleep(0.05)
@@ -241,12 +249,17 @@ def test_killing_the_parent_as_its_workers_start_leaves_nothing_running(tmp_path
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
     p = subprocess.Popen([sys.executable, "-m", "ptd", "run", str(cfg), "--out", str(run)], env=env,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    def cmdline(pid: str) -> str:
+        try:
+            return Path(f"/proc/{pid}/cmdline").read_text(errors="replace")
+        except OSError:  # gone between pgrep and here
+            return ""
+
     workers: list[str] = []
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and len(workers) < 2 and p.poll() is None:
         kids = subprocess.run(["pgrep", "-P", str(p.pid)], capture_output=True, text=True).stdout.split()
-        workers = [k for k in kids if "spawn_main" in Path(f"/proc/{k}/cmdline").read_text(errors="replace")
-                   and "resource_tracker" not in Path(f"/proc/{k}/cmdline").read_text(errors="replace")] if kids else []
+        workers = [k for k in kids if "spawn_main" in cmdline(k) and "resource_tracker" not in cmdline(k)]
         time.sleep(0.02)
     os.kill(p.pid, signal.SIGKILL)
     p.wait()
@@ -257,7 +270,7 @@ def test_killing_the_parent_as_its_workers_start_leaves_nothing_running(tmp_path
 
     written = tree()
     for _ in range(300):  # 15 s: each worker checks its parent once its start-up imports are done
-        alive = [k for k in workers if Path(f"/proc/{k}").exists() and "Z" not in Path(f"/proc/{k}/stat").read_text().split()[2]]
+        alive = [k for k in workers if _running(k)]
         if not alive:
             break
         time.sleep(0.05)
