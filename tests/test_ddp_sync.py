@@ -358,3 +358,43 @@ def test_a_worker_whose_launcher_is_killed_exits(tmp_path):
             os.kill(child, signal.SIGKILL)
         if parent.poll() is None:
             parent.kill()
+
+
+_CHILD_LATE = """
+import pathlib, sys, time
+import ptd  # what `python -m ptd` does first: the launcher is recorded now
+pathlib.Path(sys.argv[1]).write_text("imported")
+time.sleep(1.5)  # importing torch, loading the config: the launcher is killed meanwhile
+from ptd.train.distributed import watch_parent
+watch_parent(0.2)
+time.sleep(120)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="needs /proc (Linux)")
+def test_a_worker_whose_launcher_died_before_the_watch_started_exits(tmp_path):
+    """torchrun killed 3 s after the launch: its workers, still importing torch, were handed to
+    init before watch_parent read their parent, so it read init and they waited in the rendezvous
+    for good. The parent is the one recorded when ptd was imported."""
+    ready, err = tmp_path / "ready", tmp_path / "child.err"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    parent = subprocess.Popen([sys.executable, "-c", _PARENT, _CHILD_LATE, str(ready), str(err)], env=env,
+                              stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+    try:
+        deadline = time.monotonic() + 60
+        while not ready.is_file() and time.monotonic() < deadline and not _gone(child):
+            time.sleep(0.05)
+        assert ready.is_file(), err.read_text()
+        parent.kill()  # before the child starts its watch
+        parent.wait()
+        t0 = time.monotonic()
+        while not _gone(child) and time.monotonic() - t0 < 15:
+            time.sleep(0.1)
+        assert _gone(child), "the orphaned child kept running"
+        assert f"ptd: error: the launcher of this worker (pid {parent.pid}" in err.read_text()
+    finally:
+        if not _gone(child):
+            os.kill(child, signal.SIGKILL)
+        if parent.poll() is None:
+            parent.kill()

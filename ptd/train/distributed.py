@@ -70,11 +70,15 @@ def watch_parent(interval_s: float = 1.0) -> None:
     global _watching
     if _watching is not None and _watching.is_alive():
         return
-    parent = os.getppid()
+    import ptd
+
+    # The parent when ptd was imported, not now: torchrun killed while this worker imported torch
+    # (seconds) had already left it to init, and a parent read now would be init itself (a kill
+    # 3 s after the launch left both workers waiting in the rendezvous, measured).
+    parent = ptd.LAUNCH_PARENT
 
     def watch() -> None:
         while True:
-            time.sleep(interval_s)
             if os.getppid() != parent:
                 try:
                     sys.stderr.write(f"ptd: error: the launcher of this worker (pid {parent}, e.g. torchrun) is gone; worker pid "
@@ -84,6 +88,7 @@ def watch_parent(interval_s: float = 1.0) -> None:
                     # _exit, not exit: no cleanup that could block on a dead peer (gloo, NCCL); the
                     # kernel releases the directory's flock and every descriptor with the process.
                     os._exit(1)
+            time.sleep(interval_s)
 
     _watching = threading.Thread(target=watch, name="ptd-parent-watch", daemon=True)
     _watching.start()
