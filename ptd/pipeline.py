@@ -839,11 +839,12 @@ class _SaveAtEpoch:
     def __init__(self, model: nn.Module, epoch: int, path: Path, main: bool):
         self.model, self.epoch, self.path, self.main = model, epoch, path, main
         self.resumed = False
+        self.resume_key = f"snapshot_epoch_{epoch}"  # a sweep may keep several epochs: one state each
 
     def on_start(self, model: nn.Module) -> None:
         # on_start also runs after a resume, with the committed (trained) weights: not the init. A
-        # hook added by a grown run has no state to say so (hooks' states are matched by position),
-        # so a commit in the folder says it too (stage_teacher saves the init before such a fit).
+        # hook added by a grown run finds no state of its own in the commit to say so, so a commit
+        # in the folder says it too (stage_teacher saves the init before such a fit).
         if self.epoch == 0 and not self.resumed and self.main and not (self.path.parent / ckpt.RESUME_FILE).exists():
             ckpt.save_model(self.path, self.model)
 

@@ -130,6 +130,35 @@ def test_resume_continues_and_matches_uninterrupted(tmp_path):
         assert torch.equal(a, b)  # bitwise on CPU
 
 
+
+class Tally:
+    """A stateful hook: counts its epochs, and says which state a resume gave it."""
+
+    def __init__(self, key):
+        self.resume_key, self.n, self.loaded = key, 0, None
+
+    def end_epoch(self, epoch, metrics):
+        self.n += 1
+
+    def state_dict(self):
+        return {"key": self.resume_key, "n": self.n}
+
+    def load_state_dict(self, state):
+        self.loaded, self.n = state["key"], state["n"]
+
+
+def test_a_resumed_hook_gets_its_own_state_wherever_a_grown_run_puts_it(tmp_path):
+    # By position, the hook a grown run put first took the old hook's state, and the old one none.
+    old = Tally("old")
+    with pytest.raises(Kill):
+        fit(model(), *loaders(), OPT, RT, out_dir=tmp_path, hooks=[old, KillAfter(3)])
+    new, again = Tally("new"), Tally("old")
+    fit(model(), *loaders(), OPT, RT, out_dir=tmp_path, hooks=[new, again])
+    assert (again.loaded, again.n) == ("old", 4)  # 2 committed epochs + 2 resumed
+    assert (new.loaded, new.n) == (None, 2)  # no state of its own in the commit: starts fresh
+    with pytest.raises(ValueError, match="share the resume_key old"):
+        fit(model(), *loaders(), OPT, RT, hooks=[Tally("old"), Tally("old")])
+
 def test_checkpoint_roundtrip_carries_architecture(tmp_path):
     m = build_model("vgg", 10, 3, plan=[8, "M", 16])
     ckpt.save_model(tmp_path / "m.safetensors", m)

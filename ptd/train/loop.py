@@ -9,7 +9,8 @@ unit; none of them fork it.
 - hooks: objects with any of ``on_start(model)``, ``before_step(model)`` (after backward, before
   the optimizer step), ``after_step(model)``, ``end_epoch(epoch, metrics)``, ``allow_best(epoch)
   -> bool`` (False: this epoch may not become the best checkpoint), and optionally
-  ``state_dict()/load_state_dict()`` so a resumed run restores them.
+  ``state_dict()/load_state_dict()`` so a resumed run restores them, each by its ``resume_key``
+  (default: its class name; unique among a fit's stateful hooks), never by its position in the list.
 - Every epoch ends in ONE commit (``resume.pt``, see ptd.train.checkpoint and docs/resume.md):
   the unit's weights, optimizer, scheduler, RNG, hook states and the metrics rows become visible
   together by one rename, or not at all. metrics.jsonl is a view rewritten from the committed rows;
@@ -186,15 +187,37 @@ def _restore(state: dict[str, Any], path: Path, unit: nn.Module, opt: torch.opti
         unit.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
-        saved = state.get("hooks") or []
-        for h, hs in zip(hooks, saved):
-            if hs is not None and hasattr(h, "load_state_dict"):
-                h.load_state_dict(hs)
+        saved = state.get("hooks") or {}
+        if isinstance(saved, dict):
+            for h in hooks:
+                if hasattr(h, "load_state_dict") and _hook_key(h) in saved:
+                    h.load_state_dict(saved[_hook_key(h)])
+        else:  # a list: written before hooks had keys, when states matched by position
+            for h, hs in zip(hooks, saved):
+                if hs is not None and hasattr(h, "load_state_dict"):
+                    h.load_state_dict(hs)
     except (KeyError, RuntimeError, ValueError) as e:  # written for another model or by another ptd
         raise ckpt.CheckpointError(f"{path / ckpt.RESUME_FILE}: does not fit this stage's model or optimizer "
                                    f"({ckpt.one_line(e)[:160]}); delete it to restart the stage from its first epoch") from None
     # Last: restoring weights and hooks draws no random numbers, but keep the order obvious.
     ckpt.set_rng_state(state["rng"])
+
+
+def _hook_key(hook: Any) -> str:
+    return getattr(hook, "resume_key", None) or type(hook).__name__
+
+
+def _hook_states(hooks: Sequence[Any]) -> dict[str, Any]:
+    """The stateful hooks' states by key. By position, a grown run that put a new hook before an
+    old one handed the old one's state to the new one (and none to the old)."""
+    return {_hook_key(h): h.state_dict() for h in hooks if hasattr(h, "state_dict")}
+
+
+def _check_hook_keys(hooks: Sequence[Any]) -> None:
+    keys = [_hook_key(h) for h in hooks if hasattr(h, "state_dict")]
+    twice = sorted({k for k in keys if keys.count(k) > 1})
+    if twice:
+        raise ValueError(f"fit: stateful hooks share the resume_key {', '.join(twice)}; give each its own")
 
 
 def train_step(net: nn.Module, opt: torch.optim.Optimizer, rt: Runtime, batch: Sequence[torch.Tensor], epoch: int,
@@ -303,6 +326,7 @@ def fit(
     main = rt.dist.is_main
     unit = (unit if unit is not None else Supervised(model)).to(rt.device)
     _check_unit(unit, model)
+    _check_hook_keys(hooks)
     net: nn.Module = unit
     if rt.dist.enabled:  # the one place DDP wraps: the whole unit, so loss modules sync too
         dev_ids = [rt.device.index] if rt.device.type == "cuda" else None
@@ -403,7 +427,7 @@ def fit(
                 ckpt.save_resume(out, {  # THE commit point of this epoch
                     "epoch": epoch, "model": unit.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                     "world_size": rt.dist.world_size,  # a resume at another world size is refused (ckpt.check_world_size)
-                    "rng": ckpt.rng_state(), "hooks": [h.state_dict() if hasattr(h, "state_dict") else None for h in hooks],
+                    "rng": ckpt.rng_state(), "hooks": _hook_states(hooks),
                     "metrics": rows, "best": {"epoch": best_epoch, "acc": best_acc}, "steps": steps, "wall_s": wall})
                 ckpt.write_metrics(out / P.METRICS, rows)  # a view of the commit; a kill here leaves it behind
             elif improved:
