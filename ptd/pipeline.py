@@ -265,7 +265,7 @@ class Context:
         try:
             result = fit(model, self.train_loader(optim.batch_size, seed), val if len(val) else None, optim, self.rt,
                          out_dir=out_dir, unit=unit, hooks=hooks, test_loader=self.eval_loader("test"), desc=desc,
-                         optim_key=key, keep=keep)
+                         optim_key=key, keep=keep, seed=seed)
         except DivergedError as e:
             teacher = self.run_dir / P.TEACHER / P.MODEL
             if key == "distill.optim" and is_done(self.run_dir / P.TEACHER) and is_done(self.run_dir / P.PRUNE):

@@ -55,6 +55,12 @@ def bn_model() -> nn.Module:
     return build_model("vgg", 4, 1, plan=[8, "M", 16, "M"])
 
 
+def dropout_net() -> nn.Module:
+    torch.manual_seed(0)
+    # Dropout on the Linear's output (never exactly 0 before it), so its zeros are its mask alone.
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.Dropout(0.5), nn.ReLU(), nn.Linear(32, 4))
+
+
 def run_strategy(name: str, model: nn.Module, data, target: float, **options):
     """Run a registered strategy with stand-ins for the pipeline's callbacks (retraining trains
     nothing): the masks it retrains with and the masks it saves, per level."""
@@ -161,6 +167,30 @@ def _worker(out: Path) -> None:
         save("diverged", None)
     except DivergedError as e:
         save("diverged", str(e))
+
+    # Dropout: each rank its own masks; a run stopped after epoch 2 and resumed equals one that was not.
+    class Stop(Exception):
+        pass
+
+    class StopAfter2:
+        def end_epoch(self, epoch, row):
+            if epoch == 1:
+                raise Stop  # every rank, before epoch 2's commit: no collective is left waiting
+
+    def drop_fit(out_dir, hooks=()):
+        m, seen = dropout_net(), []
+        m[2].register_forward_hook(lambda mod, i, o: seen.append((o == 0).clone()) if mod.training else None)
+        try:
+            fit(m, tr, va, OptimConfig(epochs=3, batch_size=16, lr=0.05), rt, out_dir=out_dir, hooks=hooks, keep="last", seed=7)
+        except Stop:
+            pass
+        return m, seen
+
+    ref, seen = drop_fit(out / "drop_ref")
+    save("dropout_masks", seen)
+    drop_fit(out / "drop_run", [StopAfter2()])
+    again, _ = drop_fit(out / "drop_run")
+    save("dropout_weights", (ref.state_dict(), again.state_dict()))
 
 
 def _free_port() -> int:
@@ -269,6 +299,19 @@ def test_a_rank_that_diverges_alone_stops_every_rank_with_one_message(launch):
     assert msg is not None and msg == r1["diverged"]
     assert msg.startswith("teacher: the weights became nan or inf (first: model.features.0.weight) in epoch 1 of 2"), msg
     assert launch[3], launch[2]  # and both ranks ended cleanly
+
+
+@pytest.mark.slow
+def test_ranks_drop_their_own_units_and_a_resumed_run_drops_the_same(launch):
+    # Seeded alike, every rank dropped the same units of its own samples, step after step.
+    _, (r0, r1) = ranks_saw(launch, "dropout_masks", "dropout_weights")
+    steps = len(r0["dropout_masks"])
+    assert steps == len(r1["dropout_masks"]) == 3 * 4  # 3 epochs of 64 samples a rank, batch 16
+    assert not any(torch.equal(a, b) for a, b in zip(r0["dropout_masks"], r1["dropout_masks"]))
+    for got in (r0, r1):
+        ref, resumed = got["dropout_weights"]
+        assert _same(ref, resumed)  # bit for bit on CPU
+    assert _same(r0["dropout_weights"][0], r1["dropout_weights"][0])  # and DDP kept the ranks' weights equal
 
 
 # ---------------------------------------------------------------- F5: world size of a resumed stage

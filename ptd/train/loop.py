@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from ptd import paths as P
 from ptd.config import CHECKPOINTS, COMPILE_MODES, OptimConfig
 from ptd.errors import DivergedError
+from ptd.seeding import stream_seed
 from ptd.train import checkpoint as ckpt
 from ptd.train.distributed import Dist, all_sum, broadcast_buffers, broadcast_object, first_true
 from ptd.train.fastconv import small_image_wgrad
@@ -307,6 +308,7 @@ def fit(
     desc: str = "train",
     optim_key: str = "optim",
     keep: str = "best",
+    seed: int = 0,
 ) -> dict[str, Any]:
     """Train ``model`` in place for ``optim.epochs`` epochs; return a summary.
 
@@ -319,6 +321,8 @@ def fit(
     An epoch whose mean training loss is nan or infinite raises ``DivergedError`` before it is
     committed (``optim_key`` names the config section to fix in its message): the run directory
     keeps the last finite epoch, and a re-run of the same config stops at the same epoch again.
+
+    ``seed``: under DDP, the root of each rank's per-epoch RNG stream (dropout); unused on one process.
     """
     if keep not in CHECKPOINTS:
         raise ValueError(f"fit: keep must be one of {', '.join(CHECKPOINTS)}, got {keep!r}")
@@ -357,6 +361,12 @@ def fit(
             lr = opt.param_groups[0]["lr"]  # the rate this epoch trains at (logged before the scheduler moves it)
             if hasattr(train_loader, "set_epoch"):
                 train_loader.set_epoch(epoch)
+            if rt.dist.enabled:
+                # Ranks are seeded alike, so dropout (any draw from torch's global RNG in a step) dropped
+                # the same units of every rank's own samples. Each epoch draws from its own (seed,
+                # epoch, rank) stream instead: ranks differ, and a resumed epoch draws what it drew
+                # (the commit keeps rank 0's RNG alone). One process keeps its seeded RNG as it was.
+                torch.manual_seed(stream_seed(seed, "step_rng", epoch=epoch, rank=rt.dist.rank))
             loss_sum = torch.zeros((), device=rt.device)
             correct = torch.zeros((), device=rt.device)
             seen = 0
