@@ -55,6 +55,15 @@ def bn_model() -> nn.Module:
     return build_model("vgg", 4, 1, plan=[8, "M", 16, "M"])
 
 
+def gmp_net(rank: int) -> nn.Module:
+    """``net()`` with weights of rank ``rank``'s own."""
+    m, g = net(), torch.Generator().manual_seed(rank)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn(p.shape, generator=g))
+    return m
+
+
 def dropout_net() -> nn.Module:
     torch.manual_seed(0)
     # Dropout on the Linear's output (never exactly 0 before it), so its zeros are its mask alone.
@@ -167,6 +176,13 @@ def _worker(out: Path) -> None:
         save("diverged", None)
     except DivergedError as e:
         save("diverged", str(e))
+
+    # GMP: a ramp event on weights that differ by rank (ties broken by a last bit, in real runs) keeps rank 0's masks.
+    from ptd.pruning.strategies.gmp import GMPHook
+
+    hook = GMPHook(full_masks(prunable_weights(gmp_net(r))), 0.5, 0, 1, 1, steps_per_epoch=1, log=lambda s: None)
+    hook.prune_to(gmp_net(r), sum(int(m.numel()) for m in hook.masks.values()) // 2)
+    save("gmp_event", dict(hook.masks))
 
     # Dropout: each rank its own masks; a run stopped after epoch 2 and resumed equals one that was not.
     class Stop(Exception):
@@ -299,6 +315,20 @@ def test_a_rank_that_diverges_alone_stops_every_rank_with_one_message(launch):
     assert msg is not None and msg == r1["diverged"]
     assert msg.startswith("teacher: the weights became nan or inf (first: model.features.0.weight) in epoch 1 of 2"), msg
     assert launch[3], launch[2]  # and both ranks ended cleanly
+
+
+@pytest.mark.slow
+def test_a_gmp_event_keeps_rank_0s_masks_on_every_rank(launch):
+    from ptd.pruning.masks import full_masks, prunable_weights
+    from ptd.pruning.select import global_topk
+    from ptd.pruning.scores import magnitude
+
+    _, (r0, r1) = ranks_saw(launch, "gmp_event")
+    assert _same(r0["gmp_event"], r1["gmp_event"])
+    own = gmp_net(1)  # what rank 1 would have chosen from its own weights
+    masks = full_masks(prunable_weights(own))
+    mine = global_topk(magnitude(own, masks), masks, sum(int(m.numel()) for m in masks.values()) // 2)
+    assert not _same(mine, r1["gmp_event"])
 
 
 @pytest.mark.slow

@@ -31,7 +31,7 @@ import torch.nn as nn
 from dataclasses import dataclass
 
 from ptd.config import MAX_EPOCHS, ConfigError
-from ptd.pruning.base import Level, PruneContext, level_metrics, register_strategy, strategy_options
+from ptd.pruning.base import Level, PruneContext, level_metrics, register_strategy, strategy_options, sync_masks
 from ptd.pruning.masks import Masks, apply_masks, count, unwrap
 from ptd.pruning.scores import magnitude
 from ptd.pruning.select import global_topk, keep_for_target
@@ -116,7 +116,10 @@ class GMPHook:
     def prune_to(self, model: nn.Module, keep: int) -> None:
         if keep >= count(self.masks)[0]:
             return
-        new = global_topk(magnitude(model, self.masks), self.masks, keep)
+        # Rank 0's choice on every rank (a no-op on one process): DDP keeps the weights equal, but a
+        # tie broken by another rank's last bit would let the ranks train different sparse nets until
+        # the level's final sync (every rank calls after_step at the same step, so the broadcast meets).
+        new = sync_masks(global_topk(magnitude(model, self.masks), self.masks, keep))
         for n in self.masks:  # in place: MaskHook holds this dict
             self.masks[n] = new[n]
         apply_masks(model, self.masks)
