@@ -577,7 +577,24 @@ def check_finished_stages(run_dir: Path, under: Sequence[Path] | None = None) ->
                                  f"be removed; give this user permission on {tmp.parent}, or delete the file")
 
 
-def open_run_dir(cfg: RunConfig, run_dir: Path, rt: Runtime) -> bool:
+def _stage_runs(cfg: RunConfig, rel: Path, until: str, arms: Sequence[str] | None) -> bool:
+    """Whether a command that stops after ``until`` for ``arms`` (default: the config's) trains in
+    the stage folder ``rel`` (relative to the run directory). A folder ptd does not know: True."""
+    parts = rel.parts[2:] if rel.parts[:1] == (P.REPLICATES,) else rel.parts  # teachers/r<k>/...
+    last = {P.TEACHER: "teacher", P.PRUNE: "prune", P.CONTROL: "distill", P.DISTILL: "distill"}.get(parts[0] if parts else "")
+    if last is None:
+        return True
+    if P.STAGES.index(until) < P.STAGES.index(last):
+        return False
+    arms = tuple(arms or cfg.distill.arms)
+    if parts[0] == P.CONTROL:
+        return any(ARM_TABLE[a].teacher == "retrained" for a in arms)
+    if parts[0] == P.DISTILL and len(parts) > 1:  # <arm>_seed<s> or <arm>-<loss>_seed<s>
+        return any(parts[1].startswith((f"{a}_seed", f"{a}-")) for a in arms)
+    return True
+
+
+def open_run_dir(cfg: RunConfig, run_dir: Path, rt: Runtime, until: str = "report", arms: Sequence[str] | None = None) -> bool:
     """Create the run directory, or check that an existing one holds this same run (resume) or
     one this run only adds work to (more seeds, arms, losses, sweep points, teacher replicates:
     the run grows, every finished stage is reused). Returns whether it grows.
@@ -616,8 +633,10 @@ def open_run_dir(cfg: RunConfig, run_dir: Path, rt: Runtime) -> bool:
         if cfg_path.is_file():  # under the lock: no other ptd is redoing a stage meanwhile; every rank reads alike
             check_lineage(run_dir)
             check_finished_stages(run_dir)
-            for r in sorted(run_dir.rglob(P.RESUME)):  # an unfinished stage's commit: refused now, not when its turn comes
-                if r.is_file() and not is_done(r.parent):
+            # An unfinished stage's commit: refused now, not when its turn comes. Only the stages this
+            # command trains: `ptd train` beside a distill stage a 2-process run left was refused for it.
+            for r in sorted(run_dir.rglob(P.RESUME)):
+                if r.is_file() and not is_done(r.parent) and _stage_runs(cfg, r.parent.relative_to(run_dir), until, arms):
                     ckpt.check_resume(r.parent)
         if rt.dist.is_main and env_path.is_file():  # read before config.yaml is rewritten: a damaged one refuses first
             old_env = read_json_object(env_path, fix=f"delete it (it records the machines of earlier sessions) and run again")
@@ -802,9 +821,12 @@ def copy_reused(cfg: RunConfig, src: str | Path, run_dir: str | Path, copies: Se
 
 
 def make_context(cfg: RunConfig, run_dir: Path, log: Callable[[str], None] = print, splits: Any = None,
-                 reuse: tuple[Path, Sequence[Path]] | None = None) -> Context:
+                 reuse: tuple[Path, Sequence[Path]] | None = None, until: str = "report",
+                 arms: Sequence[str] | None = None) -> Context:
     """``splits``: the dataset preflight already loaded (loaded here otherwise). ``reuse``: (the
-    ``--from`` run, the stage folders :func:`check_reuse` found) to copy in first."""
+    ``--from`` run, the stage folders :func:`check_reuse` found) to copy in first. ``until`` and
+    ``arms``: the stages the command will run, whose unfinished commits are checked as the
+    directory opens."""
     from ptd.data import load_configured
 
     if cfg.threads:
@@ -824,7 +846,7 @@ def make_context(cfg: RunConfig, run_dir: Path, log: Callable[[str], None] = pri
                 failed = e
         if all_sum([0.0 if failed is None else 1.0], rt.device)[0] > 0:
             raise failed if failed is not None else RunDirError(f"--from {reuse[0]}: the copy into {run_dir} failed on rank 0")
-    grown = open_run_dir(cfg, run_dir, rt)
+    grown = open_run_dir(cfg, run_dir, rt, until, arms)
     return Context(cfg, run_dir, rt, splits, log if d.is_main else (lambda s: None), grown=grown)
 
 
@@ -1461,7 +1483,8 @@ def run_pipeline(cfg: RunConfig, run_dir: str | Path, until: str = "report", arm
             copies = check_reuse(cfg, reuse_from, run_dir) if reuse_from is not None else None
             splits = preflight(cfg, run_dir, until=until, arms=arms)  # every user error up front, before the run directory is written
             check_plugins(cfg)
-            ctx = make_context(cfg, Path(run_dir), log, splits=splits, reuse=(Path(reuse_from), copies) if copies else None)
+            ctx = make_context(cfg, Path(run_dir), log, splits=splits, reuse=(Path(reuse_from), copies) if copies else None,
+                               until=until, arms=arms)
     finally:
         ckpt.read_unlock_dir(src_lock)  # copied (or refused): a ptd may run in the earlier run again
     try:

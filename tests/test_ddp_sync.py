@@ -377,6 +377,34 @@ def test_a_stage_is_not_resumed_with_another_number_of_processes(tmp_path, monke
     assert r["steps"] == 2 * len(tr)
 
 
+@pytest.mark.slow
+def test_only_the_stages_a_command_trains_have_their_world_size_checked(tmp_path, tiny_fashion, monkeypatch):
+    # `ptd train` was refused for a distill stage a 2-process run had left unfinished, which it never touches.
+    import yaml
+
+    from conftest import tiny_config
+    from ptd.config import load_config
+    from ptd.pipeline import run_pipeline
+    from ptd.train import checkpoint as ckpt
+    from ptd.train.checkpoint import CheckpointError
+    from ptd.train.loop import Runtime, fit
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(tiny_config(tiny_fashion)))
+    cfg = load_config(tmp_path / "c.yaml", ["teacher.optim.epochs=1", "distill.seeds=[0]", "distill.optim.epochs=1"])
+    run = tmp_path / "run"
+    run_pipeline(cfg, run, until="teacher")
+    tr, va = loaders()
+    stage = run / "distill" / "pruned_teacher_seed0"
+    fit(bn_model(), tr, va, OptimConfig(epochs=1, batch_size=16, lr=0.05), Runtime(quiet=True, channels_last=False), out_dir=stage)
+    ckpt.save_resume(stage, {**ckpt.load_resume(stage), "world_size": 2})  # as a 2-process distill would have left it
+    run_pipeline(cfg, run, until="teacher")  # trains no student: opens
+    run_pipeline(cfg, run, until="distill", arms=["scratch"])  # another arm's stage: not this command's either
+    for until, arms in (("distill", None), ("report", ["pruned_teacher"])):
+        with pytest.raises(CheckpointError, match=f"{stage} was started with 2 processes and is resumed with 1"):
+            run_pipeline(cfg, run, until=until, arms=arms)
+
+
 # ---------------------------------------------------------------- F7: orphaned workers stop
 
 _PARENT = """
