@@ -34,9 +34,11 @@ class PtdError(Exception):
 
     ``every_rank``: raised by every DDP rank alike (the checks before any work), so the CLI prints
     it once, on rank 0; any other is printed by the rank that raised it (a damaged image in one
-    rank's shard), named by its rank. Set by :func:`on_every_rank`."""
+    rank's shard), named by its rank. Set by :func:`on_every_rank`, except on an error its raiser
+    marked ``rank_own`` (one rank's share of a check the ranks split between them)."""
 
     every_rank = False
+    rank_own = False
 
     def __str__(self) -> str:
         return one_line(super().__str__())
@@ -50,7 +52,7 @@ class on_every_rank:
         return None
 
     def __exit__(self, kind, e, tb) -> bool:
-        if isinstance(e, PtdError):
+        if isinstance(e, PtdError) and not e.rank_own:
             e.every_rank = True
         return False
 

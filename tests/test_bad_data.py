@@ -440,6 +440,37 @@ def test_verify_images_names_the_first_bad_file_in_split_order(tmp_path: Path):
     verify_images(Split(torch.zeros(1, 1, 2, 2, dtype=torch.uint8), torch.zeros(1, dtype=torch.int64)))  # in memory: nothing
 
 
+def test_torchrun_ranks_share_the_image_check_and_each_names_its_own_bad_file(tmp_path: Path, monkeypatch):
+    """Every rank checked every image (world times the work on one machine's cores); each now
+    checks every world-th chunk, and a bad file is its own error, which rank 0 cannot print."""
+    import ptd.data.base as base
+    from ptd.errors import on_every_rank
+
+    monkeypatch.setattr(base, "_VERIFY_CHUNK", 2)
+    png(tmp_path / "good.png", size=4)
+    (tmp_path / "bad.png").write_bytes(b"junk")
+    opened: list[str] = []
+    real = base._verify_files
+    monkeypatch.setattr(base, "_verify_files", lambda paths, full: (opened.extend(paths), real(paths, full))[1])
+    paths = [str(tmp_path / f"{i}.png") for i in range(7)]  # chunks 0,1 | 2,3 | 4,5 | 6
+    for p in paths:
+        (tmp_path / Path(p).name).write_bytes((tmp_path / "good.png").read_bytes())
+    split = FolderSplit([(p, 0) for p in paths])
+    verify_images(split, progress=False, workers=1, shard=(1, 2))
+    assert opened == paths[2:4] + paths[6:]
+    opened.clear()
+    verify_images(split, progress=False, workers=1, shard=(0, 2))
+    assert opened == paths[0:2] + paths[4:6]
+    bad = FolderSplit([(p, 0) for p in paths[:5]] + [(str(tmp_path / "bad.png"), 0)])  # in chunk 2: rank 0's of 2
+    verify_images(bad, progress=False, shard=(1, 2))
+    with pytest.raises(DataError, match="bad.png") as e, on_every_rank():
+        verify_images(bad, progress=False, shard=(0, 2))
+    assert e.value.rank_own and not e.value.every_rank  # printed by its rank, named (ptd.cli)
+    with pytest.raises(DataError) as e, on_every_rank():  # one process: a refusal like any other
+        verify_images(bad, progress=False)
+    assert e.value.every_rank and not e.value.rank_own
+
+
 @pytest.mark.parametrize("keep", [0.5, 0.9, -2])
 def test_the_header_check_finds_a_cut_jpeg(tmp_path: Path, keep):
     """A JPEG cut after its header passed PIL's verify() (headers only) and failed mid-epoch in the

@@ -640,7 +640,12 @@ def test_load_configured_passes_every_data_key_load_dataset_takes(monkeypatch):
     for k in takes & fields:
         assert k in seen, k
     assert seen == {"name": "cifar10", "root": "/r", "val_fraction": 0.3, "seed": 11, "download": True, "cache_dir": "/c",
-                    "train_subset": 7, "test_subset": 3, "check_images": "full"}
+                    "train_subset": 7, "test_subset": 3, "check_images": "full", "check_shard": (0, 1)}
+    # Under torchrun each rank checks its share of the images (torchrun's RANK and WORLD_SIZE).
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    base.load_configured(dc, 11)
+    assert seen["check_shard"] == (2, 4)
     with pytest.raises(TypeError, match="unknown keyword"):
         base.load_configured(dc, 0, cache=1)
     # Nothing outside ptd.data maps a config onto load_dataset by hand.

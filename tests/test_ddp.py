@@ -1,5 +1,6 @@
 """DDP under torchrun (gloo on CPU): two processes train one teacher, rank 0 writes the run dir."""
 import json
+from pathlib import Path
 import subprocess
 import sys
 
@@ -178,3 +179,28 @@ def test_under_torchrun_rank_0_alone_says_a_refusal_and_a_dead_peer_is_not_calle
     monkeypatch.setenv("WORLD_SIZE", "1")  # alone, the same error is ptd's own
     assert cli.main(["run", "c.yaml"]) == 1
     assert "this is a bug in ptd" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_torchrun_ranks_split_the_image_check_and_the_rank_that_finds_a_bad_file_names_it(tmp_path):
+    """Each rank checked every image of a folder dataset before training (world times the work on
+    one machine); they now split it, and a bad file in rank 1's share is its error alone."""
+    from test_bad_data import config, write_imagefolder
+    from ptd.config import load_config
+    from ptd.data import load_configured
+
+    root = write_imagefolder(tmp_path / "data", per=200)  # 404 files: chunks of 256, rank 1 checks the second
+    p = config(tmp_path, "imagefolder", root)
+    sp = load_configured(load_config(p).data, 0)
+    order = [f for s in (sp.train, sp.val, sp.test) for f, _ in s.samples]
+    bad = Path(order[300])
+    bad.write_bytes(b"junk")
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "-m", "ptd", "train", p, "--out", str(out), "--quiet", "--set", "threads=1", "--set", "data.workers=0",
+                        "--set", "data.image_size=16", "--set", "data.crop_padding=0"],
+                       capture_output=True, text=True, timeout=300)
+    lines = [l for l in r.stderr.splitlines() if l.startswith("ptd: error")]
+    assert r.returncode != 0 and len(lines) == 1, r.stderr[-3000:]
+    assert lines[0].startswith(f"ptd: error: rank 1: cannot read image {bad} "), lines
+    assert not out.exists()  # refused before the run directory was made

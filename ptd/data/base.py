@@ -297,7 +297,7 @@ def _verify_files(paths: list[str], full: bool) -> int:
 
 
 def verify_images(split: AnySplit, progress: bool | None = None, *, full: bool = False,
-                  workers: int | None = None) -> None:
+                  workers: int | None = None, shard: tuple[int, int] = (0, 1)) -> None:
     """Open every image file of a ``FolderSplit`` once; the first one (in split order) that PIL
     cannot read (corrupt, truncated, permission denied, not an image) is a one-line ``DataError``
     naming it and the fix.
@@ -306,14 +306,20 @@ def verify_images(split: AnySplit, progress: bool | None = None, *, full: bool =
     headers (``Image.open`` + ``verify``); see the measurements above. ``progress``: a tqdm bar;
     None shows one for ``VERIFY_PROGRESS_MIN`` files or more once it has run a second. ``workers``:
     threads (default: the CPUs, at most 16). In-memory ``Split``s were decoded when they were read:
-    nothing to check.
+    nothing to check. ``shard``: (rank, world): this rank checks every world-th chunk of files from
+    its rank on, so torchrun's ranks share the check instead of each doing all of it; a bad file is
+    then this rank's own error (``rank_own``), the first bad one of its chunks.
     """
     if not isinstance(split, FolderSplit) or not split.samples:
         return
     from tqdm.auto import tqdm
 
+    rank, world = shard
     paths = [p for p, _ in split.samples]
-    chunks = [paths[i : i + _VERIFY_CHUNK] for i in range(0, len(paths), _VERIFY_CHUNK)]
+    chunks = [paths[i : i + _VERIFY_CHUNK] for i in range(0, len(paths), _VERIFY_CHUNK)][rank::world]
+    if not chunks:
+        return
+    paths = [p for c in chunks for p in c]
     show = progress if progress is not None else len(paths) >= VERIFY_PROGRESS_MIN
     workers = max(1, min(workers or os.cpu_count() or 1, 16, len(chunks)))
     ex = ThreadPoolExecutor(max_workers=workers)
@@ -323,6 +329,9 @@ def verify_images(split: AnySplit, progress: bool | None = None, *, full: bool =
             # map yields in order, so the error raised is the first bad file of the split.
             for n in ex.map(_verify_files, chunks, [full] * len(chunks)):
                 bar.update(n)
+    except DataError as e:
+        e.rank_own = world > 1  # the other ranks did not see it: not a refusal every rank makes (ptd.errors)
+        raise
     finally:
         ex.shutdown(wait=True, cancel_futures=True)  # after an error, do not check the rest
 
@@ -369,6 +378,15 @@ def _check_subset(name: str, value: int | None) -> None:
         raise DataError(f"{name} must be a positive integer or None, got {value!r}; fix data.{name} in the config")
 
 
+def _torchrun_shard() -> tuple[int, int]:
+    """(rank, world size) from the variables torchrun sets; (0, 1) alone or when they are not numbers."""
+    try:
+        rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 0, 1
+    return (rank, world) if 0 <= rank < world else (0, 1)
+
+
 def load_configured(dc: Any, seed: int, **override: Any) -> Splits:
     """``load_dataset`` with every field of a ``DataConfig`` (``ptd.config``) passed through, so no
     command forgets one (``ptd eval`` and ``ptd export`` once dropped ``cache_dir``, and Tiny-ImageNet
@@ -377,6 +395,9 @@ def load_configured(dc: Any, seed: int, **override: Any) -> Splits:
     kw: dict[str, Any] = dict(val_fraction=dc.val_fraction, seed=seed, download=dc.download, cache_dir=dc.cache_dir,
                               train_subset=dc.train_subset, test_subset=dc.test_subset,
                               check_images=dc.check_images)
+    # Under torchrun every rank loads the dataset: each checks its share of the images (a full
+    # decode of ImageNet is 30-90 CPU-minutes, world times over on one machine's cores otherwise).
+    kw["check_shard"] = _torchrun_shard()
     unknown = set(override) - set(kw)
     if unknown:
         raise TypeError(f"load_configured: unknown keyword(s) {sorted(unknown)}; known: {sorted(kw)}")
@@ -395,13 +416,15 @@ def load_dataset(
     train_subset: int | None = None,
     test_subset: int | None = None,
     check_images: str = "headers",
+    check_shard: tuple[int, int] = (0, 1),
 ) -> Splits:
     """Load dataset ``name`` and carve a seeded validation split out of its training set.
 
     The validation set is ``round(val_fraction * N_train)`` examples chosen by a permutation drawn
     from ``torch.Generator().manual_seed(seed)``; the test set is never touched. ``train_subset``
     keeps the first N of the remaining (shuffled) train examples, ``test_subset`` the first N test
-    examples. ``check_images`` (folder datasets): ``headers`` or ``full``, see ``verify_images``.
+    examples. ``check_images`` (folder datasets): ``headers`` or ``full``; ``check_shard``: (rank,
+    world), the share of the images this process checks; see ``verify_images``.
     Raises ``DataError`` for bad arguments or bad files.
     """
     if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0.0 <= val_fraction < 1.0:
@@ -457,7 +480,7 @@ def load_dataset(
 
     # Last, being the slow check: exactly the images this run will read, under one progress bar.
     verify_images(FolderSplit([smp for sp in (train, val, test) if isinstance(sp, FolderSplit) for smp in sp.samples]),
-                  full=check_images == "full")
+                  full=check_images == "full", shard=check_shard)
 
     return Splits(
         name=key,
