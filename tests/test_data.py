@@ -492,6 +492,48 @@ def test_loader_ddp_shards(n: int):
     assert set(seen[0]) | set(seen[1]) == set(range(n)) and len(seen[0]) == len(seen[1]) == (n + 1) // 2
 
 
+class EvenIdsRight(torch.nn.Module):
+    """On id_split: right on even sample ids, wrong on odd ones; a constant class on folders."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.n = n
+
+    def forward(self, x):
+        ids = (x[:, 0, 0, 0] * 255).round().long()  # the loader scales pixels to [0, 1]
+        guess = torch.where(ids % 2 == 0, ids, (ids + 1) % self.n)
+        return torch.nn.functional.one_hot(guess, self.n).float()
+
+
+@pytest.mark.parametrize("n,world", [(101, 2), (100, 3), (7, 4), (2, 4)])
+def test_a_sharded_eval_loader_is_evaluated_over_each_sample_once(n: int, world: int):
+    # Its padding (repeats of the first samples, id 0 being right) was counted: n 102 of 101, acc 52/102.
+    from ptd.train.loop import Runtime, evaluate
+
+    sp, model, rt = id_split(n), EvenIdsRight(n), Runtime(quiet=True, channels_last=False)
+    got = [evaluate(model, make_loader(sp, batch_size=16, train=False, rank=r, world_size=world, **ident()), rt) for r in range(world)]
+    assert sum(g["n"] for g in got) == n  # each rank's share, summed as all_sum would
+    assert sum(g["acc"] * g["n"] for g in got if g["n"]) == pytest.approx((n + 1) // 2)  # the even ids
+    one = evaluate(model, make_loader(sp, batch_size=16, train=False, **ident()), rt)
+    assert one["n"] == n and one["acc"] == pytest.approx(((n + 1) // 2) / n)
+
+
+def test_a_sharded_folder_eval_loader_is_evaluated_over_each_image_once(tmp_path: Path):
+    from ptd.train.loop import Runtime, evaluate
+
+    write_imagefolder(tmp_path)
+    s = load_dataset("imagefolder", str(tmp_path), val_fraction=0.0)  # train: 5 cat then 5 dog
+    cat = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 2))  # says "cat" whatever the image
+    with torch.no_grad():
+        cat[1].weight.zero_()
+        cat[1].bias.copy_(torch.tensor([1.0, 0.0]))
+    rt = Runtime(quiet=True, channels_last=False)
+    got = [evaluate(cat, make_loader(s.train, batch_size=3, train=False, rank=r, world_size=3, mean=s.mean, std=s.std,
+                                     image_size=8), rt) for r in range(3)]
+    assert sum(g["n"] for g in got) == 10  # not 12: the two padded cats
+    assert sum(g["acc"] * g["n"] for g in got) == pytest.approx(5)
+
+
 def test_loader_too_small_for_batch():
     with pytest.raises(DataError, match="batch_size"):
         make_loader(id_split(5), batch_size=8, train=True, **ident())

@@ -111,6 +111,16 @@ def _order_seed(seed: int, epoch: int) -> int:
 
 
 # ----------------------------------------------------------------------------- in-memory
+def real_samples(n: int, rank: int, world_size: int, train: bool, num_samples: int) -> int:
+    """How many of this rank's ``num_samples`` are the split's own, not padding. A sharded eval
+    loader (and DistributedSampler) pads the split to a multiple of world_size with repeats of its
+    first samples, at the end of the order, so they are the tail of each rank's share: rank r
+    holds positions r, r + world, ..., of which those below n are real. Training drops, never pads."""
+    if train or world_size == 1:
+        return num_samples
+    return max(0, math.ceil((n - rank) / world_size))
+
+
 class TensorLoader:
     """Iterates an in-memory ``Split`` from device memory; see ``make_loader`` for arguments."""
 
@@ -172,6 +182,7 @@ class TensorLoader:
             self._per_rank = math.ceil(n / world_size) if n else 0
             self._batches = math.ceil(self._per_rank / batch_size)
             self.num_samples = self._per_rank
+        self.real_samples = real_samples(n, rank, world_size, train, self.num_samples)
 
     def set_epoch(self, epoch: int) -> None:
         """Select the shuffle order and augmentation stream for ``epoch``."""
@@ -305,6 +316,7 @@ class FolderLoader:
                 f"batch_size={batch_size}; lower the batch size or raise data.train_subset"
             )
         self.num_samples = len(self.loader) * batch_size if train else self.sampler.num_samples
+        self.real_samples = real_samples(len(split), rank, world_size, train, self.num_samples)
         self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:

@@ -241,7 +241,9 @@ def train_step(net: nn.Module, opt: torch.optim.Optimizer, rt: Runtime, batch: S
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable, rt: Runtime) -> dict[str, float]:
-    """Top-1 accuracy (fraction) and mean cross-entropy over the whole loader."""
+    """Top-1 accuracy (fraction) and mean cross-entropy over the whole loader: over the whole
+    split for a loader sharded over ranks, each sample once (its padding is not counted)."""
+    real = getattr(loader, "real_samples", None)  # this rank's samples before its share's padding
     was_training = model.training
     model.eval()
     correct = torch.zeros((), dtype=torch.float64, device=rt.device)
@@ -253,6 +255,9 @@ def evaluate(model: nn.Module, loader: Iterable, rt: Runtime) -> dict[str, float
             torch.compiler.cudagraph_mark_step_begin()
         with rt.autocast():
             logits = model(x)
+        if real is not None and n + y.numel() > real:  # padding: repeats of samples another rank counts
+            keep = max(0, real - n)
+            logits, y = logits[:keep], y[:keep]
         loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").double()
         correct += (logits.argmax(1) == y).sum().double()
         n += y.numel()
