@@ -56,10 +56,6 @@ SPEC_STEPS: Registry[Callable[[nn.Module, dict], None]] = Registry("model spec k
 _SPEC_OWNERS = {"channel_widths": "ptd.students"}
 
 
-def model_names() -> list[str]:
-    return MODELS.names()
-
-
 def spec_to_text(spec: dict) -> str:
     return json.dumps(spec, indent=2, sort_keys=True) + "\n"
 

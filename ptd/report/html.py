@@ -24,7 +24,7 @@ from typing import Any, Callable
 from ptd import paths as P
 from ptd.errors import DamagedFileError
 from ptd.io import read_json_object
-from ptd.report import (ARM_LABELS, chance_warning, commit_outputs, compute_behind, latency_rows, not_learned, primary_students,
+from ptd.report import (ARM_LABELS, chance_warning, compute_behind, latency_rows, not_learned, primary_students,
                         replicate_interval_note, slower_note, summarize, worse_than_alone_note)
 from ptd.report.stats import format_estimate
 
@@ -559,13 +559,6 @@ def chain_after(first: list[tuple[str, list[dict]]], runs: list[tuple[str, list[
     return out
 
 
-def write_run_html(run_dir: str | Path, results: dict[str, Any] | None = None) -> Path:
-    run_dir = Path(run_dir)
-    path = run_dir / P.REPORT_HTML
-    commit_outputs([(path, render_run_html(run_dir, results))])  # a folder in the way or no permission: one line
-    return path
-
-
 # ---------------------------------------------------------------- sweep
 
 
@@ -612,9 +605,3 @@ def render_sweep_html(sweep_dir: str | Path, results: dict[str, Any] | None = No
     sub = (f"Dataset {r['dataset']}; teacher {t['arch']} ({t['params']:,} params, test {_pct(t['test_acc'])} %); "
            f"student {s['arch']} ({s['params']:,} params); {len(r['seeds'])} seed(s). Rendered from {sweep_dir.name}/ by ptd report.")
     return _page(f"ptd sweep: {r['name']}", sub, "\n".join(body))
-
-
-def write_sweep_html(sweep_dir: str | Path, results: dict[str, Any] | None = None) -> Path:
-    path = Path(sweep_dir) / P.REPORT_HTML
-    commit_outputs([(path, render_sweep_html(sweep_dir, results))])
-    return path

@@ -76,10 +76,6 @@ class Solution:
     components: list[list[int]]  # group indices solved together, in the order they were solved
 
 
-def round_up(w: int, multiple: int) -> int:
-    return -(-w // multiple) * multiple
-
-
 def round_to_multiple(w: int, multiple: int) -> int:
     """The nearest multiple of ``multiple`` to ``w`` (halves up), at least ``multiple``."""
     if multiple <= 1:

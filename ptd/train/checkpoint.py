@@ -58,7 +58,6 @@ from ptd.models import unwrap  # models sit below train: no import cycle
 FAULT_ENV = "PTD_FAULT_AT"
 TRACE_ENV = "PTD_TRACE_WRITES"
 RESUME_FILE = P.RESUME
-METRICS_FILE = P.METRICS
 RESUME_FORMAT = "ptd-resume-1"
 
 
@@ -723,14 +722,6 @@ def load_model(path: str | Path) -> nn.Module:
     model = _build_spec(p, spec)
     load_into(model, p)
     return model
-
-
-def save_state(path: str | Path, state: dict[str, Any]) -> None:
-    _commit(Path(path), lambda tmp: torch.save(state, tmp))
-
-
-def load_state(path: str | Path) -> dict[str, Any]:
-    return torch.load(str(path), map_location="cpu", weights_only=True)
 
 
 # ---------------------------------------------------------------- the per-epoch commit point
