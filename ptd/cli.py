@@ -309,12 +309,18 @@ def _rank_count() -> int:
         return 1
 
 
-def _internal(e: BaseException) -> int:
-    """A bug in ptd, not the user's input: one line, the traceback kept in a file (or shown with
-    PTD_TRACEBACK=1) so it can be reported without flooding a user's terminal."""
+def _traceback_file(e: BaseException) -> str:
+    """Write ``e``'s traceback to a new temporary file; its path."""
     fd, path = tempfile.mkstemp(prefix="ptd-traceback-", suffix=".txt")
     with os.fdopen(fd, "w") as f:
         traceback.print_exception(e, file=f)
+    return path
+
+
+def _internal(e: BaseException) -> int:
+    """A bug in ptd, not the user's input: one line, the traceback kept in a file (or shown with
+    PTD_TRACEBACK=1) so it can be reported without flooding a user's terminal."""
+    path = _traceback_file(e)
     print(f"ptd: internal error: {type(e).__name__}: {one_line(e)}; this is a bug in ptd, not your input; "
           f"the traceback is in {path} (PTD_TRACEBACK=1 prints it)", file=sys.stderr)
     return 1
@@ -370,9 +376,7 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("PTD_TRACEBACK"):
             raise
         if _peer_gone(e):
-            fd, path = tempfile.mkstemp(prefix="ptd-traceback-", suffix=".txt")  # in case it was not a peer after all
-            with os.fdopen(fd, "w") as f:
-                traceback.print_exception(e, file=f)
+            path = _traceback_file(e)  # in case it was not a peer after all
             print(f"ptd: error: rank {_rank()}: another process of this torchrun run stopped ({one_line(e)[:160]}); "
                   f"its output above says why; run the same command again to resume where it stopped (traceback: {path})",
                   file=sys.stderr)
