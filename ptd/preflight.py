@@ -652,9 +652,10 @@ def check_training_memory(cfg: RunConfig, teacher: nn.Module, student: nn.Module
     queried when None). Past it the kernel's OOM killer ends the run mid-stage with no message,
     after the run directory was written.
 
-    Training: the activations autograd keeps for the batch (per process; ``LOCAL_WORLD_SIZE``
-    processes share the machine), plus the trained model's weights, gradients and momentum, plus a
-    frozen teacher's weights while distilling. Evaluation (``eval_batch_size``, capped by the larger
+    Training: the activations autograd keeps for the batch, plus the trained model's weights,
+    gradients and momentum, plus a frozen teacher's weights while distilling, plus on a GPU the
+    in-memory splits its loaders copy there whole. Per process: on the CPU the machine's
+    ``LOCAL_WORLD_SIZE`` processes share its memory; on CUDA each has a GPU of its own (cuda:LOCAL_RANK). Evaluation (``eval_batch_size``, capped by the larger
     split; every rank the whole batch): about two of the largest activations per image and the
     input. Under native bf16 autocast half the fp32 estimate is taken, a lower bound, so a batch
     that fits is never refused."""
@@ -663,6 +664,8 @@ def check_training_memory(cfg: RunConfig, teacher: nn.Module, student: nn.Module
         return
     world = max(1, int(os.environ.get("WORLD_SIZE", "1")))
     local = max(1, min(world, int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))))
+    # A GPU holds one process's batch (it multiplied by the ranks, and refused 8 GPUs a batch each fits).
+    local = 1 if device.type == "cuda" else local
     h, w = frame_size(splits, cfg.data.image_size)
     shape = (splits.in_channels, h, w)
     from ptd.train.loop import cpu_has_native_bf16, cuda_has_native_bf16
@@ -672,12 +675,16 @@ def check_training_memory(cfg: RunConfig, teacher: nn.Module, student: nn.Module
     models = [teacher] + ([student] if student is not None else [])
     params = {id(m): sum(p.numel() for p in m.parameters()) for m in models}
     # (key, batch, model, extra bytes, training?)
-    stages = [("teacher.optim", cfg.teacher.optim.batch_size, teacher, 0, True)] if not cfg.teacher.checkpoint else []
-    stages.append(("prune.retrain", cfg.prune.retrain.batch_size, teacher, 0, True))
+    # TensorLoader copies an in-memory split to the device once (Tiny-ImageNet's decoded 100,000
+    # images: 1.2 GiB); in host memory it is already resident, so `have` (available now) counts it.
+    data = sum(t.numel() * t.element_size() for sp in (splits.train, splits.val, splits.test)
+               for t in (getattr(sp, "x", None), getattr(sp, "y", None)) if isinstance(t, torch.Tensor)) if device.type == "cuda" else 0
+    stages = [("teacher.optim", cfg.teacher.optim.batch_size, teacher, data, True)] if not cfg.teacher.checkpoint else []
+    stages.append(("prune.retrain", cfg.prune.retrain.batch_size, teacher, data, True))
     if student is not None:
-        stages.append(("distill.optim", cfg.distill.optim.batch_size, student, 4 * params[id(teacher)], True))
+        stages.append(("distill.optim", cfg.distill.optim.batch_size, student, data + 4 * params[id(teacher)], True))
     eval_batch = min(cfg.eval_batch_size, max(len(splits.val), len(splits.test)))
-    stages += [("eval_batch_size", eval_batch, m, 0, False) for m in models]
+    stages += [("eval_batch_size", eval_batch, m, data, False) for m in models]
     sized = {id(m): activation_sizes(m, shape) for m in models}
     for key, batch, model, extra, training in stages:
         if sized[id(model)] is None:
@@ -703,8 +710,9 @@ def check_training_memory(cfg: RunConfig, teacher: nn.Module, student: nn.Module
                               f"device{ranks}) against {where}; {fix}")
         fix = (f"use a batch of at most {fits}, or a smaller data.image_size or model width" if fits >= 1 else
                "lower data.image_size or the model's width: not even one image fits")
+        held = f" and the {gib(data)} of images copied to the GPU" if data else ""
         raise ConfigError(f"{key}.batch_size: {batch} {images} to train ({per_image / 2**20:.2f} MiB of activations per image, "
-                          f"measured on the meta device, plus weights, gradients and momentum{ranks}) against {where}; {fix}")
+                          f"measured on the meta device, plus weights, gradients and momentum{held}{ranks}) against {where}; {fix}")
 
 
 def check_bridges(cfg: RunConfig, teacher: nn.Module, student: nn.Module | None, splits: Any) -> None:

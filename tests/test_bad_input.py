@@ -456,9 +456,19 @@ def test_a_batch_whose_activations_exceed_memory_is_refused_with_the_largest_tha
     student = check_model(cfg.teacher.model, "student.model", splits)
     roomy = int(fixed + 64 * act) + 1
     check_training_memory(cfg, teacher, student, splits, torch.device("cpu"), have=roomy)
-    # On a GPU, its memory.
-    with pytest.raises(ConfigError, match="against the GPU's"):
-        check_training_memory(cfg, teacher, None, splits, torch.device("cuda:0"), have=int(need) - 1)
+    # On a GPU, its memory, which also holds the in-memory splits (the loaders copy them there whole).
+    data = sum(t.numel() * t.element_size() for sp in (splits.train, splits.val, splits.test) for t in (sp.x, sp.y))
+    check_training_memory(cfg, teacher, None, splits, torch.device("cuda:0"), have=int(need + data) + 1)
+    with pytest.raises(ConfigError, match="against the GPU's") as e:
+        check_training_memory(cfg, teacher, None, splits, torch.device("cuda:0"), have=int(need + data) - 1)
+    assert "of images copied to the GPU" in str(e.value)
+    # Under torchrun each process has a GPU of its own: the ranks on this machine do not add up there
+    # (they were multiplied, and 8 GPUs were refused a batch each of them fits).
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    check_training_memory(cfg, teacher, None, splits, torch.device("cuda:3"), have=int(need + data) + 1)
+    monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
     # Under DDP batch_size is per rank: each of the machine's processes holds a whole batch (the
     # check once divided the batch over the ranks and passed 2 processes on a machine 1 byte short,
     # then suggested a batch world times too large). Ranks on other machines do not count.
