@@ -577,9 +577,12 @@ def check_finished_stages(run_dir: Path, under: Sequence[Path] | None = None) ->
                                  f"be removed; give this user permission on {tmp.parent}, or delete the file")
 
 
-def _stage_runs(cfg: RunConfig, rel: Path, until: str, arms: Sequence[str] | None) -> bool:
+def _stage_runs(cfg: RunConfig, rel: Path, until: str | None, arms: Sequence[str] | None) -> bool:
     """Whether a command that stops after ``until`` for ``arms`` (default: the config's) trains in
-    the stage folder ``rel`` (relative to the run directory). A folder ptd does not know: True."""
+    the stage folder ``rel`` (relative to the run directory). ``until`` None (a sweep, whose
+    students are named by sweep point) or a folder ptd does not know: True."""
+    if until is None:
+        return True
     parts = rel.parts[2:] if rel.parts[:1] == (P.REPLICATES,) else rel.parts  # teachers/r<k>/...
     last = {P.TEACHER: "teacher", P.PRUNE: "prune", P.CONTROL: "distill", P.DISTILL: "distill"}.get(parts[0] if parts else "")
     if last is None:
@@ -594,7 +597,7 @@ def _stage_runs(cfg: RunConfig, rel: Path, until: str, arms: Sequence[str] | Non
     return True
 
 
-def open_run_dir(cfg: RunConfig, run_dir: Path, rt: Runtime, until: str = "report", arms: Sequence[str] | None = None) -> bool:
+def open_run_dir(cfg: RunConfig, run_dir: Path, rt: Runtime, until: str | None = None, arms: Sequence[str] | None = None) -> bool:
     """Create the run directory, or check that an existing one holds this same run (resume) or
     one this run only adds work to (more seeds, arms, losses, sweep points, teacher replicates:
     the run grows, every finished stage is reused). Returns whether it grows.
@@ -821,12 +824,12 @@ def copy_reused(cfg: RunConfig, src: str | Path, run_dir: str | Path, copies: Se
 
 
 def make_context(cfg: RunConfig, run_dir: Path, log: Callable[[str], None] = print, splits: Any = None,
-                 reuse: tuple[Path, Sequence[Path]] | None = None, until: str = "report",
+                 reuse: tuple[Path, Sequence[Path]] | None = None, until: str | None = None,
                  arms: Sequence[str] | None = None) -> Context:
     """``splits``: the dataset preflight already loaded (loaded here otherwise). ``reuse``: (the
     ``--from`` run, the stage folders :func:`check_reuse` found) to copy in first. ``until`` and
     ``arms``: the stages the command will run, whose unfinished commits are checked as the
-    directory opens."""
+    directory opens (None: every stage's, as a sweep's)."""
     from ptd.data import load_configured
 
     if cfg.threads:

@@ -403,6 +403,13 @@ def test_only_the_stages_a_command_trains_have_their_world_size_checked(tmp_path
     for until, arms in (("distill", None), ("report", ["pruned_teacher"])):
         with pytest.raises(CheckpointError, match=f"{stage} was started with 2 processes and is resumed with 1"):
             run_pipeline(cfg, run, until=until, arms=arms)
+    from ptd.pipeline import _stage_runs
+
+    # A sweep names its students by sweep point, not arm: it checks every stage (make_context's default).
+    assert _stage_runs(cfg, Path("distill/imp_s0.59_seed0"), None, None)
+    assert not _stage_runs(cfg, Path("distill/imp_s0.59_seed0"), "report", None)
+    assert _stage_runs(cfg, Path("teachers/r1/prune/level_2"), "prune", None)
+    assert not _stage_runs(cfg, Path("teachers/r1/control/round_1"), "prune", None)
 
 
 # ---------------------------------------------------------------- F7: orphaned workers stop
