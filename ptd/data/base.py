@@ -326,7 +326,7 @@ def verify_images(split: AnySplit, progress: bool | None = None, *, full: bool =
     try:
         with tqdm(total=len(paths), desc="checking images", unit="img", disable=not show, delay=1.0,
                   leave=False) as bar:
-            # map yields in order, so the error raised is the first bad file of the split.
+            # map yields in order, so the error raised is the first bad file of the split (of this rank's share).
             for n in ex.map(_verify_files, chunks, [full] * len(chunks)):
                 bar.update(n)
     except DataError as e:
