@@ -77,3 +77,8 @@ class StaleStageError(PtdError, ValueError):
 class LayerCollapseError(PtdError, ValueError):
     """Pruning removed every weight of a layer: the network no longer connects its input to its
     output and predicts one class whatever the image (layer collapse, Tanaka et al. 2020)."""
+
+
+class WorkerDiedError(PtdError, RuntimeError):
+    """A worker process of ``jobs: N`` was killed mid-task (typically by the kernel's out-of-memory
+    killer): the environment, not ptd, so one line with the fix."""

@@ -44,7 +44,7 @@ from ptd.pruning.masks import MaskHook, Masks, apply_masks, count, full_masks, l
 from ptd.train import checkpoint as ckpt
 from ptd.train.distributed import Dist, all_sum, barrier, init_distributed, resolve_device
 from ptd.train.loop import Runtime, cleanup_resume_files, evaluate, fit
-from ptd.errors import DivergedError, LayerCollapseError, PreflightError, PtdError, StaleStageError, on_every_rank, one_line
+from ptd.errors import DivergedError, LayerCollapseError, PreflightError, PtdError, StaleStageError, WorkerDiedError, on_every_rank, one_line
 from ptd.io import damaged, file_digest, parses, read_json_object, read_yaml_mapping, seal
 
 STAGES = P.STAGES
@@ -1448,7 +1448,7 @@ def distill_in_parallel(ctx: Context, tasks: list[tuple], worker: Callable[[tupl
     cfg = ctx.cfg
     if not tasks:
         return
-    from ptd.jobs import run_in_workers
+    from ptd.jobs import WorkerDied, run_in_workers
 
     threads = worker_threads(cfg)
     n = min(cfg.jobs, len(tasks))
@@ -1459,8 +1459,14 @@ def distill_in_parallel(ctx: Context, tasks: list[tuple], worker: Callable[[tupl
             bar.update(1)
             ctx.log(f"[distill] {cfg.distill.student_name(row['arm'], row.get('loss'))} seed {row['seed']}: test acc {row['test_acc']:.4f}")
 
-        run_in_workers(worker or _student_worker, tasks, n, initializer=_student_worker_init,
-                       initargs=(to_dict(cfg), str(ctx.run_dir), threads), on_result=done)
+        try:
+            run_in_workers(worker or _student_worker, tasks, n, initializer=_student_worker_init,
+                           initargs=(to_dict(cfg), str(ctx.run_dir), threads), on_result=done)
+        except WorkerDied as e:  # not a bug in ptd: the CLI called it one
+            raise WorkerDiedError(f"jobs: a student's worker process (pid {e.pid}) died with {e.how} before it finished "
+                                  f"(SIGKILL is typically the kernel's out-of-memory killer: each of the {n} workers holds "
+                                  f"its own data, teacher and student); lower jobs or the batch sizes and run the same "
+                                  f"command again, which resumes the students where they stopped") from None
     ctx.log(f"[distill] {len(tasks)} students in {time.perf_counter() - t0:.0f} s")
 
 

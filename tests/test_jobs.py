@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import selectors
 import shutil
 import signal
 import subprocess
@@ -176,6 +177,28 @@ def test_a_student_that_fails_in_a_worker_is_the_same_one_line(tmp_path, tiny_ya
     assert lines[0].endswith(f"to reuse this run's trained and pruned teachers there, add --from {run}")
 
 
+def _killed_by_the_oom_killer(task):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_a_student_worker_killed_mid_task_is_one_line_not_a_bug(tmp_path, tiny_yaml):
+    """SIGKILL, as the out-of-memory killer sends it: the CLI printed "internal error ... a bug in ptd"."""
+    from ptd.config import load_config
+    from ptd.errors import PtdError
+    from ptd.pipeline import distill_in_parallel, make_context
+
+    cfg = load_config(tiny_yaml, ["jobs=2", "threads=2"])
+    ctx = make_context(cfg, tmp_path / "run", log=lambda s: None)
+    try:
+        with pytest.raises(PtdError, match=r"^jobs: a student's worker process \(pid \d+\) died with signal SIGKILL before it "
+                                           r"finished \(SIGKILL is typically the kernel's out-of-memory killer.*lower jobs"):
+            distill_in_parallel(ctx, [(0,), (1,)], worker=_killed_by_the_oom_killer)
+    finally:
+        from ptd.train import checkpoint as ckpt
+
+        ckpt.unlock_dir(tmp_path / "run")
+
+
 _FAILING_POOL = """
 import sys
 from ptd.jobs import run_in_workers
@@ -276,3 +299,144 @@ def test_killing_the_parent_as_its_workers_start_leaves_nothing_running(tmp_path
         time.sleep(0.05)
     assert not alive, f"workers {alive} outlived their parent"
     assert tree() == written
+
+
+_SLEEPING_POOL = """
+import os, sys, time
+from ptd.jobs import run_in_workers
+
+def task(i):
+    time.sleep(300)  # still busy when the test kills ptd
+
+def ready():
+    print("ready", os.getpid(), flush=True)
+
+if __name__ == "__main__":
+    run_in_workers(task, range(4), 2, initializer=ready)
+"""
+
+
+def _group(pgid: int) -> list[int]:
+    """Every running process of process group ``pgid`` (what a ``kill -- -PGID`` reaches)."""
+    out = []
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and int(d.joinpath("stat").read_text().rsplit(")", 1)[1].split()[2]) == pgid:
+                out.append(int(d.name))
+        except (OSError, IndexError, ValueError):  # gone since it was listed
+            pass
+    return [p for p in out if _running(str(p))]
+
+
+def _semaphore_files(pids: list[int]) -> set[int]:
+    """The inodes of the /dev/shm/sem.* files (named POSIX semaphores: sem_open maps them) that
+    ``pids`` map: this test's own, whatever else (another pytest-xdist worker) makes meanwhile. By
+    inode, not name: the creator maps a temporary file that glibc then links to the name."""
+    inodes = set()
+    for pid in pids:
+        try:
+            maps = Path(f"/proc/{pid}/maps").read_text()
+        except OSError:  # gone since it was listed
+            continue
+        inodes.update(int(l.split()[4]) for l in maps.splitlines() if " /dev/shm/sem." in l)
+    return inodes
+
+
+def _in_shm(inodes: set[int]) -> list[Path]:
+    """The /dev/shm/sem.* files still there of ``inodes``."""
+    out = []
+    for f in Path("/dev/shm").glob("sem.*"):
+        try:
+            if f.stat().st_ino in inodes:
+                out.append(f)
+        except OSError:  # unlinked since it was listed
+            pass
+    return out
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc and /dev/shm are Linux's")
+@pytest.mark.parametrize("kill", ["group", "parent"])
+def test_a_killed_pool_leaves_no_named_semaphore(tmp_path, kill):
+    """SIGKILL to ptd's process group (``kill -9 -- -PGID``, what a terminal or a supervisor does) or
+    to ptd alone while its workers run: no named semaphore stays in /dev/shm. A multiprocessing
+    Pool made 6, which only Python's resource tracker unlinked, and a group kill killed the tracker
+    too: 6 more left in /dev/shm at every such kill (an audit). The workers use none now, so no
+    kill at any moment (starting workers, a cgroup kill that takes every process) can leave one."""
+    script = tmp_path / "pool.py"
+    script.write_text(_SLEEPING_POOL)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    p = subprocess.Popen([sys.executable, str(script)], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+                         stderr=subprocess.DEVNULL, start_new_session=True)  # its own group, as ptd in a shell is
+    held: set[int] = set()
+    try:
+        sel = selectors.DefaultSelector()
+        sel.register(p.stdout, selectors.EVENT_READ)
+        seen, out = 0, b""
+        deadline = time.monotonic() + 120  # 2 spawned workers start in about 1 s; a loaded CI machine is slower
+        while seen < 2 and time.monotonic() < deadline and p.poll() is None:
+            if sel.select(timeout=0.5):
+                out += os.read(p.stdout.fileno(), 4096)
+                seen = out.count(b"ready")
+        assert seen == 2, f"the workers did not start: {out!r}"
+        procs = _group(p.pid)
+        held = _semaphore_files(procs)
+        if kill == "group":
+            os.killpg(p.pid, signal.SIGKILL)
+        else:
+            os.kill(p.pid, signal.SIGKILL)
+        p.wait()
+        deadline = time.monotonic() + 60  # the workers die with ptd (PR_SET_PDEATHSIG), any helper at its pipe's end
+        while _group(p.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _group(p.pid), f"processes {_group(p.pid)} outlived the kill"
+        left = _in_shm(held)
+        assert not left, f"{len(left)} named semaphores left in /dev/shm by a {kill} kill: {sorted(map(str, left))}"
+        assert not held, f"the workers' processes held {len(held)} named semaphores: a kill at another moment can leave them"
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+        p.stdout.close()
+        for f in _in_shm(held):  # what a failing run of this test leaked, not left for the next
+            f.unlink(missing_ok=True)
+
+
+_DYING_POOL = """
+import os, signal, sys, time
+from ptd.jobs import run_in_workers
+
+def task(i):
+    if i == 1 and sys.argv[1] == "killed":
+        os.kill(os.getpid(), signal.SIGKILL)  # what the out-of-memory killer does
+    time.sleep(0.2)
+    return i
+
+def init():
+    if sys.argv[1] == "init":
+        raise ValueError("no data")
+
+if __name__ == "__main__":
+    try:
+        run_in_workers(task, range(4), 2, initializer=init)
+    except Exception as e:
+        print(type(e).__name__, e, "| cause:", type(e.__cause__).__name__)
+"""
+
+
+@pytest.mark.parametrize("how, said", [
+    ("killed", "WorkerDied a worker process (pid "),
+    ("init", "ValueError no data | cause: RemoteTraceback"),
+])
+def test_a_worker_that_dies_or_cannot_start_fails_the_run_at_once(tmp_path, how, said):
+    """A worker killed while it holds a task (out of memory), or whose initializer raises, is an
+    error here, raised once the other workers were stopped. A multiprocessing Pool started a new
+    worker in its place and waited for ever for the lost task's result (and, for an initializer that
+    raises, started and lost workers for ever)."""
+    script = tmp_path / "pool.py"
+    script.write_text(_DYING_POOL)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, str(script), how], capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout.startswith(said), (r.stdout, r.stderr)
+    if how == "killed":
+        assert "died with signal SIGKILL before it finished its task" in r.stdout, r.stdout
+    assert r.stderr == "", r.stderr
