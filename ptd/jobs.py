@@ -97,6 +97,22 @@ class WorkerDied(RuntimeError):
         self.pid, self.how = pid, how
 
 
+def _start_ignoring_ctrl_c(w: mp.process.BaseProcess) -> None:
+    """Start ``w`` with SIGINT ignored from its first instruction. Ctrl-C reaches the whole process
+    group; a worker still importing torch and ptd (2-4 s, before ``_init`` ignores it) printed a
+    KeyboardInterrupt traceback of its own under ptd's line. An ignored signal stays ignored across
+    exec, and Python then installs no KeyboardInterrupt handler. The parent ignores it only for the
+    milliseconds ``start`` takes (on the main thread, the only one that may set handlers)."""
+    if threading.current_thread() is not threading.main_thread():
+        w.start()
+        return
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        w.start()
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
 def _died(w: mp.process.BaseProcess) -> WorkerDied:
     """The error for worker process ``w``, whose pipe closed while it owed a result."""
     w.join(5)  # its pipe closed as it died: the exit status follows at once (s)
@@ -126,7 +142,7 @@ def run_in_workers(fn: Callable[[Any], Any], tasks: Iterable[Any], processes: in
         for _ in range(min(processes, len(todo))):
             ours, theirs = ctx.Pipe()
             w = ctx.Process(target=_serve, args=(theirs, os.getpid(), fn, initializer, tuple(initargs)), daemon=True)
-            w.start()
+            _start_ignoring_ctrl_c(w)
             # Only the worker holds its end now (spawn passes it that descriptor alone), so its
             # death, however it dies, reads as end of file here instead of a wait for ever.
             theirs.close()

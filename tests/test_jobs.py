@@ -440,3 +440,48 @@ def test_a_worker_that_dies_or_cannot_start_fails_the_run_at_once(tmp_path, how,
     if how == "killed":
         assert "died with signal SIGKILL before it finished its task" in r.stdout, r.stdout
     assert r.stderr == "", r.stderr
+
+
+_SLOW_IMPORT_POOL = """
+import os, sys, time
+if __name__ != "__main__":  # a spawned worker importing this module: slow, as torch and ptd are (2-4 s)
+    os.write(1, f"importing {os.getpid()}\\n".encode())  # one write: the two workers' lines do not interleave
+    time.sleep(2)
+from ptd.jobs import run_in_workers
+
+def task(i):
+    return i
+
+if __name__ == "__main__":
+    got = []
+    run_in_workers(task, range(4), 2, on_result=got.append)
+    print("done", sorted(got), flush=True)
+"""
+
+
+def test_ctrl_c_reaching_a_worker_still_importing_prints_nothing_of_its_own(tmp_path):
+    """Ctrl-C reaches ptd's whole process group; a worker still importing torch and ptd (before its
+    initializer ignores SIGINT) printed its own KeyboardInterrupt traceback under ptd's one line.
+    Workers now start with SIGINT ignored. Here the signal reaches the workers alone, so the run
+    goes on and must finish as if nothing had been sent."""
+    script = tmp_path / "pool.py"
+    script.write_text(_SLOW_IMPORT_POOL)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    p = subprocess.Popen([sys.executable, str(script)], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    try:
+        pids = []
+        while len(pids) < 2:
+            line = p.stdout.readline()
+            assert line, f"the workers did not start: {p.stderr.read()}"
+            if line.startswith("importing"):
+                pids.append(int(line.split()[1]))
+        for pid in pids:
+            os.kill(pid, signal.SIGINT)
+        out, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 0 and "done [0, 1, 2, 3]" in out, (out, err)
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
