@@ -13,6 +13,7 @@ import tempfile
 import traceback
 from pathlib import Path
 
+from ptd import paths as P
 from ptd.errors import PreflightError, PtdError, on_every_rank, one_line
 
 def _rank() -> int:
@@ -61,6 +62,16 @@ def _check_config_file(path: str | None) -> None:
         Path(path).read_text()
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: cannot be read as a YAML text file ({type(e).__name__}: {e}); pass a YAML config (see configs/)") from None
+
+
+def _run_config_of(model_file: Path) -> str | None:
+    """The config.yaml of the run directory ``model_file`` lies in (beside an env.json, a few
+    folders up: teacher/, prune/level_k/, teachers/r1/distill/<arm>_seed0/), or None: `ptd eval`
+    of a run's model needs no config named."""
+    for d in list(model_file.resolve().parents)[:5]:
+        if (d / P.CONFIG).is_file() and (d / P.ENV).is_file():
+            return str(d / P.CONFIG)
+    return None
 
 
 def _flag(value: str | None, flag: str, fix: str) -> str | None:
@@ -125,15 +136,16 @@ def cmd_stage(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from ptd.config import load_config
-    from ptd.data import load_configured, make_loader
+    from ptd.data import frame_size, load_configured, make_loader
     from ptd.measure import count_nonzero, count_params
     from ptd.preflight import check_data_config, check_device, check_runs, check_threads
     from ptd.train.checkpoint import CheckpointError, load_model
     from ptd.train.loop import Runtime, evaluate
 
-    _check_config_file(args.config)
+    config = args.config if args.config is not None else _run_config_of(Path(args.checkpoint))
+    _check_config_file(config)
     flag_device = _flag(args.device, "--device", "give auto, cpu, cuda or cuda:N, or leave --device out for the config's device")
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(config, args.overrides)
     # What preflight checks for a training command and eval also uses (eval runs no preflight).
     check_threads(cfg.threads)
     check_data_config(cfg)
@@ -151,14 +163,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise CheckpointError(f"{args.checkpoint}: the model takes {spec.get('in_channels')}-channel images and has {spec.get('num_classes')} "
                               f"classes, but data.name={dc.name} has {splits.in_channels} and {splits.num_classes}; pass the config "
                               f"the model was trained with")
+    size, want = getattr(model, "ptd_input_size", None), frame_size(splits, dc.image_size)
+    if size is not None and tuple(size) != tuple(want):  # scored at another resolution, its accuracy means nothing
+        raise CheckpointError(f"{args.checkpoint}: the model was trained on {size[0]}x{size[1]} images, but "
+                              f"{config or 'the default config'} gives {want[0]}x{want[1]}; pass the config it was trained with, "
+                              f"or --set data.image_size={size[0]}")
     check_runs(model, str(args.checkpoint), splits, dc.image_size)
     rt = Runtime(device=device, amp=cfg.amp, channels_last=cfg.channels_last, fast_wgrad=cfg.fast_wgrad, compile=cfg.compile, quiet=True)
     model = rt.prepare(model)
     loader = make_loader(splits.test, batch_size=cfg.eval_batch_size, train=False, mean=splits.mean, std=splits.std, device=device,
                          augment=False, channels_last=rt.channels_last)
     r = evaluate(model, loader, rt)
-    print(f"{args.checkpoint}: test acc {r['acc']:.4f} on {r['n']} images of {dc.name}; "
-          f"params {count_params(model):,} ({count_nonzero(model):,} nonzero)")
+    print(f"{args.checkpoint}: test acc {r['acc']:.4f} on {r['n']} images of {dc.name} at {want[0]}x{want[1]}; "
+          f"params {count_params(model):,} ({count_nonzero(model):,} nonzero)"
+          + (f"; config {config}" if args.config is None and config is not None else ""))
     return 0
 
 
@@ -237,7 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="test accuracy of a saved model (.safetensors written by ptd)",
                         description="test accuracy of a saved model (.safetensors written by ptd)")
     ev.add_argument("checkpoint", metavar="CHECKPOINT")
-    ev.add_argument("config", metavar="CONFIG", nargs="?", help="YAML config naming the data (default: Fashion-MNIST)")
+    ev.add_argument("config", metavar="CONFIG", nargs="?",
+                    help="YAML config naming the data (default: the config.yaml of the run directory the model file is in, "
+                         "else the built-in defaults: Fashion-MNIST)")
     ev.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ev.add_argument("--device")
     ev.set_defaults(func=cmd_eval)

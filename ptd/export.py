@@ -443,7 +443,8 @@ def export(source: str | Path, out: str | Path | None = None, fmt: str = "onnx",
     teacher = _load_teacher(src.teacher_path) if latency and src.teacher_path is not None else None
     out = Path(out) if out is not None else src.model_path.with_suffix(".onnx")
     _check_out(out)
-    images, where = test_images(src.run_dir, (input_channels(model), 32, 32))  # 32x32 (CIFAR) where the run names no data
+    # A bare model file: the size it records it was trained at, else 32x32 (CIFAR's).
+    images, where = test_images(src.run_dir, (input_channels(model), *(getattr(model, "ptd_input_size", None) or (32, 32))))
     shape = tuple(images.shape[1:])
     tmp, held = _temp_for(out)
     try:

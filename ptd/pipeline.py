@@ -262,6 +262,7 @@ class Context:
         val = self.eval_loader("val")
         key = self.optim_key(optim)
         self._note_late_milestones(key, optim)
+        self.sized(model)
         try:
             result = fit(model, self.train_loader(optim.batch_size, seed), val if len(val) else None, optim, self.rt,
                          out_dir=out_dir, unit=unit, hooks=hooks, test_loader=self.eval_loader("test"), desc=desc,
@@ -307,7 +308,15 @@ class Context:
                 "test_acc": evaluate(model, self.eval_loader("test"), self.rt)["acc"]}
 
     def new_model(self, m: ModelConfig) -> nn.Module:
-        return build_model(m.arch, num_classes=self.splits.num_classes, in_channels=self.splits.in_channels, width=m.width, **m.kwargs)
+        return self.sized(build_model(m.arch, num_classes=self.splits.num_classes, in_channels=self.splits.in_channels,
+                                      width=m.width, **m.kwargs))
+
+    def sized(self, model: nn.Module) -> nn.Module:
+        """``model``, marked with the (height, width) this run feeds it, which every model file it
+        is saved to records: ``ptd eval`` refuses another size (a teacher trained at 32 px scored
+        0.25 at 224 px without a word) and ``ptd export`` of a bare file traces at it."""
+        model.ptd_input_size = tuple(self.input_shape[-2:])
+        return model
 
     def write_json(self, path: Path, obj: Any) -> None:
         if self.main:
@@ -932,7 +941,7 @@ def run_stage(ctx: Context, d: Path, compute: Callable[[], dict], *, result_file
 
 def clone_model(ctx: Context, model: nn.Module) -> nn.Module:
     """A copy of ``model`` (same architecture and weights) on the run's device, to train apart."""
-    copy = build_from_spec(model.ptd_spec)
+    copy = ctx.sized(build_from_spec(model.ptd_spec))
     copy.load_state_dict(model.state_dict())
     return ctx.rt.prepare(copy)
 
@@ -1122,6 +1131,7 @@ def stage_student(ctx: Context, teacher: nn.Module, pruned: nn.Module, masks: Ma
                                               round_narrower=sc.round_narrower, device_type=ctx.rt.device.type)
             if plan.round_to_choice:
                 ctx.log(f"[student] round_to {plan.round_to_choice}")
+            ctx.sized(student)
         else:
             student = ctx.new_model(cfg.student.model)
         spec = student.ptd_spec
@@ -1182,7 +1192,7 @@ def stage_distill(ctx: Context, arm: str, seed: int, student_stats: dict, teache
     def compute() -> dict:
         # The same (seed, replicate) gives every arm and loss the same student init and data order.
         seed_everything(stream_seed(cfg.seed, "student_init", seed, epoch=replicate))
-        student = build_from_spec(student_stats["spec"])
+        student = ctx.sized(build_from_spec(student_stats["spec"]))
         if cfg.student.inherit:
             ckpt.load_into(student, ctx.run_dir / P.STUDENT / P.STUDENT_INIT, "student")
         student = ctx.rt.prepare(student)

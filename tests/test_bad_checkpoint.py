@@ -249,6 +249,20 @@ def test_metadata_that_builds_no_model_is_one_line_naming_the_file(ck: Path, tmp
     assert cap.out == "" and cap.err == ""
 
 
+@pytest.mark.parametrize("size", ['[0, 28]', '[28]', '"28x28"', '[28.0, 28]', '{"h": 28}', 'nope', '[99999999, 1]'])
+def test_a_recorded_input_size_that_is_not_one_is_one_line(tmp_path: Path, size: str):
+    """A model file records the (height, width) it was trained at (eval refuses another): an edited
+    record is refused naming the file, and a good one comes back as a tuple."""
+    m = _model()
+    spec = json.dumps(m.ptd_spec)
+    sd = {k: v.contiguous() for k, v in m.state_dict().items()}
+    save_file(sd, str(tmp_path / "ok.safetensors"), metadata={"format": "ptd-model-1", "ptd_spec": spec, "input_size": "[28, 30]"})
+    assert load_model(tmp_path / "ok.safetensors").ptd_input_size == (28, 30)
+    save_file(sd, str(tmp_path / "bad.safetensors"), metadata={"format": "ptd-model-1", "ptd_spec": spec, "input_size": size})
+    msg = _one_line(load_model, tmp_path / "bad.safetensors")
+    assert msg.startswith(f"{tmp_path / 'bad.safetensors'}: its recorded input size ") and "is not [height, width] in pixels" in msg, msg
+
+
 def _cli(argv: list[str], capsys) -> str:
     """main(argv): exit 2, exactly one stderr line, no traceback; returns the line."""
     capsys.readouterr()

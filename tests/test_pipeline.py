@@ -207,7 +207,19 @@ def test_eval_command(tmp_path, tiny_yaml):
     r = run_cli("eval", out / "teacher" / "model.safetensors", tiny_yaml)
     assert r.returncode == 0, r.stderr
     acc = json.loads((out / "teacher" / "result.json").read_text())["test_acc"]
-    assert f"test acc {acc:.4f}" in r.stdout
+    assert f"test acc {acc:.4f}" in r.stdout and " at 28x28; " in r.stdout
+    # A model file records the size it was trained at: another is refused (a teacher trained at 32 px
+    # scored 0.25 at the config's 224 without a word), and a run's model needs no config named.
+    from ptd.train.checkpoint import load_model
+
+    model_file = out / "teacher" / "model.safetensors"
+    assert load_model(model_file).ptd_input_size == (28, 28)
+    r = run_cli("eval", model_file, tiny_yaml, "--set", "data.image_size=32")
+    assert r.returncode == 2 and r.stderr.strip() == (
+        f"ptd: error: {model_file}: the model was trained on 28x28 images, but {tiny_yaml} gives 32x32; pass the config it "
+        f"was trained with, or --set data.image_size=28"), r.stderr
+    r = run_cli("eval", model_file)
+    assert r.returncode == 0 and f"test acc {acc:.4f}" in r.stdout and r.stdout.strip().endswith(f"; config {out / 'config.yaml'}"), r
 
 
 def test_named_student(tmp_path, tiny_yaml):

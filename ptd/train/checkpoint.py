@@ -314,6 +314,8 @@ def save_model(path: str | Path, model: nn.Module, extra: dict[str, Any] | None 
     meta = {"format": "ptd-model-1"}
     if getattr(model, "ptd_spec", None) is not None:
         meta["ptd_spec"] = json.dumps(model.ptd_spec, sort_keys=True)
+    if getattr(model, "ptd_input_size", None) is not None:  # (height, width) it was trained at: eval and export use it
+        meta["input_size"] = json.dumps([int(s) for s in model.ptd_input_size])
     for k, v in (extra or {}).items():
         meta[k] = json.dumps(v)
     save_tensors(path, sd, meta)
@@ -721,7 +723,24 @@ def load_model(path: str | Path) -> nn.Module:
                                   f"holds {have:,}: the metadata belongs to another model or was edited; {fix}")
     model = _build_spec(p, spec)
     load_into(model, p)
+    if "input_size" in meta:
+        model.ptd_input_size = _input_size(p, meta["input_size"])
     return model
+
+
+MAX_INPUT_SIDE = 65536  # pixels: larger than any image a classifier is trained on
+
+
+def _input_size(path: Path, text: str) -> tuple[int, int]:
+    """The (height, width) a model file records it was trained at; one line if the record is damaged."""
+    try:
+        size = json.loads(text)
+    except (ValueError, RecursionError):
+        size = None
+    if not (isinstance(size, list) and len(size) == 2 and all(type(v) is int and 0 < v <= MAX_INPUT_SIDE for v in size)):
+        raise CheckpointError(f"{path}: its recorded input size {text[:60]!r} is not [height, width] in pixels; the file "
+                              f"was edited: save the model again, or remove the 'input_size' metadata")
+    return size[0], size[1]
 
 
 # ---------------------------------------------------------------- the per-epoch commit point
