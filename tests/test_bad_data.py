@@ -570,3 +570,97 @@ def test_an_image_cut_short_after_its_header_is_found_before_training(tmp_path: 
     p.write_bytes(data[: len(data) * 2 // 3])
     with pytest.raises(DataError, match=f"cannot read image {re.escape(str(p))} \\(.*remove or replace the file"):
         verify_images(FolderSplit([(str(p), 0)]), progress=False)
+
+
+# ----------------------------------------------------------------------------- a layout that is nearly right
+# Messages that said only "not found" for data that is there, in another layout or under another name:
+# each now names what it found and the setting or rename that loads it, and the fix is checked to work.
+def test_tiny_imagenet_val_sorted_into_class_folders_points_to_imagefolder(tmp_path: Path, capsys):
+    """val/<wnid>/images/*.png and no val_annotations.txt (what common preprocessing scripts leave): the
+    message said to re-extract the archive; the imagefolder loader reads this layout as it is."""
+    t = write_tiny(tmp_path / "ti")
+    val = t / "val"
+    for line in (val / "val_annotations.txt").read_text().splitlines():
+        f, w = line.split("\t")[:2]
+        (val / w / "images").mkdir(parents=True)
+        (val / "images" / f).rename(val / w / "images" / f)
+    (val / "images").rmdir()
+    (val / "val_annotations.txt").unlink()
+    line = train(tmp_path, capsys, "tiny_imagenet", t.parent, cache_dir=str(tmp_path / "cache"))
+    assert line.startswith(f"ptd: error: Tiny-ImageNet file not found: {val / 'val_annotations.txt'}; "), line
+    assert "val/n01/, 2 of the 2 wnids" in line
+    assert f"data.name=imagefolder, data.root={t} and data.image_size=64" in line, line
+    raw = load_dataset("imagefolder", str(t), val_fraction=0)  # the advice holds: that layout loads
+    assert raw.classes == ["n01", "n02"] and len(raw.train) == 6 and len(raw.test) == 2
+
+
+def test_tiny_imagenet_without_wnids_names_the_place_that_exists(tmp_path: Path, capsys):
+    """A dataset folder renamed (tiny/, not tiny-imagenet-200/) and missing wnids.txt: the message named
+    tiny/tiny-imagenet-200/wnids.txt, a path the user never had."""
+    renamed = tmp_path / "tiny"
+    write_tiny(tmp_path / "d").rename(renamed)
+    (renamed / "wnids.txt").unlink()
+    line = train(tmp_path, capsys, "tiny_imagenet", renamed, cache_dir=str(tmp_path / "cache"))
+    assert line.startswith(f"ptd: error: Tiny-ImageNet file not found: {renamed / 'wnids.txt'} "), line
+    assert "tiny-imagenet-200/wnids.txt" not in line
+    assert line.endswith(f"re-extract tiny-imagenet-200.zip, or write it from the class folders: "
+                         f"ls {renamed / 'train'} > {renamed / 'wnids.txt'}"), line
+    # neither candidate there: both are named
+    (tmp_path / "empty").mkdir()
+    line = train(tmp_path, capsys, "tiny_imagenet", tmp_path / "empty", cache_dir=str(tmp_path / "cache"))
+    assert (f"no wnids.txt in {tmp_path / 'empty'} (data.root) nor in {tmp_path / 'empty' / 'tiny-imagenet-200'}; "
+            in line), line
+    # the suggested fix works: ls prints the class folders sorted, one a line
+    (renamed / "wnids.txt").write_text("".join(f"{n}\n" for n in sorted(os.listdir(renamed / "train"))))
+    raw = load_dataset("tiny_imagenet", str(renamed), val_fraction=0, cache_dir=str(tmp_path / "cache"))
+    assert raw.classes == ["n01", "n02"]
+
+
+@pytest.mark.parametrize("asked, inside", [("cifar100", False), ("cifar100", True), ("cifar10", False)],
+                         ids=["cifar100-at-cifar10-parent", "cifar100-at-cifar10-folder", "cifar10-at-cifar100"])
+def test_cifar_pointed_at_the_other_cifar_says_which_it_found(tmp_path: Path, capsys, asked: str, inside: bool):
+    """A CIFAR-100 config pointed at CIFAR-10 files (or the reverse) said only "folder not found" and
+    offered data.download=true, which needs internet access that most clusters do not have."""
+    if asked == "cifar100":
+        found = write_cifar10(tmp_path / "c")
+    else:
+        found = tmp_path / "c" / "cifar-100-python"
+        found.mkdir(parents=True)
+        (found / "meta").write_bytes(pickle.dumps({b"fine_label_names": [b"c%d" % i for i in range(100)]}, protocol=2))
+    root = found if inside else found.parent
+    other, folder = ("cifar10", "cifar-100-python") if asked == "cifar100" else ("cifar100", "cifar-10-batches-py")
+    cache = tmp_path / "cache"
+    line = train(tmp_path, capsys, asked, root, cache_dir=str(cache))
+    assert line.startswith(f"ptd: error: {'CIFAR-100' if asked == 'cifar100' else 'CIFAR-10'} folder not found: "
+                           f"{root / folder}; found {'CIFAR-10' if other == 'cifar10' else 'CIFAR-100'} there ({found}): "
+                           f"set data.name={other} to train on it, or set data.root to the folder holding {folder}/"), line
+    assert line.endswith(f"or set data.download=true on a machine with internet access (it downloads into {cache})")
+    # nothing else there: no data.name hint, the same honest download wording
+    (tmp_path / "empty").mkdir()
+    line = train(tmp_path, capsys, asked, tmp_path / "empty", cache_dir=str(cache))
+    assert "found" not in line.split("not found", 1)[1] and "internet access" in line, line
+
+
+@pytest.mark.parametrize("name", ["validation", "valid", "test", "Val"])
+def test_imagefolder_val_under_another_name_is_named(tmp_path: Path, capsys, monkeypatch, name: str):
+    """validation/ (valid/, test/, Val/) instead of val/: "image folder not found: .../val" named nothing
+    found, and was said only after train/ was scanned (minutes, for a full ImageNet)."""
+    import ptd.data.imagefolder as imagefolder
+
+    root = write_imagefolder(tmp_path / "if")
+    (root / "val").rename(root / name)
+    real = imagefolder.scan_split
+    monkeypatch.setattr(imagefolder, "scan_split", lambda *a: pytest.fail("a split was scanned before the check"))
+    line = train(tmp_path, capsys, "imagefolder", root)
+    assert line == (f"ptd: error: image folder not found: {root / 'val'}; found {root / name}/ beside it, but the "
+                    f"imagefolder loader reads only train/ and val/: rename it to val/ (mv {root / name} {root / 'val'}) "
+                    f"or link it (ln -s {name} {root / 'val'})"), line
+    (root / "test2").mkdir()  # not a known name: ignored
+    if name != "test":  # two candidates: both named, no guess which
+        (root / "test").mkdir()
+        line = train(tmp_path, capsys, "imagefolder", root)
+        assert f"found {', '.join(sorted([name + '/', 'test/']))} in {root}, but " in line, line
+        (root / "test").rmdir()
+    monkeypatch.setattr(imagefolder, "scan_split", real)
+    (root / "val").symlink_to(name)  # the suggested fix works
+    assert load_dataset("imagefolder", str(root), val_fraction=0).classes == ["a", "b"]

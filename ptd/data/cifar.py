@@ -118,6 +118,31 @@ def _marker(folder_name: str) -> str:
     return "batches.meta" if folder_name == "cifar-10-batches-py" else "meta"
 
 
+# The other CIFAR of the two: a config whose data.name and data.root disagree is a common slip.
+_OTHER = {"cifar10": "cifar100", "cifar100": "cifar10"}
+
+
+def _not_found(key: str, root: str | None, download: bool, cache: Path) -> str:
+    """The one line for a CIFAR folder found neither under data.root nor (with data.download) in the cache."""
+    s = _SPECS[key]
+    where = Path(root).expanduser() / s["folder"] if root else "(data.root is unset)"
+    fix = f"set data.root to the folder holding {s['folder']}/ (torchvision's python-version archive, extracted)"
+    # data.download fetches from the internet into the cache folder, so it is offered as what it is (most
+    # clusters have no internet); once it is on and we still got here, repeating it would not help.
+    if not download:
+        fix += f", or set data.download=true on a machine with internet access (it downloads into {cache})"
+    if root:
+        o = _SPECS[_OTHER[key]]
+        try:  # only a hint: anything odd about the other folder must not replace the real message
+            found = _resolve(Path(root).expanduser(), o["folder"])
+        except DataError:
+            found = None
+        if found is not None:
+            return (f"{s['pretty']} folder not found: {where}; found {o['pretty']} there ({found}): set "
+                    f"data.name={_OTHER[key]} to train on it, or {fix}")
+    return f"{s['pretty']} folder not found: {where}; {fix}"
+
+
 def _load(key: str, root: str | None, download: bool, cache_dir: str | None) -> RawDataset:
     s = _SPECS[key]
     folder = None
@@ -140,11 +165,7 @@ def _load(key: str, root: str | None, download: bool, cache_dir: str | None) -> 
                 ) from None
             folder = _resolve(cache, s["folder"])
     if folder is None:
-        where = Path(root).expanduser() / s["folder"] if root else "(data.root is unset)"
-        raise DataError(
-            f"{s['pretty']} folder not found: {where}; set data.root to the folder holding {s['folder']}/ "
-            f"(torchvision's python-version archive, extracted), or set data.download=true"
-        )
+        raise DataError(_not_found(key, root, download, cache))
     train = _read_batches(folder, s["train"], s["label_key"], s["num_classes"])
     test = _read_batches(folder, s["test"], s["label_key"], s["num_classes"])
     meta_path = folder / s["meta"]

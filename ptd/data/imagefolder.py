@@ -46,6 +46,31 @@ def scan_split(folder: Path, classes: list[str] | None = None) -> tuple[list[str
     return classes, samples
 
 
+# Other names datasets and tools give the two splits. The loader reads only train/ and val/ (no alias is
+# accepted: a test/ beside a val/ would make the choice ambiguous), so these are named in the message only.
+_OTHER_NAMES = {"train": {"train", "training"}, "val": {"val", "validation", "valid", "test", "testing", "eval"}}
+
+
+def _split_dir(base: Path, split: str) -> Path:
+    """``base/split``, or a one-line ``DataError`` that names any sibling under another common name
+    (compared case-insensitively, so Val/ on a case-sensitive disk is found too)."""
+    d = base / split
+    if probe_dir(d, _FIX):
+        return d
+    try:
+        others = sorted(p.name for p in base.iterdir() if p.name.lower() in _OTHER_NAMES[split] and p.is_dir())
+    except OSError:  # only a hint: the plain message below stands
+        others = []
+    if len(others) == 1:
+        o = others[0]
+        raise DataError(f"image folder not found: {d}; found {base / o}/ beside it, but the imagefolder loader reads "
+                        f"only train/ and val/: rename it to {split}/ (mv {base / o} {d}) or link it (ln -s {o} {d})")
+    if others:
+        raise DataError(f"image folder not found: {d}; found {', '.join(o + '/' for o in others)} in {base}, but the "
+                        f"imagefolder loader reads only train/ and val/: rename (or ln -s) the one to use to {split}/")
+    raise DataError(f"image folder not found: {d}; {_FIX}")
+
+
 def _image_files(cdir: Path) -> list[str]:
     """Image files under ``cdir`` at any depth, sorted; symlinked sub-folders are not followed.
 
@@ -72,6 +97,10 @@ def load_imagefolder(root: str | None, *, download: bool = False, cache_dir: str
     base = Path(root).expanduser()
     if not probe_dir(base, _FIX):
         raise DataError(f"image folder not found: {base}; {_FIX}")
+    # Both split folders before either is scanned: walking train/ of a full ImageNet takes a while, and
+    # a missing val/ is then refused before that work, with the folder it was likely named as.
+    for split in ("train", "val"):
+        _split_dir(base, split)
     classes, train = scan_split(base / "train")
     _, test = scan_split(base / "val", classes)
     return RawDataset(

@@ -114,6 +114,48 @@ def _resolve(root: Path) -> Path | None:
     return None
 
 
+def _no_wnids(base: Path) -> str:
+    """The one line for a data.root where ``_resolve`` found no wnids.txt.
+
+    Both candidates were looked at (``base/tiny-imagenet-200`` and ``base`` itself), so the message names
+    the one that exists: a path the user never had (base/tiny-imagenet-200/wnids.txt for a dataset
+    folder renamed, say, to tiny/) sends them looking for the wrong thing."""
+    nested = base / FOLDER
+    if probe_dir(nested, _FIX):
+        return f"Tiny-ImageNet file not found: {nested / 'wnids.txt'}; {_FIX}"
+    train = probe_dir(base / "train", _FIX)
+    if train or probe_dir(base / "val", _FIX):  # data.root is the dataset folder itself, under another name
+        # wnids.txt only lists the class ids, one a line; the train/ folder names are those ids (in sorted
+        # order, where the official file's order differs: labels are numbered by the file's order).
+        remake = f", or write it from the class folders: ls {base / 'train'} > {base / 'wnids.txt'}" if train else ""
+        return (f"Tiny-ImageNet file not found: {base / 'wnids.txt'} (data.root holds the dataset's train/ or val/ "
+                f"but not its class list); re-extract tiny-imagenet-200.zip{remake}")
+    if not probe_dir(base, f"set data.root to the folder holding {FOLDER}/"):
+        return f"Tiny-ImageNet folder not found: {base} (data.root); set data.root to the folder holding {FOLDER}/"
+    return (f"Tiny-ImageNet not found: no wnids.txt in {base} (data.root) nor in {nested}; set data.root to the "
+            f"folder holding {FOLDER}/, or to that folder itself (under any name), or re-extract tiny-imagenet-200.zip")
+
+
+def _sorted_val_hint(folder: Path, wnids: list[str]) -> str | None:
+    """The fix for a val/ that holds class folders (val/<wnid>/images/*.JPEG) instead of val_annotations.txt.
+
+    Common preprocessing scripts sort val/ that way (for torchvision's ImageFolder); the annotations
+    file goes, so this loader cannot label the images, but the imagefolder loader can: its scan is
+    recursive, so val/<wnid>/images/ counts as class <wnid>, as train/<wnid>/images/ does. None when
+    val/ holds no wnid folder (or cannot be listed: the plain not-found message stands then)."""
+    val = folder / "val"
+    known = set(wnids)
+    try:
+        found = sorted(p.name for p in val.iterdir() if p.name in known and p.is_dir())
+    except OSError:
+        return None
+    if not found:
+        return None
+    return (f"val/ holds class folders instead (val/{found[0]}/, {len(found)} of the {len(wnids)} wnids), as a val/ "
+            f"sorted by class does: that layout loads with data.name=imagefolder, data.root={folder} and "
+            f"data.image_size={SIZE} (its default is 224); or re-extract tiny-imagenet-200.zip for the original val/")
+
+
 def _plain_name(name: str) -> bool:
     """A single file or folder name: joined to a folder it stays inside it (no '..', no separator,
     not absolute), so a listed name cannot reach files outside the dataset's own folders."""
@@ -157,7 +199,7 @@ def load_tiny_imagenet(root: str | None, *, download: bool = False, cache_dir: s
     base = Path(root).expanduser()
     folder = _resolve(base)
     if folder is None:
-        raise DataError(f"Tiny-ImageNet file not found: {base / FOLDER / 'wnids.txt'}; {_FIX}")
+        raise DataError(_no_wnids(base))
     wnids = _read_wnids(folder / "wnids.txt")
     if not wnids:
         raise DataError(f"Tiny-ImageNet class list is empty: {folder / 'wnids.txt'}; {_FIX}")
@@ -177,7 +219,7 @@ def load_tiny_imagenet(root: str | None, *, download: bool = False, cache_dir: s
 
     ann = folder / "val" / "val_annotations.txt"
     if not probe_file(ann, _FIX):
-        raise DataError(f"Tiny-ImageNet file not found: {ann}; {_FIX}")
+        raise DataError(f"Tiny-ImageNet file not found: {ann}; {_sorted_val_hint(folder, wnids) or _FIX}")
     test_paths: list[str] = []
     test_labels: list[int] = []
     seen: dict[str, int] = {}  # file -> the line that listed it
