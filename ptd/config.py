@@ -759,3 +759,20 @@ def absolute_paths(cfg: RunConfig) -> RunConfig:
 
 def dump_yaml(cfg: RunConfig) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+# Keys added after runs were written, each with the value that matches what the code before it
+# did: an older run's config.yaml without the key compares as that value, never as today's
+# default (a resume is told "prune.retrain_checkpoint: 'best' there, 'last' now", and --set
+# puts it back), so an older run is never continued under another behaviour, nor reported as one.
+ADDED_KEYS: dict[tuple[str, str], Any] = {("prune", "retrain_checkpoint"): "best"}
+
+
+def with_added_keys(old: dict) -> dict:
+    """An earlier run's config mapping (config.yaml as read) with the keys added since it was
+    written filled in as ``ADDED_KEYS`` says: the behaviour it ran with."""
+    old = dict(old)
+    for (section, key), was in ADDED_KEYS.items():
+        if isinstance(old.get(section), dict) and key not in old[section]:
+            old[section] = {**old[section], key: was}
+    return old

@@ -35,7 +35,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from ptd import paths as P
-from ptd.config import (ARM_TABLE, REUSE_FREE, ConfigError, ModelConfig, OptimConfig, PruneConfig, RunConfig, dump_yaml,
+from ptd.config import (ARM_TABLE, REUSE_FREE, with_added_keys, ConfigError, ModelConfig, OptimConfig, PruneConfig, RunConfig, dump_yaml,
                         reuse_free_text, to_dict)
 from ptd.models import build_from_spec, build_model, spec_to_text
 from ptd.pruning import STRATEGIES, Level, PruneContext
@@ -423,21 +423,11 @@ def _same_file(a: Any, b: Any) -> bool:
         return False
 
 
-# Keys added after runs were written, each with the value that matches what the code before it
-# did: an older run's config.yaml without the key compares as that value, never as today's
-# default (a resume is told "prune.retrain_checkpoint: 'best' there, 'last' now", and --set
-# puts it back), so an older run is never continued under another behaviour.
-_ADDED_KEYS: dict[tuple[str, str], Any] = {("prune", "retrain_checkpoint"): "best"}
-
-
 def _recorded_paths(run_dir: Path, old: dict) -> dict:
-    """An earlier run's config as it ran: keys added since filled in as _ADDED_KEYS says, and a
+    """An earlier run's config as it ran: keys added since filled in (``with_added_keys``), and a
     relative teacher.checkpoint (ptd before paths were made absolute on load) replaced by the
     absolute path its teacher stage recorded as its input."""
-    old = dict(old)
-    for (section, key), was in _ADDED_KEYS.items():
-        if isinstance(old.get(section), dict) and key not in old[section]:
-            old[section] = {**old[section], key: was}
+    old = with_added_keys(old)
     c = (old.get("teacher") or {}).get("checkpoint") if isinstance(old.get("teacher"), dict) else None
     if not isinstance(c, str) or os.path.isabs(c):
         return old

@@ -228,3 +228,54 @@ def test_rerender_takes_the_deployed_latency_from_the_student_stage(run_dir):
     assert ('<p class="note">The student ran slower than its teacher here: onnxruntime (1 thread) at batch 1 (0.80x).'
             in (run_dir / "report.html").read_text())
     assert "round_to: 32" not in (run_dir / "report.html").read_text()  # not a GPU row: no GPU advice
+
+
+# ---------------------------------------------------------------- what a new user's audit found in report.html
+
+
+def test_the_page_shows_an_arm_interval_clipped_to_0_100(run_dir):
+    """Two students at 83.33% and 100%: the t interval of their mean is [-14.22, 197.55] %, and the
+    page's table (and the figure's text column) showed it so. Now cut to 0-100 % and marked, with
+    the t interval in a note."""
+    from ptd.report import summarize
+
+    r = json.loads((run_dir / "results.json").read_text())
+    students = [{"arm": "scratch", "seed": 0, "test_acc": 50 / 60}, {"arm": "scratch", "seed": 1, "test_acc": 1.0}]
+    students += [{"arm": arm, "seed": k, "test_acc": 0.90} for arm in ("unpruned_teacher", "pruned_teacher", "retrained_teacher") for k in (0, 1)]
+    page = render_run_html(run_dir, {**r, "students": students, **summarize(students)})
+    assert "<td>0.00 .. 100.00 (clipped)</td>" in page and "<td>90.00 .. 90.00</td>" in page
+    assert "not available" not in page
+    assert "-14.22 .. 197.55" not in page
+    assert "(clipped): the interval is clipped to 0-100 %" in page and "student alone (no teacher) [-14.22, 197.55]" in page
+
+
+def test_rerender_names_a_loaded_teacher_and_the_weights_from_the_run_files(run_dir, tmp_path):
+    """`ptd report` on runs whose results.json predates these records: the loaded teacher is read
+    from teacher/result.json's "source" (what stage_teacher writes for teacher.checkpoint), the
+    weights each model ends on from config.yaml (a config.yaml without prune.retrain_checkpoint is
+    from before that key, when rounds ended on their best-validation epoch), and both are written
+    into results.json."""
+    d = tmp_path / "loaded"
+    shutil.copytree(DEMO, d)
+    src = "/runs/c10/teacher/model.safetensors"
+    t = json.loads((d / "teacher" / "result.json").read_text())
+    (d / "teacher" / "result.json").write_text(json.dumps({**t, "source": src, "epochs": 0, "steps": 0, "wall_s": 0.0}))
+    cfg = (d / "config.yaml").read_text()
+    (d / "config.yaml").write_text(cfg.replace("  checkpoint: null\n", f"  checkpoint: {src}\n")
+                                   .replace("  strategy: imp\n", "  strategy: imp\n  retrain_checkpoint: last\n"))
+    md = rerender(d)
+    assert md.splitlines()[2] == (
+        f"Dataset: fashion_mnist. Accuracies are test top-1 (%): the teacher as loaded from {src} (not trained in this run); "
+        "the pruned teacher and the control teacher at their last epoch (prune.retrain_checkpoint: last); the students at "
+        "their best-validation epoch.")
+    assert f"| teacher (vgg11), loaded from {src} (not trained here) |" in md and "(lower bound)" in md
+    r = json.loads((d / "results.json").read_text())
+    assert r["teacher"]["source"] == src and r["weights"]["pruned_teacher"] == "last"
+    page = (d / "report.html").read_text()
+    assert f"loaded from {src} (not trained here)" in page and "the teacher as loaded from" in page
+    assert "distilled from pruned teacher (lower bound)" in page
+    md = rerender(run_dir)  # the demo run: from before retrain_checkpoint, a trained teacher
+    assert md.splitlines()[2] == "Dataset: fashion_mnist. Accuracies are test top-1 (%) at the best-validation checkpoint."
+    assert "loaded from" not in md
+    assert json.loads((run_dir / "results.json").read_text())["weights"] == {
+        "teacher": "best", "pruned_teacher": "best", "retrained_teacher": "best", "students": "best"}

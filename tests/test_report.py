@@ -241,7 +241,8 @@ def test_report_says_what_to_try_only_when_distillation_is_called_worse_than_alo
                                "Each distilled student trained 4 epochs (the paper distills for 200).")
     assert "distill.optim.epochs" in note and "--from RUN_DIR" in note
     # the demo's pruned teacher (77.90%) is below these students alone (86.78%): said, with the fix
-    assert ("The teacher of distilled from pruned teacher (77.90%) is itself less accurate than the students alone (86.78%): "
+    # (named by its kind: it read "The teacher of distilled from pruned teacher (77.90%)")
+    assert ("The pruned teacher (77.90%) is itself less accurate than the students alone (86.78%): "
             "with most of the loss on its soft targets (distill.alpha) the student learns to match a weaker model.") in note
     assert "teacher.optim.epochs, in a new run" in note
     stronger = {**r, "pruned_teacher": {**r["pruned_teacher"], "test_acc": 0.95}}
@@ -315,3 +316,135 @@ def test_a_student_that_did_not_learn_is_named_with_its_teacher_replicate():
                                                     "distilled from pruned teacher, seed 0, teacher 1"]
     one = {**r, "students": rows("pruned_teacher", [0.1])}  # one teacher: rows have no "teacher" key
     assert [b["model"] for b in not_learned(one)] == ["distilled from pruned teacher, seed 0"]
+
+
+# ---------------------------------------------------------------- what a new user's audit found in report.md
+
+
+def _demo():
+    return json.loads((Path(__file__).parent / "data" / "demo_run" / "results.json").read_text())
+
+
+def test_an_arm_interval_is_shown_clipped_to_the_range_an_accuracy_can_take():
+    """Two students at 83.33% and 100% (the audit's imn_w run): the 95% t interval of their mean is
+    91.67 ± 12.71 x 8.33 = [-14.22, 197.55] %, and report.md printed it so. It is now shown cut to
+    0-100 % and marked, with a footnote that gives the t interval; results.json keeps the t
+    interval (ci_low, ci_high) beside the shown one. Differences between arms may be negative: the
+    comparison intervals are left as they are."""
+    students = rows("scratch", [50 / 60, 1.0]) + rows("unpruned_teacher", [0.40, 0.20]) + rows("pruned_teacher", [0.20, 0.20])
+    r = {**_demo(), "students": students, **summarize(students)}
+    md = render_markdown(r)
+    assert "| 91.67 | [-14.22, 197.55] |" not in md  # the audit's row
+    assert "| student alone (no teacher) | 91.67 | [0.00, 100.00] (clipped) | 11.79 | 2 | 83.33, 100.00 |" in md
+    assert "| distilled from pruned teacher | 20.00 | [20.00, 20.00] | 0.00 | 2 | 20.00, 20.00 |" in md
+    sm = r["summary"]["scratch"]  # results.json: the t interval as it was, and the one shown
+    assert 100 * sm["ci_low"] == pytest.approx(-14.22, abs=0.005) and 100 * sm["ci_high"] == pytest.approx(197.55, abs=0.005)
+    assert sm["ci_low_clipped"] == 0.0 and sm["ci_high_clipped"] == 1.0 and sm["ci_clipped"] is True
+    tie = r["summary"]["pruned_teacher"]  # inside the range: shown as it is, not marked
+    assert (tie["ci_low_clipped"], tie["ci_high_clipped"], tie["ci_clipped"]) == (tie["ci_low"], tie["ci_high"], False)
+    json.dumps(sm)
+    assert ("(clipped): the interval is clipped to 0-100 %, the range an accuracy can take; with 2 seeds the 95% t interval "
+            "(mean ± t × standard error) runs past that range. The t intervals: student alone (no teacher) [-14.22, 197.55]; "
+            "distilled from unpruned teacher [-97.06, 157.06].") in md
+    c = r["comparison"]["unpruned_minus_scratch"]  # -43.33 and -80 points: an interval below -100 points, kept
+    assert c["ci_low"] < -1 and f"| unpruned minus scratch | {100 * c['mean']:+.2f} | [{100 * c['ci_low']:+.2f}, {100 * c['ci_high']:+.2f}] |" in md
+    # The per-loss table shows the same cut interval.
+    s = [{**x, "loss": None} for x in rows("scratch", [50 / 60, 1.0])]
+    s += [{**x, "loss": loss} for loss in ("kd", "at") for x in rows("pruned_teacher", [0.89, 0.91])]
+    md = render_markdown({**_demo(), "students": s, **summarize(s)})
+    assert "| at | student alone (no teacher) | 91.67 | [0.00, 100.00] (clipped) | 2 |" in md
+    assert "| at | distilled from pruned teacher | 90.00 | [77.29, 100.00] (clipped) | 2 |" in md  # 90 ± 12.71 x 1: past 100
+    assert "The t intervals: kd: student alone (no teacher) [-14.22, 197.55]; kd: distilled from pruned teacher [77.29, 102.71]; at:" in md
+    # Five close seeds: nothing cut, no footnote.
+    five = rows("scratch", [0.90, 0.91, 0.92, 0.91, 0.90])
+    assert "(clipped)" not in render_markdown({**_demo(), "students": five, **summarize(five)})
+
+
+def _loaded(students, src="/runs/c10/teacher/model.safetensors"):
+    """build_results of a run whose teacher stage loaded ``src`` (teacher.checkpoint): what
+    ptd.pipeline.stage_teacher records then (source, and no epochs, steps or seconds)."""
+    from ptd.config import load_config
+    from ptd.report import build_results
+
+    prune = {"strategy": "imp", "final_level": 1, "sparsity": 0.2, "epochs": 3, "steps": 30, "wall_s": 3.0,
+             "levels": [{"level": 0, "sparsity": 0.0, "test_acc": 0.37, "params_nonzero": 1000},
+                        {"level": 1, "sparsity": 0.2, "test_acc": 0.16, "params_nonzero": 800}]}
+    stats = {"spec": {"arch": "vgg"}, "teacher": {"params": 1000, "flops": 5000}, "student": {"params": 400, "flops": 2000}}
+    teacher = {"val_acc": 0.33, "test_acc": 0.37, "source": src, "epochs": 0, "steps": 0, "wall_s": 0.0}
+    return build_results(load_config(), teacher, prune, stats, students)
+
+
+def test_a_loaded_teacher_is_named_and_its_training_is_not_counted_in_silence(tmp_path):
+    """The audit's c10_teach run (--teacher FILE): its Teachers row read "teacher (vgg19) | 37.00",
+    its compute "teacher | 0 | 0 | 0", and the totals behind the distilled arms counted the teacher
+    as free. Now both files say where the teacher came from and that the totals are lower bounds;
+    the numbers stay what the run measured."""
+    from ptd.report import RESULTS_SCHEMA, validate
+    from ptd.report.html import render_run_html
+
+    src = "/runs/c10/teacher/model.safetensors"
+    students = [{**x, "epochs": 1, "steps": 10, "wall_s": 1.0} for x in rows("scratch", [0.80, 0.81]) + rows("pruned_teacher", [0.85, 0.86])]
+    r = _loaded(students, src)
+    md = render_markdown(r)
+    assert f"| teacher (vgg11), loaded from {src} (not trained here) | 37.00 | 0 | 1,000 | 5,000 |" in md
+    assert f"| teacher: loaded from {src}, its training not counted | 0 | 0 | 0 |" in md
+    assert (f"The teacher was loaded from {src}, not trained in this run: its training compute is not counted (0 epochs, steps "
+            "and seconds here), so the total behind every distilled arm is a lower bound (marked so).") in md
+    assert "| distilled from pruned teacher (lower bound) | 4 | 40 | 4 |" in md
+    assert "| student alone (no teacher) | 1 | 10 | 1 |" in md  # no teacher behind it: its total is whole
+    assert r["teacher"]["source"] == src and r["weights"]["teacher"] == "loaded"  # results.json records it
+    per = r["compute"]["total_per_student"]
+    assert per["pruned_teacher"]["epochs"] == 0 + 3 + 1 and per["scratch"]["epochs"] == 1  # kept as measured
+    validate(RESULTS_SCHEMA, json.loads(json.dumps(r)), Path("results.json"), "")
+    page = render_run_html(tmp_path, r)
+    assert f"teacher (vgg11), loaded from {src} (not trained here)" in page
+    assert "distilled from pruned teacher (lower bound)" in page and "is a lower bound (marked so)" in page
+    trained = render_markdown(_built(students))  # a trained teacher: none of it
+    assert "loaded from" not in trained and "lower bound" not in trained and "| teacher | 2 | 20 | 2 |" in trained
+
+
+def test_the_advice_names_each_weaker_teacher_in_one_sentence():
+    """The audit's c10 run: "...than the students alone (47.33%); The teacher of distilled from
+    unpruned teacher (37.00%) is...": a capital after a semicolon, and a teacher named by its
+    student's arm. Now one sentence names each teacher by its kind."""
+    from ptd.report import worse_than_alone_note
+
+    base = {**_demo(), "teacher": {**_demo()["teacher"], "test_acc": 0.37}, "pruned_teacher": {**_demo()["pruned_teacher"], "test_acc": 0.16}}
+    students = (rows("scratch", [0.47, 0.48, 0.47, 0.46, 0.48]) + rows("pruned_teacher", [0.07, 0.08, 0.06, 0.07, 0.09])
+                + rows("unpruned_teacher", [0.15, 0.14, 0.16, 0.15, 0.13]))
+    r = {**base, "students": students, **summarize(students)}
+    note = worse_than_alone_note(r)
+    assert ("The pruned teacher (16.00%) and the unpruned teacher (37.00%) are themselves less accurate than the students alone "
+            "(47.20%): with most of the loss on their soft targets (distill.alpha) the student learns to match a weaker model. "
+            "A better-trained teacher (teacher.optim.epochs, in a new run) is the first thing to try.") in note
+    assert "; The" not in note and "The teacher of" not in note
+    # A loaded teacher is not trained by the run: teacher.optim.epochs would change nothing, so it is not offered.
+    loaded = worse_than_alone_note({**r, "teacher": {**r["teacher"], "source": "/x/teacher.pt"}})
+    assert "teacher.optim.epochs" not in loaded and "the teacher was loaded from /x/teacher.pt (teacher.optim does not apply" in loaded
+
+
+def test_the_report_says_at_which_weights_each_accuracy_was_measured():
+    """report.md said "Accuracies are test top-1 (%) at the best-validation checkpoint" for every
+    run, while pruning rounds (and the control's) end on their last epoch by default
+    (prune.retrain_checkpoint: last), a run without a validation set keeps every last epoch, and a
+    loaded teacher was not trained at all. The sentence now follows the run's config."""
+    from ptd.config import load_config
+
+    students = [{**x, "epochs": 1, "steps": 10, "wall_s": 1.0} for x in rows("scratch", [0.80, 0.81]) + rows("pruned_teacher", [0.85, 0.86])]
+    r = _built(students)  # the defaults: prune.retrain_checkpoint last
+    assert render_markdown(r).splitlines()[2] == (
+        "Dataset: fashion_mnist. Accuracies are test top-1 (%): the teacher and the students at their best-validation epoch; "
+        "the pruned teacher at its last epoch (prune.retrain_checkpoint: last).")
+    assert r["weights"] == {"teacher": "best", "pruned_teacher": "last", "retrained_teacher": "last", "students": "best"}
+    from ptd.report import accuracy_sentence
+
+    best = _built(students, load_config(overrides=["prune.retrain_checkpoint=best"]))
+    assert accuracy_sentence(best) == "Accuracies are test top-1 (%) at the best-validation checkpoint."
+    no_val = _built(students, load_config(overrides=["data.val_fraction=0"]))
+    assert accuracy_sentence(no_val) == ("Accuracies are test top-1 (%): the teacher, the pruned teacher and the students at their "
+                                         "last epoch (the run has no validation set).")
+    assert accuracy_sentence(_loaded(students, "/t.pt")) == (
+        "Accuracies are test top-1 (%): the teacher as loaded from /t.pt (not trained in this run); the pruned teacher at its "
+        "last epoch (prune.retrain_checkpoint: last); the students at their best-validation epoch.")
+    # A results.json that does not record it (and no config.yaml read): no claim.
+    assert accuracy_sentence({**r, "weights": None}) == "Accuracies are test top-1 (%); at which epoch's weights is not recorded for this run."

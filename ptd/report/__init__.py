@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from ptd import paths as P
-from ptd.config import ARM_TABLE, RunConfig
+from ptd.config import ARM_TABLE, CHECKPOINTS, DataConfig, RunConfig
 from ptd.errors import DamagedFileError, PtdError, one_line
 from ptd.io import read_json_object
 from ptd.report.stats import above_chance, format_estimate, hierarchical_estimate, paired_estimate, t_interval, zero_width
@@ -44,6 +44,18 @@ ARM_LABELS: Mapping[str, str] = _ArmLabels()
 # (tests/test_report.py checks every kind in ARM_TABLE has one).
 COMPUTE_BEHIND = {None: (), "unpruned": ("teacher",), "pruned": ("teacher", "pruning"), "retrained": ("teacher", "control")}
 TEACHER_RESULT = {"unpruned": "teacher", "pruned": "pruned_teacher", "retrained": "retrained_teacher"}
+# How a sentence names each kind of teacher; a kind without an entry is "the <kind> teacher".
+TEACHER_NAMES = {"unpruned": "the unpruned teacher", "pruned": "the pruned teacher", "retrained": "the control teacher"}
+
+
+def teacher_name(kind: str) -> str:
+    """'the pruned teacher': the teacher of kind ``kind`` (ptd.config.Arm.teacher) in a sentence."""
+    return TEACHER_NAMES.get(kind, f"the {kind} teacher")
+
+
+def _and(parts: Sequence[str]) -> str:
+    """'a', 'a and b', 'a, b and c'."""
+    return parts[0] if len(parts) == 1 else f"{', '.join(parts[:-1])} and {parts[-1]}"
 
 
 def compute_behind(arm: str) -> tuple[str, ...]:
@@ -86,7 +98,27 @@ def arm_summary(rows: list[dict]) -> dict[str, Any]:
     if len(over) > 1:
         _, lo, hi = t_interval(over)
         out.update(ci_low=float(lo), ci_high=float(hi))
+    # results.json keeps the t interval itself in ci_low/ci_high (its width is what says how few
+    # seeds there are, and ptd compare and older readers take those keys as the t interval) and
+    # the one the reports show beside it, cut to the range an accuracy can take (shown_interval).
+    shown = shown_interval(out)
+    out.update(ci_low_clipped=shown[0] if shown else None, ci_high_clipped=shown[1] if shown else None,
+               ci_clipped=bool(shown and shown[2]))
     return out
+
+
+def shown_interval(sm: Mapping[str, Any]) -> tuple[float, float, bool] | None:
+    """The 95% interval of an arm's mean accuracy as report.md and report.html show it: the t
+    interval (``arm_summary``'s ci_low, ci_high) cut to [0, 1], and whether it was cut; None
+    without an interval. With 2 seeds t is 12.7, so two students at 83.33% and 100% gave
+    [-14.22, 197.55] %: a range no accuracy can take. The mean accuracy lies in [0, 1], so the
+    cut interval covers it whenever the t interval does (its level is kept). Differences between
+    arms (``paired``) can be negative and are never cut."""
+    lo, hi = sm.get("ci_low"), sm.get("ci_high")
+    if lo is None or hi is None:
+        return None
+    a, b = min(max(lo, 0.0), 1.0), min(max(hi, 0.0), 1.0)
+    return a, b, (a, b) != (lo, hi)
 
 
 def paired(students: list[dict], a: str, b: str) -> dict[str, Any] | None:
@@ -270,7 +302,9 @@ def build_results(cfg: RunConfig, teacher: dict, prune: dict, student: dict, stu
         "name": cfg.name,
         "dataset": cfg.data.name,
         "teacher": {"arch": cfg.teacher.model.arch, "test_acc": teacher["test_acc"], "val_acc": teacher.get("val_acc"),
-                    "params": te["params"], "flops": te["flops"], "latency": te.get("latency")},
+                    "params": te["params"], "flops": te["flops"], "latency": te.get("latency"),
+                    # teacher.checkpoint: the file stage_teacher loaded it from (its compute is then 0)
+                    **({"source": teacher["source"]} if teacher.get("source") else {})},
         "pruned_teacher": {"strategy": prune["strategy"], "level": prune["final_level"], "sparsity": prune["sparsity"],
                            "test_acc": final["test_acc"], "val_acc": final.get("val_acc"), "params_nonzero": final["params_nonzero"],
                            "levels": prune["levels"]},
@@ -285,6 +319,10 @@ def build_results(cfg: RunConfig, teacher: dict, prune: dict, student: dict, stu
         "distill_losses": list(cfg.distill.losses),
         **({"teacher_replicates": replicate_rows(replicates), "student_from_replicate": 0} if replicates else {}),
         "compute": compute,
+        # The weights each accuracy is of (the report's first sentence says them).
+        "weights": weights_kept(cfg.prune.retrain_checkpoint,
+                                validation=cfg.data.val_fraction > 0 and ("val_acc" not in teacher or teacher["val_acc"] is not None),
+                                loaded=bool(teacher.get("source")), pruned=bool(prune["final_level"])),
         **({"test_set": test_set} if test_set else {}),
     }
 
@@ -299,6 +337,108 @@ def _ci(e: dict) -> str:
 
 def _p(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.3f}"
+
+
+def arm_ci_cell(sm: Mapping[str, Any], sep: str = ", ", brackets: bool = True) -> str:
+    """An arm's 95% interval of the mean accuracy as a table cell, in %: ``shown_interval``,
+    marked "(clipped)" where the t interval ran past 0-100 %."""
+    shown = shown_interval(sm)
+    if shown is None:
+        return "n/a"
+    lo, hi, cut = shown
+    text = f"{_pct(lo)}{sep}{_pct(hi)}"
+    return (f"[{text}]" if brackets else text) + (" (clipped)" if cut else "")
+
+
+def clipped_note(summaries: Sequence[tuple[str, Mapping[str, Any]]]) -> str | None:
+    """The footnote under a table of arms whose interval was cut to 0-100 % (``shown_interval``),
+    naming each such arm with its t interval; None when none was cut. ``summaries``: (label, summary)."""
+    cut = [(label, sm) for label, sm in summaries if (shown := shown_interval(sm)) and shown[2]]
+    if not cut:
+        return None
+    ns = sorted({(sm.get("teachers", 1) if sm.get("ci_over") == "teachers" else sm["n"], sm.get("ci_over") == "teachers")
+                 for _, sm in cut})
+    few = _and([f"{n} {'teacher replicates' if over else 'seeds'}" for n, over in ns])
+    raw = "; ".join(f"{label} [{_pct(sm['ci_low'])}, {_pct(sm['ci_high'])}]" for label, sm in cut)
+    return (f"(clipped): the interval is clipped to 0-100 %, the range an accuracy can take; with {few} the 95% t interval "
+            f"(mean ± t × standard error) runs past that range. The t interval{'s' if len(cut) > 1 else ''}: {raw}. results.json "
+            "keeps both (summary.<arm>.ci_low / ci_high, the t interval; ci_low_clipped / ci_high_clipped, the one shown).")
+
+
+def _md_cell(text: str) -> str:
+    """Text from a file (a path) as one markdown table cell: a | would end the cell."""
+    return str(text).replace("\r", " ").replace("\n", " ").replace("|", "\\|")
+
+
+# Which weights a model's accuracy is of (results.json "weights"; ptd.train.loop.fit's keep, or
+# "loaded" for a teacher from teacher.checkpoint), as a report says it.
+WEIGHTS = ("best", "last", "loaded")
+WEIGHT_MODELS = {"teacher": "the teacher", "pruned_teacher": "the pruned teacher", "retrained_teacher": "the control teacher",
+                 "students": "the students"}
+
+
+def weights_kept(retrain_checkpoint: str, validation: bool, loaded: bool, pruned: bool) -> dict[str, str]:
+    """The weights each model of a run ends on, as ptd.pipeline trains them: the teacher and the
+    students with fit's keep="best", each pruning round and control round with
+    prune.retrain_checkpoint; without a validation set fit keeps the last epoch for "best". A
+    loaded teacher is "loaded", and so is a pruned teacher that was not pruned (level 0: the
+    teacher itself)."""
+    def end(keep: str) -> str:
+        return keep if validation else "last"
+    teacher = "loaded" if loaded else end("best")
+    return {"teacher": teacher, "pruned_teacher": end(retrain_checkpoint) if pruned else teacher,
+            "retrained_teacher": end(retrain_checkpoint), "students": end("best")}
+
+
+def accuracy_sentence(r: Mapping[str, Any]) -> str:
+    """The report's one sentence on what its accuracies are: test top-1, at which weights of each
+    model (results.json "weights", from the run's config). It said "at the best-validation
+    checkpoint" for every run, while pruning rounds and the control end on their last epoch by
+    default (prune.retrain_checkpoint: last), a run without a validation set keeps every stage's
+    last epoch, and a loaded teacher was not trained at all."""
+    w = r.get("weights") or {}
+    src = (r.get("teacher") or {}).get("source")
+    if src and w.get("teacher") is None:
+        w = {**w, "teacher": "loaded"}
+    models = [m for m in WEIGHT_MODELS if m != "retrained_teacher" or r.get("retrained_teacher")]
+    if not w:
+        return "Accuracies are test top-1 (%); at which epoch's weights is not recorded for this run."
+    groups: dict[str, list[str]] = {}
+    for m in models:
+        groups.setdefault(w.get(m) or "unknown", []).append(WEIGHT_MODELS[m])
+    if set(groups) == {"best"}:
+        return "Accuracies are test top-1 (%) at the best-validation checkpoint."
+    retrained = {WEIGHT_MODELS["pruned_teacher"], WEIGHT_MODELS["retrained_teacher"]}
+    clauses = []
+    for value, names in groups.items():
+        their = "its" if names in ([WEIGHT_MODELS["teacher"]], [WEIGHT_MODELS["pruned_teacher"]],
+                                   [WEIGHT_MODELS["retrained_teacher"]]) else "their"
+        if value == "loaded":
+            clauses.append(f"{_and(names)} as loaded from {src or 'a file'} (not trained in this run)")
+        elif value == "best":
+            why = " (prune.retrain_checkpoint: best)" if retrained & set(names) else ""
+            clauses.append(f"{_and(names)} at {their} best-validation epoch{why}")
+        elif value == "last":
+            why = (" (the run has no validation set)" if w.get("students") == "last"
+                   else " (prune.retrain_checkpoint: last)" if retrained & set(names) else "")
+            clauses.append(f"{_and(names)} at {their} last epoch{why}")
+        else:
+            clauses.append(f"{_and(names)} at weights not recorded")
+    return "Accuracies are test top-1 (%): " + "; ".join(clauses) + "."
+
+
+def loaded_teacher_note(r: Mapping[str, Any]) -> str | None:
+    """What the compute tables leave out when the teacher was loaded from a file, or None."""
+    src = (r.get("teacher") or {}).get("source")
+    if not src:
+        return None
+    return (f"The teacher was loaded from {src}, not trained in this run: its training compute is not counted (0 epochs, "
+            "steps and seconds here), so the total behind every distilled arm is a lower bound (marked so).")
+
+
+def lower_bound(r: Mapping[str, Any], arm: str) -> bool:
+    """Whether ``arm``'s total compute leaves out a loaded teacher's training."""
+    return bool((r.get("teacher") or {}).get("source")) and "teacher" in compute_behind(arm)
 
 
 COMPARISON_NOTE = [
@@ -404,8 +544,9 @@ def loss_markdown(r: dict[str, Any]) -> list[str]:
              "| loss | arm | mean % | 95% CI of the mean % | n |", "|---|---|---:|---:|---:|"]
     for loss, v in r["losses"].items():
         for arm, sm in v["summary"].items():
-            ci = "n/a" if sm.get("ci_low") is None else f"[{_pct(sm['ci_low'])}, {_pct(sm['ci_high'])}]"
-            lines.append(f"| {loss} | {ARM_LABELS[arm]} | {_pct(sm['mean'])} | {ci} | {sm['n']} |")
+            lines.append(f"| {loss} | {ARM_LABELS[arm]} | {_pct(sm['mean'])} | {arm_ci_cell(sm)} | {sm['n']} |")
+    note = clipped_note([(f"{loss}: {ARM_LABELS[a]}", sm) for loss, v in r["losses"].items() for a, sm in v["summary"].items()])
+    lines += ["", note] if note else []
     lines += ["", "| loss | comparison (a - b) | mean, points | 95% CI, points | n | method | called |", "|---|---|---:|---:|---:|---|---|"]
     for loss, v in r["losses"].items():
         for key, c in v["comparison"].items():
@@ -467,13 +608,23 @@ def worse_than_alone_note(r: dict[str, Any]) -> str | None:
     # imitates it (ResNet-18, docs/distillation.md: pruned teacher 87.90%, students alone 89.53% at
     # 8 epochs, KD from it 3.18 points below them at equal epochs).
     alone = (r.get("summary") or {}).get("scratch", {}).get("mean")
-    teacher_acc = {a: (r.get(TEACHER_RESULT.get(ARM_TABLE[a].teacher)) or {}).get("test_acc") for a, _ in worse}
-    weaker = [(a, teacher_acc[a]) for a, _ in worse if teacher_acc.get(a) is not None and alone is not None and teacher_acc[a] < alone]
-    weak = ("" if not weaker else
-            " " + "; ".join(f"The teacher of {ARM_LABELS[a]} ({_pct(acc)}%) is itself less accurate than the students alone "
-                            f"({_pct(alone)}%)" for a, acc in weaker)
-            + ": with most of the loss on its soft targets (distill.alpha) the student learns to match a weaker model. "
-              "A better-trained teacher (teacher.optim.epochs, in a new run) is the first thing to try.")
+    # By kind of teacher, once each (two arms may share one teacher): one sentence naming them all.
+    # It read "...alone (47.33%); The teacher of distilled from unpruned teacher (37.00%) is...".
+    kinds = list(dict.fromkeys(ARM_TABLE[a].teacher for a, _ in worse))
+    teacher_acc = {k: (r.get(TEACHER_RESULT.get(k)) or {}).get("test_acc") for k in kinds}
+    weaker = [(k, acc) for k, acc in teacher_acc.items() if acc is not None and alone is not None and acc < alone]
+    weak = ""
+    if weaker:
+        who = _and([f"{teacher_name(k)} ({_pct(acc)}%)" for k, acc in weaker])
+        one = len(weaker) == 1
+        src = r["teacher"].get("source")
+        # A loaded teacher is not trained by the run: teacher.optim.epochs would change nothing.
+        better = (f"A better teacher is the first thing to try: the teacher was loaded from {src} (teacher.optim does not "
+                  "apply to it), so train it longer where it was made, or give a better-trained one (--teacher, in a new run)."
+                  if src else "A better-trained teacher (teacher.optim.epochs, in a new run) is the first thing to try.")
+        weak = (f" {who[0].upper()}{who[1:]} {'is itself' if one else 'are themselves'} less accurate than the students alone "
+                f"({_pct(alone)}%): with most of the loss on {'its' if one else 'their'} soft targets (distill.alpha) the "
+                f"student learns to match a weaker model. {better}")
     return (f"Distillation made the student worse than training it alone here: {names}. Each distilled student "
             f"trained {ep} epochs (the paper distills for 200).{weak} {'Also worth' if weak else 'Worth'} trying, each against "
             "the same teachers with "
@@ -485,10 +636,11 @@ def worse_than_alone_note(r: dict[str, Any]) -> str | None:
 
 def render_markdown(r: dict[str, Any]) -> str:
     t, p, s = r["teacher"], r["pruned_teacher"], r["student"]
-    lines = [f"# ptd report: {r['name']}", "", f"Dataset: {r['dataset']}. Accuracies are test top-1 (%) at the best-validation checkpoint.", ""]
+    lines = [f"# ptd report: {r['name']}", "", f"Dataset: {r['dataset']}. {accuracy_sentence(r)}", ""]
     lines += chance_lines(r)
+    loaded = f", loaded from {_md_cell(t['source'])} (not trained here)" if t.get("source") else ""
     lines += ["## Teachers", "", "| model | test acc % | sparsity | params (nonzero) | FLOPs |", "|---|---:|---:|---:|---:|",
-              f"| teacher ({t['arch']}) | {_pct(t['test_acc'])} | 0 | {t['params']:,} | {t['flops']:,} |",
+              f"| teacher ({t['arch']}){loaded} | {_pct(t['test_acc'])} | 0 | {t['params']:,} | {t['flops']:,} |",
               f"| pruned teacher ({p['strategy']}, level {p['level']}) | {_pct(p['test_acc'])} | {p['sparsity']:.4f} | {p['params_nonzero']:,} | |"]
     if r.get("retrained_teacher"):
         lines.append(f"| unpruned teacher retrained {r['retrained_teacher']['epochs']} more epochs (control) | {_pct(r['retrained_teacher']['test_acc'])} | 0 | {t['params']:,} | |")
@@ -510,8 +662,9 @@ def render_markdown(r: dict[str, Any]) -> str:
     lines += ["| arm | mean % | 95% CI of the mean % | std % | seeds | per seed % |", "|---|---:|---:|---:|---:|---|"]
     for arm, sm in r["summary"].items():
         per = ", ".join(_pct(x["test_acc"]) for x in sorted(main_students, key=lambda x: x["seed"]) if x["arm"] == arm)
-        ci = "n/a" if sm.get("ci_low") is None else f"[{_pct(sm['ci_low'])}, {_pct(sm['ci_high'])}]"
-        lines.append(f"| {ARM_LABELS[arm]} | {_pct(sm['mean'])} | {ci} | {_pct(sm['std'])} | {sm['n']} | {per} |")
+        lines.append(f"| {ARM_LABELS[arm]} | {_pct(sm['mean'])} | {arm_ci_cell(sm)} | {_pct(sm['std'])} | {sm['n']} | {per} |")
+    note = clipped_note([(ARM_LABELS[a], sm) for a, sm in r["summary"].items()])
+    lines += ["", note] if note else []
     note = replicate_interval_note(r)
     lines += ["", note] if note else []
     lines += ["", "## Does the pruned teacher teach better?", ""]
@@ -529,16 +682,20 @@ def render_markdown(r: dict[str, Any]) -> str:
     note = worse_than_alone_note(r)
     lines += [""] + ([note, ""] if note else []) + loss_markdown(r) + replicate_markdown(r)
     c = r["compute"]
+    teacher_row = f"teacher: loaded from {_md_cell(t['source'])}, its training not counted" if t.get("source") else "teacher"
     lines += ["## Compute", "", "| stage | epochs | optimizer steps | wall s |", "|---|---:|---:|---:|",
-              f"| teacher | {c['teacher']['epochs']} | {c['teacher']['steps']} | {c['teacher']['wall_s']:.0f} |",
+              f"| {teacher_row} | {c['teacher']['epochs']} | {c['teacher']['steps']} | {c['teacher']['wall_s']:.0f} |",
               f"| pruning (all levels) | {c['pruning']['epochs']} | {c['pruning']['steps']} | {c['pruning']['wall_s']:.0f} |"]
     if c["control"]["epochs"]:
         lines.append(f"| control: unpruned teacher retrained | {c['control']['epochs']} | {c['control']['steps']} | {c['control']['wall_s']:.0f} |")
     for arm, v in c["students"].items():
         lines.append(f"| students: {ARM_LABELS[arm]} (all seeds) | {v['epochs']} | {v['steps']} | {v['wall_s']:.0f} |")
-    lines += ["", "Total compute behind one student (its teachers included):", "", "| arm | epochs | optimizer steps | wall s |", "|---|---:|---:|---:|"]
+    note = loaded_teacher_note(r)
+    lines += ["", "Total compute behind one student (its teachers included):", ""] + ([note, ""] if note else [])
+    lines += ["| arm | epochs | optimizer steps | wall s |", "|---|---:|---:|---:|"]
     for arm, v in c["total_per_student"].items():
-        lines.append(f"| {ARM_LABELS[arm]} | {v['epochs']:.0f} | {v['steps']:.0f} | {v['wall_s']:.0f} |")
+        bound = " (lower bound)" if lower_bound(r, arm) else ""
+        lines.append(f"| {ARM_LABELS[arm]}{bound} | {v['epochs']:.0f} | {v['steps']:.0f} | {v['wall_s']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -681,7 +838,7 @@ ARM_NAME = text(among=ARM_LABELS)  # the live view: an arm added to ARM_TABLE pa
 # "comparison" and "losses" are not checked: `ptd report` recomputes them from "students".
 RESULTS_SCHEMA = obj({
     "name": text(), "dataset": text(),
-    "teacher": obj({"arch": text(), "test_acc": ACC, "params": COUNT, "flops": COUNT, "latency?": LATENCY}),
+    "teacher": obj({"arch": text(), "test_acc": ACC, "params": COUNT, "flops": COUNT, "latency?": LATENCY, "source?": text(null=True)}),
     "pruned_teacher": obj({"strategy": text(), "level": COUNT, "sparsity": ACC, "test_acc": num(0, 1, null=True),
                            "params_nonzero": COUNT,
                            "levels": items(obj({"level": COUNT, "sparsity": ACC, "test_acc": num(0, 1, null=True),
@@ -699,6 +856,8 @@ RESULTS_SCHEMA = obj({
     "compute": obj({"teacher": COST, "pruning": COST, "control": COST, "students": mapping(COST, keys=ARM_NAME),
                     "total_per_student": mapping(COST, keys=ARM_NAME)}),
     "test_set?": obj(TEST_SET_FIELDS, null=True),  # absent in runs from before the chance check
+    # absent in runs from before it: `ptd report` fills it in from config.yaml where it can
+    "weights?": obj({f"{m}?": text(null=True, among=WEIGHTS) for m in WEIGHT_MODELS}, null=True),
 })
 
 
@@ -825,6 +984,48 @@ def _refresh_results(run_dir: Path, results: dict[str, Any]) -> None:
         results.pop("losses", None)  # derived from the students, like the summary: absent with one loss
     results.update(stats)
     _fill_onnx_latency(run_dir, results["student"])
+    _fill_run_facts(run_dir, results)
+
+
+def _recorded_config(run_dir: Path) -> dict[str, Any] | None:
+    """The run's config.yaml as it ran (keys added since filled in as ptd.pipeline reads an older
+    run's), or None where it is missing or damaged: the report then says less, never fails."""
+    from ptd.config import with_added_keys
+    from ptd.io import read_yaml_mapping
+
+    try:
+        return with_added_keys(read_yaml_mapping(run_dir / P.CONFIG))
+    except (DamagedFileError, OSError):
+        return None
+
+
+def _fill_run_facts(run_dir: Path, results: dict[str, Any]) -> None:
+    """A results.json from before it recorded them: the loaded teacher's file (teacher/result.json's
+    "source", else config.yaml's teacher.checkpoint) and the weights each model ends on (from
+    config.yaml). What cannot be read is left out."""
+    cfg = _recorded_config(run_dir)
+
+    def section(name: str) -> dict[str, Any]:
+        v = (cfg or {}).get(name)
+        return v if isinstance(v, dict) else {}
+
+    teacher = results["teacher"]
+    if "source" not in teacher:
+        src = None
+        try:
+            src = read_json_object(run_dir / P.TEACHER / P.RESULT).get("source")
+        except DamagedFileError:
+            pass
+        src = src or section("teacher").get("checkpoint")
+        if isinstance(src, str) and src:
+            teacher["source"] = src
+    if results.get("weights") is None and cfg is not None:
+        keep = section("prune").get("retrain_checkpoint")
+        vf = section("data").get("val_fraction", DataConfig.val_fraction)
+        if keep in CHECKPOINTS and isinstance(vf, (int, float)):
+            validation = teacher["val_acc"] is not None if "val_acc" in teacher else vf > 0
+            results["weights"] = weights_kept(keep, validation, loaded=bool(teacher.get("source")),
+                                              pruned=bool(results["pruned_teacher"]["level"]))
 
 
 def student_key(r: dict[str, Any], s: dict[str, Any]) -> tuple[str, Any, int, int]:

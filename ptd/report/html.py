@@ -24,8 +24,9 @@ from typing import Any, Callable
 from ptd import paths as P
 from ptd.errors import DamagedFileError
 from ptd.io import read_json_object
-from ptd.report import (ARM_LABELS, chance_warning, compute_behind, latency_rows, not_learned, primary_students,
-                        replicate_interval_note, slower_note, summarize, worse_than_alone_note)
+from ptd.report import (ARM_LABELS, accuracy_sentence, arm_ci_cell, chance_warning, clipped_note, compute_behind, latency_rows,
+                        loaded_teacher_note, lower_bound, not_learned, primary_students, replicate_interval_note, shown_interval,
+                        slower_note, summarize, worse_than_alone_note)
 from ptd.report.stats import format_estimate
 
 ARM_COLORS = {"scratch": "#444444", "unpruned_teacher": "#1f77b4", "pruned_teacher": "#d62728", "retrained_teacher": "#2ca02c"}
@@ -147,8 +148,8 @@ def _limit_to_data(ax, num, points: list[float], intervals: list[tuple], lo: flo
         ax.set_xlim(a if lo is None else max(a, lo), b if hi is None else min(b, hi))
     sign = "+" if signed else ""
     num.text(0.04, -0.5, "mean  [95% CI]", ha="left", va="bottom", fontsize=8, color="0.35")
-    for i, (low, high, m) in enumerate(intervals):
-        txt = f"{100 * m:{sign}.2f}" + ("" if low is None else f"  [{100 * low:{sign}.2f}, {100 * high:{sign}.2f}]")
+    for i, (low, high, m, *mark) in enumerate(intervals):  # mark: a word after the interval ("clipped")
+        txt = f"{100 * m:{sign}.2f}" + ("" if low is None else f"  [{100 * low:{sign}.2f}, {100 * high:{sign}.2f}]") + "".join(mark)
         num.text(0.04, i, txt, ha="left", va="center", fontsize=8.5)
 
 
@@ -164,8 +165,9 @@ def plot_arms(r: dict[str, Any]) -> str:
         ys = [i + 0.18 * ((k - (n - 1) / 2) / max(n - 1, 1)) for k in range(n)]
         color = ARM_COLORS.get(arm, "tab:purple")
         ax.scatter([100 * a for _, a in accs], ys, s=22, color=color, alpha=0.7, zorder=3)
-        if sm.get("ci_low") is not None:
-            ax.errorbar([100 * sm["mean"]], [i], xerr=[[100 * (sm["mean"] - sm["ci_low"])], [100 * (sm["ci_high"] - sm["mean"])]],
+        if (shown := shown_interval(sm)) is not None:  # cut to 0-100 %, as the tables show it
+            lo, hi, _ = shown
+            ax.errorbar([100 * sm["mean"]], [i], xerr=[[100 * (sm["mean"] - lo)], [100 * (hi - sm["mean"])]],
                         fmt="D", color="black", capsize=5, markersize=6, zorder=4)
         else:
             ax.plot([100 * sm["mean"]], [i], "D", color="black", zorder=4)
@@ -175,7 +177,8 @@ def plot_arms(r: dict[str, Any]) -> str:
             ax.axvline(100 * t["test_acc"], color="0.5", linestyle=style, linewidth=1, label=f"{label}: {_pct(t['test_acc'])}")
     pts = [100 * s["test_acc"] for s in r["students"] if s["arm"] in r["summary"]]
     pts += [100 * t["test_acc"] for k in ("teacher", "pruned_teacher", "retrained_teacher") if (t := r.get(k)) and t.get("test_acc") is not None]
-    _limit_to_data(ax, num, pts, [(r["summary"][a].get("ci_low"), r["summary"][a].get("ci_high"), r["summary"][a]["mean"]) for a in arms],
+    shown = [shown_interval(r["summary"][a]) or (None, None, False) for a in arms]
+    _limit_to_data(ax, num, pts, [(lo, hi, r["summary"][a]["mean"], " clipped" if cut else "") for a, (lo, hi, cut) in zip(arms, shown)],
                    lo=0, hi=100)
     ax.set_yticks(range(len(arms)), [ARM_LABELS.get(a, a).replace(" retrained as long", "\nretrained as long") for a in arms], fontsize=8.5)
     ax.set_xlabel("student test accuracy (%); dots: seeds; diamond and bar: mean and 95% CI")
@@ -341,7 +344,8 @@ def plot_compute(r: dict[str, Any], stats: dict | None) -> str:
     ax.barh(range(len(arms)), own, left=left, color="#999999", label="the student's own")
     ax.set_yticks(range(len(arms)), [ARM_LABELS.get(a, a).replace(" retrained as long", "\nretrained as long") for a in arms], fontsize=7.5)
     ax.set_ylim(len(arms) - 0.5, -0.5)
-    ax.set_xlabel("training epochs behind one student")
+    ax.set_xlabel("training epochs behind one student" + (" (the loaded teacher's own training not counted)"
+                                                           if r["teacher"].get("source") else ""))
     ax.legend(fontsize=7)
     ax.grid(True, axis="x", alpha=0.3)
     for ax2, (b, d) in zip(axes[1:], sorted(lat.items(), key=lambda kv: int(kv[0]))):
@@ -396,11 +400,12 @@ def render_run_html(run_dir: str | Path, results: dict[str, Any] | None = None) 
     r_all, r = r, {**r, "students": primary_students(r)}  # the top-level summary's students (first loss)
 
     def arms() -> str:
-        rows = [[ARM_LABELS.get(a, a), _pct(sm["mean"]), "n/a" if sm.get("ci_low") is None else f"{_pct(sm['ci_low'])} .. {_pct(sm['ci_high'])}",
+        rows = [[ARM_LABELS.get(a, a), _pct(sm["mean"]), arm_ci_cell(sm, " .. ", brackets=False),
                  sm["n"], ", ".join(_pct(s["test_acc"]) for s in sorted(r["students"], key=lambda s: s["seed"]) if s["arm"] == a)]
                 for a, sm in r["summary"].items()]
+        cut = clipped_note([(ARM_LABELS.get(a, a), sm) for a, sm in r["summary"].items()])
         note = replicate_interval_note(r)
-        over = f"<p>{_esc(note)}</p>" if note else ""
+        over = (f'<p class="note">{_esc(cut)}</p>' if cut else "") + (f"<p>{_esc(note)}</p>" if note else "")
         return (_img(plot_arms(r), "student test accuracy per arm, every seed and the 95% interval")
                 + _table(["arm", "mean %", "95% CI of the mean %", "seeds", "per seed %"], rows) + over)
     one = (r.get("distill_losses") or [None])[0]
@@ -452,7 +457,8 @@ def render_run_html(run_dir: str | Path, results: dict[str, Any] | None = None) 
         body.append(_section("Teacher replicates: per teacher and pooled", _safe(replicates, "teacher replicates")))
 
     def teachers() -> str:
-        rows = [[f"teacher ({t['arch']})", _pct(t["test_acc"]), "0", f"{t['params']:,}"],
+        loaded = f", loaded from {t['source']} (not trained here)" if t.get("source") else ""
+        rows = [[f"teacher ({t['arch']}){loaded}", _pct(t["test_acc"]), "0", f"{t['params']:,}"],
                 [f"pruned teacher ({p['strategy']}, level {p['level']})", _pct(p["test_acc"]), f"{p['sparsity']:.4f}", f"{p['params_nonzero']:,}"]]
         if r.get("retrained_teacher"):
             rows.append([f"control: unpruned teacher retrained {r['retrained_teacher']['epochs']} epochs", _pct(r["retrained_teacher"]["test_acc"]), "0", f"{t['params']:,}"])
@@ -486,8 +492,11 @@ def render_run_html(run_dir: str | Path, results: dict[str, Any] | None = None) 
             parts.append(tag(k) + _img(plot_curves(teacher + chain_after(teacher, others), _teacher_style,
                                                    "epoch (pruning levels and control rounds in turn, after the teacher)"),
                                        f"teacher, pruning and control training curves{f' of replicate {k}' if n_reps > 1 else ''}"))
+        src = t.get("source")
         return "".join(parts) + ('<p class="note">Pruning retrains level after level and the control retrains the unpruned teacher '
-                                 "round after round, both starting where the teacher's training ended.</p>")
+                                 "round after round, both starting where the teacher's training ended"
+                                 + (f" (the teacher was loaded from {_esc(src)}, not trained in this run: it has no curve)" if src else "")
+                                 + ".</p>")
     body.append(_section("Training curves: teacher, pruning, control", _safe(teacher_curves, "teacher training curves")))
 
     def student_curves() -> str:
@@ -532,16 +541,19 @@ def render_run_html(run_dir: str | Path, results: dict[str, Any] | None = None) 
 
     def compute() -> str:
         c = r["compute"]
-        rows = [[ARM_LABELS.get(a, a), f"{v['epochs']:.0f}", f"{v['steps']:.0f}", f"{v['wall_s']:.0f}"] for a, v in c["total_per_student"].items()]
+        rows = [[ARM_LABELS.get(a, a) + (" (lower bound)" if lower_bound(r, a) else ""), f"{v['epochs']:.0f}", f"{v['steps']:.0f}",
+                 f"{v['wall_s']:.0f}"] for a, v in c["total_per_student"].items()]
         lat = latency_rows(r["teacher"], r["student"])  # ptd report fills onnx_latency in for older runs (rerender)
+        loaded = loaded_teacher_note(r)
         return (_img(plot_compute(r, stats), "compute per arm and latency per model")
+                + (f'<p class="note">{_esc(loaded)}</p>' if loaded else "")
                 + _table(["arm: total behind one student", "epochs", "optimizer steps", "wall s"], rows)
                 + (_table(["runtime", "batch", "teacher ms", "student ms", "speedup"], lat, left=1) if lat else "")
                 + (f'<p class="note">{_esc(note)}</p>' if (note := slower_note(r["teacher"], r["student"])) else ""))
     body.append(_section("Compute and latency", _safe(compute, "compute")))
 
-    sub = (f"Dataset {r['dataset']}; {len(r['summary'])} arm(s), up to {n_seeds} student seed(s). Accuracies are test top-1 at the "
-           f"best-validation epoch. Rendered from {run_dir.name}/ by ptd report.")
+    sub = (f"Dataset {r['dataset']}; {len(r['summary'])} arm(s), up to {n_seeds} student seed(s). {accuracy_sentence(r)} "
+           f"Rendered from {run_dir.name}/ by ptd report.")
     return _page(f"ptd report: {r['name']}", sub, "\n".join(body))
 
 
