@@ -38,14 +38,14 @@ CASES = {
 }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
     ap.add_argument("--round-to", nargs="+", default=["1", "8", "auto"])
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2, help="onnxruntime threads (the student stage uses torch's)")
     ap.add_argument("--out", default="benchmarks/results/onnx_rounding")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     rows = []
     for case in a.cases:
         arch, kw, classes, shape, sparsity = CASES[case]
@@ -76,7 +76,8 @@ def main() -> None:
     Path(a.out + ".json").write_text(json.dumps({"cpu": cpu_name(), "threads": a.threads, "repeats": a.repeats, "rows": rows}, indent=2) + "\n")
     Path(a.out + ".md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -227,6 +227,17 @@ def test_conv_width_smoke(tmp_path: Path):
     assert "| 64 | 64 | off |" in (tmp_path / "cw.md").read_text()
 
 
+def test_onnx_rounding_smoke(tmp_path: Path):
+    """benchmarks/onnx_rounding.py (exact vs rounded widths in onnxruntime) runs end to end."""
+    ob = _load("onnx_rounding")
+    assert ob.main(["--cases", "cifar100_vgg19_x0.25", "--round-to", "1", "8", "--repeats", "1", "--threads", "1",
+                    "--out", str(tmp_path / "ob")]) == 0
+    rows = json.loads((tmp_path / "ob.json").read_text())["rows"]
+    assert [r["round_to"] for r in rows] == ["1", "8"]
+    assert all(r["params_ratio"] > 2 and r["flops_ratio"] > 2 and r["b1"] > 0 and r["b64"] > 0 for r in rows)
+    assert "| cifar100_vgg19_x0.25 | 8 |" in (tmp_path / "ob.md").read_text()
+
+
 def test_kd_split_smoke(tmp_path: Path):
     ks = _load("kd_split")
     assert ks.main(["--batch", "8", "--repeats", "1", "--out", str(tmp_path / "kd.md")]) == 0
