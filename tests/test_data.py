@@ -629,6 +629,34 @@ def test_folder_loader_with_workers_is_deterministic(tmp_path: Path):
     assert ya == yb and torch.equal(xa, xb) and len(ya) == 10
 
 
+def test_folder_augmentation_does_not_depend_on_the_number_of_workers(tmp_path: Path):
+    """Each image's crop and flip come from (seed, epoch, image): the same run trained other weights
+    at data.workers 0 and 2 (an audit: the teacher files differed), since the augmentation drew from
+    each worker's RNG, or from the training loop's own without workers (moving its dropout stream)."""
+    rng = np.random.default_rng(0)
+    for c in ("cat", "dog"):
+        (tmp_path / "train" / c).mkdir(parents=True)
+        (tmp_path / "val" / c).mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(tmp_path / "train" / c / f"{i}.png")
+        Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(tmp_path / "val" / c / "0.png")
+    s = load_dataset("imagefolder", str(tmp_path), val_fraction=0.0)
+
+    def epoch(workers: int, e: int) -> dict[int, torch.Tensor]:
+        ld = make_loader(s.train, batch_size=4, train=True, mean=s.mean, std=s.std, workers=workers, image_size=16,
+                         seed=3, with_index=True)
+        ld.set_epoch(e)
+        return {int(i): x for xb, _, ib in ld for x, i in zip(xb, ib)}
+
+    before = torch.get_rng_state()
+    runs = {w: epoch(w, 1) for w in (0, 1, 2)}
+    assert torch.equal(torch.get_rng_state(), before)  # workers 0: the loop's RNG did not move
+    assert len(runs[0]) == 12 and all(runs[w].keys() == runs[0].keys() for w in runs)
+    assert all(torch.equal(runs[w][i], runs[0][i]) for w in runs for i in runs[0])
+    again = epoch(0, 2)  # another epoch: other crops of the same images
+    assert sum(not torch.equal(again[i], runs[0][i]) for i in again) >= 10
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_a_corrupt_image_is_one_line_naming_the_file(tmp_path: Path, workers: int):
     """A file found unreadable mid-epoch (folder datasets decode as they train): the error names the

@@ -364,5 +364,7 @@ def test_data_check_images_may_change_on_resume_and_be_missing_from_an_older_run
     (run / P.CONFIG).write_text(yaml.safe_dump(old))
     assert pipeline.check_run_config(load_config(), run) is False
     assert pipeline.check_run_config(load_config(None, ["data.check_images=full"]), run) is False
+    # data.workers: folder augmentation is seeded per image, so the weights do not depend on it (tests/test_data.py)
+    assert pipeline.check_run_config(load_config(None, ["data.workers=0"]), run) is False
     with pytest.raises(pipeline.RunDirError, match=r"data\.hflip: True there, False now"):
         pipeline.check_run_config(load_config(None, ["data.hflip=false", "data.check_images=full"]), run)

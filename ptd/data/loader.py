@@ -227,11 +227,20 @@ class TensorLoader:
 
 # ----------------------------------------------------------------------------- on disk
 class _ImageFiles(Dataset):
-    """(path, label) list -> (uint8 [3, S, S], label); decoding happens in DataLoader workers."""
+    """(path, label) list -> (uint8 [3, S, S], label); decoding happens in DataLoader workers.
 
-    def __init__(self, samples: list[tuple[str, int]], transform):
+    With ``seed`` set (training), image i's random crop and flip in epoch e come from their own
+    stream (seed, e, i), not from the process's global RNG: with workers they came from each
+    worker's RNG (seeded per worker, dealt batches in turn), without workers from the training
+    loop's own RNG, so the same run trained different weights at data.workers 0 and 2 (an
+    audit: teacher files differed). Now the augmentation is a function of the image and epoch
+    alone, whatever the number of workers or ranks, and the training RNG is left as it was."""
+
+    def __init__(self, samples: list[tuple[str, int]], transform, seed: int | None = None):
         self.samples = samples
         self.transform = transform
+        self.seed = seed
+        self.epoch = 0  # set by FolderLoader.set_epoch; workers get it when each epoch's iterator re-sends the dataset
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -246,7 +255,11 @@ class _ImageFiles(Dataset):
         except Exception as e:
             raise DataError(f"cannot read image {path}: {type(e).__name__}: {e}; replace the file with a readable "
                             f"image and run the same command again to resume from the last finished epoch") from None
-        return self.transform(img), label, i
+        if self.seed is None:
+            return self.transform(img), label, i
+        with torch.random.fork_rng(devices=[]):  # the CPU RNG is put back: the loop's draws do not move (workers: 0)
+            torch.manual_seed(stream_seed(self.seed, "augment_image", i, epoch=self.epoch))
+            return self.transform(img), label, i
 
 
 def folder_transform(image_size: int, *, train: bool, hflip: bool = True):
@@ -293,12 +306,14 @@ class FolderLoader:
         self.train = train
         self.channels_last = channels_last
         size = int(image_size if image_size is not None else split.image_size)
-        self.dataset = _ImageFiles(split.samples, folder_transform(size, train=train and augment, hflip=hflip))
+        self.dataset = _ImageFiles(split.samples, folder_transform(size, train=train and augment, hflip=hflip),
+                                   seed=seed if train and augment else None)
         # DistributedSampler also serves world_size=1; set_epoch gives it the (seed, epoch) order seed.
         self.sampler = DistributedSampler(
             self.dataset, num_replicas=world_size, rank=rank, shuffle=train, seed=seed, drop_last=train
         )
-        # Seeds the workers' augmentation RNG; re-seeded per epoch in set_epoch.
+        # Seeds the workers' base RNG (per epoch in set_epoch); augmentation no longer draws from it
+        # (_ImageFiles seeds each image's own), so the weights do not depend on data.workers.
         self._gen = torch.Generator()
         self._scale, self._shift = _norm_consts(mean, std, 3, self.device)
         self.loader = DataLoader(
@@ -325,6 +340,7 @@ class FolderLoader:
         self.sampler.seed = _order_seed(self.seed, self.epoch)
         self.sampler.set_epoch(0)
         self._gen.manual_seed(_mix_seed(self.seed, self.epoch, self.rank))
+        self.dataset.epoch = self.epoch  # the per-image augmentation streams of this epoch
 
     def __len__(self) -> int:
         return len(self.loader)
