@@ -53,6 +53,15 @@ def preflight(cfg: RunConfig, run_dir: str | Path, *, splits: Any = None, sweep:
     ``sweep``: also check ``sweep.sparsities`` x ``sweep.strategies`` (``ptd sweep``).
     Cheap checks run first, so a typo is reported before the dataset is read.
     """
+    slow = SlowSteps(quiet=cfg.quiet)
+    try:
+        return _preflight(cfg, run_dir, slow, splits=splits, sweep=sweep, until=until, arms=arms)
+    finally:
+        slow.done()
+
+
+def _preflight(cfg: RunConfig, run_dir: str | Path, slow: "SlowSteps", *, splits: Any, sweep: bool, until: str,
+               arms: Sequence[str] | None) -> Any:
     check_threads(cfg.threads)
     device = check_device(cfg.device)
     check_jobs(cfg, device)
@@ -72,22 +81,75 @@ def preflight(cfg: RunConfig, run_dir: str | Path, *, splits: Any = None, sweep:
         splits = load_configured(dc, cfg.seed)
     check_crop_padding(cfg, splits)
     check_batches(cfg, splits)
-    teacher = check_model(cfg.teacher.model, "teacher.model", splits, image_size=cfg.data.image_size)
+    with slow(f"building {cfg.teacher.model.arch} and running it on blank images"):
+        teacher = check_model(cfg.teacher.model, "teacher.model", splits, image_size=cfg.data.image_size)
     student = None
     if cfg.student.source == "named" and cfg.student.model is not None:
-        student = check_model(cfg.student.model, "student.model", splits, image_size=cfg.data.image_size)
+        with slow(f"building {cfg.student.model.arch} and running it on blank images"):
+            student = check_model(cfg.student.model, "student.model", splits, image_size=cfg.data.image_size)
     check_device_memory(teacher, "teacher.model", device)
     if student is not None:
         check_device_memory(student, "student.model", device)
-    check_bridges(cfg, teacher, student, splits)
-    check_no_certain_collapse(cfg, teacher, sweep=sweep)
-    derived = check_derivable(cfg, teacher, splits, sweep=sweep, device_type=device.type)
-    check_training_memory(cfg, teacher, student if student is not None else derived, splits, device)
+    with slow("building the distillation losses"):
+        check_bridges(cfg, teacher, student, splits)
+    with slow("pruning a copy of the teacher to the target sparsity"):
+        check_no_certain_collapse(cfg, teacher, sweep=sweep)
+    with slow(f"deriving a student from a pruned copy of {cfg.teacher.model.arch}"):
+        derived = check_derivable(cfg, teacher, splits, sweep=sweep, device_type=device.type)
+    with slow("sizing each stage's activations"):
+        check_training_memory(cfg, teacher, student if student is not None else derived, splits, device)
     if cfg.teacher.checkpoint:
         from ptd.train.checkpoint import load_into
 
         load_into(teacher, cfg.teacher.checkpoint, "teacher")  # one-line CheckpointError: missing, unreadable, other arch
     return splits
+
+
+class SlowSteps:
+    """Says what preflight is doing once it has run ``after`` seconds: the step then under way, each
+    later step as it starts, and at the end how long the checks took. Preflight on a large
+    torchvision teacher ran 15-24 s with nothing shown (convnext_small: derivation 18 s), where a
+    user takes silence for a hang. Only on a terminal, as a progress bar is (a log, or a script
+    reading ptd's one error line, gets no extra lines); rank 0 alone under torchrun; nothing with
+    ``quiet``. ``with slow("what"): ...`` marks a step."""
+
+    def __init__(self, quiet: bool = False, after: float = 3.0, stream: Any = None, first: str = "reading the data"):
+        import sys
+        import threading
+        import time
+
+        self.stream = stream if stream is not None else sys.stderr
+        isatty = getattr(self.stream, "isatty", None)
+        show = not quiet and os.environ.get("RANK", "0") in ("", "0") and bool(isatty and isatty())
+        self.t0, self.current, self.said = time.perf_counter(), first, False
+        self.timer = threading.Timer(after, self._first) if show else None
+        if self.timer is not None:
+            self.timer.daemon = True
+            self.timer.start()
+
+    def _say(self, what: str) -> None:
+        import time
+
+        print(f"ptd: checking the run before training ({time.perf_counter() - self.t0:.0f} s): {what}", file=self.stream, flush=True)
+
+    def _first(self) -> None:
+        self.said = True
+        self._say(self.current)
+
+    @contextlib.contextmanager
+    def __call__(self, what: str):
+        self.current = what
+        if self.said:
+            self._say(what)
+        yield
+
+    def done(self) -> None:
+        import time
+
+        if self.timer is not None:
+            self.timer.cancel()
+        if self.said:
+            print(f"ptd: checks before training done in {time.perf_counter() - self.t0:.0f} s", file=self.stream, flush=True)
 
 
 # ---------------------------------------------------------------- the checks, one per concern

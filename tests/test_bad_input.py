@@ -544,3 +544,43 @@ def test_refusals_name_the_problem_that_is_there(tmp_path, capsys):
         z.writestr("notes.txt", "hello")
     assert "a zip archive but not a whole torch.save one" in _one_line(capsys, ["eval", str(tmp_path / "notes.zip")])
     assert "--out: an empty value" in _one_line(capsys, ["export", str(tmp_path / "notes.zip"), "--out", ""])  # was: ".: already exists"
+
+
+def test_a_slow_check_before_training_says_what_it_is_doing_on_a_terminal():
+    """Preflight on a large torchvision teacher ran 15-24 s with nothing shown (a new-user audit):
+    past a few seconds it says the step under way and each later one, on a terminal only (a log
+    gets no extra lines)."""
+    import io
+    import time
+
+    from ptd.preflight import SlowSteps
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    out = Terminal()
+    slow = SlowSteps(after=0.2, stream=out)
+    with slow("a quick step"):
+        pass
+    with slow("deriving a student from a pruned copy of tv:convnext_small"):
+        time.sleep(0.5)
+    with slow("sizing each stage's activations"):
+        pass
+    slow.done()
+    lines = [l.split("): ", 1)[-1] if "): " in l else l for l in out.getvalue().splitlines()]
+    assert lines[:2] == ["deriving a student from a pruned copy of tv:convnext_small", "sizing each stage's activations"], lines
+    assert len(lines) == 3 and lines[2].startswith("ptd: checks before training done in ")
+    assert out.getvalue().startswith("ptd: checking the run before training (0 s): deriving")
+    quick = Terminal()
+    slow = SlowSteps(after=5, stream=quick)
+    with slow("a quick step"):
+        pass
+    slow.done()
+    for quiet, stream in ((True, Terminal()), (False, io.StringIO())):  # --quiet, or not a terminal: nothing
+        slow = SlowSteps(quiet=quiet, after=0.01, stream=stream)
+        with slow("a slow step"):
+            time.sleep(0.1)
+        slow.done()
+        assert stream.getvalue() == ""
+    assert quick.getvalue() == ""
