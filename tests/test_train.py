@@ -177,6 +177,23 @@ def test_checkpoint_for_other_arch_is_one_clear_line(tmp_path):
     assert "\n" not in msg and "vgg11" in msg and "teacher" in msg and "shape" in msg
 
 
+def test_a_checkpoint_of_another_class_count_says_the_data_sets_it(tmp_path):
+    """An ImageNet-pretrained torchvision state dict for a 5-class dataset: the message said to set
+    the model's arch/width/kwargs, none of which can change the class count (ptd takes it from the data)."""
+    from ptd.models import build_model as build
+
+    torch.save(build("tv:resnet18", 1000, 3).state_dict(), tmp_path / "imagenet.pt")
+    with pytest.raises(ckpt.CheckpointError) as e:
+        ckpt.load_into(build("tv:resnet18", 5, 3), tmp_path / "imagenet.pt", "teacher")
+    assert str(e.value) == (f"{tmp_path / 'imagenet.pt'}: its classifier (fc) has 1000 outputs, but the data has 5 classes (ptd "
+                            f"takes the class count from the data; the rest of the teacher fits tv:resnet18); give a checkpoint "
+                            f"trained on this data's 5 classes (a pretrained model fine-tuned with a new 5-class head first), or "
+                            f"train the teacher here")
+    torch.save(build("tv:resnet34", 5, 3).state_dict(), tmp_path / "r34.pt")  # another architecture: the old line
+    with pytest.raises(ckpt.CheckpointError, match="does not fit the teacher architecture tv:resnet18"):
+        ckpt.load_into(build("tv:resnet18", 5, 3), tmp_path / "r34.pt", "teacher")
+
+
 def test_torch_checkpoint_loaded_weights_only(tmp_path):
     m = build_model("vgg", 10, 3, plan=[8])
     torch.save({"state_dict": {f"module.{k}": v for k, v in m.state_dict().items()}}, tmp_path / "ok.pt")

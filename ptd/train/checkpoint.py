@@ -593,6 +593,24 @@ def _file_arch(path: str | Path) -> str:
     return f" (the file says it holds {_clip(str(spec.get('arch')), 60)})" if isinstance(spec, dict) else ""
 
 
+def _head_only(model: nn.Module, sd: dict, own: dict, missing: list, unexpected: list) -> tuple[str, int, int] | None:
+    """(layer, the file's outputs, the model's) when the one mismatch is the output layer's class
+    count (an ImageNet-pretrained torchvision state dict for a 5-class dataset); else None. The
+    generic message then told the user to change the architecture, which cannot help."""
+    if missing or unexpected:
+        return None
+    last = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1:]  # the classifier
+    if not last:
+        return None
+    layer = last[0]
+    names = {f"{layer}.weight", f"{layer}.bias"}
+    wrong = {k for k in own if k in sd and sd[k].shape != own[k].shape}
+    w = f"{layer}.weight"
+    if not wrong or not wrong <= names or w not in wrong or sd[w].dim() != 2 or sd[w].shape[1] != own[w].shape[1]:
+        return None
+    return layer, int(sd[w].shape[0]), int(own[w].shape[0])
+
+
 def load_into(model: nn.Module, path: str | Path, what: str = "model") -> None:
     """Load weights into ``model``, or raise a one-line CheckpointError saying what does not fit."""
     model = unwrap(model)
@@ -610,6 +628,13 @@ def load_into(model: nn.Module, path: str | Path, what: str = "model") -> None:
             detail.append(f"{len(missing)} missing keys (first: {_clip(missing[0], 120)})")
         if unexpected:
             detail.append(f"{len(unexpected)} unexpected keys (first: {_clip(unexpected[0], 120)})")
+        head = _head_only(model, sd, own, missing, unexpected)
+        if head is not None:  # all that differs is the class count: no model setting can fix that
+            raise CheckpointError(
+                f"{path}: its classifier ({head[0]}) has {head[1]} outputs, but the data has {head[2]} classes (ptd takes the "
+                f"class count from the data; the rest of the {what} fits {arch}); give a checkpoint trained on this data's "
+                f"{head[2]} classes (a pretrained model fine-tuned with a new {head[2]}-class head first), or train the {what} here"
+            )
         raise CheckpointError(
             f"{path}: does not fit the {what} architecture {arch}{_file_arch(path)}: {'; '.join(detail)}; "
             f"set the {what}'s model (arch/width/kwargs) to the one the checkpoint was trained with"
