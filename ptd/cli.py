@@ -123,11 +123,16 @@ def cmd_stage(args: argparse.Namespace) -> int:
         from ptd.pruning.report import layer_table
         from ptd.pruning.masks import load_masks
 
+        from ptd.train.checkpoint import load_model
+
         if res["final_level"]:
-            print(layer_table(load_masks(out / "prune" / f"level_{res['final_level']}" / "masks.safetensors")))
+            level = out / "prune" / f"level_{res['final_level']}"
+            # In the network's order (safetensors keeps keys sorted as text: features.10 before features.3).
+            print(layer_table(load_masks(level / "masks.safetensors", load_model(level / "model.safetensors"))))
         print(f"sparsity {res['sparsity']:.4f}; test acc {res['levels'][-1]['test_acc']:.4f} (dense {res['levels'][0]['test_acc']:.4f})")
     elif until == "teacher":
-        print(f"teacher test acc {res['test_acc']:.4f} (val {res.get('val_acc')}); {out / 'teacher' / 'model.safetensors'}")
+        val = res.get("val_acc")
+        print(f"teacher test acc {res['test_acc']:.4f} (val {'none' if val is None else f'{val:.4f}'}); {out / 'teacher' / 'model.safetensors'}")
     else:
         for s in res["students"]:
             print(f"{s['arm']:>17} seed {s['seed']}: test acc {s['test_acc']:.4f}")

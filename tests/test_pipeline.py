@@ -1,6 +1,7 @@
 """End to end: the whole pipeline on a tiny dataset written in idx format, resume after a kill,
 and the command line's answers to bad input."""
 import json
+import re
 import os
 import signal
 import subprocess
@@ -220,6 +221,23 @@ def test_eval_command(tmp_path, tiny_yaml):
         f"was trained with, or --set data.image_size=28"), r.stderr
     r = run_cli("eval", model_file)
     assert r.returncode == 0 and f"test acc {acc:.4f}" in r.stdout and r.stdout.strip().endswith(f"; config {out / 'config.yaml'}"), r
+
+
+def test_ptd_prune_prints_layers_in_the_networks_order_and_rounded_accuracies(tmp_path, tiny_fashion, capsys):
+    """The per-layer table came out sorted as text (features.10 before features.3: safetensors keeps
+    keys sorted), and the log printed val acc 0.43333333333333335."""
+    cfg = tiny_config(tiny_fashion)
+    cfg["teacher"]["model"] = {"arch": "vgg", "kwargs": {"plan": [8, 8, "M", 8, 8, "M", 8]}}
+    cfg["teacher"]["optim"]["epochs"] = 1
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    assert main(["prune", str(p), "--out", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr()
+    layers = [l.split()[0] for l in out.out.splitlines() if l.startswith(("features.", "classifier"))]
+    assert layers == ["features.0.weight", "features.3.weight", "features.7.weight", "features.10.weight", "features.14.weight",
+                      "classifier.weight"], layers
+    vals = re.findall(r"val acc (\S+)", out.out + out.err)
+    assert vals and all(re.fullmatch(r"\d\.\d{4}|none", v) for v in vals), vals
 
 
 def test_named_student(tmp_path, tiny_yaml):

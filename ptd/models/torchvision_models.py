@@ -39,6 +39,7 @@ def _replace_first_conv(model: nn.Module, in_channels: int) -> None:
 
 
 WIDTH_ARG = {"mnasnet": "alpha"}  # name prefix -> keyword; everything else tries width_mult
+INIT_WEIGHTS_ARG = {"inception_v3", "googlenet"}  # take init_weights, and warn when it is not given
 
 
 def builder(name: str) -> Callable[..., nn.Module]:
@@ -52,6 +53,10 @@ def builder(name: str) -> Callable[..., nn.Module]:
         if "weights" in kwargs and kwargs["weights"] is not None:
             raise ValueError("tv: models are built without pretrained weights (ptd runs offline)")
         kwargs.pop("weights", None)
+        if name in INIT_WEIGHTS_ARG:
+            # Left unset, torchvision warns on stderr (a FutureWarning above ptd's own lines) that
+            # the default init will change; True is that default, stated, so a run keeps its init.
+            kwargs.setdefault("init_weights", True)
         if width != 1.0:
             key = next((v for k, v in WIDTH_ARG.items() if name.startswith(k)), "width_mult")
             try:

@@ -157,6 +157,12 @@ class PruneContext:
         return total
 
 
+def format_acc(acc: float | None) -> str:
+    """An accuracy (fraction) for a log line: 4 decimals, or "none" without a validation set
+    (the log printed 0.43333333333333335 and nan)."""
+    return "none" if acc is None or acc != acc else f"{acc:.4f}"
+
+
 def sync_masks(masks: Masks) -> Masks:
     """Under DDP, replace every mask in ``masks`` by rank 0's (one broadcast, bit for bit) and
     return the same dict; nothing on one process. Every rank must call it.
@@ -236,5 +242,5 @@ def prune_once(
     apply_masks(ctx.model, masks)
     level = Level(1, masks, level_metrics(strategy, masks, trained, score_wall_s=round(score_s, 3)))
     ctx.save_level(level)
-    ctx.log(f"prune {strategy}: sparsity {level.sparsity:.4f}, val acc {trained.get('val_acc', float('nan'))}")
+    ctx.log(f"prune {strategy}: sparsity {level.sparsity:.4f}, val acc {format_acc(trained.get('val_acc'))}")
     return [level]

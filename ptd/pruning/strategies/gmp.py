@@ -31,7 +31,7 @@ import torch.nn as nn
 from dataclasses import dataclass
 
 from ptd.config import MAX_EPOCHS, ConfigError
-from ptd.pruning.base import Level, PruneContext, level_metrics, register_strategy, strategy_options, sync_masks
+from ptd.pruning.base import Level, format_acc, PruneContext, level_metrics, register_strategy, strategy_options, sync_masks
 from ptd.pruning.masks import Masks, apply_masks, count, unwrap
 from ptd.pruning.scores import magnitude
 from ptd.pruning.select import global_topk, keep_for_target
@@ -189,7 +189,7 @@ def gmp(ctx: PruneContext) -> list[Level]:
         trained = {**trained, **{k: ev[k] for k in ("val_acc", "test_acc") if k in ev}}
     level = Level(1, masks, level_metrics("gmp", masks, trained, **extra))
     ctx.save_level(level)
-    ctx.log(f"prune gmp: sparsity {level.sparsity:.4f}, val acc {trained.get('val_acc', float('nan'))}")
+    ctx.log(f"prune gmp: sparsity {level.sparsity:.4f}, val acc {format_acc(trained.get('val_acc'))}")
     return [level]
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from ptd.config import MAX_EPOCHS, ConfigError
-from ptd.pruning.base import Level, PruneContext, level_metrics, register_strategy
+from ptd.pruning.base import Level, format_acc, PruneContext, level_metrics, register_strategy
 from ptd.pruning.masks import apply_masks, count, unwrap
 from ptd.pruning.scores import magnitude
 from ptd.pruning.select import global_topk, rounds_for_target, survivors_after_round
@@ -101,7 +101,7 @@ def imp(ctx: PruneContext, *, rewind: str | None = None, name: str = "imp") -> l
         level = Level(k, masks, level_metrics(name, masks, trained, round=k, rewind=rewind))
         ctx.save_level(level)
         levels.append(level)
-        ctx.log(f"prune level {k}: sparsity {level.sparsity:.4f}, val acc {trained.get('val_acc', float('nan'))}")
+        ctx.log(f"prune level {k}: sparsity {level.sparsity:.4f}, val acc {format_acc(trained.get('val_acc'))}")
     return levels
 
 
