@@ -360,6 +360,32 @@ def test_sweep_reading_gives_the_whole_sweep_claim_and_the_row_by_row_one():
     assert "(the highest of 3 means: picked for being high" in md
 
 
+def test_sweep_md_says_which_weights_its_accuracies_are_and_a_loaded_teachers_uncounted_compute():
+    """sweep.md said "at the best-validation epoch" for every model, while pruning levels end on
+    prune.retrain_checkpoint's (last by default), and a teacher loaded from a file counted 0 compute
+    without a word (the run report's fix, for sweeps)."""
+    from ptd.config import load_config as load
+    from ptd.report.sweep import build_sweep_results, render_sweep_markdown
+
+    levels = [{"level": 0, "epochs": 0, "steps": 0, "wall_s": 0.0, "test_acc": 0.9},
+              {"level": 1, "epochs": 1, "steps": 1, "wall_s": 1.0, "sparsity": 0.36, "test_acc": 0.89}]
+    pt = PrunedTeacher("imp", 0.36, Path("run/prune/imp_0.36"), 1, {"levels": levels, "final_level": 1})
+    st = [{"arm": "p", "seed": s, "test_acc": 0.8, "val_acc": 0.8, "epochs": 1, "steps": 1, "wall_s": 1.0} for s in (0, 1)]
+    base = {"unpruned_teacher": [{**x, "arm": "unpruned_teacher"} for x in st]}
+    stats = {"spec": {"arch": "vgg"}, "teacher": {"params": 10, "flops": 100}, "student": {"params": 5, "flops": 50}}
+    trained = {"test_acc": 0.9, "epochs": 1, "steps": 1, "wall_s": 1.0}
+    md = render_sweep_markdown(build_sweep_results(load(), trained, stats, pt, base, [(pt, st)]), plots=False)
+    assert ("Accuracies are test top-1 %: the teacher and the students at their best-validation epoch; the pruned teachers "
+            "at each level's last epoch (prune.retrain_checkpoint: last).") in md
+    loaded = {**trained, "epochs": 0, "steps": 0, "wall_s": 0.0, "source": "/models/t.safetensors"}
+    md = render_sweep_markdown(build_sweep_results(load(None, ["prune.retrain_checkpoint=best"]), loaded, stats, pt, base,
+                                                   [(pt, st)]), plots=False)
+    assert ("loaded from /models/t.safetensors, not trained in this sweep: its training is in no compute column, so every "
+            "total behind a distilled student is a lower bound.") in md
+    assert "the students at their best-validation epoch, the teacher as loaded from /models/t.safetensors; the pruned " \
+           "teachers at each level's best-validation epoch (prune.retrain_checkpoint: best)." in md
+
+
 def test_ptd_report_recomputes_a_sweeps_statistics_as_the_sweep_wrote_them(tmp_path, monkeypatch, capsys):
     """The sweep writes its statistics (build_sweep_results) and `ptd report` recomputes them from
     sweep.json's per-seed rows; they were computed in two places that had to agree. Both now go

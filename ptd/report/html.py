@@ -614,6 +614,7 @@ def render_sweep_html(sweep_dir: str | Path, results: dict[str, Any] | None = No
                        "called over the sweep"], rows, left=1) + why
     body.append(_section("Students", _safe(table, "students table")))
     t, s = r["teacher"], r["student"]
-    sub = (f"Dataset {r['dataset']}; teacher {t['arch']} ({t['params']:,} params, test {_pct(t['test_acc'])} %); "
+    loaded = f", loaded from {t['source']}: its training is in no compute figure" if t.get("source") else ""
+    sub = (f"Dataset {r['dataset']}; teacher {t['arch']} ({t['params']:,} params, test {_pct(t['test_acc'])} %{loaded}); "
            f"student {s['arch']} ({s['params']:,} params); {len(r['seeds'])} seed(s). Rendered from {sweep_dir.name}/ by ptd report.")
     return _page(f"ptd sweep: {r['name']}", sub, "\n".join(body))

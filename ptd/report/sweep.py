@@ -85,6 +85,20 @@ def sweep_statistics(rows: list[dict], baselines: dict[str, dict]) -> None:
         b["vs_scratch"] = _vs(b["students"], arm, base.get("scratch"), "scratch") if arm != "scratch" else None
 
 
+def _weights_sentence(r: dict[str, Any], sch: dict[str, Any]) -> str:
+    """Which epoch's weights the sweep's accuracies are of. It said "the best-validation epoch" for
+    all, while each pruning level ends on prune.retrain_checkpoint's (last by default); a sweep.json
+    from before the key was recorded says nothing of the pruned teachers."""
+    keep = sch.get("retrain_checkpoint")
+    teacher = f"the teacher as loaded from {r['teacher']['source']}" if r["teacher"].get("source") else "the teacher"
+    pruned = ("" if keep is None else
+              f"; the pruned teachers at each level's {'best-validation' if keep == 'best' else 'last'} epoch "
+              f"(prune.retrain_checkpoint: {keep})")
+    if r["teacher"].get("source"):
+        return f"Accuracies are test top-1 %: the students at their best-validation epoch, {teacher}{pruned}."
+    return f"Accuracies are test top-1 %: {teacher} and the students at their best-validation epoch{pruned}."
+
+
 def build_sweep_results(cfg: RunConfig, t_res: dict, s_stats: dict, src: Any, baselines: dict[str, list[dict]],
                         rows: list[tuple[Any, list[dict]]], session_wall_s: float = 0.0,
                         test_set: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -127,9 +141,12 @@ def build_sweep_results(cfg: RunConfig, t_res: dict, s_stats: dict, src: Any, ba
         "sparsities": sorted(set(cfg.sweep.sparsities)),
         "schedules": {"teacher_epochs": cfg.teacher.optim.epochs, "retrain_epochs_per_level": cfg.prune.retrain.epochs,
                       "distill_epochs": cfg.distill.optim.epochs, "imp_rate": cfg.prune.rate,
-                      "alpha": cfg.distill.alpha, "temperature": cfg.distill.temperature},
+                      "alpha": cfg.distill.alpha, "temperature": cfg.distill.temperature,
+                      "retrain_checkpoint": cfg.prune.retrain_checkpoint},
         "teacher": {"arch": cfg.teacher.model.arch, "width": cfg.teacher.model.width, "test_acc": t_res["test_acc"],
-                    "val_acc": t_res.get("val_acc"), "params": te["params"], "flops": te["flops"], "compute": tc},
+                    "val_acc": t_res.get("val_acc"), "params": te["params"], "flops": te["flops"], "compute": tc,
+                    # teacher.checkpoint: the file it was loaded from; its training is then not in the compute columns
+                    **({"source": t_res["source"]} if t_res.get("source") else {})},
         "student": {"arch": s_stats["spec"]["arch"], "source": cfg.student.source, "params": st["params"], "flops": st["flops"],
                     "params_ratio": st["params"] / te["params"], "flops_ratio": st["flops"] / te["flops"],
                     "derived_from": {"strategy": src.strategy, "sparsity": src.target} if derived else None},
@@ -188,13 +205,16 @@ def render_sweep_markdown(r: dict[str, Any], plots: bool = True) -> str:
     warn = chance_lines(r, sweep_not_learned(r))
     lines = [f"# ptd sweep: {r['name']}", "", *warn,
              f"Dataset {r['dataset']}" + (f" (train_subset {r['train_subset']})" if r.get("train_subset") else "") +
-             f". Teacher {t['arch']} (width {t['width']:g}, {t['params']:,} params), trained {sch['teacher_epochs']} epochs. "
+             f". Teacher {t['arch']} (width {t['width']:g}, {t['params']:,} params), "
+             + (f"loaded from {t['source']}, not trained in this sweep: its training is in no compute column, so every "
+                f"total behind a distilled student is a lower bound. " if t.get("source") else f"trained {sch['teacher_epochs']} epochs. ") +
              f"Student {s['arch']}, {s['params']:,} params ({s['params_ratio']:.3f}x the teacher), "
              + (f"derived from the {src['strategy']} teacher at sparsity {src['sparsity']:g}" if src else "named in the config")
              + "; every teacher is distilled into this same student. "
              f"Retraining {sch['retrain_epochs_per_level']} epochs per pruning level (IMP rate {sch['imp_rate']:g}), "
              f"distillation {sch['distill_epochs']} epochs (alpha {sch['alpha']:g}, T {sch['temperature']:g}). "
-             f"Accuracies are test top-1 % at the best-validation epoch; ± is the std over {n_seeds} student seed(s) "
+             + _weights_sentence(r, sch) +
+             f" ± is the std over {n_seeds} student seed(s) "
              f"({', '.join(map(str, r['seeds']))}).", ""]
 
     lines += ["## Teachers", "",
@@ -309,8 +329,10 @@ _SEEDS = items(obj({"seed": num(integer=True), "test_acc": ACC}))
 SWEEP_SCHEMA = obj({
     "name": text(), "dataset": text(), "train_subset?": num(0, integer=True, null=True),
     "seeds": items(num(integer=True)), "strategies": items(text()), "sparsities": items(ACC),
-    "schedules": obj({k: AMOUNT for k in ("teacher_epochs", "retrain_epochs_per_level", "distill_epochs", "imp_rate", "alpha", "temperature")}),
-    "teacher": obj({"arch": text(), "width": AMOUNT, "test_acc": ACC, "params": COUNT, "compute": COST}),
+    "schedules": obj({**{k: AMOUNT for k in ("teacher_epochs", "retrain_epochs_per_level", "distill_epochs", "imp_rate", "alpha",
+                                             "temperature")},
+                      "retrain_checkpoint?": text(null=True, among=("best", "last"))}),  # absent in sweeps from before it
+    "teacher": obj({"arch": text(), "width": AMOUNT, "test_acc": ACC, "params": COUNT, "compute": COST, "source?": text(null=True)}),
     "student": obj({"arch": text(), "params": COUNT, "params_ratio": AMOUNT,
                     "derived_from": obj({"strategy": text(), "sparsity": ACC}, null=True)}),
     "baselines": mapping(obj({"label": text(), "students": _SEEDS, "compute": obj({"total_per_student": COST})}), keys=ARM_NAME),
