@@ -24,7 +24,7 @@ CONFIG = "config.yaml"
 ENV = "env.json"
 DONE = "done"  # written last: the stage is complete
 RESULT = "result.json"
-MODEL = "model.safetensors"  # the stage's weights (best validation epoch)
+MODEL = "model.safetensors"  # the stage's weights (the epoch fit keeps: best validation, or the last with keep="last")
 MASKS = "masks.safetensors"
 SPARSITY = "sparsity.json"
 METRICS = "metrics.jsonl"  # one JSON line per epoch

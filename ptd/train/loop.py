@@ -14,7 +14,8 @@ unit; none of them fork it.
 - Every epoch ends in ONE commit (``resume.pt``, see ptd.train.checkpoint and docs/resume.md):
   the unit's weights, optimizer, scheduler, RNG, hook states and the metrics rows become visible
   together by one rename, or not at all. metrics.jsonl is a view rewritten from the committed rows;
-  the best validation weights are kept as model.safetensors and loaded back at the end.
+  the weights ``keep`` names (the best validation epoch's, or the last's) are kept as
+  model.safetensors and loaded back at the end.
 """
 from __future__ import annotations
 
