@@ -131,8 +131,9 @@ def cmd_stage(args: argparse.Namespace) -> int:
             print(layer_table(load_masks(level / "masks.safetensors", load_model(level / "model.safetensors"))))
         print(f"sparsity {res['sparsity']:.4f}; test acc {res['levels'][-1]['test_acc']:.4f} (dense {res['levels'][0]['test_acc']:.4f})")
     elif until == "teacher":
-        val = res.get("val_acc")
-        print(f"teacher test acc {res['test_acc']:.4f} (val {'none' if val is None else f'{val:.4f}'}); {out / 'teacher' / 'model.safetensors'}")
+        from ptd.pruning.base import format_acc
+
+        print(f"teacher test acc {res['test_acc']:.4f} (val {format_acc(res.get('val_acc'))}); {out / 'teacher' / 'model.safetensors'}")
     else:
         for s in res["students"]:
             print(f"{s['arm']:>17} seed {s['seed']}: test acc {s['test_acc']:.4f}")
@@ -170,14 +171,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
                               f"the model was trained with")
     size, want = getattr(model, "ptd_input_size", None), frame_size(splits, dc.image_size)
     if size is not None and tuple(size) != tuple(want):  # scored at another resolution, its accuracy means nothing
+        square = f", or --set data.image_size={size[0]}" if size[0] == size[1] else ""  # image_size is a square side
         raise CheckpointError(f"{args.checkpoint}: the model was trained on {size[0]}x{size[1]} images, but "
-                              f"{config or 'the default config'} gives {want[0]}x{want[1]}; pass the config it was trained with, "
-                              f"or --set data.image_size={size[0]}")
+                              f"{config or 'the default config'} gives {want[0]}x{want[1]}; pass the config it was trained with"
+                              f"{square}")
     check_runs(model, str(args.checkpoint), splits, dc.image_size)
     rt = Runtime(device=device, amp=cfg.amp, channels_last=cfg.channels_last, fast_wgrad=cfg.fast_wgrad, compile=cfg.compile, quiet=True)
     model = rt.prepare(model)
+    # At the size checked above (data.image_size): without it a folder split loaded at 224 and an
+    # in-memory one at its own size, whatever the config and the output line said.
     loader = make_loader(splits.test, batch_size=cfg.eval_batch_size, train=False, mean=splits.mean, std=splits.std, device=device,
-                         augment=False, channels_last=rt.channels_last)
+                         augment=False, channels_last=rt.channels_last, image_size=dc.image_size, workers=dc.workers)
     r = evaluate(model, loader, rt)
     print(f"{args.checkpoint}: test acc {r['acc']:.4f} on {r['n']} images of {dc.name} at {want[0]}x{want[1]}; "
           f"params {count_params(model):,} ({count_nonzero(model):,} nonzero)"

@@ -170,7 +170,7 @@ def run_in_workers(fn: Callable[[Any], Any], tasks: Iterable[Any], processes: in
             for conn in wait(list(busy)):
                 try:
                     ok, out = conn.recv()
-                except EOFError:
+                except (EOFError, OSError):  # OSError: it died with its task unread (ECONNRESET), e.g. in its initializer
                     raise _died(workers[conn]) from None
                 busy.discard(conn)
                 if not ok:

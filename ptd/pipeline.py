@@ -209,6 +209,7 @@ class Context:
     splits: Any
     log: Callable[[str], None]
     _loaders: dict = field(default_factory=dict)
+    _on_device: dict = field(default_factory=dict)
     _noted: set = field(default_factory=set)  # schedules already noted for late milestones
     grown: bool = False  # this run adds work to a finished one: config.yaml is rewritten once it all succeeded
     # A ``jobs`` worker (ptd.jobs): it trains students only, from stages its parent finished first.
@@ -225,6 +226,20 @@ class Context:
 
         return (self.splits.in_channels, *frame_size(self.splits, self.cfg.data.image_size))
 
+    def split_on_device(self, which: str):
+        """Split ``which``, an in-memory one moved to the run's device once: every loader over it
+        shares that copy (each TensorLoader moved its own, so a run held the training split on the
+        GPU once per student seed, where the memory preflight counts it once). Folder splits load
+        from disk: as they are."""
+        if which not in self._on_device:
+            from ptd.data import Split
+
+            split = getattr(self.splits, which)
+            if isinstance(split, Split) and split.x.device != self.rt.device:
+                split = Split(split.x.to(self.rt.device), split.y.to(self.rt.device))
+            self._on_device[which] = split
+        return self._on_device[which]
+
     def train_loader(self, batch_size: int, seed: int):
         """One loader per (batch size, seed), shared by stages: the split goes to the device once.
         Sharing is safe because ``fit`` calls ``set_epoch`` before every epoch."""
@@ -234,7 +249,7 @@ class Context:
 
             d = self.cfg.data
             self._loaders[key] = make_loader(
-                self.splits.train, batch_size=batch_size, train=True, mean=self.splits.mean, std=self.splits.std,
+                self.split_on_device("train"), batch_size=batch_size, train=True, mean=self.splits.mean, std=self.splits.std,
                 device=self.rt.device, seed=seed, augment=d.augment, crop_padding=d.crop_padding, hflip=d.hflip,
                 channels_last=self.rt.channels_last, rank=self.rt.dist.rank, world_size=self.rt.dist.world_size,
                 workers=d.workers, image_size=d.image_size, with_index=True)
@@ -245,7 +260,7 @@ class Context:
         if which not in self._loaders:
             from ptd.data import make_loader
 
-            split = getattr(self.splits, which)
+            split = self.split_on_device(which)
             d = self.cfg.data
             self._loaders[which] = make_loader(split, batch_size=self.cfg.eval_batch_size, train=False, mean=self.splits.mean,
                                                std=self.splits.std, device=self.rt.device, seed=0, augment=False,
@@ -1462,7 +1477,9 @@ def distill_in_parallel(ctx: Context, tasks: list[tuple], worker: Callable[[tupl
         try:
             run_in_workers(worker or _student_worker, tasks, n, initializer=_student_worker_init,
                            initargs=(to_dict(cfg), str(ctx.run_dir), threads), on_result=done)
-        except WorkerDied as e:  # not a bug in ptd: the CLI called it one
+        except WorkerDied as e:  # killed from outside: the CLI called it a bug in ptd
+            if e.how != "signal SIGKILL":
+                raise  # an exit code, a crash, a scheduler's SIGTERM: not the memory case; the traceback stays
             raise WorkerDiedError(f"jobs: a student's worker process (pid {e.pid}) died with {e.how} before it finished "
                                   f"(SIGKILL is typically the kernel's out-of-memory killer: each of the {n} workers holds "
                                   f"its own data, teacher and student); lower jobs or the batch sizes and run the same "

@@ -55,9 +55,11 @@ def preflight(cfg: RunConfig, run_dir: str | Path, *, splits: Any = None, sweep:
     """
     slow = SlowSteps(quiet=cfg.quiet)
     try:
-        return _preflight(cfg, run_dir, slow, splits=splits, sweep=sweep, until=until, arms=arms)
+        out = _preflight(cfg, run_dir, slow, splits=splits, sweep=sweep, until=until, arms=arms)
     finally:
-        slow.done()
+        slow.stop()  # a refusal's own line says the rest
+    slow.done()
+    return out
 
 
 def _preflight(cfg: RunConfig, run_dir: str | Path, slow: "SlowSteps", *, splits: Any, sweep: bool, until: str,
@@ -99,9 +101,15 @@ def _preflight(cfg: RunConfig, run_dir: str | Path, slow: "SlowSteps", *, splits
     with slow("sizing each stage's activations"):
         check_training_memory(cfg, teacher, student if student is not None else derived, splits, device)
     if cfg.teacher.checkpoint:
-        from ptd.train.checkpoint import load_into
+        from ptd.train.checkpoint import CheckpointError, load_into, recorded_input_size
 
         load_into(teacher, cfg.teacher.checkpoint, "teacher")  # one-line CheckpointError: missing, unreadable, other arch
+        # A teacher trained at another size would be scored, pruned and taught from at one it never saw.
+        size, want = recorded_input_size(cfg.teacher.checkpoint), frame_size(splits, cfg.data.image_size)
+        if size is not None and tuple(size) != tuple(want):
+            fix = f"set data.image_size={size[0]}" if size[0] == size[1] else "use the data it was trained on"
+            raise CheckpointError(f"{cfg.teacher.checkpoint}: the teacher was trained on {size[0]}x{size[1]} images, but this run "
+                                  f"feeds it {want[0]}x{want[1]}; {fix}, or give a teacher trained at {want[0]}x{want[1]}")
     return splits
 
 
@@ -143,11 +151,14 @@ class SlowSteps:
             self._say(what)
         yield
 
+    def stop(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+
     def done(self) -> None:
         import time
 
-        if self.timer is not None:
-            self.timer.cancel()
+        self.stop()
         if self.said:
             print(f"ptd: checks before training done in {time.perf_counter() - self.t0:.0f} s", file=self.stream, flush=True)
 
@@ -209,6 +220,12 @@ def check_device(device: str) -> torch.device:
         if head != "cuda" or not n.isdigit():
             raise ConfigError(f"device: {device!r} is not a device; use auto, cpu, cuda or cuda:N (e.g. --device cuda:0)")
         idx = int(n)
+        if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+            # torchrun gives rank r cuda:LOCAL_RANK only for "cuda"/"auto": cuda:N put every rank on one GPU
+            # (NCCL refuses that, after the data loaded), and the memory check assumes a GPU each.
+            raise ConfigError(f"device: {device!r} under torchrun (WORLD_SIZE={os.environ['WORLD_SIZE']}) would put every "
+                              f"process on that one GPU; use device: cuda, which gives each process its own "
+                              f"(cuda:LOCAL_RANK), and pick the GPUs with CUDA_VISIBLE_DEVICES")
     if not torch.cuda.is_available():
         why = "this torch is built without CUDA" if torch.version.cuda is None else "no GPU is visible (check CUDA_VISIBLE_DEVICES and the driver)"
         raise ConfigError(f"device: {device!r} asked for but CUDA is not available ({why}); use --device cpu or auto")

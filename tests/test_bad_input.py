@@ -577,6 +577,14 @@ def test_a_slow_check_before_training_says_what_it_is_doing_on_a_terminal():
     with slow("a quick step"):
         pass
     slow.done()
+    refused = Terminal()  # a refusal after the line: its own line says the rest, not "done"
+    slow = SlowSteps(after=0.05, stream=refused)
+    with pytest.raises(ValueError):
+        with slow("pruning a copy"):
+            time.sleep(0.2)
+            raise ValueError("refused")
+    slow.stop()
+    assert refused.getvalue().count("\n") == 1 and "done" not in refused.getvalue()
     for quiet, stream in ((True, Terminal()), (False, io.StringIO())):  # --quiet, or not a terminal: nothing
         slow = SlowSteps(quiet=quiet, after=0.01, stream=stream)
         with slow("a slow step"):
@@ -584,3 +592,15 @@ def test_a_slow_check_before_training_says_what_it_is_doing_on_a_terminal():
         slow.done()
         assert stream.getvalue() == ""
     assert quick.getvalue() == ""
+
+
+def test_a_numbered_gpu_under_torchrun_is_refused(monkeypatch):
+    """torchrun gives each process cuda:LOCAL_RANK for device cuda or auto; cuda:N put them all on one
+    GPU (and the memory check counts a GPU each)."""
+    from ptd.preflight import check_device
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match=r"device: 'cuda:0' under torchrun \(WORLD_SIZE=2\) would put every process on that "
+                                          r"one GPU; use device: cuda"):
+        check_device("cuda:0")
+    assert check_device("cpu").type == "cpu"

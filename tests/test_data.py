@@ -528,8 +528,10 @@ def test_a_sharded_folder_eval_loader_is_evaluated_over_each_image_once(tmp_path
         cat[1].weight.zero_()
         cat[1].bias.copy_(torch.tensor([1.0, 0.0]))
     rt = Runtime(quiet=True, channels_last=False)
-    got = [evaluate(cat, make_loader(s.train, batch_size=3, train=False, rank=r, world_size=3, mean=s.mean, std=s.std,
-                                     image_size=8), rt) for r in range(3)]
+    loaders = [make_loader(s.train, batch_size=3, train=False, rank=r, world_size=3, mean=s.mean, std=s.std, image_size=8)
+               for r in range(3)]
+    assert all(ld.world_size == 3 for ld in loaders)  # what evaluate sums over the ranks by (it had none: never summed)
+    got = [evaluate(cat, ld, rt) for ld in loaders]
     assert sum(g["n"] for g in got) == 10  # not 12: the two padded cats
     assert sum(g["acc"] * g["n"] for g in got) == pytest.approx(5)
 
@@ -649,8 +651,15 @@ def test_folder_augmentation_does_not_depend_on_the_number_of_workers(tmp_path: 
         return {int(i): x for xb, _, ib in ld for x, i in zip(xb, ib)}
 
     before = torch.get_rng_state()
-    runs = {w: epoch(w, 1) for w in (0, 1, 2)}
+    cuda_seeded = []
+    real = torch.cuda.manual_seed_all
+    torch.cuda.manual_seed_all = lambda seed: cuda_seeded.append(seed)  # torch.manual_seed would reseed every GPU
+    try:
+        runs = {w: epoch(w, 1) for w in (0, 1, 2)}
+    finally:
+        torch.cuda.manual_seed_all = real
     assert torch.equal(torch.get_rng_state(), before)  # workers 0: the loop's RNG did not move
+    assert cuda_seeded == []  # nor the GPU's (its dropout stream followed the batch's last image)
     assert len(runs[0]) == 12 and all(runs[w].keys() == runs[0].keys() for w in runs)
     assert all(torch.equal(runs[w][i], runs[0][i]) for w in runs for i in runs[0])
     again = epoch(0, 2)  # another epoch: other crops of the same images
@@ -712,8 +721,10 @@ def test_load_configured_passes_every_data_key_load_dataset_takes(monkeypatch):
     assert seen == {"name": "cifar10", "root": "/r", "val_fraction": 0.3, "seed": 11, "download": True, "cache_dir": "/c",
                     "train_subset": 7, "test_subset": 3, "check_images": "full", "check_shard": (0, 1)}
     # Under torchrun each rank checks its share of the images (torchrun's RANK and WORLD_SIZE).
-    monkeypatch.setenv("RANK", "2")
-    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "6")  # a second machine of 4 processes each: its share is of its own copy
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     base.load_configured(dc, 11)
     assert seen["check_shard"] == (2, 4)
     with pytest.raises(TypeError, match="unknown keyword"):

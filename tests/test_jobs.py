@@ -181,6 +181,10 @@ def _killed_by_the_oom_killer(task):
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _exits_with_3(task):
+    sys.exit(3)
+
+
 def test_a_student_worker_killed_mid_task_is_one_line_not_a_bug(tmp_path, tiny_yaml):
     """SIGKILL, as the out-of-memory killer sends it: the CLI printed "internal error ... a bug in ptd"."""
     from ptd.config import load_config
@@ -193,6 +197,11 @@ def test_a_student_worker_killed_mid_task_is_one_line_not_a_bug(tmp_path, tiny_y
         with pytest.raises(PtdError, match=r"^jobs: a student's worker process \(pid \d+\) died with signal SIGKILL before it "
                                            r"finished \(SIGKILL is typically the kernel's out-of-memory killer.*lower jobs"):
             distill_in_parallel(ctx, [(0,), (1,)], worker=_killed_by_the_oom_killer)
+        # Any other death (an exit code, a crash) is not the memory case: not that line's advice.
+        from ptd.jobs import WorkerDied
+
+        with pytest.raises(WorkerDied, match="died with exit code 3"):
+            distill_in_parallel(ctx, [(0,), (1,)], worker=_exits_with_3)
     finally:
         from ptd.train import checkpoint as ckpt
 
@@ -414,6 +423,8 @@ def task(i):
 def init():
     if sys.argv[1] == "init":
         raise ValueError("no data")
+    if sys.argv[1] == "init_killed":
+        os.kill(os.getpid(), signal.SIGKILL)  # the OOM killer while the worker loads its data: its task unread
 
 if __name__ == "__main__":
     try:
@@ -426,6 +437,7 @@ if __name__ == "__main__":
 @pytest.mark.parametrize("how, said", [
     ("killed", "WorkerDied a worker process (pid "),
     ("init", "ValueError no data | cause: RemoteTraceback"),
+    ("init_killed", "WorkerDied a worker process (pid "),  # was ConnectionResetError, a "file" error to the CLI
 ])
 def test_a_worker_that_dies_or_cannot_start_fails_the_run_at_once(tmp_path, how, said):
     """A worker killed while it holds a task (out of memory), or whose initializer raises, is an
@@ -437,7 +449,7 @@ def test_a_worker_that_dies_or_cannot_start_fails_the_run_at_once(tmp_path, how,
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, str(script), how], capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
     assert r.returncode == 0 and r.stdout.startswith(said), (r.stdout, r.stderr)
-    if how == "killed":
+    if how in ("killed", "init_killed"):
         assert "died with signal SIGKILL before it finished its task" in r.stdout, r.stdout
     assert r.stderr == "", r.stderr
 

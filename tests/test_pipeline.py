@@ -240,6 +240,47 @@ def test_ptd_prune_prints_layers_in_the_networks_order_and_rounded_accuracies(tm
     assert vals and all(re.fullmatch(r"\d\.\d{4}|none", v) for v in vals), vals
 
 
+def test_eval_feeds_the_model_the_size_it_checked(tmp_path, tiny_yaml, monkeypatch, capsys):
+    """The size check passed at data.image_size while the test loader was built without it: the
+    model was scored at the data's own size (28 here, 224 for a folder) under a line saying 32x32."""
+    import ptd.train.loop as loop
+    from ptd.models import build_model
+    from ptd.train import checkpoint as ckpt
+
+    m = build_model("vgg", 10, 1, plan=[8, "M", 16])
+    m.ptd_input_size = (32, 32)
+    ckpt.save_model(tmp_path / "m.safetensors", m)
+    fed, real = [], loop.evaluate
+
+    def spy(model, loader, rt):
+        fed.extend(tuple(x.shape[-2:]) for x, *_ in loader)
+        return real(model, loader, rt)
+
+    monkeypatch.setattr(loop, "evaluate", spy)
+    assert main(["eval", str(tmp_path / "m.safetensors"), str(tiny_yaml), "--set", "data.image_size=32"]) == 0
+    assert fed and set(fed) == {(32, 32)} and " at 32x32; " in capsys.readouterr().out
+
+
+def test_a_teacher_checkpoint_of_another_image_size_is_refused(tmp_path, tiny_yaml):
+    """A teacher file recording 28x28, run at data.image_size 64: it was scored, pruned and taught
+    from at a size it never saw, and the run's teacher file then recorded 64x64."""
+    from ptd.models import build_model
+    from ptd.train import checkpoint as ckpt
+    from ptd.train.checkpoint import CheckpointError
+
+    cfg = load_config(tiny_yaml)
+    m = build_model(cfg.teacher.model.arch, 10, 1, **cfg.teacher.model.kwargs)
+    m.ptd_input_size = (28, 28)
+    ckpt.save_model(tmp_path / "t.safetensors", m)
+    with pytest.raises(CheckpointError, match=r"t\.safetensors: the teacher was trained on 28x28 images, but this run feeds it "
+                                              r"64x64; set data.image_size=28, or give a teacher trained at 64x64"):
+        run_pipeline(load_config(tiny_yaml, [f"teacher.checkpoint={tmp_path / 't.safetensors'}", "data.image_size=64"]),
+                     tmp_path / "run", until="teacher")
+    assert not (tmp_path / "run").exists()
+    r = run_pipeline(load_config(tiny_yaml, [f"teacher.checkpoint={tmp_path / 't.safetensors'}"]), tmp_path / "ok", until="teacher")
+    assert r["test_acc"] >= 0 and ckpt.load_model(tmp_path / "ok" / "teacher" / "model.safetensors").ptd_input_size == (28, 28)
+
+
 def test_named_student(tmp_path, tiny_yaml):
     cfg = load_config(tiny_yaml, ["student.source=named", "student.model={arch: vgg, kwargs: {plan: [8, M, 16, M]}}"])
     stats = run_pipeline(cfg, tmp_path / "run", until="student")

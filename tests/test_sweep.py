@@ -384,6 +384,9 @@ def test_sweep_md_says_which_weights_its_accuracies_are_and_a_loaded_teachers_un
             "total behind a distilled student is a lower bound.") in md
     assert "the students at their best-validation epoch, the teacher as loaded from /models/t.safetensors; the pruned " \
            "teachers at each level's best-validation epoch (prune.retrain_checkpoint: best)." in md
+    r = build_sweep_results(load(None, ["data.val_fraction=0"]), trained, stats, pt, base, [(pt, st)])
+    assert "Accuracies are test top-1 %: every model at its last epoch (the sweep has no validation set)." in \
+        render_sweep_markdown(r, plots=False)
 
 
 def test_ptd_report_recomputes_a_sweeps_statistics_as_the_sweep_wrote_them(tmp_path, monkeypatch, capsys):

@@ -189,6 +189,9 @@ def test_a_checkpoint_of_another_class_count_says_the_data_sets_it(tmp_path):
                             f"takes the class count from the data; the rest of the teacher fits tv:resnet18); give a checkpoint "
                             f"trained on this data's 5 classes (a pretrained model fine-tuned with a new 5-class head first), or "
                             f"train the teacher here")
+    torch.save(build("tv:googlenet", 1000, 3).state_dict(), tmp_path / "g.pt")  # its auxiliary heads mismatch too
+    with pytest.raises(ckpt.CheckpointError, match=r"its classifier \(fc\) has 1000 outputs, but the data has 5 classes"):
+        ckpt.load_into(build("tv:googlenet", 5, 3), tmp_path / "g.pt", "teacher")
     torch.save(build("tv:resnet34", 5, 3).state_dict(), tmp_path / "r34.pt")  # another architecture: the old line
     with pytest.raises(ckpt.CheckpointError, match="does not fit the teacher architecture tv:resnet18"):
         ckpt.load_into(build("tv:resnet18", 5, 3), tmp_path / "r34.pt", "teacher")

@@ -379,9 +379,13 @@ def _check_subset(name: str, value: int | None) -> None:
 
 
 def _torchrun_shard() -> tuple[int, int]:
-    """(rank, world size) from the variables torchrun sets; (0, 1) alone or when they are not numbers."""
+    """(local rank, processes on this machine) from the variables torchrun sets; (0, 1) alone or when
+    they are not numbers. Per machine, not per job: a machine's processes share its cores, and each
+    machine may hold its own copy of the data (node-local disks), which its processes then cover
+    whole between them (by the global rank, each node checked 1/world of its copy)."""
     try:
-        rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("LOCAL_RANK", "0"))
+        world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
     except ValueError:
         return 0, 1
     return (rank, world) if 0 <= rank < world else (0, 1)
@@ -395,8 +399,8 @@ def load_configured(dc: Any, seed: int, **override: Any) -> Splits:
     kw: dict[str, Any] = dict(val_fraction=dc.val_fraction, seed=seed, download=dc.download, cache_dir=dc.cache_dir,
                               train_subset=dc.train_subset, test_subset=dc.test_subset,
                               check_images=dc.check_images)
-    # Under torchrun every rank loads the dataset: each checks its share of the images (a full
-    # decode of ImageNet is 30-90 CPU-minutes, world times over on one machine's cores otherwise).
+    # Under torchrun every rank loads the dataset: each checks its machine's share of the images (a
+    # full decode of ImageNet is 30-90 CPU-minutes, world times over on one machine's cores otherwise).
     kw["check_shard"] = _torchrun_shard()
     unknown = set(override) - set(kw)
     if unknown:

@@ -257,8 +257,11 @@ class _ImageFiles(Dataset):
                             f"image and run the same command again to resume from the last finished epoch") from None
         if self.seed is None:
             return self.transform(img), label, i
-        with torch.random.fork_rng(devices=[]):  # the CPU RNG is put back: the loop's draws do not move (workers: 0)
-            torch.manual_seed(stream_seed(self.seed, "augment_image", i, epoch=self.epoch))
+        # The CPU generator alone (the transforms draw from it), put back after: torch.manual_seed would
+        # also reseed every CUDA generator, and with workers 0 the GPU's dropout stream then followed
+        # the batch's last image.
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(stream_seed(self.seed, "augment_image", i, epoch=self.epoch))
             return self.transform(img), label, i
 
 
@@ -331,6 +334,7 @@ class FolderLoader:
                 f"batch_size={batch_size}; lower the batch size or raise data.train_subset"
             )
         self.num_samples = len(self.loader) * batch_size if train else self.sampler.num_samples
+        self.world_size = world_size  # evaluate sums a sharded loader's counts over the ranks by it
         self.real_samples = real_samples(len(split), rank, world_size, train, self.num_samples)
         self.set_epoch(0)
 

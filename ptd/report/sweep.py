@@ -90,6 +90,9 @@ def _weights_sentence(r: dict[str, Any], sch: dict[str, Any]) -> str:
     all, while each pruning level ends on prune.retrain_checkpoint's (last by default); a sweep.json
     from before the key was recorded says nothing of the pruned teachers."""
     keep = sch.get("retrain_checkpoint")
+    if sch.get("validation") is False:  # data.val_fraction 0: fit keeps every model's last epoch
+        loaded = f" (the teacher as loaded from {r['teacher']['source']})" if r["teacher"].get("source") else ""
+        return f"Accuracies are test top-1 %: every model at its last epoch (the sweep has no validation set){loaded}."
     teacher = f"the teacher as loaded from {r['teacher']['source']}" if r["teacher"].get("source") else "the teacher"
     pruned = ("" if keep is None else
               f"; the pruned teachers at each level's {'best-validation' if keep == 'best' else 'last'} epoch "
@@ -142,7 +145,7 @@ def build_sweep_results(cfg: RunConfig, t_res: dict, s_stats: dict, src: Any, ba
         "schedules": {"teacher_epochs": cfg.teacher.optim.epochs, "retrain_epochs_per_level": cfg.prune.retrain.epochs,
                       "distill_epochs": cfg.distill.optim.epochs, "imp_rate": cfg.prune.rate,
                       "alpha": cfg.distill.alpha, "temperature": cfg.distill.temperature,
-                      "retrain_checkpoint": cfg.prune.retrain_checkpoint},
+                      "retrain_checkpoint": cfg.prune.retrain_checkpoint, "validation": cfg.data.val_fraction > 0},
         "teacher": {"arch": cfg.teacher.model.arch, "width": cfg.teacher.model.width, "test_acc": t_res["test_acc"],
                     "val_acc": t_res.get("val_acc"), "params": te["params"], "flops": te["flops"], "compute": tc,
                     # teacher.checkpoint: the file it was loaded from; its training is then not in the compute columns

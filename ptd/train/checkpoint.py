@@ -599,16 +599,22 @@ def _head_only(model: nn.Module, sd: dict, own: dict, missing: list, unexpected:
     generic message then told the user to change the architecture, which cannot help."""
     if missing or unexpected:
         return None
-    last = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1:]  # the classifier
-    if not last:
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
         return None
-    layer = last[0]
-    names = {f"{layer}.weight", f"{layer}.bias"}
     wrong = {k for k in own if k in sd and sd[k].shape != own[k].shape}
-    w = f"{layer}.weight"
-    if not wrong or not wrong <= names or w not in wrong or sd[w].dim() != 2 or sd[w].shape[1] != own[w].shape[1]:
+    # Every mismatch a Linear's outputs (the classifier, and GoogLeNet's or Inception's auxiliary
+    # ones), the file's all one class count and the model's another.
+    heads = sorted({k.rpartition(".")[0] for k in wrong})
+    if not wrong or any(h not in linears or f"{h}.weight" not in wrong for h in heads) \
+            or not wrong <= {f"{h}.{p}" for h in heads for p in ("weight", "bias")}:
         return None
-    return layer, int(sd[w].shape[0]), int(own[w].shape[0])
+    ws = [(sd[f"{h}.weight"], own[f"{h}.weight"]) for h in heads]
+    if any(a.dim() != 2 or a.shape[1] != b.shape[1] for a, b in ws) or len({int(a.shape[0]) for a, _ in ws}) != 1 \
+            or len({int(b.shape[0]) for _, b in ws}) != 1:
+        return None
+    layer = next((n for n in reversed(linears) if n in heads), heads[-1])
+    return layer, int(ws[0][0].shape[0]), int(ws[0][1].shape[0])
 
 
 def load_into(model: nn.Module, path: str | Path, what: str = "model") -> None:
@@ -754,6 +760,16 @@ def load_model(path: str | Path) -> nn.Module:
 
 
 MAX_INPUT_SIDE = 65536  # pixels: larger than any image a classifier is trained on
+
+
+def recorded_input_size(path: str | Path) -> tuple[int, int] | None:
+    """The (height, width) a ptd model file says it was trained at; None for a file that records
+    none (a torch state dict, a ptd file from before the record). A damaged record: one line."""
+    try:
+        meta = read_metadata(path)
+    except CheckpointError:
+        return None  # not safetensors: load_into reads it, and says what is wrong with it
+    return _input_size(Path(path), meta["input_size"]) if "input_size" in meta else None
 
 
 def _input_size(path: Path, text: str) -> tuple[int, int]:
