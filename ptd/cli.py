@@ -65,13 +65,10 @@ def _check_config_file(path: str | None) -> None:
 
 
 def _run_config_of(model_file: Path) -> str | None:
-    """The config.yaml of the run directory ``model_file`` lies in (beside an env.json, a few
-    folders up: teacher/, prune/level_k/, teachers/r1/distill/<arm>_seed0/), or None: `ptd eval`
-    of a run's model needs no config named."""
-    for d in list(model_file.resolve().parents)[:5]:
-        if (d / P.CONFIG).is_file() and (d / P.ENV).is_file():
-            return str(d / P.CONFIG)
-    return None
+    """The config.yaml of the run directory ``model_file`` lies in (``ptd.paths.run_dir_of``), or
+    None: `ptd eval` of a run's model needs no config named."""
+    run = P.run_dir_of(model_file)
+    return str(run / P.CONFIG) if run is not None else None
 
 
 def _flag(value: str | None, flag: str, fix: str) -> str | None:

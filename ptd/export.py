@@ -115,9 +115,14 @@ def _resolve(p: Path) -> Source:
         return Source(f, teacher if teacher.is_file() else None, p, what)
     if p.suffix != ".safetensors":
         raise ExportError(f"{p}: not a .safetensors model file; export a model saved by ptd (model.safetensors) or a run directory")
-    run_dir = p.parent.parent.parent if p.parent.parent.name == P.DISTILL else None
-    teacher = run_dir / P.TEACHER / P.MODEL if run_dir is not None else None
-    return Source(p, teacher if teacher is not None and teacher.is_file() else None, run_dir, f"model file {p.name}")
+    # The run it lies in (its config names the test images; ptd eval finds it the same way), and the
+    # teacher of its own replicate: teachers/r1/distill/<arm>/ is timed against teachers/r1/teacher/.
+    run_dir = P.run_dir_of(p)
+    root = p.parent.parent.parent if p.parent.parent.name == P.DISTILL else run_dir
+    teacher = root / P.TEACHER / P.MODEL if root is not None else None
+    if teacher is not None and (not teacher.is_file() or teacher.resolve() == p.resolve()):
+        teacher = None  # the teacher itself is not timed against itself
+    return Source(p, teacher, run_dir, f"model file {p.name}")
 
 
 def load(path: Path) -> nn.Module:

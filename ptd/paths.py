@@ -53,6 +53,16 @@ DISTILL = "distill"
 TENSORBOARD = "tensorboard"  # event files, one folder per training stage, mirroring the run's layout
 
 
+def run_dir_of(path: str | Path, levels: int = 6) -> Path | None:
+    """The run directory ``path`` lies in: its nearest folder, at most ``levels`` up, holding both
+    config.yaml and env.json (teacher/, prune/level_k/, teachers/r1/distill/<arm>_seed0/ ...), or None.
+    ``ptd eval`` takes that run's config by default, and ``ptd export`` its test images."""
+    for d in list(Path(path).resolve().parents)[:levels]:
+        if (d / CONFIG).is_file() and (d / ENV).is_file():
+            return d
+    return None
+
+
 def level_dir(prune_dir: Path, k: int) -> Path:
     return Path(prune_dir) / f"level_{k}"
 

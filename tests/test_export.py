@@ -297,3 +297,30 @@ def test_a_killed_exports_temporary_is_removed_by_the_next_export_a_live_ones_is
     (tmp_path / "x.onnx").unlink()
     export_onnx(model, out, (3, 32, 32))  # its holder gone: removed too
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.onnx"]
+
+
+def test_a_model_file_is_placed_in_its_run_and_timed_against_its_own_teacher(tmp_path):
+    """export found a model's run only for distill/<x>/model.safetensors, and took teachers/r1 as the
+    run of a replicate's student (no config there: random test images); eval walked up on its own
+    rule. One rule now (ptd.paths.run_dir_of): the run holding config.yaml and env.json."""
+    from ptd import paths as P
+    from ptd.export import resolve
+
+    run = tmp_path / "run"
+    files = ["config.yaml", "env.json", "teacher/model.safetensors", "prune/level_1/model.safetensors",
+             "distill/scratch_seed0/model.safetensors", "teachers/r1/teacher/model.safetensors",
+             "teachers/r1/distill/pruned_teacher_seed0/model.safetensors"]
+    for f in files:
+        (run / f).parent.mkdir(parents=True, exist_ok=True)
+        (run / f).write_text("x")
+    cases = {"teachers/r1/distill/pruned_teacher_seed0/model.safetensors": "teachers/r1/teacher/model.safetensors",
+             "distill/scratch_seed0/model.safetensors": "teacher/model.safetensors",
+             "prune/level_1/model.safetensors": "teacher/model.safetensors",
+             "teacher/model.safetensors": None}  # not timed against itself
+    for f, teacher in cases.items():
+        src = resolve(run / f)
+        assert src.run_dir.resolve() == run.resolve() == P.run_dir_of(run / f), f
+        assert (src.teacher_path.resolve() if src.teacher_path else None) == ((run / teacher).resolve() if teacher else None), f
+    alone = tmp_path / "m.safetensors"
+    alone.write_text("x")
+    assert resolve(alone).run_dir is None and P.run_dir_of(alone) is None

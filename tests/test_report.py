@@ -448,3 +448,35 @@ def test_the_report_says_at_which_weights_each_accuracy_was_measured():
         "last epoch (prune.retrain_checkpoint: last); the students at their best-validation epoch.")
     # A results.json that does not record it (and no config.yaml read): no claim.
     assert accuracy_sentence({**r, "weights": None}) == "Accuracies are test top-1 (%); at which epoch's weights is not recorded for this run."
+
+
+@pytest.mark.slow
+def test_the_weights_the_report_names_are_the_ones_the_pipeline_keeps(tmp_path, tiny_fashion, monkeypatch):
+    """ptd.report.weights_kept re-states which epoch each stage's fit keeps (pipeline: teacher and
+    students "best", pruning rounds and the control prune.retrain_checkpoint). A run's own fit
+    calls are the truth: this holds the two together when either changes."""
+    import yaml
+
+    from conftest import tiny_config
+    from ptd.config import load_config
+    from ptd.pipeline import Context, run_pipeline
+
+    kept: dict[str, set] = {}
+    real = Context.fit
+
+    def spy(self, model, optim, out_dir, seed, desc, unit=None, hooks=(), keep="best"):
+        kind = ("teacher" if desc == "teacher" else "pruned_teacher" if desc.startswith("prune ") else
+                "retrained_teacher" if desc.startswith("control ") else "students")  # students: "<arm> s<seed>"
+        kept.setdefault(kind, set()).add(keep)
+        return real(self, model, optim, out_dir, seed, desc, unit=unit, hooks=hooks, keep=keep)
+
+    monkeypatch.setattr(Context, "fit", spy)
+    for rc in ("last", "best"):
+        kept.clear()
+        cfg = tiny_config(tiny_fashion, distill={"seeds": [0], "arms": ["scratch", "pruned_teacher", "retrained_teacher"],
+                                                 "optim": {"epochs": 1, "batch_size": 64, "lr": 0.05}})
+        cfg["prune"]["retrain_checkpoint"] = rc
+        (tmp_path / f"{rc}.yaml").write_text(yaml.safe_dump(cfg))
+        results = run_pipeline(load_config(tmp_path / f"{rc}.yaml"), tmp_path / rc)
+        assert set(kept) == {"teacher", "pruned_teacher", "retrained_teacher", "students"}
+        assert {k: {v} for k, v in results["weights"].items()} == kept, (rc, results["weights"], kept)
