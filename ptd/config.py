@@ -99,7 +99,7 @@ class DataConfig:
     crop_padding: int = 4  # pixels of zero padding for the random crop
     hflip: bool = True
     workers: int = 2  # DataLoader workers, folder datasets only
-    image_size: int | None = None  # folder datasets only
+    image_size: int | None = None  # square side, pixels: folder images are cropped to it (None: 224), in-memory ones resized (None: their own)
     # Folder datasets: what the check before training reads of every image. headers: each format's
     # header, PNG checksums, the JPEG end marker (~0.1 s per 1,000 images and thread); full: decode
     # every pixel (1.5-4 s per 1,000 ImageNet JPEGs), so no damaged image can stop an epoch.

@@ -337,8 +337,8 @@ def verify_images(split: AnySplit, progress: bool | None = None, *, full: bool =
 
 
 def frame_size(splits: Any, image_size: int | None) -> tuple[int, int]:
-    """(height, width) of the images a run trains on: ``data.image_size`` (a square, folder datasets)
-    where set, else the dataset's own. Every measurement of a model (FLOPs, latency, memory, export)
+    """(height, width) of the images a run trains on: ``data.image_size`` (a square: folder images are
+    cropped to it, in-memory ones resized) where set, else the dataset's own. Every measurement of a model (FLOPs, latency, memory, export)
     takes its input from here, so none is made at the folder loader's default 224 while training
     ran at another size."""
     return (int(image_size), int(image_size)) if image_size else (int(splits.image_size[0]), int(splits.image_size[1]))
