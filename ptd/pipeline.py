@@ -284,13 +284,18 @@ class Context:
                          optim_key=key, keep=keep, seed=seed)
         except DivergedError as e:
             teacher = self.run_dir / P.TEACHER / P.MODEL
+            more = None
             if key == "distill.optim" and is_done(self.run_dir / P.TEACHER) and is_done(self.run_dir / P.PRUNE):
                 # A distill.* change is one --from takes: the new --out need not train the teacher or prune again.
-                raise DivergedError(f"{e}; to reuse this run's trained and pruned teachers there, add --from {self.run_dir}") from None
-            if key != "teacher.optim" and is_done(self.run_dir / P.TEACHER) and teacher.is_file():
+                more = f"to reuse this run's trained and pruned teachers there, add --from {self.run_dir}"
+            elif key != "teacher.optim" and is_done(self.run_dir / P.TEACHER) and teacher.is_file():
                 # The new --out the message asks for need not train the teacher again.
-                raise DivergedError(f"{e}; to reuse this run's trained teacher there, add --teacher {teacher}") from None
-            raise
+                more = f"to reuse this run's trained teacher there, add --teacher {teacher}"
+            if more is None:
+                raise
+            err = DivergedError(f"{e}; {more}")
+            err.every_rank = e.every_rank  # raised alike on every rank under DDP: rank 0 alone prints it
+            raise err from None
         result["val_acc"] = result.pop("best_val_acc")
         return result
 

@@ -175,6 +175,7 @@ def _worker(out: Path) -> None:
         fit(bn_model(), tr, va, OptimConfig(epochs=2, batch_size=16, lr=0.05), rt, out_dir=out / "div", hooks=[Poison()], desc="teacher")
         save("diverged", None)
     except DivergedError as e:
+        save("diverged_every_rank", e.every_rank)
         save("diverged", str(e))
 
     # GMP: a ramp event on weights that differ by rank (ties broken by a last bit, in real runs) keeps rank 0's masks.
@@ -313,6 +314,8 @@ def test_a_rank_that_diverges_alone_stops_every_rank_with_one_message(launch):
     _, (r0, r1) = ranks_saw(launch, "diverged")
     msg = r0["diverged"]
     assert msg is not None and msg == r1["diverged"]
+    # Marked as every rank's: the CLI prints it once, on rank 0 (rank 1 printed it again, "rank 1: ...").
+    assert r0["diverged_every_rank"] is True and r1["diverged_every_rank"] is True
     assert msg.startswith("teacher: the weights became nan or inf (first: model.features.0.weight) in epoch 1 of 2"), msg
     assert launch[3], launch[2]  # and both ranks ended cleanly
 
@@ -506,3 +509,31 @@ def test_a_worker_whose_launcher_died_before_the_watch_started_exits(tmp_path):
             os.kill(child, signal.SIGKILL)
         if parent.poll() is None:
             parent.kill()
+
+
+def test_a_diverged_stage_keeps_its_every_rank_mark_when_the_pipeline_adds_its_advice(tmp_path, tiny_yaml, monkeypatch):
+    """Context.fit re-raises a DivergedError with the --from/--teacher advice as a new error: the
+    mark that makes rank 0 alone print it under torchrun was lost with the old one."""
+    import ptd.pipeline as pipeline
+    from ptd.config import load_config
+    from ptd.errors import DivergedError
+
+    ctx = pipeline.make_context(load_config(tiny_yaml), tmp_path / "run", log=lambda s: None)
+    try:
+        for stage in ("teacher", "prune"):
+            (tmp_path / "run" / stage).mkdir()
+            pipeline.mark_done(tmp_path / "run" / stage)
+
+        def diverges(*a, **k):
+            e = DivergedError("student s0: loss nan in epoch 1 of 2")
+            e.every_rank = True  # as fit marks it under DDP
+            raise e
+
+        monkeypatch.setattr(pipeline, "fit", diverges)
+        with pytest.raises(DivergedError) as e:
+            ctx.fit(bn_model(), ctx.cfg.distill.optim, tmp_path / "run" / "distill" / "x", 0, "student s0")
+        assert str(e.value).endswith(f"add --from {tmp_path / 'run'}") and e.value.every_rank is True
+    finally:
+        from ptd.train import checkpoint as ckpt
+
+        ckpt.unlock_dir(tmp_path / "run")

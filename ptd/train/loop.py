@@ -412,9 +412,11 @@ def fit(
                 kept = f"{out} keeps epochs 1-{epoch}" if out is not None and epoch else "no epoch of it was kept"
                 # A distillation unit's loss terms carry their own weights, which can diverge it as well.
                 weights = ", or the loss weights of distill.options" if hasattr(unit, "student") else ""
-                raise DivergedError(f"{desc}: {diverged} in epoch {epoch + 1} of {optim.epochs} (lr {lr:g}): training "
+                err = DivergedError(f"{desc}: {diverged} in epoch {epoch + 1} of {optim.epochs} (lr {lr:g}): training "
                                     f"diverged; lower {optim_key}.lr (or its weight_decay{weights}) and run again into a new "
                                     f"--out ({kept})")
+                err.every_rank = rt.dist.enabled  # decided together: every rank raises this one error, rank 0 says it
+                raise err
             wall += time.perf_counter() - t0
             val_acc = val["acc"] if val is not None else None
             # Ties go to the earlier epoch, as in the published code (training/Tester.py keeps a
