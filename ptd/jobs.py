@@ -90,11 +90,16 @@ def _serve(conn: Connection, parent: int, fn: Callable[[Any], Any], initializer:
 
 
 class WorkerDied(RuntimeError):
-    """A worker process died (a signal, or an exit) while it held a task: ``pid``, ``how``."""
+    """A worker process died while it held a task: ``pid``, ``exitcode`` (as multiprocessing gives
+    it: -N for signal N, None if unknown) and ``how`` (the same in words)."""
 
-    def __init__(self, pid: int | None, how: str):
+    def __init__(self, pid: int | None, exitcode: int | None):
+        try:
+            how = f"signal {signal.Signals(-exitcode).name}" if exitcode is not None and exitcode < 0 else f"exit code {exitcode}"
+        except ValueError:  # a signal number without a name
+            how = f"signal {-exitcode}"
         super().__init__(f"a worker process (pid {pid}) died with {how} before it finished its task")
-        self.pid, self.how = pid, how
+        self.pid, self.exitcode, self.how = pid, exitcode, how
 
 
 def _start_ignoring_ctrl_c(w: mp.process.BaseProcess) -> None:
@@ -116,12 +121,7 @@ def _start_ignoring_ctrl_c(w: mp.process.BaseProcess) -> None:
 def _died(w: mp.process.BaseProcess) -> WorkerDied:
     """The error for worker process ``w``, whose pipe closed while it owed a result."""
     w.join(5)  # its pipe closed as it died: the exit status follows at once (s)
-    code = w.exitcode
-    try:
-        how = f"signal {signal.Signals(-code).name}" if code is not None and code < 0 else f"exit code {code}"
-    except ValueError:  # a signal number without a name
-        how = f"signal {-code}"
-    return WorkerDied(w.pid, how)
+    return WorkerDied(w.pid, w.exitcode)
 
 
 def run_in_workers(fn: Callable[[Any], Any], tasks: Iterable[Any], processes: int, *,

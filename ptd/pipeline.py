@@ -23,6 +23,7 @@ import json
 import os
 import platform
 import random
+import signal
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -1202,7 +1203,7 @@ def stage_distill(ctx: Context, arm: str, seed: int, student_stats: dict, teache
     def compute() -> dict:
         # The same (seed, replicate) gives every arm and loss the same student init and data order.
         seed_everything(stream_seed(cfg.seed, "student_init", seed, epoch=replicate))
-        student = ctx.sized(build_from_spec(student_stats["spec"]))
+        student = build_from_spec(student_stats["spec"])  # ctx.fit marks its input size before any save
         if cfg.student.inherit:
             ckpt.load_into(student, ctx.run_dir / P.STUDENT / P.STUDENT_INIT, "student")
         student = ctx.rt.prepare(student)
@@ -1483,7 +1484,7 @@ def distill_in_parallel(ctx: Context, tasks: list[tuple], worker: Callable[[tupl
             run_in_workers(worker or _student_worker, tasks, n, initializer=_student_worker_init,
                            initargs=(to_dict(cfg), str(ctx.run_dir), threads), on_result=done)
         except WorkerDied as e:  # killed from outside: the CLI called it a bug in ptd
-            if e.how != "signal SIGKILL":
+            if e.exitcode != -signal.SIGKILL:
                 raise  # an exit code, a crash, a scheduler's SIGTERM: not the memory case; the traceback stays
             raise WorkerDiedError(f"jobs: a student's worker process (pid {e.pid}) died with {e.how} before it finished "
                                   f"(SIGKILL is typically the kernel's out-of-memory killer: each of the {n} workers holds "

@@ -24,6 +24,9 @@ import errno
 import math
 import os
 import stat
+import sys
+import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -83,23 +86,23 @@ def _preflight(cfg: RunConfig, run_dir: str | Path, slow: "SlowSteps", *, splits
         splits = load_configured(dc, cfg.seed)
     check_crop_padding(cfg, splits)
     check_batches(cfg, splits)
-    with slow(f"building {cfg.teacher.model.arch} and running it on blank images"):
-        teacher = check_model(cfg.teacher.model, "teacher.model", splits, image_size=cfg.data.image_size)
+    slow.step(f"building {cfg.teacher.model.arch} and running it on blank images")
+    teacher = check_model(cfg.teacher.model, "teacher.model", splits, image_size=cfg.data.image_size)
     student = None
     if cfg.student.source == "named" and cfg.student.model is not None:
-        with slow(f"building {cfg.student.model.arch} and running it on blank images"):
-            student = check_model(cfg.student.model, "student.model", splits, image_size=cfg.data.image_size)
+        slow.step(f"building {cfg.student.model.arch} and running it on blank images")
+        student = check_model(cfg.student.model, "student.model", splits, image_size=cfg.data.image_size)
     check_device_memory(teacher, "teacher.model", device)
     if student is not None:
         check_device_memory(student, "student.model", device)
-    with slow("building the distillation losses"):
-        check_bridges(cfg, teacher, student, splits)
-    with slow("pruning a copy of the teacher to the target sparsity"):
-        check_no_certain_collapse(cfg, teacher, sweep=sweep)
-    with slow(f"deriving a student from a pruned copy of {cfg.teacher.model.arch}"):
-        derived = check_derivable(cfg, teacher, splits, sweep=sweep, device_type=device.type)
-    with slow("sizing each stage's activations"):
-        check_training_memory(cfg, teacher, student if student is not None else derived, splits, device)
+    slow.step("building the distillation losses")
+    check_bridges(cfg, teacher, student, splits)
+    slow.step("pruning a copy of the teacher to the target sparsity")
+    check_no_certain_collapse(cfg, teacher, sweep=sweep)
+    slow.step(f"deriving a student from a pruned copy of {cfg.teacher.model.arch}")
+    derived = check_derivable(cfg, teacher, splits, sweep=sweep, device_type=device.type)
+    slow.step("sizing each stage's activations")
+    check_training_memory(cfg, teacher, student if student is not None else derived, splits, device)
     if cfg.teacher.checkpoint:
         from ptd.train.checkpoint import CheckpointError, load_into, recorded_input_size
 
@@ -119,13 +122,9 @@ class SlowSteps:
     torchvision teacher ran 15-24 s with nothing shown (convnext_small: derivation 18 s), where a
     user takes silence for a hang. Only on a terminal, as a progress bar is (a log, or a script
     reading ptd's one error line, gets no extra lines); rank 0 alone under torchrun; nothing with
-    ``quiet``. ``with slow("what"): ...`` marks a step."""
+    ``quiet``. ``slow.step("what")`` before each check names it."""
 
     def __init__(self, quiet: bool = False, after: float = 3.0, stream: Any = None, first: str = "reading the data"):
-        import sys
-        import threading
-        import time
-
         self.stream = stream if stream is not None else sys.stderr
         isatty = getattr(self.stream, "isatty", None)
         show = not quiet and os.environ.get("RANK", "0") in ("", "0") and bool(isatty and isatty())
@@ -136,28 +135,23 @@ class SlowSteps:
             self.timer.start()
 
     def _say(self, what: str) -> None:
-        import time
-
         print(f"ptd: checking the run before training ({time.perf_counter() - self.t0:.0f} s): {what}", file=self.stream, flush=True)
 
     def _first(self) -> None:
         self.said = True
         self._say(self.current)
 
-    @contextlib.contextmanager
-    def __call__(self, what: str):
+    def step(self, what: str) -> None:
+        """The check that starts now (said at once when the checks have already run ``after`` s)."""
         self.current = what
         if self.said:
             self._say(what)
-        yield
 
     def stop(self) -> None:
         if self.timer is not None:
             self.timer.cancel()
 
     def done(self) -> None:
-        import time
-
         self.stop()
         if self.said:
             print(f"ptd: checks before training done in {time.perf_counter() - self.t0:.0f} s", file=self.stream, flush=True)

@@ -80,7 +80,7 @@ class PrunedTeacher:
 
     def load(self, ctx: Context, teacher: nn.Module) -> tuple[nn.Module, Masks]:
         ld = P.level_dir(self.prune_dir, self.level)
-        model = ctx.sized(build_from_spec(teacher.ptd_spec))
+        model = build_from_spec(teacher.ptd_spec)  # a teacher to distill from: never saved again
         ckpt.load_into(model, ld / P.MODEL, f"pruned teacher {self.key}")
         masks = {n: m.to(ctx.rt.device) for n, m in load_masks(ld / P.MASKS, model).items()}
         model.ptd_sources = (ld / P.MODEL, ld / P.MASKS)  # what the stages made from it record (lineage)

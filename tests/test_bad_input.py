@@ -561,12 +561,10 @@ def test_a_slow_check_before_training_says_what_it_is_doing_on_a_terminal():
 
     out = Terminal()
     slow = SlowSteps(after=0.2, stream=out)
-    with slow("a quick step"):
-        pass
-    with slow("deriving a student from a pruned copy of tv:convnext_small"):
-        time.sleep(0.5)
-    with slow("sizing each stage's activations"):
-        pass
+    slow.step("a quick step")
+    slow.step("deriving a student from a pruned copy of tv:convnext_small")
+    time.sleep(0.5)
+    slow.step("sizing each stage's activations")
     slow.done()
     lines = [l.split("): ", 1)[-1] if "): " in l else l for l in out.getvalue().splitlines()]
     assert lines[:2] == ["deriving a student from a pruned copy of tv:convnext_small", "sizing each stage's activations"], lines
@@ -574,21 +572,18 @@ def test_a_slow_check_before_training_says_what_it_is_doing_on_a_terminal():
     assert out.getvalue().startswith("ptd: checking the run before training (0 s): deriving")
     quick = Terminal()
     slow = SlowSteps(after=5, stream=quick)
-    with slow("a quick step"):
-        pass
+    slow.step("a quick step")
     slow.done()
     refused = Terminal()  # a refusal after the line: its own line says the rest, not "done"
     slow = SlowSteps(after=0.05, stream=refused)
-    with pytest.raises(ValueError):
-        with slow("pruning a copy"):
-            time.sleep(0.2)
-            raise ValueError("refused")
+    slow.step("pruning a copy")
+    time.sleep(0.2)  # the check refuses here: preflight stops the timer and says nothing more
     slow.stop()
     assert refused.getvalue().count("\n") == 1 and "done" not in refused.getvalue()
     for quiet, stream in ((True, Terminal()), (False, io.StringIO())):  # --quiet, or not a terminal: nothing
         slow = SlowSteps(quiet=quiet, after=0.01, stream=stream)
-        with slow("a slow step"):
-            time.sleep(0.1)
+        slow.step("a slow step")
+        time.sleep(0.1)
         slow.done()
         assert stream.getvalue() == ""
     assert quick.getvalue() == ""
