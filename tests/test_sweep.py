@@ -375,18 +375,22 @@ def test_sweep_md_says_which_weights_its_accuracies_are_and_a_loaded_teachers_un
     stats = {"spec": {"arch": "vgg"}, "teacher": {"params": 10, "flops": 100}, "student": {"params": 5, "flops": 50}}
     trained = {"test_acc": 0.9, "epochs": 1, "steps": 1, "wall_s": 1.0}
     md = render_sweep_markdown(build_sweep_results(load(), trained, stats, pt, base, [(pt, st)]), plots=False)
-    assert ("Accuracies are test top-1 %: the teacher and the students at their best-validation epoch; the pruned teachers "
-            "at each level's last epoch (prune.retrain_checkpoint: last).") in md
+    assert ("Accuracies are test top-1 (%): the teacher and the students at their best-validation epoch; the pruned teachers "
+            "at their last epoch (prune.retrain_checkpoint: last).") in md
     loaded = {**trained, "epochs": 0, "steps": 0, "wall_s": 0.0, "source": "/models/t.safetensors"}
     md = render_sweep_markdown(build_sweep_results(load(None, ["prune.retrain_checkpoint=best"]), loaded, stats, pt, base,
                                                    [(pt, st)]), plots=False)
     assert ("loaded from /models/t.safetensors, not trained in this sweep: its training is in no compute column, so every "
             "total behind a distilled student is a lower bound.") in md
-    assert "the students at their best-validation epoch, the teacher as loaded from /models/t.safetensors; the pruned " \
-           "teachers at each level's best-validation epoch (prune.retrain_checkpoint: best)." in md
+    assert ("Accuracies are test top-1 (%): the teacher as loaded from /models/t.safetensors (not trained in this sweep); "
+            "the pruned teachers and the students at their best-validation epoch (prune.retrain_checkpoint: best).") in md
     r = build_sweep_results(load(None, ["data.val_fraction=0"]), trained, stats, pt, base, [(pt, st)])
-    assert "Accuracies are test top-1 %: every model at its last epoch (the sweep has no validation set)." in \
-        render_sweep_markdown(r, plots=False)
+    assert ("Accuracies are test top-1 (%): the teacher, the pruned teachers and the students at their last epoch "
+            "(the sweep has no validation set).") in render_sweep_markdown(r, plots=False)
+    # A sweep.json from before prune.retrain_checkpoint was recorded: no claim on the pruned teachers.
+    old = {**r, "schedules": {k: v for k, v in r["schedules"].items() if k not in ("retrain_checkpoint", "validation")}}
+    assert ("Accuracies are test top-1 (%): the teacher and the students at their best-validation epoch; the pruned "
+            "teachers at weights not recorded.") in render_sweep_markdown(old, plots=False)
 
 
 def test_ptd_report_recomputes_a_sweeps_statistics_as_the_sweep_wrote_them(tmp_path, monkeypatch, capsys):

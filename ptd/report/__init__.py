@@ -390,40 +390,42 @@ def weights_kept(retrain_checkpoint: str, validation: bool, loaded: bool, pruned
             "retrained_teacher": end(retrain_checkpoint), "students": end("best")}
 
 
-def accuracy_sentence(r: Mapping[str, Any]) -> str:
+def accuracy_sentence(r: Mapping[str, Any], names: Mapping[str, str] | None = None, unit: str = "run") -> str:
     """The report's one sentence on what its accuracies are: test top-1, at which weights of each
     model (results.json "weights", from the run's config). It said "at the best-validation
     checkpoint" for every run, while pruning rounds and the control end on their last epoch by
     default (prune.retrain_checkpoint: last), a run without a validation set keeps every stage's
-    last epoch, and a loaded teacher was not trained at all."""
+    last epoch, and a loaded teacher was not trained at all. A sweep says it of its own models
+    (names: the models it has, by weights key; unit: "sweep"), from the same weights_kept."""
+    names = dict(names or WEIGHT_MODELS)
     w = r.get("weights") or {}
     src = (r.get("teacher") or {}).get("source")
     if src and w.get("teacher") is None:
         w = {**w, "teacher": "loaded"}
-    models = [m for m in WEIGHT_MODELS if m != "retrained_teacher" or r.get("retrained_teacher")]
+    models = [m for m in names if m != "retrained_teacher" or r.get("retrained_teacher")]
     if not w:
-        return "Accuracies are test top-1 (%); at which epoch's weights is not recorded for this run."
+        return f"Accuracies are test top-1 (%); at which epoch's weights is not recorded for this {unit}."
     groups: dict[str, list[str]] = {}
     for m in models:
-        groups.setdefault(w.get(m) or "unknown", []).append(WEIGHT_MODELS[m])
+        groups.setdefault(w.get(m) or "unknown", []).append(names[m])
     if set(groups) == {"best"}:
         return "Accuracies are test top-1 (%) at the best-validation checkpoint."
-    retrained = {WEIGHT_MODELS["pruned_teacher"], WEIGHT_MODELS["retrained_teacher"]}
+    retrained = {names.get("pruned_teacher"), names.get("retrained_teacher")}
     clauses = []
-    for value, names in groups.items():
-        their = "its" if names in ([WEIGHT_MODELS["teacher"]], [WEIGHT_MODELS["pruned_teacher"]],
-                                   [WEIGHT_MODELS["retrained_teacher"]]) else "their"
+    for value, group in groups.items():
+        # "its" for one model named in the singular; the students and a sweep's pruned teachers are many.
+        their = "its" if len(group) == 1 and not group[0].endswith("s") else "their"
         if value == "loaded":
-            clauses.append(f"{_and(names)} as loaded from {src or 'a file'} (not trained in this run)")
+            clauses.append(f"{_and(group)} as loaded from {src or 'a file'} (not trained in this {unit})")
         elif value == "best":
-            why = " (prune.retrain_checkpoint: best)" if retrained & set(names) else ""
-            clauses.append(f"{_and(names)} at {their} best-validation epoch{why}")
+            why = " (prune.retrain_checkpoint: best)" if retrained & set(group) else ""
+            clauses.append(f"{_and(group)} at {their} best-validation epoch{why}")
         elif value == "last":
-            why = (" (the run has no validation set)" if w.get("students") == "last"
-                   else " (prune.retrain_checkpoint: last)" if retrained & set(names) else "")
-            clauses.append(f"{_and(names)} at {their} last epoch{why}")
+            why = (f" (the {unit} has no validation set)" if w.get("students") == "last"
+                   else " (prune.retrain_checkpoint: last)" if retrained & set(group) else "")
+            clauses.append(f"{_and(group)} at {their} last epoch{why}")
         else:
-            clauses.append(f"{_and(names)} at weights not recorded")
+            clauses.append(f"{_and(group)} at weights not recorded")
     return "Accuracies are test top-1 (%): " + "; ".join(clauses) + "."
 
 

@@ -8,8 +8,8 @@ from typing import Any
 
 from ptd import paths as P
 from ptd.config import RunConfig
-from ptd.report import (ACC, AMOUNT, ARM_LABELS, ARM_NAME, COST, COUNT, TEST_SET, chance_lines, commit_outputs, failures, items,
-                        mapping, mean_std, num, obj, paired, text)
+from ptd.report import (ACC, AMOUNT, ARM_LABELS, ARM_NAME, COST, COUNT, TEST_SET, accuracy_sentence, chance_lines, commit_outputs,
+                        failures, items, mapping, mean_std, num, obj, paired, text, weights_kept)
 
 PLOTS = ("student_acc_vs_sparsity.png", "student_acc_vs_compute.png")
 SWEEP_OUTPUTS = (P.SWEEP_JSON, *PLOTS, P.SWEEP_MD, P.REPORT_HTML)  # a sweep's report files, in the order they are written
@@ -85,21 +85,21 @@ def sweep_statistics(rows: list[dict], baselines: dict[str, dict]) -> None:
         b["vs_scratch"] = _vs(b["students"], arm, base.get("scratch"), "scratch") if arm != "scratch" else None
 
 
+# The models a sweep's accuracies are of, by results "weights" key: one teacher, a pruned teacher
+# per row, and the students (a sweep trains no control).
+SWEEP_WEIGHT_MODELS = {"teacher": "the teacher", "pruned_teacher": "the pruned teachers", "students": "the students"}
+
+
 def _weights_sentence(r: dict[str, Any], sch: dict[str, Any]) -> str:
-    """Which epoch's weights the sweep's accuracies are of. It said "the best-validation epoch" for
-    all, while each pruning level ends on prune.retrain_checkpoint's (last by default); a sweep.json
-    from before the key was recorded says nothing of the pruned teachers."""
+    """Which epoch's weights the sweep's accuracies are of: the run report's sentence, from the same
+    ptd.report.weights_kept. A sweep.json from before prune.retrain_checkpoint was recorded says
+    nothing of the pruned teachers ("not recorded")."""
     keep = sch.get("retrain_checkpoint")
-    if sch.get("validation") is False:  # data.val_fraction 0: fit keeps every model's last epoch
-        loaded = f" (the teacher as loaded from {r['teacher']['source']})" if r["teacher"].get("source") else ""
-        return f"Accuracies are test top-1 %: every model at its last epoch (the sweep has no validation set){loaded}."
-    teacher = f"the teacher as loaded from {r['teacher']['source']}" if r["teacher"].get("source") else "the teacher"
-    pruned = ("" if keep is None else
-              f"; the pruned teachers at each level's {'best-validation' if keep == 'best' else 'last'} epoch "
-              f"(prune.retrain_checkpoint: {keep})")
-    if r["teacher"].get("source"):
-        return f"Accuracies are test top-1 %: the students at their best-validation epoch, {teacher}{pruned}."
-    return f"Accuracies are test top-1 %: {teacher} and the students at their best-validation epoch{pruned}."
+    w = weights_kept(keep or "best", validation=sch.get("validation") is not False,
+                     loaded=bool(r["teacher"].get("source")), pruned=True)
+    if keep is None and sch.get("validation") is not False:
+        w["pruned_teacher"] = None
+    return accuracy_sentence({"weights": w, "teacher": r["teacher"]}, SWEEP_WEIGHT_MODELS, unit="sweep")
 
 
 def build_sweep_results(cfg: RunConfig, t_res: dict, s_stats: dict, src: Any, baselines: dict[str, list[dict]],
