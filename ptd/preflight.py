@@ -80,10 +80,7 @@ def _preflight(cfg: RunConfig, run_dir: str | Path, slow: "SlowSteps", *, splits
 
         check_sweep(cfg)  # a sweep has no control arm: a listed one is refused, not silently dropped
     if splits is None:
-        from ptd.data import load_configured
-
-        dc = cfg.data
-        splits = load_configured(dc, cfg.seed)
+        splits = load_checked(cfg, device)
     check_crop_padding(cfg, splits)
     check_batches(cfg, splits)
     slow.step(f"building {cfg.teacher.model.arch} and running it on blank images")
@@ -113,6 +110,35 @@ def _preflight(cfg: RunConfig, run_dir: str | Path, slow: "SlowSteps", *, splits
             fix = f"set data.image_size={size[0]}" if size[0] == size[1] else "use the data it was trained on"
             raise CheckpointError(f"{cfg.teacher.checkpoint}: the teacher was trained on {size[0]}x{size[1]} images, but this run "
                                   f"feeds it {want[0]}x{want[1]}; {fix}, or give a teacher trained at {want[0]}x{want[1]}")
+    return splits
+
+
+def load_checked(cfg: RunConfig, device: torch.device) -> Any:
+    """The configured dataset, its images checked (``ptd.data.verify_images``). Under torchrun each
+    machine's processes check a share of the images, so a bad file is one process's own error, and
+    with bad files in several shares each process printed its own line, in any order, the first
+    named not the first in the split. Every process now joins one collective once its share is
+    checked (the process group starts here rather than in ``make_context``), and all of them raise
+    the bad file first in the split's order, which rank 0 alone says, as a single process would."""
+    from ptd.data import DataError, load_configured
+
+    own: DataError | None = None
+    try:
+        splits = load_configured(cfg.data, cfg.seed)
+    except DataError as e:
+        if getattr(e, "image_position", None) is None:  # not the image check: every process raises it alike
+            raise
+        own, splits = e, None
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
+        if own is not None:
+            raise own
+        return splits
+    from ptd.train.distributed import gather_objects, init_distributed
+
+    init_distributed(device.type)
+    found = [x for x in gather_objects(None if own is None else (own.image_position, str(own))) if x is not None]
+    if found:
+        raise DataError(min(found)[1])  # the same on every rank (raised under on_every_rank: said once)
     return splits
 
 

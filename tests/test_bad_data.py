@@ -465,7 +465,8 @@ def test_torchrun_ranks_share_the_image_check_and_each_names_its_own_bad_file(tm
     verify_images(bad, progress=False, shard=(1, 2))
     with pytest.raises(DataError, match="bad.png") as e, on_every_rank():
         verify_images(bad, progress=False, shard=(0, 2))
-    assert e.value.rank_own and not e.value.every_rank  # printed by its rank, named (ptd.cli)
+    assert e.value.rank_own and not e.value.every_rank
+    assert e.value.image_position == 2  # its chunk's number in the split: the ranks agree on the first (ptd.preflight)
     with pytest.raises(DataError) as e, on_every_rank():  # one process: a refusal like any other
         verify_images(bad, progress=False)
     assert e.value.every_rank and not e.value.rank_own

@@ -308,7 +308,8 @@ def verify_images(split: AnySplit, progress: bool | None = None, *, full: bool =
     threads (default: the CPUs, at most 16). In-memory ``Split``s were decoded when they were read:
     nothing to check. ``shard``: (rank, world): this rank checks every world-th chunk of files from
     its rank on, so torchrun's ranks share the check instead of each doing all of it; a bad file is
-    then this rank's own error (``rank_own``), the first bad one of its chunks.
+    then this rank's own error (``rank_own``), the first bad one of its chunks. The error's
+    ``image_position`` is the number of the bad file's chunk in the whole split's order.
     """
     if not isinstance(split, FolderSplit) or not split.samples:
         return
@@ -323,14 +324,19 @@ def verify_images(split: AnySplit, progress: bool | None = None, *, full: bool =
     show = progress if progress is not None else len(paths) >= VERIFY_PROGRESS_MIN
     workers = max(1, min(workers or os.cpu_count() or 1, 16, len(chunks)))
     ex = ThreadPoolExecutor(max_workers=workers)
+    done = 0  # chunks of this share found good, in order
     try:
         with tqdm(total=len(paths), desc="checking images", unit="img", disable=not show, delay=1.0,
                   leave=False) as bar:
             # map yields in order, so the error raised is the first bad file of the split (of this rank's share).
             for n in ex.map(_verify_files, chunks, [full] * len(chunks)):
                 bar.update(n)
+                done += 1
     except DataError as e:
         e.rank_own = world > 1  # the other ranks did not see it: not a refusal every rank makes (ptd.errors)
+        # Where the bad file is in the split: its chunk's number over every rank's share (chunks
+        # are dealt round-robin), so ranks that each found one can agree on the first (ptd.preflight).
+        e.image_position = rank + world * done
         raise
     finally:
         ex.shutdown(wait=True, cancel_futures=True)  # after an error, do not check the rest
