@@ -605,7 +605,8 @@ def test_tiny_imagenet_without_wnids_names_the_place_that_exists(tmp_path: Path,
     assert line.startswith(f"ptd: error: Tiny-ImageNet file not found: {renamed / 'wnids.txt'} "), line
     assert "tiny-imagenet-200/wnids.txt" not in line
     assert line.endswith(f"re-extract tiny-imagenet-200.zip, or write it from the class folders: "
-                         f"ls {renamed / 'train'} > {renamed / 'wnids.txt'}"), line
+                         f"ls {renamed / 'train'} > {renamed / 'wnids.txt'} (the labels are then numbered in sorted order, "
+                         f"not the official file's: a model trained with that file reads them wrongly)"), line
     # neither candidate there: both are named
     (tmp_path / "empty").mkdir()
     line = train(tmp_path, capsys, "tiny_imagenet", tmp_path / "empty", cache_dir=str(tmp_path / "cache"))

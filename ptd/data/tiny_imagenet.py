@@ -127,7 +127,9 @@ def _no_wnids(base: Path) -> str:
     if train or probe_dir(base / "val", _FIX):  # data.root is the dataset folder itself, under another name
         # wnids.txt only lists the class ids, one a line; the train/ folder names are those ids (in sorted
         # order, where the official file's order differs: labels are numbered by the file's order).
-        remake = f", or write it from the class folders: ls {base / 'train'} > {base / 'wnids.txt'}" if train else ""
+        remake = (f", or write it from the class folders: ls {base / 'train'} > {base / 'wnids.txt'} (the labels are then "
+                  f"numbered in sorted order, not the official file's: a model trained with that file reads them wrongly)"
+                  if train else "")
         return (f"Tiny-ImageNet file not found: {base / 'wnids.txt'} (data.root holds the dataset's train/ or val/ "
                 f"but not its class list); re-extract tiny-imagenet-200.zip{remake}")
     if not probe_dir(base, f"set data.root to the folder holding {FOLDER}/"):
