@@ -142,7 +142,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from ptd.data import frame_size, load_configured, make_loader
     from ptd.measure import count_nonzero, count_params
     from ptd.preflight import check_data_config, check_device, check_runs, check_threads
-    from ptd.train.checkpoint import CheckpointError, load_model
+    from ptd.train.checkpoint import CheckpointError, class_mismatch, load_model
     from ptd.train.loop import Runtime, evaluate
 
     config = args.config if args.config is not None else _run_config_of(Path(args.checkpoint))
@@ -172,6 +172,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise CheckpointError(f"{args.checkpoint}: the model was trained on {size[0]}x{size[1]} images, but "
                               f"{config or 'the default config'} gives {want[0]}x{want[1]}; pass the config it was trained with"
                               f"{square}")
+    wrong = class_mismatch(args.checkpoint, getattr(model, "ptd_classes", None), splits.classes, f"data.name={dc.name}")
+    if wrong:  # labels numbered otherwise: the accuracy would be of a relabelled test set
+        raise CheckpointError(wrong)
     check_runs(model, str(args.checkpoint), splits, dc.image_size)
     rt = Runtime(device=device, amp=cfg.amp, channels_last=cfg.channels_last, fast_wgrad=cfg.fast_wgrad, compile=cfg.compile, quiet=True)
     model = rt.prepare(model)

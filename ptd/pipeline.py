@@ -333,10 +333,11 @@ class Context:
                                       width=m.width, **m.kwargs))
 
     def sized(self, model: nn.Module) -> nn.Module:
-        """``model``, marked with the (height, width) this run feeds it, which every model file it
-        is saved to records: ``ptd eval`` refuses another size (a teacher trained at 32 px scored
+        """``model``, marked with the (height, width) this run feeds it and its outputs' class names,
+        which every model file it is saved to records: ``ptd eval`` refuses another size (a teacher trained at 32 px scored
         0.25 at 224 px without a word) and ``ptd export`` of a bare file traces at it."""
         model.ptd_input_size = tuple(self.input_shape[-2:])
+        model.ptd_classes = list(self.splits.classes)  # the class of each output: eval refuses data numbered otherwise
         return model
 
     def write_json(self, path: Path, obj: Any) -> None:

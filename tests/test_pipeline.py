@@ -281,6 +281,49 @@ def test_a_teacher_checkpoint_of_another_image_size_is_refused(tmp_path, tiny_ya
     assert r["test_acc"] >= 0 and ckpt.load_model(tmp_path / "ok" / "teacher" / "model.safetensors").ptd_input_size == (28, 28)
 
 
+def test_a_model_scored_or_taught_from_on_data_whose_classes_it_numbers_otherwise_is_refused(tmp_path, tiny_yaml, capsys):
+    """Model files record their outputs' class names. A model scored on data with the same class
+    count in another order (a Tiny-ImageNet wnids.txt remade with ls, an ImageFolder with a folder
+    renamed) was scored against relabelled images without a word, near chance; a teacher file
+    likewise was pruned and taught from."""
+    from ptd.data import load_configured
+    from ptd.models import build_model
+    from ptd.train import checkpoint as ckpt
+    from ptd.train.checkpoint import CheckpointError
+
+    cfg = load_config(tiny_yaml)
+    classes = load_configured(cfg.data, 0).classes
+    out = tmp_path / "run"
+    assert main(["train", str(tiny_yaml), "--out", str(out), "--quiet"]) == 0
+    assert ckpt.load_model(out / "teacher" / "model.safetensors").ptd_classes == classes
+    m = build_model(cfg.teacher.model.arch, 10, 1, **cfg.teacher.model.kwargs)
+    m.ptd_classes = classes[1::-1] + classes[2:]  # the first two swapped
+    f = tmp_path / "swapped.safetensors"
+    ckpt.save_model(f, m)
+    capsys.readouterr()
+    assert main(["eval", str(f), str(tiny_yaml)]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"ptd: error: {f}: the model's class 0 is {classes[1]!r} but data.name=fashion_mnist numbers {classes[0]!r} there "
+        f"(the same classes in another order); use the data it was trained on, with its class list (e.g. the dataset's "
+        f"own wnids.txt) unchanged"]
+    with pytest.raises(CheckpointError, match=r"swapped\.safetensors: the model's class 0 is"):
+        run_pipeline(load_config(tiny_yaml, [f"teacher.checkpoint={f}"]), tmp_path / "t", until="teacher")
+    assert not (tmp_path / "t").exists()
+    m.ptd_classes = ["x"] * 10
+    ckpt.save_model(f, m)
+    assert main(["eval", str(f), str(tiny_yaml)]) == 2
+    assert "(10 of its 10 classes are not among the data's)" in capsys.readouterr().err
+    m.ptd_classes = None  # a file recording no classes (a ptd file from before the record) is not checked
+    ckpt.save_model(f, m)
+    assert main(["eval", str(f), str(tiny_yaml)]) == 0
+    (tmp_path / "bad.safetensors").write_bytes(f.read_bytes())
+    meta = ckpt.read_metadata(f)
+    ckpt.save_tensors(tmp_path / "bad.safetensors", dict(m.state_dict()), {**meta, "classes": "[1, 2]"})
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "bad.safetensors"), str(tiny_yaml)]) == 2
+    assert "its recorded classes '[1, 2]' are not a list of class names" in capsys.readouterr().err
+
+
 def test_named_student(tmp_path, tiny_yaml):
     cfg = load_config(tiny_yaml, ["student.source=named", "student.model={arch: vgg, kwargs: {plan: [8, M, 16, M]}}"])
     stats = run_pipeline(cfg, tmp_path / "run", until="student")

@@ -42,7 +42,7 @@ import tempfile
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -316,6 +316,8 @@ def save_model(path: str | Path, model: nn.Module, extra: dict[str, Any] | None 
         meta["ptd_spec"] = json.dumps(model.ptd_spec, sort_keys=True)
     if getattr(model, "ptd_input_size", None) is not None:  # (height, width) it was trained at: eval and export use it
         meta["input_size"] = json.dumps([int(s) for s in model.ptd_input_size])
+    if getattr(model, "ptd_classes", None) is not None:  # the class of each output, in order: eval checks its data's
+        meta["classes"] = json.dumps([str(c) for c in model.ptd_classes])
     for k, v in (extra or {}).items():
         meta[k] = json.dumps(v)
     save_tensors(path, sd, meta)
@@ -756,6 +758,8 @@ def load_model(path: str | Path) -> nn.Module:
     load_into(model, p)
     if "input_size" in meta:
         model.ptd_input_size = _input_size(p, meta["input_size"])
+    if "classes" in meta:
+        model.ptd_classes = _classes(p, meta["classes"])
     return model
 
 
@@ -770,6 +774,45 @@ def recorded_input_size(path: str | Path) -> tuple[int, int] | None:
     except CheckpointError:
         return None  # not safetensors: load_into reads it, and says what is wrong with it
     return _input_size(Path(path), meta["input_size"]) if "input_size" in meta else None
+
+
+def recorded_classes(path: str | Path) -> list[str] | None:
+    """The class names a ptd model file says its outputs are, in output order; None for a file that
+    records none (a torch state dict, a ptd file from before the record). A damaged record: one line."""
+    try:
+        meta = read_metadata(path)
+    except CheckpointError:
+        return None  # not safetensors: load_into reads it, and says what is wrong with it
+    return _classes(Path(path), meta["classes"]) if "classes" in meta else None
+
+
+def _classes(path: Path, text: str) -> list[str]:
+    try:
+        names = json.loads(text)
+    except (ValueError, RecursionError):
+        names = None
+    if not (isinstance(names, list) and names and all(isinstance(c, str) for c in names)):
+        raise CheckpointError(f"{path}: its recorded classes {text[:60]!r} are not a list of class names; the file was "
+                              f"edited: save the model again, or remove the 'classes' metadata")
+    return names
+
+
+def class_mismatch(path: str | Path, recorded: Sequence[str] | None, classes: Sequence[str], where: str) -> str | None:
+    """What is wrong when a model that records ``recorded`` (its outputs' classes, in order) is
+    scored or taught from on data whose labels number ``classes``: None when they agree (or nothing
+    is recorded). The same class count in another order -- a Tiny-ImageNet wnids.txt remade with
+    ``ls``, an ImageFolder with a folder renamed -- gives every image a label the model never meant,
+    and an accuracy near chance that looks like a bad model."""
+    if recorded is None or list(recorded) == list(classes):
+        return None
+    if len(recorded) != len(classes):
+        return (f"{path}: the model has {len(recorded)} classes and {where} has {len(classes)}; use the data it was "
+                f"trained on")
+    i = next(k for k, (a, b) in enumerate(zip(recorded, classes)) if a != b)
+    how = ("the same classes in another order" if sorted(recorded) == sorted(classes) else
+           f"{sum(a not in set(classes) for a in recorded)} of its {len(recorded)} classes are not among the data's")
+    return (f"{path}: the model's class {i} is {recorded[i]!r} but {where} numbers {classes[i]!r} there ({how}); use "
+            f"the data it was trained on, with its class list (e.g. the dataset's own wnids.txt) unchanged")
 
 
 def _input_size(path: Path, text: str) -> tuple[int, int]:
