@@ -50,7 +50,14 @@ def test_verdict_calls_only_when_the_interval_excludes_zero():
     tie = verdict(paired_estimate([0.003, 0.003]), "pruned_teacher", "scratch")
     assert tie.startswith("no clear difference between distilled from pruned teacher and student alone (no teacher): +0.30 points, "
                           "95% CI [+0.30, +0.30]")
-    assert "every seed gave the same difference, so the interval has no width" in tie and "includes zero" not in tie
+    assert ("every seed gave the same difference, so the t interval has no width and cannot decide; the exact sign-flip "
+            "test, which can, needs 6 or more seeds to reach 0.05 (p = 0.5)") in tie and "includes zero" not in tie
+    # Ten seeds all 0.30 points apart: the sign-flip test decides (2 / 2^10); it read "no evidence either way".
+    ten = verdict(paired_estimate([0.003] * 10), "pruned_teacher", "scratch")
+    assert ten.startswith("distilled from pruned teacher is better than student alone (no teacher): +0.30 points") and \
+        ten.endswith("so the t interval has no width, and the exact sign-flip test decides (p = 0.00195)")
+    assert verdict(paired_estimate([0.0, 0.0, 0.0]), "pruned_teacher", "scratch").startswith(
+        "no difference between distilled from pruned teacher and student alone (no teacher) was measured: +0.00 points")
     w = verdict(paired_estimate([-0.010, -0.012, -0.011, -0.0105, -0.0115]), "pruned_teacher", "scratch")
     assert w.startswith("distilled from pruned teacher is worse than student alone (no teacher): -1.10 points, 95% CI [-1.20, -1.00] (paired t, n=5)")
 
@@ -480,3 +487,26 @@ def test_the_weights_the_report_names_are_the_ones_the_pipeline_keeps(tmp_path, 
         results = run_pipeline(load_config(tmp_path / f"{rc}.yaml"), tmp_path / rc)
         assert set(kept) == {"teacher", "pruned_teacher", "retrained_teacher", "students"}
         assert {k: {v} for k, v in results["weights"].items()} == kept, (rc, results["weights"], kept)
+
+
+def test_the_report_says_what_a_call_is_about_and_how_often_noise_makes_one():
+    """With one teacher a call is about that teacher (the interval covers student seeds only), and
+    4 comparisons at 95% each are called by noise some 1 time in 6: the report said neither
+    (statistics audit; the rates are measured in tests/test_stats.py)."""
+    from ptd.report import rows_called, scope_note
+    from ptd.report.html import render_run_html
+
+    students = [{**x, "epochs": 1, "steps": 10, "wall_s": 1.0} for arm in ("scratch", "pruned_teacher", "unpruned_teacher")
+                for x in rows(arm, [0.80, 0.81, 0.83])]
+    r = _built(students)
+    assert rows_called(r) == 3  # pruned - unpruned, pruned - alone, unpruned - alone
+    note = scope_note(r)
+    assert note.startswith("Every student here learns from one training of the teacher (teacher.seeds 1)")
+    assert note.endswith("Each of the 3 rows with a call is at 95% on its own: under seed noise alone a given row is called "
+                         "5% of the time, and some one of them up to 15% (16-19% measured for the 4 rows of one loss).")
+    assert note in render_markdown(r) and html.escape(note) in render_run_html(".", r)
+    two = [{**s, "teacher": t} for t in (0, 1) for s in students]  # teacher replicates: per-teacher rows count too
+    r2 = _built(two)
+    assert rows_called(r2) == 3 * 3 and "one training of the teacher" not in scope_note(r2)
+    only = _built([s for s in students if s["arm"] != "unpruned_teacher"])
+    assert scope_note(only) == note[:note.index(" Each of")]  # one comparison: no multiplicity to state

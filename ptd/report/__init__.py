@@ -155,21 +155,29 @@ def verdict(est: dict[str, Any], a: str, b: str) -> str:
     text = format_estimate(est)
     if est.get("ci_low") is None:
         return f"{la} vs {lb}: {text}; one seed gives no interval, too few to call (use 5 or more seeds)"
+    unit = "teacher" if est.get("teachers", 1) > 1 else "seed"
+    flat = zero_width(est["ci_low"], est["ci_high"])
     if est["called"]:
         word = "better" if est["mean"] > 0 else "worse"
+        if flat:  # ptd.report.stats._summary: the sign-flip test decides where the t interval has no width
+            return (f"{la} is {word} than {lb}: {text}; every {unit} gave the same difference, so the t interval has no "
+                    f"width, and the exact sign-flip test decides (p = {est['sign_flip_p']:.3g})")
         return f"{la} is {word} than {lb}: {text}"
     if est.get("teachers", 1) > 1:  # n counts teacher replicates: the interval is over their means
         few = (f" (too few teacher replicates for a tight interval: n counts teachers here, and "
                f"{FEW_SEEDS} or more give one)" if est["n"] < FEW_SEEDS else "")
     else:
         few = f" (too few seeds for a tight interval: {FEW_SEEDS} or more give one)" if est["n"] < FEW_SEEDS else ""
-    if zero_width(est["ci_low"], est["ci_high"]):
+    if flat:
         # Every pair gave the same difference (accuracies count whole test images, so with few
-        # seeds ties happen): a zero-width interval estimates no spread, so it is not a call, and
-        # it does not "include zero" either.
-        unit = "teacher" if est.get("teachers", 1) > 1 else "seed"
-        return (f"no clear difference between {la} and {lb}: {text}; every {unit} gave the same difference, so the "
-                f"interval has no width: no spread was estimated, which is no evidence either way{few}")
+        # seeds ties happen): the t interval estimates no spread, and the sign-flip test that then
+        # decides cannot reach 0.05 below 6 values (2 / 2^n).
+        if est["mean"] == 0:
+            return f"no difference between {la} and {lb} was measured: {text}; every {unit} gave exactly zero{few}"
+        p = est.get("sign_flip_p")
+        return (f"no clear difference between {la} and {lb}: {text}; every {unit} gave the same difference, so the t "
+                f"interval has no width and cannot decide; the exact sign-flip test, which can, needs 6 or more {unit}s "
+                f"to reach 0.05" + (f" (p = {p:.3g})" if p is not None else "") + few)
     return f"no clear difference between {la} and {lb}: {text}; the interval includes zero{few}"
 
 
@@ -451,6 +459,37 @@ COMPARISON_NOTE = [
     "assumes no normal distribution (it cannot go below 2/2^n, 0.0625 at 5 seeds).", ""]
 
 
+def rows_called(r: Mapping[str, Any]) -> int:
+    """How many paired comparisons the report shows with a call of their own: the main table's, each
+    loss's with several losses, and each teacher's beside the pooled ones with replicates."""
+    losses = r.get("losses") or {}
+    tables = [v["comparison"] for v in losses.values()] if len(losses) > 1 else [r.get("comparison") or {}]
+    return sum(len(t) + sum(len(c.get("per_teacher") or {}) for c in t.values()) for t in tables)
+
+
+def scope_note(r: Mapping[str, Any]) -> str | None:
+    """What a call in this report is about, and how often noise makes one (tests/test_stats.py
+    measures both): with one teacher, these teachers and not another training of them; with k
+    comparisons at 95% each, some row is called by noise up to k x 5% of the time."""
+    comp = r.get("comparison") or {}
+    if not comp:
+        return None
+    parts = []
+    if max((c.get("teachers", 1) for c in comp.values()), default=1) < 2:
+        parts.append("Every student here learns from one training of the teacher (teacher.seeds 1), so the intervals "
+                     "cover the spread over student seeds, not over trainings of the teacher: a call says these teachers "
+                     "teach differently, not that another training would. Where the difference a pruned teacher makes "
+                     "varies between trainings as much as between seeds, a one-teacher call does not hold over trainings "
+                     "9% of the time at 2 seeds and half the time at 10; teacher.seeds 2 or more puts that spread into "
+                     "the interval.")
+    k = rows_called(r)
+    if k > 1:
+        parts.append(f"Each of the {k} rows with a call is at 95% on its own: under seed noise alone a given row is "
+                     f"called 5% of the time, and some one of them up to {min(100, 5 * k)}% (16-19% measured for the 4 "
+                     f"rows of one loss).")
+    return " ".join(parts) or None
+
+
 def _lat(s: dict, b: str) -> str:
     v = ((s.get("latency") or {}).get(b) or {}).get("median_ms")
     return "n/a" if v is None else f"{v:.2f}"
@@ -674,6 +713,8 @@ def render_markdown(r: dict[str, Any]) -> str:
         lines += [f"Note: the pruned teacher is itself more accurate than the unpruned one ({_pct(p['test_acc'])} vs {_pct(t['test_acc'])}); "
                   "its retraining is extra training. Add the `retrained_teacher` arm (distill.arms) to separate pruning from training longer.", ""]
     lines += COMPARISON_NOTE
+    note = scope_note(r)
+    lines += [note, ""] if note else []
     lines += ["| comparison (a - b) | mean, points | 95% CI, points | n | method | called | sign-flip p |", "|---|---:|---:|---:|---|---|---:|"]
     for key, c in r["comparison"].items():
         lines.append(f"| {key.replace('_', ' ')} | {100 * c['mean']:+.2f} | {_ci(c)} | {c['n']} | {c['method']} | "

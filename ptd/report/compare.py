@@ -114,14 +114,29 @@ def format_comparison(rows: list[dict[str, Any]], a: dict[str, Any], b: dict[str
         called = ("yes: B higher" if e["direction"] > 0 else "yes: B lower") if e["called"] else "no"
         lines.append(f"| {name} | {r['teachers']} | {r['seeds']} | {100 * r['a_mean']:.2f} | {100 * r['b_mean']:.2f} | "
                      f"{format_estimate(e)} | {called} |")
+    k = len(rows)
     lines += ["", "Paired by arm, loss, teacher replicate and seed; called only when the 95% interval excludes 0 "
-                  "(false-positive rate 5% per row when the runs do not differ)."]
+                  "(false-positive rate 5% per row when the runs' students differ by seed noise alone"
+              + (f"; that some one of these {k} rows is called, up to {min(100, 5 * k)}%" if k > 1 else "") + ")."]
+    differ = [x for x in ("teacher", "pruned_teacher") if (a.get(x) or {}).get("test_acc") != (b.get(x) or {}).get("test_acc")]
+    if differ and not any(r["teachers"] > 1 for r in rows):
+        # One teacher each, and not the same one (another machine, seed or config trained it): the
+        # rows' intervals cover the students' seed noise, not the spread between teacher trainings,
+        # so a call can be these two teachers' difference (measured: the same config on a CPU and an
+        # H100, teachers 90.35% and 90.79%, gave a called control row).
+        names = " and ".join({"teacher": "teachers", "pruned_teacher": "pruned teachers"}[x] for x in differ)
+        lines.append(f"The runs' {names} differ (teacher {_pct(a['teacher']['test_acc'])} in A, "
+                     f"{_pct(b['teacher']['test_acc'])} in B): a teacher arm's row compares students of two different "
+                     f"teachers, and its interval covers seed noise only, not how much another training of the teacher "
+                     f"would move it; a call there may be the teachers' difference (teacher.seeds 2 or more in both runs "
+                     f"puts that spread into the interval).")
     if any(r["teachers"] > 1 for r in rows):
         lines.append("With several teachers, n counts teachers: the interval is over each teacher's mean difference "
                      "(its students share its luck, so they are not independent).")
     if any(zero_width(r["b_minus_a"]["ci_low"], r["b_minus_a"]["ci_high"]) for r in rows):
-        lines.append("An interval of no width (every seed gave the same difference, as identical students do) is not "
-                     "called: no spread was estimated, which is no evidence either way.")
+        lines.append("An interval of no width (every seed gave the same difference, as identical students do) cannot "
+                     "decide: such a row is called only by the exact sign-flip test (p below 0.05, which takes 6 or more "
+                     "seeds), and never when the difference is zero.")
     if any(r["b_minus_a"]["ci_low"] is None for r in rows):
         lines.append("One seed (or one teacher's mean) gives no interval: grow both runs with more distill.seeds.")
     return "\n".join(lines)

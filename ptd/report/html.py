@@ -26,7 +26,7 @@ from ptd.errors import DamagedFileError
 from ptd.io import read_json_object
 from ptd.report import (ARM_LABELS, accuracy_sentence, arm_ci_cell, chance_warning, clipped_note, compute_behind, latency_rows,
                         loaded_teacher_note, lower_bound, not_learned, primary_students, replicate_interval_note, shown_interval,
-                        slower_note, summarize, worse_than_alone_note)
+                        scope_note, slower_note, summarize, worse_than_alone_note)
 from ptd.report.stats import format_estimate
 
 ARM_COLORS = {"scratch": "#444444", "unpruned_teacher": "#1f77b4", "pruned_teacher": "#d62728", "retrained_teacher": "#2ca02c"}
@@ -373,6 +373,8 @@ def _answer(r: dict[str, Any]) -> str:
         lines = ["<p>No paired comparison: the run has fewer than two arms with a common seed.</p>"]
     if note := worse_than_alone_note(r):
         lines.append(f"<p>{_esc(note)}</p>")
+    if note := scope_note(r):
+        lines.append(f'<p class="sub">{_esc(note)}</p>')
     return f'<div class="answer {cls}">' + "".join(lines) + "</div>"
 
 
@@ -607,8 +609,8 @@ def render_sweep_html(sweep_dir: str | Path, results: dict[str, Any] | None = No
                          ", ".join(_pct(s["test_acc"]) for s in x["students"]),
                          format_estimate(v) if v and "ci_low" in v else "", ("yes" if v.get("called") else "no") if v else "",
                          ("yes" if fam["called"] else "no") if fam else ""])
-        why = (f"<p>Called row by row: each row's own 95% interval, 5% false calls per row, so far more somewhere in a sweep of "
-               f"{k}. Called over the sweep: Bonferroni intervals at {100 * (1 - 0.05 / k):.2f}%, at most 5% chance of any false "
+        why = (f"<p>Called row by row: each row's own 95% interval, 5% false calls per row, so up to {min(100, 5 * k)}% somewhere "
+               f"in a sweep of {k}. Called over the sweep: Bonferroni intervals at {100 * (1 - 0.05 / k):.2f}%, at most 5% chance of any false "
                f"call among the {k} rows.</p>") if k > 1 else ""
         return _table(["teacher", "sparsity", "student mean %", "std %", "per seed %", "vs unpruned teacher's student", "called row by row",
                        "called over the sweep"], rows, left=1) + why

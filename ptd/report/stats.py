@@ -96,17 +96,32 @@ def zero_width(lo: float | None, hi: float | None) -> bool:
     return lo is not None and hi is not None and hi - lo <= ZERO_WIDTH
 
 
-def _summary(m: float, lo: float | None, hi: float | None) -> dict[str, Any]:
-    # A zero-width interval (every difference equal, e.g. two replicates with identical means)
-    # estimates no spread at all; it is no evidence of a difference, so it is never called.
-    called = lo is not None and not zero_width(lo, hi) and (lo > 0 or hi < 0)
+def _summary(m: float, lo: float | None, hi: float | None, values: Sequence[float] = ()) -> dict[str, Any]:
+    # A zero-width interval (every difference equal, e.g. two seeds each 30 test images apart)
+    # estimates no spread, so the t interval cannot decide. The exact sign-flip test still can, and
+    # does not need a spread: every one of n equal, non-zero differences has p = 2 / 2^n, below 0.05
+    # from 6 values on. Without it, ten seeds all 0.3 points apart were "no evidence either way"
+    # while 0.30 and 0.31 were called (more agreement, a weaker verdict). Its level holds under any
+    # symmetric null, and n equal non-zero differences are rare under one, so the rule keeps its 5%.
+    if lo is not None and zero_width(lo, hi):
+        p = sign_flip_p(values) if m != 0 else None
+        called = p is not None and p < 1 - LEVEL
+    else:
+        called = lo is not None and (lo > 0 or hi < 0)
     return {"mean": m, "ci_low": lo, "ci_high": hi, "level": LEVEL, "called": bool(called),
             "direction": (1 if m > 0 else -1) if called else 0}
 
 
+def _finite(values: Sequence[float], what: str) -> list[float]:
+    d = [round(float(x), DECIMALS) for x in values]
+    if not all(math.isfinite(x) for x in d):
+        raise ValueError(f"{what} needs finite differences, got {values!r}")  # NaN read "+nan points" with p = 0
+    return d
+
+
 def paired_estimate(diffs: Sequence[float]) -> dict[str, Any]:
     """Estimate from per-seed paired differences: mean, 95% t interval, n, method, called."""
-    d = [round(float(x), DECIMALS) for x in diffs]
+    d = _finite(diffs, "paired_estimate")
     n = len(d)
     if n == 0:
         raise ValueError("paired_estimate needs at least one difference")
@@ -116,7 +131,7 @@ def paired_estimate(diffs: Sequence[float]) -> dict[str, Any]:
         out = _summary(m, None, None)
     else:
         _, lo, hi = t_interval(np.array(d))
-        out = _summary(m, float(lo), float(hi))
+        out = _summary(m, float(lo), float(hi), d)
     return {**out, "n": n, "sd": sd, "se": sd / math.sqrt(n) if sd is not None else None,
             "df": n - 1 if n > 1 else None, "method": METHOD_T if n > 1 else "none (one seed: no spread to estimate)",
             "sign_flip_p": sign_flip_p(d)}
@@ -129,7 +144,7 @@ def hierarchical_estimate(by_teacher: Mapping[Any, Sequence[float]]) -> dict[str
     student-level ``paired_estimate`` (noted in ``method``). Several: the t interval over the
     teacher means, n = the number of teachers.
     """
-    groups = {k: [round(float(x), DECIMALS) for x in v] for k, v in by_teacher.items() if len(v)}
+    groups = {k: _finite(v, "hierarchical_estimate") for k, v in by_teacher.items() if len(v)}
     if not groups:
         raise ValueError("hierarchical_estimate needs at least one teacher with a difference")
     if len(groups) == 1:
@@ -152,7 +167,7 @@ def hierarchical_estimate(by_teacher: Mapping[Any, Sequence[float]]) -> dict[str
     ms_between = float(np.sum(sizes * (means - grand) ** 2) / (T - 1))
     n0 = (N - float(np.sum(sizes ** 2)) / N) / (T - 1)  # the effective students per teacher
     var_t = max(0.0, (ms_between - var_s) / n0) if var_s is not None else None
-    return {**_summary(m, float(lo), float(hi)), "n": T, "sd": sd, "se": sd / math.sqrt(T), "df": T - 1,
+    return {**_summary(m, float(lo), float(hi), [round(float(x), DECIMALS) for x in means]), "n": T, "sd": sd, "se": sd / math.sqrt(T), "df": T - 1,
             "method": METHOD_TEACHERS, "teachers": T, "students": int(N),
             "per_teacher_mean": {str(k): float(x) for k, x in zip(groups, means)},
             "var_teacher": var_t, "var_student": var_s,
