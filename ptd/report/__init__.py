@@ -479,9 +479,9 @@ def scope_note(r: Mapping[str, Any]) -> str | None:
         parts.append("Every student here learns from one training of the teacher (teacher.seeds 1), so the intervals "
                      "cover the spread over student seeds, not over trainings of the teacher: a call says these teachers "
                      "teach differently, not that another training would. Where the difference a pruned teacher makes "
-                     "varies between trainings as much as between seeds, a one-teacher call does not hold over trainings "
-                     "9% of the time at 2 seeds and half the time at 10; teacher.seeds 2 or more puts that spread into "
-                     "the interval.")
+                     "varies between trainings as much as between seeds and is zero on average over them, a one-teacher "
+                     "run still calls it 9% of the time at 2 seeds and half the time at 10; teacher.seeds 2 or more puts "
+                     "that spread into the interval.")
     k = rows_called(r)
     if k > 1:
         parts.append(f"Each of the {k} rows with a call is at 95% on its own: under seed noise alone a given row is "
@@ -710,7 +710,7 @@ def render_markdown(r: dict[str, Any]) -> str:
     lines += ["", note] if note else []
     lines += ["", "## Does the pruned teacher teach better?", ""]
     if p["test_acc"] is not None and p["test_acc"] > t["test_acc"] and not r.get("retrained_teacher"):
-        lines += [f"Note: the pruned teacher is itself more accurate than the unpruned one ({_pct(p['test_acc'])} vs {_pct(t['test_acc'])}); "
+        lines += [f"Note: the pruned teacher itself scored higher on the test set than the unpruned one ({_pct(p['test_acc'])} vs {_pct(t['test_acc'])}); "
                   "its retraining is extra training. Add the `retrained_teacher` arm (distill.arms) to separate pruning from training longer.", ""]
     lines += COMPARISON_NOTE
     note = scope_note(r)

@@ -285,7 +285,7 @@ def render_sweep_markdown(r: dict[str, Any], plots: bool = True) -> str:
                      + (f" (the highest of {len(r['rows'])} means: picked for being high, it tends to overstate what that row would give again)." if len(r["rows"]) > 1 else "."))
     stronger = [x for x in r["rows"] if x["teacher_test_acc"] is not None and x["teacher_test_acc"] > t["test_acc"]]
     if stronger:
-        lines.append(f"- {len(stronger)} of {len(r['rows'])} pruned teachers are themselves more accurate than the unpruned teacher "
+        lines.append(f"- {len(stronger)} of {len(r['rows'])} pruned teachers themselves scored higher on the test set than the unpruned teacher "
                      f"({_pct(t['test_acc'])} %): their retraining is also extra training. A student gain from such a teacher "
                      "cannot be credited to sparsity alone; a longer-trained dense teacher is the control that would separate the two.")
     if n_seeds < 2:
