@@ -231,6 +231,8 @@ def test_a_null_val_acc_ranks_by_test_acc(run_dir):
     (run_dir / "distill" / "scratch_seed0" / "result.json").write_text(json.dumps({"val_acc": None, "test_acc": 0.9}))
     src = resolve(run_dir)
     assert src.model_path.parent.name == "scratch_seed0" and "best test accuracy 0.9000 of the run's 2 students" in src.what
+    # The highest of several test scores is biased upward (statistics audit): the line says so.
+    assert src.what.endswith("picked on the test set, so that figure overstates what it gives on new images)")
 
 
 def _small_test_set_run(tmp_path, n_test: int):
