@@ -1,5 +1,6 @@
 import json
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
@@ -348,8 +349,51 @@ def test_a_header_that_changes_length_is_rewritten_whole(tmp_path):
     loose += b" " * (-len(loose) % 8)
     f = tmp_path / "loose.safetensors"
     f.write_bytes(len(loose).to_bytes(8, "little") + loose + raw[8 + n:])
-    ckpt.canonical_header(f)
+    f.write_bytes(ckpt.canonical_safetensors(f.read_bytes()))
     data = f.read_bytes()
     m = int.from_bytes(data[:8], "little")
     assert m < len(loose) and data[8:8 + m].startswith(b'{"__metadata__":{"a":"1","b":"2"},"w":')
     assert torch.equal(load_file(str(f))["w"], t["w"])
+
+
+def test_every_run_directory_writer_says_a_failed_write_as_an_oserror(tmp_path):
+    """A full disk must reach the CLI as an OSError, which it says in one line with the path and
+    exit 2. safetensors' file writer raised SafetensorError ("I/O error: No space left on device")
+    and torch.save a RuntimeError ("unexpected pos"), both reported as a bug in ptd (crash audit:
+    3 of 3 disk-full runs). A write that fails part-way is made here with a file-size limit
+    (RLIMIT_FSIZE: such writes fail with EFBIG, as they fail with ENOSPC on a full disk; /dev/full
+    does not fail writes in every sandbox), for every writer of the one write path."""
+    import errno
+    import resource
+
+    m = torch.nn.Linear(64, 64)
+    opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+    m(torch.ones(2, 64)).sum().backward()
+    opt.step()
+    writers = {
+        "save_tensors": (tmp_path / "t.safetensors", lambda p: ckpt.save_tensors(p, {"w": torch.ones(64, 64)}, {"k": "v"})),
+        "save_model": (tmp_path / "m.safetensors", lambda p: ckpt.save_model(p, m)),
+        "write_json": (tmp_path / "r.json", lambda p: ckpt.write_json(p, {"a": [1.0] * 4000})),
+        "write_text": (tmp_path / "r.txt", lambda p: ckpt.write_text(p, "x" * 100_000)),
+        "write_bytes": (tmp_path / "r.bin", lambda p: ckpt.write_bytes(p, b"x" * 100_000)),
+        "save_resume": (tmp_path / ckpt.RESUME_FILE, lambda p: ckpt.save_resume(p.parent, {
+            "epoch": 0, "model": m.state_dict(), "optimizer": opt.state_dict(), "rng": ckpt.rng_state()})),
+    }
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    caught = {}
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))  # bytes; Python ignores SIGXFSZ, so writes raise
+    try:
+        for name, (path, write) in writers.items():
+            try:
+                write(path)
+            except Exception as e:  # noqa: BLE001 -- what each raises is the finding
+                caught[name] = e
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    from ptd.cli import os_error_line
+    for name, (path, _) in writers.items():
+        e = caught.get(name)
+        assert isinstance(e, OSError) and e.errno == errno.EFBIG, (name, repr(e))
+        assert e.filename == str(path), (name, e.filename)  # a failed write() names no file: the one it was for
+        assert os_error_line(e).startswith(f"{path}: File too large; "), name
+    assert not list(tmp_path.iterdir())  # no temporary left, no target written

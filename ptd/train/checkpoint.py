@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import io
 import json
 import math
 import os
@@ -48,7 +49,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as save_safetensors
 
 from ptd import paths as P
 from ptd.errors import PtdError, one_line
@@ -117,7 +119,12 @@ def _commit(path: Path, write: Callable[[str], None]) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        write(tmp)
+        try:
+            write(tmp)
+        except OSError as e:
+            if e.filename is None:  # a write() that failed (disk full) names no file: the one it was for
+                e.filename = str(path)
+            raise
         with open(tmp, "rb+") as f:  # the bytes are on disk before the name points at them
             os.fchmod(f.fileno(), _FILE_MODE)  # mkstemp makes 0600; a run directory is for sharing
             os.fsync(f.fileno())
@@ -239,40 +246,33 @@ def unlock_dir(path: str | Path) -> None:
 
 
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    def w(tmp: str) -> None:
-        save_file(tensors, tmp, metadata=metadata)
-        canonical_header(tmp)
+    # Serialized in memory and written by Python's file I/O, as every writer of _commit does: a full
+    # disk is then an OSError (ENOSPC), which the CLI says in one line. safetensors' own file writer
+    # raised SafetensorError ("I/O error: No space left on device") and torch.save a RuntimeError
+    # ("unexpected pos"), both reported as a bug in ptd (crash audit, 3 of 3 disk-full runs).
+    data = canonical_safetensors(save_safetensors(tensors, metadata=metadata))
+    _commit(Path(path), lambda tmp: Path(tmp).write_bytes(data))
 
-    _commit(Path(path), w)
 
-
-def canonical_header(path: str | Path) -> None:
-    """Rewrite a safetensors file's header with its metadata keys sorted, so the same tensors and
-    metadata always give the same bytes.
+def canonical_safetensors(raw: bytes) -> bytes:
+    """A safetensors file's bytes with the metadata keys of its header sorted, so the same tensors
+    and metadata always give the same bytes.
 
     safetensors writes the metadata map in a hash map's order, seeded per process: a teacher
     retrained bit for bit gave a file that differed in bytes (measured), which misleads anyone
     comparing run directories by hash. The tensors' entries are already in a fixed order. The
-    header is re-encoded compactly as the writer does, so it almost always keeps its length and
-    is patched in place; otherwise the whole file is rewritten."""
-    p = Path(path)
-    with open(p, "r+b") as f:
-        header = safetensors_header(f, p.stat().st_size)
-        n = f.tell() - 8
-        meta = (header or {}).get("__metadata__")  # None: not possible for a file save_file just wrote
-        if not meta:
-            return
-        header = {"__metadata__": dict(sorted(meta.items())), **{k: v for k, v in header.items() if k != "__metadata__"}}
-        new = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
-        new += b" " * (-len(new) % 8)  # the format pads the header with spaces to 8 bytes
-        if len(new) == n:
-            f.seek(8)
-            f.write(new)
-            return
-        data = f.read()  # the rare case (never seen): the file is ptd's own temporary, rewritten in place
-        f.seek(0)
-        f.write(len(new).to_bytes(8, "little") + new + data)
-        f.truncate()
+    header is re-encoded compactly as the writer does; where that changes its length (never seen
+    from safetensors itself) the data simply follows the new header."""
+    f = io.BytesIO(raw)
+    header = safetensors_header(f, len(raw))
+    n = f.tell() - 8
+    meta = (header or {}).get("__metadata__")
+    if not meta:
+        return raw
+    header = {"__metadata__": dict(sorted(meta.items())), **{k: v for k, v in header.items() if k != "__metadata__"}}
+    new = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    new += b" " * (-len(new) % 8)  # the format pads the header with spaces to 8 bytes
+    return len(new).to_bytes(8, "little") + new + raw[8 + n:]
 
 
 def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
@@ -870,7 +870,10 @@ def save_resume(out_dir: str | Path, state: dict[str, Any]) -> None:
     if not isinstance(state, dict):
         raise TypeError("save_resume: state must be a dict")
     state = {**_to_cpu(state), "format": RESUME_FORMAT}
-    _commit(Path(out_dir) / RESUME_FILE, lambda tmp: torch.save(state, tmp))
+    buf = io.BytesIO()  # in memory first, so a full disk is an OSError from the write (see save_tensors)
+    torch.save(state, buf)
+    data = buf.getvalue()
+    _commit(Path(out_dir) / RESUME_FILE, lambda tmp: Path(tmp).write_bytes(data))
 
 
 def load_resume(out_dir: str | Path, world_size: int | None = None) -> dict[str, Any] | None:
