@@ -397,3 +397,16 @@ def test_every_run_directory_writer_says_a_failed_write_as_an_oserror(tmp_path):
         assert e.filename == str(path), (name, e.filename)  # a failed write() names no file: the one it was for
         assert os_error_line(e).startswith(f"{path}: File too large; "), name
     assert not list(tmp_path.iterdir())  # no temporary left, no target written
+
+
+def test_evaluation_does_not_depend_on_how_the_split_is_batched():
+    """eval_batch_size may change on resume as a key that "changes nothing computed", but a running
+    float32 sum of the batch losses rounded by the batch cut: val_loss moved in its last bits in
+    every stage of a run at eval_batch_size 33 (crash audit). The losses are now summed exactly."""
+    torch.manual_seed(0)
+    m = build_model("vgg", 10, 1, plan=[8, "M", 16, "M"])
+    split = Split(torch.randint(0, 255, (500, 1, 28, 28), dtype=torch.uint8), torch.randint(0, 10, (500,)))
+    rt = Runtime(device=torch.device("cpu"))
+    got = [evaluate(m, make_loader(split, batch_size=b, train=False, mean=(0.3,), std=(0.3,), augment=False), rt)
+           for b in (33, 64, 256, 500)]
+    assert all(g == got[0] for g in got), got

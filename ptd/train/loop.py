@@ -248,7 +248,10 @@ def evaluate(model: nn.Module, loader: Iterable, rt: Runtime) -> dict[str, float
     was_training = model.training
     model.eval()
     correct = torch.zeros((), dtype=torch.float64, device=rt.device)
-    loss_sum = torch.zeros((), dtype=torch.float64, device=rt.device)
+    # Per-sample losses, summed exactly at the end (math.fsum): a running float sum rounds by how
+    # the split is cut into batches, so eval_batch_size, a key a resume may change, moved val_loss
+    # in its last bits in every stage (crash audit). One small vector per batch, kept on the device.
+    losses: list[torch.Tensor] = []
     n = 0
     for batch in loader:
         x, y = batch[0], batch[1]
@@ -259,11 +262,12 @@ def evaluate(model: nn.Module, loader: Iterable, rt: Runtime) -> dict[str, float
         if real is not None and n + y.numel() > real:  # padding: repeats of samples another rank counts
             keep = max(0, real - n)
             logits, y = logits[:keep], y[:keep]
-        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").double()
+        losses.append(F.cross_entropy(logits.float(), y, reduction="none"))
         correct += (logits.argmax(1) == y).sum().double()
         n += y.numel()
     model.train(was_training)
-    c, s, n = correct.item(), loss_sum.item(), float(n)
+    c, n = correct.item(), float(n)
+    s = math.fsum(torch.cat(losses).double().cpu().tolist()) if losses else 0.0
     if getattr(loader, "world_size", 1) > 1:  # a sharded loader: add up the ranks' counts
         c, s, n = all_sum([c, s, n], rt.device)
     if n == 0:
