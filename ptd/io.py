@@ -130,7 +130,7 @@ def file_digest(path: str | Path) -> str:
     A safetensors file is hashed by its header with sorted keys, then its data: the writer orders
     the metadata through a hash map seeded per call, so the same tensors and metadata saved twice
     differ in bytes (measured: a teacher retrained bit for bit gave another file), not in content.
-    ptd's own writer now makes the header canonical (``ptd.train.checkpoint.canonical_header``);
+    ptd's own writer now makes the header canonical (``ptd.train.checkpoint.canonical_safetensors``);
     hashing it sorted still serves files written before that, and files other writers made."""
     p = Path(path).resolve()
     st = p.stat()
