@@ -23,6 +23,7 @@ import contextlib
 import errno
 import math
 import os
+import re
 import stat
 import sys
 import threading
@@ -409,6 +410,7 @@ def check_run_tree(cfg: RunConfig, run_dir: str | Path, sweep: bool = False, unt
         _not_a_file_folder(run, run / name)
     if not (run / P.CONFIG).is_file():
         return  # not a run (yet): open_run_dir takes it only when it is empty
+    check_run_kind(run, sweep)
     from ptd.train.tensorboard import available
 
     mirror = available()  # TensorBoard event files are written only where tensorboard is installed
@@ -419,6 +421,40 @@ def check_run_tree(cfg: RunConfig, run_dir: str | Path, sweep: bool = False, unt
         _check_writes_into(run, run / rel, lambda d: _finished(run, d))
         if mirror:  # a stage's mirror is written while the stage is
             _check_writes_into(run, tb / rel, lambda d: _finished(run, run / d.relative_to(tb)))
+
+
+def run_kind(run: Path) -> str | None:
+    """What made the run directory ``run``, read from its layout: "sweep" (``ptd sweep``: sweep.json,
+    or a prune/<strategy> or prune/<strategy>_s<sparsity> folder), "run" (``ptd run`` and its
+    stage commands: results.json, prune/level_<k>, prune/done, control/, teacher replicates, a
+    pruned_teacher or retrained_teacher student), or None (only a teacher, a student or the
+    shared arms: either may grow it). From the layout rather than a record, so directories made
+    before this check are read alike."""
+    prune, distill = run / P.PRUNE, run / P.DISTILL
+    children = [c.name for c in prune.iterdir() if c.is_dir()] if prune.is_dir() else []
+    if (run / P.SWEEP_JSON).exists() or any(not re.fullmatch(r"level_\d+", c) for c in children):
+        return "sweep"
+    arms = [c.name for c in distill.iterdir()] if distill.is_dir() else []
+    if ((run / P.RESULTS).exists() or children or (prune / P.DONE).exists() or (run / P.CONTROL).exists()
+            or (run / P.REPLICATES).exists() or any(a.startswith(("pruned_teacher", "retrained_teacher")) for a in arms)):
+        return "run"
+    return None
+
+
+def check_run_kind(run: Path, sweep: bool) -> None:
+    """A sweep and a run share teacher/, student/ and the report's names but not the rest: a sweep
+    into a finished run trained every pruning level before it found the run's student and refused
+    (hours, with the run's env.json rewritten and prune/ added to), and a run into a sweep replaced
+    the sweep's report.html, after which ``ptd report`` rendered the run (bad-input audit)."""
+    try:
+        kind = run_kind(run)
+    except OSError as e:
+        raise _unprobeable(run, run, e) from None
+    want = "sweep" if sweep else "run"
+    if kind is not None and kind != want:
+        made = "ptd sweep" if kind == "sweep" else "ptd run (or ptd train/prune/student/distill)"
+        raise PreflightError(f"run directory {run} holds a {kind}, made by {made}; a {want} cannot go into it: pass --out a "
+                             f"new directory")
 
 
 def _finished(run: Path, d: Path) -> bool:

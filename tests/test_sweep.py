@@ -426,3 +426,37 @@ def test_ptd_report_recomputes_a_sweeps_statistics_as_the_sweep_wrote_them(tmp_p
     assert main(["report", str(d)]) == 0
     assert calls == [2, 2]
     assert json.loads((d / "sweep.json").read_text()) == json.loads(json.dumps(r))
+
+
+@pytest.mark.parametrize("marker,kind", [("results.json", "run"), ("prune/level_1/", "run"), ("prune/done", "run"),
+                                         ("control/", "run"), ("teachers/r1/", "run"), ("distill/pruned_teacher_seed0/", "run"),
+                                         ("sweep.json", "sweep"), ("prune/imp/", "sweep"), ("prune/gmp_s0.36/", "sweep")])
+def test_a_sweep_and_a_run_do_not_go_into_each_others_directory(tmp_path, tiny_fashion, capsys, marker, kind):
+    """They share teacher/, student/ and the report's names but nothing else: a sweep into a
+    finished run trained every pruning level before it found the run's student and refused (the
+    run's env.json rewritten, prune/ added to), and a run into a sweep replaced the sweep's
+    report.html (bad-input audit). Refused up front, nothing written; a directory holding only a
+    teacher (or a student, or the arms both share) may be grown by either."""
+    from ptd.cli import main
+
+    y = sweep_yaml(tmp_path, tiny_fashion)
+    out = tmp_path / "out"
+    (out / "teacher").mkdir(parents=True)
+    (out / "config.yaml").write_text("x")
+    (out / "distill" / "scratch_seed0").mkdir(parents=True)
+    m = out / marker
+    m.mkdir(parents=True) if marker.endswith("/") else (m.parent.mkdir(parents=True, exist_ok=True), m.write_text("{}"))
+    before = sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
+    other = "sweep" if kind == "run" else "run"
+    assert main([other, str(y), "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"ptd: error: run directory {out} holds a {kind}, made by "
+                   f"{'ptd sweep' if kind == 'sweep' else 'ptd run (or ptd train/prune/student/distill)'}; a {other} cannot go "
+                   f"into it: pass --out a new directory"], err
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == before
+    from ptd.preflight import run_kind
+    assert run_kind(out) == kind
+    m.unlink() if m.is_file() else m.rmdir()
+    if m.parent != out and not any(m.parent.iterdir()) and m.parent.name != "distill":
+        m.parent.rmdir()  # teachers/ without its r1/
+    assert run_kind(out) is None  # teacher/, config.yaml and the shared scratch arm: either command may take it
