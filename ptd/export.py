@@ -32,6 +32,7 @@ import torch.nn as nn
 
 from ptd import paths as P
 from ptd.errors import PtdError
+from ptd.io import damaged, default_fix
 from ptd.train.checkpoint import is_writer_temp
 
 ONNX_OPSET = 17  # onnxruntime >= 1.14 runs it; every op of ptd's families and the tv: CNNs exists in it
@@ -42,10 +43,25 @@ class ExportError(PtdError, ValueError):
     """A model or file that cannot be exported; one-line message with the fix."""
 
 
+# What ``ptd run`` says of a finished stage's file that is gone (pipeline.check_finished_stages).
+MISSING = "missing, though its stage is finished"
+
+
+def _missing(path: Path, fix: str | None = None) -> ExportError:
+    """A file of a finished stage (its ``done`` is there) that is not: the run is damaged. The line
+    ``ptd run`` gives for the same damage (ptd.io.damaged), as an ExportError."""
+    return ExportError(str(damaged(path, MISSING, fix)))
+
+
+def _student_fix(d: Path, run_dir: Path) -> str:
+    # A re-run alone does not redo it: ptd run refuses a finished stage whose files are damaged.
+    return f"restore it, or delete {d} and re-run `ptd run CONFIG --out {run_dir}` to redo that student"
+
+
 @dataclass(frozen=True)
 class Source:
     model_path: Path  # the .safetensors to export
-    teacher_path: Path | None  # the run's teacher, for the latency comparison
+    teacher_path: Path | None  # the run's teacher, for the latency comparison (missing where the run is damaged: _teacher)
     run_dir: Path | None
     what: str  # one line: which model this is and why it was chosen
 
@@ -56,8 +72,7 @@ def _arm_result(path: Path, run_dir: Path) -> dict[str, Any]:
     accuracies are held to what ptd.report holds results.json to (a finite number in [0, 1], or null)."""
     from ptd.report import Invalid, num, obj
 
-    # A re-run alone does not redo it: ptd run refuses a finished stage whose record is damaged.
-    fix = f"restore it, or delete {path.parent} and re-run `ptd run CONFIG --out {run_dir}` to redo that student"
+    fix = _student_fix(path.parent, run_dir)
     try:
         r = json.loads(path.read_text())  # another OSError (permission denied) is resolve()'s one line
     except FileNotFoundError:
@@ -74,12 +89,16 @@ def _arm_result(path: Path, run_dir: Path) -> dict[str, Any]:
 def _best_arm(run_dir: Path) -> tuple[Path, str]:
     """The run's student with the best validation accuracy (test accuracy where a run kept no
     validation set), whichever arm trained it: the one trained alone too, when it is the best
-    model the run made (what a deployment wants); the line names the arm."""
+    model the run made (what a deployment wants); the line names the arm. A student still training
+    (no ``done``) is passed over; a finished one without its model file is damage, refused: passing
+    it over exported another student as "the best" while the best one was missing."""
     cands = []
     for d in sorted((run_dir / P.DISTILL).glob("*/")):  # replicate 0's students (teachers/r<k>/ are not scanned)
-        f = d / P.MODEL
-        if not f.is_file() or not (d / P.DONE).exists():
+        if not (d / P.DONE).exists():
             continue
+        f = d / P.MODEL
+        if not f.is_file():
+            raise _missing(f, _student_fix(d, run_dir))
         r = _arm_result(d / P.RESULT, run_dir)
         score = r.get("val_acc") if r.get("val_acc") is not None else r.get("test_acc")
         cands.append((-1.0 if score is None else float(score), d.name, f, r))
@@ -116,18 +135,27 @@ def _resolve(p: Path) -> Source:
         if not (p / P.CONFIG).is_file() and not (p / P.DISTILL).is_dir():
             raise ExportError(f"{p}: not a ptd run directory (no config.yaml, no distill/); give a run directory or a model .safetensors")
         f, what = _best_arm(p)
-        teacher = p / P.TEACHER / P.MODEL
-        return Source(f, teacher if teacher.is_file() else None, p, what)
+        return Source(f, _teacher(p), p, what)
     if p.suffix != ".safetensors":
         raise ExportError(f"{p}: not a .safetensors model file; export a model saved by ptd (model.safetensors) or a run directory")
     # The run it lies in (its config names the test images; ptd eval finds it the same way), and the
     # teacher of its own replicate: teachers/r1/distill/<arm>/ is timed against teachers/r1/teacher/.
     run_dir = P.run_dir_of(p)
     root = p.parent.parent.parent if p.parent.parent.name == P.DISTILL else run_dir
-    teacher = root / P.TEACHER / P.MODEL if root is not None else None
-    if teacher is not None and (not teacher.is_file() or teacher.resolve() == p.resolve()):
+    teacher = _teacher(root) if root is not None else None
+    if teacher is not None and teacher.is_file() and teacher.resolve() == p.resolve():
         teacher = None  # the teacher itself is not timed against itself
     return Source(p, teacher, run_dir, f"model file {p.name}")
+
+
+def _teacher(root: Path) -> Path | None:
+    """The teacher of the run (or replicate) in ``root``: its model file, or None where the run has no
+    teacher (no model file, no finished teacher stage). A finished teacher stage whose model file is
+    missing is named too, though the file is not there: the run is damaged, and the export refuses
+    it when it comes to time the student against the teacher (_load_teacher), not with "no teacher
+    in this run to compare"; with --no-latency the teacher is never read, and the student exports."""
+    teacher = root / P.TEACHER / P.MODEL
+    return teacher if teacher.is_file() or (teacher.parent / P.DONE).exists() else None
 
 
 def load(path: Path) -> nn.Module:
@@ -145,6 +173,8 @@ def load(path: Path) -> nn.Module:
 
 def _load_teacher(path: Path) -> nn.Module:
     """The run's teacher, timed against the student: checked before anything is written."""
+    if not path.is_file():  # resolve() names a missing one only where its stage is finished: damage
+        raise _missing(path, f"{default_fix(path)}; or pass --no-latency to export the student without timing it against the teacher")
     try:
         return load(path)
     except ExportError as e:
@@ -417,7 +447,7 @@ def test_images(run_dir: Path | None, input_shape: Sequence[int], n: int = 64) -
             return x[:n].float().cpu().contiguous(), f"{len(x[:n])} test images of {dc.name}"
         except Exception as e:  # noqa: BLE001 -- the check still runs, on stand-in inputs of the run's size, and says why
             why = f"{type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''}"
-            shape = _recorded_input(run_dir, int(input_shape[0]))
+            shape = _recorded_input(run_dir, int(input_shape[0]), why)
             if shape is None:
                 raise ExportError(f"{run_dir / 'config.yaml'}: the run's test images cannot be read here ({why}), and its "
                                   "student/stats.json records no input size, so the model's input size is unknown; make the "
@@ -426,11 +456,26 @@ def test_images(run_dir: Path | None, input_shape: Sequence[int], n: int = 64) -
     return torch.randn((n,) + tuple(input_shape)), f"{n} random inputs (no run directory, so no test images)"
 
 
-def _recorded_input(run_dir: Path, channels: int) -> tuple[int, int, int] | None:
-    """The (C, H, W) the student stage timed the run's models at (student/stats.json), or None."""
+def _recorded_input(run_dir: Path, channels: int, why: str = "") -> tuple[int, int, int] | None:
+    """The (C, H, W) the student stage timed the run's models at (student/stats.json), or None.
+    A finished student stage (its ``done`` is there) whose stats.json is missing or not JSON is
+    damage, named as such (``why``: why the run's test images, the first choice, cannot be read)."""
+    stats = run_dir / P.STUDENT / P.STATS
     try:
-        shape = json.loads((run_dir / P.STUDENT / P.STATS).read_text())["onnx_latency"]["input"]
-    except (OSError, ValueError, RecursionError, KeyError, TypeError):  # missing, damaged, or a run that timed nothing
+        rec = json.loads(stats.read_text())
+    except (FileNotFoundError, ValueError, RecursionError) as e:  # missing, not JSON
+        if not (stats.parent / P.DONE).exists():
+            return None  # no student stage, or one that never finished: no size recorded
+        fix = (f"restore it (ptd export reads the run's input size from it, as the run's test images cannot be read here: {why}), "
+               f"or make the run's data (data.root in {run_dir / P.CONFIG}) readable here, then export again")
+        if isinstance(e, FileNotFoundError):
+            raise _missing(stats, fix) from None
+        raise ExportError(str(damaged(stats, f"not JSON: {type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''}", fix))) from None
+    except OSError:  # unreadable here (permission): no size, as before
+        return None
+    try:
+        shape = rec["onnx_latency"]["input"]
+    except (KeyError, TypeError):  # a run that timed nothing
         return None
     if not (isinstance(shape, list) and len(shape) == 3 and shape[0] == channels
             and all(type(s) is int and 0 < s <= 4096 for s in shape)):  # a damaged record, not a 64-image batch of it

@@ -326,3 +326,92 @@ def test_a_model_file_is_placed_in_its_run_and_timed_against_its_own_teacher(tmp
     alone = tmp_path / "m.safetensors"
     alone.write_text("x")
     assert resolve(alone).run_dir is None and P.run_dir_of(alone) is None
+
+
+# ---------------------------------------------------------------- a finished stage's missing file is damage, not "no such stage"
+
+DAMAGED_MISSING = "damaged (missing, though its stage is finished)"  # what `ptd run` says of the same damage
+
+
+@pytest.mark.parametrize("arm", ["pruned_teacher_seed0", "scratch_seed0"])
+def test_a_finished_students_missing_model_is_refused_not_passed_over(run_dir, tmp_path, capsys, arm):
+    """Audit: with the best student's model.safetensors deleted, export passed it over and exported
+    another as "best ... of the run's 2 students" (exit 0). A finished stage (its done is there)
+    without its model is damage: one line naming the file and the fix, exit 2, nothing written."""
+    f = run_dir / "distill" / arm / "model.safetensors"
+    f.unlink()
+    out = tmp_path / "s.onnx"
+    rc, printed, err = run_cli(capsys, run_dir, "--out", out)
+    assert rc == 2 and printed == "" and err.count("\n") == 1, err
+    assert err.startswith(f"ptd: error: {f}: {DAMAGED_MISSING}; "), err
+    assert f"restore it, or delete {f.parent} and re-run `ptd run CONFIG --out {run_dir}`" in err
+    assert not [p.name for p in tmp_path.iterdir() if "onnx" in p.name]  # neither the file nor its temporary
+    with pytest.raises(ExportError, match=r"model\.safetensors: damaged \(missing, though its stage is finished\)"):
+        resolve(run_dir)
+
+
+def test_an_unfinished_student_without_a_model_is_still_passed_over(run_dir):
+    """A student still training (no done) has no model yet: not damage, it is left out as before."""
+    a = run_dir / "distill" / "pruned_teacher_seed0"
+    (a / "done").unlink()
+    (a / "model.safetensors").unlink()
+    src = resolve(run_dir)
+    assert src.model_path == run_dir / "distill" / "scratch_seed0" / "model.safetensors"
+    assert "of the run's 1 students" in src.what
+
+
+def test_a_finished_teachers_missing_model_is_refused_when_timing_against_it(run_dir, tmp_path, capsys):
+    """Audit: a deleted teacher/model.safetensors exported with "no teacher in this run to compare".
+    With the teacher stage finished that is damage, named when the export comes to time the student
+    against it; --no-latency never reads the teacher, and exports the student."""
+    t = run_dir / "teacher" / "model.safetensors"
+    (t.parent / "done").write_text("")
+    t.unlink()
+    out = tmp_path / "s.onnx"
+    rc, printed, err = run_cli(capsys, run_dir, "--out", out)
+    assert rc == 2 and printed == "" and err.count("\n") == 1, err
+    assert err.startswith(f"ptd: error: {t}: {DAMAGED_MISSING}; "), err
+    assert f"restore it, or delete {t.parent}" in err and "--no-latency" in err
+    assert not out.exists()
+    # a student file of the same run: the same teacher, the same refusal
+    with pytest.raises(ExportError, match=r"teacher/model\.safetensors: damaged \(missing, though its stage is finished\)"):
+        export(run_dir / "distill" / "scratch_seed0" / "model.safetensors", out, repeats=1)
+    assert not out.exists()
+    rc, printed, err = run_cli(capsys, run_dir, "--out", out, "--no-latency")
+    assert rc == 0 and err == "" and "pruned_teacher_seed0" in printed and out.exists()
+
+
+@pytest.mark.parametrize("teacher", ["no_folder", "unfinished"])
+def test_a_run_without_a_finished_teacher_still_exports_without_the_comparison(run_dir, tmp_path, teacher):
+    """No teacher stage (or one that never finished): nothing is damaged, the student is timed alone."""
+    import shutil
+
+    from ptd.export import format_record
+
+    if teacher == "no_folder":
+        shutil.rmtree(run_dir / "teacher")
+    else:
+        (run_dir / "teacher" / "model.safetensors").unlink()  # the fixture's teacher has no done
+    assert resolve(run_dir).teacher_path is None
+    rec = export(run_dir, tmp_path / "s.onnx", repeats=1)
+    assert "no teacher in this run to compare" in format_record(rec)
+
+
+def test_a_finished_student_stages_missing_stats_is_named_when_the_input_size_is_needed(tmp_path, capsys):
+    """The run's images unreadable, the input size comes from student/stats.json: where the student
+    stage is finished and that file is gone, the line names it (not "records no input size")."""
+    run = _small_test_set_run(tmp_path, n_test=20)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["data"]["root"] = str(tmp_path / "gone")
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    stats = run / "student" / "stats.json"
+    stats.parent.mkdir()
+    (stats.parent / "done").write_text("")
+    out = tmp_path / "s.onnx"
+    for damage, want in ((None, DAMAGED_MISSING), ('{"onnx_latency": ', "damaged (not JSON: JSONDecodeError")):
+        if damage is not None:
+            stats.write_text(damage)
+        rc, printed, err = run_cli(capsys, run, "--no-latency", "--out", out)
+        assert rc == 2 and printed == "" and err.count("\n") == 1, err
+        assert err.startswith(f"ptd: error: {stats}: {want}"), err
+        assert "test images cannot be read here" in err and "data.root" in err and not out.exists()
