@@ -1219,7 +1219,10 @@ def stage_distill(ctx: Context, arm: str, seed: int, student_stats: dict, teache
                 "epochs": r["epochs"], "steps": r["steps"], "wall_s": r["wall_s"]}
 
     name = cfg.distill.student_name(arm, loss)
-    student_files = [ctx.run_dir / P.STUDENT / P.STATS] + ([ctx.run_dir / P.STUDENT / P.STUDENT_INIT] if cfg.student.inherit else [])
+    # What a student is made from: its architecture (and inherited weights), not stats.json, which
+    # also holds measured latencies: a student stage redone after its done was lost came out with
+    # other timings, and every finished distillation was then refused for good (bad-input audit).
+    student_files = [ctx.run_dir / P.STUDENT / P.ARCHITECTURE] + ([ctx.run_dir / P.STUDENT / P.STUDENT_INIT] if cfg.student.inherit else [])
     result, fresh = run_stage(ctx, d, compute, inputs=[*sources(teacher), *student_files], student=True)
     if fresh:
         ctx.log(f"[distill] {name} seed {seed}: test acc {result['test_acc']:.4f}")

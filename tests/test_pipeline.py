@@ -548,3 +548,28 @@ def test_models_are_measured_at_the_size_they_train_at(tmp_path):
     assert Context(load_config(None, ["data.image_size=64"]), tmp_path, None, splits, print).input_shape == (3, 64, 64)
     assert Context(load_config(None), tmp_path, None, splits, print).input_shape == (3, 224, 224)
     assert frame_size(SimpleNamespace(image_size=(28, 30)), None) == (28, 30) and frame_size(splits, 32) == (32, 32)
+
+
+def test_a_student_stage_redone_keeps_the_distillations_made_from_it(tmp_path, tiny_yaml):
+    """Distillations record what their student was made from. That was student/stats.json, which
+    also holds measured latencies: a student stage redone (its done lost, or student/ deleted as
+    an earlier message advised) came out with other timings, and every finished distillation was
+    refused for good, the stats.json the message said to restore already overwritten (bad-input
+    audit). It is now the student's architecture (and inherited weights), which a redo reproduces."""
+    import hashlib
+    import shutil
+
+    out = tmp_path / "run"
+    cfg = load_config(tiny_yaml, ["distill.arms=[scratch, pruned_teacher]", "distill.seeds=[0]"])
+    run_pipeline(cfg, out)
+
+    def models() -> dict[str, str]:
+        return {p.relative_to(out).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in out.rglob("*.safetensors")}
+
+    before = models()
+    (out / "student" / "done").unlink()
+    r = run_pipeline(cfg, out)  # the student is derived again, identically; the students are reused
+    assert models() == before and len(r["students"]) == 2
+    shutil.rmtree(out / "student")
+    run_pipeline(cfg, out)
+    assert models() == before
