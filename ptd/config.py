@@ -80,8 +80,11 @@ class OptimConfig:
         _check(0 <= self.momentum < 1, f"{where}.momentum", self.momentum, "must be in [0, 1)")
         _check(self.weight_decay >= 0, f"{where}.weight_decay", self.weight_decay, "must be >= 0")
         _check(0 < self.gamma <= 1, f"{where}.gamma", self.gamma, "must be in (0, 1]")
-        _check(list(self.milestones) == sorted(self.milestones) and all(0 < m <= MAX_EPOCHS for m in self.milestones),
-               f"{where}.milestones", list(self.milestones), f"must be increasing positive epochs (at most {MAX_EPOCHS:,})")
+        # Strictly: torch's MultiStepLR applies gamma once per listed epoch, so [1, 1] gave gamma
+        # squared at epoch 1 while the check read "increasing" (bad-input audit).
+        ms = list(self.milestones)
+        _check(all(a < b for a, b in zip(ms, ms[1:])) and all(0 < m <= MAX_EPOCHS for m in ms),
+               f"{where}.milestones", ms, f"must be increasing positive epochs, each once (at most {MAX_EPOCHS:,})")
         _check(not (self.nesterov and self.momentum == 0), f"{where}.nesterov", self.nesterov,
                "Nesterov needs momentum > 0")
 

@@ -63,6 +63,9 @@ def test_roundtrip_through_yaml(tmp_path):
     ("distill: {arms: [scratch, teacherless]}", ["distill.arms", "pruned_teacher"]),
     ("student: {source: named}", ["student.model", "required"]),
     ("teacher: {optim: {milestones: [5, 2]}}", ["milestones", "increasing"]),
+    # MultiStepLR decays once per listed epoch: [1, 1] was gamma squared at epoch 1 (bad-input audit)
+    ("distill: {optim: {milestones: [1, 1]}}", ["distill.optim.milestones", "each once"]),
+    ("prune: {retrain: {milestones: [2, 3, 3]}}", ["prune.retrain.milestones", "each once"]),
     ("data: {val_fraction: 1.5}", ["data.val_fraction"]),
     ("distill: [1, 2]", ["distill", "mapping"]),
     ("distill: {alpha: 0.9", ["not valid YAML", "line"]),
