@@ -226,8 +226,10 @@ def _check_out(out: Path, *, overwrite: bool = False) -> None:
         except FileNotFoundError:
             taken = False
         if taken and not overwrite:
+            # A file ptd exported is whole (written to a temporary, then linked in): one left by an
+            # export killed before it printed is complete, which the user cannot otherwise tell (crash audit).
             what = f" (a symbolic link to {os.readlink(out)}, which does not exist)" if out.is_symlink() and not out.exists() else \
-                " (a folder)" if out.is_dir() else ""
+                " (a folder)" if out.is_dir() else " (if ptd exported it, it is complete: exports are written whole)"
             raise ExportError(f"{out}: already exists{what}; nothing was overwritten -- choose another --out or delete the file")
         if overwrite and out.is_dir():
             raise ExportError(f"{out}: is a folder; choose a file name for --out")

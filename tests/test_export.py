@@ -116,6 +116,9 @@ def test_cli_exports_then_refuses_to_overwrite(run_dir, tmp_path, capsys):
     rc, text, err = run_cli(capsys, run_dir, "--out", out)
     assert rc == 2 and text == ""
     assert err.count("\n") == 1 and "already exists" in err and "--out" in err
+    # An export killed after placing its file but before printing left a whole file the re-run
+    # refused without a word on whether it was complete (crash audit): it is, and the line says so.
+    assert "(if ptd exported it, it is complete: exports are written whole)" in err
     assert out.read_bytes() == before and os.stat(out).st_mtime_ns == mtime
 
 
