@@ -9,6 +9,7 @@ and image files that cannot be read (``verify_images``, run by ``load_dataset``)
 """
 from __future__ import annotations
 
+import gzip
 import os
 import pickle
 import re
@@ -18,6 +19,7 @@ import struct
 import subprocess
 import sys
 import zlib
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -666,3 +668,140 @@ def test_imagefolder_val_under_another_name_is_named(tmp_path: Path, capsys, mon
     monkeypatch.setattr(imagefolder, "scan_split", real)
     (root / "val").symlink_to(name)  # the suggested fix works
     assert load_dataset("imagefolder", str(root), val_fraction=0).classes == ["a", "b"]
+
+
+# ----------------------------------------------------------------------------- files that expand past their size
+@contextmanager
+def address_space_headroom(extra: int):
+    """The process may map only ``extra`` more bytes (RLIMIT_AS) while inside: a reader that allocates
+    what a hostile file asks for fails with MemoryError here instead of swapping the machine."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("RLIMIT_AS and /proc/self/status are Linux's")
+    import resource
+
+    vm = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmSize:"))
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    if hard != resource.RLIM_INFINITY and hard < vm + extra:
+        pytest.skip("the hard address-space limit leaves no headroom")
+    resource.setrlimit(resource.RLIMIT_AS, (vm + extra, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+HEADROOM = 256 << 20  # 256 MiB: the refusals need a few KB; the bombs below ask for 1 GiB and more
+
+
+def bomb_root(tmp_path_factory) -> Path:
+    """Fashion-MNIST-like data outside tmp_path, since ``refused`` snapshots tmp_path (reads every file)."""
+    return write_fashion_like(tmp_path_factory.mktemp("bomb") / "fm", 60, 20)
+
+
+def test_a_gzip_idx_that_inflates_past_its_header_stops_at_the_header_size(tmp_path: Path, tmp_path_factory, capsys):
+    """A gzip idx whose valid 60x28x28 header is followed by 1 GiB of zeros (1 MB on disk, 64 gzip
+    members) was inflated whole before the size check: 31 s for 3.2 GB, or "out of memory; lower the
+    batch sizes" naming no file. At most the header's 47,040 bytes plus one are read now."""
+    root = bomb_root(tmp_path_factory)
+    bad = root / "train-images-idx3-ubyte.gz"
+    member = gzip.compress(bytes(1 << 24))  # 16 MiB of zeros in ~16 KB
+    bad.write_bytes(gzip.compress(bytes([0, 0, 0x08, 3]) + struct.pack(">III", 60, 28, 28)) + member * 64)
+    with address_space_headroom(HEADROOM), pytest.raises(DataError) as ei:
+        load_dataset("fashion_mnist", str(root))
+    want = f"malformed idx file {bad}: payload runs past the 47040 bytes its dims (60, 28, 28) need"
+    assert str(ei.value).startswith(want), ei.value
+    assert want in train(tmp_path, capsys, "fashion_mnist", root)
+
+
+def test_a_gzip_idx_header_bigger_than_the_file_can_inflate_to_is_refused_unread(tmp_path: Path, tmp_path_factory,
+                                                                                  capsys):
+    """Deflate expands at most 1032:1, so a header of 2**32-1 images in a small .gz cannot be honest."""
+    root = bomb_root(tmp_path_factory)
+    bad = root / "train-images-idx3-ubyte.gz"
+    bad.write_bytes(gzip.compress(bytes([0, 0, 0x08, 3]) + struct.pack(">III", 2**32 - 1, 28, 28) + bytes(1 << 20)))
+    line = train(tmp_path, capsys, "fashion_mnist", root)
+    assert (f"malformed idx file {bad}: dims (4294967295, 28, 28) need 3367254359280 bytes, more than a gzip file of "
+            f"{bad.stat().st_size} bytes can inflate to; re-download") in line, line
+
+
+def test_a_raw_idx_longer_than_its_header_is_refused_before_reading_it(tmp_path: Path, tmp_path_factory, capsys):
+    """A plain idx with a valid header and 4 GiB after it (sparse: nothing on disk) was read whole."""
+    root = bomb_root(tmp_path_factory)
+    (root / "train-images-idx3-ubyte.gz").unlink()
+    bad = root / "train-images-idx3-ubyte"
+    with open(bad, "wb") as f:
+        f.write(bytes([0, 0, 0x08, 3]) + struct.pack(">III", 60, 28, 28))
+        f.truncate(4 << 30)
+    with address_space_headroom(HEADROOM), pytest.raises(DataError) as ei:
+        load_dataset("fashion_mnist", str(root))
+    want = f"malformed idx file {bad}: payload is {(4 << 30) - 16} bytes, dims (60, 28, 28) need 47040; re-download"
+    assert str(ei.value).startswith(want), ei.value
+    assert want in train(tmp_path, capsys, "fashion_mnist", root)
+
+
+ROW = list(range(256)) * 12  # one image's 3072 pixel values
+
+
+@pytest.mark.parametrize("key, value, words", [
+    ("data", [[ROW] * 1000] * 1000, "'data' holds more than 36864 values, expected 12 rows of 3072 pixel values"),
+    ("data", [ROW] * 100_000, "'data' holds more than 36864 values, expected 12 rows of 3072 pixel values"),
+    ("labels", [[ROW] * 1000] * 12, "'labels' holds more than 12 values, expected 12 labels"),
+], ids=["data-rows-of-rows", "data-many-rows", "labels-of-rows"])
+def test_a_cifar_batch_of_aliased_lists_is_measured_before_it_is_built(tmp_path: Path, capsys, key: str, value, words):
+    """Pickle stores a list once and refers back to it, so 21 KB of file can hold [[row] * 1000] * 1000:
+    np.asarray built its 3e9 values (23 GiB as int64) for 27 s and ended in "out of memory; lower the
+    batch sizes", naming no file. The lengths are counted now, each alias as often as it appears."""
+    d = write_cifar10(tmp_path / "cifar", **{key: value})
+    bad = d / "data_batch_1"
+    assert bad.stat().st_size < 2 << 20
+    with address_space_headroom(HEADROOM), pytest.raises(DataError) as ei:
+        load_dataset("cifar10", str(tmp_path / "cifar"))
+    assert str(ei.value).startswith(f"malformed CIFAR batch {bad}: {words}"), ei.value
+    assert f"malformed CIFAR batch {bad}: {words}" in train(tmp_path, capsys, "cifar10", tmp_path / "cifar")
+
+
+def test_cifar_labels_past_the_largest_cifar_file_are_refused_by_their_count(tmp_path: Path, capsys):
+    """The labels' count bounds what 'data' may hold, so it is bounded too: 50,000 (CIFAR-100's train)."""
+    d = write_cifar10(tmp_path / "cifar", labels=[0] * 50_001)
+    assert (f"malformed CIFAR batch {d / 'data_batch_1'}: 'labels' holds 50001 labels, more than the 50000 images of "
+            f"the largest CIFAR file") in train(tmp_path, capsys, "cifar10", tmp_path / "cifar")
+
+
+def test_cifar_lists_with_repeated_rows_within_the_size_still_load(tmp_path: Path):
+    """Aliases are counted, not refused: 12 copies of one row as lists of ints load as 12 images."""
+    write_cifar10(tmp_path, data=[ROW] * 12, labels=tuple(range(10)) + (0, 1))
+    s = load_dataset("cifar10", str(tmp_path), val_fraction=0.0)
+    assert torch.equal(s.train.x[:12].reshape(12, -1), torch.tensor([ROW] * 12, dtype=torch.uint8))
+    assert s.train.y[:12].tolist() == list(range(10)) + [0, 1]
+
+
+class _Calls:
+    """Pickles as a call of ``fn(*args)``: how a hostile file asks numpy to allocate for it."""
+
+    def __init__(self, fn, *args):
+        self.fn, self.args = fn, args
+
+    def __reduce__(self):
+        return self.fn, self.args
+
+
+@pytest.mark.parametrize("protocol", [2, 4])
+@pytest.mark.parametrize("call, words", [
+    ((np.ndarray, (10**8,), np.dtype(object)), "numpy.ndarray"),  # 800 MB of None pointers, filled
+    ((np.ndarray, (10**10,), np.dtype(np.uint8)), "numpy.ndarray"),
+    (("_reconstruct", np.ndarray, (10**10,), b"b"), "_reconstruct of shape (10000000000,)"),
+], ids=["ndarray-object", "ndarray-uint8", "reconstruct-uint8"])
+def test_safe_pickle_refuses_arrays_larger_than_the_file(tmp_path: Path, capsys, protocol: int, call, words: str):
+    """numpy's pickles rebuild an array as _reconstruct(ndarray, (0,), ...) then fill it from the file's
+    own bytes; called with another shape (or ndarray called itself), 60 bytes allocated 10 GB."""
+    _reconstruct = np.zeros(1).__reduce__()[0]  # numpy.core or numpy._core's, as this numpy spells it
+    fn, *args = call
+    payload = _Calls(_reconstruct if fn == "_reconstruct" else fn, *args)
+    blob = pickle.dumps({b"data": payload, b"labels": [0] * 12}, protocol=protocol)
+    assert len(blob) < 300
+    with address_space_headroom(HEADROOM), pytest.raises(UnsafePickleError, match=re.escape(words)):
+        safe_load(blob)
+    d = write_cifar10(tmp_path / "cifar")
+    (d / "test_batch").write_bytes(blob)
+    line = train(tmp_path, capsys, "cifar10", tmp_path / "cifar")
+    assert f"refused CIFAR file {d / 'test_batch'}: " in line and words in line, line

@@ -60,6 +60,14 @@ def _unpickle(path: Path) -> dict[str, Any]:
     return {_str(k): v for k, v in obj.items()}
 
 
+# The most images one CIFAR file holds: CIFAR-100's train file (CIFAR-10's batches hold 10,000).
+_MAX_IMAGES = 50_000
+_PIXELS = 3072  # 3 channels x 32 x 32, stored channel-major (R plane, G plane, B plane)
+# Python scalars a list may hold without a per-item check (numpy scalars take the slow path).
+_SCALARS = {int, float, bool, complex}
+_NUMBERS = (int, float, complex, np.number, np.bool_)
+
+
 def _read_batches(folder: Path, names: list[str], label_key: str, num_classes: int) -> Split:
     xs, ys = [], []
     for n in names:
@@ -69,10 +77,11 @@ def _read_batches(folder: Path, names: list[str], label_key: str, num_classes: i
             raise DataError(
                 f"malformed CIFAR batch {path}: missing key 'data' or {label_key!r}; re-extract the dataset archive"
             )
-        data = _integers(d["data"], "data", path, 0, 255, "pixel values")
-        labels = _integers(d[label_key], label_key, path, 0, num_classes - 1, "labels")
-        # 3072 = 3 channels x 32 x 32, stored channel-major (R plane, G plane, B plane).
-        if data.ndim != 2 or data.shape[1] != 3072 or labels.shape != (data.shape[0],):
+        rows = _count_labels(d[label_key], label_key, path)
+        data = _integers(d["data"], "data", path, 0, 255, "pixel values",
+                         rows * _PIXELS, f"{rows} rows of {_PIXELS} pixel values, one per label")
+        labels = _integers(d[label_key], label_key, path, 0, num_classes - 1, "labels", rows, f"{rows} labels")
+        if data.ndim != 2 or data.shape[1] != _PIXELS or labels.shape != (data.shape[0],):
             raise DataError(
                 f"malformed CIFAR batch {path}: data {data.shape}, labels {labels.shape}, expected (N, 3072) and (N,); "
                 f"re-extract the dataset archive"
@@ -84,15 +93,64 @@ def _read_batches(folder: Path, names: list[str], label_key: str, num_classes: i
     return Split(torch.cat(xs), torch.cat(ys))
 
 
-def _integers(value: Any, key: str, path: Path, lo: int, hi: int, what: str) -> np.ndarray:
+def _count_labels(labels: Any, key: str, path: Path) -> int:
+    """How many labels (so images) the batch announces, from its length alone: it bounds the values
+    'data' may hold before anything is converted."""
+    n = len(labels) if isinstance(labels, (list, tuple)) or (isinstance(labels, np.ndarray) and labels.ndim) else None
+    if n is None:
+        raise DataError(f"malformed CIFAR batch {path}: {key!r} is a {type(labels).__name__}, expected a list of labels; "
+                        f"{_FIX}")
+    if n > _MAX_IMAGES:
+        raise DataError(f"malformed CIFAR batch {path}: {key!r} holds {n} labels, more than the {_MAX_IMAGES} images "
+                        f"of the largest CIFAR file; {_FIX}")
+    return n
+
+
+def _count(value: Any, cap: int, seen: dict[int, int], depth: int = 0) -> int:
+    """How many values ``np.asarray(value)`` would hold, from list lengths alone; stops counting once
+    past ``cap`` (and returns more than it). Raises ``ValueError`` for anything but numbers.
+
+    A list the pickle holds once but names many times counts each time, as asarray copies it each
+    time: ``[[row] * 1000] * 1000`` is 21 KB of pickle and 3e9 values (23 GiB as int64). ``seen``
+    (by id) counts each distinct list once, so the walk costs no more than the lists in memory."""
+    if isinstance(value, np.ndarray):  # its bytes came from the file (safe_load allows no other array)
+        if value.dtype.kind not in "biufc":
+            raise ValueError(f"holds an array of dtype {value.dtype}")
+        return value.size
+    if isinstance(value, _NUMBERS):
+        return 1
+    if not isinstance(value, (list, tuple)):  # a str would make asarray as many bytes per value as it is long
+        raise ValueError(f"holds a {type(value).__name__}")
+    if depth >= 32:  # numpy 1.x's most dims; deeper would exhaust the recursion first
+        raise ValueError("lists nested more than 32 deep")
+    if id(value) in seen:
+        return seen[id(value)]
+    if set(map(type, value)) <= _SCALARS:  # a row of Python numbers: its length, no per-item call
+        total = len(value)
+    else:
+        total = 0
+        for v in value:
+            total += _count(v, cap, seen, depth + 1)
+            if total > cap:
+                break
+    seen[id(value)] = total
+    return total
+
+
+def _integers(value: Any, key: str, path: Path, lo: int, hi: int, what: str, cap: int, expected: str) -> np.ndarray:
     """``value`` as an integer array whose entries all lie in lo..hi, or a one-line ``DataError``.
 
+    A list is first measured against ``cap`` values (what ``expected`` describes) without building
+    anything: pickle's back-references let a few KB of file describe gigabytes of nested lists.
     Checked before any cast: ``np.asarray(..., dtype=np.uint8)`` would wrap 1e6 or -1 into a
     plausible pixel and truncate 2.7 into label 2, and the run would train on that silently."""
     try:
-        arr = np.asarray(value)
-    except (TypeError, ValueError) as e:  # ragged lists
+        n = _count(value, cap, {}) if isinstance(value, (list, tuple)) else 0
+        arr = np.asarray(value) if n <= cap else None
+    except (TypeError, ValueError) as e:  # ragged lists, strings
         raise DataError(f"malformed CIFAR batch {path}: {key!r} is not numeric ({e}); {_FIX}") from None
+    if arr is None:
+        raise DataError(f"malformed CIFAR batch {path}: {key!r} holds more than {cap} values, expected {expected}; {_FIX}")
     if arr.size == 0:  # an empty list reads as float64; no value to check (an empty batch is refused by the caller)
         return arr.astype(np.int64)
     if arr.dtype.kind not in "iu":

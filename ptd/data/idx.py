@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import gzip
 import math
+import os
 import zlib
+from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO, Iterator
 
 import numpy as np
 import torch
@@ -39,15 +42,29 @@ def find_idx(folder: Path, stem: str, fix: str = f"set data.root to a folder hol
     return None
 
 
-def _read_bytes(path: Path) -> bytes:
+# Deflate expands at most 1032:1 (zlib's documented limit), so a gzip file of n bytes holds at most
+# this many times n once inflated, whatever its header claims.
+_DEFLATE_MAX_RATIO = 1032
+# Payloads are read in slices of this many bytes (16 MiB), so memory grows with the data actually
+# there, not with the size a header announces (BufferedReader.read(n) allocates all n bytes first).
+_CHUNK = 1 << 24
+
+
+@contextmanager
+def _opened(path: Path) -> Iterator[tuple[BinaryIO, int, bool]]:
+    """``path`` opened for reading (inflated if it is gzip), its size on disk in bytes, and whether it
+    is gzip. Read errors become one-line ``DataError``s naming ``path``."""
     try:
-        with open(path, "rb") as f:
-            head = f.read(2)
-        # gzip magic 1f 8b; decide by content, not by the file name.
-        if head == b"\x1f\x8b":
-            with gzip.open(path, "rb") as f:
-                return f.read()
-        return path.read_bytes()
+        with open(path, "rb") as raw:
+            size = os.fstat(raw.fileno()).st_size
+            # gzip magic 1f 8b; decide by content, not by the file name.
+            gz = raw.read(2) == b"\x1f\x8b"
+            raw.seek(0)
+            if not gz:
+                yield raw, size, False
+                return
+            with gzip.GzipFile(fileobj=raw) as f:
+                yield f, size, True
     except (EOFError, zlib.error, gzip.BadGzipFile) as e:
         # A truncated or bit-flipped download: zlib's own message names no file and no fix.
         raise DataError(f"corrupt gzip file {path} ({type(e).__name__}: {e}); delete it and re-download or "
@@ -56,41 +73,65 @@ def _read_bytes(path: Path) -> bytes:
         raise path_error(path, e, _FIX) from None
 
 
+def _read_upto(f: BinaryIO, n: int) -> bytearray:
+    """At most ``n`` bytes of ``f`` (fewer at its end), read a slice at a time."""
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = f.read(min(n - len(buf), _CHUNK))
+        if not chunk:
+            break
+        buf += chunk
+    return buf
+
+
 def read_idx(path: str | Path, *, ndim: int | None = None, dtype_code: int | None = 0x08) -> torch.Tensor:
     """Read an IDX file into a tensor, checking magic number, dtype, dims and payload size.
 
     ``ndim``/``dtype_code`` are the expected values (``None`` accepts any). Any mismatch raises a
-    ``DataError`` naming the file.
+    ``DataError`` naming the file. The header is checked first and at most the payload it announces
+    plus one byte is read, so a file that inflates or extends past its header costs no more than that.
     """
     path = Path(path)
-    data = _read_bytes(path)
-    fix = "re-download or re-install the dataset files"
-    if len(data) < 4 or data[0] != 0 or data[1] != 0:
-        raise DataError(f"malformed idx file {path}: bad magic number {data[:4].hex() or '(empty)'}; {fix}")
-    code, nd = data[2], data[3]
-    if code not in _DTYPES:
-        raise DataError(f"malformed idx file {path}: unknown dtype code 0x{code:02x}; {fix}")
-    if dtype_code is not None and code != dtype_code:
-        raise DataError(f"malformed idx file {path}: dtype code 0x{code:02x}, expected 0x{dtype_code:02x}; {fix}")
-    if ndim is not None and nd != ndim:
-        raise DataError(f"malformed idx file {path}: {nd} dims, expected {ndim}; {fix}")
-    header = 4 + 4 * nd
-    if len(data) < header:
-        raise DataError(f"malformed idx file {path}: truncated header; {fix}")
-    dims = tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=nd, offset=4))
-    dt = _DTYPES[code]
-    # Python ints, not np.prod: int64 wraps (dims 2**22, 2**21, 2**21 multiply to 0), and an empty
-    # payload then passed this check only for reshape to fail as an "internal error".
-    expected = math.prod(dims) * dt.itemsize
-    if len(data) - header != expected:
-        raise DataError(
-            f"malformed idx file {path}: payload is {len(data) - header} bytes, dims {dims} need {expected}; {fix}"
-        )
+    fix = _FIX
+    with _opened(path) as (f, size, gz):
+        magic = f.read(4)
+        if len(magic) < 4 or magic[0] != 0 or magic[1] != 0:
+            raise DataError(f"malformed idx file {path}: bad magic number {magic.hex() or '(empty)'}; {fix}")
+        code, nd = magic[2], magic[3]
+        if code not in _DTYPES:
+            raise DataError(f"malformed idx file {path}: unknown dtype code 0x{code:02x}; {fix}")
+        if dtype_code is not None and code != dtype_code:
+            raise DataError(f"malformed idx file {path}: dtype code 0x{code:02x}, expected 0x{dtype_code:02x}; {fix}")
+        if ndim is not None and nd != ndim:
+            raise DataError(f"malformed idx file {path}: {nd} dims, expected {ndim}; {fix}")
+        header = 4 + 4 * nd
+        raw_dims = f.read(4 * nd)
+        if len(raw_dims) < 4 * nd:
+            raise DataError(f"malformed idx file {path}: truncated header; {fix}")
+        dims = tuple(int(d) for d in np.frombuffer(raw_dims, dtype=">u4"))
+        dt = _DTYPES[code]
+        # Python ints, not np.prod: int64 wraps (dims 2**22, 2**21, 2**21 multiply to 0), and an empty
+        # payload then passed this check only for reshape to fail as an "internal error".
+        expected = math.prod(dims) * dt.itemsize
+        # Before reading the payload, so an absurd header allocates nothing: a plain file's size is
+        # exact; a gzip file's bounds what it can inflate to.
+        if not gz and size - header != expected:
+            raise DataError(f"malformed idx file {path}: payload is {size - header} bytes, dims {dims} need {expected}; "
+                            f"{fix}")
+        if gz and size * _DEFLATE_MAX_RATIO < header + expected:
+            raise DataError(f"malformed idx file {path}: dims {dims} need {expected} bytes, more than a gzip file of "
+                            f"{size} bytes can inflate to; {fix}")
+        data = _read_upto(f, expected + 1)
+    if len(data) > expected:
+        raise DataError(f"malformed idx file {path}: payload runs past the {expected} bytes its dims {dims} need "
+                        f"(stopped reading there); {fix}")
+    if len(data) < expected:
+        raise DataError(f"malformed idx file {path}: payload is {len(data)} bytes, dims {dims} need {expected}; {fix}")
     # A count of 0 beside huge dims matches an empty payload, but numpy refuses any shape whose
     # non-zero dims overflow its index type: no real dataset has such a header.
     if math.prod(d for d in dims if d) * dt.itemsize > np.iinfo(np.intp).max:
         raise DataError(f"malformed idx file {path}: dims {dims} describe an array too large to exist; {fix}")
-    arr = np.frombuffer(data, dtype=dt, offset=header).reshape(dims)
+    arr = np.frombuffer(data, dtype=dt).reshape(dims)
     # Native byte order and a writable copy, since torch cannot wrap big-endian or read-only buffers.
     return torch.from_numpy(arr.astype(dt.newbyteorder("="), copy=True))
 
