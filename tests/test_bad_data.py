@@ -790,13 +790,16 @@ class _Calls:
     ((np.ndarray, (10**8,), np.dtype(object)), "numpy.ndarray"),  # 800 MB of None pointers, filled
     ((np.ndarray, (10**10,), np.dtype(np.uint8)), "numpy.ndarray"),
     (("_reconstruct", np.ndarray, (10**10,), b"b"), "_reconstruct of shape (10000000000,)"),
-], ids=["ndarray-object", "ndarray-uint8", "reconstruct-uint8"])
+    # numpy scalars too: without its bytes, scalar(dtype) zero-fills the dtype's itemsize (2 GB here)
+    (("scalar", np.dtype("V2000000000")), "numpy scalar without exactly its itemsize"),
+], ids=["ndarray-object", "ndarray-uint8", "reconstruct-uint8", "scalar-void"])
 def test_safe_pickle_refuses_arrays_larger_than_the_file(tmp_path: Path, capsys, protocol: int, call, words: str):
     """numpy's pickles rebuild an array as _reconstruct(ndarray, (0,), ...) then fill it from the file's
     own bytes; called with another shape (or ndarray called itself), 60 bytes allocated 10 GB."""
     _reconstruct = np.zeros(1).__reduce__()[0]  # numpy.core or numpy._core's, as this numpy spells it
     fn, *args = call
-    payload = _Calls(_reconstruct if fn == "_reconstruct" else fn, *args)
+    scalar = np.float32(1).__reduce__()[0]  # multiarray.scalar, likewise
+    payload = _Calls(_reconstruct if fn == "_reconstruct" else scalar if fn == "scalar" else fn, *args)
     blob = pickle.dumps({b"data": payload, b"labels": [0] * 12}, protocol=protocol)
     assert len(blob) < 300
     with address_space_headroom(HEADROOM), pytest.raises(UnsafePickleError, match=re.escape(words)):

@@ -158,6 +158,8 @@ def test_zero_spread_is_decided_by_the_sign_flip_test():
     six = paired_estimate([-0.001] * 6)
     assert six["called"] and six["direction"] == -1 and six["sign_flip_p"] == pytest.approx(2 / 64)
     assert not paired_estimate([0.0] * 10)["called"]  # exactly no difference
+    many = paired_estimate([0.003] * 17)  # past the enumeration's 16 values: 2 / 2^n all the same
+    assert many["called"] and many["sign_flip_p"] == pytest.approx(2 / 2 ** 17)
     h = hierarchical_estimate({t: [0.002, 0.004] for t in range(6)})  # six teachers, equal means
     assert h["called"] and h["n"] == 6
     with pytest.raises(ValueError, match="finite"):  # NaN read "+nan points", sign-flip p 0

@@ -56,6 +56,16 @@ def _reconstruct(subtype: Any, shape: Any, dtype: Any) -> np.ndarray:
     return multiarray._reconstruct(np.ndarray, (0,), dtype)
 
 
+def _scalar(dtype: Any, *args: Any) -> Any:
+    """``multiarray.scalar`` as numpy's pickles call it: a dtype and exactly its itemsize of bytes
+    from the file. Called without the bytes, numpy allocates and zero-fills the itemsize, and a file
+    may name a dtype of 2 GB in 125 bytes of pickle (review of the size-bomb fix)."""
+    if not isinstance(dtype, np.dtype) or len(args) != 1 or not isinstance(args[0], (bytes, str)) \
+            or len(args[0]) != dtype.itemsize:
+        raise UnsafePickleError("refused numpy scalar without exactly its itemsize of bytes from the file")
+    return multiarray.scalar(dtype, *args)
+
+
 def _allowed() -> dict[tuple[str, str], Any]:
     import _codecs
 
@@ -68,7 +78,7 @@ def _allowed() -> dict[tuple[str, str], Any]:
     }
     for mod in ("numpy.core", "numpy._core"):
         objs[(f"{mod}.multiarray", "_reconstruct")] = _reconstruct
-        objs[(f"{mod}.multiarray", "scalar")] = multiarray.scalar
+        objs[(f"{mod}.multiarray", "scalar")] = _scalar
         if hasattr(numeric, "_frombuffer"):  # protocol 5 arrays
             objs[(f"{mod}.numeric", "_frombuffer")] = numeric._frombuffer
     return objs
