@@ -123,17 +123,16 @@ def load_checked(cfg: RunConfig, device: torch.device) -> Any:
     """The configured dataset, its images checked (``ptd.data.verify_images``). Under torchrun each
     machine's processes check a share of the images, so a bad file is one process's own error, and
     with bad files in several shares each process printed its own line, in any order, the first
-    named not the first in the split. Every process now joins one collective once its share is
-    checked (the process group starts here rather than in ``make_context``), and all of them raise
-    the bad file first in the split's order, which rank 0 alone says, as a single process would."""
+    named not the first in the split. Every process now joins one collective once it has loaded
+    (the process group starts here rather than in ``make_context``), and all of them raise the
+    first refusal any of them met, a bad file by the split's order, which rank 0 alone says, as a
+    single process would."""
     from ptd.data import DataError, load_configured
 
-    own: DataError | None = None
+    own: PtdError | None = None
     try:
         splits = load_configured(cfg.data, cfg.seed)
-    except DataError as e:
-        if getattr(e, "image_position", None) is None:  # not the image check: every process raises it alike
-            raise
+    except PtdError as e:
         own, splits = e, None
     if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
         if own is not None:
@@ -142,7 +141,13 @@ def load_checked(cfg: RunConfig, device: torch.device) -> Any:
     from ptd.train.distributed import gather_objects, init_distributed
 
     init_distributed(device.type)
-    found = [x for x in gather_objects(None if own is None else (own.image_position, str(own))) if x is not None]
+    # Any refusal of one process (a file only its machine cannot read, as well as a bad image in its
+    # share) is every process's: one that raised alone was silenced as "every rank's" while the
+    # others waited in the rendezvous until torchrun stopped them, and no line was printed (review).
+    # Errors from before the image check come first (-1), then bad images in split order.
+    pos = getattr(own, "image_position", None)
+    mine = None if own is None else (-1 if pos is None else pos, str(own))
+    found = [x for x in gather_objects(mine) if x is not None]
     if found:
         raise DataError(min(found)[1])  # the same on every rank (raised under on_every_rank: said once)
     return splits

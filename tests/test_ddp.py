@@ -212,3 +212,33 @@ def test_torchrun_ranks_split_the_image_check_and_say_the_first_bad_file_once(tm
     early.write_bytes(b"junk")
     lines = errors()
     assert len(lines) == 1 and lines[0].startswith(f"ptd: error: cannot read image {early} "), lines
+
+
+@pytest.mark.slow
+def test_torchrun_says_a_data_refusal_only_one_rank_meets(tmp_path, tiny_fashion):
+    """A refusal one process alone meets while loading (a file only its machine cannot read) was
+    marked every rank's, so that rank kept silent while the others waited in the rendezvous until
+    torchrun stopped them: no line at all (review). The ranks now share what they met, and rank 0
+    says it once."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(tiny_config(tiny_fashion, threads=1)))
+    wrap = tmp_path / "wrap.py"
+    wrap.write_text(
+        "import os, sys\n"
+        "import ptd.data\n"
+        "from ptd.data import DataError\n"
+        "real = ptd.data.load_configured\n"
+        "def only_rank_1(dc, seed, **kw):\n"
+        "    if os.environ.get('RANK') == '1':\n"
+        "        raise DataError('cannot read /x/cache on this machine; fix it')\n"
+        "    return real(dc, seed, **kw)\n"
+        "ptd.data.load_configured = only_rank_1\n"
+        "from ptd.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n")
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(wrap),
+                        "train", str(cfg), "--out", str(out), "--quiet"], capture_output=True, text=True, timeout=300,
+                       cwd=str(Path(__file__).resolve().parents[1]))
+    lines = [l for l in r.stderr.splitlines() if l.startswith("ptd: error")]
+    assert r.returncode != 0 and lines == ["ptd: error: cannot read /x/cache on this machine; fix it"], r.stderr[-3000:]
+    assert not out.exists()
