@@ -207,7 +207,13 @@ def test_runs_whose_teachers_differ_say_a_call_may_be_the_teachers(tmp_path, cap
     out = capsys.readouterr().out
     assert "(false-positive rate 5% per row when the runs' students differ by seed noise alone; that some one of these 2 rows " \
            "is called, up to 10%)." in out
-    assert "The runs' teachers differ (teacher " in out and "a call there may be the teachers' difference" in out
+    t = demo["teacher"]["test_acc"]
+    assert (f"The runs' teachers differ (teacher {100 * t:.2f}% in A, {100 * (t + 0.0044):.2f}% in B): " in out
+            and "a call there may be the teachers' difference" in out)
+    rb3 = run_dir(tmp_path, "b3", b, pruned_teacher={**demo["pruned_teacher"], "test_acc": 0.5})
+    assert main(["compare", str(ra), str(rb3)]) == 0  # only the pruned teachers differ: their accuracies are named
+    assert f"The runs' pruned teachers differ (pruned teacher {100 * demo['pruned_teacher']['test_acc']:.2f}% in A, 50.00% in B)" \
+        in capsys.readouterr().out
     rb2 = run_dir(tmp_path, "b2", b)
     assert main(["compare", str(ra), str(rb2)]) == 0
     assert "teachers differ" not in capsys.readouterr().out

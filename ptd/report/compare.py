@@ -118,15 +118,18 @@ def format_comparison(rows: list[dict[str, Any]], a: dict[str, Any], b: dict[str
     lines += ["", "Paired by arm, loss, teacher replicate and seed; called only when the 95% interval excludes 0 "
                   "(false-positive rate 5% per row when the runs' students differ by seed noise alone"
               + (f"; that some one of these {k} rows is called, up to {min(100, 5 * k)}%" if k > 1 else "") + ")."]
+    # Told apart by their test accuracy: two trainings that score alike to the last image are not
+    # told apart here (the run directories' weights are not read).
     differ = [x for x in ("teacher", "pruned_teacher") if (a.get(x) or {}).get("test_acc") != (b.get(x) or {}).get("test_acc")]
     if differ and not any(r["teachers"] > 1 for r in rows):
         # One teacher each, and not the same one (another machine, seed or config trained it): the
         # rows' intervals cover the students' seed noise, not the spread between teacher trainings,
         # so a call can be these two teachers' difference (measured: the same config on a CPU and an
         # H100, teachers 90.35% and 90.79%, gave a called control row).
-        names = " and ".join({"teacher": "teachers", "pruned_teacher": "pruned teachers"}[x] for x in differ)
-        lines.append(f"The runs' {names} differ (teacher {_pct(a['teacher']['test_acc'])} in A, "
-                     f"{_pct(b['teacher']['test_acc'])} in B): a teacher arm's row compares students of two different "
+        label = {"teacher": "teacher", "pruned_teacher": "pruned teacher"}
+        names = " and ".join(f"{label[x]}s" for x in differ)
+        accs = "; ".join(f"{label[x]} {_pct(a[x]['test_acc'])} in A, {_pct(b[x]['test_acc'])} in B" for x in differ)
+        lines.append(f"The runs' {names} differ ({accs}): a teacher arm's row compares students of two different "
                      f"teachers, and its interval covers seed noise only, not how much another training of the teacher "
                      f"would move it; a call there may be the teachers' difference (teacher.seeds 2 or more in both runs "
                      f"puts that spread into the interval).")
