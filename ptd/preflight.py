@@ -435,12 +435,18 @@ def run_kind(run: Path) -> str | None:
     pruned_teacher or retrained_teacher student), or None (only a teacher, a student or the
     shared arms: either may grow it). From the layout rather than a record, so directories made
     before this check are read alike."""
+    from ptd.pruning import SPECS
+
     prune, distill = run / P.PRUNE, run / P.DISTILL
     children = [c.name for c in prune.iterdir() if c.is_dir()] if prune.is_dir() else []
-    if (run / P.SWEEP_JSON).exists() or any(not re.fullmatch(r"level_\d+", c) for c in children):
+    # Only the names ptd.sweep gives: a folder a user left under prune/ (a backup) names neither.
+    strategies = set(SPECS.names())
+    swept = [c for c in children if c in strategies or ((m := re.fullmatch(r"(.+)_s[0-9.e+-]+", c)) and m[1] in strategies)]
+    if (run / P.SWEEP_JSON).exists() or swept:
         return "sweep"
     arms = [c.name for c in distill.iterdir()] if distill.is_dir() else []
-    if ((run / P.RESULTS).exists() or children or (prune / P.DONE).exists() or (run / P.CONTROL).exists()
+    levels = [c for c in children if re.fullmatch(r"level_\d+", c)]
+    if ((run / P.RESULTS).exists() or levels or (prune / P.DONE).exists() or (run / P.CONTROL).exists()
             or (run / P.REPLICATES).exists() or any(a.startswith(("pruned_teacher", "retrained_teacher")) for a in arms)):
         return "run"
     return None

@@ -460,3 +460,5 @@ def test_a_sweep_and_a_run_do_not_go_into_each_others_directory(tmp_path, tiny_f
     if m.parent != out and not any(m.parent.iterdir()) and m.parent.name != "distill":
         m.parent.rmdir()  # teachers/ without its r1/
     assert run_kind(out) is None  # teacher/, config.yaml and the shared scratch arm: either command may take it
+    (out / "prune" / "level_3.bak").mkdir(parents=True)  # a folder a user left there names neither
+    assert run_kind(out) is None
