@@ -324,6 +324,7 @@ def _write_onnx(model: nn.Module, path: Path, input_shape: Sequence[int]) -> Non
                 model, (x,), str(path), dynamo=False, opset_version=ONNX_OPSET, input_names=["images"], output_names=["logits"],
                 dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
             )
+        _label(path, model)
     except Exception as e:  # noqa: BLE001 -- any exporter failure means the same to the user
         os_err = e if isinstance(e, OSError) else e.__cause__ if isinstance(e.__cause__, OSError) else None
         if os_err is not None:  # the disk, not the model: a full disk, a quota
@@ -332,6 +333,26 @@ def _write_onnx(model: nn.Module, path: Path, input_shape: Sequence[int]) -> Non
         msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
         raise ExportError(f"{type(model).__name__} cannot be exported to ONNX ({type(e).__name__}: {msg}); "
                           "export a model built by ptd (ptd.models) or make its forward traceable") from None
+
+
+def _label(path: Path, model: nn.Module) -> None:
+    """Carry what the model file records into the ONNX file's metadata: the class of each logit
+    (``ptd_classes``, JSON) and the (height, width) it was trained at (``ptd_input_size``). A
+    deployment otherwise gets logits numbered by nothing it can read."""
+    import onnx
+
+    meta = {}
+    if getattr(model, "ptd_classes", None) is not None:
+        meta["ptd_classes"] = json.dumps([str(c) for c in model.ptd_classes])
+    if getattr(model, "ptd_input_size", None) is not None:
+        meta["ptd_input_size"] = json.dumps([int(v) for v in model.ptd_input_size])
+    if not meta:
+        return
+    m = onnx.load(str(path))
+    for k, v in sorted(meta.items()):
+        entry = m.metadata_props.add()
+        entry.key, entry.value = k, v
+    onnx.save(m, str(path))
 
 
 def export_onnx(model: nn.Module, out: str | Path, input_shape: Sequence[int], *, overwrite: bool = False) -> Path:

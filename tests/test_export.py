@@ -418,3 +418,22 @@ def test_a_finished_student_stages_missing_stats_is_named_when_the_input_size_is
         assert rc == 2 and printed == "" and err.count("\n") == 1, err
         assert err.startswith(f"ptd: error: {stats}: {want}"), err
         assert "test images cannot be read here" in err and "data.root" in err and not out.exists()
+
+
+def test_the_onnx_file_carries_the_models_classes_and_input_size(tmp_path, capsys):
+    """Model files record their outputs' class names and the size they were trained at; the
+    exported ONNX file dropped both, so a deployment got logits numbered by nothing it could read
+    (review). A file recording neither exports without them."""
+    import onnx
+
+    m = build_model("vgg", 3, 1, plan=[8, "M", 16])
+    m.ptd_classes, m.ptd_input_size = ["cat", "dog", "eel"], (28, 28)
+    f = tmp_path / "m.safetensors"
+    save_model(f, m)
+    rc, _, err = run_cli(capsys, f, "--out", tmp_path / "m.onnx", "--no-latency")
+    assert rc == 0, err
+    meta = {p.key: p.value for p in onnx.load(str(tmp_path / "m.onnx")).metadata_props}
+    assert json.loads(meta["ptd_classes"]) == ["cat", "dog", "eel"] and json.loads(meta["ptd_input_size"]) == [28, 28]
+    save_model(tmp_path / "bare.safetensors", build_model("vgg", 3, 1, plan=[8, "M", 16]))
+    rc, _, err = run_cli(capsys, tmp_path / "bare.safetensors", "--out", tmp_path / "bare.onnx", "--no-latency")
+    assert rc == 0 and not onnx.load(str(tmp_path / "bare.onnx")).metadata_props, err
