@@ -586,6 +586,10 @@ def check_finished_stages(run_dir: Path, under: Sequence[Path] | None = None) ->
         for name in needs:
             if not (d / name).is_file():
                 raise damaged(d / name, "missing, though its stage is finished")
+        if d.name == P.STUDENT and read_json(d / P.ARCHITECTURE) != data["spec"]:
+            # The distillations record architecture.json as what they were made from and build
+            # stats.json's spec: the two must be one student, or an edit of one goes unnoticed.
+            raise damaged(record, f"its student spec is not the one in {P.ARCHITECTURE} beside it (one of them was edited)")
         for f in sorted(d.glob("*.json")):  # every other JSON ptd wrote there (architecture.json: `ptd eval`, export)
             if f != record and f.is_file():
                 read_json(f)

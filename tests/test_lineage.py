@@ -216,8 +216,8 @@ def test_a_replaced_teacher_refuses_the_stages_made_from_the_old_one(finished, c
                                               f"{lvl}/masks.safetensors": file_digest(out / lvl / P.MASKS)}
     # The distilled students record the pruned teacher's final level and the student they trained.
     assert set(recorded_inputs(out / "distill" / "pruned_teacher_seed0")) == {
-        f"{lvl}/model.safetensors", f"{lvl}/masks.safetensors", "student/stats.json"}
-    assert set(recorded_inputs(out / "distill" / "scratch_seed0")) == {"student/stats.json"}
+        f"{lvl}/model.safetensors", f"{lvl}/masks.safetensors", "student/architecture.json"}
+    assert set(recorded_inputs(out / "distill" / "scratch_seed0")) == {"student/architecture.json"}
 
 
 def test_a_level_redone_differently_refuses_the_levels_made_from_it(finished, capsys):

@@ -126,13 +126,17 @@ def test_sweep_end_to_end_and_resume(tmp_path, tiny_fashion, capsys):
     assert [x["students"] for x in r2["rows"]] == [x["students"] for x in r["rows"]]
 
     # A student/ that is not the sweep's (as `ptd run` into the same directory would leave) is refused.
-    stats_path = out / "student" / "stats.json"
+    stats_path, arch_path = out / "student" / "stats.json", out / "student" / "architecture.json"
     stats = json.loads(stats_path.read_text())
     stats["spec"]["plan"][0] += 1
     stats_path.write_text(json.dumps(stats))
+    # stats.json's spec alone edited: not the student architecture.json holds, damaged.
+    line = one_line_error(run_cli("sweep", cfg_path, "--out", out, "--quiet"))
+    assert line.startswith(f"ptd: error: {stats_path}: damaged (its student spec is not the one in architecture.json"), line
+    arch_path.write_text(json.dumps(stats["spec"]))  # both: another student, as `ptd run` would have made
     # The students distilled into the old architecture are stale now (lineage, tests/test_lineage.py)...
     line = one_line_error(run_cli("sweep", cfg_path, "--out", out, "--quiet"))
-    assert f"were made from {stats_path}, which has changed since" in line and "distill/imp_s0.59_seed1" in line
+    assert f"were made from {arch_path}, which has changed since" in line and "distill/imp_s0.59_seed1" in line
     # ...and without them, the student itself is refused as not the sweep's.
     import shutil
 
