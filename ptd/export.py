@@ -348,7 +348,8 @@ def _label(path: Path, model: nn.Module) -> None:
         meta["ptd_input_size"] = json.dumps([int(v) for v in model.ptd_input_size])
     if not meta:
         return
-    m = onnx.load(str(path))
+    # Not its weights: over 2 GB torch writes them to files beside it, which one proto cannot hold.
+    m = onnx.load(str(path), load_external_data=False)
     for k, v in sorted(meta.items()):
         entry = m.metadata_props.add()
         entry.key, entry.value = k, v

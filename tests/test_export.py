@@ -437,3 +437,29 @@ def test_the_onnx_file_carries_the_models_classes_and_input_size(tmp_path, capsy
     save_model(tmp_path / "bare.safetensors", build_model("vgg", 3, 1, plan=[8, "M", 16]))
     rc, _, err = run_cli(capsys, tmp_path / "bare.safetensors", "--out", tmp_path / "bare.onnx", "--no-latency")
     assert rc == 0 and not onnx.load(str(tmp_path / "bare.onnx")).metadata_props, err
+
+
+def test_labelling_an_onnx_file_keeps_its_external_weights_outside(tmp_path):
+    """Over 2 GB torch writes an ONNX model's weights to files beside it; labelling it loaded them
+    back and saved one proto, which fails past 2 GB ('Failed to serialize proto', review). Shown
+    on a small model saved the same way: the weights stay outside and onnxruntime still runs it."""
+    import onnx
+
+    from ptd.export import _label, _session
+
+    m = build_model("vgg", 3, 1, plan=[8, "M", 16]).eval()
+    m.ptd_classes, m.ptd_input_size = ["a", "b", "c"], (16, 16)
+    f = tmp_path / "m.onnx"
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation, which ptd's own export silences too
+        torch.onnx.export(m, (torch.zeros(1, 1, 16, 16),), str(f), dynamo=False, input_names=["images"], output_names=["logits"])
+    onnx.save_model(onnx.load(str(f)), str(f), save_as_external_data=True, all_tensors_to_one_file=True, location="w.bin",
+                    size_threshold=0)
+    small = f.stat().st_size
+    _label(f, m)
+    assert f.stat().st_size < small + 200 < (tmp_path / "w.bin").stat().st_size  # the metadata, not the weights
+    assert {p.key for p in onnx.load(str(f), load_external_data=False).metadata_props} == {"ptd_classes", "ptd_input_size"}
+    out = _session(f).run(["logits"], {"images": np.zeros((1, 1, 16, 16), np.float32)})[0]
+    assert out.shape == (1, 3)

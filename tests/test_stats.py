@@ -160,6 +160,7 @@ def test_zero_spread_is_decided_by_the_sign_flip_test():
     assert not paired_estimate([0.0] * 10)["called"]  # exactly no difference
     many = paired_estimate([0.003] * 17)  # past the enumeration's 16 values: 2 / 2^n all the same
     assert many["called"] and many["sign_flip_p"] == pytest.approx(2 / 2 ** 17)
+    assert paired_estimate([0.003] * 1100)["called"]  # 2.0 ** 1100 overflowed a float
     h = hierarchical_estimate({t: [0.002, 0.004] for t in range(6)})  # six teachers, equal means
     assert h["called"] and h["n"] == 6
     with pytest.raises(ValueError, match="finite"):  # NaN read "+nan points", sign-flip p 0

@@ -75,7 +75,7 @@ def sign_flip_p(d: Sequence[float]) -> float | None:
     x = np.asarray(d, dtype=np.float64)
     n = x.size
     if n and np.all(x == x[0]):  # every value equal: only all-plus and all-minus reach |mean|, at any n
-        return 1.0 if x[0] == 0 else 2.0 / 2.0 ** n
+        return 1.0 if x[0] == 0 else 2.0 ** (1 - n)  # (2 / 2.0**n overflows from n = 1024)
     if n == 0 or n > SIGN_FLIP_MAX_N:
         return None
     signs = np.array(list(itertools.product((1.0, -1.0), repeat=n)))  # [2^n, n]
