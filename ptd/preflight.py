@@ -102,18 +102,18 @@ def _preflight(cfg: RunConfig, run_dir: str | Path, slow: "SlowSteps", *, splits
     slow.step("sizing each stage's activations")
     check_training_memory(cfg, teacher, student if student is not None else derived, splits, device)
     if cfg.teacher.checkpoint:
-        from ptd.train.checkpoint import CheckpointError, class_mismatch, load_into, recorded_classes, recorded_input_size
+        from ptd.train.checkpoint import CheckpointError, class_mismatch, load_into, recorded
 
         load_into(teacher, cfg.teacher.checkpoint, "teacher")  # one-line CheckpointError: missing, unreadable, other arch
+        rec = recorded(cfg.teacher.checkpoint)
         # A teacher trained at another size would be scored, pruned and taught from at one it never saw.
-        size, want = recorded_input_size(cfg.teacher.checkpoint), frame_size(splits, cfg.data.image_size)
+        size, want = rec["input_size"], frame_size(splits, cfg.data.image_size)
         if size is not None and tuple(size) != tuple(want):
             fix = f"set data.image_size={size[0]}" if size[0] == size[1] else "use the data it was trained on"
             raise CheckpointError(f"{cfg.teacher.checkpoint}: the teacher was trained on {size[0]}x{size[1]} images, but this run "
                                   f"feeds it {want[0]}x{want[1]}; {fix}, or give a teacher trained at {want[0]}x{want[1]}")
         # A teacher whose outputs mean other classes would be scored and distilled against relabelled data.
-        wrong = class_mismatch(cfg.teacher.checkpoint, recorded_classes(cfg.teacher.checkpoint), splits.classes,
-                               f"data.name={cfg.data.name}")
+        wrong = class_mismatch(cfg.teacher.checkpoint, rec["classes"], splits.classes, f"data.name={cfg.data.name}")
         if wrong:
             raise CheckpointError(wrong)
     return splits

@@ -250,8 +250,7 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: d
     # disk is then an OSError (ENOSPC), which the CLI says in one line. safetensors' own file writer
     # raised SafetensorError ("I/O error: No space left on device") and torch.save a RuntimeError
     # ("unexpected pos"), both reported as a bug in ptd (crash audit, 3 of 3 disk-full runs).
-    data = canonical_safetensors(save_safetensors(tensors, metadata=metadata))
-    _commit(Path(path), lambda tmp: Path(tmp).write_bytes(data))
+    write_bytes(path, canonical_safetensors(save_safetensors(tensors, metadata=metadata)))
 
 
 def canonical_safetensors(raw: bytes) -> bytes:
@@ -294,7 +293,7 @@ def write_json(path: str | Path, obj: Any) -> None:
     _commit(Path(path), w)
 
 
-def write_bytes(path: str | Path, data: bytes) -> None:
+def write_bytes(path: str | Path, data: bytes | memoryview) -> None:
     """``data`` into ``path`` through the same atomic commit as every other run-directory file."""
     _commit(Path(path), lambda tmp: Path(tmp).write_bytes(data))
 
@@ -756,34 +755,31 @@ def load_model(path: str | Path) -> nn.Module:
                                   f"holds {have:,}: the metadata belongs to another model or was edited; {fix}")
     model = _build_spec(p, spec)
     load_into(model, p)
-    if "input_size" in meta:
-        model.ptd_input_size = _input_size(p, meta["input_size"])
-    if "classes" in meta:
-        model.ptd_classes = _classes(p, meta["classes"])
+    rec = _records(p, meta)
+    if rec["input_size"] is not None:
+        model.ptd_input_size = rec["input_size"]
+    if rec["classes"] is not None:
+        model.ptd_classes = rec["classes"]
     return model
 
 
 MAX_INPUT_SIDE = 65536  # pixels: larger than any image a classifier is trained on
 
 
-def recorded_input_size(path: str | Path) -> tuple[int, int] | None:
-    """The (height, width) a ptd model file says it was trained at; None for a file that records
+def recorded(path: str | Path) -> dict[str, Any]:
+    """What a ptd model file records of the data it was trained on, parsed: ``input_size`` (height,
+    width) and ``classes`` (its outputs' class names, in order), each None where the file records
     none (a torch state dict, a ptd file from before the record). A damaged record: one line."""
     try:
         meta = read_metadata(path)
     except CheckpointError:
-        return None  # not safetensors: load_into reads it, and says what is wrong with it
-    return _input_size(Path(path), meta["input_size"]) if "input_size" in meta else None
+        meta = {}  # not safetensors: load_into reads it, and says what is wrong with it
+    return _records(Path(path), meta)
 
 
-def recorded_classes(path: str | Path) -> list[str] | None:
-    """The class names a ptd model file says its outputs are, in output order; None for a file that
-    records none (a torch state dict, a ptd file from before the record). A damaged record: one line."""
-    try:
-        meta = read_metadata(path)
-    except CheckpointError:
-        return None  # not safetensors: load_into reads it, and says what is wrong with it
-    return _classes(Path(path), meta["classes"]) if "classes" in meta else None
+def _records(path: Path, meta: dict[str, str]) -> dict[str, Any]:
+    return {"input_size": _input_size(path, meta["input_size"]) if "input_size" in meta else None,
+            "classes": _classes(path, meta["classes"]) if "classes" in meta else None}
 
 
 def _classes(path: Path, text: str) -> list[str]:
@@ -809,8 +805,9 @@ def class_mismatch(path: str | Path, recorded: Sequence[str] | None, classes: Se
         return (f"{path}: the model has {len(recorded)} classes and {where} has {len(classes)}; use the data it was "
                 f"trained on")
     i = next(k for k, (a, b) in enumerate(zip(recorded, classes)) if a != b)
+    known = set(classes)
     how = ("the same classes in another order" if sorted(recorded) == sorted(classes) else
-           f"{sum(a not in set(classes) for a in recorded)} of its {len(recorded)} classes are not among the data's")
+           f"{sum(a not in known for a in recorded)} of its {len(recorded)} classes are not among the data's")
     return (f"{path}: the model's class {i} is {recorded[i]!r} but {where} numbers {classes[i]!r} there ({how}); use "
             f"the data it was trained on, with its class list (e.g. the dataset's own wnids.txt) unchanged")
 
@@ -872,8 +869,7 @@ def save_resume(out_dir: str | Path, state: dict[str, Any]) -> None:
     state = {**_to_cpu(state), "format": RESUME_FORMAT}
     buf = io.BytesIO()  # in memory first, so a full disk is an OSError from the write (see save_tensors)
     torch.save(state, buf)
-    data = buf.getvalue()
-    _commit(Path(out_dir) / RESUME_FILE, lambda tmp: Path(tmp).write_bytes(data))
+    write_bytes(Path(out_dir) / RESUME_FILE, buf.getbuffer())  # a view: no second copy of the state
 
 
 def load_resume(out_dir: str | Path, world_size: int | None = None) -> dict[str, Any] | None:
