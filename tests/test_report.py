@@ -510,3 +510,28 @@ def test_the_report_says_what_a_call_is_about_and_how_often_noise_makes_one():
     assert rows_called(r2) == 3 * 3 and "one training of the teacher" not in scope_note(r2)
     only = _built([s for s in students if s["arm"] != "unpruned_teacher"])
     assert scope_note(only) == note[:note.index(" Each of")]  # one comparison: no multiplicity to state
+
+
+def test_a_comparison_over_fewer_students_than_its_arms_says_so():
+    """An arm run for more seeds than another (a partial --arm run) is compared over the common
+    seeds only, so the row's mean difference is not the difference of the arm means above it: the
+    report showed both without a word (last session's note). Said beside the comparisons, in both
+    reports, naming the row and its counts; nothing said when every student has its partner."""
+    from ptd.report import scope_note, unpaired_note
+    from ptd.report.html import render_run_html
+
+    students = [{**x, "epochs": 1, "steps": 10, "wall_s": 1.0} for arm, accs in
+                (("scratch", [0.80, 0.81]), ("pruned_teacher", [0.84, 0.85, 0.70]), ("unpruned_teacher", [0.82, 0.83]))
+                for x in rows(arm, accs)]
+    r = _built(students)
+    c = r["comparison"]["pruned_minus_unpruned"]
+    assert len(c["per_seed"]) == 2 and abs(c["mean"] - 0.02) < 1e-12  # over seeds 0 and 1 alone
+    arms_diff = r["summary"]["pruned_teacher"]["mean"] - r["summary"]["unpruned_teacher"]["mean"]
+    assert abs(arms_diff - (2.39 / 3 - 0.825)) < 1e-12 and arms_diff < 0  # the arm means' difference: even its sign differs
+    note = unpaired_note(r)
+    assert note == ("Comparisons pair students of the same seed (and teacher) only: pruned minus unpruned pairs 2 of its "
+                    "arms' 3 and 2 students; pruned minus scratch pairs 2 of its arms' 3 and 2 students. A row's "
+                    "mean difference is over its pairs, so it need not equal the difference of the arm means above; run "
+                    "the missing seeds of the other arm to compare them all."), note
+    assert scope_note(r).endswith(note) and note in render_markdown(r) and html.escape(note) in render_run_html(".", r)
+    assert unpaired_note(_built([s for s in students if s["seed"] < 2])) is None

@@ -487,7 +487,27 @@ def scope_note(r: Mapping[str, Any]) -> str | None:
         measured = " (16-19% measured for these 4)" if k == 4 else ""  # tests/test_stats.py, for the 4 rows of one loss
         parts.append(f"Each of the {k} rows with a call is at 95% on its own: under seed noise alone a given row is "
                      f"called 5% of the time, and some one of them up to {min(100, 5 * k)}% of the time{measured}.")
+    parts += [note] if (note := unpaired_note(r)) else []
     return " ".join(parts) or None
+
+
+def unpaired_note(r: Mapping[str, Any]) -> str | None:
+    """Which comparisons pair fewer students than their arms hold (an arm run for more seeds than
+    another, e.g. a partial ``--arm`` run): a row's mean difference is over the pairs alone, so it
+    need not be the difference of the arm means shown above it."""
+    summary, short = r.get("summary") or {}, []
+    for key, c in (r.get("comparison") or {}).items():
+        if key not in COMPARISONS:
+            continue
+        a, b = COMPARISONS[key]
+        pairs, held = len(c.get("per_seed") or {}), [summary.get(x, {}).get("n", 0) for x in (a, b)]
+        if pairs < max(held):
+            short.append(f"{key.replace('_', ' ')} pairs {pairs} of its arms' {held[0]} and {held[1]} students")
+    if not short:
+        return None
+    return ("Comparisons pair students of the same seed (and teacher) only: " + "; ".join(short) + ". A row's mean "
+            "difference is over its pairs, so it need not equal the difference of the arm means above; run the "
+            "missing seeds of the other arm to compare them all.")
 
 
 def _lat(s: dict, b: str) -> str:
