@@ -720,13 +720,19 @@ def test_load_configured_passes_every_data_key_load_dataset_takes(monkeypatch):
         assert k in seen, k
     assert seen == {"name": "cifar10", "root": "/r", "val_fraction": 0.3, "seed": 11, "download": True, "cache_dir": "/c",
                     "train_subset": 7, "test_subset": 3, "check_images": "full", "check_shard": (0, 1)}
-    # Under torchrun each rank checks its share of the images (torchrun's RANK and WORLD_SIZE).
+    # Under torchrun a process checks only its share of the images where every process's refusal is
+    # then gathered (preflight.load_checked): ptd eval and ptd export gather nothing, and each rank
+    # checked its own share, so rank 0 went on past a bad file in rank 1's (last session's note).
     monkeypatch.setenv("RANK", "6")  # a second machine of 4 processes each: its share is of its own copy
     monkeypatch.setenv("WORLD_SIZE", "8")
     monkeypatch.setenv("LOCAL_RANK", "2")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert base.torchrun_shard() == (2, 4)
     base.load_configured(dc, 11)
-    assert seen["check_shard"] == (2, 4)
+    assert seen["check_shard"] == (0, 1)  # every image, as eval and export load
+    sharded = [f.relative_to(pathlib.Path(base.__file__).parents[1]).as_posix() for f in pathlib.Path(base.__file__).parents[1].rglob("*.py")
+               if "=torchrun_shard()" in f.read_text().replace(" ", "")]
+    assert sharded == ["preflight.py"], sharded  # the one caller that gathers the refusals
     with pytest.raises(TypeError, match="unknown keyword"):
         base.load_configured(dc, 0, cache=1)
     # Nothing outside ptd.data maps a config onto load_dataset by hand.

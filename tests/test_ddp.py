@@ -219,12 +219,14 @@ def test_torchrun_says_a_data_refusal_only_one_rank_meets(tmp_path, tiny_fashion
     """A refusal one process alone meets while loading (a file only its machine cannot read) was
     marked every rank's, so that rank kept silent while the others waited in the rendezvous until
     torchrun stopped them: no line at all (review). The ranks now share what they met, and rank 0
-    says it once."""
+    says it once, naming the machine when the processes are on several (each may read its own copy
+    of the data): here each rank is made to report another host name."""
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml.safe_dump(tiny_config(tiny_fashion, threads=1)))
     wrap = tmp_path / "wrap.py"
     wrap.write_text(
-        "import os, sys\n"
+        "import os, socket, sys\n"
+        "socket.gethostname = lambda: 'node' + os.environ['RANK']\n"
         "import ptd.data\n"
         "from ptd.data import DataError\n"
         "real = ptd.data.load_configured\n"
@@ -240,5 +242,20 @@ def test_torchrun_says_a_data_refusal_only_one_rank_meets(tmp_path, tiny_fashion
                         "train", str(cfg), "--out", str(out), "--quiet"], capture_output=True, text=True, timeout=300,
                        cwd=str(Path(__file__).resolve().parents[1]))
     lines = [l for l in r.stderr.splitlines() if l.startswith("ptd: error")]
-    assert r.returncode != 0 and lines == ["ptd: error: cannot read /x/cache on this machine; fix it"], r.stderr[-3000:]
+    assert r.returncode != 0 and lines == ["ptd: error: on host node1: cannot read /x/cache on this machine; fix it"], r.stderr[-3000:]
     assert not out.exists()
+
+
+def test_the_refusal_the_ranks_agree_on_names_the_host_when_there_are_several():
+    """Multi-node: each machine may check its own copy of the data, so "cannot read image
+    /data/x.png" did not say which machine's copy is bad (last session's note). The first refusal
+    by position wins (errors before the image check first); the host is named only when the
+    processes span several machines."""
+    from ptd.preflight import first_refusal
+
+    one = [("a", None), ("a", (7, "cannot read image /d/7.png; replace it")), ("a", (3, "cannot read image /d/3.png; x"))]
+    assert first_refusal(one) == "cannot read image /d/3.png; x"
+    two = [("a", None), ("b", (7, "cannot read image /d/7.png; replace it")), ("a", None), ("b", None)]
+    assert first_refusal(two) == "on host b: cannot read image /d/7.png; replace it"
+    assert first_refusal([("a", (5, "bad image")), ("b", (-1, "cannot read /x; fix it"))]) == "on host b: cannot read /x; fix it"
+    assert first_refusal([("a", None), ("b", None)]) is None

@@ -384,7 +384,7 @@ def _check_subset(name: str, value: int | None) -> None:
         raise DataError(f"{name} must be a positive integer or None, got {value!r}; fix data.{name} in the config")
 
 
-def _torchrun_shard() -> tuple[int, int]:
+def torchrun_shard() -> tuple[int, int]:
     """(local rank, processes on this machine) from the variables torchrun sets; (0, 1) alone or when
     they are not numbers. Per machine, not per job: a machine's processes share its cores, and each
     machine may hold its own copy of the data (node-local disks), which its processes then cover
@@ -404,10 +404,10 @@ def load_configured(dc: Any, seed: int, **override: Any) -> Splits:
     (export reads only ``test_subset`` images)."""
     kw: dict[str, Any] = dict(val_fraction=dc.val_fraction, seed=seed, download=dc.download, cache_dir=dc.cache_dir,
                               train_subset=dc.train_subset, test_subset=dc.test_subset,
-                              check_images=dc.check_images)
-    # Under torchrun every rank loads the dataset: each checks its machine's share of the images (a
-    # full decode of ImageNet is 30-90 CPU-minutes, world times over on one machine's cores otherwise).
-    kw["check_shard"] = _torchrun_shard()
+                              check_images=dc.check_images, check_shard=(0, 1))
+    # Every image by default. A share (``torchrun_shard``) only for a caller that then gathers every
+    # process's refusal (preflight.load_checked): ptd eval and ptd export under torchrun, which
+    # gather nothing, each checked their own share, and rank 0 went on past a bad file in rank 1's.
     unknown = set(override) - set(kw)
     if unknown:
         raise TypeError(f"load_configured: unknown keyword(s) {sorted(unknown)}; known: {sorted(kw)}")
