@@ -360,7 +360,7 @@ class Context:
 # ---------------------------------------------------------------- run directory
 
 
-def environment(cfg: RunConfig, rt: Runtime) -> dict[str, Any]:
+def environment(cfg: RunConfig, rt: Runtime, kind: str = "run") -> dict[str, Any]:
     import importlib.metadata
 
     import ptd
@@ -386,6 +386,7 @@ def environment(cfg: RunConfig, rt: Runtime) -> dict[str, Any]:
         "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else [],
         "seeds": {"run": cfg.seed, "students": list(cfg.distill.seeds), "teacher_replicates": cfg.teacher.seeds},
         "done_format": DONE_FORMAT,
+        "made_by": kind,  # "run" (ptd run and its stage commands) or "sweep": preflight.run_kind reads it
     }
     for mod in ("safetensors", "torch_pruning", "numpy"):
         try:
@@ -622,7 +623,8 @@ def _stage_runs(cfg: RunConfig, rel: Path, until: str | None, arms: Sequence[str
     return True
 
 
-def open_run_dir(cfg: RunConfig, run_dir: Path, rt: Runtime, until: str | None = None, arms: Sequence[str] | None = None) -> bool:
+def open_run_dir(cfg: RunConfig, run_dir: Path, rt: Runtime, until: str | None = None, arms: Sequence[str] | None = None,
+                 kind: str = "run") -> bool:
     """Create the run directory, or check that an existing one holds this same run (resume) or
     one this run only adds work to (more seeds, arms, losses, sweep points, teacher replicates:
     the run grows, every finished stage is reused). Returns whether it grows.
@@ -678,7 +680,7 @@ def open_run_dir(cfg: RunConfig, run_dir: Path, rt: Runtime, until: str | None =
             ckpt.remove_stale_temps(run_dir)
             if not cfg_path.is_file():  # atomic: a crash leaves no config or the whole one
                 ckpt.write_text(cfg_path, seal(dump_yaml(cfg)))
-            env = environment(cfg, rt)
+            env = environment(cfg, rt, kind)
             if old_env is not None:  # keep the first session's record, add this one's
                 env = {**old_env, "resumed": old_env.get("resumed", []) + [env]}
             ckpt.write_json(env_path, env)
@@ -850,11 +852,12 @@ def copy_reused(cfg: RunConfig, src: str | Path, run_dir: str | Path, copies: Se
 
 def make_context(cfg: RunConfig, run_dir: Path, log: Callable[[str], None] = print, splits: Any = None,
                  reuse: tuple[Path, Sequence[Path]] | None = None, until: str | None = None,
-                 arms: Sequence[str] | None = None) -> Context:
+                 arms: Sequence[str] | None = None, kind: str = "run") -> Context:
     """``splits``: the dataset preflight already loaded (loaded here otherwise). ``reuse``: (the
     ``--from`` run, the stage folders :func:`check_reuse` found) to copy in first. ``until`` and
     ``arms``: the stages the command will run, whose unfinished commits are checked as the
-    directory opens (None: every stage's, as a sweep's)."""
+    directory opens (None: every stage's, as a sweep's). ``kind``: "run" or "sweep", recorded in
+    env.json for ``preflight.run_kind``."""
     from ptd.data import load_configured
 
     if cfg.threads:
@@ -874,7 +877,7 @@ def make_context(cfg: RunConfig, run_dir: Path, log: Callable[[str], None] = pri
                 failed = e
         if all_sum([0.0 if failed is None else 1.0], rt.device)[0] > 0:
             raise failed if failed is not None else RunDirError(f"--from {reuse[0]}: the copy into {run_dir} failed on rank 0")
-    grown = open_run_dir(cfg, run_dir, rt, until, arms)
+    grown = open_run_dir(cfg, run_dir, rt, until, arms, kind)
     return Context(cfg, run_dir, rt, splits, log if d.is_main else (lambda s: None), grown=grown)
 
 

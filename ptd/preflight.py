@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import math
 import os
 import re
@@ -446,16 +447,47 @@ def check_run_tree(cfg: RunConfig, run_dir: str | Path, sweep: bool = False, unt
 
 
 def run_kind(run: Path) -> str | None:
-    """What made the run directory ``run``, read from its layout: "sweep" (``ptd sweep``: sweep.json,
-    or a prune/<strategy> or prune/<strategy>_s<sparsity> folder), "run" (``ptd run`` and its
-    stage commands: results.json, prune/level_<k>, prune/done, control/, teacher replicates, a
-    pruned_teacher or retrained_teacher student), or None (only a teacher, a student or the
-    shared arms: either may grow it). From the layout rather than a record, so directories made
-    before this check are read alike."""
+    """What made the run directory ``run``: "sweep" (``ptd sweep``), "run" (``ptd run`` and its stage
+    commands), or None (only a teacher, a student or the shared arms: either may grow it).
+
+    env.json records which command opened the directory in each session ("made_by"). Where one
+    kind alone ever did and it wrote past the shared stages (anything under prune/), that decides.
+    The layout decides otherwise: directories from before the record, or a teacher-only directory
+    that both commands grew. By layout: "sweep" for sweep.json or a prune/<strategy> or
+    prune/<strategy>_s<sparsity> folder; "run" for results.json, prune/level_<k>, prune/done,
+    control/, teacher replicates, a pruned_teacher or retrained_teacher student. The layout alone
+    took a run whose user left a prune/imp folder for a sweep, and missed a sweep of a strategy no
+    longer registered (review)."""
+    prune = run / P.PRUNE
+    children = [c.name for c in prune.iterdir() if c.is_dir()] if prune.is_dir() else []
+    layout = _layout_kind(run, children)
+    made = _made_by(run)
+    if len(made) == 1 and (layout is not None or children or (prune / P.DONE).exists()):
+        return next(iter(made))
+    return layout
+
+
+def _made_by(run: Path) -> set[str]:
+    """The commands env.json says opened ``run`` ("run", "sweep"); empty for older ptd or a damaged
+    env.json (whose own reader reports it)."""
+    try:
+        env = json.loads((run / P.ENV).read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return set()
+    if not isinstance(env, dict):
+        return set()
+    resumed = env.get("resumed")
+    sessions = [env] + (resumed if isinstance(resumed, list) else [])
+    kinds = [e.get("made_by") if isinstance(e, dict) else None for e in sessions]
+    if any(k not in ("run", "sweep") for k in kinds):
+        return set()  # a session of older ptd: what it wrote is unrecorded
+    return set(kinds)
+
+
+def _layout_kind(run: Path, children: list[str]) -> str | None:
     from ptd.pruning import SPECS
 
     prune, distill = run / P.PRUNE, run / P.DISTILL
-    children = [c.name for c in prune.iterdir() if c.is_dir()] if prune.is_dir() else []
     # Only the names ptd.sweep gives: a folder a user left under prune/ (a backup) names neither.
     strategies = set(SPECS.names())
     swept = [c for c in children if c in strategies or ((m := re.fullmatch(r"(.+)_s[0-9.e+-]+", c)) and m[1] in strategies)]

@@ -166,7 +166,7 @@ def run_sweep(cfg: RunConfig, run_dir: str | Path, log: Callable[[str], None] | 
         splits = preflight(cfg, run_dir, sweep=True)  # every user error up front, before the run directory is written
         check_plugins(cfg, sweep=True)
         sparsities, student_from = check_sweep(cfg)
-        ctx = make_context(cfg, Path(run_dir), log, splits=splits)
+        ctx = make_context(cfg, Path(run_dir), log, splits=splits, kind="sweep")
     try:
         out = _sweep_stages(ctx, sparsities, student_from, log, t0)
         finish_growth(ctx)

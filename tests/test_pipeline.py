@@ -74,6 +74,7 @@ def test_whole_pipeline_end_to_end(tmp_path, tiny_fashion, capsys, monkeypatch):
     assert r["summary"]["pruned_teacher"]["n"] == 2
     assert "pruned_minus_unpruned" in r["comparison"]
     env = json.loads((out / "env.json").read_text())
+    assert env["made_by"] == "run"  # preflight.run_kind reads it
     assert env["torch"] == torch.__version__ and env["seeds"]["students"] == [0, 1]
     md = (out / "report.md").read_text()
     assert "| distilled from pruned teacher |" in md and "too few seeds" in md

@@ -57,6 +57,7 @@ def test_sweep_end_to_end_and_resume(tmp_path, tiny_fashion, capsys):
     assert "## Students" in printed and "| imp s0.59 |" in printed and "Same sparsity, different pruning" in printed
 
     r = json.loads((out / "sweep.json").read_text())
+    assert json.loads((out / "env.json").read_text())["made_by"] == "sweep"  # preflight.run_kind reads it
     rows = {(x["strategy"], x["target_sparsity"]): x for x in r["rows"]}
     assert set(rows) == {(s, sp) for s in ("imp", "oneshot") for sp in (0.36, 0.59)}
     # IMP: one run to the highest sparsity; the sweep sparsities are its levels 2 and 4 (1 - 0.8^n).
@@ -430,6 +431,40 @@ def test_ptd_report_recomputes_a_sweeps_statistics_as_the_sweep_wrote_them(tmp_p
     assert main(["report", str(d)]) == 0
     assert calls == [2, 2]
     assert json.loads((d / "sweep.json").read_text()) == json.loads(json.dumps(r))
+
+
+def test_the_command_that_made_a_directory_is_recorded_and_decides_its_kind(tmp_path):
+    """By layout alone, a run whose user left a backup folder named prune/imp was taken for a sweep,
+    and a sweep of a strategy no longer registered was not recognised (review). env.json now
+    records which command opened the directory in each session; where one kind alone did and it
+    wrote past the shared stages, that decides. Older directories and a teacher-only directory
+    that both commands grew are read by layout, as before."""
+    import json
+
+    from ptd.preflight import run_kind
+
+    def made(out, *kinds, old=False):
+        out.mkdir(parents=True, exist_ok=True)
+        sessions = [{"command": "x"} if old else {"made_by": k} for k in kinds]
+        (out / "env.json").write_text(json.dumps({**sessions[0], "resumed": sessions[1:]}))
+        return out
+
+    run = made(tmp_path / "run", "run", "run")
+    (run / "prune" / "imp").mkdir(parents=True)  # a user's folder named like a strategy
+    assert run_kind(run) == "run"
+    sweep = made(tmp_path / "sweep", "sweep")
+    (sweep / "prune" / "my_plugin_strategy").mkdir(parents=True)  # its plugin no longer registered
+    assert run_kind(sweep) == "sweep"
+    (sweep / "prune" / "my_plugin_strategy").rmdir()
+    assert run_kind(sweep) is None  # only shared stages so far: either may grow it
+    both = made(tmp_path / "both", "run", "sweep")  # a teacher-only run a sweep grew: by layout
+    (both / "prune" / "imp").mkdir(parents=True)
+    assert run_kind(both) == "sweep"
+    old = made(tmp_path / "old", "run", old=True)  # before the record: by layout
+    (old / "prune" / "imp").mkdir(parents=True)
+    assert run_kind(old) == "sweep"
+    (old / "env.json").write_text("{damaged")
+    assert run_kind(old) == "sweep"
 
 
 @pytest.mark.parametrize("marker,kind", [("results.json", "run"), ("prune/level_1/", "run"), ("prune/done", "run"),
