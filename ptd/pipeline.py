@@ -39,7 +39,7 @@ from ptd import paths as P
 from ptd.config import (ARM_TABLE, REUSE_FREE, with_added_keys, ConfigError, ModelConfig, OptimConfig, PruneConfig, RunConfig, dump_yaml,
                         reuse_free_text, to_dict)
 from ptd.models import build_from_spec, build_model, spec_to_text
-from ptd.pruning import STRATEGIES, Level, PruneContext
+from ptd.pruning import STRATEGIES, Level, PruneContext, retrain_optim
 from ptd.seeding import stream_seed
 from ptd.pruning.masks import MaskHook, Masks, apply_masks, count, full_masks, layer_report, load_masks, prunable_weights, require_connected, save_masks, sparsity
 from ptd.train import checkpoint as ckpt
@@ -1261,7 +1261,9 @@ def make_distiller(ctx: Context, student: nn.Module, teacher: nn.Module | None, 
 
 def stage_control(ctx: Context, teacher: nn.Module, prune_result: dict, replicate: int = 0) -> tuple[nn.Module, dict]:
     """The control teacher: the unpruned teacher retrained round by round exactly as the pruned one
-    was (same number of rounds, same schedule restarted each round), but never pruned."""
+    was (same number of rounds, the strategy's retraining optimizer restarted each round:
+    ``ptd.pruning.retrain_optim``), but never pruned. Weight rewinding has no dense counterpart (a
+    dense teacher rewound each round would only repeat one round): its control keeps its weights."""
     cfg, d = ctx.cfg, P.replicate_root(ctx.run_dir, replicate) / P.CONTROL
     model = clone_model(ctx, teacher)
     # Made from the teacher, for as many rounds and epochs as the pruning's result says.
@@ -1269,11 +1271,12 @@ def stage_control(ctx: Context, teacher: nn.Module, prune_result: dict, replicat
 
     def compute() -> dict:
         rounds = [lv for lv in prune_result["levels"] if lv["level"] > 0]
+        each_round = retrain_optim(cfg.prune)
         total = {"epochs": 0, "steps": 0, "wall_s": 0.0}
         r: dict = {}
         for k, lv in enumerate(rounds, start=1):
             rd = P.round_dir(d, k)
-            optim = replace(cfg.prune.retrain, epochs=int(lv["epochs"] or cfg.prune.retrain.epochs))
+            optim = replace(each_round, epochs=int(lv["epochs"] or each_round.epochs))
 
             def train_round(k: int = k, rd: Path = rd, optim: OptimConfig = optim) -> dict:
                 ctx.log(f"[control] retraining the unpruned teacher, round {k}/{len(rounds)}")

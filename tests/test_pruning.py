@@ -708,3 +708,62 @@ def test_a_rewind_to_init_added_mid_teacher_gets_the_initialization(tmp_path, ti
     init = ctx.new_model(cfg.teacher.model).state_dict()
     saved = load_tensors(tmp_path / "run" / "teacher" / "epoch_0.safetensors")
     assert all(torch.equal(saved[k], v) for k, v in init.items() if k in saved) and len(saved) > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy,options", [("imp_finetune", {"finetune_lr": 0.003}), ("imp", {"rewind": "finetune"}),
+                                              ("imp", {})])
+def test_the_control_teacher_retrains_as_the_strategy_does(tmp_path, tiny_fashion, monkeypatch, strategy, options):
+    """The control (retrained_teacher) is the same training without the pruning, but it always took
+    prune.retrain: with imp_finetune (rounds at a constant 1e-3) it trained at lr 0.1 with decay,
+    and measured the schedule, not the pruning (review). Each control round now trains with the
+    optimizer the pruning rounds trained with, as the strategy declares it."""
+    import dataclasses
+
+    import yaml
+
+    from conftest import tiny_config
+    from ptd.config import load_config
+    from ptd.pipeline import Context, run_pipeline
+    from ptd.pruning import retrain_optim
+
+    seen: dict[str, list] = {"prune": [], "control": []}
+    real = Context.fit
+
+    def spy(self, model, optim, out_dir, seed, desc, **kw):
+        kind = desc.split(" ")[0]
+        if kind in seen:
+            seen[kind].append(optim)
+        return real(self, model, optim, out_dir, seed, desc, **kw)
+
+    monkeypatch.setattr(Context, "fit", spy)
+    cfg = tiny_config(tiny_fashion, threads=1, distill={"seeds": [0], "arms": ["retrained_teacher"],
+                                                        "optim": {"epochs": 1, "batch_size": 64, "lr": 0.05}})
+    cfg["teacher"]["optim"]["epochs"] = 1
+    cfg["teacher"]["optim"]["milestones"] = []
+    cfg["prune"].update(strategy=strategy, options=options, target_sparsity=0.36,
+                        retrain={"epochs": 2, "batch_size": 64, "lr": 0.02, "milestones": [1]})
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    c = load_config(tmp_path / "c.yaml")
+    run_pipeline(c, tmp_path / "run")
+    assert len(seen["prune"]) == len(seen["control"]) == 2  # two rounds each
+    assert seen["control"] == seen["prune"]
+    finetune = strategy == "imp_finetune" or options.get("rewind") == "finetune"
+    want = (dataclasses.replace(c.prune.retrain, lr=options.get("finetune_lr", 1e-3), milestones=()) if finetune
+            else c.prune.retrain)
+    assert retrain_optim(c.prune) == want and seen["control"][0] == want
+
+
+def test_every_strategy_declares_the_optimizer_its_rounds_retrain_with():
+    """One source for each round's optimizer: the strategy trains with it and the control replays it."""
+    import dataclasses
+
+    from ptd.config import OptimConfig, PruneConfig
+    from ptd.pruning import SPECS, retrain_optim
+
+    base = OptimConfig(epochs=3, lr=0.1, milestones=(2,))
+    for name in SPECS.names():
+        opts = {"rewind_epoch": 1} if name == "imp_weight_rewind" else {}
+        got = retrain_optim(PruneConfig(strategy=name, options=opts, retrain=base))
+        fine = name == "imp_finetune"
+        assert got == (dataclasses.replace(base, lr=1e-3, milestones=()) if fine else base), name

@@ -53,6 +53,11 @@ class StrategySpec:
     # (a RunConfig), before the teacher trains; a one-line ConfigError. ptd.preflight runs it for
     # the run's strategy and every strategy of a sweep, and knows no strategy by name.
     check: Callable[[str, dict, Any], None] = lambda name, options, cfg: None
+    # retrain_optim(prune.retrain, options): the optimizer settings each retraining round of the
+    # strategy trains with. The control teacher (ptd.pipeline.stage_control) replays them, so it is
+    # the same training without the pruning: it once took prune.retrain (lr 0.1, decayed) for
+    # imp_finetune, whose rounds train at a constant 1e-3 (review).
+    retrain_optim: Callable[[OptimConfig, Any], OptimConfig] = lambda retrain, options: retrain
 
 
 SPECS: Registry[StrategySpec] = Registry("pruning strategy")
@@ -60,7 +65,8 @@ SPECS: Registry[StrategySpec] = Registry("pruning strategy")
 
 def register_strategy(name: str, run: Callable[["PruneContext"], list["Level"]], Options: type = NoOptions, *,
                       nested_levels: bool = False, snapshot_epoch: Callable[[Any], int | None] | None = None,
-                      rounds: bool = False, check: Callable[[str, dict, Any], None] | None = None) -> None:
+                      rounds: bool = False, check: Callable[[str, dict, Any], None] | None = None,
+                      retrain_optim: Callable[[OptimConfig, Any], OptimConfig] | None = None) -> None:
     if not (dataclasses.is_dataclass(Options) and Options.__dataclass_params__.frozen):
         raise TypeError(f"pruning strategy {name!r}: Options must be a frozen dataclass")
     @functools.wraps(run)
@@ -70,7 +76,12 @@ def register_strategy(name: str, run: Callable[["PruneContext"], list["Level"]],
 
     STRATEGIES.add(name, checked)
     SPECS.add(name, StrategySpec(Options, nested_levels, snapshot_epoch or (lambda options: None), rounds,
-                                 check or (lambda name, options, cfg: None)))
+                                 check or (lambda name, options, cfg: None), retrain_optim or (lambda retrain, options: retrain)))
+
+
+def retrain_optim(cfg: PruneConfig) -> OptimConfig:
+    """The optimizer settings ``cfg.strategy``'s retraining rounds train with (StrategySpec.retrain_optim)."""
+    return SPECS.get(cfg.strategy).retrain_optim(cfg.retrain, strategy_options(cfg.strategy, dict(cfg.options)))
 
 
 def options_for(options: dict[str, Any], strategy: str) -> dict[str, Any]:

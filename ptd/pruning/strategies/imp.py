@@ -14,8 +14,9 @@ fixed; the option then is not accepted).
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Any
 
-from ptd.config import MAX_EPOCHS, ConfigError
+from ptd.config import MAX_EPOCHS, ConfigError, OptimConfig
 from ptd.pruning.base import Level, format_acc, PruneContext, level_metrics, register_strategy
 from ptd.pruning.masks import apply_masks, count, unwrap
 from ptd.pruning.scores import magnitude
@@ -70,9 +71,7 @@ def imp(ctx: PruneContext, *, rewind: str | None = None, name: str = "imp") -> l
     rewind = rewind or o.rewind
     ctx.require_prunable()
     cfg = ctx.cfg
-    retrain = cfg.retrain
-    if rewind == "finetune":
-        retrain = replace(retrain, lr=float(o.finetune_lr), milestones=())
+    retrain = _retrain_optim(cfg.retrain, o, rewind)
     early = None
     if rewind == "weight":
         from ptd.pruning.rewind import rewind_epoch
@@ -115,6 +114,14 @@ def imp_finetune(ctx: PruneContext) -> list[Level]:
     return imp(ctx, rewind="finetune", name="imp_finetune")
 
 
+def _retrain_optim(retrain: OptimConfig, o: Any, rewind: str | None = None) -> OptimConfig:
+    """Each round's optimizer: prune.retrain, restarted (lr, weight rewinding), or its constant
+    ``finetune_lr`` without decay (finetune). The control teacher replays it (StrategySpec)."""
+    if (rewind or getattr(o, "rewind", "lr")) == "finetune":
+        return replace(retrain, lr=float(o.finetune_lr), milestones=())
+    return retrain
+
+
 def _snapshot(o) -> int | None:
     # The teacher stage keeps its weights at this epoch for weight rewinding (0: the init, saved
     # before its first epoch). Only when this run rewinds weights: imp's rewind_epoch under
@@ -145,7 +152,9 @@ def _check_rewind(name: str, opts: dict, cfg) -> None:
 
 # Every IMP variant prunes in rounds, and its levels nest: round k of one run to the highest
 # sparsity is a lower sparsity.
-register_strategy("imp", imp, Options, nested_levels=True, rounds=True, snapshot_epoch=_snapshot, check=_check_rewind)
+register_strategy("imp", imp, Options, nested_levels=True, rounds=True, snapshot_epoch=_snapshot, check=_check_rewind,
+                  retrain_optim=_retrain_optim)
 register_strategy("imp_weight_rewind", imp_weight_rewind, WeightRewindOptions, nested_levels=True, rounds=True,
                   snapshot_epoch=_snapshot, check=_check_rewind)
-register_strategy("imp_finetune", imp_finetune, FinetuneOptions, nested_levels=True, rounds=True)
+register_strategy("imp_finetune", imp_finetune, FinetuneOptions, nested_levels=True, rounds=True,
+                  retrain_optim=lambda retrain, o: _retrain_optim(retrain, o, "finetune"))
