@@ -332,6 +332,30 @@ def test_sweep_claims_over_all_rows_keep_their_false_positive_rate():
     assert family / n <= 0.05, family / n
 
 
+def test_a_family_interval_calls_by_the_rule_of_every_other_call_and_counts_a_teacher_once():
+    """The family intervals had their own copy of the calling rule, without the sign-flip fallback
+    for a zero-width interval: six seeds each +0.3 points were called row by row (p = 2/2^6) and
+    not over a sweep of that one row, at the same 95%. And two sparsities on the same IMP level
+    (the same students) counted twice in k (review)."""
+    from ptd.report.sweep import _vs, family_intervals
+
+    def students(arm, accs):
+        return [{"arm": arm, "seed": s, "test_acc": a} for s, a in enumerate(accs)]
+
+    base = students("unpruned_teacher", [0.80, 0.81, 0.79, 0.80, 0.80, 0.82])
+    plus = students("pruned_teacher", [a + 0.003 for a in (0.80, 0.81, 0.79, 0.80, 0.80, 0.82)])
+    rows = [{"prune_dir": "prune/imp", "level": 2, "vs_unpruned_teacher": _vs(plus, "pruned_teacher", base, "unpruned_teacher")}]
+    family_intervals(rows, "vs_unpruned_teacher")
+    c = rows[0]["vs_unpruned_teacher"]
+    assert abs(c["ci_high"] - c["ci_low"]) < 1e-9 and c["called"] and c["sign_flip_p"] == 2 / 2 ** 6
+    assert c["family"]["rows"] == 1 and c["family"]["called"]  # the same rule at the same level
+    same = [{**r, "vs_unpruned_teacher": _vs(plus, "pruned_teacher", base, "unpruned_teacher")} for r in rows * 2]
+    other = {"prune_dir": "prune/imp", "level": 3, "vs_unpruned_teacher": _vs(plus, "pruned_teacher", base, "unpruned_teacher")}
+    family_intervals(same + [other], "vs_unpruned_teacher")
+    assert [r["vs_unpruned_teacher"]["family"]["rows"] for r in same + [other]] == [2, 2, 2]
+    assert not other["vs_unpruned_teacher"]["family"]["called"]  # 2/2^6 = 0.031 > 0.025: not at 97.5%
+
+
 def test_sweep_reading_gives_the_whole_sweep_claim_and_the_row_by_row_one():
     from ptd.report.sweep import build_sweep_results, render_sweep_markdown
 

@@ -98,18 +98,26 @@ def zero_width(lo: float | None, hi: float | None) -> bool:
     return lo is not None and hi is not None and hi - lo <= ZERO_WIDTH
 
 
-def _summary(m: float, lo: float | None, hi: float | None, values: Sequence[float] = ()) -> dict[str, Any]:
-    # A zero-width interval (every difference equal, e.g. two seeds each 30 test images apart)
-    # estimates no spread, so the t interval cannot decide. The exact sign-flip test still can, and
-    # does not need a spread: every one of n equal, non-zero differences has p = 2 / 2^n, below 0.05
-    # from 6 values on. Without it, ten seeds all 0.3 points apart were "no evidence either way"
-    # while 0.30 and 0.31 were called (more agreement, a weaker verdict). Its level holds under any
-    # symmetric null, and n equal non-zero differences are rare under one, so the rule keeps its 5%.
-    if lo is not None and zero_width(lo, hi):
+def is_called(m: float, lo: float | None, hi: float | None, values: Sequence[float] = (), level: float = LEVEL) -> bool:
+    """The rule every call in ptd's reports follows: a difference of mean ``m`` is called when its
+    ``level`` interval [lo, hi] excludes zero. A zero-width interval (every difference equal, e.g.
+    two seeds each 30 test images apart) estimates no spread, so the t interval cannot decide. The
+    exact sign-flip test still can, and does not need a spread: every one of n equal, non-zero
+    differences has p = 2 / 2^n, below 0.05 from 6 values on. Without it, ten seeds all 0.3 points
+    apart were "no evidence either way" while 0.30 and 0.31 were called (more agreement, a weaker
+    verdict). Its level holds under any symmetric null, and n equal non-zero differences are rare
+    under one, so the rule keeps its 5%. The sweep's family intervals (level 1 - 0.05/k) use it too:
+    they once had their own copy without the sign-flip fallback (review)."""
+    if lo is None or hi is None:
+        return False
+    if zero_width(lo, hi):
         p = sign_flip_p(values) if m != 0 else None
-        called = p is not None and p < 1 - LEVEL
-    else:
-        called = lo is not None and (lo > 0 or hi < 0)
+        return p is not None and p < 1 - level
+    return lo > 0 or hi < 0
+
+
+def _summary(m: float, lo: float | None, hi: float | None, values: Sequence[float] = ()) -> dict[str, Any]:
+    called = is_called(m, lo, hi, values)
     return {"mean": m, "ci_low": lo, "ci_high": hi, "level": LEVEL, "called": bool(called),
             "direction": (1 if m > 0 else -1) if called else 0}
 

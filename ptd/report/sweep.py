@@ -54,17 +54,18 @@ def family_intervals(rows: list[dict], key: str) -> None:
     5% per row only: with 9 rows where no pruned teacher helps, at least one is called "better"
     ~15% of the time at 5 seeds (tests/test_sweep.py), and up to k x 5% in general. Bonferroni holds under any dependence between the rows,
     which share the baseline's students. Needs the per-seed differences; rows without them are
-    left out of k."""
-    from ptd.report.stats import DECIMALS, LEVEL, t_interval, zero_width
+    left out of k, and rows of one teacher (two sparsities on the same IMP level: the same
+    students) count once. Called by the rule of every other call (``stats.is_called``)."""
+    from ptd.report.stats import DECIMALS, LEVEL, is_called, t_interval
 
-    have = [r[key] for r in rows if r.get(key) and len(r[key].get("per_seed") or {}) >= 2]
-    k = len(have)
-    for c in have:
+    have = [r for r in rows if r.get(key) and len(r[key].get("per_seed") or {}) >= 2]
+    k = len({(r.get("prune_dir"), r.get("level")) if r.get("prune_dir") is not None else id(r) for r in have})
+    for r in have:
+        c = r[key]
         level = 1 - (1 - LEVEL) / k
-        _, lo, hi = t_interval([round(float(v), DECIMALS) for v in c["per_seed"].values()], level)
-        lo, hi = float(lo), float(hi)
-        c["family"] = {"rows": k, "level": level, "ci_low": lo, "ci_high": hi,
-                       "called": bool((lo > 0 or hi < 0) and not zero_width(lo, hi))}
+        values = [round(float(v), DECIMALS) for v in c["per_seed"].values()]
+        m, lo, hi = (float(x) for x in t_interval(values, level))
+        c["family"] = {"rows": k, "level": level, "ci_low": lo, "ci_high": hi, "called": is_called(m, lo, hi, values, level)}
 
 
 def sweep_statistics(rows: list[dict], baselines: dict[str, dict]) -> None:
