@@ -1215,7 +1215,7 @@ def stage_distill(ctx: Context, arm: str, seed: int, student_stats: dict, teache
         if cfg.student.inherit:
             ckpt.load_into(student, ctx.run_dir / P.STUDENT / P.STUDENT_INIT, "student")
         student = ctx.rt.prepare(student)
-        unit = make_distiller(ctx, student, teacher, cfg.distill.optim, data_seed, ("ce",) if loss is None else (loss,))
+        unit = make_distiller(ctx, student, teacher, cfg.distill.optim, data_seed, "ce" if loss is None else loss)
         ctx.log(f"[distill] {name} seed {seed}: {cfg.distill.optim.epochs} epochs")
         try:
             r = ctx.fit(student, cfg.distill.optim, d, data_seed, f"{name} s{seed}", unit=unit)
@@ -1241,17 +1241,17 @@ def stage_distill(ctx: Context, arm: str, seed: int, student_stats: dict, teache
 
 
 def make_distiller(ctx: Context, student: nn.Module, teacher: nn.Module | None, optim: OptimConfig, seed: int,
-                   names: Sequence[str] | None = None) -> nn.Module:
-    """The training unit for one distillation: loss(es) ``names`` (default: the run's first) from
+                   name: str | None = None) -> nn.Module:
+    """The training unit for one distillation: loss ``name`` (default: the run's first) from
     ``teacher``, or plain cross-entropy (the ``ce`` loss) when there is no teacher (the scratch arm).
     ``seed``: the data-order seed of the student's loader (its first batch sizes the probe)."""
     from ptd.distill import build_distiller
 
     dc = ctx.cfg.distill
-    names = ("ce",) if teacher is None else tuple(names or dc.losses[:1])
+    name = "ce" if teacher is None else (name or dc.losses[0])
     loader = ctx.train_loader(optim.batch_size, seed)
     return build_distiller(
-        student, teacher, names, options={k: v for k, v in dc.options.items() if k in names},
+        student, teacher, name, options={k: v for k, v in dc.options.items() if k == name},
         defaults={"alpha": dc.alpha, "temperature": dc.temperature}, num_classes=ctx.splits.num_classes,
         num_samples=len(ctx.splits.train), labels=getattr(ctx.splits.train, "y", None),  # folder splits may not hold labels in memory
         epochs=optim.epochs, example_input=lambda: next(iter(loader))[0][:2], layer_map=dc.layer_map,

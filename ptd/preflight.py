@@ -940,10 +940,11 @@ def check_bridges(cfg: RunConfig, teacher: nn.Module, student: nn.Module | None,
         return  # a layer that is not there: check_plugins names it with the nearest valid names
     h, w = frame_size(splits, cfg.data.image_size)
     try:
-        build_distiller(student, teacher, list(dc.losses), options=dc.options,
-                        defaults={"alpha": dc.alpha, "temperature": dc.temperature}, num_classes=splits.num_classes,
-                        num_samples=max(2, len(splits.train)), example_input=torch.zeros(2, splits.in_channels, h, w),
-                        layer_map=dc.layer_map, batch_size=dc.optim.batch_size)
+        for n in dc.losses:  # one student per loss, as the pipeline trains them
+            build_distiller(student, teacher, n, options={k: v for k, v in dc.options.items() if k == n},
+                            defaults={"alpha": dc.alpha, "temperature": dc.temperature}, num_classes=splits.num_classes,
+                            num_samples=max(2, len(splits.train)), example_input=torch.zeros(2, splits.in_channels, h, w),
+                            layer_map=dc.layer_map, batch_size=dc.optim.batch_size)
     except (RuntimeError, MemoryError) as e:
         if not _out_of_memory(e):
             raise

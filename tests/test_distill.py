@@ -186,3 +186,17 @@ def test_every_loss_trains_the_student_and_never_touches_the_teacher(name):
     assert all(p.grad is None for p in teacher.parameters())
     assert all(p.grad is not None for p in student.parameters() if p.requires_grad)
     assert all(p.grad is not None for p in unit.parameters())  # the loss's regressors and embeddings too
+
+
+def test_a_distiller_trains_one_loss():
+    """Every loss carries its own label term, so two losses summed counted the labels twice, and
+    both returned a term named "ce": build_distiller(s, t, ["kd", "dkd"]) built, then failed at its
+    first step (review). The pipeline trains one student per name in distill.loss; a unit of two
+    is refused when it is built, saying so."""
+    teacher = build_model("vgg", 10, 1, plan=[4, "M", 8])
+    student = build_model("vgg", 10, 1, plan=[2, "M", 4])
+    with pytest.raises(ValueError, match=r"a Distiller trains one loss, got 2 \(kd, dkd\); build one per loss"):
+        build_distiller(student, teacher, ["kd", "dkd"], num_classes=10, num_samples=8)
+    unit = build_distiller(student, teacher, ["dkd"], num_classes=10, num_samples=8)
+    total, _, terms = unit(torch.randn(3, 1, 28, 28), torch.tensor([0, 1, 2]))
+    assert set(terms) >= {"ce"} and torch.isfinite(total)

@@ -2,7 +2,7 @@
 
 A loss is one file holding one ``DistillLoss`` subclass, registered by name with
 ``@register_loss("name")``, that owns a frozen ``Options`` dataclass (defaults from its paper).
-The ``Distiller`` (ptd.distill.distiller) owns the student and every loss module, so their
+The ``Distiller`` (ptd.distill.distiller) owns the student and one loss module, so their
 parameters train, sync under DDP, checkpoint and resume together; the teacher stays outside it,
 frozen, in eval mode.
 

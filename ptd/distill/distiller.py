@@ -122,7 +122,8 @@ class _Taps:
 class Distiller(nn.Module):
     """``forward(x, y, index=None, epoch=0) -> (total loss, student logits, {term name: value})``.
 
-    Holds ``student`` and ``losses`` as submodules (parameters, buffers, state_dict); the teacher
+    Holds ``student`` and one loss as submodules (parameters, buffers, state_dict; the loss in a
+    one-element ``losses`` list, whose ``losses.0.*`` keys resume files hold); the teacher
     is kept outside them: frozen, in eval mode, run without gradients, never saved with the unit.
     ``layer_map`` renames a loss's student layer names to the student's own module names (for a
     named student whose modules are not called as the teacher's).
@@ -133,6 +134,12 @@ class Distiller(nn.Module):
         super().__init__()
         if not losses:
             raise ConfigError("distill.loss: no loss given; name at least one, e.g. kd")
+        if len(losses) > 1:
+            # Every loss carries its own label term (kd: (1 - alpha) CE, the others a CE beside their
+            # own), so a sum of two counts the labels twice, and both return a term named "ce": the
+            # unit failed at its first step (review). A list in distill.loss is one student per loss.
+            raise ValueError(f"a Distiller trains one loss, got {len(losses)} ({', '.join(type(l).loss_name for l in losses)}); "
+                             f"build one per loss, as the pipeline does for each name in distill.loss")
         self.student = student
         self.losses = nn.ModuleList(losses)
         self.layer_map = dict(layer_map or {})
@@ -164,13 +171,7 @@ class Distiller(nn.Module):
             s_feats = {n: got[self.layer_map.get(n, n)] for n in _layers(self.losses)[1]}
         batch = DistillBatch(y=y, index=index, epoch=int(epoch), s_logits=s_logits, t_logits=t_logits,
                              s_feats=s_feats, t_feats=t_feats)
-        terms: dict[str, torch.Tensor] = {}
-        for loss in self.losses:
-            for k, v in loss(batch).items():
-                if k in terms:
-                    raise ValueError(f"distillation loss {type(loss).loss_name!r} returns term {k!r}, which another loss "
-                                     f"returns too; give the terms distinct names")
-                terms[k] = v
+        terms = dict(self.losses[0](batch))
         # Left-to-right sum: for kd, exactly alpha*soft + (1-alpha)*hard as it was computed before.
         total = functools.reduce(operator.add, terms.values())
         return total, s_logits, terms
