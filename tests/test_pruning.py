@@ -767,3 +767,27 @@ def test_every_strategy_declares_the_optimizer_its_rounds_retrain_with():
         got = retrain_optim(PruneConfig(strategy=name, options=opts, retrain=base))
         fine = name == "imp_finetune"
         assert got == (dataclasses.replace(base, lr=1e-3, milestones=()) if fine else base), name
+
+
+def test_the_mask_hook_follows_a_mask_replaced_twice_between_steps():
+    """The hook's cache was keyed on id() of the mask tensors: a mask replaced twice between two
+    steps got the freed tensor's id back, the stale factors were applied and the newly pruned
+    weights stayed (review). Every replacement now zeroes what it prunes."""
+    import gc
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 6, bias=False), nn.Linear(6, 2, bias=False))
+    masks = {n: torch.ones_like(p, dtype=torch.bool) for n, p in model.named_parameters()}
+    hook = MaskHook(masks)
+    hook.on_start(model)
+    hook.after_step(model)
+    for trial in range(50):
+        for k in range(2):  # the first replacement is freed by the second: its id is free again
+            m = masks["0.weight"].clone()
+            m.view(-1)[(trial * 2 + k) % 36] = False
+            masks["0.weight"] = m
+            gc.collect()
+        with torch.no_grad():
+            model[0].weight.add_(1.0)  # every weight non-zero before the step's re-masking
+        hook.after_step(model)
+        assert torch.equal(model[0].weight == 0, ~masks["0.weight"]), trial

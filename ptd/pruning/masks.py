@@ -139,18 +139,21 @@ class MaskHook:
     after_step: zero the weights again (weight decay and momentum may have moved them).
 
     Masks are cast to the weights' dtype once and applied with one fused multiply per call; the
-    cache is rebuilt when a mask tensor in the dict is replaced (GMP swaps them in place).
+    cache is rebuilt when a mask tensor in the dict is replaced (GMP swaps them in place). It holds
+    the tensors it was built from and compares them by identity: keyed on id(), a mask replaced
+    twice between two steps got a freed tensor's id back (200 of 200 tries) and the newly pruned
+    weights were not zeroed (review).
     """
 
     def __init__(self, masks: Masks):
         self.masks = masks
-        self._key: tuple[int, ...] | None = None
+        self._key: list[torch.Tensor] | None = None
         self._params: list[torch.Tensor] = []
         self._factors: list[torch.Tensor] = []
 
     def _cache(self, model: nn.Module) -> None:
-        key = tuple(id(m) for m in self.masks.values())
-        if key == self._key:
+        key = list(self.masks.values())
+        if self._key is not None and len(key) == len(self._key) and all(a is b for a, b in zip(key, self._key)):
             return
         params = dict(unwrap(model).named_parameters())
         self._params = [params[n] for n in self.masks]
