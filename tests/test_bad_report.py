@@ -266,7 +266,7 @@ def test_a_damaged_stage_file_is_named_in_the_page_not_blamed_on_results_json(tm
     (d / "teacher" / "metrics.jsonl").write_text('5\n{"epoch": 1, "train_loss": 1.0, "lr": 0.1}\n')
     assert main(["report", str(d)]) == 0, capsys.readouterr().err
     page = (d / "report.html").read_text()
-    assert f"widths: not available (DamagedFileError: {d / 'student' / 'stats.json'}: damaged" in page
+    assert f"The per-layer plot: not drawn ({d / 'student' / 'stats.json'}: damaged" in page
     assert "teacher training curves: not available" not in page
 
 

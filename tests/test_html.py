@@ -99,9 +99,14 @@ def test_missing_files_become_notes(run_dir):
         f.unlink()
     page = render_run_html(run_dir)
     assert len(images(page)) == SECTIONS - 3  # no sparsity, no widths, no student curves
-    assert "per-layer sparsity: not available (FileNotFoundError" in page
+    assert f"per-layer sparsity: not drawn, {run_dir / 'prune' / 'level_4' / 'sparsity.json'} is not in this folder." in page
     assert "No student metrics.jsonl." in page
-    assert "no per-layer plan" in page
+    # The committed results folders hold no stats.json: the page said the student "was named in the
+    # config, not derived" of a derived student, and gave no student size at all (new-user audit).
+    assert "no per-layer plan" not in page and "named in the config" not in page
+    assert f"The per-layer plot needs {run_dir / 'student' / 'stats.json'}, which is not in this folder." in page
+    s = json.loads((run_dir / "results.json").read_text())["student"]
+    assert f"{s['params']:,} params ({s['params_ratio']:.3f}x the teacher), {s['flops']:,} FLOPs" in page
 
 
 def test_a_results_only_folder_says_where_the_curves_are(run_dir, tmp_path):

@@ -114,6 +114,8 @@ def _safe(build: Callable[[], str], what: str) -> str:
     """A section whose inputs are missing or malformed becomes a note, not a failed report."""
     try:
         return build()
+    except FileNotFoundError as e:  # a copy of a run's results without its stage folders (benchmarks/results/*)
+        return f'<p class="note">{_esc(what)}: not drawn, {_esc(e.filename)} is not in this folder.</p>'
     except (OSError, KeyError, ValueError, TypeError, IndexError, AttributeError, ArithmeticError) as e:
         return f'<p class="note">{_esc(what)}: not available ({type(e).__name__}: {_esc(e)}).</p>'
 
@@ -530,15 +532,17 @@ def render_run_html(run_dir: str | Path, results: dict[str, Any] | None = None) 
             stats_error = e
 
     def widths() -> str:
-        if stats_error is not None:
-            raise stats_error
-        plan = (stats or {}).get("plan")
-        if not plan:
-            return '<p class="note">The student was named in the config, not derived: no per-layer plan.</p>'
         s = r["student"]
-        return (_img(plot_widths(plan["layers"]), "teacher vs student widths per layer")
-                + f'<p class="note">Student {_esc(s["spec"]["arch"])}: {s["params"]:,} params ({s["params_ratio"]:.3f}x the teacher), '
-                f'{s["flops"]:,} FLOPs ({s["flops_ratio"]:.3f}x). Rule: {_esc(plan.get("rule", ""))}</p>')
+        size = (f'<p class="note">Student {_esc(s["spec"]["arch"])}: {s["params"]:,} params ({s["params_ratio"]:.3f}x the teacher), '
+                f'{s["flops"]:,} FLOPs ({s["flops_ratio"]:.3f}x).')
+        if stats_error is not None:
+            return size + f' The per-layer plot: not drawn ({_esc(stats_error)}).</p>'
+        if stats is None:  # a copy of the results alone: say so rather than guess how the student was made
+            return size + f' The per-layer plot needs {_esc(run_dir / "student" / "stats.json")}, which is not in this folder.</p>'
+        plan = stats.get("plan")
+        if not plan:
+            return size + ' The student was named in the config, not derived: no per-layer plan.</p>'
+        return _img(plot_widths(plan["layers"]), "teacher vs student widths per layer") + size + f' Rule: {_esc(plan.get("rule", ""))}</p>'
     body.append(_section("Teacher vs student widths per layer", _safe(widths, "widths")))
 
     def compute() -> str:
@@ -555,7 +559,7 @@ def render_run_html(run_dir: str | Path, results: dict[str, Any] | None = None) 
     body.append(_section("Compute and latency", _safe(compute, "compute")))
 
     sub = (f"Dataset {r['dataset']}; {len(r['summary'])} arm(s), up to {n_seeds} student seed(s). {accuracy_sentence(r)} "
-           f"Rendered from {run_dir.name}/ by ptd report.")
+           "Rendered by ptd from results.json and the stage files beside it.")
     return _page(f"ptd report: {r['name']}", sub, "\n".join(body))
 
 
@@ -618,5 +622,5 @@ def render_sweep_html(sweep_dir: str | Path, results: dict[str, Any] | None = No
     t, s = r["teacher"], r["student"]
     loaded = f", loaded from {t['source']}: its training is in no compute figure" if t.get("source") else ""
     sub = (f"Dataset {r['dataset']}; teacher {t['arch']} ({t['params']:,} params, test {_pct(t['test_acc'])} %{loaded}); "
-           f"student {s['arch']} ({s['params']:,} params); {len(r['seeds'])} seed(s). Rendered from {sweep_dir.name}/ by ptd report.")
+           f"student {s['arch']} ({s['params']:,} params); {len(r['seeds'])} seed(s). Rendered by ptd from sweep.json.")
     return _page(f"ptd sweep: {r['name']}", sub, "\n".join(body))
