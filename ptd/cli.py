@@ -114,6 +114,8 @@ def cmd_stage(args: argparse.Namespace) -> int:
         return 0
     if until == "report":
         print((out / "report.md").read_text())
+        # Last, where the report above has not scrolled it away (new-user audit).
+        print(f"written: {out / 'report.md'}, {out / 'report.html'} (the figures: open it in a browser), {out / 'results.json'}")
     elif until == "student":
         print((out / "student" / "report.txt").read_text())
     elif until == "prune":
@@ -199,7 +201,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if _rank() != 0:  # rank 0 wrote the files and prints them, once
         return 0
     print(render_sweep_markdown(results, plots=False))
-    print(f"written: {out / 'sweep.json'}, {out / 'sweep.md'}, {out / 'student_acc_vs_sparsity.png'}, {out / 'student_acc_vs_compute.png'}")
+    print(f"written: {out / 'sweep.md'}, {out / 'report.html'} (the figures and every interval: open it in a browser), "
+          f"{out / 'sweep.json'}, {out / 'student_acc_vs_sparsity.png'}, {out / 'student_acc_vs_compute.png'}")
     return 0
 
 

@@ -1600,7 +1600,7 @@ def _run_stages(ctx: Context, until: str, arms: Sequence[str] | None, log: Calla
                             test_set=test_set_facts(ctx.splits.test, ctx.splits.num_classes))
     def report() -> None:
         write_report(ctx.run_dir, results)
-        log_not_learned(not_learned(results), results["test_set"], log, "the report")
+        log_not_learned(not_learned(results), results["test_set"], log, str(ctx.run_dir / P.REPORT_MD))
 
     main_writes(ctx, report, f"writing the report into {ctx.run_dir}")
     log(f"done in {time.perf_counter() - t0:.0f} s: {ctx.run_dir}")

@@ -216,7 +216,7 @@ def _sweep_stages(ctx: Context, sparsities: list[float], student_from: float, lo
                                   test_set=test_set_facts(ctx.splits.test, ctx.splits.num_classes))
     def report() -> None:
         write_sweep_report(ctx.run_dir, results)
-        log_not_learned(sweep_not_learned(results), results["test_set"], log, "sweep.md")
+        log_not_learned(sweep_not_learned(results), results["test_set"], log, str(ctx.run_dir / P.SWEEP_MD))
 
     main_writes(ctx, report, f"writing the sweep's report into {ctx.run_dir}")
     log(f"sweep done in {time.perf_counter() - t0:.0f} s: {ctx.run_dir}")

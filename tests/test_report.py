@@ -229,6 +229,28 @@ def test_a_run_whose_students_learn_nothing_says_so(tmp_path, tiny_fashion):
     assert "1 model(s) did not learn" in (tmp_path / "run" / "report.md").read_text()
     assert "did not learn" in (tmp_path / "run" / "report.html").read_text()
     assert any(line.startswith("warning: distilled from pruned teacher, seed 0 did not learn") for line in logged)
+    assert any(line.endswith(f"; see {tmp_path / 'run' / 'report.md'}") for line in logged), logged  # not "the report"
+
+
+def test_ptd_run_ends_by_naming_the_files_it_wrote(tmp_path, tiny_yaml, monkeypatch, capsys):
+    """ptd run printed the whole report.md and stopped: report.html (the figures) was named
+    nowhere, and the log's "done in" line had scrolled away (new-user audit)."""
+    import ptd.pipeline
+    from ptd.cli import main
+
+    out = tmp_path / "run"
+
+    def fake(cfg, run_dir, **kw):
+        run_dir.mkdir()
+        (run_dir / "report.md").write_text("# ptd report: tiny\n")
+        return {}
+
+    monkeypatch.setattr(ptd.pipeline, "run_pipeline", fake)
+    assert main(["run", str(tiny_yaml), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert printed[0] == "# ptd report: tiny"
+    assert printed[-1] == (f"written: {out / 'report.md'}, {out / 'report.html'} (the figures: open it in a browser), "
+                           f"{out / 'results.json'}")
 
 
 def test_report_says_what_to_try_only_when_distillation_is_called_worse_than_alone():
