@@ -557,3 +557,34 @@ def test_a_comparison_over_fewer_students_than_its_arms_says_so():
                     "the missing seeds of the other arm to compare them all."), note
     assert scope_note(r).endswith(note) and note in render_markdown(r) and html.escape(note) in render_run_html(".", r)
     assert unpaired_note(_built([s for s in students if s["seed"] < 2])) is None
+
+
+def test_the_report_opens_with_the_answer_and_what_the_student_costs():
+    """A user asks whether the pruned teacher teaches better and what the student costs: the verdicts
+    were report.md's fifth section, after four tables, and the student's accuracy against the
+    teacher's was in no sentence, to be subtracted across tables (new-user audit). They now open
+    the report, from the same figures as the tables below."""
+    from ptd.report import answer_markdown, student_line
+    from ptd.report.html import render_run_html
+
+    students = [{**x, "epochs": 1, "steps": 10, "wall_s": 1.0} for arm, accs in
+                (("scratch", [0.80, 0.81]), ("pruned_teacher", [0.84, 0.86]), ("unpruned_teacher", [0.82, 0.83]))
+                for x in rows(arm, accs)]
+    r = _built(students)
+    r["teacher"]["latency"] = {"64": {"median_ms": 3.0}}
+    r["student"]["latency"] = {"64": {"median_ms": 2.0}}
+    line = student_line(r)
+    # (0.84 + 0.86) / 2 = 85.00% against the teacher's 90.00%; params 400/1000, FLOPs 2000/5000, 3.0/2.0 ms
+    assert line == ("The student distilled from pruned teacher scores 85.00% (mean of 2 seed(s)) against the teacher's "
+                    "90.00% (-5.00 points), with 0.400x its parameters and 0.400x its FLOPs, and runs 1.50x as fast at "
+                    "batch 64 (PyTorch eager, fp32, on this machine's CPU)."), line
+    md = render_markdown(r)
+    top = md[:md.index("## Teachers")]
+    assert top.index("## Answer") > 0 and line in top
+    for key in ("pruned_minus_unpruned", "pruned_minus_scratch"):
+        assert f"- {r['comparison'][key]['verdict']}" in top
+    assert r["comparison"]["unpruned_minus_scratch"]["verdict"] not in top  # not a question about the pruned teacher
+    assert html.escape(line) in render_run_html(".", r)
+    r["student"]["latency"] = None  # no timing: the sentence stops at the FLOPs
+    assert student_line(r).endswith("0.400x its FLOPs.")
+    assert answer_markdown({**r, "comparison": {}, "summary": {}}) == []

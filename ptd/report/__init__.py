@@ -510,6 +510,40 @@ def unpaired_note(r: Mapping[str, Any]) -> str | None:
             "missing seeds of the other arm to compare them all.")
 
 
+def student_line(r: Mapping[str, Any]) -> str | None:
+    """What the student costs and gains, in one sentence: the accuracy of the students distilled from
+    the pruned teacher (else the first arm) against the teacher's, and the student's size and speed
+    as fractions of the teacher's. The figures are the tables' own; the report gave them only in
+    separate tables, to be subtracted by the reader (new-user audit)."""
+    summary, t, s = r.get("summary") or {}, r.get("teacher") or {}, r.get("student") or {}
+    arm = "pruned_teacher" if "pruned_teacher" in summary else next(iter(summary), None)
+    if arm is None or t.get("test_acc") is None or not s.get("params_ratio"):
+        return None
+    sm = summary[arm]
+    gap = 100 * (sm["mean"] - t["test_acc"])
+    text = (f"The student {ARM_LABELS[arm]} scores {_pct(sm['mean'])}% (mean of {sm['n']} seed(s)) against the teacher's "
+            f"{_pct(t['test_acc'])}% ({gap:+.2f} points), with {s['params_ratio']:.3f}x its parameters and "
+            f"{s['flops_ratio']:.3f}x its FLOPs")
+    tl, sl = ((x.get("latency") or {}).get("64") or {} for x in (t, s))
+    if tl.get("median_ms") and sl.get("median_ms"):
+        text += f", and runs {tl['median_ms'] / sl['median_ms']:.2f}x as fast at batch 64 (PyTorch eager, fp32, on this machine's CPU)"
+    return text + "."
+
+
+def answer_markdown(r: Mapping[str, Any]) -> list[str]:
+    """The report's first section: the verdicts on the pruned teacher (against the unpruned teacher,
+    the control and the student alone) and the student's cost, with the details below it."""
+    comp = r.get("comparison") or {}
+    lines = [f"- {c['verdict']}" for k, c in comp.items() if COMPARISONS.get(k, ("",))[0] == "pruned_teacher"]
+    if note := worse_than_alone_note(r):
+        lines.append(f"- {note}")
+    if note := student_line(r):
+        lines.append(f"- {note}")
+    if not lines:
+        return []
+    return ["## Answer", "", *lines, "", "How sure each call is, and every comparison: \"Does the pruned teacher teach better?\" below.", ""]
+
+
 def _lat(s: dict, b: str) -> str:
     v = ((s.get("latency") or {}).get(b) or {}).get("median_ms")
     return "n/a" if v is None else f"{v:.2f}"
@@ -699,6 +733,7 @@ def render_markdown(r: dict[str, Any]) -> str:
     t, p, s = r["teacher"], r["pruned_teacher"], r["student"]
     lines = [f"# ptd report: {r['name']}", "", f"Dataset: {r['dataset']}. {accuracy_sentence(r)}", ""]
     lines += chance_lines(r)
+    lines += answer_markdown(r)
     loaded = f", loaded from {_md_cell(t['source'])} (not trained here)" if t.get("source") else ""
     lines += ["## Teachers", "", "| model | test acc % | sparsity | params (nonzero) | FLOPs |", "|---|---:|---:|---:|---:|",
               f"| teacher ({t['arch']}){loaded} | {_pct(t['test_acc'])} | 0 | {t['params']:,} | {t['flops']:,} |",

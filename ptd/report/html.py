@@ -26,7 +26,7 @@ from ptd.errors import DamagedFileError
 from ptd.io import read_json_object
 from ptd.report import (ARM_LABELS, accuracy_sentence, arm_ci_cell, chance_warning, clipped_note, compute_behind, latency_rows,
                         loaded_teacher_note, lower_bound, not_learned, primary_students, replicate_interval_note, shown_interval,
-                        scope_note, slower_note, summarize, worse_than_alone_note)
+                        scope_note, slower_note, student_line, summarize, worse_than_alone_note)
 from ptd.report.stats import format_estimate
 
 ARM_COLORS = {"scratch": "#444444", "unpruned_teacher": "#1f77b4", "pruned_teacher": "#d62728", "retrained_teacher": "#2ca02c"}
@@ -374,6 +374,8 @@ def _answer(r: dict[str, Any]) -> str:
     if not lines:
         lines = ["<p>No paired comparison: the run has fewer than two arms with a common seed.</p>"]
     if note := worse_than_alone_note(r):
+        lines.append(f"<p>{_esc(note)}</p>")
+    if note := student_line(r):
         lines.append(f"<p>{_esc(note)}</p>")
     if note := scope_note(r):
         lines.append(f'<p class="sub">{_esc(note)}</p>')
