@@ -588,3 +588,19 @@ def test_the_report_opens_with_the_answer_and_what_the_student_costs():
     r["student"]["latency"] = None  # no timing: the sentence stops at the FLOPs
     assert student_line(r).endswith("0.400x its FLOPs.")
     assert answer_markdown({**r, "comparison": {}, "summary": {}}) == []
+
+
+def test_the_latency_table_says_pytorchs_threads_and_how_far_its_runs_spread():
+    """"On this machine's CPU" named no thread count, and medians came without their spread: the
+    demo student's batch-1 runs ranged 0.49-0.60 ms around 0.54, wider than some speedups shown
+    (new-user audit). From the records the medians come from."""
+    from ptd.report import latency_conditions, latency_table
+
+    t = {"latency": {"1": {"median_ms": 1.0, "p10_ms": 0.9, "p90_ms": 1.05, "threads": 2},
+                     "64": {"median_ms": 10.0, "p10_ms": 9.5, "p90_ms": 11.3, "threads": 2}}}
+    s = {"latency": {"1": {"median_ms": 0.5, "p10_ms": 0.49, "p90_ms": 0.52, "threads": 2},
+                     "64": {"median_ms": 5.0, "p10_ms": 4.9, "p90_ms": 5.1, "threads": 2}}}
+    # the widest: the teacher at batch 64, (11.3 - 10) / 10 = 13%
+    assert latency_conditions(t, s) == "; PyTorch on 2 thread(s), its runs' p10 and p90 within 13% of their median"
+    assert latency_conditions(t, s) in latency_table(t, s)[0]
+    assert latency_conditions({"latency": {"1": {"median_ms": 1.0}}}, {}) == ""  # records of older runs

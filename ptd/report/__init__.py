@@ -617,9 +617,26 @@ def latency_table(t: dict, s: dict) -> list[str]:
         return []
     gpu = " (the GPU rows on the GPU the run trained on)" if (s.get("cuda_latency") or {}) else ""
     note = slower_note(t, s)
-    return ([f"Latency, teacher vs student, fp32, on this machine's CPU{gpu} (median ms of interleaved runs; speedup = teacher / student):", "",
+    return ([f"Latency, teacher vs student, fp32, on this machine's CPU (env.json names it){gpu} (median ms of interleaved runs; "
+             f"speedup = teacher / student){latency_conditions(t, s)}:", "",
              "| runtime | batch | teacher ms | student ms | speedup |", "|---|---:|---:|---:|---:|"]
             + [f"| {' | '.join(r)} |" for r in rows] + [""] + ([note, ""] if note else []))
+
+
+def latency_conditions(t: Mapping[str, Any], s: Mapping[str, Any]) -> str:
+    """PyTorch's thread count and how far its timed runs spread, from the records the medians come
+    from: a 1.1x speedup means little where the runs spread by 10% (new-user audit: the demo's
+    batch-1 student runs ranged 0.49-0.60 ms around 0.54). "" for records without them."""
+    recs = [rec for x in (t, s) for rec in (x.get("latency") or {}).values() if isinstance(rec, dict) and rec.get("median_ms")]
+    threads = sorted({rec["threads"] for rec in recs if rec.get("threads")})
+    spread = [max(rec["p90_ms"] - rec["median_ms"], rec["median_ms"] - rec["p10_ms"]) / rec["median_ms"]
+              for rec in recs if rec.get("p10_ms") is not None and rec.get("p90_ms") is not None]
+    parts = []
+    if threads:
+        parts.append(f"PyTorch on {'/'.join(map(str, threads))} thread(s)")
+    if spread:
+        parts.append(f"its runs' p10 and p90 within {100 * max(spread):.0f}% of their median")
+    return f"; {', '.join(parts)}" if parts else ""
 
 
 def primary_students(r: dict[str, Any]) -> list[dict]:
