@@ -410,3 +410,43 @@ def test_evaluation_does_not_depend_on_how_the_split_is_batched():
     got = [evaluate(m, make_loader(split, batch_size=b, train=False, mean=(0.3,), std=(0.3,), augment=False), rt)
            for b in (33, 64, 256, 500)]
     assert all(g == got[0] for g in got), got
+
+
+def test_the_progress_bar_shows_the_epochs_mean_loss_as_metrics_ends_it(tmp_path, monkeypatch):
+    """The bar showed one batch's loss, refreshed every 50 steps: an epoch of 8 steps showed its
+    first step's loss throughout (new-user audit). It now shows the epoch's mean so far, and at
+    the epoch's last step exactly the train_loss metrics.jsonl records."""
+    import dataclasses
+
+    import ptd.train.loop as loop
+
+    shown: list[dict] = []
+
+    class Bar:
+        def __init__(self, *a, **k):
+            pass
+
+        def update(self, n=1):
+            pass
+
+        def set_postfix(self, **k):
+            shown.append(k)
+
+        def close(self):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            return False
+
+    monkeypatch.setattr(loop, "tqdm", Bar)
+    tr, va = loaders()
+    fit(model(), tr, va, dataclasses.replace(OPT, epochs=2), Runtime(quiet=False, channels_last=False), out_dir=tmp_path)
+    rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    # per epoch: its step 0, its last step, then with the validation accuracy
+    assert len(tr) == 8 and [s["epoch"] for s in shown] == ["1/2"] * 3 + ["2/2"] * 3
+    assert [float(s["loss"]) for s in shown[1::3]] == [round(r["train_loss"], 3) for r in rows]
+    assert [s["loss"] for s in shown[2::3]] == [s["loss"] for s in shown[1::3]]
+    assert [float(s["val_acc"]) for s in shown[2::3]] == [round(r["val_acc"], 4) for r in rows]

@@ -391,8 +391,10 @@ def fit(
                 correct += (logits.detach().argmax(1) == y).sum()
                 seen += y.numel()
                 bar.update(1)
-                if i % 50 == 0:
-                    bar.set_postfix(epoch=f"{epoch + 1}/{optim.epochs}", loss=f"{loss.item():.3f}")
+                if i % 50 == 0 or i == n_batches - 1:  # a host sync every 50 steps, and the epoch's last
+                    # The epoch's mean loss so far, as metrics.jsonl's train_loss ends it: one batch's
+                    # loss, shown every 50 steps, froze a short epoch on its first step (new-user audit).
+                    bar.set_postfix(epoch=f"{epoch + 1}/{optim.epochs}", loss=f"{(loss_sum / seen).item():.3f}")
             sched.step()
             train_stats = all_sum([loss_sum.item(), correct.item(), float(seen), *(t.item() for t in term_sums.values())], rt.device)
             # Every rank evaluates rank 0's model, the one rank 0 saves: DDP left each rank rank 0's
@@ -438,7 +440,7 @@ def fit(
             if term_sums:  # each loss term, averaged over the epoch's samples like train_loss
                 row["terms"] = {k: v / max(train_stats[2], 1) for k, v in zip(term_sums, train_stats[3:])}
             if val_acc is not None:
-                bar.set_postfix(epoch=f"{epoch + 1}/{optim.epochs}", val_acc=f"{val_acc:.4f}")
+                bar.set_postfix(epoch=f"{epoch + 1}/{optim.epochs}", loss=f"{row['train_loss']:.3f}", val_acc=f"{val_acc:.4f}")
             # Hooks first: what they write (a rewind snapshot) and what they change (GMP's masks) belongs
             # to this epoch's commit. A kill before the commit re-runs the epoch, which redoes both.
             _call(hooks, "end_epoch", epoch, row)
