@@ -524,7 +524,7 @@ def test_the_report_says_what_a_call_is_about_and_how_often_noise_makes_one():
     assert rows_called(r) == 3  # pruned - unpruned, pruned - alone, unpruned - alone
     note = scope_note(r)
     assert note.startswith("Every student here learns from one training of the teacher (teacher.seeds 1)")
-    assert note.endswith("Each of the 3 rows with a call is at 95% on its own: under seed noise alone a given row is called "
+    assert note.endswith("Each of the 3 rows is called or not at 95% on its own: under seed noise alone a given row is called "
                          "5% of the time, and some one of them up to 15% of the time.")  # the 16-19% measured is for 4 rows
     assert note in render_markdown(r) and html.escape(note) in render_run_html(".", r)
     two = [{**s, "teacher": t} for t in (0, 1) for s in students]  # teacher replicates: per-teacher rows count too

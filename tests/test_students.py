@@ -513,6 +513,12 @@ def test_compare_report_for_teacher_pruned_teacher_and_student(monkeypatch):
     json.dumps(rep)
     text = format_report(rep)
     assert "pruned_teacher" in text and "layer1.0.conv1" in text
+    # Student over teacher, as report.md states them: the FLOPs ratio was printed teacher / student
+    # (2.19 beside report.md's 0.457x, new-user audit).
+    m = rep["models"]
+    want = (f"student / teacher: params {m['student']['params'] / m['teacher']['params']:.3f}x, "
+            f"FLOPs {m['student']['flops'] / m['teacher']['flops']:.3f}x")
+    assert want in text.splitlines() and "teacher / student" not in text
 
 
 @pytest.mark.parametrize("arch, kw", [("vgg11", {"width": 0.25}), ("resnet20", {"width": 0.5}), ("tv:resnet18", {})])

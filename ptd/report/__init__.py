@@ -485,7 +485,7 @@ def scope_note(r: Mapping[str, Any]) -> str | None:
     k = rows_called(r)
     if k > 1:
         measured = " (16-19% measured for these 4)" if k == 4 else ""  # tests/test_stats.py, for the 4 rows of one loss
-        parts.append(f"Each of the {k} rows with a call is at 95% on its own: under seed noise alone a given row is "
+        parts.append(f"Each of the {k} rows is called or not at 95% on its own: under seed noise alone a given row is "
                      f"called 5% of the time, and some one of them up to {min(100, 5 * k)}% of the time{measured}.")
     parts += [note] if (note := unpaired_note(r)) else []
     return " ".join(parts) or None
