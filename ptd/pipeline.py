@@ -928,6 +928,10 @@ def snapshot_epochs(cfg: RunConfig, strategies: Sequence[str] | None = None) -> 
     return tuple(sorted(e for e in epochs if e is not None))  # 0 is an epoch too: the initialization
 
 
+def _epochs(n: int) -> str:
+    return f"{n} epoch" + ("" if n == 1 else "s")
+
+
 def run_stage(ctx: Context, d: Path, compute: Callable[[], dict], *, result_file: str = P.RESULT,
               cleanup: bool = True, inputs: Sequence[Path] | Callable[[dict], Sequence[Path]] = (),
               student: bool = False) -> tuple[dict, bool]:
@@ -943,6 +947,9 @@ def run_stage(ctx: Context, d: Path, compute: Callable[[], dict], *, result_file
     if ctx.is_done(d):
         if cleanup:  # a kill between done and the removal left the resume commit behind
             cleanup_resume_files(d)
+        # A re-run said nothing of what it skipped, so a resume looked like a run that forgot a stage
+        # (new-user audit).
+        ctx.log(f"[reused] {_input_key(ctx.run_dir, d)}: finished earlier")
         return read_json(d / result_file), False
     if ctx.in_worker and not student:
         # An orphaned worker of a killed run (or one whose directory was deleted and started over)
@@ -995,7 +1002,7 @@ def stage_teacher(ctx: Context, snapshot: Sequence[int] | str = "auto", replicat
                 ckpt.save_model(d / P.MODEL, model)
         else:
             model = ctx.rt.prepare(model)
-            ctx.log(f"[teacher] training {cfg.teacher.model.arch} for {cfg.teacher.optim.epochs} epochs")
+            ctx.log(f"[teacher] training {cfg.teacher.model.arch} for {_epochs(cfg.teacher.optim.epochs)}")
             hooks = []
             epochs = snapshot_epochs(cfg) if snapshot == "auto" else tuple(snapshot)
             if 0 in epochs and ctx.main and not P.snapshot_file(d, 0).exists():
@@ -1216,7 +1223,7 @@ def stage_distill(ctx: Context, arm: str, seed: int, student_stats: dict, teache
             ckpt.load_into(student, ctx.run_dir / P.STUDENT / P.STUDENT_INIT, "student")
         student = ctx.rt.prepare(student)
         unit = make_distiller(ctx, student, teacher, cfg.distill.optim, data_seed, "ce" if loss is None else loss)
-        ctx.log(f"[distill] {name} seed {seed}: {cfg.distill.optim.epochs} epochs")
+        ctx.log(f"[distill] {name} seed {seed}: {_epochs(cfg.distill.optim.epochs)}")
         try:
             r = ctx.fit(student, cfg.distill.optim, d, data_seed, f"{name} s{seed}", unit=unit)
         finally:

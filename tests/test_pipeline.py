@@ -409,7 +409,8 @@ def test_run_stage_skips_done_and_marks_done_before_cleanup(tmp_path):
     d = tmp_path / "stage"
     order = []
     ctx = SimpleNamespace(main=True, in_worker=False, write_json=lambda p, o: (order.append("result"), ckpt.write_json(p, o)),
-                          done=lambda p, inputs=(): (order.append("done"), mark_done(p)), is_done=is_done)
+                          done=lambda p, inputs=(): (order.append("done"), mark_done(p)), is_done=is_done,
+                          log=order.append, run_dir=tmp_path)
 
     def boom():
         (d / P.RESUME).write_text("resume")
@@ -427,6 +428,7 @@ def test_run_stage_skips_done_and_marks_done_before_cleanup(tmp_path):
     assert run_stage(ctx, d, compute) == ({"acc": 0.5}, True)
     assert order == ["compute", "result", "done"] and is_done(d) and not (d / P.RESUME).exists()
     assert run_stage(ctx, d, lambda: pytest.fail("a done stage must not run again")) == ({"acc": 0.5}, False)
+    assert order[-1] == "[reused] stage: finished earlier"
 
 
 class GroupedNet(torch.nn.Module):
@@ -574,3 +576,17 @@ def test_a_student_stage_redone_keeps_the_distillations_made_from_it(tmp_path, t
     shutil.rmtree(out / "student")
     run_pipeline(cfg, out)
     assert models() == before
+
+
+def test_a_rerun_says_which_stages_it_reused(tmp_path, tiny_yaml):
+    """A re-run after a kill said nothing of the stages it skipped: the log went from the command
+    to the next stage's first line, or straight to "done in 3 s" (new-user audit)."""
+    from ptd.config import load_config
+    from ptd.pipeline import run_pipeline
+
+    cfg = load_config(str(tiny_yaml), ["threads=1", "teacher.optim.epochs=1"])
+    first, again = [], []
+    run_pipeline(cfg, tmp_path / "run", log=first.append, until="teacher")
+    run_pipeline(cfg, tmp_path / "run", log=again.append, until="teacher")
+    assert not any(l.startswith("[reused]") for l in first)
+    assert "[reused] teacher: finished earlier" in again, again

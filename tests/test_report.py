@@ -584,6 +584,8 @@ def test_the_report_opens_with_the_answer_and_what_the_student_costs():
     for key in ("pruned_minus_unpruned", "pruned_minus_scratch"):
         assert f"- {r['comparison'][key]['verdict']}" in top
     assert r["comparison"]["unpruned_minus_scratch"]["verdict"] not in top  # not a question about the pruned teacher
+    # The pruned teacher's FLOPs cell was blank: unstructured zeros save none, and the table says so.
+    assert "| 0.2000 | 800 | 5,000 (dense) |" in md and "unstructured zeros save no FLOPs" in md
     assert html.escape(line) in render_run_html(".", r)
     r["student"]["latency"] = None  # no timing: the sentence stops at the FLOPs
     assert student_line(r).endswith("0.400x its FLOPs.")

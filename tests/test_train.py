@@ -122,8 +122,17 @@ def test_resume_continues_and_matches_uninterrupted(tmp_path):
         fit(m, *loaders(), OPT, RT, out_dir=tmp_path / "run", hooks=[KillAfter(3)])
     m2 = model()  # a fresh process would start from fresh weights
     counter = CountEpochs()
-    r = fit(m2, *loaders(), OPT, RT, out_dir=tmp_path / "run", hooks=[counter])
+    import ptd.train.loop as loop
+
+    descs = []
+    real_tqdm = loop.tqdm
+    loop.tqdm = lambda *a, **k: descs.append(k["desc"]) or real_tqdm(*a, **k)
+    try:
+        r = fit(m2, *loaders(), OPT, RT, out_dir=tmp_path / "run", hooks=[counter], desc="teacher")
+    finally:
+        loop.tqdm = real_tqdm
     assert counter.seen == [3, 4]  # epochs 1-2 were not redone
+    assert descs == ["teacher (resumed after epoch 2)"]  # the bar says so (a resume was silent: new-user audit)
     rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [row["epoch"] for row in rows] == [1, 2, 3, 4]
     assert r["steps"] == r_ref["steps"]

@@ -754,10 +754,12 @@ def render_markdown(r: dict[str, Any]) -> str:
     loaded = f", loaded from {_md_cell(t['source'])} (not trained here)" if t.get("source") else ""
     lines += ["## Teachers", "", "| model | test acc % | sparsity | params (nonzero) | FLOPs |", "|---|---:|---:|---:|---:|",
               f"| teacher ({t['arch']}){loaded} | {_pct(t['test_acc'])} | 0 | {t['params']:,} | {t['flops']:,} |",
-              f"| pruned teacher ({p['strategy']}, level {p['level']}) | {_pct(p['test_acc'])} | {p['sparsity']:.4f} | {p['params_nonzero']:,} | |"]
+              f"| pruned teacher ({p['strategy']}, level {p['level']}) | {_pct(p['test_acc'])} | {p['sparsity']:.4f} | {p['params_nonzero']:,} | {t['flops']:,} (dense) |"]
     if r.get("retrained_teacher"):
-        lines.append(f"| unpruned teacher retrained {r['retrained_teacher']['epochs']} more epochs (control) | {_pct(r['retrained_teacher']['test_acc'])} | 0 | {t['params']:,} | |")
-    lines.append("")
+        lines.append(f"| unpruned teacher retrained {r['retrained_teacher']['epochs']} more epochs (control) | {_pct(r['retrained_teacher']['test_acc'])} | 0 | {t['params']:,} | {t['flops']:,} |")
+    lines += ["", "Sparsity is of the prunable (conv and linear) weights; params (nonzero) counts every parameter, "
+              "biases and norms too. The pruned teacher runs dense: unstructured zeros save no FLOPs. FLOPs are "
+              "2 x the multiply-accumulates of one image's convolutions and matrix products (torch's FlopCounterMode).", ""]
     if len(p["levels"]) > 2:
         lines += ["Pruning levels:", "", "| level | sparsity | val acc % | test acc % | epochs |", "|---:|---:|---:|---:|---:|"]
         lines += [f"| {lv['level']} | {lv['sparsity']:.4f} | {_pct(lv.get('val_acc'))} | {_pct(lv['test_acc'])} | {lv.get('epochs') or 0} |" for lv in p["levels"]]

@@ -362,7 +362,8 @@ def fit(
 
     _call(hooks, "on_start", model)
     n_batches = len(train_loader)
-    bar = tqdm(total=optim.epochs * n_batches, initial=start * n_batches, desc=desc, unit="step",
+    resumed = f" (resumed after epoch {start})" if start else ""  # from the directory's last commit
+    bar = tqdm(total=optim.epochs * n_batches, initial=start * n_batches, desc=desc + resumed, unit="step",
                disable=rt.quiet or not main, dynamic_ncols=True, leave=False)
     net.train()
     with rt.training(unit):  # e.g. ptd.train.fastconv, for the epochs only
