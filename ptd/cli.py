@@ -43,12 +43,14 @@ def _common(p: argparse.ArgumentParser, config_required: bool = True) -> None:
         p.add_argument("config", metavar="CONFIG", help="YAML config (see configs/); its keys override the defaults")
     else:
         p.add_argument("config", metavar="CONFIG", nargs="?", help="YAML config (default: built-in defaults)")
-    p.add_argument("--out", help="run directory, created with any missing parent folders (default: runs/<config name>)")
+    p.add_argument("--out", help="run directory, created with any missing parent folders (default: runs/<config name>); "
+                                 "the same command with the same --out again resumes a killed run, reusing every finished stage")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set distill.alpha=0.9 (repeatable; a key given twice takes the last "
-                        "value; a key and a key inside it, e.g. teacher=... and teacher.optim.lr=..., conflict)")
+                   help="override a config key, e.g. --set distill.alpha=0.9 or --set threads=1 (repeatable; a key given "
+                        "twice takes the last value; a key and a key inside it, e.g. teacher=... and teacher.optim.lr=..., "
+                        "conflict; every key and its default: README.md, \"Config\"; a run's whole config: its config.yaml)")
     p.add_argument("--teacher", metavar="CHECKPOINT", help="start from this trained teacher (.safetensors or .pt) instead of training one")
-    p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--device", help="auto | cpu | cuda | cuda:N (default: the config's device, auto: cuda where there is one)")
     p.add_argument("--quiet", action="store_true", help="no progress bars (for CI logs)")
 
 
@@ -239,7 +241,13 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="ptd", description="Prune, then distill: a pruned teacher, a smaller student, and an honest comparison.")
+    p = _Parser(prog="ptd", description="Prune, then distill: a pruned teacher, a smaller student, and an honest comparison.",
+                epilog="A run writes report.md, report.html and results.json into its run directory (--out, default "
+                       "runs/<config name>); the same command again resumes it after a kill (docs/resume.md). Start with: "
+                       "ptd run configs/fashion_mnist_demo.yaml")
+    from ptd import __version__
+
+    p.add_argument("--version", action="version", version=f"ptd {__version__}")
     # metavar: argparse names a missing subcommand by it ("required: COMMAND", not the dest "cmd")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     helps = {

@@ -63,3 +63,22 @@ def test_ptd_traceback_shows_the_real_exception(monkeypatch, capsys):
     monkeypatch.setenv("PTD_TRACEBACK", "1")
     with pytest.raises(ZeroDivisionError):
         _run_raising(monkeypatch, capsys, ZeroDivisionError("bug"))
+
+
+def test_help_says_where_results_go_and_how_to_resume_and_there_is_a_version(capsys):
+    """--help named neither the files a run writes nor that re-running resumes it, and there was no
+    --version (new-user audit)."""
+    from ptd import __version__
+    from ptd.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"ptd {__version__}"
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "report.md, report.html and results.json" in text and "resumes it after a kill" in text
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "again resumes a killed run" in text and "default: the config's device" in text and '"Config"' in text
