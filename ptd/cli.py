@@ -48,7 +48,7 @@ def _common(p: argparse.ArgumentParser, config_required: bool = True) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set distill.alpha=0.9 or --set threads=1 (repeatable; a key given "
                         "twice takes the last value; a key and a key inside it, e.g. teacher=... and teacher.optim.lr=..., "
-                        "conflict; every key and its default: README.md, \"Config\"; a run's whole config: its config.yaml)")
+                        "conflict; every key and its default: README.md, \"Configuration\"; a run's whole config: its config.yaml)")
     p.add_argument("--teacher", metavar="CHECKPOINT", help="start from this trained teacher (.safetensors or .pt) instead of training one")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N (default: the config's device, auto: cuda where there is one)")
     p.add_argument("--quiet", action="store_true", help="no progress bars (for CI logs)")

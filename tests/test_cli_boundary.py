@@ -81,4 +81,4 @@ def test_help_says_where_results_go_and_how_to_resume_and_there_is_a_version(cap
     with pytest.raises(SystemExit):
         main(["run", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "again resumes a killed run" in text and "default: the config's device" in text and '"Config"' in text
+    assert "again resumes a killed run" in text and "default: the config's device" in text and '"Configuration"' in text
