@@ -235,7 +235,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from ptd.export import export, format_record
 
     _flag(args.out, "--out", "give the ONNX file to write (e.g. --out student.onnx), or leave --out out for the model file with .onnx")
-    rec = export(args.source, args.out, args.format, latency=not args.no_latency)
+    rec = export(args.source, args.out, args.format, latency=not args.no_latency, arm=args.arm)
     print(format_record(rec))
     return 0
 
@@ -303,6 +303,10 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--format", default="onnx", help="onnx (the only format)")
     ex.add_argument("--out", help="output file (default: the model file with .onnx); never overwritten")
     ex.add_argument("--no-latency", action="store_true", help="skip the onnxruntime timing")
+    from ptd.config import ARMS
+
+    ex.add_argument("--arm", choices=ARMS, help="a run directory's best student of this arm only (default: the best of "
+                                                "any arm by validation accuracy, the student trained alone included)")
     ex.set_defaults(func=cmd_export)
     return p
 

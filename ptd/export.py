@@ -86,15 +86,16 @@ def _arm_result(path: Path, run_dir: Path) -> dict[str, Any]:
     return r
 
 
-def _best_arm(run_dir: Path) -> tuple[Path, str]:
+def _best_arm(run_dir: Path, arm: str | None = None) -> tuple[Path, str]:
     """The run's student with the best validation accuracy (test accuracy where a run kept no
     validation set), whichever arm trained it: the one trained alone too, when it is the best
-    model the run made (what a deployment wants); the line names the arm. A student still training
+    model the run made (what a deployment wants); the line names the arm. ``arm``: among that arm's
+    students only (``ptd export --arm``: e.g. the pruned teacher's, the paper's). A student still training
     (no ``done``) is passed over; a finished one without its model file is damage, refused: passing
     it over exported another student as "the best" while the best one was missing."""
     cands = []
     for d in sorted((run_dir / P.DISTILL).glob("*/")):  # replicate 0's students (teachers/r<k>/ are not scanned)
-        if not (d / P.DONE).exists():
+        if not (d / P.DONE).exists() or (arm is not None and not d.name.startswith((f"{arm}_seed", f"{arm}-"))):
             continue
         f = d / P.MODEL
         if not f.is_file():
@@ -103,6 +104,9 @@ def _best_arm(run_dir: Path) -> tuple[Path, str]:
         score = r.get("val_acc") if r.get("val_acc") is not None else r.get("test_acc")
         cands.append((-1.0 if score is None else float(score), d.name, f, r))
     if not cands:
+        if arm is not None:
+            raise ExportError(f"{run_dir}: has no finished student of the arm {arm} (--arm); run `ptd distill --arm {arm}` on it "
+                              f"first, or leave --arm out for the best student of any arm")
         raise ExportError(
             f"{run_dir}: has no finished distill/<arm>_seed<s>/model.safetensors; run `ptd distill` on it first, or give a model file"
         )
@@ -118,24 +122,28 @@ def _best_arm(run_dir: Path) -> tuple[Path, str]:
                f"student {name} (test accuracy {score:.4f}, the run's only student)")
 
 
-def resolve(source: str | Path) -> Source:
-    """A model file, or a run directory (its best student, of any arm, with the run's teacher for comparison)."""
+def resolve(source: str | Path, arm: str | None = None) -> Source:
+    """A model file, or a run directory (its best student, of any arm or of ``arm``, with the run's
+    teacher for comparison)."""
     try:
-        return _resolve(Path(source))
+        return _resolve(Path(source), arm)
     except OSError as e:  # a folder on the way this user cannot search: Path.exists/is_dir raise, not answer False
         where = e.filename if e.filename is not None else source
         raise ExportError(f"{where}: cannot be read ({e.strerror or type(e).__name__}); give this user access to it, "
                           "or give a run directory or model .safetensors it can read") from None
 
 
-def _resolve(p: Path) -> Source:
+def _resolve(p: Path, arm: str | None = None) -> Source:
     if not p.exists():
         raise ExportError(f"{p}: no such file or directory; give a run directory or a model .safetensors written by ptd")
     if p.is_dir():
         if not (p / P.CONFIG).is_file() and not (p / P.DISTILL).is_dir():
             raise ExportError(f"{p}: not a ptd run directory (no config.yaml, no distill/); give a run directory or a model .safetensors")
-        f, what = _best_arm(p)
+        f, what = _best_arm(p, arm)
         return Source(f, _teacher(p), p, what)
+    if arm is not None:
+        raise ExportError(f"--arm {arm}: picks among a run directory's students, but {p} is a model file; give the run "
+                          f"directory, or leave --arm out to export this file")
     if p.suffix != ".safetensors":
         raise ExportError(f"{p}: not a .safetensors model file; export a model saved by ptd (model.safetensors) or a run directory")
     # The run it lies in (its config names the test images; ptd eval finds it the same way), and the
@@ -507,7 +515,8 @@ def _recorded_input(run_dir: Path, channels: int, why: str = "") -> tuple[int, i
     return tuple(shape)
 
 
-def export(source: str | Path, out: str | Path | None = None, fmt: str = "onnx", *, latency: bool = True, repeats: int = 10) -> dict[str, Any]:
+def export(source: str | Path, out: str | Path | None = None, fmt: str = "onnx", *, latency: bool = True, repeats: int = 10,
+           arm: str | None = None) -> dict[str, Any]:
     """What ``ptd export`` does: resolve, export, check against PyTorch, time against the teacher. Returns the record.
 
     Everything that can be checked before writing is checked first: the model, the run's teacher
@@ -517,7 +526,7 @@ def export(source: str | Path, out: str | Path | None = None, fmt: str = "onnx",
     """
     if fmt != "onnx":
         raise ExportError(f"--format {fmt}: unknown export format; the one supported is onnx")
-    src = resolve(source)
+    src = resolve(source, arm)
     model = load(src.model_path)
     teacher = _load_teacher(src.teacher_path) if latency and src.teacher_path is not None else None
     out = Path(out) if out is not None else src.model_path.with_suffix(".onnx")

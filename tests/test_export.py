@@ -463,3 +463,28 @@ def test_labelling_an_onnx_file_keeps_its_external_weights_outside(tmp_path):
     assert {p.key for p in onnx.load(str(f), load_external_data=False).metadata_props} == {"ptd_classes", "ptd_input_size"}
     out = _session(f).run(["logits"], {"images": np.zeros((1, 1, 16, 16), np.float32)})[0]
     assert out.shape == (1, 3)
+
+
+def test_arm_exports_that_arms_best_student(run_dir, tmp_path, capsys):
+    """The best student of any arm can be the one trained alone: a user who ran the whole pipeline
+    for the pruned teacher's student had no way to ask for it (new-user audit). --arm picks among
+    that arm's students; it means nothing for a model file, and an arm with no finished student
+    says what to run."""
+    from ptd.cli import main
+
+    (run_dir / "distill" / "scratch_seed0" / "result.json").write_text(json.dumps({"val_acc": 0.9, "test_acc": 0.9}))
+    assert resolve(run_dir).model_path.parent.name == "scratch_seed0"  # the best of any arm
+    src = resolve(run_dir, "pruned_teacher")
+    assert src.model_path.parent.name == "pruned_teacher_seed0" and "of the run's 1 students" in src.what
+    with pytest.raises(ExportError, match=r"has no finished student of the arm unpruned_teacher \(--arm\); run `ptd distill --arm "
+                                          r"unpruned_teacher`"):
+        resolve(run_dir, "unpruned_teacher")
+    f = run_dir / "distill" / "scratch_seed0" / "model.safetensors"
+    capsys.readouterr()
+    assert main(["export", str(f), "--arm", "scratch", "--no-latency"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ptd: error: --arm scratch: picks among a run directory's students") and "\n" not in err
+    assert not f.with_suffix(".onnx").exists()
+    out = tmp_path / "p.onnx"
+    assert main(["export", str(run_dir), "--arm", "pruned_teacher", "--no-latency", "--out", str(out)]) == 0
+    assert out.is_file() and "pruned_teacher_seed0" in capsys.readouterr().out
