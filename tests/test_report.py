@@ -575,7 +575,7 @@ def test_the_report_opens_with_the_answer_and_what_the_student_costs():
     r["student"]["latency"] = {"64": {"median_ms": 2.0}}
     line = student_line(r)
     # (0.84 + 0.86) / 2 = 85.00% against the teacher's 90.00%; params 400/1000, FLOPs 2000/5000, 3.0/2.0 ms
-    assert line == ("The student distilled from pruned teacher scores 85.00% (mean of 2 seed(s)) against the teacher's "
+    assert line == ("The student distilled from pruned teacher scores 85.00% (mean of 2 student(s)) against the teacher's "
                     "90.00% (-5.00 points), with 0.400x its parameters and 0.400x its FLOPs, and runs 1.50x as fast at "
                     "batch 64 (PyTorch eager, fp32, on this machine's CPU)."), line
     md = render_markdown(r)

@@ -424,7 +424,7 @@ def test_sweep_md_says_which_weights_its_accuracies_are_and_a_loaded_teachers_un
     # A sweep.json from before prune.retrain_checkpoint was recorded: no claim on the pruned teachers.
     old = {**r, "schedules": {k: v for k, v in r["schedules"].items() if k not in ("retrain_checkpoint", "validation")}}
     assert ("Accuracies are test top-1 (%): the teacher and the students at their best-validation epoch; the pruned "
-            "teachers at weights not recorded.") in render_sweep_markdown(old, plots=False)
+            "teachers at an epoch this sweep did not record (it predates prune.retrain_checkpoint).") in render_sweep_markdown(old, plots=False)
 
 
 def test_ptd_report_recomputes_a_sweeps_statistics_as_the_sweep_wrote_them(tmp_path, monkeypatch, capsys):

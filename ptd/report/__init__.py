@@ -433,7 +433,9 @@ def accuracy_sentence(r: Mapping[str, Any], names: Mapping[str, str] | None = No
                    else " (prune.retrain_checkpoint: last)" if retrained & set(group) else "")
             clauses.append(f"{_and(group)} at {their} last epoch{why}")
         else:
-            clauses.append(f"{_and(group)} at weights not recorded")
+            # A results file from before ptd recorded it (prune.retrain_checkpoint): "at weights not
+            # recorded" read as garbled (new-user audit).
+            clauses.append(f"{_and(group)} at an epoch this {unit} did not record (it predates prune.retrain_checkpoint)")
     return "Accuracies are test top-1 (%): " + "; ".join(clauses) + "."
 
 
@@ -521,7 +523,7 @@ def student_line(r: Mapping[str, Any]) -> str | None:
         return None
     sm = summary[arm]
     gap = 100 * (sm["mean"] - t["test_acc"])
-    text = (f"The student {ARM_LABELS[arm]} scores {_pct(sm['mean'])}% (mean of {sm['n']} seed(s)) against the teacher's "
+    text = (f"The student {ARM_LABELS[arm]} scores {_pct(sm['mean'])}% (mean of {sm['n']} student(s)) against the teacher's "
             f"{_pct(t['test_acc'])}% ({gap:+.2f} points), with {s['params_ratio']:.3f}x its parameters and "
             f"{s['flops_ratio']:.3f}x its FLOPs")
     tl, sl = ((x.get("latency") or {}).get("64") or {} for x in (t, s))
