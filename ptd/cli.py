@@ -143,52 +143,16 @@ def cmd_stage(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from ptd.config import load_config
-    from ptd.data import frame_size, load_configured, make_loader
-    from ptd.measure import count_nonzero, count_params
-    from ptd.preflight import check_data_config, check_device, check_runs, check_threads
-    from ptd.train.checkpoint import CheckpointError, class_mismatch, load_model
-    from ptd.train.loop import Runtime, evaluate
+    from ptd.evaluate import evaluate_model_file
 
     config = args.config if args.config is not None else _run_config_of(Path(args.checkpoint))
     _check_config_file(config)
     flag_device = _flag(args.device, "--device", "give auto, cpu, cuda or cuda:N, or leave --device out for the config's device")
     cfg = load_config(config, args.overrides)
-    # What preflight checks for a training command and eval also uses (eval runs no preflight).
-    check_threads(cfg.threads)
-    check_data_config(cfg)
-    if cfg.threads:
-        import torch
-
-        torch.set_num_threads(cfg.threads)
-    device = check_device(flag_device if flag_device is not None else cfg.device)
-
-    model = load_model(args.checkpoint)
-    dc = cfg.data
-    splits = load_configured(dc, cfg.seed, check_images="headers")  # eval trains nothing: a damaged image fails in one line
-    spec = getattr(model, "ptd_spec", {})
-    if (spec.get("in_channels"), spec.get("num_classes")) != (splits.in_channels, splits.num_classes):
-        raise CheckpointError(f"{args.checkpoint}: the model takes {spec.get('in_channels')}-channel images and has {spec.get('num_classes')} "
-                              f"classes, but data.name={dc.name} has {splits.in_channels} and {splits.num_classes}; pass the config "
-                              f"the model was trained with")
-    size, want = getattr(model, "ptd_input_size", None), frame_size(splits, dc.image_size)
-    if size is not None and tuple(size) != tuple(want):  # scored at another resolution, its accuracy means nothing
-        square = f", or --set data.image_size={size[0]}" if size[0] == size[1] else ""  # image_size is a square side
-        raise CheckpointError(f"{args.checkpoint}: the model was trained on {size[0]}x{size[1]} images, but "
-                              f"{config or 'the default config'} gives {want[0]}x{want[1]}; pass the config it was trained with"
-                              f"{square}")
-    wrong = class_mismatch(args.checkpoint, getattr(model, "ptd_classes", None), splits.classes, f"data.name={dc.name}")
-    if wrong:  # labels numbered otherwise: the accuracy would be of a relabelled test set
-        raise CheckpointError(wrong)
-    check_runs(model, str(args.checkpoint), splits, dc.image_size)
-    rt = Runtime(device=device, amp=cfg.amp, channels_last=cfg.channels_last, fast_wgrad=cfg.fast_wgrad, compile=cfg.compile, quiet=True)
-    model = rt.prepare(model)
-    # At the size checked above (data.image_size): without it a folder split loaded at 224 and an
-    # in-memory one at its own size, whatever the config and the output line said.
-    loader = make_loader(splits.test, batch_size=cfg.eval_batch_size, train=False, mean=splits.mean, std=splits.std, device=device,
-                         augment=False, channels_last=rt.channels_last, image_size=dc.image_size, workers=dc.workers)
-    r = evaluate(model, loader, rt)
-    print(f"{args.checkpoint}: test acc {r['acc']:.4f} on {r['n']} images of {dc.name} at {want[0]}x{want[1]}; "
-          f"params {count_params(model):,} ({count_nonzero(model):,} nonzero)"
+    r = evaluate_model_file(cfg, args.checkpoint, flag_device, config)
+    h, w = r["input_size"]
+    print(f"{args.checkpoint}: test acc {r['acc']:.4f} on {r['n']} images of {cfg.data.name} at {h}x{w}; "
+          f"params {r['params']:,} ({r['nonzero']:,} nonzero)"
           + (f"; config {config}" if args.config is None and config is not None else ""))
     return 0
 

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1] / "ptd"
 LAYERS = [
     {"__main__"},
     {"cli"},
-    {"pipeline", "sweep", "preflight"},
+    {"pipeline", "sweep", "preflight", "evaluate"},
     {"students", "pruning", "distill", "report", "measure", "export"},
     {"train"},
     {"models", "data"},

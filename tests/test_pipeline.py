@@ -222,6 +222,12 @@ def test_eval_command(tmp_path, tiny_yaml):
         f"was trained with, or --set data.image_size=28"), r.stderr
     r = run_cli("eval", model_file)
     assert r.returncode == 0 and f"test acc {acc:.4f}" in r.stdout and r.stdout.strip().endswith(f"; config {out / 'config.yaml'}"), r
+    # The library call behind it (the CLI held the whole of it: no Python caller could score a file so).
+    from ptd.config import load_config
+    from ptd.evaluate import evaluate_model_file
+
+    got = evaluate_model_file(load_config(str(tiny_yaml)), model_file)
+    assert got["acc"] == acc and got["input_size"] == (28, 28) and got["params"] == got["nonzero"] > 0
 
 
 def test_ptd_prune_prints_layers_in_the_networks_order_and_rounded_accuracies(tmp_path, tiny_fashion, capsys):
