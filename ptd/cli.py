@@ -119,7 +119,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
         # Last, where the report above has not scrolled it away (new-user audit).
         print(f"written: {out / 'report.md'}, {out / 'report.html'} (the figures: open it in a browser), {out / 'results.json'}")
     elif until == "student":
-        print((out / "student" / "report.txt").read_text())
+        print((out / P.STUDENT / P.STUDENT_REPORT).read_text())
     elif until == "prune":
         from ptd.pruning.report import layer_table
         from ptd.pruning.masks import load_masks
@@ -127,14 +127,14 @@ def cmd_stage(args: argparse.Namespace) -> int:
         from ptd.train.checkpoint import load_model
 
         if res["final_level"]:
-            level = out / "prune" / f"level_{res['final_level']}"
+            level = P.level_dir(out / P.PRUNE, res["final_level"])
             # In the network's order (safetensors keeps keys sorted as text: features.10 before features.3).
-            print(layer_table(load_masks(level / "masks.safetensors", load_model(level / "model.safetensors"))))
+            print(layer_table(load_masks(level / P.MASKS, load_model(level / P.MODEL))))
         print(f"sparsity {res['sparsity']:.4f}; test acc {res['levels'][-1]['test_acc']:.4f} (dense {res['levels'][0]['test_acc']:.4f})")
     elif until == "teacher":
         from ptd.pruning.base import format_acc
 
-        print(f"teacher test acc {res['test_acc']:.4f} (val {format_acc(res.get('val_acc'))}); {out / 'teacher' / 'model.safetensors'}")
+        print(f"teacher test acc {res['test_acc']:.4f} (val {format_acc(res.get('val_acc'))}); {out / P.TEACHER / P.MODEL}")
     else:
         for s in res["students"]:
             print(f"{s['arm']:>17} seed {s['seed']}: test acc {s['test_acc']:.4f}")
