@@ -130,11 +130,16 @@ def cmd_stage(args: argparse.Namespace) -> int:
             level = P.level_dir(out / P.PRUNE, res["final_level"])
             # In the network's order (safetensors keeps keys sorted as text: features.10 before features.3).
             print(layer_table(load_masks(level / P.MASKS, load_model(level / P.MODEL))))
-        print(f"sparsity {res['sparsity']:.4f}; test acc {res['levels'][-1]['test_acc']:.4f} (dense {res['levels'][0]['test_acc']:.4f})")
+        for k, x in enumerate(res.get("replicates") or [res]):
+            which = f"teacher replicate {k}: " if "replicates" in res else ""
+            print(f"{which}sparsity {x['sparsity']:.4f}; test acc {x['levels'][-1]['test_acc']:.4f} (dense {x['levels'][0]['test_acc']:.4f})")
     elif until == "teacher":
         from ptd.pruning.base import format_acc
 
-        print(f"teacher test acc {res['test_acc']:.4f} (val {format_acc(res.get('val_acc'))}); {out / P.TEACHER / P.MODEL}")
+        for k, x in enumerate(res.get("replicates") or [res]):
+            root = P.replicate_root(out, k)
+            which = f"teacher replicate {k}" if "replicates" in res else "teacher"
+            print(f"{which} test acc {x['test_acc']:.4f} (val {format_acc(x.get('val_acc'))}); {root / P.TEACHER / P.MODEL}")
     else:
         for s in res["students"]:
             print(f"{s['arm']:>17} seed {s['seed']}: test acc {s['test_acc']:.4f}")

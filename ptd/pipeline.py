@@ -1595,7 +1595,9 @@ def _run_stages(ctx: Context, until: str, arms: Sequence[str] | None, log: Calla
         students += distill_all(ctx, arms, s_stats, teachers, replicate=r)
         del teacher, pruned, teachers  # one replicate's teachers in memory at a time
     if until in ("teacher", "prune"):
-        return reps[0][until]
+        # Replicate 0's result, as before; with teacher.seeds > 1 every replicate's beside it
+        # (ptd train and ptd prune printed replicate 0's alone: review).
+        return {**reps[0][until], "replicates": [rep[until] for rep in reps]} if len(reps) > 1 else reps[0][until]
     if until == "distill":
         return {"students": students}
     from ptd.data.base import test_set_facts

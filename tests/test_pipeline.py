@@ -596,3 +596,17 @@ def test_a_rerun_says_which_stages_it_reused(tmp_path, tiny_yaml):
     run_pipeline(cfg, tmp_path / "run", log=again.append, until="teacher")
     assert not any(l.startswith("[reused]") for l in first)
     assert "[reused] teacher: finished earlier" in again, again
+
+
+def test_ptd_train_prints_every_teacher_replicate(tmp_path, tiny_yaml, capsys):
+    """With teacher.seeds 2, ptd train and ptd prune printed replicate 0's result alone (review)."""
+    import json
+
+    out = tmp_path / "run"
+    argv = [str(tiny_yaml), "--out", str(out), "--quiet", "--set", "teacher.seeds=2", "--set", "teacher.optim.epochs=1",
+            "--set", "threads=1"]
+    assert main(["train", *argv]) == 0
+    lines = [l for l in capsys.readouterr().out.strip().splitlines() if l.startswith("teacher")]
+    accs = [json.loads((d / "teacher" / "result.json").read_text())["test_acc"] for d in (out, out / "teachers" / "r1")]
+    assert [l[:l.index(" (val ")] for l in lines] == [f"teacher replicate {k} test acc {a:.4f}" for k, a in enumerate(accs)], lines
+    assert lines[1].endswith(str(out / "teachers" / "r1" / "teacher" / "model.safetensors"))
