@@ -87,7 +87,7 @@ def run_strategy(name: str, model: nn.Module, data, target: float, **options):
                        cfg=PruneConfig(strategy=name, target_sparsity=target, options=options),
                        train=train, evaluate=lambda m: {}, batches=lambda n: data[:n], level_done=lambda k: False,
                        load_level=None, save_level=lambda lv: saved.append({n: t.clone() for n, t in lv.masks.items()}),
-                       example_input=torch.zeros(1, 1, 8, 8), log=lambda s: None)
+                       example_input=torch.zeros(1, 1, 8, 8))
     get_strategy(name)(ctx)
     return trained, saved
 
@@ -181,7 +181,7 @@ def _worker(out: Path) -> None:
     # GMP: a ramp event on weights that differ by rank (ties broken by a last bit, in real runs) keeps rank 0's masks.
     from ptd.pruning.strategies.gmp import GMPHook
 
-    hook = GMPHook(full_masks(prunable_weights(gmp_net(r))), 0.5, 0, 1, 1, steps_per_epoch=1, log=lambda s: None)
+    hook = GMPHook(full_masks(prunable_weights(gmp_net(r))), 0.5, 0, 1, 1, steps_per_epoch=1)
     hook.prune_to(gmp_net(r), sum(int(m.numel()) for m in hook.masks.values()) // 2)
     save("gmp_event", dict(hook.masks))
 
@@ -518,7 +518,7 @@ def test_a_diverged_stage_keeps_its_every_rank_mark_when_the_pipeline_adds_its_a
     from ptd.config import load_config
     from ptd.errors import DivergedError
 
-    ctx = pipeline.make_context(load_config(tiny_yaml), tmp_path / "run", log=lambda s: None)
+    ctx = pipeline.make_context(load_config(tiny_yaml), tmp_path / "run")
     try:
         for stage in ("teacher", "prune"):
             (tmp_path / "run" / stage).mkdir()

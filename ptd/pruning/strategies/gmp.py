@@ -17,8 +17,8 @@ Options:
   target is reached (<= prune.retrain.epochs);
 - ``frequency_steps`` (int, default 100): dt, optimizer steps between pruning events.
 
-Steps per epoch come from ``ctx.extra["steps_per_epoch"]`` (the pipeline's len(train loader)); when
-absent, the hook measures the first epoch and catches up at its end (no event fires inside it).
+Steps per epoch come from ``ctx.extra["steps_per_epoch"]`` (the pipeline's len(train loader));
+the hook refuses to start without them.
 """
 from __future__ import annotations
 
@@ -82,7 +82,7 @@ class GMPHook:
     """
 
     def __init__(self, masks: Masks, target: float, start_epoch: int, end_epoch: int, frequency_steps: int,
-                 steps_per_epoch: int | None = None, log=print):
+                 steps_per_epoch: int | None = None):
         self.masks = masks
         self.target = target
         self.first_epoch, self.last_epoch, self.dt = start_epoch, end_epoch, frequency_steps
@@ -90,8 +90,6 @@ class GMPHook:
         alive, self.total = count(masks)
         self.s_i = 1.0 - alive / self.total if self.total else 0.0
         self.step = 0
-        self.log = log
-        self._model: nn.Module | None = None
 
     # -------------------------------------------------------------- schedule
     def window(self) -> tuple[int, int]:
@@ -126,21 +124,18 @@ class GMPHook:
 
     # -------------------------------------------------------------- hook protocol
     def on_start(self, model: nn.Module) -> None:
-        self._model = model  # end_epoch gets no model; kept for the catch-up prune
+        # The schedule is in steps, so it needs the epoch's step count before the first step. It was
+        # once measured at the first epoch's end, with a catch-up prune there: after validation, so
+        # that epoch's saved weights were not the ones it scored (review); the pipeline always knew it.
+        if not self.spe:
+            raise ValueError("GMPHook: steps_per_epoch is required (the training loader's batches per epoch); "
+                             "pass it, as the pipeline does through PruneContext.extra['steps_per_epoch']")
         apply_masks(model, self.masks)
 
     def after_step(self, model: nn.Module) -> None:
         self.step += 1
-        if self.spe is not None and self.is_event(self.step):
+        if self.is_event(self.step):
             self.prune_to(model, self.keep_at(self.step))
-
-    def end_epoch(self, epoch: int, row: dict[str, Any]) -> None:
-        if self.spe is None and self.step > 0:
-            self.spe = self.step // (epoch + 1)
-            t0, t1 = self.window()
-            self.log(f"gmp: {self.spe} steps per epoch measured; pruning window steps {t0}..{t1}")
-            if self.step >= t0 and self._model is not None:  # catch up on events the first epoch could not fire
-                self.prune_to(self._model, self.keep_at(min(self.step, t1)))
 
     def allow_best(self, epoch: int) -> bool:
         """Only checkpoints taken once the ramp has ended (final masks) may be the level's weights."""
@@ -168,7 +163,7 @@ def gmp(ctx: PruneContext) -> list[Level]:
         return [ctx.load_level(1)]
     spe = ctx.extra.get("steps_per_epoch")
     masks: Masks = {n: m.clone() for n, m in ctx.masks.items()}
-    hook = GMPHook(masks, cfg.target_sparsity, start, end, dt, spe, ctx.log)
+    hook = GMPHook(masks, cfg.target_sparsity, start, end, dt, spe)
     trained = ctx.train(ctx.model, masks, "level_1", cfg.retrain, (hook,))
     extra: dict[str, Any] = {"gmp_start_epoch": start, "gmp_end_epoch": end, "gmp_frequency_steps": dt}
     # fit hands back the best-validation weights. If that epoch came before the ramp ended, those
