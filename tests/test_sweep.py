@@ -383,6 +383,10 @@ def test_sweep_reading_gives_the_whole_sweep_claim_and_the_row_by_row_one():
     assert [f["called"] for f in fam] == [True, False, False]
     assert [x["vs_unpruned_teacher"]["called"] for x in r["rows"]] == [True, True, False]
     md = render_sweep_markdown(r, plots=False)
+    # Each row's interval and both calls are in the table itself, not only in report.html (new-user audit).
+    for x, calls in zip(r["rows"], ("yes / yes", "yes / no", "no / no")):
+        v = x["vs_unpruned_teacher"]
+        assert f"| [{100 * v['ci_low']:+.2f}, {100 * v['ci_high']:+.2f}], {calls} |" in md, (calls, md)
     assert ("- Pruned teachers whose student beat the unpruned teacher's, over the whole sweep: 1 of 3 (imp s0.36), "
             "each interval at 98.33% (Bonferroni for 3 comparisons: the chance of any false call among them is at most 5%).") in md
     assert ("row by row (each row's own 95% CI above 0): 2 of 3 (imp s0.36, imp s0.59); where no pruned teacher helps, some "

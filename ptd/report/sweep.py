@@ -198,6 +198,17 @@ def _diff(v: dict | None) -> str:
     return f"{100 * v['mean']:+.2f} ({v['wins']}/{v['n']})"
 
 
+def _ci_cell(v: dict | None) -> str:
+    """A row's 95% interval and whether it is called row by row / over the whole sweep (Bonferroni):
+    sweep.md showed the mean difference and the wins alone, its intervals only in report.html
+    (new-user audit)."""
+    if not v or v.get("ci_low") is None:
+        return "n/a"
+    fam = v.get("family") or {}
+    called = ("yes" if v.get("called") else "no") + " / " + ("n/a" if not fam else "yes" if fam.get("called") else "no")
+    return f"[{100 * v['ci_low']:+.2f}, {100 * v['ci_high']:+.2f}], {called}"
+
+
 def _num(x: float) -> str:
     return f"{x:,.0f}"
 
@@ -232,18 +243,21 @@ def render_sweep_markdown(r: dict[str, Any], plots: bool = True) -> str:
     lines += ["", "IMP levels are counted cumulatively: the teacher at level n paid for rounds 1..n.", ""]
 
     lines += ["## Students", "",
-              "Δ: mean per-seed difference to the KD-from-unpruned-teacher student, in points (seeds where the pruned teacher's student won / seeds). "
+              "Δ: mean per-seed difference to the KD-from-unpruned-teacher student, in points (seeds where the pruned teacher's student won / seeds), "
+              "with its 95% interval and whether it is called row by row (its own interval excludes zero) / over the whole sweep "
+              "(its Bonferroni interval does; see \"Reading\"). "
               "Total: compute behind one student (teacher + pruning + its own distillation).", "",
-              "| teacher | sparsity | student test acc % (mean ± std) | per seed % | Δ vs unpruned KD | total epochs | total steps | total wall s |",
-              "|---|---:|---:|---|---:|---:|---:|---:|"]
+              "| teacher | sparsity | student test acc % (mean ± std) | per seed % | Δ vs unpruned KD | 95% CI, called: row / sweep | total epochs | total steps | total wall s |",
+              "|---|---:|---:|---|---:|---|---:|---:|---:|"]
     for arm, b in r["baselines"].items():
         c = b["compute"]["total_per_student"]
-        lines.append(f"| {b['label']} | {'0' if arm == 'unpruned_teacher' else '-'} | {_acc(b['student_acc'])} | {_per_seed(b['students'])} | "
+        lines.append(f"| {b['label']} | {'0' if arm == 'unpruned_teacher' else '-'} | {_acc(b['student_acc'])} | {_per_seed(b['students'])} | | "
                      f"| {_num(c['epochs'])} | {_num(c['steps'])} | {_num(c['wall_s'])} |")
     for row in r["rows"]:
         c = row["compute"]["total_per_student"]
+        v = row["vs_unpruned_teacher"]
         lines.append(f"| {row['strategy']} s{row['target_sparsity']:g} | {row['sparsity']:.4f} | {_acc(row['student_acc'])} | {_per_seed(row['students'])} "
-                     f"| {_diff(row['vs_unpruned_teacher'])} | {_num(c['epochs'])} | {_num(c['steps'])} | {_num(c['wall_s'])} |")
+                     f"| {_diff(v)} | {_ci_cell(v) if v else ''} | {_num(c['epochs'])} | {_num(c['steps'])} | {_num(c['wall_s'])} |")
     lines.append("")
 
     strategies = r["strategies"]
