@@ -196,6 +196,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from ptd.report.compare import compare_runs, format_comparison, load_finished
 
     a, b = load_finished(args.run_a), load_finished(args.run_b)
+    if Path(args.run_a).resolve() == Path(args.run_b).resolve():  # every difference +0.00 [+0.00, +0.00] (new-user audit)
+        from ptd.report import ReportError
+
+        raise ReportError(f"{args.run_a} and {args.run_b} are the same run directory: every difference would be zero; "
+                          f"give two different runs (e.g. one made with --from)")
     print(format_comparison(compare_runs(a, b, args.run_a, args.run_b), a, b, args.run_a, args.run_b))
     return 0
 

@@ -111,6 +111,8 @@ def test_what_cannot_be_compared_is_one_line(tmp_path, capsys):
     half.mkdir()
     (half / "results.json").write_text(json.dumps({"name": "x"}))
     _refused(capsys, ["compare", str(ra), str(half)], "not a ptd results file")
+    # The same run twice: a table of +0.00 [+0.00, +0.00] (new-user audit).
+    _refused(capsys, ["compare", str(ra), str(ra) + "/"], "are the same run directory", "give two different runs")
     with pytest.raises(SystemExit) as e:  # a missing argument: argparse's one line
         main(["compare", str(ra)])
     assert e.value.code == 2 and capsys.readouterr().err.count("\n") == 1
