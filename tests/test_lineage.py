@@ -27,7 +27,7 @@ def fake_ctx(run_dir: Path):
     """The parts of a Context run_stage uses, with the real done/is_done logic."""
     from ptd.pipeline import Context
 
-    ctx = SimpleNamespace(main=True, in_worker=False, run_dir=run_dir, write_json=lambda p, o: ckpt.write_json(p, o))
+    ctx = SimpleNamespace(main=True, in_worker=False, run_dir=run_dir, write_json=lambda p, o: ckpt.write_json(p, o), log=lambda s: None)
     ctx.done = lambda d, inputs=(): Context.done(ctx, d, inputs)
     ctx.is_done = lambda d: Context.is_done(ctx, d)
     return ctx
