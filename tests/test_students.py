@@ -519,6 +519,13 @@ def test_compare_report_for_teacher_pruned_teacher_and_student(monkeypatch):
     want = (f"student / teacher: params {m['student']['params'] / m['teacher']['params']:.3f}x, "
             f"FLOPs {m['student']['flops'] / m['teacher']['flops']:.3f}x")
     assert want in text.splitlines() and "teacher / student" not in text
+    # Two ratios under one wording (all parameters over prunable weights, and the rule's conv+linear
+    # ratio the log prints) read as a contradiction: each is named (new-user audit).
+    from ptd.students.derive import weights_over_surviving
+
+    held = weights_over_surviving(student, masks)
+    assert rep["ratios"]["student_weights_over_surviving_weights"] == held
+    assert f"student conv+linear weights / pruned teacher's surviving weights: {held:.3f} (what the width rule holds" in text
 
 
 @pytest.mark.parametrize("arch, kw", [("vgg11", {"width": 0.25}), ("resnet20", {"width": 0.5}), ("tv:resnet18", {})])

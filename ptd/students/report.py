@@ -47,9 +47,14 @@ def compare(
     if plan is not None:
         out["round_to"], out["round_to_choice"] = plan.round_to, plan.round_to_choice
     out["spec"] = plan.spec if plan is not None else getattr(student, "ptd_spec", None)
+    from ptd.students.derive import weights_over_surviving
+
     s, p = out["models"]["student"], out["models"]["pruned_teacher"]
     out["ratios"] = {
         "student_params_over_surviving_weights": s["params"] / max(1, p["alive_weights"]),
+        # What the width rule holds near 1: conv and linear weights on both sides (the line above
+        # counts the student's biases and norms too).
+        "student_weights_over_surviving_weights": weights_over_surviving(student, masks),
         "student_params_over_pruned_nonzero": s["params"] / max(1, p["nonzero"]),
         "flops_ratio": p["flops"] / max(1, s["flops"]),
     }
@@ -84,8 +89,13 @@ def format_report(rep: dict[str, Any]) -> str:
     # printed as such here it read 2.19 beside report.md's 0.457x, new-user audit).
     t = rep["models"].get("teacher") or rep["models"].get("pruned_teacher")
     s = rep["models"]["student"]
-    lines += ["", f"student / teacher: params {s['params'] / t['params']:.3f}x, FLOPs {1 / r['flops_ratio']:.3f}x",
-              "student params / pruned teacher's surviving weights: %.3f" % r["student_params_over_surviving_weights"]]
+    lines += ["", f"student / teacher: params {s['params'] / t['params']:.3f}x, FLOPs {1 / r['flops_ratio']:.3f}x"]
+    if "student_weights_over_surviving_weights" in r:  # two ratios under one wording read as a contradiction (new-user audit)
+        lines.append(f"student conv+linear weights / pruned teacher's surviving weights: {r['student_weights_over_surviving_weights']:.3f} "
+                     f"(what the width rule holds near 1; all the student's parameters, biases and norms too: "
+                     f"{r['student_params_over_surviving_weights']:.3f})")
+    else:
+        lines.append("student params / pruned teacher's surviving weights: %.3f" % r["student_params_over_surviving_weights"])
     if rep.get("round_to", 1) > 1:
         lines += [f"widths rounded to multiples of {rep['round_to']}" + (f" (round_to {rep['round_to_choice']})" if rep.get("round_to_choice") else "")]
     lines += [f"speedup at batch {b}: {r[f'speedup_b{b}']:.2f}" for b in lat]
