@@ -1606,7 +1606,9 @@ def _run_stages(ctx: Context, until: str, arms: Sequence[str] | None, log: Calla
     r0 = reps[0]
     results = build_results(cfg, r0["teacher"], r0["prune"], s_stats, students, control=r0["control"],
                             replicates=reps if len(reps) > 1 else None,
-                            test_set=test_set_facts(ctx.splits.test, ctx.splits.num_classes))
+                            test_set=test_set_facts(ctx.splits.test, ctx.splits.num_classes),
+                            setup={"images": {k: len(getattr(ctx.splits, k)) for k in ("train", "val", "test")},
+                                   "device": str(ctx.rt.device), "amp_bf16": bool(ctx.rt.uses_amp)})
     def report() -> None:
         write_report(ctx.run_dir, results)
         log_not_learned(not_learned(results), results["test_set"], log, str(ctx.run_dir / P.REPORT_MD))

@@ -75,6 +75,15 @@ def test_whole_pipeline_end_to_end(tmp_path, tiny_fashion, capsys, monkeypatch):
     assert "pruned_minus_unpruned" in r["comparison"]
     env = json.loads((out / "env.json").read_text())
     assert env["made_by"] == "run"  # preflight.run_kind reads it
+    # The images each split held and the precision, which no report said (new-user audit).
+    from ptd.config import load_config
+    from ptd.data import load_configured
+
+    sp = load_configured(load_config(str(tiny_yaml)).data, 0)
+    assert r["setup"] == {"images": {"train": len(sp.train), "val": len(sp.val), "test": len(sp.test)}, "device": "cpu",
+                          "amp_bf16": env["amp_bf16"]}
+    assert (f"Images: {len(sp.train):,} training, {len(sp.val):,} validation, {len(sp.test):,} test. Trained in "
+            f"{'bf16 autocast (fp32 weights)' if env['amp_bf16'] else 'fp32'} on cpu") in (out / "report.md").read_text()
     assert env["torch"] == torch.__version__ and env["seeds"]["students"] == [0, 1]
     md = (out / "report.md").read_text()
     assert "| distilled from pruned teacher |" in md and "too few seeds" in md

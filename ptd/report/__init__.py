@@ -287,10 +287,12 @@ def log_not_learned(bad: list[dict[str, Any]], test_set: dict[str, Any], log, wh
 
 def build_results(cfg: RunConfig, teacher: dict, prune: dict, student: dict, students: list[dict],
                   control: dict | None = None, replicates: list[dict] | None = None,
-                  test_set: dict[str, Any] | None = None) -> dict[str, Any]:
+                  test_set: dict[str, Any] | None = None, setup: dict[str, Any] | None = None) -> dict[str, Any]:
     """results.json. ``teacher``/``prune``/``control``: replicate 0's (the one the student is
     derived from); ``replicates``: every replicate's results, when there are several;
-    ``test_set``: ``ptd.data.base.test_set_facts`` of the test split, for the chance check."""
+    ``test_set``: ``ptd.data.base.test_set_facts`` of the test split, for the chance check;
+    ``setup``: {images: {train, val, test}, device, amp_bf16} of the session that finished the run
+    (``setup_sentence``)."""
     final = prune["levels"][-1]
     stats = summarize(students)
     summary = stats["summary"]
@@ -332,7 +334,21 @@ def build_results(cfg: RunConfig, teacher: dict, prune: dict, student: dict, stu
                                 validation=cfg.data.val_fraction > 0 and ("val_acc" not in teacher or teacher["val_acc"] is not None),
                                 loaded=bool(teacher.get("source")), pruned=bool(prune["final_level"])),
         **({"test_set": test_set} if test_set else {}),
+        **({"setup": setup} if setup else {}),
     }
+
+
+def setup_sentence(r: Mapping[str, Any]) -> str | None:
+    """How many images each split held and the precision it trained in: a report said neither, so a
+    demo on half the training images or bf16 autocast on one CPU and fp32 on another read alike
+    (new-user audit). None for results from before it was recorded."""
+    su = r.get("setup")
+    if not su:
+        return None
+    n = su["images"]
+    how = "bf16 autocast (fp32 weights)" if su.get("amp_bf16") else "fp32"
+    return (f"Images: {n['train']:,} training, {n['val']:,} validation, {n['test']:,} test. Trained in {how} on "
+            f"{su.get('device', '?')} (the session that finished the run; env.json records every session).")
 
 
 def _pct(x: float | None) -> str:
@@ -750,7 +766,8 @@ def worse_than_alone_note(r: dict[str, Any]) -> str | None:
 
 def render_markdown(r: dict[str, Any]) -> str:
     t, p, s = r["teacher"], r["pruned_teacher"], r["student"]
-    lines = [f"# ptd report: {r['name']}", "", f"Dataset: {r['dataset']}. {accuracy_sentence(r)}", ""]
+    setup = setup_sentence(r)
+    lines = [f"# ptd report: {r['name']}", "", f"Dataset: {r['dataset']}. {accuracy_sentence(r)}" + (f" {setup}" if setup else ""), ""]
     lines += chance_lines(r)
     lines += answer_markdown(r)
     loaded = f", loaded from {_md_cell(t['source'])} (not trained here)" if t.get("source") else ""
@@ -867,6 +884,14 @@ def num(lo: float | None = None, hi: float | None = None, integer: bool = False,
     return check
 
 
+def _flag() -> Check:
+    """true or false."""
+    def check(v: Any, key: str) -> None:
+        if not isinstance(v, bool):
+            raise _Invalid("TypeError", key, f"is {_show(v)}, not true or false")
+    return check
+
+
 def text(null: bool = False, among: Collection[str] | None = None) -> Check:
     """A string (one of ``among`` when given)."""
     def check(v: Any, key: str) -> None:
@@ -975,6 +1000,8 @@ RESULTS_SCHEMA = obj({
     "compute": obj({"teacher": COST, "pruning": COST, "control": COST, "students": mapping(COST, keys=ARM_NAME),
                     "total_per_student": mapping(COST, keys=ARM_NAME)}),
     "test_set?": obj(TEST_SET_FIELDS, null=True),  # absent in runs from before the chance check
+    "setup?": obj({"images": obj({"train": COUNT, "val": COUNT, "test": COUNT}), "device": text(),
+                   "amp_bf16": _flag()}, null=True),  # absent in runs from before it was recorded
     # absent in runs from before it: `ptd report` fills it in from config.yaml where it can
     "weights?": obj({f"{m}?": text(null=True, among=WEIGHTS) for m in WEIGHT_MODELS}, null=True),
 })

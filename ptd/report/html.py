@@ -26,7 +26,7 @@ from ptd.errors import DamagedFileError
 from ptd.io import read_json_object
 from ptd.report import (ARM_LABELS, accuracy_sentence, arm_ci_cell, chance_warning, clipped_note, compute_behind, latency_rows,
                         loaded_teacher_note, lower_bound, not_learned, primary_students, replicate_interval_note, shown_interval,
-                        scope_note, slower_note, student_line, summarize, worse_than_alone_note)
+                        scope_note, setup_sentence, slower_note, student_line, summarize, worse_than_alone_note)
 from ptd.report.stats import format_estimate
 
 ARM_COLORS = {"scratch": "#444444", "unpruned_teacher": "#1f77b4", "pruned_teacher": "#d62728", "retrained_teacher": "#2ca02c"}
@@ -560,7 +560,9 @@ def render_run_html(run_dir: str | Path, results: dict[str, Any] | None = None) 
                 + (f'<p class="note">{_esc(note)}</p>' if (note := slower_note(r["teacher"], r["student"])) else ""))
     body.append(_section("Compute and latency", _safe(compute, "compute")))
 
+    setup = setup_sentence(r)
     sub = (f"Dataset {r['dataset']}; {len(r['summary'])} arm(s), up to {n_seeds} student seed(s). {accuracy_sentence(r)} "
+           + (f"{setup} " if setup else "") +
            "Rendered by ptd from results.json and the stage files beside it.")
     return _page(f"ptd report: {r['name']}", sub, "\n".join(body))
 
