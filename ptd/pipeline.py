@@ -1563,9 +1563,40 @@ def main_writes(ctx: Context, write: Callable[[], None], what: str) -> None:
         raise failed if failed is not None else RunDirError(f"{what} failed on rank 0")
 
 
+def plan_line(cfg: RunConfig, until: str, arms: Sequence[str]) -> str:
+    """What a command will train, in epochs (full passes over the training images), before it
+    starts: each stage's bar has its own ETA, but nothing said how many stages follow it, so the
+    first bar's ETA read as the run's (new-user audit). Finished stages are counted too: a resume
+    skips them ('[reused]' lines)."""
+    from ptd.pruning import SPECS
+    from ptd.pruning.select import rounds_for_target
+
+    pc, reps = cfg.prune, cfg.teacher.seeds
+    rep = f" x {reps} teacher replicates" if reps > 1 else ""
+    t_ep = 0 if cfg.teacher.checkpoint else cfg.teacher.optim.epochs
+    parts = ["teacher loaded, not trained" if cfg.teacher.checkpoint else f"teacher {_epochs(t_ep)}{rep}"]
+    total = t_ep * reps
+    rounds = (rounds_for_target(pc.target_sparsity, pc.rate) if SPECS.get(pc.strategy).rounds else 1) if pc.target_sparsity else 0
+    if until != "teacher":
+        parts.append(f"pruning {rounds} round(s) of {_epochs(pc.retrain.epochs)}{rep}")
+        total += rounds * pc.retrain.epochs * reps
+    if until in ("distill", "report"):
+        if any(ARM_TABLE[a].teacher == "retrained" for a in arms):
+            parts.append(f"control {rounds} round(s) of {_epochs(pc.retrain.epochs)}{rep}")
+            total += rounds * pc.retrain.epochs * reps
+        n = len(student_tasks(cfg, arms)) * reps
+        parts.append(f"{n} student(s) of {_epochs(cfg.distill.optim.epochs)} ({len(arms)} arm(s), {len(cfg.distill.seeds)} seed(s)"
+                     + (f", {len(cfg.distill.losses)} losses for each arm with a teacher" if len(cfg.distill.losses) > 1 else "")
+                     + (f", {reps} teacher replicates)" if reps > 1 else ")"))
+        total += n * cfg.distill.optim.epochs
+        return f"[plan] {'; '.join(parts)}: {_epochs(total)} of training in all (a student's epoch is cheaper: a smaller net)"
+    return f"[plan] {'; '.join(parts)}: {_epochs(total)} of training in all"
+
+
 def _run_stages(ctx: Context, until: str, arms: Sequence[str] | None, log: Callable[[str], None], t0: float) -> dict:
     cfg = ctx.cfg
     arms = list(arms or cfg.distill.arms)
+    log(plan_line(cfg, until, arms))
     students: list[dict] = []
     reps: list[dict] = []  # per teacher replicate: its teacher, pruning and control results
     s_stats: dict = {}

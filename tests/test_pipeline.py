@@ -619,3 +619,22 @@ def test_ptd_train_prints_every_teacher_replicate(tmp_path, tiny_yaml, capsys):
     accs = [json.loads((d / "teacher" / "result.json").read_text())["test_acc"] for d in (out, out / "teachers" / "r1")]
     assert [l[:l.index(" (val ")] for l in lines] == [f"teacher replicate {k} test acc {a:.4f}" for k, a in enumerate(accs)], lines
     assert lines[1].endswith(str(out / "teachers" / "r1" / "teacher" / "model.safetensors"))
+
+
+def test_a_run_says_what_it_will_train_before_it_starts():
+    """Each stage's bar has its own ETA, but nothing said how many stages follow, so the first bar's
+    ETA read as the run's (new-user audit). The demo: teacher 8, IMP 4 rounds of 2, the control the
+    same, 4 arms x 2 seeds of 4 epochs: 8 + 8 + 8 + 32 = 56."""
+    from ptd.config import load_config
+    from ptd.pipeline import plan_line
+
+    c = load_config("configs/fashion_mnist_demo.yaml")
+    assert list(c.distill.arms) == ["scratch", "unpruned_teacher", "pruned_teacher", "retrained_teacher"]
+    assert plan_line(c, "report", c.distill.arms) == (
+        "[plan] teacher 8 epochs; pruning 4 round(s) of 2 epochs; control 4 round(s) of 2 epochs; 8 student(s) of 4 epochs "
+        "(4 arm(s), 2 seed(s)): 56 epochs of training in all (a student's epoch is cheaper: a smaller net)")
+    assert plan_line(c, "teacher", c.distill.arms) == "[plan] teacher 8 epochs: 8 epochs of training in all"
+    c = load_config("configs/fashion_mnist_demo.yaml", ["teacher.seeds=2", "distill.loss=[kd,dkd]"])
+    line = plan_line(c, "report", c.distill.arms)  # scratch once per seed, each teacher arm per loss: (2 + 3 x 2 x 2) x 2
+    assert "28 student(s) of 4 epochs (4 arm(s), 2 seed(s), 2 losses for each arm with a teacher, 2 teacher replicates)" in line
+    assert line.endswith(f": {2 * (8 + 8 + 8) + 28 * 4} epochs of training in all (a student's epoch is cheaper: a smaller net)")
