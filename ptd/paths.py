@@ -49,6 +49,7 @@ TEACHER = "teacher"
 PRUNE = "prune"
 STUDENT = "student"
 CONTROL = "control"
+CONTROL_OPTIM = "optim.json"  # control/: the optimizer its rounds train with (ptd.pipeline.stage_control)
 DISTILL = "distill"
 TENSORBOARD = "tensorboard"  # event files, one folder per training stage, mirroring the run's layout
 

@@ -19,6 +19,7 @@ last finished epoch.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -1266,6 +1267,31 @@ def make_distiller(ctx: Context, student: nn.Module, teacher: nn.Module | None, 
     ).to(ctx.rt.device)
 
 
+def _check_control_optim(ctx: Context, d: Path, each_round: OptimConfig) -> None:
+    """control/optim.json records the optimizer the control's rounds train with, before its first
+    round. ptd before 2026-11-29 trained every control with prune.retrain's: an unfinished control it
+    left, resumed now, would mix the two (its finished rounds at the old rate, a half-trained one
+    restoring the old optimizer state: three different models, review). Where the strategy's
+    optimizer is prune.retrain's, an unrecorded control is the same training and is adopted."""
+    want = {k: v for k, v in dataclasses.asdict(each_round).items() if k != "epochs"}
+    want = json.loads(json.dumps(want))  # as it reads back (tuples as lists)
+    rec = d / P.CONTROL_OPTIM
+    started = any(d.glob("round_*"))
+    if rec.is_file():
+        have = read_json(rec)
+        if have != want:
+            raise RunDirError(f"{d}: its rounds were trained with another optimizer ({have}) than this config's control "
+                              f"takes ({want}); delete {d} and the retrained_teacher students (distill/retrained_teacher_*) "
+                              f"to retrain it, or pass --out a new directory")
+        return
+    if started and each_round != ctx.cfg.prune.retrain:
+        raise RunDirError(f"{d}: an unfinished control teacher started by an older ptd, which retrained it with "
+                          f"prune.retrain's optimizer (lr {ctx.cfg.prune.retrain.lr:g}), where {ctx.cfg.prune.strategy}'s rounds "
+                          f"train at lr {each_round.lr:g}; delete {d} to retrain it, or pass --out a new directory")
+    if ctx.main:
+        ckpt.write_json(rec, want)
+
+
 def stage_control(ctx: Context, teacher: nn.Module, prune_result: dict, replicate: int = 0) -> tuple[nn.Module, dict]:
     """The control teacher: the unpruned teacher retrained round by round exactly as the pruned one
     was (same number of rounds, the strategy's retraining optimizer restarted each round:
@@ -1279,6 +1305,7 @@ def stage_control(ctx: Context, teacher: nn.Module, prune_result: dict, replicat
     def compute() -> dict:
         rounds = [lv for lv in prune_result["levels"] if lv["level"] > 0]
         each_round = retrain_optim(cfg.prune)
+        _check_control_optim(ctx, d, each_round)
         total = {"epochs": 0, "steps": 0, "wall_s": 0.0}
         r: dict = {}
         for k, lv in enumerate(rounds, start=1):

@@ -791,3 +791,57 @@ def test_gmp_needs_the_steps_per_epoch_before_its_first_step():
     hook = GMPHook(full_masks(prunable_weights(model)), 0.5, 0, 1, 1, None)
     with pytest.raises(ValueError, match="steps_per_epoch is required"):
         hook.on_start(model)
+
+
+@pytest.mark.slow
+def test_a_control_an_older_ptd_started_with_another_optimizer_is_refused_not_mixed(tmp_path, tiny_fashion, capsys):
+    """ptd before the control replayed the strategy's optimizer trained every control with
+    prune.retrain's. An imp_finetune control it left unfinished, resumed, mixed the two: finished
+    rounds at lr 0.02, the rest at finetune_lr, a half-trained round restoring the old optimizer
+    state (review). control/optim.json now records the optimizer before round 1; an unrecorded,
+    started control is refused where the strategy's optimizer differs, and adopted where it is
+    prune.retrain's (the same training: the same model byte for byte)."""
+    import yaml
+
+    from conftest import tiny_config
+    from ptd.cli import main
+
+    def run(strategy, out):
+        cfg = tiny_config(tiny_fashion, threads=1, distill={"seeds": [0], "arms": ["retrained_teacher"],
+                                                            "optim": {"epochs": 1, "batch_size": 64, "lr": 0.05}})
+        cfg["teacher"]["optim"].update(epochs=1, milestones=[])
+        cfg["prune"].update(strategy=strategy, target_sparsity=0.36, retrain={"epochs": 1, "batch_size": 64, "lr": 0.02})
+        (tmp_path / f"{strategy}.yaml").write_text(yaml.safe_dump(cfg))
+        return main(["run", str(tmp_path / f"{strategy}.yaml"), "--out", str(out), "--quiet"])
+
+    def as_if_an_older_ptd_left_it_unfinished(out):
+        c = out / "control"
+        for f in ("done", "result.json", "model.safetensors", "optim.json"):
+            (c / f).unlink()
+        for f in (out / "distill").iterdir():
+            shutil.rmtree(f)
+        for f in ("results.json", "report.md", "report.html"):
+            (out / f).unlink()
+
+    import json
+    import shutil
+
+    for strategy, refused in (("imp_finetune", True), ("imp", False)):
+        out = tmp_path / strategy
+        assert run(strategy, out) == 0
+        rec = json.loads((out / "control" / "optim.json").read_text())
+        assert rec["lr"] == (0.001 if strategy == "imp_finetune" else 0.02) and rec["milestones"] == []
+        model = (out / "control" / "model.safetensors").read_bytes()
+        as_if_an_older_ptd_left_it_unfinished(out)
+        if refused:
+            capsys.readouterr()
+            assert run(strategy, out) == 2
+            err = capsys.readouterr().err.strip()
+            assert err == (f"ptd: error: {out / 'control'}: an unfinished control teacher started by an older ptd, which "
+                           f"retrained it with prune.retrain's optimizer (lr 0.02), where imp_finetune's rounds train at lr "
+                           f"0.001; delete {out / 'control'} to retrain it, or pass --out a new directory"), err
+            assert not (out / "control" / "done").exists()
+        else:
+            assert run(strategy, out) == 0
+            assert (out / "control" / "model.safetensors").read_bytes() == model
+            assert json.loads((out / "control" / "optim.json").read_text()) == rec
