@@ -389,8 +389,17 @@ def test_sweep_reading_gives_the_whole_sweep_claim_and_the_row_by_row_one():
         assert f"| [{100 * v['ci_low']:+.2f}, {100 * v['ci_high']:+.2f}], {calls} |" in md, (calls, md)
     assert ("- Pruned teachers whose student beat the unpruned teacher's, over the whole sweep: 1 of 3 (imp s0.36), "
             "each interval at 98.33% (Bonferroni for 3 comparisons: the chance of any false call among them is at most 5%).") in md
-    assert ("row by row (each row's own 95% CI above 0): 2 of 3 (imp s0.36, imp s0.59); where no pruned teacher helps, some "
-            "one of 3 rows is called by chance up to 15% of the time (Bonferroni's bound") in md  # "far more than 5%" at any k
+    assert ("row by row (each row's own 95% CI above 0): 2 of 3 rows (imp s0.36, imp s0.59); where no pruned teacher helps, some "
+            "one of 3 comparisons is called by chance up to 15% of the time (Bonferroni's bound") in md  # "far more than 5%" at any k
+    # Two sparsities on one IMP level share their students and count once in k: the text said "3 of 2" (review).
+    twin = PrunedTeacher("imp", 0.37, rows[0][0].prune_dir, 1, rows[0][0].prune_result)
+    r4 = build_sweep_results(load_config(), {"test_acc": 0.9, "epochs": 1, "steps": 1, "wall_s": 1.0}, stats, rows[0][0], base,
+                             rows + [(twin, rows[0][1])])
+    assert [x["vs_unpruned_teacher"]["family"]["rows"] for x in r4["rows"]] == [3, 3, 3, 3]
+    md4 = render_sweep_markdown(r4, plots=False)
+    assert ("over the whole sweep: 1 of 3 (rows on one IMP level share their students and count once) (imp s0.36, imp s0.37), "
+            "each interval at 98.33%") in md4, md4
+    assert "row by row (each row's own 95% CI above 0): 3 of 4 rows (imp s0.36, imp s0.59, imp s0.37)" in md4
     # Two seeds: the rows are still called by their intervals, so the reading must not say "no claim is made".
     two = {**r, "seeds": [0, 1]}
     md2 = render_sweep_markdown(two, plots=False)

@@ -285,14 +285,19 @@ def render_sweep_markdown(r: dict[str, Any], plots: bool = True) -> str:
         better = [x for x in r["rows"] if (v := x["vs_unpruned_teacher"]) and v["called"] and v["mean"] > 0]
         fam = [x for x in r["rows"] if (v := x["vs_unpruned_teacher"]) and (f := v.get("family")) and f["called"] and v["mean"] > 0]
         k = next((v["family"]["rows"] for x in r["rows"] if (v := x["vs_unpruned_teacher"]) and v.get("family")), 0)
+        # k counts pruned teachers, not rows: two sweep sparsities on one IMP level share their
+        # students (family_intervals); "3 of 2" came of counting the one and the other (review).
+        shared = k < sum(1 for x in r["rows"] if (v := x["vs_unpruned_teacher"]) and v.get("family"))
+        once = " (rows on one IMP level share their students and count once)" if shared else ""
         if k > 1:
-            lines.append(f"- Pruned teachers whose student beat the unpruned teacher's, over the whole sweep: {len(fam)} of {k}{names(fam)}, "
-                         f"each interval at {100 * (1 - 0.05 / k):.2f}% (Bonferroni for {k} comparisons: the chance of any false call "
-                         f"among them is at most 5%).")
+            fam_teachers = len({(x.get("prune_dir"), x.get("level")) for x in fam})
+            lines.append(f"- Pruned teachers whose student beat the unpruned teacher's, over the whole sweep: {fam_teachers} of {k}{once}"
+                         f"{names(fam)}, each interval at {100 * (1 - 0.05 / k):.2f}% (Bonferroni for {k} comparisons: the chance "
+                         f"of any false call among them is at most 5%).")
         lines.append(f"- Pruned teachers whose student beat the unpruned teacher's, row by row (each row's own 95% CI above 0): "
-                     f"{len(better)} of {len(r['rows'])}{names(better)}"
-                     + (f"; where no pruned teacher helps, some one of {k} rows is called by chance up to {min(100, 5 * k)}% of the "
-                        "time (Bonferroni's bound; measured 14-18% at 9 rows and 2-10 seeds), so read these one at a time."
+                     f"{len(better)} of {len(r['rows'])} rows{names(better)}"
+                     + (f"; where no pruned teacher helps, some one of {k} comparisons is called by chance up to {min(100, 5 * k)}% "
+                        "of the time (Bonferroni's bound; measured 14-18% at 9 rows and 2-10 seeds), so read these one at a time."
                         if k > 1 else "."))
         best = max(r["rows"], key=lambda x: x["student_acc"]["mean"] or 0)
         lines.append(f"- Best mean student: {best['strategy']} s{best['target_sparsity']:g}, {_acc(best['student_acc'])} %, "
