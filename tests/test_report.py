@@ -576,7 +576,7 @@ def test_the_report_opens_with_the_answer_and_what_the_student_costs():
     line = student_line(r)
     # (0.84 + 0.86) / 2 = 85.00% against the teacher's 90.00%; params 400/1000, FLOPs 2000/5000, 3.0/2.0 ms
     assert line == ("The student distilled from pruned teacher scores 85.00% (mean of 2 student(s)) against the teacher's "
-                    "90.00% (-5.00 points), with 0.400x its parameters and 0.400x its FLOPs, and runs 1.50x as fast at "
+                    "90.00% (-5.00 points), with 0.400x the teacher's parameters and 0.400x its FLOPs, and runs 1.50x as fast at "
                     "batch 64 (PyTorch eager, fp32, on this machine's CPU)."), line
     md = render_markdown(r)
     top = md[:md.index("## Teachers")]
@@ -587,9 +587,20 @@ def test_the_report_opens_with_the_answer_and_what_the_student_costs():
     # The pruned teacher's FLOPs cell was blank: unstructured zeros save none, and the table says so.
     assert "| 0.2000 | 800 | 5,000 (dense) |" in md and "unstructured zeros save no FLOPs" in md
     assert html.escape(line) in render_run_html(".", r)
+    r["student"]["latency"] = {"64": {"median_ms": 4.0}}  # slower than its teacher: not "0.75x as fast" (review)
+    assert student_line(r).endswith("and takes 1.33x the teacher's time at batch 64 (PyTorch eager, fp32, on this machine's CPU).")
     r["student"]["latency"] = None  # no timing: the sentence stops at the FLOPs
     assert student_line(r).endswith("0.400x its FLOPs.")
     assert answer_markdown({**r, "comparison": {}, "summary": {}}) == []
+    # With teacher replicates the students learned from all of them: against the teachers' mean (review).
+    reps = {**r, "teacher_replicates": [{"teacher_test_acc": 0.90}, {"teacher_test_acc": 0.86}]}
+    assert "against the 2 teachers' mean 88.00% (-3.00 points)" in student_line(reps)
+    # No pruned-teacher arm: the sentence names the arm it reads, readably (review: "The student student alone").
+    alone = {**r, "summary": {"scratch": r["summary"]["scratch"]}}
+    assert student_line(alone).startswith("The student (student alone (no teacher)) scores 80.50%")
+    # Several losses: the answer is the first loss's, and says so (review).
+    several = {**r, "losses": {"kd": {}, "at": {}}}
+    assert answer_markdown(several)[2].startswith("- With distillation loss kd (the first of distill.loss; every loss's comparisons")
 
 
 def test_the_latency_table_says_pytorchs_threads_and_how_far_its_runs_spread():
@@ -602,7 +613,7 @@ def test_the_latency_table_says_pytorchs_threads_and_how_far_its_runs_spread():
                      "64": {"median_ms": 10.0, "p10_ms": 9.5, "p90_ms": 11.3, "threads": 2}}}
     s = {"latency": {"1": {"median_ms": 0.5, "p10_ms": 0.49, "p90_ms": 0.52, "threads": 2},
                      "64": {"median_ms": 5.0, "p10_ms": 4.9, "p90_ms": 5.1, "threads": 2}}}
-    # the widest: the teacher at batch 64, (11.3 - 10) / 10 = 13%
-    assert latency_conditions(t, s) == "; PyTorch on 2 thread(s), its runs' p10 and p90 within 13% of their median"
+    assert latency_conditions(t, s) == ("; PyTorch on 2 thread(s), at batch 64 the middle 80% of runs took 9.50-11.30 ms (teacher) "
+                                        "and 4.90-5.10 ms (student)")
     assert latency_conditions(t, s) in latency_table(t, s)[0]
     assert latency_conditions({"latency": {"1": {"median_ms": 1.0}}}, {}) == ""  # records of older runs
