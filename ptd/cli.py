@@ -115,9 +115,9 @@ def cmd_stage(args: argparse.Namespace) -> int:
     if _rank() != 0:  # rank 0 wrote the files and prints them, once
         return 0
     if until == "report":
-        print((out / "report.md").read_text())
+        print((out / P.REPORT_MD).read_text())
         # Last, where the report above has not scrolled it away (new-user audit).
-        print(f"written: {out / 'report.md'}, {out / 'report.html'} (the figures: open it in a browser), {out / 'results.json'}")
+        print(f"written: {out / P.REPORT_MD}, {out / P.REPORT_HTML} (the figures: open it in a browser), {out / P.RESULTS}")
     elif until == "student":
         print((out / P.STUDENT / P.STUDENT_REPORT).read_text())
     elif until == "prune":
@@ -129,6 +129,8 @@ def cmd_stage(args: argparse.Namespace) -> int:
         if res["final_level"]:
             level = P.level_dir(out / P.PRUNE, res["final_level"])
             # In the network's order (safetensors keeps keys sorted as text: features.10 before features.3).
+            if "replicates" in res:  # the table is replicate 0's (the one the student is derived from)
+                print("teacher replicate 0, per layer:")
             print(layer_table(load_masks(level / P.MASKS, load_model(level / P.MODEL))))
         for k, x in enumerate(res.get("replicates") or [res]):
             which = f"teacher replicate {k}: " if "replicates" in res else ""
@@ -154,7 +156,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     _check_config_file(config)
     flag_device = _flag(args.device, "--device", "give auto, cpu, cuda or cuda:N, or leave --device out for the config's device")
     cfg = load_config(config, args.overrides)
-    r = evaluate_model_file(cfg, args.checkpoint, flag_device, config)
+    r = evaluate_model_file(cfg, args.checkpoint, flag_device, config or "the default config")
     h, w = r["input_size"]
     print(f"{args.checkpoint}: test acc {r['acc']:.4f} on {r['n']} images of {cfg.data.name} at {h}x{w}; "
           f"params {r['params']:,} ({r['nonzero']:,} nonzero)"
@@ -172,8 +174,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if _rank() != 0:  # rank 0 wrote the files and prints them, once
         return 0
     print(render_sweep_markdown(results, plots=False))
-    print(f"written: {out / 'sweep.md'}, {out / 'report.html'} (the figures and every interval: open it in a browser), "
-          f"{out / 'sweep.json'}, {out / 'student_acc_vs_sparsity.png'}, {out / 'student_acc_vs_compute.png'}")
+    from ptd.report.sweep import PLOTS
+
+    print(f"written: {out / P.SWEEP_MD}, {out / P.REPORT_HTML} (the figures and every interval: open it in a browser), "
+          f"{out / P.SWEEP_JSON}, " + ", ".join(str(out / f) for f in PLOTS))
     return 0
 
 
@@ -182,12 +186,12 @@ def cmd_report(args: argparse.Namespace) -> int:
     from ptd.report import rerender, rerender_sweep
 
     run_dir = Path(args.run_dir)
-    if (run_dir / "sweep.json").is_file() and not (run_dir / "results.json").is_file():
+    if (run_dir / P.SWEEP_JSON).is_file() and not (run_dir / P.RESULTS).is_file():
         rerender_sweep(run_dir)
-        print(f"written: {run_dir / 'sweep.md'}, {run_dir / 'report.html'}")
+        print(f"written: {run_dir / P.SWEEP_MD}, {run_dir / P.REPORT_HTML}")
     else:
         print(rerender(run_dir))
-        print(f"written: {run_dir / 'results.json'}, {run_dir / 'report.md'}, {run_dir / 'report.html'}")
+        print(f"written: {run_dir / P.RESULTS}, {run_dir / P.REPORT_MD}, {run_dir / P.REPORT_HTML}")
     return 0
 
 

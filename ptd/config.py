@@ -232,9 +232,9 @@ ARM_TABLE = {
     "scratch": Arm("student alone (no teacher)", None),
     "unpruned_teacher": Arm("distilled from unpruned teacher", "unpruned"),
     "pruned_teacher": Arm("distilled from pruned teacher", "pruned"),
-    # The control: the unpruned teacher trained on for as many epochs as pruning retrained the
-    # pruned one, same schedule, no pruning. Without it a pruned teacher that teaches better may
-    # just be a longer-trained teacher.
+    # The control: the unpruned teacher trained on for as many rounds and epochs as pruning
+    # retrained the pruned one, with the optimizer the strategy's rounds use (retrain_optim), no
+    # pruning. Without it a pruned teacher that teaches better may just be a longer-trained teacher.
     "retrained_teacher": Arm("distilled from unpruned teacher retrained as long (control)", "retrained"),
 }
 ARMS = tuple(ARM_TABLE)

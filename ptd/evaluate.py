@@ -18,7 +18,8 @@ def evaluate_model_file(cfg: RunConfig, checkpoint: str | Path, device: str | No
     """Score ``checkpoint`` (a .safetensors written by ptd) on ``cfg``'s test split. ``device``:
     overrides ``cfg.device``; ``config_label``: how a refusal names the config (its path).
     Returns {acc, loss, n, input_size: (h, w), params, nonzero}; a one-line PtdError for a model
-    that does not fit the data."""
+    that does not fit the data. Sets torch's thread count to ``cfg.threads`` where it names one,
+    process-wide, as ``ptd eval`` does."""
     import torch
 
     from ptd.data import frame_size, load_configured, make_loader
@@ -44,7 +45,7 @@ def evaluate_model_file(cfg: RunConfig, checkpoint: str | Path, device: str | No
     if size is not None and tuple(size) != tuple(want):  # scored at another resolution, its accuracy means nothing
         square = f", or --set data.image_size={size[0]}" if size[0] == size[1] else ""  # image_size is a square side
         raise CheckpointError(f"{checkpoint}: the model was trained on {size[0]}x{size[1]} images, but "
-                              f"{config_label or 'the default config'} gives {want[0]}x{want[1]}; pass the config it was trained with"
+                              f"{config_label or 'this config'} gives {want[0]}x{want[1]}; pass the config it was trained with"
                               f"{square}")
     wrong = class_mismatch(checkpoint, getattr(model, "ptd_classes", None), splits.classes, f"data.name={dc.name}")
     if wrong:  # labels numbered otherwise: the accuracy would be of a relabelled test set

@@ -113,11 +113,12 @@ def _best_arm(run_dir: Path, arm: str | None = None) -> tuple[Path, str]:
     # highest score; ties go to the pruned-teacher arm (the paper's student), then by name
     cands.sort(key=lambda c: (-c[0], not c[1].startswith("pruned_teacher"), c[1]))
     score, name, f, r = cands[0]
+    among = f"the run's {len(cands)} {arm} students (--arm)" if arm is not None else f"the run's {len(cands)} students"
     if r.get("val_acc") is not None:
-        return f, f"student {name} (best val accuracy {score:.4f} of the run's {len(cands)} students)"
+        return f, f"student {name} (best val accuracy {score:.4f} of {among})"
     # Picked on the test set itself (no validation set): the highest of several test scores is
     # biased upward, so its figure is no estimate of what the student gives on new data.
-    return f, (f"student {name} (best test accuracy {score:.4f} of the run's {len(cands)} students; picked on the test set, "
+    return f, (f"student {name} (best test accuracy {score:.4f} of {among}; picked on the test set, "
                f"so that figure overstates what it gives on new images)" if len(cands) > 1 else
                f"student {name} (test accuracy {score:.4f}, the run's only student)")
 

@@ -167,8 +167,12 @@ def first_refusal(gathered: Sequence[tuple[str, tuple[int, str] | None]]) -> str
     found = [(r[0], r[1], host) for host, r in gathered if r is not None]
     if not found:
         return None
-    _, message, host = min(found)
-    return f"on host {host}: {message}" if len({h for h, _ in gathered}) > 1 else message
+    pos, message, _ = min(found)
+    hosts = sorted({h for h, _ in gathered})
+    met = sorted({h for p, m, h in found if (p, m) == (pos, message)})
+    if len(hosts) == 1 or met == hosts:  # one machine, or every machine met it (a config error): no host to name
+        return message
+    return f"on host {', '.join(met)}: {message}"
 
 
 class SlowSteps:

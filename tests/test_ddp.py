@@ -259,3 +259,6 @@ def test_the_refusal_the_ranks_agree_on_names_the_host_when_there_are_several():
     assert first_refusal(two) == "on host b: cannot read image /d/7.png; replace it"
     assert first_refusal([("a", (5, "bad image")), ("b", (-1, "cannot read /x; fix it"))]) == "on host b: cannot read /x; fix it"
     assert first_refusal([("a", None), ("b", None)]) is None
+    # Every machine met it (a config error, data missing everywhere): no one host to name (review).
+    assert first_refusal([("a", (-1, "cannot read /x; fix it")), ("b", (-1, "cannot read /x; fix it"))]) == "cannot read /x; fix it"
+    assert first_refusal([("a", (2, "bad")), ("b", (2, "bad")), ("c", None)]) == "on host a, b: bad"

@@ -237,6 +237,9 @@ def build_distiller(student: nn.Module, teacher: nn.Module | None, names: str | 
     device, or a function returning one (called only when a loss reads features).
     """
     names = loss_names(names)
+    if len(names) > 1:  # before any loss is built (CRD allocates its memory banks): Distiller refuses it anyway
+        raise ValueError(f"a Distiller trains one loss, got {len(names)} ({', '.join(names)}); build one per loss, as the "
+                         f"pipeline does for each name in distill.loss")
     options = options or {}
     for k in options:
         if k not in names:
