@@ -393,7 +393,8 @@ def fit(
                 seen += y.numel()
                 bar.update(1)
                 if i % 50 == 0 or i == n_batches - 1:  # a host sync every 50 steps, and the epoch's last
-                    # The epoch's mean loss so far, as metrics.jsonl's train_loss ends it: one batch's
+                    # The epoch's mean loss so far, as metrics.jsonl's train_loss ends it (one process;
+                    # under torchrun rank 0's share, the bar being rank 0's): one batch's
                     # loss, shown every 50 steps, froze a short epoch on its first step (new-user audit).
                     bar.set_postfix(epoch=f"{epoch + 1}/{optim.epochs}", loss=f"{(loss_sum / seen).item():.3f}")
             sched.step()
