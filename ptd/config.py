@@ -142,6 +142,10 @@ class TeacherConfig:
     # Teacher replicates: how many teachers are trained (and pruned, and control-retrained), each
     # from its own seed stream, so the comparison can count the variance between teachers.
     seeds: int = field(default=1, metadata={MEANS: "the number of teacher replicates, e.g. 3, not a list: distill.seeds lists seeds"})
+    # A loaded teacher (checkpoint) must score above chance on this data's validation images before
+    # any work starts (ptd.preflight.check_teacher_learned): one trained on other data, or numbering
+    # the classes otherwise, was pruned and taught from for the whole run (real-data audit).
+    check_learned: bool = True
 
     def validate(self, where: str) -> None:
         _check(self.seeds >= 1, f"{where}.seeds", self.seeds, "must be >= 1 (the number of teacher replicates)")

@@ -52,7 +52,8 @@ from ptd.io import damaged, file_digest, parses, read_json_object, read_yaml_map
 STAGES = P.STAGES
 # Keys that change how a run is shown, scheduled or checked, not what it computes: may differ on
 # resume (and may be missing from a config.yaml written before they were added).
-_VOLATILE_KEYS = {"quiet", "threads", "jobs", "device", "eval_batch_size", "data.check_images", "data.workers"}
+_VOLATILE_KEYS = {"quiet", "threads", "jobs", "device", "eval_batch_size", "data.check_images", "data.workers",
+                  "teacher.check_learned"}
 
 
 class RunDirError(PtdError, ValueError):

@@ -265,6 +265,7 @@ def test_a_user_checkpoint_replaced_at_the_same_path_is_refused(tmp_path, tiny_f
     from ptd.models import build_model
 
     cfg = tiny_config(tiny_fashion, threads=1)
+    cfg["teacher"]["check_learned"] = False  # an untrained stand-in teacher
     p = tmp_path / "c.yaml"
     p.write_text(yaml.safe_dump(cfg))
     mine = tmp_path / "mine.pt"

@@ -290,10 +290,12 @@ def test_a_teacher_checkpoint_of_another_image_size_is_refused(tmp_path, tiny_ya
     ckpt.save_model(tmp_path / "t.safetensors", m)
     with pytest.raises(CheckpointError, match=r"t\.safetensors: the teacher was trained on 28x28 images, but this run feeds it "
                                               r"64x64; set data.image_size=28, or give a teacher trained at 64x64"):
-        run_pipeline(load_config(tiny_yaml, [f"teacher.checkpoint={tmp_path / 't.safetensors'}", "data.image_size=64"]),
+        run_pipeline(load_config(tiny_yaml, [f"teacher.checkpoint={tmp_path / 't.safetensors'}", "data.image_size=64",
+                                             "teacher.check_learned=false"]),
                      tmp_path / "run", until="teacher")
     assert not (tmp_path / "run").exists()
-    r = run_pipeline(load_config(tiny_yaml, [f"teacher.checkpoint={tmp_path / 't.safetensors'}"]), tmp_path / "ok", until="teacher")
+    r = run_pipeline(load_config(tiny_yaml, [f"teacher.checkpoint={tmp_path / 't.safetensors'}", "teacher.check_learned=false"]),
+                     tmp_path / "ok", until="teacher")  # an untrained stand-in
     assert r["test_acc"] >= 0 and ckpt.load_model(tmp_path / "ok" / "teacher" / "model.safetensors").ptd_input_size == (28, 28)
 
 
@@ -638,3 +640,34 @@ def test_a_run_says_what_it_will_train_before_it_starts():
     line = plan_line(c, "report", c.distill.arms)  # scratch once per seed, each teacher arm per loss: (2 + 3 x 2 x 2) x 2
     assert "28 student(s) of 4 epochs (4 arm(s), 2 seed(s), 2 losses for each arm with a teacher, 2 teacher replicates)" in line
     assert line.endswith(f": {2 * (8 + 8 + 8) + 28 * 4} epochs of training in all (a student's epoch is cheaper: a smaller net)")
+
+
+def test_a_loaded_teacher_that_numbers_the_classes_otherwise_is_refused_before_any_work(tmp_path, tiny_yaml, capsys):
+    """A plain state dict records no class names: a teacher numbering the classes otherwise (an
+    ImageFolder-sorted Tiny-ImageNet, where ptd follows wnids.txt) loaded, scored near chance, and
+    was pruned and taught from for the whole run, the report's 'did not learn' coming after all of
+    it (real-data audit). Scored on the validation images first, it is refused in one line, nothing
+    written; teacher.check_learned=false takes it anyway."""
+    from ptd.models import build_model
+    from ptd.train.checkpoint import load_model
+
+    out = tmp_path / "trained"
+    assert main(["train", str(tiny_yaml), "--out", str(out), "--quiet", "--set", "threads=1"]) == 0
+    teacher = load_model(out / "teacher" / "model.safetensors")
+    state = teacher.state_dict()
+    head = [k for k in state if k.endswith("weight")][-1]  # the classifier: its rows are the classes
+    bias = head[: -len("weight")] + "bias"
+    order = torch.tensor([1, 2, 3, 4, 5, 6, 7, 8, 9, 0])  # every class renumbered
+    mine = tmp_path / "sorted_otherwise.pt"
+    torch.save({k: (v[order] if k in (head, bias) else v) for k, v in state.items()}, mine)
+    capsys.readouterr()
+    argv = ["prune", str(tiny_yaml), "--teacher", str(mine), "--out", str(tmp_path / "run"), "--quiet", "--set", "threads=1"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"ptd: error: {mine}: the teacher scores ") and "not above chance" in err[0], err
+    assert "(ptd numbers these 0 = T-shirt/top, 1 = Trouser, 2 = Pullover, ...)" in err[0] and "teacher.check_learned=false" in err[0]
+    assert not (tmp_path / "run").exists()
+    assert main(["train", str(tiny_yaml), "--teacher", str(out / "teacher" / "model.safetensors"), "--out",
+                 str(tmp_path / "right"), "--quiet", "--set", "threads=1"]) == 0  # its own order: taken
+    assert main(["train", str(tiny_yaml), "--teacher", str(mine), "--out", str(tmp_path / "anyway"), "--quiet", "--set", "threads=1",
+                 "--set", "teacher.check_learned=false"]) == 0
