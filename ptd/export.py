@@ -355,6 +355,8 @@ def _label(path: Path, model: nn.Module) -> None:
         meta["ptd_classes"] = json.dumps([str(c) for c in model.ptd_classes])
     if getattr(model, "ptd_input_size", None) is not None:
         meta["ptd_input_size"] = json.dumps([int(v) for v in model.ptd_input_size])
+    if getattr(model, "ptd_normalize", None) is not None:  # images / 255, minus mean, over std, per channel
+        meta["ptd_normalize"] = json.dumps(model.ptd_normalize, sort_keys=True)
     if not meta:
         return
     # Not its weights: over 2 GB torch writes them to files beside it, which one proto cannot hold.

@@ -340,6 +340,9 @@ class Context:
         0.25 at 224 px without a word) and ``ptd export`` of a bare file traces at it."""
         model.ptd_input_size = tuple(self.input_shape[-2:])
         model.ptd_classes = list(self.splits.classes)  # the class of each output: eval refuses data numbered otherwise
+        # What an input must be normalised with, per channel on the 0..1 scale: nothing said it, so an
+        # exported student could not be fed right by anyone who had not read the data loader (real-data audit).
+        model.ptd_normalize = {"mean": [float(v) for v in self.splits.mean], "std": [float(v) for v in self.splits.std]}
         return model
 
     def write_json(self, path: Path, obj: Any) -> None:

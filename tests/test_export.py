@@ -428,12 +428,19 @@ def test_the_onnx_file_carries_the_models_classes_and_input_size(tmp_path, capsy
 
     m = build_model("vgg", 3, 1, plan=[8, "M", 16])
     m.ptd_classes, m.ptd_input_size = ["cat", "dog", "eel"], (28, 28)
+    # The normalisation its inputs take, which nothing recorded: a deployment could not feed the
+    # student right without reading ptd's data loader (real-data audit).
+    m.ptd_normalize = {"mean": [0.2860], "std": [0.3530]}
     f = tmp_path / "m.safetensors"
     save_model(f, m)
+    from ptd.train.checkpoint import load_model
+
+    assert load_model(f).ptd_normalize == {"mean": [0.2860], "std": [0.3530]}
     rc, _, err = run_cli(capsys, f, "--out", tmp_path / "m.onnx", "--no-latency")
     assert rc == 0, err
     meta = {p.key: p.value for p in onnx.load(str(tmp_path / "m.onnx")).metadata_props}
     assert json.loads(meta["ptd_classes"]) == ["cat", "dog", "eel"] and json.loads(meta["ptd_input_size"]) == [28, 28]
+    assert json.loads(meta["ptd_normalize"]) == {"mean": [0.2860], "std": [0.3530]}
     save_model(tmp_path / "bare.safetensors", build_model("vgg", 3, 1, plan=[8, "M", 16]))
     rc, _, err = run_cli(capsys, tmp_path / "bare.safetensors", "--out", tmp_path / "bare.onnx", "--no-latency")
     assert rc == 0 and not onnx.load(str(tmp_path / "bare.onnx")).metadata_props, err

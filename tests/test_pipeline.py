@@ -82,6 +82,10 @@ def test_whole_pipeline_end_to_end(tmp_path, tiny_fashion, capsys, monkeypatch):
     sp = load_configured(load_config(str(tiny_yaml)).data, 0)
     assert r["setup"] == {"images": {"train": len(sp.train), "val": len(sp.val), "test": len(sp.test)}, "device": "cpu",
                           "amp_bf16": env["amp_bf16"]}
+    from ptd.train.checkpoint import load_model  # every model file records its inputs' normalisation (real-data audit)
+
+    for f in ("teacher/model.safetensors", "distill/pruned_teacher_seed0/model.safetensors"):
+        assert load_model(out / f).ptd_normalize == {"mean": [float(v) for v in sp.mean], "std": [float(v) for v in sp.std]}, f
     assert (f"Images: {len(sp.train):,} training, {len(sp.val):,} validation, {len(sp.test):,} test. Trained in "
             f"{'bf16 autocast (fp32 weights)' if env['amp_bf16'] else 'fp32'} on cpu") in (out / "report.md").read_text()
     assert env["torch"] == torch.__version__ and env["seeds"]["students"] == [0, 1]

@@ -317,6 +317,8 @@ def save_model(path: str | Path, model: nn.Module, extra: dict[str, Any] | None 
         meta["input_size"] = json.dumps([int(s) for s in model.ptd_input_size])
     if getattr(model, "ptd_classes", None) is not None:  # the class of each output, in order: eval checks its data's
         meta["classes"] = json.dumps([str(c) for c in model.ptd_classes])
+    if getattr(model, "ptd_normalize", None) is not None:  # per-channel mean and std of its inputs (0..1 scale)
+        meta["normalize"] = json.dumps(model.ptd_normalize, sort_keys=True)
     for k, v in (extra or {}).items():
         meta[k] = json.dumps(v)
     save_tensors(path, sd, meta)
@@ -760,7 +762,22 @@ def load_model(path: str | Path) -> nn.Module:
         model.ptd_input_size = rec["input_size"]
     if rec["classes"] is not None:
         model.ptd_classes = rec["classes"]
+    norm = _normalize(meta.get("normalize"))
+    if norm is not None:  # carried on, so a student saved or exported from this model records it too
+        model.ptd_normalize = norm
     return model
+
+
+def _normalize(text: str | None) -> dict[str, list[float]] | None:
+    """A model file's recorded input normalisation, or None where it records none or something
+    else (it is information for whoever feeds the model, not an input ptd computes with)."""
+    try:
+        v = json.loads(text) if text else None
+    except (ValueError, RecursionError):
+        return None
+    ok = (isinstance(v, dict) and set(v) == {"mean", "std"} and all(isinstance(v[k], list) and v[k] and
+          all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v[k]) for k in v) and len(v["mean"]) == len(v["std"]))
+    return {"mean": [float(x) for x in v["mean"]], "std": [float(x) for x in v["std"]]} if ok else None
 
 
 MAX_INPUT_SIDE = 65536  # pixels: larger than any image a classifier is trained on
