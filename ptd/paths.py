@@ -2,7 +2,7 @@
 run directory is opened, resumed and grown).
 
     runs/<name>/
-      config.yaml  env.json
+      config.yaml  env.json  data.json
       reused.json             --from RUN: the run whose teacher/, prune/ and control/ were copied in
       teacher/                model.safetensors  metrics.jsonl  result.json  done
       prune/level_<k>/        model.safetensors  masks.safetensors  sparsity.json  metrics.jsonl  done
@@ -22,6 +22,7 @@ from pathlib import Path
 # files
 CONFIG = "config.yaml"
 ENV = "env.json"
+DATA = "data.json"  # the data's fingerprint (ptd.data.base.fingerprint), checked by every later session
 DONE = "done"  # written last: the stage is complete
 RESULT = "result.json"
 MODEL = "model.safetensors"  # the stage's weights (the epoch fit keeps: best validation, or the last with keep="last")

@@ -1,7 +1,7 @@
 """The prune-then-distill pipeline, as resumable stages over one run directory.
 
     runs/<name>/
-      config.yaml  env.json
+      config.yaml  env.json  data.json
       teacher/                model.safetensors  metrics.jsonl  result.json  done
       prune/level_<k>/        model.safetensors  masks.safetensors  sparsity.json  metrics.jsonl  done
       prune/                  result.json  done
@@ -628,8 +628,24 @@ def _stage_runs(cfg: RunConfig, rel: Path, until: str | None, arms: Sequence[str
     return True
 
 
+def check_data(run_dir: Path, fp: dict[str, Any], what: str = "this run started") -> None:
+    """The data a run directory recorded (data.json) is the data loaded now; a directory from before
+    the record is not checked. A RunDirError saying what changed otherwise."""
+    rec = Path(run_dir) / P.DATA
+    if not rec.is_file():
+        return
+    have = read_json(rec)
+    if have == fp:
+        return
+    counts = [f"{k} {have.get('images', {}).get(k)} then, {v} now" for k, v in fp["images"].items()
+              if have.get("images", {}).get(k) != v]
+    how = "; ".join(counts) if counts else "the same image counts, other images or labels"
+    raise RunDirError(f"{run_dir}: the data changed since {what} ({how}): its finished stages were trained on the data "
+                      f"then; restore that data, or pass --out a new directory")
+
+
 def open_run_dir(cfg: RunConfig, run_dir: Path, rt: Runtime, until: str | None = None, arms: Sequence[str] | None = None,
-                 kind: str = "run") -> bool:
+                 kind: str = "run", data: dict[str, Any] | None = None) -> bool:
     """Create the run directory, or check that an existing one holds this same run (resume) or
     one this run only adds work to (more seeds, arms, losses, sweep points, teacher replicates:
     the run grows, every finished stage is reused). Returns whether it grows.
@@ -668,6 +684,8 @@ def open_run_dir(cfg: RunConfig, run_dir: Path, rt: Runtime, until: str | None =
         if cfg_path.is_file():  # under the lock: no other ptd is redoing a stage meanwhile; every rank reads alike
             check_lineage(run_dir)
             check_finished_stages(run_dir)
+            if data is not None:
+                check_data(run_dir, data)
             # An unfinished stage's commit: refused now, not when its turn comes. Only the stages this
             # command trains: `ptd train` beside a distill stage a 2-process run left was refused for it.
             for r in sorted(run_dir.rglob(P.RESUME)):
@@ -685,6 +703,8 @@ def open_run_dir(cfg: RunConfig, run_dir: Path, rt: Runtime, until: str | None =
             ckpt.remove_stale_temps(run_dir)
             if not cfg_path.is_file():  # atomic: a crash leaves no config or the whole one
                 ckpt.write_text(cfg_path, seal(dump_yaml(cfg)))
+            if data is not None and not (run_dir / P.DATA).is_file():  # the first session's (or, before the record, this one's)
+                ckpt.write_json(run_dir / P.DATA, data)
             env = environment(cfg, rt, kind)
             if old_env is not None:  # keep the first session's record, add this one's
                 env = {**old_env, "resumed": old_env.get("resumed", []) + [env]}
@@ -864,6 +884,7 @@ def make_context(cfg: RunConfig, run_dir: Path, log: Callable[[str], None] = pri
     directory opens (None: every stage's, as a sweep's). ``kind``: "run" or "sweep", recorded in
     env.json for ``preflight.run_kind``."""
     from ptd.data import load_configured
+    from ptd.data.base import fingerprint
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -872,6 +893,9 @@ def make_context(cfg: RunConfig, run_dir: Path, log: Callable[[str], None] = pri
     dc = cfg.data
     if splits is None:
         splits = load_configured(dc, cfg.seed)
+    data = fingerprint(splits, dc.root)
+    if reuse is not None:  # before the copy: the stages --from copies were trained on the data it recorded
+        check_data(reuse[0], data, f"{reuse[0]} (--from) was made")
     if reuse is not None:
         failed: BaseException | None = None
         if d.is_main:
@@ -882,7 +906,7 @@ def make_context(cfg: RunConfig, run_dir: Path, log: Callable[[str], None] = pri
                 failed = e
         if all_sum([0.0 if failed is None else 1.0], rt.device)[0] > 0:
             raise failed if failed is not None else RunDirError(f"--from {reuse[0]}: the copy into {run_dir} failed on rank 0")
-    grown = open_run_dir(cfg, run_dir, rt, until, arms, kind)
+    grown = open_run_dir(cfg, run_dir, rt, until, arms, kind, data)
     return Context(cfg, run_dir, rt, splits, log if d.is_main else (lambda s: None), grown=grown)
 
 

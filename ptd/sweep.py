@@ -1,7 +1,7 @@
 """`ptd sweep`: many pruned teachers (strategies x sparsities), one student, one comparison.
 
     runs/<name>/
-      config.yaml  env.json
+      config.yaml  env.json  data.json
       teacher/                                  the one dense teacher every strategy starts from
       prune/<imp-family strategy>/level_<k>/    one IMP run to the highest sparsity; its levels
                                                 are the lower sparsities (no extra training)

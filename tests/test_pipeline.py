@@ -675,3 +675,31 @@ def test_a_loaded_teacher_that_numbers_the_classes_otherwise_is_refused_before_a
                  str(tmp_path / "right"), "--quiet", "--set", "threads=1"]) == 0  # its own order: taken
     assert main(["train", str(tiny_yaml), "--teacher", str(mine), "--out", str(tmp_path / "anyway"), "--quiet", "--set", "threads=1",
                  "--set", "teacher.check_learned=false"]) == 0
+
+
+def test_a_run_whose_data_changed_between_sessions_is_refused(tmp_path, capsys):
+    """Deleting 6 training images between two sessions went unnoticed: the teacher and the first
+    students were reused, the new students trained on other data and another validation split
+    (real-data audit). data.json records what the first session loaded; a later session on other
+    data is refused in one line before it writes anything, and --from checks the run it copies."""
+    from conftest import tiny_config, write_fashion_like
+
+    data = write_fashion_like(tmp_path / "fm", n_train=600)
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(tiny_config(data, threads=1)))
+    out = tmp_path / "run"
+    assert main(["train", str(p), "--out", str(out), "--quiet"]) == 0
+    rec = json.loads((out / "data.json").read_text())
+    assert rec["images"] == {"train": 480, "val": 120, "test": 200} and len(rec["sha256"]) == 64
+    assert main(["prune", str(p), "--out", str(out), "--quiet"]) == 0  # the same data: grows
+    before = sorted((f.relative_to(out).as_posix(), f.stat().st_mtime_ns) for f in out.rglob("*"))
+    write_fashion_like(data, n_train=594)  # 6 training images fewer
+    capsys.readouterr()
+    assert main(["distill", str(p), "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"ptd: error: {out}: the data changed since this run started (train 480 then, 475 now; val 120 then, 119 "
+                   f"now): its finished stages were trained on the data then; restore that data, or pass --out a new "
+                   f"directory"), err
+    assert sorted((f.relative_to(out).as_posix(), f.stat().st_mtime_ns) for f in out.rglob("*")) == before
+    assert main(["student", str(p), "--from", str(out), "--out", str(tmp_path / "other"), "--quiet"]) == 2
+    assert "(--from) was made (train 480 then, 475 now" in capsys.readouterr().err and not (tmp_path / "other").exists()
