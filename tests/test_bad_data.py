@@ -808,3 +808,32 @@ def test_safe_pickle_refuses_arrays_larger_than_the_file(tmp_path: Path, capsys,
     (d / "test_batch").write_bytes(blob)
     line = train(tmp_path, capsys, "cifar10", tmp_path / "cifar")
     assert f"refused CIFAR file {d / 'test_batch'}: " in line and words in line, line
+
+
+def test_a_16_bit_image_is_scaled_not_clipped_and_a_32_bit_one_is_refused_up_front(tmp_path: Path):
+    """convert("RGB") clips a 16-bit grayscale PNG (PIL mode I;16) to 255: 96.6% of one image's
+    pixels came out white and the run went on (real-data audit). It is scaled to its top 8 bits, in
+    the loader and in the full check alike; 32-bit integer or float pixels have no range to scale
+    from and are refused by the header check, before training, naming the file."""
+    from PIL import Image
+
+    from ptd.data.base import to_rgb
+
+    a = (np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)  # 0 .. 65,520
+    Image.fromarray(a).save(tmp_path / "g16.png")
+    with Image.open(tmp_path / "g16.png") as im:
+        assert im.mode == "I;16"
+        rgb = np.asarray(to_rgb(im))
+    assert rgb.shape == (64, 64, 3) and (rgb[..., 0] == (a >> 8)).all() and (rgb == 255).mean() < 0.01
+    verify_images(FolderSplit([(str(tmp_path / "g16.png"), 0)]), full=True)
+    from ptd.data import make_loader  # what training reads: the same scaled pixels
+
+    x, _ = next(iter(make_loader(FolderSplit([(str(tmp_path / "g16.png"), 0)], image_size=64), batch_size=1, train=False,
+                                 mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), augment=False, image_size=64, workers=0)))
+    # resized and centre-cropped as evaluation reads folders: the mean stays that of the scaled
+    # image (127.5 of 255), where the clipped one read 254.5
+    assert abs(float(x.mean()) * 255 - float((a >> 8).mean())) < 5, float(x.mean()) * 255
+    Image.fromarray(a.astype(np.int32) * 1000, "I").save(tmp_path / "i32.tif")
+    with pytest.raises(DataError, match=r"cannot read image .*i32\.tif.*32-bit integer pixels \(PIL mode I\) have no fixed "
+                                        r"range"):
+        verify_images(FolderSplit([(str(tmp_path / "i32.tif"), 0)]))

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from ptd.data.base import DataError, FolderSplit, Split
+from ptd.data.base import DataError, FolderSplit, Split, to_rgb
 from ptd.seeding import stream_seed
 
 # (x, y), or (x, y, index) with ``with_index=True``: index (int64, on the device) is each
@@ -251,7 +251,7 @@ class _ImageFiles(Dataset):
         path, label = self.samples[i]
         try:
             with Image.open(path) as im:
-                img = im.convert("RGB")
+                img = to_rgb(im)
         except Exception as e:
             raise DataError(f"cannot read image {path}: {type(e).__name__}: {e}; replace the file with a readable "
                             f"image and run the same command again to resume from the last finished epoch") from None

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from ptd.data.base import (DATASETS, DataError, FolderSplit, RawDataset, Split, check_cache_dir, check_raw, image_file,
-                           path_error, probe_dir, probe_file)
+                           path_error, probe_dir, probe_file, to_rgb)
 
 FOLDER = "tiny-imagenet-200"
 SIZE = 64  # pixels, both sides
@@ -33,7 +33,7 @@ def _decode(path: str) -> torch.Tensor:
         # PIL rather than torchvision.io, whose decoders are deprecated since torchvision 0.29.
         # convert("RGB") also turns the few grayscale JPEGs in Tiny-ImageNet into 3 channels.
         with Image.open(path) as im:
-            arr = np.asarray(im.convert("RGB"))
+            arr = np.asarray(to_rgb(im))
     except Exception as e:  # corrupt, truncated, unreadable: this decode touches every pixel, so it finds them all
         raise DataError(f"cannot decode image {path}: {type(e).__name__}: {e}; replace the file (re-extract "
                         f"tiny-imagenet-200.zip), or remove it if it is a training image") from None
