@@ -40,9 +40,25 @@ class Registry(Generic[T]):
         try:
             return self._items[name]
         except KeyError:
+            near = self.nearest(name)
+            hint = f" (did you mean {near!r}?)" if near else ""
             raise UnknownNameError(
-                f"unknown {self.kind} {name!r}; valid names: {', '.join(sorted(self._items))}"
+                f"unknown {self.kind} {name!r}{hint}; valid names: {', '.join(sorted(self._items))}"
             ) from None
+
+    def nearest(self, name: object) -> str | None:
+        """The registered name a typo most likely meant: the same letters and digits ignoring case,
+        '-' and '_' (cifar-10 for cifar10), else difflib's closest at 0.75 similarity, else None."""
+        import difflib
+
+        if not isinstance(name, str):
+            return None
+        squash = lambda s: "".join(c for c in s.lower() if c.isalnum())  # noqa: E731
+        same = [n for n in self._items if squash(n) == squash(name)]
+        if same:
+            return same[0]
+        close = difflib.get_close_matches(name.lower(), list(self._items), n=1, cutoff=0.75)
+        return close[0] if close else None
 
     def names(self) -> list[str]:
         return sorted(self._items)

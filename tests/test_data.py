@@ -740,3 +740,22 @@ def test_load_configured_passes_every_data_key_load_dataset_takes(monkeypatch):
     for f in root.rglob("*.py"):
         if "data" not in f.relative_to(root).parts:
             assert "load_dataset(dc" not in f.read_text() and "load_dataset(cfg" not in f.read_text(), f
+
+
+def test_a_mistyped_dataset_name_is_echoed_as_written_with_the_name_it_likely_meant():
+    """data.name=cifar-10 was refused as 'cifar_10' (the lookup's normalised key) with no hint
+    (real-data audit). Every registry's refusal now names its nearest registered name."""
+    from ptd.data import DataError, load_dataset
+    from ptd.registry import Registry, UnknownNameError
+
+    with pytest.raises(DataError) as e:
+        load_dataset("cifar-10", "/nowhere")
+    assert str(e.value).startswith("unknown dataset 'cifar-10' (did you mean 'cifar10'?); valid names: cifar10, ")
+    r: Registry[int] = Registry("loss")
+    r.register("kd")(1)
+    r.register("dkd")(2)
+    r.register("fitnet")(3)
+    assert r.nearest("KD") == "kd" and r.nearest("fit-net") == "fitnet" and r.nearest("fitnte") == "fitnet"
+    assert r.nearest("resnet") is None
+    with pytest.raises(UnknownNameError, match=r"unknown loss 'dk' \(did you mean 'dkd'\?\); valid names: dkd, fitnet, kd"):
+        r.get("dk")

@@ -490,8 +490,10 @@ def load_dataset(
     key = name.replace("-", "_").lower()
     try:
         loader = DATASETS.get(key)
-    except UnknownNameError as e:
-        raise DataError(f"{e}; fix data.name in the config") from None
+    except UnknownNameError:  # named as the user wrote it, not as normalised for the lookup ('cifar_10' for cifar-10)
+        near = DATASETS.nearest(key)
+        raise DataError(f"unknown dataset {name!r}" + (f" (did you mean {near!r}?)" if near else "")
+                        + f"; valid names: {', '.join(DATASETS.names())}; fix data.name in the config") from None
 
     raw = loader(root, download=download, cache_dir=cache_dir)
     check_raw(key, raw)
