@@ -1618,40 +1618,53 @@ def main_writes(ctx: Context, write: Callable[[], None], what: str) -> None:
         raise failed if failed is not None else RunDirError(f"{what} failed on rank 0")
 
 
-def plan_line(cfg: RunConfig, until: str, arms: Sequence[str]) -> str:
+def plan_line(cfg: RunConfig, until: str, arms: Sequence[str], run_dir: Path | None = None) -> str:
     """What a command will train, in epochs (full passes over the training images), before it
     starts: each stage's bar has its own ETA, but nothing said how many stages follow it, so the
-    first bar's ETA read as the run's (new-user audit). Finished stages are counted too: a resume
-    skips them ('[reused]' lines)."""
+    first bar's ETA read as the run's (new-user audit). With ``run_dir``, how many of those epochs
+    its finished stages already hold (a resume, a grown run, --from: reused, '[reused]' lines)."""
     from ptd.pruning import SPECS
     from ptd.pruning.select import rounds_for_target
 
     pc, reps = cfg.prune, cfg.teacher.seeds
     rep = f" x {reps} teacher replicates" if reps > 1 else ""
+    roots = [P.replicate_root(run_dir, r) for r in range(reps)] if run_dir is not None else []
+    done = 0  # epochs whose stage is finished
+
+    def finished(stage: str) -> int:  # replicates whose stage folder is done
+        return sum(is_done(root / stage) for root in roots)
+
     t_ep = 0 if cfg.teacher.checkpoint else cfg.teacher.optim.epochs
     parts = ["teacher loaded, not trained" if cfg.teacher.checkpoint else f"teacher {_epochs(t_ep)}{rep}"]
-    total = t_ep * reps
+    total, done = t_ep * reps, t_ep * finished(P.TEACHER)
     rounds = (rounds_for_target(pc.target_sparsity, pc.rate) if SPECS.get(pc.strategy).rounds else 1) if pc.target_sparsity else 0
     if until != "teacher":
         parts.append(f"pruning {rounds} round(s) of {_epochs(pc.retrain.epochs)}{rep}")
         total += rounds * pc.retrain.epochs * reps
+        done += rounds * pc.retrain.epochs * finished(P.PRUNE)
     if until in ("distill", "report"):
         if any(ARM_TABLE[a].teacher == "retrained" for a in arms):
             parts.append(f"control {rounds} round(s) of {_epochs(pc.retrain.epochs)}{rep}")
             total += rounds * pc.retrain.epochs * reps
-        n = len(student_tasks(cfg, arms)) * reps
+            done += rounds * pc.retrain.epochs * finished(P.CONTROL)
+        tasks = student_tasks(cfg, arms)
+        n = len(tasks) * reps
         parts.append(f"{n} student(s) of {_epochs(cfg.distill.optim.epochs)} ({len(arms)} arm(s), {len(cfg.distill.seeds)} seed(s)"
                      + (f", {len(cfg.distill.losses)} losses for each arm with a teacher" if len(cfg.distill.losses) > 1 else "")
                      + (f", {reps} teacher replicates)" if reps > 1 else ")"))
         total += n * cfg.distill.optim.epochs
-        return f"[plan] {'; '.join(parts)}: {_epochs(total)} of training in all (a student's epoch is cheaper: a smaller net)"
-    return f"[plan] {'; '.join(parts)}: {_epochs(total)} of training in all"
+        done += cfg.distill.optim.epochs * sum(is_done(P.distill_dir(root, a, sd, cfg.distill.folder_loss(loss)))
+                                               for root in roots for a, sd, loss in tasks)
+    line = f"[plan] {'; '.join(parts)}: {_epochs(total)} of training in all"
+    if done:
+        line += f", {_epochs(done)} of them finished earlier (reused)"
+    return line + (" (a student's epoch is cheaper: a smaller net)" if until in ("distill", "report") else "")
 
 
 def _run_stages(ctx: Context, until: str, arms: Sequence[str] | None, log: Callable[[str], None], t0: float) -> dict:
     cfg = ctx.cfg
     arms = list(arms or cfg.distill.arms)
-    log(plan_line(cfg, until, arms))
+    log(plan_line(cfg, until, arms, ctx.run_dir))
     students: list[dict] = []
     reps: list[dict] = []  # per teacher replicate: its teacher, pruning and control results
     s_stats: dict = {}

@@ -608,9 +608,13 @@ def test_a_rerun_says_which_stages_it_reused(tmp_path, tiny_yaml):
     cfg = load_config(str(tiny_yaml), ["threads=1", "teacher.optim.epochs=1"])
     first, again = [], []
     run_pipeline(cfg, tmp_path / "run", log=first.append, until="teacher")
-    run_pipeline(cfg, tmp_path / "run", log=again.append, until="teacher")
+    run_pipeline(cfg, tmp_path / "run", log=again.append, until="prune")
     assert not any(l.startswith("[reused]") for l in first)
     assert "[reused] teacher: finished earlier" in again, again
+    # the plan says how much of its work is already there (real-data audit: it counted all of it)
+    assert first[0] == "[plan] teacher 1 epoch: 1 epoch of training in all"
+    assert again[0] == ("[plan] teacher 1 epoch; pruning 2 round(s) of 1 epoch: 3 epochs of training in all, 1 epoch of them "
+                        "finished earlier (reused)"), again[0]
 
 
 def test_ptd_train_prints_every_teacher_replicate(tmp_path, tiny_yaml, capsys):
