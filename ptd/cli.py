@@ -213,6 +213,17 @@ def cmd_export(args: argparse.Namespace) -> int:
     from ptd.export import export, format_record
 
     _flag(args.out, "--out", "give the ONNX file to write (e.g. --out student.onnx), or leave --out out for the model file with .onnx")
+    if args.threads is not None:  # the timing's threads (onnxruntime takes PyTorch's count), as a run's threads key sets them
+        from ptd.config import ConfigError
+        from ptd.preflight import check_threads
+
+        try:
+            check_threads(args.threads)
+        except ConfigError as e:
+            raise ConfigError(str(e).replace("threads:", "--threads", 1).replace("set threads to", "give --threads")) from None
+        import torch
+
+        torch.set_num_threads(args.threads)
     rec = export(args.source, args.out, args.format, latency=not args.no_latency, arm=args.arm)
     print(format_record(rec))
     return 0
@@ -281,6 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--format", default="onnx", help="onnx (the only format)")
     ex.add_argument("--out", help="output file (default: the model file with .onnx); never overwritten")
     ex.add_argument("--no-latency", action="store_true", help="skip the onnxruntime timing")
+    ex.add_argument("--threads", type=int, metavar="N", help="threads to time on (default: PyTorch's, every core; a run's "
+                                                            "report timed on its config's threads key)")
     from ptd.config import ARMS
 
     ex.add_argument("--arm", choices=ARMS, help="a run directory's best student of this arm only (default: the best of "
