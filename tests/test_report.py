@@ -358,8 +358,9 @@ def test_an_arm_interval_is_shown_clipped_to_the_range_an_accuracy_can_take():
     """Two students at 83.33% and 100% (the audit's imn_w run): the 95% t interval of their mean is
     91.67 ± 12.71 x 8.33 = [-14.22, 197.55] %, and report.md printed it so. It is now shown cut to
     0-100 % and marked, with a footnote that gives the t interval; results.json keeps the t
-    interval (ci_low, ci_high) beside the shown one. Differences between arms may be negative: the
-    comparison intervals are left as they are."""
+    interval (ci_low, ci_high) beside the shown one. Differences between arms lie in -100..+100
+    points: their intervals are shown cut to that range and marked (real-data audit: [-146.33,
+    +171.33] read as a range the data allowed); results.json keeps them whole."""
     students = rows("scratch", [50 / 60, 1.0]) + rows("unpruned_teacher", [0.40, 0.20]) + rows("pruned_teacher", [0.20, 0.20])
     r = {**_demo(), "students": students, **summarize(students)}
     md = render_markdown(r)
@@ -375,8 +376,9 @@ def test_an_arm_interval_is_shown_clipped_to_the_range_an_accuracy_can_take():
     assert ("(clipped): the interval is clipped to 0-100 %, the range an accuracy can take; with 2 seeds the 95% t interval "
             "(mean ± t × standard error) runs past that range. The t intervals: student alone (no teacher) [-14.22, 197.55]; "
             "distilled from unpruned teacher [-97.06, 157.06].") in md
-    c = r["comparison"]["unpruned_minus_scratch"]  # -43.33 and -80 points: an interval below -100 points, kept
-    assert c["ci_low"] < -1 and f"| unpruned minus scratch | {100 * c['mean']:+.2f} | [{100 * c['ci_low']:+.2f}, {100 * c['ci_high']:+.2f}] |" in md
+    c = r["comparison"]["unpruned_minus_scratch"]  # -43.33 and -80 points: an interval below -100 points, cut
+    assert c["ci_low"] < -1 and f"| unpruned minus scratch | {100 * c['mean']:+.2f} | [-100.00, {min(100.0, 100 * c['ci_high']):+.2f}] (cut) |" in md
+    assert "(cut to the range a difference can take)" in c["verdict"]
     # The per-loss table shows the same cut interval.
     s = [{**x, "loss": None} for x in rows("scratch", [50 / 60, 1.0])]
     s += [{**x, "loss": loss} for loss in ("kd", "at") for x in rows("pruned_teacher", [0.89, 0.91])]

@@ -17,7 +17,7 @@ from ptd import paths as P
 from ptd.config import ARM_TABLE, CHECKPOINTS, DataConfig, RunConfig
 from ptd.errors import DamagedFileError, PtdError, one_line
 from ptd.io import read_json_object
-from ptd.report.stats import above_chance, format_estimate, hierarchical_estimate, paired_estimate, t_interval, zero_width
+from ptd.report.stats import above_chance, format_estimate, hierarchical_estimate, paired_estimate, shown_difference, t_interval, zero_width
 from ptd.train import checkpoint as ckpt
 
 
@@ -113,7 +113,7 @@ def shown_interval(sm: Mapping[str, Any]) -> tuple[float, float, bool] | None:
     without an interval. With 2 seeds t is 12.7, so two students at 83.33% and 100% gave
     [-14.22, 197.55] %: a range no accuracy can take. The mean accuracy lies in [0, 1], so the
     cut interval covers it whenever the t interval does (its level is kept). Differences between
-    arms (``paired``) can be negative and are never cut."""
+    arms (``paired``) are cut to -1..1 the same way (``stats.shown_difference``)."""
     lo, hi = sm.get("ci_low"), sm.get("ci_high")
     if lo is None or hi is None:
         return None
@@ -356,7 +356,8 @@ def _pct(x: float | None) -> str:
 
 
 def _ci(e: dict) -> str:
-    return "n/a" if e.get("ci_low") is None else f"[{100 * e['ci_low']:+.2f}, {100 * e['ci_high']:+.2f}]"
+    shown = shown_difference(e)
+    return "n/a" if shown is None else f"[{100 * shown[0]:+.2f}, {100 * shown[1]:+.2f}]" + (" (cut)" if shown[2] else "")
 
 
 def _p(x: float | None) -> str:
