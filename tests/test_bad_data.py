@@ -837,3 +837,11 @@ def test_a_16_bit_image_is_scaled_not_clipped_and_a_32_bit_one_is_refused_up_fro
     with pytest.raises(DataError, match=r"cannot read image .*i32\.tif.*32-bit integer pixels \(PIL mode I\) have no fixed "
                                         r"range"):
         verify_images(FolderSplit([(str(tmp_path / "i32.tif"), 0)]))
+
+
+def test_data_root_at_a_split_folder_says_to_use_its_parent(tmp_path: Path, capsys):
+    """data.root pointing at train/ itself read ".../train/train not found" (real-data audit)."""
+    root = write_imagefolder(tmp_path / "if")
+    line = train(tmp_path, capsys, "imagefolder", root / "train")
+    assert line.endswith(f"data.root is {root / 'train'}, a split folder itself: set data.root to its parent, {root}, which "
+                         f"holds train/ and val/"), line
