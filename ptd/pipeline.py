@@ -1665,6 +1665,10 @@ def _run_stages(ctx: Context, until: str, arms: Sequence[str] | None, log: Calla
     cfg = ctx.cfg
     arms = list(arms or cfg.distill.arms)
     log(plan_line(cfg, until, arms, ctx.run_dir))
+    from ptd.data.base import upscale_note
+
+    if (note := upscale_note(ctx.splits, cfg.data.image_size)) is not None:
+        log(note)
     students: list[dict] = []
     reps: list[dict] = []  # per teacher replicate: its teacher, pruning and control results
     s_stats: dict = {}

@@ -845,3 +845,19 @@ def test_data_root_at_a_split_folder_says_to_use_its_parent(tmp_path: Path, caps
     line = train(tmp_path, capsys, "imagefolder", root / "train")
     assert line.endswith(f"data.root is {root / 'train'}, a split folder itself: set data.root to its parent, {root}, which "
                          f"holds train/ and val/"), line
+
+
+def test_small_folder_images_scaled_up_to_the_default_224_are_noted(tmp_path: Path):
+    """48-pixel images were read at the folder default of 224 without a word: 22x the compute of
+    their own size for no detail (real-data audit). The run's log says so, with the key to set."""
+    from ptd.config import load_config
+    from ptd.data import load_configured
+    from ptd.data.base import upscale_note
+
+    root = write_imagefolder(tmp_path / "if")  # 24-pixel PNGs
+    cfg = load_config(config(tmp_path, "imagefolder", root))
+    sp = load_configured(cfg.data, 0)
+    assert upscale_note(sp, None) == ("note: the training images are about 24 pixels on their shorter side and are scaled up "
+                                      "to 224 (data.image_size, 224 by default for folders): about 87x the compute of their own "
+                                      "size; set data.image_size=24 to train at it")
+    assert upscale_note(sp, 32) is None and upscale_note(sp, 48) is not None  # under half the frame only
