@@ -220,7 +220,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         try:
             check_threads(args.threads)
         except ConfigError as e:
-            raise ConfigError(str(e).replace("threads:", "--threads", 1).replace("set threads to", "give --threads")) from None
+            raise ConfigError(str(e).replace("threads:", "--threads", 1).replace("set threads to", "give --threads")
+                              .replace("or null for torch's default", "or leave --threads out for torch's default")) from None
         import torch
 
         torch.set_num_threads(args.threads)

@@ -628,20 +628,29 @@ def _stage_runs(cfg: RunConfig, rel: Path, until: str | None, arms: Sequence[str
     return True
 
 
-def check_data(run_dir: Path, fp: dict[str, Any], what: str = "this run started") -> None:
-    """The data a run directory recorded (data.json) is the data loaded now; a directory from before
-    the record is not checked. A RunDirError saying what changed otherwise."""
+def data_change(run_dir: Path, fp: dict[str, Any], what: str = "this run started") -> str | None:
+    """Why the data a run directory recorded (data.json) is not the data loaded now, as one line, or
+    None (the same, or a directory from before the record)."""
     rec = Path(run_dir) / P.DATA
     if not rec.is_file():
-        return
+        return None
     have = read_json(rec)
     if have == fp:
-        return
+        return None
     counts = [f"{k} {have.get('images', {}).get(k)} then, {v} now" for k, v in fp["images"].items()
               if have.get("images", {}).get(k) != v]
     how = "; ".join(counts) if counts else "the same image counts, other images or labels"
-    raise RunDirError(f"{run_dir}: the data changed since {what} ({how}): its finished stages were trained on the data "
-                      f"then; restore that data, or pass --out a new directory")
+    return (f"{run_dir}: the data changed since {what} ({how}): its finished stages were trained on the data then; "
+            f"restore that data, or pass --out a new directory")
+
+
+def check_data(run_dir: Path, fp: dict[str, Any], what: str, device: torch.device) -> None:
+    """data_change, agreed by every process: under torchrun each machine may read its own copy, and a
+    refusal one rank alone raised left the others waiting at the next barrier (review)."""
+    why = data_change(run_dir, fp, what)
+    if all_sum([0.0 if why is None else 1.0], device)[0] > 0:
+        raise RunDirError(why or f"{run_dir}: the data another process of this torchrun run reads changed since {what}; "
+                                 f"its own line says how")
 
 
 def open_run_dir(cfg: RunConfig, run_dir: Path, rt: Runtime, until: str | None = None, arms: Sequence[str] | None = None,
@@ -684,8 +693,6 @@ def open_run_dir(cfg: RunConfig, run_dir: Path, rt: Runtime, until: str | None =
         if cfg_path.is_file():  # under the lock: no other ptd is redoing a stage meanwhile; every rank reads alike
             check_lineage(run_dir)
             check_finished_stages(run_dir)
-            if data is not None:
-                check_data(run_dir, data)
             # An unfinished stage's commit: refused now, not when its turn comes. Only the stages this
             # command trains: `ptd train` beside a distill stage a 2-process run left was refused for it.
             for r in sorted(run_dir.rglob(P.RESUME)):
@@ -895,7 +902,8 @@ def make_context(cfg: RunConfig, run_dir: Path, log: Callable[[str], None] = pri
         splits = load_configured(dc, cfg.seed)
     data = fingerprint(splits, dc.root)
     if reuse is not None:  # before the copy: the stages --from copies were trained on the data it recorded
-        check_data(reuse[0], data, f"{reuse[0]} (--from) was made")
+        check_data(reuse[0], data, f"{reuse[0]} (--from) was made", rt.device)
+    check_data(run_dir, data, "this run started", rt.device)  # before the directory is opened (and written)
     if reuse is not None:
         failed: BaseException | None = None
         if d.is_main:
@@ -1313,9 +1321,11 @@ def _check_control_optim(ctx: Context, d: Path, each_round: OptimConfig) -> None
                               f"to retrain it, or pass --out a new directory")
         return
     if started and each_round != ctx.cfg.prune.retrain:
+        old = dataclasses.asdict(ctx.cfg.prune.retrain)
+        diff = ", ".join(f"{k} {old[k]} there, {v} here" for k, v in dataclasses.asdict(each_round).items() if k != "epochs" and old[k] != v)
         raise RunDirError(f"{d}: an unfinished control teacher started by an older ptd, which retrained it with "
-                          f"prune.retrain's optimizer (lr {ctx.cfg.prune.retrain.lr:g}), where {ctx.cfg.prune.strategy}'s rounds "
-                          f"train at lr {each_round.lr:g}; delete {d} to retrain it, or pass --out a new directory")
+                          f"prune.retrain's optimizer, where {ctx.cfg.prune.strategy}'s rounds train with another ({diff}); "
+                          f"delete {d} to retrain it, or pass --out a new directory")
     if ctx.main:
         ckpt.write_json(rec, want)
 
@@ -1366,6 +1376,12 @@ def stage_control(ctx: Context, teacher: nn.Module, prune_result: dict, replicat
     return model, result
 
 
+def _meant(registry: Any, name: str) -> str:
+    """' (did you mean ...?)' for the registered name a typo most likely meant (Registry.nearest), or ''."""
+    near = registry.nearest(name)
+    return f" (did you mean {near!r}?)" if near else ""
+
+
 def check_plugins(cfg: RunConfig, sweep: bool = False) -> None:
     """Every plugin name and plugin option in ``cfg``, checked against the registries before any
     work starts or the run directory is written (the config module itself imports no plugin).
@@ -1376,11 +1392,12 @@ def check_plugins(cfg: RunConfig, sweep: bool = False) -> None:
 
     def arch(where: str, m: ModelConfig | None) -> None:
         if m is not None and not m.arch.startswith("tv:") and m.arch not in MODELS:
-            raise ConfigError(f"{where}.arch: unknown model {m.arch!r}; valid: {', '.join(MODELS.names())}, or tv:<torchvision name>")
+            raise ConfigError(f"{where}.arch: unknown model {m.arch!r}{_meant(MODELS, m.arch)}; valid: {', '.join(MODELS.names())}, "
+                              f"or tv:<torchvision name>")
 
     def strategy(where: str, name: str) -> None:
         if name not in STRATEGIES:
-            raise ConfigError(f"{where}: unknown pruning strategy {name!r}; valid: {', '.join(STRATEGIES.names())}")
+            raise ConfigError(f"{where}: unknown pruning strategy {name!r}{_meant(STRATEGIES, name)}; valid: {', '.join(STRATEGIES.names())}")
 
     from ptd.pruning import options_for, strategy_options
 
@@ -1397,7 +1414,7 @@ def check_plugins(cfg: RunConfig, sweep: bool = False) -> None:
     dc = cfg.distill
     for name in dc.losses:
         if name not in LOSSES:
-            raise ConfigError(f"distill.loss: unknown distillation loss {name!r}; valid: {', '.join(LOSSES.names())}")
+            raise ConfigError(f"distill.loss: unknown distillation loss {name!r}{_meant(LOSSES, name)}; valid: {', '.join(LOSSES.names())}")
     for name in dc.options:
         if name not in dc.losses:
             raise ConfigError(f"distill.options.{name}: options for a loss that is not in distill.loss ({', '.join(dc.losses)}); "

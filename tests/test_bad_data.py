@@ -423,7 +423,7 @@ def test_a_bad_image_is_found_before_training(tmp_path: Path, capsys, damage: st
     data = bad.read_bytes()
     bad.write_bytes({"garbage": b"not an image at all", "empty": b"", "truncated": data[:60]}[damage])
     line = train(tmp_path, capsys, "imagefolder", root)
-    assert line.startswith(f"ptd: error: cannot read image {bad} (") and "remove or replace the file" in line
+    assert line.startswith(f"ptd: error: cannot read image {bad} (") and "replace the file, or remove it before a run starts" in line
 
 
 def test_verify_images_names_the_first_bad_file_in_split_order(tmp_path: Path):
@@ -552,7 +552,7 @@ def test_data_check_images_full_finds_what_headers_cannot(tmp_path: Path, capsys
     with pytest.raises(DataError, match=f"cannot read image {re.escape(str(bad))} "):
         verify_images(split, progress=False, full=True)
     line = train(tmp_path, capsys, "imagefolder", root, "--set", "data.check_images=full")
-    assert line.startswith(f"ptd: error: cannot read image {bad} (") and "remove or replace the file" in line
+    assert line.startswith(f"ptd: error: cannot read image {bad} (") and "replace the file, or remove it before a run starts" in line
     line = train(tmp_path, capsys, "imagefolder", root, "--set", "data.check_images=all")
     assert line.startswith("ptd: error: data.check_images: 'all' must be headers or full (from "), line
     with pytest.raises(DataError, match="check_images must be one of headers, full, got 'all'"):
@@ -571,7 +571,7 @@ def test_an_image_cut_short_after_its_header_is_found_before_training(tmp_path: 
     verify_images(FolderSplit([(str(p), 0)]), progress=False)  # whole: read
     data = p.read_bytes()
     p.write_bytes(data[: len(data) * 2 // 3])
-    with pytest.raises(DataError, match=f"cannot read image {re.escape(str(p))} \\(.*remove or replace the file"):
+    with pytest.raises(DataError, match=f"cannot read image {re.escape(str(p))} \\(.*replace the file, or remove it before a run starts"):
         verify_images(FolderSplit([(str(p), 0)]), progress=False)
 
 

@@ -707,3 +707,43 @@ def test_a_run_whose_data_changed_between_sessions_is_refused(tmp_path, capsys):
     assert sorted((f.relative_to(out).as_posix(), f.stat().st_mtime_ns) for f in out.rglob("*")) == before
     assert main(["student", str(p), "--from", str(out), "--out", str(tmp_path / "other"), "--quiet"]) == 2
     assert "(--from) was made (train 480 then, 475 now" in capsys.readouterr().err and not (tmp_path / "other").exists()
+
+
+def test_the_loaded_teacher_check_reads_every_class_not_the_first_images(tmp_path):
+    """A folder split is sorted by class: its first 1,000 validation images were all of class 0,
+    where chance is 100%, and a perfect teacher was refused (review). The sample is spread evenly."""
+    from types import SimpleNamespace
+
+    from ptd.config import load_config
+    from ptd.data import Split
+    from ptd.preflight import check_teacher_learned
+
+    n = 2000
+    y = torch.cat([torch.zeros(n // 2, dtype=torch.long), torch.ones(n // 2, dtype=torch.long)])  # sorted by class
+    x = torch.zeros(n, 1, 4, 4, dtype=torch.uint8)
+    x[y == 1] = 255  # class = brightness
+
+    class Perfect(torch.nn.Module):
+        def forward(self, t):
+            bright = t.flatten(1).mean(1) > 0
+            return torch.stack([(~bright).float(), bright.float()], 1)
+
+    splits = SimpleNamespace(val=Split(x, y), test=Split(x, y), mean=(0.5,), std=(0.5,), num_classes=2, classes=["dark", "bright"])
+    cfg = load_config(None, ["teacher.checkpoint=/t.safetensors", "threads=1"])
+    check_teacher_learned(cfg, Perfect(), splits)  # passes: half of each class in the sample
+    class Constant(torch.nn.Module):
+        def forward(self, t):
+            return torch.tensor([[1.0, 0.0]]).expand(len(t), 2)
+
+    with pytest.raises(Exception, match=r"scores 50\.00% on 500 validation images .* not above chance \(50\.00%\)"):
+        check_teacher_learned(cfg, Constant(), splits)
+
+
+@pytest.mark.parametrize("key, value, hint", [("prune.strategy", "imp-finetune", "imp_finetune"), ("distill.loss", "KD", "kd"),
+                                              ("teacher.model.arch", "VGG", "vgg")])
+def test_a_mistyped_strategy_loss_or_model_names_the_one_it_likely_meant(tmp_path, tiny_yaml, capsys, key, value, hint):
+    """The hint reached Registry.get's callers only: strategies, losses and models are refused by
+    check_plugins, which gave none (review)."""
+    assert main(["train", str(tiny_yaml), "--out", str(tmp_path / "run"), "--set", f"{key}={value}"]) == 2
+    err = capsys.readouterr().err
+    assert f"{value!r} (did you mean {hint!r}?); valid" in err and not (tmp_path / "run").exists(), err

@@ -838,8 +838,8 @@ def test_a_control_an_older_ptd_started_with_another_optimizer_is_refused_not_mi
             assert run(strategy, out) == 2
             err = capsys.readouterr().err.strip()
             assert err == (f"ptd: error: {out / 'control'}: an unfinished control teacher started by an older ptd, which "
-                           f"retrained it with prune.retrain's optimizer (lr 0.02), where imp_finetune's rounds train at lr "
-                           f"0.001; delete {out / 'control'} to retrain it, or pass --out a new directory"), err
+                           f"retrained it with prune.retrain's optimizer, where imp_finetune's rounds train with another (lr "
+                           f"0.02 there, 0.001 here); delete {out / 'control'} to retrain it, or pass --out a new directory"), err
             assert not (out / "control" / "done").exists()
         else:
             assert run(strategy, out) == 0

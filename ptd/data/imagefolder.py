@@ -68,7 +68,7 @@ def _split_dir(base: Path, split: str) -> Path:
     if others:
         raise DataError(f"image folder not found: {d}; found {', '.join(o + '/' for o in others)} in {base}, but the "
                         f"imagefolder loader reads only train/ and val/: rename (or ln -s) the one to use to {split}/")
-    if base.name.lower() in _OTHER_NAMES["train"] | _OTHER_NAMES["val"]:
+    if base.name.lower() in _OTHER_NAMES["train"] | _OTHER_NAMES["val"] and (base.parent / split).is_dir():
         # data.root pointing at a split folder itself read ".../train/train not found" (real-data audit)
         raise DataError(f"image folder not found: {d}; data.root is {base}, a split folder itself: set data.root to its "
                         f"parent, {base.parent}, which holds train/ and val/")

@@ -36,7 +36,7 @@ def _decode(path: str) -> torch.Tensor:
             arr = np.asarray(to_rgb(im))
     except Exception as e:  # corrupt, truncated, unreadable: this decode touches every pixel, so it finds them all
         raise DataError(f"cannot decode image {path}: {type(e).__name__}: {e}; replace the file (re-extract "
-                        f"tiny-imagenet-200.zip), or remove it if it is a training image") from None
+                        f"tiny-imagenet-200.zip), or remove a training image before a run starts on this data") from None
     img = torch.from_numpy(arr.copy()).permute(2, 0, 1)  # HWC -> CHW
     if tuple(img.shape) != (3, SIZE, SIZE):
         raise DataError(f"image {path} is {tuple(img.shape[1:])} pixels, expected {SIZE}x{SIZE}; {_FIX}")

@@ -202,14 +202,15 @@ def plot_comparisons(r: dict[str, Any]) -> str:
         ys = [i + 0.18 * ((k - (n - 1) / 2) / max(n - 1, 1)) for k in range(n)]
         ax.scatter([100 * d for d in diffs], ys, s=18, color="0.55", zorder=3)
         color = ("#2a7" if c["mean"] > 0 else "#c33") if c.get("called") else "black"
-        if c.get("ci_low") is not None:
-            ax.errorbar([100 * c["mean"]], [i], xerr=[[100 * (c["mean"] - c["ci_low"])], [100 * (c["ci_high"] - c["mean"])]],
+        shown = shown_difference(c)  # cut to -100..+100 points, as the tables show it
+        if shown is not None:
+            ax.errorbar([100 * c["mean"]], [i], xerr=[[100 * (c["mean"] - shown[0])], [100 * (shown[1] - c["mean"])]],
                         fmt="o", color=color, capsize=5, markersize=6, zorder=4)
         else:
             ax.plot([100 * c["mean"]], [i], "o", color=color, zorder=4)
     ax.axvline(0, color="black", linewidth=0.8)
     _limit_to_data(ax, num, [0.0] + [100 * d for _, c in items for d in c["per_seed"].values()],
-                   [(c.get("ci_low"), c.get("ci_high"), c["mean"]) for _, c in items], signed=True)
+                   [(*(shown_difference(c) or (None, None))[:2], c["mean"]) for _, c in items], signed=True)
     ax.set_yticks(range(len(items)), [k.replace("_", " ") for k, _ in items], fontsize=8.5)
     ax.set_xlabel("difference in student test accuracy (points, a - b); grey: seeds; bar: 95% CI (colored when it excludes 0)")
     ax.grid(True, axis="x", alpha=0.3)
