@@ -509,3 +509,12 @@ def test_threads_sets_the_timings_thread_count(run_dir, tmp_path, capsys):
     rc, out, err = run_cli(capsys, run_dir, "--out", tmp_path / "t.onnx", "--threads", "100000")
     assert rc == 2 and err.strip().startswith("ptd: error: --threads 100000 is more than this machine's") and "give --threads" in err
     assert not (tmp_path / "t.onnx").exists()
+
+
+def test_a_tie_for_the_best_student_says_how_it_was_broken(run_dir):
+    """Two students at the same validation accuracy: the line named one, not why (real-data audit)."""
+    (run_dir / "distill" / "scratch_seed0" / "result.json").write_text(json.dumps({"val_acc": 0.74, "test_acc": 0.7}))
+    src = resolve(run_dir)
+    assert src.model_path.parent.name == "pruned_teacher_seed0"
+    assert src.what == ("student pruned_teacher_seed0 (best val accuracy 0.7400 of the run's 2 students; tied with "
+                        "scratch_seed0: a tie goes to the pruned teacher's student, then by name)"), src.what
