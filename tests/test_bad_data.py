@@ -861,3 +861,12 @@ def test_small_folder_images_scaled_up_to_the_default_224_are_noted(tmp_path: Pa
                                       "to 224 (data.image_size, 224 by default for folders): about 87x the compute of their own "
                                       "size; set data.image_size=24 to train at it")
     assert upscale_note(sp, 32) is None and upscale_note(sp, 48) is not None  # under half the frame only
+
+
+def test_a_tiny_imagenet_test_image_no_annotation_lists_is_refused(tmp_path: Path, capsys):
+    """An image in val/images that val_annotations.txt does not list was left out of the test set
+    without a word (real-data audit)."""
+    t = write_tiny(tmp_path / "ti", val_lines=["val_0.png\tn01\t0\t0\t10\t10"])  # val_1.png unlisted
+    line = train(tmp_path, capsys, "tiny_imagenet", t.parent, cache_dir=str(tmp_path / "cache"))
+    assert (f"Tiny-ImageNet test image {t / 'val' / 'images' / 'val_1.png'} has no line in "
+            f"{t / 'val' / 'val_annotations.txt'}: it would be left out of the test set; add its line, or ") in line, line

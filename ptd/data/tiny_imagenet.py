@@ -245,6 +245,16 @@ def load_tiny_imagenet(root: str | None, *, download: bool = False, cache_dir: s
         test_labels.append(index[parts[1]])
     if not test_paths:
         raise DataError(f"Tiny-ImageNet val annotations are empty: {ann}; {_FIX}")
+    # An image in val/images that no line lists was left out of the test set without a word
+    # (real-data audit): the test set would not be the folder's.
+    try:
+        unlisted = sorted(f for f in os.listdir(folder / "val" / "images") if f not in seen and Path(f).suffix.lower() in _EXTS)
+    except OSError:
+        unlisted = []  # the listed files were each found above; only a hint is lost
+    if unlisted:
+        raise DataError(f"Tiny-ImageNet test image {folder / 'val' / 'images' / unlisted[0]} has no line in {ann}"
+                        + (f" (nor {len(unlisted) - 1} more)" if len(unlisted) > 1 else "")
+                        + f": it would be left out of the test set; add its line, or {_FIX}")
 
     where = dict(classes=wnids, in_channels=3, image_size=(SIZE, SIZE), train_from=str(folder / "train"),
                  test_from=str(ann), fix=_FIX)
