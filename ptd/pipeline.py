@@ -1376,12 +1376,6 @@ def stage_control(ctx: Context, teacher: nn.Module, prune_result: dict, replicat
     return model, result
 
 
-def _meant(registry: Any, name: str) -> str:
-    """' (did you mean ...?)' for the registered name a typo most likely meant (Registry.nearest), or ''."""
-    near = registry.nearest(name)
-    return f" (did you mean {near!r}?)" if near else ""
-
-
 def check_plugins(cfg: RunConfig, sweep: bool = False) -> None:
     """Every plugin name and plugin option in ``cfg``, checked against the registries before any
     work starts or the run directory is written (the config module itself imports no plugin).
@@ -1392,12 +1386,12 @@ def check_plugins(cfg: RunConfig, sweep: bool = False) -> None:
 
     def arch(where: str, m: ModelConfig | None) -> None:
         if m is not None and not m.arch.startswith("tv:") and m.arch not in MODELS:
-            raise ConfigError(f"{where}.arch: unknown model {m.arch!r}{_meant(MODELS, m.arch)}; valid: {', '.join(MODELS.names())}, "
+            raise ConfigError(f"{where}.arch: unknown model {m.arch!r}{MODELS.meant(m.arch)}; valid: {', '.join(MODELS.names())}, "
                               f"or tv:<torchvision name>")
 
     def strategy(where: str, name: str) -> None:
         if name not in STRATEGIES:
-            raise ConfigError(f"{where}: unknown pruning strategy {name!r}{_meant(STRATEGIES, name)}; valid: {', '.join(STRATEGIES.names())}")
+            raise ConfigError(f"{where}: unknown pruning strategy {name!r}{STRATEGIES.meant(name)}; valid: {', '.join(STRATEGIES.names())}")
 
     from ptd.pruning import options_for, strategy_options
 
@@ -1414,7 +1408,7 @@ def check_plugins(cfg: RunConfig, sweep: bool = False) -> None:
     dc = cfg.distill
     for name in dc.losses:
         if name not in LOSSES:
-            raise ConfigError(f"distill.loss: unknown distillation loss {name!r}{_meant(LOSSES, name)}; valid: {', '.join(LOSSES.names())}")
+            raise ConfigError(f"distill.loss: unknown distillation loss {name!r}{LOSSES.meant(name)}; valid: {', '.join(LOSSES.names())}")
     for name in dc.options:
         if name not in dc.losses:
             raise ConfigError(f"distill.options.{name}: options for a loss that is not in distill.loss ({', '.join(dc.losses)}); "

@@ -40,11 +40,14 @@ class Registry(Generic[T]):
         try:
             return self._items[name]
         except KeyError:
-            near = self.nearest(name)
-            hint = f" (did you mean {near!r}?)" if near else ""
             raise UnknownNameError(
-                f"unknown {self.kind} {name!r}{hint}; valid names: {', '.join(sorted(self._items))}"
+                f"unknown {self.kind} {name!r}{self.meant(name)}; valid names: {', '.join(sorted(self._items))}"
             ) from None
+
+    def meant(self, name: object) -> str:
+        """' (did you mean 'x'?)' for the name a typo most likely meant (``nearest``), or ''."""
+        near = self.nearest(name)
+        return f" (did you mean {near!r}?)" if near else ""
 
     def nearest(self, name: object) -> str | None:
         """The registered name a typo most likely meant: the same letters and digits ignoring case,

@@ -522,9 +522,8 @@ def load_dataset(
     try:
         loader = DATASETS.get(key)
     except UnknownNameError:  # named as the user wrote it, not as normalised for the lookup ('cifar_10' for cifar-10)
-        near = DATASETS.nearest(key)
-        raise DataError(f"unknown dataset {name!r}" + (f" (did you mean {near!r}?)" if near else "")
-                        + f"; valid names: {', '.join(DATASETS.names())}; fix data.name in the config") from None
+        raise DataError(f"unknown dataset {name!r}{DATASETS.meant(key)}; valid names: {', '.join(DATASETS.names())}; "
+                        f"fix data.name in the config") from None
 
     raw = loader(root, download=download, cache_dir=cache_dir)
     check_raw(key, raw)

@@ -355,9 +355,15 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.2f}"
 
 
-def _ci(e: dict) -> str:
+def diff_ci_cell(e: Mapping[str, Any], sep: str = ", ", brackets: bool = True) -> str:
+    """A difference's interval as a table cell, in points: ``stats.shown_difference``, marked
+    "(cut)" where the t interval ran past -100..+100 (as ``arm_ci_cell`` marks an arm's)."""
     shown = shown_difference(e)
-    return "n/a" if shown is None else f"[{100 * shown[0]:+.2f}, {100 * shown[1]:+.2f}]" + (" (cut)" if shown[2] else "")
+    if shown is None:
+        return "n/a"
+    lo, hi, cut = shown
+    cell = f"{100 * lo:+.2f}{sep}{100 * hi:+.2f}"
+    return (f"[{cell}]" if brackets else cell) + (" (cut)" if cut else "")
 
 
 def _p(x: float | None) -> str:
@@ -691,7 +697,7 @@ def loss_markdown(r: dict[str, Any]) -> list[str]:
     lines += ["", "| loss | comparison (a - b) | mean, points | 95% CI, points | n | method | called |", "|---|---|---:|---:|---:|---|---|"]
     for loss, v in r["losses"].items():
         for key, c in v["comparison"].items():
-            lines.append(f"| {loss} | {key.replace('_', ' ')} | {100 * c['mean']:+.2f} | {_ci(c)} | {c['n']} | {c['method']} | "
+            lines.append(f"| {loss} | {key.replace('_', ' ')} | {100 * c['mean']:+.2f} | {diff_ci_cell(c)} | {c['n']} | {c['method']} | "
                          f"{'yes' if c['called'] else 'no'} |")
     return lines + [""]
 
@@ -713,10 +719,10 @@ def replicate_markdown(r: dict[str, Any]) -> list[str]:
               "| comparison (a - b) | teacher | mean, points | 95% CI, points | n | called |", "|---|---|---:|---:|---:|---|"]
     for key, c in r["comparison"].items():
         for t, e in (c.get("per_teacher") or {}).items():
-            lines.append(f"| {key.replace('_', ' ')} | {t} | {100 * e['mean']:+.2f} | {_ci(e)} | {e['n']} | {'yes' if e['called'] else 'no'} |")
+            lines.append(f"| {key.replace('_', ' ')} | {t} | {100 * e['mean']:+.2f} | {diff_ci_cell(e)} | {e['n']} | {'yes' if e['called'] else 'no'} |")
         vt, vs = c.get("var_teacher"), c.get("var_student")
         comp = "" if vt is None or vs is None else f" (var teacher {1e4 * vt:.3f}, var student {1e4 * vs:.3f} points²)"
-        lines.append(f"| {key.replace('_', ' ')} | pooled{comp} | {100 * c['mean']:+.2f} | {_ci(c)} | {c['n']} teachers | "
+        lines.append(f"| {key.replace('_', ' ')} | pooled{comp} | {100 * c['mean']:+.2f} | {diff_ci_cell(c)} | {c['n']} teachers | "
                      f"{'yes' if c['called'] else 'no'} |")
     return lines + [""]
 
@@ -821,7 +827,7 @@ def render_markdown(r: dict[str, Any]) -> str:
     lines += [note, ""] if note else []
     lines += ["| comparison (a - b) | mean, points | 95% CI, points | n | method | called | sign-flip p |", "|---|---:|---:|---:|---|---|---:|"]
     for key, c in r["comparison"].items():
-        lines.append(f"| {key.replace('_', ' ')} | {100 * c['mean']:+.2f} | {_ci(c)} | {c['n']} | {c['method']} | "
+        lines.append(f"| {key.replace('_', ' ')} | {100 * c['mean']:+.2f} | {diff_ci_cell(c)} | {c['n']} | {c['method']} | "
                      f"{'yes' if c['called'] else 'no'} | {_p(c.get('sign_flip_p'))} |")
     lines.append("")
     for key, c in r["comparison"].items():

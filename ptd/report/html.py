@@ -24,7 +24,7 @@ from typing import Any, Callable, Mapping
 from ptd import paths as P
 from ptd.errors import DamagedFileError
 from ptd.io import read_json_object
-from ptd.report import (ARM_LABELS, accuracy_sentence, arm_ci_cell, chance_warning, clipped_note, compute_behind, latency_rows,
+from ptd.report import (ARM_LABELS, accuracy_sentence, arm_ci_cell, diff_ci_cell, chance_warning, clipped_note, compute_behind, latency_rows,
                         loaded_teacher_note, lower_bound, not_learned, primary_students, replicate_interval_note, shown_interval,
                         scope_note, setup_sentence, slower_note, student_line, summarize, worse_than_alone_note)
 from ptd.report.stats import format_estimate, shown_difference
@@ -367,12 +367,6 @@ def plot_compute(r: dict[str, Any], stats: dict | None) -> str:
 # ---------------------------------------------------------------- pages
 
 
-def _diff_cell(c: Mapping[str, Any]) -> str:
-    """A comparison's interval in the tables, cut to the range a difference can take (stats.shown_difference)."""
-    shown = shown_difference(c)
-    return "n/a" if shown is None else f"{100 * shown[0]:+.2f} .. {100 * shown[1]:+.2f}" + (" (cut)" if shown[2] else "")
-
-
 def _answer(r: dict[str, Any]) -> str:
     comp = r.get("comparison", {})
     main = comp.get("pruned_minus_unpruned")
@@ -430,7 +424,7 @@ def render_run_html(run_dir: str | Path, results: dict[str, Any] | None = None) 
         if not r.get("comparison"):
             return '<p class="note">No comparisons.</p>'
         rows = [[k.replace("_", " "), f"{100 * c['mean']:+.2f}",
-                 _diff_cell(c),
+                 diff_ci_cell(c, " .. ", brackets=False),
                  c["n"], c["method"], "yes" if c.get("called") else "no",
                  "n/a" if c.get("sign_flip_p") is None else f"{c['sign_flip_p']:.3f}"] for k, c in r["comparison"].items()]
         note = ('<p class="note">Mean of the per-seed differences (same student seed in both arms) with its 95% confidence interval; '
@@ -444,7 +438,7 @@ def render_run_html(run_dir: str | Path, results: dict[str, Any] | None = None) 
     def per_loss() -> str:
         flat = {f"{loss}: {k}": c for loss, v in r["losses"].items() for k, c in v["comparison"].items()}
         rows = [[k.replace("_", " "), f"{100 * c['mean']:+.2f}",
-                 _diff_cell(c),
+                 diff_ci_cell(c, " .. ", brackets=False),
                  c["n"], c["method"], "yes" if c.get("called") else "no"] for k, c in flat.items()]
         return (_img(plot_comparisons({"comparison": flat}), "paired differences per distillation loss")
                 + '<p class="note">Every teacher arm distilled with each loss; the student alone is shared by all losses.</p>'

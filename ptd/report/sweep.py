@@ -8,9 +8,8 @@ from typing import Any
 
 from ptd import paths as P
 from ptd.config import RunConfig
-from ptd.report import (ACC, AMOUNT, ARM_LABELS, ARM_NAME, COST, COUNT, TEST_SET, accuracy_sentence, chance_lines, commit_outputs,
+from ptd.report import (ACC, AMOUNT, ARM_LABELS, ARM_NAME, COST, COUNT, TEST_SET, accuracy_sentence, chance_lines, commit_outputs, diff_ci_cell,
                         failures, items, mapping, mean_std, num, obj, paired, text, weights_kept)
-from ptd.report.stats import shown_difference
 
 PLOTS = ("student_acc_vs_sparsity.png", "student_acc_vs_compute.png")
 SWEEP_OUTPUTS = (P.SWEEP_JSON, *PLOTS, P.SWEEP_MD, P.REPORT_HTML)  # a sweep's report files, in the order they are written
@@ -207,8 +206,7 @@ def _ci_cell(v: dict | None) -> str:
         return "n/a"
     fam = v.get("family") or {}
     called = ("yes" if v.get("called") else "no") + " / " + ("n/a" if not fam else "yes" if fam.get("called") else "no")
-    lo, hi, cut = shown_difference(v)
-    return f"[{100 * lo:+.2f}, {100 * hi:+.2f}]" + (" (cut)" if cut else "") + f", {called}"
+    return f"{diff_ci_cell(v)}, {called}"
 
 
 def _num(x: float) -> str:
