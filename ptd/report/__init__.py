@@ -351,7 +351,8 @@ def setup_sentence(r: Mapping[str, Any]) -> str | None:
             f"{su.get('device', '?')} (the session that finished the run; env.json records every session).")
 
 
-def _pct(x: float | None) -> str:
+def points(x: float | None) -> str:
+    """An accuracy (a fraction) as a table cell in percentage points, 2 decimals; "n/a" for None."""
     return "n/a" if x is None else f"{100 * x:.2f}"
 
 
@@ -377,7 +378,7 @@ def arm_ci_cell(sm: Mapping[str, Any], sep: str = ", ", brackets: bool = True) -
     if shown is None:
         return "n/a"
     lo, hi, cut = shown
-    text = f"{_pct(lo)}{sep}{_pct(hi)}"
+    text = f"{points(lo)}{sep}{points(hi)}"
     return (f"[{text}]" if brackets else text) + (" (clipped)" if cut else "")
 
 
@@ -390,7 +391,7 @@ def clipped_note(summaries: Sequence[tuple[str, Mapping[str, Any]]]) -> str | No
     ns = sorted({(sm.get("teachers", 1) if sm.get("ci_over") == "teachers" else sm["n"], sm.get("ci_over") == "teachers")
                  for _, sm in cut})
     few = _and([f"{n} {'teacher replicates' if over else 'seeds'}" for n, over in ns])
-    raw = "; ".join(f"{label} [{_pct(sm['ci_low'])}, {_pct(sm['ci_high'])}]" for label, sm in cut)
+    raw = "; ".join(f"{label} [{points(sm['ci_low'])}, {points(sm['ci_high'])}]" for label, sm in cut)
     return (f"(clipped): the interval is clipped to 0-100 %, the range an accuracy can take; with {few} the 95% t interval "
             f"(mean ± t × standard error) runs past that range. The t interval{'s' if len(cut) > 1 else ''}: {raw}. results.json "
             "keeps both (summary.<arm>.ci_low / ci_high, the t interval; ci_low_clipped / ci_high_clipped, the one shown).")
@@ -551,7 +552,7 @@ def student_line(r: Mapping[str, Any]) -> str | None:
     whose = f"the {len(reps)} teachers' mean" if len(reps) > 1 else "the teacher's"
     label = ARM_LABELS[arm]
     who = f"The student {label}" if label.startswith("distilled") else f"The student ({label})"
-    text = (f"{who} scores {_pct(sm['mean'])}% (mean of {sm['n']} student(s)) against {whose} {_pct(teacher)}% "
+    text = (f"{who} scores {points(sm['mean'])}% (mean of {sm['n']} student(s)) against {whose} {points(teacher)}% "
             f"({100 * (sm['mean'] - teacher):+.2f} points), with {s['params_ratio']:.3f}x the teacher's parameters and "
             f"{s['flops_ratio']:.3f}x its FLOPs")
     tl, sl = ((x.get("latency") or {}).get("64") or {} for x in (t, s))
@@ -691,7 +692,7 @@ def loss_markdown(r: dict[str, Any]) -> list[str]:
              "| loss | arm | mean % | 95% CI of the mean % | n |", "|---|---|---:|---:|---:|"]
     for loss, v in r["losses"].items():
         for arm, sm in v["summary"].items():
-            lines.append(f"| {loss} | {ARM_LABELS[arm]} | {_pct(sm['mean'])} | {arm_ci_cell(sm)} | {sm['n']} |")
+            lines.append(f"| {loss} | {ARM_LABELS[arm]} | {points(sm['mean'])} | {arm_ci_cell(sm)} | {sm['n']} |")
     note = clipped_note([(f"{loss}: {ARM_LABELS[a]}", sm) for loss, v in r["losses"].items() for a, sm in v["summary"].items()])
     lines += ["", note] if note else []
     lines += ["", "| loss | comparison (a - b) | mean, points | 95% CI, points | n | method | called |", "|---|---|---:|---:|---:|---|---|"]
@@ -712,8 +713,8 @@ def replicate_markdown(r: dict[str, Any]) -> list[str]:
              f"every arm's students are distilled from each. The student architecture comes from replicate "
              f"{r.get('student_from_replicate', 0)}'s pruned teacher and is the same for all. The tables above show replicate 0's teachers.", "",
              "| replicate | teacher test acc % | pruned test acc % | sparsity | control test acc % |", "|---:|---:|---:|---:|---:|"]
-    lines += [f"| {x['replicate']} | {_pct(x['teacher_test_acc'])} | {_pct(x['pruned_test_acc'])} | {x['sparsity']:.4f} | "
-              f"{_pct(x['control_test_acc'])} |" for x in reps]
+    lines += [f"| {x['replicate']} | {points(x['teacher_test_acc'])} | {points(x['pruned_test_acc'])} | {x['sparsity']:.4f} | "
+              f"{points(x['control_test_acc'])} |" for x in reps]
     lines += ["", "Per teacher (paired t over that teacher's seeds) and pooled (teacher means, t: the interval over teachers, "
               "so the variance between teachers counts; var teacher / var student: the variance components).", "",
               "| comparison (a - b) | teacher | mean, points | 95% CI, points | n | called |", "|---|---|---:|---:|---:|---|"]
@@ -762,7 +763,7 @@ def worse_than_alone_note(r: dict[str, Any]) -> str | None:
     weaker = [(k, acc) for k, acc in teacher_acc.items() if acc is not None and alone is not None and acc < alone]
     weak = ""
     if weaker:
-        who = _and([f"{teacher_name(k)} ({_pct(acc)}%)" for k, acc in weaker])
+        who = _and([f"{teacher_name(k)} ({points(acc)}%)" for k, acc in weaker])
         one = len(weaker) == 1
         src = r["teacher"].get("source")
         # A loaded teacher is not trained by the run: teacher.optim.epochs would change nothing.
@@ -770,7 +771,7 @@ def worse_than_alone_note(r: dict[str, Any]) -> str | None:
                   "apply to it), so train it longer where it was made, or give a better-trained one (--teacher, in a new run)."
                   if src else "A better-trained teacher (teacher.optim.epochs, in a new run) is the first thing to try.")
         weak = (f" {who[0].upper()}{who[1:]} {'is itself' if one else 'are themselves'} less accurate than the students alone "
-                f"({_pct(alone)}%): with most of the loss on {'its' if one else 'their'} soft targets (distill.alpha) the "
+                f"({points(alone)}%): with most of the loss on {'its' if one else 'their'} soft targets (distill.alpha) the "
                 f"student learns to match a weaker model. {better}")
     return (f"Distillation made the student worse than training it alone here: {names}. Each distilled student "
             f"trained {ep} epochs (the paper distills for 200).{weak} {'Also worth' if weak else 'Worth'} trying, each against "
@@ -789,16 +790,16 @@ def render_markdown(r: dict[str, Any]) -> str:
     lines += answer_markdown(r)
     loaded = f", loaded from {_md_cell(t['source'])} (not trained here)" if t.get("source") else ""
     lines += ["## Teachers", "", "| model | test acc % | sparsity | params (nonzero) | FLOPs |", "|---|---:|---:|---:|---:|",
-              f"| teacher ({t['arch']}){loaded} | {_pct(t['test_acc'])} | 0 | {t['params']:,} | {t['flops']:,} |",
-              f"| pruned teacher ({p['strategy']}, level {p['level']}) | {_pct(p['test_acc'])} | {p['sparsity']:.4f} | {p['params_nonzero']:,} | {t['flops']:,} (dense) |"]
+              f"| teacher ({t['arch']}){loaded} | {points(t['test_acc'])} | 0 | {t['params']:,} | {t['flops']:,} |",
+              f"| pruned teacher ({p['strategy']}, level {p['level']}) | {points(p['test_acc'])} | {p['sparsity']:.4f} | {p['params_nonzero']:,} | {t['flops']:,} (dense) |"]
     if r.get("retrained_teacher"):
-        lines.append(f"| unpruned teacher retrained {r['retrained_teacher']['epochs']} more epochs (control) | {_pct(r['retrained_teacher']['test_acc'])} | 0 | {t['params']:,} | {t['flops']:,} |")
+        lines.append(f"| unpruned teacher retrained {r['retrained_teacher']['epochs']} more epochs (control) | {points(r['retrained_teacher']['test_acc'])} | 0 | {t['params']:,} | {t['flops']:,} |")
     lines += ["", "Sparsity is of the prunable (conv and linear) weights; params (nonzero) counts every parameter, "
               "biases and norms too. The pruned teacher runs dense: unstructured zeros save no FLOPs. FLOPs are "
               "2 x the multiply-accumulates of one image's convolutions and matrix products (torch's FlopCounterMode).", ""]
     if len(p["levels"]) > 2:
         lines += ["Pruning levels:", "", "| level | sparsity | val acc % | test acc % | epochs |", "|---:|---:|---:|---:|---:|"]
-        lines += [f"| {lv['level']} | {lv['sparsity']:.4f} | {_pct(lv.get('val_acc'))} | {_pct(lv['test_acc'])} | {lv.get('epochs') or 0} |" for lv in p["levels"]]
+        lines += [f"| {lv['level']} | {lv['sparsity']:.4f} | {points(lv.get('val_acc'))} | {points(lv['test_acc'])} | {lv.get('epochs') or 0} |" for lv in p["levels"]]
         lines.append("")
     lines += ["## Student", "", "| model | params | FLOPs | latency b1 (ms) | latency b64 (ms) |", "|---|---:|---:|---:|---:|",
               f"| teacher | {t['params']:,} | {t['flops']:,} | {_lat(t, '1')} | {_lat(t, '64')} |",
@@ -812,15 +813,15 @@ def render_markdown(r: dict[str, Any]) -> str:
         lines += [f"Distillation loss: {r['distill_losses'][0]}.", ""]
     lines += ["| arm | mean % | 95% CI of the mean % | std % | seeds | per seed % |", "|---|---:|---:|---:|---:|---|"]
     for arm, sm in r["summary"].items():
-        per = ", ".join(_pct(x["test_acc"]) for x in sorted(main_students, key=lambda x: x["seed"]) if x["arm"] == arm)
-        lines.append(f"| {ARM_LABELS[arm]} | {_pct(sm['mean'])} | {arm_ci_cell(sm)} | {_pct(sm['std'])} | {sm['n']} | {per} |")
+        per = ", ".join(points(x["test_acc"]) for x in sorted(main_students, key=lambda x: x["seed"]) if x["arm"] == arm)
+        lines.append(f"| {ARM_LABELS[arm]} | {points(sm['mean'])} | {arm_ci_cell(sm)} | {points(sm['std'])} | {sm['n']} | {per} |")
     note = clipped_note([(ARM_LABELS[a], sm) for a, sm in r["summary"].items()])
     lines += ["", note] if note else []
     note = replicate_interval_note(r)
     lines += ["", note] if note else []
     lines += ["", "## Does the pruned teacher teach better?", ""]
     if p["test_acc"] is not None and p["test_acc"] > t["test_acc"] and not r.get("retrained_teacher"):
-        lines += [f"Note: the pruned teacher itself scored higher on the test set than the unpruned one ({_pct(p['test_acc'])} vs {_pct(t['test_acc'])}); "
+        lines += [f"Note: the pruned teacher itself scored higher on the test set than the unpruned one ({points(p['test_acc'])} vs {points(t['test_acc'])}); "
                   "its retraining is extra training. Add the `retrained_teacher` arm (distill.arms) to separate pruning from training longer.", ""]
     lines += COMPARISON_NOTE
     note = scope_note(r)

@@ -25,7 +25,7 @@ from ptd import paths as P
 from ptd.errors import DamagedFileError
 from ptd.io import read_json_object
 from ptd.report import (ARM_LABELS, accuracy_sentence, arm_ci_cell, diff_ci_cell, chance_warning, clipped_note, compute_behind, latency_rows,
-                        loaded_teacher_note, lower_bound, not_learned, primary_students, replicate_interval_note, shown_interval,
+                        loaded_teacher_note, lower_bound, not_learned, points, primary_students, replicate_interval_note, shown_interval,
                         scope_note, setup_sentence, slower_note, student_line, summarize, worse_than_alone_note)
 from ptd.report.stats import format_estimate, shown_difference
 
@@ -73,10 +73,6 @@ def _img(uri: str, alt: str) -> str:
 
 def _esc(x: Any) -> str:
     return html.escape(str(x))
-
-
-def _pct(x: float | None) -> str:
-    return "n/a" if x is None else f"{100 * x:.2f}"
 
 
 def _table(head: list[str], rows: list[list[Any]], left: int = 1) -> str:
@@ -176,7 +172,7 @@ def plot_arms(r: dict[str, Any]) -> str:
     for key, label, style in (("teacher", "teacher", "--"), ("pruned_teacher", "pruned teacher", ":"), ("retrained_teacher", "control teacher", "-.")):
         t = r.get(key)
         if t and t.get("test_acc") is not None:
-            ax.axvline(100 * t["test_acc"], color="0.5", linestyle=style, linewidth=1, label=f"{label}: {_pct(t['test_acc'])}")
+            ax.axvline(100 * t["test_acc"], color="0.5", linestyle=style, linewidth=1, label=f"{label}: {points(t['test_acc'])}")
     pts = [100 * s["test_acc"] for s in r["students"] if s["arm"] in r["summary"]]
     pts += [100 * t["test_acc"] for k in ("teacher", "pruned_teacher", "retrained_teacher") if (t := r.get(k)) and t.get("test_acc") is not None]
     shown = [shown_interval(r["summary"][a]) or (None, None, False) for a in arms]
@@ -407,8 +403,8 @@ def render_run_html(run_dir: str | Path, results: dict[str, Any] | None = None) 
     r_all, r = r, {**r, "students": primary_students(r)}  # the top-level summary's students (first loss)
 
     def arms() -> str:
-        rows = [[ARM_LABELS.get(a, a), _pct(sm["mean"]), arm_ci_cell(sm, " .. ", brackets=False),
-                 sm["n"], ", ".join(_pct(s["test_acc"]) for s in sorted(r["students"], key=lambda s: s["seed"]) if s["arm"] == a)]
+        rows = [[ARM_LABELS.get(a, a), points(sm["mean"]), arm_ci_cell(sm, " .. ", brackets=False),
+                 sm["n"], ", ".join(points(s["test_acc"]) for s in sorted(r["students"], key=lambda s: s["seed"]) if s["arm"] == a)]
                 for a, sm in r["summary"].items()]
         cut = clipped_note([(ARM_LABELS.get(a, a), sm) for a, sm in r["summary"].items()])
         note = replicate_interval_note(r)
@@ -449,8 +445,8 @@ def render_run_html(run_dir: str | Path, results: dict[str, Any] | None = None) 
     def replicates() -> str:
         reps = r["teacher_replicates"]
         head = _table(["replicate", "teacher test acc %", "pruned test acc %", "sparsity", "control test acc %"],
-                      [[x["replicate"], _pct(x["teacher_test_acc"]), _pct(x["pruned_test_acc"]), f"{x['sparsity']:.4f}",
-                        _pct(x["control_test_acc"])] for x in reps])
+                      [[x["replicate"], points(x["teacher_test_acc"]), points(x["pruned_test_acc"]), f"{x['sparsity']:.4f}",
+                        points(x["control_test_acc"])] for x in reps])
         rows = []
         for key, c in r["comparison"].items():
             for t, e in (c.get("per_teacher") or {}).items():
@@ -465,10 +461,10 @@ def render_run_html(run_dir: str | Path, results: dict[str, Any] | None = None) 
 
     def teachers() -> str:
         loaded = f", loaded from {t['source']} (not trained here)" if t.get("source") else ""
-        rows = [[f"teacher ({t['arch']}){loaded}", _pct(t["test_acc"]), "0", f"{t['params']:,}"],
-                [f"pruned teacher ({p['strategy']}, level {p['level']})", _pct(p["test_acc"]), f"{p['sparsity']:.4f}", f"{p['params_nonzero']:,}"]]
+        rows = [[f"teacher ({t['arch']}){loaded}", points(t["test_acc"]), "0", f"{t['params']:,}"],
+                [f"pruned teacher ({p['strategy']}, level {p['level']})", points(p["test_acc"]), f"{p['sparsity']:.4f}", f"{p['params_nonzero']:,}"]]
         if r.get("retrained_teacher"):
-            rows.append([f"control: unpruned teacher retrained {r['retrained_teacher']['epochs']} epochs", _pct(r["retrained_teacher"]["test_acc"]), "0", f"{t['params']:,}"])
+            rows.append([f"control: unpruned teacher retrained {r['retrained_teacher']['epochs']} epochs", points(r["retrained_teacher"]["test_acc"]), "0", f"{t['params']:,}"])
         return _table(["teacher", "test acc %", "sparsity", "params (nonzero)"], rows)
     body.append(_section("Teachers", _safe(teachers, "teachers")))
 
@@ -607,15 +603,15 @@ def render_sweep_html(sweep_dir: str | Path, results: dict[str, Any] | None = No
         rows = []
         for arm, b in r["baselines"].items():
             a = b["student_acc"]
-            rows.append([b["label"], "0" if arm == "unpruned_teacher" else "-", _pct(a["mean"]), _pct(a["std"]),
-                         ", ".join(_pct(s["test_acc"]) for s in b["students"]), "", "", ""])
+            rows.append([b["label"], "0" if arm == "unpruned_teacher" else "-", points(a["mean"]), points(a["std"]),
+                         ", ".join(points(s["test_acc"]) for s in b["students"]), "", "", ""])
         k = 0
         for x in r["rows"]:
             a, v = x["student_acc"], x.get("vs_unpruned_teacher")
             fam = (v or {}).get("family")
             k = fam["rows"] if fam else k
-            rows.append([f"{x['strategy']} s{x['target_sparsity']:g}", f"{x['sparsity']:.4f}", _pct(a["mean"]), _pct(a["std"]),
-                         ", ".join(_pct(s["test_acc"]) for s in x["students"]),
+            rows.append([f"{x['strategy']} s{x['target_sparsity']:g}", f"{x['sparsity']:.4f}", points(a["mean"]), points(a["std"]),
+                         ", ".join(points(s["test_acc"]) for s in x["students"]),
                          format_estimate(v) if v and "ci_low" in v else "", ("yes" if v.get("called") else "no") if v else "",
                          ("yes" if fam["called"] else "no") if fam else ""])
         why = (f"<p>Called row by row: each row's own 95% interval, 5% false calls per row, so up to {min(100, 5 * k)}% somewhere "
@@ -626,6 +622,6 @@ def render_sweep_html(sweep_dir: str | Path, results: dict[str, Any] | None = No
     body.append(_section("Students", _safe(table, "students table")))
     t, s = r["teacher"], r["student"]
     loaded = f", loaded from {t['source']}: its training is in no compute figure" if t.get("source") else ""
-    sub = (f"Dataset {r['dataset']}; teacher {t['arch']} ({t['params']:,} params, test {_pct(t['test_acc'])} %{loaded}); "
+    sub = (f"Dataset {r['dataset']}; teacher {t['arch']} ({t['params']:,} params, test {points(t['test_acc'])} %{loaded}); "
            f"student {s['arch']} ({s['params']:,} params); {len(r['seeds'])} seed(s). Rendered by ptd from sweep.json.")
     return _page(f"ptd sweep: {r['name']}", sub, "\n".join(body))

@@ -9,7 +9,7 @@ from typing import Any
 from ptd import paths as P
 from ptd.config import RunConfig
 from ptd.report import (ACC, AMOUNT, ARM_LABELS, ARM_NAME, COST, COUNT, TEST_SET, accuracy_sentence, chance_lines, commit_outputs, diff_ci_cell,
-                        failures, items, mapping, mean_std, num, obj, paired, text, weights_kept)
+                        failures, items, mapping, mean_std, num, obj, paired, points, text, weights_kept)
 
 PLOTS = ("student_acc_vs_sparsity.png", "student_acc_vs_compute.png")
 SWEEP_OUTPUTS = (P.SWEEP_JSON, *PLOTS, P.SWEEP_MD, P.REPORT_HTML)  # a sweep's report files, in the order they are written
@@ -178,10 +178,6 @@ def sweep_not_learned(r: dict[str, Any]) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------- markdown
 
 
-def _pct(x: float | None) -> str:
-    return "n/a" if x is None else f"{100 * x:.2f}"
-
-
 def _acc(ms: dict) -> str:
     if ms.get("mean") is None:
         return "n/a"
@@ -189,7 +185,7 @@ def _acc(ms: dict) -> str:
 
 
 def _per_seed(students: list[dict]) -> str:
-    return ", ".join(_pct(s["test_acc"]) for s in students)
+    return ", ".join(points(s["test_acc"]) for s in students)
 
 
 def _diff(v: dict | None) -> str:
@@ -235,10 +231,10 @@ def render_sweep_markdown(r: dict[str, Any], plots: bool = True) -> str:
     lines += ["## Teachers", "",
               "| teacher | target | sparsity | level | teacher test acc % | teacher + pruning epochs | steps | wall s |",
               "|---|---:|---:|---:|---:|---:|---:|---:|",
-              f"| unpruned | 0 | 0 | 0 | {_pct(t['test_acc'])} | {_num(t['compute']['epochs'])} | {_num(t['compute']['steps'])} | {_num(t['compute']['wall_s'])} |"]
+              f"| unpruned | 0 | 0 | 0 | {points(t['test_acc'])} | {_num(t['compute']['epochs'])} | {_num(t['compute']['steps'])} | {_num(t['compute']['wall_s'])} |"]
     for row in r["rows"]:
         c = row["compute"]["teacher_total"]
-        lines.append(f"| {row['strategy']} | {row['target_sparsity']:g} | {row['sparsity']:.4f} | {row['level']} | {_pct(row['teacher_test_acc'])} "
+        lines.append(f"| {row['strategy']} | {row['target_sparsity']:g} | {row['sparsity']:.4f} | {row['level']} | {points(row['teacher_test_acc'])} "
                      f"| {_num(c['epochs'])} | {_num(c['steps'])} | {_num(c['wall_s'])} |")
     lines += ["", "IMP levels are counted cumulatively: the teacher at level n paid for rounds 1..n.", ""]
 
@@ -306,7 +302,7 @@ def render_sweep_markdown(r: dict[str, Any], plots: bool = True) -> str:
     stronger = [x for x in r["rows"] if x["teacher_test_acc"] is not None and x["teacher_test_acc"] > t["test_acc"]]
     if stronger:
         lines.append(f"- {len(stronger)} of {len(r['rows'])} pruned teachers themselves scored higher on the test set than the unpruned teacher "
-                     f"({_pct(t['test_acc'])} %): their retraining is also extra training. A student gain from such a teacher "
+                     f"({points(t['test_acc'])} %): their retraining is also extra training. A student gain from such a teacher "
                      "cannot be credited to sparsity alone; a longer-trained dense teacher is the control that would separate the two.")
     if n_seeds < 2:
         lines.append("- One seed: no interval, so nothing above is called; more seeds (distill.seeds) give intervals.")
