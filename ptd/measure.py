@@ -19,12 +19,10 @@ from __future__ import annotations
 import copy
 import statistics
 import time
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn as nn
-
-from ptd.pruning.masks import Masks
 
 LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 MIN_REPEATS = 5  # timed rounds kept even past max_seconds: fewer make the percentiles meaningless
@@ -212,7 +210,7 @@ def layer_widths(model: nn.Module) -> list[tuple[str, int]]:
 def summarize(
     model: nn.Module,
     input_shape: Sequence[int],
-    masks: Masks | None = None,
+    masks: Mapping[str, torch.Tensor] | None = None,  # ptd.pruning's Masks: name -> 0/1 tensor
     *,
     measure_latency: bool = False,
     batch_sizes: Sequence[int] = (1, 64),
