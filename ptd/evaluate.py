@@ -25,7 +25,7 @@ def evaluate_model_file(cfg: RunConfig, checkpoint: str | Path, device: str | No
     from ptd.data import frame_size, load_configured, make_loader
     from ptd.measure import count_nonzero, count_params
     from ptd.preflight import check_data_config, check_device, check_runs, check_threads
-    from ptd.train.checkpoint import CheckpointError, class_mismatch, load_model
+    from ptd.train.checkpoint import CheckpointError, check_fits_data, load_model
     from ptd.train.loop import Runtime, evaluate
 
     check_threads(cfg.threads)
@@ -41,15 +41,8 @@ def evaluate_model_file(cfg: RunConfig, checkpoint: str | Path, device: str | No
         raise CheckpointError(f"{checkpoint}: the model takes {spec.get('in_channels')}-channel images and has {spec.get('num_classes')} "
                               f"classes, but data.name={dc.name} has {splits.in_channels} and {splits.num_classes}; pass the config "
                               f"the model was trained with")
-    size, want = getattr(model, "ptd_input_size", None), frame_size(splits, dc.image_size)
-    if size is not None and tuple(size) != tuple(want):  # scored at another resolution, its accuracy means nothing
-        square = f", or --set data.image_size={size[0]}" if size[0] == size[1] else ""  # image_size is a square side
-        raise CheckpointError(f"{checkpoint}: the model was trained on {size[0]}x{size[1]} images, but "
-                              f"{config_label or 'this config'} gives {want[0]}x{want[1]}; pass the config it was trained with"
-                              f"{square}")
-    wrong = class_mismatch(checkpoint, getattr(model, "ptd_classes", None), splits.classes, f"data.name={dc.name}")
-    if wrong:  # labels numbered otherwise: the accuracy would be of a relabelled test set
-        raise CheckpointError(wrong)
+    check_fits_data(checkpoint, getattr(model, "ptd_input_size", None), getattr(model, "ptd_classes", None),
+                    frame_size(splits, dc.image_size), splits.classes, config_label or "this config", f"data.name={dc.name}")
     check_runs(model, str(checkpoint), splits, dc.image_size)
     rt = Runtime(device=dev, amp=cfg.amp, channels_last=cfg.channels_last, fast_wgrad=cfg.fast_wgrad, compile=cfg.compile, quiet=True)
     model = rt.prepare(model)
@@ -58,4 +51,4 @@ def evaluate_model_file(cfg: RunConfig, checkpoint: str | Path, device: str | No
     loader = make_loader(splits.test, batch_size=cfg.eval_batch_size, train=False, mean=splits.mean, std=splits.std, device=dev,
                          augment=False, channels_last=rt.channels_last, image_size=dc.image_size, workers=dc.workers)
     r = evaluate(model, loader, rt)
-    return {**r, "input_size": tuple(want), "params": count_params(model), "nonzero": count_nonzero(model)}
+    return {**r, "input_size": tuple(frame_size(splits, dc.image_size)), "params": count_params(model), "nonzero": count_nonzero(model)}

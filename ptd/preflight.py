@@ -104,20 +104,14 @@ def _preflight(cfg: RunConfig, run_dir: str | Path, slow: "SlowSteps", *, splits
     slow.step("sizing each stage's activations")
     check_training_memory(cfg, teacher, student if student is not None else derived, splits, device)
     if cfg.teacher.checkpoint:
-        from ptd.train.checkpoint import CheckpointError, class_mismatch, load_into, recorded
+        from ptd.train.checkpoint import check_fits_data, load_into, recorded
 
         load_into(teacher, cfg.teacher.checkpoint, "teacher")  # one-line CheckpointError: missing, unreadable, other arch
         rec = recorded(cfg.teacher.checkpoint)
-        # A teacher trained at another size would be scored, pruned and taught from at one it never saw.
-        size, want = rec["input_size"], frame_size(splits, cfg.data.image_size)
-        if size is not None and tuple(size) != tuple(want):
-            fix = f"set data.image_size={size[0]}" if size[0] == size[1] else "use the data it was trained on"
-            raise CheckpointError(f"{cfg.teacher.checkpoint}: the teacher was trained on {size[0]}x{size[1]} images, but this run "
-                                  f"feeds it {want[0]}x{want[1]}; {fix}, or give a teacher trained at {want[0]}x{want[1]}")
-        # A teacher whose outputs mean other classes would be scored and distilled against relabelled data.
-        wrong = class_mismatch(cfg.teacher.checkpoint, rec["classes"], splits.classes, f"data.name={cfg.data.name}")
-        if wrong:
-            raise CheckpointError(wrong)
+        # A teacher trained at another size or class order would be scored, pruned and taught from on
+        # images it never saw, or against relabelled data.
+        check_fits_data(cfg.teacher.checkpoint, rec["input_size"], rec["classes"], frame_size(splits, cfg.data.image_size),
+                        splits.classes, "this run", f"data.name={cfg.data.name}", role="teacher", other=True)
         # Once per run: a resume whose teacher stage is finished was checked when it started.
         if cfg.teacher.check_learned and not (Path(run_dir) / P.TEACHER / P.DONE).is_file():
             slow.step(f"scoring {cfg.teacher.checkpoint} on validation images")

@@ -231,8 +231,8 @@ def test_eval_command(tmp_path, tiny_yaml):
     assert load_model(model_file).ptd_input_size == (28, 28)
     r = run_cli("eval", model_file, tiny_yaml, "--set", "data.image_size=32")
     assert r.returncode == 2 and r.stderr.strip() == (
-        f"ptd: error: {model_file}: the model was trained on 28x28 images, but {tiny_yaml} gives 32x32; pass the config it "
-        f"was trained with, or --set data.image_size=28"), r.stderr
+        f"ptd: error: {model_file}: the model was trained on 28x28 images, but {tiny_yaml} feeds it 32x32; set "
+        f"data.image_size=28 or use the config it was trained with"), r.stderr
     r = run_cli("eval", model_file)
     assert r.returncode == 0 and f"test acc {acc:.4f}" in r.stdout and r.stdout.strip().endswith(f"; config {out / 'config.yaml'}"), r
     # The library call behind it (the CLI held the whole of it: no Python caller could score a file so).
@@ -293,7 +293,8 @@ def test_a_teacher_checkpoint_of_another_image_size_is_refused(tmp_path, tiny_ya
     m.ptd_input_size = (28, 28)
     ckpt.save_model(tmp_path / "t.safetensors", m)
     with pytest.raises(CheckpointError, match=r"t\.safetensors: the teacher was trained on 28x28 images, but this run feeds it "
-                                              r"64x64; set data.image_size=28, or give a teacher trained at 64x64"):
+                                              r"64x64; set data.image_size=28 or use the config it was trained with, or give a "
+                                              r"teacher trained at 64x64"):
         run_pipeline(load_config(tiny_yaml, [f"teacher.checkpoint={tmp_path / 't.safetensors'}", "data.image_size=64",
                                              "teacher.check_learned=false"]),
                      tmp_path / "run", until="teacher")
@@ -328,7 +329,7 @@ def test_a_model_scored_or_taught_from_on_data_whose_classes_it_numbers_otherwis
         f"ptd: error: {f}: the model's class 0 is {classes[1]!r} but data.name=fashion_mnist numbers {classes[0]!r} there "
         f"(the same classes in another order); use the data it was trained on, with its class list (e.g. the dataset's "
         f"own wnids.txt) unchanged"]
-    with pytest.raises(CheckpointError, match=r"swapped\.safetensors: the model's class 0 is"):
+    with pytest.raises(CheckpointError, match=r"swapped\.safetensors: the teacher's class 0 is"):
         run_pipeline(load_config(tiny_yaml, [f"teacher.checkpoint={f}"]), tmp_path / "t", until="teacher")
     assert not (tmp_path / "t").exists()
     m.ptd_classes = ["x"] * 10

@@ -810,23 +810,36 @@ def _classes(path: Path, text: str) -> list[str]:
     return names
 
 
-def class_mismatch(path: str | Path, recorded: Sequence[str] | None, classes: Sequence[str], where: str) -> str | None:
-    """What is wrong when a model that records ``recorded`` (its outputs' classes, in order) is
-    scored or taught from on data whose labels number ``classes``: None when they agree (or nothing
-    is recorded). The same class count in another order -- a Tiny-ImageNet wnids.txt remade with
-    ``ls``, an ImageFolder with a folder renamed -- gives every image a label the model never meant,
-    and an accuracy near chance that looks like a bad model."""
+def check_fits_data(path: str | Path, size: Sequence[int] | None, recorded: Sequence[str] | None, want: Sequence[int],
+                    classes: Sequence[str], where: str, data: str, role: str = "model", other: bool = False) -> None:
+    """Refuse, in one line, to score or teach from a model file on data it was not trained on: at
+    another image size than the ``size`` (height, width) it records, or with labels that number
+    ``classes`` other than its ``recorded`` class list (None: nothing recorded, nothing checked).
+    ``want``: the size the data is fed at; ``where``: what feeds it ("this run", the config's path);
+    ``data``: how the data is named ("data.name=cifar10"); ``role``: "model" or "teacher";
+    ``other``: also suggest giving a model trained at ``want``. ``ptd eval`` and a run's
+    ``--teacher`` check share it, so the two say the same.
+
+    Another size: the accuracy is of images the model never saw at that scale. The same class
+    count in another order -- a Tiny-ImageNet wnids.txt remade with ``ls``, an ImageFolder with a
+    folder renamed -- gives every image a label the model never meant, and an accuracy near chance
+    that looks like a bad model."""
+    if size is not None and tuple(size) != tuple(want):
+        fix = (f"set data.image_size={size[0]} or " if size[0] == size[1] else "") + "use the config it was trained with"  # image_size is a square side
+        alt = f", or give a {role} trained at {want[0]}x{want[1]}" if other else ""
+        raise CheckpointError(f"{path}: the {role} was trained on {size[0]}x{size[1]} images, but {where} feeds it "
+                              f"{want[0]}x{want[1]}; {fix}{alt}")
     if recorded is None or list(recorded) == list(classes):
-        return None
+        return
     if len(recorded) != len(classes):
-        return (f"{path}: the model has {len(recorded)} classes and {where} has {len(classes)}; use the data it was "
-                f"trained on")
+        raise CheckpointError(f"{path}: the {role} has {len(recorded)} classes and {data} has {len(classes)}; use the data it "
+                              f"was trained on")
     i = next(k for k, (a, b) in enumerate(zip(recorded, classes)) if a != b)
     known = set(classes)
     how = ("the same classes in another order" if sorted(recorded) == sorted(classes) else
            f"{sum(a not in known for a in recorded)} of its {len(recorded)} classes are not among the data's")
-    return (f"{path}: the model's class {i} is {recorded[i]!r} but {where} numbers {classes[i]!r} there ({how}); use "
-            f"the data it was trained on, with its class list (e.g. the dataset's own wnids.txt) unchanged")
+    raise CheckpointError(f"{path}: the {role}'s class {i} is {recorded[i]!r} but {data} numbers {classes[i]!r} there ({how}); "
+                          f"use the data it was trained on, with its class list (e.g. the dataset's own wnids.txt) unchanged")
 
 
 def _input_size(path: Path, text: str) -> tuple[int, int]:
