@@ -635,11 +635,14 @@ def data_change(run_dir: Path, fp: dict[str, Any], what: str = "this run started
     if not rec.is_file():
         return None
     have = read_json(rec)
+    if "file_sizes" not in have:  # recorded by a ptd from before file sizes were: compare the rest
+        fp = {k: v for k, v in fp.items() if k != "file_sizes"}
     if have == fp:
         return None
     counts = [f"{k} {have.get('images', {}).get(k)} then, {v} now" for k, v in fp["images"].items()
               if have.get("images", {}).get(k) != v]
-    how = "; ".join(counts) if counts else "the same image counts, other images or labels"
+    how = ("; ".join(counts) if counts else "the same image counts, other images or labels" if have.get("sha256") != fp.get("sha256")
+           else "the same image paths and labels, other file sizes: images rewritten in place")
     return (f"{run_dir}: the data changed since {what} ({how}): its finished stages were trained on the data then; "
             f"restore that data, or pass --out a new directory")
 

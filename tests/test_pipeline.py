@@ -710,6 +710,44 @@ def test_a_run_whose_data_changed_between_sessions_is_refused(tmp_path, capsys):
     assert "(--from) was made (train 480 then, 475 now" in capsys.readouterr().err and not (tmp_path / "other").exists()
 
 
+def test_a_folder_dataset_rewritten_in_place_is_a_data_change(tmp_path):
+    """data.json hashed a folder split's paths and labels only: images resized or re-encoded in
+    place (the same names) passed as the same data. Their byte counts are recorded too; a
+    data.json from before that record is compared on what it holds, and still accepted."""
+    from types import SimpleNamespace
+
+    from ptd.data.base import DataError, FolderSplit, Split, fingerprint
+    from ptd.pipeline import data_change
+
+    root = tmp_path / "data"
+    files = []
+    for i in range(4):
+        f = root / f"c{i % 2}" / f"{i}.png"
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_bytes(b"x" * (100 + i))
+        files.append((str(f), i % 2))
+    mem = Split(torch.zeros(2, 1, 4, 4, dtype=torch.uint8), torch.tensor([0, 1]))
+    splits = SimpleNamespace(train=FolderSplit(files[:2]), val=FolderSplit(files[2:]), test=mem)
+    fp = fingerprint(splits, str(root))
+    assert set(fp) == {"images", "sha256", "file_sizes"} and fp["images"] == {"train": 2, "val": 2, "test": 2}
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "data.json").write_text(json.dumps(fp))
+    assert data_change(run, fingerprint(splits, str(root))) is None
+    Path(files[3][0]).write_bytes(b"y" * 50)  # re-encoded in place: the same path, label and count
+    now = fingerprint(splits, str(root))
+    assert now["sha256"] == fp["sha256"] and now["file_sizes"] != fp["file_sizes"]
+    assert data_change(run, now) == (f"{run}: the data changed since this run started (the same image paths and labels, "
+                                     f"other file sizes: images rewritten in place): its finished stages were trained on "
+                                     f"the data then; restore that data, or pass --out a new directory")
+    (run / "data.json").write_text(json.dumps({k: v for k, v in fp.items() if k != "file_sizes"}))  # an older ptd's record
+    assert data_change(run, now) is None
+    assert fingerprint(SimpleNamespace(train=mem, val=mem, test=mem)).keys() == {"images", "sha256"}  # in memory: pixels hashed
+    Path(files[0][0]).unlink()
+    with pytest.raises(DataError, match=r"^cannot read .*0\.png \(No such file or directory\); restore it"):
+        fingerprint(splits, str(root))
+
+
 def test_the_loaded_teacher_check_reads_every_class_not_the_first_images(tmp_path):
     """A folder split is sorted by class: its first 1,000 validation images were all of class 0,
     where chance is 100%, and a perfect teacher was refused (review). The sample is spread evenly."""
