@@ -115,7 +115,7 @@ def _preflight(cfg: RunConfig, run_dir: str | Path, slow: "SlowSteps", *, splits
         # Once per run: a resume whose teacher stage is finished was checked when it started.
         if cfg.teacher.check_learned and not (Path(run_dir) / P.TEACHER / P.DONE).is_file():
             slow.step(f"scoring {cfg.teacher.checkpoint} on validation images")
-            check_teacher_learned(cfg, teacher, splits)
+            check_teacher_learned(cfg, teacher, splits, device)
     return splits
 
 
@@ -126,7 +126,7 @@ def _preflight(cfg: RunConfig, run_dir: str | Path, slow: "SlowSteps", *, splits
 TEACHER_CHECK_IMAGES = 500
 
 
-def check_teacher_learned(cfg: RunConfig, teacher: nn.Module, splits: Any) -> None:
+def check_teacher_learned(cfg: RunConfig, teacher: nn.Module, splits: Any, device: torch.device | str = "cpu") -> None:
     """A loaded teacher (teacher.checkpoint, --teacher) scores above chance on this data: up to
     TEACHER_CHECK_IMAGES validation images spread evenly over the split (the test images where no
     validation set is carved),
@@ -146,9 +146,12 @@ def check_teacher_learned(cfg: RunConfig, teacher: nn.Module, splits: Any) -> No
     n = len(sample)
     if cfg.threads:  # the run's threads, as make_context sets them next (this is before it)
         torch.set_num_threads(cfg.threads)
+    # On the run's device, where the teacher will train: a GPU run scored it on the CPU, about
+    # 2 TFLOP for a ResNet-50 at 224 pixels and many times that for the zoo's largest teachers.
+    dev = torch.device(device)
     loader = make_loader(sample, batch_size=max(1, min(cfg.eval_batch_size, n)), train=False, mean=splits.mean, std=splits.std,
-                         augment=False, image_size=cfg.data.image_size, workers=0)
-    acc = evaluate(teacher, loader, Runtime(quiet=True, channels_last=False))["acc"]
+                         device=dev, augment=False, image_size=cfg.data.image_size, workers=0)
+    acc = evaluate(teacher.to(dev), loader, Runtime(device=dev, quiet=True, channels_last=False))["acc"]
     chance = test_set_facts(sample, splits.num_classes)["chance"]
     if above_chance(acc, n, chance)["learned"]:
         return

@@ -335,3 +335,36 @@ def test_bf16_autocast_only_on_gpus_with_bf16_tensor_cores(monkeypatch, major, a
         assert Runtime(device=torch.device("cuda:0"), amp=False).uses_amp is False
     finally:
         loop.cuda_has_native_bf16.cache_clear()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_loaded_teacher_is_scored_on_the_runs_device(device):
+    """teacher.check_learned scored the loaded teacher on the CPU even on a GPU run (review). It
+    runs where the run trains; a teacher at chance is refused there as on the CPU."""
+    from types import SimpleNamespace
+
+    from ptd.config import load_config
+    from ptd.preflight import check_teacher_learned
+    from ptd.train.checkpoint import CheckpointError
+
+    n = 600
+    y = torch.arange(n) % 2
+    x = (y * 255).to(torch.uint8).view(n, 1, 1, 1).expand(n, 1, 4, 4).contiguous()  # class = brightness
+    seen = []
+
+    class Bright(torch.nn.Module):
+        def __init__(self, right: bool):
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.tensor(1.0 if right else -1.0))
+
+        def forward(self, t):
+            seen.append(t.device.type)
+            b = t.flatten(1).mean(1) * self.scale
+            return torch.stack([-b, b], 1)
+
+    splits = SimpleNamespace(val=Split(x, y), test=Split(x, y), mean=(0.5,), std=(0.5,), num_classes=2, classes=["dark", "bright"])
+    cfg = load_config(None, ["teacher.checkpoint=/t.safetensors", "threads=1"])
+    check_teacher_learned(cfg, Bright(True), splits, torch.device(device))
+    assert seen and set(seen) == {device}
+    with pytest.raises(CheckpointError, match=r"scores 0\.00% on 500 validation images .* not above chance \(50\.00%\)"):
+        check_teacher_learned(cfg, Bright(False), splits, torch.device(device))
