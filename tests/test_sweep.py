@@ -404,6 +404,8 @@ def test_sweep_reading_gives_the_whole_sweep_claim_and_the_row_by_row_one():
     two = {**r, "seeds": [0, 1]}
     md2 = render_sweep_markdown(two, plots=False)
     assert "no claim is made" not in md2 and "- Only 2 seeds: each interval above has 1 degree of freedom (t = 12.7)" in md2
+    # ... and the whole-sweep column, at 1 degree of freedom and 1 - 0.05/3 (t_{0.99167, 1} = 38.2), calls almost nothing.
+    assert "(t = 12.7), and the whole-sweep (Bonferroni) intervals t = 38.2, so they call almost nothing; only a large" in md2, md2
     assert "(the highest of 3 means: picked for being high" in md
 
 

@@ -54,6 +54,19 @@ def t_quantile(df: int | np.ndarray, level: float = LEVEL) -> np.ndarray:
     return stdtrit(df, 0.5 + level / 2)
 
 
+def detectable(n: int, power: float = 0.8, level: float = LEVEL) -> float:
+    """The smallest true mean difference, in standard deviations of the per-seed differences, that a
+    ``level`` t interval over ``n`` Gaussian differences excludes zero for (on its side) with
+    probability ``power``: 11.5 at n = 2, 3.26 at 3, 1.68 at 5, 1.00 at 10 (the noncentral t; the
+    other tail is left out, under 2.5% there). "Not called" is not "no difference": at 5 seeds a
+    real difference of one sd is missed 6 times in 10 (statistics audit, tests/test_stats.py)."""
+    from scipy.special import nctdtrinc
+
+    if n < 2:
+        raise ValueError(f"detectable needs at least 2 values, got {n}")
+    return float(nctdtrinc(n - 1, 1 - power, t_quantile(n - 1, level)) / math.sqrt(n))
+
+
 def t_interval(d: np.ndarray, level: float = LEVEL) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Mean and t interval over the last axis of ``d`` (vectorized: [..., n] -> three [...] arrays).
 
@@ -85,13 +98,35 @@ def sign_flip_p(d: Sequence[float]) -> float | None:
     return float(np.mean(stats >= obs * (1 - 1e-12) - 1e-15))
 
 
-# Differences are rounded to this many decimals before any statistic: accuracies are whole test
-# images over n (n < 10^7 here), so equal differences can reach the statistics unequal in the last
-# bits (30/10000 came out as 0.0030000000000000027 from one pair of accuracies and
-# 0.0029999999999998916 from another), and a spread of 1e-16 made a two-seed tie "significant".
+# Differences are rounded to this many decimals before any statistic (a stable record in
+# results.json), and values closer than TIE made equal (``snap``): accuracies are whole test images
+# over n (n < 10^7 here), so equal differences can reach the statistics unequal in the last bits
+# (30/10000 came out as 0.0030000000000000027 from one pair of accuracies and 0.0029999999999998916
+# from another), and a spread of 1e-16 made a two-seed tie "significant". Rounding alone did not
+# merge them: a difference near a rounding boundary went either way, and two seeds each 32 of 5,743
+# test images apart rounded to ...697 and ...696, an interval 1.3e-11 wide, called (statistics audit).
 DECIMALS = 12
+TIE = 1e-9  # two distinct differences of accuracies on under 10^7 images are at least 1e-7 apart
 # An interval narrower than this (a fraction: accuracy points / 100) has no width.
 ZERO_WIDTH = 1e-12
+
+
+def snap(values: Sequence[float]) -> list[float]:
+    """``values`` rounded to DECIMALS, then ``merge_ties``: equal differences that float arithmetic
+    left unequal become one value, whichever side of a rounding boundary they fell."""
+    return merge_ties([round(float(x), DECIMALS) for x in values])
+
+
+def merge_ties(values: Sequence[float]) -> list[float]:
+    """Each value within TIE of the next smaller one made equal to it (in sorted order, so a run of
+    near-equal values takes its smallest); the others unchanged."""
+    d = [float(x) for x in values]
+    out = list(d)
+    order = sorted(range(len(d)), key=d.__getitem__)
+    for prev, i in zip(order, order[1:]):
+        if d[i] - d[prev] <= TIE:
+            out[i] = out[prev]
+    return out
 
 
 def zero_width(lo: float | None, hi: float | None) -> bool:
@@ -123,7 +158,7 @@ def _summary(m: float, lo: float | None, hi: float | None, values: Sequence[floa
 
 
 def _finite(values: Sequence[float], what: str) -> list[float]:
-    d = [round(float(x), DECIMALS) for x in values]
+    d = snap(values)
     if not all(math.isfinite(x) for x in d):
         raise ValueError(f"{what} needs finite differences, got {values!r}")  # NaN read "+nan points" with p = 0
     return d
@@ -163,7 +198,7 @@ def hierarchical_estimate(by_teacher: Mapping[Any, Sequence[float]]) -> dict[str
         out["method"] = out["method"] + (", one teacher" if out["n"] > 1 else "")
         out.update(teachers=1, students=len(only))
         return out
-    means = np.array([np.mean(v) for v in groups.values()])
+    means = np.array(merge_ties([np.mean(v) for v in groups.values()]))  # equal teachers' means equal, as a seed's differences
     T = len(means)
     m = float(means.mean())
     _, lo, hi = t_interval(means)

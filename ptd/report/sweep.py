@@ -10,6 +10,7 @@ from ptd import paths as P
 from ptd.config import RunConfig
 from ptd.report import (ACC, AMOUNT, ARM_LABELS, ARM_NAME, COST, COUNT, TEST_SET, accuracy_sentence, chance_lines, commit_outputs, diff_ci_cell,
                         failures, items, mapping, mean_std, num, obj, paired, points, text, weights_kept)
+from ptd.report.stats import t_quantile
 
 PLOTS = ("student_acc_vs_sparsity.png", "student_acc_vs_compute.png")
 SWEEP_OUTPUTS = (P.SWEEP_JSON, *PLOTS, P.SWEEP_MD, P.REPORT_HTML)  # a sweep's report files, in the order they are written
@@ -56,14 +57,14 @@ def family_intervals(rows: list[dict], key: str) -> None:
     which share the baseline's students. Needs the per-seed differences; rows without them are
     left out of k, and rows of one teacher (two sparsities on the same IMP level: the same
     students) count once. Called by the rule of every other call (``stats.is_called``)."""
-    from ptd.report.stats import DECIMALS, LEVEL, is_called, t_interval
+    from ptd.report.stats import LEVEL, is_called, snap, t_interval
 
     have = [r for r in rows if r.get(key) and len(r[key].get("per_seed") or {}) >= 2]
     k = len({(r.get("prune_dir"), r.get("level")) if r.get("prune_dir") is not None else id(r) for r in have})
     for r in have:
         c = r[key]
         level = 1 - (1 - LEVEL) / k
-        values = [round(float(v), DECIMALS) for v in c["per_seed"].values()]
+        values = snap(c["per_seed"].values())
         m, lo, hi = (float(x) for x in t_interval(values, level))
         c["family"] = {"rows": k, "level": level, "ci_low": lo, "ci_high": hi, "called": is_called(m, lo, hi, values, level)}
 
@@ -309,8 +310,13 @@ def render_sweep_markdown(r: dict[str, Any], plots: bool = True) -> str:
     elif n_seeds < 3:
         # Not "no claim is made": the rows above are called or not by their intervals, which at 2
         # seeds have 1 degree of freedom (t = 12.7), so only large, consistent differences pass.
-        lines.append(f"- Only {n_seeds} seeds: each interval above has 1 degree of freedom (t = 12.7), so only a large, "
-                     "consistent difference is called; 5 or more seeds give intervals tight enough for a few tenths of a point.")
+        # The family column at 2 seeds: t_{1 - 0.05/(2k)} with 1 degree of freedom (114.6 for 9 rows), so
+        # over the whole sweep almost nothing is called (0.00-0.07% of null sweeps: statistics audit).
+        k = next((v["family"]["rows"] for x in r["rows"] if (v := x["vs_unpruned_teacher"]) and v.get("family")), 0)
+        fam = (f", and the whole-sweep (Bonferroni) intervals t = {float(t_quantile(1, 1 - 0.05 / k)):.1f}, so they call almost "
+               f"nothing" if k > 1 else "")
+        lines.append(f"- Only {n_seeds} seeds: each interval above has 1 degree of freedom (t = 12.7){fam}; only a large, "
+                     f"consistent difference is called.")
     else:
         lines.append("- Verdicts (a difference is called only when the 95% CI of the per-seed differences excludes 0):")
         for x in r["rows"]:
