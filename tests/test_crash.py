@@ -571,3 +571,36 @@ def test_written_files_get_the_usual_permissions(tmp_path: Path):
     os.umask(mask)
     ckpt.write_text(tmp_path / "a.txt", "a")
     assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+@pytest.mark.parametrize("kind", ["run", "sweep"])
+def test_ptd_report_holds_the_lock_from_its_read_to_its_last_write(tmp_path: Path, monkeypatch, kind: str):
+    """``ptd report`` read results.json unlocked and locked only to write: a run that grew the
+    directory while it rendered (1-2 s) lost its new results.json, report.md and report.html to
+    the ones read before (crash audit: 12 students back to 8, config.yaml saying 3 seeds). The
+    lock is now held from the read on, so that run is refused until the report is written."""
+    import shutil
+
+    import ptd.report as R
+    import ptd.report.sweep as RS
+
+    src = Path(__file__).parent.parent / "benchmarks" / "results" / ("fashion_mnist_demo" if kind == "run" else "fashion_mnist_sweep")
+    d = tmp_path / "dir"
+    shutil.copytree(src, d)
+    held = []
+
+    def spy(fn):
+        def wrapped(*a, **k):
+            held.append((fn.__name__, ckpt.holds_lock(d)))
+            return fn(*a, **k)
+        return wrapped
+
+    monkeypatch.setattr(R, "load_report_input", spy(R.load_report_input))
+    if kind == "run":
+        monkeypatch.setattr(R, "render_report", spy(R.render_report))
+        R.rerender(d)
+    else:
+        monkeypatch.setattr(RS, "render_sweep_report", spy(RS.render_sweep_report))
+        R.rerender_sweep(d)
+    assert [h for _, h in held] == [True, True], held
+    assert not ckpt.holds_lock(d)  # released after the writes

@@ -1245,24 +1245,27 @@ def rerender(run_dir: str | Path) -> str:
     if not path.is_file():
         raise ReportError(f"{path} not found: {run_dir} is not a finished ptd run; run `ptd run CONFIG --out {run_dir}` to finish it")
     fix = f"re-run `ptd run CONFIG --out {run_dir}` to regenerate it, or restore the file"
-    results = load_report_input(path, fix)
-    validate(RESULTS_SCHEMA, results, path, fix)
-    check_students_once(results, path, fix)
-    check_outputs([run_dir / name for name in RUN_OUTPUTS])
-    try:
-        _refresh_results(run_dir, results)
-        files = render_report(run_dir, results)
-    except RENDER_ERRORS as e:
-        raise ReportError(f"{path} is not a ptd results file ({type(e).__name__} while rendering: {one_line(e)}); {fix}") from None
+    # Locked from the read to the last write: locked for the writes alone, a run that grew the
+    # directory while this rendered (1-2 s) had its new results.json replaced by the one read
+    # before it (crash audit).
     with _locked(run_dir):
+        results = load_report_input(path, fix)
+        validate(RESULTS_SCHEMA, results, path, fix)
+        check_students_once(results, path, fix)
+        check_outputs([run_dir / name for name in RUN_OUTPUTS])
+        try:
+            _refresh_results(run_dir, results)
+            files = render_report(run_dir, results)
+        except RENDER_ERRORS as e:
+            raise ReportError(f"{path} is not a ptd results file ({type(e).__name__} while rendering: {one_line(e)}); {fix}") from None
         commit_outputs(files)
     return files[1][1]
 
 
 @contextlib.contextmanager
 def _locked(run_dir: Path) -> Iterator[None]:
-    """The run directory's lock while the report's files are written: no ptd run or sweep writes
-    beside them, and a writer temporary a killed `ptd report` left (`.results.json.<random>.tmp`)
+    """The run directory's lock while the report reads, renders and writes its files: no ptd run or
+    sweep writes beside them, and a writer temporary a killed `ptd report` left (`.results.json.<random>.tmp`)
     is garbage, removed here as a run removes it when it opens its directory."""
     if ckpt.holds_lock(run_dir):  # a caller (a run rendering its own report) already holds it: keep it held
         yield
@@ -1289,15 +1292,15 @@ def rerender_sweep(sweep_dir: str | Path) -> None:
     sweep_dir = Path(sweep_dir)
     path = sweep_dir / P.SWEEP_JSON
     fix = f"re-run `ptd sweep CONFIG --out {sweep_dir}` to regenerate it, or restore the file"
-    results = load_report_input(path, fix, "ptd sweep file")
-    validate(SWEEP_SCHEMA, results, path, fix, "ptd sweep file")
-    check_outputs([sweep_dir / name for name in SWEEP_OUTPUTS])
-    try:
-        sweep_statistics(results["rows"], results["baselines"])  # today's, as build_sweep_results computes them
-        files = render_sweep_report(sweep_dir, results)
-    except RENDER_ERRORS as e:
-        raise ReportError(f"{path} is not a ptd sweep file ({type(e).__name__} while rendering: {one_line(e)}); {fix}") from None
-    with _locked(sweep_dir):
+    with _locked(sweep_dir):  # from the read to the last write, as rerender
+        results = load_report_input(path, fix, "ptd sweep file")
+        validate(SWEEP_SCHEMA, results, path, fix, "ptd sweep file")
+        check_outputs([sweep_dir / name for name in SWEEP_OUTPUTS])
+        try:
+            sweep_statistics(results["rows"], results["baselines"])  # today's, as build_sweep_results computes them
+            files = render_sweep_report(sweep_dir, results)
+        except RENDER_ERRORS as e:
+            raise ReportError(f"{path} is not a ptd sweep file ({type(e).__name__} while rendering: {one_line(e)}); {fix}") from None
         commit_outputs(files)  # sweep.json, the plots, sweep.md and report.html
 
 
