@@ -1188,6 +1188,11 @@ def stage_student(ctx: Context, teacher: nn.Module, pruned: nn.Module, masks: Ma
     cfg, d = ctx.cfg, ctx.run_dir / P.STUDENT
 
     def compute() -> dict:
+        # The student built here (its random init, kept as student_init with inherit, and its
+        # measured figures) came from whatever the RNG held on entry: a session that computed the
+        # earlier stages and one that reused them built different students (crash audit: a resumed
+        # run's nonzero count 367,593 against 367,594).
+        seed_everything(stream_seed(cfg.seed, "student_arch"))
         plan = None
         if cfg.student.source == "derive":
             from ptd.students import derive_configured

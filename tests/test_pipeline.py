@@ -786,3 +786,32 @@ def test_a_mistyped_strategy_loss_or_model_names_the_one_it_likely_meant(tmp_pat
     assert main(["train", str(tiny_yaml), "--out", str(tmp_path / "run"), "--set", f"{key}={value}"]) == 2
     err = capsys.readouterr().err
     assert f"{value!r} (did you mean {hint!r}?); valid" in err and not (tmp_path / "run").exists(), err
+
+
+def test_the_student_stage_builds_the_same_student_whatever_ran_before_it(tmp_path, tiny_yaml, monkeypatch):
+    """The student stage was not seeded: its student (random init, measured nonzero count, the
+    student_init an inheriting run keeps) came from the RNG left by the stages before it, so a
+    session that computed teacher and pruning and one that reused them built different students
+    (crash audit). Two ways to the student stage; the RNG it starts from is the same."""
+    import hashlib
+
+    import ptd.students as S
+    from ptd.config import load_config
+
+    seen = []
+    orig = S.derive_configured
+
+    def spy(*a, **k):
+        if sys._getframe(1).f_code.co_filename.endswith("pipeline.py"):  # the stage's call, not preflight's check
+            seen.append(hashlib.sha256(torch.get_rng_state().numpy().tobytes()).hexdigest())
+        return orig(*a, **k)
+
+    monkeypatch.setattr(S, "derive_configured", spy)
+    cfg = load_config(tiny_yaml, ["threads=1", "distill.seeds=[0]"])
+    run_pipeline(cfg, tmp_path / "a", until="student")  # teacher, prune, student in one session
+    run_pipeline(cfg, tmp_path / "b", until="prune")
+    torch.manual_seed(12345)  # whatever a caller left
+    run_pipeline(cfg, tmp_path / "b", until="student")  # teacher and prune reused
+    assert len(seen) == 2 and seen[1] == seen[0], seen
+    a, b = (json.loads((tmp_path / x / "student" / "stats.json").read_text())["student"] for x in "ab")
+    assert a["nonzero"] == b["nonzero"] and a["params"] == b["params"]
