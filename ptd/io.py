@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -147,3 +149,26 @@ def file_digest(path: str | Path) -> str:
                 h.update(chunk)
         _DIGESTS[key] = "sha256:" + h.hexdigest()
     return _DIGESTS[key]
+
+
+def writer_tag() -> str:
+    """``<host>-<pid>``: names a temporary file by the process writing it, so a later process can tell
+    one whose writer died (``dead_writer``) from one being written now, on a folder several
+    machines share too."""
+    return f"{socket.gethostname().replace('.', '_')}-{os.getpid()}"
+
+
+def dead_writer(tag: str) -> bool:
+    """Whether the ``writer_tag`` ``tag`` names a process of this machine that is gone (its
+    temporary is garbage). Another machine's, or a tag that is not one: False, left alone. A bare
+    pid (the tag of ptd before the host was in it) is taken as this machine's."""
+    host, _, pid = tag.rpartition("-")
+    if (host and host != socket.gethostname().replace(".", "_")) or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OverflowError):  # alive, another user's; or a number no pid can be
+        return False
+    return False

@@ -47,7 +47,7 @@ from ptd.train import checkpoint as ckpt
 from ptd.train.distributed import Dist, all_sum, barrier, init_distributed, resolve_device
 from ptd.train.loop import Runtime, cleanup_resume_files, evaluate, fit
 from ptd.errors import DivergedError, LayerCollapseError, PreflightError, PtdError, StaleStageError, WorkerDiedError, on_every_rank, one_line
-from ptd.io import damaged, file_digest, parses, read_json_object, read_yaml_mapping, seal
+from ptd.io import damaged, dead_writer, file_digest, parses, read_json_object, read_yaml_mapping, seal, writer_tag
 
 STAGES = P.STAGES
 # Keys that change how a run is shown, scheduled or checked, not what it computes: may differ on
@@ -827,17 +827,8 @@ def _reuse_temps(run_dir: Path) -> list[Path]:
     """Folders ``copy_reused`` left next to ``run_dir`` when killed (their process is gone)."""
     import glob
 
-    out = []
-    for t in run_dir.parent.glob(f".{glob.escape(run_dir.name)}.from-*.tmp"):  # (a name may hold [, * or ?)
-        try:
-            os.kill(int(t.name[len(run_dir.name) + 7:-4]), 0)
-        except ValueError:
-            continue  # not ours
-        except ProcessLookupError:
-            out.append(t)
-        except PermissionError:
-            pass  # alive, another user's
-    return out
+    return [t for t in run_dir.parent.glob(f".{glob.escape(run_dir.name)}.from-*.tmp")  # (a name may hold [, * or ?)
+            if dead_writer(t.name[len(run_dir.name) + 7:-4])]
 
 
 def copy_reused(cfg: RunConfig, src: str | Path, run_dir: str | Path, copies: Sequence[Path]) -> None:
@@ -855,7 +846,7 @@ def copy_reused(cfg: RunConfig, src: str | Path, run_dir: str | Path, copies: Se
     make_dir(run_dir.parent, f"the folder of run directory {run_dir}")
     for t in _reuse_temps(run_dir):
         shutil.rmtree(t, ignore_errors=True)
-    tmp = run_dir.parent / f".{run_dir.name}.from-{os.getpid()}.tmp"
+    tmp = run_dir.parent / f".{run_dir.name}.from-{writer_tag()}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
 
     def skip(folder: str, names: list[str]) -> list[str]:  # a half-written file of a ptd killed (or running) there

@@ -42,3 +42,31 @@ def test_tiny_imagenet_torn_cache_file_is_decoded_again(tmp_path: Path):
         f.write_bytes(f.read_bytes()[:100])  # a crash mid-write elsewhere, or a truncated copy
     again = load_dataset("tiny_imagenet", str(tmp_path), val_fraction=0.0, cache_dir=str(cache))
     assert torch.equal(first.train.x, again.train.x)
+
+
+def test_a_killed_cache_writers_temporary_is_removed_by_the_next_write(tmp_path: Path):
+    """A kill mid-write of the decode cache left ``tiny_imagenet_<key>.<pid>.tmp`` (up to 1.2 GB for
+    the train split) that no later load removed (crash audit). The next cache write removes the
+    temporaries of dead writers of this machine; a live writer's and another machine's stay."""
+    import subprocess
+    import sys
+
+    from ptd.io import dead_writer, writer_tag
+
+    write_tiny(tmp_path)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    host = writer_tag().rpartition("-")[0]
+    killed = cache / f"tiny_imagenet_0123abcd.{host}-{dead}.tmp"
+    old = cache / f"tiny_imagenet_4567abcd.{dead}.tmp"  # named by ptd before the host was in the name
+    live = cache / f"tiny_imagenet_89abcdef.{writer_tag()}.tmp"
+    elsewhere = cache / f"tiny_imagenet_fedcba98.other_host-{dead}.tmp"
+    for f in (killed, old, live, elsewhere):
+        f.write_bytes(b"\x93NUMPY torn")
+    assert dead_writer(f"{host}-{dead}") and not dead_writer(writer_tag()) and not dead_writer(f"other_host-{dead}")
+    load_dataset("tiny_imagenet", str(tmp_path), val_fraction=0.0, cache_dir=str(cache))
+    left = sorted(p.name for p in cache.iterdir())
+    assert len([n for n in left if n.endswith(".npy")]) == 2
+    assert [n for n in left if n.endswith(".tmp")] == sorted([live.name, elsewhere.name]), left

@@ -21,6 +21,7 @@ from PIL import Image
 
 from ptd.data.base import (DATASETS, DataError, FolderSplit, RawDataset, Split, check_cache_dir, check_raw, image_file,
                            path_error, probe_dir, probe_file, to_rgb)
+from ptd.io import dead_writer, writer_tag
 
 FOLDER = "tiny-imagenet-200"
 SIZE = 64  # pixels, both sides
@@ -91,11 +92,14 @@ def decode_cached(paths: list[str], cache: Path | None) -> torch.Tensor:
         except (OSError, ValueError):
             pass  # a torn or foreign file: decode again and overwrite it
     out = decode_all(paths)
-    tmp = f.with_suffix(f".{os.getpid()}.tmp")
+    tmp = f.with_suffix(f".{writer_tag()}.tmp")
     try:
         cache.mkdir(parents=True, exist_ok=True)
+        remove_dead_writers_temps(cache)
         with open(tmp, "wb") as fh:
             np.save(fh, out.numpy())
+            fh.flush()
+            os.fsync(fh.fileno())  # the bytes on disk before the name: a power cut leaves no named, torn cache
         os.replace(tmp, f)  # atomic: a concurrent reader sees the old state or the whole file
     except OSError as e:
         # The folder was proven writable at load (check_cache_dir); what is left is the disk filling
@@ -105,6 +109,19 @@ def decode_cached(paths: list[str], cache: Path | None) -> torch.Tensor:
         warnings.warn(f"could not write the Tiny-ImageNet decode cache {f}: {e}; free space there or set data.cache_dir "
                       f"to another folder to skip decoding next time", stacklevel=2)
     return out
+
+
+def remove_dead_writers_temps(cache: Path) -> int:
+    """Delete the decode-cache temporaries (``tiny_imagenet_<key>.<writer>.tmp``, up to 1.2 GB for
+    the train split) whose writing process is gone: a kill mid-write left them, and no later load
+    removed them (crash audit). A live writer's, or another machine's, stay. Returns how many."""
+    gone = 0
+    for tmp in cache.glob("tiny_imagenet_*.tmp"):
+        if dead_writer(tmp.name[:-4].rpartition(".")[2]):
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+                gone += 1
+    return gone
 
 
 def _resolve(root: Path) -> Path | None:
