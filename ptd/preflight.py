@@ -660,17 +660,32 @@ def check_batches(cfg: RunConfig, splits: Any) -> None:
                               f"data.val_fraction)")
 
 
-def check_rounds(target: float, rate: float, strategy: str, key: str) -> None:
+def check_rounds(target: float, rate: float, strategy: str, key: str, retrain_epochs: int = 1) -> None:
     """A strategy that prunes in rounds (it says so when it registers) asked for a target that
-    rounds to zero rounds."""
+    rounds to zero rounds, or to so many that their retraining never ends: prune.rate=1e-9 (a
+    typo for 0.2, say) planned 446,287,115 rounds and trained round after round, each pruning
+    nothing (bad-input audit). The cap is MAX_EPOCHS of retraining, the bound on one schedule."""
+    from ptd.config import MAX_EPOCHS
     from ptd.pruning import SPECS
     from ptd.pruning.select import rounds_for_target
 
-    if strategy in SPECS and SPECS.get(strategy).rounds and target > 0 and rounds_for_target(target, rate) == 0:
+    if not (strategy in SPECS and SPECS.get(strategy).rounds and target > 0):
+        return
+    rounds = rounds_for_target(target, rate)
+    if rounds == 0:
         raise ConfigError(
             f"{key}: {target:g} is less than one pruning round: {strategy} removes prune.rate={rate:g} of the weights per "
             f"round, so the smallest reachable sparsity is {rate:g} (targets above {rate / 2:g} round to it); "
             f"set the target above {rate / 2:g}, or 0 for no pruning, or prune.rate below {2 * target:g}")
+    if rounds * retrain_epochs > MAX_EPOCHS:
+        most = max(1, MAX_EPOCHS // retrain_epochs)  # rounds the retraining allows
+        least = 1 - (1 - target) ** (1 / most)
+        step = 10.0 ** (math.floor(math.log10(least)) - 1)
+        least = math.ceil(least / step) * step  # up, to the 2 digits shown: the rate named must pass
+        raise ConfigError(
+            f"prune.rate: {rate:g} of the weights per round takes {rounds:,} rounds of {retrain_epochs} retraining epoch(s) "
+            f"to reach {key.split(' ')[0]}={target:g}, {rounds * retrain_epochs:,} epochs in all (more than {MAX_EPOCHS:,}); "
+            f"use a rate of at least {least:.2g} (the paper's is 0.2)")
 
 
 def check_pruning(cfg: RunConfig, sweep: bool = False) -> None:
@@ -687,7 +702,7 @@ def check_pruning(cfg: RunConfig, sweep: bool = False) -> None:
         targets = [(p.strategy, [p.target_sparsity], dict(p.options))]
     for st, sparsities, opts in targets:
         for s in sparsities:
-            check_rounds(s, p.rate, st, f"sweep.sparsities ({st})" if sweep else "prune.target_sparsity")
+            check_rounds(s, p.rate, st, f"sweep.sparsities ({st})" if sweep else "prune.target_sparsity", p.retrain.epochs)
         if st in SPECS:
             SPECS.get(st).check(st, opts, cfg)
 
@@ -804,6 +819,15 @@ def check_no_certain_collapse(cfg: RunConfig, teacher: nn.Module, sweep: bool = 
                           f"exclude_last={str(pl).lower()} leaves none; set one of them to false, or give teacher.model "
                           f"more Conv/Linear layers")
     total, layers = sum(sizes), len(sizes)
+    # A round prunes round(rate x alive) weights: under half a weight, none, and every round of the
+    # schedule retrains a teacher that never gets sparser (bad-input audit: sparsity 0.0000 at level 415).
+    from ptd.pruning import SPECS
+
+    by_rounds = [st for st in (cfg.sweep.strategies if sweep else [cfg.prune.strategy]) if st in SPECS and SPECS.get(st).rounds]
+    aims = cfg.sweep.sparsities if sweep else [cfg.prune.target_sparsity]
+    if by_rounds and max(aims, default=0) > 0 and total * cfg.prune.rate < 0.5:
+        raise ConfigError(f"prune.rate: {cfg.prune.rate:g} of the teacher's {total:,} prunable weights is under half a weight, "
+                          f"so a pruning round removes none; use at least {1 / total:.2g} (one weight a round), typically 0.2")
     targets = [("prune.target_sparsity", cfg.prune.target_sparsity)]
     if sweep:
         targets += [("sweep.sparsities", s) for s in cfg.sweep.sparsities]

@@ -192,6 +192,14 @@ CASES: dict[str, tuple[list[str], list[str]]] = {
     "prune-below-one-round": (["prune", "{ws}/c.yaml", "--set", "prune.target_sparsity=0.05"], ["0.05", "smallest reachable sparsity is 0.2"]),
     "prune-target-one": (["prune", "{ws}/c.yaml", "--set", "prune.target_sparsity=1.0"], ["prune.target_sparsity", "[0, 1)"]),
     "prune-rate-zero": (["run", "{ws}/c.yaml", "--set", "prune.rate=0"], ["prune.rate"]),
+    # A typo'd rate (1e-9 for 0.2): 446,287,115 rounds planned, each pruning nothing (bad-input audit).
+    "prune-rate-endless": (["prune", "{ws}/c.yaml", "--set", "prune.rate=1e-9"],
+                           ["prune.rate: 1e-09 of the weights per round takes 446,287,115 rounds", "more than 100,000",
+                            "use a rate of at least 4.5e-06"]),
+    "prune-rate-prunes-nothing": (["run", "{ws}/c.yaml", "--set", "prune.rate=3e-5"],
+                                  ["prune.rate: 3e-05 of the teacher's 14,288 prunable weights is under half a weight",
+                                   "use at least 7e-05"]),
+    "sweep-rate-prunes-nothing": (["sweep", "{ws}/c.yaml", "--set", "prune.rate=3e-5"], ["under half a weight"]),
     "prune-strategy-unknown": (["prune", "{ws}/c.yaml", "--set", "prune.strategy=nope"], ["nope", "imp"]),
     "prune-certain-collapse": (["run", "{ws}/c.yaml", "--set", "prune.strategy=oneshot", "--set", "prune.target_sparsity=0.9999"],
                                ["prune.target_sparsity: 0.9999 keeps 1 of the teacher's 14,288 prunable weights", "4 prunable layers",
@@ -599,3 +607,21 @@ def test_a_numbered_gpu_under_torchrun_is_refused(monkeypatch):
                                           r"one GPU; use device: cuda"):
         check_device("cuda:0")
     assert check_device("cpu").type == "cpu"
+
+
+@pytest.mark.parametrize("target, epochs", [(0.36, 1), (0.59, 2), (0.79, 90), (0.98, 40)])
+def test_a_pruning_schedule_past_max_epochs_is_refused_and_the_rate_it_names_passes(target: float, epochs: int):
+    """rounds x retrain epochs is capped at MAX_EPOCHS, the bound on one schedule; the rate the
+    refusal names is accepted, and the paper's 0.2 always is."""
+    import re
+
+    from ptd.config import MAX_EPOCHS
+    from ptd.preflight import check_rounds
+    from ptd.pruning.select import rounds_for_target
+
+    check_rounds(target, 0.2, "imp", "prune.target_sparsity", epochs)
+    with pytest.raises(ConfigError) as ei:
+        check_rounds(target, 1e-9, "imp", "prune.target_sparsity", epochs)
+    least = float(re.search(r"use a rate of at least (\S+) ", str(ei.value)).group(1))
+    assert rounds_for_target(target, least) * epochs <= MAX_EPOCHS < rounds_for_target(target, least / 2) * epochs
+    check_rounds(target, least, "imp", "prune.target_sparsity", epochs)
