@@ -287,3 +287,23 @@ def test_rerender_names_a_loaded_teacher_and_the_weights_from_the_run_files(run_
     assert "loaded from" not in md
     assert json.loads((run_dir / "results.json").read_text())["weights"] == {
         "teacher": "best", "pruned_teacher": "best", "retrained_teacher": "best", "students": "best"}
+
+
+def test_a_re_render_that_would_draw_fewer_figures_is_refused(run_dir, capsys):
+    """With distill/ deleted, `ptd report` overwrote report.html and its student training curves
+    (drawn from distill/*/metrics.jsonl, the only copy left) with a note, exit 0 (bad-input audit).
+    It is refused in one line naming the figure, and nothing is written; a copy of the results in
+    a new folder still renders."""
+    rerender(run_dir)
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+    shutil.rmtree(run_dir / "distill")
+    capsys.readouterr()
+    assert main(["report", str(run_dir)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"ptd: error: {run_dir / 'report.html'} draws figures this re-render cannot ("), err
+    assert "student" in err[0] and f"no longer in {run_dir}; restore them, or copy its results" in err[0]
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == before
+    fresh = run_dir.parent / "copy"
+    fresh.mkdir()
+    shutil.copy(run_dir / "results.json", fresh / "results.json")
+    assert main(["report", str(fresh)]) == 0

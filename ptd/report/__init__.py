@@ -1232,6 +1232,28 @@ def check_students_once(r: dict[str, Any], path: Path | str, fix: str) -> None:
         seen.add(k)
 
 
+_FIGURE = re.compile(r'<img src="[^"]*" alt="([^"]*)">')  # ptd.report.html._img's tag
+
+
+def check_no_figure_lost(files: list[tuple[Path, Any]], folder: Path) -> None:
+    """A re-render must not replace a report.html with one that draws fewer figures: training
+    curves are drawn from the stage folders' metrics.jsonl, and with distill/ deleted the old
+    report.html was the only copy of the student curves, which `ptd report` overwrote with a note,
+    exit 0 (bad-input audit). One line naming the figures, nothing written."""
+    for path, content in files:
+        if path.name != P.REPORT_HTML or not isinstance(content, str) or not path.is_file():
+            continue
+        try:
+            old = path.read_text(errors="replace")
+        except OSError:
+            continue  # unreadable: check_outputs/commit_outputs say what is wrong with it
+        lost = [a for a in dict.fromkeys(_FIGURE.findall(old)) if a not in set(_FIGURE.findall(content))]
+        if lost:
+            raise ReportError(f"{path} draws figures this re-render cannot ({'; '.join(lost)}): the stage files they come "
+                              f"from are no longer in {folder}; restore them, or copy its results to a new folder and run "
+                              f"ptd report there (nothing was written)")
+
+
 def rerender(run_dir: str | Path) -> str:
     """``ptd report RUN_DIR``: recompute the summaries and comparisons from results.json's students,
     then rewrite results.json, report.md and report.html. Returns the markdown. results.json is
@@ -1258,6 +1280,7 @@ def rerender(run_dir: str | Path) -> str:
             files = render_report(run_dir, results)
         except RENDER_ERRORS as e:
             raise ReportError(f"{path} is not a ptd results file ({type(e).__name__} while rendering: {one_line(e)}); {fix}") from None
+        check_no_figure_lost(files, run_dir)
         commit_outputs(files)
     return files[1][1]
 
@@ -1301,6 +1324,7 @@ def rerender_sweep(sweep_dir: str | Path) -> None:
             files = render_sweep_report(sweep_dir, results)
         except RENDER_ERRORS as e:
             raise ReportError(f"{path} is not a ptd sweep file ({type(e).__name__} while rendering: {one_line(e)}); {fix}") from None
+        check_no_figure_lost(files, sweep_dir)
         commit_outputs(files)  # sweep.json, the plots, sweep.md and report.html
 
 
