@@ -459,3 +459,67 @@ def test_the_progress_bar_shows_the_epochs_mean_loss_as_metrics_ends_it(tmp_path
     assert [float(s["loss"]) for s in shown[1::3]] == [round(r["train_loss"], 3) for r in rows]
     assert [s["loss"] for s in shown[2::3]] == [s["loss"] for s in shown[1::3]]
     assert [float(s["val_acc"]) for s in shown[2::3]] == [round(r["val_acc"], 4) for r in rows]
+
+
+def test_the_kept_weights_are_saved_after_their_commit(tmp_path, monkeypatch):
+    """fit saved the best epoch's model.safetensors before that epoch's commit: killed in between,
+    the resume re-ran the epoch, and where the re-run differed (CUDA, other threads; here: no
+    training steps at all) and did not improve, the stage ended on weights of an epoch its record
+    never kept (crash audit). Saved after the commit, and mended on resume when a kill came between."""
+    import ptd.train.loop as loop
+
+    opt = OptimConfig(epochs=5, batch_size=32, lr=0.2, weight_decay=5e-4)
+    ref = model()
+    snaps = Snapshots(ref)
+    fit(ref, loaders()[0], noise_val_loader(), opt, RT, hooks=[snaps])
+    accs = [a for a, _ in snaps.epochs]
+    assert max(range(5), key=lambda e: (accs[e], -e)) == 1 and accs[1] > accs[0]  # epoch 2 improves on epoch 1
+
+    real = loop.ckpt.save_resume
+
+    def killed_at_epoch_2(out, state):
+        if state["epoch"] == 1:
+            raise Kill
+        real(out, state)
+
+    monkeypatch.setattr(loop.ckpt, "save_resume", killed_at_epoch_2)
+    with pytest.raises(Kill):
+        fit(model(), loaders()[0], noise_val_loader(), opt, RT, out_dir=tmp_path)
+    monkeypatch.setattr(loop.ckpt, "save_resume", real)
+    # The re-run differs: no training step, so epochs 2-5 keep epoch 1's weights and none improves.
+    m = model()
+    r = fit(m, [], noise_val_loader(), opt, RT, out_dir=tmp_path)
+    assert r["best_epoch"] == 1 and r["best_val_acc"] == accs[0]
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, snaps.epochs[0][1][k]), k  # epoch 1's weights, not the killed epoch 2's
+    assert loop.evaluate(m, noise_val_loader(), RT)["acc"] == accs[0]
+
+
+def test_a_kill_between_the_commit_and_the_kept_weights_is_mended_on_resume(tmp_path, monkeypatch):
+    """The other side of the order: killed after the commit of an improving epoch and before its
+    model.safetensors, the resume does not re-run that epoch, so it saves its weights from the
+    commit; the stage ends as an uninterrupted one does."""
+    import ptd.train.loop as loop
+
+    opt = OptimConfig(epochs=5, batch_size=32, lr=0.2, weight_decay=5e-4)
+    ref = model()
+    r_ref = fit(ref, loaders()[0], noise_val_loader(), opt, RT, out_dir=tmp_path / "ref")
+    real, saves = loop.ckpt.save_model, []
+
+    def killed_saving_epoch_2(path, mdl, *a, **k):
+        saves.append(path)
+        if len(saves) == 2:  # epoch 1's kept weights, then epoch 2's: killed after epoch 2's commit
+            assert loop.ckpt.load_resume(path.parent)["epoch"] == 1
+            raise Kill
+        real(path, mdl, *a, **k)
+
+    monkeypatch.setattr(loop.ckpt, "save_model", killed_saving_epoch_2)
+    with pytest.raises(Kill):
+        fit(model(), loaders()[0], noise_val_loader(), opt, RT, out_dir=tmp_path / "run")
+    monkeypatch.setattr(loop.ckpt, "save_model", real)
+    m = model()
+    r = fit(m, loaders()[0], noise_val_loader(), opt, RT, out_dir=tmp_path / "run")
+    assert (r["best_epoch"], r["best_val_acc"]) == (r_ref["best_epoch"], r_ref["best_val_acc"]) == (2, r_ref["best_val_acc"])
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, ref.state_dict()[k]), k
+    assert (tmp_path / "run" / "model.safetensors").read_bytes() == (tmp_path / "ref" / "model.safetensors").read_bytes()

@@ -359,6 +359,8 @@ def fit(
         rows = list(state["metrics"])
         if main:  # the view follows the commit (a kill may have left it an epoch behind, or torn)
             _sync_metrics_view(out / P.METRICS, rows)
+            if best_epoch == state["epoch"]:  # the kept weights are the commit's: a kill may have come before their save
+                ckpt.save_model(out / P.MODEL, model)
 
     _call(hooks, "on_start", model)
     n_batches = len(train_loader)
@@ -448,13 +450,17 @@ def fit(
             _call(hooks, "end_epoch", epoch, row)
             rows.append(row)
             if out is not None and main:
-                if improved:  # before the commit; a re-run of this epoch rewrites it identically (on CPU)
-                    ckpt.save_model(out / P.MODEL, model)
                 ckpt.save_resume(out, {  # THE commit point of this epoch
                     "epoch": epoch, "model": unit.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                     "world_size": rt.dist.world_size,  # a resume at another world size is refused (ckpt.check_world_size)
                     "rng": ckpt.rng_state(), "hooks": _hook_states(hooks),
                     "metrics": rows, "best": {"epoch": best_epoch, "acc": best_acc}, "steps": steps, "wall_s": wall})
+                # The kept weights after their commit, never before: saved first, a kill before the
+                # commit left the weights of an epoch the resume then re-ran, and where the re-run
+                # differs (CUDA; other threads) and does not improve, the stage ended on weights its
+                # record never scored (crash audit). A kill between the two is mended on resume above.
+                if improved:
+                    ckpt.save_model(out / P.MODEL, model)
                 ckpt.write_metrics(out / P.METRICS, rows)  # a view of the commit; a kill here leaves it behind
             elif improved:
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
