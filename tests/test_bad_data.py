@@ -870,3 +870,51 @@ def test_a_tiny_imagenet_test_image_no_annotation_lists_is_refused(tmp_path: Pat
     line = train(tmp_path, capsys, "tiny_imagenet", t.parent, cache_dir=str(tmp_path / "cache"))
     assert (f"Tiny-ImageNet test image {t / 'val' / 'images' / 'val_1.png'} has no line in "
             f"{t / 'val' / 'val_annotations.txt'}: it would be left out of the test set; add its line, or ") in line, line
+
+
+# ----------------------------------------------------------------------------- what is at data.root (bad-input audit F9)
+@pytest.mark.parametrize("fmt, fix", [
+    ("fashion_mnist", "set data.root to a folder holding the four idx files"),
+    ("mnist", "set data.root to a folder holding the four idx files"),
+    ("cifar10", "set data.root to the folder holding cifar-10-batches-py/"),
+    ("cifar100", "set data.root to the folder holding cifar-100-python/"),
+    ("tiny_imagenet", "set data.root to the folder holding tiny-imagenet-200/"),
+    ("imagefolder", "set data.root to a folder holding train/<class>/*.jpg and val/<class>/*.jpg")])
+def test_data_root_that_is_a_file_is_named_as_such(tmp_path: Path, capsys, fmt: str, fix: str):
+    """Fashion-MNIST read "file not found: <root>/train-images-idx3-ubyte(.gz)", CIFAR "folder not found:
+    <root>/cifar-10-batches-py", for a data.root that is there but is a file."""
+    f = tmp_path / "afile"
+    f.write_text("not a folder\n")
+    line = train(tmp_path, capsys, fmt, f, cache_dir=str(tmp_path / "cache"))
+    assert line == f"ptd: error: data.root {f} is a file, not a folder; {fix}"
+
+
+def test_data_root_at_a_data_file_says_to_use_its_folder(tmp_path: Path, capsys):
+    fm = write_fashion_like(tmp_path / "fm", 60, 20)
+    gz = fm / "train-images-idx3-ubyte.gz"
+    assert train(tmp_path, capsys, "fashion_mnist", gz) == (
+        f"ptd: error: data.root {gz} is a file, not a folder; set data.root to the folder holding it, {fm}")
+    batch = write_cifar10(tmp_path / "c") / "data_batch_1"
+    assert train(tmp_path, capsys, "cifar10", batch) == (
+        f"ptd: error: data.root {batch} is a file, not a folder; set data.root to the folder holding it, {batch.parent}")
+
+
+@pytest.mark.parametrize("fmt, where, fix", [
+    ("fashion_mnist", "train-labels-idx1-ubyte.gz",
+     "set data.root to a folder holding the idx files, or re-download or re-install the dataset files"),
+    ("cifar10", "cifar-10-batches-py/data_batch_2", "re-extract the dataset archive into data.root"),
+    ("tiny_imagenet", "tiny-imagenet-200/val/val_annotations.txt",
+     "re-extract tiny-imagenet-200.zip, or set data.root to the folder holding tiny-imagenet-200/"),
+    ("imagefolder", "", "set data.root to a folder holding train/<class>/*.jpg and val/<class>/*.jpg")])
+def test_a_dangling_link_to_a_data_file_or_folder_names_the_link(tmp_path: Path, capsys, fmt: str, where: str, fix: str):
+    """Read as "file not found" (or "folder not found") for a link the user can see is there."""
+    root = tmp_path / "data"
+    {"fashion_mnist": lambda: write_fashion_like(root, 60, 20), "cifar10": lambda: write_cifar10(root),
+     "tiny_imagenet": lambda: write_tiny(root), "imagefolder": lambda: None}[fmt]()
+    link = root / where if where else root
+    if where:
+        link.unlink()
+    link.symlink_to("/nonexistent/x")
+    line = train(tmp_path, capsys, fmt, root, cache_dir=str(tmp_path / "cache"))
+    assert line == (f"ptd: error: {link} is a symbolic link to '/nonexistent/x', which leads to no file or folder; "
+                    f"fix the link, or {fix}")

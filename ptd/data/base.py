@@ -171,12 +171,27 @@ def path_error(path: Path | str, e: OSError, fix: str) -> DataError:
     return DataError(f"cannot read {where} ({reason}); {hint}{fix}")
 
 
+def _link_target(path: Path | str) -> str:
+    """Where the symbolic link ``path`` points, quoted, for a message."""
+    try:
+        return repr(os.readlink(path))
+    except OSError:
+        return "a path"
+
+
 def _stat(path: Path, fix: str) -> os.stat_result | None:
     """``path.stat()``; None when nothing is there. Python 3.11's ``is_file``/``is_dir`` raise on
-    every other OSError (a folder without read permission above ``path``): one line instead."""
+    every other OSError (a folder without read permission above ``path``): one line instead.
+
+    A symbolic link at ``path`` whose target is gone is not "nothing there": it said "file not found"
+    for the link's own name, which the user can see is there (bad-input audit); the line names
+    the link and where it points."""
     try:
         return path.stat()
     except (FileNotFoundError, NotADirectoryError):
+        if os.path.islink(path):
+            raise DataError(f"{path} is a symbolic link to {_link_target(path)}, which leads to no file or folder; "
+                            f"fix the link, or {fix}") from None
         return None
     except OSError as e:
         raise path_error(path, e, fix) from None
@@ -202,6 +217,19 @@ def probe_dir(path: Path, fix: str) -> bool:
         return False
     if not stat.S_ISDIR(st.st_mode):
         raise DataError(f"{path} is a file, expected a folder; {fix}")
+    return True
+
+
+def probe_root(path: Path, fix: str) -> bool:
+    """``probe_dir`` for ``data.root`` itself: True if a folder, False if nothing is there. A file
+    given as data.root said only that the first data file under it was not found (bad-input audit):
+    here it is named as data.root, a file, with ``fix``."""
+    st = _stat(path, fix)
+    if st is None:
+        return False
+    if not stat.S_ISDIR(st.st_mode):
+        kind = "a file" if stat.S_ISREG(st.st_mode) else "not a folder (a FIFO, socket or device)"
+        raise DataError(f"data.root {path} is {kind}, not a folder; {fix}")
     return True
 
 
@@ -302,10 +330,7 @@ def image_file(path: str, fix: str) -> bool:
     except OSError as e:
         if not os.path.islink(path):
             raise path_error(path, e, fix) from None
-        try:
-            target = repr(os.readlink(path))
-        except OSError:
-            target = "a path"
+        target = _link_target(path)
         raise DataError(f"cannot read image {path} ({e.strerror or type(e).__name__}): it is a symbolic link to "
                         f"{target} that leads to no file; remove the link or point it at an image file") from None
     if stat.S_ISDIR(st.st_mode):

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from ptd.data.base import (DATASETS, DataError, RawDataset, Split, check_cache_dir, default_cache_dir, path_error,
-                           probe_dir, probe_file)
+                           probe_dir, probe_file, probe_root)
 from ptd.data.safe_pickle import UnsafePickleError, safe_load
 
 _SPECS = {
@@ -201,10 +201,23 @@ def _not_found(key: str, root: str | None, download: bool, cache: Path) -> str:
     return f"{s['pretty']} folder not found: {where}; {fix}"
 
 
+def _root_fix(key: str, root: Path) -> str:
+    """How to mend a data.root that is a file: its folder when it is a CIFAR batch, extraction when
+    it is the archive."""
+    s = _SPECS[key]
+    if root.name in (*s["train"], *s["test"], s["meta"]):
+        return f"set data.root to the folder holding it, {root.parent}"
+    if root.name.endswith((".tar.gz", ".tgz")):
+        return f"extract it (tar xzf {root} -C {root.parent}) and set data.root to the folder holding {s['folder']}/"
+    return f"set data.root to the folder holding {s['folder']}/"
+
+
 def _load(key: str, root: str | None, download: bool, cache_dir: str | None) -> RawDataset:
     s = _SPECS[key]
     folder = None
     if root:
+        # A file as data.root read "CIFAR-10 folder not found: <root>/cifar-10-batches-py" (bad-input audit).
+        probe_root(Path(root).expanduser(), _root_fix(key, Path(root).expanduser()))
         folder = _resolve(Path(root).expanduser(), s["folder"])
     cache = default_cache_dir(cache_dir)
     if folder is None and download:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 
-from ptd.data.base import DATASETS, DataError, RawDataset, Split, check_cache_dir, default_cache_dir
+from ptd.data.base import DATASETS, DataError, RawDataset, Split, check_cache_dir, default_cache_dir, probe_root
 from ptd.data.idx import find_idx, read_idx_pair
 
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
@@ -38,6 +38,13 @@ def _find_all(root: Path, tv_name: str) -> dict[str, Path] | None:
     return None
 
 
+def _root_fix(root: Path) -> str:
+    """How to mend a data.root that is a file: its folder when it is one of the idx files."""
+    if root.name in _STEMS.values() or root.name.removesuffix(".gz") in _STEMS.values():
+        return f"set data.root to the folder holding it, {root.parent}"
+    return "set data.root to a folder holding the four idx files"
+
+
 def _first_missing(root: Path) -> Path:
     for s in _STEMS.values():
         if find_idx(root, s) is None:
@@ -57,6 +64,9 @@ def _load_idx_dataset(
     install_hint: str,
 ) -> RawDataset:
     folder = Path(root).expanduser() if root else (Path(default_root) if default_root else None)
+    if root:
+        # A file as data.root read "file not found: <root>/train-images-idx3-ubyte(.gz)" (bad-input audit).
+        probe_root(folder, _root_fix(folder))
     files = _find_all(folder, tv_name) if folder is not None else None
     cache = default_cache_dir(cache_dir)
     if files is None and download:

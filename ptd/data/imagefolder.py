@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ptd.data.base import DATASETS, DataError, FolderSplit, RawDataset, image_file, path_error, probe_dir
+from ptd.data.base import DATASETS, DataError, FolderSplit, RawDataset, image_file, path_error, probe_dir, probe_root
 
 IMAGE_SIZE = 224  # pixels, the standard ImageNet training resolution
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -99,7 +99,7 @@ def load_imagefolder(root: str | None, *, download: bool = False, cache_dir: str
     if not root:
         raise DataError(f"imagefolder needs data.root (unset); {_FIX}")
     base = Path(root).expanduser()
-    if not probe_dir(base, _FIX):
+    if not probe_root(base, _FIX):
         raise DataError(f"image folder not found: {base}; {_FIX}")
     # Both split folders before either is scanned: walking train/ of a full ImageNet takes a while, and
     # a missing val/ is then refused before that work, with the folder it was likely named as.

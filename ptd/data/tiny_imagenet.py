@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from ptd.data.base import (DATASETS, DataError, FolderSplit, RawDataset, Split, check_cache_dir, check_raw, image_file,
-                           path_error, probe_dir, probe_file, to_rgb)
+                           path_error, probe_dir, probe_file, probe_root, to_rgb)
 from ptd.io import dead_writer, writer_tag
 
 FOLDER = "tiny-imagenet-200"
@@ -216,6 +216,8 @@ def load_tiny_imagenet(root: str | None, *, download: bool = False, cache_dir: s
     if not root:
         raise DataError(f"tiny_imagenet has no default folder (data.root is unset); set data.root to the folder holding {FOLDER}/")
     base = Path(root).expanduser()
+    probe_root(base, f"unzip it (unzip {base} -d {base.parent}) and set data.root to the folder holding {FOLDER}/"
+               if base.suffix.lower() == ".zip" else f"set data.root to the folder holding {FOLDER}/")
     folder = _resolve(base)
     if folder is None:
         raise DataError(_no_wnids(base))
