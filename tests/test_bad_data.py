@@ -918,3 +918,24 @@ def test_a_dangling_link_to_a_data_file_or_folder_names_the_link(tmp_path: Path,
     line = train(tmp_path, capsys, fmt, root, cache_dir=str(tmp_path / "cache"))
     assert line == (f"ptd: error: {link} is a symbolic link to '/nonexistent/x', which leads to no file or folder; "
                     f"fix the link, or {fix}")
+
+
+# ----------------------------------------------------------------------------- fractions that round to nothing (F3)
+def test_a_val_fraction_that_carves_no_image_is_refused(tmp_path: Path, capsys):
+    """0.001 of 60 images rounds to 0: validation was off without a word, and every model kept its
+    last epoch instead of its best-validation one."""
+    root = write_fashion_like(tmp_path / "fm", 60, 20)
+    line = train(tmp_path, capsys, "fashion_mnist", root, val_fraction=0.001)
+    assert line == ("ptd: error: fashion_mnist: val_fraction=0.001 carves 0 of the 60 training images for validation, so "
+                    "every model would keep its last epoch, not its best-validation one; set data.val_fraction to at "
+                    "least 0.0084 (1 image), a usual 0.1, or 0 for no validation")
+    assert len(load_dataset("fashion_mnist", str(root), val_fraction=0.0084).val) == 1  # the advice holds
+    assert len(load_dataset("fashion_mnist", str(root), val_fraction=0).val) == 0  # asking for none is fine
+
+
+@pytest.mark.parametrize("n", [2, 3, 7, 600, 54_000, 1_281_167])
+def test_the_smallest_val_fraction_named_carves_one_image(n: int):
+    from ptd.data.base import _one_image_fraction
+
+    f = float(_one_image_fraction(n))
+    assert round(f * n) == 1 and f < 1.1 * 0.5 / n + 0.01  # 1 image, and not far above the least that gives one

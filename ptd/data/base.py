@@ -497,6 +497,20 @@ def channel_stats(x: torch.Tensor, chunk: int = 4096) -> tuple[tuple[float, ...]
     return tuple(float(v) for v in mean), tuple(float(v) for v in std)
 
 
+def _one_image_fraction(n: int) -> str:
+    """The smallest val_fraction, to two significant digits, that carves 1 of ``n`` images (round()
+    rounds half to even, so 0.5 / n itself carves 0)."""
+    import math
+
+    step = 10.0 ** (math.floor(math.log10(0.5 / n)) - 1)
+    k = math.ceil(0.5 / n / step)
+    while True:
+        text = f"{k * step:.2g}"
+        if round(float(text) * n) >= 1:
+            return text
+        k += 1
+
+
 def _check_subset(name: str, value: int | None) -> None:
     if value is None:
         return
@@ -579,6 +593,14 @@ def load_dataset(
     if n_val >= n_train:
         raise DataError(
             f"{name}: val_fraction={val_fraction} leaves no training examples out of {n_train}; lower data.val_fraction"
+        )
+    if val_fraction > 0 and n_val == 0:
+        # Validation asked for but none carved: every model then kept its last epoch, not its best-validation
+        # one, without a word (bad-input audit).
+        raise DataError(
+            f"{name}: val_fraction={val_fraction} carves 0 of the {n_train} training images for validation, so every "
+            f"model would keep its last epoch, not its best-validation one; set data.val_fraction to at least "
+            f"{_one_image_fraction(n_train)} (1 image), a usual 0.1, or 0 for no validation"
         )
     perm = torch.randperm(n_train, generator=torch.Generator().manual_seed(int(seed)))
     val_idx = perm[:n_val].sort().values
