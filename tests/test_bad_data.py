@@ -939,3 +939,23 @@ def test_the_smallest_val_fraction_named_carves_one_image(n: int):
 
     f = float(_one_image_fraction(n))
     assert round(f * n) == 1 and f < 1.1 * 0.5 / n + 0.01  # 1 image, and not far above the least that gives one
+
+
+# ----------------------------------------------------------------------------- an idx file twice (F4)
+def test_an_idx_file_both_plain_and_gz_must_hold_the_same_data(tmp_path: Path, capsys):
+    """A stale all-zero plain file beside the real .gz was read without a word, and trained to chance."""
+    root = write_fashion_like(tmp_path / "fm", 60, 20)
+    gz = root / "train-images-idx3-ubyte.gz"
+    plain = root / "train-images-idx3-ubyte"
+    inflated = gzip.decompress(gz.read_bytes())
+    good = load_dataset("fashion_mnist", str(root), val_fraction=0).train.x
+    for same in (inflated, gz.read_bytes()):  # gunzip -k, or a copy of the archive (read by content)
+        plain.write_bytes(same)
+        assert torch.equal(load_dataset("fashion_mnist", str(root), val_fraction=0).train.x, good)
+    plain.write_bytes(bytes(len(inflated)))
+    line = train(tmp_path, capsys, "fashion_mnist", root)
+    assert line == (f"ptd: error: {plain} and {gz} are both there, and the plain one is not what the .gz inflates to, so "
+                    f"which to read is a guess; remove the stale one (Debian's package ships only the .gz files), or "
+                    f"remake the plain one with gunzip -kf {gz}")
+    plain.write_bytes(inflated[:-1])  # a copy cut short by a byte
+    assert train(tmp_path, capsys, "fashion_mnist", root) == line
