@@ -959,3 +959,32 @@ def test_an_idx_file_both_plain_and_gz_must_hold_the_same_data(tmp_path: Path, c
                     f"remake the plain one with gunzip -kf {gz}")
     plain.write_bytes(inflated[:-1])  # a copy cut short by a byte
     assert train(tmp_path, capsys, "fashion_mnist", root) == line
+
+
+# ----------------------------------------------------------------------------- blank images (F5)
+def test_blank_training_images_are_refused(tmp_path: Path, capsys):
+    """All-zero training images were normalized by a std clamped to 1e-6 and trained to chance without a word."""
+    root = write_fashion_like(tmp_path / "fm", 60, 20)
+    write_idx_file(root / "train-images-idx3-ubyte", np.full((60, 28, 28), 0, np.uint8))
+    line = train(tmp_path, capsys, "fashion_mnist", root)
+    assert line == (f"ptd: error: fashion_mnist: every pixel of the 48 training images ({root / 'train-images-idx3-ubyte.gz'}, "
+                    f"{root / 'train-labels-idx1-ubyte.gz'}) is 0: the images are blank, with nothing to learn from and no "
+                    f"spread to normalize by; check the files: re-download or re-install the dataset files, or set "
+                    f"data.root to the right folder")
+
+
+def test_a_blank_colour_channel_is_refused_and_a_nearly_blank_one_is_not(tmp_path: Path):
+    d = write_cifar10(tmp_path / "c")
+    for name in [f"data_batch_{i}" for i in range(1, 6)]:
+        batch = pickle.loads((d / name).read_bytes())
+        batch[b"data"][:, 2048:] = 7  # the blue plane
+        (d / name).write_bytes(pickle.dumps(batch, protocol=2))
+    with pytest.raises(DataError) as ei:
+        load_dataset("cifar10", str(tmp_path / "c"), val_fraction=0)
+    assert str(ei.value) == (f"cifar10: channel 2 (blue) of the 60 training images ({d}/data_batch_1+data_batch_2+"
+                             f"data_batch_3+data_batch_4+data_batch_5) is 7 in every pixel: that channel is blank, with "
+                             f"nothing to learn from and no spread to normalize by; check the files: re-extract the "
+                             f"dataset archive into data.root")
+    batch[b"data"][0, 3000] = 8  # one pixel of the last batch off: a spread, however small, is the data's own
+    (d / "data_batch_5").write_bytes(pickle.dumps(batch, protocol=2))
+    assert load_dataset("cifar10", str(tmp_path / "c"), val_fraction=0).std[2] > 0

@@ -497,6 +497,34 @@ def channel_stats(x: torch.Tensor, chunk: int = 4096) -> tuple[tuple[float, ...]
     return tuple(float(v) for v in mean), tuple(float(v) for v in std)
 
 
+_RGB = ("red", "green", "blue")
+
+
+def check_channels(name: str, raw: RawDataset, x: torch.Tensor, std: tuple[float, ...]) -> None:
+    """Refuse training images [N, C, H, W] (uint8) whose channel holds one value in every pixel.
+
+    ``channel_stats`` clamps a std of 0 to 1e-6, so blank training images (all black, say) trained
+    to chance without a word and any test pixel off that value was normalized to ~1e5 (bad-input
+    audit). Only a channel whose computed ``std`` is below 1e-3 is looked at, pixel by pixel: exactly
+    constant, not merely small (float sums leave a constant channel a std of up to ~1e-6)."""
+    for c, s in enumerate(std):
+        if s >= 1e-3:
+            continue
+        plane = x[:, c]
+        lo, hi = int(plane.min()), int(plane.max())
+        if lo != hi:
+            continue
+        src = f" ({raw.train_from})" if raw.train_from else ""
+        if x.shape[1] == 1:
+            what = f"every pixel of the {x.shape[0]} training images{src} is {lo}: the images are blank"
+        else:
+            color = f" ({_RGB[c]})" if x.shape[1] == 3 else ""
+            what = (f"channel {c}{color} of the {x.shape[0]} training images{src} is {lo} in every pixel: that channel "
+                    f"is blank")
+        raise DataError(f"{name}: {what}, with nothing to learn from and no spread to normalize by; check the files: "
+                        f"{raw.fix}")
+
+
 def _one_image_fraction(n: int) -> str:
     """The smallest val_fraction, to two significant digits, that carves 1 of ``n`` images (round()
     rounds half to even, so 0.5 / n itself carves 0)."""
@@ -630,6 +658,7 @@ def load_dataset(
         # Statistics from the carved training split (before subsetting) so they never see val/test
         # and do not change when a demo uses train_subset.
         mean, std = channel_stats(train_full.x)
+        check_channels(key, raw, train_full.x, std)
 
     # Last, being the slow check: exactly the images this run will read, under one progress bar.
     verify_images(FolderSplit([smp for sp in (train, val, test) if isinstance(sp, FolderSplit) for smp in sp.samples]),
