@@ -33,7 +33,7 @@ import torch.nn as nn
 from ptd import paths as P
 from ptd.errors import PtdError
 from ptd.io import damaged, default_fix
-from ptd.train.checkpoint import is_writer_temp
+from ptd.train.checkpoint import CheckpointError, _sniff, is_writer_temp
 
 ONNX_OPSET = 17  # onnxruntime >= 1.14 runs it; every op of ptd's families and the tv: CNNs exists in it
 TOLERANCE = 1e-4  # max abs logit difference, fp32, onnxruntime vs PyTorch
@@ -137,19 +137,27 @@ def resolve(source: str | Path, arm: str | None = None) -> Source:
                           "or give a run directory or model .safetensors it can read") from None
 
 
+_GIVE_SOURCE = "give a run directory or a model .safetensors written by ptd"
+
+
 def _resolve(p: Path, arm: str | None = None) -> Source:
-    if not p.exists():
-        raise ExportError(f"{p}: no such file or directory; give a run directory or a model .safetensors written by ptd")
+    if not os.path.lexists(p):  # a link (dangling, or in a loop) is there: _sniff names what is wrong with it
+        raise ExportError(f"{p}: no such file or directory; {_GIVE_SOURCE}")
     if p.is_dir():
         if not (p / P.CONFIG).is_file() and not (p / P.DISTILL).is_dir():
             raise ExportError(f"{p}: not a ptd run directory (no config.yaml, no distill/); give a run directory or a model .safetensors")
         f, what = _best_arm(p, arm)
         return Source(f, _teacher(p), p, what)
+    # The checks ptd eval and --teacher make (ptd.train.checkpoint): a link loop, a dangling link, a
+    # pipe, an empty or cut-short file, each named; the first bytes decide what the file is, not its
+    # name (a ptd model file named x.pt exports, as ptd eval takes it; load() refuses a torch pickle).
+    try:
+        _sniff(p, _GIVE_SOURCE)
+    except CheckpointError as e:
+        raise ExportError(str(e)) from None
     if arm is not None:
         raise ExportError(f"--arm {arm}: picks among a run directory's students, but {p} is a model file; give the run "
                           f"directory, or leave --arm out to export this file")
-    if p.suffix != ".safetensors":
-        raise ExportError(f"{p}: not a .safetensors model file; export a model saved by ptd (model.safetensors) or a run directory")
     # The run it lies in (its config names the test images; ptd eval finds it the same way), and the
     # teacher of its own replicate: teachers/r1/distill/<arm>/ is timed against teachers/r1/teacher/.
     run_dir = P.run_dir_of(p)

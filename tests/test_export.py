@@ -130,7 +130,8 @@ def test_cli_bad_input_is_one_line_and_exit_2(case, tmp_path, capsys):
     if case == "missing":
         src, want = tmp_path / "nope.safetensors", "no such file"
     elif case == "not_safetensors":
-        src, want = tmp_path / "w.pt", "not a .safetensors model file"
+        # Refused by what it holds (as ptd eval refuses it), not by its name: a ptd model file named .pt exports
+        src, want = tmp_path / "w.pt", "a pickle file (torch.save's format), not safetensors"
         torch.save({"w": torch.zeros(1)}, src)
     elif case == "foreign_safetensors":
         src, want = tmp_path / "junk.safetensors", "not a readable safetensors file"
@@ -315,9 +316,14 @@ def test_a_model_file_is_placed_in_its_run_and_timed_against_its_own_teacher(tmp
     files = ["config.yaml", "env.json", "teacher/model.safetensors", "prune/level_1/model.safetensors",
              "distill/scratch_seed0/model.safetensors", "teachers/r1/teacher/model.safetensors",
              "teachers/r1/distill/pruned_teacher_seed0/model.safetensors"]
+    from safetensors.torch import save_file
+
+    def touch(f):  # resolve() reads a model file's first bytes (as ptd eval does): a safetensors one, not "x"
+        f.parent.mkdir(parents=True, exist_ok=True)
+        save_file({"w": torch.zeros(1)}, str(f)) if f.suffix == ".safetensors" else f.write_text("x")
+
     for f in files:
-        (run / f).parent.mkdir(parents=True, exist_ok=True)
-        (run / f).write_text("x")
+        touch(run / f)
     cases = {"teachers/r1/distill/pruned_teacher_seed0/model.safetensors": "teachers/r1/teacher/model.safetensors",
              "distill/scratch_seed0/model.safetensors": "teacher/model.safetensors",
              "prune/level_1/model.safetensors": "teacher/model.safetensors",
@@ -327,7 +333,7 @@ def test_a_model_file_is_placed_in_its_run_and_timed_against_its_own_teacher(tmp
         assert src.run_dir.resolve() == run.resolve() == P.run_dir_of(run / f), f
         assert (src.teacher_path.resolve() if src.teacher_path else None) == ((run / teacher).resolve() if teacher else None), f
     alone = tmp_path / "m.safetensors"
-    alone.write_text("x")
+    touch(alone)
     assert resolve(alone).run_dir is None and P.run_dir_of(alone) is None
 
 
@@ -518,3 +524,36 @@ def test_a_tie_for_the_best_student_says_how_it_was_broken(run_dir):
     assert src.model_path.parent.name == "pruned_teacher_seed0"
     assert src.what == ("student pruned_teacher_seed0 (best val accuracy 0.7400 of the run's 2 students; tied with "
                         "scratch_seed0: a tie goes to the pruned teacher's student, then by name)"), src.what
+
+
+# ---------------------------------------------------------------- model-file paths as ptd eval checks them (bad-input audit F6)
+
+
+@pytest.mark.parametrize("case", ["loop", "dangling", "fifo"])
+def test_a_model_path_that_is_no_file_is_named_as_ptd_eval_names_it(tmp_path, capsys, case):
+    """export took p.exists() and the suffix: a symbolic-link loop was "no such file or directory"
+    (eval: "Too many levels of symbolic links"). The checks are ptd.train.checkpoint's now."""
+    src = tmp_path / "m.safetensors"
+    if case == "loop":
+        os.symlink(src.name, src)
+        want = f"{src}: cannot be opened (Too many levels of symbolic links)"
+    elif case == "dangling":
+        os.symlink(tmp_path / "gone.safetensors", src)
+        want = f"{src} is a symbolic link to {tmp_path / 'gone.safetensors'}, which does not exist; fix the link"
+    else:
+        os.mkfifo(src)
+        want = f"{src}: not a regular file (a pipe, socket or device)"
+    out = tmp_path / "x.onnx"
+    rc, text, err = run_cli(capsys, src, "--out", out, "--no-latency")
+    assert rc == 2 and text == "" and err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith("ptd: error: ") and want in err and "give a run directory or a model .safetensors" in err, err
+    assert not out.exists() and sorted(os.listdir(tmp_path)) == [src.name]
+
+
+def test_a_ptd_model_file_named_pt_exports_as_ptd_eval_takes_it(tmp_path, capsys):
+    """A valid ptd model file named x.pt was refused for its suffix; ptd eval sniffs the content and takes it."""
+    src = tmp_path / "good.pt"
+    save_model(src, build_model("vgg", 10, 1, plan=[8, "M", 8]))
+    rc, text, err = run_cli(capsys, src, "--no-latency")  # default --out: the model file with .onnx
+    assert rc == 0 and err == "" and f"exported model file good.pt -> {tmp_path / 'good.onnx'}" in text, err
+    assert _session(tmp_path / "good.onnx").run(["logits"], {"images": np.zeros((2, 1, 32, 32), np.float32)})[0].shape == (2, 10)
