@@ -291,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex = sub.add_parser("export", help=ex_help, description=ex_help)
     ex.add_argument("source", metavar="RUN_DIR_OR_MODEL", help="a run directory or a model.safetensors written by ptd")
     ex.add_argument("--format", default="onnx", help="onnx (the only format)")
-    ex.add_argument("--out", help="output file (default: the model file with .onnx); never overwritten")
+    ex.add_argument("--out", help="output .onnx file (default: the model file with .onnx); never overwritten")
     ex.add_argument("--no-latency", action="store_true", help="skip the onnxruntime timing")
     ex.add_argument("--threads", type=int, metavar="N", help="threads to time on (default: PyTorch's, every core; a run's "
                                                             "report timed on its config's threads key)")

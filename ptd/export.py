@@ -256,6 +256,13 @@ def _check_out(out: Path, *, overwrite: bool = False) -> None:
         parent = out.parent
         if not parent.is_dir():
             raise ExportError(f"{parent}: no such directory for --out; create it or choose another path")
+        if out.suffix.lower() != ".onnx":
+            # ONNX bytes under a model name (model.safetensors, x.pt) are a file ptd's own tools, and
+            # everyone's, then read as that format and refuse (bad-input audit).
+            named = f"a {out.suffix} name" if out.suffix else "no .onnx suffix"
+            fixed = out.with_name(out.stem + ".onnx") if out.suffix else out.with_name(out.name + ".onnx")
+            raise ExportError(f"{out}: --out has {named}, but ptd export writes ONNX; nothing was written -- "
+                              f"give a name ending in .onnx (e.g. {fixed})")
     except OSError as e:  # a folder on the way that cannot be searched, a name too long
         raise ExportError(f"{out}: cannot be checked ({e.strerror or type(e).__name__}); choose another --out") from None
 

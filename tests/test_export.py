@@ -557,3 +557,20 @@ def test_a_ptd_model_file_named_pt_exports_as_ptd_eval_takes_it(tmp_path, capsys
     rc, text, err = run_cli(capsys, src, "--no-latency")  # default --out: the model file with .onnx
     assert rc == 0 and err == "" and f"exported model file good.pt -> {tmp_path / 'good.onnx'}" in text, err
     assert _session(tmp_path / "good.onnx").run(["logits"], {"images": np.zeros((2, 1, 32, 32), np.float32)})[0].shape == (2, 10)
+
+
+@pytest.mark.parametrize("name,named", [("model.safetensors", "a .safetensors name"), ("student.pt", "a .pt name"),
+                                        ("student", "no .onnx suffix")])
+def test_an_out_not_ending_in_onnx_is_refused_before_anything_is_written(run_dir, tmp_path, capsys, name, named):
+    """--out model.safetensors wrote ONNX bytes under a model name that ptd eval then refused as not
+    safetensors, exit 0 (bad-input audit)."""
+    out = tmp_path / "o" / name
+    out.parent.mkdir()
+    rc, text, err = run_cli(capsys, run_dir, "--out", out, "--no-latency")
+    assert rc == 2 and text == "" and err.count("\n") == 1, err
+    assert err == (f"ptd: error: {out}: --out has {named}, but ptd export writes ONNX; nothing was written -- give a name "
+                   f"ending in .onnx (e.g. {out.parent / (out.stem + '.onnx')})\n"), err
+    assert os.listdir(out.parent) == []  # neither the file nor a temporary
+    rc, text, err = run_cli(capsys, run_dir, "--out", out.parent / "S.ONNX", "--no-latency")  # the suffix in any case
+    assert rc == 0 and err == "", err
+
