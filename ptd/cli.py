@@ -55,15 +55,13 @@ def _common(p: argparse.ArgumentParser, config_required: bool = True) -> None:
 
 
 def _check_config_file(path: str | None) -> None:
-    """A config that exists but is not text (a binary, a checkpoint passed by mistake) is a user error."""
-    from ptd.config import ConfigError
+    """A config that exists but is not text (a binary, a checkpoint passed by mistake), or is larger than
+    any config (ptd.config.MAX_CONFIG_BYTES), is a user error."""
+    from ptd.config import read_config_text
 
     if path is None or not Path(path).is_file():
         return  # load_config names a missing file
-    try:
-        Path(path).read_text()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: cannot be read as a YAML text file ({type(e).__name__}: {e}); pass a YAML config (see configs/)") from None
+    read_config_text(Path(path))  # what load_config reads it by: the same refusals (too large, not text, unreadable)
 
 
 def _run_config_of(model_file: Path) -> str | None:

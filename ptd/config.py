@@ -709,10 +709,33 @@ def _overrides(overrides: list[str]) -> dict:
     return over
 
 
+# A real config is a few KB (configs/: 3 KB at most). PyYAML parses in pure Python, about 4 MB/s:
+# a 600 MB file (one comment line) was read whole and parsed for minutes without a word (bad-input
+# audit). 1 MiB parses in a quarter of a second.
+MAX_CONFIG_BYTES = 2**20
+
+
+def read_config_text(p: Path) -> str:
+    """The text of the config file ``p``, read only up to MAX_CONFIG_BYTES (+1, to tell a larger
+    file); a one-line ConfigError for a larger file, one this user cannot read, or one that is not
+    UTF-8 text (a binary, a checkpoint passed by mistake). What ``ptd`` (cli) and load_config both read it by."""
+    try:
+        with open(p, "rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
+            size = os.fstat(f.fileno()).st_size
+        if len(data) > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{p}: {max(size, len(data)):,} bytes, more than a config can be (at most {MAX_CONFIG_BYTES:,}; "
+                              f"a real one is a few KB), so it was not read; pass a YAML config (see configs/)")
+        return data.decode("utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{p}: cannot be read as a YAML text file ({type(e).__name__}: {e}); pass a YAML config (see configs/)") from None
+
+
 def _read_file(p: Path) -> dict:
     """The top-level mapping of the config file ``p``; a one-line ConfigError otherwise."""
+    text = read_config_text(p)
     try:
-        loaded = _read_yaml(p.read_text())
+        loaded = _read_yaml(text)
     except _Refused as e:
         raise ConfigError(f"{p}{f' line {e.line}' if e.line else ''}: the YAML {e}") from None
     except yaml.YAMLError as e:

@@ -174,3 +174,42 @@ def test_a_sweep_takes_one_loss_and_one_teacher(tmp_path):
         check_plugins(load_config(write(tmp_path, "distill: {loss: [kd, dkd]}")), sweep=True)
     with pytest.raises(ConfigError, match=r"^teacher.seeds: 2 teacher replicates are for ptd run"):
         check_plugins(load_config(write(tmp_path, "teacher: {seeds: 2}")), sweep=True)
+
+
+# ---------------------------------------------------------------- a config file too large to be one (bad-input audit F10)
+
+
+def test_a_config_file_larger_than_any_config_is_refused_before_it_is_read(tmp_path, capsys):
+    """A 600 MB config (one comment line) was read whole, then parsed by PyYAML for minutes, without
+    a word. Past MAX_CONFIG_BYTES it is one line, from the CLI and from load_config alike."""
+    from ptd.cli import main
+
+    MAX_CONFIG_BYTES = 2**20  # ptd.config.MAX_CONFIG_BYTES, checked last
+    tail = "\nnot_a_key: 1\n"  # unknown: the old code, which parsed it all, refused this instead
+    big = write(tmp_path, "#" * (MAX_CONFIG_BYTES + 1 - len(tail)) + tail)
+    want = (f"{big}: {MAX_CONFIG_BYTES + 1:,} bytes, more than a config can be (at most {MAX_CONFIG_BYTES:,}; a real one "
+            f"is a few KB), so it was not read; pass a YAML config (see configs/)")
+    with pytest.raises(ConfigError) as e:
+        load_config(big)
+    assert str(e.value) == want
+    for cmd in (["train", str(big), "--out", str(tmp_path / "o")], ["eval", str(tmp_path / "m.safetensors"), str(big)]):
+        assert main(cmd) == 2
+        cap = capsys.readouterr()
+        assert cap.out == "" and cap.err == f"ptd: error: {want}\n", cap.err
+    assert not (tmp_path / "o").exists()
+    # one byte less is read (and refused for its key, not its size)
+    at_cap = write(tmp_path, "#" * (MAX_CONFIG_BYTES - len(tail)) + tail)
+    with pytest.raises(ConfigError, match=r"^not_a_key \(.*c\.yaml\): unknown key"):
+        load_config(at_cap)
+    from ptd import config
+
+    assert config.MAX_CONFIG_BYTES == MAX_CONFIG_BYTES
+
+
+def test_a_config_that_is_not_text_is_one_line_from_load_config_too(tmp_path):
+    """The CLI's check and load_config read a config through one reader (read_config_text): a
+    binary file was a bare UnicodeDecodeError from load_config (ptd export reads a run's config.yaml by it)."""
+    p = tmp_path / "c.yaml"
+    p.write_bytes(b"\xff\xfe\x00\x01garbage")
+    with pytest.raises(ConfigError, match=r"c\.yaml: cannot be read as a YAML text file \(UnicodeDecodeError: .*\); pass a YAML config"):
+        load_config(p)
