@@ -31,9 +31,9 @@ import torch
 import torch.nn as nn
 
 from ptd import paths as P
-from ptd.errors import PtdError
+from ptd.errors import PtdError, one_line
 from ptd.io import damaged, default_fix
-from ptd.train.checkpoint import CheckpointError, _sniff, is_writer_temp
+from ptd.train.checkpoint import CheckpointError, _clip, _sniff, is_writer_temp
 
 ONNX_OPSET = 17  # onnxruntime >= 1.14 runs it; every op of ptd's families and the tv: CNNs exists in it
 TOLERANCE = 1e-4  # max abs logit difference, fp32, onnxruntime vs PyTorch
@@ -472,21 +472,37 @@ def onnx_latency(
     return out
 
 
-def test_images(run_dir: Path | None, input_shape: Sequence[int], n: int = 64) -> tuple[torch.Tensor, str]:
+def run_config(run_dir: Path | None):
+    """The run's config (its config.yaml, read as ``ptd eval`` reads it), or None where there is no
+    run directory or it has no config.yaml. A damaged one (not YAML, not a config, too large) is
+    refused in ``ptd eval``'s line: it used to fall into test_images' fallback, and the export went
+    on, exit 0, checked on random inputs, with the ConfigError cut mid-word (bad-input audit)."""
+    if run_dir is None or not os.path.lexists(run_dir / P.CONFIG):
+        return None
+    from ptd.config import ConfigError, load_config
+
+    try:
+        return load_config(run_dir / P.CONFIG)
+    except ConfigError as e:
+        raise ExportError(str(e)) from None
+
+
+def test_images(run_dir: Path | None, input_shape: Sequence[int], n: int = 64, cfg=None) -> tuple[torch.Tensor, str]:
     """Up to ``n`` normalised test images of the run's dataset, and where they came from.
 
     Without a run directory there are no real images to use: random normal inputs of
     ``input_shape`` (C, H, W) stand in, and the description says so. A run whose data cannot be
     read here gets random inputs of the size its student stage recorded (student/stats.json);
     where it recorded none, ExportError: the ONNX graph is traced at one H x W, and a guess
-    (32 x 32) made a 28 x 28 student's file that refuses its own images.
+    (32 x 32) made a 28 x 28 student's file that refuses its own images. A damaged config.yaml is
+    an ExportError (run_config; ``cfg``: the run's config, read already).
     """
-    if run_dir is not None and (run_dir / P.CONFIG).is_file():
+    if cfg is None:
+        cfg = run_config(run_dir)
+    if cfg is not None and run_dir is not None:
         try:
-            from ptd.config import load_config
             from ptd.data import DataError, load_configured, make_loader
 
-            cfg = load_config(run_dir / P.CONFIG)
             dc = cfg.data
             try:
                 # headers only: the run checked its images as it was told; a full decode of the training
@@ -499,7 +515,8 @@ def test_images(run_dir: Path | None, input_shape: Sequence[int], n: int = 64) -
             x, _ = next(iter(loader))
             return x[:n].float().cpu().contiguous(), f"{len(x[:n])} test images of {dc.name}"
         except Exception as e:  # noqa: BLE001 -- the check still runs, on stand-in inputs of the run's size, and says why
-            why = f"{type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''}"
+            # ptd's own line whole (its fix is at the end); another library's cut at a word, marked, never mid-word
+            why = f"{type(e).__name__}: {one_line(e) if isinstance(e, PtdError) else _clip(one_line(e), 200)}"
             shape = _recorded_input(run_dir, int(input_shape[0]), why)
             if shape is None:
                 raise ExportError(f"{run_dir / 'config.yaml'}: the run's test images cannot be read here ({why}), and its "
@@ -548,12 +565,13 @@ def export(source: str | Path, out: str | Path | None = None, fmt: str = "onnx",
     if fmt != "onnx":
         raise ExportError(f"--format {fmt}: unknown export format; the one supported is onnx")
     src = resolve(source, arm)
+    cfg = run_config(src.run_dir)  # a damaged config.yaml: refused before anything is loaded
     model = load(src.model_path)
     teacher = _load_teacher(src.teacher_path) if latency and src.teacher_path is not None else None
     out = Path(out) if out is not None else src.model_path.with_suffix(".onnx")
     _check_out(out)
     # A bare model file: the size it records it was trained at, else 32x32 (CIFAR's).
-    images, where = test_images(src.run_dir, (input_channels(model), *(getattr(model, "ptd_input_size", None) or (32, 32))))
+    images, where = test_images(src.run_dir, (input_channels(model), *(getattr(model, "ptd_input_size", None) or (32, 32))), cfg=cfg)
     shape = tuple(images.shape[1:])
     tmp, held = _temp_for(out)
     try:

@@ -574,3 +574,42 @@ def test_an_out_not_ending_in_onnx_is_refused_before_anything_is_written(run_dir
     rc, text, err = run_cli(capsys, run_dir, "--out", out.parent / "S.ONNX", "--no-latency")  # the suffix in any case
     assert rc == 0 and err == "", err
 
+
+
+# ---------------------------------------------------------------- a damaged config.yaml is refused, as ptd eval refuses it (F7)
+
+
+@pytest.mark.parametrize("source,damage", [("run_dir", "syntax"), ("model_file", "syntax"), ("run_dir", "binary")])
+def test_a_run_whose_config_is_damaged_is_refused_in_eval_s_line(run_dir, tmp_path, capsys, source, damage):
+    """ptd export of a run whose config.yaml is not YAML exited 0, checked on random inputs instead of
+    the run's test images, and cut the ConfigError mid-word in its output (bad-input audit)."""
+    (run_dir / "config.yaml").write_bytes(b"name: [\n" if damage == "syntax" else b"\xff\xfe\x00\x01garbage")
+    (run_dir / "env.json").write_text("{}")  # a model file finds its run by config.yaml and env.json (ptd.paths.run_dir_of)
+    src = run_dir if source == "run_dir" else run_dir / "distill" / "scratch_seed0" / "model.safetensors"
+    out = tmp_path / "s.onnx"
+    rc, text, err = run_cli(capsys, src, "--out", out, "--no-latency")
+    assert rc == 2 and text == "" and err.count("\n") == 1, (text, err)
+    want = (f"ptd: error: {run_dir / 'config.yaml'} line 2: not valid YAML (expected the node content, but found "
+            f"'<stream end>'); fix the syntax\n") if damage == "syntax" else \
+        (f"ptd: error: {run_dir / 'config.yaml'}: cannot be read as a YAML text file (UnicodeDecodeError: 'utf-8' codec can't "
+         f"decode byte 0xff in position 0: invalid start byte); pass a YAML config (see configs/)\n")
+    assert err == want, err
+    rc, _, eval_err = main(["eval", str(run_dir / "distill" / "scratch_seed0" / "model.safetensors")]), *capsys.readouterr()
+    assert rc == 2 and eval_err == want  # the line ptd eval gives for the same file
+    assert not out.exists() and not any(n.endswith(".tmp") for n in os.listdir(tmp_path))
+
+
+def test_why_a_runs_test_images_could_not_be_read_is_said_whole(tmp_path):
+    """The reason the check fell back to random inputs was cut at 100 characters, mid-word, losing
+    the DataError's fix (bad-input audit)."""
+    run = _small_test_set_run(tmp_path, n_test=20)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["data"]["root"] = str(tmp_path / "gone")
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    (run / "student").mkdir()
+    (run / "student" / "stats.json").write_text(json.dumps({"onnx_latency": {"input": [1, 28, 28]}}))
+    rec = export(run, tmp_path / "s.onnx", latency=False)
+    where = rec["check"]["images"]
+    assert where.startswith(f"64 random inputs of the run's input size (its test images could not be read: DataError: "
+                            f"Fashion-MNIST file not found: {tmp_path / 'gone'}/train-images-idx3-ubyte(.gz); "), where
+    assert "or set data.root to a folder holding the four idx files" in where and where.endswith(")"), where
