@@ -516,7 +516,9 @@ def from_dict(cls: type, data: dict, prefix: str = "", source: str = "config") -
     for k, v in data.items():
         key = f"{prefix}.{k}" if prefix else str(k)
         if k not in fields:
-            raise ConfigError(f"{key} ({source}): unknown key; valid keys{' under ' + prefix if prefix else ''}: {', '.join(fields)}")
+            # A key with spaces or unprintable characters in it is quoted: "teacher  (config)" hid its space.
+            shown = key if isinstance(k, str) and k == k.strip() and k.isprintable() and k else repr(key)
+            raise ConfigError(f"{shown} ({source}): unknown key; valid keys{' under ' + prefix if prefix else ''}: {', '.join(fields)}")
         try:
             kwargs[k] = _coerce(hints[k], v, key, source)
         except ConfigError as e:
@@ -671,6 +673,12 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not all(k.strip() for k in keys):
         raise ConfigError(f"override {_quoted(text)}: {'no key' if not key.strip() else f'the key {key.strip()!r} has an empty part'} "
                           f"before '='; expected KEY=VALUE with a dotted key, e.g. --set distill.alpha=0.9")
+    if any(k != k.strip() for k in keys):
+        # 'teacher .optim.lr' was "teacher  (command line): unknown key", the space unseen (bad-input audit)
+        spaced = next(k for k in keys if k != k.strip())
+        fixed = '.'.join(k.strip() for k in keys) + "=" + raw
+        raise ConfigError(f"override {_quoted(text)}: the key part {spaced!r} has spaces around it; write the key without "
+                          f"them: --set {_quoted(fixed)}")
     if not raw.strip():
         # Not null: for an optional key null means "unset", and `--set data.root=` (a variable that
         # expanded to nothing) trained silently on the default data. Unsetting is said in words.

@@ -213,3 +213,30 @@ def test_a_config_that_is_not_text_is_one_line_from_load_config_too(tmp_path):
     p.write_bytes(b"\xff\xfe\x00\x01garbage")
     with pytest.raises(ConfigError, match=r"c\.yaml: cannot be read as a YAML text file \(UnicodeDecodeError: .*\); pass a YAML config"):
         load_config(p)
+
+
+# ---------------------------------------------------------------- a key with a space in it is named so (bad-input audit F11)
+
+
+def test_an_override_key_with_spaces_around_a_part_is_refused_saying_so(capsys, tmp_path):
+    """--set 'teacher .optim.lr=0.1' said "teacher  (command line): unknown key", the space unseen."""
+    from ptd.cli import main
+
+    want = ("override 'teacher .optim.lr=0.1': the key part 'teacher ' has spaces around it; write the key without them: "
+            "--set 'teacher.optim.lr=0.1'")
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["teacher .optim.lr=0.1"])
+    assert str(e.value) == want
+    assert main(["train", str(write(tmp_path, "name: x\n")), "--set", "teacher .optim.lr=0.1", "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err == f"ptd: error: {want}\n" and not (tmp_path / "o").exists()
+    with pytest.raises(ConfigError, match=r"the key part ' optim' has spaces around it; write the key without them: --set 'teacher.optim.lr=0.1'"):
+        load_config(None, ["teacher. optim.lr=0.1"])
+    assert load_config(None, [" teacher.optim.lr = 0.1"]).teacher.optim.lr == 0.1  # around the whole key: unambiguous, as before
+
+
+def test_an_unknown_yaml_key_with_spaces_is_quoted(tmp_path):
+    p = write(tmp_path, '"teacher ": {}\n')
+    with pytest.raises(ConfigError, match=r"^'teacher ' \(.*c\.yaml\): unknown key; valid keys: name,"):
+        load_config(p)
+    with pytest.raises(ConfigError, match=r"^teacher\.optim\.lrx \(command line\): unknown key"):  # a plain key stays unquoted
+        load_config(None, ["teacher.optim.lrx=1"])
