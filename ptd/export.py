@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import errno
 import fcntl
 import io
 import json
@@ -33,7 +34,7 @@ import torch.nn as nn
 from ptd import paths as P
 from ptd.errors import PtdError, one_line
 from ptd.io import damaged, default_fix
-from ptd.train.checkpoint import CheckpointError, _clip, _sniff, is_writer_temp
+from ptd.train.checkpoint import CheckpointError, _clip, _sniff, _stat_regular, is_writer_temp
 
 ONNX_OPSET = 17  # onnxruntime >= 1.14 runs it; every op of ptd's families and the tv: CNNs exists in it
 TOLERANCE = 1e-4  # max abs logit difference, fp32, onnxruntime vs PyTorch
@@ -51,6 +52,24 @@ def _missing(path: Path, fix: str | None = None) -> ExportError:
     """A file of a finished stage (its ``done`` is there) that is not: the run is damaged. The line
     ``ptd run`` gives for the same damage (ptd.io.damaged), as an ExportError."""
     return ExportError(str(damaged(path, MISSING, fix)))
+
+
+def _no_file(path: Path, give: str) -> ExportError | None:
+    """Why a path that is there is no regular file (a symbolic-link loop, a dangling link, a pipe, a
+    folder), in ptd.train.checkpoint's line; None where nothing is there at all. A stage's model file
+    in a link loop was "damaged (missing, ...)" in ptd export, "Too many levels of symbolic links" in
+    ptd eval (bad-input audit, F6's class)."""
+    try:
+        os.lstat(path)
+    except FileNotFoundError:
+        return None
+    except OSError:
+        pass  # a loop or a file on the way: _stat_regular names it
+    try:
+        _stat_regular(path, give)
+    except CheckpointError as e:
+        return ExportError(str(e))
+    return None
 
 
 def _student_fix(d: Path, run_dir: Path) -> str:
@@ -99,7 +118,7 @@ def _best_arm(run_dir: Path, arm: str | None = None) -> tuple[Path, str]:
             continue
         f = d / P.MODEL
         if not f.is_file():
-            raise _missing(f, _student_fix(d, run_dir))
+            raise _no_file(f, _student_fix(d, run_dir)) or _missing(f, _student_fix(d, run_dir))
         r = _arm_result(d / P.RESULT, run_dir)
         score = r.get("val_acc") if r.get("val_acc") is not None else r.get("test_acc")
         cands.append((-1.0 if score is None else float(score), d.name, f, r))
@@ -141,8 +160,12 @@ _GIVE_SOURCE = "give a run directory or a model .safetensors written by ptd"
 
 
 def _resolve(p: Path, arm: str | None = None) -> Source:
-    if not os.path.lexists(p):  # a link (dangling, or in a loop) is there: _sniff names what is wrong with it
-        raise ExportError(f"{p}: no such file or directory; {_GIVE_SOURCE}")
+    try:
+        os.lstat(p)
+    except FileNotFoundError:  # nothing there at all (a dangling link is there to lstat: _sniff names it)
+        raise ExportError(f"{p}: no such file or directory; {_GIVE_SOURCE}") from None
+    except OSError:
+        pass  # a link loop or a file on the way to it: _sniff names it, as for ptd eval
     if p.is_dir():
         if not (p / P.CONFIG).is_file() and not (p / P.DISTILL).is_dir():
             raise ExportError(f"{p}: not a ptd run directory (no config.yaml, no distill/); give a run directory or a model .safetensors")
@@ -194,7 +217,8 @@ def load(path: Path) -> nn.Module:
 def _load_teacher(path: Path) -> nn.Module:
     """The run's teacher, timed against the student: checked before anything is written."""
     if not path.is_file():  # resolve() names a missing one only where its stage is finished: damage
-        raise _missing(path, f"{default_fix(path)}; or pass --no-latency to export the student without timing it against the teacher")
+        fix = f"{default_fix(path)}; or pass --no-latency to export the student without timing it against the teacher"
+        raise _no_file(path, fix) or _missing(path, fix)
     try:
         return load(path)
     except ExportError as e:
@@ -237,6 +261,16 @@ def _quiet_fds():
                 os.close(dup)
 
 
+def _link_end(link: Path) -> str:
+    """Where a symbolic link that leads to no file ends: nowhere, or in a loop (it said "which does not exist" of a loop)."""
+    try:
+        os.stat(link)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "a loop of symbolic links"
+    return "which does not exist"
+
+
 def _check_out(out: Path, *, overwrite: bool = False) -> None:
     """Everything about ``out`` that can be known before a byte is written; one-line ExportError otherwise."""
     try:
@@ -248,7 +282,7 @@ def _check_out(out: Path, *, overwrite: bool = False) -> None:
         if taken and not overwrite:
             # A file ptd exported is whole (written to a temporary, then linked in): one left by an
             # export killed before it printed is complete, which the user cannot otherwise tell (crash audit).
-            what = f" (a symbolic link to {os.readlink(out)}, which does not exist)" if out.is_symlink() and not out.exists() else \
+            what = f" (a symbolic link to {os.readlink(out)}, {_link_end(out)})" if out.is_symlink() and not out.exists() else \
                 " (a folder)" if out.is_dir() else " (if ptd exported it, it is complete: exports are written whole)"
             raise ExportError(f"{out}: already exists{what}; nothing was overwritten -- choose another --out or delete the file")
         if overwrite and out.is_dir():

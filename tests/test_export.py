@@ -613,3 +613,40 @@ def test_why_a_runs_test_images_could_not_be_read_is_said_whole(tmp_path):
     assert where.startswith(f"64 random inputs of the run's input size (its test images could not be read: DataError: "
                             f"Fashion-MNIST file not found: {tmp_path / 'gone'}/train-images-idx3-ubyte(.gz); "), where
     assert "or set data.root to a folder holding the four idx files" in where and where.endswith(")"), where
+
+
+@pytest.mark.parametrize("which", ["student_loop", "student_fifo", "teacher_loop"])
+def test_a_runs_model_file_that_is_no_file_is_named_not_called_missing(run_dir, tmp_path, capsys, which):
+    """A finished stage's model.safetensors in a symbolic-link loop (or a pipe) was "damaged
+    (missing, though its stage is finished)"; ptd eval says what it is."""
+    stage = run_dir / ("teacher" if which == "teacher_loop" else "distill/scratch_seed0")
+    f = stage / "model.safetensors"
+    f.unlink()
+    if which.endswith("loop"):
+        os.symlink(f.name, f)
+        want = f"ptd: error: {f}: cannot be opened (Too many levels of symbolic links); restore it"
+    else:
+        os.mkfifo(f)
+        want = f"ptd: error: {f}: not a regular file (a pipe, socket or device); restore it"
+    (stage / "done").write_text("")
+    out = tmp_path / "s.onnx"
+    rc, text, err = run_cli(capsys, run_dir, "--out", out)
+    assert rc == 2 and text == "" and err.count("\n") == 1 and err.startswith(want), err
+    assert not out.exists()
+
+
+def test_an_out_that_is_a_link_loop_is_named_so(run_dir, tmp_path, capsys):
+    out = tmp_path / "loop.onnx"
+    os.symlink(out.name, out)
+    rc, text, err = run_cli(capsys, run_dir, "--out", out, "--no-latency")
+    assert rc == 2 and err == (f"ptd: error: {out}: already exists (a symbolic link to loop.onnx, a loop of symbolic links); "
+                               f"nothing was overwritten -- choose another --out or delete the file\n"), err
+    assert os.readlink(out) == "loop.onnx"
+
+
+def test_a_model_path_through_a_folder_link_loop_is_named_so(tmp_path, capsys):
+    (tmp_path / "d").symlink_to("d")
+    src = tmp_path / "d" / "m.safetensors"
+    rc, text, err = run_cli(capsys, src, "--out", tmp_path / "x.onnx", "--no-latency")
+    assert rc == 2 and err == (f"ptd: error: {src}: cannot be opened (Too many levels of symbolic links); give a run "
+                               f"directory or a model .safetensors written by ptd\n"), err
