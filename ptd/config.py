@@ -768,6 +768,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
             if p.exists():  # a folder, a FIFO, a device: "not found" would send the user looking for a typo
                 what = "a folder" if p.is_dir() else "not a regular file (a FIFO, socket or device)"
                 raise ConfigError(f"config {p} is {what}; pass the path of a YAML file (see configs/)")
+            try:  # a link loop, or a link whose target is gone, was "not found" too (bad-input audit, F6's class)
+                os.stat(p)
+            except FileNotFoundError:
+                if os.path.islink(p):
+                    raise ConfigError(f"config {p} is a symbolic link to {os.readlink(p)}, which does not exist; fix the link "
+                                      f"or pass the path of a YAML file (see configs/)") from None
+            except OSError as e:
+                raise ConfigError(f"config {p} cannot be opened ({e.strerror or type(e).__name__}); pass the path of a YAML "
+                                  f"file (see configs/)") from None
             raise ConfigError(f"config file not found: {p}; pass the path of a YAML file (see configs/)")
         data = _read_file(p)
         source = str(p)

@@ -240,3 +240,23 @@ def test_an_unknown_yaml_key_with_spaces_is_quoted(tmp_path):
         load_config(p)
     with pytest.raises(ConfigError, match=r"^teacher\.optim\.lrx \(command line\): unknown key"):  # a plain key stays unquoted
         load_config(None, ["teacher.optim.lrx=1"])
+
+
+# ---------------------------------------------------------------- a config path that is a link loop or dangles (F6's class)
+
+
+def test_a_config_path_that_is_a_link_loop_or_dangles_is_named_so(tmp_path):
+    """Both were "config file not found", which sends the user looking for a typo."""
+    loop = tmp_path / "loop.yaml"
+    loop.symlink_to("loop.yaml")
+    with pytest.raises(ConfigError) as e:
+        load_config(loop)
+    assert str(e.value) == f"config {loop} cannot be opened (Too many levels of symbolic links); pass the path of a YAML file (see configs/)"
+    dangling = tmp_path / "d.yaml"
+    dangling.symlink_to(tmp_path / "gone.yaml")
+    with pytest.raises(ConfigError) as e:
+        load_config(dangling)
+    assert str(e.value) == (f"config {dangling} is a symbolic link to {tmp_path / 'gone.yaml'}, which does not exist; fix the "
+                            f"link or pass the path of a YAML file (see configs/)")
+    with pytest.raises(ConfigError, match=r"^config file not found: .*nope\.yaml; pass the path of a YAML file"):
+        load_config(tmp_path / "nope.yaml")
