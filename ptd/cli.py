@@ -67,7 +67,10 @@ def _check_config_file(path: str | None) -> None:
 def _run_config_of(model_file: Path) -> str | None:
     """The config.yaml of the run directory ``model_file`` lies in (``ptd.paths.run_dir_of``), or
     None: `ptd eval` of a run's model needs no config named."""
-    run = P.run_dir_of(model_file)
+    try:
+        run = P.run_dir_of(model_file)
+    except (OSError, RuntimeError):  # a symbolic-link loop (RuntimeError from Path.resolve before 3.13): the
+        return None  # model file's own check names it in one line; it was an internal error (bad-input audit, F6's class)
     return str(run / P.CONFIG) if run is not None else None
 
 
@@ -78,6 +81,20 @@ def _flag(value: str | None, flag: str, fix: str) -> str | None:
     if value is not None and not value.strip():
         raise ConfigError(f"{flag}: an empty value; {fix}")
     return value
+
+
+def _opens(path: str, flag: str, fix: str) -> None:
+    """A path given to ``flag`` that is there but cannot be opened (a symbolic-link loop, a file where
+    a folder belongs): one line. ``--from LOOP`` was an internal error (Path.resolve's RuntimeError).
+    One that is not there at all is left to the command, which names it in its own words."""
+    from ptd.config import ConfigError
+
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise ConfigError(f"{flag} {path}: cannot be opened ({e.strerror or type(e).__name__}); {fix}") from None
 
 
 def _load(args: argparse.Namespace):
@@ -109,6 +126,8 @@ def cmd_stage(args: argparse.Namespace) -> int:
     until = {"train": "teacher", "prune": "prune", "student": "student", "distill": "distill", "run": "report"}[args.cmd]
     arms = getattr(args, "arm", None)
     src = _flag(args.from_run, "--from", "give the earlier run directory whose teacher and pruning to reuse, or leave --from out")
+    if src is not None:
+        _opens(src, "--from", "give the earlier run directory whose teacher and pruning to reuse, or leave --from out")
     res = run_pipeline(cfg, out, until=until, arms=[arms] if arms else None, reuse_from=src)
     if _rank() != 0:  # rank 0 wrote the files and prints them, once
         return 0

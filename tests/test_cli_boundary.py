@@ -82,3 +82,25 @@ def test_help_says_where_results_go_and_how_to_resume_and_there_is_a_version(cap
         main(["run", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "again resumes a killed run" in text and "default: the config's device" in text and '"Configuration"' in text
+
+
+# ---------------------------------------------------------------- link loops on the command line (bad-input audit, F6's class)
+
+
+def test_eval_of_a_model_link_loop_without_a_config_is_one_line_not_an_internal_error(tmp_path, capsys):
+    """Finding the model's run (ptd.paths.run_dir_of, Path.resolve) raised RuntimeError on the loop."""
+    loop = tmp_path / "m.safetensors"
+    loop.symlink_to("m.safetensors")
+    assert cli.main(["eval", str(loop)]) == 2
+    assert capsys.readouterr().err == (f"ptd: error: {loop}: cannot be opened (Too many levels of symbolic links); give a "
+                                       f".safetensors file written by ptd (e.g. runs/<name>/teacher/model.safetensors)\n")
+
+
+def test_from_a_link_loop_is_one_line_not_an_internal_error(tmp_path, tiny_yaml, capsys):
+    loop = tmp_path / "earlier"
+    loop.symlink_to("earlier")
+    out = tmp_path / "o"
+    assert cli.main(["distill", str(tiny_yaml), "--out", str(out), "--from", str(loop)]) == 2
+    assert capsys.readouterr().err == (f"ptd: error: --from {loop}: cannot be opened (Too many levels of symbolic links); give "
+                                       f"the earlier run directory whose teacher and pruning to reuse, or leave --from out\n")
+    assert not out.exists()
