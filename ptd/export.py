@@ -34,7 +34,7 @@ import torch.nn as nn
 from ptd import paths as P
 from ptd.errors import PtdError, one_line
 from ptd.io import damaged, default_fix
-from ptd.train.checkpoint import CheckpointError, _clip, _sniff, _stat_regular, is_writer_temp
+from ptd.train.checkpoint import CheckpointError, clip_words, sniff_file, stat_regular, is_writer_temp
 
 ONNX_OPSET = 17  # onnxruntime >= 1.14 runs it; every op of ptd's families and the tv: CNNs exists in it
 TOLERANCE = 1e-4  # max abs logit difference, fp32, onnxruntime vs PyTorch
@@ -64,9 +64,9 @@ def _no_file(path: Path, give: str) -> ExportError | None:
     except FileNotFoundError:
         return None
     except OSError:
-        pass  # a loop or a file on the way: _stat_regular names it
+        pass  # a loop or a file on the way: stat_regular names it
     try:
-        _stat_regular(path, give)
+        stat_regular(path, give)
     except CheckpointError as e:
         return ExportError(str(e))
     return None
@@ -162,10 +162,10 @@ _GIVE_SOURCE = "give a run directory or a model .safetensors written by ptd"
 def _resolve(p: Path, arm: str | None = None) -> Source:
     try:
         os.lstat(p)
-    except FileNotFoundError:  # nothing there at all (a dangling link is there to lstat: _sniff names it)
+    except FileNotFoundError:  # nothing there at all (a dangling link is there to lstat: sniff_file names it)
         raise ExportError(f"{p}: no such file or directory; {_GIVE_SOURCE}") from None
     except OSError:
-        pass  # a link loop or a file on the way to it: _sniff names it, as for ptd eval
+        pass  # a link loop or a file on the way to it: sniff_file names it, as for ptd eval
     if p.is_dir():
         if not (p / P.CONFIG).is_file() and not (p / P.DISTILL).is_dir():
             raise ExportError(f"{p}: not a ptd run directory (no config.yaml, no distill/); give a run directory or a model .safetensors")
@@ -175,7 +175,7 @@ def _resolve(p: Path, arm: str | None = None) -> Source:
     # pipe, an empty or cut-short file, each named; the first bytes decide what the file is, not its
     # name (a ptd model file named x.pt exports, as ptd eval takes it; load() refuses a torch pickle).
     try:
-        _sniff(p, _GIVE_SOURCE)
+        sniff_file(p, _GIVE_SOURCE)
     except CheckpointError as e:
         raise ExportError(str(e)) from None
     if arm is not None:
@@ -550,7 +550,7 @@ def test_images(run_dir: Path | None, input_shape: Sequence[int], n: int = 64, c
             return x[:n].float().cpu().contiguous(), f"{len(x[:n])} test images of {dc.name}"
         except Exception as e:  # noqa: BLE001 -- the check still runs, on stand-in inputs of the run's size, and says why
             # ptd's own line whole (its fix is at the end); another library's cut at a word, marked, never mid-word
-            why = f"{type(e).__name__}: {one_line(e) if isinstance(e, PtdError) else _clip(one_line(e), 200)}"
+            why = f"{type(e).__name__}: {one_line(e) if isinstance(e, PtdError) else clip_words(one_line(e), 200)}"
             shape = _recorded_input(run_dir, int(input_shape[0]), why)
             if shape is None:
                 raise ExportError(f"{run_dir / 'config.yaml'}: the run's test images cannot be read here ({why}), and its "

@@ -345,7 +345,7 @@ MAX_SPEC_WIDTH = 1024.0
 MAX_SPEC_INT = 2**31 - 1
 
 
-def _stat_regular(p: Path, give: str) -> int:
+def stat_regular(p: Path, give: str) -> int:
     """The size of ``p``; a CheckpointError for every way ``p`` is not a regular file one can stat."""
     try:
         st = os.stat(p)
@@ -399,9 +399,9 @@ def _torch_zip(p: Path) -> bool:
         return False
 
 
-def _sniff(p: Path, give: str) -> tuple[str, int, bytes]:
+def sniff_file(p: Path, give: str) -> tuple[str, int, bytes]:
     """(kind, size, first bytes) of the file at ``p``; CheckpointError when it cannot be read at all."""
-    size = _stat_regular(p, give)
+    size = stat_regular(p, give)
     try:
         with open(p, "rb") as f:
             head = f.read(_HEAD)
@@ -423,14 +423,14 @@ def _sniff(p: Path, give: str) -> tuple[str, int, bytes]:
     return kind, size, head
 
 
-def _clip(text: str, limit: int) -> str:
+def clip_words(text: str, limit: int) -> str:
     """``text`` cut at a word boundary to at most about ``limit`` characters, marked when cut."""
     return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0].rstrip(",;:") + " ..."
 
 
 def _first_sentence(e: BaseException, limit: int = 120) -> str:
     """An exception's first sentence, whole: long library messages are not cut mid-word."""
-    return _clip((one_line(e) or type(e).__name__).split(". ")[0], limit)
+    return clip_words((one_line(e) or type(e).__name__).split(". ")[0], limit)
 
 
 def _safetensors_error(p: Path, e: BaseException, fix: str) -> CheckpointError:
@@ -490,7 +490,7 @@ def read_metadata(path: str | Path) -> dict[str, str]:
     from safetensors import safe_open
 
     p = Path(path)
-    kind, _, _ = _sniff(p, _MODEL_FILE)
+    kind, _, _ = sniff_file(p, _MODEL_FILE)
     if kind != "safetensors":
         what = "a zip archive but not a whole torch.save one (another tool's, or cut short), and not safetensors" if kind == "zip" and not _torch_zip(p) else \
             "a pickle file (torch.save's format), not safetensors"
@@ -539,7 +539,7 @@ def _check_tensors(p: Path, sd: dict[str, torch.Tensor]) -> None:
     odd = [(k, why) for k, v in sd.items() if (why := _odd_tensor(v)) is not None]
     if odd:
         (k, (what, fix)), n = odd[0], len(odd)
-        raise CheckpointError(f"{p}: {n} tensor{'s are' if n > 1 else ' is'} not a dense tensor of values (first: {_clip(k, 120)}, "
+        raise CheckpointError(f"{p}: {n} tensor{'s are' if n > 1 else ' is'} not a dense tensor of values (first: {clip_words(k, 120)}, "
                               f"{what}); ptd loads only dense tensors of values: {fix}")
 
 
@@ -547,7 +547,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Weights from a safetensors file or a torch file, told apart by their bytes (weights_only=True:
     no code from the file runs)."""
     p = Path(path)
-    kind, _, _ = _sniff(p, _WEIGHTS_FILE)
+    kind, _, _ = sniff_file(p, _WEIGHTS_FILE)
     if kind == "safetensors":
         try:
             sd = load_file(str(p))
@@ -566,7 +566,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{p}: holds no state_dict of tensors; save torch.save(model.state_dict(), path)")
     names = [k for k in obj if not isinstance(k, str)]
     if names:  # torch.save keeps any hashable key; a state_dict's keys are parameter names
-        raise CheckpointError(f"{p}: {len(names)} of its {len(obj)} keys are not names (first: {_clip(one_line(repr(names[0])), 60)}, "
+        raise CheckpointError(f"{p}: {len(names)} of its {len(obj)} keys are not names (first: {clip_words(one_line(repr(names[0])), 60)}, "
                               f"of type {type(names[0]).__name__}); a state_dict maps names such as 'features.0.weight' to tensors: "
                               f"save torch.save(model.state_dict(), path)")
     _check_tensors(p, obj)
@@ -579,7 +579,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             if name.startswith(pre):
                 name = name[len(pre):]
         if name in given:  # 'module.x' beside 'x': which one is the weight cannot be told; keeping the last was silent
-            raise CheckpointError(f"{p}: holds both {_clip(given[name], 80)!r} and {_clip(k, 80)!r}, the same weight once the "
+            raise CheckpointError(f"{p}: holds both {clip_words(given[name], 80)!r} and {clip_words(k, 80)!r}, the same weight once the "
                                   f"DDP/torch.compile prefix is dropped; save one model's state_dict (of the bare model, "
                                   f"model.module.state_dict() under DDP)")
         given[name] = k
@@ -593,7 +593,7 @@ def _file_arch(path: str | Path) -> str:
         spec = json.loads(read_metadata(path).get("ptd_spec", "null"))
     except (CheckpointError, ValueError, RecursionError):
         return ""
-    return f" (the file says it holds {_clip(str(spec.get('arch')), 60)})" if isinstance(spec, dict) else ""
+    return f" (the file says it holds {clip_words(str(spec.get('arch')), 60)})" if isinstance(spec, dict) else ""
 
 
 def _head_only(model: nn.Module, sd: dict, own: dict, missing: list, unexpected: list) -> tuple[str, int, int] | None:
@@ -632,11 +632,11 @@ def load_into(model: nn.Module, path: str | Path, what: str = "model") -> None:
         arch = getattr(model, "ptd_spec", {}).get("arch", type(model).__name__)
         detail = []
         if wrong:
-            detail.append(f"{len(wrong)} shape mismatches (first: {_clip(wrong[0], 120)})")
+            detail.append(f"{len(wrong)} shape mismatches (first: {clip_words(wrong[0], 120)})")
         if missing:
-            detail.append(f"{len(missing)} missing keys (first: {_clip(missing[0], 120)})")
+            detail.append(f"{len(missing)} missing keys (first: {clip_words(missing[0], 120)})")
         if unexpected:
-            detail.append(f"{len(unexpected)} unexpected keys (first: {_clip(unexpected[0], 120)})")
+            detail.append(f"{len(unexpected)} unexpected keys (first: {clip_words(unexpected[0], 120)})")
         head = _head_only(model, sd, own, missing, unexpected)
         if head is not None:  # all that differs is the class count: no model setting can fix that
             raise CheckpointError(
@@ -654,7 +654,7 @@ def load_into(model: nn.Module, path: str | Path, what: str = "model") -> None:
     odd = [f"{k} ({sd[k].dtype}, where the {what} holds {own[k].dtype})" for k in own
            if (sd[k].is_complex() and not own[k].is_complex()) or (own[k].is_floating_point() and not sd[k].is_floating_point())]
     if odd:
-        raise CheckpointError(f"{path}: {len(odd)} tensors have a type a {what} cannot hold (first: {_clip(odd[0], 200)}); "
+        raise CheckpointError(f"{path}: {len(odd)} tensors have a type a {what} cannot hold (first: {clip_words(odd[0], 200)}); "
                               f"give the checkpoint of a model of real floating-point weights, as torch.save(model.state_dict()) writes it")
     # A file of nan/inf weights (a diverged run's, or a damaged one) loads without complaint and
     # teaches garbage for hours. Parameters and BatchNorm statistics are always finite in a model
@@ -720,7 +720,7 @@ def _build_spec(path: Path, spec: dict, device: str | None = None) -> nn.Module:
             warnings.simplefilter("ignore")  # e.g. "Initializing zero-element tensors": the error says more
             return build_from_spec(spec)
     except PtdError as e:  # an unknown arch: the file names a model this ptd does not have
-        raise CheckpointError(f"{path}: its ptd architecture metadata does not build a model ({_clip(one_line(e), 300)}); "
+        raise CheckpointError(f"{path}: its ptd architecture metadata does not build a model ({clip_words(one_line(e), 300)}); "
                               f"it was written by another ptd version or edited: {fix}") from None
     except _BUILD_ERRORS as e:  # a spec from another ptd version, or edited by hand
         raise CheckpointError(f"{path}: its ptd architecture metadata does not build a model "
