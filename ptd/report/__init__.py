@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+from html import unescape as html_unescape  # (not `import html`: the submodule ptd.report.html takes that name)
 import json
 import math
 import os
@@ -1233,6 +1234,7 @@ def check_students_once(r: dict[str, Any], path: Path | str, fix: str) -> None:
 
 
 _FIGURE = re.compile(r'<img src="[^"]*" alt="([^"]*)">')  # ptd.report.html._img's tag
+_NOTE = re.compile(r'<p class="note">([^<]*)</p>')  # ptd.report.html._safe's note for a section it could not draw
 
 
 def check_no_figure_lost(files: list[tuple[Path, Any]], folder: Path) -> None:
@@ -1249,9 +1251,11 @@ def check_no_figure_lost(files: list[tuple[Path, Any]], folder: Path) -> None:
             continue  # unreadable: check_outputs/commit_outputs say what is wrong with it
         lost = [a for a in dict.fromkeys(_FIGURE.findall(old)) if a not in set(_FIGURE.findall(content))]
         if lost:
-            raise ReportError(f"{path} draws figures this re-render cannot ({'; '.join(lost)}): the stage files they come "
-                              f"from are no longer in {folder}; restore them, or copy its results to a new folder and run "
-                              f"ptd report there (nothing was written)")
+            # Why, as the new page would have said it in place of the figure (a file not in the folder, or damaged).
+            why = next((html_unescape(n) for n in _NOTE.findall(content) if "not drawn" in n or "not available" in n), None)
+            raise ReportError(f"{path} draws figures this re-render cannot ({'; '.join(lost)})"
+                              + (f": {why.rstrip('.')}" if why else f": the stage files they come from are no longer in {folder}")
+                              + "; restore them, or copy its results to a new folder and run ptd report there (nothing was written)")
 
 
 def rerender(run_dir: str | Path) -> str:

@@ -515,7 +515,10 @@ def render_run_html(run_dir: str | Path, results: dict[str, Any] | None = None) 
     body.append(_section("Training curves: students", _safe(student_curves, "student training curves")))
 
     def sparsity() -> str:
-        info = json.loads((run_dir / "prune" / f"level_{p['level']}" / "sparsity.json").read_text())
+        f = run_dir / "prune" / f"level_{p['level']}" / "sparsity.json"
+        if not f.is_file():  # a results-only folder: _safe's "not in this folder" note
+            raise FileNotFoundError(2, "No such file", str(f))
+        info = read_json_object(f)  # a damaged one's note names it (json.loads said "Expecting value: line 1 column 1")
         layers = info["layers"]
         return (_img(plot_layer_sparsity(layers), "per-layer sparsity of the pruned teacher")
                 + f'<p class="note">Level {info["level"]}: {info["alive"]:,} of {info["total"]:,} prunable weights kept '
