@@ -1093,6 +1093,10 @@ def stage_prune(ctx: Context, teacher: nn.Module, teacher_result: dict, prune_cf
         out = d / name
         if ctx.main:
             out.mkdir(parents=True, exist_ok=True)
+        # Dropout draws from torch's global RNG: unseeded, a level's first epoch depended on what the
+        # session did before it (a teacher trained, or reused), and a resumed mobilenetv2 teacher was
+        # pruned to other weights (review). A resume restores the commit's RNG over this.
+        seed_everything(stream_seed(cfg.seed, f"prune {name}", replicate))
         r = ctx.fit(m, optim, out, seed, f"prune {name}", hooks=[MaskHook(mk), *hooks], keep=cfg.prune.retrain_checkpoint)
         # fit reloads the checkpoint it kept; apply the masks once more for exactness under GMP,
         # whose masks may have shrunk after a best-validation checkpoint was written.
@@ -1351,6 +1355,7 @@ def stage_control(ctx: Context, teacher: nn.Module, prune_result: dict, replicat
 
             def train_round(k: int = k, rd: Path = rd, optim: OptimConfig = optim) -> dict:
                 ctx.log(f"[control] retraining the unpruned teacher, round {k}/{len(rounds)}")
+                seed_everything(stream_seed(cfg.seed, f"control round {k}", replicate))  # as each pruning level (review)
                 # The control ends its rounds as the pruning's do: it is the same training without the pruning.
                 return ctx.fit(model, optim, rd, teacher_seed(cfg, replicate), f"control {k}", keep=cfg.prune.retrain_checkpoint)
 
