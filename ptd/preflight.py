@@ -801,6 +801,20 @@ def check_runs(model: nn.Module, where: str, splits: Any, image_size: int | None
                           f"for the {splits.num_classes} classes of {splits.name}")
 
 
+def _idle_round(total: int, rate: float, target: float) -> tuple[int, int] | None:
+    """The first of the rounds to ``target`` that prunes no weight (round(rate x alive) is 0), with
+    the weights alive then; None if every round prunes. At most MAX_EPOCHS rounds (check_rounds)."""
+    from ptd.pruning.select import rounds_for_target, survivors_after_round
+
+    alive = total
+    for k in range(1, rounds_for_target(target, rate) + 1):
+        nxt = survivors_after_round(alive, rate)
+        if nxt == alive:
+            return k, alive
+        alive = nxt
+    return None
+
+
 def check_no_certain_collapse(cfg: RunConfig, teacher: nn.Module, sweep: bool = False) -> None:
     """A target sparsity that keeps fewer weights than the teacher has prunable layers empties at
     least one layer whatever the scores (layer collapse): refused now, by the arithmetic alone.
@@ -819,15 +833,22 @@ def check_no_certain_collapse(cfg: RunConfig, teacher: nn.Module, sweep: bool = 
                           f"exclude_last={str(pl).lower()} leaves none; set one of them to false, or give teacher.model "
                           f"more Conv/Linear layers")
     total, layers = sum(sizes), len(sizes)
-    # A round prunes round(rate x alive) weights: under half a weight, none, and every round of the
-    # schedule retrains a teacher that never gets sparser (bad-input audit: sparsity 0.0000 at level 415).
+    # A round prunes round(rate x alive) weights of those still alive: under half a weight, none, and
+    # every round left retrains a teacher that never gets sparser (bad-input audit: sparsity 0.0000
+    # at level 415; review: rate 1e-4 to 0.8 pruned nothing from round 9,289 of 16,094 and ended at 0.65).
     from ptd.pruning import SPECS
-
     by_rounds = [st for st in (cfg.sweep.strategies if sweep else [cfg.prune.strategy]) if st in SPECS and SPECS.get(st).rounds]
-    aims = cfg.sweep.sparsities if sweep else [cfg.prune.target_sparsity]
-    if by_rounds and max(aims, default=0) > 0 and total * cfg.prune.rate < 0.5:
-        raise ConfigError(f"prune.rate: {cfg.prune.rate:g} of the teacher's {total:,} prunable weights is under half a weight, "
-                          f"so a pruning round removes none; use at least {1 / total:.2g} (one weight a round), typically 0.2")
+    aim = max(cfg.sweep.sparsities if sweep else [cfg.prune.target_sparsity], default=0)
+    rate = cfg.prune.rate
+    if by_rounds and aim > 0 and (idle := _idle_round(total, rate, aim)) is not None:
+        k, alive = idle
+        step = 10.0 ** (math.floor(math.log10(0.5 / alive)) - 1)
+        least = math.ceil(0.5 / alive / step) * step  # up, to the 2 digits shown
+        while _idle_round(total, least, aim) is not None:  # the rate named must pass (5,000 x 1e-4 rounds to no weight)
+            least += step
+        raise ConfigError(f"prune.rate: {rate:g} of the {alive:,} weights still alive at round {k:,} (of the teacher's "
+                          f"{total:,} prunable) is under half a weight, so that round and every one after it removes none; "
+                          f"use at least {least:.2g}, typically 0.2")
     targets = [("prune.target_sparsity", cfg.prune.target_sparsity)]
     if sweep:
         targets += [("sweep.sparsities", s) for s in cfg.sweep.sparsities]

@@ -197,8 +197,12 @@ CASES: dict[str, tuple[list[str], list[str]]] = {
                            ["prune.rate: 1e-09 of the weights per round takes 446,287,115 rounds", "more than 100,000",
                             "use a rate of at least 4.5e-06"]),
     "prune-rate-prunes-nothing": (["run", "{ws}/c.yaml", "--set", "prune.rate=3e-5"],
-                                  ["prune.rate: 3e-05 of the teacher's 14,288 prunable weights is under half a weight",
-                                   "use at least 7e-05"]),
+                                  ["prune.rate: 3e-05 of the 14,288 weights still alive at round 1 (of the teacher's 14,288 "
+                                   "prunable) is under half a weight", "use at least 6.7e-05"]),
+    # ... or only later: the rate applies to the weights still alive (review: rate 1e-4 to 0.8 pruned
+    # nothing from round 9,289 of 16,094 and ended at sparsity 0.65).
+    "prune-rate-prunes-nothing-later": (["run", "{ws}/c.yaml", "--set", "prune.rate=1e-4", "--set", "prune.target_sparsity=0.8"],
+                                        ["prune.rate: 0.0001 of the 5,000 weights still alive at round 9,289", "use at least 0.0002"]),
     "sweep-rate-prunes-nothing": (["sweep", "{ws}/c.yaml", "--set", "prune.rate=3e-5"], ["under half a weight"]),
     "prune-strategy-unknown": (["prune", "{ws}/c.yaml", "--set", "prune.strategy=nope"], ["nope", "imp"]),
     "prune-certain-collapse": (["run", "{ws}/c.yaml", "--set", "prune.strategy=oneshot", "--set", "prune.target_sparsity=0.9999"],
