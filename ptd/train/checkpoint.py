@@ -12,10 +12,12 @@ Crash consistency of training (one commit point per epoch): ``save_resume(out_di
 writes everything a resume needs -- unit weights, optimizer, scheduler, RNG states, hook and loss
 states, the metrics rows, best-epoch info -- into ONE file that becomes visible by ONE rename.
 The order a loop must keep, so that a kill between any two writes resumes identically:
-  1. files the epoch produces besides the commit (best ``model.safetensors``, a hook's
-     ``epoch_<e>.safetensors``), each atomic: a kill here re-runs the epoch, which rewrites them;
+  1. files the epoch produces besides the commit (a hook's ``epoch_<e>.safetensors``), each
+     atomic: a kill here re-runs the epoch, which rewrites them;
   2. ``save_resume`` -- the commit point;
-  3. ``write_metrics`` -- a view of the committed rows, rewritten whole (a kill leaves it one
+  3. the kept ``model.safetensors`` when the epoch is the best: after the commit, so it always
+     holds weights the record scored (a resume whose commit is the best epoch saves it again);
+  4. ``write_metrics`` -- a view of the committed rows, rewritten whole (a kill leaves it one
      epoch behind; the resume rewrites it from the committed rows).
 At the end of a stage: its result files, then ``done``, then ``remove_resume`` (a kill before
 ``done`` resumes at the last epoch and only re-evaluates; never a retrain).
