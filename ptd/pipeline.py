@@ -713,7 +713,10 @@ def open_run_dir(cfg: RunConfig, run_dir: Path, rt: Runtime, until: str | None =
             ckpt.remove_stale_temps(run_dir)
             if not cfg_path.is_file():  # atomic: a crash leaves no config or the whole one
                 ckpt.write_text(cfg_path, seal(dump_yaml(cfg)))
-            if data is not None and not (run_dir / P.DATA).is_file():  # the first session's (or, before the record, this one's)
+            if data is not None and (not (run_dir / P.DATA).is_file()  # the first session's (or, before the record, this one's)
+                                     or ("file_sizes" in data and "file_sizes" not in read_json(run_dir / P.DATA))):
+                # A record from before file sizes, which check_data found equal on the rest: given them
+                # now, or the directory never gained that protection (review).
                 ckpt.write_json(run_dir / P.DATA, data)
             env = environment(cfg, rt, kind)
             if old_env is not None:  # keep the first session's record, add this one's

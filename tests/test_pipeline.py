@@ -741,7 +741,7 @@ def test_a_folder_dataset_rewritten_in_place_is_a_data_change(tmp_path):
                                      f"other file sizes: images rewritten in place): its finished stages were trained on "
                                      f"the data then; restore that data, or pass --out a new directory")
     (run / "data.json").write_text(json.dumps({k: v for k, v in fp.items() if k != "file_sizes"}))  # an older ptd's record
-    assert data_change(run, now) is None
+    assert data_change(run, now) is None  # (open_run_dir then adds the sizes: test_an_older_data_record_gains_file_sizes)
     assert fingerprint(SimpleNamespace(train=mem, val=mem, test=mem)).keys() == {"images", "sha256"}  # in memory: pixels hashed
     Path(files[0][0]).unlink()
     with pytest.raises(DataError, match=r"^cannot read .*0\.png \(No such file or directory\); restore it"):
@@ -836,3 +836,29 @@ def test_pruning_and_control_rounds_train_the_same_whatever_ran_before_them(tmp_
     assert any("prune" in f.parts for f in files) and any("control" in f.parts for f in files), files
     for f in files:
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+
+
+def test_an_older_data_record_gains_file_sizes(tmp_path):
+    """data.json is written once, by the first session: a run directory from before the file-size
+    record never gained it, and stayed blind to images rewritten in place (review). A later session
+    whose data matches the older record on what it holds adds the sizes."""
+    from conftest import tiny_config
+    from test_data import write_imagefolder
+
+    from ptd.config import load_config
+
+    write_imagefolder(tmp_path / "img")
+    cfg = tiny_config(tmp_path / "img", threads=1)
+    cfg["data"] = {"name": "imagefolder", "root": str(tmp_path / "img"), "image_size": 16, "crop_padding": 2}
+    cfg["teacher"]["model"] = {"arch": "vgg", "kwargs": {"plan": [8, "M", 8]}}
+    cfg["teacher"]["optim"].update(epochs=1, batch_size=4, milestones=[])
+    cfg["prune"]["retrain"]["batch_size"] = cfg["distill"]["optim"]["batch_size"] = 4
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    c = load_config(tmp_path / "c.yaml")
+    out = tmp_path / "run"
+    run_pipeline(c, out, until="teacher")
+    rec = json.loads((out / "data.json").read_text())
+    assert len(rec["file_sizes"]) == 64
+    (out / "data.json").write_text(json.dumps({k: v for k, v in rec.items() if k != "file_sizes"}))  # as an older ptd wrote it
+    run_pipeline(c, out, until="teacher")  # the same data: reused, and the record completed
+    assert json.loads((out / "data.json").read_text()) == rec
