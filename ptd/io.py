@@ -151,19 +151,40 @@ def file_digest(path: str | Path) -> str:
     return _DIGESTS[key]
 
 
+def _pid_space() -> str:
+    """This process's PID namespace (its /proc inode number), "0" where unknown: two containers can
+    share a host name and a cache folder, each with its own PIDs."""
+    try:
+        return "".join(c for c in os.readlink("/proc/self/ns/pid") if c.isdigit()) or "0"
+    except OSError:
+        return "0"
+
+
+def _host() -> str:
+    return socket.gethostname().replace(".", "_").replace("-", "_")  # no '.' or '-': the tag's separators
+
+
 def writer_tag() -> str:
-    """``<host>-<pid>``: names a temporary file by the process writing it, so a later process can tell
-    one whose writer died (``dead_writer``) from one being written now, on a folder several
-    machines share too."""
-    return f"{socket.gethostname().replace('.', '_')}-{os.getpid()}"
+    """``<host>-<pid namespace>-<pid>``: names a temporary file by the process writing it, so a later
+    process can tell one whose writer died (``dead_writer``) from one being written now, on a
+    folder several machines, or containers with one host name (review), share."""
+    return f"{_host()}-{_pid_space()}-{os.getpid()}"
 
 
 def dead_writer(tag: str) -> bool:
-    """Whether the ``writer_tag`` ``tag`` names a process of this machine that is gone (its
-    temporary is garbage). Another machine's, or a tag that is not one: False, left alone. A bare
-    pid (the tag of ptd before the host was in it) is taken as this machine's."""
-    host, _, pid = tag.rpartition("-")
-    if (host and host != socket.gethostname().replace(".", "_")) or not pid.isdigit():
+    """Whether the ``writer_tag`` ``tag`` names a process of this machine and PID namespace that is
+    gone (its temporary is garbage). Another machine's or namespace's, or a tag that is not one:
+    False, left alone. A bare pid (the tag of ptd before the host was in it) is taken as ours."""
+    parts = tag.split("-")
+    if len(parts) == 3:
+        if parts[:2] != [_host(), _pid_space()]:
+            return False
+        pid = parts[2]
+    elif len(parts) == 1:
+        pid = parts[0]
+    else:
+        return False
+    if not pid.isdigit():
         return False
     try:
         os.kill(int(pid), 0)

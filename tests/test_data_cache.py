@@ -58,15 +58,19 @@ def test_a_killed_cache_writers_temporary_is_removed_by_the_next_write(tmp_path:
     cache.mkdir()
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
                           check=True).stdout.strip()
-    host = writer_tag().rpartition("-")[0]
-    killed = cache / f"tiny_imagenet_0123abcd.{host}-{dead}.tmp"
+    here = writer_tag().rpartition("-")[0]  # <host>-<pid namespace>
+    host, space = here.split("-")
+    killed = cache / f"tiny_imagenet_0123abcd.{here}-{dead}.tmp"
     old = cache / f"tiny_imagenet_4567abcd.{dead}.tmp"  # named by ptd before the host was in the name
     live = cache / f"tiny_imagenet_89abcdef.{writer_tag()}.tmp"
-    elsewhere = cache / f"tiny_imagenet_fedcba98.other_host-{dead}.tmp"
-    for f in (killed, old, live, elsewhere):
+    elsewhere = cache / f"tiny_imagenet_fedcba98.other_host-{space}-{dead}.tmp"
+    # A container with this host name but its own PIDs: its pid may be free here while it writes (review).
+    container = cache / f"tiny_imagenet_76543210.{host}-1{space}-{dead}.tmp"
+    for f in (killed, old, live, elsewhere, container):
         f.write_bytes(b"\x93NUMPY torn")
-    assert dead_writer(f"{host}-{dead}") and not dead_writer(writer_tag()) and not dead_writer(f"other_host-{dead}")
+    assert dead_writer(f"{here}-{dead}") and not dead_writer(writer_tag())
+    assert not dead_writer(f"other_host-{space}-{dead}") and not dead_writer(f"{host}-1{space}-{dead}")
     load_dataset("tiny_imagenet", str(tmp_path), val_fraction=0.0, cache_dir=str(cache))
     left = sorted(p.name for p in cache.iterdir())
     assert len([n for n in left if n.endswith(".npy")]) == 2
-    assert [n for n in left if n.endswith(".tmp")] == sorted([live.name, elsewhere.name]), left
+    assert [n for n in left if n.endswith(".tmp")] == sorted([live.name, elsewhere.name, container.name]), left
