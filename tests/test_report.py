@@ -533,7 +533,7 @@ def test_the_report_says_what_a_call_is_about_and_how_often_noise_makes_one():
     r2 = _built(two)
     assert rows_called(r2) == 3 * 3 and "teacher.seeds 1" not in scope_note(r2)
     # The per-teacher rows beside the pooled one are one-teacher calls, and say so (statistics audit:
-    # called 23-47% of the time at 3-5 seeds where the difference varies between trainings).
+    # each called 28-36% of the time at 5 seeds where the difference varies between trainings: tests/test_stats.py).
     assert scope_note(r2).startswith("The rows under \"Teacher replicates\" are each about one training of the teacher, as "
                                      "in a one-teacher run: ") and "Only the pooled rows cover that spread." in scope_note(r2)
     only = _built([s for s in students if s["arm"] != "unpruned_teacher"])

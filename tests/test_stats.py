@@ -239,7 +239,7 @@ def test_one_teacher_calls_what_another_training_of_it_may_not_repeat(n, low, hi
 def test_skewed_differences_push_the_rule_past_five_percent(n, low, high):
     """The t interval assumes roughly symmetric differences. Exponential (skew 2) differences with
     mean 0 are called 10-12% of the time at 3-10 seeds, nearly all in the direction of the short
-    tail; a seed that collapses now and then does the same. README, "How sure is the answer"."""
+    tail; a seed that collapses now and then is worse (the test below). README, "How sure is the answer"."""
     rng = np.random.default_rng(600 + n)
     rate = _rule(rng.exponential(1.0, size=(SIMS, n)) - 1.0).mean()
     assert low <= rate <= high, rate
