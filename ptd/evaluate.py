@@ -41,8 +41,9 @@ def evaluate_model_file(cfg: RunConfig, checkpoint: str | Path, device: str | No
         raise CheckpointError(f"{checkpoint}: the model takes {spec.get('in_channels')}-channel images and has {spec.get('num_classes')} "
                               f"classes, but data.name={dc.name} has {splits.in_channels} and {splits.num_classes}; pass the config "
                               f"the model was trained with")
+    want = frame_size(splits, dc.image_size)
     check_fits_data(checkpoint, getattr(model, "ptd_input_size", None), getattr(model, "ptd_classes", None),
-                    frame_size(splits, dc.image_size), splits.classes, config_label or "this config", f"data.name={dc.name}")
+                    want, splits.classes, config_label or "this config", f"data.name={dc.name}")
     check_runs(model, str(checkpoint), splits, dc.image_size)
     rt = Runtime(device=dev, amp=cfg.amp, channels_last=cfg.channels_last, fast_wgrad=cfg.fast_wgrad, compile=cfg.compile, quiet=True)
     model = rt.prepare(model)
@@ -51,4 +52,4 @@ def evaluate_model_file(cfg: RunConfig, checkpoint: str | Path, device: str | No
     loader = make_loader(splits.test, batch_size=cfg.eval_batch_size, train=False, mean=splits.mean, std=splits.std, device=dev,
                          augment=False, channels_last=rt.channels_last, image_size=dc.image_size, workers=dc.workers)
     r = evaluate(model, loader, rt)
-    return {**r, "input_size": tuple(frame_size(splits, dc.image_size)), "params": count_params(model), "nonzero": count_nonzero(model)}
+    return {**r, "input_size": tuple(want), "params": count_params(model), "nonzero": count_nonzero(model)}

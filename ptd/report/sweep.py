@@ -271,6 +271,8 @@ def render_sweep_markdown(r: dict[str, Any], plots: bool = True) -> str:
         lines.append("")
 
     lines += ["## Reading", ""]
+    # The sweep's family size (pruned teachers with a paired comparison), for the Bonferroni lines.
+    k = next((v["family"]["rows"] for x in r["rows"] if (v := x["vs_unpruned_teacher"]) and v.get("family")), 0)
     un = r["baselines"].get("unpruned_teacher")
     sc = r["baselines"].get("scratch")
     if un and sc:
@@ -281,7 +283,6 @@ def render_sweep_markdown(r: dict[str, Any], plots: bool = True) -> str:
 
         better = [x for x in r["rows"] if (v := x["vs_unpruned_teacher"]) and v["called"] and v["mean"] > 0]
         fam = [x for x in r["rows"] if (v := x["vs_unpruned_teacher"]) and (f := v.get("family")) and f["called"] and v["mean"] > 0]
-        k = next((v["family"]["rows"] for x in r["rows"] if (v := x["vs_unpruned_teacher"]) and v.get("family")), 0)
         # k counts pruned teachers, not rows: two sweep sparsities on one IMP level share their
         # students (family_intervals); "3 of 2" came of counting the one and the other (review).
         shared = k < sum(1 for x in r["rows"] if (v := x["vs_unpruned_teacher"]) and v.get("family"))
@@ -312,7 +313,6 @@ def render_sweep_markdown(r: dict[str, Any], plots: bool = True) -> str:
         # seeds have 1 degree of freedom (t = 12.7), so only large, consistent differences pass.
         # The family column at 2 seeds: t_{1 - 0.05/(2k)} with 1 degree of freedom (114.6 for 9 rows), so
         # over the whole sweep almost nothing is called (0.00-0.07% of null sweeps: statistics audit).
-        k = next((v["family"]["rows"] for x in r["rows"] if (v := x["vs_unpruned_teacher"]) and v.get("family")), 0)
         fam = (f", and the whole-sweep (Bonferroni) intervals t = {float(t_quantile(1, 1 - 0.05 / k)):.1f}, so they call almost "
                f"nothing" if k > 1 else "")
         lines.append(f"- Only {n_seeds} seeds: each interval above has 1 degree of freedom (t = 12.7){fam}; only a large, "
