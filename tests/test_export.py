@@ -32,6 +32,7 @@ def run_dir(tmp_path, tiny_fashion):
         save_model(a / "model.safetensors", build_model("vgg", 10, 1, plan=plan))
         (a / "result.json").write_text(json.dumps({"arm": arm, "val_acc": acc, "test_acc": acc - 0.01}))
         (a / "done").write_text("")
+    (d / "results.json").write_text("{}")  # finished (its content is the report's, not read by export)
     return d
 
 
@@ -515,6 +516,15 @@ def test_threads_sets_the_timings_thread_count(run_dir, tmp_path, capsys):
     rc, out, err = run_cli(capsys, run_dir, "--out", tmp_path / "t.onnx", "--threads", "100000")
     assert rc == 2 and err.strip().startswith("ptd: error: --threads 100000 is more than this machine's") and "give --threads" in err
     assert not (tmp_path / "t.onnx").exists()
+
+
+def test_the_best_student_of_an_unfinished_run_says_so(run_dir):
+    """ptd export on a run still training exported the best student finished so far as "the best",
+    with nothing to say the run was not finished (crash audit)."""
+    assert "not finished" not in resolve(run_dir).what
+    (run_dir / "results.json").unlink()
+    assert resolve(run_dir).what == ("student pruned_teacher_seed0 (best val accuracy 0.7400 of the run's 2 students finished "
+                                     "so far: the run is not finished (no results.json yet), and a better student may come)")
 
 
 def test_a_tie_for_the_best_student_says_how_it_was_broken(run_dir):
