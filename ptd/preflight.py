@@ -734,6 +734,14 @@ def check_model(mc: ModelConfig, where: str, splits: Any, image_size: int | None
             raise ConfigError(f"{where}: {mc.arch} at width {mc.width:g} asks for tensors too large to exist "
                               f"({one_line(e)[:160]}); lower {where}.width or pick a smaller model") from None
         sized = None
+    if sized is not None and mc.width < 1:
+        # A width that floors every conv to one channel is a typo (1e-6 for 0.25): a 56-parameter
+        # teacher trained to chance without a word (bad-input audit).
+        convs = [m.out_channels for m in sized.modules() if isinstance(m, nn.Conv2d)]
+        if convs and max(convs) <= 1:
+            raise ConfigError(f"{where}.width: {mc.width:g} leaves every one of {mc.arch}'s {len(convs)} conv layers 1 channel "
+                              f"wide (a {sum(p.numel() for p in sized.parameters()):,}-parameter model, nothing to learn "
+                              f"with); use a width that gives its layers channels (the demo's is 0.25)")
     if sized is not None:
         n = sum(p.numel() for p in sized.parameters())
         need, have = n * TRAINING_BYTES_PER_PARAM, memory_bytes()

@@ -192,6 +192,10 @@ CASES: dict[str, tuple[list[str], list[str]]] = {
     "prune-below-one-round": (["prune", "{ws}/c.yaml", "--set", "prune.target_sparsity=0.05"], ["0.05", "smallest reachable sparsity is 0.2"]),
     "prune-target-one": (["prune", "{ws}/c.yaml", "--set", "prune.target_sparsity=1.0"], ["prune.target_sparsity", "[0, 1)"]),
     "prune-rate-zero": (["run", "{ws}/c.yaml", "--set", "prune.rate=0"], ["prune.rate"]),
+    # A typo'd width (1e-6 for 0.25): every conv one channel wide, a model at chance (bad-input audit).
+    "teacher-width-floors-every-layer": (["train", "{ws}/c.yaml", "--set", "teacher.model.width=0.000001"],
+                                         ["teacher.model.width: 1e-06 leaves every one of vgg's 3 conv layers 1 channel wide",
+                                          "the demo's is 0.25"]),
     # A typo'd rate (1e-9 for 0.2): 446,287,115 rounds planned, each pruning nothing (bad-input audit).
     "prune-rate-endless": (["prune", "{ws}/c.yaml", "--set", "prune.rate=1e-9"],
                            ["prune.rate: 1e-09 of the weights per round takes 446,287,115 rounds", "more than 100,000",
