@@ -202,6 +202,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     """Re-render a finished run's (or sweep's) reports from its files; trains nothing."""
     from ptd.report import rerender, rerender_sweep
 
+    _opens(args.run_dir, "ptd report", "give the finished run or sweep directory itself")  # a loop read "results.json not found"
     run_dir = Path(args.run_dir)
     if (run_dir / P.SWEEP_JSON).is_file() and not (run_dir / P.RESULTS).is_file():
         rerender_sweep(run_dir)
@@ -216,6 +217,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     """Two finished runs' students, paired by arm, loss and seed; reads only."""
     from ptd.report.compare import compare_runs, format_comparison, load_finished
 
+    for run in (args.run_a, args.run_b):  # a loop read "results.json not found", and resolve() below raised
+        _opens(run, "ptd compare", "give two finished run directories")
     a, b = load_finished(args.run_a), load_finished(args.run_b)
     if Path(args.run_a).resolve() == Path(args.run_b).resolve():  # every difference +0.00 [+0.00, +0.00] (new-user audit)
         from ptd.report import ReportError

@@ -69,12 +69,21 @@ def check_seal(path: str | Path, text: str, fix: str | None = None) -> None:
                       "(cut short, or edited)", (fix or default_fix(Path(path))) + "; to keep an edit, delete the first line")
 
 
+MAX_YAML_BYTES = 2**20  # a config file, the user's (ptd.config.MAX_CONFIG_BYTES) or a run's config.yaml: a few KB
+
+
 def read_yaml_mapping(path: str | Path, fix: str | None = None) -> dict[str, Any]:
     """The mapping in a YAML file ptd wrote (a run's config.yaml); ``DamagedFileError`` otherwise."""
     import yaml
 
     try:
-        text = Path(path).read_text()
+        with open(path, "rb") as f:
+            # A run's config.yaml is a few KB: read no more than a config can be (ptd.config's
+            # MAX_CONFIG_BYTES), or a 600 MB file there hung the resume (bad-input audit's class).
+            data = f.read(MAX_YAML_BYTES + 1)
+        if len(data) > MAX_YAML_BYTES:
+            raise damaged(path, f"over {MAX_YAML_BYTES:,} bytes, more than a config ptd writes", fix)
+        text = data.decode("utf-8")
         check_seal(path, text, fix)
         obj = yaml.safe_load(text)
     except FileNotFoundError:

@@ -104,3 +104,18 @@ def test_from_a_link_loop_is_one_line_not_an_internal_error(tmp_path, tiny_yaml,
     assert capsys.readouterr().err == (f"ptd: error: --from {loop}: cannot be opened (Too many levels of symbolic links); give "
                                        f"the earlier run directory whose teacher and pruning to reuse, or leave --from out\n")
     assert not out.exists()
+
+
+def test_report_and_compare_of_a_link_loop_name_the_loop(tmp_path, capsys):
+    """`ptd report LOOP` said "results.json not found: ... not a finished ptd run" of a folder the
+    user can see; `ptd compare` too (review of the export fixes)."""
+    loop = tmp_path / "run"
+    loop.symlink_to("run")
+    assert cli.main(["report", str(loop)]) == 2
+    assert capsys.readouterr().err == (f"ptd: error: ptd report {loop}: cannot be opened (Too many levels of symbolic links); "
+                                       f"give the finished run or sweep directory itself\n")
+    other = tmp_path / "other"
+    other.mkdir()
+    assert cli.main(["compare", str(other), str(loop)]) == 2
+    assert capsys.readouterr().err == (f"ptd: error: ptd compare {loop}: cannot be opened (Too many levels of symbolic links); "
+                                       f"give two finished run directories\n")
