@@ -719,7 +719,8 @@ def _overrides(overrides: list[str]) -> dict:
 
 # A real config is a few KB (configs/: 3 KB at most). PyYAML parses in pure Python, about 4 MB/s:
 # a 600 MB file (one comment line) was read whole and parsed for minutes without a word (bad-input
-# audit). 1 MiB parses in a quarter of a second.
+# audit). 1 MiB parses in a quarter of a second. A run's recorded config.yaml is held to the same
+# bound (ptd.io.MAX_YAML_BYTES; config imports no ptd module but errors).
 MAX_CONFIG_BYTES = 2**20
 
 

@@ -175,3 +175,18 @@ def test_a_resume_commit_that_is_not_ptds_is_refused_before_env_json_changes(fin
         line = _refused_unchanged(capsys, cfg, d, resume)
         assert words in line and f"delete {resume}" in line, line
     assert not pwned.exists()
+
+
+def test_a_huge_recorded_config_is_refused_unread(tmp_path):
+    """A run's config.yaml was read whole and parsed by PyYAML (a 600 MB file hung the user's config
+    for minutes: bad-input audit); it is held to the bound of a user's config, and named damaged."""
+    from ptd.config import MAX_CONFIG_BYTES
+    from ptd.errors import DamagedFileError
+    from ptd.io import MAX_YAML_BYTES, read_yaml_mapping
+
+    assert MAX_YAML_BYTES == MAX_CONFIG_BYTES  # the bound of a user's config
+
+    f = tmp_path / "config.yaml"
+    f.write_bytes(b"#" * (MAX_YAML_BYTES + 1))
+    with pytest.raises(DamagedFileError, match=r"config\.yaml: damaged \(over 1,048,576 bytes, more than a config ptd writes\)"):
+        read_yaml_mapping(f)
