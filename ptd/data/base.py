@@ -209,28 +209,24 @@ def probe_file(path: Path, fix: str) -> bool:
     return True
 
 
-def probe_dir(path: Path, fix: str) -> bool:
+def probe_dir(path: Path, fix: str, role: str | None = None) -> bool:
     """True if ``path`` is a folder, False if nothing is there; a file there, or an unreadable folder
-    on the way, is a one-line ``DataError`` naming the path."""
+    on the way, is a one-line ``DataError`` naming the path (and ``role``, e.g. "data.root")."""
     st = _stat(path, fix)
     if st is None:
         return False
     if not stat.S_ISDIR(st.st_mode):
-        raise DataError(f"{path} is a file, expected a folder; {fix}")
+        if role is None:
+            raise DataError(f"{path} is a file, expected a folder; {fix}")
+        kind = "a file" if stat.S_ISREG(st.st_mode) else "not a folder (a FIFO, socket or device)"
+        raise DataError(f"{role} {path} is {kind}, not a folder; {fix}")
     return True
 
 
 def probe_root(path: Path, fix: str) -> bool:
-    """``probe_dir`` for ``data.root`` itself: True if a folder, False if nothing is there. A file
-    given as data.root said only that the first data file under it was not found (bad-input audit):
-    here it is named as data.root, a file, with ``fix``."""
-    st = _stat(path, fix)
-    if st is None:
-        return False
-    if not stat.S_ISDIR(st.st_mode):
-        kind = "a file" if stat.S_ISREG(st.st_mode) else "not a folder (a FIFO, socket or device)"
-        raise DataError(f"data.root {path} is {kind}, not a folder; {fix}")
-    return True
+    """``probe_dir`` for ``data.root`` itself. A file given as data.root said only that the first
+    data file under it was not found (bad-input audit): here it is named as data.root, with ``fix``."""
+    return probe_dir(path, fix, "data.root")
 
 
 def check_cache_dir(cache_dir: str | None) -> Path:
