@@ -12,6 +12,9 @@ works. This module imports nothing from ptd: every layer may import it.
 """
 from __future__ import annotations
 
+import math
+from typing import Callable
+
 
 # The longest line an error prints. Real messages stay under about 600 characters (a path, the
 # problem, the fix); a longer one quotes user data (a config value expanded from YAML aliases made
@@ -82,3 +85,14 @@ class LayerCollapseError(PtdError, ValueError):
 class WorkerDiedError(PtdError, RuntimeError):
     """A worker process of ``jobs: N`` was killed mid-task (typically by the kernel's out-of-memory
     killer): the environment, not ptd, so one line with the fix."""
+
+
+def least_shown(x: float, ok: Callable[[float], bool] = lambda v: True) -> str:
+    """The smallest number of two significant digits, at least ``x`` (> 0), that ``ok`` accepts, as
+    the text a refusal's fix names: rounded to nearest it could fall under ``x``, and the figure a
+    fix names must itself pass (``prune.rate``, ``data.val_fraction``)."""
+    step = 10.0 ** (math.floor(math.log10(x)) - 1)
+    k = math.ceil(x / step)
+    while not ok(float(text := f"{k * step:.2g}")):
+        k += 1
+    return text

@@ -40,7 +40,7 @@ import torch.nn as nn
 from ptd import paths as P
 from ptd.config import ARM_TABLE, ConfigError, ModelConfig, RunConfig
 from ptd.data.base import frame_size
-from ptd.errors import PreflightError, PtdError, one_line
+from ptd.errors import PreflightError, PtdError, least_shown, one_line
 from ptd.machine import cpu_count, gib, gpu_memory_bytes, memory_bytes
 from ptd.registry import UnknownNameError
 
@@ -679,13 +679,11 @@ def check_rounds(target: float, rate: float, strategy: str, key: str, retrain_ep
             f"set the target above {rate / 2:g}, or 0 for no pruning, or prune.rate below {2 * target:g}")
     if rounds * retrain_epochs > MAX_EPOCHS:
         most = max(1, MAX_EPOCHS // retrain_epochs)  # rounds the retraining allows
-        least = 1 - (1 - target) ** (1 / most)
-        step = 10.0 ** (math.floor(math.log10(least)) - 1)
-        least = math.ceil(least / step) * step  # up, to the 2 digits shown: the rate named must pass
+        least = least_shown(1 - (1 - target) ** (1 / most), lambda r: rounds_for_target(target, r) * retrain_epochs <= MAX_EPOCHS)
         raise ConfigError(
             f"prune.rate: {rate:g} of the weights per round takes {rounds:,} rounds of {retrain_epochs} retraining epoch(s) "
             f"to reach {key.split(' ')[0]}={target:g}, {rounds * retrain_epochs:,} epochs in all (more than {MAX_EPOCHS:,}); "
-            f"use a rate of at least {least:.2g} (the paper's is 0.2)")
+            f"use a rate of at least {least} (the paper's is 0.2)")
 
 
 def check_pruning(cfg: RunConfig, sweep: bool = False) -> None:
@@ -850,13 +848,10 @@ def check_no_certain_collapse(cfg: RunConfig, teacher: nn.Module, sweep: bool = 
     rate = cfg.prune.rate
     if by_rounds and aim > 0 and (idle := _idle_round(total, rate, aim)) is not None:
         k, alive = idle
-        step = 10.0 ** (math.floor(math.log10(0.5 / alive)) - 1)
-        least = math.ceil(0.5 / alive / step) * step  # up, to the 2 digits shown
-        while _idle_round(total, least, aim) is not None:  # the rate named must pass (5,000 x 1e-4 rounds to no weight)
-            least += step
+        least = least_shown(0.5 / alive, lambda r: _idle_round(total, r, aim) is None)  # (5,000 x 1e-4 rounds to no weight)
         raise ConfigError(f"prune.rate: {rate:g} of the {alive:,} weights still alive at round {k:,} (of the teacher's "
                           f"{total:,} prunable) is under half a weight, so that round and every one after it removes none; "
-                          f"use at least {least:.2g}, typically 0.2")
+                          f"use at least {least}, typically 0.2")
     targets = [("prune.target_sparsity", cfg.prune.target_sparsity)]
     if sweep:
         targets += [("sweep.sparsities", s) for s in cfg.sweep.sparsities]

@@ -16,7 +16,7 @@ from typing import Any, Callable, Union
 
 import torch
 
-from ptd.errors import PtdError
+from ptd.errors import PtdError, least_shown
 from ptd.registry import Registry, UnknownNameError
 
 
@@ -524,15 +524,7 @@ def check_channels(name: str, raw: RawDataset, x: torch.Tensor, std: tuple[float
 def _one_image_fraction(n: int) -> str:
     """The smallest val_fraction, to two significant digits, that carves 1 of ``n`` images (round()
     rounds half to even, so 0.5 / n itself carves 0)."""
-    import math
-
-    step = 10.0 ** (math.floor(math.log10(0.5 / n)) - 1)
-    k = math.ceil(0.5 / n / step)
-    while True:
-        text = f"{k * step:.2g}"
-        if round(float(text) * n) >= 1:
-            return text
-        k += 1
+    return least_shown(0.5 / n, lambda f: round(f * n) >= 1)
 
 
 def _check_subset(name: str, value: int | None) -> None:

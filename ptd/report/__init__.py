@@ -364,15 +364,20 @@ def points(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.2f}"
 
 
-def diff_ci_cell(e: Mapping[str, Any], sep: str = ", ", brackets: bool = True) -> str:
-    """A difference's interval as a table cell, in points: ``stats.shown_difference``, marked
-    "(cut)" where the t interval ran past -100..+100 (as ``arm_ci_cell`` marks an arm's)."""
-    shown = shown_difference(e)
+def _interval_cell(shown: tuple[float, float, bool] | None, fmt: Callable[[float], str], mark: str, sep: str,
+                   brackets: bool) -> str:
+    """A shown interval (lo, hi, cut) as a table cell, marked ``mark`` where it was cut; "n/a" for None."""
     if shown is None:
         return "n/a"
     lo, hi, cut = shown
-    cell = f"{100 * lo:+.2f}{sep}{100 * hi:+.2f}"
-    return (f"[{cell}]" if brackets else cell) + (" (cut)" if cut else "")
+    text = f"{fmt(lo)}{sep}{fmt(hi)}"
+    return (f"[{text}]" if brackets else text) + (f" ({mark})" if cut else "")
+
+
+def diff_ci_cell(e: Mapping[str, Any], sep: str = ", ", brackets: bool = True) -> str:
+    """A difference's interval as a table cell, in points: ``stats.shown_difference``, marked
+    "(cut)" where the t interval ran past -100..+100 (as ``arm_ci_cell`` marks an arm's)."""
+    return _interval_cell(shown_difference(e), lambda x: f"{100 * x:+.2f}", "cut", sep, brackets)
 
 
 def _p(x: float | None) -> str:
@@ -382,12 +387,7 @@ def _p(x: float | None) -> str:
 def arm_ci_cell(sm: Mapping[str, Any], sep: str = ", ", brackets: bool = True) -> str:
     """An arm's 95% interval of the mean accuracy as a table cell, in %: ``shown_interval``,
     marked "(clipped)" where the t interval ran past 0-100 %."""
-    shown = shown_interval(sm)
-    if shown is None:
-        return "n/a"
-    lo, hi, cut = shown
-    text = f"{points(lo)}{sep}{points(hi)}"
-    return (f"[{text}]" if brackets else text) + (" (clipped)" if cut else "")
+    return _interval_cell(shown_interval(sm), points, "clipped", sep, brackets)
 
 
 def clipped_note(summaries: Sequence[tuple[str, Mapping[str, Any]]]) -> str | None:
