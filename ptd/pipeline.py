@@ -1641,36 +1641,32 @@ def plan_line(cfg: RunConfig, until: str, arms: Sequence[str], run_dir: Path | N
     starts: each stage's bar has its own ETA, but nothing said how many stages follow it, so the
     first bar's ETA read as the run's (new-user audit). With ``run_dir``, how many of those epochs
     its finished stages already hold (a resume, a grown run, --from: reused, '[reused]' lines)."""
-    from ptd.pruning import SPECS
-    from ptd.pruning.select import rounds_for_target
+    from ptd.preflight import planned_epochs
 
     pc, reps = cfg.prune, cfg.teacher.seeds
+    plan = planned_epochs(cfg, until, arms)  # the numbers the refusal past MAX_PLANNED_EPOCHS counts
+    total = sum(n * e for n, e in plan.values())
     rep = f" x {reps} teacher replicates" if reps > 1 else ""
     roots = [P.replicate_root(run_dir, r) for r in range(reps)] if run_dir is not None else []
-    done = 0  # epochs whose stage is finished
 
     def finished(stage: str) -> int:  # replicates whose stage folder is done
         return sum(is_done(root / stage) for root in roots)
 
-    t_ep = 0 if cfg.teacher.checkpoint else cfg.teacher.optim.epochs
-    parts = ["teacher loaded, not trained" if cfg.teacher.checkpoint else f"teacher {_epochs(t_ep)}{rep}"]
-    total, done = t_ep * reps, t_ep * finished(P.TEACHER)
-    rounds = (rounds_for_target(pc.target_sparsity, pc.rate) if SPECS.get(pc.strategy).rounds else 1) if pc.target_sparsity else 0
-    if until != "teacher":
+    t_ep = cfg.teacher.optim.epochs if "teacher" in plan else 0
+    parts = [f"teacher {_epochs(t_ep)}{rep}" if t_ep else "teacher loaded, not trained"]
+    done = t_ep * finished(P.TEACHER)  # epochs whose stage is finished
+    rounds = plan["pruning"][0] // reps if "pruning" in plan else 0
+    if "pruning" in plan:
         parts.append(f"pruning {rounds} round(s) of {_epochs(pc.retrain.epochs)}{rep}")
-        total += rounds * pc.retrain.epochs * reps
         done += rounds * pc.retrain.epochs * finished(P.PRUNE)
-    if until in ("distill", "report"):
-        if any(ARM_TABLE[a].teacher == "retrained" for a in arms):
-            parts.append(f"control {rounds} round(s) of {_epochs(pc.retrain.epochs)}{rep}")
-            total += rounds * pc.retrain.epochs * reps
-            done += rounds * pc.retrain.epochs * finished(P.CONTROL)
+    if "control" in plan:
+        parts.append(f"control {rounds} round(s) of {_epochs(pc.retrain.epochs)}{rep}")
+        done += rounds * pc.retrain.epochs * finished(P.CONTROL)
+    if "students" in plan:
         tasks = student_tasks(cfg, arms)
-        n = len(tasks) * reps
-        parts.append(f"{n} student(s) of {_epochs(cfg.distill.optim.epochs)} ({len(arms)} arm(s), {len(cfg.distill.seeds)} seed(s)"
+        parts.append(f"{plan['students'][0]} student(s) of {_epochs(cfg.distill.optim.epochs)} ({len(arms)} arm(s), {len(cfg.distill.seeds)} seed(s)"
                      + (f", {len(cfg.distill.losses)} losses for each arm with a teacher" if len(cfg.distill.losses) > 1 else "")
                      + (f", {reps} teacher replicates)" if reps > 1 else ")"))
-        total += n * cfg.distill.optim.epochs
         done += cfg.distill.optim.epochs * sum(is_done(P.distill_dir(root, a, sd, cfg.distill.folder_loss(loss)))
                                                for root in roots for a, sd, loss in tasks)
     line = f"[plan] {'; '.join(parts)}: {_epochs(total)} of training in all"

@@ -82,6 +82,7 @@ def _preflight(cfg: RunConfig, run_dir: str | Path, slow: "SlowSteps", *, splits
         from ptd.config import check_sweep
 
         check_sweep(cfg)  # a sweep has no control arm: a listed one is refused, not silently dropped
+    check_planned_epochs(cfg, until, arms, sweep)
     if splits is None:
         splits = load_checked(cfg, device)
     check_crop_padding(cfg, splits)
@@ -684,6 +685,68 @@ def check_rounds(target: float, rate: float, strategy: str, key: str, retrain_ep
             f"prune.rate: {rate:g} of the weights per round takes {rounds:,} rounds of {retrain_epochs} retraining epoch(s) "
             f"to reach {key.split(' ')[0]}={target:g}, {rounds * retrain_epochs:,} epochs in all (more than {MAX_EPOCHS:,}); "
             f"use a rate of at least {least} (the paper's is 0.2)")
+
+
+# The most epochs (passes over the training images) one command may plan in all: its teacher, every
+# pruning round, the control, every student, for each teacher replicate. 10x the bound on one
+# schedule (config.MAX_EPOCHS): each key had its own bound, but their product had none, and a list
+# typed too long (distill.seeds [0, ..., 4999], 3 arms of 200 epochs: 3,000,000 epochs, 35 days at
+# one second an epoch) was accepted and started.
+MAX_PLANNED_EPOCHS = 1_000_000
+
+
+def planned_epochs(cfg: RunConfig, until: str = "report", arms: Sequence[str] | None = None,
+                   sweep: bool = False) -> dict[str, tuple[int, int]]:
+    """What a command trains, by kind of stage: {kind: (how many runs, epochs each)}, every teacher
+    replicate counted; kinds it does not train are left out. A sweep's students are counted once per
+    (strategy, sparsity), the most it trains (two sparsities on one IMP level share theirs)."""
+    from ptd.pruning import SPECS
+    from ptd.pruning.select import rounds_for_target
+
+    pc, reps = cfg.prune, cfg.teacher.seeds
+
+    def rounds(strategy: str, target: float) -> int:  # an unknown name is check_plugins' to refuse
+        spec = SPECS.get(strategy) if strategy in SPECS else None
+        return (rounds_for_target(target, pc.rate) if spec is None or spec.rounds else 1) if target else 0
+
+    plan: dict[str, tuple[int, int]] = {}
+    if not cfg.teacher.checkpoint:
+        plan["teacher"] = (reps, cfg.teacher.optim.epochs)
+    if sweep:
+        n = 0
+        for st in cfg.sweep.strategies:
+            nested = st in SPECS and SPECS.get(st).nested_levels  # one run to the highest gives every level
+            n += rounds(st, max(cfg.sweep.sparsities)) if nested else sum(rounds(st, s) for s in cfg.sweep.sparsities)
+        plan["pruning"] = (n, pc.retrain.epochs)
+        keys = sum(a in cfg.distill.arms for a in ("scratch", "unpruned_teacher"))
+        keys += len(cfg.sweep.strategies) * len(cfg.sweep.sparsities)
+        plan["students"] = (keys * len(cfg.distill.seeds), cfg.distill.optim.epochs)
+        return plan
+    arms = list(arms or cfg.distill.arms)
+    if until != "teacher":
+        plan["pruning"] = (rounds(pc.strategy, pc.target_sparsity) * reps, pc.retrain.epochs)
+    if until in ("distill", "report"):
+        if any(ARM_TABLE[a].teacher == "retrained" for a in arms):
+            plan["control"] = plan["pruning"]  # the dense teacher retrained as many rounds
+        per_seed = sum(len(cfg.distill.losses) if ARM_TABLE[a].teacher is not None else 1 for a in arms)
+        plan["students"] = (per_seed * len(cfg.distill.seeds) * reps, cfg.distill.optim.epochs)
+    return plan
+
+
+def check_planned_epochs(cfg: RunConfig, until: str = "report", arms: Sequence[str] | None = None, sweep: bool = False) -> None:
+    """Refuses a plan past MAX_PLANNED_EPOCHS, naming its largest part and the keys that make it."""
+    plan = planned_epochs(cfg, until, arms, sweep)
+    total = sum(n * e for n, e in plan.values())
+    if total <= MAX_PLANNED_EPOCHS:
+        return
+    kind, (n, e) = max(plan.items(), key=lambda kv: kv[1][0] * kv[1][1])
+    keys = {"teacher": "teacher.optim.epochs or teacher.seeds",
+            "pruning": "prune.retrain.epochs, prune.rate or " + ("sweep.sparsities" if sweep else "teacher.seeds"),
+            "control": "prune.retrain.epochs or prune.rate, or drop retrained_teacher from distill.arms",
+            "students": "distill.seeds (" + f"{len(cfg.distill.seeds):,} listed" + "), distill.optim.epochs, distill.arms"
+                        + (", sweep.sparsities or sweep.strategies" if sweep else ", distill.loss or teacher.seeds")}[kind]
+    raise ConfigError(f"the plan trains {total:,} epochs in all, more than {MAX_PLANNED_EPOCHS:,} (10x the most one schedule "
+                      f"may have); most of them are {kind}: {n:,} run(s) of {e:,} epoch(s); lower {keys}")
 
 
 def check_pruning(cfg: RunConfig, sweep: bool = False) -> None:

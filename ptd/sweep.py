@@ -179,6 +179,7 @@ def _sweep_stages(ctx: Context, sparsities: list[float], student_from: float, lo
     from ptd.report.sweep import build_sweep_results, write_sweep_report
 
     cfg = ctx.cfg
+    log(sweep_plan_line(cfg))
     teacher, t_res, pruned, src = sweep_teachers(ctx, sparsities, student_from)
     src_model, src_masks = src.load(ctx, teacher)
     check_student_dir(ctx, src, src_model, src_masks)
@@ -221,6 +222,23 @@ def _sweep_stages(ctx: Context, sparsities: list[float], student_from: float, lo
     main_writes(ctx, report, f"writing the sweep's report into {ctx.run_dir}")
     log(f"sweep done in {time.perf_counter() - t0:.0f} s: {ctx.run_dir}")
     return results
+
+
+def sweep_plan_line(cfg: RunConfig) -> str:
+    """What a sweep will train, in epochs, before it starts (as ptd run's [plan] line): the first
+    bar's ETA is not the sweep's."""
+    from ptd.pipeline import _epochs
+    from ptd.preflight import planned_epochs
+
+    plan = planned_epochs(cfg, sweep=True)
+    parts = [f"teacher {_epochs(plan['teacher'][1])}" if "teacher" in plan else "teacher loaded, not trained"]
+    n, e = plan["pruning"]
+    parts.append(f"pruning {n} round(s) of {_epochs(e)} ({len(cfg.sweep.strategies)} strateg{'y' if len(cfg.sweep.strategies) == 1 else 'ies'}, "
+                 f"{len(cfg.sweep.sparsities)} sparsities)")
+    n, e = plan["students"]
+    parts.append(f"up to {n} student(s) of {_epochs(e)} ({len(cfg.distill.seeds)} seed(s); a pruned teacher met twice is distilled once)")
+    total = sum(n * e for n, e in plan.values())
+    return f"[plan] {'; '.join(parts)}: up to {_epochs(total)} of training in all (a student's epoch is cheaper: a smaller net)"
 
 
 def sweep_teachers(ctx: Context, sparsities: list[float], student_from: float) -> tuple[nn.Module, dict, list[PrunedTeacher], PrunedTeacher]:

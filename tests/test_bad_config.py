@@ -390,3 +390,68 @@ def test_a_student_key_its_source_never_reads_is_refused(overrides, named):
     with pytest.raises(ConfigError) as e:
         load_config(None, overrides)
     assert named in str(e.value) and "\n" not in str(e.value)
+
+
+# ----------------------------------------------------------------------------- the plan's total
+
+
+def _seeds(n: int) -> str:
+    return "distill.seeds=[" + ",".join(map(str, range(n))) + "]"
+
+
+@pytest.mark.parametrize("command, sets, words", [
+    # 5,000 seeds x 3 students each (the tiny config's arms) x 200 epochs: every key within its own
+    # bound, their product 3,000,000 epochs, accepted and started before.
+    ("run", [_seeds(5000), "distill.optim.epochs=200"], ["3,000,0", "students: 15,000 run(s) of 200 epoch(s)", "distill.seeds (5,000 listed)"]),
+    ("distill", [_seeds(5000), "distill.optim.epochs=200"], ["students: 15,000 run(s)"]),
+    ("sweep", [_seeds(5000), "distill.optim.epochs=100", "distill.arms=[scratch, pruned_teacher]", "sweep.sparsities=[0.2, 0.36]"],
+     ["students: 15,000 run(s) of 100 epoch(s)", "sweep.sparsities or sweep.strategies"]),
+    # 1,000 replicates of a 2,000-epoch teacher: each bound held (MAX_REPLICATES, MAX_EPOCHS).
+    ("run", ["teacher.seeds=1000", "teacher.optim.epochs=2000", "distill.optim.epochs=1"], ["most of them are teacher", "teacher.seeds"]),
+])
+def test_a_plan_past_a_million_epochs_is_refused_before_any_work(ws, capsys, monkeypatch, command, sets, words):
+    argv = [command, "{ws}/c.yaml", "--out", "{ws}/out"] + [x for s in sets for x in ("--set", s)]
+    line = refused(ws, argv, capsys, monkeypatch)
+    assert "more than 1,000,000" in line and all(w in line for w in words), line
+
+
+def test_the_plan_refusal_counts_what_the_plan_line_shows_and_its_bound_is_inclusive():
+    """plan_line's total and the refusal's are one count (planned_epochs): a plan of exactly
+    MAX_PLANNED_EPOCHS passes, one more student does not."""
+    from ptd.pipeline import plan_line
+    from ptd.preflight import MAX_PLANNED_EPOCHS, check_planned_epochs, planned_epochs
+
+    c = load_config("configs/fashion_mnist_demo.yaml", ["teacher.seeds=2", "distill.loss=[kd,dkd]"])
+    plan = planned_epochs(c)
+    assert plan == {"teacher": (2, 8), "pruning": (8, 2), "control": (8, 2), "students": (28, 4)}
+    assert plan_line(c, "report", c.distill.arms).endswith(": 160 epochs of training in all (a student's epoch is cheaper: a smaller net)")
+    # teacher 8 + pruning 8 + control 8 epochs; 8 students a seed (4 arms, teacher arms x 1 loss).
+    base = ["distill.optim.epochs=1000"]
+    fits = (MAX_PLANNED_EPOCHS - 24) // 4000  # seeds whose students fit beside the teachers
+    c = load_config("configs/fashion_mnist_demo.yaml", base + [_seeds(fits)])
+    check_planned_epochs(c)
+    rest = MAX_PLANNED_EPOCHS - 24 - fits * 4000
+    c = load_config("configs/fashion_mnist_demo.yaml", [f"distill.optim.epochs={1000}", _seeds(fits), f"teacher.optim.epochs={8 + rest}"])
+    assert sum(n * e for n, e in planned_epochs(c).values()) == MAX_PLANNED_EPOCHS
+    check_planned_epochs(c)
+    c = load_config("configs/fashion_mnist_demo.yaml", [f"distill.optim.epochs={1000}", _seeds(fits), f"teacher.optim.epochs={9 + rest}"])
+    with pytest.raises(ConfigError, match=r"^the plan trains 1,000,001 epochs in all"):
+        check_planned_epochs(c)
+
+
+def test_a_sweep_says_what_it_will_train_before_it_starts():
+    """ptd run had its [plan] line; a sweep started with the teacher's bar alone. The shipped sweep
+    (0.36, 0.59, 0.79 by imp, gmp, oneshot): one IMP run to 0.79 gives every level (7 rounds), gmp
+    and oneshot retrain once per sparsity (3 + 3): 13 retrainings of 2 epochs."""
+    from ptd.preflight import planned_epochs
+    from ptd.sweep import sweep_plan_line
+
+    c = load_config("configs/fashion_mnist_sweep.yaml")
+    plan = planned_epochs(c, sweep=True)
+    assert plan["pruning"] == (7 + 3 + 3, 2)
+    total = sum(n * e for n, e in plan.values())
+    line = sweep_plan_line(c)
+    assert line.startswith(f"[plan] teacher {c.teacher.optim.epochs} epochs; pruning {plan['pruning'][0]} round(s)")
+    assert f"up to {total} epochs of training in all" in line
+    n_keys = sum(a in c.distill.arms for a in ("scratch", "unpruned_teacher")) + len(c.sweep.strategies) * len(c.sweep.sparsities)
+    assert plan["students"] == (n_keys * len(c.distill.seeds), c.distill.optim.epochs)
