@@ -151,6 +151,11 @@ def _changed_inputs(run_dir: Path, recorded: dict[str, str], missing_too: bool) 
     for key, digest in recorded.items():
         path = _input_path(run_dir, key)
         now = file_digest(path) if path.is_file() else None
+        # A file from outside the run (a user's --teacher) that has gone: the stage made from it
+        # holds what it took (teacher/model.safetensors), and a user who moved their checkpoints
+        # could neither resume nor grow a finished run. Replaced, it is still stale (below).
+        if now is None and missing_too and os.path.isabs(key):
+            continue
         if now is None and missing_too:
             out.append((path, "is missing now"))
         elif now is not None and now != digest and parses(path):  # a damaged file: its reader says so, precisely
@@ -451,6 +456,19 @@ def _same_file(a: Any, b: Any) -> bool:
         return False
 
 
+def _same_teacher(run_dir: Path, was: Any, now: Any) -> bool:
+    """``now`` holds the bytes the finished teacher stage recorded for its checkpoint ``was``: the
+    user moved or copied their checkpoint, and the run is the same run (a finished run could not
+    grow after its --teacher file moved). A teacher stage not finished recorded nothing: False."""
+    if not (isinstance(was, str) and isinstance(now, str) and Path(now).is_file()):
+        return False
+    try:
+        digest = recorded_inputs(run_dir / P.TEACHER).get(_input_key(run_dir, Path(was)))
+    except PtdError:  # a damaged done: its own check names it
+        return False
+    return digest is not None and file_digest(Path(now)) == digest
+
+
 def _recorded_paths(run_dir: Path, old: dict) -> dict:
     """An earlier run's config as it ran: keys added since filled in (``with_added_keys``), and a
     relative teacher.checkpoint (ptd before paths were made absolute on load) replaced by the
@@ -516,12 +534,13 @@ def check_run_config(cfg: RunConfig, run_dir: Path) -> bool:
             why = f"unknown top-level key {foreign[0]!r}" if foreign else "no teacher section"
             raise RunDirError(f"{run_dir} holds a {P.CONFIG} that is not a ptd run's ({why}), so it is not a ptd run "
                               f"directory; pass --out a new or empty directory")
-        d = _diff(old, new, grows={**_growth_rules(old, new), **_EQUIVALENT})
+        same = {**_EQUIVALENT, "teacher.checkpoint": lambda a, b: _same_file(a, b) or _same_teacher(run_dir, a, b)}
+        d = _diff(old, new, grows={**_growth_rules(old, new), **same})
         if d:
             raise RunDirError(f"{run_dir} holds a run with a different config ({d}); only more distill.seeds, distill.arms, "
                               f"distill.loss, sweep points or teacher.seeds can grow a finished run; pass --out to a new "
                               f"directory, or delete {run_dir} to start over")
-        return _diff(old, new, grows=_EQUIVALENT) is not None
+        return _diff(old, new, grows=same) is not None
     if run_dir.exists() and any(not ckpt.is_writer_temp(p) for p in run_dir.iterdir()):
         # (Only a writer temporary in it: a kill in the middle of writing config.yaml, this run's.)
         raise RunDirError(f"{run_dir} exists and is not a ptd run directory (no config.yaml); pass --out to a new or empty directory")

@@ -104,7 +104,9 @@ def _preflight(cfg: RunConfig, run_dir: str | Path, slow: "SlowSteps", *, splits
     derived = check_derivable(cfg, teacher, splits, sweep=sweep, device_type=device.type)
     slow.step("sizing each stage's activations")
     check_training_memory(cfg, teacher, student if student is not None else derived, splits, device)
-    if cfg.teacher.checkpoint:
+    taken = (Path(run_dir) / P.TEACHER / P.DONE).is_file()  # the run holds its own copy of a loaded teacher
+    if cfg.teacher.checkpoint and not (taken and not Path(cfg.teacher.checkpoint).exists()):
+        # (Gone since the teacher stage took it, the file was checked then; its copy is what the run uses.)
         from ptd.train.checkpoint import check_fits_data, load_into, recorded
 
         load_into(teacher, cfg.teacher.checkpoint, "teacher")  # one-line CheckpointError: missing, unreadable, other arch
@@ -114,7 +116,7 @@ def _preflight(cfg: RunConfig, run_dir: str | Path, slow: "SlowSteps", *, splits
         check_fits_data(cfg.teacher.checkpoint, rec["input_size"], rec["classes"], frame_size(splits, cfg.data.image_size),
                         splits.classes, "this run", f"data.name={cfg.data.name}", role="teacher", other=True)
         # Once per run: a resume whose teacher stage is finished was checked when it started.
-        if cfg.teacher.check_learned and not (Path(run_dir) / P.TEACHER / P.DONE).is_file():
+        if cfg.teacher.check_learned and not taken:
             slow.step(f"scoring {cfg.teacher.checkpoint} on validation images")
             check_teacher_learned(cfg, teacher, splits, device)
     return splits

@@ -285,6 +285,44 @@ def test_a_user_checkpoint_replaced_at_the_same_path_is_refused(tmp_path, tiny_f
     assert snapshot(out) == files
 
 
+def test_a_user_checkpoint_moved_away_still_resumes_and_grows_the_run(tmp_path, tiny_fashion, capsys):
+    """The run keeps its own copy of a loaded teacher (teacher/model.safetensors). A user who moved
+    their checkpoint folder after the teacher stage took it could neither resume nor grow the run
+    ("checkpoint not found", or, given the new path, "a different config (teacher.checkpoint)").
+    Gone, or the same bytes at a new path, the run goes on from its copy; other bytes at the new
+    path are still another teacher, refused."""
+    from ptd.models import build_model
+
+    cfg = tiny_config(tiny_fashion, threads=1)
+    cfg["teacher"]["check_learned"] = False  # an untrained stand-in teacher
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    mine = tmp_path / "mine.pt"
+    torch.manual_seed(0)
+    torch.save(build_model("vgg", num_classes=10, in_channels=1, plan=[16, "M", 32, "M", 32]).state_dict(), mine)
+    out = tmp_path / "run"
+    assert main(["prune", str(p), "--out", str(out), "--teacher", str(mine), "--quiet"]) == 0
+    teacher = file_digest(out / "teacher" / P.MODEL)
+    moved = tmp_path / "elsewhere" / "mine.pt"
+    moved.parent.mkdir()
+    mine.rename(moved)
+    capsys.readouterr()
+    # The old path, gone: the finished stages are reused, and the run grows to its student.
+    assert main(["student", str(p), "--out", str(out), "--teacher", str(mine), "--quiet"]) == 0, capsys.readouterr().err
+    assert (out / "student" / P.DONE).is_file()
+    # The new path, the same bytes: the same run.
+    assert main(["student", str(p), "--out", str(out), "--teacher", str(moved), "--quiet"]) == 0, capsys.readouterr().err
+    assert file_digest(out / "teacher" / P.MODEL) == teacher  # not reloaded from anywhere
+    # Other bytes at the new path: another teacher.
+    torch.manual_seed(1)
+    torch.save(build_model("vgg", num_classes=10, in_channels=1, plan=[16, "M", 32, "M", 32]).state_dict(), moved)
+    capsys.readouterr()
+    files = snapshot(out)
+    assert main(["student", str(p), "--out", str(out), "--teacher", str(moved), "--quiet"]) == 2
+    assert "a different config (teacher.checkpoint:" in one_line(capsys)
+    assert snapshot(out) == files
+
+
 def test_a_done_cut_short_is_damaged_not_an_old_marker(tmp_path):
     """A `done` that starts as ptd's JSON object but does not parse was truncated by something
     else (the kill audit's F3): read as an old-style marker it would silently switch the lineage
