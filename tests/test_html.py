@@ -206,6 +206,11 @@ def test_sweep_html_and_cli_report(tmp_path, capsys):
     v = r["rows"][0]["vs_unpruned_teacher"]
     assert v["n"] == 3 and v["method"] == "paired t, one teacher" and "ci_low" in v
     assert format_estimate(v) in page
+    # The whole-sweep call is Holm's step-down (ptd.report.sweep.family_intervals); the page said
+    # "Bonferroni intervals" for it, while the intervals it shows are each row's own 95%.
+    assert v["family"]["method"] == "Holm" and v["family"]["rows"] == 4
+    assert ("Called over the sweep: Holm's step-down, a row called when its interval at 1 - 0.05/m excludes zero, m being the "
+            "comparisons not called before it (first 98.75%, Bonferroni's level), at most 5% chance of any false call among the 4") in page
     assert (d / "sweep.md").is_file() and (d / "student_acc_vs_sparsity.png").is_file()
     if CHROMIUM:
         res = browser_check(d / "report.html", tmp_path)

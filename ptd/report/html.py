@@ -618,8 +618,10 @@ def render_sweep_html(sweep_dir: str | Path, results: dict[str, Any] | None = No
                          format_estimate(v) if v and "ci_low" in v else "", ("yes" if v.get("called") else "no") if v else "",
                          ("yes" if fam["called"] else "no") if fam else ""])
         why = (f"<p>Called row by row: each row's own 95% interval, 5% false calls per row, so up to {min(100, 5 * k)}% somewhere "
-               f"in a sweep of {k} comparisons. Called over the sweep: Bonferroni intervals at {100 * (1 - 0.05 / k):.2f}%, at most 5% "
-               f"chance of any false call among the {k} (rows on one IMP level share their students and count once).</p>") if k > 1 else ""
+               f"in a sweep of {k} comparisons. Called over the sweep: Holm's step-down, a row called when its interval at 1 - 0.05/m "
+               f"excludes zero, m being the comparisons not called before it (first {100 * (1 - 0.05 / k):.2f}%, Bonferroni's level), "
+               f"at most 5% chance of any false call among the {k} (rows on one IMP level share their students and count once)."
+               "</p>") if k > 1 else ""
         return _table(["teacher", "sparsity", "student mean %", "std %", "per seed %", "vs unpruned teacher's student", "called row by row",
                        "called over the sweep"], rows, left=1) + why
     body.append(_section("Students", _safe(table, "students table")))

@@ -141,8 +141,8 @@ def is_called(m: float, lo: float | None, hi: float | None, values: Sequence[flo
     differences has p = 2 / 2^n, below 0.05 from 6 values on. Without it, ten seeds all 0.3 points
     apart were "no evidence either way" while 0.30 and 0.31 were called (more agreement, a weaker
     verdict). Its level holds under any symmetric null, and n equal non-zero differences are rare
-    under one, so the rule keeps its 5%. The sweep's family intervals (level 1 - 0.05/k) use it too:
-    they once had their own copy without the sign-flip fallback (review)."""
+    under one, so the rule keeps its 5%. The sweep's whole-sweep calls (Holm's steps, intervals at
+    1 - 0.05/m) use it too: they once had their own copy without the sign-flip fallback (review)."""
     if lo is None or hi is None:
         return False
     if zero_width(lo, hi):
