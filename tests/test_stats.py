@@ -202,19 +202,22 @@ def test_the_rule_keeps_its_level_on_whole_test_images(n):
 # What the 5% is of, measured: the rate per comparison under symmetric seed noise. The cases
 # below are where a user's reading can go past it; the report and README state each.
 
-def test_four_comparisons_at_95_percent_each_call_some_row_about_one_time_in_six():
-    """The run report shows 4 paired comparisons among its 4 arms, each at 95%: under pure seed
-    noise some row is called 16-19% of the time (measured at 100,000: 18.4% at 2 seeds, 16.3% at
-    10), within the Bonferroni bound of 4 x 5% the report states."""
+def test_five_comparisons_at_95_percent_each_call_some_row_about_one_time_in_five():
+    """With every arm the run report shows 5 paired comparisons among its 4 arms, each at 95%
+    (control minus unpruned joined the 4 of before): under pure seed noise some row is called
+    19-22% of the time (measured at 100,000: 22.2% at 2 seeds, 20.1% at 5, 19.3% at 10; the 4 of
+    before, 16-19%), within the Bonferroni bound of 5 x 5% the report states. The Answer's three
+    pruned-teacher rows are unchanged by the fifth: some one of them 13-14%."""
     from ptd.report import COMPARISONS, summarize
 
     arms = ["pruned_teacher", "unpruned_teacher", "retrained_teacher", "scratch"]
-    for n in (2, 5, 10):
+    assert len(COMPARISONS) == 5 and ("retrained_teacher", "unpruned_teacher") in COMPARISONS.values()
+    for n, low, high in ((2, 0.205, 0.24), (5, 0.185, 0.22), (10, 0.175, 0.21)):
         rng = np.random.default_rng(400 + n)
         acc = 0.9 + rng.normal(0, 0.01, size=(SIMS, 1, n)) + rng.normal(0, 0.005, size=(SIMS, 4, n))  # seed effect + arm noise
         diffs = np.stack([acc[:, arms.index(a)] - acc[:, arms.index(b)] for a, b in COMPARISONS.values()], axis=1)
         any_call = _rule(diffs).any(axis=1)
-        assert 0.14 <= any_call.mean() <= 0.20 <= 0.05 * len(COMPARISONS), (n, any_call.mean())
+        assert low <= any_call.mean() <= high < 0.05 * len(COMPARISONS), (n, any_call.mean())
         # The report's Answer gives the 3 pruned-teacher rows: some one of them 13-14% (100,000: 14.1% at 2, 12.8% at 10).
         answer = [i for i, (a, _) in enumerate(COMPARISONS.values()) if a == "pruned_teacher"]
         assert len(answer) == 3 and 0.115 <= _rule(diffs[:, answer]).any(axis=1).mean() <= 0.155

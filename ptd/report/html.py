@@ -24,7 +24,7 @@ from typing import Any, Callable, Mapping
 from ptd import paths as P
 from ptd.errors import DamagedFileError
 from ptd.io import read_json_object
-from ptd.report import (ARM_LABELS, accuracy_sentence, arm_ci_cell, diff_ci_cell, chance_warning, clipped_note, compute_behind, latency_rows,
+from ptd.report import (ARM_LABELS, accuracy_sentence, arm_ci_cell, diff_ci_cell, chance_warning, clipped_note, control_note, compute_behind, latency_rows,
                         loaded_teacher_note, lower_bound, not_learned, points, primary_students, replicate_interval_note, shown_interval,
                         scope_note, setup_sentence, slower_note, student_line, summarize, worse_than_alone_note)
 from ptd.report.stats import format_estimate, shown_difference
@@ -427,8 +427,10 @@ def render_run_html(run_dir: str | Path, results: dict[str, Any] | None = None) 
                 "a difference is called only when the interval excludes zero. With teacher replicates the interval is taken over "
                 "the teachers' mean differences, so the variance between teachers counts. Sign-flip p: exact permutation p-value, "
                 "a check that assumes no normal distribution.</p>")
+        control = f"<p>{_esc(cn)}</p>" if (cn := control_note(r)) else ""
         return (_img(plot_comparisons(r), "paired differences with 95% intervals") + note
-                + _table(["comparison (a - b)", "mean, points", "95% CI, points", "n", "method", "called", "sign-flip p"], rows, left=1))
+                + _table(["comparison (a - b)", "mean, points", "95% CI, points", "n", "method", "called", "sign-flip p"], rows, left=1)
+                + control)
     body.append(_section("Paired comparisons", _safe(comps, "comparisons")))
 
     def per_loss() -> str:
