@@ -597,6 +597,18 @@ def test_tiny_imagenet_val_sorted_into_class_folders_points_to_imagefolder(tmp_p
     assert raw.classes == ["n01", "n02"] and len(raw.train) == 6 and len(raw.test) == 2
 
 
+def test_tiny_imagenet_unzipped_inside_its_own_folder_is_refused_at_the_cli(tmp_path: Path, capsys):
+    """tiny-imagenet-200.zip unzipped again inside tiny-imagenet-200/ leaves two complete copies, and
+    ptd trained on the inner one without a word; ptd train now stops in one line naming both (exit 2,
+    nothing written), before any image is decoded into the cache."""
+    outer = write_tiny(tmp_path / "d")
+    inner = write_tiny(outer)
+    line = train(tmp_path, capsys, "tiny_imagenet", outer, cache_dir=str(tmp_path / "cache"))
+    assert line.startswith(f"ptd: error: Tiny-ImageNet: data.root {outer} holds two complete copies, {inner} and the "
+                           f"files in {outer} itself, which may differ"), line
+    assert not (tmp_path / "cache").exists()
+
+
 def test_tiny_imagenet_without_wnids_names_the_place_that_exists(tmp_path: Path, capsys):
     """A dataset folder renamed (tiny/, not tiny-imagenet-200/) and missing wnids.txt: the message named
     tiny/tiny-imagenet-200/wnids.txt, a path the user never had."""

@@ -398,6 +398,111 @@ def test_tiny_imagenet_missing(tmp_path: Path):
     assert "wnids.txt" in str(ei.value) and str(tmp_path) in str(ei.value) and "data.root" in str(ei.value)
 
 
+# ----------------------------------------------------------------------------- a data.root read two ways
+NESTED = {"fashion_mnist": "FashionMNIST/raw", "cifar10": "cifar-10-batches-py", "tiny_imagenet": "tiny-imagenet-200"}
+
+
+def write_flat(kind: str, folder: Path) -> None:
+    """A complete copy of ``kind`` whose files lie in ``folder`` itself."""
+    if kind == "fashion_mnist":
+        write_fashion(folder, gz=False)
+        return
+    tmp = folder / "_tmp"
+    write_cifar(tmp, hundred=False) if kind == "cifar10" else write_tiny(tmp)
+    (tmp / NESTED[kind]).rename(folder / "_ds")
+    for f in (folder / "_ds").iterdir():
+        f.rename(folder / f.name)
+    (folder / "_ds").rmdir()
+    tmp.rmdir()
+
+
+def which_copy(kind: str, s) -> str:
+    """Which of ``two_copies``'s copies ``s`` was read from."""
+    if kind == "tiny_imagenet":
+        return "nested" if s.classes[0] == "n003" else "root"
+    return "nested" if len(s.test) == 7 else "root"
+
+
+def two_copies(kind: str, root: Path) -> Path:
+    """``root`` holding a complete ``kind`` in itself and in the dataset's own folder under it, told
+    apart by the test split's size (7 images in the nested copy) or the class order (reversed there)."""
+    write_flat(kind, root)
+    nested = root / NESTED[kind]
+    write_flat(kind, nested)
+    if kind == "fashion_mnist":
+        x, y = mnist_like(7, 1000, 2)
+        write_idx(nested / "t10k-images-idx3-ubyte", x, gz=False)
+        write_idx(nested / "t10k-labels-idx1-ubyte", y, gz=False)
+    elif kind == "cifar10":
+        x = np.random.default_rng(5).integers(0, 256, (7, 3072), dtype=np.uint8)
+        (nested / "test_batch").write_bytes(pickle.dumps({b"data": x, b"labels": list(range(7))}))
+    else:
+        (nested / "wnids.txt").write_text("n003\nn002\nn001\n")
+    return nested
+
+
+@pytest.mark.parametrize("kind", list(NESTED))
+def test_a_data_root_holding_two_complete_copies_is_refused_naming_both(tmp_path: Path, kind: str):
+    """Fashion-MNIST read the idx files in data.root, CIFAR and Tiny-ImageNet the dataset folder under
+    it, without a word, when both were complete (a tiny-imagenet-200.zip unzipped inside its own
+    folder, say), and the two may differ. Each fix the line gives reads the copy it names."""
+    root = tmp_path / "data"
+    nested = two_copies(kind, root)
+    cache = str(tmp_path / "cache")
+    with pytest.raises(DataError) as ei:
+        load_dataset(kind, str(root), val_fraction=0, cache_dir=cache)
+    msg = str(ei.value)
+    assert "\n" not in msg and f"data.root {root} holds two complete copies, {nested} and the files in {root} itself" in msg
+    assert msg.endswith(f"set data.root to {nested} to read that one, or move {nested} out of {root} to read the one "
+                        f"in {root} itself"), msg
+    assert which_copy(kind, load_dataset(kind, str(nested), val_fraction=0, cache_dir=cache)) == "nested"
+    nested.rename(tmp_path / "away")
+    assert which_copy(kind, load_dataset(kind, str(root), val_fraction=0, cache_dir=cache)) == "root"
+
+
+# One file of the dataset's own, enough to start a copy; and a file the two copies share no name with.
+PART = {"fashion_mnist": "train-images-idx3-ubyte", "cifar10": "batches.meta", "tiny_imagenet": "wnids.txt"}
+
+
+@pytest.mark.parametrize("kind", list(NESTED))
+def test_a_partial_second_copy_is_refused_and_an_empty_folder_is_not(tmp_path: Path, kind: str):
+    """A nested folder holding part of the dataset (an interrupted download or extraction, likely the
+    copy meant) beside a complete copy in data.root is refused, naming what it lacks; an empty one (no
+    file of the dataset's) is no copy: data.root's own files are read (CIFAR read the empty folder
+    and said its data_batch_1 was not found)."""
+    root = tmp_path / "data"
+    write_flat(kind, root)
+    nested = root / NESTED[kind]
+    nested.mkdir(parents=True)
+    cache = str(tmp_path / "cache")
+    assert which_copy(kind, load_dataset(kind, str(root), val_fraction=0, cache_dir=cache)) == "root"
+    (nested / PART[kind]).write_bytes((root / PART[kind]).read_bytes())
+    with pytest.raises(DataError) as ei:
+        load_dataset(kind, str(root), val_fraction=0, cache_dir=cache)
+    n = {"fashion_mnist": 4, "cifar10": 7, "tiny_imagenet": 2}[kind]
+    assert f"{nested} holds 1 of its {n} files (no " in str(ei.value), str(ei.value)
+    assert str(ei.value).endswith(f"move {nested} out of {root} to read {root}'s own files, or complete it and set "
+                                  f"data.root to {nested}"), str(ei.value)
+
+
+def test_a_complete_dataset_folder_beside_a_stray_file_of_it_or_another_datasets_folders(tmp_path: Path):
+    """The other way round: a stray wnids.txt in data.root beside a complete tiny-imagenet-200/ is
+    refused (set data.root to the complete one); an ImageNet-style train/ and val/ there hold none
+    of Tiny-ImageNet's files by name and change nothing; nor does tiny-imagenet-200 as a link to
+    data.root itself (one folder, reached twice)."""
+    write_tiny(tmp_path)
+    cache = str(tmp_path / "cache")
+    (tmp_path / "train" / "cls").mkdir(parents=True)
+    (tmp_path / "val").mkdir()
+    assert load_dataset("tiny_imagenet", str(tmp_path), val_fraction=0, cache_dir=cache).num_classes == 3
+    (tmp_path / "wnids.txt").write_text("n001\n")
+    with pytest.raises(DataError, match=f"set data.root to {tmp_path / 'tiny-imagenet-200'} to read the complete one"):
+        load_dataset("tiny_imagenet", str(tmp_path), val_fraction=0, cache_dir=cache)
+    flat = tmp_path / "tiny-imagenet-200"
+    (flat / "tiny-imagenet-200").symlink_to(".")
+    assert load_dataset("tiny_imagenet", str(flat), val_fraction=0, cache_dir=cache).num_classes == 3
+
+
 # ----------------------------------------------------------------------------- imagefolder
 def test_imagefolder_splits_and_loader(tmp_path: Path):
     write_imagefolder(tmp_path)

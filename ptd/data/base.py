@@ -229,6 +229,71 @@ def probe_root(path: Path, fix: str) -> bool:
     return probe_dir(path, fix, "data.root")
 
 
+def _regular_file(path: Path, fix: str) -> bool:
+    """Whether ``path`` is a regular file; a folder or nothing there is False (a folder named like a
+    data file, CIFAR-100's ``train`` beside an ImageNet-style ``train/``, is not that layout's file).
+    An unreadable folder on the way or a dangling link is a one-line ``DataError`` ending in ``fix``."""
+    st = _stat(path, fix)
+    return st is not None and stat.S_ISREG(st.st_mode)
+
+
+def _same_folder(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def one_layout(pretty: str, root: Path, nested: Path, needs: list[str], fix: str,
+               has: Callable[[Path], bool] | None = None, role: str = "data.root") -> Path | None:
+    """The one of ``root`` itself and ``nested`` (the dataset's own folder name under it) that holds
+    every file in ``needs`` (paths relative to it); None when neither does, for the loader's own
+    message naming what is missing. ``has(path)``: whether that file is there (default: a regular
+    file; a dangling link or an unreadable folder is a ``DataError`` ending in ``fix``). Every
+    loader that accepts both a dataset folder and the folder above it decides here, by a stat of
+    each name in each place (14 for CIFAR-10), reading no file.
+
+    When both could be read, the loaders read the first they tried without a word: Fashion-MNIST
+    the files in ``root``, CIFAR and Tiny-ImageNet ``nested`` (a tiny-imagenet-200.zip unzipped
+    inside its own folder is the usual way to get there). The two copies may differ, so both
+    complete is a one-line ``DataError`` naming them and how to read either.
+
+    One complete and the other holding some but not all of ``needs``: that one is refused too. Its
+    files are the dataset's own, by name, where the loader looks, so it is plausibly the copy meant
+    (an interrupted download, extraction or copy replacing the other, the usual reason to have a
+    part of a dataset), and reading the complete one would silently train on the copy being
+    replaced. The fix is one ``mv`` or ``rm``. A layout holding none of ``needs`` (an empty
+    ``cifar-10-batches-py/``, a ``train/`` folder of another dataset beside ``tiny-imagenet-200/``)
+    is no copy and is not looked at further. The same folder reached twice (``nested`` a link to
+    ``root``) is one layout."""
+    if has is None:
+        def has(path: Path) -> bool:
+            return _regular_file(path, fix)
+    if _same_folder(root, nested):
+        return root if all(has(root / n) for n in needs) else None
+    held = {d: [n for n in needs if has(d / n)] for d in (nested, root)}
+    complete = [d for d, h in held.items() if len(h) == len(needs)]
+    if not complete:
+        return None
+    if len(complete) == 2:
+        raise DataError(f"{pretty}: {role} {root} holds two complete copies, {nested} and the files in {root} itself, "
+                        f"which may differ, so which to read is a guess; set data.root to {nested} to read that one, or "
+                        f"move {nested} out of {root} to read the one in {root} itself")
+    good = complete[0]
+    part = root if good == nested else nested
+    if not held[part]:
+        return good
+    missing = next(n for n in needs if n not in held[part])
+    what = (f"{part} holds {len(held[part])} of its {len(needs)} files (no {missing}), an interrupted download, "
+            f"extraction or copy perhaps, beside the complete copy in {good}, so which is meant is a guess")
+    if good == nested:
+        how = (f"set data.root to {nested} to read the complete one, or complete the files in {root} and move {nested} "
+               f"out of it")
+    else:
+        how = f"move {nested} out of {root} to read {root}'s own files, or complete it and set data.root to {nested}"
+    raise DataError(f"{pretty}: {role} {root}: {what}; {how}")
+
+
 def check_cache_dir(cache_dir: str | None) -> Path:
     """The cache folder (``data.cache_dir``, else ~/.cache/ptd), created and proven writable now.
 

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from ptd.data.base import (DATASETS, DataError, RawDataset, Split, check_cache_dir, default_cache_dir, path_error,
-                           probe_dir, probe_file, probe_root)
+                           one_layout, probe_dir, probe_file, probe_root)
 from ptd.data.safe_pickle import UnsafePickleError, safe_load
 
 _SPECS = {
@@ -163,8 +163,16 @@ def _integers(value: Any, key: str, path: Path, lo: int, hi: int, what: str, cap
     return arr
 
 
-def _resolve(root: Path, folder_name: str) -> Path | None:
-    """Accept the folder itself or its parent."""
+def _resolve(root: Path, key: str, role: str = "data.root") -> Path | None:
+    """The folder itself or its parent: the one holding every file (two copies, or a complete and a
+    partial one, are a one-line ``DataError``, see ``one_layout``). Neither complete: the one that
+    looks meant, so reading it names the first file missing."""
+    s = _SPECS[key]
+    folder_name = s["folder"]
+    found = one_layout(s["pretty"], root, root / folder_name, [*s["train"], *s["test"], s["meta"]],
+                       f"{_FIX} into data.root", role=role)
+    if found is not None:
+        return found
     fix = f"set data.root to the folder holding {folder_name}/"
     for cand in (root / folder_name, root):
         if (cand.name == folder_name and probe_dir(cand, fix)) or probe_file(cand / _marker(folder_name), fix):
@@ -192,7 +200,7 @@ def _not_found(key: str, root: str | None, download: bool, cache: Path) -> str:
     if root:
         o = _SPECS[_OTHER[key]]
         try:  # only a hint: anything odd about the other folder must not replace the real message
-            found = _resolve(Path(root).expanduser(), o["folder"])
+            found = _resolve(Path(root).expanduser(), _OTHER[key])
         except DataError:
             found = None
         if found is not None:
@@ -218,11 +226,11 @@ def _load(key: str, root: str | None, download: bool, cache_dir: str | None) -> 
     if root:
         # A file as data.root read "CIFAR-10 folder not found: <root>/cifar-10-batches-py" (bad-input audit).
         probe_root(Path(root).expanduser(), _root_fix(key, Path(root).expanduser()))
-        folder = _resolve(Path(root).expanduser(), s["folder"])
+        folder = _resolve(Path(root).expanduser(), key)
     cache = default_cache_dir(cache_dir)
     if folder is None and download:
         check_cache_dir(cache_dir)  # a file or read-only folder there: one line now, not a failed download
-        folder = _resolve(cache, s["folder"])
+        folder = _resolve(cache, key, "data.cache_dir")
         if folder is None:
             try:
                 import torchvision  # here, not at module level: it costs 3-11 s of start-up (docs/speed.md)
@@ -234,7 +242,7 @@ def _load(key: str, root: str | None, download: bool, cache_dir: str | None) -> 
                     f"{s['pretty']} download failed into {cache / s['folder']} ({type(e).__name__}: {msg}); "
                     f"set data.root to the folder holding {s['folder']}/"
                 ) from None
-            folder = _resolve(cache, s["folder"])
+            folder = _resolve(cache, key, "data.cache_dir")
     if folder is None:
         raise DataError(_not_found(key, root, download, cache))
     train = _read_batches(folder, s["train"], s["label_key"], s["num_classes"])

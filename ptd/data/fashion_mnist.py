@@ -8,7 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 
 
-from ptd.data.base import DATASETS, DataError, RawDataset, Split, check_cache_dir, default_cache_dir, probe_root
+from ptd.data.base import (DATASETS, DataError, RawDataset, Split, check_cache_dir, default_cache_dir, one_layout,
+                           probe_root)
 from ptd.data.idx import find_idx, read_idx_pair
 
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
@@ -25,17 +26,21 @@ _STEMS = {
 }
 
 
-def _candidate_dirs(root: Path, tv_name: str) -> list[Path]:
-    # The folder itself, or a torchvision root (``<root>/FashionMNIST/raw``).
-    return [root, root / tv_name / "raw"]
+def _find_all(root: Path, tv_name: str, pretty: str, role: str) -> dict[str, Path] | None:
+    """The four idx files in the folder itself or in a torchvision root (``<root>/FashionMNIST/raw``);
+    both complete (or one a part) is a one-line ``DataError`` (``one_layout``): the files in ``root``
+    were read without a word."""
+    found: dict[Path, Path | None] = {}  # find_idx once per file: with plain and .gz both there it reads both
 
+    def has(path: Path) -> bool:
+        found[path] = find_idx(path.parent, path.name)
+        return found[path] is not None
 
-def _find_all(root: Path, tv_name: str) -> dict[str, Path] | None:
-    for d in _candidate_dirs(root, tv_name):
-        found = {k: find_idx(d, s) for k, s in _STEMS.items()}
-        if all(found.values()):
-            return found  # type: ignore[return-value]
-    return None
+    d = one_layout(pretty, root, root / tv_name / "raw", list(_STEMS.values()), _root_fix(root), has=has,
+                   role=role)
+    if d is None:
+        return None
+    return {k: found[d / s] for k, s in _STEMS.items()}  # type: ignore[misc]
 
 
 def _root_fix(root: Path) -> str:
@@ -67,11 +72,12 @@ def _load_idx_dataset(
     if root:
         # A file as data.root read "file not found: <root>/train-images-idx3-ubyte(.gz)" (bad-input audit).
         probe_root(folder, _root_fix(folder))
-    files = _find_all(folder, tv_name) if folder is not None else None
+    role = "data.root" if root else "data.root (unset, so the default)"
+    files = _find_all(folder, tv_name, pretty, role) if folder is not None else None
     cache = default_cache_dir(cache_dir)
     if files is None and download:
         check_cache_dir(cache_dir)  # a file or read-only folder there: one line now, not a failed download
-        files = _find_all(cache, tv_name)
+        files = _find_all(cache, tv_name, pretty, "data.cache_dir")
         if files is None:
             try:
                 # Look the class up at call time so tests can monkeypatch its download.
@@ -84,7 +90,7 @@ def _load_idx_dataset(
                     f"{pretty} download failed into {cache / tv_name / 'raw'} ({type(e).__name__}: {msg}); "
                     f"{install_hint}set data.root to a folder holding the four idx files"
                 ) from None
-            files = _find_all(cache, tv_name)
+            files = _find_all(cache, tv_name, pretty, "data.cache_dir")
             if files is None:
                 raise DataError(
                     f"{pretty} download finished but idx files not found under {cache / tv_name / 'raw'}; "

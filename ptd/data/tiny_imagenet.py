@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from ptd.data.base import (DATASETS, DataError, FolderSplit, RawDataset, Split, check_cache_dir, check_raw, image_file,
-                           path_error, probe_dir, probe_file, probe_root, to_rgb)
+                           one_layout, path_error, probe_dir, probe_file, probe_root, to_rgb)
 from ptd.io import dead_writer, writer_tag
 
 FOLDER = "tiny-imagenet-200"
@@ -125,6 +125,12 @@ def remove_dead_writers_temps(cache: Path) -> int:
 
 
 def _resolve(root: Path) -> Path | None:
+    """``root/tiny-imagenet-200`` or ``root`` itself (under any name): the one holding both files this
+    loader reads first (two copies, or a complete and a partial one, are a one-line ``DataError``, see
+    ``one_layout``). Neither complete: the one with wnids.txt, so the read names what is missing."""
+    found = one_layout("Tiny-ImageNet", root, root / FOLDER, ["wnids.txt", "val/val_annotations.txt"], _FIX)
+    if found is not None:
+        return found
     for cand in (root / FOLDER, root):
         if probe_file(cand / "wnids.txt", _FIX):
             return cand
