@@ -851,6 +851,51 @@ def test_a_16_bit_image_is_scaled_not_clipped_and_a_32_bit_one_is_refused_up_fro
         verify_images(FolderSplit([(str(tmp_path / "i32.tif"), 0)]))
 
 
+def png16(path: Path, a: np.ndarray) -> None:
+    """A 16-bit PNG of ``a`` (uint16, [H, W] grey or [H, W, 3] RGB), written by hand: PIL writes no
+    48-bit RGB."""
+    h, w = a.shape[:2]
+    rows = b"".join(b"\x00" + a[i].astype(">u2").tobytes() for i in range(h))  # filter byte 0 (none) per row
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", w, h, 16, 2 if a.ndim == 3 else 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+def test_12_bit_data_in_a_16_bit_png_reads_dark_on_the_16_bit_scale_and_the_run_log_says_so(tmp_path: Path):
+    """Pins what ptd does with 12-bit data stored unscaled in 16-bit PNGs (values 0..4095): it reads
+    them on the format's 16-bit range, the top 8 bits, as torchvision's to_dtype(scale=True) does and
+    as PIL itself reads a 48-bit RGB PNG, so grey and RGB agree: brightest 15 of 255, mean 7.5 for a
+    0..4095 ramp (docs/data.md). Stretching per image would make brightness differ image to image.
+    What changed is that the run's log notes it (depth_note), where it read dark without a word."""
+    from types import SimpleNamespace
+
+    from ptd.data import make_loader
+    from ptd.data.base import depth_note, to_rgb
+
+    ramp = (np.arange(64 * 64).reshape(64, 64) % 4096).astype(np.uint16)
+    png16(tmp_path / "g.png", ramp)
+    png16(tmp_path / "rgb.png", np.stack([ramp] * 3, -1))
+    for name, mode in (("g.png", "I;16"), ("rgb.png", "RGB")):
+        with Image.open(tmp_path / name) as im:
+            assert im.mode == mode
+            rgb = np.asarray(to_rgb(im))
+        assert (rgb == (ramp >> 8)[..., None]).all() and rgb.max() == 15 and rgb.mean() == 7.5, name
+        x, _ = next(iter(make_loader(FolderSplit([(str(tmp_path / name), 0)], image_size=64), batch_size=1, train=False,
+                                     mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), augment=False, image_size=64, workers=0)))
+        assert abs(float(x.max()) * 255 - 15) < 0.5 and abs(float(x.mean()) * 255 - 7.5) < 0.5, name
+    note = depth_note(SimpleNamespace(train=FolderSplit([(str(tmp_path / "g.png"), 0), (str(tmp_path / "rgb.png"), 0)])))
+    assert note is not None and note.startswith("note: the first 2 16-bit training images keep every value below 4,096")
+    assert "brightest pixel reads 15 of 255: dark, with 16 levels" in note and "(x16, or x64)" in note, note
+    # no note for 16-bit data that reaches 4,096, nor for 8-bit images
+    png16(tmp_path / "full.png", ramp * 16)
+    assert depth_note(SimpleNamespace(train=FolderSplit([(str(tmp_path / "g.png"), 0), (str(tmp_path / "full.png"), 0)]))) is None
+    png(tmp_path / "8.png")
+    assert depth_note(SimpleNamespace(train=FolderSplit([(str(tmp_path / "8.png"), 0)]))) is None
+
+
 def test_data_root_at_a_split_folder_says_to_use_its_parent(tmp_path: Path, capsys):
     """data.root pointing at train/ itself read ".../train/train not found" (real-data audit)."""
     root = write_imagefolder(tmp_path / "if")

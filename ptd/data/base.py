@@ -531,6 +531,51 @@ def upscale_note(splits: Any, image_size: int | None, sample: int = 16) -> str |
             f"compute of their own size; set data.image_size={median} to train at it")
 
 
+def _sixteen_bit(im: Any) -> bool:
+    """Whether PIL opened ``im`` (header read, no pixel yet) from 16 bits a sample: grayscale as mode
+    I;16, RGB as mode RGB with a 16-bit raw mode (a 48-bit PNG's is RGB;16B), whose top byte PIL
+    keeps, as ``to_rgb`` keeps I;16's."""
+    return im.mode.startswith("I;16") or any(";16" in str(t[3]) for t in (im.tile or ())[:1])
+
+
+# A 16-bit image whose brightest pixel is below this uses at most 12 of its bits: 10- and 12-bit
+# sensor data (medical, microscopy, raw camera frames) stored in 16-bit files without scaling.
+_LOW_BITS_BELOW = 4096
+
+
+def depth_note(splits: Any, sample: int = 16) -> str | None:
+    """A note when the 16-bit images among the first ``sample`` training images all keep their
+    values below 4,096: 10- or 12-bit data stored unscaled in a 16-bit file. ptd reads 16-bit
+    pixels on the 16-bit range, as the PNG and TIFF formats define it and torchvision's
+    ``to_dtype(..., scale=True)`` does (their top 8 bits, ``to_rgb``), so such images read as 0..15
+    of 255: dark, 16 grey levels (measured: a 0..4095 ramp read as mean 7.5 of 255). ptd cannot know
+    the bits a sensor filled, and stretching each image to its own maximum would change one image's
+    brightness against another's, so the pixels stay as the format says and the run's log says this.
+    Headers only for 8-bit images; a 16-bit one is decoded (at most ``sample``). None when in memory,
+    not 16-bit, or any sampled 16-bit image reaches 4,096."""
+    import numpy as np
+    from PIL import Image
+
+    train = splits.train
+    if not isinstance(train, FolderSplit) or not train.samples:
+        return None
+    tops = []  # the brightest pixel of each 16-bit image, as ptd reads it (0..255)
+    for path, _ in train.samples[:sample]:
+        try:
+            with Image.open(path) as im:
+                if _sixteen_bit(im):
+                    tops.append(int(np.asarray(to_rgb(im)).max()))
+        except Exception:  # noqa: BLE001 -- only a note: the image check names a bad file
+            continue
+    if not tops or max(tops) >= _LOW_BITS_BELOW >> 8:
+        return None
+    top = max(tops)
+    return (f"note: the first {len(tops)} 16-bit training images keep every value below 4,096 (at most 12 of their 16 "
+            f"bits), and ptd reads 16-bit pixels on the full 16-bit range (their top 8 bits), so their brightest pixel "
+            f"reads {top} of 255: dark, with {top + 1} levels; if they hold 12-bit (or 10-bit) data, rescale the files "
+            f"to the 16-bit range (x16, or x64) or save them as 8-bit images (docs/data.md)")
+
+
 def take(split: AnySplit, idx: torch.Tensor) -> AnySplit:
     """Sub-select ``split`` by integer indices (keeps the split's type)."""
     if isinstance(split, Split):
