@@ -1698,10 +1698,11 @@ def _run_stages(ctx: Context, until: str, arms: Sequence[str] | None, log: Calla
     cfg = ctx.cfg
     arms = list(arms or cfg.distill.arms)
     log(plan_line(cfg, until, arms, ctx.run_dir))
-    from ptd.data.base import upscale_note
+    from ptd.data.base import depth_note, upscale_note
 
-    if (note := upscale_note(ctx.splits, cfg.data.image_size)) is not None:
-        log(note)
+    for note in (upscale_note(ctx.splits, cfg.data.image_size), depth_note(ctx.splits)):
+        if note is not None:
+            log(note)
     students: list[dict] = []
     reps: list[dict] = []  # per teacher replicate: its teacher, pruning and control results
     s_stats: dict = {}
