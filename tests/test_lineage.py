@@ -261,22 +261,27 @@ def test_a_control_round_redone_differently_refuses_the_rounds_after_it(tmp_path
     assert f"the finished stages control, distill/retrained_teacher_seed0 were made from {r1}, which has changed since" in one_line(capsys)
 
 
-def test_a_user_checkpoint_replaced_at_the_same_path_is_refused(tmp_path, tiny_fashion, capsys):
+def _user_teacher(tmp_path: Path, tiny_fashion: Path, path: Path, seed: int) -> Path:
+    """The tiny config (an untrained stand-in teacher, so check_learned off) and a VGG state dict
+    of ``seed`` saved at ``path`` as a user's checkpoint; returns the config file."""
     from ptd.models import build_model
 
     cfg = tiny_config(tiny_fashion, threads=1)
-    cfg["teacher"]["check_learned"] = False  # an untrained stand-in teacher
+    cfg["teacher"]["check_learned"] = False
     p = tmp_path / "c.yaml"
     p.write_text(yaml.safe_dump(cfg))
+    torch.manual_seed(seed)
+    torch.save(build_model("vgg", num_classes=10, in_channels=1, plan=[16, "M", 32, "M", 32]).state_dict(), path)
+    return p
+
+
+def test_a_user_checkpoint_replaced_at_the_same_path_is_refused(tmp_path, tiny_fashion, capsys):
     mine = tmp_path / "mine.pt"
-    torch.manual_seed(0)
-    m = build_model("vgg", num_classes=10, in_channels=1, plan=[16, "M", 32, "M", 32])
-    torch.save(m.state_dict(), mine)
+    p = _user_teacher(tmp_path, tiny_fashion, mine, 0)
     out = tmp_path / "run"
     assert main(["train", str(p), "--out", str(out), "--teacher", str(mine), "--quiet"]) == 0
     assert recorded_inputs(out / "teacher") == {str(mine.absolute()): file_digest(mine)}
-    torch.manual_seed(1)  # the user retrains and saves over the same path
-    torch.save(build_model("vgg", num_classes=10, in_channels=1, plan=[16, "M", 32, "M", 32]).state_dict(), mine)
+    _user_teacher(tmp_path, tiny_fashion, mine, 1)  # the user retrains and saves over the same path
     capsys.readouterr()
     files = snapshot(out)
     assert main(["train", str(p), "--out", str(out), "--teacher", str(mine), "--quiet"]) == 2
@@ -291,15 +296,8 @@ def test_a_user_checkpoint_moved_away_still_resumes_and_grows_the_run(tmp_path, 
     ("checkpoint not found", or, given the new path, "a different config (teacher.checkpoint)").
     Gone, or the same bytes at a new path, the run goes on from its copy; other bytes at the new
     path are still another teacher, refused."""
-    from ptd.models import build_model
-
-    cfg = tiny_config(tiny_fashion, threads=1)
-    cfg["teacher"]["check_learned"] = False  # an untrained stand-in teacher
-    p = tmp_path / "c.yaml"
-    p.write_text(yaml.safe_dump(cfg))
     mine = tmp_path / "mine.pt"
-    torch.manual_seed(0)
-    torch.save(build_model("vgg", num_classes=10, in_channels=1, plan=[16, "M", 32, "M", 32]).state_dict(), mine)
+    p = _user_teacher(tmp_path, tiny_fashion, mine, 0)
     out = tmp_path / "run"
     assert main(["prune", str(p), "--out", str(out), "--teacher", str(mine), "--quiet"]) == 0
     teacher = file_digest(out / "teacher" / P.MODEL)
@@ -313,9 +311,7 @@ def test_a_user_checkpoint_moved_away_still_resumes_and_grows_the_run(tmp_path, 
     # The new path, the same bytes: the same run.
     assert main(["student", str(p), "--out", str(out), "--teacher", str(moved), "--quiet"]) == 0, capsys.readouterr().err
     assert file_digest(out / "teacher" / P.MODEL) == teacher  # not reloaded from anywhere
-    # Other bytes at the new path: another teacher.
-    torch.manual_seed(1)
-    torch.save(build_model("vgg", num_classes=10, in_channels=1, plan=[16, "M", 32, "M", 32]).state_dict(), moved)
+    _user_teacher(tmp_path, tiny_fashion, moved, 1)  # other bytes at the new path: another teacher
     capsys.readouterr()
     files = snapshot(out)
     assert main(["student", str(p), "--out", str(out), "--teacher", str(moved), "--quiet"]) == 2
