@@ -133,7 +133,9 @@ def _best_arm(run_dir: Path, arm: str | None = None) -> tuple[Path, str]:
     cands.sort(key=lambda c: (-c[0], not c[1].startswith("pruned_teacher"), c[1]))
     score, name, f, r = cands[0]
     among = f"the run's {len(cands)} {arm} students (--arm)" if arm is not None else f"the run's {len(cands)} students"
-    if not (run_dir / P.RESULTS).is_file():  # the best so far, which the user could not tell from the best (crash audit)
+    # The best so far, which the user could not tell from the best (crash audit); a sweep's record
+    # is sweep.json (a finished sweep was called unfinished: new-user audit).
+    if not (run_dir / P.RESULTS).is_file() and not (run_dir / P.SWEEP_JSON).is_file():
         among += " finished so far: the run is not finished (no results.json yet), and a better student may come"
     tied = [c[1] for c in cands[1:] if c[0] == score]
     if tied:  # the rule that broke the tie, which the line did not say (real-data audit)

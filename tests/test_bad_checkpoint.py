@@ -212,7 +212,8 @@ def test_other_float_widths_and_integer_buffers_still_load(tmp_path: Path):
 
 
 SPECS = {
-    "unknown-arch": ({"arch": "resnet9000", "num_classes": 10, "in_channels": 1, "width": 1.0}, ["unknown model 'resnet9000'", "load_into"]),
+    "unknown-arch": ({"arch": "resnet9000", "num_classes": 10, "in_channels": 1, "width": 1.0}, ["metadata names 'resnet9000', a model this process does not have", "unknown model 'resnet9000'",
+                                                                                       "ptd.models.MODELS.register", "load_into"]),
     "negative-classes": ({"arch": "vgg", "num_classes": -10, "in_channels": 1, "width": 1.0, "plan": [8]}, ["num_classes -10"]),
     "zero-classes": ({"arch": "vgg", "num_classes": 0, "in_channels": 1, "width": 1.0, "plan": [8]}, ["num_classes 0"]),
     "bool-channels": ({"arch": "vgg", "num_classes": 10, "in_channels": True, "width": 1.0, "plan": [8]}, ["in_channels True"]),

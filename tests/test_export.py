@@ -525,6 +525,8 @@ def test_the_best_student_of_an_unfinished_run_says_so(run_dir):
     (run_dir / "results.json").unlink()
     assert resolve(run_dir).what == ("student pruned_teacher_seed0 (best val accuracy 0.7400 of the run's 2 students finished "
                                      "so far: the run is not finished (no results.json yet), and a better student may come)")
+    (run_dir / "sweep.json").write_text("{}")  # a finished sweep's record: it is finished (new-user audit)
+    assert "not finished" not in resolve(run_dir).what
 
 
 def test_a_tie_for_the_best_student_says_how_it_was_broken(run_dir):
