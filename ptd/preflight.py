@@ -762,6 +762,10 @@ def check_pruning(cfg: RunConfig, sweep: bool = False) -> None:
     if sweep:
         targets = [(st, cfg.sweep.sparsities, options_for(dict(p.options), st)) for st in cfg.sweep.strategies]
     else:
+        keyed = sorted(k for k in p.options if k in SPECS)
+        if keyed:  # a sweep's per-strategy sections: read plainly, its options went unseen ("rewind_epoch: required")
+            raise ConfigError(f"prune.options.{keyed[0]}: per-strategy sections are for ptd sweep; a run of one strategy takes its "
+                              f"options plainly (prune.options.<option>, e.g. --set prune.options.rewind_epoch=1)")
         targets = [(p.strategy, [p.target_sparsity], dict(p.options))]
     for st, sparsities, opts in targets:
         for s in sparsities:

@@ -664,6 +664,17 @@ def test_preflight_runs_what_a_strategy_declares_and_knows_none_by_name(monkeypa
     # The registered ones: imp's rewind epoch and GMP's ramp, with the messages they had.
     with pytest.raises(ConfigError, match=r"rewind_epoch: required for weight rewinding \(imp_weight_rewind\)"):
         check_pruning(load_config(None, ["prune.strategy=imp_weight_rewind"]))
+    # A loaded teacher has no early weights: said first, with the strategy that works. Asking for a
+    # rewind_epoch led the user from that refusal straight into this one (new-user audit).
+    for sets, words in ((["prune.strategy=imp_weight_rewind"], "prune.strategy: imp_weight_rewind rewinds"),
+                        (["prune.strategy=imp_weight_rewind", "prune.options={rewind_epoch: 1}"], "use prune.strategy: imp"),
+                        (["prune.options={rewind: weight}"], "prune.options.rewind: 'weight' rewinds")):
+        with pytest.raises(ConfigError, match=r"is loaded, not trained here, so it has none") as e:
+            check_pruning(load_config(None, sets + ["teacher.checkpoint=/nowhere/t.safetensors"]))
+        assert str(e.value).startswith(words) or words in str(e.value), str(e.value)
+    # A sweep's per-strategy section in a run was read as one plain option: "rewind_epoch: required".
+    with pytest.raises(ConfigError, match=r"^prune\.options\.imp_weight_rewind: per-strategy sections are for ptd sweep"):
+        check_pruning(load_config(None, ["prune.strategy=imp_weight_rewind", "prune.options={imp_weight_rewind: {rewind_epoch: 1}}"]))
     with pytest.raises(ConfigError, match=r"prune\.options\.end_epoch: 9 must be > start_epoch"):
         check_pruning(load_config(None, ["prune.strategy=gmp", "prune.options={end_epoch: 9}", "prune.retrain.epochs=4"]))
 

@@ -133,6 +133,14 @@ def _check_rewind(name: str, opts: dict, cfg) -> None:
     """Before the teacher trains: weight rewinding names an epoch the teacher will train through
     and save (0: its initialization, saved before its first epoch), and has a teacher to train."""
     weight = name == "imp_weight_rewind" or opts.get("rewind") == "weight"
+    if weight and cfg.teacher.checkpoint:
+        # First: no rewind_epoch helps a teacher that is not trained here, and asking for one led
+        # the user from this refusal straight into the next (new-user audit).
+        key, alt = (("prune.strategy", "prune.strategy: imp (learning-rate rewinding, the paper's)") if name == "imp_weight_rewind"
+                    else ("prune.options.rewind", "rewind: lr"))
+        raise ConfigError(f"{key}: {name if key == 'prune.strategy' else repr('weight')} rewinds the survivors to the teacher's early "
+                          f"weights, but teacher.checkpoint ({cfg.teacher.checkpoint}) is loaded, not trained here, so it has "
+                          f"none; use {alt}, or drop teacher.checkpoint to train the teacher")
     e = opts.get("rewind_epoch")
     if e is None:
         if weight:
@@ -145,9 +153,6 @@ def _check_rewind(name: str, opts: dict, cfg) -> None:
     if not 0 <= e <= epochs:
         raise ConfigError(f"prune.options.rewind_epoch: {e} is outside 0..teacher.optim.epochs ({epochs}); pick an epoch the "
                           f"teacher trains through")
-    if weight and cfg.teacher.checkpoint:
-        raise ConfigError(f"prune.options.rewind_epoch: weight rewinding needs the teacher's epoch-{e} weights, but "
-                          f"teacher.checkpoint ({cfg.teacher.checkpoint}) skips training; use rewind: lr, or drop teacher.checkpoint")
 
 
 # Every IMP variant prunes in rounds, and its levels nest: round k of one run to the highest
