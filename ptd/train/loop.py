@@ -305,6 +305,30 @@ def _call(hooks: Sequence[Any], name: str, *args: Any) -> None:
             fn(*args)
 
 
+@dataclass
+class _Progress:
+    """Where a stage stands: what each commit records besides the unit, optimizer, scheduler, RNG
+    and hook states, and restores on resume. A fresh stage starts at epoch 0 with nothing kept."""
+
+    start: int = 0  # the first epoch to train: one past the last commit's
+    steps: int = 0
+    wall: float = 0.0  # seconds, summed over resumed sessions
+    best_acc: float = -math.inf
+    best_epoch: int = -1  # of the weights kept (0-based); -1: none yet
+    rows: list[dict[str, Any]] = field(default_factory=list)  # metrics.jsonl's rows, one per committed epoch
+
+
+@dataclass
+class _EpochSums:
+    """An epoch's training sums, added over ranks: divided by ``seen`` they are metrics.jsonl's means."""
+
+    steps: int  # this rank's optimizer steps
+    loss: float
+    correct: float
+    seen: float
+    terms: dict[str, float]  # each loss term's sum, in the order the unit named them
+
+
 def fit(
     model: nn.Module,
     train_loader: Any,
@@ -337,148 +361,207 @@ def fit(
     if keep not in CHECKPOINTS:
         raise ValueError(f"fit: keep must be one of {', '.join(CHECKPOINTS)}, got {keep!r}")
     out = Path(out_dir) if out_dir is not None else None
-    main = rt.dist.is_main
     unit = (unit if unit is not None else Supervised(model)).to(rt.device)
     _check_unit(unit, model)
     _check_hook_keys(hooks)
-    net: nn.Module = unit
-    if rt.dist.enabled:  # the one place DDP wraps: the whole unit, so loss modules sync too
-        dev_ids = [rt.device.index] if rt.device.type == "cuda" else None
-        net = nn.parallel.DistributedDataParallel(unit, device_ids=dev_ids)
+    net = _wrap(unit, rt)
     opt = make_optimizer(unit, optim)
     sched = make_scheduler(opt, optim)
-    start, best_acc, best_epoch, steps, wall = 0, -math.inf, -1, 0, 0.0
-
-    rows: list[dict[str, Any]] = []
-    # The last commit, or None; one of another world size is refused (ckpt.check_world_size).
-    state = ckpt.load_resume(out, world_size=rt.dist.world_size) if out is not None else None
-    if state is not None:
-        _restore(state, out, unit, opt, sched, hooks)
-        start, steps, wall = state["epoch"] + 1, state["steps"], state["wall_s"]
-        best_acc, best_epoch = state["best"]["acc"], state["best"]["epoch"]
-        rows = list(state["metrics"])
-        if main:  # the view follows the commit (a kill may have left it an epoch behind, or torn)
-            _sync_metrics_view(out / P.METRICS, rows)
-            if best_epoch == state["epoch"]:  # the kept weights are the commit's: a kill may have come before their save
-                ckpt.save_model(out / P.MODEL, model)
+    run = _resume(out, rt, model, unit, opt, sched, hooks)
 
     _call(hooks, "on_start", model)
     n_batches = len(train_loader)
-    resumed = f" (resumed after epoch {start})" if start else ""  # from the directory's last commit
-    bar = tqdm(total=optim.epochs * n_batches, initial=start * n_batches, desc=desc + resumed, unit="step",
-               disable=rt.quiet or not main, dynamic_ncols=True, leave=False)
+    resumed = f" (resumed after epoch {run.start})" if run.start else ""  # from the directory's last commit
+    bar = tqdm(total=optim.epochs * n_batches, initial=run.start * n_batches, desc=desc + resumed, unit="step",
+               disable=rt.quiet or not rt.dist.is_main, dynamic_ncols=True, leave=False)
+    best_state = None  # the kept weights, in memory (no out_dir to keep them in)
     net.train()
     with rt.training(unit):  # e.g. ptd.train.fastconv, for the epochs only
-        for epoch in range(start, optim.epochs):
+        for epoch in range(run.start, optim.epochs):
             t0 = time.perf_counter()
             lr = opt.param_groups[0]["lr"]  # the rate this epoch trains at (logged before the scheduler moves it)
-            if hasattr(train_loader, "set_epoch"):
-                train_loader.set_epoch(epoch)
-            if rt.dist.enabled:
-                # Ranks are seeded alike, so dropout (any draw from torch's global RNG in a step) dropped
-                # the same units of every rank's own samples. Each epoch draws from its own (seed,
-                # epoch, rank) stream instead: ranks differ, and a resumed epoch draws what it drew
-                # (the commit keeps rank 0's RNG alone). One process keeps its seeded RNG as it was.
-                torch.manual_seed(stream_seed(seed, "step_rng", epoch=epoch, rank=rt.dist.rank))
-            loss_sum = torch.zeros((), device=rt.device)
-            correct = torch.zeros((), device=rt.device)
-            seen = 0
-            term_sums: dict[str, torch.Tensor] = {}
-            for i, batch in enumerate(train_loader):
-                loss, logits, terms, y = train_step(net, opt, rt, batch, epoch, hooks, model)
-                steps += 1
-                # Accumulate on the device: no host sync per step.
-                loss_sum += loss.detach().float() * y.numel()
-                for k, v in terms.items():
-                    term_sums[k] = term_sums.get(k, 0) + v.detach().float() * y.numel()
-                correct += (logits.detach().argmax(1) == y).sum()
-                seen += y.numel()
-                bar.update(1)
-                if i % 50 == 0 or i == n_batches - 1:  # a host sync every 50 steps, and the epoch's last
-                    # The epoch's mean loss so far, as metrics.jsonl's train_loss ends it (one process;
-                    # under torchrun rank 0's share, the bar being rank 0's): one batch's
-                    # loss, shown every 50 steps, froze a short epoch on its first step (new-user audit).
-                    bar.set_postfix(epoch=f"{epoch + 1}/{optim.epochs}", loss=f"{(loss_sum / seen).item():.3f}")
-            sched.step()
-            train_stats = all_sum([loss_sum.item(), correct.item(), float(seen), *(t.item() for t in term_sums.values())], rt.device)
-            # Every rank evaluates rank 0's model, the one rank 0 saves: DDP left each rank rank 0's
-            # buffers plus one BatchNorm update from its own last batch, so val metrics, the best
-            # epoch, hooks' rows and the divergence decision differed by rank (val_loss every epoch).
-            if rt.dist.enabled:
-                broadcast_buffers(unit)
-            val = evaluate(model, val_loader, rt) if val_loader is not None and len(val_loader) else None
-            diverged = _divergence(train_stats[0], unit, val)
-            # Collective: parameters are not re-broadcast after DDP's start, so a rank's weights can go
-            # bad alone. Every rank raises the first diverged rank's error; a rank that trained on
-            # would hang (or fail) in its next step's all-reduce, waiting for the ranks that stopped.
-            if rt.dist.enabled:
-                src = first_true(diverged is not None)
-                diverged = None if src is None else broadcast_object(diverged, src)
+            sums = _train_epoch(net, opt, sched, rt, train_loader, n_batches, epoch, optim.epochs, hooks, model, bar, seed)
+            run.steps += sums.steps
+            val = _validate(unit, model, val_loader, rt)
+            diverged = _diverged(sums.loss, unit, val, rt)
             if diverged:
                 # Without this a diverged stage trains on nan weights to its end, and its nan or
                 # chance-level model flows into the next stage and the comparison. Checked before
                 # the commit, so the run directory keeps the last finite epoch.
                 bar.close()
-                kept = f"{out} keeps epochs 1-{epoch}" if out is not None and epoch else "no epoch of it was kept"
-                # A distillation unit's loss terms carry their own weights, which can diverge it as well.
-                weights = ", or the loss weights of distill.options" if hasattr(unit, "student") else ""
-                err = DivergedError(f"{desc}: {diverged} in epoch {epoch + 1} of {optim.epochs} (lr {lr:g}): training "
-                                    f"diverged; lower {optim_key}.lr (or its weight_decay{weights}) and run again into a new "
-                                    f"--out ({kept})")
-                err.every_rank = rt.dist.enabled  # decided together: every rank raises this one error, rank 0 says it
-                raise err
-            wall += time.perf_counter() - t0
+                raise _diverged_error(diverged, desc, epoch, optim, optim_key, lr, out, unit, rt)
+            run.wall += time.perf_counter() - t0
             val_acc = val["acc"] if val is not None else None
-            # Ties go to the earlier epoch, as in the published code (training/Tester.py keeps a
-            # checkpoint only when accuracy > best); without validation the last epoch counts as best.
-            improved = val_acc is None or val_acc > best_acc
-            # A hook may veto early checkpoints (GMP: weights from before its final mask are not a level).
-            improved = improved and all(h.allow_best(epoch) for h in hooks if hasattr(h, "allow_best"))
-            if keep == "last":  # only the last epoch's weights are the stage's (and only they are saved)
-                improved = epoch == optim.epochs - 1
+            improved = _keeps_epoch(epoch, val_acc, run.best_acc, hooks, keep, optim.epochs)
             if improved:
-                best_acc, best_epoch = (val_acc if val_acc is not None else -math.inf), epoch
-            row = {"epoch": epoch + 1, "lr": lr, "train_loss": train_stats[0] / max(train_stats[2], 1),
-                   "train_acc": train_stats[1] / max(train_stats[2], 1), "val_loss": val["loss"] if val else None,
-                   "val_acc": val_acc, "steps": steps, "wall_s": round(wall, 3), "best": improved}
-            if term_sums:  # each loss term, averaged over the epoch's samples like train_loss
-                row["terms"] = {k: v / max(train_stats[2], 1) for k, v in zip(term_sums, train_stats[3:])}
+                run.best_acc, run.best_epoch = (val_acc if val_acc is not None else -math.inf), epoch
+            row = _metrics_row(epoch, lr, sums, val, run, improved)
             if val_acc is not None:
                 bar.set_postfix(epoch=f"{epoch + 1}/{optim.epochs}", loss=f"{row['train_loss']:.3f}", val_acc=f"{val_acc:.4f}")
             # Hooks first: what they write (a rewind snapshot) and what they change (GMP's masks) belongs
             # to this epoch's commit. A kill before the commit re-runs the epoch, which redoes both.
             _call(hooks, "end_epoch", epoch, row)
-            rows.append(row)
-            if out is not None and main:
-                ckpt.save_resume(out, {  # THE commit point of this epoch
-                    "epoch": epoch, "model": unit.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                    "world_size": rt.dist.world_size,  # a resume at another world size is refused (ckpt.check_world_size)
-                    "rng": ckpt.rng_state(), "hooks": _hook_states(hooks),
-                    "metrics": rows, "best": {"epoch": best_epoch, "acc": best_acc}, "steps": steps, "wall_s": wall})
-                # The kept weights after their commit, never before: saved first, a kill before the
-                # commit left the weights of an epoch the resume then re-ran, and where the re-run
-                # differs (CUDA; other threads) and does not improve, the stage ended on weights its
-                # record never scored (crash audit). A kill between the two is mended on resume above.
-                if improved:
-                    ckpt.save_model(out / P.MODEL, model)
-                ckpt.write_metrics(out / P.METRICS, rows)  # a view of the commit; a kill here leaves it behind
+            run.rows.append(row)
+            if out is not None and rt.dist.is_main:
+                _commit(out, epoch, unit, model, opt, sched, hooks, rt, run, improved)
             elif improved:
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     bar.close()
 
-    # Back to the weights kept (the best-validation epoch's, or with keep="last" the last epoch's).
+    _load_kept(model, out, best_state)
+    result = {"best_val_acc": run.best_acc if run.best_acc > -math.inf else None, "best_epoch": run.best_epoch + 1,
+              "epochs": optim.epochs, "steps": run.steps, "wall_s": round(run.wall, 3)}
+    if test_loader is not None:
+        result["test_acc"] = evaluate(model, test_loader, rt)["acc"]
+    return result
+
+
+def _wrap(unit: nn.Module, rt: Runtime) -> nn.Module:
+    """What ``train_step`` calls: the unit, DDP-wrapped under torchrun."""
+    if not rt.dist.enabled:
+        return unit
+    # The one place DDP wraps: the whole unit, so loss modules sync too.
+    dev_ids = [rt.device.index] if rt.device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(unit, device_ids=dev_ids)
+
+
+def _resume(out: Path | None, rt: Runtime, model: nn.Module, unit: nn.Module, opt: torch.optim.Optimizer, sched: Any,
+            hooks: Sequence[Any]) -> _Progress:
+    """Put ``out``'s last commit back (see _restore) and return its progress; a fresh one without."""
+    # The last commit, or None; one of another world size is refused (ckpt.check_world_size).
+    state = ckpt.load_resume(out, world_size=rt.dist.world_size) if out is not None else None
+    if state is None:
+        return _Progress()
+    _restore(state, out, unit, opt, sched, hooks)
+    run = _Progress(start=state["epoch"] + 1, steps=state["steps"], wall=state["wall_s"], best_acc=state["best"]["acc"],
+                    best_epoch=state["best"]["epoch"], rows=list(state["metrics"]))
+    if rt.dist.is_main:  # the view follows the commit (a kill may have left it an epoch behind, or torn)
+        _sync_metrics_view(out / P.METRICS, run.rows)
+        if run.best_epoch == state["epoch"]:  # the kept weights are the commit's: a kill may have come before their save
+            ckpt.save_model(out / P.MODEL, model)
+    return run
+
+
+def _train_epoch(net: nn.Module, opt: torch.optim.Optimizer, sched: Any, rt: Runtime, loader: Any, n_batches: int,
+                 epoch: int, epochs: int, hooks: Sequence[Any], model: nn.Module, bar: Any, seed: int) -> _EpochSums:
+    """One epoch of ``train_step``s, then the scheduler's step; the sums added over ranks."""
+    if hasattr(loader, "set_epoch"):
+        loader.set_epoch(epoch)
+    if rt.dist.enabled:
+        # Ranks are seeded alike, so dropout (any draw from torch's global RNG in a step) dropped
+        # the same units of every rank's own samples. Each epoch draws from its own (seed,
+        # epoch, rank) stream instead: ranks differ, and a resumed epoch draws what it drew
+        # (the commit keeps rank 0's RNG alone). One process keeps its seeded RNG as it was.
+        torch.manual_seed(stream_seed(seed, "step_rng", epoch=epoch, rank=rt.dist.rank))
+    loss_sum = torch.zeros((), device=rt.device)
+    correct = torch.zeros((), device=rt.device)
+    seen = steps = 0
+    term_sums: dict[str, torch.Tensor] = {}
+    for i, batch in enumerate(loader):
+        loss, logits, terms, y = train_step(net, opt, rt, batch, epoch, hooks, model)
+        steps += 1
+        # Accumulate on the device: no host sync per step.
+        loss_sum += loss.detach().float() * y.numel()
+        for k, v in terms.items():
+            term_sums[k] = term_sums.get(k, 0) + v.detach().float() * y.numel()
+        correct += (logits.detach().argmax(1) == y).sum()
+        seen += y.numel()
+        bar.update(1)
+        if i % 50 == 0 or i == n_batches - 1:  # a host sync every 50 steps, and the epoch's last
+            # The epoch's mean loss so far, as metrics.jsonl's train_loss ends it (one process;
+            # under torchrun rank 0's share, the bar being rank 0's): one batch's
+            # loss, shown every 50 steps, froze a short epoch on its first step (new-user audit).
+            bar.set_postfix(epoch=f"{epoch + 1}/{epochs}", loss=f"{(loss_sum / seen).item():.3f}")
+    sched.step()
+    total = all_sum([loss_sum.item(), correct.item(), float(seen), *(t.item() for t in term_sums.values())], rt.device)
+    return _EpochSums(steps, total[0], total[1], total[2], dict(zip(term_sums, total[3:])))
+
+
+def _validate(unit: nn.Module, model: nn.Module, val_loader: Any | None, rt: Runtime) -> dict[str, float] | None:
+    """The epoch's validation metrics (``evaluate``), or None without a validation set."""
+    # Every rank evaluates rank 0's model, the one rank 0 saves: DDP left each rank rank 0's
+    # buffers plus one BatchNorm update from its own last batch, so val metrics, the best
+    # epoch, hooks' rows and the divergence decision differed by rank (val_loss every epoch).
+    if rt.dist.enabled:
+        broadcast_buffers(unit)
+    return evaluate(model, val_loader, rt) if val_loader is not None and len(val_loader) else None
+
+
+def _diverged(train_loss_sum: float, unit: nn.Module, val: dict[str, float] | None, rt: Runtime) -> str | None:
+    """``_divergence``, decided for every rank together."""
+    diverged = _divergence(train_loss_sum, unit, val)
+    # Collective: parameters are not re-broadcast after DDP's start, so a rank's weights can go
+    # bad alone. Every rank raises the first diverged rank's error; a rank that trained on
+    # would hang (or fail) in its next step's all-reduce, waiting for the ranks that stopped.
+    if rt.dist.enabled:
+        src = first_true(diverged is not None)
+        diverged = None if src is None else broadcast_object(diverged, src)
+    return diverged
+
+
+def _diverged_error(why: str, desc: str, epoch: int, optim: OptimConfig, optim_key: str, lr: float, out: Path | None,
+                    unit: nn.Module, rt: Runtime) -> DivergedError:
+    """The error a diverged epoch raises: what diverged, where, and the config key to lower."""
+    kept = f"{out} keeps epochs 1-{epoch}" if out is not None and epoch else "no epoch of it was kept"
+    # A distillation unit's loss terms carry their own weights, which can diverge it as well.
+    weights = ", or the loss weights of distill.options" if hasattr(unit, "student") else ""
+    err = DivergedError(f"{desc}: {why} in epoch {epoch + 1} of {optim.epochs} (lr {lr:g}): training "
+                        f"diverged; lower {optim_key}.lr (or its weight_decay{weights}) and run again into a new "
+                        f"--out ({kept})")
+    err.every_rank = rt.dist.enabled  # decided together: every rank raises this one error, rank 0 says it
+    return err
+
+
+def _keeps_epoch(epoch: int, val_acc: float | None, best_acc: float, hooks: Sequence[Any], keep: str, epochs: int) -> bool:
+    """Whether this epoch's weights become the ones the stage keeps."""
+    # Ties go to the earlier epoch, as in the published code (training/Tester.py keeps a
+    # checkpoint only when accuracy > best); without validation the last epoch counts as best.
+    improved = val_acc is None or val_acc > best_acc
+    # A hook may veto early checkpoints (GMP: weights from before its final mask are not a level).
+    improved = improved and all(h.allow_best(epoch) for h in hooks if hasattr(h, "allow_best"))
+    if keep == "last":  # only the last epoch's weights are the stage's (and only they are saved)
+        improved = epoch == epochs - 1
+    return improved
+
+
+def _metrics_row(epoch: int, lr: float, sums: _EpochSums, val: dict[str, float] | None, run: _Progress,
+                 improved: bool) -> dict[str, Any]:
+    """The epoch's row of metrics.jsonl (and of the commit, and what end_epoch hooks see)."""
+    val_acc = val["acc"] if val is not None else None
+    row = {"epoch": epoch + 1, "lr": lr, "train_loss": sums.loss / max(sums.seen, 1),
+           "train_acc": sums.correct / max(sums.seen, 1), "val_loss": val["loss"] if val else None,
+           "val_acc": val_acc, "steps": run.steps, "wall_s": round(run.wall, 3), "best": improved}
+    if sums.terms:  # each loss term, averaged over the epoch's samples like train_loss
+        row["terms"] = {k: v / max(sums.seen, 1) for k, v in sums.terms.items()}
+    return row
+
+
+def _commit(out: Path, epoch: int, unit: nn.Module, model: nn.Module, opt: torch.optim.Optimizer, sched: Any,
+            hooks: Sequence[Any], rt: Runtime, run: _Progress, improved: bool) -> None:
+    """Commit the epoch (rank 0): resume.pt, then the kept weights if they are this epoch's, then the view."""
+    ckpt.save_resume(out, {  # THE commit point of this epoch
+        "epoch": epoch, "model": unit.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+        "world_size": rt.dist.world_size,  # a resume at another world size is refused (ckpt.check_world_size)
+        "rng": ckpt.rng_state(), "hooks": _hook_states(hooks),
+        "metrics": run.rows, "best": {"epoch": run.best_epoch, "acc": run.best_acc}, "steps": run.steps, "wall_s": run.wall})
+    # The kept weights after their commit, never before: saved first, a kill before the
+    # commit left the weights of an epoch the resume then re-ran, and where the re-run
+    # differs (CUDA; other threads) and does not improve, the stage ended on weights its
+    # record never scored (crash audit). A kill between the two is mended on resume (_resume).
+    if improved:
+        ckpt.save_model(out / P.MODEL, model)
+    ckpt.write_metrics(out / P.METRICS, run.rows)  # a view of the commit; a kill here leaves it behind
+
+
+def _load_kept(model: nn.Module, out: Path | None, best_state: dict[str, torch.Tensor] | None) -> None:
+    """Back to the weights kept (the best-validation epoch's, or with keep="last" the last epoch's)."""
     if out is not None:
         from ptd.train.distributed import barrier
 
         barrier()
         ckpt.load_into(model, out / P.MODEL)
-    elif "best_state" in locals():
+    elif best_state is not None:
         model.load_state_dict(best_state)
-    result = {"best_val_acc": best_acc if best_acc > -math.inf else None, "best_epoch": best_epoch + 1,
-              "epochs": optim.epochs, "steps": steps, "wall_s": round(wall, 3)}
-    if test_loader is not None:
-        result["test_acc"] = evaluate(model, test_loader, rt)["acc"]
-    return result
 
 
 def cleanup_resume_files(out_dir: str | Path) -> None:
