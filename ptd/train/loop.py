@@ -374,7 +374,7 @@ def fit(
     resumed = f" (resumed after epoch {run.start})" if run.start else ""  # from the directory's last commit
     bar = tqdm(total=optim.epochs * n_batches, initial=run.start * n_batches, desc=desc + resumed, unit="step",
                disable=rt.quiet or not rt.dist.is_main, dynamic_ncols=True, leave=False)
-    best_state = None  # the kept weights, in memory (no out_dir to keep them in)
+    best_state = None  # the kept weights in memory: used only without out_dir (ranks other than 0 hold them unused)
     net.train()
     with rt.training(unit):  # e.g. ptd.train.fastconv, for the epochs only
         for epoch in range(run.start, optim.epochs):
