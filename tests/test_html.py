@@ -133,6 +133,12 @@ def test_cli_report_rerenders_and_errors_in_one_line(run_dir, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err == (f"ptd: error: {missing / 'results.json'} not found: {missing} is not a finished ptd run; "
                    f"run `ptd run CONFIG --out {missing}` to finish it")
+    # A stage folder: the run that holds it, not "run `ptd run CONFIG --out <run>/teacher`" (a new
+    # run inside the old one: new-user audit).
+    (run_dir / "teacher").mkdir(exist_ok=True)
+    assert main(["report", str(run_dir / "teacher")]) == 2
+    assert capsys.readouterr().err.strip().endswith(f"{run_dir / 'teacher'} is a folder inside the ptd run {run_dir.absolute()}, "
+                                                    f"not a run; give the run itself, {run_dir.absolute()}")
     (run_dir / "results.json").write_text("{}")
     assert main(["report", str(run_dir)]) == 2
     assert "is not a ptd results file (KeyError" in capsys.readouterr().err

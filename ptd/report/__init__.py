@@ -1279,6 +1279,17 @@ def check_no_figure_lost(files: list[tuple[Path, Any]], folder: Path) -> None:
                               + "; restore them, or copy its results to a new folder and run ptd report there (nothing was written)")
 
 
+def missing_results(run_dir: Path, finish: str) -> str:
+    """The line for a folder without results.json: inside a run (a stage folder, teacher/ or
+    distill/<arm>_seed<s>/), the run that holds it, not the advice to finish this folder as a run
+    (`ptd run CONFIG --out run/teacher` would start a new run inside the old one: new-user audit)."""
+    path = run_dir / P.RESULTS
+    for up in list(run_dir.absolute().parents)[:3]:
+        if (up / P.CONFIG).is_file():
+            return f"{path} not found: {run_dir} is a folder inside the ptd run {up}, not a run; give the run itself, {up}"
+    return f"{path} not found: {run_dir} is not a finished ptd run; {finish}"
+
+
 def rerender(run_dir: str | Path) -> str:
     """``ptd report RUN_DIR``: recompute the summaries and comparisons from results.json's students,
     then rewrite results.json, report.md and report.html. Returns the markdown. results.json is
@@ -1290,7 +1301,7 @@ def rerender(run_dir: str | Path) -> str:
         raise ReportError(f"{run_dir} is a file, not a run directory; give the folder a finished `ptd run` (or `ptd sweep`) wrote "
                           f"(its --out)")
     if not path.is_file():
-        raise ReportError(f"{path} not found: {run_dir} is not a finished ptd run; run `ptd run CONFIG --out {run_dir}` to finish it")
+        raise ReportError(missing_results(run_dir, f"run `ptd run CONFIG --out {run_dir}` to finish it"))
     fix = f"re-run `ptd run CONFIG --out {run_dir}` to regenerate it, or restore the file"
     # Locked from the read to the last write: locked for the writes alone, a run that grew the
     # directory while this rendered (1-2 s) had its new results.json replaced by the one read
