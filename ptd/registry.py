@@ -45,7 +45,14 @@ class Registry(Generic[T]):
             ) from None
 
     def meant(self, name: object) -> str:
-        """' (did you mean 'x'?)' for the name a typo most likely meant (``nearest``), or ''."""
+        """' (did you mean 'x'?)' for the name a typo most likely meant (``nearest``); for the stem of
+        a family, ' (did you mean one of 'x1', 'x2'?)': 'resnet' got "did you mean 'resnet56'?", one
+        of the eleven resnets picked by spelling alone (new-user audit); else ''."""
+        if isinstance(name, str) and name and name not in self._items:
+            family = sorted((n for n in self._items if n.lower().startswith(name.lower()) and n.lower() != name.lower()),
+                            key=lambda n: (len(n), n))
+            if len(family) > 1:
+                return f" (did you mean one of {', '.join(map(repr, family))}?)"
         near = self.nearest(name)
         return f" (did you mean {near!r}?)" if near else ""
 

@@ -300,3 +300,12 @@ def test_torchvision_models_build_without_a_warning_on_stderr(arch):
         warnings.simplefilter("error")
         m = build_model(arch, 10, 3)
     assert m.ptd_spec["arch"] == arch
+
+
+def test_an_unknown_name_that_is_a_family_stem_lists_the_family():
+    """'resnet' got "did you mean 'resnet56'?", one of eleven resnets picked by spelling alone
+    (new-user audit): a stem lists the family; a typo still gets its nearest name."""
+    with pytest.raises(UnknownNameError, match=r"unknown model 'resnet' \(did you mean one of 'resnet18', 'resnet20', .*'resnet32x4'\?\)"):
+        MODELS.get("resnet")
+    assert MODELS.meant("resnt56") == " (did you mean 'resnet56'?)"
+    assert MODELS.meant("wrn_40_2") == " (did you mean 'wrn40_2'?)"  # the same letters and digits
