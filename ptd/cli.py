@@ -173,7 +173,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     _check_config_file(config)
     flag_device = _flag(args.device, "--device", "give auto, cpu, cuda or cuda:N, or leave --device out for the config's device")
     cfg = load_config(config, args.overrides)
-    r = evaluate_model_file(cfg, args.checkpoint, flag_device, config or "the default config")
+    # What feeds the model, as a refusal names it: with --set, the flags too (a size set by --set was
+    # blamed on the config file: new-user audit).
+    label = (str(config) if config else "the default config") + (f" with --set {' '.join(args.overrides)}" if args.overrides else "")
+    r = evaluate_model_file(cfg, args.checkpoint, flag_device, label)
     h, w = r["input_size"]
     print(f"{args.checkpoint}: test acc {r['acc']:.4f} on {r['n']} images of {cfg.data.name} at {h}x{w}; "
           f"params {r['params']:,} ({r['nonzero']:,} nonzero)"
@@ -284,12 +287,14 @@ def build_parser() -> argparse.ArgumentParser:
         sp.set_defaults(func=cmd_stage)
     ev = sub.add_parser("eval", help="test accuracy of a saved model (.safetensors written by ptd)",
                         description="test accuracy of a saved model (.safetensors written by ptd)")
-    ev.add_argument("checkpoint", metavar="CHECKPOINT")
+    ev.add_argument("checkpoint", metavar="CHECKPOINT", help="a .safetensors model file ptd wrote (a stage's model.safetensors: "
+                    "a run's teacher, a pruning level, a student; or ptd.train.checkpoint.save_model's), which carries its architecture")
     ev.add_argument("config", metavar="CONFIG", nargs="?",
                     help="YAML config naming the data (default: the config.yaml of the run directory the model file is in, "
                          "else the built-in defaults: Fashion-MNIST)")
-    ev.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    ev.add_argument("--device")
+    ev.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config key, e.g. --set data.root=/data/fm or --set threads=1 (repeatable)")
+    ev.add_argument("--device", help="auto | cpu | cuda | cuda:N (default: the config's device)")
     ev.set_defaults(func=cmd_eval)
     sw_help = "teachers pruned to several sparsities (and by several strategies), each distilled into one student; sweep.json, sweep.md, plots"
     sw = sub.add_parser("sweep", help=sw_help, description=sw_help)

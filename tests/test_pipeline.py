@@ -237,7 +237,7 @@ def test_eval_command(tmp_path, tiny_yaml):
     assert load_model(model_file).ptd_input_size == (28, 28)
     r = run_cli("eval", model_file, tiny_yaml, "--set", "data.image_size=32")
     assert r.returncode == 2 and r.stderr.strip() == (
-        f"ptd: error: {model_file}: the model was trained on 28x28 images, but {tiny_yaml} feeds it 32x32; set "
+        f"ptd: error: {model_file}: the model was trained on 28x28 images, but {tiny_yaml} with --set data.image_size=32 feeds it 32x32; set "
         f"data.image_size=28 or use the config it was trained with"), r.stderr
     r = run_cli("eval", model_file)
     assert r.returncode == 0 and f"test acc {acc:.4f}" in r.stdout and r.stdout.strip().endswith(f"; config {out / 'config.yaml'}"), r
