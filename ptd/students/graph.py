@@ -177,18 +177,88 @@ def bounded_memory(budget: int = WALK_MEMORY_BUDGET):
         resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
 
 
+# A walk from one channel that terminates holds, on each dependency, at most as many indices as
+# the tensor it indexes has channels: over the 46 torchvision models ptd derives (tv_zoo, 0.59),
+# the longest list was 0.27x the model's widest Conv/Linear layer (squeezenet1_0: 138 of 512;
+# MaxViT's wrong but finite coupling reaches 1.5x and is refused after its walk by
+# check_group_indices, which names the layer). Where Torch-Pruning's flatten mapping sits in a
+# cycle (torchvision's Swin transformers) each pass multiplies the list -- swin_t: 1 -> 32,768 ->
+# 1,048,576 indices, 10.7x and 341x its widest layer's 3,072; the smallest first runaway list
+# seen, 5.7x (729 of 128, a 3-stage Swin of width 8) -- and the walk ended only at the memory
+# bound, after 16 s (tv:swin_t) to 38 s (that small Swin). Past RUNAWAY_FACTOR x the widest layer
+# a walk is refused at once.
+RUNAWAY_FACTOR = 4
+
+
+class _RunawayWalk(Exception):
+    def __init__(self, size: int):
+        super().__init__(size)
+        self.size = size
+
+
+class _BoundedMapping:
+    """One of Torch-Pruning's index mappings, refusing to hand on a list longer than ``bound``."""
+
+    def __init__(self, mapping, bound: int):
+        self.mapping, self.bound = mapping, bound
+
+    def __call__(self, idxs):
+        out = self.mapping(idxs)
+        if len(out) > self.bound:
+            raise _RunawayWalk(len(out))
+        return out
+
+
+def widest_layer(model: nn.Module) -> int:
+    """The most channels (or features) any Conv/Linear layer of ``model`` takes or gives."""
+    return max((max(layer_in(m), layer_out(m)) for m in model.modules() if isinstance(m, LAYER_TYPES)), default=1)
+
+
+@contextlib.contextmanager
+def group_walks(dg, model: nn.Module):
+    """Walk the groups of a graph that does not change: with the index mappings Torch-Pruning's
+    ``build_dependency`` computed, each bounded to ``RUNAWAY_FACTOR`` x the widest layer.
+
+    ``get_pruning_group`` recomputes every index mapping of the graph before each walk (0.2-0.3 s
+    a walk on tv:swin_t: 3.2 of the 3.5 s its 13 walks took before the one that ran away). A walk
+    changes none of them, so inside this block that recomputation is skipped, for ``dg`` only.
+    Not for channel surgery, which changes the graph between walks."""
+    from torch_pruning.dependency import index_mapping
+
+    bound = RUNAWAY_FACTOR * widest_layer(model)
+    wrapped = []
+    for node in dg.module2node.values():
+        for dep in node.dependencies:
+            for i, f in enumerate(dep.index_mapping):
+                if f is not None:
+                    dep.index_mapping[i] = _BoundedMapping(f, bound)
+                    wrapped.append((dep, i, f))
+    update = index_mapping.update_index_mapping
+    index_mapping.update_index_mapping = lambda graph: None if graph is dg else update(graph)
+    try:
+        yield
+    finally:
+        index_mapping.update_index_mapping = update
+        for dep, i, f in wrapped:
+            dep.index_mapping[i] = f
+
+
 def pruning_group(dg, model: nn.Module, name: str, module: nn.Module):
     """Torch-Pruning's coupled group of ``module``'s output channels, walked from channel 0 under
-    a memory bound: a walk that runs away is a one-line DerivationError, not an OOM kill."""
+    a memory bound (and, inside :func:`group_walks`, a bound on each index list): a walk that runs
+    away is a one-line DerivationError, not an OOM kill."""
     fn = out_channel_fn(dg, module)
     try:
         with bounded_memory():
             return dg.get_pruning_group(module, fn, [0])
     except MemoryError:
-        pass  # out of the block first: the failed walk's lists are freed before we go on
+        why = f"past {WALK_MEMORY_BUDGET >> 20} MiB"
+    except _RunawayWalk as e:
+        why = f"channel 0 became {e.size:,} indices, over {RUNAWAY_FACTOR}x the widest layer's {widest_layer(model):,}"
+    # Raised here, out of the except blocks, so the failed walk's lists are freed first.
     raise DerivationError(
         f"cannot derive a student from {_describe(model)}: Torch-Pruning's walk of the layers coupled to {name} ran away "
-        f"(past {WALK_MEMORY_BUDGET >> 20} MiB; its index mapping of this graph does not terminate)"
+        f"({why}; its index mapping of this graph does not terminate)"
     )
 
 
@@ -301,36 +371,37 @@ def extract(model: nn.Module, masks: Masks, input_size: int | None = None) -> tu
     # ~150 layers); a bar appears after 3 s so a slow derivation is never silent.
     from tqdm.auto import tqdm
 
-    for n in tqdm(members, desc=f"coupled groups of {type(model).__name__}", unit="layer", delay=3, leave=False):
-        if members[n].group >= 0:
-            continue
-        g = pruning_group(dg, model, n, layers[n])
-        check_group_indices(dg, model, g, module_name, n)
-        gi = len(groups)
-        producers: list[str] = []
-        consumers: list[tuple[str, int]] = []
-        for dep, idxs in g:
-            tgt = dep.target.module
-            tn = module_name.get(id(tgt))
-            if tn is None or tn not in members:
+    with group_walks(dg, model):  # Torch-Pruning's index mappings computed once, runaway lists refused
+        for n in tqdm(members, desc=f"coupled groups of {type(model).__name__}", unit="layer", delay=3, leave=False):
+            if members[n].group >= 0:
                 continue
-            if dg.is_out_channel_pruning_fn(dep.handler):
-                if tn not in producers:
-                    producers.append(tn)
-            elif dg.is_in_channel_pruning_fn(dep.handler):
-                consumers.append((tn, len(idxs)))
-        for p in producers:
-            if members[p].group >= 0 and members[p].group != gi:
-                raise DerivationError(f"cannot derive a student from {_describe(model)}: layer {p} sits in two coupled groups")
-            members[p].group = gi
-        for c, mult in consumers:
-            if members[c].kind != "depthwise":
-                members[c].inputs.append((gi, mult))
-        widths = {members[p].teacher_out for p in producers}
-        if len(widths) != 1:
-            raise DerivationError(f"cannot derive a student from {_describe(model)}: coupled layers {producers} disagree on their width")
-        ordered = [p for p in members if p in producers]
-        groups.append(Group(gi, ordered, widths.pop()))
+            g = pruning_group(dg, model, n, layers[n])
+            check_group_indices(dg, model, g, module_name, n)
+            gi = len(groups)
+            producers: list[str] = []
+            consumers: list[tuple[str, int]] = []
+            for dep, idxs in g:
+                tgt = dep.target.module
+                tn = module_name.get(id(tgt))
+                if tn is None or tn not in members:
+                    continue
+                if dg.is_out_channel_pruning_fn(dep.handler):
+                    if tn not in producers:
+                        producers.append(tn)
+                elif dg.is_in_channel_pruning_fn(dep.handler):
+                    consumers.append((tn, len(idxs)))
+            for p in producers:
+                if members[p].group >= 0 and members[p].group != gi:
+                    raise DerivationError(f"cannot derive a student from {_describe(model)}: layer {p} sits in two coupled groups")
+                members[p].group = gi
+            for c, mult in consumers:
+                if members[c].kind != "depthwise":
+                    members[c].inputs.append((gi, mult))
+            widths = {members[p].teacher_out for p in producers}
+            if len(widths) != 1:
+                raise DerivationError(f"cannot derive a student from {_describe(model)}: coupled layers {producers} disagree on their width")
+            ordered = [p for p in members if p in producers]
+            groups.append(Group(gi, ordered, widths.pop()))
 
     output_layer = order[-1]
     groups[members[output_layer].group].fixed = "model output: keeps its width"
