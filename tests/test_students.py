@@ -538,14 +538,15 @@ def test_round_to_gives_aligned_widths(arch, kw):
     total = sum(p.numel() for p in params.values())
     masks = global_topk({n: p.detach().abs() for n, p in params.items()}, full_masks(params), round(total * 0.41))
     plain, p1 = derive_student(teacher, masks)
-    aligned, p8 = derive_student(teacher, masks, round_to=8)
+    aligned, p8 = derive_student(teacher, masks, round_to=8, round_narrower=False)  # the nearest multiple alone, checked below
     torch.manual_seed(0)
     t16 = build_model("vgg", 10, 1, plan=[16, "M", 32, "M", 32])  # a 16-wide layer the rule takes to 12 stays 12, not 16
     m16 = magnitude_prune(t16, 0.36)
     assert [r.width for r in derive_student(t16, m16)[1].layers][:3] == [12, 27, 24]
-    assert [r.width for r in derive_student(t16, m16, round_to=8)[1].layers][:3] == [12, 24, 24]
-    # round_narrower: the multiple below where the nearest one is the teacher's width; other layers as before
-    narrow = derive_student(t16, m16, round_to=8, round_narrower=True)[1]
+    assert [r.width for r in derive_student(t16, m16, round_to=8, round_narrower=False)[1].layers][:3] == [12, 24, 24]
+    # round_narrower (the default, as student.round_narrower's): the multiple below where the
+    # nearest one is the teacher's width; other layers as before
+    narrow = derive_student(t16, m16, round_to=8)[1]
     assert [r.width for r in narrow.layers][:3] == [8, 24, 24]
     assert "exact rule: 12" in narrow.layers[0].note
     torch.manual_seed(0)
@@ -849,6 +850,27 @@ def test_a_layer_surgery_cannot_widen_hands_its_weights_to_the_layer_feeding_it(
     held = sum(mod.weight.numel() for mod in student.modules() if isinstance(mod, (nn.Conv2d, nn.Linear)))
     assert (alive, held) == (36 + 16 + 64 + 80, 36 + 48 + 24 + 80)  # 0.96 of the surviving weights
     assert student(torch.randn(2, 1, 8, 8)).shape == (2, 10)
+
+
+def test_the_library_rounds_as_ptd_run_does_by_default():
+    """derive_student defaulted to round_narrower=False where student.round_narrower (ptd run)
+    defaults to true: derive_student(t, m, round_to=8) kept a 16-wide layer at the rule's 12 where
+    ptd run with round_to 8 gives 8. The library's defaults are the config's."""
+    import inspect
+
+    from ptd.config import StudentConfig
+    from ptd.students import derive_configured
+
+    torch.manual_seed(0)
+    t16 = build_model("vgg", 10, 1, plan=[16, "M", 32, "M", 32])
+    m16 = magnitude_prune(t16, 0.36)
+    lib = derive_student(t16, m16, round_to=8)[1]
+    assert lib.widths() == derive_configured(t16, m16, round_to=8)[1].widths()
+    assert [r.width for r in lib.layers][:3] == [8, 24, 24]  # the rule: 12, 27, 24
+    sc = StudentConfig()
+    for fn in (derive_student, derive_configured, solve):
+        assert inspect.signature(fn).parameters["round_narrower"].default is sc.round_narrower, fn.__name__
+    assert inspect.signature(derive_configured).parameters["round_to"].default == sc.round_to
 
 
 def test_rounding_never_multiplies_a_width_past_the_teacher():

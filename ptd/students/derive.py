@@ -7,6 +7,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ptd.config import StudentConfig
 from ptd.pruning.masks import Masks, check_masks, unwrap
 from ptd.students.graph import DerivationError, extract, pin_layer
 from ptd.students.plan import StudentPlan
@@ -76,7 +77,7 @@ def derive_student(
     inherit: bool = False,
     input_size: int | None = None,
     round_to: int = 1,
-    round_narrower: bool = False,
+    round_narrower: bool = StudentConfig.round_narrower,
 ) -> tuple[nn.Module, StudentPlan]:
     """The student of a pruned teacher and the plan that sized it.
 
@@ -99,9 +100,11 @@ def derive_student(
 
     Weights start fresh (as in the paper) unless ``inherit``: then each group keeps the channels
     with the largest L1 norm of the pruned teacher's weights, with their weights.
-    ``round_to``: make each free width the weight-nearest multiple of this (1: the paper's rule exactly).
-    ``round_narrower``: where that multiple is the teacher's own width, take the multiple below
-    instead of keeping the exact width (:func:`ptd.students.solve.solve`).
+    ``round_to``: make each free width the weight-nearest multiple of this (1, the default: the
+    paper's rule exactly; ``ptd run``'s default, "auto", is :func:`derive_configured`'s).
+    ``round_narrower`` (default: ``student.round_narrower``'s, true): where that multiple is the
+    teacher's own width, take the multiple below instead of keeping the exact width
+    (:func:`ptd.students.solve.solve`); no effect at ``round_to`` 1.
     ``input_size``: side of the square image used to trace the model (default: 32, else 64, else
     224 -- the first on which the forward pass runs).
     """
@@ -236,8 +239,9 @@ def weights_over_surviving(student: nn.Module, masks: Masks) -> float:
     return held / max(1, alive)
 
 
-def derive_configured(teacher: nn.Module, masks: Masks, *, inherit: bool = False, round_to: int | str = "auto",
-                      round_narrower: bool = True, device_type: str = "cpu") -> tuple[nn.Module, StudentPlan]:
+def derive_configured(teacher: nn.Module, masks: Masks, *, inherit: bool = StudentConfig.inherit,
+                      round_to: int | str = StudentConfig.round_to, round_narrower: bool = StudentConfig.round_narrower,
+                      device_type: str = "cpu") -> tuple[nn.Module, StudentPlan]:
     """:func:`derive_student` as a run's ``student`` config asks, on ``device_type`` ("cpu",
     "cuda"): with ``round_to`` "auto", the coarsest of the device's measured multiples whose
     student holds within ``AUTO_TOLERANCE`` of the surviving weights (else the finest); the plan

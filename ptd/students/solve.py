@@ -37,6 +37,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+from ptd.config import StudentConfig
 from ptd.students.graph import ChannelGraph, Group, Member
 from ptd.students.plan import LayerRow
 from ptd.students.width_rule import conv_width, round_half_up
@@ -239,7 +240,7 @@ def _solve_component(comp: list[int], widths: list[int], graph: ChannelGraph, cl
     return clamped, steps, False
 
 
-def solve(graph: ChannelGraph, clamp: bool = False, round_to: int = 1, round_narrower: bool = False) -> Solution:
+def solve(graph: ChannelGraph, clamp: bool = False, round_to: int = 1, round_narrower: bool = StudentConfig.round_narrower) -> Solution:
     """Group widths by the rule; ``clamp`` caps them at the teacher's (channel surgery cannot add channels).
 
     ``round_to`` > 1 moves every free group's width to the nearest multiple of it: CPU and GPU
