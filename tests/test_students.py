@@ -732,6 +732,25 @@ def test_a_walk_whose_index_list_multiplies_is_refused_at_once(v2, root, size, w
     assert _time.perf_counter() - t0 < 5  # 0.3 s measured
 
 
+def test_a_flatten_mapping_past_the_bound_is_refused_before_it_builds_its_list():
+    """swin_v2_b's first runaway list held 262,144 indices: 1-2 s to build only to refuse it."""
+    from torch_pruning import _helpers
+    from torch_pruning.dependency.index_mapping import _FlattenIndexMapping
+
+    built = []
+
+    class Counting(_FlattenIndexMapping):
+        def __call__(self, idxs):
+            built.append(self._stride)
+            return super().__call__(idxs)
+
+    idx = [_helpers._HybridIndex(idx=0, root_idx=0)]
+    assert len(_graph._BoundedMapping(Counting(stride=4), 4)(idx)) == 4  # at the bound: handed on
+    with pytest.raises(_graph._RunawayWalk) as e:
+        _graph._BoundedMapping(Counting(stride=262_144), 16_384)(idx)
+    assert e.value.size == 262_144 and built == [4]  # the long list was never built
+
+
 def test_group_walks_use_the_graphs_index_mappings_once_and_give_them_back(monkeypatch):
     """Torch-Pruning recomputed every index mapping of the graph before each group walk (0.2-0.3 s a
     walk on tv:swin_t, most of its derivation); reading a graph changes none of them."""

@@ -203,6 +203,11 @@ class _BoundedMapping:
         self.mapping, self.bound = mapping, bound
 
     def __call__(self, idxs):
+        # A forward flatten mapping hands on len(idxs) x its stride indices: refused before it
+        # builds them (swin_v2_b's first runaway list, 262,144 indices, took 1-2 s to build). A
+        # mapping without these attributes is checked on what it returns.
+        if not getattr(self.mapping, "reverse", True) and len(idxs) * getattr(self.mapping, "_stride", 0) > self.bound:
+            raise _RunawayWalk(len(idxs) * self.mapping._stride)
         out = self.mapping(idxs)
         if len(out) > self.bound:
             raise _RunawayWalk(len(out))
