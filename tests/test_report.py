@@ -135,7 +135,7 @@ def test_report_prints_interval_n_and_method():
     from ptd.report.html import render_run_html
 
     page = render_run_html(Path(__file__).parent / "data" / "demo_run", r)
-    assert "Student accuracy per arm (loss dist)" in page and "KD from" not in page
+    assert "Students: test accuracy over seeds (loss dist)" in page and "KD from" not in page
 
 
 def test_several_losses_are_summarized_and_reported_per_loss_against_shared_scratch():

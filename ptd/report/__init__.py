@@ -489,12 +489,12 @@ def lower_bound(r: Mapping[str, Any], arm: str) -> bool:
     return bool((r.get("teacher") or {}).get("source")) and "teacher" in compute_behind(arm)
 
 
-COMPARISON_NOTE = [
+COMPARISON_NOTE = (
     "Each comparison is the mean of the per-seed differences (a - b, same student seed in both arms) with its "
     "95% confidence interval; a difference is called only when the interval excludes zero. Paired t: the t interval "
     "over seeds. Teacher means, t: the differences averaged within each teacher replicate, the interval over "
     "teachers, so the variance between teachers counts. Sign-flip p: the exact permutation p-value, a check that "
-    "assumes no normal distribution (it cannot go below 2/2^n, 0.0625 at 5 seeds).", ""]
+    "assumes no normal distribution (it cannot go below 2/2^n, 0.0625 at 5 seeds).")
 
 
 def rows_called(r: Mapping[str, Any]) -> int:
@@ -595,25 +595,205 @@ def student_line(r: Mapping[str, Any]) -> str | None:
     return text + "."
 
 
-def answer_markdown(r: Mapping[str, Any]) -> list[str]:
-    """The report's first section: the verdicts on the pruned teacher (against the unpruned teacher,
-    the control and the student alone) and the student's cost, with the details below it."""
+COMPARISONS_TITLE = "Does the pruned teacher teach better?"  # a heading both reports use, and the Answer points at
+ANSWER_FOOT = f"How sure each call is, and every comparison: \"{COMPARISONS_TITLE}\" below."
+
+
+def answer_lines(r: Mapping[str, Any]) -> list[str]:
+    """The Answer's items, for report.md's bullets and report.html's paragraphs alike: the verdicts
+    on the pruned teacher (against the unpruned teacher, the control and the student alone) and the
+    student's cost. Empty when there is nothing to say."""
     comp = r.get("comparison") or {}
-    lines = [f"- {c['verdict']}" for k, c in comp.items() if COMPARISONS.get(k, ("",))[0] == "pruned_teacher"]
+    lines = [c["verdict"] for k, c in comp.items() if COMPARISONS.get(k, ("",))[0] == "pruned_teacher"]
     if len(lines) == 3:  # tests/test_stats.py: 12.8-14.1% measured, seed noise alone
-        lines.append("- Each call above is at 95% on its own: with no real difference anywhere, some one of these three is "
+        lines.append("Each call above is at 95% on its own: with no real difference anywhere, some one of these three is "
                      "called about 13% of the time.")
     losses = r.get("losses") or {}
     if len(losses) > 1 and lines:  # the top-level comparisons are the first loss's: say so, as the arms table does
-        lines.insert(0, f"- With distillation loss {next(iter(losses))} (the first of distill.loss; every loss's comparisons are "
+        lines.insert(0, f"With distillation loss {next(iter(losses))} (the first of distill.loss; every loss's comparisons are "
                         f"in \"Per distillation loss\" below):")
     if note := worse_than_alone_note(r):
-        lines.append(f"- {note}")
+        lines.append(note)
     if note := student_line(r):
-        lines.append(f"- {note}")
+        lines.append(note)
+    return lines
+
+
+def answer_markdown(r: Mapping[str, Any]) -> list[str]:
+    """The report's first section: :func:`answer_lines` as bullets, with the details below it."""
+    lines = answer_lines(r)
     if not lines:
         return []
-    return ["## Answer", "", *lines, "", "How sure each call is, and every comparison: \"Does the pruned teacher teach better?\" below.", ""]
+    return ["## Answer", "", *[f"- {x}" for x in lines], "", ANSWER_FOOT, ""]
+
+
+# ---------------------------------------------------------------- pieces both reports show
+# report.md and report.html say the same things (tests/test_html.py::test_the_page_says_everything_report_md_says):
+# each table below is (head, rows, align: "l" or "r" per column), rendered by md_table here and by
+# ptd.report.html._table; ``sep``/``brackets`` are how an interval cell is written ("[a, b]" in
+# markdown, "a .. b" on the page).
+
+Table = tuple[list[str], list[list[str]], str]
+
+
+def md_table(t: Table) -> list[str]:
+    head, rows, align = t
+    return ([f"| {' | '.join(head)} |", "|" + "|".join("---" if a == "l" else "---:" for a in align) + "|"]
+            + [f"| {' | '.join(str(c) for c in row)} |" for row in rows])
+
+
+def opening_line(r: Mapping[str, Any]) -> str:
+    """The report's first sentence: the dataset, which weights the accuracies are of, the setup."""
+    setup = setup_sentence(r)
+    return f"Dataset: {r['dataset']}. {accuracy_sentence(r)}" + (f" {setup}" if setup else "")
+
+
+TEACHERS_NOTE = ("Sparsity is of the prunable (conv and linear) weights; params (nonzero) counts every parameter, "
+                 "biases and norms too. The pruned teacher runs dense: unstructured zeros save no FLOPs. FLOPs are "
+                 "2 x the multiply-accumulates of one image's convolutions and matrix products (torch's FlopCounterMode).")
+
+
+def teachers_table(r: Mapping[str, Any], cell: Callable[[str], str] = str) -> Table:
+    """The teacher, the pruned teacher and the control; ``cell`` writes a path as a cell (``_md_cell``)."""
+    t, p = r["teacher"], r["pruned_teacher"]
+    loaded = f", loaded from {cell(t['source'])} (not trained here)" if t.get("source") else ""
+    rows = [[f"teacher ({t['arch']}){loaded}", points(t["test_acc"]), "0", f"{t['params']:,}", f"{t['flops']:,}"],
+            [f"pruned teacher ({p['strategy']}, level {p['level']})", points(p["test_acc"]), f"{p['sparsity']:.4f}",
+             f"{p['params_nonzero']:,}", f"{t['flops']:,} (dense)"]]
+    if r.get("retrained_teacher"):
+        rows.append([f"unpruned teacher retrained {r['retrained_teacher']['epochs']} more epochs (control)",
+                     points(r["retrained_teacher"]["test_acc"]), "0", f"{t['params']:,}", f"{t['flops']:,}"])
+    return ["model", "test acc %", "sparsity", "params (nonzero)", "FLOPs"], rows, "lrrrr"
+
+
+LEVELS_INTRO = "Pruning levels:"
+
+
+def levels_table(r: Mapping[str, Any]) -> Table | None:
+    """Each pruning level's sparsity and accuracy; None with one level pruned (or none)."""
+    levels = r["pruned_teacher"]["levels"]
+    if len(levels) <= 2:
+        return None
+    return (["level", "sparsity", "val acc %", "test acc %", "epochs"],
+            [[str(lv["level"]), f"{lv['sparsity']:.4f}", points(lv.get("val_acc")), points(lv["test_acc"]), str(lv.get("epochs") or 0)]
+             for lv in levels], "rrrrr")
+
+
+def student_table(r: Mapping[str, Any]) -> Table:
+    """The student's size beside the teacher's (and the batch-1 and batch-64 eager latencies)."""
+    t, s = r["teacher"], r["student"]
+    return (["model", "params", "FLOPs", "latency b1 (ms)", "latency b64 (ms)"],
+            [["teacher", f"{t['params']:,}", f"{t['flops']:,}", _lat(t, "1"), _lat(t, "64")],
+             [f"student ({s['spec']['arch']})", f"{s['params']:,} ({s['params_ratio']:.3f}x)", f"{s['flops']:,} ({s['flops_ratio']:.3f}x)",
+              _lat(s, "1"), _lat(s, "64")]], "lrrrr")
+
+
+def arms_intro(r: Mapping[str, Any]) -> str | None:
+    """Which distillation loss the arms table is of."""
+    if len(r.get("losses") or {}) > 1:
+        return f"Distillation loss {next(iter(r['losses']))} (the first of distill.loss); every loss is in \"Per distillation loss\" below."
+    if r.get("distill_losses"):
+        return f"Distillation loss: {r['distill_losses'][0]}."
+    return None
+
+
+def arms_table(r: Mapping[str, Any], students: list[dict], sep: str = ", ", brackets: bool = True) -> Table:
+    """Each arm's mean accuracy, interval, spread and seeds; ``students``: the summary's (primary_students)."""
+    rows = []
+    for arm, sm in r["summary"].items():
+        per = ", ".join(points(x["test_acc"]) for x in sorted(students, key=lambda x: x["seed"]) if x["arm"] == arm)
+        rows.append([ARM_LABELS.get(arm, arm), points(sm["mean"]), arm_ci_cell(sm, sep, brackets), points(sm["std"]), str(sm["n"]), per])
+    return ["arm", "mean %", "95% CI of the mean %", "std %", "seeds", "per seed %"], rows, "lrrrrl"
+
+
+def pruned_higher_note(r: Mapping[str, Any]) -> str | None:
+    """A pruned teacher that itself scored higher than the unpruned one, in a run without the control."""
+    t, p = r["teacher"], r["pruned_teacher"]
+    if p["test_acc"] is None or t["test_acc"] is None or p["test_acc"] <= t["test_acc"] or r.get("retrained_teacher"):
+        return None
+    return (f"Note: the pruned teacher itself scored higher on the test set than the unpruned one ({points(p['test_acc'])} vs "
+            f"{points(t['test_acc'])}); its retraining is extra training. Add the `retrained_teacher` arm (distill.arms) to "
+            "separate pruning from training longer.")
+
+
+def comparison_table(r: Mapping[str, Any], sep: str = ", ", brackets: bool = True) -> Table:
+    return (["comparison (a - b)", "mean, points", "95% CI, points", "n", "method", "called", "sign-flip p"],
+            [[key.replace("_", " "), f"{100 * c['mean']:+.2f}", diff_ci_cell(c, sep, brackets), str(c["n"]), c["method"],
+              "yes" if c["called"] else "no", _p(c.get("sign_flip_p"))] for key, c in r["comparison"].items()], "lrrrllr")
+
+
+def verdict_lines(r: Mapping[str, Any]) -> list[str]:
+    """Every comparison's verdict with its per-seed differences."""
+    return [f"{c['verdict']} (per seed: {', '.join(f'{100 * v:+.2f}' for v in c['per_seed'].values())})"
+            for c in r["comparison"].values()]
+
+
+LOSS_INTRO = ("Every teacher arm is distilled with each loss; the student alone (no teacher) is shared by all. "
+              "Same seeds in every loss, so the comparisons pair seed by seed within a loss.")
+
+
+def loss_tables(r: Mapping[str, Any], sep: str = ", ", brackets: bool = True) -> tuple[Table, str | None, Table]:
+    """With several losses: each loss's arms, the footnote on clipped intervals, each loss's comparisons."""
+    arms = (["loss", "arm", "mean %", "95% CI of the mean %", "n"],
+            [[loss, ARM_LABELS.get(arm, arm), points(sm["mean"]), arm_ci_cell(sm, sep, brackets), str(sm["n"])]
+             for loss, v in r["losses"].items() for arm, sm in v["summary"].items()], "llrrr")
+    note = clipped_note([(f"{loss}: {ARM_LABELS.get(a, a)}", sm) for loss, v in r["losses"].items() for a, sm in v["summary"].items()])
+    comps = (["loss", "comparison (a - b)", "mean, points", "95% CI, points", "n", "method", "called"],
+             [[loss, key.replace("_", " "), f"{100 * c['mean']:+.2f}", diff_ci_cell(c, sep, brackets), str(c["n"]), c["method"],
+               "yes" if c["called"] else "no"] for loss, v in r["losses"].items() for key, c in v["comparison"].items()], "llrrrll")
+    return arms, note, comps
+
+
+def replicate_intro(r: Mapping[str, Any]) -> str:
+    reps = r["teacher_replicates"]
+    return (f"{len(reps)} teachers, each trained, pruned{' and control-retrained' if r.get('retrained_teacher') else ''} from its own seeds; "
+            f"every arm's students are distilled from each. The student architecture comes from replicate "
+            f"{r.get('student_from_replicate', 0)}'s pruned teacher and is the same for all. The tables above show replicate 0's teachers.")
+
+
+REPLICATE_NOTE = ("Per teacher (paired t over that teacher's seeds) and pooled (teacher means, t: the interval over teachers, "
+                  "so the variance between teachers counts; var teacher / var student: the variance components).")
+
+
+def replicate_tables(r: Mapping[str, Any], sep: str = ", ", brackets: bool = True) -> tuple[Table, Table]:
+    """With teacher replicates: each replicate's teachers; each comparison per teacher and pooled."""
+    teachers = (["replicate", "teacher test acc %", "pruned test acc %", "sparsity", "control test acc %"],
+                [[str(x["replicate"]), points(x["teacher_test_acc"]), points(x["pruned_test_acc"]), f"{x['sparsity']:.4f}",
+                  points(x["control_test_acc"])] for x in r["teacher_replicates"]], "rrrrr")
+    rows = []
+    for key, c in r["comparison"].items():
+        for t, e in (c.get("per_teacher") or {}).items():
+            rows.append([key.replace("_", " "), str(t), f"{100 * e['mean']:+.2f}", diff_ci_cell(e, sep, brackets), str(e["n"]),
+                         "yes" if e["called"] else "no"])
+        vt, vs = c.get("var_teacher"), c.get("var_student")
+        comp = "" if vt is None or vs is None else f" (var teacher {1e4 * vt:.3f}, var student {1e4 * vs:.3f} points²)"
+        rows.append([key.replace("_", " "), f"pooled{comp}", f"{100 * c['mean']:+.2f}", diff_ci_cell(c, sep, brackets),
+                     f"{c['n']} teachers", "yes" if c["called"] else "no"])
+    return teachers, (["comparison (a - b)", "teacher", "mean, points", "95% CI, points", "n", "called"], rows, "llrrrl")
+
+
+def compute_stage_table(r: Mapping[str, Any], cell: Callable[[str], str] = str) -> Table:
+    """Each stage's epochs, optimizer steps and seconds, summed over its seeds."""
+    c, t = r["compute"], r["teacher"]
+    teacher_row = f"teacher: loaded from {cell(t['source'])}, its training not counted" if t.get("source") else "teacher"
+    rows = [[teacher_row, str(c["teacher"]["epochs"]), str(c["teacher"]["steps"]), f"{c['teacher']['wall_s']:.0f}"],
+            ["pruning (all levels)", str(c["pruning"]["epochs"]), str(c["pruning"]["steps"]), f"{c['pruning']['wall_s']:.0f}"]]
+    if c["control"]["epochs"]:
+        rows.append(["control: unpruned teacher retrained", str(c["control"]["epochs"]), str(c["control"]["steps"]),
+                     f"{c['control']['wall_s']:.0f}"])
+    rows += [[f"students: {ARM_LABELS.get(arm, arm)} (all seeds)", str(v["epochs"]), str(v["steps"]), f"{v['wall_s']:.0f}"]
+             for arm, v in c["students"].items()]
+    return ["stage", "epochs", "optimizer steps", "wall s"], rows, "lrrr"
+
+
+COMPUTE_TOTAL_INTRO = "Total compute behind one student (its teachers included):"
+
+
+def compute_total_table(r: Mapping[str, Any]) -> Table:
+    """The compute behind one student of each arm, its teachers' included (marked where a loaded teacher's is not)."""
+    return (["arm", "epochs", "optimizer steps", "wall s"],
+            [[ARM_LABELS.get(arm, arm) + (" (lower bound)" if lower_bound(r, arm) else ""), f"{v['epochs']:.0f}", f"{v['steps']:.0f}",
+              f"{v['wall_s']:.0f}"] for arm, v in r["compute"]["total_per_student"].items()], "lrrr")
 
 
 def _lat(s: dict, b: str) -> str:
@@ -721,46 +901,17 @@ def loss_markdown(r: dict[str, Any]) -> list[str]:
     """With several distillation losses: each loss's arms and comparisons."""
     if len(r.get("losses") or {}) < 2:
         return []
-    lines = ["## Per distillation loss", "",
-             "Every teacher arm is distilled with each loss; the student alone (no teacher) is shared by all. "
-             "Same seeds in every loss, so the comparisons pair seed by seed within a loss.", "",
-             "| loss | arm | mean % | 95% CI of the mean % | n |", "|---|---|---:|---:|---:|"]
-    for loss, v in r["losses"].items():
-        for arm, sm in v["summary"].items():
-            lines.append(f"| {loss} | {ARM_LABELS[arm]} | {points(sm['mean'])} | {arm_ci_cell(sm)} | {sm['n']} |")
-    note = clipped_note([(f"{loss}: {ARM_LABELS[a]}", sm) for loss, v in r["losses"].items() for a, sm in v["summary"].items()])
-    lines += ["", note] if note else []
-    lines += ["", "| loss | comparison (a - b) | mean, points | 95% CI, points | n | method | called |", "|---|---|---:|---:|---:|---|---|"]
-    for loss, v in r["losses"].items():
-        for key, c in v["comparison"].items():
-            lines.append(f"| {loss} | {key.replace('_', ' ')} | {100 * c['mean']:+.2f} | {diff_ci_cell(c)} | {c['n']} | {c['method']} | "
-                         f"{'yes' if c['called'] else 'no'} |")
-    return lines + [""]
+    arms, note, comps = loss_tables(r)
+    return (["## Per distillation loss", "", LOSS_INTRO, "", *md_table(arms)] + (["", note] if note else [])
+            + ["", *md_table(comps), ""])
 
 
 def replicate_markdown(r: dict[str, Any]) -> list[str]:
     """With teacher replicates: each replicate's teachers, then each comparison per teacher and pooled."""
-    reps = r.get("teacher_replicates")
-    if not reps:
+    if not r.get("teacher_replicates"):
         return []
-    lines = ["## Teacher replicates", "",
-             f"{len(reps)} teachers, each trained, pruned{' and control-retrained' if r.get('retrained_teacher') else ''} from its own seeds; "
-             f"every arm's students are distilled from each. The student architecture comes from replicate "
-             f"{r.get('student_from_replicate', 0)}'s pruned teacher and is the same for all. The tables above show replicate 0's teachers.", "",
-             "| replicate | teacher test acc % | pruned test acc % | sparsity | control test acc % |", "|---:|---:|---:|---:|---:|"]
-    lines += [f"| {x['replicate']} | {points(x['teacher_test_acc'])} | {points(x['pruned_test_acc'])} | {x['sparsity']:.4f} | "
-              f"{points(x['control_test_acc'])} |" for x in reps]
-    lines += ["", "Per teacher (paired t over that teacher's seeds) and pooled (teacher means, t: the interval over teachers, "
-              "so the variance between teachers counts; var teacher / var student: the variance components).", "",
-              "| comparison (a - b) | teacher | mean, points | 95% CI, points | n | called |", "|---|---|---:|---:|---:|---|"]
-    for key, c in r["comparison"].items():
-        for t, e in (c.get("per_teacher") or {}).items():
-            lines.append(f"| {key.replace('_', ' ')} | {t} | {100 * e['mean']:+.2f} | {diff_ci_cell(e)} | {e['n']} | {'yes' if e['called'] else 'no'} |")
-        vt, vs = c.get("var_teacher"), c.get("var_student")
-        comp = "" if vt is None or vs is None else f" (var teacher {1e4 * vt:.3f}, var student {1e4 * vs:.3f} points²)"
-        lines.append(f"| {key.replace('_', ' ')} | pooled{comp} | {100 * c['mean']:+.2f} | {diff_ci_cell(c)} | {c['n']} teachers | "
-                     f"{'yes' if c['called'] else 'no'} |")
-    return lines + [""]
+    teachers, comps = replicate_tables(r)
+    return ["## Teacher replicates", "", replicate_intro(r), "", *md_table(teachers), "", REPLICATE_NOTE, "", *md_table(comps), ""]
 
 
 def replicate_interval_note(r: dict[str, Any]) -> str | None:
@@ -818,75 +969,39 @@ def worse_than_alone_note(r: dict[str, Any]) -> str | None:
 
 
 def render_markdown(r: dict[str, Any]) -> str:
-    t, p, s = r["teacher"], r["pruned_teacher"], r["student"]
-    setup = setup_sentence(r)
-    lines = [f"# ptd report: {r['name']}", "", f"Dataset: {r['dataset']}. {accuracy_sentence(r)}" + (f" {setup}" if setup else ""), ""]
+    t, s = r["teacher"], r["student"]
+    lines = [f"# ptd report: {r['name']}", "", opening_line(r), ""]
     lines += chance_lines(r)
     lines += answer_markdown(r)
-    loaded = f", loaded from {_md_cell(t['source'])} (not trained here)" if t.get("source") else ""
-    lines += ["## Teachers", "", "| model | test acc % | sparsity | params (nonzero) | FLOPs |", "|---|---:|---:|---:|---:|",
-              f"| teacher ({t['arch']}){loaded} | {points(t['test_acc'])} | 0 | {t['params']:,} | {t['flops']:,} |",
-              f"| pruned teacher ({p['strategy']}, level {p['level']}) | {points(p['test_acc'])} | {p['sparsity']:.4f} | {p['params_nonzero']:,} | {t['flops']:,} (dense) |"]
-    if r.get("retrained_teacher"):
-        lines.append(f"| unpruned teacher retrained {r['retrained_teacher']['epochs']} more epochs (control) | {points(r['retrained_teacher']['test_acc'])} | 0 | {t['params']:,} | {t['flops']:,} |")
-    lines += ["", "Sparsity is of the prunable (conv and linear) weights; params (nonzero) counts every parameter, "
-              "biases and norms too. The pruned teacher runs dense: unstructured zeros save no FLOPs. FLOPs are "
-              "2 x the multiply-accumulates of one image's convolutions and matrix products (torch's FlopCounterMode).", ""]
-    if len(p["levels"]) > 2:
-        lines += ["Pruning levels:", "", "| level | sparsity | val acc % | test acc % | epochs |", "|---:|---:|---:|---:|---:|"]
-        lines += [f"| {lv['level']} | {lv['sparsity']:.4f} | {points(lv.get('val_acc'))} | {points(lv['test_acc'])} | {lv.get('epochs') or 0} |" for lv in p["levels"]]
-        lines.append("")
-    lines += ["## Student", "", "| model | params | FLOPs | latency b1 (ms) | latency b64 (ms) |", "|---|---:|---:|---:|---:|",
-              f"| teacher | {t['params']:,} | {t['flops']:,} | {_lat(t, '1')} | {_lat(t, '64')} |",
-              f"| student ({s['spec']['arch']}) | {s['params']:,} ({s['params_ratio']:.3f}x) | {s['flops']:,} ({s['flops_ratio']:.3f}x) | {_lat(s, '1')} | {_lat(s, '64')} |", ""]
+    lines += ["## Teachers", "", *md_table(teachers_table(r, _md_cell)), "", TEACHERS_NOTE, ""]
+    if levels := levels_table(r):
+        lines += [LEVELS_INTRO, "", *md_table(levels), ""]
+    lines += ["## Student", "", *md_table(student_table(r)), ""]
     lines += latency_table(t, s)
     lines += ["## Students: test accuracy over seeds", ""]
-    main_students = primary_students(r)
-    if len(r.get("losses") or {}) > 1:
-        lines += [f"Distillation loss {next(iter(r['losses']))} (the first of distill.loss); every loss is in \"Per distillation loss\" below.", ""]
-    elif r.get("distill_losses"):
-        lines += [f"Distillation loss: {r['distill_losses'][0]}.", ""]
-    lines += ["| arm | mean % | 95% CI of the mean % | std % | seeds | per seed % |", "|---|---:|---:|---:|---:|---|"]
-    for arm, sm in r["summary"].items():
-        per = ", ".join(points(x["test_acc"]) for x in sorted(main_students, key=lambda x: x["seed"]) if x["arm"] == arm)
-        lines.append(f"| {ARM_LABELS[arm]} | {points(sm['mean'])} | {arm_ci_cell(sm)} | {points(sm['std'])} | {sm['n']} | {per} |")
+    if intro := arms_intro(r):
+        lines += [intro, ""]
+    lines += md_table(arms_table(r, primary_students(r)))
     note = clipped_note([(ARM_LABELS[a], sm) for a, sm in r["summary"].items()])
     lines += ["", note] if note else []
     note = replicate_interval_note(r)
     lines += ["", note] if note else []
-    lines += ["", "## Does the pruned teacher teach better?", ""]
-    if p["test_acc"] is not None and p["test_acc"] > t["test_acc"] and not r.get("retrained_teacher"):
-        lines += [f"Note: the pruned teacher itself scored higher on the test set than the unpruned one ({points(p['test_acc'])} vs {points(t['test_acc'])}); "
-                  "its retraining is extra training. Add the `retrained_teacher` arm (distill.arms) to separate pruning from training longer.", ""]
-    lines += COMPARISON_NOTE
+    lines += ["", f"## {COMPARISONS_TITLE}", ""]
+    if note := pruned_higher_note(r):
+        lines += [note, ""]
+    lines += [COMPARISON_NOTE, ""]
     note = scope_note(r)
     lines += [note, ""] if note else []
-    lines += ["| comparison (a - b) | mean, points | 95% CI, points | n | method | called | sign-flip p |", "|---|---:|---:|---:|---|---|---:|"]
-    for key, c in r["comparison"].items():
-        lines.append(f"| {key.replace('_', ' ')} | {100 * c['mean']:+.2f} | {diff_ci_cell(c)} | {c['n']} | {c['method']} | "
-                     f"{'yes' if c['called'] else 'no'} | {_p(c.get('sign_flip_p'))} |")
-    lines.append("")
-    for key, c in r["comparison"].items():
-        lines.append(f"- {c['verdict']} (per seed: {', '.join(f'{100 * v:+.2f}' for v in c['per_seed'].values())})")
+    lines += [*md_table(comparison_table(r)), ""]
+    lines += [f"- {v}" for v in verdict_lines(r)]
     if note := control_note(r):
         lines += ["", note]
     note = worse_than_alone_note(r)
     lines += [""] + ([note, ""] if note else []) + loss_markdown(r) + replicate_markdown(r)
-    c = r["compute"]
-    teacher_row = f"teacher: loaded from {_md_cell(t['source'])}, its training not counted" if t.get("source") else "teacher"
-    lines += ["## Compute", "", "| stage | epochs | optimizer steps | wall s |", "|---|---:|---:|---:|",
-              f"| {teacher_row} | {c['teacher']['epochs']} | {c['teacher']['steps']} | {c['teacher']['wall_s']:.0f} |",
-              f"| pruning (all levels) | {c['pruning']['epochs']} | {c['pruning']['steps']} | {c['pruning']['wall_s']:.0f} |"]
-    if c["control"]["epochs"]:
-        lines.append(f"| control: unpruned teacher retrained | {c['control']['epochs']} | {c['control']['steps']} | {c['control']['wall_s']:.0f} |")
-    for arm, v in c["students"].items():
-        lines.append(f"| students: {ARM_LABELS[arm]} (all seeds) | {v['epochs']} | {v['steps']} | {v['wall_s']:.0f} |")
+    lines += ["## Compute", "", *md_table(compute_stage_table(r, _md_cell))]
     note = loaded_teacher_note(r)
-    lines += ["", "Total compute behind one student (its teachers included):", ""] + ([note, ""] if note else [])
-    lines += ["| arm | epochs | optimizer steps | wall s |", "|---|---:|---:|---:|"]
-    for arm, v in c["total_per_student"].items():
-        bound = " (lower bound)" if lower_bound(r, arm) else ""
-        lines.append(f"| {ARM_LABELS[arm]}{bound} | {v['epochs']:.0f} | {v['steps']:.0f} | {v['wall_s']:.0f} |")
+    lines += ["", COMPUTE_TOTAL_INTRO, ""] + ([note, ""] if note else [])
+    lines += md_table(compute_total_table(r))
     return "\n".join(lines) + "\n"
 
 

@@ -24,9 +24,12 @@ from typing import Any, Callable, Mapping
 from ptd import paths as P
 from ptd.errors import DamagedFileError
 from ptd.io import read_json_object
-from ptd.report import (ARM_LABELS, accuracy_sentence, arm_ci_cell, diff_ci_cell, chance_warning, clipped_note, control_note, compute_behind, latency_rows,
-                        loaded_teacher_note, lower_bound, not_learned, points, primary_students, replicate_interval_note, shown_interval,
-                        scope_note, setup_sentence, slower_note, student_line, summarize, worse_than_alone_note)
+from ptd.report import (ANSWER_FOOT, ARM_LABELS, COMPARISON_NOTE, COMPARISONS_TITLE, COMPUTE_TOTAL_INTRO, LEVELS_INTRO, LOSS_INTRO, REPLICATE_NOTE,
+                        TEACHERS_NOTE, Table, answer_lines, arms_intro, arms_table, chance_warning, clipped_note, comparison_table,
+                        compute_behind, compute_stage_table, compute_total_table, control_note, latency_rows, levels_table, loaded_teacher_note,
+                        loss_tables, not_learned, opening_line, points, primary_students, pruned_higher_note, replicate_interval_note,
+                        replicate_intro, replicate_tables, scope_note, shown_interval, slower_note, student_table, summarize, teachers_table,
+                        verdict_lines, worse_than_alone_note)
 from ptd.report.stats import format_estimate, shown_difference
 
 ARM_COLORS = {"scratch": "#444444", "unpruned_teacher": "#1f77b4", "pruned_teacher": "#d62728", "retrained_teacher": "#2ca02c"}
@@ -75,10 +78,12 @@ def _esc(x: Any) -> str:
     return html.escape(str(x))
 
 
-def _table(head: list[str], rows: list[list[Any]], left: int = 1) -> str:
-    """An HTML table; the first ``left`` columns are text (left-aligned), the rest numbers."""
+def _table(head: list[str], rows: list[list[Any]], left: int | str = 1) -> str:
+    """An HTML table; the first ``left`` columns are text (left-aligned), the rest numbers; or
+    ``left`` "l"/"r" per column, as ptd.report's shared tables give it."""
     def cell(tag: str, i: int, v: Any) -> str:
-        return f'<{tag}{" class=l" if i < left else ""}>{_esc(v)}</{tag}>'
+        text = left[i] == "l" if isinstance(left, str) else i < left
+        return f'<{tag}{" class=l" if text else ""}>{_esc(v)}</{tag}>'
     out = ["<table><tr>" + "".join(cell("th", i, h) for i, h in enumerate(head)) + "</tr>"]
     out += ["<tr>" + "".join(cell("td", i, v) for i, v in enumerate(r)) + "</tr>" for r in rows]
     return "".join(out) + "</table>"
@@ -100,6 +105,17 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def _natural(p: Path) -> list:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(p))]
+
+
+def _shared(t: Table) -> str:
+    """One of ptd.report's tables (the ones report.md shows too) as HTML."""
+    head, rows, align = t
+    return _table(head, rows, align)
+
+
+def _para(text: str | None, cls: str = "") -> str:
+    """A paragraph of report text, or nothing for None."""
+    return "" if not text else f'<p{f" class={cls}" if cls else ""}>{_esc(text)}</p>'
 
 
 def _section(title: str, body: str) -> str:
@@ -364,19 +380,15 @@ def plot_compute(r: dict[str, Any], stats: dict | None) -> str:
 
 
 def _answer(r: dict[str, Any]) -> str:
+    """report.md's Answer (``answer_lines``), the main verdict in bold."""
     comp = r.get("comparison", {})
     main = comp.get("pruned_minus_unpruned")
     cls = "yes" if main and main.get("called") else "no"
-    lines = [f"<p><b>{_esc(c['verdict'])}</b></p>" if k == "pruned_minus_unpruned" else f"<p>{_esc(c['verdict'])}</p>" for k, c in comp.items()]
+    items = answer_lines(r)
+    lines = [f"<p><b>{_esc(x)}</b></p>" if main and x == main["verdict"] else _para(x) for x in items]
     if not lines:
         lines = ["<p>No paired comparison: the run has fewer than two arms with a common seed.</p>"]
-    if note := worse_than_alone_note(r):
-        lines.append(f"<p>{_esc(note)}</p>")
-    if note := student_line(r):
-        lines.append(f"<p>{_esc(note)}</p>")
-    if note := scope_note(r):
-        lines.append(f'<p class="sub">{_esc(note)}</p>')
-    return f'<div class="answer {cls}">' + "".join(lines) + "</div>"
+    return f'<div class="answer {cls}">' + "".join(lines) + "</div>" + (_para(ANSWER_FOOT, "sub") if items else "")
 
 
 def _page(title: str, sub: str, body: str) -> str:
@@ -393,7 +405,7 @@ def render_run_html(run_dir: str | Path, results: dict[str, Any] | None = None) 
         r = {**r, **summarize(r["students"])}  # a results.json from before the interval statistics
     t, p = r["teacher"], r["pruned_teacher"]
     n_seeds = max((sm["n"] for sm in r["summary"].values()), default=0)
-    body = [_answer(r)]
+    body = [_section("Answer", _answer(r))]
     bad = not_learned(r)
     if bad:
         title, why, items = chance_warning(bad, r["test_set"])
@@ -403,72 +415,44 @@ def render_run_html(run_dir: str | Path, results: dict[str, Any] | None = None) 
     r_all, r = r, {**r, "students": primary_students(r)}  # the top-level summary's students (first loss)
 
     def arms() -> str:
-        rows = [[ARM_LABELS.get(a, a), points(sm["mean"]), arm_ci_cell(sm, " .. ", brackets=False),
-                 sm["n"], ", ".join(points(s["test_acc"]) for s in sorted(r["students"], key=lambda s: s["seed"]) if s["arm"] == a)]
-                for a, sm in r["summary"].items()]
         cut = clipped_note([(ARM_LABELS.get(a, a), sm) for a, sm in r["summary"].items()])
         note = replicate_interval_note(r)
-        over = (f'<p class="note">{_esc(cut)}</p>' if cut else "") + (f"<p>{_esc(note)}</p>" if note else "")
-        return (_img(plot_arms(r), "student test accuracy per arm, every seed and the 95% interval")
-                + _table(["arm", "mean %", "95% CI of the mean %", "seeds", "per seed %"], rows) + over)
+        return (_img(plot_arms(r), "student test accuracy per arm, every seed and the 95% interval") + _para(arms_intro(r))
+                + _shared(arms_table(r, r["students"], " .. ", brackets=False)) + _para(cut, "note") + _para(note))
     one = (r.get("distill_losses") or [None])[0]
-    body.append(_section("Student accuracy per arm" + (f" (loss {next(iter(r['losses']))}, the first of distill.loss)" if several else
-                                                       f" (loss {one})" if one else ""),
+    body.append(_section("Students: test accuracy over seeds" + (f" (loss {next(iter(r['losses']))}, the first of distill.loss)" if several else
+                                                                 f" (loss {one})" if one else ""),
                          _safe(arms, "student accuracy per arm")))
 
     def comps() -> str:
         if not r.get("comparison"):
             return '<p class="note">No comparisons.</p>'
-        rows = [[k.replace("_", " "), f"{100 * c['mean']:+.2f}",
-                 diff_ci_cell(c, " .. ", brackets=False),
-                 c["n"], c["method"], "yes" if c.get("called") else "no",
-                 "n/a" if c.get("sign_flip_p") is None else f"{c['sign_flip_p']:.3f}"] for k, c in r["comparison"].items()]
-        note = ('<p class="note">Mean of the per-seed differences (same student seed in both arms) with its 95% confidence interval; '
-                "a difference is called only when the interval excludes zero. With teacher replicates the interval is taken over "
-                "the teachers' mean differences, so the variance between teachers counts. Sign-flip p: exact permutation p-value, "
-                "a check that assumes no normal distribution.</p>")
-        control = f"<p>{_esc(cn)}</p>" if (cn := control_note(r)) else ""
-        return (_img(plot_comparisons(r), "paired differences with 95% intervals") + note
-                + _table(["comparison (a - b)", "mean, points", "95% CI, points", "n", "method", "called", "sign-flip p"], rows, left=1)
-                + control)
-    body.append(_section("Paired comparisons", _safe(comps, "comparisons")))
+        verdicts = "<ul>" + "".join(f"<li>{_esc(v)}</li>" for v in verdict_lines(r)) + "</ul>"
+        return (_img(plot_comparisons(r), "paired differences with 95% intervals") + _para(pruned_higher_note(r))
+                + _para(COMPARISON_NOTE, "note") + _para(scope_note(r))
+                + _shared(comparison_table(r, " .. ", brackets=False)) + verdicts + _para(control_note(r)))
+    body.append(_section(COMPARISONS_TITLE, _safe(comps, "comparisons")))
 
     def per_loss() -> str:
         flat = {f"{loss}: {k}": c for loss, v in r["losses"].items() for k, c in v["comparison"].items()}
-        rows = [[k.replace("_", " "), f"{100 * c['mean']:+.2f}",
-                 diff_ci_cell(c, " .. ", brackets=False),
-                 c["n"], c["method"], "yes" if c.get("called") else "no"] for k, c in flat.items()]
-        return (_img(plot_comparisons({"comparison": flat}), "paired differences per distillation loss")
-                + '<p class="note">Every teacher arm distilled with each loss; the student alone is shared by all losses.</p>'
-                + _table(["loss: comparison (a - b)", "mean, points", "95% CI, points", "n", "method", "called"], rows))
+        arms, cut, comps = loss_tables(r, " .. ", brackets=False)
+        return (_img(plot_comparisons({"comparison": flat}), "paired differences per distillation loss") + _para(LOSS_INTRO, "note")
+                + _shared(arms) + _para(cut, "note") + _shared(comps))
     if several:
         body.append(_section("Per distillation loss", _safe(per_loss, "per-loss comparisons")))
 
     def replicates() -> str:
-        reps = r["teacher_replicates"]
-        head = _table(["replicate", "teacher test acc %", "pruned test acc %", "sparsity", "control test acc %"],
-                      [[x["replicate"], points(x["teacher_test_acc"]), points(x["pruned_test_acc"]), f"{x['sparsity']:.4f}",
-                        points(x["control_test_acc"])] for x in reps])
-        rows = []
-        for key, c in r["comparison"].items():
-            for t, e in (c.get("per_teacher") or {}).items():
-                rows.append([key.replace("_", " "), f"teacher {t}", format_estimate(e), "yes" if e["called"] else "no"])
-            rows.append([key.replace("_", " "), "pooled over teachers", format_estimate(c), "yes" if c["called"] else "no"])
-        return (f'<p class="note">{len(reps)} teachers, each trained and pruned from its own seeds; the student architecture comes '
-                f"from replicate {r.get('student_from_replicate', 0)}'s pruned teacher. Pooled: the differences averaged within each "
-                "teacher, the interval over teachers, so the variance between teachers counts.</p>" + head
-                + _table(["comparison (a - b)", "view", "estimate", "called"], rows, left=2))
+        teachers, comps = replicate_tables(r, " .. ", brackets=False)
+        return _para(replicate_intro(r), "note") + _shared(teachers) + _para(REPLICATE_NOTE, "note") + _shared(comps)
     if r.get("teacher_replicates"):
         body.append(_section("Teacher replicates: per teacher and pooled", _safe(replicates, "teacher replicates")))
 
     def teachers() -> str:
-        loaded = f", loaded from {t['source']} (not trained here)" if t.get("source") else ""
-        rows = [[f"teacher ({t['arch']}){loaded}", points(t["test_acc"]), "0", f"{t['params']:,}"],
-                [f"pruned teacher ({p['strategy']}, level {p['level']})", points(p["test_acc"]), f"{p['sparsity']:.4f}", f"{p['params_nonzero']:,}"]]
-        if r.get("retrained_teacher"):
-            rows.append([f"control: unpruned teacher retrained {r['retrained_teacher']['epochs']} epochs", points(r["retrained_teacher"]["test_acc"]), "0", f"{t['params']:,}"])
-        return _table(["teacher", "test acc %", "sparsity", "params (nonzero)"], rows)
+        levels = levels_table(r)
+        return (_shared(teachers_table(r)) + _para(TEACHERS_NOTE, "note")
+                + (_para(LEVELS_INTRO) + _shared(levels) if levels else ""))
     body.append(_section("Teachers", _safe(teachers, "teachers")))
+    body.append(_section("Student", _safe(lambda: _shared(student_table(r)), "student")))
 
     n_reps = max(1, len(r.get("teacher_replicates") or []))
     try:
@@ -550,21 +534,17 @@ def render_run_html(run_dir: str | Path, results: dict[str, Any] | None = None) 
     body.append(_section("Teacher vs student widths per layer", _safe(widths, "widths")))
 
     def compute() -> str:
-        c = r["compute"]
-        rows = [[ARM_LABELS.get(a, a) + (" (lower bound)" if lower_bound(r, a) else ""), f"{v['epochs']:.0f}", f"{v['steps']:.0f}",
-                 f"{v['wall_s']:.0f}"] for a, v in c["total_per_student"].items()]
         lat = latency_rows(r["teacher"], r["student"])  # ptd report fills onnx_latency in for older runs (rerender)
         loaded = loaded_teacher_note(r)
         return (_img(plot_compute(r, stats), "compute per arm and latency per model")
+                + _shared(compute_stage_table(r)) + _para(COMPUTE_TOTAL_INTRO)
                 + (f'<p class="note">{_esc(loaded)}</p>' if loaded else "")
-                + _table(["arm: total behind one student", "epochs", "optimizer steps", "wall s"], rows)
+                + _shared(compute_total_table(r))
                 + (_table(["runtime", "batch", "teacher ms", "student ms", "speedup"], lat, left=1) if lat else "")
                 + (f'<p class="note">{_esc(note)}</p>' if (note := slower_note(r["teacher"], r["student"])) else ""))
     body.append(_section("Compute and latency", _safe(compute, "compute")))
 
-    setup = setup_sentence(r)
-    sub = (f"Dataset {r['dataset']}; {len(r['summary'])} arm(s), up to {n_seeds} student seed(s). {accuracy_sentence(r)} "
-           + (f"{setup} " if setup else "") +
+    sub = (f"{opening_line(r)} {len(r['summary'])} arm(s), up to {n_seeds} student seed(s). "
            "Rendered by ptd from results.json and the stage files beside it.")
     return _page(f"ptd report: {r['name']}", sub, "\n".join(body))
 
