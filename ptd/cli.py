@@ -218,7 +218,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     """Two finished runs' students, paired by arm, loss and seed; reads only."""
-    from ptd.report.compare import compare_runs, format_comparison, load_finished
+    from ptd.report.compare import compare_runs, config_line, format_comparison, load_finished
 
     for run in (args.run_a, args.run_b):  # a loop read "results.json not found", and resolve() below raised
         _opens(run, "ptd compare", "give two finished run directories")
@@ -228,7 +228,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
         raise ReportError(f"{args.run_a} and {args.run_b} are the same run directory: every difference would be zero; "
                           f"give two different runs (e.g. one made with --from)")
-    print(format_comparison(compare_runs(a, b, args.run_a, args.run_b), a, b, args.run_a, args.run_b))
+    print(format_comparison(compare_runs(a, b, args.run_a, args.run_b), a, b, args.run_a, args.run_b,
+                            config_line(args.run_a, args.run_b)))
     return 0
 
 

@@ -219,3 +219,48 @@ def test_runs_whose_teachers_differ_say_a_call_may_be_the_teachers(tmp_path, cap
     rb2 = run_dir(tmp_path, "b2", b)
     assert main(["compare", str(ra), str(rb2)]) == 0
     assert "teachers differ" not in capsys.readouterr().out
+
+
+def test_students_without_a_partner_are_named_by_side_arm_and_seed(tmp_path, capsys):
+    """compare paired what it could and said nothing of the rest: a run grown from seeds [0, 1] to
+    [0, 1, 2] against the original, or a run of 4 arms against one of 2 arms and 1 seed, read as if
+    every student had been compared (new-user trial)."""
+    small = {arm: xs[:2] for arm, xs in A.items()}
+    ra, rb = run_dir(tmp_path, "a", small), run_dir(tmp_path, "b", {arm: xs[:3] for arm, xs in A.items()})
+    assert main(["compare", str(ra), str(rb)]) == 0
+    out = capsys.readouterr().out
+    assert (f"in B ({rb}) with no partner in A: student alone (no teacher), seed 2; distilled from pruned teacher, seed 2. "
+            in out), out
+    assert "in A (" not in out
+    four = {**A, "unpruned_teacher": [0.88] * 5, "retrained_teacher": [0.89] * 5}
+    rc, rd = run_dir(tmp_path, "c", four), run_dir(tmp_path, "d", {arm: xs[:1] for arm, xs in A.items()})
+    assert main(["compare", str(rc), str(rd)]) == 0
+    out = capsys.readouterr().out
+    assert (f"in A ({rc}) with no partner in B: student alone (no teacher), seeds 1, 2, 3, 4; distilled from unpruned teacher, "
+            "seeds 0, 1, 2, 3, 4; distilled from pruned teacher, seeds 1, 2, 3, 4; distilled from unpruned teacher retrained as "
+            "long (control), seeds 0, 1, 2, 3, 4. ") in out, out
+    assert "with no partner in A" not in out
+    assert main(["compare", str(ra), str(run_dir(tmp_path, "e", small))]) == 0  # every student paired: nothing to say
+    assert "Left out of every row" not in capsys.readouterr().out
+
+
+def test_the_config_keys_the_runs_differ_in_are_listed(tmp_path, capsys):
+    """The point of a `--from` comparison is the change it tried, and compare never named it: the
+    differing keys of the two config.yaml files, both values (name aside: it names the run)."""
+    import yaml
+
+    cfg = yaml.safe_load((DEMO.parent / "config.yaml").read_text())
+    ra, rb = run_dir(tmp_path, "a", A), run_dir(tmp_path, "b", A)
+    assert main(["compare", str(ra), str(rb)]) == 0  # results without their config: said, not guessed
+    assert "Config: not compared, A and B have no readable config.yaml." in capsys.readouterr().out
+    (ra / "config.yaml").write_text(yaml.safe_dump(cfg))
+    other = {**cfg, "name": "other", "distill": {**cfg["distill"], "alpha": 0.5, "seeds": [0, 1, 2]}}
+    other["student"] = {**cfg["student"], "round_to": 1}
+    (rb / "config.yaml").write_text(yaml.safe_dump(other))
+    assert main(["compare", str(ra), str(rb)]) == 0
+    out = capsys.readouterr().out
+    assert (f"Config keys that differ (A, then B): distill.alpha: {cfg['distill']['alpha']} in A, 0.5 in B; distill.seeds: "
+            f"[0, 1] in A, [0, 1, 2] in B; student.round_to: {cfg['student']['round_to']} in A, 1 in B.") in out, out
+    (rb / "config.yaml").write_text(yaml.safe_dump({**cfg, "name": "other"}))
+    assert main(["compare", str(ra), str(rb)]) == 0
+    assert "Config: the runs' config.yaml files differ in no key but name." in capsys.readouterr().out

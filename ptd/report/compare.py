@@ -10,7 +10,9 @@ teacher replicates (teacher.seeds > 1) are estimated over the teachers' mean dif
 report does (``hierarchical_estimate``): students of one teacher share its luck.
 
 Students are partners when arm, distillation loss, teacher replicate and seed are the same; the
-runs must have been tested on the same test set. Reads only.
+runs must have been tested on the same test set. Students without a partner (a run grown to more
+seeds or arms than the other) are named below the table, and so are the config.yaml keys the two
+runs differ in (the change a ``--from`` run tried, and anything else beside it). Reads only.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ptd import paths as P
-from ptd.report import ARM_LABELS, RESULTS_SCHEMA, ReportError, check_students_once, load_report_input, student_key, validate
+from ptd.report import ARM_LABELS, RESULTS_SCHEMA, ReportError, _recorded_config, check_students_once, load_report_input, student_key, validate
 from ptd.report.stats import format_estimate, hierarchical_estimate, zero_width
 
 
@@ -87,6 +89,92 @@ def compare_runs(a: dict[str, Any], b: dict[str, Any], a_name: str = "A", b_name
     return rows
 
 
+def unpaired(a: dict[str, Any], b: dict[str, Any]) -> dict[str, list[Key]]:
+    """The students of each run with no partner in the other ({"A": [...], "B": [...]}, sorted):
+    the rows are over the pairs alone, so a run grown to more seeds or arms than the other has
+    students no row counts, and the reader must be told which."""
+    sa, sb = set(_keyed(a)), set(_keyed(b))
+    order = list(ARM_LABELS)
+
+    def key(k: Key) -> tuple:
+        return (order.index(k[0]) if k[0] in order else len(order), k[0], k[1] or "", k[2], k[3])
+    return {"A": sorted(sa - sb, key=key), "B": sorted(sb - sa, key=key)}
+
+
+def _unpaired_line(left: dict[str, list[Key]], losses: set[str | None], a_name: str, b_name: str) -> str | None:
+    """One sentence naming every unpaired student by arm and seed (and by loss where the runs'
+    teacher arms used more than one, ``losses``; by teacher replicate where one is not 0)."""
+    parts = []
+    for side, name in (("A", a_name), ("B", b_name)):
+        groups: dict[tuple[str, str | None, int], list[int]] = {}
+        for arm, loss, t, seed in left[side]:
+            groups.setdefault((arm, loss, t), []).append(seed)
+        several_t = any(t for _, _, t in groups)
+        named = []
+        for (arm, loss, t), seeds in groups.items():
+            what = ARM_LABELS.get(arm, arm) + (f" ({loss})" if len(losses) > 1 and loss and arm != "scratch" else "")
+            where = f" of teacher {t}" if several_t else ""
+            named.append(f"{what}, seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}{where}")
+        if named:
+            parts.append(f"in {side} ({name}) with no partner in {'B' if side == 'A' else 'A'}: " + "; ".join(named))
+    if not parts:
+        return None
+    return ("Left out of every row (no student of the same arm, loss, teacher replicate and seed in the other run): "
+            + "; ".join(parts) + ". Grow the other run with those distill.arms, distill.seeds (and distill.loss) to pair them.")
+
+
+def _flat(m: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested mapping as {dotted key: value}; lists and scalars are values, an empty mapping has
+    no keys (``options: {}`` and no options at all set nothing alike)."""
+    if not isinstance(m, dict):
+        return {prefix: m}
+    out: dict[str, Any] = {}
+    for k, v in m.items():
+        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def config_differences(a_cfg: dict[str, Any], b_cfg: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(dotted key, A's value, B's value) for every config key whose values differ, ``name`` aside
+    (it names the run, not what it did); a key one config lacks has the value ``MISSING`` there."""
+    fa, fb = _flat(a_cfg), _flat(b_cfg)
+    return [(k, fa.get(k, MISSING), fb.get(k, MISSING)) for k in sorted(set(fa) | set(fb))
+            if k != "name" and fa.get(k, MISSING) != fb.get(k, MISSING)]
+
+
+class _Missing:
+    def __repr__(self) -> str:
+        return "(not set)"
+
+
+MISSING = _Missing()
+
+
+def _value(v: Any) -> str:
+    """A config value as YAML writes it in a flow (0.5, null, [0, 1], vgg11)."""
+    if v is MISSING:
+        return repr(v)
+    import yaml
+
+    text = yaml.safe_dump(v, default_flow_style=True, width=10 ** 6).strip()
+    return text.removesuffix("...").strip()
+
+
+def config_line(a_dir: str | Path, b_dir: str | Path) -> str:
+    """What the runs' config.yaml files (as ptd reads them, keys added since filled in) differ in:
+    the change a ``--from`` run was made to try, and anything else that differs beside it."""
+    cfgs = [(_recorded_config(Path(d)), side) for d, side in ((a_dir, "A"), (b_dir, "B"))]
+    lacking = [side for cfg, side in cfgs if cfg is None]
+    if lacking:
+        return (f"Config: not compared, {' and '.join(lacking)} {'has' if len(lacking) == 1 else 'have'} no readable "
+                f"{P.CONFIG}.")
+    diff = config_differences(cfgs[0][0], cfgs[1][0])
+    if not diff:
+        return f"Config: the runs' {P.CONFIG} files differ in no key but name."
+    return ("Config keys that differ (A, then B): "
+            + "; ".join(f"{k}: {_value(va)} in A, {_value(vb)} in B" for k, va, vb in diff) + ".")
+
+
 def _student(r: dict[str, Any]) -> str:
     st = r["student"]
     plan = st["spec"].get("plan")
@@ -98,12 +186,15 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.2f}%"
 
 
-def format_comparison(rows: list[dict[str, Any]], a: dict[str, Any], b: dict[str, Any], a_name: str, b_name: str) -> str:
-    """The markdown ``ptd compare`` prints: what each run's student is, then one row per arm."""
+def format_comparison(rows: list[dict[str, Any]], a: dict[str, Any], b: dict[str, Any], a_name: str, b_name: str,
+                      config: str | None = None) -> str:
+    """The markdown ``ptd compare`` prints: what each run's student is (and ``config``, the line of
+    :func:`config_line`), one row per arm, then what the rows leave out and how to read them."""
     lines = [f"A: {a_name}: student {_student(a)}; teacher {_pct(a['teacher']['test_acc'])}, "
              f"pruned teacher {_pct(a['pruned_teacher']['test_acc'])}",
              f"B: {b_name}: student {_student(b)}; teacher {_pct(b['teacher']['test_acc'])}, "
              f"pruned teacher {_pct(b['pruned_teacher']['test_acc'])}",
+             *([config] if config else []),
              "",
              "| arm | teachers | seeds | A % | B % | B minus A | called |",
              "|---|---:|---:|---:|---:|---|---|"]
@@ -118,6 +209,9 @@ def format_comparison(rows: list[dict[str, Any]], a: dict[str, Any], b: dict[str
     lines += ["", "Paired by arm, loss, teacher replicate and seed; called only when the 95% interval excludes 0 "
                   "(false-positive rate 5% per row when the runs' students differ by seed noise alone"
               + (f"; that some one of these {k} rows is called, up to {min(100, 5 * k)}%" if k > 1 else "") + ")."]
+    losses = {k[1] for r in (a, b) for k in _keyed(r) if k[0] != "scratch"}
+    if note := _unpaired_line(unpaired(a, b), losses, a_name, b_name):
+        lines.append(note)
     # Told apart by their test accuracy: two trainings that score alike to the last image are not
     # told apart here (the run directories' weights are not read).
     differ = [x for x in ("teacher", "pruned_teacher") if (a.get(x) or {}).get("test_acc") != (b.get(x) or {}).get("test_acc")]
