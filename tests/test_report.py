@@ -664,3 +664,24 @@ def test_control_minus_unpruned_is_shown_and_called_outside_the_answer():
     r3 = _built([s for s in students if s["arm"] != "retrained_teacher"])
     assert "retrained_minus_unpruned" not in r3["comparison"] and control_note(r3) is None
     assert "Retrained minus unpruned" not in render_markdown(r3)
+
+
+def test_a_count_of_one_is_said_in_the_singular():
+    """sweep.md read "Retraining 1 epochs per pruning level": every epoch count in report text
+    took the plural whatever the count (new-user trial)."""
+    from ptd.report import render_markdown, worse_than_alone_note
+    from ptd.report.sweep import render_sweep_markdown
+
+    sweep = json.loads((Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "fashion_mnist_sweep" / "sweep.json").read_text())
+    for n, word in ((1, "epoch"), (2, "epochs")):
+        sch = {**sweep["schedules"], "teacher_epochs": n, "retrain_epochs_per_level": n, "distill_epochs": n}
+        md = render_sweep_markdown({**sweep, "schedules": sch, "compute": {**sweep["compute"], "sweep_total": {
+            "epochs": n, "steps": n, "wall_s": 1.0}}}, plots=False)
+        assert (f"trained {n} {word}. " in md and f"Retraining {n} {word} per pruning level" in md and f"distillation {n} {word} (alpha" in md
+                and f"- Whole sweep: {n} training {word}, {n} optimizer step{'s' if n > 1 else ''}, " in md), md
+        base = json.loads((Path(__file__).parent / "data" / "demo_run" / "results.json").read_text())
+        students = [{"arm": "scratch", "seed": i, "test_acc": a, "epochs": n} for i, a in enumerate([0.866, 0.872, 0.867, 0.868, 0.866])]
+        students += [{"arm": "pruned_teacher", "seed": i, "test_acc": a, "epochs": n} for i, a in enumerate([0.763, 0.780, 0.791, 0.733, 0.777])]
+        r = {**base, "students": students, **summarize(students), "retrained_teacher": {**base["retrained_teacher"], "epochs": n}}
+        assert f"Each distilled student trained {n} {word} (the paper" in worse_than_alone_note(r)
+        assert f"| unpruned teacher retrained {n} more {word} (control) |" in render_markdown(r)

@@ -49,6 +49,12 @@ TEACHER_RESULT = {"unpruned": "teacher", "pruned": "pruned_teacher", "retrained"
 TEACHER_NAMES = {"unpruned": "the unpruned teacher", "pruned": "the pruned teacher", "retrained": "the control teacher"}
 
 
+def plural(n: float | str, one: str, many: str | None = None) -> str:
+    """The noun for a count of ``n`` (a number, or the count as the text says it): ``one`` for
+    exactly 1, else ``many`` (``one`` + "s"). Report text read "Retraining 1 epochs" (new-user trial)."""
+    return one if str(n).strip() in ("1", "1.0") else (many or one + "s")
+
+
 def teacher_name(kind: str) -> str:
     """'the pruned teacher': the teacher of kind ``kind`` (ptd.config.Arm.teacher) in a sentence."""
     return TEACHER_NAMES.get(kind, f"the {kind} teacher")
@@ -661,7 +667,8 @@ def teachers_table(r: Mapping[str, Any], cell: Callable[[str], str] = str) -> Ta
             [f"pruned teacher ({p['strategy']}, level {p['level']})", points(p["test_acc"]), f"{p['sparsity']:.4f}",
              f"{p['params_nonzero']:,}", f"{t['flops']:,} (dense)"]]
     if r.get("retrained_teacher"):
-        rows.append([f"unpruned teacher retrained {r['retrained_teacher']['epochs']} more epochs (control)",
+        n = r["retrained_teacher"]["epochs"]
+        rows.append([f"unpruned teacher retrained {n} more {plural(n, 'epoch')} (control)",
                      points(r["retrained_teacher"]["test_acc"]), "0", f"{t['params']:,}", f"{t['flops']:,}"])
     return ["model", "test acc %", "sparsity", "params (nonzero)", "FLOPs"], rows, "lrrrr"
 
@@ -960,7 +967,7 @@ def worse_than_alone_note(r: dict[str, Any]) -> str | None:
                 f"({points(alone)}%): with most of the loss on {'its' if one else 'their'} soft targets (distill.alpha) the "
                 f"student learns to match a weaker model. {better}")
     return (f"Distillation made the student worse than training it alone here: {names}. Each distilled student "
-            f"trained {ep} epochs (the paper distills for 200).{weak} {'Also worth' if weak else 'Worth'} trying, each against "
+            f"trained {ep} {plural(ep, 'epoch')} (the paper distills for 200).{weak} {'Also worth' if weak else 'Worth'} trying, each against "
             "the same teachers with "
             "`ptd run CONFIG --out NEW --from RUN_DIR --set KEY=VALUE` and then `ptd compare RUN_DIR NEW`: more epochs "
             "(distill.optim.epochs; the student alone in NEW trains as long, so read the arms within NEW), a lower "
