@@ -115,7 +115,8 @@ def _shared(t: Table) -> str:
 
 def _para(text: str | None, cls: str = "") -> str:
     """A paragraph of report text, or nothing for None."""
-    return "" if not text else f'<p{f" class={cls}" if cls else ""}>{_esc(text)}</p>'
+    attr = f' class="{cls}"' if cls else ""
+    return f"<p{attr}>{_esc(text)}</p>" if text else ""
 
 
 def _section(title: str, body: str) -> str:
