@@ -397,7 +397,11 @@ def test_the_page_says_everything_report_md_says(folder, tmp_path):
     page.feed(render_run_html(d))
     text = " ".join(html.unescape("".join(page.text)).split())
     headings, rows, sentences = _md_parts(md)
-    missing = [h for h in headings if not any(x == h or x.startswith((h + " ", h + ":")) for x in page.headings)]
+    at = [next((i for i, x in enumerate(page.headings) if x == h or x.startswith((h + " ", h + ":"))), None) for h in headings]
+    missing = [h for h, i in zip(headings, at) if i is None]
+    # and in report.md's order: its text points "above" and "below" (the replicates' "the tables above show replicate 0's teachers")
+    found = [i for i in at if i is not None]
+    assert found == sorted(found), (headings, page.headings)
     missing += [" | ".join(r) for r in rows if r not in set(page.rows)]
     missing += [s for s in sentences if s not in text and not s.startswith(_NOT_COMPARED)]
     assert not missing, "\n".join(missing)

@@ -415,6 +415,14 @@ def render_run_html(run_dir: str | Path, results: dict[str, Any] | None = None) 
     several = len(r.get("losses") or {}) > 1
     r_all, r = r, {**r, "students": primary_students(r)}  # the top-level summary's students (first loss)
 
+    # In report.md's order: the replicates' note says "the tables above show replicate 0's teachers".
+    def teachers() -> str:
+        levels = levels_table(r)
+        return (_shared(teachers_table(r)) + _para(TEACHERS_NOTE, "note")
+                + (_para(LEVELS_INTRO) + _shared(levels) if levels else ""))
+    body.append(_section("Teachers", _safe(teachers, "teachers")))
+    body.append(_section("Student", _safe(lambda: _shared(student_table(r)), "student")))
+
     def arms() -> str:
         cut = clipped_note([(ARM_LABELS.get(a, a), sm) for a, sm in r["summary"].items()])
         note = replicate_interval_note(r)
@@ -447,13 +455,6 @@ def render_run_html(run_dir: str | Path, results: dict[str, Any] | None = None) 
         return _para(replicate_intro(r), "note") + _shared(teachers) + _para(REPLICATE_NOTE, "note") + _shared(comps)
     if r.get("teacher_replicates"):
         body.append(_section("Teacher replicates: per teacher and pooled", _safe(replicates, "teacher replicates")))
-
-    def teachers() -> str:
-        levels = levels_table(r)
-        return (_shared(teachers_table(r)) + _para(TEACHERS_NOTE, "note")
-                + (_para(LEVELS_INTRO) + _shared(levels) if levels else ""))
-    body.append(_section("Teachers", _safe(teachers, "teachers")))
-    body.append(_section("Student", _safe(lambda: _shared(student_table(r)), "student")))
 
     n_reps = max(1, len(r.get("teacher_replicates") or []))
     try:
