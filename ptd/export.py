@@ -478,14 +478,23 @@ def onnx_latency(
     warmup: int = 1,
     threads: int = 1,
 ) -> dict[str, Any]:
-    """Median onnxruntime latency (ms) of teacher and student at each batch size, their runs interleaved.
+    """onnxruntime latency (ms) of teacher and student at each batch size, their runs interleaved.
 
-    Both are exported to a temporary directory. Returns ``{"batch_<b>": {"teacher_ms", "student_ms",
-    "speedup"}, "threads": ..., "repeats": ...}`` (teacher entries absent without a teacher). This is
-    the call the student stage makes to record deployment latency.
+    Both are exported to a temporary directory. Returns ``{"batch_<b>": ptd.measure.paired_row(...),
+    "threads": ..., "repeats": ...}``: per batch the medians, the speedup (median of the rounds'
+    teacher / student ratios) with its 95% interval, and every run's ms; without a teacher,
+    ``{"student_ms", "student_times_ms"}``. ``repeats`` is raised to ptd.measure.MIN_REPEATS (6),
+    the fewest rounds whose interval reaches 95% (the student stage asked for 5). The teacher and
+    the student swap places every round, as in ptd.measure.compare_latency: timed always in the
+    same order, a load that rises or falls during the timing favours one of them every round,
+    and the interval, which pairs rounds, cannot see that. This is the call the student stage
+    makes to record deployment latency.
     """
     import numpy as np
 
+    from ptd.measure import MIN_REPEATS, paired_row
+
+    repeats = max(int(repeats), MIN_REPEATS) if teacher is not None else int(repeats)
     shape = tuple(int(s) for s in input_shape)[-3:]
     models = {"student": student} if teacher is None else {"teacher": teacher, "student": student}
     out: dict[str, Any] = {"runtime": "onnxruntime CPU", "threads": threads, "repeats": repeats, "input": list(shape)}
@@ -494,19 +503,21 @@ def onnx_latency(
         for name, m in models.items():
             f = export_onnx(m, Path(d) / f"{name}.onnx", shape)
             sessions[name] = _session(f, threads)
+        names = list(sessions)
         for b in batch_sizes:
             x = np.random.default_rng(0).standard_normal((int(b),) + shape).astype(np.float32)
             times: dict[str, list[float]] = {n: [] for n in sessions}
             for i in range(warmup + repeats):
-                for name, s in sessions.items():  # interleaved: load on a shared machine hits both alike
+                for name in names[i % len(names):] + names[: i % len(names)]:  # interleaved, alternating who goes first
                     t0 = time.perf_counter()
-                    s.run(["logits"], {"images": x})
+                    sessions[name].run(["logits"], {"images": x})
                     if i >= warmup:
                         times[name].append((time.perf_counter() - t0) * 1e3)
-            row = {f"{n}_ms": statistics.median(v) for n, v in times.items()}
-            if "teacher_ms" in row:
-                row["speedup"] = row["teacher_ms"] / row["student_ms"]
-            out[f"batch_{b}"] = row
+            if "teacher" in times:
+                out[f"batch_{b}"] = paired_row(times["teacher"], times["student"])
+            else:
+                out[f"batch_{b}"] = {"student_ms": statistics.median(times["student"]),
+                                     "student_times_ms": [round(t, 6) for t in times["student"]]}  # ns, as paired_row keeps them
     return out
 
 
@@ -641,12 +652,22 @@ def format_record(rec: dict[str, Any]) -> str:
 
 
 def format_latency(lat: dict[str, Any]) -> list[str]:
-    """:func:`onnx_latency`'s record as text lines (for ``ptd export`` and the student stage's report)."""
+    """:func:`onnx_latency`'s record as text lines (for ``ptd export`` and the student stage's report).
+    A speedup is called faster or slower only where its 95% interval excludes 1 (ptd.measure.speed_call)."""
+    from ptd.measure import speed_call
+
     lines = [f"latency in onnxruntime ({lat['threads']} thread{'s' if lat['threads'] != 1 else ''}, median of {lat['repeats']} interleaved runs):"]
     for k, v in lat.items():
         if k.startswith("batch_"):
             if "teacher_ms" in v:
-                lines.append(f"  batch {k[6:]}: teacher {v['teacher_ms']:.2f} ms, student {v['student_ms']:.2f} ms, speedup {v['speedup']:.2f}x")
+                line = f"  batch {k[6:]}: teacher {v['teacher_ms']:.2f} ms, student {v['student_ms']:.2f} ms, speedup {v['speedup']:.2f}x"
+                if v.get("speedup_low") is not None:
+                    call = speed_call({"low": v["speedup_low"], "high": v["speedup_high"]})
+                    # the interval's coverage is at least 95% (97% at 6 runs): named by the rule, not the decimal
+                    line += (f" [{v['speedup_low']:.2f}, {v['speedup_high']:.2f}] (95% interval: "
+                             + ("the student is faster)" if call == "faster" else "the student is slower)" if call == "slower"
+                                else "holds 1, so these runs cannot tell which is faster)"))
+                lines.append(line)
             else:
                 lines.append(f"  batch {k[6:]}: {v['student_ms']:.2f} ms (no teacher in this run to compare)")
     return lines

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 
 import numpy as np
 import pytest
@@ -53,7 +54,10 @@ def test_run_dir_exports_the_best_arm_checked_on_real_test_images(run_dir, tmp_p
     assert set(lat) >= {"batch_1", "batch_64"}
     for b in ("batch_1", "batch_64"):
         v = lat[b]
-        assert v["teacher_ms"] > 0 and v["student_ms"] > 0 and v["speedup"] == pytest.approx(v["teacher_ms"] / v["student_ms"])
+        assert v["teacher_ms"] > 0 and v["student_ms"] > 0 and len(v["teacher_times_ms"]) == len(v["student_times_ms"]) == 6
+        # the speedup is the median of the rounds' ratios (ptd.measure.speedup_interval), inside its interval
+        assert v["speedup"] == pytest.approx(statistics.median(a / b for a, b in zip(v["teacher_times_ms"], v["student_times_ms"])), rel=1e-3)
+        assert v["speedup_low"] <= v["speedup"] <= v["speedup_high"]
 
 
 def test_onnxruntime_is_timed_on_the_threads_pytorch_uses(run_dir, tmp_path):
@@ -69,7 +73,7 @@ def test_onnxruntime_is_timed_on_the_threads_pytorch_uses(run_dir, tmp_path):
     finally:
         torch.set_num_threads(before)
     assert rec["latency"]["threads"] == 2
-    assert format_latency(rec["latency"])[0].startswith("latency in onnxruntime (2 threads, median of 1 interleaved runs)")
+    assert format_latency(rec["latency"])[0].startswith("latency in onnxruntime (2 threads, median of 6 interleaved runs)")  # 1 raised to the 6 an interval needs
 
 
 def test_a_model_file_exports_with_a_dynamic_batch_and_matches_pytorch(tmp_path):
@@ -94,8 +98,10 @@ def test_onnx_latency_times_teacher_and_student_interleaved():
     from ptd.export import format_latency
 
     text = format_latency(lat)
-    assert len(text) == 3 and text[2] == (f"  batch 8: teacher {lat['batch_8']['teacher_ms']:.2f} ms, student "
-                                          f"{lat['batch_8']['student_ms']:.2f} ms, speedup {lat['batch_8']['speedup']:.2f}x")
+    v = lat["batch_8"]
+    assert len(text) == 3 and text[2] == (f"  batch 8: teacher {v['teacher_ms']:.2f} ms, student {v['student_ms']:.2f} ms, speedup "
+                                          f"{v['speedup']:.2f}x [{v['speedup_low']:.2f}, {v['speedup_high']:.2f}] (95% interval: "
+                                          + ("the student is faster)" if v["speedup_low"] > 1 else "holds 1, so these runs cannot tell which is faster)"))
     assert "teacher_ms" not in onnx_latency(None, s, (3, 32, 32), batch_sizes=(1,), repeats=1)["batch_1"]
 
 
