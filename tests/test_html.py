@@ -238,16 +238,20 @@ def test_rerender_takes_the_deployed_latency_from_the_student_stage(run_dir):
     assert json.loads((run_dir / "results.json").read_text())["student"]["onnx_latency"] == stats["onnx_latency"]
     assert "| onnxruntime (1 thread) | 64 | 12.00 | 5.00 | 2.40x |" in md
     assert "<td class=l>onnxruntime (1 thread)</td><td>64</td><td>12.00</td><td>5.00</td><td>2.40x</td>" in (run_dir / "report.html").read_text()
-    assert "slower than its teacher" not in (run_dir / "report.html").read_text()
-    # A student slower than its teacher in one runtime is said under the table on the page too.
-    stats["onnx_latency"]["batch_1"] = {"teacher_ms": 0.4, "student_ms": 0.5, "speedup": 0.8}
+    assert "ran slower than its teacher" not in (run_dir / "report.html").read_text()
+    # The caption with the runs' spread is on the page, as in report.md (it once was dropped there).
+    assert '<p class="note">Latency, teacher vs student, fp32' in (run_dir / "report.html").read_text()
+    # A student slower than its teacher in one runtime (its paired runs' interval below 1) is said
+    # under the table on the page too.
+    stats["onnx_latency"]["batch_1"] = {"teacher_ms": 0.4, "student_ms": 0.5, "speedup": 0.8,
+                                        "teacher_times_ms": [0.4] * 6, "student_times_ms": [0.5] * 6}
     stats_path.write_text(json.dumps(stats))
     r = json.loads((run_dir / "results.json").read_text())
     del r["student"]["onnx_latency"]  # taken again from stats.json, as for an older run
     (run_dir / "results.json").write_text(json.dumps(r))
     rerender(run_dir)
-    assert ('<p class="note">The student ran slower than its teacher here: onnxruntime (1 thread) at batch 1 (0.80x).'
-            in (run_dir / "report.html").read_text())
+    assert ('<p class="note">The student ran slower than its teacher here (the speedup&#x27;s 95% interval is below 1): '
+            'onnxruntime (1 thread) at batch 1 (0.80x, [0.80, 0.80]).' in (run_dir / "report.html").read_text())
     assert "round_to: 32" not in (run_dir / "report.html").read_text()  # not a GPU row: no GPU advice
 
 

@@ -595,10 +595,29 @@ def student_line(r: Mapping[str, Any]) -> str | None:
             f"{s['flops_ratio']:.3f}x its FLOPs")
     tl, sl = ((x.get("latency") or {}).get("64") or {} for x in (t, s))
     if tl.get("median_ms") and sl.get("median_ms"):
-        ratio = tl["median_ms"] / sl["median_ms"]
-        speed = f"runs {ratio:.2f}x as fast" if ratio >= 1 else f"takes {1 / ratio:.2f}x the teacher's time"
-        text += f", and {speed} at batch 64 (PyTorch eager, fp32, on this machine's CPU)"
+        text += ", and " + _speed_clause(_speed(tl["median_ms"], sl["median_ms"], tl.get("times_ms"), sl.get("times_ms")), "64")
     return text + "."
+
+
+def _speed_clause(sp: Mapping[str, Any], batch: str) -> str:
+    """The answer's words for one speedup (:func:`_speed`): a speed is claimed only where its 95%
+    interval excludes 1; a record without per-run times says it has no interval (new-user trial:
+    "runs 1.76x as fast" with nothing to say that 8 runs of the same pair gave 1.07-1.76x)."""
+    where = "PyTorch eager, fp32, on this machine's CPU"
+    x = sp["speedup"]
+    if sp["call"] == "faster":
+        return f"runs {x:.2f}x as fast at batch {batch} (95% interval {sp['low']:.2f}-{sp['high']:.2f}x; {where})"
+    if sp["call"] == "slower":
+        return (f"takes {1 / x:.2f}x the teacher's time at batch {batch} (speedup {x:.2f}x, 95% interval "
+                f"{sp['low']:.2f}-{sp['high']:.2f}x; {where})")
+    if sp["low"] is not None:
+        return (f"was not shown faster or slower than the teacher at batch {batch}: speedup {x:.2f}x, 95% interval "
+                f"{sp['low']:.2f}-{sp['high']:.2f}x, which holds 1 ({where})")
+    if sp["pairs"]:
+        return (f"was not shown faster or slower than the teacher at batch {batch}: speedup {x:.2f}x over {sp['pairs']} paired runs, "
+                f"too few for a 95% interval ({where})")
+    speed = f"runs {x:.2f}x as fast" if x >= 1 else f"takes {1 / x:.2f}x the teacher's time"
+    return f"{speed} at batch {batch} by the medians (no interval was recorded; {where})"
 
 
 COMPARISONS_TITLE = "Does the pruned teacher teach better?"  # a heading both reports use, and the Answer points at
@@ -808,14 +827,41 @@ def _lat(s: dict, b: str) -> str:
     return "n/a" if v is None else f"{v:.2f}"
 
 
+def _speed(teacher_ms: float, student_ms: float, teacher_times: Any = None, student_times: Any = None) -> dict[str, Any]:
+    """The speedup of one row and its reading: from paired per-run times (teacher_times[i] and
+    student_times[i] ran back to back) the median ratio with its 95% interval and a call
+    (ptd.measure.speed_call: "faster" / "slower" only where the interval excludes 1, else
+    "unclear"); from a record without them (runs before per-run times were kept) the ratio of the
+    medians with no interval, ``pairs`` 0 and call None: nothing is called from it. Also the middle
+    80% of each model's runs, where the times are there."""
+    from ptd.measure import speed_call, speedup_interval
+
+    paired = (isinstance(teacher_times, list) and isinstance(student_times, list) and teacher_times
+              and len(teacher_times) == len(student_times) and all(isinstance(v, (int, float)) and v > 0 for v in teacher_times + student_times))
+    if not paired:
+        return {"speedup": teacher_ms / student_ms, "low": None, "high": None, "pairs": 0, "call": None, "spread": None}
+    iv = speedup_interval(teacher_times, student_times)
+    return {**iv, "call": speed_call(iv), "spread": [_middle_80(teacher_times), _middle_80(student_times)]}
+
+
+def _middle_80(times: Sequence[float]) -> tuple[float, float]:
+    """10th and 90th percentile of a model's runs (ms), as ptd.measure records them."""
+    if len(times) < 2:
+        return times[0], times[0]
+    q = statistics.quantiles(times, n=10, method="inclusive")
+    return q[0], q[-1]
+
+
 def _pairs(label: str, rec: dict, gpu: bool = False) -> list[dict]:
     """Entries of a teacher-vs-student timing record ({"batch_<b>": {"teacher_ms", "student_ms",
-    "speedup"} or {"error"}}), by batch size; entries with neither are left out."""
+    "speedup", "teacher_times_ms", "student_times_ms"} or {"error"}}), by batch size; entries with
+    neither are left out."""
     out = []
     for k in sorted((k for k in rec if k.startswith("batch_")), key=lambda k: int(k[6:])):
         v = rec[k]
         if "teacher_ms" in v:
-            out.append({"runtime": label, "batch": k[6:], "teacher_ms": v["teacher_ms"], "student_ms": v["student_ms"], "gpu": gpu})
+            out.append({"runtime": label, "batch": k[6:], "teacher_ms": v["teacher_ms"], "student_ms": v["student_ms"], "gpu": gpu,
+                        **_speed(v["teacher_ms"], v["student_ms"], v.get("teacher_times_ms"), v.get("student_times_ms"))})
         elif "error" in v:  # e.g. out of GPU memory at that batch
             out.append({"runtime": label, "batch": k[6:], "error": v["error"], "gpu": gpu})
     return out
@@ -825,12 +871,15 @@ def latency_pairs(t: dict, s: dict) -> list[dict]:
     """Teacher vs student latency per runtime and batch size, as numbers: PyTorch's eager latency on
     the CPU (the student stage's interleaved median) and, where the run recorded them, onnxruntime's
     (both models exported and timed in turn, on the same threads) and PyTorch's on the GPU the run
-    trained on (``gpu`` true). Each entry has ``teacher_ms`` and ``student_ms``, or ``error``."""
+    trained on (``gpu`` true). Each entry has ``teacher_ms``, ``student_ms`` and :func:`_speed`'s
+    keys, or ``error``."""
     out = []
     for b in sorted((s.get("latency") or {}), key=int):
-        tm, sm = ((t.get("latency") or {}).get(b) or {}).get("median_ms"), (s["latency"][b] or {}).get("median_ms")
+        tr, sr = (t.get("latency") or {}).get(b) or {}, s["latency"][b] or {}
+        tm, sm = tr.get("median_ms"), sr.get("median_ms")
         if tm and sm:
-            out.append({"runtime": "PyTorch (eager)", "batch": b, "teacher_ms": tm, "student_ms": sm, "gpu": False})
+            out.append({"runtime": "PyTorch (eager)", "batch": b, "teacher_ms": tm, "student_ms": sm, "gpu": False,
+                        **_speed(tm, sm, tr.get("times_ms"), sr.get("times_ms"))})
     ort = s.get("onnx_latency") or {}
     if "error" in ort:  # the model could not be exported or run there; the run went on without it
         out.append({"runtime": "onnxruntime", "batch": "-", "error": ort["error"][:80], "gpu": False})
@@ -841,32 +890,71 @@ def latency_pairs(t: dict, s: dict) -> list[dict]:
     return out
 
 
+LATENCY_HEAD = ["runtime", "batch", "teacher ms", "student ms", "speedup", "95% interval", "student is"]
+_CALL_CELL = {"faster": "faster", "slower": "slower", "unclear": "not told apart", None: "not called"}
+
+
 def latency_rows(t: dict, s: dict) -> list[list[str]]:
-    """:func:`latency_pairs` as table cells: [runtime, batch, teacher ms, student ms, speedup]."""
-    return [[e["runtime"], e["batch"], "n/a", "n/a", e["error"]] if "error" in e else
-            [e["runtime"], e["batch"], f"{e['teacher_ms']:.2f}", f"{e['student_ms']:.2f}", f"{e['teacher_ms'] / e['student_ms']:.2f}x"]
+    """:func:`latency_pairs` as table cells (LATENCY_HEAD): runtime, batch, teacher ms, student ms,
+    speedup, its 95% interval ("not recorded" for runs from before per-run times, "too few runs"
+    under 6 pairs) and the call."""
+    def interval(e: dict) -> str:
+        if e["low"] is not None:
+            return f"[{e['low']:.2f}, {e['high']:.2f}]"
+        return f"too few runs ({e['pairs']})" if e["pairs"] else "not recorded"
+
+    return [[e["runtime"], e["batch"], "n/a", "n/a", e["error"], "", ""] if "error" in e else
+            [e["runtime"], e["batch"], f"{e['teacher_ms']:.2f}", f"{e['student_ms']:.2f}", f"{e['speedup']:.2f}x", interval(e),
+             _CALL_CELL[e["call"]]]
             for e in latency_pairs(t, s)]
 
 
-# A student this much slower than its teacher is said in words under the latency table: below the
-# run-to-run spread of interleaved medians (a few percent), a ratio under 1 is not a finding.
-SLOWER_BELOW = 0.95
-
-
-def slower_note(t: dict, s: dict) -> str | None:
-    """One sentence naming every runtime and batch of :func:`latency_pairs` where the smaller
-    student ran at under SLOWER_BELOW of its teacher's speed, or None. On GPUs at CIFAR sizes this
-    is the measured norm (docs/students.md): a user must not read the student's FLOPs as its latency."""
-    slow = [e for e in latency_pairs(t, s) if "error" not in e and e["teacher_ms"] / e["student_ms"] < SLOWER_BELOW]
-    if not slow:
-        return None
-    return ("The student ran slower than its teacher here: "
-            + "; ".join(f"{e['runtime']} at batch {e['batch']} ({e['teacher_ms'] / e['student_ms']:.2f}x)" for e in slow)
+def speed_note(t: dict, s: dict) -> str | None:
+    """What the latency table's speedups may be read as, in words, or None where every row is
+    called faster: the rows where the student ran slower (its 95% interval below 1); the rows whose
+    interval holds 1, with each model's middle 80% of runs, so the reader sees the noise that hid
+    the difference; and the rows from records with no per-run times, which have no interval and
+    are not called. A ratio of medians under 1 was once called "slower" on its own: on a loaded
+    2-core host the same teacher and student read 0.72x to 1.92x in onnxruntime over 7 runs while
+    PyTorch's runs of each model overlapped almost entirely (new-user trial)."""
+    rows = [e for e in latency_pairs(t, s) if "error" not in e]
+    slow = [e for e in rows if e["call"] == "slower"]
+    unclear = [e for e in rows if e["call"] == "unclear"]
+    bare = [e for e in rows if e["call"] is None]
+    parts = []
+    if slow:
+        parts.append(
+            "The student ran slower than its teacher here (the speedup's 95% interval is below 1): "
+            + "; ".join(f"{e['runtime']} at batch {e['batch']} ({e['speedup']:.2f}x, [{e['low']:.2f}, {e['high']:.2f}])" for e in slow)
             + ". Fewer FLOPs are not less time where kernels are bound by launches, memory traffic or tile sizes"
             + ("; on a GPU, widths that are not multiples of 32 miss cuDNN's fast kernels, and student.round_to: 32 made derived "
                "ResNet-18 students 1.3-1.4x faster than their teachers at batch 1,024 where 8 gave 0.93x (round_to: auto takes 32 "
                "on a GPU where the student stays within 10% of the surviving weights)" if any(e["gpu"] for e in slow) else "")
             + "; see docs/students.md, \"Measured: are derived students fast?\".")
+
+    def unclear_row(e: dict) -> str:
+        (t10, t90), (s10, s90) = e["spread"]
+        why = (f"[{e['low']:.2f}, {e['high']:.2f}]" if e["low"] is not None
+               else f"{e['pairs']} paired runs, too few for a 95% interval")
+        return (f"{e['runtime']} at batch {e['batch']} ({e['speedup']:.2f}x, {why}; the middle 80% of runs took "
+                f"{t10:.2f}-{t90:.2f} ms (teacher) and {s10:.2f}-{s90:.2f} ms (student))")
+    if unclear:
+        parts.append("These runs could not tell whether the student is faster or slower than its teacher, the speedup's 95% "
+                     "interval holding 1: " + "; ".join(unclear_row(e) for e in unclear)
+                     + ". At this noise a difference that size is not measured; time again on an idle machine to tell.")
+    if bare:
+        which = "these timings" if len(bare) == len(rows) else ", ".join(f"{e['runtime']} at batch {e['batch']}" for e in bare)
+        parts.append(f"No interval was recorded for {which} (the run kept only each model's median): those speedups are "
+                     "ratios of medians, and none of them is called faster or slower.")
+    return " ".join(parts) or None
+
+
+def latency_caption(t: dict, s: dict) -> str:
+    """The sentence above the latency table (report.md and report.html alike)."""
+    gpu = " (the GPU rows on the GPU the run trained on)" if (s.get("cuda_latency") or {}) else ""
+    return (f"Latency, teacher vs student, fp32, on this machine's CPU (env.json names it){gpu} (median ms of interleaved runs; "
+            f"speedup = teacher / student, the median over rounds in which the two ran back to back, called faster or slower "
+            f"only where its 95% interval excludes 1){latency_conditions(t, s)}:")
 
 
 def latency_table(t: dict, s: dict) -> list[str]:
@@ -874,11 +962,8 @@ def latency_table(t: dict, s: dict) -> list[str]:
     rows = latency_rows(t, s)
     if not rows:
         return []
-    gpu = " (the GPU rows on the GPU the run trained on)" if (s.get("cuda_latency") or {}) else ""
-    note = slower_note(t, s)
-    return ([f"Latency, teacher vs student, fp32, on this machine's CPU (env.json names it){gpu} (median ms of interleaved runs; "
-             f"speedup = teacher / student){latency_conditions(t, s)}:", "",
-             "| runtime | batch | teacher ms | student ms | speedup |", "|---|---:|---:|---:|---:|"]
+    note = speed_note(t, s)
+    return ([latency_caption(t, s), "", "| " + " | ".join(LATENCY_HEAD) + " |", "|---|---:|---:|---:|---:|---|---|"]
             + [f"| {' | '.join(r)} |" for r in rows] + [""] + ([note, ""] if note else []))
 
 
@@ -1141,7 +1226,8 @@ def _timing(v: Any, key: str) -> None:
         if not k.startswith("batch_"):
             continue
         _batch_key(k[6:], _sub(key, k))
-        obj({"teacher_ms?": num(0), "student_ms?": num(0), "error?": text()})(row, _sub(key, k))
+        obj({"teacher_ms?": num(0), "student_ms?": num(0), "error?": text(),
+             "teacher_times_ms?": items(num(0)), "student_times_ms?": items(num(0))})(row, _sub(key, k))
         if "teacher_ms" in row and not (isinstance(row.get("student_ms"), (int, float)) and row["student_ms"] > 0):
             raise _Invalid("ValueError", _sub(_sub(key, k), "student_ms"), f"is {_show(row.get('student_ms'))}, not a time > 0")
 
@@ -1150,7 +1236,7 @@ ACC = num(0, 1)  # an accuracy is a fraction of the test images
 AMOUNT = num(0)  # epochs, optimizer steps, seconds
 COUNT = num(0, integer=True)
 COST = obj({"epochs": AMOUNT, "steps": AMOUNT, "wall_s": AMOUNT})
-LATENCY = mapping(obj({"median_ms?": num(0, null=True)}, null=True), keys=_batch_key, null=True)  # per batch size
+LATENCY = mapping(obj({"median_ms?": num(0, null=True), "times_ms?": items(num(0))}, null=True), keys=_batch_key, null=True)  # per batch size
 TEST_SET_FIELDS = {"n": COUNT, "chance": ACC}  # test_set_facts: the chance check's input
 TEST_SET = obj(TEST_SET_FIELDS)
 ARM_NAME = text(among=ARM_LABELS)  # the live view: an arm added to ARM_TABLE passes

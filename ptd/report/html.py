@@ -28,9 +28,10 @@ from ptd.report import (ANSWER_FOOT, ARM_LABELS, COMPARISON_NOTE, COMPARISONS_TI
                         TEACHERS_NOTE, Table, answer_lines, arms_intro, arms_table, chance_warning, clipped_note, comparison_table,
                         compute_behind, compute_stage_table, compute_total_table, control_note, latency_rows, levels_table, loaded_teacher_note,
                         loss_tables, not_learned, opening_line, points, primary_students, pruned_higher_note, replicate_interval_note,
-                        replicate_intro, replicate_tables, scope_note, shown_interval, slower_note, student_table, summarize, teachers_table,
+                        replicate_intro, replicate_tables, scope_note, shown_interval, student_table, summarize, teachers_table,
                         verdict_lines, worse_than_alone_note)
 from ptd.report.stats import format_estimate, shown_difference
+from ptd.report import LATENCY_HEAD, latency_caption, speed_note  # the latency table's words, as report.md's
 
 ARM_COLORS = {"scratch": "#444444", "unpruned_teacher": "#1f77b4", "pruned_teacher": "#d62728", "retrained_teacher": "#2ca02c"}
 SEED_STYLES = ("-", "--", ":", "-.")
@@ -542,8 +543,9 @@ def render_run_html(run_dir: str | Path, results: dict[str, Any] | None = None) 
                 + _shared(compute_stage_table(r)) + _para(COMPUTE_TOTAL_INTRO)
                 + (f'<p class="note">{_esc(loaded)}</p>' if loaded else "")
                 + _shared(compute_total_table(r))
-                + (_table(["runtime", "batch", "teacher ms", "student ms", "speedup"], lat, left=1) if lat else "")
-                + (f'<p class="note">{_esc(note)}</p>' if (note := slower_note(r["teacher"], r["student"])) else ""))
+                + (f'<p class="note">{_esc(latency_caption(r["teacher"], r["student"]))}</p>'
+                   + _table(LATENCY_HEAD, lat, left=1) if lat else "")
+                + (f'<p class="note">{_esc(note)}</p>' if (note := speed_note(r["teacher"], r["student"])) else ""))
     body.append(_section("Compute and latency", _safe(compute, "compute")))
 
     sub = (f"{opening_line(r)} {len(r['summary'])} arm(s), up to {n_seeds} student seed(s). "
