@@ -477,6 +477,7 @@ def onnx_latency(
     repeats: int = 10,
     warmup: int = 1,
     threads: int = 1,
+    max_seconds: float | None = None,
 ) -> dict[str, Any]:
     """onnxruntime latency (ms) of teacher and student at each batch size, their runs interleaved.
 
@@ -487,8 +488,10 @@ def onnx_latency(
     the fewest rounds whose interval reaches 95% (the student stage asked for 5). The teacher and
     the student swap places every round, as in ptd.measure.compare_latency: timed always in the
     same order, a load that rises or falls during the timing favours one of them every round,
-    and the interval, which pairs rounds, cannot see that. This is the call the student stage
-    makes to record deployment latency.
+    and the interval, which pairs rounds, cannot see that. ``max_seconds`` (None: no cap) stops
+    the rounds of one batch size once its timed runs add up to that, after MIN_REPEATS rounds, as
+    compare_latency's cap does: many rounds cost little on a small net and are capped on a large
+    one ("repeats" records the rounds asked; each batch's times lists, the rounds timed). This is the call the student stage makes to record deployment latency.
     """
     import numpy as np
 
@@ -508,6 +511,8 @@ def onnx_latency(
             x = np.random.default_rng(0).standard_normal((int(b),) + shape).astype(np.float32)
             times: dict[str, list[float]] = {n: [] for n in sessions}
             for i in range(warmup + repeats):
+                if max_seconds is not None and i - warmup >= MIN_REPEATS and sum(map(sum, times.values())) >= max_seconds * 1000.0:
+                    break
                 for name in names[i % len(names):] + names[: i % len(names)]:  # interleaved, alternating who goes first
                     t0 = time.perf_counter()
                     sessions[name].run(["logits"], {"images": x})

@@ -173,6 +173,13 @@ def test_onnx_latency_swaps_the_order_and_keeps_every_run(monkeypatch):
     from ptd.export import format_latency
 
     assert "holds 1, so these runs cannot tell which is faster" in format_latency(lat)[1]
+    # A cap on the seconds spent stops the rounds after the 6 an interval needs, not before: 20
+    # rounds of a large net would cost the student stage 16 s at 0.4 s a run.
+    turns.clear()
+    lat = export.onnx_latency(same, same, (1, 1, 1), batch_sizes=(64,), repeats=20, warmup=1, max_seconds=0.1)
+    assert len(lat["batch_64"]["teacher_times_ms"]) == 6 and len(turns) == 2 * 7
+    lat = export.onnx_latency(same, same, (1, 1, 1), batch_sizes=(64,), repeats=20, warmup=1, max_seconds=None)
+    assert len(lat["batch_64"]["teacher_times_ms"]) == 20
 
 
 # ---------------------------------------------------------------- what the report says
