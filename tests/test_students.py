@@ -498,6 +498,9 @@ def test_compare_report_for_teacher_pruned_teacher_and_student(monkeypatch):
     assert rep["models"]["pruned_teacher"]["flops"] == rep["models"]["teacher"]["flops"] > rep["models"]["student"]["flops"]
     assert rep["models"]["pruned_teacher"]["alive_weights"] == sum(int(m.sum()) for m in masks.values())
     assert set(rep["latency"]) == {"1", "4"} and "speedup_b4" in rep["ratios"]
+    # 2 rounds: too few for a 95% interval, so report.txt calls nothing (it printed a bare ratio).
+    assert rep["ratios"]["speed_b4"]["pairs"] == 2 and rep["ratios"]["speed_b4"]["low"] is None
+    assert "too few for a 95% interval: not called" in format_report(rep)
     # the dense pruned teacher is not timed again: it carries the teacher's figures, marked
     for b in ("1", "4"):
         lt = rep["latency"][b]
@@ -1054,3 +1057,22 @@ def test_a_surgery_student_loads_where_ptd_students_was_never_imported(tmp_path)
                        timeout=300, env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)})
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.split() == [str(sum(p.numel() for p in student.parameters())), "True"]
+
+
+def test_report_txt_calls_a_speed_only_where_its_interval_excludes_1():
+    """report.txt (and `ptd student`) printed "speedup at batch 64: 1.76" from a ratio of medians,
+    whatever the noise (new-user audit); it now gives the rounds' interval and calls it only where
+    the interval excludes 1, as report.md does."""
+    from ptd.students.report import _speed_line
+
+    def ratios(teacher, student):
+        from ptd.measure import speed_call, speedup_interval
+
+        iv = speedup_interval(teacher, student)
+        return {"speedup_b64": 0.0, "speed_b64": {**iv, "call": speed_call(iv)}}
+
+    fast = ratios([2.0 + 0.01 * i for i in range(20)], [1.0 + 0.01 * (i % 3) for i in range(20)])
+    assert _speed_line("64", fast).startswith("speedup at batch 64: 2.") and _speed_line("64", fast).endswith("over 20 runs: faster)")
+    noisy = ratios([1.0, 3.0] * 10, [2.0, 1.0] * 10)  # ratios 0.5 and 3, half each: the interval holds 1
+    assert _speed_line("64", noisy).endswith("over 20 runs: not told apart at this noise)")
+    assert _speed_line("64", {"speedup_b64": 1.5}) == "speedup at batch 64: 1.50 (ratio of medians, no interval)"
