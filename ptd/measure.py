@@ -205,7 +205,7 @@ def speedup_interval(teacher_ms: Sequence[float], student_ms: Sequence[float], c
     (a run 30x its median), which breaks a t interval on log ratios, and a bootstrap undercovers
     at the 6-20 rounds timed here. Its coverage is exact for any continuous noise: a student as
     fast as its teacher is called "slower" (its whole interval below 1) at most (1 - confidence) / 2
-    of the time (2.1% at 20 rounds, 1.6% at 6; tests/test_models.py measures it on synthetic
+    of the time (2.1% at 20 rounds, 1.6% at 6; tests/test_speed_claims.py measures it on synthetic
     load). Returns {"speedup", "low", "high", "pairs", "confidence"}; low, high and confidence are
     None where the rounds are too few for the interval (sign_rank)."""
     if len(teacher_ms) != len(student_ms) or not teacher_ms:
