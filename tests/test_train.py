@@ -112,7 +112,7 @@ class CountEpochs:
         self.seen.append(epoch + 1)
 
 
-def test_resume_continues_and_matches_uninterrupted(tmp_path):
+def test_resume_continues_and_matches_uninterrupted(tmp_path, capsys):
     tr, va = loaders()
     ref = model()
     r_ref = fit(ref, tr, va, OPT, RT, out_dir=tmp_path / "ref")
@@ -126,13 +126,17 @@ def test_resume_continues_and_matches_uninterrupted(tmp_path):
 
     descs = []
     real_tqdm = loop.tqdm
-    loop.tqdm = lambda *a, **k: descs.append(k["desc"]) or real_tqdm(*a, **k)
+    fake = lambda *a, **k: descs.append(k["desc"]) or real_tqdm(*a, **k)  # noqa: E731
+    fake.write = real_tqdm.write
+    loop.tqdm = fake
     try:
         r = fit(m2, *loaders(), OPT, RT, out_dir=tmp_path / "run", hooks=[counter], desc="teacher")
     finally:
         loop.tqdm = real_tqdm
     assert counter.seen == [3, 4]  # epochs 1-2 were not redone
     assert descs == ["teacher (resumed after epoch 2)"]  # the bar says so (a resume was silent: new-user audit)
+    # ...and a line, which --quiet (no bars) keeps: a resume under --quiet was invisible.
+    assert "[resumed] teacher: after epoch 2 of 4, its last commit" in capsys.readouterr().out
     rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [row["epoch"] for row in rows] == [1, 2, 3, 4]
     assert r["steps"] == r_ref["steps"]

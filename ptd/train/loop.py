@@ -372,6 +372,10 @@ def fit(
     _call(hooks, "on_start", model)
     n_batches = len(train_loader)
     resumed = f" (resumed after epoch {run.start})" if run.start else ""  # from the directory's last commit
+    if run.start and rt.dist.is_main:
+        # A line as well as the bar's label: under --quiet (no bars) a resume was invisible, and a
+        # bar's label goes with the bar (leave=False) (new-user audit).
+        tqdm.write(f"[resumed] {desc}: after epoch {run.start} of {optim.epochs}, its last commit")
     bar = tqdm(total=optim.epochs * n_batches, initial=run.start * n_batches, desc=desc + resumed, unit="step",
                disable=rt.quiet or not rt.dist.is_main, dynamic_ncols=True, leave=False)
     best_state = None  # the kept weights in memory: used only without out_dir (ranks other than 0 hold them unused)
