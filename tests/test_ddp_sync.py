@@ -529,7 +529,7 @@ def test_a_diverged_stage_keeps_its_every_rank_mark_when_the_pipeline_adds_its_a
             e.every_rank = True  # as fit marks it under DDP
             raise e
 
-        monkeypatch.setattr(pipeline, "fit", diverges)
+        monkeypatch.setattr(pipeline.context, "fit", diverges)  # the module whose Context.fit calls it
         with pytest.raises(DivergedError) as e:
             ctx.fit(bn_model(), ctx.cfg.distill.optim, tmp_path / "run" / "distill" / "x", 0, "student s0")
         assert str(e.value).endswith(f"add --from {tmp_path / 'run'}") and e.value.every_rank is True

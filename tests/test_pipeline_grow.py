@@ -97,7 +97,7 @@ def test_a_finished_run_grows_and_reuses_every_finished_stage(tmp_path, tiny_fas
     # A growth that fails in training (here: the new seed's student) keeps the old config.yaml, so
     # the original command still takes the directory (it used to be refused as "a different config").
     grown = load_config(write(tmp_path, tiny_config(tiny_fashion, distill={**base, "seeds": [0, 1]}), "grown.yaml"))
-    import ptd.pipeline as pl
+    import ptd.pipeline.stages as pl  # distill_all's module: it calls stage_distill by that module's name
 
     real = pl.stage_distill
 
