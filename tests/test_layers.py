@@ -95,6 +95,37 @@ def test_package_graph_is_acyclic():
             visit(n)
 
 
+# ptd.pipeline's modules, in the order they may import each other (each only those before it; its
+# __init__ re-exports them all): the same rule inside the package, so it cannot grow a cycle either.
+PIPELINE = ["lineage", "rundir", "reuse", "context", "plugins", "stages", "parallel", "run"]
+
+
+def test_pipeline_modules_import_only_earlier_ones():
+    pkg = ROOT / "pipeline"
+    assert {f.stem for f in pkg.glob("*.py")} - {"__init__"} == set(PIPELINE), "add the new module to PIPELINE, in its place"
+    wrong = []
+    for f in sorted(pkg.glob("*.py")):
+        if f.stem == "__init__":
+            continue
+        for node in ast.walk(ast.parse(f.read_text(), str(f))):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                targets = [f"ptd.pipeline.{node.module}" if node.module else "ptd.pipeline"]
+            elif isinstance(node, ast.ImportFrom):
+                targets = [node.module or ""]
+            elif isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            else:
+                continue
+            for t in targets:
+                parts = t.split(".")
+                if parts[:2] != ["ptd", "pipeline"]:
+                    continue
+                # The package itself (its __init__ imports every module) or a later module: a cycle.
+                if len(parts) < 3 or PIPELINE.index(parts[2]) >= PIPELINE.index(f.stem):
+                    wrong.append(f"{f.relative_to(ROOT.parent)}:{node.lineno} imports {t}")
+    assert not wrong, "\n".join(wrong)
+
+
 def test_config_imports_no_plugin():
     # The error base class is the only ptd module config may use: it is a leaf that imports nothing.
     assert not [k for k in imports() if k[0] == "config" and k[1] != "errors"]
