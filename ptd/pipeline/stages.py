@@ -341,13 +341,18 @@ def stage_student(ctx: Context, teacher: nn.Module, pruned: nn.Module, masks: Ma
         text = format_report(rep)
         if ctx.main:
             from ptd.export import format_latency, onnx_latency
+            from ptd.measure import MAX_SECONDS
 
             # The deployed speed: both models exported to ONNX (on copies) and timed in onnxruntime,
             # on as many threads as the PyTorch figures above, so the two runtimes compare like for
             # like (at 1 thread against PyTorch's 2, CIFAR VGG19 at batch 64 read 470 ms in
             # onnxruntime against 293 ms in PyTorch: a thread count, not a runtime, difference).
             try:
-                stats["onnx_latency"] = onnx_latency(teacher, student, ctx.input_shape, repeats=5, threads=torch.get_num_threads())
+                # 20 paired rounds, as PyTorch's: at the 6 a 95% interval needs at least, it spans the lowest to the
+                # highest ratio, and one noisy round left 3-5 of 8 rows on a loaded host untold. Capped at
+                # MAX_SECONDS of timed runs per batch size past those 6 (a CIFAR VGG19: ~2 s, not ~16 s).
+                stats["onnx_latency"] = onnx_latency(teacher, student, ctx.input_shape, repeats=20, threads=torch.get_num_threads(),
+                                                     max_seconds=MAX_SECONDS)
                 text += "\n" + "\n".join(format_latency(stats["onnx_latency"])) + "\n"
             except Exception as e:  # noqa: BLE001 -- a deployment timing must not end a run whose teachers are trained
                 why = one_line(f"{type(e).__name__}: {e}")[:200]
