@@ -864,3 +864,31 @@ def test_a_mistyped_dataset_name_is_echoed_as_written_with_the_name_it_likely_me
     assert r.nearest("resnet") is None
     with pytest.raises(UnknownNameError, match=r"unknown loss 'dk' \(did you mean 'dkd'\?\); valid names: dkd, fitnet, kd"):
         r.get("dk")
+
+
+def test_channel_stats_do_not_depend_on_the_thread_count():
+    """float64 sums split over threads add in another order: a Fashion-MNIST split's mean read
+    0.3652458379185007 at 1 thread and 0.36524583791850074 at 2, and preflight loaded the data
+    before setting the run's threads, so one config normalized (and trained) differently by the
+    machine's default thread count. Integer sums are exact: the same figures at any count, equal
+    to numpy's exact arithmetic on the same pixels."""
+    from fractions import Fraction
+
+    from ptd.data.base import channel_stats
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (96, 1, 28, 28), dtype=torch.uint8, generator=g)  # the old sums: 1 ulp apart here
+    before = torch.get_num_threads()
+    try:
+        got = []
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            got.append(channel_stats(x))
+    finally:
+        torch.set_num_threads(before)
+    assert got[0] == got[1] == got[2]
+    a = x.numpy().astype(np.int64)
+    n = a.shape[0] * a.shape[2] * a.shape[3]
+    for ch in range(x.shape[1]):
+        exact = Fraction(int(a[:, ch].sum()), 255 * n)  # the mean, as a fraction: float() rounds it once
+        assert abs(got[0][0][ch] - float(exact)) <= 2e-16
