@@ -85,6 +85,17 @@ def test_a_run_from_an_earlier_one_gives_what_a_fresh_run_gives(ws, earlier, cap
     # ...and grows like any run, without --from.
     assert main(["distill", str(ws / "b.yaml"), "--out", str(out), "--set", "distill.seeds=[0,1]"]) == 0
     assert (P.distill_dir(out, "scratch", 1) / P.DONE).is_file()
+    # --from with an --out that holds a run not copied from it: ignored without a word before (the
+    # user read the result as made from that run's teacher: new-user audit); one line, nothing written.
+    made = tree(fresh)
+    _refused(capsys, ["distill", str(ws / "b.yaml"), "--out", str(fresh), "--from", str(earlier)],
+             f"--out {fresh} already holds a run, started without --from", "drop --from to resume")
+    other = ws / "other_copy"
+    shutil.copytree(out, other)
+    (other / P.REUSED).write_text(json.dumps({**reused, "from": str(ws / "elsewhere")}))
+    _refused(capsys, ["distill", str(ws / "b.yaml"), "--out", str(other), "--from", str(earlier)],
+             f"already holds a run copied from {ws / 'elsewhere'}, not from {earlier.resolve()}")
+    assert tree(fresh) == made
 
 
 def _refused(capsys, argv: list[str], *words: str) -> str:

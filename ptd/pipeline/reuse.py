@@ -28,6 +28,24 @@ from ptd.pipeline.rundir import (RunDirError, _EQUIVALENT, _diff, _recorded_path
 REUSED_STAGES = (P.TEACHER, P.PRUNE, P.CONTROL)
 
 
+def _check_copied_from(src: Path, run_dir: Path) -> None:
+    """``run_dir`` already holds a run: the same command again after a kill, or a growth, resumes it,
+    when --from made it from ``src`` (its reused.json says so: the copy writes it before the run
+    exists). Otherwise --from would be ignored without a word, and the user read the result as made
+    from ``src``'s teacher (new-user audit): one line, nothing written."""
+    from ptd.io import read_json_object
+
+    rec = run_dir / P.REUSED
+    if not rec.is_file():
+        raise PreflightError(f"--from {src}: --out {run_dir} already holds a run, started without --from, so nothing would be "
+                             f"copied; drop --from to resume or grow that run, or pass --out a new directory to copy {src}'s "
+                             f"teacher and pruning into")
+    was = read_json_object(rec, fix=f"restore it, or drop --from to resume {run_dir} as it is").get("from")
+    if not isinstance(was, str) or Path(was) != src.resolve():
+        raise PreflightError(f"--from {src}: --out {run_dir} already holds a run copied from {was}, not from {src.resolve()}; "
+                             f"drop --from to resume or grow that run, or pass --out a new directory")
+
+
 def check_reuse(cfg: RunConfig, src: str | Path, run_dir: str | Path) -> list[Path] | None:
     """The stage folders of ``src`` (relative to it) that ``--from src`` copies into ``run_dir``;
     None when ``run_dir`` already holds a run (a re-run after a kill resumes it: nothing to copy).
@@ -39,6 +57,7 @@ def check_reuse(cfg: RunConfig, src: str | Path, run_dir: str | Path) -> list[Pa
         raise PreflightError(f"--from {src} and --out {run_dir} overlap; pass --out a new directory outside the run it reuses "
                              f"(more seeds, arms or losses grow a run in place: re-run it with its own --out, without --from)")
     if (run_dir / P.CONFIG).is_file():
+        _check_copied_from(src, run_dir)
         return None
     check_run_config(cfg, run_dir)  # a non-empty folder that is not a run: refused as without --from, before any copy
     if not src.is_dir() or not (src / P.CONFIG).is_file():
