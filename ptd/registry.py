@@ -19,6 +19,11 @@ class UnknownNameError(PtdError, KeyError):
         return str(self.args[0])
 
 
+def _squash(name: str) -> str:
+    """A name's letters and digits, lower case: cifar-10 and CIFAR10 are cifar10."""
+    return "".join(c for c in name.lower() if c.isalnum())
+
+
 class Registry(Generic[T]):
     def __init__(self, kind: str):
         self.kind = kind
@@ -48,12 +53,12 @@ class Registry(Generic[T]):
         """' (did you mean 'x'?)' for the name a typo most likely meant (``nearest``); for the stem of
         a family, ' (did you mean one of 'x1', 'x2'?)': 'resnet' got "did you mean 'resnet56'?", one
         of the eleven resnets picked by spelling alone (new-user audit); else ''."""
-        if isinstance(name, str) and name and name not in self._items:
+        near = self.nearest(name)
+        if isinstance(name, str) and name and not (near and _squash(near) == _squash(name)):  # 'VGG' means vgg itself
             family = sorted((n for n in self._items if n.lower().startswith(name.lower()) and n.lower() != name.lower()),
                             key=lambda n: (len(n), n))
             if len(family) > 1:
                 return f" (did you mean one of {', '.join(map(repr, family))}?)"
-        near = self.nearest(name)
         return f" (did you mean {near!r}?)" if near else ""
 
     def nearest(self, name: object) -> str | None:
@@ -63,8 +68,7 @@ class Registry(Generic[T]):
 
         if not isinstance(name, str):
             return None
-        squash = lambda s: "".join(c for c in s.lower() if c.isalnum())  # noqa: E731
-        same = [n for n in self._items if squash(n) == squash(name)]
+        same = [n for n in self._items if _squash(n) == _squash(name)]
         if same:
             return same[0]
         close = difflib.get_close_matches(name.lower(), list(self._items), n=1, cutoff=0.75)

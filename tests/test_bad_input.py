@@ -221,7 +221,7 @@ CASES: dict[str, tuple[list[str], list[str]]] = {
     "prune-rewind-epoch-text": (["prune", "{ws}/c.yaml", "--set", "prune.options={rewind_epoch: soon}"], ["rewind_epoch", "integer"]),
     "prune-rewind-with-teacher-ckpt": (["prune", "{ws}/c.yaml", "--teacher", "{ws}/teacher.safetensors", "--set",
                                         "prune.strategy=imp_weight_rewind", "--set", "prune.options={rewind_epoch: 1}"],
-                                       ["teacher.checkpoint", "rewind: lr"]),
+                                       ["teacher.checkpoint", "prune.strategy: imp"]),
     # --- student, student.model
     "student-source-unknown": (["student", "{ws}/c.yaml", "--set", "student.source=magic"], ["student.source", "magic"]),
     "student-named-without-model": (["student", "{ws}/c.yaml", "--set", "student.source=named"], ["student.model", "required"]),

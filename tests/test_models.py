@@ -309,3 +309,4 @@ def test_an_unknown_name_that_is_a_family_stem_lists_the_family():
         MODELS.get("resnet")
     assert MODELS.meant("resnt56") == " (did you mean 'resnet56'?)"
     assert MODELS.meant("wrn_40_2") == " (did you mean 'wrn40_2'?)"  # the same letters and digits
+    assert MODELS.meant("VGG") == " (did you mean 'vgg'?)"  # a name in another case is that name, not its family
