@@ -538,6 +538,8 @@ def render_run_html(run_dir: str | Path, results: dict[str, Any] | None = None) 
 
     def compute() -> str:
         lat = latency_rows(r["teacher"], r["student"])  # ptd report fills onnx_latency in for older runs (rerender)
+        # The speedup's interval as the page writes every interval ("a .. b"), report.md's "[a, b]".
+        lat = [[re.sub(r"^\[(.+?), (.+?)\]$", r"\1 .. \2", c) for c in row] for row in lat]
         loaded = loaded_teacher_note(r)
         return (_img(plot_compute(r, stats), "compute per arm and latency per model")
                 + _shared(compute_stage_table(r)) + _para(COMPUTE_TOTAL_INTRO)
