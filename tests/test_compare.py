@@ -99,6 +99,10 @@ def test_what_cannot_be_compared_is_one_line(tmp_path, capsys):
     (tmp_path / "unfinished").mkdir()
     _refused(capsys, ["compare", str(ra), str(tmp_path / "unfinished")], "not a finished ptd run")
     _refused(capsys, ["compare", str(tmp_path / "missing"), str(ra)], "not a finished ptd run")
+    # A stage folder of a run: that run named, as ptd report names it (one helper, missing_results).
+    (ra / "config.yaml").write_text("name: a\n")
+    (ra / "teacher").mkdir(exist_ok=True)
+    _refused(capsys, ["compare", str(ra / "teacher"), str(ra)], f"is a folder inside the ptd run {ra.absolute()}, not a run")
     other = run_dir(tmp_path, "cifar", A, dataset="cifar10")
     _refused(capsys, ["compare", str(ra), str(other)], "different data", "same dataset")
     seeds = run_dir(tmp_path, "seeds", {"unpruned_teacher": [0.9]})

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from ptd import paths as P
-from ptd.report import ARM_LABELS, RESULTS_SCHEMA, ReportError, _recorded_config, check_students_once, load_report_input, student_key, validate
+from ptd.report import (ARM_LABELS, RESULTS_SCHEMA, ReportError, _recorded_config, check_students_once, load_report_input,
+                        missing_results, student_key, validate)
 from ptd.report.stats import format_estimate, hierarchical_estimate, zero_width
 
 
@@ -36,8 +37,7 @@ def load_finished(run_dir: str | Path) -> dict[str, Any]:
         raise ReportError(f"{run_dir} is a sweep, not a run: ptd compare takes two run directories (`ptd run --out`); "
                           f"a sweep's own comparison of its teachers is its {P.SWEEP_MD} (`ptd report {run_dir}`)")
     if not path.is_file():
-        raise ReportError(f"{path} not found: {run_dir} is not a finished ptd run; finish it (`ptd run CONFIG --out {run_dir}`) "
-                          f"or give a finished run's directory")
+        raise ReportError(missing_results(run_dir, f"finish it (`ptd run CONFIG --out {run_dir}`) or give a finished run's directory"))
     fix = f"re-run `ptd run CONFIG --out {run_dir}` to regenerate it, or restore the file"
     results = load_report_input(path, fix)
     validate(RESULTS_SCHEMA, results, path, fix)
