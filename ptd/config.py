@@ -813,14 +813,35 @@ def dump_yaml(cfg: RunConfig) -> str:
 # did: an older run's config.yaml without the key compares as that value, never as today's
 # default (a resume is told "prune.retrain_checkpoint: 'best' there, 'last' now", and --set
 # puts it back), so an older run is never continued under another behaviour, nor reported as one.
-ADDED_KEYS: dict[tuple[str, str], Any] = {("prune", "retrain_checkpoint"): "best"}
+# The list is every key a committed run's config.yaml (benchmarks/results/*/config.yaml; the first,
+# fashion_mnist_lowdata, at 3e1b971) lacks (tests/test_compare.py, tests/test_reuse.py). A key whose
+# default is the old behaviour is listed too: without it ``ptd compare`` prints "(not set)" against
+# the value, a resume reads None against it (compile was refused as "None there, 'off' now"), and
+# a later change of the default would silently recast the old run.
+ADDED_KEYS: dict[tuple[str, ...], Any] = {
+    ("student", "round_narrower"): False,  # 8e698aa added it off; 5c462c7 turned it on
+    ("fast_wgrad",): False,  # 3a7ddf4: before it, CPU conv weight gradients were oneDNN's own
+    ("compile",): "off",  # ad8d3e0: before it, nothing was compiled
+    ("jobs",): 1,  # add7f0d: before it, students trained one at a time in the run's process
+    ("prune", "retrain_checkpoint"): "best",  # 47ffc5b: rounds had ended on their best-validation weights
+    # faa20e5: headers was the check before the key (runs before 233e690 checked no image at all,
+    # and only folder datasets are checked; the key may differ on resume either way)
+    ("data", "check_images"): "headers",
+    ("teacher", "check_learned"): False,  # 14543e7: before it, a loaded teacher was not scored before work
+}
 
 
 def with_added_keys(old: dict) -> dict:
     """An earlier run's config mapping (config.yaml as read) with the keys added since it was
-    written filled in as ``ADDED_KEYS`` says: the behaviour it ran with."""
+    written filled in as ``ADDED_KEYS`` says: the behaviour it ran with. A section that is not a
+    mapping is left as it is (the config check names it); ``old`` itself is not changed."""
     old = dict(old)
-    for (section, key), was in ADDED_KEYS.items():
-        if isinstance(old.get(section), dict) and key not in old[section]:
-            old[section] = {**old[section], key: was}
+    for path, was in ADDED_KEYS.items():
+        node = old
+        for section in path[:-1]:
+            if not isinstance(node.get(section), dict):
+                break
+            node[section] = node = dict(node[section])
+        else:
+            node.setdefault(path[-1], was)
     return old

@@ -268,3 +268,65 @@ def test_the_config_keys_the_runs_differ_in_are_listed(tmp_path, capsys):
     (rb / "config.yaml").write_text(yaml.safe_dump({**cfg, "name": "other"}))
     assert main(["compare", str(ra), str(rb)]) == 0
     assert "Config: the runs' config.yaml files differ in no key but name." in capsys.readouterr().out
+
+
+COMMITTED = sorted(p.parent for p in DEMO.parents[1].glob("*/config.yaml"))
+
+
+def _schema_keys(cfg=None, prefix: str = "") -> list[str]:
+    """Every key of today's config, dotted: a section (a nested dataclass) gives its own keys."""
+    import dataclasses
+
+    from ptd.config import RunConfig
+
+    cfg = RunConfig() if cfg is None else cfg
+    out = []
+    for f in dataclasses.fields(cfg):
+        v, key = getattr(cfg, f.name), f"{prefix}{f.name}"
+        out += _schema_keys(v, key + ".") if dataclasses.is_dataclass(v) else [key]
+    return out
+
+
+def _has(m: dict, key: str) -> bool:
+    for part in key.split("."):
+        if not isinstance(m, dict) or part not in m:
+            return False
+        m = m[part]
+    return True
+
+
+@pytest.mark.parametrize("run", COMMITTED, ids=lambda d: d.name)
+def test_every_committed_run_reads_with_every_key_of_todays_config(run):
+    """A committed run's config.yaml, read as `ptd compare` and `ptd report` read it and as a resume
+    or --from reads it (keys added since filled in, ptd.config.ADDED_KEYS), holds every key of
+    today's config: the oldest lacked seven (student.round_narrower, fast_wgrad, compile, jobs,
+    prune.retrain_checkpoint, data.check_images, teacher.check_learned), which compare printed as
+    "(not set)" and a resume read as None. A key added to the config without its old value in
+    ADDED_KEYS fails here."""
+    from ptd.io import read_yaml_mapping
+    from ptd.pipeline.rundir import _recorded_paths
+    from ptd.report import _recorded_config
+
+    keys = _schema_keys()
+    assert "fast_wgrad" in keys and "student.round_narrower" in keys  # the walk reaches top level and sections
+    for read in (_recorded_config(run), _recorded_paths(run, read_yaml_mapping(run / "config.yaml"))):
+        assert [k for k in keys if not _has(read, k)] == []
+
+
+def test_compare_of_committed_runs_names_only_keys_they_differ_in():
+    """Two committed runs compared: no key one of them only lacks for its age is "(not set)"; what
+    is left "(not set)" is an option one run gave inside a free-form mapping (distill.options.at of
+    the losses run). The demo against the EPYC re-run names exactly what they were run with apart."""
+    import itertools
+
+    from ptd.report.compare import MISSING, config_differences, config_line
+    from ptd.report import _recorded_config
+
+    free = ("distill.options.", "prune.options.", "distill.layer_map.", "teacher.model.kwargs.", "student.model.kwargs.")
+    for a, b in itertools.combinations(COMMITTED, 2):
+        unset = [k for k, va, vb in config_differences(_recorded_config(a), _recorded_config(b)) if MISSING in (va, vb)]
+        assert [k for k in unset if not k.startswith(free)] == [], (a.name, b.name)
+    demo, epyc = DEMO.parent, DEMO.parents[1] / "fashion_mnist_demo_epyc_s26"
+    assert config_line(demo, epyc) == (
+        "Config keys that differ (A, then B): prune.retrain_checkpoint: best in A, last in B; quiet: true in A, false in "
+        "B; student.round_to: 8 in A, auto in B; teacher.check_learned: false in A, true in B; threads: 1 in A, null in B.")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -346,21 +347,43 @@ def test_a_run_recorded_with_a_relative_data_root_resumes_from_the_same_folder(w
     assert tree(run / P.TEACHER) == before
 
 
-def test_a_run_written_before_retrain_checkpoint_resumes_only_as_it_ran(tmp_path):
-    """A run directory from before prune.retrain_checkpoint kept its rounds' best-validation
-    weights: its config.yaml, without the key, reads as "best", so today's default ("last") is
-    refused as another config (naming the key and both values) instead of continuing the run
-    another way; --set prune.retrain_checkpoint=best takes it."""
-    from ptd.config import dump_yaml, load_config
+# Every key added after the first committed run (benchmarks/results/fashion_mnist_lowdata, 3e1b971)
+# was written, with the value the code ran with before the commit that added it.
+BEFORE_THE_KEY = [("student.round_narrower", False),  # 8e698aa added it off
+                  ("fast_wgrad", False),  # 3a7ddf4: oneDNN's weight gradients
+                  ("compile", "off"),  # ad8d3e0
+                  ("jobs", 1),  # add7f0d: one student at a time
+                  ("prune.retrain_checkpoint", "best"),  # 47ffc5b
+                  ("data.check_images", "headers"),  # faa20e5: headers stays the default
+                  ("teacher.check_learned", False)]  # 14543e7: a loaded teacher was not scored
 
+
+@pytest.mark.parametrize("key, was", BEFORE_THE_KEY, ids=[k for k, _ in BEFORE_THE_KEY])
+def test_a_run_written_before_a_key_existed_resumes_only_as_it_ran(tmp_path, key, was):
+    """A config.yaml without a key added since (ptd.config.ADDED_KEYS) reads as the value the code
+    before the key ran with: where that is today's default, or the key only changes how a run is
+    shown or checked, today's config resumes it (compile was refused as "None there, 'off' now"); else
+    today's default is refused naming the key and both values (fast_wgrad read "None there"), and
+    --set of the old value resumes it (prune.retrain_checkpoint: 'best' there, 'last' now)."""
+    from ptd.config import dump_yaml, load_config
+    from ptd.pipeline.rundir import _VOLATILE_KEYS
+
+    path = tuple(key.split("."))
     run = tmp_path / "run"
     run.mkdir()
     old = yaml.safe_load(dump_yaml(load_config()))
-    del old["prune"]["retrain_checkpoint"]
+    node = old
+    for section in path[:-1]:
+        node = node[section]
+    now = node.pop(path[-1])
     (run / P.CONFIG).write_text(yaml.safe_dump(old))
-    with pytest.raises(pipeline.RunDirError, match=r"prune\.retrain_checkpoint: 'best' there, 'last' now"):
-        pipeline.check_run_config(load_config(), run)
-    assert pipeline.check_run_config(load_config(None, ["prune.retrain_checkpoint=best"]), run) is False
+    as_it_ran = load_config(None, [f"{key}={json.dumps(was)}"])
+    assert pipeline.check_run_config(as_it_ran, run) is False
+    if was == now or key in _VOLATILE_KEYS:
+        assert pipeline.check_run_config(load_config(), run) is False
+    else:
+        with pytest.raises(pipeline.RunDirError, match=re.escape(f"({key}: {was!r} there, {now!r} now)")):
+            pipeline.check_run_config(load_config(), run)
 
 
 def test_data_check_images_may_change_on_resume_and_be_missing_from_an_older_run(tmp_path):
