@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 
 from ptd import paths as P
+from ptd.errors import counted
 from ptd.measure import count_params, cpu_name, flops
 from ptd.models import build_model
 from ptd.pruning.masks import apply_masks, full_masks, prunable_weights
@@ -382,7 +383,7 @@ def render(res) -> str:
     lines = [
         "# Student speed: trained and inferred, teacher vs derived student, per width rounding", "",
         f"Command: `{res['command'].strip()}`  ",
-        f"Machine: {m.get('gpu') or m['cpu']} ({m['device']}), {m['threads']} torch thread(s), torch {m['torch']}; channels_last; "
+        f"Machine: {m.get('gpu') or m['cpu']} ({m['device']}), {counted(m['threads'], 'torch thread')}, torch {m['torch']}; channels_last; "
         f"train batch {res['train_batch']}; median of {res['repeats']} interleaved runs (x3 at batch 1).  ",
         (("Teachers: fresh init, global magnitude over all Conv/Linear weights, one shot. demo = VGG11 x0.25 on 1x28x28 (10 classes); "
          "resnet18 = ResNet-18, 3x3 stem, 3x32x32, 200 classes." if any(r["case"] in CASES for r in res["rows"]) else "")

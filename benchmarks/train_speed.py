@@ -42,6 +42,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ptd.errors import counted
 from ptd.measure import cpu_name
 from ptd.config import OptimConfig
 from ptd.data import Split, Splits, TensorLoader, load_dataset
@@ -499,7 +500,7 @@ def render_md(r: dict[str, Any]) -> str:
         means += f", ptd fp32 {a['ptd_fp32_mean']:.4f}"
     lines += [
         "",
-        f"Mean test acc over {len(a['runs'])} seed(s): {means}. ptd default - published: "
+        f"Mean test acc over {counted(len(a['runs']), 'seed')}: {means}. ptd default - published: "
         f"{a['ptd_mean'] - a['published_mean']:+.4f}"
         + (f"; ptd bf16 - ptd fp32: {a['ptd_mean'] - a['ptd_fp32_mean']:+.4f}." if has32 else "."),
         "",

@@ -14,7 +14,7 @@ import traceback
 from pathlib import Path
 
 from ptd import paths as P
-from ptd.errors import PreflightError, PtdError, on_every_rank, one_line
+from ptd.errors import PreflightError, PtdError, counted, on_every_rank, one_line
 
 def _rank() -> int:
     """This process's rank under torchrun (0 alone). Every rank parses the same argv, runs the same
@@ -178,7 +178,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     label = (str(config) if config else "the default config") + (f" with --set {' '.join(args.overrides)}" if args.overrides else "")
     r = evaluate_model_file(cfg, args.checkpoint, flag_device, label)
     h, w = r["input_size"]
-    print(f"{args.checkpoint}: test acc {r['acc']:.4f} on {r['n']} images of {cfg.data.name} at {h}x{w}; "
+    print(f"{args.checkpoint}: test acc {r['acc']:.4f} on {counted(r['n'], 'image')} of {cfg.data.name} at {h}x{w}; "
           f"params {r['params']:,} ({r['nonzero']:,} nonzero)"
           + (f"; config {config}" if args.config is None and config is not None else ""))
     return 0

@@ -96,3 +96,12 @@ def least_shown(x: float, ok: Callable[[float], bool] = lambda v: True) -> str:
     while not ok(float(text := f"{k * step:.2g}")):
         k += 1
     return text
+
+
+def counted(n: float | str | None, one: str, many: str | None = None) -> str:
+    """'1 student', '3 students', '0 seeds': a count with its noun in the number the count takes
+    (``many``: the plural where it is not ``one`` + "s", e.g. "strategies"). ``n`` may be the count
+    as the text shows it ("1,234" epochs, "1/2" threads); only exactly 1 is singular. Messages and
+    reports said "student(s)" and "seed(s)" whatever the count."""
+    shown = f"{n:,}" if isinstance(n, int) else f"{n:,g}" if isinstance(n, float) else str(n)
+    return f"{shown} {one if shown.strip() in ('1', '1.0') else many or one + 's'}"

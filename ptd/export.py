@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 
 from ptd import paths as P
-from ptd.errors import PtdError, one_line
+from ptd.errors import PtdError, counted, one_line
 from ptd.io import damaged, default_fix
 from ptd.train.checkpoint import CheckpointError, clip_words, sniff_file, stat_regular, is_writer_temp
 
@@ -132,7 +132,7 @@ def _best_arm(run_dir: Path, arm: str | None = None) -> tuple[Path, str]:
     # highest score; ties go to the pruned-teacher arm (the paper's student), then by name
     cands.sort(key=lambda c: (-c[0], not c[1].startswith("pruned_teacher"), c[1]))
     score, name, f, r = cands[0]
-    among = f"the run's {len(cands)} {arm} students (--arm)" if arm is not None else f"the run's {len(cands)} students"
+    among = f"the run's {counted(len(cands), f'{arm} student')} (--arm)" if arm is not None else f"the run's {counted(len(cands), 'student')}"
     # The best so far, which the user could not tell from the best (crash audit); a sweep's record
     # is sweep.json (a finished sweep was called unfinished: new-user audit).
     if not (run_dir / P.RESULTS).is_file() and not (run_dir / P.SWEEP_JSON).is_file():
@@ -661,7 +661,7 @@ def format_latency(lat: dict[str, Any]) -> list[str]:
     A speedup is called faster or slower only where its 95% interval excludes 1 (ptd.measure.speed_call)."""
     from ptd.measure import speed_call
 
-    lines = [f"latency in onnxruntime ({lat['threads']} thread{'s' if lat['threads'] != 1 else ''}, median of {lat['repeats']} interleaved runs):"]
+    lines = [f"latency in onnxruntime ({counted(lat['threads'], 'thread')}, median of {lat['repeats']} interleaved runs):"]
     for k, v in lat.items():
         if k.startswith("batch_"):
             if "teacher_ms" in v:

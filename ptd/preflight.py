@@ -40,7 +40,7 @@ import torch.nn as nn
 from ptd import paths as P
 from ptd.config import ARM_TABLE, ConfigError, ModelConfig, RunConfig
 from ptd.data.base import frame_size
-from ptd.errors import PreflightError, PtdError, least_shown, one_line
+from ptd.errors import PreflightError, PtdError, counted, least_shown, one_line
 from ptd.machine import cpu_count, gib, gpu_memory_bytes, memory_bytes
 from ptd.registry import UnknownNameError
 
@@ -327,7 +327,7 @@ def check_device(device: str) -> torch.device:
         why = "this torch is built without CUDA" if torch.version.cuda is None else "no GPU is visible (check CUDA_VISIBLE_DEVICES and the driver)"
         raise ConfigError(f"device: {device!r} asked for but CUDA is not available ({why}); use --device cpu or auto")
     if idx is not None and idx >= torch.cuda.device_count():
-        raise ConfigError(f"device: {device!r} but this machine has {torch.cuda.device_count()} GPU(s) (cuda:0..cuda:{torch.cuda.device_count() - 1}); pick one of those")
+        raise ConfigError(f"device: {device!r} but this machine has {counted(torch.cuda.device_count(), 'GPU')} (cuda:0..cuda:{torch.cuda.device_count() - 1}); pick one of those")
     return torch.device(device)
 
 
@@ -684,7 +684,7 @@ def check_rounds(target: float, rate: float, strategy: str, key: str, retrain_ep
         most = max(1, MAX_EPOCHS // retrain_epochs)  # rounds the retraining allows
         least = least_shown(1 - (1 - target) ** (1 / most), lambda r: rounds_for_target(target, r) * retrain_epochs <= MAX_EPOCHS)
         raise ConfigError(
-            f"prune.rate: {rate:g} of the weights per round takes {rounds:,} rounds of {retrain_epochs} retraining epoch(s) "
+            f"prune.rate: {rate:g} of the weights per round takes {counted(rounds, 'round')} of {counted(retrain_epochs, 'retraining epoch')} "
             f"to reach {key.split(' ')[0]}={target:g}, {rounds * retrain_epochs:,} epochs in all (more than {MAX_EPOCHS:,}); "
             f"use a rate of at least {least} (the paper's is 0.2)")
 
@@ -748,7 +748,7 @@ def check_planned_epochs(cfg: RunConfig, until: str = "report", arms: Sequence[s
             "students": "distill.seeds (" + f"{len(cfg.distill.seeds):,} listed" + "), distill.optim.epochs, distill.arms"
                         + (", sweep.sparsities or sweep.strategies" if sweep else ", distill.loss or teacher.seeds")}[kind]
     raise ConfigError(f"the plan trains {total:,} epochs in all, more than {MAX_PLANNED_EPOCHS:,} (10x the most one schedule "
-                      f"may have); most of them are {kind}: {n:,} run(s) of {e:,} epoch(s); lower {keys}")
+                      f"may have); most of them are {kind}: {counted(n, 'run')} of {counted(e, 'epoch')}; lower {keys}")
 
 
 def check_pruning(cfg: RunConfig, sweep: bool = False) -> None:

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from ptd import paths as P
 from ptd.config import ConfigError, PruneConfig, RunConfig
-from ptd.errors import on_every_rank
+from ptd.errors import counted, on_every_rank
 from ptd.models import build_from_spec
 from ptd.pipeline import (Context, RunDirError, check_plugins, distill_in_parallel, finish_growth, is_done, main_writes, snapshot_epochs, make_context, read_json,
                           stage_distill, stage_prune, stage_student, stage_teacher)
@@ -227,18 +227,17 @@ def _sweep_stages(ctx: Context, sparsities: list[float], student_from: float, lo
 def sweep_plan_line(cfg: RunConfig) -> str:
     """What a sweep will train, in epochs, before it starts (as ptd run's [plan] line): the first
     bar's ETA is not the sweep's."""
-    from ptd.pipeline import _epochs
     from ptd.preflight import planned_epochs
 
     plan = planned_epochs(cfg, sweep=True)
-    parts = [f"teacher {_epochs(plan['teacher'][1])}" if "teacher" in plan else "teacher loaded, not trained"]
+    parts = [f"teacher {counted(plan['teacher'][1], 'epoch')}" if "teacher" in plan else "teacher loaded, not trained"]
     n, e = plan["pruning"]
-    parts.append(f"pruning {n} round(s) of {_epochs(e)} ({len(cfg.sweep.strategies)} strateg{'y' if len(cfg.sweep.strategies) == 1 else 'ies'}, "
-                 f"{len(cfg.sweep.sparsities)} sparsities)")
+    parts.append(f"pruning {counted(n, 'round')} of {counted(e, 'epoch')} ({counted(len(cfg.sweep.strategies), 'strategy', 'strategies')}, "
+                 f"{counted(len(cfg.sweep.sparsities), 'sparsity', 'sparsities')})")
     n, e = plan["students"]
-    parts.append(f"up to {n} student(s) of {_epochs(e)} ({len(cfg.distill.seeds)} seed(s); a pruned teacher met twice is distilled once)")
+    parts.append(f"up to {counted(n, 'student')} of {counted(e, 'epoch')} ({counted(len(cfg.distill.seeds), 'seed')}; a pruned teacher met twice is distilled once)")
     total = sum(n * e for n, e in plan.values())
-    return f"[plan] {'; '.join(parts)}: up to {_epochs(total)} of training in all (a student's epoch is cheaper: a smaller net)"
+    return f"[plan] {'; '.join(parts)}: up to {counted(total, 'epoch')} of training in all (a student's epoch is cheaper: a smaller net)"
 
 
 def sweep_teachers(ctx: Context, sparsities: list[float], student_from: float) -> tuple[nn.Module, dict, list[PrunedTeacher], PrunedTeacher]:

@@ -208,7 +208,7 @@ def test_other_float_widths_and_integer_buffers_still_load(tmp_path: Path):
     sd = {k: v.to(torch.float8_e4m3fn) if v.is_floating_point() else v for k, v in want.items()}
     sd["features.1.running_var"][0] = float("nan")
     msg = _one_line(lambda p: load_into(_model(), p, "teacher"), _saved(tmp_path / "nan8.safetensors", sd))
-    assert "hold nan or inf values (first: features.1.running_var)" in msg, msg
+    assert "1 tensor holds nan or inf values (first: features.1.running_var)" in msg, msg
 
 
 SPECS = {

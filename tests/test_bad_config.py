@@ -402,10 +402,10 @@ def _seeds(n: int) -> str:
 @pytest.mark.parametrize("command, sets, words", [
     # 5,000 seeds x 3 students each (the tiny config's arms) x 200 epochs: every key within its own
     # bound, their product 3,000,000 epochs, accepted and started before.
-    ("run", [_seeds(5000), "distill.optim.epochs=200"], ["3,000,0", "students: 15,000 run(s) of 200 epoch(s)", "distill.seeds (5,000 listed)"]),
-    ("distill", [_seeds(5000), "distill.optim.epochs=200"], ["students: 15,000 run(s)"]),
+    ("run", [_seeds(5000), "distill.optim.epochs=200"], ["3,000,0", "students: 15,000 runs of 200 epochs", "distill.seeds (5,000 listed)"]),
+    ("distill", [_seeds(5000), "distill.optim.epochs=200"], ["students: 15,000 runs"]),
     ("sweep", [_seeds(5000), "distill.optim.epochs=100", "distill.arms=[scratch, pruned_teacher]", "sweep.sparsities=[0.2, 0.36]"],
-     ["students: 15,000 run(s) of 100 epoch(s)", "sweep.sparsities or sweep.strategies"]),
+     ["students: 15,000 runs of 100 epochs", "sweep.sparsities or sweep.strategies"]),
     # 1,000 replicates of a 2,000-epoch teacher: each bound held (MAX_REPLICATES, MAX_EPOCHS).
     ("run", ["teacher.seeds=1000", "teacher.optim.epochs=2000", "distill.optim.epochs=1"], ["most of them are teacher", "teacher.seeds"]),
 ])
@@ -451,7 +451,7 @@ def test_a_sweep_says_what_it_will_train_before_it_starts():
     assert plan["pruning"] == (7 + 3 + 3, 2)
     total = sum(n * e for n, e in plan.values())
     line = sweep_plan_line(c)
-    assert line.startswith(f"[plan] teacher {c.teacher.optim.epochs} epochs; pruning {plan['pruning'][0]} round(s)")
+    assert line.startswith(f"[plan] teacher {c.teacher.optim.epochs} epochs; pruning {plan['pruning'][0]} rounds")
     assert f"up to {total} epochs of training in all" in line
     n_keys = sum(a in c.distill.arms for a in ("scratch", "unpruned_teacher")) + len(c.sweep.strategies) * len(c.sweep.sparsities)
     assert plan["students"] == (n_keys * len(c.distill.seeds), c.distill.optim.epochs)

@@ -362,7 +362,7 @@ def test_device_checks(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert check_device("cuda:1") == torch.device("cuda:1")
-    with pytest.raises(ConfigError, match=r"'cuda:2' but this machine has 2 GPU\(s\) \(cuda:0..cuda:1\)"):
+    with pytest.raises(ConfigError, match=r"'cuda:2' but this machine has 2 GPUs \(cuda:0..cuda:1\)"):
         check_device("cuda:2")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ConfigError, match="CUDA is not available"):

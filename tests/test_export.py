@@ -373,7 +373,7 @@ def test_an_unfinished_student_without_a_model_is_still_passed_over(run_dir):
     (a / "model.safetensors").unlink()
     src = resolve(run_dir)
     assert src.model_path == run_dir / "distill" / "scratch_seed0" / "model.safetensors"
-    assert "of the run's 1 students" in src.what
+    assert "of the run's 1 student)" in src.what
 
 
 def test_a_finished_teachers_missing_model_is_refused_when_timing_against_it(run_dir, tmp_path, capsys):
@@ -495,7 +495,7 @@ def test_arm_exports_that_arms_best_student(run_dir, tmp_path, capsys):
     (run_dir / "distill" / "scratch_seed0" / "result.json").write_text(json.dumps({"val_acc": 0.9, "test_acc": 0.9}))
     assert resolve(run_dir).model_path.parent.name == "scratch_seed0"  # the best of any arm
     src = resolve(run_dir, "pruned_teacher")
-    assert src.model_path.parent.name == "pruned_teacher_seed0" and "of the run's 1 pruned_teacher students (--arm)" in src.what
+    assert src.model_path.parent.name == "pruned_teacher_seed0" and "of the run's 1 pruned_teacher student (--arm)" in src.what
     with pytest.raises(ExportError, match=r"has no finished student of the arm unpruned_teacher \(--arm\); run `ptd distill --arm "
                                           r"unpruned_teacher`"):
         resolve(run_dir, "unpruned_teacher")

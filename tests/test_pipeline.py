@@ -623,7 +623,7 @@ def test_a_rerun_says_which_stages_it_reused(tmp_path, tiny_yaml):
     assert "[reused] teacher: finished earlier" in again, again
     # the plan says how much of its work is already there (real-data audit: it counted all of it)
     assert first[0] == "[plan] teacher 1 epoch: 1 epoch of training in all"
-    assert again[0] == ("[plan] teacher 1 epoch; pruning 2 round(s) of 1 epoch: 3 epochs of training in all, 1 epoch of them "
+    assert again[0] == ("[plan] teacher 1 epoch; pruning 2 rounds of 1 epoch: 3 epochs of training in all, 1 epoch of them "
                         "finished earlier (reused)"), again[0]
 
 
@@ -651,12 +651,12 @@ def test_a_run_says_what_it_will_train_before_it_starts():
     c = load_config("configs/fashion_mnist_demo.yaml")
     assert list(c.distill.arms) == ["scratch", "unpruned_teacher", "pruned_teacher", "retrained_teacher"]
     assert plan_line(c, "report", c.distill.arms) == (
-        "[plan] teacher 8 epochs; pruning 4 round(s) of 2 epochs; control 4 round(s) of 2 epochs; 8 student(s) of 4 epochs "
-        "(4 arm(s), 2 seed(s)): 56 epochs of training in all (a student's epoch is cheaper: a smaller net)")
+        "[plan] teacher 8 epochs; pruning 4 rounds of 2 epochs; control 4 rounds of 2 epochs; 8 students of 4 epochs "
+        "(4 arms, 2 seeds): 56 epochs of training in all (a student's epoch is cheaper: a smaller net)")
     assert plan_line(c, "teacher", c.distill.arms) == "[plan] teacher 8 epochs: 8 epochs of training in all"
     c = load_config("configs/fashion_mnist_demo.yaml", ["teacher.seeds=2", "distill.loss=[kd,dkd]"])
     line = plan_line(c, "report", c.distill.arms)  # scratch once per seed, each teacher arm per loss: (2 + 3 x 2 x 2) x 2
-    assert "28 student(s) of 4 epochs (4 arm(s), 2 seed(s), 2 losses for each arm with a teacher, 2 teacher replicates)" in line
+    assert "28 students of 4 epochs (4 arms, 2 seeds, 2 losses for each arm with a teacher, 2 teacher replicates)" in line
     assert line.endswith(f": {2 * (8 + 8 + 8) + 28 * 4} epochs of training in all (a student's epoch is cheaper: a smaller net)")
 
 

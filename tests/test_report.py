@@ -231,7 +231,7 @@ def test_a_run_whose_students_learn_nothing_says_so(tmp_path, tiny_fashion):
 
     bad = [b["model"] for b in not_learned(r)]
     assert bad == ["distilled from pruned teacher, seed 0"], (bad, r["teacher"]["test_acc"], r["students"][0]["test_acc"])
-    assert "1 model(s) did not learn" in (tmp_path / "run" / "report.md").read_text()
+    assert "1 model did not learn" in (tmp_path / "run" / "report.md").read_text()
     assert "did not learn" in (tmp_path / "run" / "report.html").read_text()
     assert any(line.startswith("warning: distilled from pruned teacher, seed 0 did not learn") for line in logged)
     assert any(line.endswith(f"; see {tmp_path / 'run' / 'report.md'}") for line in logged), logged  # not "the report"
@@ -586,7 +586,7 @@ def test_the_report_opens_with_the_answer_and_what_the_student_costs():
     r["student"]["latency"] = {"64": {"median_ms": 2.0}}
     line = student_line(r)
     # (0.84 + 0.86) / 2 = 85.00% against the teacher's 90.00%; params 400/1000, FLOPs 2000/5000, 3.0/2.0 ms
-    assert line == ("The student distilled from pruned teacher scores 85.00% (mean of 2 student(s)) against the teacher's "
+    assert line == ("The student distilled from pruned teacher scores 85.00% (mean of 2 students) against the teacher's "
                     "90.00% (-5.00 points), with 0.400x the teacher's parameters and 0.400x its FLOPs, and runs 1.50x as fast at "
                     "batch 64 by the medians (no interval was recorded; PyTorch eager, fp32, on this machine's CPU)."), line
     md = render_markdown(r)
@@ -625,7 +625,7 @@ def test_the_latency_table_says_pytorchs_threads_and_how_far_its_runs_spread():
                      "64": {"median_ms": 10.0, "p10_ms": 9.5, "p90_ms": 11.3, "threads": 2}}}
     s = {"latency": {"1": {"median_ms": 0.5, "p10_ms": 0.49, "p90_ms": 0.52, "threads": 2},
                      "64": {"median_ms": 5.0, "p10_ms": 4.9, "p90_ms": 5.1, "threads": 2}}}
-    assert latency_conditions(t, s) == ("; PyTorch on 2 thread(s), at batch 64 the middle 80% of runs took 9.50-11.30 ms (teacher) "
+    assert latency_conditions(t, s) == ("; PyTorch on 2 threads, at batch 64 the middle 80% of runs took 9.50-11.30 ms (teacher) "
                                         "and 4.90-5.10 ms (student)")
     assert latency_conditions(t, s) in latency_table(t, s)[0]
     assert latency_conditions({"latency": {"1": {"median_ms": 1.0}}}, {}) == ""  # records of older runs

@@ -290,7 +290,7 @@ def test_report_names_exactly_the_models_that_did_not_learn():
     r = _results([0.85, 0.11, 0.09], ts)
     assert [b["model"] for b in not_learned(r)] == ["distilled from pruned teacher, seed 1", "distilled from pruned teacher, seed 2"]
     text = "\n".join(chance_lines(r))
-    assert "2 model(s) did not learn" in text and "seed 1: 11.00%" in text and "seed 0" not in text
+    assert "2 models did not learn" in text and "seed 1: 11.00%" in text and "seed 0" not in text
     assert not_learned(_results([0.85, 0.8], ts)) == [] and chance_lines(_results([0.85], ts)) == []
     assert not_learned(_results([0.1], None)) == []  # a results.json from before the check: nothing is claimed
 

@@ -110,7 +110,7 @@ def test_sweep_end_to_end_and_resume(tmp_path, tiny_fashion, capsys):
     assert r["test_set"]["n"] == 200 and r["test_set"]["num_classes"] == 10
     bad = sweep_not_learned(r)
     md = (out / "sweep.md").read_text()
-    assert (f"{len(bad)} model(s) did not learn" in md) if bad else ("did not learn" not in md)
+    assert ((f"{len(bad)} models" if len(bad) > 1 else "1 model") + " did not learn" in md) if bad else ("did not learn" not in md)
     assert all(f"- {b['model']}: " in md for b in bad)
 
     for name in ("student_acc_vs_sparsity.png", "student_acc_vs_compute.png"):

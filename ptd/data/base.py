@@ -16,7 +16,7 @@ from typing import Any, Callable, Union
 
 import torch
 
-from ptd.errors import PtdError, least_shown
+from ptd.errors import PtdError, counted, least_shown
 from ptd.registry import Registry, UnknownNameError
 
 
@@ -676,7 +676,7 @@ def load_configured(dc: Any, seed: int, **override: Any) -> Splits:
     # gather nothing, each checked their own share, and rank 0 went on past a bad file in rank 1's.
     unknown = set(override) - set(kw)
     if unknown:
-        raise TypeError(f"load_configured: unknown keyword(s) {sorted(unknown)}; known: {sorted(kw)}")
+        raise TypeError(f"load_configured: {counted(len(unknown), 'unknown keyword')} {sorted(unknown)}; known: {sorted(kw)}")
     kw.update(override)
     return load_dataset(dc.name, dc.root, **kw)
 

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ptd.distill.base import MAX_TEMPERATURE, DistillLoss, LossSetup
+from ptd.errors import counted
 
 
 def check(ok: bool, loss: str, field: str, value: Any, rule: str) -> None:
@@ -77,7 +78,7 @@ def check_layer_lists(loss: str, teacher_layers: tuple[str, ...], student_layers
     """Options of a loss that reads pairs of layers: at least one, and one student layer per teacher layer."""
     check(len(teacher_layers) > 0, loss, "teacher_layers", list(teacher_layers), "needs at least one layer")
     check(len(student_layers) in (0, len(teacher_layers)), loss, "student_layers", list(student_layers),
-          f"must be empty or list {len(teacher_layers)} layers, one per teacher layer")
+          f"must be empty or list {counted(len(teacher_layers), 'layer')}, one per teacher layer")
 
 
 class LayerPairsLoss(DistillLoss):

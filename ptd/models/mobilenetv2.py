@@ -23,6 +23,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 
+from ptd.errors import counted
 from ptd.models import MODELS
 
 # (expansion t, output channels c, blocks n, stride of the first block s); stage 2's stride is 1
@@ -138,5 +139,5 @@ def mobilenetv2(num_classes: int, in_channels: int = 3, width: float = 1.0, drop
     """MobileNetV2 for 32x32-ish inputs (stem and stage-2 stride 1), width multiplier ``width``."""
     unknown = set(widths) - {"stem_width", "stage_widths", "block_widths", "last_width"}
     if unknown:
-        raise TypeError(f"mobilenetv2: unknown argument(s) {sorted(unknown)}")
+        raise TypeError(f"mobilenetv2: {counted(len(unknown), 'unknown argument')} {sorted(unknown)}")
     return MobileNetV2(num_classes, in_channels, width, dropout, spec_base={"arch": "mobilenetv2", "dropout": dropout}, **widths)

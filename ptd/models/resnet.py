@@ -24,6 +24,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 
+from ptd.errors import counted
 from ptd.models import MODELS
 
 BlockWidth = int | Sequence[int]
@@ -77,7 +78,7 @@ def _inner(spec: BlockWidth, n: int, where: str) -> list[int]:
     if len(vals) == 1 and n > 1:
         vals = vals * n
     if len(vals) != n or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in vals):
-        raise ValueError(f"{where}: inner width must be {n} positive int(s), got {spec!r}")
+        raise ValueError(f"{where}: inner width must be {counted(n, 'positive int')}, got {spec!r}")
     return vals
 
 
@@ -208,7 +209,7 @@ def _make(name: str):
     def build(num_classes: int, in_channels: int = 3, width: float = 1.0, stem: str = "cifar", **widths: Any) -> ResNet:
         unknown = set(widths) - {"stage_widths", "block_widths", "stem_width", "projections"}
         if unknown:
-            raise TypeError(f"{name}: unknown argument(s) {sorted(unknown)}")
+            raise TypeError(f"{name}: {counted(len(unknown), 'unknown argument')} {sorted(unknown)}")
         return ResNet(block, depths, [64, 128, 256, 512], [1, 2, 2, 2], num_classes, in_channels, width, stem,
                       spec_base={"arch": name, "stem": stem}, **widths)
 

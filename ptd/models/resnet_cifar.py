@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ptd.errors import counted
 from ptd.models import MODELS
 from ptd.models.resnet import BasicBlock, ResNet
 
@@ -23,7 +24,7 @@ def _make(depth: int):
     def build(num_classes: int, in_channels: int = 3, width: float = 1.0, **widths: Any) -> ResNet:
         unknown = set(widths) - {"stage_widths", "block_widths", "stem_width", "projections"}
         if unknown:
-            raise TypeError(f"{name}: unknown argument(s) {sorted(unknown)}")
+            raise TypeError(f"{name}: {counted(len(unknown), 'unknown argument')} {sorted(unknown)}")
         return ResNet(BasicBlock, [n, n, n], [16, 32, 64], [1, 2, 2], num_classes, in_channels, width, "cifar",
                       spec_base={"arch": name}, **widths)
 
@@ -47,7 +48,7 @@ def _make_x4(depth: int):
     def build(num_classes: int, in_channels: int = 3, width: float = 1.0, **widths: Any) -> ResNet:
         unknown = set(widths) - {"stage_widths", "block_widths", "stem_width", "projections"}
         if unknown:
-            raise TypeError(f"{name}: unknown argument(s) {sorted(unknown)}")
+            raise TypeError(f"{name}: {counted(len(unknown), 'unknown argument')} {sorted(unknown)}")
         widths.setdefault("stem_width", 32)
         return ResNet(BasicBlock, [n, n, n], [64, 128, 256], [1, 2, 2], num_classes, in_channels, width, "cifar",
                       spec_base={"arch": name}, **widths)

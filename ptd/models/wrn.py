@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ptd.errors import counted
 from ptd.models import MODELS
 
 
@@ -136,7 +137,7 @@ def wrn(num_classes: int, in_channels: int = 3, width: float = 1.0, depth: int =
     """WRN-depth-widen (depth = 6n + 4)."""
     unknown = set(widths) - _WIDTH_KWARGS
     if unknown:
-        raise TypeError(f"wrn: unknown argument(s) {sorted(unknown)}")
+        raise TypeError(f"wrn: {counted(len(unknown), 'unknown argument')} {sorted(unknown)}")
     return WideResNet(depth, widen, num_classes, in_channels, width, dropout,
                       spec_base={"arch": "wrn", "depth": depth, "widen": widen, "dropout": dropout}, **widths)
 
@@ -147,7 +148,7 @@ def _make(depth: int, widen: int):
     def build(num_classes: int, in_channels: int = 3, width: float = 1.0, dropout: float = 0.0, **widths: Any) -> WideResNet:
         unknown = set(widths) - _WIDTH_KWARGS
         if unknown:
-            raise TypeError(f"{name}: unknown argument(s) {sorted(unknown)}")
+            raise TypeError(f"{name}: {counted(len(unknown), 'unknown argument')} {sorted(unknown)}")
         return WideResNet(depth, widen, num_classes, in_channels, width, dropout,
                           spec_base={"arch": name, "dropout": dropout}, **widths)
 

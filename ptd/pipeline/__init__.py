@@ -43,7 +43,7 @@ from ptd.pipeline.rundir import (RunDirError, _record_file, _stage_runs, check_d
 from ptd.pipeline.reuse import REUSED_STAGES, check_reuse, copy_reused
 from ptd.pipeline.context import Context, finish_growth, make_context
 from ptd.pipeline.plugins import check_layers, check_plugins
-from ptd.pipeline.stages import (_SaveAtEpoch, _epochs, clone_model, distill_all, make_distiller, pending_students, run_stage,
+from ptd.pipeline.stages import (_SaveAtEpoch, clone_model, distill_all, make_distiller, pending_students, run_stage,
                                  seed_everything, snapshot_epochs, stage_control, stage_distill, stage_prune, stage_student,
                                  stage_teacher, student_seed, student_tasks, teacher_seed)
 from ptd.pipeline.parallel import _WORKER, distill_in_parallel, worker_threads
@@ -54,7 +54,7 @@ __all__ = [
     "strict_done", "RunDirError", "_record_file", "_stage_runs", "check_data", "check_finished_stages",
     "check_run_config", "data_change", "environment", "make_dir", "open_run_dir", "read_json",
     "REUSED_STAGES", "check_reuse", "copy_reused", "Context", "finish_growth", "make_context", "check_layers",
-    "check_plugins", "_SaveAtEpoch", "_epochs", "clone_model", "distill_all", "make_distiller",
+    "check_plugins", "_SaveAtEpoch", "clone_model", "distill_all", "make_distiller",
     "pending_students", "run_stage", "seed_everything", "snapshot_epochs", "stage_control", "stage_distill",
     "stage_prune", "stage_student", "stage_teacher", "student_seed", "student_tasks", "teacher_seed",
     "_WORKER", "distill_in_parallel", "worker_threads", "STAGES", "main_writes", "plan_line", "run_pipeline",

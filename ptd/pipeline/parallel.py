@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from ptd.config import ARM_TABLE, RunConfig, to_dict
 from ptd.train.distributed import init_distributed, resolve_device
 from ptd.train.loop import Runtime
-from ptd.errors import WorkerDiedError
+from ptd.errors import WorkerDiedError, counted
 from ptd.pipeline.context import Context
 from ptd.pipeline.stages import stage_control, stage_distill, stage_prune, stage_student, stage_teacher
 
@@ -95,7 +95,7 @@ def distill_in_parallel(ctx: Context, tasks: list[tuple], worker: Callable[[tupl
 
     threads = worker_threads(cfg)
     n = min(cfg.jobs, len(tasks))
-    ctx.log(f"[distill] {len(tasks)} students, {n} at a time ({threads} thread{'s' if threads > 1 else ''} each)")
+    ctx.log(f"[distill] {counted(len(tasks), 'student')}, {n} at a time ({counted(threads, 'thread')} each)")
     t0 = time.perf_counter()
     with tqdm(total=len(tasks), desc=f"distill ({n} jobs)", unit="student", disable=cfg.quiet, leave=False) as bar:
         def done(row: dict) -> None:
@@ -112,4 +112,4 @@ def distill_in_parallel(ctx: Context, tasks: list[tuple], worker: Callable[[tupl
                                   f"(SIGKILL is typically the kernel's out-of-memory killer: each of the {n} workers holds "
                                   f"its own data, teacher and student); lower jobs or the batch sizes and run the same "
                                   f"command again, which resumes the students where they stopped") from None
-    ctx.log(f"[distill] {len(tasks)} students in {time.perf_counter() - t0:.0f} s")
+    ctx.log(f"[distill] {counted(len(tasks), 'student')} in {time.perf_counter() - t0:.0f} s")

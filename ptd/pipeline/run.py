@@ -12,13 +12,13 @@ from ptd import paths as P
 from ptd.config import ARM_TABLE, RunConfig
 from ptd.train import checkpoint as ckpt
 from ptd.train.distributed import all_sum
-from ptd.errors import on_every_rank
+from ptd.errors import counted, on_every_rank
 from ptd.pipeline.lineage import is_done
 from ptd.pipeline.rundir import RunDirError
 from ptd.pipeline.reuse import _read_lock_source, check_reuse
 from ptd.pipeline.context import Context, finish_growth, make_context
 from ptd.pipeline.plugins import check_plugins
-from ptd.pipeline.stages import (_epochs, distill_all, pending_students, stage_control, stage_prune, stage_student,
+from ptd.pipeline.stages import (distill_all, pending_students, stage_control, stage_prune, stage_student,
                                  stage_teacher, student_tasks)
 from ptd.pipeline.parallel import distill_in_parallel
 
@@ -92,25 +92,26 @@ def plan_line(cfg: RunConfig, until: str, arms: Sequence[str], run_dir: Path | N
         return sum(is_done(root / stage) for root in roots)
 
     t_ep = cfg.teacher.optim.epochs if "teacher" in plan else 0
-    parts = [f"teacher {_epochs(t_ep)}{rep}" if t_ep else "teacher loaded, not trained"]
+    parts = [f"teacher {counted(t_ep, 'epoch')}{rep}" if t_ep else "teacher loaded, not trained"]
     done = t_ep * finished(P.TEACHER)  # epochs whose stage is finished
     rounds = plan["pruning"][0] // reps if "pruning" in plan else 0
     if "pruning" in plan:
-        parts.append(f"pruning {rounds} round(s) of {_epochs(pc.retrain.epochs)}{rep}")
+        parts.append(f"pruning {counted(rounds, 'round')} of {counted(pc.retrain.epochs, 'epoch')}{rep}")
         done += rounds * pc.retrain.epochs * finished(P.PRUNE)
     if "control" in plan:
-        parts.append(f"control {rounds} round(s) of {_epochs(pc.retrain.epochs)}{rep}")
+        parts.append(f"control {counted(rounds, 'round')} of {counted(pc.retrain.epochs, 'epoch')}{rep}")
         done += rounds * pc.retrain.epochs * finished(P.CONTROL)
     if "students" in plan:
         tasks = student_tasks(cfg, arms)
-        parts.append(f"{plan['students'][0]} student(s) of {_epochs(cfg.distill.optim.epochs)} ({len(arms)} arm(s), {len(cfg.distill.seeds)} seed(s)"
+        parts.append(f"{counted(plan['students'][0], 'student')} of {counted(cfg.distill.optim.epochs, 'epoch')} ({counted(len(arms), 'arm')}, "
+                     f"{counted(len(cfg.distill.seeds), 'seed')}"
                      + (f", {len(cfg.distill.losses)} losses for each arm with a teacher" if len(cfg.distill.losses) > 1 else "")
                      + (f", {reps} teacher replicates)" if reps > 1 else ")"))
         done += cfg.distill.optim.epochs * sum(is_done(P.distill_dir(root, a, sd, cfg.distill.folder_loss(loss)))
                                                for root in roots for a, sd, loss in tasks)
-    line = f"[plan] {'; '.join(parts)}: {_epochs(total)} of training in all"
+    line = f"[plan] {'; '.join(parts)}: {counted(total, 'epoch')} of training in all"
     if done:
-        line += f", {_epochs(done)} of them finished earlier (reused)"
+        line += f", {counted(done, 'epoch')} of them finished earlier (reused)"
     return line + (" (a student's epoch is cheaper: a smaller net)" if until in ("distill", "report") else "")
 
 

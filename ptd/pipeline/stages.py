@@ -21,7 +21,7 @@ from ptd.seeding import stream_seed
 from ptd.pruning.masks import MaskHook, Masks, apply_masks, count, full_masks, layer_report, load_masks, prunable_weights, require_connected, save_masks, sparsity
 from ptd.train import checkpoint as ckpt
 from ptd.train.loop import cleanup_resume_files
-from ptd.errors import LayerCollapseError, one_line
+from ptd.errors import LayerCollapseError, counted, one_line
 from ptd.pipeline.lineage import _input_key, is_done, sources
 from ptd.pipeline.rundir import RunDirError, make_dir, read_json
 from ptd.pipeline.context import Context
@@ -83,10 +83,6 @@ def snapshot_epochs(cfg: RunConfig, strategies: Sequence[str] | None = None) -> 
         wanted = [(st, options_for(cfg.prune.options, st)) for st in strategies]
     epochs = {SPECS.get(st).snapshot_epoch(strategy_options(st, opts)) for st, opts in wanted}
     return tuple(sorted(e for e in epochs if e is not None))  # 0 is an epoch too: the initialization
-
-
-def _epochs(n: int) -> str:
-    return f"{n} epoch" + ("" if n == 1 else "s")
 
 
 def run_stage(ctx: Context, d: Path, compute: Callable[[], dict], *, result_file: str = P.RESULT,
@@ -159,7 +155,7 @@ def stage_teacher(ctx: Context, snapshot: Sequence[int] | str = "auto", replicat
                 ckpt.save_model(d / P.MODEL, model)
         else:
             model = ctx.rt.prepare(model)
-            ctx.log(f"[teacher] training {cfg.teacher.model.arch} for {_epochs(cfg.teacher.optim.epochs)}")
+            ctx.log(f"[teacher] training {cfg.teacher.model.arch} for {counted(cfg.teacher.optim.epochs, 'epoch')}")
             hooks = []
             epochs = snapshot_epochs(cfg) if snapshot == "auto" else tuple(snapshot)
             if 0 in epochs and ctx.main and not P.snapshot_file(d, 0).exists():
@@ -394,7 +390,7 @@ def stage_distill(ctx: Context, arm: str, seed: int, student_stats: dict, teache
             ckpt.load_into(student, ctx.run_dir / P.STUDENT / P.STUDENT_INIT, "student")
         student = ctx.rt.prepare(student)
         unit = make_distiller(ctx, student, teacher, cfg.distill.optim, data_seed, "ce" if loss is None else loss)
-        ctx.log(f"[distill] {name} seed {seed}: {_epochs(cfg.distill.optim.epochs)}")
+        ctx.log(f"[distill] {name} seed {seed}: {counted(cfg.distill.optim.epochs, 'epoch')}")
         try:
             r = ctx.fit(student, cfg.distill.optim, d, data_seed, f"{name} s{seed}", unit=unit)
         finally:

@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 from ptd import paths as P
 from ptd.config import ARM_TABLE, CHECKPOINTS, DataConfig, RunConfig
-from ptd.errors import DamagedFileError, PtdError, one_line
+from ptd.errors import DamagedFileError, PtdError, counted, one_line
 from ptd.io import read_json_object
 from ptd.report.stats import above_chance, detectable, format_estimate, hierarchical_estimate, paired_estimate, shown_difference, t_interval, zero_width
 from ptd.train import checkpoint as ckpt
@@ -47,12 +47,6 @@ COMPUTE_BEHIND = {None: (), "unpruned": ("teacher",), "pruned": ("teacher", "pru
 TEACHER_RESULT = {"unpruned": "teacher", "pruned": "pruned_teacher", "retrained": "retrained_teacher"}
 # How a sentence names each kind of teacher; a kind without an entry is "the <kind> teacher".
 TEACHER_NAMES = {"unpruned": "the unpruned teacher", "pruned": "the pruned teacher", "retrained": "the control teacher"}
-
-
-def plural(n: float | str, one: str, many: str | None = None) -> str:
-    """The noun for a count of ``n`` (a number, or the count as the text says it): ``one`` for
-    exactly 1, else ``many`` (``one`` + "s"). Report text read "Retraining 1 epochs" (new-user trial)."""
-    return one if str(n).strip() in ("1", "1.0") else (many or one + "s")
 
 
 def teacher_name(kind: str) -> str:
@@ -279,7 +273,7 @@ def failures(models: list[tuple[str, float | None]], test_set: dict[str, Any]) -
 def chance_warning(bad: list[dict[str, Any]], test_set: dict[str, Any]) -> tuple[str, str, list[str]]:
     """The one wording of the warning, for markdown, HTML and logs: (title, explanation, one item
     per model that did not learn)."""
-    title = f"Warning: {len(bad)} model(s) did not learn."
+    title = f"Warning: {counted(len(bad), 'model')} did not learn."
     why = (f"Their test accuracy is not above chance ({100 * test_set['chance']:.2f}%: always the most frequent class of "
            f"the {test_set['n']:,} test images; one-sided exact binomial test at the 1% level). Comparisons that involve "
            f"them measure noise, not teaching. Check the learning rate, the schedule's length and the data.")
@@ -590,7 +584,7 @@ def student_line(r: Mapping[str, Any]) -> str | None:
     whose = f"the {len(reps)} teachers' mean" if len(reps) > 1 else "the teacher's"
     label = ARM_LABELS[arm]
     who = f"The student {label}" if label.startswith("distilled") else f"The student ({label})"
-    text = (f"{who} scores {points(sm['mean'])}% (mean of {sm['n']} student(s)) against {whose} {points(teacher)}% "
+    text = (f"{who} scores {points(sm['mean'])}% (mean of {counted(sm['n'], 'student')}) against {whose} {points(teacher)}% "
             f"({100 * (sm['mean'] - teacher):+.2f} points), with {s['params_ratio']:.3f}x the teacher's parameters and "
             f"{s['flops_ratio']:.3f}x its FLOPs")
     tl, sl = ((x.get("latency") or {}).get("64") or {} for x in (t, s))
@@ -687,7 +681,7 @@ def teachers_table(r: Mapping[str, Any], cell: Callable[[str], str] = str) -> Ta
              f"{p['params_nonzero']:,}", f"{t['flops']:,} (dense)"]]
     if r.get("retrained_teacher"):
         n = r["retrained_teacher"]["epochs"]
-        rows.append([f"unpruned teacher retrained {n} more {plural(n, 'epoch')} (control)",
+        rows.append([f"unpruned teacher retrained {counted(n, 'more epoch')} (control)",
                      points(r["retrained_teacher"]["test_acc"]), "0", f"{t['params']:,}", f"{t['flops']:,}"])
     return ["model", "test acc %", "sparsity", "params (nonzero)", "FLOPs"], rows, "lrrrr"
 
@@ -884,7 +878,7 @@ def latency_pairs(t: dict, s: dict) -> list[dict]:
     if "error" in ort:  # the model could not be exported or run there; the run went on without it
         out.append({"runtime": "onnxruntime", "batch": "-", "error": ort["error"][:80], "gpu": False})
     n = ort.get("threads")
-    out += _pairs(f"onnxruntime ({n} thread{'' if n == 1 else 's'})", ort)
+    out += _pairs(f"onnxruntime ({counted(n, 'thread')})", ort)
     cu = s.get("cuda_latency") or {}
     out += _pairs(f"PyTorch (eager, {cu.get('gpu')})", cu, gpu=True)
     return out
@@ -974,7 +968,7 @@ def latency_conditions(t: Mapping[str, Any], s: Mapping[str, Any]) -> str:
     "" for records without them."""
     recs = [rec for x in (t, s) for rec in (x.get("latency") or {}).values() if isinstance(rec, dict) and rec.get("median_ms")]
     threads = sorted({rec["threads"] for rec in recs if rec.get("threads")})
-    parts = [f"PyTorch on {'/'.join(map(str, threads))} thread(s)"] if threads else []
+    parts = [f"PyTorch on {counted('/'.join(map(str, threads)), 'thread')}"] if threads else []
     b64 = [((x.get("latency") or {}).get("64") or {}) for x in (t, s)]
     if all(rec.get("p10_ms") is not None and rec.get("p90_ms") is not None for rec in b64):
         parts.append("at batch 64 the middle 80% of runs took " + " and ".join(
@@ -1052,7 +1046,7 @@ def worse_than_alone_note(r: dict[str, Any]) -> str | None:
                 f"({points(alone)}%): with most of the loss on {'its' if one else 'their'} soft targets (distill.alpha) the "
                 f"student learns to match a weaker model. {better}")
     return (f"Distillation made the student worse than training it alone here: {names}. Each distilled student "
-            f"trained {ep} {plural(ep, 'epoch')} (the paper distills for 200).{weak} {'Also worth' if weak else 'Worth'} trying, each against "
+            f"trained {counted(ep, 'epoch')} (the paper distills for 200).{weak} {'Also worth' if weak else 'Worth'} trying, each against "
             "the same teachers with "
             "`ptd run CONFIG --out NEW --from RUN_DIR --set KEY=VALUE` and then `ptd compare RUN_DIR NEW`: more epochs "
             "(distill.optim.epochs; the student alone in NEW trains as long, so read the arms within NEW), a lower "

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from ptd import paths as P
-from ptd.errors import DamagedFileError
+from ptd.errors import DamagedFileError, counted
 from ptd.io import read_json_object
 from ptd.report import (ANSWER_FOOT, ARM_LABELS, COMPARISON_NOTE, COMPARISONS_TITLE, COMPUTE_TOTAL_INTRO, LEVELS_INTRO, LOSS_INTRO, REPLICATE_NOTE,
                         TEACHERS_NOTE, Table, answer_lines, arms_intro, arms_table, chance_warning, clipped_note, comparison_table,
@@ -550,7 +550,7 @@ def render_run_html(run_dir: str | Path, results: dict[str, Any] | None = None) 
                 + (f'<p class="note">{_esc(note)}</p>' if (note := speed_note(r["teacher"], r["student"])) else ""))
     body.append(_section("Compute and latency", _safe(compute, "compute")))
 
-    sub = (f"{opening_line(r)} {len(r['summary'])} arm(s), up to {n_seeds} student seed(s). "
+    sub = (f"{opening_line(r)} {counted(len(r['summary']), 'arm')}, up to {counted(n_seeds, 'student seed')}. "
            "Rendered by ptd from results.json and the stage files beside it.")
     return _page(f"ptd report: {r['name']}", sub, "\n".join(body))
 
@@ -616,5 +616,5 @@ def render_sweep_html(sweep_dir: str | Path, results: dict[str, Any] | None = No
     t, s = r["teacher"], r["student"]
     loaded = f", loaded from {t['source']}: its training is in no compute figure" if t.get("source") else ""
     sub = (f"Dataset {r['dataset']}; teacher {t['arch']} ({t['params']:,} params, test {points(t['test_acc'])} %{loaded}); "
-           f"student {s['arch']} ({s['params']:,} params); {len(r['seeds'])} seed(s). Rendered by ptd from sweep.json.")
+           f"student {s['arch']} ({s['params']:,} params); {counted(len(r['seeds']), 'seed')}. Rendered by ptd from sweep.json.")
     return _page(f"ptd sweep: {r['name']}", sub, "\n".join(body))

@@ -7,6 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from ptd.errors import counted
+
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 DODGE_DEX = 0.025  # sideways shift between strategies at one compute, in decades (about 6%)
 BASELINE_STYLE = {"unpruned_teacher": ("tab:gray", "--"), "scratch": ("black", ":")}
@@ -46,7 +48,7 @@ def _by_strategy(r: dict[str, Any]) -> dict[str, list[dict]]:
 def _title(r: dict[str, Any]) -> str:
     s = r["student"]
     return (f"{r['name']}: every teacher distilled into one {s['arch']} student ({s['params']:,} params); "
-            f"mean ± std over {len(r['seeds'])} seed(s)")
+            f"mean ± std over {counted(len(r['seeds']), 'seed')}")
 
 
 def plot_acc_vs_sparsity(r: dict[str, Any], path: str | Path | BinaryIO) -> Path | BinaryIO:

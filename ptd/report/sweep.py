@@ -8,8 +8,9 @@ from typing import Any
 
 from ptd import paths as P
 from ptd.config import RunConfig
+from ptd.errors import counted
 from ptd.report import (ACC, AMOUNT, ARM_LABELS, ARM_NAME, COST, COUNT, TEST_SET, accuracy_sentence, chance_lines, commit_outputs, diff_ci_cell,
-                        failures, items, mapping, mean_std, num, obj, paired, plural, points, text, weights_kept)
+                        failures, items, mapping, mean_std, num, obj, paired, points, text, weights_kept)
 from ptd.report.stats import t_quantile
 
 PLOTS = ("student_acc_vs_sparsity.png", "student_acc_vs_compute.png")
@@ -250,14 +251,14 @@ def render_sweep_markdown(r: dict[str, Any], plots: bool = True) -> str:
              f"Dataset {r['dataset']}" + (f" (train_subset {r['train_subset']})" if r.get("train_subset") else "") +
              f". Teacher {t['arch']} (width {t['width']:g}, {t['params']:,} params), "
              + (f"loaded from {t['source']}, not trained in this sweep: its training is in no compute column, so every "
-                f"total behind a distilled student is a lower bound. " if t.get("source") else f"trained {sch['teacher_epochs']} {plural(sch['teacher_epochs'], 'epoch')}. ") +
+                f"total behind a distilled student is a lower bound. " if t.get("source") else f"trained {counted(sch['teacher_epochs'], 'epoch')}. ") +
              f"Student {s['arch']}, {s['params']:,} params ({s['params_ratio']:.3f}x the teacher), "
              + (f"derived from the {src['strategy']} teacher at sparsity {src['sparsity']:g}" if src else "named in the config")
              + "; every teacher is distilled into this same student. "
-             f"Retraining {sch['retrain_epochs_per_level']} {plural(sch['retrain_epochs_per_level'], 'epoch')} per pruning level "
-             f"(IMP rate {sch['imp_rate']:g}), distillation {sch['distill_epochs']} {plural(sch['distill_epochs'], 'epoch')} (alpha {sch['alpha']:g}, T {sch['temperature']:g}). "
+             f"Retraining {counted(sch['retrain_epochs_per_level'], 'epoch')} per pruning level "
+             f"(IMP rate {sch['imp_rate']:g}), distillation {counted(sch['distill_epochs'], 'epoch')} (alpha {sch['alpha']:g}, T {sch['temperature']:g}). "
              + _weights_sentence(r, sch) +
-             f" ± is the std over {n_seeds} student seed(s) "
+             f" ± is the std over {counted(n_seeds, 'student seed')} "
              f"({', '.join(map(str, r['seeds']))}).", ""]
 
     lines += ["## Teachers", "",
@@ -358,8 +359,7 @@ def render_sweep_markdown(r: dict[str, Any], plots: bool = True) -> str:
             if x["vs_unpruned_teacher"]:
                 lines.append(f"  - {x['strategy']} s{x['target_sparsity']:g}: {x['vs_unpruned_teacher']['verdict']}")
     tot = r["compute"]["sweep_total"]
-    lines += [f"- Whole sweep: {_num(tot['epochs'])} training {plural(_num(tot['epochs']), 'epoch')}, {_num(tot['steps'])} optimizer "
-              f"{plural(_num(tot['steps']), 'step')}, "
+    lines += [f"- Whole sweep: {counted(_num(tot['epochs']), 'training epoch')}, {counted(_num(tot['steps']), 'optimizer step')}, "
               f"{_num(tot['wall_s'])} s of training wall time (evaluation excluded); this invocation took {r['compute']['session_wall_s']:.0f} s (finished stages are skipped).", ""]
     if plots:
         lines += ["## Plots", "", f"![student accuracy vs teacher sparsity]({PLOTS[0]})", "", f"![student accuracy vs total compute]({PLOTS[1]})", ""]

@@ -10,6 +10,7 @@ from typing import Any, Sequence
 
 import torch.nn as nn
 
+from ptd.errors import counted
 from ptd.measure import compare_latency, count_nonzero, count_params, flops, speed_call, speedup_interval
 from ptd.pruning.masks import Masks
 from ptd.students.plan import StudentPlan
@@ -85,7 +86,7 @@ def _speed_line(b: str, ratios: dict[str, Any]) -> str:
     if sp is None:
         return f"speedup at batch {b}: {ratios[f'speedup_b{b}']:.2f} (ratio of medians, no interval)"
     if sp["low"] is None:
-        return f"speedup at batch {b}: {sp['speedup']:.2f} over {sp['pairs']} paired runs, too few for a 95% interval: not called"
+        return f"speedup at batch {b}: {sp['speedup']:.2f} over {counted(sp['pairs'], 'paired run')}, too few for a 95% interval: not called"
     verdict = {"faster": "faster", "slower": "slower", "unclear": "not told apart at this noise"}[sp["call"]]
     return f"speedup at batch {b}: {sp['speedup']:.2f} (95% interval {sp['low']:.2f}-{sp['high']:.2f} over {sp['pairs']} runs: {verdict})"
 
@@ -125,7 +126,7 @@ def format_report(rep: dict[str, Any]) -> str:
                      str(x["student"]), x["group"], x["note"]])
     lines += _table(rows)
     if rep["overrides"]:
-        lines += ["", f"{len(rep['overrides'])} layer(s) took their coupled group's width instead of their own estimate"]
+        lines += ["", f"{counted(len(rep['overrides']), 'layer')} took the coupled group's width instead of {'its' if len(rep['overrides']) == 1 else 'their'} own estimate"]
     return "\n".join(lines) + "\n"
 
 

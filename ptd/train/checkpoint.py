@@ -55,7 +55,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as save_safetensors
 
 from ptd import paths as P
-from ptd.errors import PtdError, one_line
+from ptd.errors import PtdError, counted, one_line
 from ptd.io import damaged, safetensors_header
 from ptd.models import unwrap  # models sit below train: no import cycle
 
@@ -541,7 +541,7 @@ def _check_tensors(p: Path, sd: dict[str, torch.Tensor]) -> None:
     odd = [(k, why) for k, v in sd.items() if (why := _odd_tensor(v)) is not None]
     if odd:
         (k, (what, fix)), n = odd[0], len(odd)
-        raise CheckpointError(f"{p}: {n} tensor{'s are' if n > 1 else ' is'} not a dense tensor of values (first: {clip_words(k, 120)}, "
+        raise CheckpointError(f"{p}: {counted(n, 'tensor')} {'is' if n == 1 else 'are'} not a dense tensor of values (first: {clip_words(k, 120)}, "
                               f"{what}); ptd loads only dense tensors of values: {fix}")
 
 
@@ -656,7 +656,7 @@ def load_into(model: nn.Module, path: str | Path, what: str = "model") -> None:
     odd = [f"{k} ({sd[k].dtype}, where the {what} holds {own[k].dtype})" for k in own
            if (sd[k].is_complex() and not own[k].is_complex()) or (own[k].is_floating_point() and not sd[k].is_floating_point())]
     if odd:
-        raise CheckpointError(f"{path}: {len(odd)} tensors have a type a {what} cannot hold (first: {clip_words(odd[0], 200)}); "
+        raise CheckpointError(f"{path}: {counted(len(odd), 'tensor')} {'has' if len(odd) == 1 else 'have'} a type a {what} cannot hold (first: {clip_words(odd[0], 200)}); "
                               f"give the checkpoint of a model of real floating-point weights, as torch.save(model.state_dict()) writes it")
     # A file of nan/inf weights (a diverged run's, or a damaged one) loads without complaint and
     # teaches garbage for hours. Parameters and BatchNorm statistics are always finite in a model
@@ -666,7 +666,7 @@ def load_into(model: nn.Module, path: str | Path, what: str = "model") -> None:
     bad = [k for k in own if k in stats and sd[k].is_floating_point()
            and not bool(torch.isfinite(sd[k] if sd[k].dtype.itemsize > 1 else sd[k].float()).all())]
     if bad:
-        raise CheckpointError(f"{path}: {len(bad)} tensors hold nan or inf values (first: {bad[0]}): not a usable {what}; "
+        raise CheckpointError(f"{path}: {counted(len(bad), 'tensor')} {'holds' if len(bad) == 1 else 'hold'} nan or inf values (first: {bad[0]}): not a usable {what}; "
                               f"did the run that wrote it diverge? give the checkpoint of a run whose loss stayed finite")
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in sd.items()})
 
@@ -952,7 +952,7 @@ def check_world_size(state: dict[str, Any], out_dir: str | Path, world_size: int
         return
     was = int(was)
     how = f"with {was} processes (e.g. torchrun --nproc_per_node={was})" if was > 1 else "as one process (without torchrun)"
-    raise CheckpointError(f"{out_dir} was started with {was} process{'es' if was != 1 else ''} and is resumed with {world_size}; "
+    raise CheckpointError(f"{out_dir} was started with {counted(was, 'process', 'processes')} and is resumed with {world_size}; "
                           f"re-run it {how}, or pass --out a new directory")
 
 
