@@ -609,6 +609,15 @@ class _ConfigLoader(yaml.SafeLoader):
     ``teacher:`` block replaced the first), nesting deeper than MAX_DEPTH (caught while composing,
     before Python's recursion limit), and alias expansions past MAX_VALUES values or cycles."""
 
+    # YAML 1.1 (PyYAML's) reads yes/no/on/off/y/n as booleans, so ``compile: off`` and
+    # ``--set compile=off`` were refused as "expected a string, got False" (helper audit), and a
+    # string key given ``no`` became False. Only true/false are booleans here, as in YAML 1.2 and
+    # JSON: a bool key given ``on`` is told "expected true or false, got 'on'".
+    yaml_implicit_resolvers = {
+        first: [(tag, rx) for tag, rx in rs if tag != "tag:yaml.org,2002:bool"]
+        for first, rs in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+
     def compose_node(self, parent, index):  # noqa: ANN001 -- PyYAML's signature
         self._depth = getattr(self, "_depth", 0) + 1
         try:
@@ -642,6 +651,9 @@ class _ConfigLoader(yaml.SafeLoader):
                                    f"only the last, silently; keep one", _line(key_node))
                 first[key] = _line(key_node)
         return super().construct_mapping(node, deep=deep)
+
+
+_ConfigLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 
 
 def _read_yaml(text: str) -> Any:

@@ -260,3 +260,25 @@ def test_a_config_path_that_is_a_link_loop_or_dangles_is_named_so(tmp_path):
                             f"link or pass the path of a YAML file (see configs/)")
     with pytest.raises(ConfigError, match=r"^config file not found: .*nope\.yaml; pass the path of a YAML file"):
         load_config(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("where", ["yaml", "set"])
+def test_only_true_and_false_are_booleans(tmp_path, where):
+    """PyYAML's YAML 1.1 read off/on/yes/no as booleans: ``compile: off`` (a documented value) was
+    refused as "expected a string, got False". A bool key given one is told the two it takes."""
+    def load(text: str):
+        if where == "set":
+            return load_config(None, [t.replace(": ", "=") for t in text.splitlines()])
+        (tmp_path / "c.yaml").write_text(text)
+        return load_config(tmp_path / "c.yaml")
+
+    assert load("compile: off").compile == "off"
+    assert load("fast_wgrad: false\nquiet: True").fast_wgrad is False
+    assert load("fast_wgrad: false\nquiet: True").quiet is True
+    for word in ("on", "no", "yes", "off"):
+        with pytest.raises(ConfigError, match=f"fast_wgrad .*expected true or false, got '{word}'"):
+            load(f"fast_wgrad: {word}")
+    # the run's own record still reads back: safe_dump quotes a string like 'off'
+    cfg = load("compile: off")
+    (tmp_path / "back.yaml").write_text(dump_yaml(cfg))
+    assert load_config(tmp_path / "back.yaml") == cfg
