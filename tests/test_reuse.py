@@ -331,6 +331,49 @@ def test_a_ptd_running_in_the_earlier_run_holds_the_copy_off_and_copies_share(ws
     ckpt.unlock_dir(earlier)
 
 
+def test_from_holds_no_lock_on_the_earlier_run_through_preflight(ws, earlier, tmp_path, monkeypatch):
+    """--from held RUN_DIR's shared lock through all of preflight (seconds; a minute for the largest
+    torchvision teachers), so a ptd started there meanwhile (resuming it) was refused as "in use".
+    The lock is now held for the checks of RUN_DIR's files and for the copy, not in between."""
+    import ptd.preflight as pf
+    from ptd.train import checkpoint as ckpt
+
+    seen = []
+    real = pf.preflight
+
+    def checking(*a, **k):  # a ptd started in the earlier run while --from's preflight runs
+        seen.append(ckpt.lock_dir(earlier))
+        ckpt.unlock_dir(earlier)
+        return real(*a, **k)
+
+    monkeypatch.setattr(pf, "preflight", checking)
+    assert main(["student", str(ws / "b.yaml"), "--out", str(tmp_path / "n"), "--from", str(earlier)]) == 0
+    assert seen == [True]
+    assert (tmp_path / "n" / P.TEACHER / P.DONE).is_file()
+
+
+def test_the_earlier_run_changed_during_preflight_is_checked_again_before_the_copy(ws, earlier, tmp_path, monkeypatch, capsys):
+    """With the lock let go through preflight, RUN_DIR may change then (a stage redone by a ptd run
+    there): its files are checked again under the lock held to the end of the copy, so a stage made
+    stale meanwhile is refused, not copied."""
+    import ptd.preflight as pf
+
+    src = tmp_path / "src"
+    shutil.copytree(earlier, src)
+    real = pf.preflight
+
+    def redoing(*a, **k):  # the teacher redone (other weights) while --from's preflight runs
+        out = real(*a, **k)
+        model = src / P.TEACHER / P.MODEL
+        model.write_bytes(model.read_bytes()[:-4] + b"\x00\x00\x80\x3f")
+        return out
+
+    monkeypatch.setattr(pf, "preflight", redoing)
+    _refused(capsys, ["student", str(ws / "b.yaml"), "--out", str(tmp_path / "n"), "--from", str(src)],
+             f"--from {src}: its finished stage", "teacher/model.safetensors")
+    assert not (tmp_path / "n").exists()
+
+
 def test_a_run_recorded_with_a_relative_data_root_resumes_from_the_same_folder(ws, earlier, tmp_path, monkeypatch):
     """config.yaml written before paths were made absolute names data.root as given ('fm'); the
     same command from the same folder now loads it as /abs/fm, the same folder: a resume, not

@@ -89,10 +89,11 @@ def check_reuse(cfg: RunConfig, src: str | Path, run_dir: str | Path) -> list[Pa
 
 
 def _read_lock_source(src: Path) -> int | None:
-    """``--from src``'s shared lock, held from its checks to the end of the copy: a ptd running in
-    ``src`` (resuming it, redoing a stage made stale) could otherwise rewrite a stage between the
-    check of its files and their copy, or halfway through it. Other ``--from`` copies of ``src``
-    share the lock. None where ``src`` is no folder (check_reuse names that)."""
+    """``--from src``'s shared lock, held while ``check_reuse`` reads ``src`` and, taken again with a
+    second ``check_reuse``, from there to the end of the copy: a ptd running in ``src`` (resuming it,
+    redoing a stage made stale) could otherwise rewrite a stage between the check of its files and
+    their copy, or halfway through it. Other ``--from`` copies of ``src`` share the lock. None where
+    ``src`` is no folder (check_reuse names that)."""
     if not src.is_dir():
         return None
     try:

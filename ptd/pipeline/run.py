@@ -38,16 +38,29 @@ def run_pipeline(cfg: RunConfig, run_dir: str | Path, until: str = "report", arm
     from ptd.preflight import preflight
 
     src_lock = None
-    if reuse_from is not None:
-        from ptd.preflight import check_out_dir
-
-        check_out_dir(run_dir)  # (a file as --out is named as such, before --from's checks)
-        src_lock = _read_lock_source(Path(reuse_from))
     try:
         with on_every_rank():  # every rank runs these checks on the same inputs: rank 0 alone prints a refusal
-            copies = check_reuse(cfg, reuse_from, run_dir) if reuse_from is not None else None
+            if reuse_from is not None:
+                from ptd.preflight import check_out_dir
+
+                check_out_dir(run_dir)  # (a file as --out is named as such, before --from's checks)
+                # --from's checks first (a stale or damaged source is refused before preflight's
+                # seconds), under SRC's shared lock, which is then let go: held through preflight
+                # (seconds, up to a minute for the largest torchvision teachers), it refused a ptd
+                # started in SRC meanwhile (a resume of it) as "in use".
+                src_lock = _read_lock_source(Path(reuse_from))
+                check_reuse(cfg, reuse_from, run_dir)
+                ckpt.read_unlock_dir(src_lock)
+                src_lock = None
             splits = preflight(cfg, run_dir, until=until, arms=arms)  # every user error up front, before the run directory is written
             check_plugins(cfg)
+            copies = None
+            if reuse_from is not None:
+                # SRC may have changed while unlocked: checked again under the lock that is held to
+                # the end of the copy (make_context), so no stage of SRC changes between its check
+                # and its copy.
+                src_lock = _read_lock_source(Path(reuse_from))
+                copies = check_reuse(cfg, reuse_from, run_dir)
             ctx = make_context(cfg, Path(run_dir), log, splits=splits, reuse=(Path(reuse_from), copies) if copies else None,
                                until=until, arms=arms)
     finally:
