@@ -198,9 +198,16 @@ def make_context(cfg: RunConfig, run_dir: Path, log: Callable[[str], None] = pri
     d = init_distributed(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     rt = Runtime(device=resolve_device(cfg.device, d), amp=cfg.amp, channels_last=cfg.channels_last, fast_wgrad=cfg.fast_wgrad, compile=cfg.compile, quiet=cfg.quiet, dist=d)
     dc = cfg.data
+    from ptd.preflight import RecordedSplits
+
     if splits is None:
         splits = load_configured(dc, cfg.seed)
-    data = fingerprint(splits, dc.root)
+    if isinstance(splits, RecordedSplits):  # a re-run with nothing to train, its data's sources unchanged
+        data = splits.record
+    else:
+        data = fingerprint(splits, dc.root)
+        if getattr(splits, "ptd_sources", None):  # what a later re-run checks instead of loading (preflight)
+            data = {**data, "sources": splits.ptd_sources}
     if reuse is not None:  # before the copy: the stages --from copies were trained on the data it recorded
         check_data(reuse[0], data, f"{reuse[0]} (--from) was made", rt.device)
     check_data(run_dir, data, "this run started", rt.device)  # before the directory is opened (and written)

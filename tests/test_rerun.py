@@ -1,0 +1,135 @@
+"""A finished run re-run (the same command, the same --out) trains nothing: it loads no data when
+the files the data was read from are unchanged (data.json's "sources"), and builds no model, yet
+every check that protects the run still refuses what it refused (docs/resume.md)."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+import ptd.data.base as data_base
+import ptd.preflight as pf
+from ptd import paths as P
+from ptd.cli import main
+
+from conftest import tiny_config, write_fashion_like
+
+
+def _one_line(capsys) -> str:
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("ptd: error:") and "Traceback" not in err[0], err
+    return err[0]
+
+
+def _snapshot(run: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """How often the dataset is loaded and a model built for preflight's checks."""
+    seen = {"loads": 0, "models": 0}
+    load, model = data_base.load_dataset, pf.check_model
+
+    def loading(*a, **k):
+        seen["loads"] += 1
+        return load(*a, **k)
+
+    def building(*a, **k):
+        seen["models"] += 1
+        return model(*a, **k)
+
+    monkeypatch.setattr(data_base, "load_dataset", loading)
+    monkeypatch.setattr(pf, "check_model", building)
+    return seen
+
+
+@pytest.fixture
+def finished(tmp_path):
+    data = write_fashion_like(tmp_path / "fm", n_train=600)
+    cfg = tiny_config(data, distill={"seeds": [0], "arms": ["scratch", "pruned_teacher"],
+                                     "optim": {"epochs": 1, "batch_size": 64, "lr": 0.05}})
+    cfg["threads"] = 1
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "run"
+    assert main(["run", str(p), "--out", str(out), "--quiet"]) == 0
+    return p, out, data
+
+
+def test_a_finished_run_re_run_loads_no_data_and_builds_no_model(finished, counted, capsys):
+    p, out, data = finished
+    sources = json.loads((out / P.DATA).read_text())["sources"]
+    assert sorted(Path(f).name for f in sources["files"]) == sorted(f.name for f in data.iterdir())
+    assert list(sources["folders"]) == [str(data)] and sources["splits"]["test_set"]["n"] == 200
+    results = (out / P.RESULTS).read_text()
+    capsys.readouterr()
+    assert main(["run", str(p), "--out", str(out), "--quiet"]) == 0
+    assert counted == {"loads": 0, "models": 0}
+    assert (out / P.RESULTS).read_text() == results  # the report's figures, from the recorded test set's facts
+    assert (out / P.REPORT_MD).read_text() in capsys.readouterr().out
+
+
+def test_a_finished_run_whose_data_changed_is_refused(finished, counted, capsys):
+    """The recorded files differ: the full load and fingerprint decide, and refuse as before."""
+    p, out, data = finished
+    write_fashion_like(data, n_train=594)  # 6 training images fewer
+    files = _snapshot(out)
+    capsys.readouterr()
+    assert main(["run", str(p), "--out", str(out), "--quiet"]) == 2
+    assert _one_line(capsys) == (f"ptd: error: {out}: the data changed since this run started (train 480 then, 475 now; "
+                                 f"val 120 then, 119 now): its finished stages were trained on the data then; restore "
+                                 f"that data, or pass --out a new directory")
+    assert counted["loads"] == 1 and _snapshot(out) == files
+
+
+def test_a_file_added_beside_the_data_is_checked_by_the_full_load(finished, counted):
+    """A file added to the data's folder may change which file a loader picks (a plain idx file
+    beside the .gz): the folder's listing is recorded, and a new one falls back to the full check,
+    which here finds the same data and records the folder as it is now."""
+    p, out, data = finished
+    (data / "README").write_text("notes")
+    assert main(["run", str(p), "--out", str(out), "--quiet"]) == 0
+    assert counted == {"loads": 1, "models": 0}
+    assert main(["run", str(p), "--out", str(out), "--quiet"]) == 0
+    assert counted == {"loads": 1, "models": 0}  # recorded again: the next re-run is cheap
+
+
+def test_a_data_record_without_sources_gains_them(finished, counted):
+    """A run from before the record: the full check once, which adds the sources."""
+    p, out, _ = finished
+    rec = json.loads((out / P.DATA).read_text())
+    (out / P.DATA).write_text(json.dumps({k: v for k, v in rec.items() if k != "sources"}))
+    assert main(["run", str(p), "--out", str(out), "--quiet"]) == 0
+    assert counted["loads"] == 1 and json.loads((out / P.DATA).read_text()) == rec
+    assert main(["run", str(p), "--out", str(out), "--quiet"]) == 0
+    assert counted["loads"] == 1
+
+
+def test_a_moved_run_folder_re_runs_and_a_moved_data_folder_is_one_line(finished, counted, capsys, tmp_path):
+    p, out, data = finished
+    moved = tmp_path / "elsewhere" / "run"
+    moved.parent.mkdir()
+    out.rename(moved)
+    assert main(["run", str(p), "--out", str(moved), "--quiet"]) == 0
+    assert counted == {"loads": 0, "models": 0}
+    data.rename(tmp_path / "fm2")  # the config still names the old folder
+    files = _snapshot(moved)
+    capsys.readouterr()
+    assert main(["run", str(p), "--out", str(moved), "--quiet"]) == 2
+    assert str(data) in _one_line(capsys) and _snapshot(moved) == files
+
+
+def test_a_changed_config_or_a_stage_left_to_train_takes_the_full_checks(finished, counted, capsys):
+    p, out, _ = finished
+    files = _snapshot(out)
+    capsys.readouterr()
+    assert main(["run", str(p), "--out", str(out), "--quiet", "--set", "seed=1"]) == 2
+    assert "holds a run with a different config (seed: 0 there, 1 now)" in _one_line(capsys)
+    assert _snapshot(out) == files
+    shutil.rmtree(out / P.DISTILL / "scratch_seed0")  # a stage to train again: every check before it
+    assert main(["run", str(p), "--out", str(out), "--quiet"]) == 0
+    assert counted["loads"] == 1 and counted["models"] >= 1
