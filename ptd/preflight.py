@@ -113,6 +113,7 @@ def _preflight(cfg: RunConfig, run_dir: str | Path, slow: "SlowSteps", *, splits
     derived = check_derivable(cfg, teacher, splits, sweep=sweep, device_type=device.type)
     slow.step("sizing each stage's activations")
     check_training_memory(cfg, teacher, student if student is not None else derived, splits, device)
+    check_disk_space(cfg, run_dir, teacher, student if student is not None else derived, sweep=sweep, until=until, arms=arms)
     taken = (Path(run_dir) / P.TEACHER / P.DONE).is_file()  # the run holds its own copy of a loaded teacher
     if cfg.teacher.checkpoint and not (taken and not Path(cfg.teacher.checkpoint).exists()):
         # (Gone since the teacher stage took it, the file was checked then; its copy is what the run uses.)
@@ -944,6 +945,94 @@ def check_planned_epochs(cfg: RunConfig, until: str = "report", arms: Sequence[s
                         + (", sweep.sparsities or sweep.strategies" if sweep else ", distill.loss or teacher.seeds")}[kind]
     raise ConfigError(f"the plan trains {total:,} epochs in all, more than {MAX_PLANNED_EPOCHS:,} (10x the most one schedule "
                       f"may have); most of them are {kind}: {counted(n, 'run')} of {counted(e, 'epoch')}; lower {keys}")
+
+
+# ---------------------------------------------------------------- disk space
+# Besides the weights: each stage's metrics, records and TensorBoard events (the demo's 23 stage
+# folders: 0.5 MB in all), and the report (0.4 MB).
+SMALL_FILES_PER_STAGE = 64 * 2**10
+# The margin on the estimate: 10%, and 64 MiB for what else writes to that disk meanwhile.
+DISK_MARGIN = (1.10, 64 * 2**20)
+
+
+def _tensor_bytes(model: nn.Module) -> int:
+    """Bytes of ``model``'s state dict as a safetensors file holds it (weights and buffers)."""
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
+def planned_bytes(cfg: RunConfig, run_dir: str | Path, teacher: nn.Module, student: nn.Module | None, *,
+                  sweep: bool = False, until: str = "report", arms: Sequence[str] | None = None) -> tuple[int, int]:
+    """(bytes the command will leave in ``run_dir``, bytes more it holds at its peak), estimated from
+    ``planned_epochs``' counts less what the directory already holds finished: each teacher, pruning
+    level (weights and a byte-per-weight mask), control round (and the control's final copy) and
+    student keeps its weights, plus SMALL_FILES_PER_STAGE; a stage in training also holds its
+    commit (resume.pt: the weights, the momentum, the masks), ``jobs`` students at once.
+    Measured against ``du -sb`` of whole runs in docs/resume.md."""
+    from ptd.pruning import SPECS
+    from ptd.pruning.masks import prunable_weights
+
+    run = Path(run_dir)
+    w_t = _tensor_bytes(teacher)
+    # Masks: one byte per weight of every Conv/Linear layer (those excluded from pruning too, all ones).
+    m_t = sum(w.numel() for w in prunable_weights(teacher).values())
+    w_s = _tensor_bytes(student) if student is not None else w_t  # (a student never outgrows its teacher)
+    plan = planned_epochs(cfg, until, arms, sweep)
+
+    def finished(root: Path, pattern: str) -> int:  # stage folders of that kind this directory holds finished
+        return sum(1 for d in root.glob(pattern) if (d / P.DONE).is_file()) if root.is_dir() else 0
+
+    def left(kind: str, done: int) -> int:
+        return max(0, plan.get(kind, (0, 0))[0] - done)
+
+    roots = [P.replicate_root(run, r) for r in range(cfg.teacher.seeds)]
+    strategies = cfg.sweep.strategies if sweep else [cfg.prune.strategy]
+    # A rewinding strategy keeps the teacher's weights of its rewind epoch (teacher/epoch_<e>); a
+    # sweep's options are per strategy, so a sweep counts one such file.
+    snapshots = sweep or any(st in SPECS and SPECS.get(st).snapshot_epoch(cfg.prune.options) is not None for st in strategies)
+    unfinished = [r for r in roots if not (r / P.TEACHER / P.DONE).is_file()]
+    # A loaded teacher (teacher.checkpoint) is not trained, but the run keeps its own copy.
+    teachers = left("teacher", len(roots) - len(unfinished)) if "teacher" in plan else len(unfinished)
+    levels = left("pruning", sum(finished(r, f"{P.PRUNE}/**/level_*") + finished(r, f"{P.PRUNE}/*_s*") for r in roots))
+    rounds = left("control", sum(finished(r, f"{P.CONTROL}/round_*") for r in roots))
+    controls = sum(1 for r in roots if "control" in plan and not (r / P.CONTROL / P.DONE).is_file())  # its final copy
+    students = left("students", sum(finished(r, f"{P.DISTILL}/*") for r in roots))
+    inherit = w_s if cfg.student.inherit and not (run / P.STUDENT / P.DONE).is_file() else 0  # student/init.safetensors
+    kept = (teachers * w_t * (2 if snapshots and "teacher" in plan else 1) + levels * (w_t + m_t) + (rounds + controls) * w_t
+            + students * w_s + inherit + (teachers + levels + rounds + controls + students) * SMALL_FILES_PER_STAGE)
+    # One teacher-sized stage trains at a time; students, jobs at a time.
+    peak = max(2 * w_t + m_t if teachers + levels + rounds else 0, min(students, max(1, cfg.jobs)) * 2 * w_s)
+    return kept, peak
+
+
+def _size(n: float) -> str:
+    return gib(n) if n >= 2**30 else f"{n / 2**20:,.1f} MiB"
+
+
+def check_disk_space(cfg: RunConfig, run_dir: str | Path, teacher: nn.Module, student: nn.Module | None, *,
+                     sweep: bool = False, until: str = "report", arms: Sequence[str] | None = None,
+                     free: int | None = None) -> None:
+    """The file system of ``run_dir`` has room for what the command will write (``planned_bytes``,
+    with DISK_MARGIN; ``free``: bytes, queried when None): a sweep of many students on a nearly full
+    disk failed mid-run, its ENOSPC line clean but hours of training lost."""
+    import shutil
+
+    kept, peak = planned_bytes(cfg, run_dir, teacher, student, sweep=sweep, until=until, arms=arms)
+    need = int((kept + peak) * DISK_MARGIN[0] + DISK_MARGIN[1])
+    if kept + peak == 0:
+        return
+    anc = Path(run_dir).absolute()
+    while not anc.exists() and anc.parent != anc:  # (made by mkdir -p: check_out_dir checked the way)
+        anc = anc.parent
+    if free is None:
+        try:
+            free = shutil.disk_usage(anc).free
+        except OSError:
+            return  # a file system that does not say: the writes find out, each in one line
+    if free >= need:
+        return
+    raise PreflightError(f"run directory {run_dir}: the run will write about {_size(kept + peak)} (its weights, masks and "
+                         f"training commits; {_size(need)} with a 10% + 64 MiB margin), and the file system of {anc} has "
+                         f"{_size(free)} free; free space there, or pass --out a folder on a disk with more room")
 
 
 def check_pruning(cfg: RunConfig, sweep: bool = False) -> None:
