@@ -333,7 +333,7 @@ def recorded_splits(cfg: RunConfig, run_dir: str | Path) -> "RecordedSplits | No
     rec = Path(run_dir) / P.DATA
     if not rec.is_file():
         return None
-    have = read_json_object(rec, fix="delete it to record the data loaded now, or run into a new --out")
+    have = read_json_object(rec)  # damaged: the line check_data gives for it
     src = have.get("sources")
     try:
         if not (isinstance(src, dict) and isinstance(src.get("files"), dict) and src["files"]
@@ -992,7 +992,8 @@ def planned_bytes(cfg: RunConfig, run_dir: str | Path, teacher: nn.Module, stude
     unfinished = [r for r in roots if not (r / P.TEACHER / P.DONE).is_file()]
     # A loaded teacher (teacher.checkpoint) is not trained, but the run keeps its own copy.
     teachers = left("teacher", len(roots) - len(unfinished)) if "teacher" in plan else len(unfinished)
-    levels = left("pruning", sum(finished(r, f"{P.PRUNE}/**/level_*") + finished(r, f"{P.PRUNE}/*_s*") for r in roots))
+    # (A sweep's prune/<strategy>_s<sparsity> holds its one level as level_1, counted there.)
+    levels = left("pruning", sum(finished(r, f"{P.PRUNE}/**/level_*") for r in roots))
     rounds = left("control", sum(finished(r, f"{P.CONTROL}/round_*") for r in roots))
     controls = sum(1 for r in roots if "control" in plan and not (r / P.CONTROL / P.DONE).is_file())  # its final copy
     students = left("students", sum(finished(r, f"{P.DISTILL}/*") for r in roots))

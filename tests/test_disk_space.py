@@ -86,3 +86,26 @@ def test_a_resumed_run_counts_only_what_is_left(cfg_file, tmp_path, monkeypatch)
     _free(monkeypatch, 0)
     assert main(["run", str(cfg_file), "--out", str(out), "--quiet"]) == 0  # a finished run's re-run writes no weights
     assert (out / P.RESULTS).is_file()
+
+
+def test_a_resumed_sweep_counts_each_finished_pruning_once(tmp_path, tiny_fashion):
+    """A sweep's one-shot or GMP point keeps its level as prune/<strategy>_s<sparsity>/level_1: one
+    finished point is one level done, not two (which left a resumed sweep's estimate a level short)."""
+    cfg_d = tiny_config(tiny_fashion, threads=1)
+    cfg_d["sweep"] = {"sparsities": [0.36, 0.59], "strategies": ["gmp"], "student_from": 0.59}
+    p = tmp_path / "s.yaml"
+    p.write_text(yaml.safe_dump(cfg_d))
+    cfg = load_config(p)
+    from ptd.data.base import load_configured
+
+    teacher = pf.check_model(cfg.teacher.model, "teacher.model", load_configured(cfg.data, cfg.seed))
+    run = tmp_path / "sweep"
+    fresh, _ = pf.planned_bytes(cfg, run, teacher, None, sweep=True)
+    for d in (run / P.PRUNE / "gmp_s0.36", run / P.PRUNE / "gmp_s0.36" / "level_1"):
+        d.mkdir(parents=True)
+        (d / P.DONE).write_text("{}")
+    left, _ = pf.planned_bytes(cfg, run, teacher, None, sweep=True)
+    from ptd.pruning.masks import prunable_weights
+
+    masks = sum(w.numel() for w in prunable_weights(teacher).values())  # one byte each
+    assert fresh - left == pf._tensor_bytes(teacher) + masks + pf.SMALL_FILES_PER_STAGE

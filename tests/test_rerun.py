@@ -133,3 +133,14 @@ def test_a_changed_config_or_a_stage_left_to_train_takes_the_full_checks(finishe
     shutil.rmtree(out / P.DISTILL / "scratch_seed0")  # a stage to train again: every check before it
     assert main(["run", str(p), "--out", str(out), "--quiet"]) == 0
     assert counted["loads"] == 1 and counted["models"] >= 1
+
+
+def test_a_damaged_data_record_is_one_line_as_before(finished, capsys):
+    p, out, _ = finished
+    (out / P.DATA).write_text('{"images": ')
+    files = _snapshot(out)
+    capsys.readouterr()
+    assert main(["run", str(p), "--out", str(out), "--quiet"]) == 2
+    line = _one_line(capsys)
+    assert line.startswith(f"ptd: error: {out / P.DATA}: damaged (") and "ptd writes its files whole" in line, line
+    assert _snapshot(out) == files
