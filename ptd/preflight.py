@@ -16,8 +16,7 @@ forward pass of 2 images per model on the CPU, and one student derivation (well 
 ptd's families; seconds for most torchvision models, up to ~1 minute with the magnitude sort for
 the largest, vit_h_14 and regnet_y_128gf: benchmarks/results/tv_zoo.md), and one meta-device
 forward per model for its activations (0.03-0.15 s). A re-run of a finished run costs none of this
-(``nothing_to_train``): the data is checked by the files it was read from where data.json records
-them (``recorded_splits``), and no model is built (0.02 s against 4.0 s on the demo; docs/resume.md).
+(``nothing_to_train``) but the data's load and check: no model is built (docs/resume.md).
 """
 from __future__ import annotations
 
@@ -90,8 +89,8 @@ def _preflight(cfg: RunConfig, run_dir: str | Path, slow: "SlowSteps", *, splits
         # --teacher, so the checks below guard nothing; the data is still checked (recorded
         # sources unchanged, or the full load and fingerprint), and the config, the finished
         # stages and their inputs as the run directory opens. (4.0 s of the demo's 5.2 s re-run.)
-        slow.step("checking the data against the run's record")
-        return recorded_splits(cfg, run_dir) or load_checked(cfg, device)
+        slow.step("loading and checking the data")
+        return load_checked(cfg, device)
     if splits is None:
         splits = load_checked(cfg, device)
     check_crop_padding(cfg, splits)
@@ -191,9 +190,7 @@ def load_checked(cfg: RunConfig, device: torch.device) -> Any:
         # Each machine's processes check a share of its copy (a full decode of ImageNet is 30-90
         # CPU-minutes, world times over on one machine's cores otherwise); the gather below makes a
         # bad file in any share every process's refusal.
-        with files_read() as read:
-            splits = load_configured(cfg.data, cfg.seed, check_shard=torchrun_shard())
-        splits.ptd_sources = data_sources(cfg, splits, read)  # recorded in data.json: a later re-run's cheap check
+        splits = load_configured(cfg.data, cfg.seed, check_shard=torchrun_shard())
     except PtdError as e:
         own, splits = e, None
     if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
@@ -216,100 +213,10 @@ def load_checked(cfg: RunConfig, device: torch.device) -> Any:
 
 
 # ---------------------------------------------------------------- a re-run with nothing to train
-# A finished run re-run (the same command, the same --out) trains nothing, yet loaded the data,
-# built and derived its models and sized their memory: 4.0 s of the demo's 5.2 s (1.5 s of it
-# Python and torch's import; docs/resume.md). It now checks the data by the files it was read
-# from, recorded in data.json by the session that loaded them, and builds no model.
-
-# ptd's datasets read whole into memory from a few files opened by Python (idx files, CIFAR's
-# pickles), picked by name in their folder: those files' bytes and their folders' listings are the
-# data's whole input. Tiny-ImageNet is not: its decode cache is picked by every image's size and
-# mtime, so the cache file alone does not say the images are the same; folder datasets read
-# thousands of files. Those, and a plugin's dataset, are checked by the full load, as before.
-SOURCED_DATASETS = ("fashion_mnist", "mnist", "cifar10", "cifar100")
-# Past these the sources are not recorded (the full check stays): hashing them would cost what the
-# load does. Fashion-MNIST: 4 files, 31 MB, hashed in 0.05 s on a 2-core AMD EPYC VM.
-SOURCE_MAX_FILES = 64
-SOURCE_MAX_BYTES = 1 << 30
-
-_READS: list[str] | None = None  # the files opened for reading while files_read() records
-_HOOKED = False
-
-
-def _audit(event: str, args: tuple) -> None:
-    if _READS is None or event != "open":
-        return
-    path, mode, flags = (tuple(args) + (None, None))[:3]
-    if isinstance(mode, str):
-        reading = "r" in mode and not any(c in mode for c in "wax+")
-    else:
-        reading = isinstance(flags, int) and (flags & os.O_ACCMODE) == os.O_RDONLY
-    if reading and isinstance(path, (str, bytes)):
-        _READS.append(os.path.abspath(os.fsdecode(path)))
-
-
-@contextlib.contextmanager
-def files_read():
-    """The paths opened for reading in the block, by this process's Python (``open``, ``gzip.open``,
-    ``np.load``, ``torch.load``; an audit hook, which cannot be removed, and does nothing outside
-    such a block). Files opened by C code (safetensors, torchvision.io) are not seen: only
-    SOURCED_DATASETS, whose loaders use Python's, are trusted to be whole."""
-    global _READS, _HOOKED
-    if not _HOOKED:
-        sys.addaudithook(_audit)
-        _HOOKED = True
-    got: list[str] = []
-    _READS = got
-    try:
-        yield got
-    finally:
-        _READS = None
-
-
-def _file_sha256(path: str) -> str:
-    import hashlib
-
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def _listing(folder: str) -> str:
-    """A digest of a folder's entry names: a file added beside the data may change which one a loader
-    picks (plain against .gz idx files)."""
-    import hashlib
-
-    return hashlib.sha256("\n".join(sorted(os.listdir(folder))).encode()).hexdigest()
-
-
-def _python_file(path: str) -> bool:
-    """A file the import system or the interpreter read (a module imported during the load)."""
-    prefixes = {os.path.abspath(p) + os.sep for p in (sys.prefix, sys.base_prefix, sys.exec_prefix)}
-    return path.endswith((".py", ".pyc", ".so", ".pth")) or path.startswith(tuple(prefixes) + ("/proc/", "/sys/", "/dev/"))
-
-
-def data_sources(cfg: RunConfig, splits: Any, read: Sequence[str]) -> dict[str, Any] | None:
-    """What data.json records of where ``splits`` came from (``read``: the files its load opened), for
-    :func:`recorded_splits`: each file's sha256, each of their folders' listing, and what a run
-    reads of the splits besides their images. None where the files are not known to be the data's
-    whole input (see SOURCED_DATASETS)."""
-    from ptd.data.base import FolderSplit, test_set_facts
-
-    if cfg.data.name.replace("-", "_").lower() not in SOURCED_DATASETS:
-        return None
-    if any(isinstance(getattr(splits, k), FolderSplit) for k in ("train", "val", "test")):
-        return None
-    files = sorted({f for f in read if not _python_file(f) and os.path.isfile(f)})
-    try:
-        if not files or len(files) > SOURCE_MAX_FILES or sum(os.path.getsize(f) for f in files) > SOURCE_MAX_BYTES:
-            return None
-        return {"files": {f: _file_sha256(f) for f in files},
-                "folders": {d: _listing(d) for d in sorted({os.path.dirname(f) for f in files})},
-                "splits": {"name": splits.name, "num_classes": splits.num_classes, "in_channels": splits.in_channels,
-                           "image_size": list(splits.image_size), "mean": [float(v) for v in splits.mean],
-                           "std": [float(v) for v in splits.std], "classes": list(splits.classes),
-                           "test_set": test_set_facts(splits.test, splits.num_classes)}}
-    except OSError:
-        return None  # gone or unreadable since the load: no record, the full check stays
+# A finished run re-run (the same command, the same --out) trains nothing, yet built and derived
+# its models and sized their memory: 2.7 s of the demo's 5.2 s (1.5 s of it Python and torch's
+# import; docs/resume.md). It now loads and checks the data only (1.3 s: a changed data folder is
+# still refused) and builds no model.
 
 
 def nothing_to_train(cfg: RunConfig, run_dir: str | Path, *, sweep: bool = False, until: str = "report",
@@ -322,81 +229,6 @@ def nothing_to_train(cfg: RunConfig, run_dir: str | Path, *, sweep: bool = False
     if sweep or int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 or not (run / P.CONFIG).is_file():
         return False
     return all(_finished(run, run / rel) for rel in stage_dirs(cfg, sweep, until, arms))
-
-
-def recorded_splits(cfg: RunConfig, run_dir: str | Path) -> "RecordedSplits | None":
-    """The data the run recorded, when every file it was read from has the bytes recorded and its
-    folder the same entries: the same files and config give the same splits. None (the full load
-    and fingerprint decide) for a record without sources, or any difference."""
-    from ptd.io import read_json_object
-
-    rec = Path(run_dir) / P.DATA
-    if not rec.is_file():
-        return None
-    have = read_json_object(rec)  # damaged: the line check_data gives for it
-    src = have.get("sources")
-    try:
-        if not (isinstance(src, dict) and isinstance(src.get("files"), dict) and src["files"]
-                and isinstance(src.get("folders"), dict) and isinstance(src.get("splits"), dict)):
-            return None
-        if cfg.data.name.replace("-", "_").lower() not in SOURCED_DATASETS:
-            return None
-        if any(not os.path.isfile(f) or _file_sha256(f) != h for f, h in src["files"].items()):
-            return None
-        if any(not os.path.isdir(d) or _listing(d) != h for d, h in src["folders"].items()):
-            return None
-        return RecordedSplits(cfg, have)
-    except (OSError, TypeError, KeyError, ValueError):
-        return None  # unreadable now, or a record of another shape: the full load says what is wrong
-
-
-class RecordedSplits:
-    """The splits of a run re-run with nothing to train, from its data.json: what stages read of
-    them besides images (classes, sizes, normalisation, the test set's facts for the report). The
-    images themselves are loaded only if something asks for them, and then checked against the
-    record's fingerprint."""
-
-    def __init__(self, cfg: RunConfig, record: dict[str, Any]):
-        facts = record["sources"]["splits"]
-        self._cfg, self.record, self._loaded = cfg, record, None
-        self.name, self.num_classes, self.in_channels = facts["name"], int(facts["num_classes"]), int(facts["in_channels"])
-        self.image_size = tuple(int(v) for v in facts["image_size"])
-        self.mean, self.std = tuple(facts["mean"]), tuple(facts["std"])
-        self.classes = list(facts["classes"])
-        self.test_set = dict(facts["test_set"])
-        self.images = {k: int(record["images"][k]) for k in ("train", "val", "test")}
-
-    @property
-    def fingerprint(self) -> dict[str, Any]:
-        return {k: v for k, v in self.record.items() if k != "sources"}
-
-    def __getattr__(self, name: str) -> Any:
-        if name in ("train", "val", "test"):
-            return getattr(self.load(), name)
-        raise AttributeError(name)
-
-    def load(self) -> Any:
-        if self._loaded is None:
-            from ptd.data.base import fingerprint
-
-            from ptd.data import DataError, load_configured
-
-            splits = load_configured(self._cfg.data, self._cfg.seed)
-            fp = fingerprint(splits, self._cfg.data.root)
-            if any(self.record.get(k) != v for k, v in fp.items()):
-                raise DataError(f"data.{self._cfg.data.name}: the data loaded now is not the data the run recorded, though "
-                                f"the files it was read from are unchanged; restore that data, or pass --out a new directory")
-            self._loaded = splits
-        return self._loaded
-
-
-def split_facts(splits: Any) -> tuple[dict[str, int], dict[str, Any]]:
-    """(images per split, the test set's facts) for the report, without loading recorded splits."""
-    if isinstance(splits, RecordedSplits):
-        return dict(splits.images), dict(splits.test_set)
-    from ptd.data.base import test_set_facts
-
-    return {k: len(getattr(splits, k)) for k in ("train", "val", "test")}, test_set_facts(splits.test, splits.num_classes)
 
 
 def first_refusal(gathered: Sequence[tuple[str, tuple[int, str] | None]]) -> str | None:

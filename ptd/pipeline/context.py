@@ -18,7 +18,7 @@ from ptd.train.loop import Runtime, evaluate, fit
 from ptd.errors import DivergedError
 from ptd.io import file_digest, seal
 from ptd.pipeline.lineage import _input_key, check_inputs, is_done, mark_done
-from ptd.pipeline.rundir import RunDirError, check_data, open_run_dir
+from ptd.pipeline.rundir import RunDirError, check_data, check_run_config, open_run_dir
 from ptd.pipeline.reuse import copy_reused
 
 
@@ -198,18 +198,14 @@ def make_context(cfg: RunConfig, run_dir: Path, log: Callable[[str], None] = pri
     d = init_distributed(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     rt = Runtime(device=resolve_device(cfg.device, d), amp=cfg.amp, channels_last=cfg.channels_last, fast_wgrad=cfg.fast_wgrad, compile=cfg.compile, quiet=cfg.quiet, dist=d)
     dc = cfg.data
-    from ptd.preflight import RecordedSplits
-
     if splits is None:
         splits = load_configured(dc, cfg.seed)
-    if isinstance(splits, RecordedSplits):  # a re-run with nothing to train, its data's sources unchanged
-        data = splits.record
-    else:
-        data = fingerprint(splits, dc.root)
-        if getattr(splits, "ptd_sources", None):  # what a later re-run checks instead of loading (preflight)
-            data = {**data, "sources": splits.ptd_sources}
+    data = fingerprint(splits, dc.root)
     if reuse is not None:  # before the copy: the stages --from copies were trained on the data it recorded
         check_data(reuse[0], data, f"{reuse[0]} (--from) was made", rt.device)
+    # The config first: a changed seed carves another validation split, which check_data called
+    # "the data changed ... restore that data", sending the user to a data folder nobody touched.
+    check_run_config(cfg, run_dir)
     check_data(run_dir, data, "this run started", rt.device)  # before the directory is opened (and written)
     if reuse is not None:
         failed: BaseException | None = None

@@ -134,11 +134,7 @@ def _run_stages(ctx: Context, until: str, arms: Sequence[str] | None, log: Calla
     log(plan_line(cfg, until, arms, ctx.run_dir))
     from ptd.data.base import depth_note, upscale_note
 
-    from ptd.preflight import RecordedSplits, split_facts
-
-    # (Recorded splits are in memory, where neither note applies: they are not loaded for them.)
-    for note in () if isinstance(ctx.splits, RecordedSplits) else (upscale_note(ctx.splits, cfg.data.image_size),
-                                                                   depth_note(ctx.splits)):
+    for note in (upscale_note(ctx.splits, cfg.data.image_size), depth_note(ctx.splits)):
         if note is not None:
             log(note)
     students: list[dict] = []
@@ -175,13 +171,14 @@ def _run_stages(ctx: Context, until: str, arms: Sequence[str] | None, log: Calla
         return {**reps[0][until], "replicates": [rep[until] for rep in reps]} if len(reps) > 1 else reps[0][until]
     if until == "distill":
         return {"students": students}
+    from ptd.data.base import test_set_facts
     from ptd.report import build_results, log_not_learned, not_learned, write_report
 
     r0 = reps[0]
-    images, test_set = split_facts(ctx.splits)
     results = build_results(cfg, r0["teacher"], r0["prune"], s_stats, students, control=r0["control"],
-                            replicates=reps if len(reps) > 1 else None, test_set=test_set,
-                            setup={"images": images,
+                            replicates=reps if len(reps) > 1 else None,
+                            test_set=test_set_facts(ctx.splits.test, ctx.splits.num_classes),
+                            setup={"images": {k: len(getattr(ctx.splits, k)) for k in ("train", "val", "test")},
                                    "device": str(ctx.rt.device), "amp_bf16": bool(ctx.rt.uses_amp)})
     def report() -> None:
         write_report(ctx.run_dir, results)

@@ -320,9 +320,7 @@ def data_change(run_dir: Path, fp: dict[str, Any], what: str = "this run started
     rec = Path(run_dir) / P.DATA
     if not rec.is_file():
         return None
-    # "sources": the files the data was read from (preflight.recorded_splits), not the data.
-    have = {k: v for k, v in read_json(rec).items() if k != "sources"}
-    fp = {k: v for k, v in fp.items() if k != "sources"}
+    have = read_json(rec)
     if "file_sizes" not in have:  # recorded by a ptd from before file sizes were: compare the rest
         fp = {k: v for k, v in fp.items() if k != "file_sizes"}
     if have == fp:
@@ -401,15 +399,11 @@ def open_run_dir(cfg: RunConfig, run_dir: Path, rt: Runtime, until: str | None =
             ckpt.remove_stale_temps(run_dir)
             if not cfg_path.is_file():  # atomic: a crash leaves no config or the whole one
                 ckpt.write_text(cfg_path, seal(dump_yaml(cfg)))
-            was = read_json(run_dir / P.DATA) if data is not None and (run_dir / P.DATA).is_file() else None
-            if data is not None and (was is None  # the first session's (or, before the record, this one's)
-                                     or ("file_sizes" in data and "file_sizes" not in was)
-                                     or ("sources" in data and data["sources"] != was.get("sources"))):
+            if data is not None and (not (run_dir / P.DATA).is_file()  # the first session's (or, before the record, this one's)
+                                     or ("file_sizes" in data and "file_sizes" not in read_json(run_dir / P.DATA))):
                 # A record from before file sizes, which check_data found equal on the rest: given them
-                # now, or the directory never gained that protection (review). Likewise the sources
-                # (a record from before them, or files rewritten with the same data): check_data
-                # found the data equal, so these files are its sources now.
-                ckpt.write_json(run_dir / P.DATA, {**{k: v for k, v in (was or {}).items() if k != "sources"}, **data})
+                # now, or the directory never gained that protection (review).
+                ckpt.write_json(run_dir / P.DATA, data)
             env = environment(cfg, rt, kind)
             if old_env is not None:  # keep the first session's record, add this one's
                 env = {**old_env, "resumed": old_env.get("resumed", []) + [env]}
