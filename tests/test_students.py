@@ -756,20 +756,103 @@ def test_a_flatten_mapping_past_the_bound_is_refused_before_it_builds_its_list()
 
 def test_group_walks_use_the_graphs_index_mappings_once_and_give_them_back(monkeypatch):
     """Torch-Pruning recomputed every index mapping of the graph before each group walk (0.2-0.3 s a
-    walk on tv:swin_t, most of its derivation); reading a graph changes none of them."""
+    walk on tv:swin_t, most of its derivation); reading a graph changes none of them. The skip lives
+    on the one graph: Torch-Pruning's functions stay its own throughout (another thread's graph,
+    channel surgery, are untouched)."""
     from torch_pruning.dependency import index_mapping
 
-    calls = []
     update = index_mapping.update_index_mapping
-    counted = lambda g: (calls.append(g), update(g))[1]  # noqa: E731
-    monkeypatch.setattr(index_mapping, "update_index_mapping", counted)
+    recomputed = []  # the graph of each per-node recomputation (a flatten: a reshape node)
+    reshape = index_mapping.update_reshape_index_mapping
+    monkeypatch.setattr(index_mapping, "update_reshape_index_mapping", lambda g, n: (recomputed.append(g), reshape(g, n))[1])
+    seen_during = []
+    walk = _graph.pruning_group
+
+    def walk_and_look(dg, *a):
+        seen_during.append(index_mapping.update_index_mapping)
+        return walk(dg, *a)
+
+    monkeypatch.setattr(_graph, "pruning_group", walk_and_look)
     torch.manual_seed(0)
     t = _Chain()  # a flatten before its first Linear: an index mapping each way
     graph, dg = extract(t, full_masks(prunable_weights(t)))
-    assert len(graph.groups) == 4 and len(calls) == 1 and calls[0] is dg  # the one of build_dependency
+    assert len(graph.groups) == 4 and recomputed == [dg]  # only build_dependency's own computation, none per walk
+    assert len(seen_during) == 4 and all(f is update for f in seen_during)  # no library function replaced
     mappings = [f for node in dg.module2node.values() for dep in node.dependencies for f in dep.index_mapping if f is not None]
     assert mappings and all(type(f).__module__ == index_mapping.__name__ for f in mappings)  # Torch-Pruning's own again
-    assert index_mapping.update_index_mapping is counted  # outside extract, every walk updates them again
+    assert type(dg.module2node) is dict
+    dg.get_pruning_group(t.a, _graph.out_channel_fn(dg, t.a), [0])
+    assert recomputed == [dg, dg]  # outside extract, every walk updates them again
+
+
+def _counting_recomputation(monkeypatch) -> list:
+    """The graphs Torch-Pruning recomputes a reshape node's index mappings for, from now on."""
+    from torch_pruning.dependency import index_mapping
+
+    seen: list = []
+    reshape = index_mapping.update_reshape_index_mapping
+    monkeypatch.setattr(index_mapping, "update_reshape_index_mapping", lambda g, n: (seen.append(g), reshape(g, n))[1])
+    return seen
+
+
+@pytest.mark.parametrize("stop", [RuntimeError, KeyboardInterrupt])
+def test_group_walks_give_everything_back_however_the_block_ends(stop, monkeypatch):
+    from torch_pruning.dependency import index_mapping
+
+    torch.manual_seed(0)
+    t = _Chain().eval()
+    dg = _graph.build_dependency_graph(t, _graph.example_input(t, 8))
+    update, nodes = index_mapping.update_index_mapping, dg.module2node
+    before = [(dep, list(dep.index_mapping)) for node in nodes.values() for dep in node.dependencies]
+    seen = _counting_recomputation(monkeypatch)
+    with pytest.raises(stop):
+        with _graph.group_walks(dg, t):
+            dg.get_pruning_group(t.a, _graph.out_channel_fn(dg, t.a), [0])
+            assert seen == [] and dict(dg.module2node) == nodes  # skipped, every node still there
+            raise stop()
+    assert type(dg.module2node) is dict and dg.module2node == nodes and index_mapping.update_index_mapping is update
+    assert all(dep.index_mapping == m for dep, m in before)  # Torch-Pruning's mapping objects, not the bounded wrappers
+    dg.get_pruning_group(t.a, _graph.out_channel_fn(dg, t.a), [0])
+    assert seen == [dg]  # recomputed again
+
+
+def test_group_walks_leave_another_threads_graph_alone(monkeypatch):
+    """Two graphs walked at once (threads), the first block ending inside the second: each skips
+    only its own recomputation, and nothing is left behind. With the module function patched for
+    the block, the first to end put Torch-Pruning's back under the second (whose walks recomputed
+    again), and the second then left the first's wrapper installed for good."""
+    import threading
+
+    from torch_pruning.dependency import index_mapping
+
+    torch.manual_seed(0)
+    a, b = _Chain().eval(), _Chain().eval()
+    dga = _graph.build_dependency_graph(a, _graph.example_input(a, 8))
+    dgb = _graph.build_dependency_graph(b, _graph.example_input(b, 8))
+    update = index_mapping.update_index_mapping
+    seen = _counting_recomputation(monkeypatch)
+    inside, release = threading.Event(), threading.Event()
+
+    def hold_a():
+        with _graph.group_walks(dga, a):
+            inside.set()
+            release.wait(10)
+
+    th = threading.Thread(target=hold_a)
+    th.start()
+    try:
+        assert inside.wait(10)
+        with _graph.group_walks(dgb, b):
+            release.set()
+            th.join(10)  # a's block ends inside b's
+            assert not th.is_alive()
+            dgb.get_pruning_group(b.a, _graph.out_channel_fn(dgb, b.a), [0])
+            dga.get_pruning_group(a.a, _graph.out_channel_fn(dga, a.a), [0])
+            assert seen == [dga]  # b's walk still skips, a's (its block over) recomputes
+    finally:
+        release.set()
+        th.join(10)
+    assert index_mapping.update_index_mapping is update and type(dga.module2node) is dict and type(dgb.module2node) is dict
 
 
 class _HeadsAttention(nn.Module):

@@ -219,6 +219,20 @@ def widest_layer(model: nn.Module) -> int:
     return max((max(layer_in(m), layer_out(m)) for m in model.modules() if isinstance(m, LAYER_TYPES)), default=1)
 
 
+class _WalkedNodes(dict):
+    """A graph's ``module2node`` while :func:`group_walks` reads it: the same entries, looked up as
+    before, but iterating its items yields none. Torch-Pruning 1.6.1's ``get_pruning_group(dg,
+    ...)`` starts every walk with ``update_index_mapping(dg)``, which iterates
+    ``dg.module2node.items()`` to recompute the graph's index mappings (its only iteration of them
+    during a walk: the walk itself follows each node's dependencies, the root is found by
+    lookup), so on this graph that recomputation finds nothing to do. It lives on the one graph
+    object: no library function is replaced, other graphs (other threads, channel surgery) are
+    untouched."""
+
+    def items(self):
+        return {}.items()
+
+
 @contextlib.contextmanager
 def group_walks(dg, model: nn.Module):
     """Walk the groups of a graph that does not change: with the index mappings Torch-Pruning's
@@ -226,10 +240,9 @@ def group_walks(dg, model: nn.Module):
 
     ``get_pruning_group`` recomputes every index mapping of the graph before each walk (0.2-0.3 s
     a walk on tv:swin_t: 3.2 of the 3.5 s its 13 walks took before the one that ran away). A walk
-    changes none of them, so inside this block that recomputation is skipped, for ``dg`` only.
-    Not for channel surgery, which changes the graph between walks."""
-    from torch_pruning.dependency import index_mapping
-
+    changes none of them, so inside this block that recomputation finds nothing to recompute
+    (:class:`_WalkedNodes`), for ``dg`` only. Everything is given back on every exit (an
+    exception, KeyboardInterrupt). Not for channel surgery, which changes the graph between walks."""
     bound = RUNAWAY_FACTOR * widest_layer(model)
     wrapped = []
     for node in dg.module2node.values():
@@ -238,12 +251,12 @@ def group_walks(dg, model: nn.Module):
                 if f is not None:
                     dep.index_mapping[i] = _BoundedMapping(f, bound)
                     wrapped.append((dep, i, f))
-    update = index_mapping.update_index_mapping
-    index_mapping.update_index_mapping = lambda graph: None if graph is dg else update(graph)
+    nodes = dg.module2node
+    dg.module2node = _WalkedNodes(nodes)
     try:
         yield
     finally:
-        index_mapping.update_index_mapping = update
+        dg.module2node = nodes
         for dep, i, f in wrapped:
             dep.index_mapping[i] = f
 
