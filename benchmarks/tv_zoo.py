@@ -17,6 +17,11 @@ them as they are, pruned weights and all. The verdict uses the traced ratio.
 
     python benchmarks/tv_zoo.py                 # writes benchmarks/results/tv_zoo.{json,md}
     python benchmarks/tv_zoo.py --only swin_t resnet50
+
+A run with ``--only`` replaces only the rows it ran: the table's header still describes the run
+every other row came from, and the re-run rows are marked with the run they came from (its
+command, machine, torch, date and code listed under the header), since their timings were taken
+elsewhere or at other code. It must use the table's ``--sparsity`` and ``--round-to``.
 """
 from __future__ import annotations
 
@@ -105,20 +110,23 @@ def main(argv=None) -> int:
 
     from ptd.students.graph import DerivationError, check_layers
 
-    every_names = sorted(torchvision.models.list_models(module=torchvision.models))
+    every = sorted(torchvision.models.list_models(module=torchvision.models))
+    out_json = Path(args.out).with_suffix(".json")
     if args.render:
-        res = json.loads(Path(args.out).with_suffix(".json").read_text())
-        args.cpu_budget = res.get("cpu_budget_s", args.cpu_budget)
-        _write(args, res["rows"], every_names, command=res["command"])
+        _write(json.loads(out_json.read_text()), every, Path(args.out))
         return 0
 
-    every = sorted(torchvision.models.list_models(module=torchvision.models))
     names = args.only or every
     rows = []
-    out_json = Path(args.out).with_suffix(".json")
-    previous = {}
-    if args.only and out_json.is_file():  # re-run some models: keep the others' rows from the last full run
-        previous = {r["model"]: r for r in json.loads(out_json.read_text())["rows"]}
+    previous = None
+    if args.only and out_json.is_file():  # re-run some models: the others keep their rows, and their run
+        previous = json.loads(out_json.read_text())
+        for key, flag in (("sparsity", "--sparsity"), ("round_to", "--round-to")):
+            if previous.get(key) != getattr(args, key):
+                print(f"tv_zoo: {out_json} was run with {flag} {previous.get(key)}, this run asks {getattr(args, key)}: its rows would not "
+                      f"compare; pass {flag} {previous.get(key)}, or run every model (no --only) to replace the table", file=sys.stderr)
+                return 2
+    run = _this_run(args, argv)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(HERE.parent) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     for i, name in enumerate(names):
         meta = _meta_model(name)
@@ -152,9 +160,50 @@ def main(argv=None) -> int:
         r = rows[-1]
         print(f"[{i + 1}/{len(names)}] {name}: {r['status']} "
               + (f"ratio {r['ratio_traced']:.3f}" if r["status"] == "derived" else r.get("reason", "")), flush=True)
-        merged = {**previous, **{r["model"]: r for r in rows}}
-        _write(args, [merged[n] for n in every if n in merged], every)
+        _write(merge(previous, run, rows, every), every, Path(args.out))
     return 0
+
+
+def _this_run(args, argv) -> dict:
+    """What the table says of a run: its command, machine, torch, budgets, date and code."""
+    import torch
+
+    from ptd.measure import cpu_name
+
+    git = ["git", "-C", str(HERE.parent)]
+    try:
+        code = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        if subprocess.run(git + ["status", "--porcelain", "--", "ptd", "benchmarks/tv_zoo.py"], capture_output=True, text=True).stdout.strip():
+            code += " with uncommitted changes"
+    except (OSError, subprocess.CalledProcessError):
+        code = "unknown"
+    return {"command": "python benchmarks/tv_zoo.py " + " ".join(sys.argv[1:] if argv is None else argv),
+            "sparsity": args.sparsity, "round_to": args.round_to, "cpu_budget_s": args.cpu_budget, "wall_budget_s": args.budget,
+            "cpu": cpu_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d", time.gmtime()), "code": code}
+
+
+RUN_KEYS = ("command", "cpu", "torch", "cpu_budget_s", "wall_budget_s", "date", "code")
+
+
+def merge(previous: dict | None, run: dict, rows: list[dict], every: list[str]) -> dict:
+    """The table after ``run`` gave ``rows``: a full run (no ``previous``) is the whole table; a
+    partial one replaces only its own rows. The top-level keys describe the run most rows came
+    from (the first full one), ``reruns`` each later partial run with the models it gave, in order;
+    a run none of whose rows is left is dropped."""
+    if previous is None:
+        res = dict(run)
+        res["rows"] = [r for n in every for r in rows if r["model"] == n]
+        return res
+    mine = {r["model"] for r in rows}
+    res = {k: v for k, v in previous.items() if k not in ("rows", "reruns")}
+    reruns = [{**rr, "models": [m for m in rr["models"] if m not in mine]} for rr in previous.get("reruns", [])]
+    reruns = [rr for rr in reruns if rr["models"]]
+    reruns.append({**{k: run[k] for k in RUN_KEYS}, "models": [n for n in every if n in mine]})
+    res["reruns"] = reruns
+    by_name = {r["model"]: r for r in previous["rows"]}
+    by_name.update({r["model"]: r for r in rows})
+    res["rows"] = [by_name[n] for n in every if n in by_name]
+    return res
 
 
 def _meta_model(name: str):
@@ -195,33 +244,40 @@ def _note(r: dict) -> str:
     return "; ".join(notes)
 
 
-def _write(args, rows, names, command: str | None = None) -> None:
-    import torch
-
-    from ptd.measure import cpu_name
-
-    res = {"command": command or "python benchmarks/tv_zoo.py " + " ".join(sys.argv[1:]), "sparsity": args.sparsity, "round_to": args.round_to,
-           "cpu_budget_s": args.cpu_budget, "wall_budget_s": args.budget, "cpu": cpu_name(), "torch": torch.__version__, "rows": rows}
-    out = Path(args.out)
+def _write(res: dict, names: list[str], out: Path) -> None:
+    rows = res["rows"]
+    reruns = res.get("reruns", [])
+    run_of = {m: i + 2 for i, rr in enumerate(reruns) for m in rr["models"]}  # run 1: the header's
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")
     lines = [
-        f"# torchvision classifiers -> ptd students (global magnitude to {args.sparsity}, random init, 10 classes)", "",
+        f"# torchvision classifiers -> ptd students (global magnitude to {res['sparsity']}, random init, 10 classes)", "",
         f"Command: `{res['command'].strip()}`  ",
-        f"Machine: {res['cpu']}, 1 thread per model, torch {res['torch']}; budget {args.cpu_budget:.0f} CPU seconds per model "
-        f"(build + prune + derive; {args.budget:.0f} s wall-clock at most), each in its own process.  ",
+        f"Machine: {res['cpu']}, 1 thread per model, torch {res['torch']}"
+        + (f", {res['date']}, code {res['code']}" if "date" in res else "")  # tables written before runs recorded them: neither
+        + f"; budget {res['cpu_budget_s']:.0f} CPU seconds per model "
+        f"(build + prune + derive; {res['wall_budget_s']:.0f} s wall-clock at most), each in its own process.  ",
         "Ratio: the student's Conv/Linear weights over the pruned teacher's surviving ones, over the layers of the traced "
         "(eval) forward pass; `all` counts every layer (training-only auxiliary heads are left as they are).", "",
+    ]
+    if reruns:
+        lines += ["Rows marked (run N) come from a later run with `--only`, not the one above; their timings were taken there:", ""] + [
+            f"- run {i + 2}: `{rr['command'].strip()}` on {rr['cpu']}, torch {rr['torch']}, {rr['date']}, code {rr['code']}, budget "
+            f"{rr['cpu_budget_s']:.0f} CPU s ({rr['wall_budget_s']:.0f} s wall): {', '.join(rr['models'])}."
+            for i, rr in enumerate(reruns)
+        ] + [""]
+    lines += [
         "| model | params | status | student / surviving (traced) | (all) | within 10% | clamped layers | derive s (wall) | CPU s (all) | note |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        model = r["model"] + (f" (run {run_of[r['model']]})" if r["model"] in run_of else "")
         if r["status"] == "derived":
             ok = "yes" if r["within_10pct"] else "NO"
-            lines.append(f"| {r['model']} | {r['params'] / 1e6:.1f}M | derived | {r['ratio_traced']:.3f} | {r['ratio_all']:.3f} | {ok} | "
+            lines.append(f"| {model} | {r['params'] / 1e6:.1f}M | derived | {r['ratio_traced']:.3f} | {r['ratio_all']:.3f} | {ok} | "
                          f"{r['clamped_layers']} | {r['derive_s']} | {r.get('cpu_s', '-')} | {_note(r)} |")
         else:
-            lines.append(f"| {r['model']} | {r['params'] / 1e6:.1f}M | {r['status']} | - | - | - | - | {r.get('derive_s', '-')} | - | {r['reason']} |")
+            lines.append(f"| {model} | {r['params'] / 1e6:.1f}M | {r['status']} | - | - | - | - | {r.get('derive_s', '-')} | - | {r['reason']} |")
     n = {s: sum(1 for r in rows if r["status"] == s) for s in ("derived", "refused", "timeout", "skipped", "failed")}
     ok = sum(1 for r in rows if r.get("within_10pct"))
     lines += ["", f"{len(rows)} of {len(names)} models: {n['derived']} derived ({ok} within 10%), {n['refused']} refused, "
