@@ -1045,3 +1045,28 @@ def test_a_blank_colour_channel_is_refused_and_a_nearly_blank_one_is_not(tmp_pat
     batch[b"data"][0, 3000] = 8  # one pixel of the last batch off: a spread, however small, is the data's own
     (d / "data_batch_5").write_bytes(pickle.dumps(batch, protocol=2))
     assert load_dataset("cifar10", str(tmp_path / "c"), val_fraction=0).std[2] > 0
+
+
+# ----------------------------------------------------------------------------- new-user trial (real formats)
+def test_a_class_folder_whose_name_is_not_utf8_trains_and_is_reused(tmp_path: Path, capsys):
+    """A class folder named in Latin-1 (b'caf\\xe9', as an old Windows zip extracts) reached Python as a
+    surrogate escape, and the data fingerprint's str.encode() raised: `ptd: internal error`, exit 1,
+    after the images were checked (new-user trial). Its bytes are hashed now; a second session reuses."""
+    root = write_imagefolder(tmp_path / "data")
+    for split in ("train", "val"):
+        os.rename(os.fsencode(root / split / "a"), os.fsencode(root / split) + b"/caf\xe9")
+    argv = ["train", config(tmp_path, "imagefolder", root), *FOLDER_FLAGS, "--out", str(tmp_path / "run")]
+    assert main(argv) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert "[reused] teacher" in capsys.readouterr().out
+
+
+def test_tiny_imagenet_under_a_folder_whose_name_is_not_utf8_loads_through_the_decode_cache(tmp_path: Path):
+    """The decode cache's key hashed each path with str.encode(), which raised on a Latin-1 folder
+    name (b'd\\xe9'): `ptd: internal error`, exit 1 (new-user trial)."""
+    t = write_tiny(tmp_path / "ti")
+    latin = Path(os.fsdecode(os.fsencode(tmp_path) + b"/d\xe9"))
+    t.parent.rename(latin)
+    s = load_dataset("tiny_imagenet", str(latin), cache_dir=str(tmp_path / "cache"))
+    assert len(s.test) == 2 and len(list((tmp_path / "cache").glob("tiny_imagenet_*.npy"))) == 2

@@ -88,7 +88,10 @@ def fingerprint(splits: Any, root: str | None = None) -> dict[str, Any]:
         h.update(labels_of(sp).contiguous().numpy())  # the buffer itself: tobytes() copied Tiny-ImageNet's 1.1 GB (review)
         if isinstance(sp, FolderSplit):
             folders = True
-            h.update("\n".join(os.path.relpath(p, root) if root else p for p, _ in sp.samples).encode())
+            # os.fsencode: the bytes the file system gave, so a name that is not UTF-8 (a Latin-1 folder
+            # name from an old archive, held as surrogate escapes) hashes instead of raising; UTF-8 names
+            # encode as before, so existing runs keep their fingerprint.
+            h.update(os.fsencode("\n".join(os.path.relpath(p, root) if root else p for p, _ in sp.samples)))
             sizes.update(np.array([_file_size(p) for p, _ in sp.samples], dtype=np.int64))
         else:
             h.update(sp.x.contiguous().numpy())

@@ -75,7 +75,7 @@ def _cache_key(paths: list[str]) -> str:
             st = os.stat(p)
         except OSError as e:
             raise path_error(p, e, _FIX) from None
-        h.update(f"{p}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+        h.update(os.fsencode(f"{p}\t{st.st_size}\t{st.st_mtime_ns}\n"))  # a non-UTF-8 path hashes its bytes
     return h.hexdigest()[:24]
 
 
