@@ -1070,3 +1070,70 @@ def test_tiny_imagenet_under_a_folder_whose_name_is_not_utf8_loads_through_the_d
     t.parent.rename(latin)
     s = load_dataset("tiny_imagenet", str(latin), cache_dir=str(tmp_path / "cache"))
     assert len(s.test) == 2 and len(list((tmp_path / "cache").glob("tiny_imagenet_*.npy"))) == 2
+
+
+APPLE_DOUBLE = b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        " + bytes(60)
+
+
+@pytest.mark.parametrize("fmt, where", [("imagefolder", "train/a/._0.png"),
+                                        ("tiny_imagenet", "tiny-imagenet-200/train/n01/images/._n01_0.png"),
+                                        ("tiny_imagenet", "tiny-imagenet-200/val/images/._val_0.png")])
+def test_macos_metadata_beside_the_images_is_named_as_such_with_the_command_that_removes_it(tmp_path: Path, capsys,
+                                                                                           fmt: str, where: str):
+    """A Mac copying images to a FAT disk or zip writes ._NAME beside each; it was refused as a damaged
+    image to replace ("cannot identify image file"), or for val/ as a test image with no annotation line
+    (new-user trial). A ._ name that is a real image still loads."""
+    root = write_imagefolder(tmp_path / "data") if fmt == "imagefolder" else write_tiny(tmp_path / "data").parent
+    bad = root / where
+    png(bad, seed=7)  # an image that happens to have such a name: no metadata, so it loads
+    if fmt == "imagefolder":
+        assert str(bad) in {p for p, _ in load_dataset(fmt, str(root), cache_dir=str(tmp_path / "cache")).train.samples}
+    bad.write_bytes(APPLE_DOUBLE)
+    line = train(tmp_path, capsys, fmt, root, cache_dir=str(tmp_path / "cache"))
+    top = root if fmt == "imagefolder" else root / "tiny-imagenet-200"
+    assert line == (f"ptd: error: {bad} is macOS metadata (an AppleDouble file: a Mac writes ._NAME beside each file it "
+                    f"copies to a disk or archive that cannot hold its attributes), not an image; delete every such "
+                    f"file: find {top} -name '._*' -type f -delete")
+
+
+def test_imagefolder_class_folders_spelled_in_two_unicode_forms_are_shown_apart(tmp_path: Path, capsys):
+    """train/ written on a Mac (NFD) and val/ elsewhere (NFC): the line read "missing ['café'], extra
+    ['café']", the same name twice to the eye (new-user trial)."""
+    root = write_imagefolder(tmp_path / "data", classes=("cafe\u0301", "b"))
+    (root / "val" / "cafe\u0301").rename(root / "val" / "caf\u00e9")
+    line = train(tmp_path, capsys, "imagefolder", root)
+    assert line == (f"ptd: error: class folder 'caf\u00e9' is spelled in two Unicode forms: train/ has 'cafe\\u0301' "
+                    f"(decomposed, NFD, as macOS writes), {root / 'val'} has 'caf\\xe9' (composed, NFC); rename one "
+                    f"split's folders to the other's form (convmv -r -f utf8 -t utf8 --nfc --notest {root})")
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_imagefolder_class_folder_that_is_a_dangling_link_is_refused_not_dropped(tmp_path: Path, capsys, split: str):
+    """Path.is_dir() says False for a link to nothing, and the class left the split without a word:
+    `ptd train` trained on the other classes (new-user trial)."""
+    root = write_imagefolder(tmp_path / "data", classes=("a", "b", "c"))
+    shutil.rmtree(root / split / "c")
+    (root / split / "c").symlink_to(tmp_path / "unmounted" / "c")
+    line = train(tmp_path, capsys, "imagefolder", root)
+    assert line == (f"ptd: error: {root / split / 'c'} is a symbolic link to {str(tmp_path / 'unmounted' / 'c')!r}, "
+                    f"which leads to no folder: its class would be left out; fix the link, or remove it")
+
+
+def test_tiny_imagenet_train_class_folder_missing_from_wnids_is_refused_not_dropped(tmp_path: Path, capsys):
+    t = write_tiny(tmp_path / "ti", wnids=("n01", "n02", "n03"))
+    (t / "wnids.txt").write_text("n01\nn02\n")
+    (t / "val" / "val_annotations.txt").write_text("val_0.png\tn01\nval_1.png\tn02\n")
+    (t / "val" / "images" / "val_2.png").unlink()
+    line = train(tmp_path, capsys, "tiny_imagenet", t.parent, cache_dir=str(tmp_path / "cache"))
+    assert line == (f"ptd: error: Tiny-ImageNet class folder {t / 'train' / 'n03'} is not listed in {t / 'wnids.txt'}: "
+                    f"its images would be left out of training; add its wnid to wnids.txt (and its val images to "
+                    f"val_annotations.txt), or move the folder out of train/")
+
+
+def test_tiny_imagenet_val_annotation_naming_an_unlisted_class_says_so(tmp_path: Path, capsys):
+    """It read "malformed line 2 ... (need file<TAB>wnid from wnids.txt)", for a line whose tabs were right."""
+    t = write_tiny(tmp_path / "ti", val_lines=["val_0.png\tn01\t0\t0\t1\t1", "val_1.png\tn09\t0\t0\t1\t1"])
+    line = train(tmp_path, capsys, "tiny_imagenet", t.parent, cache_dir=str(tmp_path / "cache"))
+    assert line == (f"ptd: error: line 2 of {t / 'val' / 'val_annotations.txt'} gives 'val_1.png' the class 'n09', which "
+                    f"{t / 'wnids.txt'} does not list (2 classes); add the class to wnids.txt (with its "
+                    f"train/n09/images/), or remove the line and its image, or re-extract tiny-imagenet-200.zip")

@@ -383,12 +383,40 @@ def _check_jpeg_end(path: str) -> None:
             raise OSError(f"the JPEG data stops short of its end marker (file cut short at {size:,} bytes)")
 
 
-def image_file(path: str, fix: str) -> bool:
+# The first 4 bytes of an AppleDouble file (Apple's "._NAME" companion of NAME, holding its
+# Finder attributes), and of its AppleSingle sibling.
+_APPLE_MAGIC = (b"\x00\x05\x16\x07", b"\x00\x05\x16\x00")
+
+
+def apple_double(path: str, root: str | Path | None = None) -> None:
+    """A one-line ``DataError`` if ``path`` is macOS metadata under an image's name: a Mac copying
+    ``x.jpg`` to a disk that cannot hold its attributes (FAT, exFAT, a network share, a zip made
+    there) writes ``._x.jpg`` beside it. Read as an image it failed with "cannot identify image
+    file; replace the file" (new-user trial): there is no image to replace, the fix is deleting
+    every such file. Only ``._`` names are opened (4 bytes), and only those with Apple's magic are
+    refused: a real image that happens to be named ``._x.jpg`` loads."""
+    name = os.path.basename(path)
+    if not name.startswith("._"):
+        return
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return  # unreadable: the image check names it with its reason
+    if head in _APPLE_MAGIC:
+        where = str(root) if root is not None else os.path.dirname(path)
+        raise DataError(f"{path} is macOS metadata (an AppleDouble file: a Mac writes ._NAME beside each file it copies "
+                        f"to a disk or archive that cannot hold its attributes), not an image; delete every such file: "
+                        f"find {where} -name '._*' -type f -delete")
+
+
+def image_file(path: str, fix: str, root: str | Path | None = None) -> bool:
     """True if ``path``, an image-named entry of a class folder, is a file to load; False for a folder.
 
     Not ``os.path.isfile``/``Path.is_file``: they say False for a symlink loop or a link to nothing, and
     the image dropped out of its class without a word. Whatever else is there and cannot be read as a
-    file (a FIFO would block the image check forever) is a one-line ``DataError`` naming it."""
+    file (a FIFO would block the image check forever) is a one-line ``DataError`` naming it, and so is
+    a macOS ``._`` metadata file (``apple_double``; ``root``: the folder its fix cleans)."""
     try:
         st = os.stat(path)
     except OSError as e:
@@ -402,6 +430,7 @@ def image_file(path: str, fix: str) -> bool:
     if not stat.S_ISREG(st.st_mode):
         raise DataError(f"{path} is not a regular file (a FIFO, socket or device), expected an image; remove it, "
                         f"or {fix}")
+    apple_double(path, root)
     return True
 
 

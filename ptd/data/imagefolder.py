@@ -6,6 +6,7 @@ DataLoader workers. ``root/val`` becomes the test split; validation is carved fr
 from __future__ import annotations
 
 import os
+import unicodedata
 from pathlib import Path
 
 from ptd.data.base import DATASETS, DataError, FolderSplit, RawDataset, image_file, path_error, probe_dir, probe_root
@@ -22,7 +23,7 @@ def scan_split(folder: Path, classes: list[str] | None = None) -> tuple[list[str
     if not probe_dir(folder, _FIX):
         raise DataError(f"image folder not found: {folder}; {_FIX}")
     try:
-        found = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+        found = sorted(p.name for p in folder.iterdir() if not p.name.startswith(".") and _class_dir(p))
     except OSError as e:  # e.g. a folder without read permission
         raise path_error(folder, e, _FIX) from None
     if not found:
@@ -32,6 +33,21 @@ def scan_split(folder: Path, classes: list[str] | None = None) -> tuple[list[str
     elif found != classes:
         missing = sorted(set(classes) - set(found))
         extra = sorted(set(found) - set(classes))
+        nfc = {unicodedata.normalize("NFC", c) for c in missing} & {unicodedata.normalize("NFC", c) for c in extra}
+        if nfc:
+            # macOS writes names decomposed (NFD: e + U+0301), most other tools composed (NFC: U+00E9): the
+            # same name to the eye, another to the file system. The list above printed "missing ['café'],
+            # extra ['café']" (new-user trial); ascii() shows the two spellings apart.
+            name = sorted(nfc)[0]
+            tr = next(c for c in classes if unicodedata.normalize("NFC", c) == name)
+            va = next(c for c in found if unicodedata.normalize("NFC", c) == name)
+            raise DataError(
+                f"class folder {name!r} is spelled in two Unicode forms: train/ has {ascii(tr)} "
+                f"({_form(tr)}), {folder} has {ascii(va)} ({_form(va)})"
+                + (f", and {len(nfc) - 1} more name(s) so" if len(nfc) > 1 else "")
+                + f"; rename one split's folders to the other's form (convmv -r -f utf8 -t utf8 --nfc --notest "
+                  f"{folder.parent})"
+            )
         raise DataError(
             f"class folders in {folder} differ from train: missing {missing[:5]}, extra {extra[:5]}; "
             f"make train/ and val/ hold the same class folders"
@@ -44,6 +60,29 @@ def scan_split(folder: Path, classes: list[str] | None = None) -> tuple[list[str
             raise DataError(f"class folder has no images: {cdir}; add images ({', '.join(sorted(_EXTS))}) or remove it")
         samples += [(f, i) for f in files]
     return classes, samples
+
+
+def _form(name: str) -> str:
+    """Which Unicode normalization form ``name`` is written in, for a message."""
+    if unicodedata.is_normalized("NFC", name):
+        return "composed, NFC"
+    return "decomposed, NFD, as macOS writes" if unicodedata.is_normalized("NFD", name) else "mixed"
+
+
+def _class_dir(p: Path) -> bool:
+    """Whether the entry ``p`` of a split folder is a class folder. ``Path.is_dir`` says False for a
+    symbolic link that leads nowhere, and the class left the dataset without a word (new-user
+    trial: a train/ link to an unmounted disk trained on the other classes); it is refused."""
+    if p.is_dir():
+        return True
+    if p.is_symlink() and not p.exists():
+        try:
+            target = repr(os.readlink(p))
+        except OSError:
+            target = "a path"
+        raise DataError(f"{p} is a symbolic link to {target}, which leads to no folder: its class would be left out; "
+                        f"fix the link, or remove it")
+    return False
 
 
 # Other names datasets and tools give the two splits. The loader reads only train/ and val/ (no alias is
@@ -87,7 +126,7 @@ def _image_files(cdir: Path) -> list[str]:
     try:
         for dirpath, _, names in os.walk(cdir, onerror=refuse):
             files += [os.path.join(dirpath, n) for n in names if os.path.splitext(n)[1].lower() in _EXTS]
-        return sorted(f for f in files if image_file(f, _FIX))
+        return sorted(f for f in files if image_file(f, _FIX, cdir.parent.parent))
     except OSError as e:
         raise path_error(cdir, e, _FIX) from None
 

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ptd.data.base import (DATASETS, DataError, FolderSplit, RawDataset, Split, check_cache_dir, check_raw, image_file,
-                           one_layout, path_error, probe_dir, probe_file, probe_root, to_rgb)
+from ptd.data.base import (DATASETS, DataError, FolderSplit, RawDataset, Split, apple_double, check_cache_dir, check_raw,
+                           image_file, one_layout, path_error, probe_dir, probe_file, probe_root, to_rgb)
 from ptd.io import dead_writer, writer_tag
 
 FOLDER = "tiny-imagenet-200"
@@ -207,10 +207,10 @@ def _read_wnids(path: Path) -> list[str]:
     return wnids
 
 
-def _images_in(folder: Path) -> list[str]:
+def _images_in(folder: Path, root: Path) -> list[str]:
     try:
         # image_file, not Path.is_file, which drops a symlink loop or a dangling link without a word.
-        return sorted(str(p) for p in folder.iterdir() if p.suffix.lower() in _EXTS and image_file(str(p), _FIX))
+        return sorted(str(p) for p in folder.iterdir() if p.suffix.lower() in _EXTS and image_file(str(p), _FIX, root))
     except OSError as e:  # e.g. a folder without read permission
         raise DataError(f"cannot list Tiny-ImageNet folder {folder} ({type(e).__name__}: {e}); {_FIX}") from None
 
@@ -238,11 +238,25 @@ def load_tiny_imagenet(root: str | None, *, download: bool = False, cache_dir: s
         cdir = folder / "train" / w / "images"
         if not probe_dir(cdir, _FIX):
             raise DataError(f"Tiny-ImageNet class folder not found: {cdir}; {_FIX}")
-        files = _images_in(cdir)
+        files = _images_in(cdir, folder)
         if not files:
             raise DataError(f"Tiny-ImageNet class folder is empty: {cdir}; {_FIX}")
         train_paths += files
         train_labels += [index[w]] * len(files)
+
+    # A class folder in train/ that wnids.txt does not list was left out of training without a word
+    # (new-user trial), as an unlisted val image was before (below).
+    try:
+        unlisted_classes = sorted(p.name for p in (folder / "train").iterdir()
+                                  if p.name not in index and not p.name.startswith(".") and p.is_dir())
+    except OSError:
+        unlisted_classes = []  # each listed class folder was found above; only this check is lost
+    if unlisted_classes:
+        raise DataError(f"Tiny-ImageNet class folder {folder / 'train' / unlisted_classes[0]} is not listed in "
+                        f"{folder / 'wnids.txt'}"
+                        + (f" (nor {len(unlisted_classes) - 1} more)" if len(unlisted_classes) > 1 else "")
+                        + f": its images would be left out of training; add its wnid to wnids.txt (and its val "
+                          f"images to val_annotations.txt), or move the folder out of train/")
 
     ann = folder / "val" / "val_annotations.txt"
     if not probe_file(ann, _FIX):
@@ -254,6 +268,13 @@ def load_tiny_imagenet(root: str | None, *, download: bool = False, cache_dir: s
         if not line.strip():
             continue
         parts = line.split("\t")
+        if len(parts) >= 2 and parts[1] not in index and _plain_name(parts[1]):
+            # A well-formed line naming a class wnids.txt lacks read "malformed line ... (need file<TAB>wnid
+            # from wnids.txt)", which sent the user looking at the tabs (new-user trial).
+            raise DataError(f"line {n} of {ann} gives {parts[0][:80]!r} the class {parts[1][:80]!r}, which "
+                            f"{folder / 'wnids.txt'} does not list ({len(wnids)} classes); add the class to wnids.txt (with "
+                            f"its train/{parts[1][:80]}/images/), or remove the line and its image, or re-extract "
+                            f"tiny-imagenet-200.zip")
         if len(parts) < 2 or parts[1] not in index:
             raise DataError(f"malformed line {n} in {ann}: {line[:80]!r} (need file<TAB>wnid from wnids.txt); {_FIX}")
         if not _plain_name(parts[0]):
@@ -276,6 +297,8 @@ def load_tiny_imagenet(root: str | None, *, download: bool = False, cache_dir: s
         unlisted = sorted(f for f in os.listdir(folder / "val" / "images") if f not in seen and Path(f).suffix.lower() in _EXTS)
     except OSError:
         unlisted = []  # the listed files were each found above; only a hint is lost
+    for f in unlisted:  # a Mac's ._NAME metadata is no test image left out: named as what it is
+        apple_double(str(folder / "val" / "images" / f), folder)
     if unlisted:
         raise DataError(f"Tiny-ImageNet test image {folder / 'val' / 'images' / unlisted[0]} has no line in {ann}"
                         + (f" (nor {len(unlisted) - 1} more)" if len(unlisted) > 1 else "")
