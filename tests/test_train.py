@@ -211,6 +211,37 @@ def test_a_checkpoint_of_another_class_count_says_the_data_sets_it(tmp_path):
         ckpt.load_into(build("tv:resnet18", 5, 3), tmp_path / "r34.pt", "teacher")
 
 
+def test_a_torchvision_state_dict_given_for_ptds_model_of_the_same_name_names_the_one_it_fits(tmp_path):
+    """torchvision's resnet18 weights with `arch: resnet18` (ptd's CIFAR-stem ResNet) read "1 shape
+    mismatches; 18 missing keys; 18 unexpected keys; set the teacher's model to the one the checkpoint
+    was trained with" (new-user trial): the file fits tv:resnet18 exactly, and now the line says so;
+    the other way round too. A file of neither keeps the old line."""
+    from ptd.models import build_model as build
+
+    torch.save(build("tv:resnet18", 10, 3).state_dict(), tmp_path / "tv.pt")
+    with pytest.raises(ckpt.CheckpointError) as e:
+        ckpt.load_into(build("resnet18", 10, 3), tmp_path / "tv.pt", "teacher")
+    assert str(e.value).startswith(f"{tmp_path / 'tv.pt'}: does not fit the teacher architecture resnet18 (1 shape mismatches")
+    assert str(e.value).endswith("but fits tv:resnet18, torchvision's model of that name, exactly; set teacher.model.arch=tv:resnet18")
+    ckpt.save_model(tmp_path / "ptd.safetensors", build("resnet18", 10, 3))
+    with pytest.raises(ckpt.CheckpointError, match=r"but fits resnet18, ptd's own model of that name, exactly; set "
+                                                   r"teacher.model.arch=resnet18$"):
+        ckpt.load_into(build("tv:resnet18", 10, 3), tmp_path / "ptd.safetensors", "teacher")
+    with pytest.raises(ckpt.CheckpointError, match=r"; set the teacher's model \(arch/width/kwargs\) to the one"):
+        ckpt.load_into(build("resnet34", 10, 3), tmp_path / "tv.pt", "teacher")
+
+
+def test_a_state_dict_with_extra_tensors_asks_for_the_models_own_weights_not_another_arch(tmp_path):
+    """Every weight of the model plus an auxiliary head's: the line asked to change the architecture."""
+    m = build_model("vgg", 10, 3, plan=[8, "M", 16])
+    torch.save({**m.state_dict(), "aux.weight": torch.zeros(3), "aux.bias": torch.zeros(3)}, tmp_path / "x.pt")
+    with pytest.raises(ckpt.CheckpointError) as e:
+        ckpt.load_into(build_model("vgg", 10, 3, plan=[8, "M", 16]), tmp_path / "x.pt", "teacher")
+    assert str(e.value) == (f"{tmp_path / 'x.pt'}: holds every weight of the teacher architecture vgg, and tensors it does "
+                            f"not have (2, first: aux.weight); save only the model's own weights (torch.save(model.state_dict()) "
+                            f"of the model without them), or set the teacher's model to one that has them")
+
+
 def test_torch_checkpoint_loaded_weights_only(tmp_path):
     m = build_model("vgg", 10, 3, plan=[8])
     torch.save({"state_dict": {f"module.{k}": v for k, v in m.state_dict().items()}}, tmp_path / "ok.pt")

@@ -622,6 +622,28 @@ def _head_only(model: nn.Module, sd: dict, own: dict, missing: list, unexpected:
     return layer, int(ws[0][0].shape[0]), int(ws[0][1].shape[0])
 
 
+def _namesake(model: nn.Module, sd: dict) -> str | None:
+    """The other of ptd's and torchvision's model of the same name (``resnet18`` and ``tv:resnet18``)
+    when the file fits it exactly, else None. A torchvision ResNet-18's state dict given for
+    ``arch: resnet18`` was told "1 shape mismatches; 18 missing keys; 18 unexpected keys; set the
+    teacher's model to the one the checkpoint was trained with" (new-user trial): it was trained
+    with the name the user had set, of the other library. Built only on this error path."""
+    from ptd.models import build_model
+
+    spec = getattr(model, "ptd_spec", None)
+    if not isinstance(spec, dict) or not isinstance(spec.get("arch"), str):
+        return None
+    arch = spec["arch"]
+    other = arch[3:] if arch.startswith("tv:") else f"tv:{arch}"
+    try:
+        twin = build_model(other, num_classes=spec["num_classes"], in_channels=spec.get("in_channels", 3),
+                           width=spec.get("width", 1.0)).state_dict()
+    except Exception:  # no such model in the other library, or it takes no such width: no hint
+        return None
+    fits = twin.keys() == sd.keys() and all(twin[k].shape == sd[k].shape for k in twin)
+    return other if fits else None
+
+
 def load_into(model: nn.Module, path: str | Path, what: str = "model") -> None:
     """Load weights into ``model``, or raise a one-line CheckpointError saying what does not fit."""
     model = unwrap(model)
@@ -645,6 +667,25 @@ def load_into(model: nn.Module, path: str | Path, what: str = "model") -> None:
                 f"{path}: its classifier ({head[0]}) has {head[1]} outputs, but the data has {head[2]} classes (ptd takes the "
                 f"class count from the data; the rest of the {what} fits {arch}); give a checkpoint trained on this data's "
                 f"{head[2]} classes (a pretrained model fine-tuned with a new {head[2]}-class head first), or train the {what} here"
+            )
+        twin = _namesake(model, sd)
+        if twin is not None:
+            lib = "torchvision's" if twin.startswith("tv:") else "ptd's own"
+            raise CheckpointError(
+                f"{path}: does not fit the {what} architecture {arch} ({'; '.join(detail)}), but fits {twin}, {lib} "
+                f"model of that name, exactly; "
+                + (f"set teacher.model.arch={twin}" if what == "teacher" else f"build the {what} as {twin}")
+            )
+        children = {n for n, _ in model.named_children()}
+        if unexpected and not missing and not wrong and not {k.partition(".")[0] for k in unexpected} & children:
+            # Every weight the model has is in the file, with its shape, and the rest sits under modules
+            # the model does not have (an auxiliary head, an EMA copy): the fix is the file, not another
+            # architecture (which the line below asks for). Extra tensors inside the model's own modules
+            # (a ResNet-34's layer1.2 given for a ResNet-18) are another architecture: the line below.
+            raise CheckpointError(
+                f"{path}: holds every weight of the {what} architecture {arch}, and tensors it does not have "
+                f"({len(unexpected)}, first: {clip_words(unexpected[0], 120)}); save only the model's own weights "
+                f"(torch.save(model.state_dict()) of the model without them), or set the {what}'s model to one that has them"
             )
         raise CheckpointError(
             f"{path}: does not fit the {what} architecture {arch}{_file_arch(path)}: {'; '.join(detail)}; "
