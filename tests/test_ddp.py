@@ -104,6 +104,9 @@ def test_torchrun_runs_the_whole_pipeline_and_says_things_once(tmp_path, tiny_fa
         assert (out / f).is_file(), f
     assert r.stdout.count("# ") >= 1 and r.stdout.count((out / "report.md").read_text().splitlines()[0]) == 1
     assert len(json.loads((out / "results.json").read_text())["students"]) == 2
+    # The [plan] line and "done in" came from every rank (new-user trial: each twice at 2 processes).
+    said = r.stdout + r.stderr
+    assert said.count("[plan] ") == 1 and said.count("done in ") == 1, said[-3000:]
     before = sorted(x.name for x in out.iterdir())
     r = _torchrun("run", str(p), "--out", str(out), "--set", "teacher.optim.bogus=1")
     errors = [line for line in r.stderr.splitlines() if line.startswith("ptd: error:")]

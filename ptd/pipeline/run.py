@@ -129,6 +129,7 @@ def plan_line(cfg: RunConfig, until: str, arms: Sequence[str], run_dir: Path | N
 
 
 def _run_stages(ctx: Context, until: str, arms: Sequence[str] | None, log: Callable[[str], None], t0: float) -> dict:
+    log = ctx.log  # rank 0's alone under torchrun: the [plan] line and "done in" came once per rank
     cfg = ctx.cfg
     arms = list(arms or cfg.distill.arms)
     log(plan_line(cfg, until, arms, ctx.run_dir))
