@@ -466,7 +466,10 @@ def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
     if origin is tuple:
         (elem, _) = typing.get_args(tp)
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key} ({source}): expected a list, got {_shown(value)}; write e.g. [1, 2]")
+            # An example of the list's own kind: distill.arms=scratch was told "write e.g. [1, 2]" (new-user trial).
+            example = "[1, 2]" if elem in (int, float) else f"[{value}]" if isinstance(value, str) and value else "[a, b]"
+            got = "no value (null)" if value is None else repr(value)
+            raise ConfigError(f"{key} ({source}): expected a list, got {got}; write e.g. {example}")
         return tuple(_coerce(elem, v, f"{key}[{i}]", source) for i, v in enumerate(value))
     if tp is dict or origin is dict:
         if not isinstance(value, dict):

@@ -455,3 +455,18 @@ def test_a_sweep_says_what_it_will_train_before_it_starts():
     assert f"up to {total} epochs of training in all" in line
     n_keys = sum(a in c.distill.arms for a in ("scratch", "unpruned_teacher")) + len(c.sweep.strategies) * len(c.sweep.sparsities)
     assert plan["students"] == (n_keys * len(c.distill.seeds), c.distill.optim.epochs)
+
+
+@pytest.mark.parametrize("setting, line", [
+    ("distill.arms=scratch", "distill.arms (command line): expected a list, got 'scratch'; write e.g. [scratch]"),
+    ("sweep.strategies=gmp", "sweep.strategies (command line): expected a list, got 'gmp'; write e.g. [gmp]"),
+    ("teacher.optim.milestones=null", "teacher.optim.milestones (command line): expected a list, got no value (null); "
+                                      "write e.g. [1, 2]"),
+    ("teacher.optim.milestones=3", "teacher.optim.milestones (command line): expected a list, got 3; write e.g. [1, 2]"),
+])
+def test_a_list_key_given_one_value_shows_a_list_of_its_own_kind(setting: str, line: str):
+    """distill.arms=scratch was told "write e.g. [1, 2]", numbers for a list of arm names, and
+    milestones=null "write one after the key; write e.g. [1, 2]" (new-user trial)."""
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [setting])
+    assert str(e.value) == line
