@@ -691,3 +691,14 @@ def test_a_count_of_one_is_said_in_the_singular():
         r = {**base, "students": students, **summarize(students), "retrained_teacher": {**base["retrained_teacher"], "epochs": n}}
         assert f"Each distilled student trained {n} {word} (the paper" in worse_than_alone_note(r)
         assert f"| unpruned teacher retrained {n} more {word} (control) |" in render_markdown(r)
+
+
+def test_a_detectable_difference_past_100_points_is_not_offered_as_one():
+    """Per-seed differences +7 and +30 points (2 seeds, a tiny Tiny-ImageNet run): the verdict said a real
+    difference "is called 4 times in 5 only from about 187.84 points", a difference two accuracies cannot
+    have (new-user trial)."""
+    wide = verdict(paired_estimate([0.07, 0.30]), "pruned_teacher", "unpruned_teacher")
+    assert ("at 2 seeds and this spread, no real difference is called 4 times in 5 (it would take about 188 points, "
+            "past the 100 a difference of accuracies can reach) (not called is not no difference)") in wide
+    narrow = verdict(paired_estimate([0.01, 0.02, -0.01]), "pruned_teacher", "unpruned_teacher")
+    assert "a real difference is called 4 times in 5 only from about" in narrow

@@ -177,9 +177,14 @@ def verdict(est: dict[str, Any], a: str, b: str) -> str:
         # What "not called" can rule out: a real difference as large as this is called 4 times in 5
         # at this n and this spread (stats.detectable; at 5 seeds and sd 0.5 points a real 0.5-point
         # difference is called 40% of the time: statistics audit).
+        need = 100 * detectable(est["n"]) * est["sd"]
+        # Past 100 points no difference between two accuracies exists: "called 4 times in 5 only from
+        # about 187.84 points" read as if one might be (new-user trial, 2 seeds on a tiny dataset).
+        reach = (f"a real difference is called 4 times in 5 only from about {need:.2f} points" if need <= 100 else
+                 f"no real difference is called 4 times in 5 (it would take about {need:.0f} points, past the 100 a "
+                 f"difference of accuracies can reach)")
         few = ((few if est.get("teachers", 1) > 1 else "") +  # "n counts teachers here" still needs saying
-               f"; at {est['n']} {unit}s and this spread, a real difference is called 4 times in 5 only from about "
-               f"{100 * detectable(est['n']) * est['sd']:.2f} points (not called is not no difference)")
+               f"; at {est['n']} {unit}s and this spread, {reach} (not called is not no difference)")
     if flat:
         # Every pair gave the same difference (accuracies count whole test images, so with few
         # seeds ties happen): the t interval estimates no spread, and the sign-flip test that then
