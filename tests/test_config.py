@@ -87,6 +87,9 @@ def test_bad_configs_name_key_and_fix(tmp_path, text, words):
     ("distill: {loss: [kd, fancy]}", ["distill.loss", "fancy", "kd"]),
     ("distill: {loss: [kd, at], options: {at: {teacher_layers: [features.99]}}}",
      ["distill.options.at", "'features.99'", "not a module of the teacher", "nearest: features.9"]),
+    # at's default layers are ptd's ResNet stage names: on a VGG the line names the key the user never set
+    ("distill: {loss: [kd, at]}", ["distill.options.at.teacher_layers: layer 'layer1' (its default: the config does not "
+                                   "set distill.options.at.teacher_layers) is not a module of the teacher", "set it to"]),
     ("distill: {options: {kd: {beta: 1}}}", ["distill.options.kd.beta", "unknown key", "alpha, temperature"]),
     ("distill: {options: {kd: {temperature: 0}}}", ["distill.options.kd", "temperature", "> 0"]),
     ("distill: {options: {ce: {}}}", ["distill.options.ce", "not in distill.loss"]),

@@ -2,6 +2,7 @@
 starts (the config module itself imports no plugin)."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from ptd.config import ConfigError, ModelConfig, RunConfig
@@ -81,8 +82,17 @@ def check_layers(cfg: RunConfig, opts: dict[str, Any]) -> None:
             return
         near = difflib.get_close_matches(layer, valid, n=4, cutoff=0.4)
         hint = f"nearest: {', '.join(near)}" if near else f"e.g. {', '.join(valid[:4])}"
-        raise ConfigError(f"distill.options.{loss}: layer {layer!r} is not a module of the {side} ({hint}; or {PENULTIMATE}); "
-                          f"name one of its modules" + (", or map it with distill.layer_map" if side == "student" else ""))
+        # The option that holds the layer, and whether the config set it: distill.loss=[kd, at] on a VGG
+        # was refused for at's default 'layer1' (ptd's ResNet stage names), a layer the user never wrote,
+        # with no key named to set (new-user trial).
+        key = next((f.name for f in dataclasses.fields(opts[loss]) if f.name.startswith(side) and "layer" in f.name
+                    and layer in (lambda v: v if isinstance(v, (tuple, list)) else (v,))(getattr(opts[loss], f.name))), None)
+        given = cfg.distill.options.get(loss) or {}
+        where = f"distill.options.{loss}" + (f".{key}" if key else "")
+        default = f" (its default: the config does not set {where})" if key and key not in given else ""
+        raise ConfigError(f"{where}: layer {layer!r}{default} is not a module of the {side} ({hint}; or {PENULTIMATE}); "
+                          f"{'set it to' if key else 'name'} one of its modules"
+                          + (", or map it with distill.layer_map" if side == "student" else ""))
 
     t_names = names_of(cfg.teacher.model)
     s_names = names_of(cfg.student.model) if cfg.student.source == "named" else t_names
