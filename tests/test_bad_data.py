@@ -1137,3 +1137,20 @@ def test_tiny_imagenet_val_annotation_naming_an_unlisted_class_says_so(tmp_path:
     assert line == (f"ptd: error: line 2 of {t / 'val' / 'val_annotations.txt'} gives 'val_1.png' the class 'n09', which "
                     f"{t / 'wnids.txt'} does not list (2 classes); add the class to wnids.txt (with its "
                     f"train/n09/images/), or remove the line and its image, or re-extract tiny-imagenet-200.zip")
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+def test_a_cifar_archive_left_unextracted_in_data_root_is_named_with_its_tar_command(tmp_path: Path, capsys, name: str):
+    """The downloaded archive beside no extracted folder read only "CIFAR-10 folder not found: ...; set data.root to
+    the folder holding cifar-10-batches-py/" (new-user trial)."""
+    import tarfile
+
+    src = write_cifar10(tmp_path / "src")
+    root = tmp_path / "data"
+    root.mkdir()
+    tgz = root / ("cifar-10-python.tar.gz" if name == "cifar10" else "cifar-100-python.tar.gz")
+    with tarfile.open(tgz, "w:gz") as t:
+        t.add(src, arcname=src.name)
+    line = train(tmp_path, capsys, name, root)
+    folder = root / ("cifar-10-batches-py" if name == "cifar10" else "cifar-100-python")
+    assert line.endswith(f"folder not found: {folder}; found the archive {tgz} there, not extracted: tar xzf {tgz} -C {root}")

@@ -206,6 +206,16 @@ def _not_found(key: str, root: str | None, download: bool, cache: Path) -> str:
         if found is not None:
             return (f"{s['pretty']} folder not found: {where}; found {o['pretty']} there ({found}): set "
                     f"data.name={_OTHER[key]} to train on it, or {fix}")
+        # The archive downloaded but not extracted is the usual first try: the line named only the
+        # folder it lacks (new-user trial). The official archive names: cifar-10-python.tar.gz, cifar-100-python.tar.gz.
+        tgz = Path(root).expanduser() / f"{s['folder'].removesuffix('-batches-py').removesuffix('-python')}-python.tar.gz"
+        try:
+            archive = tgz.is_file()
+        except OSError:  # only a hint
+            archive = False
+        if archive:
+            return (f"{s['pretty']} folder not found: {where}; found the archive {tgz} there, not extracted: "
+                    f"tar xzf {tgz} -C {tgz.parent}")
     return f"{s['pretty']} folder not found: {where}; {fix}"
 
 
