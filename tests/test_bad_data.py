@@ -1154,3 +1154,15 @@ def test_a_cifar_archive_left_unextracted_in_data_root_is_named_with_its_tar_com
     line = train(tmp_path, capsys, name, root)
     folder = root / ("cifar-10-batches-py" if name == "cifar10" else "cifar-100-python")
     assert line.endswith(f"folder not found: {folder}; found the archive {tgz} there, not extracted: tar xzf {tgz} -C {root}")
+
+
+def test_a_damaged_tiny_imagenet_test_image_says_its_annotation_line_goes_with_it(tmp_path: Path, tmp_path_factory,
+                                                                                   capsys):
+    """The line said "or remove a training image" for a val/ image too (new-user trial). (The train split is
+    decoded and cached before the test split: the cache lives outside the folder ``train`` checks.)"""
+    t = write_tiny(tmp_path / "ti")
+    bad = t / "val" / "images" / "val_1.png"
+    bad.write_bytes(bad.read_bytes()[:60])
+    line = train(tmp_path, capsys, "tiny_imagenet", t.parent, cache_dir=str(tmp_path_factory.mktemp("cache")))
+    assert line.startswith(f"ptd: error: cannot decode image {bad}: ")
+    assert line.endswith("or remove it before a run starts on this data (and its line in val/val_annotations.txt)")

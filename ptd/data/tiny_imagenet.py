@@ -37,11 +37,19 @@ def _decode(path: str) -> torch.Tensor:
             arr = np.asarray(to_rgb(im))
     except Exception as e:  # corrupt, truncated, unreadable: this decode touches every pixel, so it finds them all
         raise DataError(f"cannot decode image {path}: {type(e).__name__}: {e}; replace the file (re-extract "
-                        f"tiny-imagenet-200.zip), or remove a training image before a run starts on this data") from None
+                        f"tiny-imagenet-200.zip), or remove it before a run starts on this data"
+                        # a val image also has its line: "remove a training image" read as if only those could go
+                        + (" (and its line in val/val_annotations.txt)" if _in_val(path) else "")) from None
     img = torch.from_numpy(arr.copy()).permute(2, 0, 1)  # HWC -> CHW
     if tuple(img.shape) != (3, SIZE, SIZE):
         raise DataError(f"image {path} is {tuple(img.shape[1:])} pixels, expected {SIZE}x{SIZE}; {_FIX}")
     return img
+
+
+def _in_val(path: str) -> bool:
+    """Whether ``path`` is a test image (tiny-imagenet-200/val/images/NAME)."""
+    p = Path(path)
+    return p.parent.name == "images" and p.parent.parent.name == "val"
 
 
 def decode_all(paths: list[str], workers: int | None = None) -> torch.Tensor:
