@@ -462,11 +462,25 @@ def _session(path: str | Path, threads: int = 1):
 @torch.no_grad()
 def check_onnx(model: nn.Module, path: str | Path, images: torch.Tensor) -> float:
     """Max absolute difference between PyTorch's and onnxruntime's logits on ``images`` (fp32)."""
+    return onnx_difference(model, path, images)[0]
+
+
+def onnx_difference(model: nn.Module, path: str | Path, images: torch.Tensor) -> tuple[float, float]:
+    """(max absolute difference between PyTorch's and onnxruntime's logits on ``images``, the same
+    per image in units of that image's largest |logit| where it exceeds 1, the worst image's), fp32.
+
+    The second is what ``export`` holds to ``TOLERANCE``: fp32 rounds larger values coarser. A
+    tv:resnet18 student trained 1 epoch, whose logits reached 259,885 on the test images, differed
+    from its ONNX file by 4.7e-2 (1.8e-7 of that) and its export was refused as a mismatch, "report
+    the model" (new-user trial). Per image, so one image's large logits do not loosen another's."""
     model = copy.deepcopy(model).eval().float().cpu()
     images = images.float().cpu().contiguous()
-    ref = model(images)
+    with torch.no_grad():
+        ref = model(images)
     got = _session(path).run(["logits"], {"images": images.numpy()})[0]
-    return float((ref - torch.from_numpy(got)).abs().max())
+    diff = (ref - torch.from_numpy(got)).abs().flatten(1).amax(1)
+    scale = ref.abs().flatten(1).amax(1).clamp_min(1.0)
+    return float(diff.max()), float((diff / scale).max())
 
 
 def onnx_latency(
@@ -630,12 +644,14 @@ def export(source: str | Path, out: str | Path | None = None, fmt: str = "onnx",
     tmp, held = _temp_for(out)
     try:
         _write_onnx(model, tmp, shape)
-        diff = check_onnx(model, tmp, images)
-        if not diff < TOLERANCE:
-            raise ExportError(f"{out}: onnxruntime's logits differ from PyTorch's by {diff:.2e} (> {TOLERANCE:g}) on {where}; "
-                              "nothing was written -- report the model and torch/onnx versions")
+        diff, rel = onnx_difference(model, tmp, images)
+        if not rel < TOLERANCE:
+            raise ExportError(f"{out}: onnxruntime's logits differ from PyTorch's by {diff:.2e}, {rel:.2e} of an image's "
+                              f"largest logit (> {TOLERANCE:g}) on {where}; nothing was written -- report the model and "
+                              f"torch/onnx versions")
         rec: dict[str, Any] = {"source": str(src.model_path), "what": src.what, "onnx": str(out), "input": list(shape),
-                               "check": {"images": where, "max_abs_logit_diff": diff, "tolerance": TOLERANCE, "ok": True}}
+                               "check": {"images": where, "max_abs_logit_diff": diff, "max_rel_logit_diff": rel,
+                                         "tolerance": TOLERANCE, "ok": True}}
         if latency:
             # As many threads as PyTorch uses here, as the student stage times it: the two records compare.
             rec["latency"] = onnx_latency(teacher, model, shape, repeats=repeats, threads=torch.get_num_threads())
@@ -650,7 +666,9 @@ def export(source: str | Path, out: str | Path | None = None, fmt: str = "onnx",
 def format_record(rec: dict[str, Any]) -> str:
     c = rec["check"]
     lines = [f"exported {rec['what']} -> {rec['onnx']} (dynamic batch, input N x {' x '.join(map(str, rec['input']))})",
-             f"check: max |logit difference| onnxruntime vs PyTorch = {c['max_abs_logit_diff']:.2e} on {c['images']} (tolerance {c['tolerance']:g})"]
+             f"check: max |logit difference| onnxruntime vs PyTorch = {c['max_abs_logit_diff']:.2e} on {c['images']}, "
+             f"{c.get('max_rel_logit_diff', c['max_abs_logit_diff']):.2e} of an image's largest logit where above 1 "
+             f"(tolerance {c['tolerance']:g})"]
     if rec.get("latency"):
         lines += format_latency(rec["latency"])
     return "\n".join(lines)
