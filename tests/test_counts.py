@@ -118,3 +118,25 @@ def test_the_student_report_says_how_many_layers_took_their_groups_width(n):
     text = format_report(rep)
     assert (f"1 layer took the coupled group's width instead of its own estimate" if n == 1 else
             f"{n} layers took the coupled group's width instead of their own estimate") in text
+
+
+def test_no_message_in_ptd_hedges_a_count_with_s_in_parentheses():
+    """The class, not the cases above: no string ptd can print ("student(s)") in any module.
+    Docstrings are prose about the code and are left out."""
+    import ast
+    import re
+    from pathlib import Path
+
+    import ptd
+
+    hedged = re.compile(r"[A-Za-z]\((?:s|es)\)")
+    found = []
+    for f in sorted(Path(ptd.__file__).parent.rglob("*.py")):
+        tree = ast.parse(f.read_text(), str(f))
+        docs = {id(n.body[0].value) for n in ast.walk(tree)
+                if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                and n.body and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docs and hedged.search(node.value):
+                found.append(f"{f.relative_to(Path(ptd.__file__).parent)}:{node.lineno}: {node.value[:60]!r}")
+    assert not found, found

@@ -10,6 +10,7 @@ import unicodedata
 from pathlib import Path
 
 from ptd.data.base import DATASETS, DataError, FolderSplit, RawDataset, image_file, path_error, probe_dir, probe_root
+from ptd.errors import counted
 
 IMAGE_SIZE = 224  # pixels, the standard ImageNet training resolution
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -44,7 +45,7 @@ def scan_split(folder: Path, classes: list[str] | None = None) -> tuple[list[str
             raise DataError(
                 f"class folder {name!r} is spelled in two Unicode forms: train/ has {ascii(tr)} "
                 f"({_form(tr)}), {folder} has {ascii(va)} ({_form(va)})"
-                + (f", and {len(nfc) - 1} more name(s) so" if len(nfc) > 1 else "")
+                + (f", and {counted(len(nfc) - 1, 'more name')} so" if len(nfc) > 1 else "")
                 + f"; rename one split's folders to the other's form (convmv -r -f utf8 -t utf8 --nfc --notest "
                   f"{folder.parent})"
             )
