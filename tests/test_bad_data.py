@@ -1166,3 +1166,20 @@ def test_a_damaged_tiny_imagenet_test_image_says_its_annotation_line_goes_with_i
     line = train(tmp_path, capsys, "tiny_imagenet", t.parent, cache_dir=str(tmp_path_factory.mktemp("cache")))
     assert line.startswith(f"ptd: error: cannot decode image {bad}: ")
     assert line.endswith("or remove it before a run starts on this data (and its line in val/val_annotations.txt)")
+
+
+def test_imagefolder_thumbnails_in_hidden_or_nas_index_folders_are_not_images_of_the_class(tmp_path: Path):
+    """A file manager's .thumbnails/ and a Synology's @eaDir/ inside a class folder hold JPEG/PNG
+    thumbnails of its images; they trained as more images of the class (new-user trial). A plain
+    sub-folder's images still count (any depth, as torchvision's ImageFolder)."""
+    root = write_imagefolder(tmp_path / "data", classes=("a", "b"), per=4)
+    for sub in (".thumbnails/normal", "@eaDir/0.png"):
+        (root / "train" / "a" / sub).mkdir(parents=True)
+        png(root / "train" / "a" / sub / "SYNOFILE_THUMB_M.png", seed=7, size=24)
+    (root / "train" / "b" / "more").mkdir()
+    png(root / "train" / "b" / "more" / "9.png", seed=9, size=24)
+    from ptd.data.imagefolder import load_imagefolder
+
+    raw = load_imagefolder(str(root))  # (load_dataset would carve a validation split out of train)
+    files = [os.path.relpath(p, root) for p, _ in raw.train.samples]
+    assert files == [f"train/a/{i}.png" for i in range(4)] + [f"train/b/{i}.png" for i in range(4)] + ["train/b/more/9.png"]

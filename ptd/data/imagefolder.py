@@ -115,8 +115,13 @@ def _split_dir(base: Path, split: str) -> Path:
     raise DataError(f"image folder not found: {d}; {_FIX}")
 
 
+# Folders file servers write inside every folder they index (Synology's @eaDir, with thumbnails).
+_INDEX_DIRS = frozenset({"@eaDir"})
+
+
 def _image_files(cdir: Path) -> list[str]:
-    """Image files under ``cdir`` at any depth, sorted; symlinked sub-folders are not followed.
+    """Image files under ``cdir`` at any depth, sorted; symlinked sub-folders are not followed, nor
+    hidden ones and _INDEX_DIRS.
 
     ``os.walk`` with an ``onerror`` rather than ``Path.rglob``, which skips a folder it may not read
     without a word: the class would lose its images, or look empty for the wrong reason."""
@@ -125,7 +130,11 @@ def _image_files(cdir: Path) -> list[str]:
 
     files = []
     try:
-        for dirpath, _, names in os.walk(cdir, onerror=refuse):
+        for dirpath, dirs, names in os.walk(cdir, onerror=refuse):
+            # Not into hidden folders or a NAS's index folders: a file manager's .thumbnails/ and a
+            # Synology's @eaDir/ hold JPEG thumbnails of the class's images, which trained as more
+            # images of the class (new-user trial). Hidden class folders are skipped likewise (scan_split).
+            dirs[:] = [d for d in dirs if not d.startswith(".") and d not in _INDEX_DIRS]
             files += [os.path.join(dirpath, n) for n in names if os.path.splitext(n)[1].lower() in _EXTS]
         return sorted(f for f in files if image_file(f, _FIX, cdir.parent.parent))
     except OSError as e:
