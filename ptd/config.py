@@ -472,6 +472,8 @@ def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
             raise ConfigError(f"{key} ({source}): expected a list, got {got}; write e.g. {example}")
         return tuple(_coerce(elem, v, f"{key}[{i}]", source) for i, v in enumerate(value))
     if tp is dict or origin is dict:
+        if value is None:  # "write one after the key" did not say that {} is the empty one (new-user trial)
+            raise ConfigError(f"{key} ({source}): expected a mapping, got no value (null); write {{}} for an empty one")
         if not isinstance(value, dict):
             raise ConfigError(f"{key} ({source}): expected a mapping, got {_shown(value)}")
         return dict(value)

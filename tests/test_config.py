@@ -285,3 +285,10 @@ def test_only_true_and_false_are_booleans(tmp_path, where):
     cfg = load("compile: off")
     (tmp_path / "back.yaml").write_text(dump_yaml(cfg))
     assert load_config(tmp_path / "back.yaml") == cfg
+
+
+def test_a_mapping_key_given_null_is_told_the_empty_mapping():
+    """teacher.model.kwargs=null was told "write one after the key", not that {} is the empty one."""
+    with pytest.raises(ConfigError, match=r"^teacher\.model\.kwargs \(command line\): expected a mapping, got no value \(null\); write \{\} for an empty one$"):
+        load_config(None, ["teacher.model.kwargs=null"])
+    assert load_config(None, ["teacher.model.kwargs={}"]).teacher.model.kwargs == {}
