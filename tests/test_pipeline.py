@@ -94,7 +94,9 @@ def test_whole_pipeline_end_to_end(tmp_path, tiny_fashion, capsys, monkeypatch):
     # Each verdict that calls nothing says what its 2 seeds could have found (or, every seed tied, that they are too few).
     for c in r["comparison"].values():
         if not c["called"]:
+            # (past 100 points no accuracy difference can reach: said as that, test_report)
             assert ("at 2 seeds and this spread, a real difference is called 4 times in 5 only from about" in c["verdict"]
+                    or "at 2 seeds and this spread, no real difference is called 4 times in 5" in c["verdict"]
                     or "too few seeds" in c["verdict"]), c["verdict"]
             assert c["verdict"] in md
     # The deployed latency the student stage measured reaches results.json, report.md and report.html.
