@@ -38,6 +38,23 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"ptd: error: {where}{message}; see {self.prog} --help\n" if _rank() == 0 else None)
 
 
+PLUGIN_HELP = ("a .py file to import first, which registers your own model, pruning strategy, distillation loss or dataset "
+               "(MODELS.register, register_strategy, register_loss; repeatable); env.json records its sha256 and a re-run "
+               "with another version of it is refused")
+
+
+def _plugin_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--plugin", dest="plugins", action="append", default=[], metavar="FILE.py", help=PLUGIN_HELP)
+
+
+def _plugins(args: argparse.Namespace) -> None:
+    """Import the --plugin files before anything reads a name from the config (the ptd command
+    registered none of a user's own before: a config naming one was refused, its files not evaluable)."""
+    from ptd.registry import load_plugins
+
+    load_plugins(list(getattr(args, "plugins", [])))
+
+
 def _common(p: argparse.ArgumentParser, config_required: bool = True) -> None:
     if config_required:
         p.add_argument("config", metavar="CONFIG", help="YAML config (see configs/); its keys override the defaults")
@@ -52,6 +69,7 @@ def _common(p: argparse.ArgumentParser, config_required: bool = True) -> None:
     p.add_argument("--teacher", metavar="CHECKPOINT", help="start from this trained teacher (.safetensors or .pt) instead of training one")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N (default: the config's device, auto: cuda where there is one)")
     p.add_argument("--quiet", action="store_true", help="no progress bars (for CI logs)")
+    _plugin_arg(p)
 
 
 def _check_config_file(path: str | None) -> None:
@@ -100,6 +118,7 @@ def _opens(path: str, flag: str, fix: str) -> None:
 def _load(args: argparse.Namespace):
     from ptd.config import load_config
 
+    _plugins(args)
     _check_config_file(args.config)
 
     over = list(args.overrides)
@@ -169,6 +188,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from ptd.config import load_config
     from ptd.evaluate import evaluate_model_file
 
+    _plugins(args)
     config = args.config if args.config is not None else _run_config_of(Path(args.checkpoint))
     _check_config_file(config)
     flag_device = _flag(args.device, "--device", "give auto, cpu, cuda or cuda:N, or leave --device out for the config's device")
@@ -236,6 +256,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from ptd.export import export, format_record
 
+    _plugins(args)
     _flag(args.out, "--out", "give the ONNX file to write (e.g. --out student.onnx), or leave --out out for the model file with .onnx")
     if args.threads is not None:  # the timing's threads (onnxruntime takes PyTorch's count), as a run's threads key sets them
         from ptd.config import ConfigError
@@ -296,6 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config key, e.g. --set data.root=/data/fm or --set threads=1 (repeatable)")
     ev.add_argument("--device", help="auto | cpu | cuda | cuda:N (default: the config's device)")
+    _plugin_arg(ev)
     ev.set_defaults(func=cmd_eval)
     sw_help = "teachers pruned to several sparsities (and by several strategies), each distilled into one student; sweep.json, sweep.md, plots"
     sw = sub.add_parser("sweep", help=sw_help, description=sw_help)
@@ -325,6 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ex.add_argument("--arm", choices=ARMS, help="a run directory's best student of this arm only (default: the best of "
                                                 "any arm by validation accuracy, the student trained alone included)")
+    _plugin_arg(ex)
     ex.set_defaults(func=cmd_export)
     return p
 

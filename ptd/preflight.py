@@ -106,6 +106,7 @@ def _preflight(cfg: RunConfig, run_dir: str | Path, slow: "SlowSteps", *, splits
         check_device_memory(student, "student.model", device)
     slow.step("building the distillation losses")
     check_bridges(cfg, teacher, student, splits)
+    check_own_losses(cfg, teacher, student, splits)
     slow.step("pruning a copy of the teacher to the target sparsity")
     check_no_certain_collapse(cfg, teacher, sweep=sweep)
     slow.step(f"deriving a student from a pruned copy of {cfg.teacher.model.arch}")
@@ -1192,6 +1193,50 @@ def check_training_memory(cfg: RunConfig, teacher: nn.Module, student: nn.Module
         held = f" and the {gib(data)} of images copied to the GPU" if data else ""
         raise ConfigError(f"{key}.batch_size: {batch} {images} to train ({per_image / 2**20:.2f} MiB of activations per image, "
                           f"measured on the meta device, plus weights, gradients and momentum{held}{ranks}) against {where}; {fix}")
+
+
+def check_own_losses(cfg: RunConfig, teacher: nn.Module, student: nn.Module | None, splits: Any) -> None:
+    """A loss registered outside ptd (a --plugin's) runs one training step on two blank images of
+    this data before any work: one that raised, or returned a term that is not one finite number,
+    failed only after the teacher and pruning had trained, called "a bug in ptd" (new-user trial).
+    ptd's own losses are tested and skip this."""
+    import copy
+    import inspect
+
+    from ptd.distill import LOSSES, build_distiller
+
+    dc = cfg.distill
+    own = [n for n in dc.losses if n in LOSSES and not LOSSES.get(n).__module__.startswith("ptd.")]
+    if not own:
+        return
+    h, w = frame_size(splits, cfg.data.image_size)
+    x = torch.zeros(2, splits.in_channels, h, w)
+    y, index = torch.zeros(2, dtype=torch.long), torch.arange(2)
+    for n in own:
+        cls = LOSSES.get(n)
+        where = f"distill.loss: {n!r} (from {inspect.getsourcefile(cls) or cls.__module__})"
+        t = copy.deepcopy(teacher)  # a derived student keeps the teacher's module names: a copy stands in
+        s = copy.deepcopy(student) if student is not None else copy.deepcopy(teacher)
+        try:
+            unit = build_distiller(s, t, n, options={k: v for k, v in dc.options.items() if k == n},
+                                   defaults={"alpha": dc.alpha, "temperature": dc.temperature}, num_classes=splits.num_classes,
+                                   num_samples=max(2, len(splits.train)), example_input=x, layer_map=dc.layer_map,
+                                   batch_size=dc.optim.batch_size)
+            unit.train()
+            total, _, terms = unit(x, y, index, 0)
+        except PtdError:
+            raise
+        except Exception as e:
+            raise ConfigError(f"{where} raised {type(e).__name__} on a step of two blank images: {one_line(e)[:240]}; "
+                              f"fix the loss (nothing was trained)") from None
+        bad = {k: tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__ for k, v in terms.items()
+               if not (isinstance(v, torch.Tensor) and v.numel() == 1 and v.is_floating_point())}
+        if bad or not terms:
+            got = ", ".join(f"{k} {v}" for k, v in bad.items()) or "no terms"
+            raise ConfigError(f"{where} must return named terms that are each one number (a 0-dim float tensor), got {got} "
+                              f"on a batch of 2; reduce each term over the batch (e.g. .mean())")
+        if not bool(torch.isfinite(total.detach()).all()):
+            raise ConfigError(f"{where} gave a non-finite loss ({float(total):g}) on two blank images; fix the loss")
 
 
 def check_bridges(cfg: RunConfig, teacher: nn.Module, student: nn.Module | None, splits: Any) -> None:

@@ -7,6 +7,7 @@ from typing import Any
 
 from ptd.config import ConfigError, ModelConfig, RunConfig
 from ptd.models import build_model
+from ptd.registry import OWN
 
 
 def check_plugins(cfg: RunConfig, sweep: bool = False) -> None:
@@ -20,11 +21,11 @@ def check_plugins(cfg: RunConfig, sweep: bool = False) -> None:
     def arch(where: str, m: ModelConfig | None) -> None:
         if m is not None and not m.arch.startswith("tv:") and m.arch not in MODELS:
             raise ConfigError(f"{where}.arch: unknown model {m.arch!r}{MODELS.meant(m.arch)}; valid: {', '.join(MODELS.names())}, "
-                              f"or tv:<torchvision name>")
+                              f"or tv:<torchvision name>{OWN}")
 
     def strategy(where: str, name: str) -> None:
         if name not in STRATEGIES:
-            raise ConfigError(f"{where}: unknown pruning strategy {name!r}{STRATEGIES.meant(name)}; valid: {', '.join(STRATEGIES.names())}")
+            raise ConfigError(f"{where}: unknown pruning strategy {name!r}{STRATEGIES.meant(name)}; valid: {', '.join(STRATEGIES.names())}{OWN}")
 
     from ptd.pruning import options_for, strategy_options
 
@@ -41,7 +42,7 @@ def check_plugins(cfg: RunConfig, sweep: bool = False) -> None:
     dc = cfg.distill
     for name in dc.losses:
         if name not in LOSSES:
-            raise ConfigError(f"distill.loss: unknown distillation loss {name!r}{LOSSES.meant(name)}; valid: {', '.join(LOSSES.names())}")
+            raise ConfigError(f"distill.loss: unknown distillation loss {name!r}{LOSSES.meant(name)}; valid: {', '.join(LOSSES.names())}{OWN}")
     for name in dc.options:
         if name not in dc.losses:
             raise ConfigError(f"distill.options.{name}: options for a loss that is not in distill.loss ({', '.join(dc.losses)}); "

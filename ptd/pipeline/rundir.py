@@ -65,6 +65,10 @@ def environment(cfg: RunConfig, rt: Runtime, kind: str = "run") -> dict[str, Any
         "done_format": DONE_FORMAT,
         "made_by": kind,  # "run" (ptd run and its stage commands) or "sweep": preflight.run_kind reads it
     }
+    from ptd.registry import LOADED
+
+    if LOADED:  # which --plugin files (and which version of each) made this session's models and losses
+        env["plugins"] = [dict(p) for p in LOADED]
     for mod in ("safetensors", "torch_pruning", "numpy"):
         try:
             env[mod] = __import__(mod).__version__
@@ -342,6 +346,35 @@ def check_data(run_dir: Path, fp: dict[str, Any], what: str, device: torch.devic
                                  f"its own line says how")
 
 
+def check_plugins_unchanged(run_dir: Path) -> None:
+    """A re-run imports the --plugin files the run was started with, byte for byte (env.json's first
+    session's ``plugins``, by sha256): finished stages made by one version of a model, strategy or
+    loss were resumed and grown by another without a word (new-user trial). A run started without
+    plugins is not checked: it names none of them. A damaged env.json is left to its own reader."""
+    from ptd.registry import LOADED
+
+    try:
+        env = json.loads((run_dir / P.ENV).read_text())
+    except (OSError, ValueError):
+        return
+    recorded = env.get("plugins") if isinstance(env, dict) else None
+    if not isinstance(recorded, list) or not recorded:
+        return
+    now = {p["sha256"]: p["path"] for p in LOADED}
+    for rec in recorded:
+        if not isinstance(rec, dict):
+            continue
+        path, digest = str(rec.get("path")), str(rec.get("sha256"))
+        if digest in now:
+            continue
+        same = [p for p in LOADED if Path(p["path"]).name == Path(path).name]
+        why = (f"--plugin {same[0]['path']} is not the {path} this run was started with (sha256 {same[0]['sha256'][:12]} "
+               f"against {digest[:12]}, env.json)" if same else
+               f"this run was started with --plugin {path} (sha256 {digest[:12]}, env.json) and this command does not import it")
+        raise RunDirError(f"{run_dir}: {why}; pass that file as it was, or run into a new directory (--out) with this "
+                          f"version; its finished stages were made by the other one")
+
+
 def open_run_dir(cfg: RunConfig, run_dir: Path, rt: Runtime, until: str | None = None, arms: Sequence[str] | None = None,
                  kind: str = "run", data: dict[str, Any] | None = None) -> bool:
     """Create the run directory, or check that an existing one holds this same run (resume) or
@@ -382,6 +415,7 @@ def open_run_dir(cfg: RunConfig, run_dir: Path, rt: Runtime, until: str | None =
         if cfg_path.is_file():  # under the lock: no other ptd is redoing a stage meanwhile; every rank reads alike
             check_lineage(run_dir)
             check_finished_stages(run_dir)
+            check_plugins_unchanged(run_dir)
             # An unfinished stage's commit: refused now, not when its turn comes. Only the stages this
             # command trains: `ptd train` beside a distill stage a 2-process run left was refused for it.
             for r in sorted(run_dir.rglob(P.RESUME)):

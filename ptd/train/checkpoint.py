@@ -764,13 +764,13 @@ def _build_spec(path: Path, spec: dict, device: str | None = None) -> nn.Module:
             return build_from_spec(spec)
     except PtdError as e:  # an unknown arch: the file names a model this ptd does not have
         # Most often a user's own model, registered in Python (ptd.models.MODELS.register) for the
-        # run that wrote the file: the CLI never registers it ("another ptd version or edited" sent
-        # such a user looking for damage: new-user audit).
+        # run that wrote the file: the command rebuilds it only with that --plugin file ("another ptd
+        # version or edited" sent such a user looking for damage: new-user audit).
         raise CheckpointError(f"{path}: its architecture metadata names {spec.get('arch')!r}, a model this process does not have "
                               f"({clip_words(one_line(e), 200)}); a model registered in Python (ptd.models.MODELS.register) "
-                              f"rebuilds only where it is registered: register it, then call ptd.evaluate.evaluate_model_file "
-                              f"or ptd.export.export from Python; else the file was written by another ptd version or edited: "
-                              f"{fix}") from None
+                              f"rebuilds only where it is registered: pass the file that registers it (ptd eval/export "
+                              f"--plugin FILE.py; the run's env.json names the one it was made with); else the file was written "
+                              f"by another ptd version or edited: {fix}") from None
     except _BUILD_ERRORS as e:  # a spec from another ptd version, or edited by hand
         raise CheckpointError(f"{path}: its ptd architecture metadata does not build a model "
                               f"({type(e).__name__}: {_first_sentence(e, 160)}); {fix}") from None
