@@ -702,3 +702,28 @@ def test_a_detectable_difference_past_100_points_is_not_offered_as_one():
             "past the 100 a difference of accuracies can reach) (not called is not no difference)") in wide
     narrow = verdict(paired_estimate([0.01, 0.02, -0.01]), "pruned_teacher", "unpruned_teacher")
     assert "a real difference is called 4 times in 5 only from about" in narrow
+
+
+def test_a_pruned_teacher_called_better_after_training_longer_says_so_in_the_answer():
+    """The Answer called "distilled from pruned teacher is better" while the only word that the pruned
+    teacher had itself trained longer and scored higher (no control arm) sat three sections below it
+    (new-user trial: +1.53 [+0.64, +2.42] at 4 seeds, pruned teacher 80.94% against 79.68%)."""
+    from ptd.report import answer_lines
+
+    students = [{**x, "epochs": 1, "steps": 10, "wall_s": 1.0} for arm, accs in
+                (("scratch", [0.80, 0.81, 0.80, 0.81]), ("pruned_teacher", [0.84, 0.86, 0.85, 0.85]),
+                 ("unpruned_teacher", [0.82, 0.835, 0.83, 0.83])) for x in rows(arm, accs)]
+    r = _built(students)
+    main = r["comparison"]["pruned_minus_unpruned"]
+    assert main["called"] and main["direction"] == 1
+    assert not any("training longer" in x for x in answer_lines(r))  # the pruned teacher scored lower (0.89 < 0.90)
+    r["pruned_teacher"]["test_acc"] = 0.92
+    lines = answer_lines(r)
+    at = lines.index(main["verdict"])
+    assert lines[at + 1].startswith("That call does not tell pruning from training longer: the pruned teacher itself scored "
+                                    "higher than the unpruned one (92.00 vs 90.00)"), lines
+    assert "retrained_teacher" in lines[at + 1]
+    # Two verdicts and the caveat: not "some one of these three" (the count is of verdicts).
+    assert not any(x.startswith("Each call above") for x in lines)
+    assert "training longer" in render_markdown(r)[:render_markdown(r).index("## Teachers")]
+    assert not any("training longer" in x for x in answer_lines({**r, "retrained_teacher": {"test_acc": 0.93}}))

@@ -629,7 +629,18 @@ def answer_lines(r: Mapping[str, Any]) -> list[str]:
     student's cost. Empty when there is nothing to say."""
     comp = r.get("comparison") or {}
     lines = [c["verdict"] for k, c in comp.items() if COMPARISONS.get(k, ("",))[0] == "pruned_teacher"]
-    if len(lines) == 3:  # tests/test_stats.py: 12.8-14.1% measured, seed noise alone
+    verdicts = len(lines)
+    main = comp.get("pruned_minus_unpruned")
+    if main and main.get("called") and pruned_higher_note(r):
+        # The Answer called "pruned teaches better" while the only word that the pruned teacher had
+        # trained longer and scored higher sat three sections down (new-user trial: +1.53 [+0.64,
+        # +2.42] at 4 seeds from a pruned teacher 1.26 points above its unpruned one, no control arm).
+        t, p = r["teacher"], r["pruned_teacher"]
+        lines.insert(lines.index(main["verdict"]) + 1,
+                     f"That call does not tell pruning from training longer: the pruned teacher itself scored higher than the "
+                     f"unpruned one ({points(p['test_acc'])} vs {points(t['test_acc'])}) after its retraining epochs, and this run "
+                     f"has no control; adding the retrained_teacher arm (distill.arms, which grows the run) separates the two.")
+    if verdicts == 3:  # tests/test_stats.py: 12.8-14.1% measured, seed noise alone
         lines.append("Each call above is at 95% on its own: with no real difference anywhere, some one of these three is "
                      "called about 13% of the time.")
     losses = r.get("losses") or {}
