@@ -587,3 +587,31 @@ def test_a_sweep_and_a_run_do_not_go_into_each_others_directory(tmp_path, tiny_f
     assert run_kind(out) is None  # teacher/, config.yaml and the shared scratch arm: either command may take it
     (out / "prune" / "level_3.bak").mkdir(parents=True)  # a folder a user left there names neither
     assert run_kind(out) is None
+
+
+def test_sweep_reading_gives_the_baselines_interval_and_says_when_the_student_alone_beat_every_teacher():
+    """sweep.md's reading gave "distilled from the unpruned teacher vs the student alone: -14.09 (0/2)
+    points" with no interval (95% CI [-71.07, +42.90], not called), and named a distilled student
+    "Best mean student" while the student alone scored 14 points above every one (new-user trial)."""
+    from ptd.report.sweep import build_sweep_results, render_sweep_markdown
+
+    def students(arm, accs):
+        return [{"arm": arm, "seed": s, "test_acc": a, "val_acc": a, "epochs": 1, "steps": 1, "wall_s": 1.0}
+                for s, a in enumerate(accs)]
+
+    levels = [{"level": 0, "epochs": 0, "steps": 0, "wall_s": 0.0, "test_acc": 0.9},
+              {"level": 1, "epochs": 1, "steps": 1, "wall_s": 1.0, "sparsity": 0.36, "test_acc": 0.89}]
+    pt = PrunedTeacher("imp", 0.36, Path("run/prune/imp_0.36"), 1, {"levels": levels, "final_level": 1})
+    stats = {"spec": {"arch": "vgg"}, "teacher": {"params": 10, "flops": 100}, "student": {"params": 5, "flops": 50}}
+    trained = {"test_acc": 0.9, "epochs": 1, "steps": 1, "wall_s": 1.0}
+    # Alone minus unpruned KD per seed: +0.10, +0.09, +0.08: mean +9.00 points, sd 1.0, 95% half-width
+    # t(0.975, 2) 4.303 x 1.0 / sqrt(3) = 2.48 points: [+6.52, +11.48] the other way round, called.
+    base = {"unpruned_teacher": students("unpruned_teacher", [0.70, 0.72, 0.71]), "scratch": students("scratch", [0.80, 0.81, 0.79])}
+    md = render_sweep_markdown(build_sweep_results(load_config(), trained, stats, pt, base,
+                                                   [(pt, students("p", [0.71, 0.73, 0.70]))]), plots=False)
+    assert "- distilled from the unpruned teacher vs the student alone: -9.00 (0/3) points (wins/seeds), 95% CI [-11.48, -6.52], called." in md, md
+    assert "- The student alone (no teacher) scored 80.00 ± 1.00 %, above every distilled student's mean (by means, not a call)" in md
+    base["scratch"] = students("scratch", [0.60, 0.61, 0.59])  # below them: no such line
+    md = render_sweep_markdown(build_sweep_results(load_config(), trained, stats, pt, base,
+                                                   [(pt, students("p", [0.71, 0.73, 0.70]))]), plots=False)
+    assert "above every distilled student's mean" not in md and "95% CI [+8.52, +13.48], called." in md, md

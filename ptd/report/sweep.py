@@ -308,7 +308,12 @@ def render_sweep_markdown(r: dict[str, Any], plots: bool = True) -> str:
     un = r["baselines"].get("unpruned_teacher")
     sc = r["baselines"].get("scratch")
     if un and sc:
-        lines.append(f"- distilled from the unpruned teacher vs the student alone: {_diff(un['vs_scratch']) or 'n/a'} points (wins/seeds).")
+        v = un["vs_scratch"]
+        # With its interval and call, as every other comparison here: "-14.09 (0/2) points" alone read as a
+        # finding (new-user trial: 95% CI [-71.07, +42.90] at 2 seeds, not called).
+        ci = (f", 95% CI [{100 * v['ci_low']:+.2f}, {100 * v['ci_high']:+.2f}], {'called' if v['called'] else 'not called'}"
+              if v and v.get("ci_low") is not None and v.get("ci_high") is not None else "")
+        lines.append(f"- distilled from the unpruned teacher vs the student alone: {_diff(v) or 'n/a'} points (wins/seeds){ci}.")
     if un and r["rows"]:
         def names(xs: list[dict]) -> str:
             return " (" + ", ".join(f"{x['strategy']} s{x['target_sparsity']:g}" for x in xs) + ")" if xs else ""
@@ -336,6 +341,14 @@ def render_sweep_markdown(r: dict[str, Any], plots: bool = True) -> str:
         lines.append(f"- Best mean student: {best['strategy']} s{best['target_sparsity']:g}, {_acc(best['student_acc'])} %, "
                      f"against {_acc(un['student_acc'])} % from the unpruned teacher"
                      + (f" (the highest of {len(r['rows'])} means: picked for being high, it tends to overstate what that row would give again)." if len(r["rows"]) > 1 else "."))
+        top = max((x["student_acc"]["mean"] for x in [*r["rows"], un] if x["student_acc"]["mean"] is not None), default=None)
+        if sc and top is not None and sc["student_acc"]["mean"] is not None and sc["student_acc"]["mean"] > top:
+            # "Best mean student" named a distilled one while the student alone beat them all by 14 points
+            # (new-user trial): the sweep then compares teachers that each made the student worse.
+            lines.append(f"- The student alone (no teacher) scored {_acc(sc['student_acc'])} %, above every distilled student's mean (by "
+                         f"means, not a call): where distillation makes the student worse whatever the teacher, the rows above rank "
+                         f"how much each teacher hurt, not which teaches better; more distillation epochs, a lower distillation lr or "
+                         f"less weight on the teacher (distill.optim.epochs, distill.optim.lr, distill.alpha) are what to try first.")
     stronger = [x for x in r["rows"] if x["teacher_test_acc"] is not None and x["teacher_test_acc"] > t["test_acc"]]
     if stronger:
         lines.append(f"- {len(stronger)} of {len(r['rows'])} pruned teachers themselves scored higher on the test set than the unpruned teacher "
