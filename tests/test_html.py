@@ -220,6 +220,12 @@ def test_sweep_html_and_cli_report(tmp_path, capsys):
     assert ("Called over the sweep: Holm's step-down, a row called when its interval at 1 - 0.05/m excludes zero, m being the "
             "comparisons not called before it (first 98.75%, Bonferroni's level), at most 5% chance of any false call among the 4") in page
     assert (d / "sweep.md").is_file() and (d / "student_acc_vs_sparsity.png").is_file()
+    # sweep.md's Reading (the whole-sweep count, the extra-training caveat, the best-mean warning)
+    # was on no part of the page (new-user trial): every line of it is now.
+    md = (d / "sweep.md").read_text()
+    reading = [x.lstrip(" -") for x in md[md.index("## Reading"):md.index("## Plots")].splitlines()[1:] if x.strip()]
+    assert len(reading) >= 4 and "<h2>Reading</h2>" in page
+    assert [x for x in reading if html.escape(x) not in page] == []
     if CHROMIUM:
         res = browser_check(d / "report.html", tmp_path)
         assert res["images"] == 2 and res["broken"] == [] and res["errors"] == [] and res["console"] == []

@@ -613,6 +613,21 @@ def render_sweep_html(sweep_dir: str | Path, results: dict[str, Any] | None = No
         return _table(["teacher", "sparsity", "student mean %", "std %", "per seed %", "vs unpruned teacher's student", "called row by row",
                        "called over the sweep"], rows, left=1) + why
     body.append(_section("Students", _safe(table, "students table")))
+
+    def reading() -> str:
+        # sweep.md's Reading, as written there: the page had none of it (the whole-sweep Holm count,
+        # the extra-training caveat, the best-mean warning), only the tables (new-user trial).
+        from ptd.report.sweep import render_sweep_markdown
+
+        md = render_sweep_markdown(r, plots=False)
+        items: list[str] = []
+        for line in md[md.index("## Reading"):].splitlines()[1:]:
+            if line.startswith("  - ") and items:
+                items[-1] += f"<ul><li>{_esc(line[4:])}</li></ul>"
+            elif line.startswith("- "):
+                items.append(_esc(line[2:]))
+        return "<ul>" + "".join(f"<li>{i}</li>" for i in items) + "</ul>"
+    body.append(_section("Reading", _safe(reading, "reading")))
     t, s = r["teacher"], r["student"]
     loaded = f", loaded from {t['source']}: its training is in no compute figure" if t.get("source") else ""
     sub = (f"Dataset {r['dataset']}; teacher {t['arch']} ({t['params']:,} params, test {points(t['test_acc'])} %{loaded}); "
