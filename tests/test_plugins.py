@@ -103,6 +103,11 @@ def test_a_run_with_a_plugin_records_it_and_a_rerun_with_another_version_is_refu
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "is not the" in r.stderr and "sha256" in r.stderr and "--out" in r.stderr
     assert (out / "results.json").read_bytes() == before
+    # --from copies finished stages: not those another version of the plugin made either.
+    r = _ptd("run", str(cfg), "--out", str(tmp_path / "other"), "--from", str(out), "--plugin", str(plugin),
+             "--set", "distill.options.trial_kd.beta=0.3", cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.startswith(f"ptd: error: --from {out}: --plugin") and "without --from" in r.stderr, r.stderr
+    assert not (tmp_path / "other").exists()
 
     # Without the plugin, the config's own names are unknown, and the line says how to load one.
     r = _ptd("run", str(cfg), "--out", str(out), cwd=tmp_path)

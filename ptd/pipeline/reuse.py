@@ -13,7 +13,8 @@ from ptd.train import checkpoint as ckpt
 from ptd.errors import PreflightError
 from ptd.io import dead_writer, read_yaml_mapping, seal, writer_tag
 from ptd.pipeline.lineage import _changed_inputs, _stale, recorded_inputs, strict_done
-from ptd.pipeline.rundir import (RunDirError, _EQUIVALENT, _diff, _recorded_paths, check_finished_stages, check_run_config,
+from ptd.pipeline.rundir import (RunDirError, _EQUIVALENT, _diff, _recorded_paths, check_finished_stages, check_plugins_unchanged,
+                                 check_run_config,
                                  make_dir)
 
 
@@ -77,6 +78,9 @@ def check_reuse(cfg: RunConfig, src: str | Path, run_dir: str | Path) -> list[Pa
         raise PreflightError(f"--from {src}: it has no finished teacher to reuse; finish it first (ptd train with --out {src}), "
                              f"or run without --from")
     _check_readable(src, copies)
+    # Stages made by another version of a --plugin file (or with one this command lacks) would be
+    # copied as if this one had made them: a re-run in place is refused for that, so is --from.
+    check_plugins_unchanged(src, f"--from {src}", "run without --from")
     check_finished_stages(src, [src / c for c in copies])  # the records and weights parse
     strict = strict_done(src)
     for c in copies:  # and every file they were made from is the one there now

@@ -346,7 +346,8 @@ def check_data(run_dir: Path, fp: dict[str, Any], what: str, device: torch.devic
                                  f"its own line says how")
 
 
-def check_plugins_unchanged(run_dir: Path) -> None:
+def check_plugins_unchanged(run_dir: Path, where: str | None = None,
+                            fix: str = "run into a new directory (--out) with this version") -> None:
     """A re-run imports the --plugin files the run was started with, byte for byte (env.json's first
     session's ``plugins``, by sha256): finished stages made by one version of a model, strategy or
     loss were resumed and grown by another without a word (new-user trial). A run started without
@@ -371,8 +372,8 @@ def check_plugins_unchanged(run_dir: Path) -> None:
         why = (f"--plugin {same[0]['path']} is not the {path} this run was started with (sha256 {same[0]['sha256'][:12]} "
                f"against {digest[:12]}, env.json)" if same else
                f"this run was started with --plugin {path} (sha256 {digest[:12]}, env.json) and this command does not import it")
-        raise RunDirError(f"{run_dir}: {why}; pass that file as it was, or run into a new directory (--out) with this "
-                          f"version; its finished stages were made by the other one")
+        raise RunDirError(f"{where or run_dir}: {why}; pass that file as it was, or {fix}; its finished stages were made "
+                          f"by the other one")
 
 
 def open_run_dir(cfg: RunConfig, run_dir: Path, rt: Runtime, until: str | None = None, arms: Sequence[str] | None = None,
