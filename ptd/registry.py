@@ -120,6 +120,10 @@ def load_plugins(paths: "list[str]") -> list[dict[str, str]]:
         spec = importlib.util.spec_from_file_location(modname, path)
         module = importlib.util.module_from_spec(spec)
         sys.modules[modname] = module  # dataclasses and pickling look modules up by name
+        # Its own folder first on the import path, as `python mine.py` would put it: a plugin that
+        # imports a helper module beside it (from mylayers import Block) then finds it.
+        if os.path.dirname(path) not in sys.path:
+            sys.path.insert(0, os.path.dirname(path))
         try:
             spec.loader.exec_module(module)
         except BaseException as e:

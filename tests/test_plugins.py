@@ -124,6 +124,12 @@ def test_a_plugin_missing_or_raising_is_one_line_before_any_work(tmp_path, tiny_
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "importing it raised RuntimeError (line 3): not ready" in r.stderr
     assert not out.exists()
+    # A plugin that imports a module beside it finds it, as `python mine.py` would.
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "lib" / "trial_helpers.py").write_text("PLAN = 'tinynet'\n")
+    (tmp_path / "lib" / "uses.py").write_text("from trial_helpers import PLAN\n" + PLUGIN)
+    r = _ptd("eval", str(tmp_path / "missing.safetensors"), "--plugin", str(tmp_path / "lib" / "uses.py"), cwd=tmp_path)
+    assert r.returncode == 2 and "missing.safetensors" in r.stderr and "--plugin" not in r.stderr, r.stderr
 
 
 def test_a_plugin_loss_that_fails_or_returns_per_sample_terms_is_refused_before_the_teacher_trains(tmp_path, tiny_fashion):
