@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from conftest import tiny_config
@@ -80,6 +81,7 @@ def _config(tmp_path: Path, data: Path) -> Path:
     return p
 
 
+@pytest.mark.slow  # a whole tiny pipeline, then four more commands on it
 def test_a_run_with_a_plugin_records_it_and_a_rerun_with_another_version_is_refused(tmp_path, tiny_fashion):
     plugin = tmp_path / "mine.py"
     plugin.write_text(PLUGIN)
