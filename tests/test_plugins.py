@@ -91,6 +91,8 @@ def test_a_run_with_a_plugin_records_it_and_a_rerun_with_another_version_is_refu
     recorded = json.loads((out / "env.json").read_text())["plugins"]
     assert [p["path"] for p in recorded] == [str(plugin)] and len(recorded[0]["sha256"]) == 64
     before = (out / "results.json").read_bytes()
+    made = f"Made with --plugin mine.py (sha256 {recorded[0]['sha256'][:12]})."
+    assert made in (out / "report.md").read_text() and made in (out / "report.html").read_text()
     student = out / "distill" / "pruned_teacher_seed0" / "model.safetensors"
     r = _ptd("eval", str(student), "--plugin", str(plugin), cwd=tmp_path)
     assert r.returncode == 0 and "test acc" in r.stdout, r.stderr

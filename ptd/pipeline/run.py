@@ -173,6 +173,7 @@ def _run_stages(ctx: Context, until: str, arms: Sequence[str] | None, log: Calla
     if until == "distill":
         return {"students": students}
     from ptd.data.base import test_set_facts
+    from ptd.registry import LOADED
     from ptd.report import build_results, log_not_learned, not_learned, write_report
 
     r0 = reps[0]
@@ -180,7 +181,8 @@ def _run_stages(ctx: Context, until: str, arms: Sequence[str] | None, log: Calla
                             replicates=reps if len(reps) > 1 else None,
                             test_set=test_set_facts(ctx.splits.test, ctx.splits.num_classes),
                             setup={"images": {k: len(getattr(ctx.splits, k)) for k in ("train", "val", "test")},
-                                   "device": str(ctx.rt.device), "amp_bf16": bool(ctx.rt.uses_amp)})
+                                   "device": str(ctx.rt.device), "amp_bf16": bool(ctx.rt.uses_amp),
+                                   **({"plugins": [dict(p) for p in LOADED]} if LOADED else {})})
     def report() -> None:
         write_report(ctx.run_dir, results)
         log_not_learned(not_learned(results), results["test_set"], log, str(ctx.run_dir / P.REPORT_MD))

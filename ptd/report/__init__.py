@@ -364,8 +364,12 @@ def setup_sentence(r: Mapping[str, Any]) -> str | None:
         return None
     n = su["images"]
     how = "bf16 autocast (fp32 weights)" if su.get("amp_bf16") else "fp32"
+    # Which --plugin files made the models and losses: a reader of the report alone could not tell
+    # (new-user trial; env.json had them).
+    plugins = "".join(f" Made with --plugin {Path(str(p.get('path'))).name} (sha256 {str(p.get('sha256'))[:12]})."
+                      for p in su.get("plugins") or [] if isinstance(p, dict))
     return (f"Images: {n['train']:,} training, {n['val']:,} validation, {n['test']:,} test. Trained in {how} on "
-            f"{su.get('device', '?')} (the session that finished the run; env.json records every session).")
+            f"{su.get('device', '?')} (the session that finished the run; env.json records every session).{plugins}")
 
 
 def points(x: float | None) -> str:
