@@ -402,10 +402,27 @@ def _traceback_file(e: BaseException) -> str:
     return path
 
 
+def _in_plugin(e: BaseException) -> tuple[str, int] | None:
+    """(plugin file, line) of the innermost traceback frame in a --plugin file, or None: an error
+    raised in a user's own strategy or model was called "a bug in ptd, not your input" (new-user trial)."""
+    from ptd.registry import LOADED
+
+    files = {p["path"] for p in LOADED}
+    hits = [fr for fr in traceback.extract_tb(e.__traceback__) if os.path.abspath(fr.filename) in files]
+    return (hits[-1].filename, hits[-1].lineno or 0) if hits else None
+
+
 def _internal(e: BaseException) -> int:
     """A bug in ptd, not the user's input: one line, the traceback kept in a file (or shown with
-    PTD_TRACEBACK=1) so it can be reported without flooding a user's terminal."""
+    PTD_TRACEBACK=1) so it can be reported without flooding a user's terminal. One raised inside a
+    --plugin file is the plugin's: exit 2, naming the file and line."""
     path = _traceback_file(e)
+    where = _in_plugin(e)
+    if where is not None:
+        print(f"ptd: error: --plugin {where[0]} raised {type(e).__name__} at line {where[1]}: {one_line(e)[:240]}; fix the "
+              f"plugin, then run into a new directory (--out): a run's finished stages are tied to the version of the plugin "
+              f"that made them (the traceback is in {path})", file=sys.stderr)
+        return 2
     print(f"ptd: internal error: {type(e).__name__}: {one_line(e)}; this is a bug in ptd, not your input; "
           f"the traceback is in {path} (PTD_TRACEBACK=1 prints it)", file=sys.stderr)
     return 1

@@ -148,3 +148,15 @@ def test_a_plugin_loss_that_fails_or_returns_per_sample_terms_is_refused_before_
     r = _ptd("run", str(cfg), "--out", str(out), "--plugin", str(raising), cwd=tmp_path)
     assert r.returncode == 2 and "raised AttributeError" in r.stderr and "internal error" not in r.stderr, r.stderr
     assert not out.exists()
+
+
+def test_a_plugin_strategy_that_raises_during_the_run_is_named_not_called_a_bug_in_ptd(tmp_path, tiny_fashion):
+    """A strategy that raises only once pruning starts cannot be caught before the teacher trains;
+    it was then reported as "internal error ... this is a bug in ptd, not your input" (new-user trial)."""
+    cfg, out = _config(tmp_path, tiny_fashion), tmp_path / "run"
+    plugin = tmp_path / "strat.py"
+    plugin.write_text(PLUGIN.replace("lambda: layerwise_topk(", "lambda: undefined_fn("))
+    r = _ptd("run", str(cfg), "--out", str(out), "--plugin", str(plugin), cwd=tmp_path)
+    line = next(n for n, x in enumerate(PLUGIN.splitlines(), 1) if "lambda: layerwise_topk(" in x)
+    assert r.returncode == 2 and "internal error" not in r.stderr, r.stderr
+    assert f"ptd: error: --plugin {plugin} raised NameError at line {line}: name 'undefined_fn' is not defined" in r.stderr
