@@ -160,3 +160,16 @@ def test_a_plugin_strategy_that_raises_during_the_run_is_named_not_called_a_bug_
     line = next(n for n, x in enumerate(PLUGIN.splitlines(), 1) if "lambda: layerwise_topk(" in x)
     assert r.returncode == 2 and "internal error" not in r.stderr, r.stderr
     assert f"ptd: error: --plugin {plugin} raised NameError at line {line}: name 'undefined_fn' is not defined" in r.stderr
+
+
+@pytest.mark.slow  # a tiny pipeline whose two students train in spawned workers
+def test_students_trained_in_worker_processes_see_the_plugin(tmp_path, tiny_fashion):
+    """jobs: 2 trains the students in spawned processes, which inherit no registration: a plugin's
+    model and loss were unknown names there (review of --plugin)."""
+    plugin = tmp_path / "mine.py"
+    plugin.write_text(PLUGIN)
+    cfg, out = _config(tmp_path, tiny_fashion), tmp_path / "run"
+    r = _ptd("run", str(cfg), "--out", str(out), "--plugin", str(plugin), "--set", "jobs=2", "--set", "threads=2", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "2 at a time" in r.stdout + r.stderr
+    assert all((out / "distill" / f"{arm}_seed0" / "model.safetensors").is_file() for arm in ("scratch", "pruned_teacher"))

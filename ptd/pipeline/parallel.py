@@ -6,7 +6,7 @@ import signal
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -15,6 +15,7 @@ from ptd.config import ARM_TABLE, RunConfig, to_dict
 from ptd.train.distributed import init_distributed, resolve_device
 from ptd.train.loop import Runtime
 from ptd.errors import WorkerDiedError, counted
+from ptd.registry import LOADED
 from ptd.pipeline.context import Context
 from ptd.pipeline.stages import stage_control, stage_distill, stage_prune, stage_student, stage_teacher
 
@@ -42,9 +43,18 @@ def worker_threads(cfg: RunConfig) -> int:
     return max(1, (cfg.threads or torch.get_num_threads()) // cfg.jobs)
 
 
-def _student_worker_init(cfg_dict: dict, run_dir: str, threads: int) -> None:
+def _student_worker_init(cfg_dict: dict, run_dir: str, threads: int, plugins: Sequence[dict] = ()) -> None:
     from ptd.config import from_dict
+    from ptd.registry import PluginError, load_plugins
 
+    # Workers are spawned: the parent's --plugin registrations are not inherited, and a plugin's
+    # model, strategy or loss was an unknown name in every worker (review of --plugin). The same
+    # bytes only: a file edited since the parent imported it is refused, not trained with.
+    now = {p["sha256"] for p in load_plugins([p["path"] for p in plugins])}
+    for p in plugins:
+        if p["sha256"] not in now:
+            raise PluginError(f"--plugin {p['path']}: changed on disk while this run was starting its workers (sha256 "
+                              f"{p['sha256'][:12]} when the run began); restore it, or re-run with this version into a new --out")
     torch.set_num_threads(threads)
     cfg = replace(from_dict(RunConfig, cfg_dict).validate(), quiet=True)
     d = init_distributed("cpu")
@@ -104,7 +114,7 @@ def distill_in_parallel(ctx: Context, tasks: list[tuple], worker: Callable[[tupl
 
         try:
             run_in_workers(worker or _student_worker, tasks, n, initializer=_student_worker_init,
-                           initargs=(to_dict(cfg), str(ctx.run_dir), threads), on_result=done)
+                           initargs=(to_dict(cfg), str(ctx.run_dir), threads, [dict(p) for p in LOADED]), on_result=done)
         except WorkerDied as e:  # killed from outside: the CLI called it a bug in ptd
             if e.exitcode != -signal.SIGKILL:
                 raise  # an exit code, a crash, a scheduler's SIGTERM: not the memory case; the traceback stays
