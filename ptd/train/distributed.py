@@ -45,10 +45,18 @@ def init_distributed(device: str) -> Dist:
         backend = "nccl" if device.startswith("cuda") else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(local)
+        # Imported before the group exists, never after: its functions take `group=group.WORLD`
+        # as a default argument, evaluated on import, and imported later (torch._dynamo imports it,
+        # and a model built on the meta device, as preflight does, imports torch._dynamo) they hold
+        # the group for good. destroy_process_group then frees nothing, gloo's worker threads live
+        # into interpreter finalization, and one still retiring the last collective's tensors
+        # takes the GIL there, is unwound by Python and aborts the process ("terminate called
+        # without an active exception", SIGABRT) after every file was written: 3 of 72 re-runs
+        # of a finished 2-process run on 2 busy cores. Imported here (2 ms), nothing holds the group.
+        import torch.distributed.nn.functional  # noqa: F401
         dist.init_process_group(backend)
-        # Torn down before the interpreter exits: left to process teardown, gloo's threads were
-        # once destroyed while joinable, and rank 0 of a finished torchrun aborted ("terminate
-        # called without an active exception", exit -6) after all its work was written.
+        # Torn down before the interpreter exits, while Python can still run the worker threads'
+        # last releases: the group's destructor (GIL released) waits for its queue and joins them.
         atexit.register(shutdown_distributed)
     return Dist(rank, local, world)
 
