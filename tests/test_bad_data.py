@@ -375,11 +375,12 @@ def test_tiny_imagenet_wnid_that_is_a_path_is_refused(tmp_path: Path):
         load_dataset("tiny_imagenet", str(t.parent), cache_dir=str(tmp_path / "cache"))
 
 
-def test_tiny_imagenet_corrupt_image_in_the_decode_cache_build(tmp_path: Path, capsys):
+def test_tiny_imagenet_corrupt_image_in_the_decode_cache_build(tmp_path: Path, tmp_path_factory, capsys):
     t = write_tiny(tmp_path / "ti")
     bad = t / "train" / "n02" / "images" / "n02_1.png"
     bad.write_bytes(bad.read_bytes()[:70])  # truncated
-    line = train(tmp_path, capsys, "tiny_imagenet", t.parent, cache_dir=str(tmp_path / "cache"))
+    # (The test split, whole, is decoded and cached first: the cache lives outside the folder `train` checks.)
+    line = train(tmp_path, capsys, "tiny_imagenet", t.parent, cache_dir=str(tmp_path_factory.mktemp("cache")))
     assert line.startswith(f"ptd: error: cannot decode image {bad}: ") and "replace the file" in line
 
 
@@ -1158,8 +1159,7 @@ def test_a_cifar_archive_left_unextracted_in_data_root_is_named_with_its_tar_com
 
 def test_a_damaged_tiny_imagenet_test_image_says_its_annotation_line_goes_with_it(tmp_path: Path, tmp_path_factory,
                                                                                    capsys):
-    """The line said "or remove a training image" for a val/ image too (new-user trial). (The train split is
-    decoded and cached before the test split: the cache lives outside the folder ``train`` checks.)"""
+    """The line said "or remove a training image" for a val/ image too (new-user trial)."""
     t = write_tiny(tmp_path / "ti")
     bad = t / "val" / "images" / "val_1.png"
     bad.write_bytes(bad.read_bytes()[:60])
@@ -1183,3 +1183,19 @@ def test_imagefolder_thumbnails_in_hidden_or_nas_index_folders_are_not_images_of
     raw = load_imagefolder(str(root))  # (load_dataset would carve a validation split out of train)
     files = [os.path.relpath(p, root) for p, _ in raw.train.samples]
     assert files == [f"train/a/{i}.png" for i in range(4)] + [f"train/b/{i}.png" for i in range(4)] + ["train/b/more/9.png"]
+
+
+def test_a_damaged_tiny_imagenet_test_image_is_refused_before_the_training_split_decodes(tmp_path: Path, monkeypatch):
+    """The 100,000 training images decoded first (about a minute on the real set) before a damaged
+    test image was refused (new-user trial); the 10,000 test images go first now."""
+    import ptd.data.tiny_imagenet as ti
+
+    t = write_tiny(tmp_path / "ti")
+    bad = t / "val" / "images" / "val_1.png"
+    bad.write_bytes(bad.read_bytes()[:60])
+    decoded: list[str] = []
+    real = ti._decode
+    monkeypatch.setattr(ti, "_decode", lambda p: (decoded.append(p), real(p))[1])
+    with pytest.raises(DataError, match="cannot decode image"):
+        ti.load_tiny_imagenet(str(t.parent), cache_dir=str(tmp_path / "cache"))
+    assert decoded and not any(f"{os.sep}train{os.sep}" in p for p in decoded), decoded
