@@ -90,6 +90,21 @@ def tiny_config(data_root: Path, **over) -> dict:
     return cfg
 
 
+def finished_two_arm_run(tmp_path: Path, data_root: Path) -> tuple[Path, Path]:
+    """(its config file, its run folder): a finished tiny run of two students (scratch and
+    pruned_teacher, one seed, one epoch), one thread, in ``tmp_path``."""
+    from ptd.cli import main
+
+    cfg = tiny_config(data_root, distill={"seeds": [0], "arms": ["scratch", "pruned_teacher"],
+                                          "optim": {"epochs": 1, "batch_size": 64, "lr": 0.05}})
+    cfg["threads"] = 1
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "run"
+    assert main(["run", str(p), "--out", str(out), "--quiet"]) == 0
+    return p, out
+
+
 @pytest.fixture
 def tiny_yaml(tmp_path: Path, tiny_fashion: Path) -> Path:
     p = tmp_path / "tiny.yaml"

@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import tiny_config
+from conftest import finished_two_arm_run, tiny_config
 from ptd import paths as P
 from ptd.cli import main
 from ptd.errors import StaleStageError
@@ -164,14 +164,7 @@ def snapshot(run: Path) -> dict[str, bytes]:
 
 @pytest.fixture
 def finished(tmp_path, tiny_fashion):
-    cfg = tiny_config(tiny_fashion, distill={"seeds": [0], "arms": ["scratch", "pruned_teacher"],
-                                             "optim": {"epochs": 1, "batch_size": 64, "lr": 0.05}})
-    cfg["threads"] = 1
-    p = tmp_path / "c.yaml"
-    p.write_text(yaml.safe_dump(cfg))
-    out = tmp_path / "run"
-    assert main(["run", str(p), "--out", str(out), "--quiet"]) == 0
-    return p, out
+    return finished_two_arm_run(tmp_path, tiny_fashion)
 
 
 def test_redoing_a_stage_identically_keeps_the_stages_after_it(finished, capsys):

@@ -7,14 +7,13 @@ import shutil
 from pathlib import Path
 
 import pytest
-import yaml
 
 import ptd.data.base as data_base
 import ptd.preflight as pf
 from ptd import paths as P
 from ptd.cli import main
 
-from conftest import tiny_config, write_fashion_like
+from conftest import finished_two_arm_run, write_fashion_like
 
 
 def _one_line(capsys) -> str:
@@ -48,15 +47,8 @@ def counted(monkeypatch):
 
 @pytest.fixture
 def finished(tmp_path):
-    data = write_fashion_like(tmp_path / "fm", n_train=600)
-    cfg = tiny_config(data, distill={"seeds": [0], "arms": ["scratch", "pruned_teacher"],
-                                     "optim": {"epochs": 1, "batch_size": 64, "lr": 0.05}})
-    cfg["threads"] = 1
-    p = tmp_path / "c.yaml"
-    p.write_text(yaml.safe_dump(cfg))
-    out = tmp_path / "run"
-    assert main(["run", str(p), "--out", str(out), "--quiet"]) == 0
-    return p, out, data
+    data = write_fashion_like(tmp_path / "fm", n_train=600)  # its own: tests here change it
+    return (*finished_two_arm_run(tmp_path, data), data)
 
 
 def test_a_finished_run_re_run_builds_no_model(finished, counted, capsys):
