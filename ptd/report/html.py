@@ -617,11 +617,10 @@ def render_sweep_html(sweep_dir: str | Path, results: dict[str, Any] | None = No
     def reading() -> str:
         # sweep.md's Reading, as written there: the page had none of it (the whole-sweep Holm count,
         # the extra-training caveat, the best-mean warning), only the tables (new-user trial).
-        from ptd.report.sweep import render_sweep_markdown
+        from ptd.report.sweep import reading_lines
 
-        md = render_sweep_markdown(r, plots=False)
         items: list[str] = []
-        for line in md[md.index("## Reading"):].splitlines()[1:]:
+        for line in reading_lines(r):
             if line.startswith("  - ") and items:
                 items[-1] += f"<ul><li>{_esc(line[4:])}</li></ul>"
             elif line.startswith("- "):

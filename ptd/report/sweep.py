@@ -242,67 +242,11 @@ def _num(x: float) -> str:
     return f"{x:,.0f}"
 
 
-def render_sweep_markdown(r: dict[str, Any], plots: bool = True) -> str:
-    t, s, sch = r["teacher"], r["student"], r["schedules"]
-    n_seeds = len(r["seeds"])
-    src = s["derived_from"]
-    warn = chance_lines(r, sweep_not_learned(r))
-    lines = [f"# ptd sweep: {r['name']}", "", *warn,
-             f"Dataset {r['dataset']}" + (f" (train_subset {r['train_subset']})" if r.get("train_subset") else "") +
-             f". Teacher {t['arch']} (width {t['width']:g}, {t['params']:,} params), "
-             + (f"loaded from {t['source']}, not trained in this sweep: its training is in no compute column, so every "
-                f"total behind a distilled student is a lower bound. " if t.get("source") else f"trained {counted(sch['teacher_epochs'], 'epoch')}. ") +
-             f"Student {s['arch']}, {s['params']:,} params ({s['params_ratio']:.3f}x the teacher), "
-             + (f"derived from the {src['strategy']} teacher at sparsity {src['sparsity']:g}" if src else "named in the config")
-             + "; every teacher is distilled into this same student. "
-             f"Retraining {counted(sch['retrain_epochs_per_level'], 'epoch')} per pruning level "
-             f"(IMP rate {sch['imp_rate']:g}), distillation {counted(sch['distill_epochs'], 'epoch')} (alpha {sch['alpha']:g}, T {sch['temperature']:g}). "
-             + _weights_sentence(r, sch) +
-             f" ± is the std over {counted(n_seeds, 'student seed')} "
-             f"({', '.join(map(str, r['seeds']))}).", ""]
-
-    lines += ["## Teachers", "",
-              "| teacher | target | sparsity | level | teacher test acc % | teacher + pruning epochs | steps | wall s |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|",
-              f"| unpruned | 0 | 0 | 0 | {points(t['test_acc'])} | {_num(t['compute']['epochs'])} | {_num(t['compute']['steps'])} | {_num(t['compute']['wall_s'])} |"]
-    for row in r["rows"]:
-        c = row["compute"]["teacher_total"]
-        lines.append(f"| {row['strategy']} | {row['target_sparsity']:g} | {row['sparsity']:.4f} | {row['level']} | {points(row['teacher_test_acc'])} "
-                     f"| {_num(c['epochs'])} | {_num(c['steps'])} | {_num(c['wall_s'])} |")
-    lines += ["", "IMP levels are counted cumulatively: the teacher at level n paid for rounds 1..n.", ""]
-
-    lines += ["## Students", "",
-              "Δ: mean per-seed difference to the KD-from-unpruned-teacher student, in points (seeds where the pruned teacher's student won / seeds), "
-              "with its 95% interval and whether it is called row by row (its own interval excludes zero) / over the whole sweep "
-              "(by Holm's step-down over the sweep's pruned teachers; see \"Reading\"). "
-              "Total: compute behind one student (teacher + pruning + its own distillation).", "",
-              "| teacher | sparsity | student test acc % (mean ± std) | per seed % | Δ vs unpruned KD | 95% CI, called: row / sweep | total epochs | total steps | total wall s |",
-              "|---|---:|---:|---|---:|---|---:|---:|---:|"]
-    for arm, b in r["baselines"].items():
-        c = b["compute"]["total_per_student"]
-        lines.append(f"| {b['label']} | {'0' if arm == 'unpruned_teacher' else '-'} | {_acc(b['student_acc'])} | {_per_seed(b['students'])} | | "
-                     f"| {_num(c['epochs'])} | {_num(c['steps'])} | {_num(c['wall_s'])} |")
-    for row in r["rows"]:
-        c = row["compute"]["total_per_student"]
-        v = row["vs_unpruned_teacher"]
-        lines.append(f"| {row['strategy']} s{row['target_sparsity']:g} | {row['sparsity']:.4f} | {_acc(row['student_acc'])} | {_per_seed(row['students'])} "
-                     f"| {_diff(v)} | {_ci_cell(v) if v else ''} | {_num(c['epochs'])} | {_num(c['steps'])} | {_num(c['wall_s'])} |")
-    lines.append("")
-
-    strategies = r["strategies"]
-    if len(strategies) > 1:
-        lines += ["## Same sparsity, different pruning", "",
-                  "Student test acc % (mean ± std) and, in brackets, total epochs behind one student.", "",
-                  "| target sparsity | " + " | ".join(strategies) + " |", "|---:|" + "---:|" * len(strategies)]
-        for sp in r["sparsities"]:
-            cells = []
-            for stg in strategies:
-                row = next((x for x in r["rows"] if x["strategy"] == stg and abs(x["target_sparsity"] - sp) < 1e-9), None)
-                cells.append("" if row is None else f"{_acc(row['student_acc'])} [{_num(row['compute']['total_per_student']['epochs'])}]")
-            lines.append(f"| {sp:g} | " + " | ".join(cells) + " |")
-        lines.append("")
-
-    lines += ["## Reading", ""]
+def reading_lines(r: dict[str, Any]) -> list[str]:
+    """sweep.md's Reading, as markdown list items ("- ", nested "  - "): what the sweep's numbers
+    say and do not. report.html shows the same items (ptd.report.html)."""
+    lines: list[str] = []
+    t, n_seeds = r["teacher"], len(r["seeds"])
     # The sweep's family size (pruned teachers with a paired comparison), for the whole-sweep lines.
     k = next((v["family"]["rows"] for x in r["rows"] if (v := x["vs_unpruned_teacher"]) and v.get("family")), 0)
     un = r["baselines"].get("unpruned_teacher")
@@ -373,7 +317,71 @@ def render_sweep_markdown(r: dict[str, Any], plots: bool = True) -> str:
                 lines.append(f"  - {x['strategy']} s{x['target_sparsity']:g}: {x['vs_unpruned_teacher']['verdict']}")
     tot = r["compute"]["sweep_total"]
     lines += [f"- Whole sweep: {counted(_num(tot['epochs']), 'training epoch')}, {counted(_num(tot['steps']), 'optimizer step')}, "
-              f"{_num(tot['wall_s'])} s of training wall time (evaluation excluded); this invocation took {r['compute']['session_wall_s']:.0f} s (finished stages are skipped).", ""]
+              f"{_num(tot['wall_s'])} s of training wall time (evaluation excluded); this invocation took {r['compute']['session_wall_s']:.0f} s (finished stages are skipped)."]
+    return lines
+
+
+def render_sweep_markdown(r: dict[str, Any], plots: bool = True) -> str:
+    t, s, sch = r["teacher"], r["student"], r["schedules"]
+    n_seeds = len(r["seeds"])
+    src = s["derived_from"]
+    warn = chance_lines(r, sweep_not_learned(r))
+    lines = [f"# ptd sweep: {r['name']}", "", *warn,
+             f"Dataset {r['dataset']}" + (f" (train_subset {r['train_subset']})" if r.get("train_subset") else "") +
+             f". Teacher {t['arch']} (width {t['width']:g}, {t['params']:,} params), "
+             + (f"loaded from {t['source']}, not trained in this sweep: its training is in no compute column, so every "
+                f"total behind a distilled student is a lower bound. " if t.get("source") else f"trained {counted(sch['teacher_epochs'], 'epoch')}. ") +
+             f"Student {s['arch']}, {s['params']:,} params ({s['params_ratio']:.3f}x the teacher), "
+             + (f"derived from the {src['strategy']} teacher at sparsity {src['sparsity']:g}" if src else "named in the config")
+             + "; every teacher is distilled into this same student. "
+             f"Retraining {counted(sch['retrain_epochs_per_level'], 'epoch')} per pruning level "
+             f"(IMP rate {sch['imp_rate']:g}), distillation {counted(sch['distill_epochs'], 'epoch')} (alpha {sch['alpha']:g}, T {sch['temperature']:g}). "
+             + _weights_sentence(r, sch) +
+             f" ± is the std over {counted(n_seeds, 'student seed')} "
+             f"({', '.join(map(str, r['seeds']))}).", ""]
+
+    lines += ["## Teachers", "",
+              "| teacher | target | sparsity | level | teacher test acc % | teacher + pruning epochs | steps | wall s |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|",
+              f"| unpruned | 0 | 0 | 0 | {points(t['test_acc'])} | {_num(t['compute']['epochs'])} | {_num(t['compute']['steps'])} | {_num(t['compute']['wall_s'])} |"]
+    for row in r["rows"]:
+        c = row["compute"]["teacher_total"]
+        lines.append(f"| {row['strategy']} | {row['target_sparsity']:g} | {row['sparsity']:.4f} | {row['level']} | {points(row['teacher_test_acc'])} "
+                     f"| {_num(c['epochs'])} | {_num(c['steps'])} | {_num(c['wall_s'])} |")
+    lines += ["", "IMP levels are counted cumulatively: the teacher at level n paid for rounds 1..n.", ""]
+
+    lines += ["## Students", "",
+              "Δ: mean per-seed difference to the KD-from-unpruned-teacher student, in points (seeds where the pruned teacher's student won / seeds), "
+              "with its 95% interval and whether it is called row by row (its own interval excludes zero) / over the whole sweep "
+              "(by Holm's step-down over the sweep's pruned teachers; see \"Reading\"). "
+              "Total: compute behind one student (teacher + pruning + its own distillation).", "",
+              "| teacher | sparsity | student test acc % (mean ± std) | per seed % | Δ vs unpruned KD | 95% CI, called: row / sweep | total epochs | total steps | total wall s |",
+              "|---|---:|---:|---|---:|---|---:|---:|---:|"]
+    for arm, b in r["baselines"].items():
+        c = b["compute"]["total_per_student"]
+        lines.append(f"| {b['label']} | {'0' if arm == 'unpruned_teacher' else '-'} | {_acc(b['student_acc'])} | {_per_seed(b['students'])} | | "
+                     f"| {_num(c['epochs'])} | {_num(c['steps'])} | {_num(c['wall_s'])} |")
+    for row in r["rows"]:
+        c = row["compute"]["total_per_student"]
+        v = row["vs_unpruned_teacher"]
+        lines.append(f"| {row['strategy']} s{row['target_sparsity']:g} | {row['sparsity']:.4f} | {_acc(row['student_acc'])} | {_per_seed(row['students'])} "
+                     f"| {_diff(v)} | {_ci_cell(v) if v else ''} | {_num(c['epochs'])} | {_num(c['steps'])} | {_num(c['wall_s'])} |")
+    lines.append("")
+
+    strategies = r["strategies"]
+    if len(strategies) > 1:
+        lines += ["## Same sparsity, different pruning", "",
+                  "Student test acc % (mean ± std) and, in brackets, total epochs behind one student.", "",
+                  "| target sparsity | " + " | ".join(strategies) + " |", "|---:|" + "---:|" * len(strategies)]
+        for sp in r["sparsities"]:
+            cells = []
+            for stg in strategies:
+                row = next((x for x in r["rows"] if x["strategy"] == stg and abs(x["target_sparsity"] - sp) < 1e-9), None)
+                cells.append("" if row is None else f"{_acc(row['student_acc'])} [{_num(row['compute']['total_per_student']['epochs'])}]")
+            lines.append(f"| {sp:g} | " + " | ".join(cells) + " |")
+        lines.append("")
+
+    lines += ["## Reading", "", *reading_lines(r), ""]
     if plots:
         lines += ["## Plots", "", f"![student accuracy vs teacher sparsity]({PLOTS[0]})", "", f"![student accuracy vs total compute]({PLOTS[1]})", ""]
     return "\n".join(lines)
